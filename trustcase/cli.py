@@ -1,0 +1,151 @@
+"""The `trustcase` command line. Exit codes: 0 every claim passes, 3 assessment completed with a FAIL
+or INCONCLUSIVE claim, 2 invalid input (located message, no traceback), 1 internal error."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+import trustcase  # noqa: F401  (telemetry off before anything else is imported)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out_console = Console()
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
+EXIT_PASS, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOT_ALL_PASS = 0, 1, 2, 3
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from trustcase.components.checks import CheckError, Unsupported
+    from trustcase.components.data import DataError
+    from trustcase.components.models import ModelError
+    from trustcase.schemas import UseCaseError
+
+    return UseCaseError, ModelError, DataError, CheckError, Unsupported
+
+
+def _fail(e: BaseException) -> None:
+    """User errors: the message, exit 2. Anything else: a short message and a log, exit 1."""
+    if isinstance(e, _user_errors()):
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID)
+    log = Path(".trustcase") / "last-error.log"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text("".join(traceback.format_exception(e)))
+    console.print(f"[bold red]internal error:[/] {type(e).__name__}: {_escape(str(e))}\n(traceback in {log})")
+    raise typer.Exit(EXIT_INTERNAL)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+@app.command()
+def validate(path: Path = typer.Argument(..., help="use-case YAML file")) -> None:
+    """Check a use-case file and its plan; print every problem with its line."""
+    from trustcase.components.checks import CheckError, build_plan
+    from trustcase.schemas import UseCaseError, load_use_case
+
+    try:
+        uc = load_use_case(path)
+        build_plan(uc)
+    except UseCaseError as e:
+        console.print(f"[bold red]{_escape(str(path))} is invalid[/] ({len(e.problems)} problem(s)):")
+        for p in e.problems:
+            console.print(f"  {_escape(str(p))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except CheckError as e:
+        console.print(f"[bold red]{_escape(str(path))}: invalid plan[/]\n{_escape(str(e))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    out_console.print(f"[green]valid[/]: {uc.id} ({len(uc.requirements)} requirements, {len(uc.plan.checks)} checks)")
+
+
+def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed: int | None) -> int:
+    from trustcase.flows.assess import assess, preflight
+
+    try:
+        with console.status("Checking the use case, model and data…"):
+            uc = preflight(path)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    out = out or Path("trustcase-out") / uc.id
+    with console.status(f"Assessing [b]{uc.id}[/] (Prefect flow; logs at WARNING, set PREFECT_LOGGING_LEVEL=INFO for more)…"):
+        try:
+            result = assess(str(path), str(out), seed, tracking_uri)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+    colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}[result.verdict.value]
+    out_console.print(f"verdict: [bold {colour}]{result.verdict.value}[/]"
+                      + ("" if result.complete else " [bold red](INCOMPLETE: some checks failed)[/]"))
+    for e in result.errors:
+        console.print(f"  [red]{_escape(e.splitlines()[0])}[/]")
+    out_console.print(f"report:      {result.files.get('html')}")
+    if "pdf" in result.files:
+        out_console.print(f"report (PDF): {result.files['pdf']}")
+    out_console.print(f"MLflow run:  {result.run_id}  (tracking URI {result.tracking_uri})")
+    if not result.complete:
+        return EXIT_INVALID if result.user_error else EXIT_INTERNAL
+    return EXIT_PASS if result.verdict.value == "PASS" else EXIT_NOT_ALL_PASS
+
+
+@app.command()
+def assess(
+    path: Path = typer.Argument(..., help="use-case YAML file"),
+    out: Path = typer.Option(None, "--out", help="output folder (default trustcase-out/<use case id>)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: SQLite under .trustcase/)"),
+    seed: int = typer.Option(None, "--seed", help="overrides plan.seed"),
+) -> None:
+    """Assess a model against its use case, end to end."""
+    raise typer.Exit(run_assessment(path, out, tracking_uri, seed))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(None, "--out", help="output folder"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri"),
+) -> None:
+    """The bundled solar-cell use case: train the model if needed, register it, assess it."""
+    from trustcase.flows.training import ensure_bundled_model
+
+    try:
+        ensure_bundled_model(BUNDLED, tracking_uri, console)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    raise typer.Exit(run_assessment(BUNDLED, out, tracking_uri, None))
+
+
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="MLflow run id of an assessment"),
+    out: Path = typer.Option(None, "--out", help="output folder (default trustcase-out/report-<run id>)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri"),
+) -> None:
+    """Re-render the report of an assessment from what MLflow holds."""
+    from trustcase.flows.rerender import RunNotFound, rerender
+
+    try:
+        files = rerender(run_id, out or Path("trustcase-out") / f"report-{run_id}", tracking_uri)
+    except RunNotFound as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    out_console.print(f"report: {files['html']}")
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Datasets that stream: a loader gives a map-style split (len + getitem, read lazily); we batch it.
+
+A loader is `loader(split: str, **params) -> Split`, where a Split has `__len__`, `__getitem__(i) -> Item`
+and optionally `fingerprint() -> str` (a cheap hash of its source files). Nothing here holds a whole
+split in memory: batches are read, used and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from trustcase.schemas import DataSpec
+
+
+class DataError(Exception):
+    """A user error about data: a loader that does not exist, a split it cannot give."""
+
+
+@dataclass(frozen=True)
+class Item:
+    image: np.ndarray  # (H, W) or (H, W, C), pixel space
+    label: int
+    id: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class Split(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> Item: ...
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # (B, H, W, C)
+    labels: np.ndarray  # (B,) int64
+    ids: list[str]
+    meta: dict[str, list[str]]
+    index: np.ndarray  # (B,) position in the split, for deterministic per-item randomness
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    index: int
+    id: str
+    error: str
+
+
+def resolve(ref: str, extra_path: Path | None = None) -> Any:
+    """Import 'module:attr', optionally from a partner's folder outside the repository."""
+    if extra_path is not None and str(extra_path) not in sys.path:
+        sys.path.insert(0, str(extra_path))
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        raise DataError(f"cannot import module {module!r} of {ref!r}: {e}") from None
+    except AttributeError:
+        raise DataError(f"module {module!r} has no attribute {attr!r} (from {ref!r})") from None
+
+
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+    return image[..., None] if image.ndim == 2 else image
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """Reads one item; an unreadable one becomes a marker instead of killing the stream."""
+
+    def __init__(self, split: Split, positions: np.ndarray):
+        self.split, self.positions = split, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int):
+        i = int(self.positions[j])
+        try:
+            item = self.split[i]
+            image = np.asarray(item.image)
+            if image.ndim not in (2, 3) or image.size == 0:
+                raise ValueError(f"image has shape {image.shape}")
+            return (i, item.id, _as_hwc(image), int(item.label), dict(item.meta))
+        except Exception as e:  # a partner's loader may raise anything on a corrupt file
+            return (i, None, None, None, f"{type(e).__name__}: {e}")
+
+
+def _collate(rows):
+    good = [r for r in rows if r[1] is not None]
+    bad = [Unreadable(r[0], f"#{r[0]}", r[4]) for r in rows if r[1] is None]
+    if not good:
+        return None, bad
+    shapes = {r[2].shape for r in good}
+    if len(shapes) > 1:
+        for r in good[1:]:
+            if r[2].shape != good[0][2].shape:
+                bad.append(Unreadable(r[0], r[1], f"shape {r[2].shape} differs from {good[0][2].shape}"))
+        good = [r for r in good if r[2].shape == good[0][2].shape]
+    keys = sorted({k for r in good for k in r[4]})
+    batch = Batch(
+        images=np.stack([r[2] for r in good]),
+        labels=np.array([r[3] for r in good], dtype=np.int64),
+        ids=[r[1] for r in good],
+        meta={k: [str(r[4].get(k, "")) for r in good] for k in keys},
+        index=np.array([r[0] for r in good], dtype=np.int64),
+    )
+    return batch, bad
+
+
+class SplitStream:
+    """One split of a use case's data, capped and filtered, iterated in batches."""
+
+    def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int):
+        self.split, self.role = split, role
+        n = len(split)
+        positions = np.arange(n)
+        if cap is not None and cap < n:
+            # a seeded, sorted subset: deterministic and spread over the whole split
+            positions = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+        self.positions = positions
+        self.batch_size, self.workers = batch_size, workers
+        self.unreadable: list[Unreadable] = []
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """Unreadable items are skipped (and listed in `self.unreadable`): data quality reports them."""
+        loader = DataLoader(
+            _Guarded(self.split, self.positions),
+            batch_size=batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        self.unreadable = []
+        for batch, bad in loader:
+            self.unreadable.extend(bad)
+            if batch is not None:
+                yield batch
+
+    def fingerprint(self) -> str | None:
+        fp = getattr(self.split, "fingerprint", None)
+        if fp is None:
+            return None
+        h = hashlib.sha256(str(fp()).encode())
+        h.update(self.positions.tobytes())
+        return h.hexdigest()
+
+
+class DataSource:
+    """The splits of a use case, by role (train / validation / test)."""
+
+    def __init__(self, spec: DataSpec, seed: int = 0):
+        self.spec, self.seed = spec, seed
+        loader = BUILTIN_LOADERS.get(spec.loader)
+        self.loader = loader or resolve(spec.loader, spec.path)
+        if not callable(self.loader):
+            raise DataError(f"data.loader {spec.loader!r} is not callable")
+        self._streams: dict[str, SplitStream] = {}
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.spec.splits)
+
+    def stream(self, role: str) -> SplitStream:
+        if role not in self._streams:
+            name = self.spec.splits[role]
+            try:
+                split = self.loader(name, **self.spec.params)
+            except (OSError, ValueError, KeyError) as e:
+                raise DataError(f"loader {self.spec.loader!r} failed for split {name!r}: {e}") from None
+            for attr in ("__len__", "__getitem__"):
+                if not hasattr(split, attr):
+                    raise DataError(f"loader {self.spec.loader!r} returned an object without {attr}")
+            self._streams[role] = SplitStream(
+                split, role, self.spec.max_samples.get(role), self.seed, self.spec.batch_size, self.spec.workers
+            )
+        return self._streams[role]
+
+
+# --- built-in loaders -------------------------------------------------------------------------
+
+class ImageFolder:
+    """root/<split>/<class>/*.png: the layout most teams already have."""
+
+    SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+    def __init__(self, split: str, root: str, class_names: Sequence[str], grey: bool = True):
+        base = Path(root) / split
+        if not base.is_dir():
+            raise OSError(f"no folder {base}")
+        self.files: list[tuple[Path, int]] = []
+        for label, cls in enumerate(class_names):
+            for f in sorted((base / cls).glob("*")):
+                if f.suffix.lower() in self.SUFFIXES:
+                    self.files.append((f, label))
+        self.root, self.grey = base, grey
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Item:
+        from PIL import Image
+
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("L" if self.grey else "RGB"))
+        return Item(image=image, label=label, id=str(path.relative_to(self.root)))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for path, label in self.files:
+            h.update(f"{path.relative_to(self.root)}:{label}:".encode())
+            h.update(path.read_bytes())
+        return h.hexdigest()
+
+
+BUILTIN_LOADERS = {"image_folder": ImageFolder}

@@ -1,0 +1,108 @@
+"""Judge each requirement against what the checks measured, conservatively.
+
+A claim `metric >= t` PASSES only if the lower bound of its interval is >= t (the whole interval
+satisfies it), FAILS if the point estimate violates it, and is INCONCLUSIVE in between (more data
+would decide) or when nothing measured it. Under a perturbation scope, the claim must hold at
+every amplitude up to the declared maximum: the worst amplitude decides.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from trustcase.schemas import CheckOutcome, Evidence, Measurement, Requirement, Verdict
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def verdict(value: float, comparator: str, threshold: float, lower: float | None, upper: float | None) -> Verdict:
+    if value is None or math.isnan(value):
+        return Verdict.INCONCLUSIVE
+    ok = OPS[comparator]
+    if not ok(value, threshold):
+        return Verdict.FAIL
+    # the pessimistic end of the interval must satisfy the claim too
+    bound = lower if comparator in (">=", ">") else upper
+    if bound is not None and not ok(bound, threshold):
+        return Verdict.INCONCLUSIVE
+    return Verdict.PASS
+
+
+def _bounds(m: Measurement) -> tuple[float | None, float | None]:
+    return (m.interval.lower, m.interval.upper) if m.interval else (None, None)
+
+
+def _pessimism(m: Measurement, comparator: str) -> float:
+    """Sort key: the larger, the worse for the claim."""
+    lo, hi = _bounds(m)
+    if comparator in (">=", ">"):
+        return -(lo if lo is not None else m.value)
+    return hi if hi is not None else m.value
+
+
+def matches(r: Requirement, m: Measurement) -> bool:
+    if m.metric != r.metric or m.scope.split != r.scope.split or m.scope.subgroup != r.scope.subgroup:
+        return False
+    rp, mp = r.scope.perturbation, m.scope.perturbation
+    if rp is None:
+        return mp is None
+    return mp is not None and mp.name == rp.name and (m.amplitude or 0.0) <= rp.max_amplitude + 1e-12
+
+
+def breaking_amplitude(r: Requirement, ms: list[Measurement]) -> float | None:
+    """The largest grid amplitude up to which the claim holds (PASS) at every amplitude; None if never."""
+    best = None
+    for m in sorted(ms, key=lambda m: m.amplitude or 0.0):
+        lo, hi = _bounds(m)
+        if verdict(m.value, r.comparator, r.threshold, lo, hi) is not Verdict.PASS:
+            break
+        best = m.amplitude or 0.0
+    return best
+
+
+def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list[Evidence]:
+    measured = [(o, m) for o in outcomes for m in o.measurements]
+    evidence = []
+    for r in requirements:
+        found = [(o, m) for o, m in measured if matches(r, m)]
+        if not found:
+            evidence.append(Evidence(
+                claim_id=r.id, check="-", metric=r.metric, value=None, threshold=r.threshold,
+                comparator=r.comparator, verdict=Verdict.INCONCLUSIVE, scope=r.scope,
+                rationale=f"no check of the plan measured {r.metric} on {r.scope.label()}",
+            ))
+            continue
+        o, worst = max(found, key=lambda om: _pessimism(om[1], r.comparator))
+        lo, hi = _bounds(worst)
+        v = verdict(worst.value, r.comparator, r.threshold, lo, hi)
+        details = dict(worst.details)
+        if r.scope.perturbation:
+            sweep = [m for _, m in found]
+            details = {
+                "worst_amplitude": worst.amplitude,
+                "breaking_amplitude": breaking_amplitude(r, sweep),
+                "amplitudes": sorted(m.amplitude or 0.0 for m in sweep),
+            }
+        bound = "lower" if r.comparator in (">=", ">") else "upper"
+        ivtext = f", {bound} bound {lo if bound == 'lower' else hi:.4g}" if worst.interval else ""
+        where = f" at amplitude {worst.amplitude:g}" if r.scope.perturbation else ""
+        evidence.append(Evidence(
+            claim_id=r.id, check=o.check, metric=r.metric, value=worst.value, threshold=r.threshold,
+            comparator=r.comparator, verdict=v, interval=worst.interval, scope=r.scope,
+            rationale=f"{r.metric} = {worst.value:.4g}{ivtext}{where} (n = {worst.n}); "
+                      f"claim {r.comparator} {r.threshold:g}: {v.value}",
+            validity=list(o.validity), details=details,
+        ))
+    return evidence
+
+
+def overall(evidence: list[Evidence], requirements: list[Requirement]) -> Verdict:
+    """One FAIL of a mandatory claim fails; any other non-PASS makes the whole INCONCLUSIVE."""
+    mandatory = {r.id for r in requirements if r.mandatory}
+    vs = [e.verdict for e in evidence if e.claim_id in mandatory]
+    if Verdict.FAIL in vs:
+        return Verdict.FAIL
+    if Verdict.INCONCLUSIVE in vs or not vs:
+        return Verdict.INCONCLUSIVE
+    return Verdict.PASS

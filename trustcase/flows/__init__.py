@@ -1,0 +1,1 @@
+"""The DAG: Prefect tasks wrapping components, MLflow logging, schedules."""

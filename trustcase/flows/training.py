@@ -1,0 +1,45 @@
+"""The bundled demo's model: trained by the use case's own script when missing, then registered."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from trustcase.components.models import sha256_file
+from trustcase.flows import tracking
+from trustcase.schemas import load_use_case
+
+
+def _train_module(use_case_path: Path):
+    script = use_case_path.parent / "train.py"
+    spec = importlib.util.spec_from_file_location(f"trustcase_train_{use_case_path.parent.name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=None) -> str:
+    """Train the model if its file is missing; register it in the MLflow registry. Returns the version."""
+    uc = load_use_case(use_case_path)
+    path = Path(uc.model.path)
+    log_file = path.with_suffix(".json")
+    if not path.is_file():
+        module = _train_module(use_case_path)
+        if console is not None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            epochs = 30
+            with Progress(TextColumn("Training the solar-cell CNN"), BarColumn(), TextColumn("{task.description}"),
+                          TimeElapsedColumn(), console=console) as bar:
+                job = bar.add_task("", total=epochs)
+
+                def log(line: str) -> None:
+                    bar.update(job, advance=1, description=line.split(" loss")[0] + " ·" + line.split("val")[1])
+
+                module.train(path, epochs=epochs, log=log)
+        else:
+            module.train(path)
+    training = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    tracking.configure(tracking_uri)
+    return tracking.register_model(uc, path, sha256_file(path), training)

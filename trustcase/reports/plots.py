@@ -1,0 +1,136 @@
+"""Plots drawn from evidence records only (never from live models), saved as PNG."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from trustcase.schemas import Assessment, Measurement  # noqa: E402
+
+COLOURS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700"}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no timestamps: same input, same bytes
+    plt.close(fig)
+    return path
+
+
+def _find(a: Assessment, check: str, metric: str, split: str = "test") -> Measurement | None:
+    for o in a.outcomes:
+        for m in o.measurements:
+            if (m.check == check and m.metric == metric and m.scope.split == split and not m.scope.subgroup
+                    and m.scope.perturbation is None):
+                return m
+    return None
+
+
+def confusion(a: Assessment, out: Path) -> Path | None:
+    m = _find(a, "performance", "accuracy")
+    if m is None or "confusion" not in m.details:
+        return None
+    cm = m.details["confusion"]
+    names = a.use_case["model"]["class_names"]
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=11)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test)")
+    return _save(fig, out / "confusion.png")
+
+
+def reliability(a: Assessment, out: Path) -> Path | None:
+    m = _find(a, "performance", "ece")
+    if m is None:
+        return None
+    d = m.details
+    edges = d["bins"]
+    centres = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
+    keep = [i for i, c in enumerate(d["count"]) if c > 0]
+    fig, ax = plt.subplots(figsize=(3.8, 3.2))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    ax.bar([centres[i] for i in keep], [d["accuracy"][i] for i in keep], width=edges[1] - edges[0],
+           alpha=0.6, edgecolor="black", label="accuracy in bin")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability (ECE = {m.value:.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, out / "reliability.png")
+
+
+def sweeps(a: Assessment, out: Path) -> list[Path]:
+    """Metric vs amplitude with its confidence band, one panel per perturbation, thresholds drawn."""
+    critical = a.use_case["model"]["critical_class"]
+    metrics = ["accuracy", f"recall:{critical}"]
+    curves: dict[str, dict[str, list[Measurement]]] = defaultdict(lambda: defaultdict(list))
+    units = {}
+    for o in a.outcomes:
+        if o.check != "perturbation_sweep":
+            continue
+        units.update({k: v.get("unit", "") for k, v in o.summary.items()})
+        for m in o.measurements:
+            if m.scope.perturbation and not m.scope.subgroup and m.metric in metrics:
+                curves[m.scope.perturbation.name][m.metric].append(m)
+    paths = []
+    for name, by_metric in sorted(curves.items()):
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        for metric, ms in by_metric.items():
+            ms = sorted(ms, key=lambda m: m.amplitude)
+            x = [m.amplitude for m in ms]
+            line, = ax.plot(x, [m.value for m in ms], marker="o", label=metric)
+            ax.fill_between(x, [m.interval.lower for m in ms], [m.interval.upper for m in ms],
+                            color=line.get_color(), alpha=0.2)
+        for r in a.requirements:
+            p = r.scope.perturbation
+            if p and p.name == name and r.metric in by_metric and not r.scope.subgroup:
+                ax.hlines(r.threshold, 0, p.max_amplitude, colors="black", linestyles="--", lw=1)
+                ax.annotate(r.id, (p.max_amplitude, r.threshold), fontsize=7, ha="right", va="bottom")
+        ax.set_xlabel(f"{name} amplitude ({units.get(name, '')})")
+        ax.set_ylabel("metric (95% band)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Robustness to {name.replace('_', ' ')}")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / f"sweep_{name}.png"))
+    return paths
+
+
+def distributions(a: Assessment, out: Path) -> Path | None:
+    dq = next((o for o in a.outcomes if o.check == "data_quality"), None)
+    props = (dq.summary.get("properties") if dq else None) or {}
+    if not props:
+        return None
+    fig, axes = plt.subplots(1, len(props), figsize=(3.3 * len(props), 2.8))
+    axes = axes if len(props) > 1 else [axes]
+    for ax, (name, h) in zip(axes, props.items()):
+        edges = h["edges"]
+        for role, counts in h.items():
+            if role == "edges":
+                continue
+            total = max(sum(counts), 1)
+            ax.stairs([c / total for c in counts], edges, label=role)
+        ax.set_title(name)
+        ax.set_ylabel("share of split")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "image_properties.png")
+
+
+def draw_all(a: Assessment, out: Path) -> dict[str, Path]:
+    found = {"confusion": confusion(a, out), "reliability": reliability(a, out),
+             "image_properties": distributions(a, out)}
+    for p in sweeps(a, out):
+        found[p.stem] = p
+    return {k: v for k, v in found.items() if v is not None}

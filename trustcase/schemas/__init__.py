@@ -1,0 +1,34 @@
+"""Contracts: the use case, its requirements, and the evidence records every check emits."""
+
+from trustcase.schemas.evidence import (
+    Artefact,
+    Assessment,
+    CheckOutcome,
+    Evidence,
+    Interval,
+    Measurement,
+    Provenance,
+    Verdict,
+)
+from trustcase.schemas.loading import Problem, UseCaseError, load_use_case, parse_use_case
+from trustcase.schemas.use_case import (
+    ODD,
+    AssessmentPlan,
+    CheckSpec,
+    Confidentiality,
+    Criticality,
+    DataSpec,
+    Descriptor,
+    ModelSpec,
+    PerturbationScope,
+    Requirement,
+    Scope,
+    UseCase,
+)
+
+__all__ = [
+    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality",
+    "Criticality", "DataSpec", "Descriptor", "Evidence", "Interval", "Measurement", "ModelSpec",
+    "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "UseCase", "UseCaseError",
+    "Verdict", "load_use_case", "parse_use_case",
+]

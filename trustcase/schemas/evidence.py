@@ -1,0 +1,108 @@
+"""What checks emit (measurements) and what the argument is built from (evidence records)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trustcase.schemas.use_case import Comparator, Requirement, Scope
+
+SCHEMA_VERSION = "1"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Verdict(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    INCONCLUSIVE = "INCONCLUSIVE"
+
+
+class Interval(Record):
+    lower: float
+    upper: float
+    confidence: float
+    method: str = Field(description="e.g. clopper-pearson, wilson, bootstrap")
+
+
+class Measurement(Record):
+    """One number a check measured, with where it was measured and how sure we are."""
+
+    check: str
+    metric: str
+    value: float
+    scope: Scope = Scope()
+    amplitude: float | None = Field(None, description="perturbation amplitude, when scope has a perturbation")
+    interval: Interval | None = None
+    n: int | None = Field(None, description="number of items the value is computed on")
+    unit: str = ""
+    details: dict[str, Any] = {}
+
+
+class Artefact(Record):
+    path: str = Field(description="path relative to the run's artefact root")
+    sha256: str
+    kind: str = "file"
+
+
+class Provenance(Record):
+    use_case_id: str
+    use_case_sha256: str
+    mlflow_run_id: str | None = None
+    model_sha256: str
+    model_version: str | None = None
+    data_sha256: str
+    code_version: str
+    packages: dict[str, str]
+    seed: int
+    parameters: dict[str, Any] = {}
+    started_at: datetime
+    finished_at: datetime | None = None
+
+
+class Evidence(Record):
+    """A claim judged against what was measured. `claim_id` is None for descriptive evidence."""
+
+    claim_id: str | None
+    check: str
+    metric: str
+    value: float | None
+    threshold: float | None = None
+    comparator: Comparator | None = None
+    verdict: Verdict
+    interval: Interval | None = None
+    scope: Scope = Scope()
+    rationale: str = Field(description="why this verdict, in one sentence a reader can check")
+    validity: list[str] = Field([], description="conditions under which this evidence holds")
+    details: dict[str, Any] = {}
+
+
+class CheckOutcome(Record):
+    """All a check produced: measurements, artefacts it wrote, and what it could not do."""
+
+    check: str
+    measurements: list[Measurement] = []
+    artefacts: list[Artefact] = []
+    validity: list[str] = []
+    limitations: list[str] = []
+    summary: dict[str, Any] = {}
+    duration_s: float = 0.0
+
+
+class Assessment(Record):
+    """Everything a report needs, and nothing live: the unit that is logged, packed and re-rendered."""
+
+    schema_version: str = SCHEMA_VERSION
+    use_case: dict[str, Any]
+    requirements: list[Requirement]
+    outcomes: list[CheckOutcome]
+    evidence: list[Evidence]
+    provenance: Provenance
+    verdict: Verdict
+    complete: bool = Field(description="False when a check failed: the assessment must not be read as whole")
+    errors: list[str] = []

@@ -1,0 +1,253 @@
+"""The use-case contract: one YAML file per industrial use case, validated once at the edge."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a safety file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ref(value: str) -> str:
+    if not REF.match(value):
+        raise ValueError(f"expected 'module:function', got {value!r}")
+    return value
+
+
+Ref = Annotated[str, Field(description="an importable 'module:function' reference")]
+
+
+class Criticality(str, Enum):
+    low = "low"
+    medium = "medium"
+    high = "high"
+    critical = "critical"
+
+
+class Confidentiality(str, Enum):
+    public = "public"
+    confidential = "confidential"
+
+
+class Normalisation(Strict):
+    """x_model = ((x_pixel - range.min) / (range.max - range.min) - mean) / std, per channel."""
+
+    mean: list[float] = [0.0]
+    std: list[float] = [1.0]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class ModelSpec(Strict):
+    format: Literal["torchscript", "state_dict", "onnx"]
+    path: Path
+    factory: Ref | None = Field(None, description="'module:function' building the nn.Module (state_dict)")
+    factory_args: dict[str, Any] = {}
+    input_shape: list[int] = Field(description="one input, channels first, e.g. [1, 64, 64]")
+    value_range: tuple[float, float] = (0.0, 255.0)
+    normalisation: Normalisation = Normalisation()
+    class_names: list[str]
+    critical_class: str
+    allow_pickle: bool = Field(False, description="opt in to unpickling the model file (unsafe)")
+    registered_name: str | None = Field(None, description="MLflow registered model name")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_ref(cls, v: str | None) -> str | None:
+        return None if v is None else _ref(v)
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if not v or any(d < 1 for d in v):
+            raise ValueError("every dimension must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ModelSpec:
+        if len(self.class_names) < 2:
+            raise ValueError("class_names needs at least two classes")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names has duplicates")
+        if self.critical_class not in self.class_names:
+            raise ValueError(f"critical_class {self.critical_class!r} is not one of class_names {self.class_names}")
+        if self.format == "state_dict" and not self.factory:
+            raise ValueError("format 'state_dict' needs 'factory: module:function'")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ValueError("value_range must be [min, max] with min < max")
+        return self
+
+
+class DataSpec(Strict):
+    loader: str = Field(description="a built-in loader name or 'module:function'")
+    params: dict[str, Any] = {}
+    splits: dict[str, str] = Field(
+        default={"train": "train", "validation": "validation", "test": "test"},
+        description="role -> split name passed to the loader",
+    )
+    max_samples: dict[str, int] = Field({}, description="optional cap per split role")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    path: Path | None = Field(None, description="folder added to sys.path to import a partner's loader")
+
+    @model_validator(mode="after")
+    def _test_split(self) -> DataSpec:
+        if "test" not in self.splits:
+            raise ValueError("splits must name a 'test' split")
+        for role, cap in self.max_samples.items():
+            if role not in self.splits:
+                raise ValueError(f"max_samples names unknown split {role!r}")
+            if cap < 1:
+                raise ValueError(f"max_samples[{role}] must be >= 1")
+        return self
+
+
+class Descriptor(Strict):
+    """A measurable property of one input with the range the ODD allows."""
+
+    name: str
+    unit: str = ""
+    source: Literal["image", "metadata", "feature"] = "image"
+    min: float | None = None
+    max: float | None = None
+    values: list[str] | None = Field(None, description="allowed values of a categorical descriptor")
+    margin: float = Field(0.0, ge=0, description="width of the alert zone inside the boundary")
+
+    @model_validator(mode="after")
+    def _range(self) -> Descriptor:
+        if self.values is None and self.min is None and self.max is None:
+            raise ValueError(f"descriptor {self.name!r} needs min/max or values")
+        if self.min is not None and self.max is not None:
+            if self.min > self.max:
+                raise ValueError(f"descriptor {self.name!r}: min {self.min} > max {self.max}")
+            if 2 * self.margin > self.max - self.min:
+                raise ValueError(f"descriptor {self.name!r}: margin {self.margin} is larger than half the range")
+        return self
+
+    @property
+    def categorical(self) -> bool:
+        return self.values is not None
+
+
+class ODD(Strict):
+    description: str = ""
+    descriptors: list[Descriptor] = []
+
+    @field_validator("descriptors")
+    @classmethod
+    def _unique(cls, v: list[Descriptor]) -> list[Descriptor]:
+        names = [d.name for d in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate descriptors: {sorted(dup)}")
+        return v
+
+
+Comparator = Literal[">=", ">", "<=", "<"]
+
+
+class PerturbationScope(Strict):
+    name: str
+    max_amplitude: float
+
+
+class Scope(Strict):
+    """Where a claim must hold: a split, optionally a subgroup (ODD value), optionally under a perturbation."""
+
+    split: str = "test"
+    subgroup: dict[str, str] = {}
+    perturbation: PerturbationScope | None = None
+
+    def label(self) -> str:
+        parts = [f"{self.split} split"]
+        parts += [f"{k} = {v}" for k, v in sorted(self.subgroup.items())]
+        if self.perturbation:
+            parts.append(f"under {self.perturbation.name} <= {self.perturbation.max_amplitude:g}")
+        return ", ".join(parts)
+
+
+class Requirement(Strict):
+    id: str = Field(pattern=r"^[A-Za-z][\w.-]*$")
+    text: str
+    metric: str = Field(description="e.g. accuracy, recall:defective, false_negative_rate:defective, ece")
+    comparator: Comparator
+    threshold: float
+    scope: Scope = Scope()
+    mandatory: bool = True
+
+
+class CheckSpec(Strict):
+    check: str = Field(description="a registered check name or 'module:Class'")
+    params: dict[str, Any] = {}
+
+
+class AssessmentPlan(Strict):
+    checks: list[CheckSpec]
+    seed: int = 0
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of every confidence interval")
+    cost_matrix: list[list[float]] | None = Field(
+        None, description="cost[true][predicted], in the order of class_names"
+    )
+
+
+class UseCase(Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    title: str
+    owner: str
+    criticality: Criticality
+    intended_function: str
+    confidentiality: Confidentiality = Confidentiality.public
+    model: ModelSpec
+    data: DataSpec
+    odd: ODD = ODD()
+    requirements: list[Requirement]
+    plan: AssessmentPlan
+
+    @model_validator(mode="after")
+    def _cross(self) -> UseCase:
+        ids = [r.id for r in self.requirements]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate requirement ids: {sorted(dup)}")
+        known = {d.name: d for d in self.odd.descriptors}
+        for r in self.requirements:
+            if r.scope.split not in self.data.splits:
+                raise ValueError(f"requirement {r.id}: split {r.scope.split!r} is not in data.splits")
+            for k, v in r.scope.subgroup.items():
+                d = known.get(k)
+                if d is None or not d.categorical:
+                    raise ValueError(f"requirement {r.id}: subgroup {k!r} is not a categorical ODD descriptor")
+                if v not in (d.values or []):
+                    raise ValueError(f"requirement {r.id}: {k} = {v!r} is not among {d.values}")
+            _, _, cls = r.metric.partition(":")
+            if cls and cls not in self.model.class_names:
+                raise ValueError(f"requirement {r.id}: class {cls!r} is not one of {self.model.class_names}")
+        cm = self.plan.cost_matrix
+        n = len(self.model.class_names)
+        if cm is not None and (len(cm) != n or any(len(row) != n for row in cm)):
+            raise ValueError(f"plan.cost_matrix must be {n}x{n} (class_names order)")
+        return self
+
+    @property
+    def confidential(self) -> bool:
+        return self.confidentiality is Confidentiality.confidential
+
+    @property
+    def critical_index(self) -> int:
+        return self.model.class_names.index(self.model.critical_class)

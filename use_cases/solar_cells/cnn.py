@@ -1,0 +1,44 @@
+"""The solar-cell classifier: a small CNN for 64x64 grey electroluminescence images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def block(cin: int, cout: int, lipschitz: bool) -> list[nn.Module]:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=lipschitz)
+    if lipschitz:
+        # spectrally normalised convs and no BatchNorm: a robust-by-design variant
+        return [spectral_norm(conv), nn.ReLU(), nn.MaxPool2d(2)]
+    return [conv, nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+
+class SolarCNN(nn.Sequential):
+    def __init__(self, width: int = 16, lipschitz: bool = False, classes: int = 2):
+        layers = []
+        for cin, cout in [(1, width), (width, 2 * width), (2 * width, 4 * width), (4 * width, 4 * width)]:
+            layers += block(cin, cout, lipschitz)
+        head = nn.Linear(4 * width * 4 * 4, classes)
+        super().__init__(*layers, nn.Flatten(), nn.Dropout(0.2), spectral_norm(head) if lipschitz else head)
+
+
+def build(width: int = 16, lipschitz: bool = False) -> nn.Module:
+    return SolarCNN(width=width, lipschitz=lipschitz)
+
+
+def export(model: nn.Module, path, input_shape=(1, 64, 64)) -> None:
+    """TorchScript (traced in eval mode): loads without this module and without pickle."""
+    model.eval()
+    if any(hasattr(m, "parametrizations") for m in model.modules()):
+        # bake parametrisations (spectral norm) into plain weights before tracing
+        from torch.nn.utils import parametrize
+
+        for m in model.modules():
+            if hasattr(m, "parametrizations"):
+                for name in list(m.parametrizations):
+                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.zeros(1, *input_shape))
+    traced.save(str(path))
