@@ -76,7 +76,7 @@ class Check:
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         out = self.run(ctx)
-        return out.model_copy(update={"duration_s": time.perf_counter() - t0})
+        return out.model_copy(update={"duration_s": time.perf_counter() - t0, "stage": self.stage})
 
 
 REGISTRY: dict[str, type[Check]] = {}

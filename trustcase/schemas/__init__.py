@@ -4,10 +4,12 @@ from trustcase.schemas.evidence import (
     Artefact,
     Assessment,
     CheckOutcome,
+    Curve,
     Evidence,
     Interval,
     Measurement,
     Provenance,
+    Series,
     Verdict,
 )
 from trustcase.schemas.loading import Problem, UseCaseError, load_use_case, parse_use_case
@@ -27,7 +29,7 @@ from trustcase.schemas.use_case import (
 )
 
 __all__ = [
-    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality",
+    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality", "Curve", "Series",
     "Criticality", "DataSpec", "Descriptor", "Evidence", "Interval", "Measurement", "ModelSpec",
     "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "UseCase", "UseCaseError",
     "Verdict", "load_use_case", "parse_use_case",

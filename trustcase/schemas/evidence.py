@@ -82,11 +82,38 @@ class Evidence(Record):
     details: dict[str, Any] = {}
 
 
+class Series(Record):
+    y: list[float]
+    lower: list[float] | None = None  # confidence band, when the values have one
+    upper: list[float] | None = None
+
+
+class Curve(Record):
+    """A plot the report draws from numbers alone (no live model): y series over a shared x axis."""
+
+    id: str
+    title: str
+    x_label: str
+    y_label: str
+    x: list[float]
+    series: dict[str, Series]
+    x_marks: dict[str, float] = Field({}, description="vertical markers, e.g. the ODD boundary")
+    y_marks: dict[str, float] = Field({}, description="horizontal markers, e.g. a claim threshold")
+    log_x: bool = False
+
+
 class CheckOutcome(Record):
-    """All a check produced: measurements, artefacts it wrote, and what it could not do."""
+    """All a check produced: measurements, curves, artefacts it wrote, and what it could not do.
+
+    `summary` holds check-specific structured results (documented by each check); `artefacts` of kind
+    "image" are embedded in the report (a check never writes images of real inputs for a confidential
+    use case).
+    """
 
     check: str
+    stage: str = Field("testing", description="AMLAS stage: requirements, data, learning, testing, formal, deployment")
     measurements: list[Measurement] = []
+    curves: list[Curve] = []
     artefacts: list[Artefact] = []
     validity: list[str] = []
     limitations: list[str] = []

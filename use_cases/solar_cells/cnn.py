@@ -16,16 +16,16 @@ def block(cin: int, cout: int, lipschitz: bool) -> list[nn.Module]:
 
 
 class SolarCNN(nn.Sequential):
-    def __init__(self, width: int = 16, lipschitz: bool = False, classes: int = 2):
+    def __init__(self, width: int = 16, lipschitz: bool = False, classes: int = 2, size: int = 64):
         layers = []
         for cin, cout in [(1, width), (width, 2 * width), (2 * width, 4 * width), (4 * width, 4 * width)]:
             layers += block(cin, cout, lipschitz)
-        head = nn.Linear(4 * width * 4 * 4, classes)
+        head = nn.Linear(4 * width * (size // 16) ** 2, classes)  # four 2x2 poolings
         super().__init__(*layers, nn.Flatten(), nn.Dropout(0.2), spectral_norm(head) if lipschitz else head)
 
 
-def build(width: int = 16, lipschitz: bool = False) -> nn.Module:
-    return SolarCNN(width=width, lipschitz=lipschitz)
+def build(width: int = 16, lipschitz: bool = False, size: int = 64) -> nn.Module:
+    return SolarCNN(width=width, lipschitz=lipschitz, size=size)
 
 
 def export(model: nn.Module, path, input_shape=(1, 64, 64)) -> None:

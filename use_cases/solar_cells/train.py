@@ -31,9 +31,9 @@ from trustcase.schemas import load_use_case  # noqa: E402
 USE_CASE = HERE / "use_case.yaml"
 
 
-def read(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     s = elpv.load_split(split, size=size)
-    items = [s[i] for i in range(len(s))]
+    items = [s[i] for i in range(min(len(s), limit or len(s)))]
     return np.stack([it.image[..., None] for it in items]), np.array([it.label for it in items])
 
 
@@ -45,17 +45,21 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
-          lipschitz: bool = False, width: int = 16, log=print) -> dict:
-    """Train and export; returns the parameters and validation metrics (for the training log)."""
-    spec = load_use_case(USE_CASE).model
+          lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
+          limit: int | None = None) -> dict:
+    """Train and export; returns the parameters and validation metrics (for the training log).
+
+    `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests).
+    """
+    spec = load_use_case(use_case).model
     out = Path(out or spec.path)
     size = spec.input_shape[-1]
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(seed)
-    xtr, ytr = read("train", size)
-    xva, yva = read("validation", size)
-    model = cnn.build(width=width, lipschitz=lipschitz)
+    xtr, ytr = read("train", size, limit)
+    xva, yva = read("validation", size, limit)
+    model = cnn.build(width=width, lipschitz=lipschitz, size=size)
     clf = Classifier(spec, module=model)
     lo, hi = spec.value_range
     # class weights against the 2:1 imbalance: a missed defect is the costly error

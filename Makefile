@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs.
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: setup setup-test demo test test-slow bench lint
+
+setup:
+	@scripts/setup.sh
+
+setup-test:
+	@scripts/setup.sh --test
+
+demo: setup
+	@.venv/bin/trustcase demo
+
+test: setup-test
+	@$(PY) -m pytest -q
+
+test-slow: setup-test
+	@$(PY) -m pytest -q -m slow
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	@$(PY) -m ruff check trustcase tests bench use_cases

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real Prefect (test harness), a real MLflow store in a temporary folder,
+and a real tiny CNN trained on a small subset of the real ELPV solar-cell images."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+import trustcase  # noqa: F401  (telemetry off first)
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLAR = ROOT / "use_cases" / "solar_cells"
+SHARED = Path(os.environ.get("TRUSTCASE_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A throw-away Prefect database and result storage for the whole session (flow tests only)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("solar_train_for_tests", SOLAR / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_use_case(folder: Path, model_path: Path, **overrides) -> dict:
+    """The bundled solar-cell use case shrunk for tests: 32x32 images, a few hundred items."""
+    raw = yaml.safe_load((SOLAR / "use_case.yaml").read_text())
+    raw["model"].update(path=str(model_path), input_shape=[1, 32, 32])
+    raw["data"].update(path=str(SOLAR), params={"size": 32, "threshold": 0.5},
+                       max_samples={"train": 120, "validation": 60, "test": 100}, batch_size=32)
+    raw["plan"]["checks"] = [
+        {"check": "data_quality"},
+        {"check": "performance"},
+        {"check": "perturbation_sweep", "params": {"perturbations": {"gaussian_blur": [1.0, 2.0]}}},
+    ]
+    for k, v in overrides.items():
+        raw[k] = v
+    return raw
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A real CNN trained for a few seconds on 300 real ELPV images at 32x32 (TorchScript)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model_path = folder / "tiny.pt"
+    yml = write_yaml(folder / "contract.yaml", tiny_use_case(folder, model_path))
+    load_train_module().train(model_path, epochs=2, width=4, use_case=yml, limit=300, log=lambda *_: None)
+    return model_path
+
+
+@pytest.fixture
+def tiny_case(tmp_path, tiny_model) -> Path:
+    """A valid small use-case file in a fresh folder, pointing at the tiny model."""
+    return write_yaml(tmp_path / "use_case.yaml", tiny_use_case(tmp_path, tiny_model))
