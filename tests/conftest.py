@@ -77,3 +77,40 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_case(tmp_path, tiny_model) -> Path:
     """A valid small use-case file in a fresh folder, pointing at the tiny model."""
     return write_yaml(tmp_path / "use_case.yaml", tiny_use_case(tmp_path, tiny_model))
+
+
+# --- small synthetic image folders, for checks that must be triggered on purpose ----------------
+
+def folder_use_case(root: Path, class_names=("ok", "bad"), size=16, **extra) -> dict:
+    """A use case over an `image_folder` dataset at root/<split>/<class>/*.png (no model file needed
+    for component tests: the Context gets an eager module directly)."""
+    raw = {
+        "id": "synthetic", "title": "Synthetic", "owner": "tests", "criticality": "low",
+        "intended_function": "tests",
+        "model": {"format": "torchscript", "path": str(root / "none.pt"), "input_shape": [1, size, size],
+                  "class_names": list(class_names), "critical_class": class_names[-1]},
+        "data": {"loader": "image_folder", "params": {"root": str(root), "class_names": list(class_names)},
+                 "splits": {"train": "train", "test": "test"}, "batch_size": 8},
+        "requirements": [],
+        "plan": {"checks": [{"check": "data_quality"}]},
+    }
+    raw.update(extra)
+    return raw
+
+
+def save_png(path: Path, image) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def context_for(use_case, module, workdir: Path, seed: int = 0):
+    from trustcase.components.checks import Context
+    from trustcase.components.data import DataSource
+    from trustcase.components.models import Classifier
+
+    module.eval()
+    return Context(use_case=use_case, model=Classifier(use_case.model, module=module),
+                   data=DataSource(use_case.data, seed), seed=seed, workdir=workdir)

@@ -28,7 +28,7 @@ def rates(cm: np.ndarray, use_case: UseCase, scope: Scope, check: str, confidenc
 
     def m(metric: str, k: int, n: int, **details) -> Measurement:
         iv = clopper_pearson(k, n, confidence)
-        return Measurement(check=check, metric=metric, value=k / n if n else float("nan"), interval=iv,
+        return Measurement(check=check, metric=metric, value=k / n if n else None, interval=iv,
                            n=n, scope=scope, amplitude=amplitude, details=details)
 
     out = [m("accuracy", int(np.trace(cm)), total)]

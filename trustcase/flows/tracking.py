@@ -65,7 +65,7 @@ def log_measurements(client: MlflowClient, run_id: str, assessment: Assessment) 
     batch, grids = [], {}
     for o in assessment.outcomes:
         for m in o.measurements:
-            if m.value != m.value:  # NaN: nothing measured (empty class)
+            if m.value is None or m.value != m.value:  # undefined (e.g. empty class)
                 continue
             step = 0
             if m.scope.perturbation is not None:

@@ -14,7 +14,8 @@ SCHEMA_VERSION = "1"
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf survive a JSON round trip (as the constants) instead of silently becoming null
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class Verdict(str, Enum):
@@ -35,7 +36,7 @@ class Measurement(Record):
 
     check: str
     metric: str
-    value: float
+    value: float | None = Field(description="None when undefined, e.g. a recall with no item of the class")
     scope: Scope = Scope()
     amplitude: float | None = Field(None, description="perturbation amplitude, when scope has a perturbation")
     interval: Interval | None = None

@@ -1,0 +1,94 @@
+"""The assessment flow end to end: real Prefect, real MLflow store, real (tiny) CNN on real images."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_use_case, write_yaml
+from trustcase.flows.assess import assess
+from trustcase.flows.rerender import RunNotFound, rerender
+from trustcase.schemas import Assessment
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_end_to_end_logs_everything(tiny_case, tmp_path, tracking_uri):
+    r = assess(str(tiny_case), str(tmp_path / "out"), None, tracking_uri)
+    assert r.complete and not r.errors
+    a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
+    assert {e.claim_id for e in a.evidence} == {x.id for x in a.requirements}
+    assert a.provenance.mlflow_run_id == r.run_id and len(a.provenance.data_sha256) == 64
+    assert {"data_quality", "performance", "perturbation_sweep"} <= {o.check for o in a.outcomes}
+    html = (tmp_path / "out" / "report.html").read_text()
+    for claim in a.requirements:
+        assert claim.id in html
+    assert "data:image/png;base64" in html and (tmp_path / "out" / "report.pdf").stat().st_size > 10_000
+
+    mlflow.set_tracking_uri(tracking_uri)
+    run = MlflowClient().get_run(r.run_id)
+    assert run.data.tags["verdict"] == r.verdict.value
+    assert run.data.tags["data_sha256"] == a.provenance.data_sha256
+    assert any(k.startswith("performance/test/accuracy") for k in run.data.metrics)
+    curve = MlflowClient().get_metric_history(r.run_id, "perturbation_sweep/test/gaussian_blur/accuracy")
+    assert [m.step for m in curve] == [0, 1, 2]                       # stepped: amplitudes 0, 1, 2
+    arts = {f.path for f in MlflowClient().list_artifacts(r.run_id)}
+    assert {"assessment.json", "evidence.json", "report.html", "use_case.yaml", "plots"} <= arts
+
+    # the report re-renders from MLflow alone
+    files = rerender(r.run_id, tmp_path / "again", tracking_uri)
+    assert "R1-accuracy" in open(files["html"]).read()
+    with pytest.raises(RunNotFound):
+        rerender("0" * 32, tmp_path / "none", tracking_uri)
+
+
+def test_same_seed_same_evidence(tiny_case, tmp_path, tracking_uri):
+    runs = [assess(str(tiny_case), str(tmp_path / f"out{i}"), 7, tracking_uri) for i in range(2)]
+    ev = [json.loads((tmp_path / f"out{i}" / "evidence.json").read_text()) for i in range(2)]
+    assert [(e["claim_id"], e["value"], e["verdict"]) for e in ev[0]] == \
+           [(e["claim_id"], e["value"], e["verdict"]) for e in ev[1]]
+    assert runs[0].run_id != runs[1].run_id
+
+
+def test_resume_after_a_crash_recomputes_only_what_failed(tmp_path, tiny_model, tracking_uri):
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["data"]["max_samples"] = {"train": 40, "validation": 20, "test": 40}
+    counter, marker = tmp_path / "count.txt", tmp_path / "marker.txt"
+    raw["plan"]["checks"] = [
+        {"check": "data_quality"},
+        {"check": "flaky_checks:Counting", "params": {"counter": str(counter)}},
+        {"check": "flaky_checks:FailOnce", "params": {"marker": str(marker)}},
+    ]
+    path = write_yaml(tmp_path / "uc.yaml", raw)
+    first = assess(str(path), str(tmp_path / "out"), None, tracking_uri)
+    assert not first.complete and "simulated crash" in first.errors[0]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "INCOMPLETE ASSESSMENT" in html                             # never presented as complete
+    assert mlflow.MlflowClient(tracking_uri).get_run(first.run_id).info.status == "FAILED"
+    second = assess(str(path), str(tmp_path / "out"), None, tracking_uri)
+    assert second.complete
+    assert counter.read_text() == "1"                                  # the finished check was not rerun
+
+
+class NanAbove(torch.nn.Module):
+    """A model whose output is NaN for bright inputs (a numerical fault in the field)."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3), keepdim=False)
+        logits = torch.stack([m, -m], dim=1)
+        return torch.where((m > 0.5)[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def test_nan_from_the_model_is_a_located_user_error(tmp_path, tracking_uri):
+    model = tmp_path / "nan.pt"
+    torch.jit.script(NanAbove()).save(str(model))
+    raw = tiny_use_case(tmp_path, model)
+    raw["data"]["max_samples"] = {"train": 20, "validation": 20, "test": 60}
+    path = write_yaml(tmp_path / "uc.yaml", raw)
+    r = assess(str(path), str(tmp_path / "out"), None, tracking_uri)
+    assert not r.complete and r.user_error
+    assert any("NaN" in e and "cell" in e for e in r.errors)           # names the offending items
