@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from inspect import signature
 from pathlib import Path
 
 import mlflow
@@ -28,7 +29,7 @@ from trustcase.components.checks import Check, CheckError, Context, Unsupported,
 from trustcase.components.data import DataError, DataSource
 from trustcase.components.models import Classifier, ModelError, load_classifier, sha256_file
 from trustcase.components.verdicts import judge, overall
-from trustcase.flows import provenance, tracking
+from trustcase.flows import provenance, rerender, tracking
 from trustcase.schemas import (
     Assessment,
     CheckOutcome,
@@ -114,13 +115,15 @@ def evidence(use_case: UseCase, outcomes: list[CheckOutcome]):
 
 
 @task(name="report")
-def report(assessment: Assessment, out_dir: str, use_case_path: str) -> dict[str, str]:
-    """Write the assessment, render the report, and log everything to the MLflow run."""
+def report(assessment: Assessment, out_dir: str, use_case_path: str,
+           previous: Assessment | None = None) -> dict[str, str]:
+    """Write the assessment, render the report (compared with `previous` when given), log it all to MLflow."""
     out = Path(out_dir)
     (out / "assessment.json").write_text(assessment.model_dump_json(indent=1))
     (out / "evidence.json").write_text(json.dumps([e.model_dump(mode="json") for e in assessment.evidence], indent=1))
     shutil.copyfile(use_case_path, out / "use_case.yaml")
-    files = reports.render(assessment, out)
+    compare = {"previous": previous} if previous and "previous" in signature(reports.render).parameters else {}
+    files = reports.render(assessment, out, **compare)
     client = MlflowClient()
     run_id = assessment.provenance.mlflow_run_id
     tracking.log_measurements(client, run_id, assessment)
@@ -142,7 +145,9 @@ def _label(spec: CheckSpec, check: Check) -> str:
 
 
 @flow(name="trustcase-assess", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None) -> Result:
+def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
+           previous_run_id: str | None = None) -> Result:
+    """`previous_run_id`: an earlier assessment run (e.g. the qualified version's) the report compares with."""
     uc = load_use_case(use_case_path)
     seed = uc.plan.seed if seed is None else seed
     out = Path(out_dir).resolve()
@@ -163,7 +168,10 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
         nonlocal user_error
         for f, label in zip(futures, labels):
             value = f.result(raise_on_failure=False)
-            if isinstance(value, BaseException):
+            if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
+                outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
+                                             summary={"skipped": str(value)}))
+            elif isinstance(value, BaseException):
                 user_error |= isinstance(value, USER_ERRORS)
                 errors.append(f"{label}: {type(value).__name__}: {value}")
                 if not isinstance(value, USER_ERRORS):
@@ -194,6 +202,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     records = evidence(uc, outcomes)
     complete = not errors
     verdict = overall(records, uc.requirements) if complete else Verdict.INCONCLUSIVE
+    previous = rerender.fetch_assessment(previous_run_id, uri) if previous_run_id else None
     exp_id = tracking.experiment(uc)
     version = tracking.model_version(uc, fp["model_sha256"])
     with mlflow.start_run(experiment_id=exp_id, run_name=f"assess {uc.id}") as run:
@@ -211,7 +220,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
                          "model_sha256": fp["model_sha256"], "data_sha256": data_sha,
                          "model_version": version or "unregistered", "code_version": prov.code_version,
                          "confidentiality": uc.confidentiality.value})
-        files = report(assessment, str(out), str(Path(use_case_path).resolve()))
+        files = report(assessment, str(out), str(Path(use_case_path).resolve()), previous)
         if not complete:
             mlflow.end_run(status="FAILED")
     return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.info.run_id, tracking_uri=uri,
