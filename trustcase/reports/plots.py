@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trustcase.schemas import Assessment, Measurement  # noqa: E402
+from trustcase.schemas import Assessment, Curve, Measurement  # noqa: E402
 
 COLOURS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700"}
 
@@ -57,7 +58,7 @@ def reliability(a: Assessment, out: Path) -> Path | None:
         return None
     d = m.details
     edges = d["bins"]
-    centres = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
+    centres = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     keep = [i for i, c in enumerate(d["count"]) if c > 0]
     fig, ax = plt.subplots(figsize=(3.8, 3.2))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
@@ -91,7 +92,7 @@ def sweeps(a: Assessment, out: Path) -> list[Path]:
         for metric, ms in by_metric.items():
             ms = sorted(ms, key=lambda m: m.amplitude)
             x = [m.amplitude for m in ms]
-            line, = ax.plot(x, [m.value for m in ms], marker="o", label=metric)
+            line, = ax.plot(x, [float("nan") if m.value is None else m.value for m in ms], marker="o", label=metric)
             ax.fill_between(x, [m.interval.lower for m in ms], [m.interval.upper for m in ms],
                             color=line.get_color(), alpha=0.2)
         for r in a.requirements:
@@ -115,7 +116,7 @@ def distributions(a: Assessment, out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(props), figsize=(3.3 * len(props), 2.8))
     axes = axes if len(props) > 1 else [axes]
-    for ax, (name, h) in zip(axes, props.items()):
+    for ax, (name, h) in zip(axes, props.items(), strict=True):
         edges = h["edges"]
         for role, counts in h.items():
             if role == "edges":
@@ -128,9 +129,42 @@ def distributions(a: Assessment, out: Path) -> Path | None:
     return _save(fig, out / "image_properties.png")
 
 
+def curve(c: Curve, path: Path) -> Path:
+    """Any check's curve, drawn generically: series with their bands, vertical and horizontal markers."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, s in c.series.items():
+        n = min(len(c.x), len(s.y))  # a malformed curve is drawn as far as it goes, never crashes the report
+        line, = ax.plot(c.x[:n], s.y[:n], marker="o" if n <= 30 else None, ms=3, label=name)
+        if s.lower is not None and s.upper is not None:
+            k = min(n, len(s.lower), len(s.upper))
+            ax.fill_between(c.x[:k], s.lower[:k], s.upper[:k], color=line.get_color(), alpha=0.2)
+    for label, x in c.x_marks.items():
+        ax.axvline(x, color="black", ls=":", lw=1)
+        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, ha="right", va="top")
+    for label, y in c.y_marks.items():
+        ax.axhline(y, color="black", ls="--", lw=1)
+        ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
+    if c.log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(c.x_label)
+    ax.set_ylabel(c.y_label)
+    ax.set_title(c.title, fontsize=10)
+    if c.series:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def curve_key(check: str, curve_id: str) -> str:
+    return "curve_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{check}__{curve_id}")
+
+
 def draw_all(a: Assessment, out: Path) -> dict[str, Path]:
     found = {"confusion": confusion(a, out), "reliability": reliability(a, out),
              "image_properties": distributions(a, out)}
     for p in sweeps(a, out):
         found[p.stem] = p
+    for o in a.outcomes:
+        for c in o.curves:
+            key = curve_key(o.check, c.id)
+            found[key] = curve(c, out / f"{key}.png")
     return {k: v for k, v in found.items() if v is not None}

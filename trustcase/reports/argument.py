@@ -1,0 +1,608 @@
+"""The safety argument: a GSN tree in the structure of AMLAS, built from evidence records and the use case only.
+
+    G-top  the component is acceptably safe for its function in its ODD   (context: use case, ODD, model, criticality)
+      S-amlas  argument over the AMLAS stages
+        G-requirements  ML safety requirements are specified        (AMLAS stage 2)
+        G-data          data are relevant, complete, balanced, accurate, splits independent   (stage 3)
+        G-learning      the learnt model meets its requirements     (stage 4: training log, performance)
+        G-verification  verified independently: testing leg + formal leg   (stage 5)
+        G-deployment    the model is used within its ODD: monitor and its validation   (stage 6)
+
+Every requirement of the use case becomes a goal under the stage of the check that measured it
+(`CheckOutcome.stage`); every evidence record becomes a solution with value, threshold and verdict;
+an outcome no claim judged becomes a descriptive solution (measured, not judged); validity conditions
+become assumptions. Verdicts are computed bottom-up by the explicit RULES below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trustcase.schemas import Assessment, Evidence, Requirement, Verdict
+
+RULES = [
+    "R1 A solution takes the verdict of its evidence record; a descriptive solution (measured, not judged "
+    "against any threshold) has no verdict.",
+    "R2 One FAIL among the counted elements supporting a goal or strategy fails it.",
+    "R3 Otherwise, one INCONCLUSIVE among them, or no judged evidence at all (an undeveloped goal, or a goal "
+    "backed by descriptive evidence only), makes it INCONCLUSIVE.",
+    "R4 Otherwise (every counted supporting element PASSES) it PASSES.",
+    "R5 Advisory requirements (mandatory: false) are shown with their verdict but are not counted.",
+    "R6 An incomplete assessment (a check did not finish) cannot PASS: its top goal is at best INCONCLUSIVE.",
+    "R7 The trust profile is an aggregate for orientation only: no verdict is computed from it.",
+]
+
+# (stage, title, AMLAS stage, goal text); verification is split into its two legs below
+STAGES = {
+    "requirements": ("ML safety requirements", "AMLAS stage 2",
+                     "The ML safety requirements of the component are specified for its function in its ODD"),
+    "data": ("Data management", "AMLAS stage 3",
+             "The data used to learn and verify the model are relevant, complete, balanced and accurate, "
+             "and the splits are independent"),
+    "learning": ("Model learning", "AMLAS stage 4",
+                 "The learnt model satisfies its ML safety requirements on the data it was built for"),
+    "testing": ("Verification: testing", "AMLAS stage 5",
+                "Testing shows the model satisfies its requirements, including under perturbations and attacks"),
+    "formal": ("Verification: formal", "AMLAS stage 5",
+               "Formal verification (Lipschitz bounds, randomized smoothing, property proofs) shows the model "
+               "satisfies its requirements"),
+    "deployment": ("Model deployment", "AMLAS stage 6",
+                   "In operation the model is used within its ODD: the ODD monitor flags what lies outside, "
+                   "and the monitor is validated"),
+}
+STAGE_ORDER = list(STAGES)
+DIAGRAM_STAGES = ["requirements", "data", "learning", "verification", "deployment"]
+
+# AMLAS data properties; a data claim goes under the first property whose pattern matches its metric
+DATA_PROPERTIES = [
+    ("independence", "The test and validation splits are independent of the training data",
+     r"leak|overlap|independ|split"),
+    ("accuracy", "The data items and their labels are accurate (readable, in range, correctly labelled)",
+     r"unreadable|constant|out_of_range|label|noise|corrupt|accura|duplicat"),
+    ("balance", "The classes and ODD subgroups are represented in balanced proportions",
+     r"class_share|imbalance|balance|share"),
+    ("completeness", "The data cover the whole ODD", r"coverage|complete|missing|items"),
+    ("relevance", "The data are relevant to the ODD (same distribution as operation, no drift between splits)",
+     r"drift|shift|relevan|mean:"),
+]
+_DATA_METRICS = r"leak|unreadable|duplicat|constant|out_of_range|class_share|imbalance|coverage|drift"
+
+RANK = {Verdict.FAIL: 0, Verdict.INCONCLUSIVE: 1, Verdict.PASS: 2}
+
+
+@dataclass
+class Node:
+    id: str
+    kind: str  # goal, strategy, solution, context, assumption, justification
+    text: str
+    stage: str | None = None
+    verdict: Verdict | None = None
+    supported_by: list[str] = field(default_factory=list)
+    in_context_of: list[str] = field(default_factory=list)
+    counted: bool = True  # False: advisory, shown but not aggregated (R5)
+    anchor: str | None = None  # section of the report holding the evidence
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def undeveloped(self) -> bool:
+        return self.kind in ("goal", "strategy") and not self.supported_by
+
+
+@dataclass
+class Comparison:
+    claim_id: str
+    verdict: Verdict | None
+    value: float | None
+    previous_verdict: Verdict | None
+    previous_value: float | None
+    status: str  # regression, improvement, unchanged, new, removed
+
+    @property
+    def regression(self) -> bool:
+        return self.status in ("regression", "removed")
+
+
+@dataclass
+class Argument:
+    nodes: dict[str, Node]
+    root: str
+    stage_goals: dict[str, str]
+    claim_stage: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+    comparison: list[Comparison] = field(default_factory=list)
+    previous: dict[str, Any] | None = None
+
+    def __getitem__(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.nodes[self.root].verdict or Verdict.INCONCLUSIVE
+
+    def descendants(self, node_id: str) -> list[str]:
+        """node_id, everything supporting it, and their contexts, in a stable depth-first order."""
+        seen: list[str] = []
+
+        def walk(n: str) -> None:
+            if n in seen:
+                return
+            seen.append(n)
+            for c in self.nodes[n].in_context_of:
+                if c not in seen:
+                    seen.append(c)
+            for s in self.nodes[n].supported_by:
+                walk(s)
+
+        walk(node_id)
+        return seen
+
+    def undeveloped(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.undeveloped]
+
+    def to_json(self) -> dict[str, Any]:
+        def node(n: Node) -> dict[str, Any]:
+            d = asdict(n)
+            d["verdict"] = n.verdict.value if n.verdict else None
+            d["undeveloped"] = n.undeveloped
+            return d
+
+        return {
+            "format": "trustcase-argument/1",
+            "notation": "GSN (Goal Structuring Notation), structured after AMLAS",
+            "root": self.root,
+            "verdict": self.verdict.value,
+            "rules": RULES,
+            "stage_goals": self.stage_goals,
+            "claim_stage": self.claim_stage,
+            "problems": self.problems,
+            "previous": self.previous,
+            "comparison": [{**asdict(c), "verdict": _v(c.verdict), "previous_verdict": _v(c.previous_verdict),
+                            "regression": c.regression} for c in self.comparison],
+            "nodes": [node(n) for n in self.nodes.values()],
+        }
+
+    def to_gsn2x(self, report_url: str = "report.html") -> dict[str, Any]:
+        """The argument in the YAML format of gsn2x: one key per element, the prefix giving its type."""
+        doc: dict[str, Any] = {}
+        for n in self.nodes.values():
+            text = n.text if n.verdict is None else f"{n.text} [{n.verdict.value}]"
+            e: dict[str, Any] = {"text": text}
+            if n.supported_by:
+                e["supportedBy"] = list(n.supported_by)
+            if n.in_context_of:
+                e["inContextOf"] = list(n.in_context_of)
+            if n.undeveloped:
+                e["undeveloped"] = True
+            if n.anchor:
+                e["url"] = f"{report_url}#{n.anchor}"
+            if n.verdict is not None:
+                e["classes"] = [n.verdict.value.lower()]
+            doc[n.id] = e
+        return doc
+
+
+def _v(v: Verdict | None) -> str | None:
+    return v.value if v else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def stage_of_claim(r: Requirement, records: list[Evidence], stages: dict[str, str],
+                   measured_stage: dict[str, str]) -> str:
+    """The stage of the check that judged the claim; for a claim nothing measured, the best guess."""
+    for e in records:
+        if e.check in stages:
+            return stages[e.check]
+    if r.metric in measured_stage:  # another scope of the same metric was measured by a check of this stage
+        return measured_stage[r.metric]
+    if r.scope.perturbation is not None:
+        return "testing"
+    if re.search(_DATA_METRICS, r.metric):
+        return "data"
+    return "learning"
+
+
+def _data_property(metric: str) -> str:
+    for name, _, pattern in DATA_PROPERTIES:
+        if re.search(pattern, metric):
+            return name
+    return "other"
+
+
+class _Builder:
+    def __init__(self, a: Assessment):
+        self.a = a
+        self.nodes: dict[str, Node] = {}
+        self.problems: list[str] = []
+
+    def add(self, node: Node, parent: str | None = None, context_of: str | None = None) -> Node:
+        base, i = node.id, 2
+        while node.id in self.nodes:  # requirement ids are unique; this only guards derived ids
+            node.id = f"{base}-{i}"
+            i += 1
+        self.nodes[node.id] = node
+        if parent:
+            self.nodes[parent].supported_by.append(node.id)
+        if context_of:
+            self.nodes[context_of].in_context_of.append(node.id)
+        return node
+
+
+def build(a: Assessment, previous: Assessment | None = None) -> Argument:
+    """The argument of an assessment (and, given the previous assessed version, the comparison)."""
+    b = _Builder(a)
+    uc = a.use_case
+    p = a.provenance
+    model = uc.get("model", {})
+    stages = {o.check: (o.stage if o.stage in STAGES else _unknown_stage(b, o.check, o.stage)) for o in a.outcomes}
+    measured_stage = {m.metric: stages[o.check] for o in a.outcomes for m in o.measurements}
+    by_claim: dict[str, list[Evidence]] = {r.id: [] for r in a.requirements}
+    orphans: list[Evidence] = []
+    for e in a.evidence:
+        if e.claim_id is None:
+            continue
+        if e.claim_id in by_claim:
+            by_claim[e.claim_id].append(e)
+        else:
+            orphans.append(e)
+            b.problems.append(f"evidence from check {e.check!r} refers to claim {e.claim_id!r}, which is not a "
+                              "requirement of the use case: shown, not counted")
+    for r in a.requirements:
+        if not by_claim[r.id]:
+            b.problems.append(f"claim {r.id} has no evidence record: its goal is undeveloped")
+    claim_stage = {r.id: stage_of_claim(r, by_claim[r.id], stages, measured_stage) for r in a.requirements}
+
+    # the top goal and its context
+    top = b.add(Node("G-top", "goal", f"The ML component '{uc.get('title', uc.get('id', '?'))}' is acceptably safe "
+                     f"for its intended function within its operational design domain", anchor="summary"))
+    b.add(Node("C-use-case", "context", f"Use case {uc.get('id')}: {_short(uc.get('intended_function', ''))} "
+               f"(owner: {uc.get('owner', '?')})", anchor="summary"), context_of=top.id)
+    b.add(Node("C-odd", "context", "ODD: " + _short(uc.get("odd", {}).get("description") or "not described")
+               + _descriptors(uc), anchor="summary"), context_of=top.id)
+    b.add(Node("C-model", "context", f"Model {model.get('format', '?')}, version {p.model_version or 'unregistered'}, "
+               f"SHA-256 {p.model_sha256[:12]}…; classes {', '.join(model.get('class_names', []))}, "
+               f"safety-critical class {model.get('critical_class', '?')}", anchor="provenance"), context_of=top.id)
+    b.add(Node("C-criticality", "context", f"Criticality: {uc.get('criticality', '?')}; confidentiality: "
+               f"{uc.get('confidentiality', 'public')}", anchor="summary"), context_of=top.id)
+    amlas = b.add(Node("S-amlas", "strategy", "Argument over the AMLAS stages: requirements, data, learning, "
+                       "verification (testing and formal), deployment"), parent=top.id)
+    b.add(Node("J-rules", "justification", "Verdicts are computed by explicit rules: one FAIL under a goal fails it; "
+               "missing evidence makes it INCONCLUSIVE; PASS needs the whole confidence interval to satisfy "
+               "the threshold", anchor="rules"), context_of=amlas.id)
+    if not a.complete:
+        b.add(Node("A-incomplete", "assumption", "The assessment is INCOMPLETE: " + "; ".join(
+            e.splitlines()[0] for e in a.errors)[:400], anchor="summary"), context_of=top.id)
+
+    stage_goals: dict[str, str] = {}
+    # requirements stage: the specification itself is the evidence
+    g = b.add(Node("G-requirements", "goal", STAGES["requirements"][2], stage="requirements",
+                   anchor="stage-requirements"), parent=amlas.id)
+    stage_goals["requirements"] = g.id
+    s = b.add(Node("S-requirements", "strategy", "Argument over the specification: the requirements stated in the "
+                   "use-case file, validated against its schema before any check ran", stage="requirements"),
+              parent=g.id)
+    mandatory = [r for r in a.requirements if r.mandatory]
+    b.add(Node("Sn-use-case", "solution", f"Use-case file (SHA-256 {p.use_case_sha256[:12]}…): "
+               f"{len(a.requirements)} requirements, {len(mandatory)} mandatory", stage="requirements",
+               verdict=Verdict.PASS if mandatory else Verdict.INCONCLUSIVE, anchor="stage-requirements",
+               details={"requirements": [r.id for r in a.requirements]}), parent=s.id)
+    b.add(Node("A-requirements", "assumption", f"The requirements and thresholds were derived by the owner "
+               f"({uc.get('owner', '?')}) from the system safety analysis; trustcase judges them, it does not "
+               "derive them", stage="requirements"), context_of=s.id)
+
+    def stage_goal(stage: str, parent: str) -> Node:
+        title, amlas_ref, text = STAGES[stage]
+        node = b.add(Node(f"G-{stage}", "goal", text, stage=stage, anchor=f"stage-{stage}"), parent=parent)
+        stage_goals[stage] = node.id
+        return node
+
+    def claims_in(stage: str) -> list[Requirement]:
+        return [r for r in a.requirements if claim_stage[r.id] == stage]
+
+    # data: one sub-goal per AMLAS data property
+    g = stage_goal("data", amlas.id)
+    data_claims = claims_in("data")
+    data_checks = [o for o in a.outcomes if stages[o.check] == "data"]
+    if data_claims or data_checks:
+        s = b.add(Node("S-data", "strategy", "Argument over the AMLAS data properties: relevance, completeness, "
+                       "balance, accuracy, independence of the splits", stage="data"), parent=g.id)
+        groups: dict[str, list[Requirement]] = {}
+        for r in data_claims:
+            groups.setdefault(_data_property(r.metric), []).append(r)
+        props = [(n, t) for n, t, _ in DATA_PROPERTIES] + [("other", "Other data requirements hold")]
+        for name, text in props:
+            if name == "other" and not groups.get("other"):
+                continue
+            pg = b.add(Node(f"G-data-{name}", "goal", text, stage="data", anchor="stage-data"), parent=s.id)
+            for r in groups.get(name, []):
+                _claim(b, pg.id, r, by_claim[r.id], "data")
+            if not groups.get(name):
+                for o in data_checks:  # measured, but no requirement sets a threshold for this property
+                    ms = [m for m in o.measurements if _data_property(m.metric) == name]
+                    if ms:
+                        _descriptive(b, pg.id, o.check, ms, "data", f"{name}")
+        _assumptions(b, s.id, [e for r in data_claims for e in by_claim[r.id]], "data")
+    g = stage_goal("learning", amlas.id)
+    _develop(b, g, "learning", claims_in("learning"), by_claim, a, stages)
+    _training_log(b, g, p.model_version)
+    g = b.add(Node("G-verification", "goal", "The model is verified independently of its development: "
+                   "by testing and by formal methods", stage="verification", anchor="stage-testing"), parent=amlas.id)
+    stage_goals["verification"] = g.id
+    sv = b.add(Node("S-verification", "strategy", "Argument over the two legs of verification: testing "
+                    "(performance, perturbation sweeps, adversarial attacks) and formal (Lipschitz bounds, "
+                    "randomized smoothing, property proofs)", stage="verification"), parent=g.id)
+    for stage in ("testing", "formal"):
+        _develop(b, stage_goal(stage, sv.id), stage, claims_in(stage), by_claim, a, stages)
+    _develop(b, stage_goal("deployment", amlas.id), "deployment", claims_in("deployment"), by_claim, a, stages)
+
+    for e in orphans:  # shown where their check belongs, never counted
+        st = stages.get(e.check, "testing")
+        parent = stage_goals["verification"] if st in ("testing", "formal") else stage_goals[st]
+        parent = next((x for x in b.nodes[stage_goals[st]].supported_by if x.startswith("S-")), parent)
+        n = _solution(b, parent, e, st, f"Sn-orphan-{_slug(e.claim_id or '')}")
+        n.counted = False
+        n.text = f"UNKNOWN CLAIM {e.claim_id}: " + n.text
+
+    arg = Argument(nodes=b.nodes, root=top.id, stage_goals=stage_goals, claim_stage=claim_stage, problems=b.problems)
+    _judge(arg, arg.root)
+    if not a.complete and arg.nodes[arg.root].verdict is Verdict.PASS:
+        arg.nodes[arg.root].verdict = Verdict.INCONCLUSIVE  # R6
+    if previous is not None:
+        arg.comparison, arg.previous = compare(a, previous, arg)
+    return arg
+
+
+def _unknown_stage(b: _Builder, check: str, stage: str) -> str:
+    b.problems.append(f"check {check!r} declares unknown AMLAS stage {stage!r}: its evidence is argued under testing")
+    return "testing"
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _descriptors(uc: dict) -> str:
+    ds = uc.get("odd", {}).get("descriptors", [])
+    if not ds:
+        return ""
+    parts = []
+    for d in ds:
+        if d.get("values"):
+            parts.append(f"{d['name']} in {{{', '.join(d['values'])}}}")
+        else:
+            parts.append(f"{d['name']} in [{_fmt(d.get('min'))}, {_fmt(d.get('max'))}]")
+    return " — descriptors: " + "; ".join(parts)
+
+
+def _develop(b: _Builder, g: Node, stage: str, claims: list[Requirement], by_claim: dict[str, list[Evidence]],
+             a: Assessment, stages: dict[str, str]) -> None:
+    outcomes = [o for o in a.outcomes if stages[o.check] == stage]
+    if not claims and not outcomes:
+        return  # undeveloped: no requirement and no check of the plan addresses this stage
+    s = b.add(Node(f"S-{stage}", "strategy", f"Argument over each {STAGES[stage][0].lower()} requirement of the use "
+                   "case, judged on its confidence interval", stage=stage), parent=g.id)
+    judged = set()
+    for r in claims:
+        _claim(b, s.id, r, by_claim[r.id], stage)
+        judged |= {e.check for e in by_claim[r.id]}
+    for o in outcomes:
+        if o.check not in judged and o.measurements:
+            _descriptive(b, s.id, o.check, o.measurements, stage, "")
+        elif o.check not in judged:
+            b.add(Node(f"Sn-{_slug(o.check)}", "solution", f"{o.check}: ran, produced no measurement",
+                       stage=stage, anchor=f"check-{_slug(o.check)}"), parent=s.id)
+    _assumptions(b, s.id, [e for r in claims for e in by_claim[r.id]], stage)
+
+
+def _training_log(b: _Builder, g: Node, version: str | None) -> None:
+    """The model's training run is on record when the model is a registered version (MLflow registry)."""
+    s = next((x for x in g.supported_by if x.startswith("S-")), None)
+    if s is None:
+        s = b.add(Node("S-learning", "strategy", "Argument over the learning process and the learnt model",
+                       stage="learning"), parent=g.id).id
+    if version:
+        b.add(Node("Sn-training-log", "solution", f"Training log: the model is registered version {version}, its "
+                   "training run (parameters, learning curves, validation metrics) recorded in MLflow",
+                   stage="learning", verdict=Verdict.PASS, anchor="provenance",
+                   details={"rationale": "judged on presence: the registry links this model's hash to its run"}),
+              parent=s)
+    else:
+        b.add(Node("G-training-log", "goal", "The training process of the model is recorded (parameters, learning "
+                   "curves): the model is not a registered version, no training log is on record",
+                   stage="learning", anchor="provenance"), parent=s)
+
+
+def _claim(b: _Builder, parent: str, r: Requirement, records: list[Evidence], stage: str) -> Node:
+    g = b.add(Node(f"G-{r.id}", "goal", f"{r.id}: {_short(r.text, 200)}", stage=stage, counted=r.mandatory,
+                   anchor=f"claim-{r.id}", details={"claim_id": r.id, "metric": r.metric, "comparator": r.comparator,
+                                                    "threshold": r.threshold, "scope": r.scope.label(),
+                                                    "mandatory": r.mandatory}), parent=parent)
+    for i, e in enumerate(records):
+        if e.check == "-" and e.value is None:
+            continue  # the verdict rules' placeholder for "nothing measured it": the goal stays undeveloped
+        _solution(b, g.id, e, stage, f"Sn-{r.id}" + (f"-{i + 1}" if i else ""))
+    return g
+
+
+def _solution(b: _Builder, parent: str, e: Evidence, stage: str, node_id: str) -> Node:
+    iv = f" [{_fmt(e.interval.lower)}, {_fmt(e.interval.upper)}]" if e.interval else ""
+    text = f"{e.check}: {e.metric} = {_fmt(e.value)}{iv}, threshold {e.comparator or ''} {_fmt(e.threshold)}"
+    return b.add(Node(node_id, "solution", text, stage=stage, verdict=e.verdict, anchor=f"ev-{e.claim_id}",
+                      details={"claim_id": e.claim_id, "check": e.check, "metric": e.metric, "value": e.value,
+                               "threshold": e.threshold, "comparator": e.comparator,
+                               "interval": e.interval.model_dump() if e.interval else None,
+                               "rationale": e.rationale, "validity": e.validity}), parent=parent)
+
+
+def _descriptive(b: _Builder, parent: str, check: str, ms: list, stage: str, suffix: str) -> Node:
+    metrics = sorted({m.metric for m in ms})
+    shown = ", ".join(metrics[:3]) + (f" +{len(metrics) - 3} more" if len(metrics) > 3 else "")
+    return b.add(Node(f"Sn-{_slug(check)}" + (f"-{suffix}" if suffix else ""), "solution",
+                      f"{check}: {len(ms)} measurement(s) ({shown}), not judged: no requirement sets a threshold",
+                      stage=stage, anchor=f"check-{_slug(check)}",
+                      details={"check": check, "metrics": metrics, "descriptive": True}), parent=parent)
+
+
+def _assumptions(b: _Builder, strategy: str, records: list[Evidence], stage: str) -> None:
+    """Validity conditions of the evidence, one assumption per check (deduplicated), attached to the strategy."""
+    seen: dict[tuple[str, tuple[str, ...]], None] = {}
+    for e in records:
+        if e.validity:
+            seen.setdefault((e.check, tuple(e.validity)), None)
+    for check, conditions in seen:
+        b.add(Node(f"A-{stage}-{_slug(check)}", "assumption", f"Evidence from {check} holds under: "
+                   + "; ".join(conditions), stage=stage, anchor=f"check-{_slug(check)}",
+                   details={"check": check, "validity": list(conditions)}), context_of=strategy)
+
+
+def _judge(arg: Argument, node_id: str) -> Verdict | None:
+    """R1-R5, bottom-up."""
+    n = arg.nodes[node_id]
+    if n.kind == "solution":
+        return n.verdict  # R1
+    if n.kind not in ("goal", "strategy"):
+        return None
+    below = [(arg.nodes[c], _judge(arg, c)) for c in n.supported_by]
+    counted = [v for c, v in below if c.counted and v is not None]
+    if Verdict.FAIL in counted:
+        n.verdict = Verdict.FAIL  # R2
+    elif not counted or Verdict.INCONCLUSIVE in counted:
+        n.verdict = Verdict.INCONCLUSIVE  # R3
+    else:
+        n.verdict = Verdict.PASS  # R4
+    n.details.setdefault("why", _why(n, below))
+    return n.verdict
+
+
+def _why(n: Node, below: list[tuple[Node, Verdict | None]]) -> str:
+    if not below:
+        return "undeveloped: no evidence addresses this goal"
+    counted = [(c, v) for c, v in below if c.counted and v is not None]
+    if not counted:
+        return "only descriptive evidence: nothing is judged against a threshold"
+    fails = [c.id for c, v in counted if v is Verdict.FAIL]
+    if fails:
+        return "fails through " + ", ".join(fails)
+    inc = [c.id for c, v in counted if v is Verdict.INCONCLUSIVE]
+    if inc:
+        return "inconclusive through " + ", ".join(inc)
+    return f"all {len(counted)} supporting element(s) pass"
+
+
+def compare(a: Assessment, previous: Assessment, arg: Argument) -> tuple[list[Comparison], dict[str, Any]]:
+    """Per claim: previous value and verdict; a verdict that got worse (or a claim that disappeared) regresses."""
+    now = {e.claim_id: e for e in a.evidence if e.claim_id}
+    before = {e.claim_id: e for e in previous.evidence if e.claim_id}
+    out = []
+    for cid in [r.id for r in a.requirements] + [c for c in before if c not in {r.id for r in a.requirements}]:
+        e, pe = now.get(cid), before.get(cid)
+        if e is None and pe is None:
+            continue
+        if pe is None:
+            status = "new"
+        elif e is None:
+            status = "removed"
+        elif RANK[e.verdict] < RANK[pe.verdict]:
+            status = "regression"
+        elif RANK[e.verdict] > RANK[pe.verdict]:
+            status = "improvement"
+        else:
+            status = "unchanged"
+        c = Comparison(cid, e.verdict if e else None, e.value if e else None,
+                       pe.verdict if pe else None, pe.value if pe else None, status)
+        out.append(c)
+        g = arg.nodes.get(f"G-{cid}")
+        if g is not None:
+            g.details["previous"] = {"verdict": _v(c.previous_verdict), "value": c.previous_value, "status": status}
+    out.sort(key=lambda c: (not c.regression, c.claim_id))
+    pp = previous.provenance
+    meta = {"mlflow_run_id": pp.mlflow_run_id, "model_version": pp.model_version, "model_sha256": pp.model_sha256,
+            "verdict": previous.verdict.value, "finished_at": pp.finished_at.isoformat() if pp.finished_at else None}
+    return out, meta
+
+
+# --- the gsn2x format's rules, checked on our own export ---------------------------------------------------------
+
+PREFIXES = (("Sn", "solution"), ("G", "goal"), ("S", "strategy"), ("C", "context"), ("A", "assumption"),
+            ("J", "justification"))
+
+
+def gsn2x_type(element_id: str) -> str | None:
+    for prefix, kind in PREFIXES:  # Sn before S
+        if element_id.startswith(prefix):
+            return kind
+    return None
+
+
+def check_gsn2x(doc: dict[str, Any]) -> list[str]:
+    """Problems against gsn2x's validation rules (V01-V06, C01-C04, C08); empty when the document is valid."""
+    problems = []
+    ids = set(doc)
+    referenced: set[str] = set()
+    for eid, e in doc.items():
+        kind = gsn2x_type(eid)
+        if kind is None:
+            problems.append(f"V01 {eid}: id has no known prefix (G, S, Sn, C, A, J)")
+            continue
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str):
+            problems.append(f"{eid}: the mandatory 'text' attribute is missing")
+            continue
+        sup, ctx = e.get("supportedBy", []), e.get("inContextOf", [])
+        for key, refs in (("supportedBy", sup), ("inContextOf", ctx)):
+            if not isinstance(refs, list):
+                problems.append(f"C11 {eid}: {key} must be a list")
+                continue
+            if len(set(refs)) != len(refs):
+                problems.append(f"V05 {eid}: duplicate references in {key}")
+            for r in refs:
+                referenced.add(r)
+                if r == eid:
+                    problems.append(f"V06 {eid}: refers to itself")
+                elif r not in ids:
+                    problems.append(f"C03 {eid}: {key} refers to unknown element {r}")
+                elif key == "supportedBy" and gsn2x_type(r) not in ("goal", "strategy", "solution"):
+                    problems.append(f"V04 {eid}: {r} cannot support (only goals, strategies, solutions)")
+                elif key == "inContextOf" and gsn2x_type(r) not in ("context", "assumption", "justification"):
+                    problems.append(f"V04 {eid}: {r} cannot be context (only contexts, assumptions, justifications)")
+        if kind in ("goal", "strategy"):
+            if not sup and not e.get("undeveloped"):
+                problems.append(f"V02 {eid}: neither supported nor marked undeveloped")
+            if sup and e.get("undeveloped"):
+                problems.append(f"V03 {eid}: marked undeveloped but has supporting elements")
+        elif kind in ("solution", "context", "assumption", "justification") and sup:
+            problems.append(f"V04 {eid}: a {kind} cannot be supported by other elements")
+    roots = [i for i in doc if i not in referenced]
+    if len(roots) != 1:
+        problems.append(f"C01 there must be exactly one top-level element, found {len(roots)}: {roots[:5]}")
+    elif gsn2x_type(roots[0]) != "goal":
+        problems.append(f"C02 the top-level element {roots[0]} is not a goal")
+    # C04 no cycle over supportedBy; C08 everything reachable from the root
+    state: dict[str, int] = {}
+
+    def visit(i: str) -> None:
+        state[i] = 1
+        e = doc.get(i) if isinstance(doc.get(i), dict) else {}
+        for r in list(e.get("supportedBy", []) or []) + list(e.get("inContextOf", []) or []):
+            if r not in doc:
+                continue
+            if state.get(r) == 1:
+                problems.append(f"C04 circular supportedBy reference through {i} -> {r}")
+            elif r not in state:
+                visit(r)
+        state[i] = 2
+
+    for r in roots:
+        visit(r)
+    unreachable = sorted(ids - set(state))
+    if unreachable:
+        problems.append(f"C08 elements unreachable from the root: {unreachable[:5]}")
+    return problems
