@@ -313,7 +313,7 @@ class Adversarial(Check):
             ms += t
             ms.append(acc.model_copy(update={"metric": "adversarial_accuracy", "details": {}}))
             ms.append(Measurement(check=self.name, metric="attack_success_rate", scope=scope, amplitude=e,
-                                  value=fooled_correct[j] / correct_clean if correct_clean else float("nan"),
+                                  value=fooled_correct[j] / correct_clean if correct_clean else None,
                                   interval=clopper_pearson(int(fooled_correct[j]), correct_clean, conf),
                                   n=correct_clean))
         broken = breaking(uc.requirements, name, ms)

@@ -234,11 +234,11 @@ class MotionBlur(Perturbation):
 
 @register
 class Defocus(Perturbation):
-    """Out-of-focus lens: the point-spread function is a disk of `radius` px."""
+    """Out-of-focus lens: the point-spread function is a disk of `radius` px (below 0.5 px: within one pixel)."""
 
     name = "defocus"
     unit = "px (disk radius)"
-    grid = (0.5, 1.0, 2.0, 3.0, 4.0)
+    grid = (1.0, 1.5, 2.0, 3.0, 4.0)
     domain = (0.0, 20.0)
 
     def perturb(self, u, amplitude, seeds):

@@ -124,8 +124,12 @@ def breaking(requirements: list[Requirement], key: str, measurements: list[Measu
     return out
 
 
+def undefined(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+
 def _series(ms: list[Measurement]) -> Series | None:
-    if not ms or any(math.isnan(m.value) for m in ms):
+    if not ms or any(undefined(m.value) for m in ms):
         return None
     lows = [m.interval.lower for m in ms] if all(m.interval for m in ms) else None
     highs = [m.interval.upper for m in ms] if all(m.interval for m in ms) else None
@@ -255,7 +259,7 @@ class PerturbationSweep(Check):
 
         def auc(metric: str) -> float | None:
             v = [m.value for m in ms if m.metric == metric and not m.scope.subgroup]
-            return None if not v or any(math.isnan(x) for x in v) else area_under(grid, v)
+            return None if not v or any(undefined(x) for x in v) else area_under(grid, v)
 
         strip = None
         if example:
