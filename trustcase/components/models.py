@@ -41,9 +41,15 @@ class Classifier:
         c = spec.input_shape[0]
         mean = np.broadcast_to(np.asarray(spec.normalisation.mean, dtype=np.float32), (c,))
         std = np.broadcast_to(np.asarray(spec.normalisation.std, dtype=np.float32), (c,))
-        # one affine map pixel -> model input: x * scale + shift, per channel
-        self._scale = torch.tensor(1.0 / ((hi - lo) * std)).view(1, c, 1, 1)
-        self._shift = torch.tensor((-lo / (hi - lo) - mean) / std).view(1, c, 1, 1)
+        # one affine map pixel -> model input: x * scale + shift, per channel (per feature for tabular inputs)
+        view = (1, c) if self.tabular else (1, c, 1, 1)
+        self._scale = torch.tensor(1.0 / ((hi - lo) * std)).view(view)
+        self._shift = torch.tensor((-lo / (hi - lo) - mean) / std).view(view)
+
+    @property
+    def tabular(self) -> bool:
+        """input_shape [F]: one feature vector per item, batches (B, F)."""
+        return len(self.spec.input_shape) == 1
 
     @property
     def n_classes(self) -> int:
@@ -54,8 +60,17 @@ class Classifier:
         return self.module is not None
 
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) pixel space -> (B, C, H, W) normalised float32."""
+        """(B, H, W, C) pixel space -> (B, C, H, W) normalised float32; tabular: (B, F) -> (B, F).
+
+        A tabular item streamed by data.py as a (1, F) array arrives as (B, 1, F, 1): accepted when it
+        holds exactly F values per item.
+        """
         x = torch.as_tensor(images).float() if isinstance(images, np.ndarray) else images.float()
+        if self.tabular:
+            f = self.spec.input_shape[0]
+            if x.ndim < 2 or int(np.prod(x.shape[1:])) != f:
+                raise ModelError(f"expected a batch (B, {f}) of feature vectors, got shape {tuple(x.shape)}")
+            return x.reshape(len(x), f) * self._scale + self._shift
         if x.ndim != 4:
             raise ModelError(f"expected a batch (B, H, W, C), got shape {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2)
@@ -129,7 +144,7 @@ def _probe(clf: Classifier) -> None:
     """Fail early, with the contract in the message, if the model does not fit the use case."""
     lo, hi = clf.spec.value_range
     c, *hw = clf.spec.input_shape
-    x = np.full((2, *hw, c), (lo + hi) / 2, dtype=np.float32)
+    x = np.full((2, *hw, c) if hw else (2, c), (lo + hi) / 2, dtype=np.float32)
     try:
         clf.logits(x)
     except ModelError:

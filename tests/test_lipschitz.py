@@ -1,0 +1,181 @@
+"""Lipschitz certification against exact answers: spectral norms, dense convolution matrices, gradient ascent."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trustcase.components import lipschitz as L
+from trustcase.components.checks import Context, build
+from trustcase.components.data import DataSource
+from trustcase.components.models import load_classifier
+from trustcase.schemas import CheckSpec, load_use_case
+
+
+def dense(conv: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """The convolution as a matrix on inputs of `shape`, column by column."""
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=torch.float64).view(n, *shape)
+    with torch.no_grad():
+        return conv.double()(eye).reshape(n, -1).T
+
+
+def test_linear_layer_bound_is_its_spectral_norm():
+    torch.manual_seed(0)
+    for shape in [(7, 5), (3, 40), (1, 9)]:
+        layer = nn.Linear(shape[1], shape[0]).eval()
+        exact = torch.linalg.matrix_norm(layer.weight.double(), 2).item()
+        assert L.upper_bound(layer, (shape[1],)) == pytest.approx(exact, rel=1e-4)
+        traced = torch.jit.trace(layer, torch.zeros(1, shape[1]))
+        assert L.upper_bound(traced, (shape[1],)) == pytest.approx(exact, rel=1e-4)
+
+
+# (cin, cout, kernel, stride, padding, dilation, groups, size): 'same'-padded layers of realistic shape
+SAME = [(2, 3, 3, 1, 1, 1, 1, 8), (2, 3, 3, 2, 1, 1, 1, 8), (3, 4, 3, 1, 1, 1, 1, 12), (2, 4, 4, 2, 1, 1, 1, 8),
+        (4, 4, 3, 1, 1, 1, 2, 10), (3, 2, 3, 3, 0, 1, 1, 9), (4, 2, 1, 1, 0, 1, 1, 5)]
+# small inputs, valid or dilated convolutions: the circular embedding is looser there
+OTHER = [(2, 4, 3, 1, 2, 2, 2, 6), (1, 4, 5, 1, 0, 1, 1, 8), (2, 2, 3, 2, 2, 2, 1, 9), (2, 3, 3, 1, 1, 1, 1, 6)]
+
+
+@pytest.mark.parametrize("cfg", SAME + OTHER)
+def test_conv_bound_is_above_the_dense_operator_norm(cfg):
+    cin, cout, k, s, p, d, g, hw = cfg
+    torch.manual_seed(hash(cfg) % 1000)
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=True).eval()
+    bare = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=False)
+    bare.weight.data.copy_(conv.weight.data)
+    exact = torch.linalg.matrix_norm(dense(bare, (cin, hw, hw)), 2).item()
+    bound = L.upper_bound(conv, (cin, hw, hw))
+    assert bound >= exact * (1 - 1e-9)
+    tolerance = 1.10 if cfg in SAME else 1.6  # the stated tightness
+    assert bound <= exact * tolerance
+    traced = torch.jit.trace(conv, torch.zeros(1, cin, hw, hw))
+    assert L.upper_bound(traced, (cin, hw, hw)) == pytest.approx(bound, rel=1e-9)
+
+
+def test_batchnorm_is_folded_into_the_convolution_exactly():
+    torch.manual_seed(1)
+    conv, bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+    bn.running_var.uniform_(0.1, 3.0)
+    bn.running_mean.uniform_(-1, 1)
+    bn.weight.data.uniform_(-2, 2)
+    model = nn.Sequential(conv, bn).eval()
+    with torch.no_grad():  # affine map: the norm of its linear part
+        affine = dense(model, (2, 8, 8)) - model.double()(torch.zeros(1, 2, 8, 8, dtype=torch.float64)).reshape(-1, 1)
+    exact = torch.linalg.matrix_norm(affine, 2).item()
+    bound = L.upper_bound(model.float(), (2, 8, 8))
+    assert exact <= bound <= exact * 1.10
+    # folded: tighter than the product of the two norms
+    separate = L.conv2d_norm(conv.weight, (8, 8), padding=(1, 1)) * float(
+        (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().max().detach())
+    assert bound <= separate * (1 + 1e-6)
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def random_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    c = 4
+    model = nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU(0.1),
+        nn.MaxPool2d(3, stride=1, padding=1),  # overlapping windows
+        Residual(c), nn.AvgPool2d(2), Residual(c), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.3), nn.Linear(c * 4 * 4, 3),
+    )
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.2, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bound_is_never_below_the_gradient_ascent_lower_bound(seed):
+    model = random_cnn(seed)
+    bound = L.analyse(model, (1, 16, 16))
+    x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    lower = L.empirical_lower_bound(model, x, steps=60, seed=seed)
+    assert 0 < lower <= bound.total
+    assert bound.body is not None and bound.head is not None  # the last layer is Linear: pairwise radii
+    # the ratio is finite and the ascent found something: not a vacuous comparison
+    assert bound.total / lower < 1e4
+
+
+def test_residual_addition_composes_as_one_plus_branch():
+    torch.manual_seed(3)
+    block = Residual(2).eval()
+    bound = L.analyse(block, (2, 8, 8))
+    body = L.analyse(block.body, (2, 8, 8)).total
+    assert bound.total == pytest.approx(1 + body, rel=1e-9)
+
+
+def test_unsupported_layer_is_named():
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    with pytest.raises(L.LipschitzError, match="mul"):
+        L.upper_bound(nn.Sequential(nn.Linear(3, 3), Square()).eval(), (3,))
+    with pytest.raises(L.LipschitzError, match="Upsample"):
+        L.upper_bound(nn.Sequential(nn.Upsample(scale_factor=2), nn.Flatten()).eval(), (1, 4, 4))
+    traced = torch.jit.trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2)).eval(),
+                             torch.zeros(1, 1, 8, 8))
+    with pytest.raises(L.LipschitzError, match="Upsample"):
+        L.upper_bound(traced, (1, 8, 8))
+
+
+def test_training_mode_and_bad_shapes_are_errors():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))
+    with pytest.raises(L.LipschitzError, match="training mode"):
+        L.upper_bound(model, (1, 8, 8))
+    with pytest.raises(L.LipschitzError, match="does not fit"):
+        L.upper_bound(model.eval(), (1, 9, 9))
+
+
+def test_pairwise_radius_is_exact_for_a_linear_model():
+    torch.manual_seed(4)
+    model = nn.Linear(6, 3).eval()
+    bound = L.analyse(model, (6,))
+    x = torch.randn(20, 6)
+    with torch.no_grad():
+        z = model(x).numpy()
+    r = L.certified_radii(z, bound)
+    w = model.weight.detach().double().numpy()
+    y = z.argmax(1)
+    for i in range(len(x)):
+        # exact distance to the nearest decision boundary of a linear classifier
+        exact = min((z[i, y[i]] - z[i, j]) / np.linalg.norm(w[y[i]] - w[j]) for j in range(3) if j != y[i])
+        assert r[i] == pytest.approx(exact, rel=1e-4)
+    # the generic form is never larger than the pairwise one
+    generic = L.certified_radii(z, L.Bound(total=bound.total))
+    assert np.all(generic <= r + 1e-12)
+
+
+def test_the_check_on_the_tiny_solar_model(tiny_case, tmp_path):
+    uc = load_use_case(tiny_case)
+    check = build(CheckSpec(check="lipschitz", params={"ascent_points": 8, "ascent_steps": 10, "radii": [0.0, 0.01]}))
+    ctx = Context(use_case=uc, model=load_classifier(uc.model), data=DataSource(uc.data, 0), seed=0,
+                  workdir=tmp_path / "checks" / "lipschitz")
+    out = check(ctx)
+    m = {x.metric: x for x in out.measurements if x.scope.perturbation is None}
+    assert out.stage == "formal"
+    assert m["lipschitz_upper_bound"].value >= m["lipschitz_lower_bound"].value > 0
+    acc = [x.value for x in out.measurements if x.metric == "lipschitz_certified_accuracy"]
+    assert acc == sorted(acc, reverse=True) and len(acc) == 2
+    assert (tmp_path / "checks" / "lipschitz" / "items.csv").is_file()
+    assert any("L2" in v for v in out.validity)
+    with pytest.raises(Exception, match="radii"):
+        build(CheckSpec(check="lipschitz", params={"radii": [-1.0]}))

@@ -1,0 +1,236 @@
+"""Randomized smoothing (Cohen, Rosenfeld and Kolter, 2019): certified L2 robustness of the SMOOTHED
+classifier g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I).
+
+The guarantee covers g, not the base model f: deploying it means predicting with `predict` (Monte Carlo
+votes under noise), not with one forward pass of f.
+
+- `certify`: class cA from n0 noisy samples, then a separate draw of n samples, a one-sided
+  Clopper-Pearson lower bound pA of P(f(x + e) = cA) at level alpha; ABSTAIN (-1) when pA < 1/2, else
+  radius sigma * PhiInverse(pA). With probability >= 1 - alpha (per input) g(x + d) = cA for every
+  ||d||_2 < radius.
+- `predict`: the binomial test of Cohen et al.; abstains unless the top class wins at level alpha.
+
+sigma is a fraction of the value range: noise of standard deviation sigma * (max - min) is added in
+pixel space, before the model's normalisation, so radii are L2 norms of the input scaled to [0, 1]
+(the same convention as the Lipschitz check). Noise of many inputs is batched together (an input
+repeated along the batch), votes are counted with one bincount per forward batch: no per-sample
+Python loop in the hot path.
+
+Check `randomized_smoothing` (stage "formal"), metrics on scope {split}:
+- `smoothing_certified_accuracy` with perturbation scope {name: l2_radius, max_amplitude: r}, amplitude r:
+  fraction of items where g is certified correct at radius r (abstain counts as wrong), Clopper-Pearson;
+- `smoothing_abstain_rate`, `smoothing_accuracy` (g's prediction by `predict`, abstain = wrong),
+  `smoothing_median_radius` (median radius, 0 for wrong or abstained items).
+Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
+training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import field_validator, model_validator
+from scipy import stats
+
+from trustcase.components.checks import Check, Context, Params, register
+from trustcase.components.lipschitz import accuracy_curve, claimed_radii, radius_grid, write_items
+from trustcase.components.models import Classifier
+from trustcase.components.stats import clopper_pearson, clopper_pearson_lower
+from trustcase.schemas import CheckOutcome, Measurement, Scope
+
+ABSTAIN = -1
+
+
+def _validate(sigma: float, alpha: float, batch_size: int, **counts: int) -> None:
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 (a fraction of the value range), got {sigma}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    for name, v in counts.items():
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def noise_step(model: Classifier) -> torch.Tensor:
+    """How one pixel-space unit moves the model input (the normalisation is affine: x * scale + shift)."""
+    shape = model.spec.input_shape
+    probe = np.zeros((1, *shape[1:], shape[0]) if len(shape) > 1 else (1, shape[0]), np.float32)
+    return model.to_input(probe + 1) - model.to_input(probe)
+
+
+def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batch_size: int,
+                  generator: torch.Generator) -> np.ndarray:
+    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x."""
+    lo, hi = model.spec.value_range
+    with torch.inference_mode():
+        clean = model.to_input(x)  # normalise once; noise e in pixel space maps to e * step
+        step = noise_step(model) * (sigma * (hi - lo))
+        b, c = len(clean), model.n_classes
+        counts = torch.zeros(b * c, dtype=torch.int64)
+        total = b * num
+        for start in range(0, total, batch_size):
+            owner = torch.arange(start, min(start + batch_size, total)) // num
+            noisy = clean[owner] + torch.randn(clean[owner].shape, generator=generator) * step
+            pred = model.forward(noisy).argmax(1)
+            counts += torch.bincount(owner * c + pred, minlength=b * c)
+    return counts.view(b, c).numpy()
+
+
+def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, alpha: float,
+            batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CERTIFY of Cohen et al. for a batch of pixel-space inputs: (class or -1, radius, pA lower bound)."""
+    _validate(sigma, alpha, batch_size, n0=n0, n=n)
+    g = torch.Generator().manual_seed(int(seed))
+    guess = sample_counts(model, x, n0, sigma, batch_size, g).argmax(1)
+    counts = sample_counts(model, x, n, sigma, batch_size, g)  # a separate draw: the selection is not reused
+    n_a = counts[np.arange(len(guess)), guess]
+    p_a = clopper_pearson_lower(n_a, n, alpha)
+    certified = p_a >= 0.5
+    radius = np.where(certified, sigma * stats.norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
+    return np.where(certified, guess, ABSTAIN), radius, p_a
+
+
+def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: float, batch_size: int = 256,
+            seed: int = 0) -> np.ndarray:
+    """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha."""
+    _validate(sigma, alpha, batch_size, n=n)
+    counts = sample_counts(model, x, n, sigma, batch_size, torch.Generator().manual_seed(int(seed)))
+    order = np.argsort(-counts, axis=1, kind="stable")
+    rows = np.arange(len(counts))
+    n_a, n_b = counts[rows, order[:, 0]], counts[rows, order[:, 1]]
+    # two-sided binomial test of n_a successes in n_a + n_b trials at p = 1/2
+    p_value = np.minimum(1.0, 2 * stats.binom.cdf(np.minimum(n_a, n_b), n_a + n_b, 0.5))
+    return np.where(p_value <= alpha, order[:, 0], ABSTAIN)
+
+
+def training_noise(model_path: Path) -> float | None:
+    """The Gaussian augmentation recorded by the training script beside the model (<model>.json), if any."""
+    log = Path(model_path).with_suffix(".json")
+    try:
+        return float(json.loads(log.read_text())["params"]["noise_sigma"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+class SmoothingParams(Params):
+    sigma: float = 0.12  # fraction of the value range
+    n0: int = 64
+    n: int = 1000
+    alpha: float = 0.001
+    batch_size: int = 256
+    split: str = "test"
+    max_items: int | None = 200  # certification costs n0 + n forward passes per item
+    radii: list[float] | None = None  # None: 0 and 20 steps up to the largest radius (claimed radii added)
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("sigma must be > 0 (a fraction of the value range)")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("alpha must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _counts(self) -> SmoothingParams:
+        for name in ("n0", "n", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_items is not None and self.max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        if self.radii is not None and (not self.radii or any(r < 0 for r in self.radii)):
+            raise ValueError("radii must be a non-empty list of values >= 0")
+        return self
+
+
+@register
+class RandomizedSmoothing(Check):
+    name = "randomized_smoothing"
+    Params = SmoothingParams
+    stage = "formal"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: SmoothingParams = self.params
+        model = ctx.model
+        if model.module is not None and model.module.training:
+            raise ValueError("randomized_smoothing: the model is in training mode")
+        ids, labels, preds, radii, voted = [], [], [], [], []
+        for batch in ctx.batches(p.split):
+            if p.max_items is not None and len(ids) >= p.max_items:
+                break
+            keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
+            images, y = batch.images[keep], batch.labels[keep]
+            seed = ctx.seed * 1_000_003 + int(batch.index[0])  # per batch: chunks are reproducible alone
+            c, r, _ = certify(model, images, sigma=p.sigma, n0=p.n0, n=p.n, alpha=p.alpha,
+                              batch_size=p.batch_size, seed=seed)
+            voted.append(predict(model, images, sigma=p.sigma, n=p.n, alpha=p.alpha, batch_size=p.batch_size,
+                                 seed=seed + 1))
+            ids += batch.ids[keep]
+            labels.append(y)
+            preds.append(c)
+            radii.append(r)
+        y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        radius = np.concatenate(radii) if radii else np.zeros(0)
+        g_pred = np.concatenate(voted) if voted else np.zeros(0, np.int64)
+        ok = pred == y
+        n_items = len(y)
+        conf = ctx.use_case.plan.confidence
+        grid = radius_grid(p.radii, claimed_radii(ctx, "smoothing_certified_accuracy"), radius, ok)
+        ms, curve, values = accuracy_curve(self.name, "smoothing_certified_accuracy", p.split, grid, radius, ok,
+                                           conf, f"Randomized smoothing (sigma = {p.sigma:g}): certified accuracy "
+                                           "of the smoothed classifier vs L2 radius")
+        scope = Scope(split=p.split)
+        abstain = int((pred == ABSTAIN).sum())
+        correct_g = int((g_pred == y).sum())
+        ms += [
+            Measurement(check=self.name, metric="smoothing_abstain_rate", value=abstain / n_items if n_items else
+                        float("nan"), interval=clopper_pearson(abstain, n_items, conf), n=n_items, scope=scope),
+            Measurement(check=self.name, metric="smoothing_accuracy", value=correct_g / n_items if n_items else
+                        float("nan"), interval=clopper_pearson(correct_g, n_items, conf), n=n_items, scope=scope),
+            Measurement(check=self.name, metric="smoothing_median_radius", n=n_items, scope=scope,
+                        value=float(np.median(np.where(ok, radius, 0.0))) if n_items else float("nan")),
+        ]
+        write_items(ctx.workdir / "items.csv", ids, y, pred, radius)
+        lo, hi = model.spec.value_range
+        trained = training_noise(model.spec.path)
+        trained_text = ("the base model's training noise is not recorded (no <model>.json): smoothing certifies "
+                        "little unless the base model was trained with Gaussian noise" if trained is None else
+                        f"base model trained with Gaussian noise augmentation sigma = {trained:g}"
+                        + (" (none: the smoothed classifier is expected to abstain often)" if trained == 0 else ""))
+        return CheckOutcome(
+            check=self.name, measurements=ms, curves=[curve],
+            artefacts=[ctx.artefact(ctx.workdir / "items.csv", "table")],
+            summary={"sigma": p.sigma, "sigma_pixels": p.sigma * (hi - lo), "n0": p.n0, "n": p.n, "alpha": p.alpha,
+                     "abstain_rate": abstain / n_items if n_items else None, "radii": grid,
+                     "certified_accuracy": values, "accuracy": correct_g / n_items if n_items else None,
+                     "training_noise_sigma": trained, "certified_classifier": "smoothed classifier g"},
+            validity=[
+                "the guarantee covers the smoothed classifier g (majority vote of the model under Gaussian noise), "
+                "not the base model: it holds only if g is what is deployed",
+                f"noise: Gaussian, sigma = {p.sigma:g} of the value range ({p.sigma * (hi - lo):g} in pixel units), "
+                "added in pixel space before normalisation; norm: L2 of the input scaled to [0, 1]",
+                f"each certificate holds with probability >= 1 - alpha = {1 - p.alpha:g} (Clopper-Pearson, "
+                f"n0 = {p.n0} selection samples, n = {p.n} estimation samples); abstain counts as wrong",
+                f"radius = sigma * PhiInverse(pA); measured on {n_items} items of the {p.split} split",
+                trained_text,
+            ],
+            limitations=([f"certified {n_items} items of the {p.split} split (max_items = {p.max_items})"]
+                         if p.max_items is not None and n_items >= p.max_items else []),
+        )
+
+
+def radius_closed_form(margin: float, weight_norm: float) -> float:
+    """Exact radius of g for a linear binary classifier: the distance to the hyperplane (tests, docs)."""
+    return abs(margin) / weight_norm if weight_norm > 0 else math.inf
