@@ -128,18 +128,69 @@ def report(
     run_id: str = typer.Argument(..., help="MLflow run id of an assessment"),
     out: Path = typer.Option(None, "--out", help="output folder (default trustcase-out/report-<run id>)"),
     tracking_uri: str = typer.Option(None, "--tracking-uri"),
+    previous: str = typer.Option(None, "--previous", help="run id of the previous assessed version, to compare"),
 ) -> None:
-    """Re-render the report of an assessment from what MLflow holds."""
+    """Re-render the report (HTML, PDF, argument, pack) of an assessment from what MLflow holds."""
     from trustcase.flows.rerender import RunNotFound, rerender
 
     try:
-        files = rerender(run_id, out or Path("trustcase-out") / f"report-{run_id}", tracking_uri)
+        files = rerender(run_id, out or Path("trustcase-out") / f"report-{run_id}", tracking_uri, previous)
     except RunNotFound as e:
         console.print(f"[bold red]error:[/] {_escape(str(e))}")
         raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out_console.print(f"report: {files['html']}")
+    for key, label in (("pdf", "report (PDF)"), ("argument_yaml", "argument (gsn2x)"), ("pack", "evidence pack")):
+        if key in files:
+            out_console.print(f"{label}: {files[key]}")
+
+
+@app.command()
+def pack(
+    run_id: str = typer.Argument(..., help="MLflow run id of an assessment"),
+    out: Path = typer.Option(None, "-o", "--out", help="pack file (default trustcase-out/pack-<run id>.zip)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri"),
+) -> None:
+    """Build the evidence pack of an assessment from the run's artefacts in MLflow (zip + SHA-256 manifest)."""
+    from trustcase.flows.rerender import RunNotFound, pack_run
+
+    try:
+        path, manifest = pack_run(run_id, out or Path("trustcase-out") / f"pack-{run_id}.zip", tracking_uri)
+    except RunNotFound as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    out_console.print(f"evidence pack: {path} ({len(manifest['files'])} files"
+                      + (f", {len(manifest['withheld'])} withheld: confidential" if manifest["withheld"] else "") + ")")
+    out_console.print(f"manifest SHA-256: {manifest['manifest_sha256']}  (record it to detect any later change)")
+
+
+@app.command()
+def verify(pack_file: Path = typer.Argument(..., metavar="PACK.zip", help="evidence pack")) -> None:
+    """Re-hash every file of an evidence pack against its manifest. Exit 0 intact, 3 changed, added or removed
+    files (each named), 2 not a readable pack."""
+    from trustcase.flows.rerender import verify as verify_pack
+    from trustcase.reports import PackError
+
+    try:
+        v = verify_pack(pack_file)
+    except PackError as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    m = v.manifest
+    if v.ok:
+        out_console.print(f"[green]intact[/]: {v.checked} files match the manifest of {_escape(str(pack_file))} "
+                          f"(use case {m.get('use_case_id')}, run {m.get('mlflow_run_id')}, "
+                          f"verdict {m.get('verdict')}; manifest SHA-256 {v.manifest_sha256})", highlight=False)
+        raise typer.Exit(EXIT_PASS)
+    console.print(f"[bold red]{_escape(str(pack_file))} does not match its manifest[/]:", highlight=False)
+    for line in v.lines():
+        console.print(f"  {_escape(line)}", highlight=False)
+    raise typer.Exit(EXIT_NOT_ALL_PASS)
 
 
 def main() -> None:

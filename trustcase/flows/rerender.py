@@ -1,7 +1,8 @@
-"""Re-render a report from what an MLflow run holds: the assessment record is self-sufficient."""
+"""Re-render a report, or rebuild an evidence pack, from what an MLflow run holds: the record is self-sufficient."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,27 +13,71 @@ from trustcase import reports
 from trustcase.flows import tracking
 from trustcase.schemas import Assessment
 
+# written by the report itself: re-rendering replaces them, so they are not fetched
+RENDERED = {"report.html", "report.pdf", "pack.zip", "argument.json", "argument.gsn.yaml", "plots"}
+
 
 class RunNotFound(Exception):
     pass
 
 
-def fetch_assessment(run_id: str, tracking_uri: str | None = None) -> Assessment:
+def _client(run_id: str, tracking_uri: str | None) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # CLI output stays readable
     tracking.configure(tracking_uri)
     client = MlflowClient()
     try:
         client.get_run(run_id)
     except MlflowException:
         raise RunNotFound(f"no MLflow run {run_id!r} in {tracking.mlflow.get_tracking_uri()}") from None
+    return client
+
+
+def _assessment(client: MlflowClient, run_id: str, folder: Path) -> Assessment:
+    try:
+        local = client.download_artifacts(run_id, "assessment.json", str(folder))
+    except (MlflowException, OSError):
+        raise RunNotFound(f"run {run_id} holds no assessment.json: it is not a trustcase assessment") from None
+    return Assessment.model_validate_json(Path(local).read_text())
+
+
+def fetch_assessment(run_id: str, tracking_uri: str | None = None) -> Assessment:
+    client = _client(run_id, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, "assessment.json", tmp)
-        except (MlflowException, OSError):
-            raise RunNotFound(f"run {run_id} holds no assessment.json: it is not a trustcase assessment") from None
-        return Assessment.model_validate_json(Path(local).read_text())
+        return _assessment(client, run_id, Path(tmp))
 
 
-def rerender(run_id: str, out_dir: Path, tracking_uri: str | None = None) -> dict[str, str]:
-    assessment = fetch_assessment(run_id, tracking_uri)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return reports.render(assessment, out_dir)
+def fetch_run(run_id: str, folder: Path, tracking_uri: str | None = None, skip: set[str] = frozenset()) -> Assessment:
+    """Download every artefact of the run (but the top-level names in `skip`) into folder; the assessment."""
+    client = _client(run_id, tracking_uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    a = _assessment(client, run_id, folder)
+    for item in client.list_artifacts(run_id):
+        if item.path not in skip and item.path != "assessment.json":
+            client.download_artifacts(run_id, item.path, str(folder))
+    return a
+
+
+def rerender(run_id: str, out_dir: Path, tracking_uri: str | None = None,
+             previous_run_id: str | None = None) -> dict[str, str]:
+    """The run's report rendered afresh (with every check artefact, so the pack is whole), optionally compared
+    with the assessment of another run."""
+    out_dir = Path(out_dir)
+    assessment = fetch_run(run_id, out_dir, tracking_uri, skip=RENDERED)
+    previous = fetch_assessment(previous_run_id, tracking_uri) if previous_run_id else None
+    return reports.render(assessment, out_dir, previous=previous)
+
+
+def pack_run(run_id: str, out: Path, tracking_uri: str | None = None) -> tuple[Path, dict]:
+    """The evidence pack rebuilt from the run's artefacts as logged (the report as it was rendered then);
+    a run logged without a report gets one rendered now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        assessment = fetch_run(run_id, folder, tracking_uri, skip={"pack.zip"})
+        if not (folder / "report.html").is_file():
+            reports.render(assessment, folder)
+        return reports.build_pack(folder, assessment, Path(out))
+
+
+def verify(pack_path: Path) -> reports.Verification:
+    """Re-hash a pack against its manifest (raises reports.PackError when it is not a readable pack)."""
+    return reports.verify_pack(Path(pack_path))
