@@ -193,6 +193,41 @@ def verify(pack_file: Path = typer.Argument(..., metavar="PACK.zip", help="evide
     raise typer.Exit(EXIT_NOT_ALL_PASS)
 
 
+@app.command()
+def monitor(
+    monitor_file: Path = typer.Argument(..., metavar="MONITOR", help="fitted monitor file (monitor.safetensors)"),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS...", help="image or .npy files, or folders of them"),
+    jsonl: bool = typer.Option(False, "--jsonl", help="one JSON object per input"),
+    model: Path = typer.Option(None, "--model", help="model file (default: the one the monitor was fitted for)"),
+    meta: list[str] = typer.Option([], "--meta", help="metadata descriptor value, KEY=VALUE (repeatable)"),
+    resize: bool = typer.Option(False, "--resize", help="resample images to the model's input size"),
+) -> None:
+    """Classify inputs against the operational design domain: IN, NEAR (alert) or OUT (stop), with reasons."""
+    import json
+
+    from trustcase.odd import Monitor, MonitorError, evaluate_files
+
+    try:
+        pairs = [m.split("=", 1) for m in meta]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise MonitorError(f"--meta takes KEY=VALUE, got {[m for m in meta if '=' not in m]}")
+        mon = Monitor.load(monitor_file, model)
+        colour = {"IN": "green", "NEAR": "yellow", "OUT": "bold red"}
+        for name, rec in evaluate_files(mon, inputs, dict(pairs), resize):
+            if jsonl:
+                print(json.dumps({"input": name, **rec}), flush=True)
+            else:
+                pred = f"  prediction {rec['prediction']}" if "prediction" in rec else ""
+                why = f"  {'; '.join(rec['reasons'])}" if rec["reasons"] else ""
+                out_console.print(f"[{colour[rec['state']]}]{rec['state']:<4}[/] {_escape(name)}{pred}{_escape(why)}",
+                                  highlight=False)
+    except MonitorError as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.exit(app())

@@ -1,0 +1,92 @@
+"""`trustcase monitor MONITOR INPUTS...`: per-input state and reasons, JSON lines, user errors exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from trustcase.cli import app
+from trustcase.components import odd
+from trustcase.components.data import Batch
+from trustcase.components.models import load_classifier, sha256_file
+from trustcase.schemas import Descriptor, ModelSpec
+
+
+def _batches(rng, n, size=40):
+    for i in range(0, n, size):
+        imgs = np.clip(rng.normal(120, 20, (size, 8, 8, 1)), 0, 255).astype(np.uint8)
+        yield Batch(images=imgs, labels=(imgs.mean(axis=(1, 2, 3)) > 120).astype(np.int64),
+                    ids=[str(j) for j in range(size)], meta={"cell_type": ["mono"] * size},
+                    index=np.arange(i, i + size))
+
+
+@pytest.fixture(scope="module")
+def monitor_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("monitor")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).save(str(folder / "m.pt"))
+    spec = ModelSpec(format="torchscript", path=folder / "m.pt", input_shape=[1, 8, 8], class_names=["ok", "bad"],
+                     critical_class="bad")
+    clf = load_classifier(spec)
+    desc = [Descriptor(name="cell_type", source="metadata", values=["mono", "poly"]),
+            Descriptor(name="brightness", unit="grey level", min=40, max=220, margin=15)]
+    rng = np.random.default_rng(0)
+    mon = odd.fit(clf, sha256_file(spec.path), odd.SpecificationMonitor.from_odd(desc), _batches(rng, 400),
+                  _batches(rng, 400), rank=None)
+    return mon.save(folder / "monitor.safetensors")
+
+
+def _png(path, value, side=8):
+    rng = np.random.default_rng(int(value))
+    Image.fromarray(np.clip(rng.normal(value, 5, (side, side)), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_classifies_a_folder_with_reasons(monitor_file, tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _png(folder / "a_dark.png", 20)
+    _png(folder / "b_dim.png", 48)
+    _png(folder / "c_fine.png", 120)
+    np.save(folder / "d_batch.npy", np.full((2, 8, 8, 1), 120, np.uint8))
+    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["input"].rsplit("/", 1)[-1] for row in rows] == ["a_dark.png", "b_dim.png", "c_fine.png",
+                                                                 "d_batch.npy[0]", "d_batch.npy[1]"]
+    assert rows[0]["state"] == "OUT" and any(x.startswith("brightness = ") and "< min 40" in x
+                                             for x in rows[0]["reasons"])
+    assert rows[1]["state"] in ("NEAR", "OUT") and any("within 15 of min 40" in x for x in rows[1]["reasons"])
+    assert rows[2]["prediction"] in ("ok", "bad") and set(rows[2]["scores"]) == {"mahalanobis", "energy"}
+    # the same decisions as the API
+    mon = odd.Monitor.load(monitor_file)
+    x = np.asarray(Image.open(folder / "a_dark.png"))
+    assert mon.evaluate(x, {"cell_type": ["mono"]}).record(0)["state"] == "OUT"
+    # plain output: one line per input with its state; without metadata the cell type cannot be checked
+    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder / "c_fine.png")])
+    assert r.exit_code == 0 and "c_fine.png" in r.stdout and "cell_type not given" in r.stdout
+
+
+def test_user_errors_exit_2(monitor_file, tmp_path):
+    runner = CliRunner()
+    big = _png(tmp_path / "big.png", 120, side=16)
+    r = runner.invoke(app, ["monitor", str(monitor_file), str(big)])
+    assert r.exit_code == 2 and "16x16 px, the model takes 8x8" in r.output and "--resize" in r.output
+    r = runner.invoke(app, ["monitor", str(monitor_file), str(big), "--resize", "--jsonl"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["state"]
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 5)))
+    r = runner.invoke(app, ["monitor", str(monitor_file), str(tmp_path / "wrong.npy")])
+    assert r.exit_code == 2 and "wrong.npy" in r.output and "does not fit" in r.output
+    r = runner.invoke(app, ["monitor", str(monitor_file), str(tmp_path / "missing.png")])
+    assert r.exit_code == 2 and "input not found" in r.output
+    r = runner.invoke(app, ["monitor", str(big), str(big)])
+    assert r.exit_code == 2 and "not a trustcase monitor file" in r.output
+    r = runner.invoke(app, ["monitor", str(monitor_file), str(big), "--meta", "cell_type"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
