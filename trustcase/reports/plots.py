@@ -93,8 +93,9 @@ def sweeps(a: Assessment, out: Path) -> list[Path]:
             ms = sorted(ms, key=lambda m: m.amplitude)
             x = [m.amplitude for m in ms]
             line, = ax.plot(x, [float("nan") if m.value is None else m.value for m in ms], marker="o", label=metric)
-            ax.fill_between(x, [m.interval.lower for m in ms], [m.interval.upper for m in ms],
-                            color=line.get_color(), alpha=0.2)
+            if all(m.interval for m in ms):
+                ax.fill_between(x, [m.interval.lower for m in ms], [m.interval.upper for m in ms],
+                                color=line.get_color(), alpha=0.2)
         for r in a.requirements:
             p = r.scope.perturbation
             if p and p.name == name and r.metric in by_metric and not r.scope.subgroup:
@@ -158,13 +159,29 @@ def curve_key(check: str, curve_id: str) -> str:
     return "curve_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{check}__{curve_id}")
 
 
-def draw_all(a: Assessment, out: Path) -> dict[str, Path]:
-    found = {"confusion": confusion(a, out), "reliability": reliability(a, out),
-             "image_properties": distributions(a, out)}
-    for p in sweeps(a, out):
-        found[p.stem] = p
+def draw_all(a: Assessment, out: Path, failures: list[str] | None = None) -> dict[str, Path]:
+    """Every plot the record allows; one that cannot be drawn (malformed record) is noted in `failures`."""
+    failures = [] if failures is None else failures
+    found: dict[str, Path | None] = {}
+
+    def attempt(key: str, draw) -> None:
+        try:
+            found[key] = draw()
+        except Exception as e:  # noqa: BLE001  one malformed record must not cost the other plots
+            plt.close("all")
+            failures.append(f"plot {key} not drawn ({type(e).__name__}: {e}); its tables still hold the numbers")
+
+    attempt("confusion", lambda: confusion(a, out))
+    attempt("reliability", lambda: reliability(a, out))
+    attempt("image_properties", lambda: distributions(a, out))
+    try:
+        for p in sweeps(a, out):
+            found[p.stem] = p
+    except Exception as e:  # noqa: BLE001
+        plt.close("all")
+        failures.append(f"perturbation sweep plots not drawn ({type(e).__name__}: {e})")
     for o in a.outcomes:
         for c in o.curves:
             key = curve_key(o.check, c.id)
-            found[key] = curve(c, out / f"{key}.png")
+            attempt(key, lambda c=c, key=key: curve(c, out / f"{key}.png"))
     return {k: v for k, v in found.items() if v is not None}

@@ -30,6 +30,9 @@ STAGE_TITLES = {k: f"{v[0]} ({v[1]})" for k, v in argument.STAGES.items()} | {
     "verification": "Verification (AMLAS stage 5): testing and formal legs"}
 SECTIONS = ["requirements", "data", "learning", "testing", "formal", "deployment"]
 MAX_SUMMARY_ROWS = 60
+
+
+
 WIDE_PT = 560  # a diagram wider than an A4 portrait text column goes on a landscape page in the PDF
 
 
@@ -69,9 +72,11 @@ def compact(value: Any) -> str:
     return str(value)
 
 
-def inline_svg(svg: str) -> str:
-    """SVG for inlining in HTML: namespace declarations are implicit there, so the report holds no URL at all."""
+def inline_svg(svg: str, name: str) -> str:
+    """SVG for inlining in HTML: namespace declarations are implicit there, so the report holds no URL at all;
+    Graphviz's element ids (node1, edge1...) prefixed so that several diagrams never share an id."""
     svg = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", svg)
+    svg = re.sub(r'\bid="', f'id="gsn-{name}-', svg)
     return svg.replace("xlink:href=", "href=").replace("xlink:title=", "title=")
 
 
@@ -186,7 +191,7 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
         "stage_titles": STAGE_TITLES, "failed": failed, "not_shown": not_shown, "passed": passed, "gaps": gaps,
         "headline": headline, "comparison": comparison, "regressed": regressed, "critical": critical,
         "sweeps": sweeps, "dq": dq,
-        "images": images, "diagrams": {k: Markup(inline_svg(v)) if v else None for k, v in diagrams.items()},
+        "images": images, "diagrams": {k: Markup(inline_svg(v, k)) if v else None for k, v in diagrams.items()},
         "wide": {k for k, v in diagrams.items() if v and gsn.width_pt(v) > WIDE_PT},
         "fmt": _fmt, "slug": slug, "secret": secret, "trust": trust, "normalisation": profile.NORMALISATION,
         "rules": argument.RULES, "failures": failures, "summary_rows": summary_rows,
@@ -215,14 +220,6 @@ def outline(arg: argument.Argument) -> dict[str, list[tuple[int, argument.Node]]
     return out
 
 
-def _draw(a: Assessment, out: Path, failures: list[str]) -> dict[str, Path]:
-    try:
-        return plots.draw_all(a, out)
-    except Exception as e:  # noqa: BLE001  a malformed record must not cost the whole report
-        failures.append(f"plots could not all be drawn ({type(e).__name__}: {e}); the tables below still hold")
-        return {}
-
-
 def write_argument(arg: argument.Argument, out_dir: Path) -> dict[str, str]:
     j, y = out_dir / "argument.json", out_dir / "argument.gsn.yaml"
     j.write_text(json.dumps(arg.to_json(), indent=1, default=str))
@@ -232,9 +229,24 @@ def write_argument(arg: argument.Argument, out_dir: Path) -> dict[str, str]:
     return {"argument_json": str(j), "argument_yaml": str(y)}
 
 
-def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = None) -> dict[str, str]:
-    """The report's one entry point. Writes under out_dir: report.html, report.pdf, argument.json,
-    argument.gsn.yaml, plots/ (PNG plots, GSN diagrams as SVG) and pack.zip; returns their paths."""
+def write_pdf(html: str, out_dir: Path) -> dict[str, str]:
+    try:
+        from weasyprint import HTML
+
+        HTML(string=html, base_url=str(out_dir)).write_pdf(str(out_dir / "report.pdf"))
+        return {"pdf": str(out_dir / "report.pdf")}
+    except OSError as e:  # system libraries missing: the HTML stands alone; say so in a file the flow can log
+        (out_dir / "report.pdf").unlink(missing_ok=True)
+        note = out_dir / "report.pdf-error.txt"
+        note.write_text(f"PDF not rendered: {e}\n")
+        return {"pdf_error": str(note)}
+
+
+def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = None,
+           pdf: bool = True) -> dict[str, str]:
+    """The report's one entry point. Writes under out_dir: report.html, report.pdf (unless pdf=False),
+    argument.json, argument.gsn.yaml, plots/ (PNG plots, GSN diagrams as SVG) and pack.zip; returns their paths.
+    `previous`: the assessment of the previous version, for the comparison mode."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     secret = pack.confidential(assessment)
@@ -245,7 +257,7 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
     arg = argument.build(a, previous)
     files = write_argument(arg, out_dir)
     failures: list[str] = []
-    pngs = _draw(a, out_dir / "plots", failures)
+    pngs = plots.draw_all(a, out_dir / "plots", failures)
     trust = profile.scores(a, arg.claim_stage)
     pngs["trust_profile"] = profile.chart(trust, out_dir / "plots" / "trust_profile.png")
     diagrams: dict[str, str | None] = {}
@@ -267,17 +279,9 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
     html_path = out_dir / "report.html"
     html_path.write_text(html, encoding="utf-8")
     files |= {"html": str(html_path), "plots": str(out_dir / "plots")}
-    pdf_path = out_dir / "report.pdf"
-    try:
-        from weasyprint import HTML
-
-        HTML(string=html, base_url=str(out_dir)).write_pdf(str(pdf_path))
-        files["pdf"] = str(pdf_path)
-    except OSError as e:  # system libraries missing: the HTML stands alone; say so in a file the flow can log
-        pdf_path.unlink(missing_ok=True)
-        note = out_dir / "report.pdf-error.txt"
-        note.write_text(f"PDF not rendered: {e}\n")
-        files["pdf_error"] = str(note)
+    (out_dir / "report.pdf").unlink(missing_ok=True)  # never pack the PDF of an earlier render
+    if pdf:
+        files |= write_pdf(html, out_dir)
     path, _ = pack.build(out_dir, assessment, out_dir / "pack.zip")
     files["pack"] = str(path)
     return files
