@@ -56,10 +56,10 @@ def test_every_problem_at_once_with_lines(tmp_path):
 @pytest.mark.parametrize("mutate, fragment", [
     (lambda r: r["odd"]["descriptors"].append({"name": "x", "min": 5, "max": 1}), "min 5.0 > max 1.0"),
     (lambda r: r["odd"]["descriptors"].append({"name": "y", "min": 0, "max": 1, "margin": 0.8}), "margin"),
-    (lambda r: r["requirements"].append(dict(r["requirements"][0])), "duplicate requirement ids"),
+    (lambda r: r["requirements"].append(dict(r["requirements"][0])), "duplicate requirement id"),
     (lambda r: r["requirements"][0].update(scope={"subgroup": {"cell_type": "thin-film"}}), "thin-film"),
     (lambda r: r["requirements"][0].update(metric="recall:cracked"), "cracked"),
-    (lambda r: r["plan"].update(cost_matrix=[[0, 1]]), "cost_matrix"),
+    (lambda r: r["plan"].update(cost_matrix=[[0, 1]]), "must be 2x2"),
     (lambda r: r["model"].update(format="state_dict"), "factory"),
     (lambda r: r["data"].update(max_samples={"holdout": 3}), "holdout"),
 ])
@@ -78,3 +78,14 @@ def test_missing_file_is_a_user_error(tmp_path):
 def test_not_a_mapping(tmp_path):
     with pytest.raises(UseCaseError, match="mapping"):
         parse_use_case("- a\n- b\n", tmp_path / "x.yaml")
+
+
+def test_cross_section_problems_point_at_the_field(tmp_path):
+    raw = yaml.safe_load((SOLAR / "use_case.yaml").read_text())
+    raw["requirements"][2]["scope"] = {"subgroup": {"cell_type": "thin-film"}}
+    raw["requirements"][3]["metric"] = "recall:cracked"
+    text = yaml.safe_dump(raw, sort_keys=False)
+    ps = {p.location: p for p in problems(text, tmp_path)}
+    lines = text.splitlines()
+    assert "thin-film" in lines[ps["requirements[2].scope.subgroup.cell_type"].line - 1]
+    assert "recall:cracked" in lines[ps["requirements[3].metric"].line - 1]

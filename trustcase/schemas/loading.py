@@ -75,16 +75,23 @@ def parse_use_case(text: str, path: Path) -> UseCase:
         raise UseCaseError(path, [Problem("", 1, "the file must be a mapping of use-case fields")])
     _resolve_paths(raw, path.parent)
     try:
-        return UseCase.model_validate(raw)
+        uc = UseCase.model_validate(raw, context={"defer_cross": True})
     except ValidationError as e:
         problems = []
         for err in e.errors():
             loc = tuple(err["loc"])
-            node = _node_at(root, loc)
-            line = node.start_mark.line + 1 if node is not None else None
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(Problem(_loc_text(loc), line, msg))
+            problems.append(Problem(_loc_text(loc), _line(root, loc), msg))
         raise UseCaseError(path, problems) from None
+    cross = uc.cross_problems()
+    if cross:
+        raise UseCaseError(path, [Problem(_loc_text(loc), _line(root, loc), msg) for loc, msg in cross])
+    return uc
+
+
+def _line(root: yaml.Node | None, loc: tuple) -> int | None:
+    node = _node_at(root, loc)
+    return node.start_mark.line + 1 if node is not None else None
 
 
 def load_use_case(path: str | Path) -> UseCase:

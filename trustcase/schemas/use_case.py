@@ -7,9 +7,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share"}  # metric:<class name>
 
 
 class Strict(BaseModel):
@@ -54,8 +55,12 @@ class Normalisation(Strict):
 
 
 class ModelSpec(Strict):
-    format: Literal["torchscript", "state_dict", "onnx"]
+    format: Literal["torchscript", "state_dict", "onnx", "python", "challenge"] = Field(
+        description="python / challenge: a black box (components/blackbox.py), `path` its folder or file")
     path: Path
+    entry: Ref | None = Field(None, description="black box: 'module:Class' imported from `path`")
+    config_file: Path | None = Field(None, description="challenge: passed to load_model (relative to `path`)")
+    input_dtype: Literal["float32", "uint8"] = Field("float32", description="pixel type handed to a black box")
     factory: Ref | None = Field(None, description="'module:function' building the nn.Module (state_dict)")
     factory_args: dict[str, Any] = {}
     input_shape: list[int] = Field(description="one input, channels first, e.g. [1, 64, 64]")
@@ -66,7 +71,7 @@ class ModelSpec(Strict):
     allow_pickle: bool = Field(False, description="opt in to unpickling the model file (unsafe)")
     registered_name: str | None = Field(None, description="MLflow registered model name")
 
-    @field_validator("factory")
+    @field_validator("factory", "entry")
     @classmethod
     def _factory_ref(cls, v: str | None) -> str | None:
         return None if v is None else _ref(v)
@@ -88,6 +93,8 @@ class ModelSpec(Strict):
             raise ValueError(f"critical_class {self.critical_class!r} is not one of class_names {self.class_names}")
         if self.format == "state_dict" and not self.factory:
             raise ValueError("format 'state_dict' needs 'factory: module:function'")
+        if self.format in ("python", "challenge") and not self.entry:
+            raise ValueError(f"format {self.format!r} needs 'entry: module:Class' (the black box)")
         lo, hi = self.value_range
         if not lo < hi:
             raise ValueError("value_range must be [min, max] with min < max")
@@ -219,29 +226,41 @@ class UseCase(Strict):
     requirements: list[Requirement]
     plan: AssessmentPlan
 
-    @model_validator(mode="after")
-    def _cross(self) -> UseCase:
-        ids = [r.id for r in self.requirements]
-        dup = {i for i in ids if ids.count(i) > 1}
-        if dup:
-            raise ValueError(f"duplicate requirement ids: {sorted(dup)}")
+    def cross_problems(self) -> list[tuple[tuple, str]]:
+        """Problems that span sections, each with the location of the offending field."""
+        out: list[tuple[tuple, str]] = []
+        seen: set[str] = set()
         known = {d.name: d for d in self.odd.descriptors}
-        for r in self.requirements:
+        for i, r in enumerate(self.requirements):
+            if r.id in seen:
+                out.append((("requirements", i, "id"), f"duplicate requirement id {r.id!r}"))
+            seen.add(r.id)
             if r.scope.split not in self.data.splits:
-                raise ValueError(f"requirement {r.id}: split {r.scope.split!r} is not in data.splits")
+                out.append((("requirements", i, "scope", "split"),
+                             f"split {r.scope.split!r} is not in data.splits {list(self.data.splits)}"))
             for k, v in r.scope.subgroup.items():
                 d = known.get(k)
+                loc = ("requirements", i, "scope", "subgroup", k)
                 if d is None or not d.categorical:
-                    raise ValueError(f"requirement {r.id}: subgroup {k!r} is not a categorical ODD descriptor")
-                if v not in (d.values or []):
-                    raise ValueError(f"requirement {r.id}: {k} = {v!r} is not among {d.values}")
-            _, _, cls = r.metric.partition(":")
-            if cls and cls not in self.model.class_names:
-                raise ValueError(f"requirement {r.id}: class {cls!r} is not one of {self.model.class_names}")
+                    out.append((loc, f"{k!r} is not a categorical ODD descriptor"))
+                elif v not in (d.values or []):
+                    out.append((loc, f"{k} = {v!r} is not among {d.values}"))
+            family, _, cls = r.metric.partition(":")
+            if family in CLASS_METRICS and cls not in self.model.class_names:
+                out.append((("requirements", i, "metric"), f"class {cls!r} is not one of {self.model.class_names}"))
         cm = self.plan.cost_matrix
         n = len(self.model.class_names)
         if cm is not None and (len(cm) != n or any(len(row) != n for row in cm)):
-            raise ValueError(f"plan.cost_matrix must be {n}x{n} (class_names order)")
+            out.append((("plan", "cost_matrix"), f"must be {n}x{n} (class_names order)"))
+        return out
+
+    @model_validator(mode="after")
+    def _cross(self, info: ValidationInfo) -> UseCase:
+        # the file loader defers these to locate each one by line (schemas/loading.py)
+        if not (info.context or {}).get("defer_cross"):
+            problems = self.cross_problems()
+            if problems:
+                raise ValueError("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
         return self
 
     @property
