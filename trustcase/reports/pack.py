@@ -22,6 +22,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,7 @@ def verify(pack: Path) -> Verification:
         for n in dict.fromkeys(names):
             try:
                 contents[n] = zf.read(n)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:  # CRC error, damaged entry
+            except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:  # CRC error, damaged data
                 contents[n] = None
                 v.problems.append(f"{n}: unreadable in the archive ({e})")
     body = contents.pop(MANIFEST, None)
