@@ -121,7 +121,8 @@ def random_start(shape: tuple[int, ...], eps: torch.Tensor, norm: Norm, seeds: n
 def pgd(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
         value_range: tuple[float, float], steps: int = 20, step_size: float = 2.5, restarts: int = 1,
         seeds: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradient ascent on the cross-entropy from a random start in the ball (Madry et al.).
+    """Projected gradient ascent on the cross-entropy (Madry et al.): first from the clean input, then from
+    `restarts - 1` random starts in the ball.
 
     Returns (x_adv, fooled): for a fooled item x_adv is the first misclassified iterate found (a
     witness inside its ball), otherwise the last iterate. Items misclassified when clean count as
@@ -136,8 +137,9 @@ def pgd(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, no
         if len(idx) == 0:
             break
         xi, yi, ei, ai = x[idx], y[idx], eps[idx], alpha[idx].view(-1, *([1] * (x.ndim - 1)))
-        delta = _clip(xi, project(random_start(tuple(xi.shape), ei, norm, seeds[idx.numpy()], r), ei, norm),
-                      *value_range)
+        # the first run starts at the clean input (for a locally linear model the best start); restarts are random
+        delta = torch.zeros_like(xi) if r == 0 else _clip(
+            xi, project(random_start(tuple(xi.shape), ei, norm, seeds[idx.numpy()], r), ei, norm), *value_range)
         for step in range(steps + 1):
             g, logits = _loss_grad(clf, xi + delta, yi)
             hit = logits.argmax(dim=1) != yi
@@ -213,7 +215,7 @@ class AdversarialParams(Params):
     l2: list[float] | None = Field(None, description="L2 epsilons in pixel units; default (0.05..1) x range")
     steps: int = Field(10, ge=1, le=1000, description="PGD iterations")
     step_size: float = Field(2.5, gt=0, le=20, description="PGD step = step_size x eps / steps")
-    restarts: int = Field(1, ge=1, le=50)
+    restarts: int = Field(2, ge=1, le=50, description="PGD runs: the first from the clean input, then random")
     split: str = "test"
     max_items: int = Field(128, ge=1, description="items attacked (the first of the split's stream)")
     distance: bool = Field(True, description="estimate per-item minimal distances (PGD attacks)")
@@ -346,7 +348,8 @@ class Adversarial(Check):
         out.measurements.extend(ms)
         out.curves.append(cv)
         out.summary[name] = summary
-        how = (f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, random start, {p.restarts} restart(s)"
+        how = (f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, {p.restarts} run(s): the first from "
+               f"the clean input, the others from random points of the ball"
                if kind == "pgd" else "FGSM, one step of size eps")
         out.validity += [
             f"{name}: EMPIRICAL evidence, not a certificate: accuracy under attack is an upper bound on the "

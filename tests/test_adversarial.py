@@ -1,0 +1,220 @@
+"""Adversarial attacks: exact answers on linear models (through a non-trivial normalisation), then a
+small trained CNN: attacks reduce its accuracy, PGD is at least as strong as FGSM, balls are respected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_sweep import synthetic_case
+
+from trustcase.components import adversarial as adv
+from trustcase.components.checks import CheckError, Context, Unsupported, build
+from trustcase.components.data import DataSource, Item
+from trustcase.components.models import Classifier
+from trustcase.components.verdicts import judge
+from trustcase.schemas import CheckSpec, Verdict
+
+VR = (0.0, 255.0)
+NORMALISATION = {"mean": [0.5], "std": [0.25]}  # x_model = p / 63.75 - 2: the gradient scale is 1 / 63.75
+
+
+class Linear(torch.nn.Module):
+    """logits = [0, w . x + b] on the normalised input: the decision boundary is a hyperplane."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        f = x.flatten(1) @ self.w + self.b
+        return torch.stack([torch.zeros_like(f), f], dim=1)
+
+
+def linear_setup(n: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, generator=g)
+    x = 128 + 10 * (torch.rand(n, 4, 4, 1, generator=g) - 0.5)
+    uc = synthetic_case(size=4, normalisation=NORMALISATION)
+    w_pix = w / 63.75  # gradient of the margin w.r.t. pixel values
+    b = float(-(w * (128 / 63.75 - 2)).sum()) - 2.0
+    clf = Classifier(uc.model, module=Linear(w, b).eval())
+    margin = clf.forward(clf.to_input(x))[:, 1]  # < 0: class 0, correct
+    y = torch.zeros(n, dtype=torch.long)
+    return clf, x, y, -margin, w_pix
+
+
+def test_linear_model_minimal_distances_match_the_closed_form():
+    clf, x, y, margin, w_pix = linear_setup()
+    assert (margin > 0).all()
+    for norm, dual in (("l2", w_pix.norm(p=2)), ("linf", w_pix.norm(p=1))):
+        truth = (margin / dual).numpy()
+        seeds = np.arange(len(x))
+        found = adv.minimal_distance("pgd", clf, x, y, norm, VR, max_distance=float(truth.max() * 2),
+                                     search_steps=12, steps=10, step_size=2.5, restarts=1, seeds=seeds)
+        # a witness exists at each distance found: it can never be below the true minimum
+        assert (found >= truth * (1 - 1e-4)).all(), norm
+        assert found == pytest.approx(truth, rel=0.02), norm
+
+
+def test_fgsm_is_exact_on_a_linear_model_under_linf():
+    clf, x, y, margin, w_pix = linear_setup()
+    d = (margin / w_pix.norm(p=1)).numpy()
+    eps = float(np.median(d))
+    x_adv, fooled = adv.attack("fgsm", clf, x, y, torch.full((len(x),), eps), "linf", VR, 1, 1.0, 1, np.arange(len(x)))
+    clear = np.abs(d - eps) > 1e-3 * eps
+    assert np.array_equal(fooled.numpy()[clear], (d < eps)[clear])
+    assert (x_adv - x).abs().amax() <= eps + 1e-4
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attacks_stay_in_their_ball_and_in_the_value_range(norm):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    uc = synthetic_case(size=4)
+    clf = Classifier(uc.model, module=net.eval())
+    x = torch.cat([torch.zeros(4, 4, 4, 1), 255 * torch.ones(4, 4, 4, 1), 255 * torch.rand(8, 4, 4, 1)])
+    y = torch.tensor([0, 1] * 8)
+    eps = torch.linspace(5, 120, len(x))
+    for kind in ("fgsm", "pgd"):
+        x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)))
+        assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()
+        assert x_adv.min() >= 0 and x_adv.max() <= 255
+    delta = torch.randn(5, 3, 3) * 50
+    for e in (0.5, 10.0):
+        p = adv.project(delta, torch.full((5,), e), norm)
+        assert (adv.norms(p, norm) <= e * (1 + 1e-6)).all()
+        inside = adv.project(p, torch.full((5,), e), norm)
+        assert torch.allclose(inside, p)  # a projection is idempotent
+
+
+# --- a small trained CNN -------------------------------------------------------------------------------
+
+
+class StripeSplit:
+    """12x12 grey stripes: class 0 horizontal, class 1 vertical, random phase and contrast, mild noise."""
+
+    def __init__(self, split: str, n: int = 96, offset: int = 0):
+        self.n, self.offset = n, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Item:
+        rng = np.random.default_rng(i + self.offset)
+        label = i % 2
+        t = np.arange(12)
+        wave = np.sin(2 * np.pi * (t / 4 + rng.random()))
+        img = np.tile(wave[:, None], (1, 12)) if label == 0 else np.tile(wave[None, :], (12, 1))
+        img = 128 + 60 * (0.7 + 0.3 * rng.random()) * img + rng.normal(0, 4, (12, 12))
+        return Item(image=np.clip(img, 0, 255).astype(np.float32), label=label, id=f"s{i}")
+
+
+@pytest.fixture(scope="module")
+def stripes_model():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 6, 3),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    uc = synthetic_case(loader="test_adversarial:StripeSplit", size=12, normalisation=NORMALISATION)
+    clf = Classifier(uc.model, module=net)
+    train = StripeSplit("train", n=200, offset=10_000)
+    items = [train[i] for i in range(len(train))]
+    x = torch.as_tensor(np.stack([it.image for it in items]))[..., None]
+    y = torch.tensor([it.label for it in items])
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(clf.to_input(x)), y).backward()
+        opt.step()
+    net.eval()
+    return clf
+
+
+def run_check(clf, tmp_path, requirements=(), **params):
+    uc = synthetic_case(requirements, loader="test_adversarial:StripeSplit", size=12, normalisation=NORMALISATION)
+    ctx = Context(use_case=uc, model=clf, data=DataSource(uc.data, 0), seed=0, workdir=tmp_path / "adversarial")
+    check = build(CheckSpec(check="adversarial", params=params))
+    return check(ctx), uc
+
+
+def accuracies(out, attack):
+    ms = sorted((m for m in out.measurements if m.metric == "adversarial_accuracy"
+                 and m.scope.perturbation.name == attack), key=lambda m: m.amplitude)
+    return [m.amplitude for m in ms], [m.value for m in ms]
+
+
+def test_attacks_reduce_the_accuracy_of_a_trained_model_and_pgd_beats_fgsm(stripes_model, tmp_path):
+    claim = {"id": "R-adv", "text": "robust", "metric": "accuracy", "comparator": ">=", "threshold": 0.9,
+             "scope": {"perturbation": {"name": "pgd_linf", "max_amplitude": 4}}}
+    out, uc = run_check(stripes_model, tmp_path, [claim], attacks=["fgsm_linf", "pgd_linf", "pgd_l2"],
+                        linf=[2, 8, 48], l2=[20, 80, 400], max_items=32, steps=5, search_steps=4)
+    eps, fgsm = accuracies(out, "fgsm_linf")
+    _, pgd = accuracies(out, "pgd_linf")
+    assert eps == [0, 2, 8, 48]
+    assert fgsm[0] == pgd[0] >= 0.95  # the model learnt the task
+    assert pgd[-1] < 0.5 and pgd[-1] < pgd[0]
+    assert all(p <= f for p, f in zip(pgd, fgsm, strict=True))
+    _, l2 = accuracies(out, "pgd_l2")
+    assert l2[-1] < l2[0]
+    success = next(m for m in out.measurements if m.metric == "attack_success_rate" and m.amplitude == 48
+                   and m.scope.perturbation.name == "pgd_linf")
+    assert success.value == pytest.approx(1 - pgd[-1] / pgd[0], abs=1e-9)  # every item was correct clean
+
+    d = out.summary["pgd_linf"]["distance"]
+    assert 0 < d["q10"] <= d["median"] <= d["q90"] <= d["max_distance"] == 96
+    median = next(m for m in out.measurements if m.metric == "adversarial_distance_median.pgd_linf")
+    assert median.interval.lower <= median.value <= median.interval.upper and median.n == 32
+    assert not median.scope.perturbation
+    curve = next(c for c in out.curves if c.id == "adversarial_pgd_linf")
+    assert set(curve.series) >= {"accuracy", "recall:defective", "estimated distance > epsilon"}
+    assert curve.series["estimated distance > epsilon"].y[0] == pgd[0]
+    assert "distance" not in out.summary["fgsm_linf"]  # minimal distances are searched with PGD only
+
+    assert any("EMPIRICAL" in v and "upper bound" in v for v in out.validity)
+    assert any("pixel units of [0, 255]" in v for v in out.validity)
+    (evidence,) = judge(uc.requirements, [out])
+    worst = min(v for e, v in zip(eps, pgd, strict=True) if e <= 4)
+    assert evidence.value == worst
+    assert evidence.verdict is Verdict.FAIL if worst < 0.9 else evidence.verdict in (Verdict.PASS, Verdict.INCONCLUSIVE)
+    assert evidence.details["amplitudes"] == [0.0, 2.0]
+
+
+def test_deterministic_and_sharded_per_attack(stripes_model, tmp_path):
+    params = {"attacks": ["pgd_l2", "fgsm_l2"], "l2": [40], "max_items": 16, "steps": 3, "search_steps": 2}
+    a, _ = run_check(stripes_model, tmp_path / "a", **params)
+    b, _ = run_check(stripes_model, tmp_path / "b", batch_size=5, **params)
+    assert [m.value for m in a.measurements] == [m.value for m in b.measurements]
+    shards = build(CheckSpec(check="adversarial", params=params)).shards()
+    assert [s.params.attacks for s in shards] == [["pgd_l2"], ["fgsm_l2"]]
+
+
+def test_black_boxes_and_bad_parameters_are_refused(tmp_path):
+    uc = synthetic_case(size=12)
+    ctx = Context(use_case=uc, model=Classifier(uc.model, module=None), data=DataSource(uc.data, 0), seed=0,
+                  workdir=tmp_path / "adversarial")
+    with pytest.raises(Unsupported, match="needs gradients"):
+        build(CheckSpec(check="adversarial"))(ctx)
+    for params, message in (({"attacks": []}, "at least one attack"), ({"linf": [-1.0]}, "finite and > 0"),
+                            ({"attacks": ["pgd_l3"]}, "Input should be 'fgsm_linf'"), ({"l2": []}, "empty"),
+                            ({"max_distance": {"l1": 3}}, "max_distance")):
+        with pytest.raises(CheckError, match=message):
+            build(CheckSpec(check="adversarial", params=params), 0)
+
+
+def test_default_epsilons_follow_the_value_range():
+    p = adv.AdversarialParams()
+    assert p.epsilons("linf", (0, 255)) == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert p.epsilons("linf", (0, 1)) == pytest.approx([0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255], abs=1e-6)
+    assert p.epsilons("l2", (-1, 1)) == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0]
+
+
+def test_quantile_interval_is_distribution_free():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(200):
+        v, iv = adv.quantile_interval(rng.exponential(size=50), 0.5, 0.95)
+        hits += iv.lower <= np.log(2) <= iv.upper
+        assert iv.lower <= v <= iv.upper
+    assert hits / 200 >= 0.92
+
+
