@@ -10,6 +10,8 @@ for _k, _v in {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "HF_HUB_OFFLINE": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    # a loaded 2-core machine can take longer than Prefect's default 20 s to start its local server
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_k, _v)
 

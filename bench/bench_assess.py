@@ -1,0 +1,104 @@
+"""Prefect + MLflow overhead of the assess flow, as a ratio to the same components called directly.
+
+    .venv/bin/python bench/bench_assess.py [--quick]
+
+Both sides run the same checks of the bundled solar-cell use case (data quality, performance, sweep),
+judge the claims and render the report; the flow side adds Prefect tasks, persisted results and the
+MLflow run with its artefacts. Each flow run writes to a fresh folder so nothing is served from cache.
+The ephemeral Prefect server's start-up is a one-off per process and is reported on its own line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import yaml  # noqa: E402
+
+import trustcase  # noqa: E402,F401
+from trustcase.components.checks import Context, build  # noqa: E402
+from trustcase.components.data import DataSource  # noqa: E402
+from trustcase.components.models import load_classifier  # noqa: E402
+from trustcase.components.verdicts import judge  # noqa: E402
+from trustcase.schemas import load_use_case  # noqa: E402
+
+BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
+
+
+def use_case_file(tmp: Path, quick: bool) -> Path:
+    raw = yaml.safe_load(BUNDLED.read_text())
+    raw["model"]["path"] = str((BUNDLED.parent / raw["model"]["path"]).resolve())
+    raw["data"]["path"] = str(BUNDLED.parent)
+    raw["plan"]["checks"] = [{"check": "data_quality"}, {"check": "performance"},
+                             {"check": "perturbation_sweep",
+                              "params": {"perturbations": {"gaussian_blur": [0.5, 1.0, 1.5, 2.0, 3.0]}}}]
+    if quick:
+        raw["data"]["max_samples"] = {"train": 400, "validation": 100, "test": 200}
+    path = tmp / "use_case.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def direct(path: Path, out: Path) -> tuple[float, list]:
+    from trustcase.flows.assess import plan
+
+    t0 = time.perf_counter()
+    uc = load_use_case(path)
+    model = load_classifier(uc.model)
+    outcomes = []
+    for _, spec in plan(uc):
+        for check in build(spec).shards():
+            ctx = Context(use_case=uc, model=model, data=DataSource(uc.data, uc.plan.seed), seed=uc.plan.seed,
+                          workdir=out / "checks" / check.name)
+            outcomes.append(check(ctx))
+    judge(uc.requirements, outcomes)
+    return time.perf_counter() - t0, outcomes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a 700-image subset instead of the whole dataset")
+    a = ap.parse_args()
+    if not (BUNDLED.parent / "artefacts" / "solar_cnn.pt").exists():
+        sys.exit("bench: train the bundled model first (`make demo` or use_cases/solar_cells/train.py)")
+    from trustcase import reports
+    from trustcase.flows.assess import assess
+    from trustcase.schemas import Assessment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = use_case_file(tmp, a.quick)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        t_direct, _ = direct(path, tmp / "direct")
+        t0 = time.perf_counter()
+        first = assess(str(path), str(tmp / "flow0"), None, uri)
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assess(str(path), str(tmp / "flow1"), None, uri)
+        t_flow = time.perf_counter() - t0
+        record = Assessment.model_validate_json((first.out_dir / "assessment.json").read_text())
+        t0 = time.perf_counter()
+        reports.render(record, tmp / "render-only")
+        t_render = time.perf_counter() - t0
+        t_direct += t_render
+        t_direct2, _ = direct(path, tmp / "direct2")  # again, to see the noise of the machine
+        t_direct2 += t_render
+        base = min(t_direct, t_direct2)
+        print(f"{'quantity':52s} {'seconds':>9s}")
+        print(f"{'components called directly (+ report render), best of 2':52s} {base:9.2f}")
+        print(f"{'flow, first in the process (starts Prefect server)':52s} {t_first:9.2f}")
+        print(f"{'flow, server already running':52s} {t_flow:9.2f}")
+        print(f"overhead ratio (flow / direct), warm server: {t_flow / base:.3f}  (target < 1.10)")
+        print(f"overhead ratio including server start-up:    {t_first / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
