@@ -32,6 +32,7 @@ model, layer methods are refused with that reason.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import re
 import warnings
@@ -127,6 +128,10 @@ def _rebuild(child: torch.jit.ScriptModule) -> nn.Module | None:
 
 def _eager(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> tuple[nn.Module | None, str]:
     """A hookable eager copy of a traced sequential model, verified layer by layer on `probe`."""
+    buf = io.BytesIO()  # in-process traces have uncallable submodules; a saved and reloaded one has not
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    scripted = torch.jit.load(buf, map_location="cpu")
     children = list(scripted.named_children())
     if not children:
         return None, "the TorchScript model has no submodules"
