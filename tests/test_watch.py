@@ -106,7 +106,7 @@ def test_watch_once_assesses_tags_qualifies_and_lists_regressions(prefect_harnes
     assert v1.tags["trustcase.run_id"] == good["run_id"] and v2.tags["trustcase.run_id"] == bad["run_id"]
     assert Path(v2.tags["trustcase.report"]).is_file() and v2.tags["trustcase.report_uri"].endswith("report.html")
     # the failing version never gets the alias; the qualified one keeps it
-    assert client.get_model_version_by_alias(NAME, "qualified").version == "1"
+    assert str(client.get_model_version_by_alias(NAME, "qualified").version) == "1"
 
     # the regression list leads the comparison, which the run keeps
     comparison = json.loads((tmp_path / "out" / "solar_cells-v2" / "comparison.json").read_text())

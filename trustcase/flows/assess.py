@@ -141,7 +141,7 @@ def report(assessment: Assessment, out_dir: str, use_case_path: str,
 
 def _label(spec: CheckSpec, check: Check) -> str:
     extra = ",".join(getattr(check.params, "perturbations", {}) or [])
-    return f"{spec.check}[{extra}]" if extra else spec.check
+    return f"{check.name}[{extra}]" if extra else check.name
 
 
 @flow(name="trustcase-assess", task_runner=ThreadPoolTaskRunner(max_workers=1))
