@@ -91,7 +91,15 @@ def register(cls: type[Check]) -> type[Check]:
 
 def _load_builtin_checks() -> None:
     # importing the modules registers their checks
-    from trustcase.components import data_quality, lipschitz, odd_validation, performance, smoothing, sweep  # noqa: F401
+    from trustcase.components import (  # noqa: F401
+        data_quality,
+        lipschitz,
+        odd_validation,
+        performance,
+        properties,
+        smoothing,
+        sweep,
+    )
 
 
 def check_class(name: str) -> type[Check]:
