@@ -228,6 +228,35 @@ def monitor(
         _fail(e)
 
 
+@app.command("check-property")
+def check_property_command(
+    model: Path = typer.Argument(..., help="network: .nnet, .onnx or TorchScript .pt (normalised inputs)"),
+    prop: Path = typer.Argument(..., metavar="PROPERTY.vnnlib", help="VNN-LIB property (describes the unsafe set)"),
+    timeout: float = typer.Option(60.0, "--timeout", help="budget in seconds"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Falsify or prove one VNN-LIB property: one JSON line, verdict violated / holds / unknown."""
+    import json
+
+    from trustcase.components.nnet import NetworkFormatError, load_network
+    from trustcase.components.properties import check_property
+    from trustcase.components.vnnlib import VnnlibError, read_vnnlib
+
+    try:
+        if timeout <= 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
+        network = load_network(model)
+        spec = read_vnnlib(prop)
+    except (NetworkFormatError, VnnlibError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        result = check_property(network, spec, timeout=timeout, seed=seed)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    print(json.dumps({"model": str(model), **result}))
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.exit(app())
