@@ -148,3 +148,11 @@ def test_rendering_is_deterministic(tmp_path):
     assert Path(one["html"]).read_text() == Path(two["html"]).read_text()
     assert Path(one["pack"]).read_bytes() == Path(two["pack"]).read_bytes()
     assert "pdf" not in one
+
+
+def test_without_graphviz_the_argument_is_an_outline(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `dot` on the path
+    html = Path(render(assessment({"L-acc": "FAIL"}), tmp_path, pdf=False)["html"]).read_text()
+    assert "Graphviz (dot) is not installed" in html
+    assert '<ul class="outline">' in html and "<svg" not in html
+    assert html.count("<b>G-L-acc</b>") == 1  # in the learning outline, with its verdict
