@@ -7,6 +7,10 @@ Amplitude 0 is exactly the identity. Randomness is shared across amplitudes (com
 the same dead pixels, patch centre, noise field, rotation sense grow with the amplitude), so a sweep
 curve moves because the amplitude moved, not because the dice were thrown again.
 
+Per-item randomness is drawn from a counter-based generator (splitmix64 of seed, stream and element
+index), vectorised over the batch: creating one numpy Generator per item would cost more than most
+perturbations themselves. Custom perturbations implementing `one()` get a per-item numpy Generator.
+
 Internally a perturbation works on "unit" float32 images, (x - min) / (max - min) in [0, 1], which
 makes it indifferent to uint8 / float inputs and to the value range; the result is mapped back,
 clipped, and rounded for integer dtypes.
@@ -127,10 +131,12 @@ class Perturbation:
         return ((images.astype(np.float32) - np.float32(self.lo)) * np.float32(1.0 / (self.hi - self.lo)))
 
     def from_unit(self, u: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        x = self.lo + np.clip(u, 0.0, 1.0).astype(np.float64) * (self.hi - self.lo)
+        x = np.clip(u, 0.0, 1.0, dtype=np.float32)
+        x *= np.float32(self.hi - self.lo)
+        x += np.float32(self.lo)
         if np.issubdtype(dtype, np.integer):
-            x = np.rint(x)
-        return np.clip(x, self.lo, self.hi).astype(dtype)
+            np.rint(x, out=x)
+        return np.clip(x, self.lo, self.hi, out=x).astype(dtype, copy=False)
 
     def perturb(self, u: np.ndarray, amplitude: float, seeds: np.ndarray) -> np.ndarray:
         """Unit-space batch (B, H, W, C) float32 -> perturbed unit-space batch (may leave [0, 1])."""
@@ -153,6 +159,33 @@ def item_seeds(seed: int, positions: np.ndarray) -> np.ndarray:
 
 def _rngs(seeds: np.ndarray) -> list[np.random.Generator]:
     return [np.random.default_rng(int(s)) for s in seeds]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijective uint64 hash whose outputs on a counter pass BigCrush."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, shape: tuple[int, ...], stream: int) -> np.ndarray:
+    """(B, *shape) float32 uniforms in [0, 1): item i's depend on (seeds[i], stream) only."""
+    keys = _splitmix(np.asarray(seeds, np.uint64) ^ _splitmix(np.full(1, stream, np.uint64)))
+    idx = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = _splitmix(keys[:, None] + idx[None, :] * _GOLDEN)
+    return ((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)).reshape(len(keys), *shape)
+
+
+def normals(seeds: np.ndarray, shape: tuple[int, ...], stream: int) -> np.ndarray:
+    """(B, *shape) float32 standard normals (Box-Muller on two uniform streams)."""
+    r = np.sqrt(-2.0 * np.log1p(-uniforms(seeds, shape, stream)))
+    return r * np.cos(np.float32(2 * np.pi) * uniforms(seeds, shape, stream + 1))
 
 
 def _per_image(fn, u: np.ndarray) -> np.ndarray:
@@ -225,11 +258,11 @@ class MotionBlur(Perturbation):
     def perturb(self, u, amplitude, seeds):
         if self.options.angle is not None:
             return _filter(u, line_kernel(amplitude, self.options.angle))
-        return super().perturb(u, amplitude, seeds)
-
-    def one(self, image, amplitude, rng):
-        k = line_kernel(amplitude, float(rng.uniform(0.0, 180.0))).astype(np.float32)
-        return cv2.filter2D(image, -1, k, borderType=cv2.BORDER_REFLECT_101).reshape(image.shape)
+        angles = 180.0 * uniforms(seeds, (), 10)
+        return np.stack([
+            cv2.filter2D(img, -1, line_kernel(amplitude, float(t)).astype(np.float32),
+                         borderType=cv2.BORDER_REFLECT_101).reshape(img.shape)
+            for img, t in zip(u, angles, strict=True)])
 
 
 @register
@@ -257,7 +290,7 @@ def _signs(direction: str, seeds: np.ndarray) -> np.ndarray:
         return np.ones(len(seeds), np.float32)
     if direction == "down":
         return -np.ones(len(seeds), np.float32)
-    return np.array([1.0 if r.random() < 0.5 else -1.0 for r in _rngs(seeds)], np.float32)
+    return np.where(uniforms(seeds, (), 11) < 0.5, np.float32(1.0), np.float32(-1.0))
 
 
 @register
@@ -336,20 +369,18 @@ class GaussianNoise(Perturbation):
     def perturb(self, u, amplitude, seeds):
         h, w, c = u.shape[1:]
         shape = (h, w, c if self.options.per_channel else 1)
-        z = np.stack([r.standard_normal(shape, dtype=np.float32) for r in _rngs(seeds)])
-        return u + np.float32(amplitude) * z
+        return u + np.float32(amplitude) * normals(seeds, shape, 12)
 
 
 class StuckOptions(Options):
     stuck: Literal["low", "high", "both"] = "both"  # dead pixels stuck at min, at max, or either (1/2 each)
 
 
-def _stuck_values(stuck: str, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    if stuck == "low":
-        return np.zeros(shape, np.float32)
-    if stuck == "high":
-        return np.ones(shape, np.float32)
-    return (rng.random(shape) < 0.5).astype(np.float32)
+def _stuck_values(stuck: str, seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(B, *shape) values 0 (stuck low) or 1 (stuck high)."""
+    if stuck in ("low", "high"):
+        return np.full((len(seeds), *shape), float(stuck == "high"), np.float32)
+    return (uniforms(seeds, shape, 14) < 0.5).astype(np.float32)
 
 
 @register
@@ -363,13 +394,10 @@ class DeadPixels(Perturbation):
     Options = StuckOptions
 
     def perturb(self, u, amplitude, seeds):
-        out = u.copy()
         h, w = u.shape[1:3]
-        for i, rng in enumerate(_rngs(seeds)):
-            # the same uniform field at every amplitude: dead sets are nested as `a` grows
-            dead = rng.random((h, w)) < amplitude
-            out[i][dead] = _stuck_values(self.options.stuck, rng, (h, w))[dead][:, None]
-        return out
+        # the same uniform field at every amplitude: dead sets are nested as `a` grows
+        dead = uniforms(seeds, (h, w), 13) < amplitude
+        return np.where(dead[..., None], _stuck_values(self.options.stuck, seeds, (h, w))[..., None], u)
 
 
 class LineOptions(StuckOptions):
@@ -406,18 +434,13 @@ class DeadColumns(Perturbation):
                                     f"{self.unit} but the images have {lines}")
 
     def perturb(self, u, amplitude, seeds):
-        out = u.copy()
         lines = u.shape[1 + self.axis]
         n = self.count(amplitude, lines)
-        for i, rng in enumerate(_rngs(seeds)):
-            order = rng.permutation(lines)  # first n lines: nested as the amplitude grows
-            values = _stuck_values(self.options.stuck, rng, (lines,))
-            sel = order[:n]
-            if self.axis == 1:
-                out[i][:, sel, :] = values[sel][None, :, None]
-            else:
-                out[i][sel, :, :] = values[sel][:, None, None]
-        return out
+        # a random rank per line: the n lowest are dead, so the dead set is nested as the amplitude grows
+        rank = uniforms(seeds, (lines,), 15).argsort(axis=1).argsort(axis=1)
+        dead, values = rank < n, _stuck_values(self.options.stuck, seeds, (lines,))
+        where = (slice(None), None, slice(None), None) if self.axis == 1 else (slice(None), slice(None), None, None)
+        return np.where(dead[where], values[where], u)
 
 
 @register
@@ -466,22 +489,24 @@ class Occlusion(Perturbation):
     Options = OcclusionOptions
 
     def perturb(self, u, amplitude, seeds):
-        out = u.copy()
-        h, w, c = u.shape[1:]
+        b, h, w, c = u.shape
         side = int(round(amplitude * min(h, w)))
         if side == 0:
-            return out
-        for i, rng in enumerate(_rngs(seeds)):
-            # centres first, whatever the amplitude: patches grow around the same points
-            centres = rng.uniform(0.0, 1.0, (self.options.patches, 2)) * (h, w)
-            for cy, cx in centres:
-                y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
-                ys, xs = slice(max(y0, 0), min(y0 + side, h)), slice(max(x0, 0), min(x0 + side, w))
-                fill = {"low": 0.0, "high": 1.0, "mean": float(u[i].mean())}.get(self.options.fill)
-                if fill is None:
-                    fill = rng.random((ys.stop - ys.start, xs.stop - xs.start, c), dtype=np.float32)
-                out[i][ys, xs] = fill
-        return out
+            return u
+        # centres drawn whatever the amplitude: patches grow around the same points
+        centres = uniforms(seeds, (self.options.patches, 2), 16) * np.float32([h, w])
+        y0 = np.rint(centres[..., 0] - side / 2).astype(int)[..., None, None]  # (B, patches, 1, 1)
+        x0 = np.rint(centres[..., 1] - side / 2).astype(int)[..., None, None]
+        yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]
+        hidden = ((yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)).any(axis=1)[..., None]
+        fill = self.options.fill
+        if fill == "noise":
+            value = uniforms(seeds, (h, w, c), 17)
+        elif fill == "mean":
+            value = u.mean(axis=(1, 2, 3), keepdims=True)
+        else:
+            value = np.float32(fill == "high")
+        return np.where(hidden, value, u)
 
 
 # --- geometry ----------------------------------------------------------------------------------
@@ -539,8 +564,8 @@ class Translation(Perturbation):
                                     f"{shape[0]}x{shape[1]} images")
 
     def perturb(self, u, amplitude, seeds):
-        angles = [self.options.angle if self.options.angle is not None else r.uniform(0.0, 360.0)
-                  for r in _rngs(seeds)]
+        angles = ([self.options.angle] * len(seeds) if self.options.angle is not None
+                  else (360.0 * uniforms(seeds, (), 18)).tolist())
         mats = [np.float32([[1, 0, amplitude * math.cos(math.radians(t))],
                             [0, 1, -amplitude * math.sin(math.radians(t))]]) for t in angles]
         return _warp(u, mats, self.options.border)
