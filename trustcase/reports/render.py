@@ -95,6 +95,20 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], int]:
     return rows[:MAX_SUMMARY_ROWS], max(0, len(rows) - MAX_SUMMARY_ROWS)
 
 
+def measurement_table(ms: list[Measurement]) -> dict[str, Any] | None:
+    """Measurements without perturbation pivoted: one row per (subgroup, metric), one column per split."""
+    ms = [m for m in ms if m.scope.perturbation is None]
+    if not ms:
+        return None
+    known = ["train", "validation", "test"]
+    splits = sorted({m.scope.split for m in ms}, key=lambda s: (known.index(s) if s in known else 9, s))
+    rows: dict[tuple[str, str], dict[str, Measurement]] = {}
+    for m in ms:
+        sub = ", ".join(f"{k} = {v}" for k, v in sorted(m.scope.subgroup.items())) or "all"
+        rows.setdefault((sub, m.metric), {})[m.scope.split] = m
+    return {"splits": splits, "rows": [(k, [r.get(s) for s in splits]) for k, r in rows.items()]}
+
+
 def perturbation_table(ms: list[Measurement]) -> dict[str, Any] | None:
     """Measurements under perturbations pivoted: one row per (perturbation, subgroup, metric), one column
     per amplitude."""
@@ -195,7 +209,7 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
         "wide": {k for k, v in diagrams.items() if v and gsn.width_pt(v) > WIDE_PT},
         "fmt": _fmt, "slug": slug, "secret": secret, "trust": trust, "normalisation": profile.NORMALISATION,
         "rules": argument.RULES, "failures": failures, "summary_rows": summary_rows,
-        "perturbation_table": perturbation_table, "curve_key": plots.curve_key,
+        "perturbation_table": perturbation_table, "measurement_table": measurement_table, "curve_key": plots.curve_key,
         "artefacts": artefact_views(a, out_dir, secret), "outline": outline(arg),
         "limitations": [(o.check, lim) for o in a.outcomes for lim in o.limitations],
         "confidence": a.use_case.get("plan", {}).get("confidence", 0.95), "V": Verdict,
