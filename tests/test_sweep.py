@@ -115,9 +115,10 @@ def test_breaking_amplitude_of_a_model_built_to_fail_above_a_known_amplitude(tmp
     assert evidence["R-broken"].verdict is Verdict.FAIL and evidence["R-broken"].details["breaking_amplitude"] == 0.2
     assert evidence["R-recall"].verdict is Verdict.PASS  # class 1 images are bright already: always caught
     s = out.summary["brighter"]
-    assert s["breaking"]["R-broken"] | {"holds_up_to": 0.2, "fails_from": 0.3} == s["breaking"]["R-broken"]
+    assert s["breaking"]["R-broken"] | {"holds_up_to": 0.2, "not_held_from": 0.3, "verdict_there": "FAIL",
+                                        "point_holds_up_to": 0.2, "value": 1.0} == s["breaking"]["R-broken"]
     assert s["breaking"]["R-held"]["holds_up_to"] == 0.2  # judged over the whole grid, whatever the claim
-    assert s["breaking"]["R-recall"]["holds_up_to"] == 0.4 and s["breaking"]["R-recall"]["fails_from"] is None
+    assert s["breaking"]["R-recall"]["holds_up_to"] == 0.4 and s["breaking"]["R-recall"]["not_held_from"] is None
     assert s["accuracy_auc"] == pytest.approx((0.1 * 2 + 0.075 + 0.05) / 0.4)
     assert s["critical_recall_auc"] == 1.0 and s["flip_rate"] == [0, 0, 0, 0.5, 0.5] and s["n"] == 200
 
@@ -132,11 +133,13 @@ def test_breaking_amplitude_of_a_model_built_to_fail_above_a_known_amplitude(tmp
     assert len(mono) == 5 and all(m.n == 100 for m in mono)
 
 
-def test_a_claim_that_fails_on_clean_data_has_no_breaking_amplitude(tmp_path):
-    uc = synthetic_case([claim("R", "accuracy", 0.9, "brighter", 0.2)], params={"ok": 120})
-    out = sweep(BRIGHTER)(context(uc, MeanThreshold(100 / 255), tmp_path))
-    assert out.summary["brighter"]["breaking"]["R"] | {"holds_up_to": None, "fails_from": 0.0} == \
-        out.summary["brighter"]["breaking"]["R"]
+def test_a_claim_that_does_not_hold_on_clean_data_has_no_breaking_amplitude(tmp_path):
+    # 20 class-0 items, all correct clean: accuracy 1 but its lower bound (0.83) is below 0.9: INCONCLUSIVE
+    uc = synthetic_case([claim("R", "accuracy", 0.9, "brighter", 0.2)], params={"n": 20, "n_ok": 20})
+    out = sweep(BRIGHTER)(context(uc, MeanThreshold((50 + 0.25 * 255) / 255), tmp_path))
+    b = out.summary["brighter"]["breaking"]["R"]
+    assert b | {"holds_up_to": None, "not_held_from": 0.0, "verdict_there": "INCONCLUSIVE",
+                "point_holds_up_to": 0.2} == b
 
 
 def test_confidence_intervals_contain_the_true_rate_in_simulation(tmp_path):

@@ -13,9 +13,11 @@ Measurements, per perturbation (scope.perturbation = {name: <key>, max_amplitude
 
 Summary, per perturbation key: `perturbation` (class), `unit`, `grid`, `options`, `n`, `accuracy_auc`
 and `critical_recall_auc` (mean of the metric over the amplitude range, 1 is perfect), `flip_rate`
-(per amplitude), `breaking` (per requirement that names this perturbation: `holds_up_to`, the largest
-grid amplitude up to which the claim PASSes at every amplitude, `fails_from`, the next grid amplitude,
-and the metric with its interval at `holds_up_to`), `strip` (the example image, or None).
+(per amplitude), `breaking` (per requirement that names this perturbation, judged over the whole grid:
+`holds_up_to`, the largest grid amplitude up to which the claim PASSes at every amplitude, None if not
+even clean; `not_held_from`, the next grid amplitude, and `verdict_there` (FAIL or INCONCLUSIVE);
+`value`/`interval` of the metric at `holds_up_to`; `point_holds_up_to`, the same on the point estimate
+alone, an optimistic reading), `strip` (the example image, or None).
 
 Curves: `robustness_<key>`: accuracy, recall of the critical class and flip rate vs amplitude with
 bands; claim thresholds as y marks, claimed and held amplitudes as x marks.
@@ -114,12 +116,19 @@ def breaking(requirements: list[Requirement], key: str, measurements: list[Measu
             continue
         held = verdicts.breaking_amplitude(wide, found)
         at = next((m for m in found if m.amplitude == held), None)
-        fails = next((m.amplitude for m in found if held is None or (m.amplitude or 0.0) > held), None)
+        beyond = next((m for m in found if held is None or (m.amplitude or 0.0) > held), None)
+        bounds = (None, None) if beyond is None or beyond.interval is None else \
+            (beyond.interval.lower, beyond.interval.upper)
+        point = [m.model_copy(update={"interval": None}) for m in found]
         out[r.id] = {
             "metric": r.metric, "comparator": r.comparator, "threshold": r.threshold,
-            "claimed_up_to": r.scope.perturbation.max_amplitude, "holds_up_to": held, "fails_from": fails,
+            "claimed_up_to": r.scope.perturbation.max_amplitude, "holds_up_to": held,
+            "not_held_from": None if beyond is None else beyond.amplitude,
+            "verdict_there": None if beyond is None else
+            verdicts.verdict(beyond.value, r.comparator, r.threshold, *bounds).value,
             "value": None if at is None else at.value,
             "interval": None if at is None or at.interval is None else [at.interval.lower, at.interval.upper],
+            "point_holds_up_to": verdicts.breaking_amplitude(wide, point),
         }
     return out
 
@@ -288,6 +297,6 @@ class PerturbationSweep(Check):
             out.limitations.append(f"{key}: {unreadable} unreadable items of the {p.split} split were skipped")
         if any(b.get("measured", True) for b in broken.values()):
             out.limitations.append(f"{key}: a breaking amplitude is only located to within the grid "
-                                   f"{grid}: the claim breaks somewhere in [holds_up_to, fails_from)")
+                                   f"{grid}: the claim breaks somewhere in [holds_up_to, not_held_from)")
         if p.strip and uc.confidential:
             out.limitations.append(f"{key}: no example strip (the use case is confidential)")
