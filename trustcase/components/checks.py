@@ -92,11 +92,13 @@ def register(cls: type[Check]) -> type[Check]:
 def _load_builtin_checks() -> None:
     # importing the modules registers their checks
     from trustcase.components import (  # noqa: F401
+        attribution_quality,
         data_quality,
         lipschitz,
         odd_validation,
         performance,
         properties,
+        root_causes,
         smoothing,
         sweep,
     )
