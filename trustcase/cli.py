@@ -14,8 +14,8 @@ from rich.console import Console
 import trustcase  # noqa: F401  (telemetry off before anything else is imported)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable
+out_console = Console(soft_wrap=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
@@ -69,18 +69,24 @@ def validate(path: Path = typer.Argument(..., help="use-case YAML file")) -> Non
     out_console.print(f"[green]valid[/]: {uc.id} ({len(uc.requirements)} requirements, {len(uc.plan.checks)} checks)")
 
 
-def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed: int | None) -> int:
-    from trustcase.flows.assess import assess, preflight
+def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed: int | None,
+                   runner: str = "thread", dask_address: str | None = None) -> int:
+    from trustcase.flows.assess import preflight
+    from trustcase.flows.runners import RunnerError, run, task_runner
 
     try:
         with console.status("Checking the use case, model and data…"):
             uc = preflight(path)
+            task_runner(runner, dask_address)  # a Dask scheduler that does not answer fails before any work
+    except RunnerError as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out = out or Path("trustcase-out") / uc.id
     with console.status(f"Assessing [b]{uc.id}[/] (Prefect flow; logs at WARNING, set PREFECT_LOGGING_LEVEL=INFO for more)…"):
         try:
-            result = assess(str(path), str(out), seed, tracking_uri)
+            result = run(str(path), str(out), seed, tracking_uri, runner, dask_address)
         except Exception as e:  # noqa: BLE001
             _fail(e)
     colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}[result.verdict.value]
@@ -91,6 +97,8 @@ def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed:
     out_console.print(f"report:      {result.files.get('html')}")
     if "pdf" in result.files:
         out_console.print(f"report (PDF): {result.files['pdf']}")
+    if "pack" in result.files:
+        out_console.print(f"evidence pack: {result.files['pack']}  (check it with `trustcase verify`)")
     out_console.print(f"MLflow run:  {result.run_id}  (tracking URI {result.tracking_uri})")
     if not result.complete:
         return EXIT_INVALID if result.user_error else EXIT_INTERNAL
@@ -103,9 +111,11 @@ def assess(
     out: Path = typer.Option(None, "--out", help="output folder (default trustcase-out/<use case id>)"),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: SQLite under .trustcase/)"),
     seed: int = typer.Option(None, "--seed", help="overrides plan.seed"),
+    runner: str = typer.Option("thread", "--runner", help="where checks run: thread (here) or dask"),
+    dask_address: str = typer.Option(None, "--dask-address", help="Dask scheduler (default: a local cluster)"),
 ) -> None:
     """Assess a model against its use case, end to end."""
-    raise typer.Exit(run_assessment(path, out, tracking_uri, seed))
+    raise typer.Exit(run_assessment(path, out, tracking_uri, seed, runner, dask_address))
 
 
 @app.command()
@@ -144,6 +154,83 @@ def report(
     for key, label in (("pdf", "report (PDF)"), ("argument_yaml", "argument (gsn2x)"), ("pack", "evidence pack")):
         if key in files:
             out_console.print(f"{label}: {files[key]}")
+
+
+@app.command()
+def watch(
+    path: Path = typer.Argument(..., help="use-case YAML file"),
+    cron: str = typer.Option("0 2 * * *", "--cron", help="schedule of the served deployment"),
+    once: bool = typer.Option(False, "--once", help="one pass, then exit (cron, CI)"),
+    out: Path = typer.Option(Path("trustcase-out"), "--out", help="output root (one folder per version)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store and model registry"),
+    alias: str = typer.Option("qualified", "--alias", help="alias given to versions that pass"),
+    runner: str = typer.Option("thread", "--runner", help="where checks run: thread (here) or dask"),
+    dask_address: str = typer.Option(None, "--dask-address", help="Dask scheduler (default: a local cluster)"),
+) -> None:
+    """Assess every registered model version never assessed; tag it and qualify it when it passes."""
+    from trustcase.flows import watch as w
+    from trustcase.flows.runners import RunnerError
+
+    try:
+        if not once:
+            out_console.print(f"serving the watch of {_escape(str(path))} on schedule {cron!r} (Ctrl-C stops)")
+            w.serve(path, cron, out_root=out, tracking_uri=tracking_uri, alias=alias, runner=runner,
+                    dask_address=dask_address)
+            return
+        with console.status("Looking for model versions never assessed…"):
+            outcomes = w.once(path, out, tracking_uri, alias, runner, dask_address)
+    except (w.WatchError, RunnerError) as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    if not outcomes:
+        out_console.print("nothing new to assess")
+    for o in outcomes:
+        if o["error"]:
+            console.print(f"version {o['version']}: [red]not assessed[/]: {_escape(o['error'])}", highlight=False)
+            continue
+        extra = " [green](qualified)[/]" if o["qualified"] else ""
+        if o["regressions"]:
+            extra += f"; regressions vs version {o['compared_with']}: {', '.join(o['regressions'])}"
+        out_console.print(f"version {o['version']}: {o['verdict']}{extra}  run {o['run_id']}  report {o['report']}",
+                          highlight=False)
+    raise typer.Exit(EXIT_INVALID if any(o["error"] for o in outcomes) else EXIT_PASS)
+
+
+@app.command()
+def monitor(
+    monitor_file: Path = typer.Argument(..., metavar="MONITOR", help="fitted monitor file (monitor.safetensors)"),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS...", help="image or .npy files, or folders of them"),
+    jsonl: bool = typer.Option(False, "--jsonl", help="one JSON object per input"),
+    model: Path = typer.Option(None, "--model", help="model file (default: the one the monitor was fitted for)"),
+    meta: list[str] = typer.Option([], "--meta", help="metadata descriptor value, KEY=VALUE (repeatable)"),
+    resize: bool = typer.Option(False, "--resize", help="resample images to the model's input size"),
+) -> None:
+    """Classify inputs against the operational design domain: IN, NEAR (alert) or OUT (stop), with reasons."""
+    import json
+
+    from trustcase.odd import Monitor, MonitorError, evaluate_files
+
+    try:
+        pairs = [m.split("=", 1) for m in meta]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise MonitorError(f"--meta takes KEY=VALUE, got {[m for m in meta if '=' not in m]}")
+        mon = Monitor.load(monitor_file, model)
+        colour = {"IN": "green", "NEAR": "yellow", "OUT": "bold red"}
+        for name, rec in evaluate_files(mon, inputs, dict(pairs), resize):
+            if jsonl:
+                print(json.dumps({"input": name, **rec}), flush=True)
+            else:
+                pred = f"  prediction {rec['prediction']}" if "prediction" in rec else ""
+                why = f"  {'; '.join(rec['reasons'])}" if rec["reasons"] else ""
+                out_console.print(f"[{colour[rec['state']]}]{rec['state']:<4}[/] {_escape(name)}{pred}{_escape(why)}",
+                                  highlight=False)
+    except MonitorError as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
 
 
 @app.command()
@@ -191,41 +278,6 @@ def verify(pack_file: Path = typer.Argument(..., metavar="PACK.zip", help="evide
     for line in v.lines():
         console.print(f"  {_escape(line)}", highlight=False)
     raise typer.Exit(EXIT_NOT_ALL_PASS)
-
-
-@app.command()
-def monitor(
-    monitor_file: Path = typer.Argument(..., metavar="MONITOR", help="fitted monitor file (monitor.safetensors)"),
-    inputs: list[Path] = typer.Argument(..., metavar="INPUTS...", help="image or .npy files, or folders of them"),
-    jsonl: bool = typer.Option(False, "--jsonl", help="one JSON object per input"),
-    model: Path = typer.Option(None, "--model", help="model file (default: the one the monitor was fitted for)"),
-    meta: list[str] = typer.Option([], "--meta", help="metadata descriptor value, KEY=VALUE (repeatable)"),
-    resize: bool = typer.Option(False, "--resize", help="resample images to the model's input size"),
-) -> None:
-    """Classify inputs against the operational design domain: IN, NEAR (alert) or OUT (stop), with reasons."""
-    import json
-
-    from trustcase.odd import Monitor, MonitorError, evaluate_files
-
-    try:
-        pairs = [m.split("=", 1) for m in meta]
-        if any(len(p) != 2 or not p[0] for p in pairs):
-            raise MonitorError(f"--meta takes KEY=VALUE, got {[m for m in meta if '=' not in m]}")
-        mon = Monitor.load(monitor_file, model)
-        colour = {"IN": "green", "NEAR": "yellow", "OUT": "bold red"}
-        for name, rec in evaluate_files(mon, inputs, dict(pairs), resize):
-            if jsonl:
-                print(json.dumps({"input": name, **rec}), flush=True)
-            else:
-                pred = f"  prediction {rec['prediction']}" if "prediction" in rec else ""
-                why = f"  {'; '.join(rec['reasons'])}" if rec["reasons"] else ""
-                out_console.print(f"[{colour[rec['state']]}]{rec['state']:<4}[/] {_escape(name)}{pred}{_escape(why)}",
-                                  highlight=False)
-    except MonitorError as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
-    except Exception as e:  # noqa: BLE001
-        _fail(e)
 
 
 @app.command("check-property")

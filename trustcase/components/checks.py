@@ -92,7 +92,9 @@ def register(cls: type[Check]) -> type[Check]:
 def _load_builtin_checks() -> None:
     # importing the modules registers their checks
     from trustcase.components import (  # noqa: F401
+        adversarial,
         attribution_quality,
+        blackbox,
         data_quality,
         lipschitz,
         odd_validation,

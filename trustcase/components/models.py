@@ -21,10 +21,18 @@ class NonFiniteOutput(ModelError):
 
 
 def sha256_file(path: Path) -> str:
+    """Content hash of a model file, or of every file of a black-box component's folder (names included)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    path = Path(path)
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for file in files:
+        if file != path:
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -109,6 +117,12 @@ class Classifier:
 
 def load_classifier(spec: ModelSpec) -> Classifier:
     path = Path(spec.path)
+    if spec.format in ("python", "challenge"):
+        from trustcase.components.blackbox import load_black_box
+
+        clf = load_black_box(spec)
+        _probe(clf)
+        return clf
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
@@ -150,6 +164,6 @@ def _probe(clf: Classifier) -> None:
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(
-            f"model does not accept input of shape {clf.spec.input_shape}: {type(e).__name__}: {str(e)[:300]}"
-        ) from None
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        raise ModelError(f"model does not accept input of shape {clf.spec.input_shape}: {type(e).__name__}: {first}") \
+            from None
