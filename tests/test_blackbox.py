@@ -210,6 +210,7 @@ class NeedsGradients(Check):
         raise AssertionError("a black box has no gradients")
 
 
+@pytest.mark.slow
 def test_challenge_component_assessed_through_the_flow(prefect_harness, tmp_path, tiny_model, tracking_uri):
     from trustcase.flows.runners import run
 
