@@ -3,6 +3,8 @@ returned for a property with a known counterexample. ACAS Xu tests skip when the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from trustcase.components.nnet import NetworkFormatError, load_network, read_nne
 from trustcase.components.properties import acasxu_root, check_property
 from trustcase.components.vnnlib import VnnlibError, parse_vnnlib, read_vnnlib
 
+ROOT = Path(__file__).resolve().parent.parent
 ACAS = acasxu_root()
 needs_acas = pytest.mark.skipif(not (ACAS / "instances.csv").is_file(),
                                 reason=f"ACAS Xu data not found at {ACAS} (set TRUSTCASE_ACASXU)")
@@ -178,3 +181,41 @@ def test_cli_check_property_prints_one_json_line_and_rejects_bad_input(tmp_path)
     assert res.exit_code == 2
     res = runner.invoke(app, ["check-property", str(tmp_path / "none.nnet"), str(bad)])
     assert res.exit_code == 2
+
+
+@needs_acas
+def test_formal_properties_check_on_the_acasxu_use_case(tmp_path):
+    """The use case's own model (negated scores) through the check: prop_1 holds, prop_2 judged the same."""
+    import importlib.util
+
+    from trustcase.components.checks import CheckError, Context, build
+    from trustcase.components.data import DataSource
+    from trustcase.components.models import load_classifier
+    from trustcase.components.verdicts import judge
+    from trustcase.schemas import CheckSpec, Requirement, load_use_case
+
+    folder = ROOT / "use_cases" / "acas_xu"
+    spec = importlib.util.spec_from_file_location("acas_for_tests", folder / "acas.py")
+    acas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acas)
+    model_path = acas.export("1_1", tmp_path / "acasxu_1_1.pt")
+    raw = (folder / "use_case.yaml").read_text().replace("artefacts/acasxu_1_1.pt", str(model_path))
+    raw = raw.replace("path: .", f"path: {folder}")
+    (tmp_path / "use_case.yaml").write_text(raw)
+    uc = load_use_case(tmp_path / "use_case.yaml")
+    check = build(CheckSpec(check="formal_properties", params={
+        "properties": ["${TRUSTCASE_ACASXU}/vnnlib/prop_1.vnnlib", "${TRUSTCASE_ACASXU}/vnnlib/prop_4.vnnlib"],
+        "timeout": 60, "outputs": "negated_scores"}))
+    assert len(check.shards()) == 2
+    ctx = Context(use_case=uc, model=load_classifier(uc.model), data=DataSource(uc.data, 0), seed=0,
+                  workdir=tmp_path / "checks" / "formal_properties")
+    out = check.shards()[0](ctx)
+    holds = next(m for m in out.measurements if m.metric == "property_holds.prop_1")
+    assert holds.value == 1.0 and holds.details["verdict"] == "holds"
+    req = Requirement(id="P1", text="p1", metric="property_holds.prop_1", comparator=">=", threshold=1)
+    assert judge([req], [out])[0].verdict.value == "PASS"
+    # the advisory is the arg-max of the exported model's outputs (negated scores)
+    batch = next(ctx.batches("test"))
+    assert (ctx.model.logits(batch.images).argmax(1) == batch.labels).all()
+    with pytest.raises(CheckError, match="property file not found"):
+        build(CheckSpec(check="formal_properties", params={"properties": [str(tmp_path / "none.vnnlib")]}))

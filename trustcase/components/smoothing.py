@@ -71,13 +71,17 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
     with torch.inference_mode():
         clean = model.to_input(x)  # normalise once; noise e in pixel space maps to e * step
         step = noise_step(model) * (sigma * (hi - lo))
+        image = clean.ndim == 4
+        if image:  # work channels-last, the layout to_input gives the model (its fast convolution path)
+            clean, step = clean.permute(0, 2, 3, 1), step.permute(0, 2, 3, 1)
         b, c = len(clean), model.n_classes
         counts = torch.zeros(b * c, dtype=torch.int64)
         total = b * num
         for start in range(0, total, batch_size):
             owner = torch.arange(start, min(start + batch_size, total)) // num
-            noisy = clean[owner] + torch.randn(clean[owner].shape, generator=generator) * step
-            pred = model.forward(noisy).argmax(1)
+            base = clean[owner]
+            noisy = base + torch.randn(base.shape, generator=generator) * step
+            pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)
             counts += torch.bincount(owner * c + pred, minlength=b * c)
     return counts.view(b, c).numpy()
 
