@@ -194,12 +194,14 @@ def _rss_mb() -> float:
 
 
 def scale(small: int, large: int) -> None:
-    res = {}
-    for n in (small, large):
+    runs = []
+    for n in (small, large, small):  # the small size twice, around the large: load drifts on a shared machine
         p = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
-        res[n] = json.loads(p.stdout.strip().splitlines()[-1])
-    s, lg = res[small], res[large]
-    print("\n## 2. Scale (gaussian_blur + dead_pixels sweep, default grids, one process per size)")
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    s = min(runs[0], runs[2], key=lambda r: r["seconds"]) | {"peak_mb": max(runs[0]["peak_mb"], runs[2]["peak_mb"])}
+    lg = runs[1]
+    print("\n## 2. Scale (gaussian_blur + dead_pixels sweep, default grids, one process per run; small size: "
+          "faster of two runs)")
     print(f"{'images':>8} | {'seconds':>8} | {'us/image':>8} | {'peak RSS MB':>11} | {'RSS before sweep MB':>19}")
     for r in (s, lg):
         print(f"{r['n']:>8} | {r['seconds']:8.2f} | {1e6 * r['seconds'] / r['n']:8.1f} | {r['peak_mb']:11.1f} | "
