@@ -166,8 +166,8 @@ def test_attacks_reduce_the_accuracy_of_a_trained_model_and_pgd_beats_fgsm(strip
     assert median.interval.lower <= median.value <= median.interval.upper and median.n == 32
     assert not median.scope.perturbation
     curve = next(c for c in out.curves if c.id == "adversarial_pgd_linf")
-    assert set(curve.series) >= {"accuracy", "recall:defective", "estimated distance > epsilon"}
-    assert curve.series["estimated distance > epsilon"].y[0] == pgd[0]
+    assert set(curve.series) == {"accuracy", "recall:defective"} and curve.series["accuracy"].y == pgd
+    assert curve.x == [0, 2, 8, 48] and curve.x_marks == {"R-adv claimed up to": 4}
     assert "distance" not in out.summary["fgsm_linf"]  # minimal distances are searched with PGD only
 
     assert any("EMPIRICAL" in v and "upper bound" in v for v in out.validity)

@@ -21,8 +21,7 @@ items not fooled up to `max_distance` count as at `max_distance`).
 Summary, per attack: `norm`, `epsilons`, `steps`, `step_size`, `restarts`, `n`, `accuracy`,
 `success_rate` (per epsilon), `breaking` (as in the sweep), and for PGD `distance` (`median`, `q10`,
 `q90`, `max_distance`, `censored`: items not fooled within it, `search_steps`).
-Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with bands, and the share
-of items whose estimated distance exceeds epsilon.
+Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with bands.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from trustcase.components.performance import Tally
 from trustcase.components.perturbations import item_seeds
 from trustcase.components.stats import clopper_pearson
 from trustcase.components.sweep import breaking, curve
-from trustcase.schemas import CheckOutcome, Interval, Measurement, Scope, Series
+from trustcase.schemas import CheckOutcome, Interval, Measurement, Scope
 
 Norm = Literal["linf", "l2"]
 ATTACKS: dict[str, tuple[str, Norm]] = {
@@ -321,7 +320,8 @@ class Adversarial(Check):
         broken = breaking(uc.requirements, name, ms)
         unit = f"{'L-inf' if norm == 'linf' else 'L2'} epsilon, pixel units of [{vr[0]:g}, {vr[1]:g}]"
         cv = curve(name, unit, grid, ms, uc, broken)
-        cv = cv.model_copy(update={"id": f"adversarial_{name}", "title": f"Accuracy under {name} (empirical)"})
+        cv = cv.model_copy(update={"id": f"adversarial_{name}", "title": f"Accuracy under {name} (empirical)",
+                                   "x_label": f"epsilon ({unit})"})
         cv.series.pop("flip_rate", None)
         summary = {
             "norm": norm, "epsilons": grid, "steps": p.steps if kind == "pgd" else 1,
@@ -333,7 +333,6 @@ class Adversarial(Check):
             d = np.concatenate(dist)
             censored = int(np.isinf(d).sum())
             dc = np.minimum(d, cap)  # not fooled within the search: counted at the limit
-            cv.series["estimated distance > epsilon"] = Series(y=[float((d > e).mean()) for e in grid])
             for q, label in ((0.5, "median"), (0.1, "q10")):
                 v, iv = quantile_interval(dc, q, conf)
                 ms.append(Measurement(check=self.name, metric=f"adversarial_distance_{label}.{name}", value=v,
