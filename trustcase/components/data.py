@@ -28,7 +28,7 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class Item:
-    image: np.ndarray  # (H, W) or (H, W, C), pixel space
+    image: np.ndarray  # (H, W) or (H, W, C) in pixel space; (F,) for a tabular input
     label: int
     id: str
     meta: dict[str, str] = field(default_factory=dict)
@@ -41,7 +41,7 @@ class Split(Protocol):
 
 @dataclass
 class Batch:
-    images: np.ndarray  # (B, H, W, C)
+    images: np.ndarray  # (B, H, W, C), or (B, F) for tabular inputs
     labels: np.ndarray  # (B,) int64
     ids: list[str]
     meta: dict[str, list[str]]
@@ -72,6 +72,7 @@ def resolve(ref: str, extra_path: Path | None = None) -> Any:
 
 
 def _as_hwc(image: np.ndarray) -> np.ndarray:
+    """Grey images get their channel axis; RGB images and tabular rows are kept as they are."""
     return image[..., None] if image.ndim == 2 else image
 
 
@@ -89,7 +90,7 @@ class _Guarded(torch.utils.data.Dataset):
         try:
             item = self.split[i]
             image = np.asarray(item.image)
-            if image.ndim not in (2, 3) or image.size == 0:
+            if image.ndim not in (1, 2, 3) or image.size == 0:
                 raise ValueError(f"image has shape {image.shape}")
             return (i, item.id, _as_hwc(image), int(item.label), dict(item.meta))
         except Exception as e:  # a partner's loader may raise anything on a corrupt file

@@ -19,6 +19,7 @@ from scipy import fft, stats
 from trustcase.components.data import DataError
 from trustcase.components.checks import Check, Context, Params, register
 from trustcase.components.images import PROPERTIES
+from trustcase.components.odd import Limit
 from trustcase.schemas import CheckOutcome, Measurement, Scope
 
 HASH_SIDE, HASH_BITS = 32, 8  # DCT of a 32x32 thumbnail, top-left 8x8 coefficients -> 64 bits
@@ -84,7 +85,12 @@ class DataQuality(Check):
         lo, hi = uc.model.value_range
         names = uc.model.class_names
         out: list[Measurement] = []
-        split_of, phash, xhash, props = [], [], [], {k: [] for k in PROPERTIES}
+        images = len(uc.model.input_shape) == 3
+        # tabular: one distribution per declared feature descriptor, at its column (x<i> naming, as odd.Limit)
+        features = {} if images else {d.name: Limit.from_descriptor(d).column
+                                      for d in uc.odd.descriptors if d.source == "feature"}
+        split_of, phash, xhash = [], [], []
+        props = {k: [] for k in (PROPERTIES if images else features)}
         meta_values: dict[str, Counter] = {}
         data_hash = hashlib.sha256()
         summary: dict = {"splits": {}, "unreadable": {}}
@@ -98,7 +104,7 @@ class DataQuality(Check):
             h = hashlib.sha256()
             counts = np.zeros(len(names), np.int64)
             constant = out_of_range = 0
-            role_props = {k: [] for k in PROPERTIES}
+            role_props = {k: [] for k in props}
             for batch in stream.batches():
                 imgs = batch.images
                 for i, ident in enumerate(batch.ids):
@@ -112,10 +118,13 @@ class DataQuality(Check):
                 f = imgs.reshape(len(imgs), -1).astype(np.float64)
                 finite = np.isfinite(f).all(axis=1)
                 out_of_range += int((~finite | (f.min(axis=1) < lo) | (f.max(axis=1) > hi)).sum())
-                constant += int((f.max(axis=1) == f.min(axis=1)).sum())
-                phash.append(perceptual_hash(np.nan_to_num(imgs)))
-                for k, fn in PROPERTIES.items():
-                    role_props[k].append(fn(imgs))
+                if images:  # pixel statistics mean nothing for a row of tabular features
+                    constant += int((f.max(axis=1) == f.min(axis=1)).sum())
+                    phash.append(perceptual_hash(np.nan_to_num(imgs)))
+                    for k, fn in PROPERTIES.items():
+                        role_props[k].append(fn(imgs))
+                for name, j in features.items():
+                    role_props[name].append(f[:, j])
                 for key, values in batch.meta.items():
                     meta_values.setdefault(f"{role}/{key}", Counter()).update(values)
                 split_of += [role] * len(batch)
@@ -129,7 +138,7 @@ class DataQuality(Check):
             for c, k in zip(names, counts):
                 m(f"class_share:{c}", k / max(n, 1), role, n=n, count=int(k))
             m("imbalance_ratio", counts.max() / max(counts.min(), 1), role, n=n, counts=counts.tolist())
-            for k in PROPERTIES:
+            for k in props:
                 props[k].append(np.concatenate(role_props[k]) if role_props[k] else np.empty(0))
             summary["splits"][role] = {"items": n, "class_counts": dict(zip(names, counts.tolist()))}
 
@@ -213,7 +222,7 @@ class DataQuality(Check):
                     out.append(Measurement(check=self.name, metric=f"odd_coverage:{d.name}",
                                            value=inside / total if total else 0.0, n=total, scope=Scope(split=role),
                                            details={"counts": dict(counts), "values_without_data": missing}))
-            elif d.source == "image" and d.name in props:
+            elif d.source in ("image", "feature") and d.name in props:
                 for role, v in zip(roles, props[d.name]):
                     lo = -np.inf if d.min is None else d.min
                     hi = np.inf if d.max is None else d.max
