@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import SOLAR, tiny_use_case, write_yaml
 from typer.testing import CliRunner
 
-from conftest import SOLAR, tiny_use_case, write_yaml
 from trustcase.cli import app
 
 CLI = [sys.executable, "-m", "trustcase.cli"]

@@ -7,9 +7,9 @@ import json
 import mlflow
 import pytest
 import torch
+from conftest import tiny_use_case, write_yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_use_case, write_yaml
 from trustcase.flows.assess import assess
 from trustcase.flows.rerender import RunNotFound, rerender
 from trustcase.schemas import Assessment

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import SOLAR
+
 from trustcase.schemas import UseCaseError, load_use_case, parse_use_case
 
 

@@ -84,7 +84,8 @@ def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed:
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out = out or Path("trustcase-out") / uc.id
-    with console.status(f"Assessing [b]{uc.id}[/] (Prefect flow; logs at WARNING, set PREFECT_LOGGING_LEVEL=INFO for more)…"):
+    hint = "logs at WARNING; PREFECT_LOGGING_LEVEL=INFO for more"
+    with console.status(f"Assessing [b]{uc.id}[/] (Prefect flow; {hint})…"):
         try:
             result = run(str(path), str(out), seed, tracking_uri, runner, dask_address)
         except Exception as e:  # noqa: BLE001

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 from scipy import fft, stats
 
-from trustcase.components.data import DataError
 from trustcase.components.checks import Check, Context, Params, register
+from trustcase.components.data import DataError
 from trustcase.components.images import PROPERTIES
 from trustcase.components.odd import Limit
 from trustcase.schemas import CheckOutcome, Measurement, Scope
@@ -69,7 +69,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
 
 class DataQualityParams(Params):
-    near_duplicate_distance: int = 2  # max Hamming distance between 64-bit perceptual hashes (ELPV: 4 flags look-alike mono cells)
+    # max Hamming distance between 64-bit perceptual hashes (on ELPV, 4 already pairs look-alike mono cells)
+    near_duplicate_distance: int = 2
     histogram_bins: int = 30
 
 

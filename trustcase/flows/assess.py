@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from trustcase.schemas import (
     UseCase,
     Verdict,
     load_use_case,
+    parse_use_case,
 )
 
 USER_ERRORS = (ModelError, DataError, CheckError, Unsupported)
@@ -115,13 +115,13 @@ def evidence(use_case: UseCase, outcomes: list[CheckOutcome]):
 
 
 @task(name="report")
-def report(assessment: Assessment, out_dir: str, use_case_path: str,
+def report(assessment: Assessment, out_dir: str, use_case_text: str,
            previous: Assessment | None = None) -> dict[str, str]:
     """Write the assessment, render the report (compared with `previous` when given), log it all to MLflow."""
     out = Path(out_dir)
     (out / "assessment.json").write_text(assessment.model_dump_json(indent=1))
     (out / "evidence.json").write_text(json.dumps([e.model_dump(mode="json") for e in assessment.evidence], indent=1))
-    shutil.copyfile(use_case_path, out / "use_case.yaml")
+    (out / "use_case.yaml").write_text(use_case_text, encoding="utf-8")  # exactly the text that was assessed
     compare = {"previous": previous} if previous and "previous" in signature(reports.render).parameters else {}
     files = reports.render(assessment, out, **compare)
     client = MlflowClient()
@@ -148,7 +148,9 @@ def _label(spec: CheckSpec, check: Check) -> str:
 def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
            previous_run_id: str | None = None) -> Result:
     """`previous_run_id`: an earlier assessment run (e.g. the qualified version's) the report compares with."""
-    uc = load_use_case(use_case_path)
+    # read once: the file may change while the assessment runs, the record must not
+    uc_text = Path(use_case_path).read_text(encoding="utf-8")
+    uc = parse_use_case(uc_text, Path(use_case_path).resolve())
     seed = uc.plan.seed if seed is None else seed
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +168,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
 
     def collect(futures, labels):
         nonlocal user_error
-        for f, label in zip(futures, labels):
+        for f, label in zip(futures, labels, strict=True):
             value = f.result(raise_on_failure=False)
             if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
                 outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
@@ -220,7 +222,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
                          "model_sha256": fp["model_sha256"], "data_sha256": data_sha,
                          "model_version": version or "unregistered", "code_version": prov.code_version,
                          "confidentiality": uc.confidentiality.value})
-        files = report(assessment, str(out), str(Path(use_case_path).resolve()), previous)
+        files = report(assessment, str(out), uc_text, previous)
         if not complete:
             mlflow.end_run(status="FAILED")
     return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.info.run_id, tracking_uri=uri,

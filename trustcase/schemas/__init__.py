@@ -29,7 +29,8 @@ from trustcase.schemas.use_case import (
 )
 
 __all__ = [
-    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality", "Curve", "Series",
+    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality",
+    "Curve", "Series",
     "Criticality", "DataSpec", "Descriptor", "Evidence", "Interval", "Measurement", "ModelSpec",
     "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "UseCase", "UseCaseError",
     "Verdict", "load_use_case", "parse_use_case",

@@ -11,7 +11,6 @@ import hashlib
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 from trustcase.components.data import Item
 
