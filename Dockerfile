@@ -35,7 +35,8 @@ COPY pyproject.toml constraints.txt README.md* ./
 COPY trustcase/ trustcase/
 # use-case code (YAML, loaders, model definitions, training scripts); .dockerignore keeps data and weights out
 COPY use_cases/ use_cases/
-RUN pip install -c constraints.txt ".[scale]"
+# editable, so that `trustcase` finds use_cases/ beside the package; no `demo` extra: no data in the image
+RUN pip install -c constraints.txt -e ".[scale]"
 
 RUN useradd --create-home --uid 10001 trustcase && mkdir -p /work && chown trustcase /work
 USER trustcase

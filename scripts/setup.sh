@@ -33,6 +33,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q --upgrade pip setuptools wheel
 # exactly this torch: a looser requirement pulls a multi-GB CUDA build
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -c constraints.txt -e ".[dev,scale]"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev,scale,demo]"
 echo "$digest" > "$stamp"
 echo "setup: environment ready in .venv"
