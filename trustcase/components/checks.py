@@ -41,7 +41,7 @@ class Context:
     workdir: Path  # this check's own folder for artefacts
 
     def artefact(self, path: Path, kind: str = "file") -> Artefact:
-        """Declare a file this check wrote, with its hash, relative to the run's artefact root."""
+        """Declare a file this check wrote, with its hash; the path is relative to the checks/ folder."""
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return Artefact(path=str(path.relative_to(self.workdir.parent)), sha256=digest, kind=kind)
 

@@ -223,6 +223,8 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
                          "model_version": version or "unregistered", "code_version": prov.code_version,
                          "confidentiality": uc.confidentiality.value})
         files = report(assessment, str(out), uc_text, previous)
+        if version and complete:  # runtime artefacts (the ODD monitor) are found from the model version
+            tracking.link_runtime_artefacts(uc, version, run.info.artifact_uri, outcomes)
         if not complete:
             mlflow.end_run(status="FAILED")
     return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.info.run_id, tracking_uri=uri,

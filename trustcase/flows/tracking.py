@@ -129,3 +129,14 @@ def register_model(use_case: UseCase, model_path: Path, model_sha256: str, train
     v = client.create_model_version(name, source=source, run_id=run.info.run_id,
                                     tags={"model_sha256": model_sha256, "format": use_case.model.format})
     return str(v.version)
+
+
+def link_runtime_artefacts(use_case: UseCase, version: str, artifact_uri: str, outcomes) -> None:
+    """Tag the registered version with where its fitted runtime artefacts (e.g. the ODD monitor) live."""
+    name = use_case.model.registered_name or use_case.id
+    client = MlflowClient()
+    for o in outcomes:
+        for a in o.artefacts:
+            if a.kind == "monitor":
+                client.set_model_version_tag(name, version, f"trustcase.{a.kind}", f"{artifact_uri}/checks/{a.path}")
+                client.set_model_version_tag(name, version, f"trustcase.{a.kind}_sha256", a.sha256)
