@@ -84,12 +84,24 @@ def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed:
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out = out or Path("trustcase-out") / uc.id
-    hint = "logs at WARNING; PREFECT_LOGGING_LEVEL=INFO for more"
-    with console.status(f"Assessing [b]{uc.id}[/] (Prefect flow; {hint})…"):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from trustcase.flows import assess as flow
+
+    with Progress(TextColumn(f"Assessing [b]{uc.id}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task("starting the Prefect flow", total=None)
+
+        def listener(label: str, done: int, total: int) -> None:
+            bar.update(job, completed=done, total=total, description=f"{label} done")
+
+        flow.progress_listeners.append(listener)
         try:
             result = run(str(path), str(out), seed, tracking_uri, runner, dask_address)
         except Exception as e:  # noqa: BLE001
             _fail(e)
+        finally:
+            flow.progress_listeners.remove(listener)
     colour = {"PASS": "green", "FAIL": "red", "INCONCLUSIVE": "yellow"}[result.verdict.value]
     out_console.print(f"verdict: [bold {colour}]{result.verdict.value}[/]"
                       + ("" if result.complete else " [bold red](INCOMPLETE: some checks failed)[/]"))

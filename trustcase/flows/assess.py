@@ -42,6 +42,15 @@ from trustcase.schemas import (
 
 USER_ERRORS = (ModelError, DataError, CheckError, Unsupported)
 
+# Listeners told (label, done, total) as each check shard finishes: the CLI draws its progress bar from
+# them (a module-level hook, because Prefect flow parameters must be serialisable).
+progress_listeners: list = []
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    for listener in progress_listeners:
+        listener(label, done, total)
+
 
 @dataclass
 class Result:
@@ -166,10 +175,13 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     errors: list[str] = []
     user_error = False
 
+    total = 1 + sum(len(build(spec).shards()) for _, spec in steps[1:])
+
     def collect(futures, labels):
         nonlocal user_error
         for f, label in zip(futures, labels, strict=True):
             value = f.result(raise_on_failure=False)
+            _progress(label, len(outcomes) + len(errors) + 1, total)
             if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
                 outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
                                              summary={"skipped": str(value)}))
