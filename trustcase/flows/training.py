@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from trustcase.components.data import DataError
 from trustcase.components.models import sha256_file
 from trustcase.flows import tracking
 from trustcase.schemas import load_use_case
@@ -21,6 +22,9 @@ def _train_module(use_case_path: Path):
 
 def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=None) -> str:
     """Train the model if its file is missing; register it in the MLflow registry. Returns the version."""
+    if importlib.util.find_spec("elpv_dataset") is None:
+        raise DataError("the demo's data package is not installed: pip install 'elpv-dataset' "
+                        "(or the project's `demo` extra); `make demo` does it")
     uc = load_use_case(use_case_path)
     path = Path(uc.model.path)
     log_file = path.with_suffix(".json")
