@@ -241,6 +241,8 @@ class ExplainabilityParams(Params):
     sensitivity_samples: int = Field(4, ge=1)
     sensitivity_radius: float = Field(0.02, gt=0, description="fraction of the input range")
     sanity_max_correlation: float = Field(0.5, gt=-1, lt=1)
+    # insertion - deletion must beat the random ordering by this much (probability of the class), not by noise
+    faithfulness_margin: float = Field(0.01, ge=0)
     region: Region | None = None
     gallery: int = Field(4, ge=0, description="items per row kind (correct / missed critical) in the gallery")
     batch_size: int = Field(16, ge=1)
@@ -402,9 +404,11 @@ class Explainability(Check):
                         "the model")
             else:
                 row["reasons"].append("sanity check not possible on a black box (no weights to randomise)")
-            if row["faithfulness"] is not None and row["faithfulness"] <= reference["faithfulness"]:
+            if row["faithfulness"] is not None and \
+                    row["faithfulness"] <= reference["faithfulness"] + p.faithfulness_margin:
                 row["reasons"].append(f"no more faithful than a random ordering (insertion - deletion "
-                                      f"{row['faithfulness']:.3f} <= {reference['faithfulness']:.3f})")
+                                      f"{row['faithfulness']:.3f} <= {reference['faithfulness']:.3f} + margin "
+                                      f"{p.faithfulness_margin:g})")
             if row["reasons"]:
                 row["status"] = "warned"
             rows[name] = row
