@@ -91,7 +91,7 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         model.eval()
         metrics = evaluate(clf, xva, yva)
         history.append({"epoch": epoch, "loss": total / len(xtr), **metrics})
