@@ -323,13 +323,12 @@ def check_property_command(
 
 
 def main() -> None:
-    import logging
     import warnings
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # third-party chatter a user cannot act on (captum reading .grad of non-leaf tensors, MLflow's DB set-up)
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     sys.exit(app())
 
 
