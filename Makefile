@@ -10,8 +10,9 @@ setup:
 setup-test:
 	@scripts/setup.sh --test
 
+# exit 3 means the assessment completed and a claim did not pass: a verdict, not a failure of the command
 demo: setup
-	@.venv/bin/trustcase demo
+	@.venv/bin/trustcase demo || [ $$? -eq 3 ]
 
 test: setup-test
 	@$(PY) -m pytest -q
