@@ -1,7 +1,8 @@
 """Datasets that stream: a loader gives a map-style split (len + getitem, read lazily); we batch it.
 
 A loader is `loader(split: str, **params) -> Split`, where a Split has `__len__`, `__getitem__(i) -> Item`
-and optionally `fingerprint() -> str` (a cheap hash of its source files). Nothing here holds a whole
+and optionally `fingerprint() -> str` (a cheap hash of its source files) and `name(i) -> str` (the
+item's id without reading it, so an unreadable file can still be named). Nothing here holds a whole
 split in memory: batches are read, used and dropped.
 """
 
@@ -94,12 +95,18 @@ class _Guarded(torch.utils.data.Dataset):
                 raise ValueError(f"image has shape {image.shape}")
             return (i, item.id, _as_hwc(image), int(item.label), dict(item.meta))
         except Exception as e:  # a partner's loader may raise anything on a corrupt file
-            return (i, None, None, None, f"{type(e).__name__}: {e}")
+            return (i, None, self._name(i), None, f"{type(e).__name__}: {e}")
+
+    def _name(self, i: int) -> str:
+        try:
+            return str(self.split.name(i))
+        except Exception:  # no `name`, or a broken one: the position still locates the item
+            return f"#{i}"
 
 
 def _collate(rows):
     good = [r for r in rows if r[1] is not None]
-    bad = [Unreadable(r[0], f"#{r[0]}", r[4]) for r in rows if r[1] is None]
+    bad = [Unreadable(r[0], r[2], r[4]) for r in rows if r[1] is None]
     if not good:
         return None, bad
     shapes = {r[2].shape for r in good}
@@ -219,7 +226,10 @@ class ImageFolder:
         path, label = self.files[i]
         with Image.open(path) as im:
             image = np.asarray(im.convert("L" if self.grey else "RGB"))
-        return Item(image=image, label=label, id=str(path.relative_to(self.root)))
+        return Item(image=image, label=label, id=self.name(i))
+
+    def name(self, i: int) -> str:
+        return str(self.files[i][0].relative_to(self.root))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -57,8 +57,11 @@ class ElpvSplit:
             raise OSError(f"cannot decode image {path}")
         if image.shape != (self.size, self.size):
             image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return Item(image=image, label=int(prob >= self.threshold), id=Path(path).name,
+        return Item(image=image, label=int(prob >= self.threshold), id=self.name(i),
                     meta={"cell_type": kind, "defect_probability": f"{prob:.2f}"})
+
+    def name(self, i: int) -> str:
+        return Path(self.rows[i][0]).name
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.size}:{self.threshold}".encode())
