@@ -218,6 +218,10 @@ def test_feature_extraction_routes(tmp_path):
         feats, logits = ex(x)
         assert np.allclose(logits, Classifier(spec, module=module).logits(x), atol=1e-6)
         assert feats.shape[1] == (6 if mode == "penultimate" else 2)
+    # a TorchScript Sequential is cut into one compiled call, with the same features as the eager model
+    compiled, eager = (odd.FeatureExtractor(Classifier(spec, module=m)) for m in (traced, seq()))
+    assert isinstance(compiled._run, torch.jit.ScriptModule)
+    assert np.allclose(compiled(x)[0], eager(x)[0], atol=1e-6)
 
 
 # --- the combined monitor, saved and reloaded ------------------------------------------------------

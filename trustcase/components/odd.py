@@ -149,20 +149,10 @@ class Limit:
     def categorical(self) -> bool:
         return self.values is not None
 
-    def judge(self, v: np.ndarray) -> np.ndarray:
-        """Numeric values (B,) -> states (B,). NaN is OUT; limits are inclusive."""
-        s = np.full(v.shape, State.IN, dtype=np.int8)
-        with np.errstate(invalid="ignore"):
-            if self.min is not None:
-                s[v < self.min + self.margin] = State.NEAR
-            if self.max is not None:
-                s[v > self.max - self.margin] = State.NEAR
-            if self.min is not None:
-                s[v < self.min] = State.OUT
-            if self.max is not None:
-                s[v > self.max] = State.OUT
-        s[~np.isfinite(v)] = State.OUT
-        return s
+    @property
+    def bounds(self) -> tuple[float, float, float]:
+        """(min, max, margin) with an absent limit as an infinite one."""
+        return (-math.inf if self.min is None else self.min, math.inf if self.max is None else self.max, self.margin)
 
     def reason(self, value: Any, state: int) -> str:
         unit = f" {self.unit}" if self.unit else ""
@@ -192,6 +182,15 @@ class Limit:
         return cls(**{**d, "values": tuple(d["values"]) if d.get("values") is not None else None})
 
 
+def judge(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """Numeric values (B, L) against L ranges at once -> states (B, L). Limits are inclusive; NaN is OUT.
+    One pass for every descriptor: at batch 1 the per-call cost of numpy, not the arithmetic, is the bill."""
+    v = values
+    out = (v < lo) | (v > hi) | ~np.isfinite(v)  # NaN and inf are OUT even where a limit is absent
+    near = (v < lo + margin) | (v > hi - margin)
+    return np.where(out, State.OUT, np.where(near, State.NEAR, State.IN)).astype(np.int8)
+
+
 @dataclass
 class SpecResult:
     values: dict[str, list]  # descriptor -> one value per input (float, str or None)
@@ -203,6 +202,8 @@ class SpecificationMonitor:
 
     def __init__(self, limits: Sequence[Limit], value_range: tuple[float, float] = (0.0, 255.0)):
         self.limits, self.value_range = list(limits), (float(value_range[0]), float(value_range[1]))
+        self._numeric = [j for j, lim in enumerate(self.limits) if not lim.categorical]
+        self._bounds = np.array([self.limits[j].bounds for j in self._numeric], dtype=np.float64).reshape(-1, 3).T
 
     @classmethod
     def from_odd(cls, descriptors: Sequence[Descriptor], value_range: tuple[float, float] = (0.0, 255.0),
@@ -225,6 +226,8 @@ class SpecificationMonitor:
     def evaluate(self, inputs: np.ndarray, meta: dict[str, Sequence[Any]] | None = None) -> SpecResult:
         n = len(inputs)
         states = np.zeros((n, len(self.limits)), dtype=np.int8)
+        numeric = np.full((n, len(self.limits)), np.nan)  # the numeric columns are judged together below
+        given = np.ones(len(self.limits), dtype=bool)
         values: dict[str, list] = {}
         views = Views(inputs, self.value_range)
         for j, lim in enumerate(self.limits):
@@ -240,7 +243,7 @@ class SpecificationMonitor:
             else:
                 raw = (meta or {}).get(lim.name)
                 if raw is None or len(raw) != n:
-                    states[:, j] = State.NEAR
+                    given[j] = False
                     values[lim.name] = [None] * n
                     continue
                 if lim.categorical:
@@ -249,8 +252,11 @@ class SpecificationMonitor:
                     values[lim.name] = [str(x) for x in raw]
                     continue
                 v = np.array([_float(x) for x in raw])
-            states[:, j] = lim.judge(v)
+            numeric[:, j] = v
             values[lim.name] = v.tolist()
+        if self._numeric:
+            states[:, self._numeric] = judge(numeric[:, self._numeric], *self._bounds)
+        states[:, ~given] = State.NEAR  # a metadata value the caller did not give cannot be confirmed
         return SpecResult(values, states)
 
     def to_dict(self) -> dict:
@@ -305,14 +311,15 @@ class FeatureExtractor:
         children = list(module.children())
         if len(children) < 2 or not self._is_linear(children[-1]):
             return None
-        body, head = children[:-1], children[-1]
-
-        def run(x):
-            for c in body:
-                x = c(x)
-            x = x.flatten(1)
-            return x, head(x)
-        return run
+        split = _SplitHead(torch.nn.Sequential(*children[:-1]), children[-1])
+        if isinstance(module, torch.jit.ScriptModule):
+            # one compiled call, as fast as the model's own forward; layer by layer from Python costs
+            # a dispatch per child, which at batch 1 is more than the monitor itself
+            try:
+                return torch.jit.script(split)
+            except Exception:  # a child TorchScript cannot compose: the Python route gives the same numbers
+                pass
+        return split
 
     def _hooked(self, module):
         if isinstance(module, torch.jit.ScriptModule):
@@ -352,6 +359,18 @@ class FeatureExtractor:
                 feats, logits = self._run(x)
         self.model.check_output(logits)
         return feats.numpy(), logits.numpy()
+
+
+class _SplitHead(torch.nn.Module):
+    """A Sequential model cut before its last Linear layer: (features, logits) in one forward pass."""
+
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.body(x).flatten(1)
+        return f, self.head(f)
 
 
 # --- the learned monitor --------------------------------------------------------------------------

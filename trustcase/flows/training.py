@@ -21,16 +21,19 @@ def _train_module(use_case_path: Path):
 
 
 def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=None) -> str:
-    """Train the model if its file is missing; register it in the MLflow registry. Returns the version."""
+    """Train the model if its file is missing or stale (the use case's `train.py` may define `stale(path)`, the
+    reason its model no longer fits the data); register it in the MLflow registry. Returns the version."""
     if importlib.util.find_spec("elpv_dataset") is None:
         raise DataError("the demo's data package is not installed: pip install 'elpv-dataset' "
                         "(or the project's `demo` extra); `make demo` does it")
     uc = load_use_case(use_case_path)
     path = Path(uc.model.path)
     log_file = path.with_suffix(".json")
-    if not path.is_file():
-        module = _train_module(use_case_path)
+    module = _train_module(use_case_path)
+    why = getattr(module, "stale", lambda _: None)(path) if path.is_file() else "no model file yet"
+    if why:
         if console is not None:
+            console.print(f"training the model: {why}")
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             epochs = 30

@@ -106,11 +106,21 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     cnn.export(model, out, tuple(spec.input_shape))
     final = evaluate(clf, xva, yva)
     params = {"seed": seed, "epochs": epochs, "noise_sigma": noise_sigma, "lipschitz": lipschitz, "width": width,
-              "train_items": len(xtr), "validation_items": len(xva)}
+              "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
     result = {"params": params, "validation": final, "history": history, "seconds": time.time() - t0,
               "path": str(out)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def stale(path: Path) -> str | None:
+    """Why the model file at `path` no longer fits its data (trained under another split rule), if it does not:
+    a model whose training cells now sit in the test split would be assessed on what it has seen."""
+    log = Path(path).with_suffix(".json")
+    trained = json.loads(log.read_text()).get("params", {}).get("splits") if log.is_file() else None
+    if trained != elpv.splits_id():
+        return f"{Path(path).name} was trained under another split rule ({trained or 'unrecorded'})"
+    return None
 
 
 def main() -> None:
