@@ -62,6 +62,17 @@ def test_descriptors_on_images_with_known_values():
     assert I.dead_lines(lines[None])[0] == 3
     assert I.saturated_fraction(const([1.0]), value_range=(0.0, 1.0))[0] == 1.0
 
+    # the filters against their definition written out in numpy (valid region, RGB through the luminance)
+    rgb = rng.uniform(0, 255, (3, 9, 11, 3))
+    g = rgb @ np.array([0.299, 0.587, 0.114])
+    c = g[:, 1:-1, 1:-1]
+    lap = g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:] - 4 * c
+    r = g[:, :, :-2] - 2 * g[:, :, 1:-1] + g[:, :, 2:]
+    second = r[:, :-2] - 2 * r[:, 1:-1] + r[:, 2:]
+    assert np.allclose(I.contrast(rgb), g.std(axis=(1, 2)), rtol=1e-12)
+    assert np.allclose(I.laplacian_variance(rgb), lap.var(axis=(1, 2)), rtol=1e-12)
+    assert np.allclose(I.noise_sigma(rgb), np.sqrt(np.pi / 2) / 6 * np.abs(second).mean(axis=(1, 2)), rtol=1e-12)
+
 
 def test_blur_lowers_sharpness_monotonically():
     img = np.random.default_rng(1).uniform(0, 255, (1, 64, 64, 1)).astype(np.uint8)

@@ -84,8 +84,7 @@ def test_report_renders_everything_generically(tmp_path):
     # generic rendering of the new check: curve drawn, image artefact embedded, limitation, summary rows
     assert (tmp_path / "plots" / "curve_adversarial__eps.png").is_file()
     embedded = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', html)
-    assert sorted(embedded) == ["Accuracy under PGD", "adversarial/worst_input.png", "sweep_gaussian_blur",
-                                "trust profile"]
+    assert sorted(embedded) == ["Accuracy under PGD", "adversarial/worst_input.png", "trust profile"]
     assert "attack budget limited to 10 steps" in html
     assert "40 numbers in [0, 39]" in html and "nested.a.b" in html
     assert "cell_0007.png" in html  # public: identifiers shown as they are

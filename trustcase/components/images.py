@@ -7,6 +7,7 @@ ODD monitor computes them beside the model in production.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
@@ -24,41 +25,47 @@ def grey(images: np.ndarray) -> np.ndarray:
     return x.mean(axis=-1)
 
 
-def _laplacian(g: np.ndarray) -> np.ndarray:
-    """4-neighbour Laplacian over the valid region (no border effects), by shifted slices: fast at batch 1."""
+def _per_image(images: np.ndarray, stat) -> np.ndarray:
+    """stat(one (H, W) float64 luminance image) for each image of the batch. OpenCV on one image at a time
+    is about 3x faster than numpy over the batch, at batch 1 and at batch 64 alike (bench/bench_odd.py)."""
+    g = np.ascontiguousarray(grey(images))
     if g.shape[1] < 3 or g.shape[2] < 3:
         raise ValueError(f"images of {g.shape[1]}x{g.shape[2]} px are too small for a 3x3 filter")
-    c = g[:, 1:-1, 1:-1]
-    return g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:] - 4 * c
+    return np.array([stat(im) for im in g], dtype=np.float64)
 
 
-def _second_differences(g: np.ndarray) -> np.ndarray:
-    """g correlated with NOISE_MASK (valid region): the mask is separable, [1, -2, 1] along each axis."""
-    if g.shape[1] < 3 or g.shape[2] < 3:
-        raise ValueError(f"images of {g.shape[1]}x{g.shape[2]} px are too small for a 3x3 filter")
-    r = g[:, :, :-2] - 2 * g[:, :, 1:-1] + g[:, :, 2:]
-    return r[:, :-2] - 2 * r[:, 1:-1] + r[:, 2:]
+def _std(im: np.ndarray) -> float:
+    return float(cv2.meanStdDev(im)[1][0, 0])  # the population standard deviation, as numpy's std
+
+
+def _valid(filtered: np.ndarray) -> np.ndarray:
+    """The valid region of a 3x3 filter's output: no border effects."""
+    return filtered[1:-1, 1:-1]
 
 
 def brightness(images: np.ndarray) -> np.ndarray:
+    """Mean luminance; numpy's pairwise sum keeps a uniform image's value exact, which limits rely on."""
     return grey(images).mean(axis=(1, 2))
 
 
 def contrast(images: np.ndarray) -> np.ndarray:
     """RMS contrast: the standard deviation of the luminance."""
-    return grey(images).std(axis=(1, 2))
+    return _per_image(images, _std)
 
 
 def laplacian_variance(images: np.ndarray) -> np.ndarray:
-    """Sharpness: low values mean blur (variance of the Laplacian, valid region only)."""
-    return _laplacian(grey(images)).var(axis=(1, 2))
+    """Sharpness: low values mean blur (variance of the 4-neighbour Laplacian, valid region only)."""
+    return _per_image(images, lambda im: _std(_valid(cv2.filter2D(im, cv2.CV_64F, LAPLACIAN))) ** 2)
 
 
 def noise_sigma(images: np.ndarray) -> np.ndarray:
     """Standard deviation of additive white noise, in grey levels (Immerkaer 1996, 'Fast noise variance
     estimation'): sigma = sqrt(pi/2) / 6 * mean |I * N|. Exact for Gaussian noise on a locally quadratic
     image; texture adds a small positive bias, which is why the ODD range is read on the data."""
-    return np.sqrt(np.pi / 2) / 6 * np.abs(_second_differences(grey(images))).mean(axis=(1, 2))
+    def sigma(im: np.ndarray) -> float:
+        r = _valid(cv2.filter2D(im, cv2.CV_64F, NOISE_MASK))
+        return np.sqrt(np.pi / 2) / 6 * cv2.norm(r, cv2.NORM_L1) / r.size
+    return _per_image(images, sigma)
 
 
 def saturated_fraction(images: np.ndarray, value_range: tuple[float, float] = (0.0, 255.0)) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -73,43 +72,6 @@ def reliability(a: Assessment, out: Path) -> Path | None:
     return _save(fig, out / "reliability.png")
 
 
-def sweeps(a: Assessment, out: Path) -> list[Path]:
-    """Metric vs amplitude with its confidence band, one panel per perturbation, thresholds drawn."""
-    critical = a.use_case["model"]["critical_class"]
-    metrics = ["accuracy", f"recall:{critical}"]
-    curves: dict[str, dict[str, list[Measurement]]] = defaultdict(lambda: defaultdict(list))
-    units = {}
-    for o in a.outcomes:
-        if o.check != "perturbation_sweep":
-            continue
-        units.update({k: v.get("unit", "") for k, v in o.summary.items()})
-        for m in o.measurements:
-            if m.scope.perturbation and not m.scope.subgroup and m.metric in metrics:
-                curves[m.scope.perturbation.name][m.metric].append(m)
-    paths = []
-    for name, by_metric in sorted(curves.items()):
-        fig, ax = plt.subplots(figsize=(5.2, 3.4))
-        for metric, ms in by_metric.items():
-            ms = sorted(ms, key=lambda m: m.amplitude)
-            x = [m.amplitude for m in ms]
-            line, = ax.plot(x, [float("nan") if m.value is None else m.value for m in ms], marker="o", label=metric)
-            if all(m.interval for m in ms):
-                ax.fill_between(x, [m.interval.lower for m in ms], [m.interval.upper for m in ms],
-                                color=line.get_color(), alpha=0.2)
-        for r in a.requirements:
-            p = r.scope.perturbation
-            if p and p.name == name and r.metric in by_metric and not r.scope.subgroup:
-                ax.hlines(r.threshold, 0, p.max_amplitude, colors="black", linestyles="--", lw=1)
-                ax.annotate(r.id, (p.max_amplitude, r.threshold), fontsize=7, ha="right", va="bottom")
-        ax.set_xlabel(f"{name} amplitude ({units.get(name, '')})")
-        ax.set_ylabel("metric (95% band)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"Robustness to {name.replace('_', ' ')}")
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"sweep_{name}.png"))
-    return paths
-
-
 def distributions(a: Assessment, out: Path) -> Path | None:
     dq = next((o for o in a.outcomes if o.check == "data_quality"), None)
     props = (dq.summary.get("properties") if dq else None) or {}
@@ -174,12 +136,6 @@ def draw_all(a: Assessment, out: Path, failures: list[str] | None = None) -> dic
     attempt("confusion", lambda: confusion(a, out))
     attempt("reliability", lambda: reliability(a, out))
     attempt("image_properties", lambda: distributions(a, out))
-    try:
-        for p in sweeps(a, out):
-            found[p.stem] = p
-    except Exception as e:  # noqa: BLE001
-        plt.close("all")
-        failures.append(f"perturbation sweep plots not drawn ({type(e).__name__}: {e})")
     for o in a.outcomes:
         for c in o.curves:
             key = curve_key(o.check, c.id)
