@@ -9,6 +9,9 @@
    (upper bound / largest gradient-ascent lower bound from test images), in the [0, 1]-scaled input.
 3. ACAS Xu: verdict counts (violated / holds / unknown) and time per instance. Default: a sample of 6
    instances with a 10 s budget; `--acas`: all 186 instances of instances.csv with `--timeout` per instance.
+4. Local robustness on ACAS Xu N_1,1 around sampled situations: what `local_robustness` decides (CROWN +
+   input splitting + falsification) against the reference algorithm, plain interval bound propagation
+   (IBP: one pass, sound, looser), at the same radii; and the cost per (input, radius) in forward passes.
 """
 
 from __future__ import annotations
@@ -135,6 +138,61 @@ def bench_acas(all_instances: bool, timeout: float) -> None:
           f"total {t.sum():.0f} s")
 
 
+def bench_local(quick: bool) -> None:
+    import importlib.util
+
+    from trustcase.components import bounds as B
+    from trustcase.components.local_robustness import change_property, verify_ball
+    from trustcase.components.properties import acasxu_root, single_thread
+
+    if not (acasxu_root() / "nnet").is_dir():
+        print(f"\n4. Local robustness: skipped, no ACAS Xu data at {acasxu_root()} (set TRUSTCASE_ACASXU)")
+        return
+    spec = importlib.util.spec_from_file_location("acas_bench", ROOT / "use_cases" / "acas_xu" / "acas.py")
+    acas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acas)
+    net = acas.negated("1_1")  # arg-max = the advisory
+    layers = B.linearise(net)
+    points = acas.Samples("test").x[: 30 if quick else 100].astype(np.float64)
+    radii = [0.0005, 0.001, 0.002, 0.005, 0.01]  # L-inf, input scaled to [0, 1] (the value range is [-1, 1])
+    with torch.no_grad():
+        preds = net(torch.from_numpy(points).float()).argmax(1).numpy()
+
+    def ibp(x, eps, c):
+        lo, hi = torch.from_numpy(x - eps)[None], torch.from_numpy(x + eps)[None]
+        z_lo, z_hi = B.interval(layers[:-1], lo, hi)[-1] if len(layers) > 1 else (lo, hi)
+        h_lo, h_hi = z_lo.clamp_min(0), z_hi.clamp_min(0)
+        last = layers[-1]
+        diff_w = last.W[c] - last.W  # rows: y_c - y_j
+        mid, rad = (h_lo + h_hi) / 2, (h_hi - h_lo) / 2
+        lower = mid @ diff_w.T - rad @ diff_w.abs().T + (last.b[c] - last.b)
+        return bool((torch.cat([lower[0, :c], lower[0, c + 1:]]) > B.TOLERANCE).all())
+
+    x1 = torch.from_numpy(points[:1]).float()
+    with torch.no_grad():
+        t = time.perf_counter()
+        for _ in range(200):
+            net(x1)
+    forward = (time.perf_counter() - t) / 200
+    print(f"\n4. Local robustness, ACAS Xu N_1,1, {len(points)} sampled situations (verified / falsified / unknown)")
+    print(f"{'radius':>8} {'trustcase':>16} {'ms/ball':>8} {'IBP verified':>13} {'ms/ball':>8} "
+          f"{'forward passes/ball':>20}")
+    with single_thread():
+        for r in radii:
+            eps = 2 * r
+            t = time.perf_counter()
+            verdicts = [verify_ball(layers, lambda v: net(v), change_property("b", x - eps, x + eps, int(c), 5), 2.0)
+                        for x, c in zip(points, preds, strict=True)]
+            ours = (time.perf_counter() - t) / len(points)
+            t = time.perf_counter()
+            ref = sum(ibp(x, eps, int(c)) for x, c in zip(points, preds, strict=True))
+            ib = (time.perf_counter() - t) / len(points)
+            v, f = verdicts.count("verified"), verdicts.count("falsified")
+            print(f"{r:>8g} {f'{v} / {f} / {len(points) - v - f}':>16} {ours * 1e3:>8.2f} {ref:>13} {ib * 1e3:>8.2f} "
+                  f"{ours / forward:>20.0f}")
+    print("   IBP never verifies more (it is looser); a falsified ball has a re-checked counterexample")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -145,6 +203,7 @@ def main() -> None:
     bench_smoothing(a.quick)
     bench_lipschitz(a.quick)
     bench_acas(a.acas, a.timeout)
+    bench_local(a.quick)
 
 
 if __name__ == "__main__":

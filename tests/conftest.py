@@ -114,3 +114,17 @@ def context_for(use_case, module, workdir: Path, seed: int = 0):
     module.eval()
     return Context(use_case=use_case, model=Classifier(use_case.model, module=module),
                    data=DataSource(use_case.data, seed), seed=seed, workdir=workdir)
+
+
+def acas_use_case(tmp_path: Path):
+    """The ACAS Xu use case with its network N_1,1 exported to tmp_path (needs ../shared/acasxu)."""
+    from trustcase.schemas import load_use_case
+
+    folder = ROOT / "use_cases" / "acas_xu"
+    spec = importlib.util.spec_from_file_location("acas_for_tests", folder / "acas.py")
+    acas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acas)
+    model_path = acas.export("1_1", tmp_path / "acasxu_1_1.pt")
+    raw = (folder / "use_case.yaml").read_text().replace("artefacts/acasxu_1_1.pt", str(model_path))
+    (tmp_path / "use_case.yaml").write_text(raw.replace("path: .", f"path: {folder}"))
+    return load_use_case(tmp_path / "use_case.yaml")

@@ -186,23 +186,15 @@ def test_cli_check_property_prints_one_json_line_and_rejects_bad_input(tmp_path)
 @needs_acas
 def test_formal_properties_check_on_the_acasxu_use_case(tmp_path):
     """The use case's own model (negated scores) through the check: prop_1 holds, prop_2 judged the same."""
-    import importlib.util
+    from conftest import acas_use_case
 
     from trustcase.components.checks import CheckError, Context, build
     from trustcase.components.data import DataSource
     from trustcase.components.models import load_classifier
     from trustcase.components.verdicts import judge
-    from trustcase.schemas import CheckSpec, Requirement, load_use_case
+    from trustcase.schemas import CheckSpec, Requirement
 
-    folder = ROOT / "use_cases" / "acas_xu"
-    spec = importlib.util.spec_from_file_location("acas_for_tests", folder / "acas.py")
-    acas = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(acas)
-    model_path = acas.export("1_1", tmp_path / "acasxu_1_1.pt")
-    raw = (folder / "use_case.yaml").read_text().replace("artefacts/acasxu_1_1.pt", str(model_path))
-    raw = raw.replace("path: .", f"path: {folder}")
-    (tmp_path / "use_case.yaml").write_text(raw)
-    uc = load_use_case(tmp_path / "use_case.yaml")
+    uc = acas_use_case(tmp_path)
     check = build(CheckSpec(check="formal_properties", params={
         "properties": ["${TRUSTCASE_ACASXU}/vnnlib/prop_1.vnnlib", "${TRUSTCASE_ACASXU}/vnnlib/prop_4.vnnlib"],
         "timeout": 60, "outputs": "negated_scores"}))

@@ -97,6 +97,7 @@ def _load_builtin_checks() -> None:
         blackbox,
         data_quality,
         lipschitz,
+        local_robustness,
         odd_validation,
         performance,
         properties,

@@ -1,0 +1,102 @@
+"""Local robustness proofs: exact on linear models (closed-form radius), sound on ReLU networks (no proved
+ball holds a changed prediction), and the check end to end on the ACAS Xu use case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import acas_use_case, context_for, folder_use_case
+from test_properties import needs_acas, random_mlp
+from torch import nn
+
+from trustcase.components import bounds as B
+from trustcase.components.checks import Unsupported, build
+from trustcase.components.local_robustness import change_property, verify_ball
+from trustcase.components.verdicts import judge
+from trustcase.schemas import CheckSpec, Requirement, UseCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ball(net, x, eps, timeout=10.0):
+    forward = lambda t: net(t)  # noqa: E731
+    with torch.no_grad():
+        c = int(net(torch.tensor(x[None], dtype=torch.float32)).argmax())
+    prop = change_property("p", x - eps, x + eps, c, net[-1].out_features)
+    return verify_ball(B.linearise(net), forward, prop, timeout), c
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_linear_models_are_proved_exactly_up_to_the_closed_form_radius(seed):
+    """f = W x + b: the prediction c holds on the L-inf ball of radius eps iff, for every j,
+    (w_c - w_j) x + b_c - b_j > eps ||w_c - w_j||_1."""
+    rng = np.random.default_rng(seed)
+    net = nn.Sequential(nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(rng.normal(size=(3, 4))))
+        net[0].bias.copy_(torch.tensor(rng.normal(size=3)))
+    W, b = net[0].weight.detach().double().numpy(), net[0].bias.detach().double().numpy()
+    x = rng.normal(size=4)
+    c = int(np.argmax(W @ x + b))
+    radius = min(((W[c] - W[j]) @ x + b[c] - b[j]) / np.abs(W[c] - W[j]).sum() for j in range(3) if j != c)
+    assert ball(net, x, 0.98 * radius) == ("verified", c)
+    assert ball(net, x, 1.02 * radius) == ("falsified", c)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_proved_ball_holds_no_changed_prediction(seed):
+    net = random_mlp(seed, sizes=(3, 12, 12, 3))
+    rng = np.random.default_rng(seed)
+    seen = set()
+    for _ in range(8):
+        x = rng.normal(size=3)
+        for eps in (0.05, 0.3, 1.0, 3.0, 10.0):
+            verdict, c = ball(net, x, eps)
+            seen.add(verdict)
+            if verdict == "verified":
+                probe = x + rng.uniform(-eps, eps, (20000, 3))
+                probe = np.concatenate([probe, x + eps * np.array(np.meshgrid(*[[-1, 1]] * 3)).reshape(3, -1).T])
+                with torch.no_grad():
+                    assert (net(torch.tensor(probe, dtype=torch.float32)).argmax(1) == c).all()
+    assert seen >= {"verified", "falsified"}  # both outcomes exercised
+
+
+def test_a_network_the_bounds_cannot_handle_is_not_run_with_the_layer_named(tmp_path):
+    from conftest import save_png
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for cls in ("ok", "bad"):
+            save_png(root / f"{split}/{cls}/0.png", np.full((16, 16), 100, np.uint8))
+    uc = UseCase.model_validate(folder_use_case(root))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 14 * 14, 2))
+    check = build(CheckSpec(check="local_robustness"))
+    with pytest.raises(Unsupported, match="Conv2d"):
+        check(context_for(uc, conv, tmp_path / "checks" / "local_robustness"))
+
+
+@needs_acas
+def test_the_check_on_the_acasxu_use_case(tmp_path):
+    from trustcase.components.checks import Context
+    from trustcase.components.data import DataSource
+    from trustcase.components.models import load_classifier
+
+    uc = acas_use_case(tmp_path)
+    check = build(CheckSpec(check="local_robustness", params={"radii": [0.001, 0.05], "max_items": 20}))
+    ctx = Context(use_case=uc, model=load_classifier(uc.model), data=DataSource(uc.data, 0), seed=0,
+                  workdir=tmp_path / "checks" / "local_robustness")
+    out = check(ctx)
+    s = out.summary
+    assert s["items"] == 20
+    for k in range(len(s["radii"])):
+        assert s["verified"][k] + s["falsified"][k] + s["unknown"][k] == 20
+    assert s["verified"] == sorted(s["verified"], reverse=True)  # a larger ball is never easier
+    assert s["falsified"] == sorted(s["falsified"])
+    assert s["verified"][0] > 0 and s["falsified"][-1] > 0  # N_1,1 is robust somewhere and fragile somewhere
+    assert (ctx.workdir / "items.csv").read_text().count("\n") == 21
+    req = Requirement(id="L3", text="t", metric="local_robustness_verified", comparator=">=", threshold=0.01,
+                      scope={"perturbation": {"name": "linf_radius", "max_amplitude": 0.001}})
+    assert judge([req], [out])[0].verdict.value == "PASS"
