@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_use_case, write_yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -189,3 +193,63 @@ def test_served_deployment_has_the_cron_schedule(tiny_case, tracking_uri, tmp_pa
     assert dep.parameters["use_case_path"] == str(tiny_case.resolve())
     with pytest.raises(watch.WatchError, match="invalid cron expression"):
         watch.validate_cron("every night")
+
+
+@pytest.mark.slow
+def test_two_versions_assessed_at_the_same_time_do_not_interfere(versions, tracking_uri, tmp_path, tiny_model):
+    """Two `trustcase assess` processes at once, one per version, on one MLflow store and one Prefect
+    database (as on a shared machine): both complete, each with its own run, report and pack, and each
+    gives the evidence a run alone gives."""
+    raw = yaml.safe_load(versions.read_text())
+    cases = {v: write_yaml(tmp_path / f"v{v}.yaml", {**raw, "model": {**raw["model"], "path": str(m)}})
+             for v, m in (("1", tiny_model), ("2", tmp_path / "zeroed.pt"))}
+    exe = str(Path(sys.executable).with_name("trustcase"))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # each process starts its own ephemeral server on the shared database
+
+    def assess(v: str, out: Path) -> subprocess.Popen:
+        return subprocess.Popen([exe, "assess", str(cases[v]), "--out", str(out), "--tracking-uri", tracking_uri],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = {v: assess(v, tmp_path / f"out-{v}") for v in cases}  # started together
+    results = {v: (p.wait(timeout=900), p.stdout.read(), p.stderr.read()) for v, p in procs.items()}
+    for v, (code, _, err) in results.items():
+        assert "Traceback" not in err, err
+        assert code == {"1": 0, "2": 3}[v], (v, code, err)
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(f"trustcase/{raw['id']}").experiment_id])
+    runs = [r for r in runs if r.data.tags.get("kind") != "training"]
+    assert sorted((r.data.tags["model_version"], r.data.tags["verdict"], r.info.status) for r in runs) == \
+        [("1", "PASS", "FINISHED"), ("2", "FAIL", "FINISHED")]
+
+    def evidence(out: Path) -> list:
+        doc = json.loads((out / "evidence.json").read_text())
+        return [(e["claim_id"], e["value"], e["verdict"]) for e in doc]
+
+    runner = CliRunner()
+    for v in cases:
+        assert runner.invoke(app, ["verify", str(tmp_path / f"out-{v}" / "pack.zip")]).exit_code == 0
+    solo = assess("2", tmp_path / "solo-2")
+    assert solo.wait(timeout=900) == 3, solo.stderr.read()
+    assert evidence(tmp_path / "out-2") == evidence(tmp_path / "solo-2")
+
+
+def test_the_local_prefect_database_is_migrated_once_under_a_lock(tmp_path):
+    import sqlite3
+
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, temporary_settings
+
+    from trustcase.flows import prefect_db
+
+    db = tmp_path / "home" / "prefect.db"
+    with temporary_settings(updates={PREFECT_API_URL: None,
+                                     PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        assert prefect_db.sqlite_path() == db
+        prefect_db.ensure_local_database()
+        prefect_db.ensure_local_database()  # up to date: nothing to do, no error
+    assert db.with_name("prefect.db.trustcase-lock").is_file()
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from alembic_version").fetchone()[0] == 1
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert prefect_db.sqlite_path() is None  # a Prefect server migrates its own database

@@ -14,6 +14,7 @@ from typing import Literal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase.flows.assess import Result, assess
+from trustcase.flows.prefect_db import ensure_local_database
 
 Runner = Literal["thread", "dask"]
 RUNNERS = ("thread", "dask")
@@ -66,5 +67,6 @@ def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri:
         runner: str = "thread", dask_address: str | None = None, previous_run_id: str | None = None,
         workers: int = 2) -> Result:
     """The assessment flow on the chosen task runner."""
+    ensure_local_database()
     flow = assess.with_options(task_runner=task_runner(runner, dask_address, workers))
     return flow(use_case_path, out_dir, seed, tracking_uri, previous_run_id)

@@ -42,7 +42,13 @@ def experiment(use_case: UseCase) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location, tags={"use_case": use_case.id})
+    try:
+        return client.create_experiment(name, artifact_location=location, tags={"use_case": use_case.id})
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # another process created it in the meantime
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _key(text: str) -> str:

@@ -39,6 +39,7 @@ from prefect import flow, get_run_logger
 from trustcase.components.models import sha256_file
 from trustcase.flows import rerender, runners, tracking
 from trustcase.flows.assess import USER_ERRORS, preflight
+from trustcase.flows.prefect_db import ensure_local_database
 from trustcase.schemas import Assessment, UseCase, Verdict, load_use_case
 
 TAG = "trustcase."
@@ -225,6 +226,7 @@ def once(use_case_path: str | Path, out_root: str | Path = "trustcase-out", trac
     if not pending(client, registered_name(uc)):
         return []
     runners.task_runner(runner, dask_address)  # a Dask address that does not answer fails before any work
+    ensure_local_database()
     return watch(str(Path(use_case_path).resolve()), str(out_root), uri, alias, runner, dask_address)
 
 
