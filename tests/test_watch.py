@@ -238,6 +238,7 @@ def test_two_versions_assessed_at_the_same_time_do_not_interfere(versions, track
 def test_the_local_prefect_database_is_migrated_once_under_a_lock(tmp_path):
     import sqlite3
 
+    import prefect
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, temporary_settings
 
     from trustcase.flows import prefect_db
@@ -249,6 +250,7 @@ def test_the_local_prefect_database_is_migrated_once_under_a_lock(tmp_path):
         prefect_db.ensure_local_database()
         prefect_db.ensure_local_database()  # up to date: nothing to do, no error
     assert db.with_name("prefect.db.trustcase-lock").is_file()
+    assert db.with_name("prefect.db.trustcase-migrated").read_text() == prefect.__version__
     with sqlite3.connect(db) as con:
         assert con.execute("select count(*) from alembic_version").fetchone()[0] == 1
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):

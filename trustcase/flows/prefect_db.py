@@ -29,13 +29,26 @@ def sqlite_path() -> Path | None:
 
 
 def ensure_local_database() -> None:
-    """Create or migrate the ephemeral server's SQLite database, one process at a time."""
+    """Create or migrate the ephemeral server's SQLite database, one process at a time. A stamp beside it
+    records the Prefect version that migrated it last, so that the usual case costs a file read."""
+    import prefect
+
     path = sqlite_path()
     if path is None:
+        return
+    stamp = path.with_name(path.name + ".trustcase-migrated")
+
+    def current() -> bool:
+        return path.is_file() and stamp.is_file() and stamp.read_text() == prefect.__version__
+
+    if current():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".trustcase-lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if current():  # another process migrated it while this one waited
+            return
         from prefect.server.database import provide_database_interface
 
-        asyncio.run(provide_database_interface().create_db())  # alembic upgrade: a no-op when up to date
+        asyncio.run(provide_database_interface().create_db())  # alembic upgrade to this Prefect's head
+        stamp.write_text(prefect.__version__)
