@@ -530,10 +530,10 @@ class LipschitzParams(Params):
         return v
 
 
-def claimed_radii(ctx: Context, metric: str) -> list[float]:
+def claimed_radii(ctx: Context, metric: str, norm: str = "l2_radius") -> list[float]:
     """Radii named by requirements on `metric`: always measured exactly, so no claim reads a grid neighbour."""
     return [r.scope.perturbation.max_amplitude for r in ctx.use_case.requirements
-            if r.metric == metric and r.scope.perturbation and r.scope.perturbation.name == "l2_radius"]
+            if r.metric == metric and r.scope.perturbation and r.scope.perturbation.name == norm]
 
 
 def input_scale(ctx: Context) -> float:

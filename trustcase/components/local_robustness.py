@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 
 from trustcase.components import bounds as B
 from trustcase.components.checks import Check, Context, Params, Unsupported, register
+from trustcase.components.lipschitz import claimed_radii
 from trustcase.components.properties import falsify, plain_check, single_thread
 from trustcase.components.stats import clopper_pearson
 from trustcase.components.vnnlib import Conjunction, Property, Region
@@ -105,10 +106,7 @@ class LocalRobustness(Check):
             raise Unsupported(f"local_robustness: {e}") from None
         shape = list(model.spec.input_shape)
         lo_v, hi_v = model.spec.value_range
-        claimed = [r.scope.perturbation.max_amplitude for r in ctx.use_case.requirements
-                   if r.metric == "local_robustness_verified" and r.scope.perturbation
-                   and r.scope.perturbation.name == "linf_radius"]
-        radii = sorted({*p.radii, *claimed})
+        radii = sorted({*p.radii, *claimed_radii(ctx, "local_robustness_verified", "linf_radius")})
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # flat model inputs (N, prod(shape)) -> scores
             return model.module(x.reshape(len(x), *shape))

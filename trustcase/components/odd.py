@@ -451,8 +451,8 @@ class Mahalanobis:
         # the scores run on torch's thread pool, the one the model already uses: numpy's BLAS would bring a
         # second pool whose spinning threads slow the model's next forward pass (measured: 2x at batch 64)
         self._basis = torch.from_numpy(self.basis)
-        self._c = self._basis.new_tensor(self.means.astype(np.float32)) @ self._basis  # means, projected
-        self._c_sq = (self._c.double() ** 2).sum(dim=1)
+        self._c = (self._basis.new_tensor(self.means.astype(np.float32)) @ self._basis).double()  # projected
+        self._c_sq = (self._c ** 2).sum(dim=1)
         self._means = torch.from_numpy(self.means)
         self._m_sq = (self._means ** 2).sum(dim=1)
 
@@ -478,7 +478,7 @@ class Mahalanobis:
                                f"{self.basis.shape[0]}")
         with torch.inference_mode():
             z = (f @ self._basis).double()
-            proj = (z ** 2).sum(dim=1, keepdim=True) - 2 * z @ self._c.double().T + self._c_sq
+            proj = (z ** 2).sum(dim=1, keepdim=True) - 2 * z @ self._c.T + self._c_sq
             if self.inv_residual:
                 f64 = f.double()
                 full = (f64 ** 2).sum(dim=1, keepdim=True) - 2 * f64 @ self._means.T + self._m_sq
