@@ -80,7 +80,7 @@ def main() -> None:
     uc = load_use_case(case)
     version = tracking.register_model(uc, model, sha256_file(model), {})
     client = watch._client(uri)[0]
-    client.set_model_version_tag(watch.registered_name(uc), version, "trustcase.verdict", "PASS")
+    client.set_model_version_tag(tracking.registered_name(uc), version, "trustcase.verdict", "PASS")
     t0 = time.perf_counter()
     outcomes = watch.once(case, tmp / "watch", uri)
     idle = time.perf_counter() - t0

@@ -98,13 +98,15 @@ def flatten(prefix: str, obj, out: dict) -> dict:
     return out
 
 
+def registered_name(use_case: UseCase) -> str:
+    """The use case's registered model: `model.registered_name`, default the use-case id."""
+    return use_case.model.registered_name or use_case.id
+
+
 def model_version(use_case: UseCase, model_sha256: str) -> str | None:
     """The registered version whose file hash is this model's, if the model is registered."""
-    name = use_case.model.registered_name
-    if not name:
-        return None
     try:
-        versions = MlflowClient().search_model_versions(f"name='{name}'")
+        versions = MlflowClient().search_model_versions(f"name='{registered_name(use_case)}'")
     except MlflowException:
         return None
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
@@ -115,7 +117,7 @@ def model_version(use_case: UseCase, model_sha256: str) -> str | None:
 
 def register_model(use_case: UseCase, model_path: Path, model_sha256: str, training: dict) -> str:
     """Log a training run with the model file and register it as a new version (idempotent by hash)."""
-    name = use_case.model.registered_name or use_case.id
+    name = registered_name(use_case)
     existing = model_version(use_case, model_sha256)
     if existing:
         return existing
@@ -139,7 +141,7 @@ def register_model(use_case: UseCase, model_path: Path, model_sha256: str, train
 
 def link_runtime_artefacts(use_case: UseCase, version: str, artifact_uri: str, outcomes) -> None:
     """Tag the registered version with where its fitted runtime artefacts (e.g. the ODD monitor) live."""
-    name = use_case.model.registered_name or use_case.id
+    name = registered_name(use_case)
     client = MlflowClient()
     for o in outcomes:
         for a in o.artefacts:

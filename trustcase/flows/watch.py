@@ -64,10 +64,6 @@ class VersionOutcome:
     error: str | None = None
 
 
-def registered_name(use_case: UseCase) -> str:
-    return use_case.model.registered_name or use_case.id
-
-
 def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     uri = tracking.configure(tracking_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
@@ -201,7 +197,7 @@ def watch(use_case_path: str, out_root: str = "trustcase-out", tracking_uri: str
     log = get_run_logger()
     uc = load_use_case(use_case_path)
     client, _ = _client(tracking_uri)
-    name = registered_name(uc)
+    name = tracking.registered_name(uc)
     todo = pending(client, name)
     log.info("%s: %d version(s) to assess", name, len(todo))
     outcomes = []
@@ -222,8 +218,8 @@ def once(use_case_path: str | Path, out_root: str | Path = "trustcase-out", trac
     """One pass; when nothing is pending it returns at once, without starting a Prefect flow."""
     uc = load_use_case(use_case_path)
     client, uri = _client(tracking_uri)
-    qualified(client, registered_name(uc), alias)  # an alias pointing nowhere fails before any work
-    if not pending(client, registered_name(uc)):
+    qualified(client, tracking.registered_name(uc), alias)  # an alias pointing nowhere fails before any work
+    if not pending(client, tracking.registered_name(uc)):
         return []
     runners.task_runner(runner, dask_address)  # a Dask address that does not answer fails before any work
     ensure_local_database()
@@ -252,14 +248,14 @@ def deployment(use_case_path: str | Path, cron: str, **kwargs):
     uc = load_use_case(use_case_path)
     return watch.to_deployment(name=f"watch-{uc.id}", cron=validate_cron(cron),
                                parameters=deployment_parameters(use_case_path, **kwargs),
-                               description=f"Assess new versions of {registered_name(uc)!r} on schedule {cron!r}")
+                               description=f"Assess new versions of {tracking.registered_name(uc)!r} "
+                                           f"on schedule {cron!r}")
 
 
 def serve(use_case_path: str | Path, cron: str, **kwargs) -> None:
     """Serve the watch flow on a cron schedule with Prefect's own scheduler (blocks until stopped)."""
-    uc = load_use_case(use_case_path)
-    client, _ = _client(kwargs.get("tracking_uri"))
-    pending(client, registered_name(uc))  # a registered model that does not exist fails now, not at 2 am
-    watch.serve(name=f"watch-{uc.id}", cron=validate_cron(cron), parameters=deployment_parameters(use_case_path,
-                **kwargs), description=f"Assess new versions of {registered_name(uc)!r} on schedule {cron!r}")
+    from prefect import serve as prefect_serve
 
+    client, _ = _client(kwargs.get("tracking_uri"))
+    pending(client, tracking.registered_name(load_use_case(use_case_path)))  # fails now, not at 2 am
+    prefect_serve(deployment(use_case_path, cron, **kwargs))
