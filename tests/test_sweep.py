@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import context_for
 from PIL import Image
 from scipy import stats
 
 from trustcase.components.checks import CheckError, Context, Unsupported, build
 from trustcase.components.data import DataSource, Item
-from trustcase.components.models import Classifier, load_classifier
+from trustcase.components.models import load_classifier
 from trustcase.components.sweep import area_under
 from trustcase.components.verdicts import judge
 from trustcase.schemas import CheckSpec, UseCase, Verdict, load_use_case
@@ -76,8 +77,7 @@ def synthetic_case(requirements=(), loader: str = "test_sweep:ConstantSplit", pa
 
 
 def context(uc: UseCase, module: torch.nn.Module, tmp_path: Path, seed: int = 0) -> Context:
-    return Context(use_case=uc, model=Classifier(uc.model, module=module.eval()), data=DataSource(uc.data, seed),
-                   seed=seed, workdir=tmp_path / "checks" / "perturbation_sweep")
+    return context_for(uc, module, tmp_path / "checks" / "perturbation_sweep", seed)
 
 
 def sweep(perturbations, **params):

@@ -18,7 +18,7 @@ from scipy import fft, stats
 
 from trustcase.components.checks import Check, Context, Params, register
 from trustcase.components.data import DataError
-from trustcase.components.images import PROPERTIES
+from trustcase.components.images import PROPERTIES, grey
 from trustcase.components.odd import Limit
 from trustcase.schemas import CheckOutcome, Measurement, Scope
 
@@ -122,8 +122,9 @@ class DataQuality(Check):
                 if images:  # pixel statistics mean nothing for a row of tabular features
                     constant += int((f.max(axis=1) == f.min(axis=1)).sum())
                     phash.append(perceptual_hash(np.nan_to_num(imgs)))
+                    g = grey(imgs)[..., None]  # the luminance once for every property
                     for k, fn in PROPERTIES.items():
-                        role_props[k].append(fn(imgs))
+                        role_props[k].append(fn(g))
                 for name, j in features.items():
                     role_props[name].append(f[:, j])
                 for key, values in batch.meta.items():

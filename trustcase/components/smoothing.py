@@ -28,7 +28,6 @@ training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, p
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -233,8 +232,3 @@ class RandomizedSmoothing(Check):
             limitations=([f"certified {n_items} items of the {p.split} split (max_items = {p.max_items})"]
                          if p.max_items is not None and n_items >= p.max_items else []),
         )
-
-
-def radius_closed_form(margin: float, weight_norm: float) -> float:
-    """Exact radius of g for a linear binary classifier: the distance to the hyperplane (tests, docs)."""
-    return abs(margin) / weight_norm if weight_norm > 0 else math.inf

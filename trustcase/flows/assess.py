@@ -15,7 +15,6 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from inspect import signature
 from pathlib import Path
 
 import mlflow
@@ -131,8 +130,7 @@ def report(assessment: Assessment, out_dir: str, use_case_text: str,
     (out / "assessment.json").write_text(assessment.model_dump_json(indent=1))
     (out / "evidence.json").write_text(json.dumps([e.model_dump(mode="json") for e in assessment.evidence], indent=1))
     (out / "use_case.yaml").write_text(use_case_text, encoding="utf-8")  # exactly the text that was assessed
-    compare = {"previous": previous} if previous and "previous" in signature(reports.render).parameters else {}
-    files = reports.render(assessment, out, **compare)
+    files = reports.render(assessment, out, previous=previous)
     client = MlflowClient()
     run_id = assessment.provenance.mlflow_run_id
     tracking.log_measurements(client, run_id, assessment)
@@ -148,7 +146,7 @@ def report(assessment: Assessment, out_dir: str, use_case_text: str,
     return files
 
 
-def _label(spec: CheckSpec, check: Check) -> str:
+def _label(check: Check) -> str:
     extra = ",".join(getattr(check.params, "perturbations", {}) or [])
     return f"{check.name}[{extra}]" if extra else check.name
 
@@ -207,7 +205,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
             specs.append(spec)
             shards.append(i)
             keys.append(_key(base + [data_sha, spec.model_dump(), i]) if outcomes else None)
-            labels.append(_label(spec, shard))
+            labels.append(_label(shard))
     if specs and outcomes:
         futures = run_check.map(unmapped(uc), specs, shards, unmapped(seed), unmapped(fp["model_sha256"]),
                                 unmapped(str(out)), keys, labels)

@@ -52,8 +52,6 @@ STAGES = {
                    "In operation the model is used within its ODD: the ODD monitor flags what lies outside, "
                    "and the monitor is validated"),
 }
-STAGE_ORDER = list(STAGES)
-DIAGRAM_STAGES = ["requirements", "data", "learning", "verification", "deployment"]
 
 # AMLAS data properties; a data claim goes under the first property whose pattern matches its metric
 DATA_PROPERTIES = [

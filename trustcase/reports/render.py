@@ -30,9 +30,6 @@ STAGE_TITLES = {k: f"{v[0]} ({v[1]})" for k, v in argument.STAGES.items()} | {
     "verification": "Verification (AMLAS stage 5): testing and formal legs"}
 SECTIONS = ["requirements", "data", "learning", "testing", "formal", "deployment"]
 MAX_SUMMARY_ROWS = 60
-
-
-
 WIDE_PT = 560  # a diagram wider than an A4 portrait text column goes on a landscape page in the PDF
 
 
@@ -121,14 +118,6 @@ def perturbation_table(ms: list[Measurement]) -> dict[str, Any] | None:
         sub = ", ".join(f"{k} = {v}" for k, v in sorted(m.scope.subgroup.items())) or "all"
         rows[(m.scope.perturbation.name, m.scope.split, sub, m.metric)][m.amplitude or 0.0] = m
     return {"amplitudes": amps, "rows": [(k, [r.get(a) for a in amps]) for k, r in rows.items()]}
-
-
-class _Images:
-    """Plots and artefact images as data URIs; what could not be drawn or found is recorded, not raised."""
-
-    def __init__(self) -> None:
-        self.uris: dict[str, str] = {}
-        self.missing: list[str] = []
 
 
 def _artefact_path(out_dir: Path, rel: str) -> Path | None:
