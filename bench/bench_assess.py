@@ -24,11 +24,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import yaml  # noqa: E402
 
 import trustcase  # noqa: E402,F401
-from trustcase.components.checks import Context, build  # noqa: E402
-from trustcase.components.data import DataSource  # noqa: E402
-from trustcase.components.models import load_classifier  # noqa: E402
-from trustcase.components.verdicts import judge  # noqa: E402
+from trustcase.checks import Context, build  # noqa: E402
+from trustcase.data.streaming import DataSource  # noqa: E402
+from trustcase.models.loading import load_classifier  # noqa: E402
 from trustcase.schemas import load_use_case  # noqa: E402
+from trustcase.verdicts import judge  # noqa: E402
 
 BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
 

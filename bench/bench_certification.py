@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trustcase.components import lipschitz as L  # noqa: E402
-from trustcase.components import smoothing as S  # noqa: E402
-from trustcase.components.data import DataSource  # noqa: E402
-from trustcase.components.models import load_classifier  # noqa: E402
+from trustcase.certification import lipschitz as L  # noqa: E402
+from trustcase.certification import smoothing as S  # noqa: E402
+from trustcase.data.streaming import DataSource  # noqa: E402
+from trustcase.models.loading import load_classifier  # noqa: E402
 from trustcase.schemas import load_use_case  # noqa: E402
 
 SOLAR = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
@@ -108,9 +108,9 @@ def bench_lipschitz(quick: bool) -> None:
 
 
 def bench_acas(all_instances: bool, timeout: float) -> None:
-    from trustcase.components.nnet import load_network
-    from trustcase.components.properties import acasxu_root, check_property
-    from trustcase.components.vnnlib import read_vnnlib
+    from trustcase.certification.nnet import load_network
+    from trustcase.certification.properties import acasxu_root, check_property
+    from trustcase.certification.vnnlib import read_vnnlib
 
     root = acasxu_root()
     if not (root / "instances.csv").is_file():
@@ -141,9 +141,9 @@ def bench_acas(all_instances: bool, timeout: float) -> None:
 def bench_local(quick: bool) -> None:
     import importlib.util
 
-    from trustcase.components import bounds as B
-    from trustcase.components.local_robustness import change_property, verify_ball
-    from trustcase.components.properties import acasxu_root, single_thread
+    from trustcase.certification import bounds as B
+    from trustcase.certification.local_robustness import change_property, verify_ball
+    from trustcase.certification.properties import acasxu_root, single_thread
 
     if not (acasxu_root() / "nnet").is_dir():
         print(f"\n4. Local robustness: skipped, no ACAS Xu data at {acasxu_root()} (set TRUSTCASE_ACASXU)")

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_explainability.py [--quick]
 
-1. Throughput (images/s) of each attribution method through `trustcase.components.attribution`
+1. Throughput (images/s) of each attribution method through `trustcase.explain.attribution`
    against a direct captum call with the same parameters on the same eager module (the bundled
    solar-cell CNN, rebuilt from TorchScript). Ratio = our time / captum's time (target <= 1.1).
 2. Ward clustering (`root_causes.cluster`: pdist + Ward + knee + compactness) of 500, 2,000 and 8,000
@@ -27,9 +27,9 @@ from captum._utils.models.linear_model import LinearModel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trustcase.components import attribution as A  # noqa: E402
-from trustcase.components import root_causes as R  # noqa: E402
-from trustcase.components.models import load_classifier  # noqa: E402
+from trustcase.explain import attribution as A  # noqa: E402
+from trustcase.explain import root_causes as R  # noqa: E402
+from trustcase.models.loading import load_classifier  # noqa: E402
 from trustcase.schemas import load_use_case  # noqa: E402
 
 

@@ -20,9 +20,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from trustcase.components import odd
-from trustcase.components.data import Batch, DataSource
-from trustcase.components.models import load_classifier, sha256_file
+from trustcase.data.streaming import Batch, DataSource
+from trustcase.models.classifier import sha256_file
+from trustcase.models.loading import load_classifier
+from trustcase.odd import monitor as odd
 from trustcase.schemas import load_use_case
 
 ROOT = Path(__file__).resolve().parent.parent

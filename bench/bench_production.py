@@ -58,8 +58,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
     import trustcase  # noqa: F401  (telemetry off)
-    from trustcase.components.models import sha256_file
     from trustcase.flows import runners, tracking, watch
+    from trustcase.models.classifier import sha256_file
     from trustcase.schemas import load_use_case
 
     model = tmp / "tiny.pt"

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from trustcase.components.data import Item  # noqa: E402
+from trustcase.data.streaming import Item  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -95,8 +95,8 @@ def loader_name() -> str:
 def setup(n: int, split: str = "test", seed: int = 0):
     import torch
 
-    from trustcase.components.data import DataSource
-    from trustcase.components.models import Classifier
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.classifier import Classifier
     from trustcase.schemas import UseCase
 
     uc = UseCase.model_validate({
@@ -117,7 +117,7 @@ def setup(n: int, split: str = "test", seed: int = 0):
 
 
 def run_sweep(uc, clf, data, perturbations, workers: int, workdir: Path):
-    from trustcase.components.checks import Context, build
+    from trustcase.checks import Context, build
     from trustcase.schemas import CheckSpec
 
     check = build(CheckSpec(check="perturbation_sweep",
@@ -131,8 +131,7 @@ def run_sweep(uc, clf, data, perturbations, workers: int, workdir: Path):
 
 def reference_time(uc, clf, batches) -> tuple[float, float]:
     """Seconds to apply the sweep's perturbations alone, and to run the model alone on their outputs."""
-    from trustcase.components import perturbations as P
-
+    from trustcase.robustness import perturbations as P
     perturbed, t_pert = [], 0.0
     for name in PERTURBATIONS:
         pert = P.get(name, uc.model.value_range)
@@ -149,8 +148,8 @@ def reference_time(uc, clf, batches) -> tuple[float, float]:
 
 
 def overhead(n: int, repeats: int) -> None:
-    from trustcase.components import perturbations as P
-    from trustcase.components.checks import check_class
+    from trustcase.checks import check_class
+    from trustcase.robustness import perturbations as P
 
     check_class("perturbation_sweep")  # import every check module now, not inside the first timing
     uc, clf, data = setup(n)
@@ -175,7 +174,7 @@ def overhead(n: int, repeats: int) -> None:
 
 def child(n: int) -> None:
     """One sweep in this fresh process; prints its time and memory as JSON."""
-    from trustcase.components.checks import check_class
+    from trustcase.checks import check_class
 
     check_class("perturbation_sweep")  # imports outside the timing
     uc, clf, data = setup(n, split="train")
@@ -224,7 +223,7 @@ def references():
     """Plain OpenCV/numpy versions of each perturbation, for the throughput comparison."""
     import cv2
 
-    from trustcase.components.perturbations import disk_kernel, line_kernel
+    from trustcase.robustness.perturbations import disk_kernel, line_kernel
 
     def per(fn):
         return lambda x, a, rng: np.stack([fn(img, a, rng).reshape(img.shape) for img in x])
@@ -307,8 +306,7 @@ def albumentations_versions():
 
 
 def throughput(n: int) -> None:
-    from trustcase.components import perturbations as P
-
+    from trustcase.robustness import perturbations as P
     uc, _, data = setup(n)
     x = next(iter(data.stream("test").batches(n))).images
     seeds = P.item_seeds(0, np.arange(len(x)))

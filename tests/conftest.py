@@ -107,9 +107,9 @@ def save_png(path: Path, image) -> Path:
 
 
 def context_for(use_case, module, workdir: Path, seed: int = 0):
-    from trustcase.components.checks import Context
-    from trustcase.components.data import DataSource
-    from trustcase.components.models import Classifier
+    from trustcase.checks import Context
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.classifier import Classifier
 
     module.eval()
     return Context(use_case=use_case, model=Classifier(use_case.model, module=module),

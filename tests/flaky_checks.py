@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trustcase.components.checks import Check, Context, Params
+from trustcase.checks import Check, Context, Params
 from trustcase.schemas import CheckOutcome, Measurement
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_sweep import synthetic_case
 
-from trustcase.components import adversarial as adv
-from trustcase.components.checks import CheckError, Context, Unsupported, build
-from trustcase.components.data import DataSource, Item
-from trustcase.components.models import Classifier
-from trustcase.components.verdicts import judge
+from trustcase.checks import CheckError, Context, Unsupported, build
+from trustcase.data.streaming import DataSource, Item
+from trustcase.models.classifier import Classifier
+from trustcase.robustness import attacks as adv
 from trustcase.schemas import CheckSpec, Verdict
+from trustcase.verdicts import judge
 
 VR = (0.0, 255.0)
 NORMALISATION = {"mean": [0.5], "std": [0.25]}  # x_model = p / 63.75 - 2: the gradient scale is 1 / 63.75

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from trustcase.components import attribution as A
-from trustcase.components import attribution_quality as Q
-from trustcase.components.checks import CheckError, Context, Unsupported, build
-from trustcase.components.data import DataSource, Item
-from trustcase.components.models import Classifier
+from trustcase.checks import CheckError, Context, Unsupported, build
+from trustcase.data.streaming import DataSource, Item
+from trustcase.explain import attribution as A
+from trustcase.explain import quality as Q
+from trustcase.models.classifier import Classifier
 from trustcase.schemas import CheckSpec, ModelSpec, UseCase
 
 HERE = Path(__file__).resolve().parent

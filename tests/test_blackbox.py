@@ -14,18 +14,19 @@ import numpy as np
 import pytest
 from conftest import tiny_use_case, write_yaml
 
-from trustcase.components.blackbox import BlackBox, ComponentOutputs, ComponentParams, validate_answer
-from trustcase.components.checks import Check, Context, Params
-from trustcase.components.data import DataSource
-from trustcase.components.models import ModelError, load_classifier
-from trustcase.components.performance import Tally
+from trustcase.checks import Check, Context, Params
+from trustcase.data.streaming import DataSource
+from trustcase.models.blackbox import BlackBox, ComponentOutputs, ComponentParams, validate_answer
+from trustcase.models.classifier import ModelError
+from trustcase.models.loading import load_classifier
+from trustcase.performance import Tally
 from trustcase.schemas import CheckOutcome, UseCase, load_use_case
 
 _ids = itertools.count()
 
 LOADER = """
 import numpy as np
-from trustcase.components.data import Item
+from trustcase.data.streaming import Item
 
 class Split:
     # item i: left half at L = 12 i + 6, right half at 255 - L; label 'bad' from i = 10

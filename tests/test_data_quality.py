@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import context_for, folder_use_case, save_png
 
-from trustcase.components.data_quality import DataQuality, DataQualityParams, hamming, near_pairs, perceptual_hash
+from trustcase.data.quality import DataQuality, DataQualityParams, hamming, near_pairs, perceptual_hash
 from trustcase.schemas import UseCase
 
 

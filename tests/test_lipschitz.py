@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from trustcase.components import lipschitz as L
-from trustcase.components.checks import Context, build
-from trustcase.components.data import DataSource
-from trustcase.components.models import load_classifier
+from trustcase.certification import lipschitz as L
+from trustcase.checks import Context, build
+from trustcase.data.streaming import DataSource
+from trustcase.models.loading import load_classifier
 from trustcase.schemas import CheckSpec, load_use_case
 
 

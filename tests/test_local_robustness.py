@@ -12,11 +12,11 @@ from conftest import acas_use_case, context_for, folder_use_case
 from test_properties import needs_acas, random_mlp
 from torch import nn
 
-from trustcase.components import bounds as B
-from trustcase.components.checks import Unsupported, build
-from trustcase.components.local_robustness import change_property, verify_ball
-from trustcase.components.verdicts import judge
+from trustcase.certification import bounds as B
+from trustcase.certification.local_robustness import change_property, verify_ball
+from trustcase.checks import Unsupported, build
 from trustcase.schemas import CheckSpec, Requirement, UseCase
+from trustcase.verdicts import judge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,9 +80,9 @@ def test_a_network_the_bounds_cannot_handle_is_not_run_with_the_layer_named(tmp_
 
 @needs_acas
 def test_the_check_on_the_acasxu_use_case(tmp_path):
-    from trustcase.components.checks import Context
-    from trustcase.components.data import DataSource
-    from trustcase.components.models import load_classifier
+    from trustcase.checks import Context
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.loading import load_classifier
 
     uc = acas_use_case(tmp_path)
     check = build(CheckSpec(check="local_robustness", params={"radii": [0.001, 0.05], "max_items": 20}))

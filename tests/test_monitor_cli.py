@@ -12,9 +12,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from trustcase.cli import app
-from trustcase.components import odd
-from trustcase.components.data import Batch
-from trustcase.components.models import load_classifier, sha256_file
+from trustcase.data.streaming import Batch
+from trustcase.models.classifier import sha256_file
+from trustcase.models.loading import load_classifier
+from trustcase.odd import monitor as odd
 from trustcase.schemas import Descriptor, ModelSpec
 
 

@@ -15,11 +15,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
-from trustcase.components import images as I
-from trustcase.components import odd
-from trustcase.components.checks import CheckError, Context, build
-from trustcase.components.data import Batch, DataSource
-from trustcase.components.models import Classifier, load_classifier
+from trustcase.checks import CheckError, Context, build
+from trustcase.data import images as I
+from trustcase.data.streaming import Batch, DataSource
+from trustcase.models.classifier import Classifier
+from trustcase.models.loading import load_classifier
+from trustcase.odd import monitor as odd
 from trustcase.schemas import CheckSpec, Descriptor, ModelSpec, load_use_case
 
 State = odd.State
@@ -76,7 +77,7 @@ def test_descriptors_on_images_with_known_values():
 
 def test_blur_lowers_sharpness_monotonically():
     img = np.random.default_rng(1).uniform(0, 255, (1, 64, 64, 1)).astype(np.uint8)
-    from trustcase.components.perturbations import get, item_seeds
+    from trustcase.robustness.perturbations import get, item_seeds
 
     blur = get("gaussian_blur", (0.0, 255.0))
     s = [I.laplacian_variance(blur.apply(img, a, item_seeds(0, np.arange(1))))[0] for a in (0, 0.5, 1, 2, 3)]
@@ -254,7 +255,7 @@ def fitted(tmp_path):
         Descriptor(name="cell_type", source="metadata", values=["mono", "poly"]),
         Descriptor(name="brightness", min=40, max=220, margin=15)])
     rng = np.random.default_rng(0)
-    from trustcase.components.models import sha256_file
+    from trustcase.models.classifier import sha256_file
 
     mon = odd.fit(clf, sha256_file(path), spec, batches(rng, 600), batches(rng, 400), rank=4)
     return mon, path
@@ -304,7 +305,7 @@ def test_monitor_file_for_another_model_or_schema_is_rejected(fitted, tmp_path):
 
 
 def test_runtime_api_imports_neither_prefect_nor_mlflow():
-    code = ("import sys, trustcase.odd, trustcase.components.odd; "
+    code = ("import sys, trustcase.odd, trustcase.odd.monitor; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

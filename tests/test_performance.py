@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from trustcase.components.performance import Tally
-from trustcase.components.stats import clopper_pearson, wilson
-from trustcase.components.verdicts import breaking_amplitude, judge, overall, verdict
+from trustcase.measurement import clopper_pearson, wilson
+from trustcase.performance import Tally
 from trustcase.schemas import CheckOutcome, Interval, Measurement, PerturbationScope, Requirement, Scope, UseCase
 from trustcase.schemas import Verdict as V
+from trustcase.verdicts import breaking_amplitude, judge, overall, verdict
 
 
 def use_case(**plan) -> UseCase:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from trustcase.components import images
-from trustcase.components import perturbations as P
-from trustcase.components.checks import CheckError, build
+from trustcase.checks import CheckError, build
+from trustcase.data import images
+from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckSpec
 
 CATALOGUE = sorted(P.PERTURBATIONS)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from trustcase.components import bounds as B
-from trustcase.components.nnet import NetworkFormatError, load_network, read_nnet, read_onnx
-from trustcase.components.properties import acasxu_root, check_property
-from trustcase.components.vnnlib import VnnlibError, parse_vnnlib, read_vnnlib
+from trustcase.certification import bounds as B
+from trustcase.certification.nnet import NetworkFormatError, load_network, read_nnet, read_onnx
+from trustcase.certification.properties import acasxu_root, check_property
+from trustcase.certification.vnnlib import VnnlibError, parse_vnnlib, read_vnnlib
 
 ROOT = Path(__file__).resolve().parent.parent
 ACAS = acasxu_root()
@@ -188,11 +188,11 @@ def test_formal_properties_check_on_the_acasxu_use_case(tmp_path):
     """The use case's own model (negated scores) through the check: prop_1 holds, prop_2 judged the same."""
     from conftest import acas_use_case
 
-    from trustcase.components.checks import CheckError, Context, build
-    from trustcase.components.data import DataSource
-    from trustcase.components.models import load_classifier
-    from trustcase.components.verdicts import judge
+    from trustcase.checks import CheckError, Context, build
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.loading import load_classifier
     from trustcase.schemas import CheckSpec, Requirement
+    from trustcase.verdicts import judge
 
     uc = acas_use_case(tmp_path)
     check = build(CheckSpec(check="formal_properties", params={

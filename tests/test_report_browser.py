@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from trustcase.components.checks import Context, build_plan
-from trustcase.components.data import DataSource
-from trustcase.components.models import load_classifier, sha256_file
-from trustcase.components.verdicts import judge, overall
+from trustcase.checks import Context, build_plan
+from trustcase.data.streaming import DataSource
+from trustcase.models.classifier import sha256_file
+from trustcase.models.loading import load_classifier
 from trustcase.reports import render, verify_pack
 from trustcase.schemas import Assessment, Provenance, load_use_case
+from trustcase.verdicts import judge, overall
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PDFTOPPM = shutil.which("pdftoppm")

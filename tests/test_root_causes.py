@@ -17,10 +17,10 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from trustcase.components import root_causes as R
-from trustcase.components.checks import CheckError, Context, Unsupported, build
-from trustcase.components.data import DataSource, Item
-from trustcase.components.models import Classifier
+from trustcase.checks import CheckError, Context, Unsupported, build
+from trustcase.data.streaming import DataSource, Item
+from trustcase.explain import root_causes as R
+from trustcase.models.classifier import Classifier
 from trustcase.schemas import CheckSpec, UseCase
 
 HERE = Path(__file__).resolve().parent

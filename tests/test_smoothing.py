@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from trustcase.components import smoothing as S
-from trustcase.components.checks import CheckError, Context, build
-from trustcase.components.data import DataSource
-from trustcase.components.models import Classifier, load_classifier
+from trustcase.certification import smoothing as S
+from trustcase.checks import CheckError, Context, build
+from trustcase.data.streaming import DataSource
+from trustcase.models.classifier import Classifier
+from trustcase.models.loading import load_classifier
 from trustcase.schemas import CheckSpec, ModelSpec, load_use_case
 
 

@@ -12,12 +12,12 @@ from conftest import context_for
 from PIL import Image
 from scipy import stats
 
-from trustcase.components.checks import CheckError, Context, Unsupported, build
-from trustcase.components.data import DataSource, Item
-from trustcase.components.models import load_classifier
-from trustcase.components.sweep import area_under
-from trustcase.components.verdicts import judge
+from trustcase.checks import CheckError, Context, Unsupported, build
+from trustcase.data.streaming import DataSource, Item
+from trustcase.models.loading import load_classifier
+from trustcase.robustness.sweep import area_under
 from trustcase.schemas import CheckSpec, UseCase, Verdict, load_use_case
+from trustcase.verdicts import judge
 
 HERE = Path(__file__).resolve().parent
 

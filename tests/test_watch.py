@@ -18,11 +18,12 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from trustcase.cli import app
-from trustcase.components.data import DataSource
-from trustcase.components.models import load_classifier, sha256_file
-from trustcase.components.performance import Tally
-from trustcase.components.stats import clopper_pearson
+from trustcase.data.streaming import DataSource
 from trustcase.flows import tracking, watch
+from trustcase.measurement import clopper_pearson
+from trustcase.models.classifier import sha256_file
+from trustcase.models.loading import load_classifier
+from trustcase.performance import Tally
 from trustcase.schemas import load_use_case
 
 NAME = "solar_cells"  # registered_name of the bundled use case, inherited by the tiny one

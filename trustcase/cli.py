@@ -23,9 +23,9 @@ EXIT_PASS, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOT_ALL_PASS = 0, 1, 2, 3
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from trustcase.components.checks import CheckError, Unsupported
-    from trustcase.components.data import DataError
-    from trustcase.components.models import ModelError
+    from trustcase.checks import CheckError, Unsupported
+    from trustcase.data.streaming import DataError
+    from trustcase.models.classifier import ModelError
     from trustcase.schemas import UseCaseError
 
     return UseCaseError, ModelError, DataError, CheckError, Unsupported
@@ -52,7 +52,7 @@ def _escape(text: str) -> str:
 @app.command()
 def validate(path: Path = typer.Argument(..., help="use-case YAML file")) -> None:
     """Check a use-case file and its plan; print every problem with its line."""
-    from trustcase.components.checks import CheckError, build_plan
+    from trustcase.checks import CheckError, build_plan
     from trustcase.schemas import UseCaseError, load_use_case
 
     try:
@@ -303,9 +303,9 @@ def check_property_command(
     """Falsify or prove one VNN-LIB property: one JSON line, verdict violated / holds / unknown."""
     import json
 
-    from trustcase.components.nnet import NetworkFormatError, load_network
-    from trustcase.components.properties import check_property
-    from trustcase.components.vnnlib import VnnlibError, read_vnnlib
+    from trustcase.certification.nnet import NetworkFormatError, load_network
+    from trustcase.certification.properties import check_property
+    from trustcase.certification.vnnlib import VnnlibError, read_vnnlib
 
     try:
         if timeout <= 0:

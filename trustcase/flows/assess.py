@@ -23,11 +23,11 @@ from prefect import flow, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase import reports
-from trustcase.components.checks import Check, CheckError, Context, Unsupported, build, build_plan
-from trustcase.components.data import DataError, DataSource
-from trustcase.components.models import Classifier, ModelError, load_classifier, sha256_file
-from trustcase.components.verdicts import judge, overall
+from trustcase.checks import Check, CheckError, Context, Unsupported, build, build_plan
+from trustcase.data.streaming import DataError, DataSource
 from trustcase.flows import provenance, rerender, tracking
+from trustcase.models.classifier import Classifier, ModelError, sha256_file
+from trustcase.models.loading import load_classifier
 from trustcase.schemas import (
     Assessment,
     CheckOutcome,
@@ -38,6 +38,7 @@ from trustcase.schemas import (
     load_use_case,
     parse_use_case,
 )
+from trustcase.verdicts import judge, overall
 
 USER_ERRORS = (ModelError, DataError, CheckError, Unsupported)
 

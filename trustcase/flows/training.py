@@ -6,9 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from trustcase.components.data import DataError
-from trustcase.components.models import sha256_file
+from trustcase.data.streaming import DataError
 from trustcase.flows import tracking
+from trustcase.models.classifier import sha256_file
 from trustcase.schemas import load_use_case
 
 

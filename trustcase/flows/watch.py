@@ -36,10 +36,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
-from trustcase.components.models import sha256_file
 from trustcase.flows import rerender, runners, tracking
 from trustcase.flows.assess import USER_ERRORS, preflight
 from trustcase.flows.prefect_db import ensure_local_database
+from trustcase.models.classifier import sha256_file
 from trustcase.schemas import Assessment, UseCase, Verdict, load_use_case
 
 TAG = "trustcase."

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trustcase.components.data import Item
-from trustcase.components.nnet import read_nnet
+from trustcase.certification.nnet import read_nnet
+from trustcase.data.streaming import Item
 
 HERE = Path(__file__).resolve().parent
 ADVISORIES = ["clear_of_conflict", "weak_left", "weak_right", "strong_left", "strong_right"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trustcase.components.data import Item
+from trustcase.data.streaming import Item
 
 SPLITS = {"train": (0, 70), "validation": (70, 85), "test": (85, 100)}  # hash percentiles
 GROUPS = Path(__file__).resolve().with_name("elpv_groups.csv")  # file -> the first file of its group
@@ -56,7 +56,7 @@ def read_groups(path: Path = GROUPS) -> dict[str, str]:
 
 def near_duplicate_groups(root: Path, size: int = 64, distance: int = 2) -> dict[str, str]:
     """Connected components of the near-duplicate relation, each keyed by its first file name."""
-    from trustcase.components.data_quality import near_pairs, perceptual_hash
+    from trustcase.data.quality import near_pairs, perceptual_hash
 
     names = [r[0] for r in read_labels(root)]
     hashes = np.concatenate([perceptual_hash(np.stack([_read(root / n, size) for n in names[i:i + 256]])[..., None])

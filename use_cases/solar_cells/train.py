@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 import cnn  # noqa: E402
 import elpv  # noqa: E402
 
-from trustcase.components.models import Classifier  # noqa: E402
+from trustcase.models.classifier import Classifier  # noqa: E402
 from trustcase.schemas import load_use_case  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"

@@ -1,0 +1,231 @@
+"""Sound output bounds of ReLU networks over input boxes: interval arithmetic and linear relaxation
+(CROWN: backward propagation of linear bounds with the triangle relaxation of each unstable ReLU),
+with input splitting (branch and bound on the box) to prove more within a time budget.
+
+The network is first reduced to an alternation of affine maps and ReLUs (`linearise`); everything is
+computed in float64 on a batch of boxes at once. Rounding errors of float64 are not accounted for
+formally: a property is proved only with a margin of `TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+TOLERANCE = 1e-7
+
+
+class BoundsError(ValueError):
+    """The network cannot be bounded (a layer other than Linear/ReLU/Flatten/shift)."""
+
+
+@dataclass
+class Affine:
+    W: torch.Tensor  # (out, in), float64
+    b: torch.Tensor  # (out,)
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    children = list(module.named_children())
+    if not children:
+        return [(prefix or type(module).__name__, module)]
+    if isinstance(module, torch.jit.ScriptModule):
+        from trustcase.certification.lipschitz import _script_chain  # a traced Sequential: its chain of layers
+
+        return _script_chain(module, prefix)
+    if not isinstance(module, nn.Sequential):
+        raise BoundsError(f"module {prefix or type(module).__name__} ({type(module).__name__}) is not a Sequential "
+                          "of Linear/ReLU layers")
+    out = []
+    for n, c in children:
+        out += _leaves(c, f"{prefix}.{n}" if prefix else n)
+    return out
+
+
+def linearise(module: nn.Module) -> list[Affine]:
+    """Affine maps A_1..A_L such that f = A_L o relu o ... o relu o A_1 (consecutive affine layers merged)."""
+    layers: list[Affine] = []
+    pending: Affine | None = None
+
+    def compose(a: Affine) -> None:
+        nonlocal pending
+        pending = a if pending is None else Affine(a.W @ pending.W, a.W @ pending.b + a.b)
+
+    for name, m in _leaves(module):
+        kind = m.original_name if isinstance(m, torch.jit.ScriptModule) else type(m).__name__
+        if kind == "Linear":
+            W = m.weight.detach().double()
+            b = m.bias.detach().double() if getattr(m, "bias", None) is not None else torch.zeros(W.shape[0],
+                                                                                              dtype=torch.float64)
+            compose(Affine(W, b))
+        elif kind == "_Shift":
+            c = m.c.detach().double()
+            n = len(c) if pending is None else pending.W.shape[0]
+            compose(Affine(torch.eye(n, dtype=torch.float64), c.expand(n).clone()))
+        elif kind == "ReLU":
+            if pending is None:
+                raise BoundsError(f"layer {name}: a ReLU must follow an affine layer")
+            layers.append(pending)
+            pending = None
+        elif kind in ("Flatten", "Identity", "Dropout"):
+            continue
+        else:
+            raise BoundsError(f"layer {name} ({kind}) is not supported by bound propagation (Linear, ReLU only)")
+    if pending is None:
+        raise BoundsError("the network must end with an affine layer")
+    layers.append(pending)
+    return layers
+
+
+def interval(layers: list[Affine], lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pre-activation bounds of every affine layer by interval arithmetic; lo/hi (N, d)."""
+    out = []
+    for i, a in enumerate(layers):
+        if i:
+            lo, hi = lo.clamp_min(0), hi.clamp_min(0)
+        c, r = (lo + hi) / 2, (hi - lo) / 2
+        mid, rad = c @ a.W.T + a.b, r @ a.W.abs().T
+        lo, hi = mid - rad, mid + rad
+        out.append((lo, hi))
+    return out
+
+
+def _relu_relax(lo: torch.Tensor, hi: torch.Tensor):
+    """Per neuron: lower slope (0 or 1, CROWN's choice), upper slope and intercept of the triangle relaxation."""
+    active, dead = lo >= 0, hi <= 0
+    unstable = ~active & ~dead
+    denom = (hi - lo).clamp_min(1e-30)
+    up_slope = torch.where(active, torch.ones_like(lo), torch.where(unstable, hi / denom, torch.zeros_like(lo)))
+    up_icpt = torch.where(unstable, -lo * hi / denom, torch.zeros_like(lo))
+    low_slope = torch.where(active, torch.ones_like(lo), torch.where(unstable & (hi > -lo), torch.ones_like(lo),
+                                                                      torch.zeros_like(lo)))
+    return low_slope, up_slope, up_icpt
+
+
+def backward_lower(layers: list[Affine], k: int, C: torch.Tensor, pre: list, lo: torch.Tensor, hi: torch.Tensor):
+    """Lower bound of C z_k (z_k the output of affine layer k) over the boxes; C (N, m, d_k).
+
+    Returns (bound (N, m), Lambda (N, m, d_in)): the linear function of the input that bounds C z_k from below.
+    """
+    lam = C @ layers[k].W  # (N, m, d_{k-1})
+    const = C @ layers[k].b
+    for j in range(k - 1, -1, -1):
+        low_s, up_s, up_c = _relu_relax(*pre[j])  # (N, d_j)
+        pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+        # relu(z) >= low_s z for positive coefficients, <= up_s z + up_c for negative ones
+        const = const + (neg * up_c[:, None, :]).sum(-1)
+        lam = pos * low_s[:, None, :] + neg * up_s[:, None, :]
+        const = const + lam @ layers[j].b
+        lam = lam @ layers[j].W
+    centre, radius = (lo + hi) / 2, (hi - lo) / 2
+    bound = const + (lam @ centre[:, :, None]).squeeze(-1) - (lam.abs() @ radius[:, :, None]).squeeze(-1)
+    return bound, lam
+
+
+def crown(layers: list[Affine], lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, known: list | None = None):
+    """Lower bounds of C y (C (m, out) or (N, m, out)) over each box, with CROWN intermediate bounds.
+
+    Intermediate bounds: interval arithmetic from the previous layer's bounds, intersected with `known`
+    (bounds valid on a larger box, e.g. the parent of a split) and refined by CROWN only for the neurons
+    still unstable in some box (a stable neuron's relaxation does not depend on its bounds).
+    Returns (bound (N, m), Lambda (N, m, d_in), intermediate bounds).
+    """
+    n = len(lo)
+    pre: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k in range(len(layers) - 1):
+        a = layers[k]
+        if k == 0:
+            x_lo, x_hi = lo, hi
+        else:
+            x_lo, x_hi = pre[-1][0].clamp_min(0), pre[-1][1].clamp_min(0)
+        c, r = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
+        mid, rad = c @ a.W.T + a.b, r @ a.W.abs().T
+        z_lo, z_hi = mid - rad, mid + rad  # exact for k = 0 (an affine map of a box)
+        if known is not None:
+            z_lo, z_hi = torch.maximum(z_lo, known[k][0]), torch.minimum(z_hi, known[k][1])
+        if k > 0:
+            idx = torch.nonzero(((z_lo < 0) & (z_hi > 0)).any(0)).flatten()
+            if len(idx):
+                eye = torch.eye(a.W.shape[0], dtype=torch.float64)[idx]
+                b, _ = backward_lower(layers, k, torch.cat([eye, -eye]).expand(n, 2 * len(idx), -1), pre, lo, hi)
+                z_lo = z_lo.clone()
+                z_hi = z_hi.clone()
+                z_lo[:, idx] = torch.maximum(z_lo[:, idx], b[:, :len(idx)])
+                z_hi[:, idx] = torch.minimum(z_hi[:, idx], -b[:, len(idx):])
+        pre.append((z_lo, z_hi))
+    C = C.expand(n, *C.shape[-2:]) if C.ndim == 2 else C
+    bound, lam = backward_lower(layers, len(layers) - 1, C, pre, lo, hi)
+    return bound, lam, pre
+
+
+@dataclass
+class Outcome:
+    verdict: str  # "holds", "violated", "unknown"
+    counterexample: np.ndarray | None = None
+    boxes: int = 0  # boxes bounded
+    reason: str = ""
+
+
+def prove(layers: list[Affine], lower: np.ndarray, upper: np.ndarray, conjunctions, deadline: float,
+          candidate=None, batch: int = 256, max_boxes: int = 2_000_000) -> Outcome:
+    """Prove that no x in [lower, upper] has A_c f(x) <= b_c for any conjunction c (a list of (A, b)).
+
+    A box is safe when, for every conjunction, some row has a lower bound of A_k y above b_k. Unproved
+    boxes are split in two along the input with the largest influence (|Lambda| times width).
+    `candidate(x)` is called on the minimising corners of unproved boxes: it returns a verified
+    counterexample or None (falsification during the search).
+    """
+    A = torch.from_numpy(np.concatenate([c[0] for c in conjunctions])).double()
+    b = torch.from_numpy(np.concatenate([c[1] for c in conjunctions])).double()
+    owner = np.concatenate([[i] * len(c[0]) for i, c in enumerate(conjunctions)])
+    queue_lo = torch.from_numpy(np.asarray(lower, np.float64))[None]
+    queue_hi = torch.from_numpy(np.asarray(upper, np.float64))[None]
+    queue_pre: list | None = None  # intermediate bounds of each open box's parent
+    done = 0
+    while len(queue_lo):
+        if time.perf_counter() > deadline:
+            return Outcome("unknown", boxes=done, reason=f"budget exhausted with {len(queue_lo)} boxes open")
+        if done > max_boxes:
+            return Outcome("unknown", boxes=done, reason=f"more than {max_boxes} boxes")
+        lo, hi = queue_lo[:batch], queue_hi[:batch]
+        known = None if queue_pre is None else [(a[:batch], b_[:batch]) for a, b_ in queue_pre]
+        queue_lo, queue_hi = queue_lo[batch:], queue_hi[batch:]
+        rest = None if queue_pre is None else [(a[batch:], b_[batch:]) for a, b_ in queue_pre]
+        bound, lam, pre = crown(layers, lo, hi, A, known)  # (N, rows)
+        done += len(lo)
+        margin = bound - b  # > 0: this row cannot be met anywhere in the box
+        refuted = torch.zeros(len(lo), len(conjunctions), dtype=torch.bool)
+        for i in range(len(conjunctions)):
+            refuted[:, i] = (margin[:, owner == i] > TOLERANCE).any(dim=1)
+        open_ = ~refuted.all(dim=1)
+        if not open_.any():
+            queue_pre = rest
+            continue
+        lo, hi, lam, margin = lo[open_], hi[open_], lam[open_], margin[open_]
+        pre = [(a[open_], b_[open_]) for a, b_ in pre]
+        if candidate is not None:
+            # the corner minimising the bound of the most violated row: the likeliest counterexample
+            row = margin.argmin(dim=1)
+            g = lam[torch.arange(len(lo)), row]
+            corner = torch.where(g > 0, lo, hi)
+            found = candidate(np.concatenate([corner.numpy(), ((lo + hi) / 2).numpy()]))
+            if found is not None:
+                return Outcome("violated", counterexample=found, boxes=done)
+        # split along the input that matters most for the rows still open
+        influence = (lam.abs() * (hi - lo)[:, None, :]).sum(1)
+        dim = influence.argmax(dim=1)
+        at = torch.arange(len(lo))
+        mid = (lo[at, dim] + hi[at, dim]) / 2
+        left_hi, right_lo = hi.clone(), lo.clone()
+        left_hi[at, dim] = mid
+        right_lo[at, dim] = mid
+        queue_lo = torch.cat([lo, right_lo, queue_lo])
+        queue_hi = torch.cat([left_hi, hi, queue_hi])
+        children = [(torch.cat([a, a]), torch.cat([b_, b_])) for a, b_ in pre]  # the parent's bounds hold
+        queue_pre = children if rest is None else [(torch.cat([c[0], r[0]]), torch.cat([c[1], r[1]]))
+                                                   for c, r in zip(children, rest, strict=True)]
+    return Outcome("holds", boxes=done)

@@ -1,0 +1,534 @@
+"""Lipschitz certification: a guaranteed upper bound of the L2 Lipschitz constant of the logit map.
+
+`upper_bound(model, input_shape)` composes per-layer operator-norm bounds through the model's graph
+(eager modules: a torch.fx trace, so residual additions are seen; TorchScript: a plain chain of
+submodules, as `torch.jit.trace` of an nn.Sequential gives). Every bound is an upper bound by
+construction:
+
+- Linear: the spectral norm (float64 SVD).
+- Conv2d (zero padding, any stride, dilation, groups): the norm of the CIRCULAR convolution on the
+  padded input size, computed exactly in the Fourier domain (largest singular value of the
+  per-frequency channel matrices, Sedghi et al. 2019). The zero-padded operator is a restriction of
+  that circular operator (embed, convolve, select), and stride is a subsampling, so its norm is <=.
+- eval-mode BatchNorm: folded into the preceding Conv2d/Linear when it directly follows one,
+  otherwise max |gamma / sqrt(var + eps)|.
+- activations: their largest slope (ReLU 1, GELU 1.13, SiLU 1.1, sigmoid 1/4, ...).
+- max pooling: sqrt(largest number of windows covering one input); average pooling (a non-negative
+  linear map): the Schur bound sqrt(max row sum * max column sum), computed with the layer itself.
+- flatten, dropout (identity in eval), identity: 1; residual additions: L_a + L_b; concatenation:
+  sqrt(sum L_i^2); multiplication by a constant c: |c|.
+An unsupported layer is an error naming it, never silently treated as 1-Lipschitz.
+
+Certified radius (L2): with the last layer Linear(W) after a body of Lipschitz bound L_body, the
+pairwise form  r(x) = min_{j != y} (z_y - z_j) / (||W_y - W_j|| L_body); otherwise
+r(x) = (z_y - z_2nd) / (sqrt(2) L). The check states radii in the input scaled to [0, 1]
+(pixel / (max - min) of model.value_range), i.e. L is divided by min(normalisation std).
+
+Check `lipschitz` (stage "formal"), metrics on scope {split}:
+- `lipschitz_upper_bound`: the certified bound L (input scaled to [0, 1]);
+- `lipschitz_lower_bound`: largest ||f(x) - f(y)|| / ||x - y|| (or Jacobian norm) found by gradient
+  ascent from data points, a true lower bound of L;
+- `lipschitz_tightness`: upper / lower (>= 1; how loose the certificate can be at most);
+- `lipschitz_certified_accuracy` with perturbation scope {name: l2_radius, max_amplitude: r} and
+  amplitude r: fraction of items classified correctly AND certified at radius r (Clopper-Pearson);
+- `lipschitz_median_radius`: median certified radius of the correctly classified items (0 otherwise).
+Summary keys: upper_bound, upper_bound_model_input, lower_bound, tightness, radius_convention, layers,
+radii, certified_accuracy, clean_accuracy, seconds_upper_bound. Artefact: per-item CSV (id, label,
+prediction, radius).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+SAFETY = 1.0 + 1e-6  # covers float64 SVD/FFT rounding of each layer norm
+ACTIVATIONS = {  # largest slope of each elementwise activation (sup |f'|)
+    "ReLU": 1.0, "ReLU6": 1.0, "Hardtanh": 1.0, "Tanh": 1.0, "Softplus": 1.0, "Softsign": 1.0,
+    "Sigmoid": 0.25, "Hardsigmoid": 1.0 / 6.0, "GELU": 1.13, "SiLU": 1.1, "Mish": 1.09, "Hardswish": 1.5,
+    "Identity": 1.0, "Flatten": 1.0, "Unflatten": 1.0, "Dropout": 1.0, "Dropout2d": 1.0, "Dropout1d": 1.0,
+    "AlphaDropout": 1.0,
+}
+
+
+class LipschitzError(ValueError):
+    """The model cannot be bounded (unsupported layer, training mode, input shape)."""
+
+
+@dataclass
+class Layer:
+    """One operation, described the same way for eager and TorchScript modules."""
+
+    name: str
+    kind: str  # "linear", "conv2d", "batchnorm", "activation", "maxpool2d", "avgpool", "adaptive_maxpool2d"
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    scale: torch.Tensor | None = None  # BatchNorm: gamma / sqrt(var + eps)
+    slope: float = 1.0  # activation
+    module: nn.Module | None = None  # for layers bounded with the module itself (average pooling)
+
+
+@dataclass
+class Bound:
+    """The result: total bound of the logit map, and the split body/head for pairwise radii."""
+
+    total: float
+    layers: list[dict] = field(default_factory=list)  # name, kind, bound
+    body: float | None = None  # bound of the map up to the last Linear layer
+    head: torch.Tensor | None = None  # that last Linear layer's weight (C, K)
+
+
+# --- per-layer operator norms ------------------------------------------------------------------
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """Largest singular value, float64."""
+    m = matrix.detach().double().reshape(matrix.shape[0], -1)
+    return float(torch.linalg.matrix_norm(m, ord=2)) if m.numel() else 0.0
+
+
+def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups: int = 1) -> float:
+    """Upper bound of the L2 operator norm of a zero-padded Conv2d on inputs of size in_hw.
+
+    The zero-padded convolution is embed -> circular convolution on N >= H + 2p -> select, so its
+    norm is at most the circular one, which is exact in the Fourier domain. A stride s is handled
+    exactly by the polyphase form (N a multiple of s): a stride-s circular convolution is a stride-1
+    one on N / s with s_h * s_w times more input channels, the tap at offset k d going to phase
+    (k d) mod s, position (k d) // s.
+    """
+    w = weight.detach().double()
+    cout, cin_g, kh, kw = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    hp, wp = in_hw[0] + 2 * padding[0], in_hw[1] + 2 * padding[1]
+    if dh * (kh - 1) + 1 > hp or dw * (kw - 1) + 1 > wp:
+        raise LipschitzError(f"kernel {kh}x{kw} (dilation {dilation}) is larger than the padded input {hp}x{wp}")
+    mh, mw = -(-hp // sh), -(-wp // sw)  # N / s, with N the padded size rounded up to a multiple of s
+    poly = torch.zeros(cout, cin_g, sh, sw, mh, mw, dtype=torch.float64)
+    for a in range(kh):
+        for b in range(kw):
+            oh, ow = a * dh, b * dw
+            poly[:, :, oh % sh, ow % sw, oh // sh, ow // sw] += w[:, :, a, b]
+    spectrum = torch.fft.fft2(poly.reshape(cout, cin_g * sh * sw, mh, mw))
+    best = 0.0
+    per = cout // groups
+    for g in range(groups):  # block-diagonal over groups
+        block = spectrum[g * per:(g + 1) * per].permute(2, 3, 0, 1).reshape(mh * mw, per, cin_g * sh * sw)
+        best = max(best, float(torch.linalg.svdvals(block)[:, 0].max()))
+    return best
+
+
+def pool_coverage(k: int, s: int, d: int = 1) -> int:
+    """Largest number of pooling windows containing one input position (one axis)."""
+    return min(k, math.ceil((d * (k - 1) + 1) / s))
+
+
+def adaptive_coverage(n_in: int, n_out: int) -> int:
+    count = np.zeros(n_in, np.int64)
+    for i in range(n_out):
+        count[(i * n_in) // n_out:-(-((i + 1) * n_in) // n_out)] += 1
+    return int(count.max())
+
+
+def nonnegative_linear_norm(module: nn.Module, in_shape: tuple[int, ...]) -> float:
+    """Schur bound sqrt(||A||_1 ||A||_inf) of a linear map with non-negative entries, via the module."""
+    with torch.enable_grad():
+        x = torch.ones(1, *in_shape, dtype=torch.float64, requires_grad=True)
+        y = module(x)
+        (cols,) = torch.autograd.grad(y.sum(), x)  # A^T 1: column sums
+    rows = float(y.max())  # A 1: row sums
+    return math.sqrt(max(rows, 0.0) * max(float(cols.max()), 0.0))
+
+
+def layer_norm(layer: Layer, in_shape: tuple[int, ...]) -> float:
+    """Upper bound of the Lipschitz constant of one layer on inputs of shape in_shape (no batch)."""
+    if layer.kind == "linear":
+        return spectral_norm(layer.weight) * SAFETY
+    if layer.kind == "conv2d":
+        if len(in_shape) != 3:
+            raise LipschitzError(f"{layer.name}: Conv2d needs (C, H, W) inputs, got {in_shape}")
+        return conv2d_norm(layer.weight, in_shape[1:], layer.stride, layer.padding, layer.dilation,
+                           layer.groups) * SAFETY
+    if layer.kind == "batchnorm":
+        return float(layer.scale.abs().max()) * SAFETY
+    if layer.kind == "activation":
+        return layer.slope
+    if layer.kind == "maxpool2d":
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
+        return math.sqrt(pool_coverage(kh, sh, dh) * pool_coverage(kw, sw, dw))
+    if layer.kind == "adaptive_maxpool2d":
+        out = layer.kernel  # output size
+        return math.sqrt(adaptive_coverage(in_shape[-2], out[0]) * adaptive_coverage(in_shape[-1], out[1]))
+    if layer.kind == "avgpool":
+        return nonnegative_linear_norm(layer.module, in_shape) * SAFETY
+    raise LipschitzError(f"{layer.name}: no bound for layer kind {layer.kind!r}")
+
+
+def fold(conv: Layer, bn: Layer) -> Layer:
+    """BatchNorm after Conv2d/Linear: one affine layer with output-channel-scaled weights."""
+    shape = (-1,) + (1,) * (conv.weight.ndim - 1)
+    return Layer(name=f"{conv.name}+{bn.name}", kind=conv.kind, weight=conv.weight * bn.scale.view(shape),
+                 stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+# --- describing layers -------------------------------------------------------------------------
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int | float) else (int(v[0]), int(v[-1]))
+
+
+def _bn_scale(weight, var, eps) -> torch.Tensor:
+    s = 1.0 / torch.sqrt(var.detach().double() + eps)
+    return s * weight.detach().double() if weight is not None else s
+
+
+def describe_eager(name: str, m: nn.Module) -> Layer:
+    kind = type(m).__name__
+    if isinstance(m, nn.Linear):
+        return Layer(name, "linear", weight=m.weight, bias=m.bias)
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            raise LipschitzError(f"layer {name}: Conv2d with padding_mode={m.padding_mode!r} is not supported")
+        pad = m.padding
+        if isinstance(pad, str):
+            # 'same': at most d (k - 1) zeros per side; a larger circle is still a sound embedding
+            pad = (0, 0) if pad == "valid" else tuple(d * (k - 1) for d, k in zip(m.dilation, m.kernel_size,
+                                                                                    strict=True))
+        return Layer(name, "conv2d", weight=m.weight, bias=m.bias, stride=_pair(m.stride), padding=_pair(pad),
+                     dilation=_pair(m.dilation), groups=m.groups)
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if not m.track_running_stats or m.running_var is None:
+            raise LipschitzError(f"layer {name}: BatchNorm without running statistics uses batch statistics")
+        return Layer(name, "batchnorm", scale=_bn_scale(m.weight, m.running_var, m.eps))
+    if isinstance(m, nn.LeakyReLU):
+        return Layer(name, "activation", slope=max(1.0, abs(m.negative_slope)))
+    if isinstance(m, nn.ELU):
+        return Layer(name, "activation", slope=max(1.0, m.alpha))
+    if isinstance(m, nn.MaxPool2d):
+        return Layer(name, "maxpool2d", kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size),
+                     dilation=_pair(m.dilation))
+    if isinstance(m, nn.AdaptiveMaxPool2d):
+        return Layer(name, "adaptive_maxpool2d", kernel=_pair(m.output_size))
+    if isinstance(m, nn.AvgPool2d | nn.AdaptiveAvgPool2d | nn.AvgPool1d | nn.AdaptiveAvgPool1d):
+        return Layer(name, "avgpool", module=m)
+    if kind in ACTIVATIONS:
+        return Layer(name, "activation", slope=ACTIVATIONS[kind])
+    raise LipschitzError(f"layer {name} ({kind}) is not supported by the Lipschitz bound")
+
+
+def _const(value: torch._C.Value):
+    node = value.node()
+    if node.kind() == "prim::ListConstruct":
+        return [_const(v) for v in node.inputs()]
+    if node.kind() == "prim::Constant":
+        return value.toIValue()
+    raise LipschitzError(f"non-constant argument ({node.kind()}) in a TorchScript layer")
+
+
+def _ops(m: torch.jit.ScriptModule) -> list[torch._C.Node]:
+    skip = {"prim::Constant", "prim::ListConstruct", "prim::GetAttr", "prim::TupleConstruct", "prim::NumToTensor"}
+    return [n for n in m.graph.nodes() if n.kind() not in skip]
+
+
+def describe_script(name: str, m: torch.jit.ScriptModule) -> Layer:
+    """A TorchScript leaf: its class name says what it is, its graph gives stride/padding/eps."""
+    kind = m.original_name
+    ops = _ops(m)
+    op_kinds = [n.kind() for n in ops]
+    if kind in ("Linear",) and op_kinds == ["aten::linear"]:
+        return Layer(name, "linear", weight=m.weight, bias=getattr(m, "bias", None))
+    if kind == "Conv2d" and op_kinds in (["aten::_convolution"], ["aten::conv2d"]):
+        args = [_const(v) for v in list(ops[0].inputs())[3:]]
+        if op_kinds[0] == "aten::_convolution":
+            stride, padding, dilation, transposed, _, groups = args[:6]
+            if transposed:
+                raise LipschitzError(f"layer {name}: transposed convolution is not supported")
+        else:
+            stride, padding, dilation, groups = args[:4]
+        if isinstance(padding, str):
+            raise LipschitzError(f"layer {name}: Conv2d padding {padding!r} is not supported in TorchScript")
+        return Layer(name, "conv2d", weight=m.weight, stride=_pair(stride), padding=_pair(padding),
+                     dilation=_pair(dilation), groups=int(groups))
+    if kind in ("BatchNorm2d", "BatchNorm1d") and op_kinds == ["aten::batch_norm"]:
+        args = list(ops[0].inputs())
+        if _const(args[5]):
+            raise LipschitzError(f"layer {name}: BatchNorm was traced in training mode (batch statistics)")
+        return Layer(name, "batchnorm", scale=_bn_scale(getattr(m, "weight", None), m.running_var, _const(args[7])))
+    if kind == "MaxPool2d" and op_kinds == ["aten::max_pool2d"]:
+        k, s, _, d = (_const(v) for v in list(ops[0].inputs())[1:5])
+        return Layer(name, "maxpool2d", kernel=_pair(k), stride=_pair(s or k), dilation=_pair(d))
+    if kind in ("AvgPool2d", "AdaptiveAvgPool2d"):
+        return Layer(name, "avgpool", module=m)
+    if kind == "LeakyReLU" and op_kinds and op_kinds[0].startswith("aten::leaky_relu"):
+        return Layer(name, "activation", slope=max(1.0, abs(float(_const(list(ops[0].inputs())[1])))))
+    if kind in ("Dropout", "Dropout2d", "Dropout1d", "AlphaDropout"):
+        for n in ops:  # traced in eval mode: dropout(x, p, train=False) or nothing at all
+            if "dropout" in n.kind() and _const(list(n.inputs())[2]):
+                raise LipschitzError(f"layer {name}: Dropout was traced in training mode")
+        return Layer(name, "activation", slope=1.0)
+    if kind in ACTIVATIONS and kind not in ("LeakyReLU", "ELU"):
+        return Layer(name, "activation", slope=ACTIVATIONS[kind])
+    raise LipschitzError(f"layer {name} ({kind}, ops {op_kinds}) is not supported by the Lipschitz bound")
+
+
+def _script_chain(m: torch.jit.ScriptModule, prefix: str = "") -> list[tuple[str, torch.jit.ScriptModule]]:
+    """The children of a TorchScript module whose forward is a plain chain child_1(...child_0(x)); else error."""
+    children = dict(m.named_children())
+    if not children:
+        return [(prefix or m.original_name, m)]
+    names = {}
+    current = list(m.graph.inputs())[1]
+    chain = []
+    for node in m.graph.nodes():
+        k = node.kind()
+        if k == "prim::GetAttr" and node.s("name") in children:
+            names[node.output().debugName()] = node.s("name")
+        elif k == "prim::CallMethod" and node.s("name") == "forward":
+            owner, *args = list(node.inputs())
+            if owner.debugName() not in names or len(args) != 1 or args[0].debugName() != current.debugName():
+                raise LipschitzError(f"TorchScript module {prefix or m.original_name}: forward is not a plain chain")
+            chain.append(names[owner.debugName()])
+            current = node.output()
+        elif k != "prim::Constant":
+            raise LipschitzError(
+                f"TorchScript module {prefix or m.original_name} ({m.original_name}): its forward uses {k}, not a "
+                "plain chain of layers; load the model as an eager nn.Module (state_dict + factory) to bound it")
+    ret = list(m.graph.outputs())[0]
+    if ret.debugName() != current.debugName():
+        raise LipschitzError(f"TorchScript module {prefix or m.original_name}: forward does not return the chain")
+    out = []
+    for c in chain:
+        out += _script_chain(children[c], f"{prefix}.{c}" if prefix else c)
+    return out
+
+
+# --- composing through the graph ---------------------------------------------------------------
+
+def _compose_chain(layers: list[Layer], shapes: list[tuple[int, ...]]) -> Bound:
+    """A chain of layers: fold BN into the affine layer before it, multiply the bounds."""
+    total, rows, i = 1.0, [], 0
+    head, body = None, None
+    while i < len(layers):
+        layer, shape = layers[i], shapes[i]
+        if layer.kind in ("conv2d", "linear") and i + 1 < len(layers) and layers[i + 1].kind == "batchnorm":
+            layer = fold(layer, layers[i + 1])
+            i += 1
+        b = layer_norm(layer, shape)
+        rows.append({"name": layer.name, "kind": layer.kind, "bound": b})
+        if layer.kind == "linear" and i == len(layers) - 1:  # the logits' own layer: pairwise radii
+            head, body = layer.weight.detach().double(), total
+        total *= b
+        i += 1
+    return Bound(total=total, layers=rows, body=body, head=head)
+
+
+def _bound_script(model: torch.jit.ScriptModule, input_shape: tuple[int, ...]) -> Bound:
+    chain = _script_chain(model)
+    layers = [describe_script(n, m) for n, m in chain]
+    shapes, x = [], torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for (n, m) in chain:
+            shapes.append(tuple(x.shape[1:]))
+            try:
+                x = m(x)
+            except Exception as e:
+                raise LipschitzError(f"input shape {input_shape} does not fit layer {n}: {str(e)[:200]}") from None
+    return _compose_chain(layers, shapes)
+
+
+ADD = {operator.add, torch.add, operator.sub, torch.sub, operator.iadd}
+UNARY = {torch.flatten, torch.reshape, operator.getitem, torch.squeeze, torch.unsqueeze, torch.nn.functional.relu,
+         torch.relu, torch.nn.functional.dropout, torch.permute, torch.transpose}
+UNARY_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "permute", "transpose", "relu",
+                 "clone", "__getitem__"}
+
+
+def _bound_fx(model: nn.Module, input_shape: tuple[int, ...]) -> Bound:
+    from torch.fx import symbolic_trace
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        gm = symbolic_trace(model)
+    except Exception as e:
+        raise LipschitzError(f"cannot trace the model's graph with torch.fx: {type(e).__name__}: {e}") from None
+    try:
+        ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
+    except Exception as e:
+        raise LipschitzError(f"input shape {input_shape} does not fit the model: {str(e)[:200]}") from None
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+
+    def is_tensor(n) -> bool:
+        return isinstance(n, torch.fx.Node) and hasattr(n.meta.get("tensor_meta"), "shape")
+
+    def layer_of(n) -> Layer | None:
+        return describe_eager(n.target, modules[n.target]) if n.op == "call_module" else None
+
+    # BatchNorm directly after a Conv2d/Linear used only by it: fold
+    folded: dict[str, Layer] = {}
+    skip: set = set()
+    for n in nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], nn.BatchNorm1d | nn.BatchNorm2d):
+            prev = n.args[0]
+            if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1 \
+                    and isinstance(modules[prev.target], nn.Conv2d | nn.Linear):
+                folded[prev.name] = fold(layer_of(prev), layer_of(n))
+                skip.add(n.name)
+    L: dict[str, float] = {}
+    rows, head, body = [], None, None
+    for n in nodes:
+        ins = [a for a in n.all_input_nodes if is_tensor(a)]
+        if n.op == "placeholder":
+            L[n.name] = 1.0
+        elif n.op == "get_attr":
+            L[n.name] = 0.0  # a constant tensor
+        elif n.op == "output":
+            arg = n.args[0]
+            if not isinstance(arg, torch.fx.Node):
+                raise LipschitzError("the model must return one tensor of logits")
+            total = L[arg.name]
+            if arg.op == "call_module" and isinstance(modules[arg.target], nn.Linear) and arg.name not in folded:
+                head, body = modules[arg.target].weight.detach().double(), L[arg.args[0].name]
+            return Bound(total=total, layers=rows, body=body, head=head)
+        elif not is_tensor(n):
+            continue  # sizes and other Python values
+        elif n.name in skip:
+            L[n.name] = L[n.args[0].name]
+        elif n.op == "call_module":
+            layer = folded.get(n.name) or layer_of(n)
+            if isinstance(modules[n.target], nn.Dropout) and modules[n.target].training:
+                raise LipschitzError(f"layer {n.target}: Dropout is in training mode")
+            b = layer_norm(layer, tuple(n.args[0].meta["tensor_meta"].shape[1:]))
+            rows.append({"name": layer.name, "kind": layer.kind, "bound": b})
+            L[n.name] = b * L[n.args[0].name]
+        elif n.op == "call_function" and n.target in ADD:
+            alpha = abs(float(n.kwargs.get("alpha", 1.0)))  # torch.add(a, b, alpha=c) = a + c b
+            L[n.name] = sum(L[a.name] * (alpha if i else 1.0) for i, a in enumerate(ins))
+        elif n.op == "call_function" and n.target is torch.cat:
+            L[n.name] = math.sqrt(sum(L[a.name] ** 2 for a in ins))
+        elif n.op in ("call_function", "call_method") and n.target in (operator.mul, torch.mul, "mul") \
+                and len(ins) == 1 and any(isinstance(a, int | float) for a in n.args):
+            c = next(a for a in n.args if isinstance(a, int | float))
+            L[n.name] = abs(c) * L[ins[0].name]
+        elif (n.op == "call_function" and n.target in UNARY) or (n.op == "call_method" and n.target in UNARY_METHODS):
+            if len(ins) != 1:
+                raise LipschitzError(f"operation {n.name} ({n.target}) combines {len(ins)} tensors")
+            if n.target is torch.nn.functional.dropout and n.kwargs.get("training", False):
+                raise LipschitzError(f"operation {n.name}: dropout in training mode")
+            L[n.name] = L[ins[0].name]
+        else:
+            raise LipschitzError(f"operation {n.name} ({n.op} {getattr(n.target, '__name__', n.target)}) "
+                                 "is not supported by the Lipschitz bound")
+    raise LipschitzError("the model's graph has no output")
+
+
+def analyse(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Bound:
+    """Upper bound of the L2 Lipschitz constant of `model` (eval mode) on inputs of `input_shape` (no batch)."""
+    if model.training:
+        raise LipschitzError("the model is in training mode; call model.eval() (BatchNorm and Dropout differ)")
+    input_shape = tuple(int(d) for d in input_shape)
+    if not input_shape or any(d < 1 for d in input_shape):
+        raise LipschitzError(f"invalid input shape {input_shape}")
+    with torch.no_grad():
+        if isinstance(model, torch.jit.ScriptModule):
+            return _bound_script(model, input_shape)
+        if not list(model.children()):  # a single layer: tracing would look inside it
+            try:
+                model(torch.zeros(1, *input_shape))
+            except Exception as e:
+                raise LipschitzError(f"input shape {input_shape} does not fit the model: {str(e)[:200]}") from None
+            return _compose_chain([describe_eager(type(model).__name__, model)], [input_shape])
+        return _bound_fx(model, input_shape)
+
+
+def upper_bound(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> float:
+    """A guaranteed upper bound of the L2 Lipschitz constant of the logit map (model input space)."""
+    return analyse(model, input_shape).total
+
+
+# --- radii and the empirical lower bound -------------------------------------------------------
+
+def certified_radii(logits: np.ndarray, bound: Bound, input_scale: float = 1.0) -> np.ndarray:
+    """Per-item L2 radius within which the arg-max cannot change (input_scale: d(model input)/d(input))."""
+    z = np.asarray(logits, np.float64)
+    y = z.argmax(1)
+    if bound.head is not None and bound.body is not None:
+        w = bound.head.numpy()
+        diff = np.linalg.norm(w[:, None, :] - w[None, :, :], axis=2)  # ||W_i - W_j||
+        lip = diff[y] * bound.body * input_scale  # (B, C)
+        margin = z[np.arange(len(z)), y][:, None] - z
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(lip > 0, margin / lip, np.inf)
+        r[np.arange(len(z)), y] = np.inf
+        return r.min(axis=1)
+    top2 = np.sort(z, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) / (math.sqrt(2) * bound.total * input_scale)
+
+
+def empirical_lower_bound(forward, x: torch.Tensor, steps: int = 50, eps: float = 1e-3, lr: float = 0.01,
+                          seed: int = 0) -> float:
+    """Largest ||f(x) - f(y)|| / ||x - y|| found by gradient ascent from the points x (a lower bound of L).
+
+    Pairs at distance eps are moved (Adam) to increase the ratio; the Jacobian spectral norm at the
+    final points (exact local slope where f is differentiable) is included too.
+    """
+    if isinstance(forward, nn.Module):
+        forward = _double(forward)
+    g = torch.Generator().manual_seed(seed)
+    x = x.detach().double().clone().requires_grad_(True)
+    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    d = (d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1)) * eps).requires_grad_(True)
+    opt = torch.optim.Adam([x, d], lr=lr)
+    best = 0.0
+    for _ in range(steps):
+        dn = d.flatten(1).norm(dim=1)
+        ratio = (forward(x + d) - forward(x)).flatten(1).norm(dim=1) / dn
+        best = max(best, float(ratio.detach().max()))
+        opt.zero_grad()
+        (-ratio.sum()).backward()
+        opt.step()
+        with torch.no_grad():  # back to the sphere of radius eps
+            d.mul_(eps / d.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.ndim - 1)))
+    xj = x.detach().clone().requires_grad_(True)
+    out = forward(xj)
+    rows = [torch.autograd.grad(out[:, c].sum(), xj, retain_graph=True)[0].flatten(1) for c in range(out.shape[1])]
+    jac = torch.stack(rows, 1)  # (B, C, D)
+    best = max(best, float(torch.linalg.matrix_norm(jac, ord=2).max()))
+    return best
+
+
+# --- the check ---------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def _double(module: nn.Module):
+    """A float64 copy of the model for the ascent (ratios of tiny differences need the precision)."""
+    try:
+        return copy.deepcopy(module).double()
+    except Exception:  # a module that cannot be copied: float32, inputs cast
+        return lambda x: module(x.float()).double()
+

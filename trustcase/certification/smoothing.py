@@ -1,0 +1,121 @@
+"""Randomized smoothing (Cohen, Rosenfeld and Kolter, 2019): certified L2 robustness of the SMOOTHED
+classifier g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I).
+
+The guarantee covers g, not the base model f: deploying it means predicting with `predict` (Monte Carlo
+votes under noise), not with one forward pass of f.
+
+- `certify`: class cA from n0 noisy samples, then a separate draw of n samples, a one-sided
+  Clopper-Pearson lower bound pA of P(f(x + e) = cA) at level alpha; ABSTAIN (-1) when pA < 1/2, else
+  radius sigma * PhiInverse(pA). With probability >= 1 - alpha (per input) g(x + d) = cA for every
+  ||d||_2 < radius.
+- `predict`: the binomial test of Cohen et al.; abstains unless the top class wins at level alpha.
+
+sigma is a fraction of the value range: noise of standard deviation sigma * (max - min) is added in
+pixel space, before the model's normalisation, so radii are L2 norms of the input scaled to [0, 1]
+(the same convention as the Lipschitz check). Noise of many inputs is batched together (an input
+repeated along the batch), votes are counted with one bincount per forward batch: no per-sample
+Python loop in the hot path.
+
+Check `randomized_smoothing` (stage "formal"), metrics on scope {split}:
+- `smoothing_certified_accuracy` with perturbation scope {name: l2_radius, max_amplitude: r}, amplitude r:
+  fraction of items where g is certified correct at radius r (abstain counts as wrong), Clopper-Pearson;
+- `smoothing_abstain_rate`, `smoothing_accuracy` (g's prediction by `predict`, abstain = wrong),
+  `smoothing_median_radius` (median radius, 0 for wrong or abstained items).
+Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
+training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from trustcase.measurement import clopper_pearson_lower
+from trustcase.models.classifier import Classifier
+
+ABSTAIN = -1
+
+
+def _validate(sigma: float, alpha: float, batch_size: int, **counts: int) -> None:
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 (a fraction of the value range), got {sigma}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    for name, v in counts.items():
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def noise_step(model: Classifier) -> torch.Tensor:
+    """How one pixel-space unit moves the model input (the normalisation is affine: x * scale + shift)."""
+    shape = model.spec.input_shape
+    probe = np.zeros((1, *shape[1:], shape[0]) if len(shape) > 1 else (1, shape[0]), np.float32)
+    return model.to_input(probe + 1) - model.to_input(probe)
+
+
+def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batch_size: int,
+                  generator: torch.Generator) -> np.ndarray:
+    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x."""
+    lo, hi = model.spec.value_range
+    with torch.inference_mode():
+        clean = model.to_input(x)  # normalise once; noise e in pixel space maps to e * step
+        step = noise_step(model) * (sigma * (hi - lo))
+        image = clean.ndim == 4
+        if image:  # work channels-last, the layout to_input gives the model (its fast convolution path)
+            clean, step = clean.permute(0, 2, 3, 1), step.permute(0, 2, 3, 1)
+        b, c = len(clean), model.n_classes
+        counts = torch.zeros(b * c, dtype=torch.int64)
+        total = b * num
+        for start in range(0, total, batch_size):
+            owner = torch.arange(start, min(start + batch_size, total)) // num
+            base = clean[owner]
+            noisy = base + torch.randn(base.shape, generator=generator) * step
+            pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)
+            counts += torch.bincount(owner * c + pred, minlength=b * c)
+    return counts.view(b, c).numpy()
+
+
+def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, alpha: float,
+            batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CERTIFY of Cohen et al. for a batch of pixel-space inputs: (class or -1, radius, pA lower bound)."""
+    _validate(sigma, alpha, batch_size, n0=n0, n=n)
+    g = torch.Generator().manual_seed(int(seed))
+    guess = sample_counts(model, x, n0, sigma, batch_size, g).argmax(1)
+    counts = sample_counts(model, x, n, sigma, batch_size, g)  # a separate draw: the selection is not reused
+    n_a = counts[np.arange(len(guess)), guess]
+    p_a = clopper_pearson_lower(n_a, n, alpha)
+    certified = p_a >= 0.5
+    radius = np.where(certified, sigma * stats.norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
+    return np.where(certified, guess, ABSTAIN), radius, p_a
+
+
+def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: float, batch_size: int = 256,
+            seed: int = 0) -> np.ndarray:
+    """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha."""
+    _validate(sigma, alpha, batch_size, n=n)
+    counts = sample_counts(model, x, n, sigma, batch_size, torch.Generator().manual_seed(int(seed)))
+    order = np.argsort(-counts, axis=1, kind="stable")
+    rows = np.arange(len(counts))
+    n_a, n_b = counts[rows, order[:, 0]], counts[rows, order[:, 1]]
+    # two-sided binomial test of n_a successes in n_a + n_b trials at p = 1/2
+    p_value = np.minimum(1.0, 2 * stats.binom.cdf(np.minimum(n_a, n_b), n_a + n_b, 0.5))
+    return np.where(p_value <= alpha, order[:, 0], ABSTAIN)
+
+
+def training_noise(model_path: Path) -> float | None:
+    """The Gaussian augmentation recorded by the training script beside the model (<model>.json), if any."""
+    log = Path(model_path).with_suffix(".json")
+    try:
+        return float(json.loads(log.read_text())["params"]["noise_sigma"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+
+

@@ -1,0 +1,119 @@
+"""One protocol for every check, one registry: adding a check is one module here and one entry point.
+
+A check is constructed from its validated params, may split itself into shards (for fan-out),
+and runs on a `Context` (model, data, seed, a folder for its artefacts). It streams the data it
+needs batch by batch and returns a `CheckOutcome`. It never logs anywhere: flows do that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trustcase.data.streaming import DataSource
+from trustcase.errors import CheckError, Unsupported
+from trustcase.models.classifier import Classifier
+from trustcase.registry import Registry, RegistryError
+from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, UseCase
+
+__all__ = ["REGISTRY", "Check", "CheckError", "Context", "Params", "Unsupported", "build", "build_plan", "check_class"]
+
+
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Context:
+    use_case: UseCase
+    model: Classifier
+    data: DataSource
+    seed: int
+    workdir: Path  # this check's own folder for artefacts
+
+    def artefact(self, path: Path, kind: str = "file") -> Artefact:
+        """Declare a file this check wrote, with its hash; the path is relative to the checks/ folder."""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return Artefact(path=str(path.relative_to(self.workdir.parent)), sha256=digest, kind=kind)
+
+    def batches(self, role: str = "test", batch_size: int | None = None):
+        return self.data.stream(role).batches(batch_size)
+
+    def claimed(self, metric: str, perturbation: str) -> list[float]:
+        """Amplitudes (e.g. radii) that requirements on `metric` claim up to: always measured exactly, so no
+        claim reads a grid neighbour."""
+        return [r.scope.perturbation.max_amplitude for r in self.use_case.requirements
+                if r.metric == metric and r.scope.perturbation and r.scope.perturbation.name == perturbation]
+
+
+class Check:
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    needs_gradients: ClassVar[bool] = False
+    stage: ClassVar[str] = "testing"  # the AMLAS stage its evidence supports
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def shards(self) -> list[Check]:
+        """Independent parts for fan-out (e.g. one per perturbation). Default: the whole check."""
+        return [self]
+
+    @property
+    def key(self) -> str:
+        """Identifies this shard's work for caching."""
+        return f"{self.name}:{self.params.model_dump_json()}"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        raise NotImplementedError
+
+    def __call__(self, ctx: Context) -> CheckOutcome:
+        if self.needs_gradients and not ctx.model.differentiable:
+            raise Unsupported(f"{self.name} needs gradients; the model is a black box")
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        out = self.run(ctx)
+        return out.model_copy(update={"duration_s": time.perf_counter() - t0, "stage": self.stage})
+
+
+REGISTRY = Registry("trustcase.checks", Check, "check")
+
+
+def check_class(name: str) -> type[Check]:
+    try:
+        return REGISTRY.resolve(name)
+    except RegistryError as e:
+        raise CheckError(str(e)) from None
+
+
+def build(spec: CheckSpec, index: int | None = None) -> Check:
+    """Validate a plan entry into a check, before any work starts."""
+    where = f"plan.checks[{index}]" if index is not None else "check"
+    try:
+        cls = check_class(spec.check)
+        return cls(cls.Params.model_validate(spec.params))
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise CheckError(f"{where} ({spec.check}).params: {msgs}") from None
+    except (CheckError, ValueError) as e:
+        raise CheckError(f"{where}: {e}") from None
+
+
+def build_plan(use_case: UseCase) -> list[Check]:
+    """Every problem of the plan at once, as one error."""
+    checks, problems = [], []
+    for i, spec in enumerate(use_case.plan.checks):
+        try:
+            checks.append(build(spec, i))
+        except CheckError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckError("\n".join(problems))
+    return checks

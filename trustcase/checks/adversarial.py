@@ -1,0 +1,185 @@
+"""The `adversarial` check: FGSM / PGD attacks in pixel units (science in `robustness.attacks`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from trustcase.checks import Check, Context, Params
+from trustcase.measurement import clopper_pearson
+from trustcase.performance import Tally
+from trustcase.robustness.attacks import (
+    ATTACKS,
+    DEFAULT_EPS,
+    Norm,
+    _predict,
+    attack,
+    minimal_distance,
+    quantile_interval,
+)
+from trustcase.robustness.perturbations import item_seeds
+from trustcase.robustness.sweep import breaking, curve
+from trustcase.schemas import CheckOutcome, Measurement, Scope
+
+
+class AdversarialParams(Params):
+    attacks: list[Literal["fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2"]] = ["fgsm_linf", "pgd_linf", "pgd_l2"]
+    linf: list[float] | None = Field(None, description="L-inf epsilons in pixel units; default (0.5..8)/255 x range")
+    l2: list[float] | None = Field(None, description="L2 epsilons in pixel units; default (0.05..1) x range")
+    steps: int = Field(10, ge=1, le=1000, description="PGD iterations")
+    step_size: float = Field(2.5, gt=0, le=20, description="PGD step = step_size x eps / steps")
+    restarts: int = Field(2, ge=1, le=50, description="PGD runs: the first from the clean input, then random")
+    split: str = "test"
+    max_items: int = Field(128, ge=1, description="items attacked (the first of the split's stream)")
+    distance: bool = Field(True, description="estimate per-item minimal distances (PGD attacks)")
+    search_steps: int = Field(6, ge=1, le=40)
+    max_distance: dict[str, float] = Field({}, description="norm -> search limit; default 2 x largest epsilon")
+    batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one attack")
+        if len(set(v)) != len(v):
+            raise ValueError(f"attacks repeated: {v}")
+        return v
+
+    @field_validator("linf", "l2")
+    @classmethod
+    def _eps(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("the epsilon grid is empty")
+        bad = [e for e in v if not (math.isfinite(e) and e > 0)]
+        if bad:
+            raise ValueError(f"epsilons must be finite and > 0 (pixel units), got {bad}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _limits(self) -> AdversarialParams:
+        for k, d in self.max_distance.items():
+            if k not in ("linf", "l2") or not (math.isfinite(d) and d > 0):
+                raise ValueError(f"max_distance: expected linf/l2 -> positive number, got {k}: {d}")
+        return self
+
+    def epsilons(self, norm: Norm, value_range: tuple[float, float]) -> list[float]:
+        given = self.linf if norm == "linf" else self.l2
+        width = value_range[1] - value_range[0]
+        return [0.0, *(given if given is not None else [round(f * width, 6) for f in DEFAULT_EPS[norm]])]
+
+
+class Adversarial(Check):
+    name = "adversarial"
+    Params = AdversarialParams
+    needs_gradients = True
+    stage = "testing"
+
+    def shards(self) -> list[Check]:
+        p: AdversarialParams = self.params
+        return [Adversarial(p.model_copy(update={"attacks": [a]})) for a in p.attacks]
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        out = CheckOutcome(check=self.name)
+        for name in self.params.attacks:
+            self._attack(ctx, name, out)
+        return out
+
+    def _attack(self, ctx: Context, name: str, out: CheckOutcome) -> None:
+        p: AdversarialParams = self.params
+        uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        kind, norm = ATTACKS[name]
+        vr = tuple(map(float, uc.model.value_range))
+        grid = p.epsilons(norm, vr)
+        tallies = [Tally(uc) for _ in grid]
+        correct_clean = 0
+        fooled_correct = np.zeros(len(grid), np.int64)
+        dist: list[np.ndarray] = []
+        cap = p.max_distance.get(norm, 2 * grid[-1])
+        search = p.distance and kind == "pgd"
+        seen = 0
+        for batch in ctx.batches(p.split, p.batch_size):
+            if seen >= p.max_items:
+                break
+            take = slice(0, p.max_items - seen)
+            x = torch.as_tensor(batch.images[take]).float()
+            y = torch.as_tensor(batch.labels[take])
+            meta = {k: v[take] for k, v in batch.meta.items()}
+            seeds = item_seeds(ctx.seed, batch.index[take])
+            clean_ok = _predict(ctx.model, x) == y
+            correct_clean += int(clean_ok.sum())
+            for j, e in enumerate(grid):
+                adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, p.steps,
+                                     p.step_size, p.restarts, seeds)
+                tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta)
+                fooled_correct[j] += int((fooled & clean_ok).sum())
+            if search:
+                dist.append(minimal_distance(kind, ctx.model, x, y, norm, vr, cap, p.search_steps, p.steps,
+                                             p.step_size, p.restarts, seeds))
+            seen += len(x)
+
+        ms: list[Measurement] = []
+        for j, e in enumerate(grid):
+            t = tallies[j].compute(self.name, p.split, conf, perturbation=name, amplitude=e, calibration=False)
+            acc = t[0]
+            scope = acc.scope
+            ms += t
+            ms.append(acc.model_copy(update={"metric": "adversarial_accuracy", "details": {}}))
+            ms.append(Measurement(check=self.name, metric="attack_success_rate", scope=scope, amplitude=e,
+                                  value=fooled_correct[j] / correct_clean if correct_clean else None,
+                                  interval=clopper_pearson(int(fooled_correct[j]), correct_clean, conf),
+                                  n=correct_clean))
+        broken = breaking(uc.requirements, name, ms)
+        unit = f"{'L-inf' if norm == 'linf' else 'L2'} epsilon, pixel units of [{vr[0]:g}, {vr[1]:g}]"
+        cv = curve(name, unit, grid, ms, uc, broken)
+        cv = cv.model_copy(update={"id": f"adversarial_{name}", "title": f"Accuracy under {name} (empirical)",
+                                   "x_label": f"epsilon ({unit})"})
+        cv.series.pop("flip_rate", None)
+        summary = {
+            "norm": norm, "epsilons": grid, "steps": p.steps if kind == "pgd" else 1,
+            "step_size": p.step_size if kind == "pgd" else None, "restarts": p.restarts if kind == "pgd" else None,
+            "n": seen, "accuracy": [m.value for m in ms if m.metric == "adversarial_accuracy"],
+            "success_rate": [m.value for m in ms if m.metric == "attack_success_rate"], "breaking": broken,
+        }
+        if search and dist:
+            d = np.concatenate(dist)
+            censored = int(np.isinf(d).sum())
+            dc = np.minimum(d, cap)  # not fooled within the search: counted at the limit
+            for q, label in ((0.5, "median"), (0.1, "q10")):
+                v, iv = quantile_interval(dc, q, conf)
+                ms.append(Measurement(check=self.name, metric=f"adversarial_distance_{label}.{name}", value=v,
+                                      interval=iv, n=len(dc), scope=Scope(split=p.split), unit=unit,
+                                      details={"censored": censored, "max_distance": cap}))
+            summary["distance"] = {
+                "median": float(np.quantile(dc, 0.5, method="inverted_cdf")),
+                "q10": float(np.quantile(dc, 0.1, method="inverted_cdf")),
+                "q90": float(np.quantile(dc, 0.9, method="inverted_cdf")),
+                "max_distance": cap, "censored": censored, "search_steps": p.search_steps,
+            }
+        out.measurements.extend(ms)
+        out.curves.append(cv)
+        out.summary[name] = summary
+        how = (f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, {p.restarts} run(s): the first from "
+               f"the clean input, the others from random points of the ball"
+               if kind == "pgd" else "FGSM, one step of size eps")
+        out.validity += [
+            f"{name}: EMPIRICAL evidence, not a certificate: accuracy under attack is an upper bound on the "
+            f"robust accuracy and each distance an upper bound on the item's robust radius (a stronger attack "
+            f"may do better)",
+            f"{name}: {how}; untargeted, cross-entropy on the true label; epsilons {grid} ({unit}); gradients "
+            f"through the model's normalisation, model in eval mode; adversarial images clipped to the value "
+            f"range, not quantised; {seen} items of the {p.split} split, seed {ctx.seed}, "
+            f"{conf:.0%} Clopper-Pearson intervals",
+        ]
+        if search and dist:
+            out.validity.append(f"{name}: minimal distances by {p.search_steps} bisection steps up to {cap:g}; "
+                                f"{summary['distance']['censored']} item(s) not fooled within it counted at it")
+        out.limitations.append(f"{name}: gradient-based attacks are blind to gradient masking (saturated "
+                               f"outputs, non-differentiable pre-processing): a high accuracy under attack "
+                               f"is weak evidence of robustness")
+

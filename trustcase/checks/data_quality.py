@@ -1,0 +1,187 @@
+"""The `data_quality` check (AMLAS data stage): balance, readability, duplicates, leakage, drift and ODD
+coverage of the splits (science in `data.quality` and `data.images`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+from scipy import stats
+
+from trustcase.checks import Check, Context, Params
+from trustcase.data.images import PROPERTIES, grey
+from trustcase.data.quality import near_pairs, perceptual_hash
+from trustcase.data.streaming import DataError
+from trustcase.odd.monitor import Limit
+from trustcase.schemas import CheckOutcome, Measurement, Scope
+
+
+class DataQualityParams(Params):
+    # max Hamming distance between 64-bit perceptual hashes (on ELPV, 4 already pairs look-alike mono cells)
+    near_duplicate_distance: int = 2
+    histogram_bins: int = 30
+
+
+class DataQuality(Check):
+    name = "data_quality"
+    Params = DataQualityParams
+    stage = "data"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: DataQualityParams = self.params
+        uc = ctx.use_case
+        lo, hi = uc.model.value_range
+        names = uc.model.class_names
+        out: list[Measurement] = []
+        images = len(uc.model.input_shape) == 3
+        # tabular: one distribution per declared feature descriptor, at its column (x<i> naming, as odd.Limit)
+        features = {} if images else {d.name: Limit.from_descriptor(d).column
+                                      for d in uc.odd.descriptors if d.source == "feature"}
+        split_of, phash, xhash = [], [], []
+        props = {k: [] for k in (PROPERTIES if images else features)}
+        meta_values: dict[str, Counter] = {}
+        data_hash = hashlib.sha256()
+        summary: dict = {"splits": {}, "unreadable": {}}
+
+        def m(metric, value, role, n=None, **details):
+            out.append(Measurement(check=self.name, metric=metric, value=float(value), n=n,
+                                   scope=Scope(split=role), details=details))
+
+        for role in ctx.data.roles:
+            stream = ctx.data.stream(role)
+            h = hashlib.sha256()
+            counts = np.zeros(len(names), np.int64)
+            constant = out_of_range = 0
+            role_props = {k: [] for k in props}
+            for batch in stream.batches():
+                imgs = batch.images
+                for i, ident in enumerate(batch.ids):
+                    raw = np.ascontiguousarray(imgs[i])
+                    digest = hashlib.sha256(raw.tobytes()).digest()
+                    h.update(ident.encode() + b"\0" + int(batch.labels[i]).to_bytes(4, "little") + digest)
+                    xhash.append(int.from_bytes(digest[:8], "little"))
+                if ((batch.labels < 0) | (batch.labels >= len(names))).any():
+                    raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
+                counts += np.bincount(batch.labels, minlength=len(names))
+                f = imgs.reshape(len(imgs), -1).astype(np.float64)
+                finite = np.isfinite(f).all(axis=1)
+                out_of_range += int((~finite | (f.min(axis=1) < lo) | (f.max(axis=1) > hi)).sum())
+                if images:  # pixel statistics mean nothing for a row of tabular features
+                    constant += int((f.max(axis=1) == f.min(axis=1)).sum())
+                    phash.append(perceptual_hash(np.nan_to_num(imgs)))
+                    g = grey(imgs)[..., None]  # the luminance once for every property
+                    for k, fn in PROPERTIES.items():
+                        role_props[k].append(fn(g))
+                for name, j in features.items():
+                    role_props[name].append(f[:, j])
+                for key, values in batch.meta.items():
+                    meta_values.setdefault(f"{role}/{key}", Counter()).update(values)
+                split_of += [role] * len(batch)
+            n = int(counts.sum())
+            summary["unreadable"][role] = [f"{u.id}: {u.error}" for u in stream.unreadable][:50]
+            data_hash.update(role.encode() + h.digest())
+            m("items", n, role)
+            m("unreadable", len(stream.unreadable), role, n=n + len(stream.unreadable))
+            m("constant_images", constant, role, n=n)
+            m("out_of_range", out_of_range, role, n=n, value_range=[lo, hi])
+            for c, k in zip(names, counts):
+                m(f"class_share:{c}", k / max(n, 1), role, n=n, count=int(k))
+            m("imbalance_ratio", counts.max() / max(counts.min(), 1), role, n=n, counts=counts.tolist())
+            for k in props:
+                props[k].append(np.concatenate(role_props[k]) if role_props[k] else np.empty(0))
+            summary["splits"][role] = {"items": n, "class_counts": dict(zip(names, counts.tolist()))}
+
+        self._duplicates(out, split_of, np.array(xhash, np.uint64),
+                         np.concatenate(phash) if phash else np.empty(0, np.uint64), p)
+        summary["properties"] = self._distributions(out, ctx.data.roles, props, p)
+        summary["odd_coverage"] = self._coverage(out, ctx, props, meta_values)
+        summary["data_sha256"] = data_hash.hexdigest()
+        return CheckOutcome(
+            check=self.name, measurements=out, summary=summary,
+            validity=[f"near duplicates: perceptual hash Hamming distance <= {p.near_duplicate_distance}/64",
+                      "drift: two-sample Kolmogorov-Smirnov test of each image property against the train split"],
+            limitations=[] if "train" in ctx.data.roles else ["no train split: leakage and drift not tested"],
+        )
+
+    def _duplicates(self, out, split_of, exact, near, p):
+        roles = np.array(split_of)
+        if len(roles) == 0:
+            return
+
+        def groups(pairs):
+            per_split, leak = Counter(), Counter()
+            for a, b in pairs:
+                ra, rb = roles[a], roles[b]
+                if ra == rb:
+                    per_split[ra] += 1
+                else:  # the item outside the training split is the leaked one
+                    other = rb if ra == "train" else ra
+                    leak[other] += 1
+            return per_split, leak
+
+        order = np.argsort(exact, kind="stable")
+        same = np.flatnonzero(exact[order][1:] == exact[order][:-1])
+        exact_pairs = np.stack([order[same], order[same + 1]], axis=1)
+        e_in, e_leak = groups(exact_pairs)
+        n_in, n_leak = groups(near_pairs(near, p.near_duplicate_distance))
+        for role in dict.fromkeys(split_of):
+            total = int((roles == role).sum())
+            out.append(Measurement(check=self.name, metric="duplicates", value=e_in[role], n=total,
+                                   scope=Scope(split=role)))
+            out.append(Measurement(check=self.name, metric="near_duplicates", value=n_in[role], n=total,
+                                   scope=Scope(split=role)))
+            if role != "train":
+                out.append(Measurement(check=self.name, metric="leakage", value=max(e_leak[role], n_leak[role]),
+                                       n=total, scope=Scope(split=role),
+                                       details={"exact": e_leak[role], "near": n_leak[role]}))
+
+    def _distributions(self, out, roles, props, p):
+        hist = {}
+        for k, per_split in props.items():
+            allv = np.concatenate(per_split)
+            if allv.size == 0:
+                continue
+            edges = np.histogram_bin_edges(allv, bins=p.histogram_bins)
+            hist[k] = {"edges": edges.tolist()}
+            ref = per_split[roles.index("train")] if "train" in roles else None
+            for role, v in zip(roles, per_split):
+                hist[k][role] = np.histogram(v, bins=edges)[0].tolist()
+                q = np.quantile(v, [0.01, 0.5, 0.99]).tolist() if v.size else [np.nan] * 3
+                out.append(Measurement(check=self.name, metric=f"mean:{k}", value=float(v.mean()) if v.size else 0.0,
+                                       n=int(v.size), scope=Scope(split=role),
+                                       details={"std": float(v.std()) if v.size else 0.0, "q01_q50_q99": q}))
+                if ref is not None and role != "train" and v.size and ref.size:
+                    ks = stats.ks_2samp(ref, v)
+                    out.append(Measurement(check=self.name, metric=f"drift_pvalue:{k}", value=float(ks.pvalue),
+                                           n=int(v.size), scope=Scope(split=role),
+                                           details={"ks_statistic": float(ks.statistic), "against": "train"}))
+        return hist
+
+    def _coverage(self, out, ctx, props, meta_values):
+        cov = {}
+        roles = ctx.data.roles
+        for d in ctx.use_case.odd.descriptors:
+            if d.categorical and d.source == "metadata":
+                for role in roles:
+                    counts = meta_values.get(f"{role}/{d.name}", Counter())
+                    total = sum(counts.values())
+                    inside = sum(counts[v] for v in d.values or [])
+                    missing = [v for v in d.values or [] if counts[v] == 0]
+                    cov.setdefault(d.name, {})[role] = dict(counts)
+                    out.append(Measurement(check=self.name, metric=f"odd_coverage:{d.name}",
+                                           value=inside / total if total else 0.0, n=total, scope=Scope(split=role),
+                                           details={"counts": dict(counts), "values_without_data": missing}))
+            elif d.source in ("image", "feature") and d.name in props:
+                for role, v in zip(roles, props[d.name]):
+                    lo = -np.inf if d.min is None else d.min
+                    hi = np.inf if d.max is None else d.max
+                    inside = int(((v >= lo) & (v <= hi)).sum())
+                    cov.setdefault(d.name, {})[role] = {"inside": inside, "total": int(v.size)}
+                    out.append(Measurement(check=self.name, metric=f"odd_coverage:{d.name}",
+                                           value=inside / v.size if v.size else 0.0, n=int(v.size),
+                                           scope=Scope(split=role),
+                                           details={"range": [d.min, d.max],
+                                                    "observed": [float(v.min()), float(v.max())] if v.size else []}))
+        return cov
+

@@ -1,0 +1,295 @@
+"""The `explainability` check: attribution methods run on sampled items and measured by faithfulness,
+robustness, localisation and sanity metrics (science in `explain.attribution` and `explain.quality`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.explain import attribution as A
+from trustcase.explain.quality import (
+    Region,
+    auc,
+    cascade,
+    deletion_insertion,
+    infidelity_of,
+    mean_interval,
+    pointing_game,
+    relevance_mass,
+    sensitivity_of,
+    spearman_rows,
+)
+from trustcase.measurement import clopper_pearson
+from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series
+
+DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion", "rise", "lime",
+                   "kernel_shap"]
+
+
+class ExplainabilityParams(Params):
+    methods: list[str] = DEFAULT_METHODS
+    options: dict[str, dict] = Field({}, description="per-method options, e.g. {grad_cam: {layer: '8'}}")
+    split: str = "test"
+    items: int = Field(32, ge=2, description="items explained for the metrics (a seeded sample of the split)")
+    baseline: Literal["mean", "black", "white"] = "mean"
+    steps: int = Field(20, ge=2, description="deletion / insertion steps")
+    infidelity_samples: int = Field(10, ge=1)
+    noise: float = Field(0.1, gt=0, description="infidelity noise std, fraction of the input range")
+    sensitivity_items: int = Field(8, ge=0, description="items for max-sensitivity (0: skip; it re-explains)")
+    sensitivity_samples: int = Field(4, ge=1)
+    sensitivity_radius: float = Field(0.02, gt=0, description="fraction of the input range")
+    sanity_max_correlation: float = Field(0.5, gt=-1, lt=1)
+    # insertion - deletion must beat the random ordering by this much (probability of the class), not by noise
+    faithfulness_margin: float = Field(0.01, ge=0)
+    region: Region | None = None
+    gallery: int = Field(4, ge=0, description="items per row kind (correct / missed critical) in the gallery")
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one attribution method")
+        unknown = [m for m in v if m not in A.METHODS]
+        if unknown:
+            raise ValueError(f"unknown attribution method(s) {unknown}; known: {sorted(A.METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a method is named twice")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> ExplainabilityParams:
+        for name, opts in self.options.items():
+            if name not in self.methods:
+                raise ValueError(f"options for {name!r}, which is not among methods {self.methods}")
+            A.options_for(name, opts)
+        return self
+
+
+def _baseline(ctx: Context, kind: str) -> float | torch.Tensor:
+    if kind == "mean":
+        return 0.0
+    lo, hi = ctx.use_case.model.value_range
+    c, h, w = ctx.use_case.model.input_shape
+    value = lo if kind == "black" else hi
+    return ctx.model.to_input(np.full((1, h, w, c), value, np.float32))
+
+
+def select(ctx: Context, split: str, items: int, gallery: int) -> tuple[dict, np.ndarray, dict]:
+    """One cheap pass: predictions of every item; then the seeded sample and the gallery items, read back."""
+    idx, labels, preds = [], [], []
+    for batch in ctx.batches(split):
+        idx.append(batch.index)
+        labels.append(batch.labels)
+        preds.append(ctx.model.logits(batch.images, batch.ids).argmax(axis=1))
+    if not idx:
+        raise Unsupported(f"split {split!r} has no readable items")
+    idx, labels, preds = np.concatenate(idx), np.concatenate(labels), np.concatenate(preds)
+    rng = np.random.default_rng(ctx.seed)
+    sample = np.sort(rng.choice(idx, size=min(items, len(idx)), replace=False))
+    crit = ctx.use_case.critical_index
+    hit = idx[(labels == crit) & (preds == crit)]
+    miss = idx[(labels == crit) & (preds != crit)]
+    pick = {"correct": np.sort(rng.permutation(hit)[:gallery]), "missed": np.sort(rng.permutation(miss)[:gallery])}
+    wanted = set(sample.tolist()) | {int(i) for v in pick.values() for i in v}
+    got: dict[int, tuple] = {}
+    for batch in ctx.batches(split):
+        for j, i in enumerate(batch.index):
+            if int(i) in wanted:
+                got[int(i)] = (batch.images[j], int(batch.labels[j]), batch.ids[j],
+                               {k: v[j] for k, v in batch.meta.items()})
+    pred_of = dict(zip(idx.tolist(), preds.tolist(), strict=True))
+    return got, sample, {"pick": pick, "pred": pred_of, "n": len(idx)}
+
+
+class Explainability(Check):
+    """Attribution methods ranked by their measured quality; recommended vs warned."""
+
+    name = "explainability"
+    Params = ExplainabilityParams
+    stage = "testing"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: ExplainabilityParams = self.params
+        uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        net = A.Network(ctx.model)
+        got, sample, info = select(ctx, p.split, p.items, 0 if uc.confidential else p.gallery)
+        sample = np.array([i for i in sample if i in got])
+        images = np.stack([got[i][0] for i in sample])
+        x = ctx.model.to_input(images)
+        # explain the predicted class: what the decision rests on, right or wrong
+        target = torch.tensor([info["pred"][int(i)] for i in sample])
+        baseline = _baseline(ctx, p.baseline)
+        masks = None
+        if p.region is not None:
+            meta = {k: [got[i][3].get(k, "") for i in sample] for k in got[sample[0]][3]}
+            masks = p.region.masks(images, [got[i][2] for i in sample], meta)
+        scope = Scope(split=p.split)
+        out: list[Measurement] = []
+        limitations: list[str] = []
+        rows: dict[str, dict] = {}
+        curves = {"deletion": {}, "insertion": {}, "sanity": {}}
+
+        def measure(metric: str, values: np.ndarray, proportion: bool = False, **details):
+            v = np.asarray(values, np.float64)
+            v = v[np.isfinite(v)]
+            if not len(v):
+                return None
+            iv = clopper_pearson(int(v.sum()), len(v), conf) if proportion else mean_interval(v, conf)
+            out.append(Measurement(check=self.name, metric=metric, value=float(v.mean()), interval=iv, n=len(v),
+                                   scope=scope, details=details))
+            return float(v.mean())
+
+        # chance level: a random ordering of the pixels
+        rnd = np.random.default_rng(ctx.seed).random(images.shape[:3]).astype(np.float32)
+        d0, i0 = deletion_insertion(net, x, target, rnd, baseline, p.steps, ctx.seed)
+        reference = {"deletion_auc": float(auc(d0).mean()), "insertion_auc": float(auc(i0).mean())}
+        reference["faithfulness"] = reference["insertion_auc"] - reference["deletion_auc"]
+        curves["deletion"]["random"], curves["insertion"]["random"] = d0.mean(0), i0.mean(0)
+        gallery_maps: dict[str, np.ndarray] = {}
+        pick = np.concatenate([info["pick"]["correct"], info["pick"]["missed"]]).astype(int)
+
+        for name in p.methods:
+            try:
+                method = A.make(net, name, p.options.get(name))
+            except Unsupported as e:
+                rows[name] = {"method": name, "status": "skipped", "reasons": [str(e)]}
+                limitations.append(f"{name}: {e}")
+                continue
+            except ValueError as e:  # e.g. a layer that does not exist: a configuration error
+                raise CheckError(f"explainability: {name}: {e}") from None
+            explain = lambda inp, tgt, m=method: A.attribute(net, m, inp, tgt, baseline, ctx.seed).maps  # noqa: E731
+            maps, deltas = [], []
+            for s in range(0, len(x), p.batch_size):
+                a = A.attribute(net, method, x[s:s + p.batch_size], target[s:s + p.batch_size], baseline, ctx.seed)
+                maps.append(a.maps)
+                if a.delta is not None:
+                    deltas.append(a.delta.abs().numpy())
+            maps = torch.cat(maps)
+            heat = maps.sum(dim=1).numpy()
+            row = {"method": name, "status": "recommended", "reasons": []}
+            dc, ic = deletion_insertion(net, x, target, heat, baseline, p.steps, ctx.seed)
+            curves["deletion"][name], curves["insertion"][name] = dc.mean(0), ic.mean(0)
+            row["deletion_auc"] = measure(f"deletion_auc:{name}", auc(dc), method=name)
+            row["insertion_auc"] = measure(f"insertion_auc:{name}", auc(ic), method=name)
+            row["faithfulness"] = measure(f"faithfulness:{name}", auc(ic) - auc(dc), method=name,
+                                          random_reference=reference["faithfulness"])
+            if deltas:
+                row["convergence_delta"] = measure("ig_convergence_delta", np.concatenate(deltas), method=name)
+            row["infidelity"] = measure(f"infidelity:{name}", infidelity_of(
+                net, x, target, maps, p.noise * net.input_range, p.infidelity_samples, ctx.seed), method=name)
+            k = min(p.sensitivity_items, len(x))
+            if k:
+                row["sensitivity_max"] = measure(f"sensitivity_max:{name}", sensitivity_of(
+                    explain, x[:k], target[:k], p.sensitivity_radius * net.input_range, p.sensitivity_samples,
+                    ctx.seed), method=name)
+            if masks is not None:
+                row["relevance_mass"] = measure(f"relevance_mass:{name}", relevance_mass(heat, masks), method=name,
+                                                region=p.region.label(), chance=float(masks.mean()))
+                row["pointing_game"] = measure(f"pointing_game:{name}", pointing_game(heat, masks), proportion=True,
+                                               method=name, region=p.region.label(), chance=float(masks.mean()))
+            if net.differentiable:
+                corr = self._sanity(net, name, p, x, target, baseline, np.abs(heat), ctx.seed)
+                curves["sanity"][name] = corr
+                row["sanity_rank_correlation"] = measure(f"sanity_rank_correlation:{name}", corr["values"][-1],
+                                                         method=name, layers_randomised=corr["steps"][-1],
+                                                         threshold=p.sanity_max_correlation)
+                if row["sanity_rank_correlation"] > p.sanity_max_correlation:
+                    row["reasons"].append(
+                        f"maps barely change when the weights are randomised (rank correlation "
+                        f"{row['sanity_rank_correlation']:.2f} > {p.sanity_max_correlation}): they do not explain "
+                        "the model")
+            else:
+                row["reasons"].append("sanity check not possible on a black box (no weights to randomise)")
+            if row["faithfulness"] is not None and \
+                    row["faithfulness"] <= reference["faithfulness"] + p.faithfulness_margin:
+                row["reasons"].append(f"no more faithful than a random ordering (insertion - deletion "
+                                      f"{row['faithfulness']:.3f} <= {reference['faithfulness']:.3f} + margin "
+                                      f"{p.faithfulness_margin:g})")
+            if row["reasons"]:
+                row["status"] = "warned"
+            rows[name] = row
+            if len(pick):
+                gx = ctx.model.to_input(np.stack([got[int(i)][0] for i in pick]))
+                gt = torch.tensor([info["pred"][int(i)] for i in pick])
+                gallery_maps[name] = A.attribute(net, method, gx, gt, baseline, ctx.seed).heatmap()
+
+        rank = {"recommended": 0, "warned": 1, "skipped": 2}
+        ranking = sorted(rows.values(), key=lambda r: (rank[r["status"]], -(r.get("faithfulness") or -np.inf)))
+        n_rec = sum(r["status"] == "recommended" for r in ranking)
+        out.append(Measurement(check=self.name, metric="recommended_methods", value=n_rec, n=len(ranking),
+                               scope=scope, details={"recommended": [r["method"] for r in ranking
+                                                                     if r["status"] == "recommended"]}))
+        artefacts = []
+        if uc.confidential:
+            limitations.append("confidential use case: no gallery of attributions (metrics only)")
+        elif len(pick) and gallery_maps:
+            artefacts += self._gallery(ctx, got, info, pick, gallery_maps)
+        if net.note:
+            limitations.append(f"model internals: {net.note}")
+        x_frac = np.linspace(0, 1, p.steps + 1).tolist()
+        out_curves = [
+            Curve(id=f"{self.name}_{kind}", title=f"{kind.capitalize()} curves (mean over {len(x)} items)",
+                  x_label=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}, most relevant first",
+                  y_label="probability of the predicted class", x=x_frac,
+                  series={m: Series(y=np.asarray(v).tolist()) for m, v in curves[kind].items()})
+            for kind in ("deletion", "insertion")]
+        if curves["sanity"]:
+            steps = next(iter(curves["sanity"].values()))["steps"]
+            out_curves.append(Curve(
+                id=f"{self.name}_sanity", title="Model-randomisation sanity check (cascading, from the output)",
+                x_label="layers randomised", y_label="Spearman rank correlation with the original maps",
+                x=[float(s) for s in steps], y_marks={"max allowed": p.sanity_max_correlation},
+                series={m: Series(y=[float(np.mean(v)) for v in c["values"]]) for m, c in curves["sanity"].items()}))
+        return CheckOutcome(
+            check=self.name, measurements=out, curves=out_curves, artefacts=artefacts, limitations=limitations,
+            summary={"ranking": ranking, "recommended": [r["method"] for r in ranking if r["status"] == "recommended"],
+                     "warned": [r["method"] for r in ranking if r["status"] == "warned"],
+                     "skipped": [r["method"] for r in ranking if r["status"] == "skipped"],
+                     "random_reference": reference, "items": len(x),
+                     "region": p.region.label() if p.region else None, "layers": net.describe()},
+            validity=[
+                f"{len(x)} items of the {p.split} split (seeded sample, seed {ctx.seed}); maps explain the predicted "
+                "class; model in eval mode",
+                f"baseline '{p.baseline}' for deletion/insertion, integrated gradients, occlusion, RISE, LIME, SHAP",
+                f"deletion/insertion in {p.steps} steps, ties broken at random; infidelity: Gaussian noise std "
+                f"{p.noise:g} x input range, {p.infidelity_samples} samples, normalised; max-sensitivity: radius "
+                f"{p.sensitivity_radius:g} x input range, {p.sensitivity_samples} samples, first "
+                f"{min(p.sensitivity_items, len(x))} items",
+                f"sanity: conv/linear weights re-drawn from the output down; fails above rank correlation "
+                f"{p.sanity_max_correlation}",
+                f"{conf:.0%} Student-t intervals of means (pointing game: Clopper-Pearson)",
+            ],
+        )
+
+    def _sanity(self, net, name, p, x, target, baseline, original, seed) -> dict:
+        steps = cascade(net.parametric_layers())
+        values = []
+        for k in steps:
+            rnet = net.randomised(k, seed)
+            m = A.make(rnet, name, p.options.get(name))
+            maps = torch.cat([A.attribute(rnet, m, x[s:s + p.batch_size], target[s:s + p.batch_size], baseline,
+                                          seed).maps for s in range(0, len(x), p.batch_size)])
+            values.append(spearman_rows(original, np.abs(maps.sum(dim=1).numpy())))
+        return {"steps": steps, "values": values}
+
+    def _gallery(self, ctx, got, info, pick, maps):
+        uc = ctx.use_case
+        imgs = np.stack([got[int(i)][0] for i in pick])
+        first = A.to_uint8(imgs, uc.model.value_range)
+        cols = [first] + [A.overlay(imgs, maps[m], uc.model.value_range) for m in maps]
+        rows = [[c[j] for c in cols] for j in range(len(pick))]
+        path = ctx.workdir / "gallery.png"
+        A.save_png(path, A.tile(rows, scale=max(2, 128 // imgs.shape[1])))
+        n_ok = len(info["pick"]["correct"])
+        crit = uc.model.critical_class
+        legend = (f"columns: input, {', '.join(maps)}; rows 1-{n_ok}: {crit} items correctly flagged, "
+                  f"rows {n_ok + 1}-{len(pick)}: {crit} items missed")
+        text = ctx.workdir / "gallery.txt"
+        text.write_text(legend + "\n" + "\n".join(got[int(i)][2] for i in pick) + "\n")
+        return [ctx.artefact(path, "image"), ctx.artefact(text, "file")]
+

@@ -1,0 +1,260 @@
+"""The `odd_monitor` check: fits the ODD monitor and validates it on clean, perturbed and out-of-domain
+inputs (science in `odd.monitor` and `odd.validation`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import field_validator, model_validator
+
+from trustcase.checks import Check, CheckError, Context, Params
+from trustcase.measurement import clopper_pearson
+from trustcase.models.classifier import sha256_file
+from trustcase.odd import monitor as odd
+from trustcase.odd.validation import _Cell, derived_boundary, roc
+from trustcase.robustness import perturbations as P
+from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series
+
+
+class OddParams(Params):
+    perturbations: dict[str, list[float] | None] | None = None  # None: every registered one, default grid
+    boundary: dict[str, float] = {}  # declared ODD limit (amplitude) per perturbation
+    fit_split: str = "train"
+    calibration_split: str = "validation"
+    split: str = "test"
+    scores: list[Literal["mahalanobis", "energy"]] = ["mahalanobis", "energy"]
+    near_rate: float = 0.05
+    out_rate: float = 0.001
+    shrinkage: float | Literal["oas"] = "oas"
+    rank: int | None = 128  # leading covariance directions kept exactly (None: all)
+
+    @field_validator("perturbations")
+    @classmethod
+    def _known(cls, v):
+        for name, grid in (v or {}).items():
+            pert = P.get(name, (0.0, 255.0))  # names the known ones when unknown
+            for a in grid or []:
+                pert.validate(a)
+        if v is not None and not v:
+            raise ValueError("name at least one perturbation (or leave it out for all)")
+        return v
+
+    @field_validator("shrinkage")
+    @classmethod
+    def _shrink(cls, v):
+        if v != "oas" and not 0 <= v <= 1:
+            raise ValueError(f"shrinkage must be 'oas' or in [0, 1], got {v}")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v):
+        if v is not None and v < 1:
+            raise ValueError("rank must be >= 1 (or null for the full covariance)")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self):
+        if not 0 < self.out_rate < self.near_rate < 1:
+            raise ValueError(f"need 0 < out_rate < near_rate < 1, got out_rate {self.out_rate}, "
+                             f"near_rate {self.near_rate}")
+        if not self.scores:
+            raise ValueError("name at least one learned score")
+        extra = set(self.boundary) - set(self.grids())
+        if extra:
+            raise ValueError(f"boundary names perturbations that are not swept: {sorted(extra)}")
+        return self
+
+    def grids(self) -> dict[str, list[float]]:
+        chosen = self.perturbations if self.perturbations is not None else dict.fromkeys(P.PERTURBATIONS)
+        return {n: sorted({0.0, *(P.PERTURBATIONS[n].grid if g is None else g)}) for n, g in chosen.items()}
+
+
+class _Split:
+    """Alternate items of one stream between fit and calibration when both use the same split."""
+
+    def __init__(self, batches, keep: int):
+        self.batches, self.keep = batches, keep
+
+    def __iter__(self):
+        for b in self.batches:
+            sel = (b.index % 2) == self.keep
+            if sel.any():
+                yield type(b)(images=b.images[sel], labels=b.labels[sel], ids=_pick(b.ids, sel),
+                              meta={k: _pick(v, sel) for k, v in b.meta.items()},
+                              index=b.index[sel])
+
+
+class OddMonitor(Check):
+    name = "odd_monitor"
+    Params = OddParams
+    stage = "deployment"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: OddParams = self.params
+        uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        for role in {p.fit_split, p.calibration_split, p.split}:
+            if role not in ctx.data.roles:
+                raise CheckError(f"{self.name}: split {role!r} is not in data.splits {ctx.data.roles}")
+        try:
+            spec = odd.SpecificationMonitor.from_odd(uc.odd.descriptors, uc.model.value_range)
+        except odd.MonitorError as e:
+            raise CheckError(f"{self.name}: {e}") from None
+        limitations = []
+        if not spec.limits:
+            limitations.append("the use case declares no ODD descriptor: only the learned monitor decides")
+        fit_b, cal_b = ctx.batches(p.fit_split), ctx.batches(p.calibration_split)
+        if p.fit_split == p.calibration_split:
+            fit_b, cal_b = _Split(fit_b, 0), _Split(ctx.batches(p.calibration_split), 1)
+            limitations.append(f"fit and calibration share the {p.fit_split} split (alternate items)")
+        try:
+            monitor = odd.fit(ctx.model, sha256_file(uc.model.path), spec, fit_b, cal_b, p.scores,
+                              p.near_rate, p.out_rate, p.shrinkage, p.rank)
+        except odd.MonitorError as e:
+            raise CheckError(f"{self.name}: {e}") from None
+        if monitor.feature_mode != "penultimate":
+            limitations.append(f"learned scores on the logits only: {monitor.extractor.why}")
+        info = monitor.learned.info
+        if info.get("out_method") != "conformal":
+            limitations.append(f"OUT threshold: {info.get('out_method')} (too few calibration items for an "
+                               f"empirical {p.out_rate:g} false-alarm rate)")
+        path = monitor.save(ctx.workdir / "monitor.safetensors")
+
+        grids = p.grids()
+        clean, base = _Cell(), _Cell()
+        cells = {n: [_Cell() for _ in g] for n, g in grids.items()}
+        perts = {n: P.get(n, uc.model.value_range) for n in grids}
+        for batch in ctx.batches(p.split):
+            d = monitor.evaluate(batch.images, batch.meta)
+            clean.add(d, batch.labels)
+            inside = d.spec.states.max(axis=1, initial=0) < odd.State.OUT
+            if not inside.any():
+                continue
+            imgs, labels, ids = batch.images[inside], batch.labels[inside], batch.index[inside]
+            meta = {k: _pick(v, inside) for k, v in batch.meta.items()}
+            seeds = P.item_seeds(ctx.seed, ids)
+            d0 = _subset(d, inside)
+            base.add(d0, labels)
+            for n, grid in grids.items():
+                for j, a in enumerate(grid):
+                    cells[n][j].add(d0 if a == 0 else monitor.evaluate(perts[n].apply(imgs, a, seeds), meta), labels)
+        return self._outcome(ctx, p, monitor, path, grids, perts, clean, base, cells, conf, limitations)
+
+    def _outcome(self, ctx, p, monitor, path, grids, perts, clean, base, cells, conf, limitations):
+        out: list[Measurement] = []
+
+        def m(metric, k, n, scope=None, amplitude=None, **details):
+            if n == 0:
+                return
+            out.append(Measurement(check=self.name, metric=metric, value=k / n, n=n, amplitude=amplitude,
+                                   interval=clopper_pearson(k, n, conf), scope=scope or Scope(split=p.split),
+                                   details=details))
+
+        m("false_alarm_rate", base.stopped, base.n)
+        m("alert_rate", base.alerted, base.n)
+        m("odd_share", base.n, clean.n)
+        m("accuracy_accepted", clean.acc_correct, clean.acc_n)
+        m("accuracy_stopped", clean.stop_correct, clean.stopped)
+        if clean.stopped == 0:
+            limitations.append(f"no clean {p.split} item was stopped: accuracy_stopped is measured under "
+                               "perturbations only")
+        summary = {"specification": [lim.to_dict() for lim in monitor.spec.limits],
+                   "feature_mode": monitor.feature_mode, "calibration": monitor.learned.to_dict(),
+                   "clean": {"items": clean.n, "in_odd": base.n, "stopped": clean.stopped, "alerted": clean.alerted,
+                             "reasons": dict(clean.reasons)},
+                   "perturbations": {}, "monitor_file": str(path.name)}
+        curves, outside = [], {k: [] for k in [*p.scores, "learned"]}
+        det_n = det_stop = det_alert = 0
+        for n, grid in grids.items():
+            cs = cells[n]
+            frac_out = [c.spec_out / c.n if c.n else 0.0 for c in cs]
+            bound = p.boundary.get(n, derived_boundary(grid, frac_out))
+            source = "declared" if n in p.boundary else ("specification" if bound is not None else None)
+            if bound is None:
+                limitations.append(f"{n}: no declared boundary and the specification never excludes half the "
+                                   f"items up to {grid[-1]:g} {perts[n].unit}: detection not counted for it")
+            for a, c in zip(grid, cs, strict=True):
+                sc = Scope(split=p.split, perturbation=PerturbationScope(name=n, max_amplitude=a))
+                m("stop_rate", c.stopped, c.n, sc, a)
+                m("alert_rate", c.alerted, c.n, sc, a)
+                m("accuracy", c.correct, c.n, sc, a)
+                m("accuracy_accepted", c.acc_correct, c.acc_n, sc, a)
+                m("accuracy_stopped", c.stop_correct, c.stopped, sc, a)
+                if bound is not None and a > bound:
+                    m("detection_rate", c.stopped, c.n, sc, a)
+                    det_n, det_stop, det_alert = det_n + c.n, det_stop + c.stopped, det_alert + c.alerted
+                    for k in outside:
+                        outside[k].append(c.score(k))
+
+            def rate(attr, cs=cs):
+                return [getattr(c, attr) / c.n if c.n else float("nan") for c in cs]
+
+            bands = [clopper_pearson(c.stopped, c.n, conf) for c in cs]
+            curves.append(Curve(
+                id=f"odd_detection:{n}", title=f"ODD monitor under {n}: detection and model accuracy",
+                x_label=f"{n} amplitude ({perts[n].unit})", y_label="share of inputs", x=grid,
+                series={"stopped (OUT)": Series(y=rate("stopped"), lower=[b.lower for b in bands],
+                                                upper=[b.upper for b in bands]),
+                        "alerted or stopped (NEAR/OUT)": Series(y=rate("alerted")),
+                        "model accuracy": Series(y=rate("correct")),
+                        "accuracy on accepted inputs": Series(
+                            y=[c.acc_correct / c.acc_n if c.acc_n else float("nan") for c in cs])},
+                x_marks={"ODD boundary": bound} if bound is not None else {},
+            ))
+            summary["perturbations"][n] = {
+                "unit": perts[n].unit, "grid": grid, "boundary": bound, "boundary_source": source,
+                "outside_specification": frac_out, "stop_rate": rate("stopped"), "alert_rate": rate("alerted"),
+                "accuracy": rate("correct"), "reasons": [dict(c.reasons.most_common(5)) for c in cs]}
+        m("detection_rate", det_stop, det_n)
+        m("detection_rate_alert", det_alert, det_n)
+        roc_series, fgrid = {}, np.linspace(0, 1, 51)
+        for k, parts in outside.items():
+            pos = np.concatenate(parts) if parts else np.empty(0)
+            neg = base.score(k)
+            if len(pos) == 0 or len(neg) == 0:
+                continue
+            auroc, fpr95, fpr, tpr = roc(neg, pos)
+            out.append(Measurement(check=self.name, metric=f"auroc:{k}", value=auroc, n=len(neg) + len(pos),
+                                   scope=Scope(split=p.split), details={"negatives": len(neg), "positives": len(pos)}))
+            out.append(Measurement(check=self.name, metric=f"fpr_at_95tpr:{k}", value=fpr95, n=len(neg),
+                                   scope=Scope(split=p.split)))
+            roc_series[k] = Series(y=np.interp(fgrid, fpr, tpr).tolist())
+        if roc_series:
+            curves.append(Curve(id="odd_roc", title="Learned ODD scores: clean in-ODD vs outside the ODD",
+                                x_label="false-alarm rate (clean in-ODD)", y_label="detection rate (outside the ODD)",
+                                x=fgrid.tolist(), series=roc_series))
+        if not det_n:
+            limitations.append("no perturbed input is outside the ODD: detection rates and AUROC not measured")
+        info = monitor.learned.info
+        validity = [
+            f"specification: {', '.join(monitor.spec.names) or 'none'} against the ranges of the use case's ODD",
+            f"learned scores {p.scores} on {monitor.feature_mode} features, fitted on {info.get('n_fit', 0)} "
+            f"in-specification {p.fit_split} items (shrinkage {info.get('shrinkage', 0):.3g}, rank "
+            f"{info.get('rank')}), calibrated on {info['n_calibration']} held-out {p.calibration_split} items "
+            f"at false-alarm rates NEAR {p.near_rate:g}, OUT {p.out_rate:g}",
+            f"validated on {clean.n} {p.split} items ({base.n} inside the specification), {conf:.0%} Clopper-Pearson "
+            f"intervals; perturbations applied in pixel space with seed {ctx.seed}",
+            "outside the ODD: amplitudes beyond each perturbation's boundary "
+            + ", ".join(f"{n} > {v['boundary']:g} ({v['boundary_source']})"
+                        for n, v in summary["perturbations"].items() if v["boundary"] is not None),
+            f"monitor file for model sha256 {monitor.model_sha256[:12]}…, schema version {odd.SCHEMA_VERSION}",
+        ]
+        return CheckOutcome(check=self.name, measurements=out, curves=curves, summary=summary, validity=validity,
+                            limitations=limitations, artefacts=[ctx.artefact(path, "monitor")])
+
+
+def _subset(d: odd.Decisions, sel: np.ndarray) -> odd.Decisions:
+    """The decisions of the selected inputs (for the clean base of the sweep: no second model pass)."""
+    spec = odd.SpecResult({k: _pick(v, sel) for k, v in d.spec.values.items()}, d.spec.states[sel])
+    return odd.Decisions(
+        state=d.state[sel], spec=spec, spec_names=d.spec_names, limits=d.limits,
+        learned_state=None if d.learned_state is None else d.learned_state[sel],
+        scores={k: v[sel] for k, v in d.scores.items()},
+        statistic=None if d.statistic is None else d.statistic[sel],
+        logits=None if d.logits is None else d.logits[sel], learned=d.learned, class_names=d.class_names)
+
+
+def _pick(values: list, sel: np.ndarray) -> list:
+    return [x for x, s in zip(values, sel, strict=True) if s]
+

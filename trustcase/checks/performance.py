@@ -1,0 +1,34 @@
+"""The `performance` check: accuracy, per-class rates, cost and calibration on one split (science in
+`trustcase.performance`)."""
+
+from __future__ import annotations
+
+from trustcase.checks import Check, Context, Params
+from trustcase.performance import Tally
+from trustcase.schemas import CheckOutcome
+
+
+class PerformanceParams(Params):
+    split: str = "test"
+    calibration_bins: int = 15
+
+
+class Performance(Check):
+    """Accuracy, per-class precision and recall, cost and calibration on one split."""
+
+    name = "performance"
+    Params = PerformanceParams
+    stage = "learning"
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: PerformanceParams = self.params
+        tally = Tally(ctx.use_case, p.calibration_bins)
+        for batch in ctx.batches(p.split):
+            tally.update(ctx.model.logits(batch.images, batch.ids), batch.labels, batch.meta)
+        ms = tally.compute(self.name, p.split, ctx.use_case.plan.confidence)
+        return CheckOutcome(
+            check=self.name, measurements=ms,
+            validity=[f"measured on the {p.split} split ({int(tally.cm.sum())} items), "
+                      f"{ctx.use_case.plan.confidence:.0%} Clopper-Pearson intervals"],
+        )
+

@@ -1,0 +1,165 @@
+"""The `perturbation_sweep` check: each perturbation swept over its amplitudes, with breaking amplitudes
+and example strips (science in `robustness.perturbations` and `robustness.sweep`)."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import Field, field_validator
+
+from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.measurement import clopper_pearson
+from trustcase.performance import Tally
+from trustcase.robustness import perturbations as P
+from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
+from trustcase.schemas import (
+    CheckOutcome,
+    Measurement,
+    PerturbationScope,
+    Scope,
+)
+
+
+class PerturbationSpec(Params):
+    perturbation: str | None = Field(None, description="catalogue name or module:Class; default: the key")
+    grid: list[float] | None = Field(None, description="amplitudes; default: the perturbation's own grid")
+    options: dict[str, Any] = {}
+
+
+class SweepParams(Params):
+    perturbations: dict[str, PerturbationSpec | list[float] | None]
+    split: str = "test"
+    workers: int = Field(2, ge=0, le=32, description="threads computing perturbations (0 or 1: inline)")
+    strip: bool = Field(True, description="write an example strip (never for a confidential use case)")
+    batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("perturbations")
+    @classmethod
+    def _known(cls, v: dict) -> dict[str, PerturbationSpec]:
+        if not v:
+            raise ValueError("name at least one perturbation")
+        out = {}
+        for key, spec in v.items():
+            spec = spec if isinstance(spec, PerturbationSpec) else PerturbationSpec(grid=spec)
+            if not key.strip():
+                raise ValueError("a perturbation key is empty")
+            pert = P.get(spec.perturbation or key, (0.0, 1.0), **spec.options)  # PerturbationError is a ValueError
+            if spec.grid is not None and not spec.grid:
+                raise ValueError(f"{key}: the amplitude grid is empty")
+            grid = sorted({0.0, *(pert.validate(a) for a in (spec.grid if spec.grid is not None else pert.grid))})
+            out[key] = spec.model_copy(update={"grid": grid})
+        return out
+
+    def spec(self, key: str) -> PerturbationSpec:
+        return self.perturbations[key]
+
+    def grid(self, key: str) -> list[float]:
+        return list(self.perturbations[key].grid)
+
+
+class PerturbationSweep(Check):
+    name = "perturbation_sweep"
+    Params = SweepParams
+    stage = "testing"
+
+    def shards(self) -> list[Check]:
+        p: SweepParams = self.params
+        return [PerturbationSweep(p.model_copy(update={"perturbations": {k: s}})) for k, s in p.perturbations.items()]
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: SweepParams = self.params
+        uc = ctx.use_case
+        if len(uc.model.input_shape) != 3:
+            raise Unsupported(f"{self.name} perturbs images; the model takes input_shape {uc.model.input_shape}")
+        c, h, w = uc.model.input_shape
+        perts = {}
+        for key, spec in p.perturbations.items():  # every shape problem before any work
+            pert = P.get(spec.perturbation or key, uc.model.value_range, **spec.options)
+            try:
+                pert.check_shape((h, w, c), spec.grid)
+            except P.PerturbationError as e:
+                raise CheckError(f"{self.name}: {e}") from None
+            perts[key] = pert
+        out = CheckOutcome(check=self.name)
+        pool = ThreadPoolExecutor(p.workers, thread_name_prefix="perturb") if p.workers >= 2 else None
+        try:
+            for key, pert in perts.items():
+                self._sweep(ctx, key, pert, p.grid(key), pool, out)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return out
+
+    def _sweep(self, ctx: Context, key: str, pert: P.Perturbation, grid: list[float], pool: Executor | None,
+               out: CheckOutcome) -> None:
+        p: SweepParams = self.params
+        uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        tallies = [Tally(uc) for _ in grid]
+        flips = np.zeros(len(grid), np.int64)
+        seen = 0
+        example: list[np.ndarray] = []
+        keep = p.strip and not uc.confidential
+        for batch in ctx.batches(p.split, p.batch_size):
+            seeds = P.item_seeds(ctx.seed, batch.index)
+            pick = None
+            if keep and not example:  # an item of the critical class if the first batch has one
+                crit = np.flatnonzero(batch.labels == uc.critical_index)
+                pick = int(crit[0]) if len(crit) else 0
+            clean = None
+            for j, (_, x) in enumerate(_perturbed(pert, batch.images, grid, seeds, pool)):
+                pred = tallies[j].update(ctx.model.logits(x, batch.ids), batch.labels, batch.meta)
+                clean = pred if clean is None else clean
+                flips[j] += int((pred != clean).sum())
+                if pick is not None:
+                    example.append(x[pick])
+            seen += len(batch)
+        unreadable = len(ctx.data.stream(p.split).unreadable)
+
+        ms: list[Measurement] = []
+        for j, a in enumerate(grid):
+            ms += tallies[j].compute(self.name, p.split, conf, perturbation=key, amplitude=a, calibration=False)
+            scope = Scope(split=p.split, perturbation=PerturbationScope(name=key, max_amplitude=a))
+            ms.append(Measurement(check=self.name, metric="flip_rate", value=flips[j] / max(seen, 1),
+                                  interval=clopper_pearson(int(flips[j]), seen, conf), n=seen, scope=scope,
+                                  amplitude=a))
+        broken = breaking(uc.requirements, key, ms)
+
+        def auc(metric: str) -> float | None:
+            v = [m.value for m in ms if m.metric == metric and not m.scope.subgroup]
+            return None if not v or any(undefined(x) for x in v) else area_under(grid, v)
+
+        strip = None
+        if example:
+            path = ctx.workdir / f"strip_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+            cv2.imwrite(str(path), strip_image(example, [f"{a:g}" for a in grid], uc.model.value_range))
+            out.artefacts.append(ctx.artefact(path, "image"))
+            strip = out.artefacts[-1].path
+        spec = p.spec(key)
+        out.measurements.extend(ms)
+        out.curves.append(curve(key, pert.unit, grid, ms, uc, broken))
+        out.summary[key] = {
+            "perturbation": spec.perturbation or key, "unit": pert.unit, "grid": grid,
+            "options": pert.options.model_dump(), "n": seen,
+            "accuracy_auc": auc("accuracy"), "critical_recall_auc": auc(f"recall:{uc.model.critical_class}"),
+            "flip_rate": [float(f / max(seen, 1)) for f in flips], "breaking": broken, "strip": strip,
+        }
+        opts = ", ".join(f"{k}={v}" for k, v in pert.options.model_dump().items())
+        lo, hi = uc.model.value_range
+        out.validity.append(
+            f"{key} ({spec.perturbation or key}{', ' + opts if opts else ''}): amplitudes {grid} {pert.unit}, "
+            f"applied in pixel space [{lo:g}, {hi:g}] (results clipped to it) before the model's normalisation; "
+            f"randomness seeded per item by (seed {ctx.seed}, item position), shared across amplitudes; "
+            f"{seen} items of the {p.split} split at every amplitude, {conf:.0%} Clopper-Pearson intervals"
+        )
+        if unreadable:
+            out.limitations.append(f"{key}: {unreadable} unreadable items of the {p.split} split were skipped")
+        if any(b.get("measured", True) for b in broken.values()):
+            out.limitations.append(f"{key}: a breaking amplitude is only located to within the grid "
+                                   f"{grid}: the claim breaks somewhere in [holds_up_to, not_held_from)")
+        if p.strip and uc.confidential:
+            out.limitations.append(f"{key}: no example strip (the use case is confidential)")
+

@@ -1,0 +1,239 @@
+"""The `root_causes` check: HUDD clusters of misclassified items, described by the ODD, and the unsafe set
+(science in `explain.root_causes`)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Literal
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution
+from pydantic import Field
+
+from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.data.images import PROPERTIES
+from trustcase.explain import attribution as A
+from trustcase.explain.root_causes import Relevance, balanced_selection, cluster, describe, nearest_clusters
+from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series
+
+
+class RootCausesParams(Params):
+    split: str = "test"
+    layers: list[str] | None = Field(None, description="layers to try; default: every Conv2d layer")
+    relevance: Literal["auto", "lrp", "grad_cam", "integrated_gradients"] = "auto"
+    max_features: int = Field(2048, ge=4, description="relevance values kept per item and layer")
+    max_errors: int = Field(8000, ge=2, description="errors clustered (a seeded sample beyond): bounds memory")
+    k_max: int = Field(20, ge=2)
+    k: int | None = Field(None, ge=1, description="force the number of clusters (default: the knee)")
+    representatives: int = Field(6, ge=1)
+    noun: str = Field("items", description="what the items are, for the text summary, e.g. 'cells'")
+    improvement_split: str | None = Field(None, description="unlabeled data role to select the unsafe set from")
+    unsafe_budget: int = Field(100, ge=1, description="items to select for labelling, balanced across clusters")
+    batch_size: int = Field(64, ge=1)
+
+
+class RootCauses(Check):
+    """HUDD: misclassified items clustered by internal relevance, described by the ODD."""
+
+    name = "root_causes"
+    Params = RootCausesParams
+    stage = "testing"
+    needs_gradients = True
+
+    def run(self, ctx: Context) -> CheckOutcome:
+        p: RootCausesParams = self.params
+        uc = ctx.use_case
+        net = A.Network(ctx.model)
+        layers = p.layers or net.conv_layers()
+        if not layers:
+            raise Unsupported(f"no Conv2d layer to take relevance from; name layers among {net.describe()}")
+        rel = Relevance(net, layers, p.relevance, p.max_features)
+        image_desc = [d.name for d in uc.odd.descriptors if d.source == "image" and d.name in PROPERTIES]
+        meta_desc = [d.name for d in uc.odd.descriptors if d.source == "metadata" and d.categorical]
+        values = {d: [] for d in image_desc}
+        cats = {d: [] for d in meta_desc}
+        feats = {n: [] for n in layers}
+        err_idx, err_pos, err_ids, err_label, err_pred, keys = [], [], [], [], [], []
+        rng_key = np.random.default_rng(ctx.seed)
+        pos = n_err_seen = 0
+        for batch in ctx.batches(p.split, p.batch_size):
+            pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)
+            for d in image_desc:
+                values[d].append(PROPERTIES[d](batch.images))
+            for d in meta_desc:
+                cats[d].append(np.asarray(batch.meta.get(d, [""] * len(batch)), dtype=object))
+            wrong = np.flatnonzero(pred != batch.labels)
+            if len(wrong):
+                x = ctx.model.to_input(batch.images[wrong])
+                f = rel.features(x, torch.as_tensor(pred[wrong]))
+                for n in layers:
+                    feats[n].append(f[n])
+                err_idx += batch.index[wrong].tolist()
+                err_pos += (pos + wrong).tolist()
+                err_ids += [batch.ids[i] for i in wrong]
+                err_label += batch.labels[wrong].tolist()
+                err_pred += pred[wrong].tolist()
+                keys += rng_key.random(len(wrong)).tolist()
+                n_err_seen += len(wrong)
+                if len(err_idx) > 2 * p.max_errors:  # keep a seeded uniform sample: bounded memory
+                    keep = np.sort(np.argsort(keys)[:p.max_errors])
+                    feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
+                    err_idx, err_pos, err_ids, err_label, err_pred, keys = (
+                        [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred, keys))
+            pos += len(batch)
+        n_items = pos
+        scope = Scope(split=p.split)
+        validity = [f"relevance: {rel.method} at layers {layers} for the predicted class, reduced to at most "
+                    f"{p.max_features} values per layer, unit norm; model in eval mode",
+                    "Ward clustering on Euclidean distances; k at the knee (kneed) of the within-cluster sum of "
+                    f"squares, k <= {p.k_max}; layer: the most compact clusters (size-weighted RMS intra-cluster "
+                    "distance relative to all errors)",
+                    "ODD descriptors: Mann-Whitney (image properties) and one-sided binomial (metadata) tests "
+                    "against the whole split, alpha 0.05, standardised median shift >= 0.5"]
+        if not err_idx:
+            msg = f"no misclassified item in the {p.split} split ({n_items} items): nothing to cluster"
+            return CheckOutcome(check=self.name, validity=validity, summary={"message": msg, "clusters": [],
+                                                                              "errors": 0, "relevance": rel.method},
+                                measurements=[Measurement(check=self.name, metric="errors", value=0, n=n_items,
+                                                          scope=scope),
+                                              Measurement(check=self.name, metric="root_cause_clusters", value=0,
+                                                          n=0, scope=scope)],
+                                limitations=[msg])
+        limitations = []
+        if len(err_idx) > p.max_errors:
+            keep = np.sort(np.argsort(keys)[:p.max_errors])
+            feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
+            err_idx, err_pos, err_ids, err_label, err_pred = (
+                [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred))
+        feats = {n: np.concatenate(v) for n, v in feats.items()}
+        n_err = len(err_idx)
+        if n_err_seen > n_err:
+            limitations.append(f"{n_err_seen} errors, {n_err} clustered (seeded sample, max_errors)")
+
+        per_layer = {n: cluster(feats[n], p.k_max, p.k) for n in layers}
+        best = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
+        chosen = per_layer[best]
+        labels, k = chosen["labels"], chosen["k"]
+        values = {d: np.concatenate(v) for d, v in values.items()}
+        cats = {d: np.concatenate(v) for d, v in cats.items()}
+        names = uc.model.class_names
+        err_pos_a, err_label_a, err_pred_a = np.array(err_pos), np.array(err_label), np.array(err_pred)
+        clusters = []
+        reps_of = {}
+        for c in range(k):
+            mem = np.flatnonzero(labels == c)
+            centre = feats[best][mem].mean(axis=0)
+            closest = mem[np.argsort(((feats[best][mem] - centre) ** 2).sum(axis=1), kind="stable")]
+            reps_of[c] = closest[:p.representatives]
+            desc = describe(err_pos_a[mem], values, cats, p.noun) if (values or cats) else {
+                "descriptors": {}, "text": "no ODD descriptor measured"}
+            pairs = {f"{names[t]} -> {names[q]}": int(((err_label_a[mem] == t) & (err_pred_a[mem] == q)).sum())
+                     for t in range(len(names)) for q in range(len(names)) if t != q}
+            pairs = {k_: v for k_, v in pairs.items() if v}
+            main = max(pairs, key=pairs.get)
+            clusters.append({
+                "id": c, "size": int(len(mem)), "share": len(mem) / n_err,
+                "members": [err_ids[i] for i in mem[:200]], "errors": pairs,
+                "representatives": [err_ids[i] for i in reps_of[c]], "descriptors": desc["descriptors"],
+                "text": f"{len(mem)} errors, mostly {main}: {desc['text']}",
+            })
+        artefacts = self._tables(ctx, clusters, labels, err_ids, err_label_a, err_pred_a, names)
+        if uc.confidential:
+            limitations.append("confidential use case: no montage or animation of cluster members")
+        else:
+            artefacts += self._pictures(ctx, p, rel, best, err_idx, reps_of, err_pred_a)
+        out = [Measurement(check=self.name, metric="errors", value=n_err_seen, n=n_items, scope=scope),
+               Measurement(check=self.name, metric="root_cause_clusters", value=k, n=n_err, scope=scope,
+                           details={"layer": best, "sizes": [c["size"] for c in clusters]}),
+               Measurement(check=self.name, metric="largest_root_cause_share", value=clusters[0]["share"], n=n_err,
+                           scope=scope, details={"text": clusters[0]["text"]})]
+        summary = {
+            "errors": n_err_seen, "clustered": n_err, "relevance": rel.method, "layer": best, "k": k,
+            "clusters": clusters,
+            "layers": {n: {"k": r["k"], "compactness": r["compactness"], "curve": r["curve"].tolist()}
+                       for n, r in per_layer.items()},
+        }
+        if p.improvement_split:
+            sel, rows = self._unsafe(ctx, p, rel, best, feats[best], labels, k)
+            summary["unsafe_set"] = sel
+            out.append(Measurement(check=self.name, metric="unsafe_set_size", value=len(rows), n=p.unsafe_budget,
+                                   scope=Scope(split=p.improvement_split)))
+            path = ctx.workdir / "unsafe_set.csv"
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows([("id", "cluster", "distance"), *rows])
+            artefacts.append(ctx.artefact(path, "file"))
+            validity.append(f"unsafe set: items of the {p.improvement_split!r} split assigned to the cluster of their "
+                            f"nearest error (relevance at layer {best}, predicted class), closest first, "
+                            f"{p.unsafe_budget} balanced across clusters")
+        curves = [Curve(id=f"{self.name}_within", title="Within-cluster sum of squares vs number of clusters",
+                        x_label="clusters k", y_label="within-cluster sum of squares / total",
+                        x=[float(i) for i in range(1, p.k_max + 1)],
+                        x_marks={f"knee ({best})": float(k)},
+                        series={f"layer {n}": Series(y=(r["curve"] / r["curve"][0] if r["curve"][0] > 0
+                                                        else r["curve"]).tolist()
+                                                     + [float("nan")] * (p.k_max - len(r["curve"])))
+                                for n, r in per_layer.items()})]
+        return CheckOutcome(check=self.name, measurements=out, curves=curves, artefacts=artefacts,
+                            validity=validity, limitations=limitations + ([f"model internals: {net.note}"]
+                                                                          if net.note else []),
+                            summary=summary)
+
+    def _tables(self, ctx, clusters, labels, ids, truth, pred, names):
+        path = ctx.workdir / "clusters.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("id", "cluster", "true", "predicted"))
+            w.writerows((ids[i], int(labels[i]), names[truth[i]], names[pred[i]]) for i in range(len(ids)))
+        return [ctx.artefact(path, "file")]
+
+    def _pictures(self, ctx, p, rel, layer, err_idx, reps_of, preds):
+        """Montage and GIF of each cluster's representatives with their relevance (second, sparse read)."""
+        uc = ctx.use_case
+        want = {int(err_idx[i]): i for c in reps_of for i in reps_of[c]}
+        imgs = {}
+        for batch in ctx.batches(p.split, p.batch_size):
+            for j, i in enumerate(batch.index):
+                if int(i) in want:
+                    imgs[want[int(i)]] = batch.images[j]
+        arts = []
+        for c, reps in reps_of.items():
+            reps = [i for i in reps if i in imgs]
+            if not reps:
+                continue
+            im = np.stack([imgs[i] for i in reps])
+            x = ctx.model.to_input(im)
+            raw = rel.raw(x, torch.as_tensor(preds[reps]))[layer]
+            heat = raw.sum(dim=1, keepdim=True) if raw.ndim == 4 else raw.reshape(len(raw), 1, 1, -1)
+            heat = LayerAttribution.interpolate(heat.abs(), tuple(x.shape[2:]), interpolate_mode="bilinear")
+            shown = A.to_uint8(im, uc.model.value_range)
+            over = A.overlay(im, heat[:, 0].numpy(), uc.model.value_range)
+            scale = max(2, 128 // im.shape[1])
+            png = ctx.workdir / f"cluster_{c}.png"
+            A.save_png(png, A.tile([list(shown), list(over)], scale=scale))
+            gif = ctx.workdir / f"cluster_{c}.gif"
+            A.save_gif(gif, [A.tile([[shown[j], over[j]]], scale=scale) for j in range(len(reps))])
+            arts += [ctx.artefact(png, "image"), ctx.artefact(gif, "image")]
+        return arts
+
+    def _unsafe(self, ctx, p, rel, layer, members, labels, k):
+        if p.improvement_split not in ctx.data.roles:
+            raise CheckError(f"root_causes: improvement_split {p.improvement_split!r} is not a data split role "
+                             f"({ctx.data.roles})")
+        ids, best, dist = [], [], []
+        for batch in ctx.batches(p.improvement_split, p.batch_size):
+            pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)  # labels unknown: explain the prediction
+            f = rel.features(ctx.model.to_input(batch.images), torch.as_tensor(pred))[layer]
+            b, d = nearest_clusters(f, members, labels, k)
+            ids += batch.ids
+            best.append(b)
+            dist.append(d)
+        if not ids:
+            return {}, []
+        best, dist = np.concatenate(best), np.concatenate(dist)
+        chosen = balanced_selection(best, dist, k, p.unsafe_budget)
+        rows = [(ids[i], int(best[i]), round(float(dist[i]), 6)) for i in chosen]
+        sel = {str(c): {"count": int((best[chosen] == c).sum()),
+                        "ids": [r[0] for r in rows if r[1] == c][:200]} for c in range(k)}
+        return sel, rows
+

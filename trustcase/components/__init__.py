@@ -1,1 +1,0 @@
-"""The science: pure computation on models and data. No Prefect, no MLflow, no reports."""

@@ -1,0 +1,226 @@
+"""Is an attribution map evidence? Faithfulness, robustness, sanity and location, per method.
+
+Saliency maps can look right and be wrong, so each method of `attribution.METHODS` is measured:
+
+- deletion / insertion (Petsiuk et al. 2018): remove (insert) pixels from the most relevant down,
+  replacing them by (taking them from) the baseline, and follow the target probability; the area under
+  the curve is low for deletion and high for insertion when the map is faithful. A random ordering
+  gives the chance level (`random` series and `summary.random_reference`).
+- infidelity and max-sensitivity (captum.metrics, Yeh et al. 2019): how well attributions predict the
+  output change under Gaussian input noise (normalised, lower is better), and how much the map moves
+  under a small uniform perturbation of the input (lower is better).
+- the model-randomisation sanity check (Adebayo et al. 2018): convolution / linear weights are
+  re-drawn from the output down (cascading) and the Spearman rank correlation between the original
+  and the randomised maps (absolute values) is measured; a method whose maps barely change explains the
+  input, not the model, and fails (correlation above `sanity_max_correlation`).
+- where the model looks vs where it should (`region`): the share of positive relevance inside the
+  region of interest (relevance mass, Arras et al. 2022) and the share of items whose most relevant
+  pixel lies inside it (pointing game); the region's share of the image is the chance level.
+
+Check `explainability` (stage "testing"). Metrics (scope: the params' split), per method <m>:
+  deletion_auc:<m>, insertion_auc:<m>, faithfulness:<m> (= insertion - deletion), infidelity:<m>,
+  sensitivity_max:<m>, sanity_rank_correlation:<m> (gradient models only), relevance_mass:<m> and
+  pointing_game:<m> (when a region is given), ig_convergence_delta (integrated gradients, mean |delta|);
+  and recommended_methods (how many methods passed every test).
+Summary: `ranking` (one row per method, best first: status "recommended" / "warned" / "skipped",
+  reasons, every metric), `recommended`, `warned`, `skipped`, `random_reference`, `items`, `region`,
+  `layers` (the model's layers as the methods saw them).
+Curves: deletion, insertion (mean target probability vs fraction of pixels) and the sanity cascade.
+Artefacts: `gallery.png` (kind "image"): attributions for correct and missed items of the critical
+  class, per method; not written for a confidential use case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+from captum.metrics import infidelity, sensitivity_max
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import stats
+
+from trustcase.data.streaming import resolve
+from trustcase.explain import attribution as A
+from trustcase.schemas import Interval
+
+
+def mean_interval(values: np.ndarray, confidence: float) -> Interval | None:
+    """Student-t interval of a mean (None for fewer than two values)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return None
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return Interval(lower=float(v.mean()) - half, upper=float(v.mean()) + half, confidence=confidence, method="t")
+
+
+# --- faithfulness --------------------------------------------------------------------------------
+
+def _order(heatmaps: np.ndarray, seed: int) -> np.ndarray:
+    """Pixel ranks per item (0 = most relevant); ties broken at random so flat maps score as chance."""
+    flat = heatmaps.reshape(len(heatmaps), -1)
+    tie = np.random.default_rng(seed).random(flat.shape)
+    order = np.lexsort((tie, -flat), axis=-1)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(flat.shape[1])[None].repeat(len(flat), 0), axis=1)
+    return ranks
+
+
+def deletion_insertion(net: A.Network, x: torch.Tensor, target: torch.Tensor, heatmaps: np.ndarray,
+                       baseline: float | torch.Tensor, steps: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Target probability as the most relevant pixels are deleted / inserted: two (B, steps + 1) arrays."""
+    if heatmaps.shape != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"heatmaps of shape {heatmaps.shape} do not match inputs {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    ranks = torch.from_numpy(_order(heatmaps, seed))  # (B, HW)
+    counts = torch.round(torch.linspace(0, h * w, steps + 1)).long()
+    base = torch.as_tensor(baseline, dtype=x.dtype).expand_as(x)
+    dele, ins = np.zeros((b, steps + 1)), np.zeros((b, steps + 1))
+    per = max(1, A.MAX_EVAL_ELEMENTS // (2 * (steps + 1) * x[0].numel()))
+    with torch.no_grad():
+        for s in range(0, b, per):
+            sl = slice(s, s + per)
+            gone = (ranks[sl, None, :] < counts[None, :, None]).float().view(-1, steps + 1, 1, h, w)  # (b, S, 1, H, W)
+            xi, bi = x[sl, None], base[sl, None]
+            d = xi * (1 - gone) + bi * gone
+            i = bi * (1 - gone) + xi * gone
+            both = torch.cat([d, i]).reshape(-1, c, h, w)
+            p = net.probabilities(both).reshape(2, -1, steps + 1, net.model.n_classes)
+            t = target[sl]
+            dele[sl] = p[0, torch.arange(len(t)), :, t].numpy()
+            ins[sl] = p[1, torch.arange(len(t)), :, t].numpy()
+    return dele, ins
+
+
+def auc(curves: np.ndarray) -> np.ndarray:
+    """Area under curves sampled on [0, 1] at equal steps, per row."""
+    return np.trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), axis=1)
+
+
+def as_input_shape(maps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Single-channel maps spread over the input channels, so that sums over features are preserved."""
+    return maps.expand_as(x) / x.shape[1] if maps.shape[1] == 1 and x.shape[1] > 1 else maps
+
+
+def infidelity_of(net: A.Network, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, noise: float,
+                  samples: int, seed: int) -> np.ndarray:
+    """captum infidelity (normalised) per item under Gaussian noise of std `noise` (normalised input units)."""
+    def perturb(inputs):
+        eps = torch.randn_like(inputs) * noise
+        return eps, inputs - eps
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = infidelity(net.forward, perturb, x, as_input_shape(maps, x), target=target, n_perturb_samples=samples,
+                         max_examples_per_batch=int(np.clip(A.MAX_EVAL_ELEMENTS // x[0].numel(), len(x),
+                                                            len(x) * samples)),
+                         normalize=True)
+    return out.detach().numpy()
+
+
+def sensitivity_of(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   target: torch.Tensor, radius: float, samples: int, seed: int) -> np.ndarray:
+    """captum max-sensitivity per item: the largest relative change of the map within an L-inf ball."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        def fn(inp, target):
+            return explain(inp[0] if isinstance(inp, tuple) else inp, target)
+
+        out = sensitivity_max(fn, x, perturb_radius=radius,
+                              n_perturb_samples=samples, max_examples_per_batch=max(1, len(x)), target=target)
+    return out.detach().numpy()
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row of a with the same row of b."""
+    ra = stats.rankdata(a.reshape(len(a), -1), axis=1)
+    rb = stats.rankdata(b.reshape(len(b), -1), axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1), 1.0)
+
+
+def cascade(total: int) -> list[int]:
+    """How many top layers to randomise at each step of the sanity check: the top one, half, all."""
+    return sorted({1, max(1, total // 2), total}) if total else []
+
+
+# --- where the model looks -----------------------------------------------------------------------
+
+class Region(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    """Where the evidence for the decision should be: a rule, a box, or a partner's function.
+
+    - rule "interior": the image without a border of `border` (fraction of each side), e.g. the cell
+      area of a solar cell, not its edge;
+    - rule "box": `box` = [x0, y0, x1, y1] as fractions of width and height;
+    - rule "function": `function` = 'module:function', called as f(images (B,H,W,C), ids, meta) and
+      returning boolean masks (B, H, W), e.g. read from annotation files.
+    """
+
+    rule: Literal["interior", "box", "function"] = "interior"
+    border: float = Field(0.1, ge=0, lt=0.5)
+    box: tuple[float, float, float, float] | None = None
+    function: str | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Region:
+        if self.rule == "box":
+            if self.box is None:
+                raise ValueError("rule 'box' needs box: [x0, y0, x1, y1] (fractions)")
+            x0, y0, x1, y1 = self.box
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"box {list(self.box)} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        if self.rule == "function" and not self.function:
+            raise ValueError("rule 'function' needs function: 'module:function'")
+        return self
+
+    def label(self) -> str:
+        if self.description:
+            return self.description
+        if self.rule == "interior":
+            return f"the image without a {self.border:.0%} border"
+        if self.rule == "box":
+            return f"the box {list(self.box)} (fractions of width, height)"
+        return f"masks from {self.function}"
+
+    def masks(self, images: np.ndarray, ids: list[str], meta: dict[str, list[str]]) -> np.ndarray:
+        b, h, w = images.shape[:3]
+        if self.rule == "function":
+            m = np.asarray(resolve(self.function)(images, ids, meta), dtype=bool)
+            if m.shape != (b, h, w):
+                raise ValueError(f"region function {self.function} returned masks of shape {m.shape}, "
+                                 f"expected {(b, h, w)}")
+            return m
+        if self.rule == "interior":
+            x0 = y0 = self.border
+            x1 = y1 = 1 - self.border
+        else:
+            x0, y0, x1, y1 = self.box
+        rows = (np.arange(h) + 0.5) / h
+        cols = (np.arange(w) + 0.5) / w
+        inside = ((rows >= y0) & (rows <= y1))[:, None] & ((cols >= x0) & (cols <= x1))[None]
+        return np.broadcast_to(inside, (b, h, w)).copy()
+
+
+def relevance_mass(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Share of positive relevance inside the mask, per item (nan when a map has no positive relevance)."""
+    pos = np.maximum(heatmaps, 0).reshape(len(heatmaps), -1)
+    total = pos.sum(axis=1)
+    inside = (pos * masks.reshape(len(masks), -1)).sum(axis=1)
+    return np.where(total > 0, inside / np.where(total > 0, total, 1), np.nan)
+
+
+def pointing_game(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Whether the most relevant pixel lies inside the mask, per item."""
+    flat = heatmaps.reshape(len(heatmaps), -1)
+    return masks.reshape(len(masks), -1)[np.arange(len(flat)), flat.argmax(axis=1)]
+
+
+# --- the check -----------------------------------------------------------------------------------
+

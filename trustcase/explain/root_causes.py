@@ -1,0 +1,267 @@
+"""Root causes of the model's errors, found by clustering internal relevance (HUDD, Fahmy et al. ICSE 2022).
+
+For every misclassified item of a split, the relevance of each neuron of a few internal layers for the
+predicted class is computed (LRP through captum when every layer of the model has an LRP rule,
+otherwise LayerGradCam or Layer Integrated Gradients, per `relevance`). Per layer, the maps are
+reduced to at most `max_features` values (spatial average pooling, channels kept while they fit),
+scaled to unit norm (the pattern matters, not the magnitude), and clustered:
+
+- pairwise Euclidean distances (scipy `pdist`, vectorised C, condensed: n(n-1)/2 doubles),
+- Ward agglomerative clustering (scipy, nearest-neighbour chain: O(n^2) time),
+- the number of clusters at the knee (kneed) of the within-cluster sum of squares vs k,
+- the layer whose clusters are most compact: smallest size-weighted root-mean-square intra-cluster
+  distance relative to that of all errors (scale-free, so layers of different size compare).
+
+Each cluster is described by its members, size, true/predicted classes, representative items (closest
+to the cluster centre), and the ODD descriptors of its members against the whole split: image
+descriptors (brightness, contrast, sharpness) by a standardised median shift and a Mann-Whitney test,
+categorical metadata by its share and a binomial test; significant ones make the text summary
+("dark, blurred mono cells"). HUDD's retraining step: items of an unlabeled improvement split are
+assigned to the cluster of their nearest error, and the closest ones, balanced across clusters, form
+the "unsafe set" to label and retrain on.
+
+Check `root_causes` (stage "testing"). Metrics (scope: the params' split): root_cause_clusters (k; n =
+clustered errors), errors (misclassified items found), largest_root_cause_share (share of errors in the
+biggest cluster), unsafe_set_size (when an improvement split is given).
+Summary: `clusters` (id, size, members (ids, first 200), classes, representatives, descriptors, text),
+`layer` (the chosen one), `layers` (per layer: k, compactness, within-cluster curve), `relevance`,
+`errors`, `unsafe_set` (per cluster: ids and distances), `message` when there is nothing to cluster.
+Artefacts: cluster_<i>.png (montage: representatives and their relevance) and cluster_<i>.gif
+(kind "image"; not written for confidential use cases), clusters.csv (every clustered error and its
+cluster), unsafe_set.csv.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+from captum.attr import LayerGradCam, LayerIntegratedGradients, LayerLRP
+from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+from captum.attr._utils.lrp_rules import EpsilonRule
+from kneed import KneeLocator
+from scipy import stats
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import cdist, pdist
+from torch import nn
+
+from trustcase.errors import CheckError, Unsupported
+from trustcase.explain import attribution as A
+
+WORDS = {"brightness": ("dark", "bright"), "contrast": ("low-contrast", "high-contrast"),
+         "sharpness": ("blurred", "sharp")}
+
+
+# --- relevance at internal layers ----------------------------------------------------------------
+
+def lrp_ready(module: nn.Module | None) -> bool:
+    """Whether captum's LRP has a rule for every leaf layer (Flatten is given the epsilon rule: exact for a reshape)."""
+    if module is None or isinstance(module, torch.jit.ScriptModule):
+        return False
+    leaves = [m for m in module.modules() if not list(m.children())]
+    ok = (*SUPPORTED_LAYERS_WITH_RULES, *SUPPORTED_NON_LINEAR_LAYERS, nn.Flatten)
+    return all(type(m) in ok for m in leaves)
+
+
+class Relevance:
+    """Internal-layer relevance for a batch, reduced to comparable feature vectors (one per layer)."""
+
+    def __init__(self, net: A.Network, layers: list[str], method: str, max_features: int, ig_steps: int = 16):
+        if not net.differentiable:
+            raise Unsupported("root-cause clustering needs internal relevance; the model is a black box")
+        known = net.layers()
+        for name in layers:
+            if name not in known:
+                raise CheckError(f"root_causes: layer {name!r} does not exist; layers: {net.describe()}")
+        if method == "auto":
+            method = "lrp" if lrp_ready(net.module) else "grad_cam"
+        if method == "lrp":
+            if not lrp_ready(net.module):
+                raise Unsupported(f"LRP needs a rule for every layer; the model has {net.describe()}")
+            self.module = copy.deepcopy(net.module)  # LRP attaches rules to layers: keep the caller's model clean
+            mods = dict(self.module.named_modules())
+            self.layers = {n: mods[n] for n in layers}
+            bad = [n for n, m in self.layers.items() if type(m) not in SUPPORTED_LAYERS_WITH_RULES]
+            if bad:
+                raise CheckError(f"root_causes: LRP relevance exists for layers with a rule (conv, linear, pooling, "
+                                 f"batch norm), not for {bad}")
+        else:
+            self.layers = {n: known[n] for n in layers}
+        self.net, self.method, self.max_features, self.ig_steps = net, method, max_features, ig_steps
+
+    def raw(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        mods = list(self.layers.values())
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*did not already require gradients")
+            torch.manual_seed(0)
+            if self.method == "lrp":
+                for m in self.module.modules():  # captum removes rules after each call
+                    if isinstance(m, nn.Flatten):
+                        m.rule = EpsilonRule()
+                out = LayerLRP(self.module, mods).attribute(x, target=target)
+            elif self.method == "integrated_gradients":
+                out = LayerIntegratedGradients(self.net.forward, mods).attribute(
+                    x, target=target, n_steps=self.ig_steps, internal_batch_size=max(len(x), 1) * self.ig_steps)
+            else:
+                out = [LayerGradCam(self.net.forward, m).attribute(x, target=target) for m in mods]
+        out = out if isinstance(out, list | tuple) else [out]
+        return {n: r.detach() for n, r in zip(self.layers, out, strict=True)}
+
+    def reduce(self, r: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, F <= max_features): average-pool space, then sum channels if still too big."""
+        if r.ndim == 4:
+            b, c, h, w = r.shape
+            if c > self.max_features:
+                r, c = r.sum(dim=1, keepdim=True), 1
+            side = max(1, int(np.sqrt(self.max_features / c)))
+            if side < h or side < w:
+                r = nn.functional.adaptive_avg_pool2d(r, (min(side, h), min(side, w)))
+        return r.reshape(len(r), -1)
+
+    def features(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+        out = {}
+        for name, r in self.raw(x, target).items():
+            f = self.reduce(r)
+            norm = f.norm(dim=1, keepdim=True)
+            out[name] = (f / torch.where(norm > 0, norm, torch.ones_like(norm))).float().numpy()
+        return out
+
+
+# --- clustering ----------------------------------------------------------------------------------
+
+def ward(features: np.ndarray) -> np.ndarray:
+    """Ward linkage from vectorised pairwise Euclidean distances (condensed)."""
+    return linkage(pdist(np.asarray(features, np.float64)), method="ward")
+
+
+def within_curve(z: np.ndarray, k_max: int) -> np.ndarray:
+    """Within-cluster sum of squares after cutting the Ward tree into k = 1..k_max clusters.
+
+    scipy's Ward merge height is sqrt(2 * increase of the sum of squares), so the sum of squares left
+    with k clusters is the sum of h^2 / 2 over the first n - k merges.
+    """
+    n = len(z) + 1
+    cum = np.concatenate([[0.0], np.cumsum(z[:, 2] ** 2 / 2)])  # cum[m]: sum of squares after m merges
+    ks = np.arange(1, min(k_max, n) + 1)
+    return cum[n - ks]
+
+
+def knee(ess: np.ndarray) -> int:
+    """k at the knee of the decreasing, convex within-cluster curve (1 when there is no knee)."""
+    if len(ess) < 3 or ess[0] <= 0:
+        return 1
+    kl = KneeLocator(np.arange(1, len(ess) + 1), ess, curve="convex", direction="decreasing")
+    return int(kl.knee) if kl.knee is not None else 1
+
+
+def sum_squares(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sum of squared deviations from the centroid, and sizes (labels 0..k-1), vectorised."""
+    k = int(labels.max()) + 1
+    sizes = np.bincount(labels, minlength=k)
+    sums = np.zeros((k, features.shape[1]))
+    np.add.at(sums, labels, features)
+    sq = np.bincount(labels, weights=(features.astype(np.float64) ** 2).sum(axis=1), minlength=k)
+    return sq - (sums ** 2).sum(axis=1) / np.maximum(sizes, 1), sizes
+
+
+def compactness(features: np.ndarray, labels: np.ndarray) -> float:
+    """Size-weighted RMS intra-cluster distance / RMS distance over all items (0: tight, 1: no structure)."""
+    n = len(features)
+    ess, sizes = sum_squares(features, labels)
+    total, _ = sum_squares(features, np.zeros(n, np.int64))
+    if n < 2 or total[0] <= 0:
+        return 0.0
+    rms = np.sqrt(2 * np.maximum(ess, 0) / np.maximum(sizes - 1, 1))
+    return float((sizes / n * rms).sum() / np.sqrt(2 * total[0] / (n - 1)))
+
+
+def cluster(features: np.ndarray, k_max: int = 20, k: int | None = None) -> dict:
+    """Ward clusters of one layer's features: labels 0..k-1 (biggest first), k, curve, compactness."""
+    n = len(features)
+    if n == 1:
+        return {"labels": np.zeros(1, np.int64), "k": 1, "curve": np.zeros(1), "compactness": 0.0}
+    z = ward(features)
+    curve = within_curve(z, k_max)
+    k = min(k or knee(curve), n)
+    raw = fcluster(z, k, criterion="maxclust") - 1
+    order = np.argsort(-np.bincount(raw), kind="stable")  # renumber: biggest cluster first
+    labels = np.argsort(order)[raw]
+    return {"labels": labels, "k": int(labels.max()) + 1, "curve": curve, "compactness": compactness(features, labels)}
+
+
+def nearest_clusters(queries: np.ndarray, members: np.ndarray, labels: np.ndarray, k: int,
+                     chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For each query: the cluster of its nearest member and that distance (chunked, vectorised)."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], np.arange(k))
+    best, dist = np.empty(len(queries), np.int64), np.empty(len(queries))
+    for s in range(0, len(queries), chunk):
+        d = cdist(queries[s:s + chunk].astype(np.float64), members[order].astype(np.float64))
+        per = np.minimum.reduceat(d, starts, axis=1)  # (q, k): distance to the nearest member of each cluster
+        best[s:s + chunk] = per.argmin(axis=1)
+        dist[s:s + chunk] = per.min(axis=1)
+    return best, dist
+
+
+def balanced_selection(cluster_of: np.ndarray, distance: np.ndarray, k: int, budget: int) -> np.ndarray:
+    """Positions of the unsafe set: the closest items of each cluster, an equal share per cluster
+    (clusters with too few candidates hand their share to the others)."""
+    pools = [np.flatnonzero(cluster_of == c)[np.argsort(distance[cluster_of == c], kind="stable")] for c in range(k)]
+    taken = np.zeros(k, np.int64)
+    left = min(budget, len(cluster_of))
+    while left > 0:
+        open_ = [c for c in range(k) if taken[c] < len(pools[c])]
+        if not open_:
+            break
+        share = max(1, left // len(open_))
+        for c in open_:
+            add = min(share, len(pools[c]) - taken[c], left)
+            taken[c] += add
+            left -= add
+            if left == 0:
+                break
+    return np.concatenate([pools[c][:taken[c]] for c in range(k)]) if k else np.empty(0, np.int64)
+
+
+# --- describing a cluster by the ODD -------------------------------------------------------------
+
+def describe(members: np.ndarray, values: dict[str, np.ndarray], categorical: dict[str, np.ndarray],
+             noun: str, alpha: float = 0.05, effect: float = 0.5) -> dict:
+    """Which ODD descriptors set these items apart from the whole split, and a text summary."""
+    words, kinds, rows = [], [], {}
+    inside = np.zeros(len(next(iter({**values, **categorical}.values()), [])), bool)
+    inside[members] = True
+    for name, v in values.items():
+        m, rest = v[inside], v[~inside]
+        spread = v.std()
+        shift = float((np.median(m) - np.median(v)) / spread) if spread > 0 else 0.0
+        p = float(stats.mannwhitneyu(m, rest).pvalue) if len(m) and len(rest) else 1.0
+        rows[name] = {"cluster_median": float(np.median(m)), "split_median": float(np.median(v)),
+                      "standardised_shift": shift, "p_value": p}
+        if p < alpha and abs(shift) >= effect:
+            low, high = WORDS.get(name, (f"low-{name}", f"high-{name}"))
+            words.append(low if shift < 0 else high)
+    for name, v in categorical.items():
+        values_, counts = np.unique(v, return_counts=True)
+        share_all = dict(zip(values_.tolist(), (counts / len(v)).tolist(), strict=True))
+        mv, mc = np.unique(v[inside], return_counts=True)
+        share = dict(zip(mv.tolist(), (mc / max(inside.sum(), 1)).tolist(), strict=True))
+        rows[name] = {"cluster_share": share, "split_share": share_all}
+        if len(mv):
+            top = mv[mc.argmax()]
+            p = float(stats.binomtest(int(mc.max()), int(inside.sum()), share_all[top], alternative="greater").pvalue)
+            rows[name]["p_value"] = p
+            if p < alpha and share[top] >= 0.6 and share[top] - share_all[top] >= 0.15:
+                kinds.append(str(top))
+    text = " ".join(filter(None, [", ".join(words), " ".join(kinds), noun]))  # e.g. "dark, blurred mono cells"
+    if not words and not kinds:
+        text = f"no ODD descriptor sets these {noun} apart"
+    return {"descriptors": rows, "text": text}
+
+
+# --- the check -----------------------------------------------------------------------------------
+
+
+

@@ -1,0 +1,78 @@
+"""Confidence intervals for proportions: claims are judged on bounds, not on lucky point estimates."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from scipy import stats
+
+from trustcase.schemas import Curve, Interval, Measurement, PerturbationScope, Scope, Series
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """Exact two-sided binomial interval (conservative: coverage >= confidence for every p)."""
+    if n <= 0:
+        return Interval(lower=0.0, upper=1.0, confidence=confidence, method="clopper-pearson")
+    a = 1.0 - confidence
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a / 2, k + 1, n - k))
+    return Interval(lower=lo, upper=hi, confidence=confidence, method="clopper-pearson")
+
+
+def clopper_pearson_lower(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """One-sided lower bound at level alpha, vectorised over counts k (randomized smoothing)."""
+    k = np.asarray(k)
+    out = stats.beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
+    return np.where(k == 0, 0.0, out)
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> Interval:
+    if n <= 0:
+        return Interval(lower=0.0, upper=1.0, confidence=confidence, method="wilson")
+    z = float(stats.norm.ppf(1 - (1 - confidence) / 2))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return Interval(lower=max(0.0, mid - half), upper=min(1.0, mid + half), confidence=confidence, method="wilson")
+
+
+def accuracy_curve(check: str, metric: str, split: str, radii_grid: list[float], radius: np.ndarray,
+                   correct: np.ndarray, confidence: float, title: str) -> tuple[list[Measurement], Curve, list[float]]:
+    """Certified accuracy at each radius (correct and certified at r), as measurements and one curve."""
+    n = len(radius)
+    ms, values, lo, hi = [], [], [], []
+    for r in radii_grid:
+        k = int((correct & (radius >= r)).sum())
+        iv = clopper_pearson(k, n, confidence)
+        values.append(k / n if n else float("nan"))
+        lo.append(iv.lower)
+        hi.append(iv.upper)
+        ms.append(Measurement(check=check, metric=metric, value=values[-1], interval=iv, n=n, amplitude=r,
+                              scope=Scope(split=split, perturbation=PerturbationScope(name="l2_radius",
+                                                                                      max_amplitude=r))))
+    curve = Curve(id=f"{check}-certified-accuracy", title=title, x_label="L2 radius (input scaled to [0, 1])",
+                  y_label="certified accuracy", x=radii_grid,
+                  series={"certified accuracy": Series(y=values, lower=lo, upper=hi)})
+    return ms, curve, values
+
+
+def write_items(path, ids: list[str], labels, preds, radii) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "prediction", "radius"])
+        w.writerows(zip(ids, np.asarray(labels).tolist(), np.asarray(preds).tolist(), np.asarray(radii).tolist(),
+                        strict=True))
+
+
+def radius_grid(params_radii: list[float] | None, claimed: list[float], radius: np.ndarray,
+                correct: np.ndarray) -> list[float]:
+    if params_radii is not None:
+        grid = list(params_radii)
+    else:
+        finite = radius[correct & np.isfinite(radius)]
+        top = float(finite.max()) if finite.size else 0.0
+        grid = np.linspace(0.0, top, 21).tolist() if top > 0 else [0.0]
+    return sorted({0.0, *grid, *claimed})
+

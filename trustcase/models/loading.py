@@ -1,0 +1,59 @@
+"""One loader per model format, in one table: the only place that turns a `ModelSpec` into a `Classifier`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trustcase.data.streaming import resolve
+from trustcase.models.blackbox import load_black_box
+from trustcase.models.classifier import Classifier, ModelError, probe
+from trustcase.schemas import ModelSpec
+
+
+def _torchscript(spec: ModelSpec) -> Classifier:
+    return Classifier(spec, module=torch.jit.load(str(spec.path), map_location="cpu").eval())
+
+
+def _state_dict(spec: ModelSpec) -> Classifier:
+    module = resolve(spec.factory)(**spec.factory_args)
+    state = torch.load(spec.path, map_location="cpu", weights_only=not spec.allow_pickle)
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    module.load_state_dict(state)
+    return Classifier(spec, module=module.eval())
+
+
+def _onnx(spec: ModelSpec) -> Classifier:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return Classifier(spec, session=ort.InferenceSession(str(spec.path), opts, providers=["CPUExecutionProvider"]))
+
+
+FILE_FORMATS: dict[str, Callable[[ModelSpec], Classifier]] = {
+    "torchscript": _torchscript, "state_dict": _state_dict, "onnx": _onnx}
+BLACK_BOXES: dict[str, Callable[[ModelSpec], Classifier]] = {"python": load_black_box, "challenge": load_black_box}
+
+
+def load_classifier(spec: ModelSpec) -> Classifier:
+    """The model of a use case, probed with one input of its declared contract before anything else runs."""
+    if spec.format in BLACK_BOXES:
+        clf = BLACK_BOXES[spec.format](spec)
+    else:
+        path = Path(spec.path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        try:
+            clf = FILE_FORMATS[spec.format](spec)
+        except ModelError:
+            raise
+        except Exception as e:  # torch raises many types for a bad file; name the file and the cause
+            hint = " (set model.allow_pickle: true only if you trust this file)" if "weights_only" in str(e) else ""
+            raise ModelError(f"cannot load {spec.format} model {path}: {type(e).__name__}: {str(e)[:300]}{hint}") \
+                from None
+    probe(clf)
+    return clf

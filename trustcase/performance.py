@@ -1,0 +1,100 @@
+"""Performance evidence: accuracy, per-class precision/recall with exact intervals, cost, calibration.
+
+`Tally` streams (update per batch, compute at the end) like a torchmetrics metric; the sweep
+reuses it per amplitude so that clean and perturbed numbers are computed the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from scipy.special import softmax
+
+from trustcase.measurement import clopper_pearson
+from trustcase.schemas import Measurement, PerturbationScope, Scope, UseCase
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
+
+
+def rates(cm: np.ndarray, use_case: UseCase, scope: Scope, check: str, confidence: float,
+          amplitude: float | None = None) -> list[Measurement]:
+    """Proportion metrics of one confusion matrix (rows: truth, columns: prediction)."""
+    names = use_case.model.class_names
+    total = int(cm.sum())
+
+    def m(metric: str, k: int, n: int, **details) -> Measurement:
+        iv = clopper_pearson(k, n, confidence)
+        return Measurement(check=check, metric=metric, value=k / n if n else None, interval=iv,
+                           n=n, scope=scope, amplitude=amplitude, details=details)
+
+    out = [m("accuracy", int(np.trace(cm)), total)]
+    for i, c in enumerate(names):
+        out.append(m(f"recall:{c}", int(cm[i, i]), int(cm[i].sum())))
+        out.append(m(f"precision:{c}", int(cm[i, i]), int(cm[:, i].sum())))
+    ci = use_case.critical_index
+    crit = names[ci]
+    out.append(m(f"false_negative_rate:{crit}", int(cm[ci].sum() - cm[ci, ci]), int(cm[ci].sum())))
+    cost = use_case.plan.cost_matrix
+    if cost is not None and total:
+        out.append(Measurement(check=check, metric="cost", value=float((cm * np.asarray(cost)).sum() / total),
+                               n=total, scope=scope, amplitude=amplitude, unit="per item"))
+    return out
+
+
+class Tally:
+    """Streaming confusion matrices (overall and per categorical ODD value) and calibration bins."""
+
+    def __init__(self, use_case: UseCase, bins: int = 15):
+        self.uc, self.n = use_case, len(use_case.model.class_names)
+        self.cm = np.zeros((self.n, self.n), dtype=np.int64)
+        self.groups: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros((self.n, self.n), np.int64))
+        self.edges = np.linspace(0, 1, bins + 1)
+        self.bin_count = np.zeros(bins, np.int64)
+        self.bin_conf = np.zeros(bins)
+        self.bin_correct = np.zeros(bins)
+        self.subgroups = [d.name for d in use_case.odd.descriptors if d.categorical and d.source == "metadata"]
+
+    def update(self, logits: np.ndarray, labels: np.ndarray, meta: dict[str, list[str]] | None = None) -> np.ndarray:
+        pred = logits.argmax(axis=1)
+        self.cm += confusion(labels, pred, self.n)
+        for name in self.subgroups:
+            values = np.asarray((meta or {}).get(name, []))
+            for v in np.unique(values):
+                sel = values == v
+                self.groups[(name, str(v))] += confusion(labels[sel], pred[sel], self.n)
+        conf = softmax(logits.astype(np.float64), axis=1).max(axis=1)
+        b = np.clip(np.digitize(conf, self.edges[1:-1]), 0, len(self.bin_count) - 1)
+        self.bin_count += np.bincount(b, minlength=len(self.bin_count))
+        self.bin_conf += np.bincount(b, weights=conf, minlength=len(self.bin_count))
+        self.bin_correct += np.bincount(b, weights=(pred == labels), minlength=len(self.bin_count))
+        return pred
+
+    def compute(self, check: str, split: str, confidence: float, perturbation: str | None = None,
+                amplitude: float | None = None, calibration: bool = True) -> list[Measurement]:
+        pscope = None if perturbation is None else PerturbationScope(name=perturbation, max_amplitude=amplitude)
+        scope = Scope(split=split, perturbation=pscope)
+        out = rates(self.cm, self.uc, scope, check, confidence, amplitude)
+        if out:
+            out[0].details["confusion"] = self.cm.tolist()
+        for (name, value), cm in sorted(self.groups.items()):
+            sub = Scope(split=split, subgroup={name: value}, perturbation=pscope)
+            out += rates(cm, self.uc, sub, check, confidence, amplitude)
+        if calibration and self.bin_count.sum():
+            total = self.bin_count.sum()
+            nz = self.bin_count > 0
+            gap = np.abs(self.bin_correct[nz] / self.bin_count[nz] - self.bin_conf[nz] / self.bin_count[nz])
+            ece = float((self.bin_count[nz] / total * gap).sum())
+            out.append(Measurement(
+                check=check, metric="ece", value=ece, n=int(total), scope=scope, amplitude=amplitude,
+                details={"bins": self.edges.tolist(), "count": self.bin_count.tolist(),
+                         "confidence": (self.bin_conf / np.maximum(self.bin_count, 1)).tolist(),
+                         "accuracy": (self.bin_correct / np.maximum(self.bin_count, 1)).tolist()},
+            ))
+        return out
+
+
+
+

@@ -1,0 +1,206 @@
+"""Adversarial robustness: FGSM and PGD under L-inf and L2, and per-item minimal adversarial distances.
+
+Everything is EMPIRICAL. An attack that finds an adversarial example proves the model can be fooled
+at that distance; an attack that fails proves nothing. So the accuracy under attack is an UPPER
+bound on the robust accuracy, and each item's distance is an UPPER bound on its true minimal
+adversarial distance (its robust radius). Neither is a certificate (see `lipschitz`/`smoothing`).
+
+Epsilons are in pixel units of the model's value range: L-inf bounds the change of any one pixel
+value, L2 the Euclidean norm of the change over all H x W x C values. The attacks run in pixel space
+and differentiate through `Classifier.to_input`, so the normalisation is accounted for exactly; the
+adversarial images are clipped to the value range (not quantised to integer grey levels).
+
+Measurements, per attack (scope.perturbation = {name: <attack>, max_amplitude: eps}, amplitude = eps,
+eps = 0 is the clean data): every metric of `performance.Tally` (accuracy, recall:<class>, ...),
+`adversarial_accuracy` (= accuracy under attack) and `attack_success_rate` (share of the items
+correct when clean that the attack fools), with Clopper-Pearson intervals. PGD attacks with
+`distance: true` add, with no perturbation scope, `adversarial_distance_median.<attack>` and
+`adversarial_distance_q10.<attack>` (pixel units; distribution-free order-statistic intervals;
+items not fooled up to `max_distance` count as at `max_distance`).
+
+Summary, per attack: `norm`, `epsilons`, `steps`, `step_size`, `restarts`, `n`, `accuracy`,
+`success_rate` (per epsilon), `breaking` (as in the sweep), and for PGD `distance` (`median`, `q10`,
+`q90`, `max_distance`, `censored`: items not fooled within it, `search_steps`).
+Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with bands.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from trustcase.models.classifier import Classifier
+from trustcase.schemas import Interval
+
+Norm = Literal["linf", "l2"]
+ATTACKS: dict[str, tuple[str, Norm]] = {
+    "fgsm_linf": ("fgsm", "linf"), "fgsm_l2": ("fgsm", "l2"), "pgd_linf": ("pgd", "linf"), "pgd_l2": ("pgd", "l2"),
+}
+# default epsilons as fractions of the value range (x 255: 0.5 to 8 grey levels for L-inf)
+DEFAULT_EPS = {"linf": (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255), "l2": (0.05, 0.1, 0.25, 0.5, 1.0)}
+
+
+def norms(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Per-item norm of a batch of perturbations (B, ...)."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
+
+
+def project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Nearest point of the ball of radius eps[i] around 0, item by item."""
+    e = eps.view(-1, *([1] * (delta.ndim - 1)))
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, e), -e)
+    n = norms(delta, "l2").view_as(e)
+    return delta * torch.clamp(e / n.clamp_min(1e-12), max=1.0)
+
+
+def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Steepest ascent direction of unit norm: sign for L-inf, normalised gradient for L2."""
+    if norm == "linf":
+        return grad.sign()
+    n = norms(grad, "l2").view(-1, *([1] * (grad.ndim - 1)))
+    return grad / n.clamp_min(1e-12)
+
+
+def _loss_grad(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the cross-entropy w.r.t. the pixel-space input, and the logits it came from."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = clf.forward(clf.to_input(x))
+        (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+    return g, logits.detach()
+
+
+def _predict(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return clf.forward(clf.to_input(x)).argmax(dim=1)
+
+
+def _clip(x: torch.Tensor, delta: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Shrink delta so that x + delta stays in the value range (keeps it inside any ball around 0)."""
+    return (x + delta).clamp(lo, hi) - x
+
+
+def fgsm(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
+         value_range: tuple[float, float]) -> torch.Tensor:
+    """One step of size eps along the gradient's sign (L-inf) or direction (L2): the fast gradient method."""
+    g, _ = _loss_grad(clf, x, y)
+    e = eps.view(-1, *([1] * (x.ndim - 1)))
+    return x + _clip(x, e * _direction(g, norm), *value_range)
+
+
+def random_start(shape: tuple[int, ...], eps: torch.Tensor, norm: Norm, seeds: np.ndarray,
+                 restart: int) -> torch.Tensor:
+    """A uniform point of each item's ball (L-inf: uniform cube; L2: uniform in the ball), seeded per item."""
+    d = int(np.prod(shape[1:]))
+    out = []
+    for s, e in zip(seeds, eps.tolist(), strict=True):
+        rng = np.random.default_rng([int(s), restart])
+        if norm == "linf":
+            v = rng.uniform(-e, e, d)
+        else:
+            v = rng.standard_normal(d)
+            v *= e * rng.random() ** (1.0 / d) / max(np.linalg.norm(v), 1e-12)
+        out.append(v)
+    return torch.from_numpy(np.stack(out).astype(np.float32)).view(shape)
+
+
+def pgd(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
+        value_range: tuple[float, float], steps: int = 20, step_size: float = 2.5, restarts: int = 1,
+        seeds: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient ascent on the cross-entropy (Madry et al.): first from the clean input, then from
+    `restarts - 1` random starts in the ball.
+
+    Returns (x_adv, fooled): for a fooled item x_adv is the first misclassified iterate found (a
+    witness inside its ball), otherwise the last iterate. Items misclassified when clean count as
+    fooled with x_adv = x. Fooled items leave the batch, so a strong attack costs less.
+    """
+    seeds = np.arange(len(x)) if seeds is None else seeds
+    adv = x.clone()
+    fooled = _predict(clf, x) != y  # items with eps = 0 keep this clean verdict
+    alpha = step_size * eps / steps
+    for r in range(restarts):
+        idx = torch.nonzero(~fooled & (eps > 0)).flatten()
+        if len(idx) == 0:
+            break
+        xi, yi, ei, ai = x[idx], y[idx], eps[idx], alpha[idx].view(-1, *([1] * (x.ndim - 1)))
+        # the first run starts at the clean input (for a locally linear model the best start); restarts are random
+        delta = torch.zeros_like(xi) if r == 0 else _clip(
+            xi, project(random_start(tuple(xi.shape), ei, norm, seeds[idx.numpy()], r), ei, norm), *value_range)
+        for step in range(steps + 1):
+            g, logits = _loss_grad(clf, xi + delta, yi)
+            hit = logits.argmax(dim=1) != yi
+            if hit.any():  # keep the witness, drop the item
+                adv[idx[hit]] = (xi + delta)[hit]
+                fooled[idx[hit]] = True
+                keep = ~hit
+                idx, xi, yi, ei, ai, delta, g = idx[keep], xi[keep], yi[keep], ei[keep], ai[keep], delta[keep], g[keep]
+            if len(idx) == 0 or step == steps:
+                break
+            delta = _clip(xi, project(delta + ai * _direction(g, norm), ei, norm), *value_range)
+        if len(idx):
+            adv[idx] = xi + delta
+    return adv, fooled
+
+
+def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
+           value_range: tuple[float, float], steps: int, step_size: float, restarts: int,
+           seeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "pgd":
+        return pgd(clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
+    clean_wrong = _predict(clf, x) != y
+    adv = torch.where(clean_wrong.view(-1, *([1] * (x.ndim - 1))), x, fgsm(clf, x, y, eps, norm, value_range))
+    return adv, clean_wrong | (_predict(clf, adv) != y)
+
+
+def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, norm: Norm,
+                     value_range: tuple[float, float], max_distance: float, search_steps: int, steps: int,
+                     step_size: float, restarts: int, seeds: np.ndarray) -> np.ndarray:
+    """Per item, the norm of the closest adversarial example found by bisection over epsilon.
+
+    An upper bound on the item's minimal adversarial distance (the witness exists); `inf` when the
+    attack found nothing within `max_distance`, 0 when the item is misclassified clean.
+    """
+    n = len(x)
+    best = torch.full((n,), math.inf)
+
+    def probe(eps: torch.Tensor) -> torch.Tensor:
+        adv, fooled = attack(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
+        found = norms(adv - x, norm)
+        ok = fooled & (found <= eps + 1e-4 * max(1.0, max_distance))
+        best[ok] = torch.minimum(best[ok], found[ok])
+        return ok
+
+    probe(torch.full((n,), float(max_distance)))
+    lo = torch.zeros(n)
+    for _ in range(search_steps):
+        live = torch.isfinite(best) & (best > 0)
+        if not live.any():
+            break
+        mid = torch.where(live, (lo + best) / 2, torch.zeros(n))
+        ok = probe(mid)
+        lo = torch.where(live & ~ok, mid, lo)
+    return best.numpy().astype(np.float64)
+
+
+def quantile_interval(values: np.ndarray, q: float, confidence: float) -> tuple[float, Interval]:
+    """Sample quantile and its distribution-free interval from order statistics (binomial counts)."""
+    x = np.sort(values)
+    n = len(x)
+    a = 1 - confidence
+    lo_k = int(stats.binom.ppf(a / 2, n, q))  # number of items below the lower bound
+    hi_k = int(stats.binom.ppf(1 - a / 2, n, q)) + 1
+    lower = float(x[lo_k - 1]) if lo_k >= 1 else 0.0
+    upper = float(x[min(hi_k, n) - 1])
+    value = float(np.quantile(x, q, method="inverted_cdf"))
+    return value, Interval(lower=lower, upper=upper, confidence=confidence, method="order-statistic")
+
+
+
+
