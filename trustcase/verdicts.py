@@ -3,7 +3,9 @@
 A claim `metric >= t` PASSES only if the lower bound of its interval is >= t (the whole interval
 satisfies it), FAILS if the point estimate violates it, and is INCONCLUSIVE in between (more data
 would decide) or when nothing measured it. Under a perturbation scope, the claim must hold at
-every amplitude up to the declared maximum: the worst amplitude decides.
+every amplitude up to the declared maximum: the worst amplitude decides. An undefined figure (no value,
+NaN, or an interval bound that is NaN: e.g. a recall with no item of the class) cannot PASS or FAIL: the
+claim is INCONCLUSIVE and its rationale says why the figure is undefined.
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ from trustcase.schemas import CheckOutcome, Evidence, Measurement, Requirement, 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def verdict(value: float, comparator: str, threshold: float, lower: float | None, upper: float | None) -> Verdict:
-    if value is None or math.isnan(value):
+def _nan(x: float | None) -> bool:
+    return x is not None and math.isnan(x)
+
+
+def undefined(m: Measurement) -> bool:
+    lo, hi = _bounds(m)
+    return m.value is None or math.isnan(m.value) or _nan(lo) or _nan(hi)
+
+
+def verdict(value: float | None, comparator: str, threshold: float, lower: float | None,
+            upper: float | None) -> Verdict:
+    if value is None or math.isnan(value) or math.isnan(threshold) or _nan(lower) or _nan(upper):
         return Verdict.INCONCLUSIVE
     ok = OPS[comparator]
     if not ok(value, threshold):
@@ -29,11 +41,26 @@ def verdict(value: float, comparator: str, threshold: float, lower: float | None
     return Verdict.PASS
 
 
+def why_undefined(m: Measurement) -> str:
+    """Why a figure has no value, in the reader's words: a check may say it (details.reason), else the metric does."""
+    if m.details.get("reason"):
+        return str(m.details["reason"])
+    family, _, cls = m.metric.partition(":")
+    where = m.scope.label()
+    if m.n == 0 and family in ("recall", "false_negative_rate", "class_share"):
+        return f"no {cls} item in the {where}"
+    if m.n == 0 and family == "precision":
+        return f"the model predicted no {cls} item on the {where}"
+    if m.n == 0:
+        return f"no item to compute it on in the {where} (n = 0)"
+    return f"the measurement has no defined value on the {where} (n = {m.n})"
+
+
 def _bounds(m: Measurement) -> tuple[float | None, float | None]:
     return (m.interval.lower, m.interval.upper) if m.interval else (None, None)
 
 
-def _pessimism(m: Measurement, comparator: str) -> float:
+def _pessimism(m: Measurement, comparator: str) -> float:  # defined measurements only
     """Sort key: the larger, the worse for the claim."""
     lo, hi = _bounds(m)
     if comparator in (">=", ">"):
@@ -73,9 +100,22 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
                 rationale=f"no check of the plan measured {r.metric} on {r.scope.label()}",
             ))
             continue
-        o, worst = max(found, key=lambda om: _pessimism(om[1], r.comparator))
-        lo, hi = _bounds(worst)
-        v = verdict(worst.value, r.comparator, r.threshold, lo, hi)
+        defined = [(o, m) for o, m in found if not undefined(m)]
+        hole = next(((o, m) for o, m in found if undefined(m)), None)
+        if defined:
+            o, worst = max(defined, key=lambda om: _pessimism(om[1], r.comparator))
+            lo, hi = _bounds(worst)
+            v = verdict(worst.value, r.comparator, r.threshold, lo, hi)
+        if hole and (not defined or v is not Verdict.FAIL):  # a hole can hide a failure: never a PASS
+            o, m = hole
+            at = f" at amplitude {m.amplitude:g}" if m.amplitude is not None else ""
+            evidence.append(Evidence(
+                claim_id=r.id, check=o.check, metric=r.metric, value=None, threshold=r.threshold,
+                comparator=r.comparator, verdict=Verdict.INCONCLUSIVE, scope=r.scope,
+                rationale=f"{r.metric} is undefined{at}: {why_undefined(m)}; claim {r.comparator} {r.threshold:g}: "
+                          f"INCONCLUSIVE", validity=list(o.validity), details={"undefined": why_undefined(m)},
+            ))
+            continue
         details = dict(worst.details)
         if r.scope.perturbation:
             sweep = [m for _, m in found]
@@ -86,7 +126,7 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
             }
         bound = "lower" if r.comparator in (">=", ">") else "upper"
         ivtext = f", {bound} bound {lo if bound == 'lower' else hi:.4g}" if worst.interval else ""
-        where = f" at amplitude {worst.amplitude:g}" if r.scope.perturbation else ""
+        where = f" at amplitude {worst.amplitude:g}" if r.scope.perturbation and worst.amplitude is not None else ""
         evidence.append(Evidence(
             claim_id=r.id, check=o.check, metric=r.metric, value=worst.value, threshold=r.threshold,
             comparator=r.comparator, verdict=v, interval=worst.interval, scope=r.scope,
