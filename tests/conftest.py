@@ -3,14 +3,24 @@ and a real tiny CNN trained on a small subset of the real ELPV solar-cell images
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
-import pytest
-import yaml
+# One thread per BLAS/OpenMP/torch pool, set before torch is imported: results and durations are
+# reproducible, and 2 cores shared by parallel jobs are not oversubscribed (a Lipschitz test took
+# 111 s on 2 threads beside another job, 1.2 s on one).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import trustcase  # noqa: F401  (telemetry off first)
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import trustcase  # noqa: E402, F401  (telemetry off first)
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLAR = ROOT / "use_cases" / "solar_cells"
