@@ -9,6 +9,7 @@ import torch
 from test_sweep import synthetic_case
 
 from trustcase.checks import CheckError, Context, Unsupported, build
+from trustcase.checks.adversarial import AdversarialParams
 from trustcase.data.streaming import DataSource, Item
 from trustcase.models.classifier import Classifier
 from trustcase.robustness import attacks as adv
@@ -202,7 +203,7 @@ def test_black_boxes_and_bad_parameters_are_refused(tmp_path):
 
 
 def test_default_epsilons_follow_the_value_range():
-    p = adv.AdversarialParams()
+    p = AdversarialParams()
     assert p.epsilons("linf", (0, 255)) == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert p.epsilons("linf", (0, 1)) == pytest.approx([0.0, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255], abs=1e-6)
     assert p.epsilons("l2", (-1, 1)) == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0]

@@ -259,11 +259,10 @@ def test_spearman_rows_exact():
 
 # --- the explainability check on a tiny use case -------------------------------------------------
 
-@A.register_method
 class EdgeDetector(A.Method):
     """A 'method' that never looks at the model: the image's own edges. The sanity check must fail it."""
 
-    name = "test_edge_detector"
+    name = "test_attribution:EdgeDetector"  # a partner's method, named by reference as in a plan
     needs_gradients = False
 
     def attribute(self, x, target, baseline):
@@ -306,15 +305,15 @@ FAST = {"items": 8, "sensitivity_items": 2, "sensitivity_samples": 2, "infidelit
 
 def test_explainability_ranks_methods_and_fails_the_insensitive_one(tmp_path):
     check = build(CheckSpec(check="explainability", params={
-        **FAST, "methods": ["saliency", "integrated_gradients", "test_edge_detector"],
+        **FAST, "methods": ["saliency", "integrated_gradients", "test_attribution:EdgeDetector"],
         "options": {"integrated_gradients": {"n_steps": 16}}}))
     out = check(tiny_context(tmp_path, small_cnn()))
     rows = {r["method"]: r for r in out.summary["ranking"]}
-    assert rows["test_edge_detector"]["sanity_rank_correlation"] == pytest.approx(1.0)
-    assert rows["test_edge_detector"]["status"] == "warned"
-    assert any("randomised" in r for r in rows["test_edge_detector"]["reasons"])
+    assert rows["test_attribution:EdgeDetector"]["sanity_rank_correlation"] == pytest.approx(1.0)
+    assert rows["test_attribution:EdgeDetector"]["status"] == "warned"
+    assert any("randomised" in r for r in rows["test_attribution:EdgeDetector"]["reasons"])
     assert rows["saliency"]["sanity_rank_correlation"] < 0.5
-    assert "test_edge_detector" not in out.summary["recommended"]
+    assert "test_attribution:EdgeDetector" not in out.summary["recommended"]
     metrics = {m.metric for m in out.measurements}
     for name in ("saliency", "integrated_gradients"):
         for k in ("deletion_auc", "insertion_auc", "infidelity", "sensitivity_max", "sanity_rank_correlation",

@@ -15,8 +15,9 @@ import pytest
 from conftest import tiny_use_case, write_yaml
 
 from trustcase.checks import Check, Context, Params
+from trustcase.checks.component_outputs import ComponentOutputs, ComponentParams
 from trustcase.data.streaming import DataSource
-from trustcase.models.blackbox import BlackBox, ComponentOutputs, ComponentParams, validate_answer
+from trustcase.models.blackbox import BlackBox, validate_answer
 from trustcase.models.classifier import ModelError
 from trustcase.models.loading import load_classifier
 from trustcase.performance import Tally

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import context_for, folder_use_case, save_png
 
-from trustcase.data.quality import DataQuality, DataQualityParams, hamming, near_pairs, perceptual_hash
+from trustcase.checks.data_quality import DataQuality, DataQualityParams
+from trustcase.data.quality import hamming, near_pairs, perceptual_hash
 from trustcase.schemas import UseCase
 
 

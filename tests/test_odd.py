@@ -20,6 +20,8 @@ from trustcase.data import images as I
 from trustcase.data.streaming import Batch, DataSource
 from trustcase.models.classifier import Classifier
 from trustcase.models.loading import load_classifier
+from trustcase.odd import calibration, features
+from trustcase.odd import learned as L
 from trustcase.odd import monitor as odd
 from trustcase.schemas import CheckSpec, Descriptor, ModelSpec, load_use_case
 
@@ -149,14 +151,14 @@ def test_streaming_fit_equals_batch_fit_and_calibrated_false_alarm_rate_holds():
         return rng.normal(size=(n, d)) @ mix + centres[y], y
 
     f, y = draw(3000)
-    fit = odd.GaussianFit(k, d)
+    fit = L.GaussianFit(k, d)
     for i in range(0, len(f), 77):  # odd batch size: streaming must not depend on it
         fit.update(f[i:i + 77], y[i:i + 77])
     means = np.stack([f[y == c].mean(axis=0) for c in range(k)])
     assert np.allclose(fit.means, means)
     cov, rho = fit.covariance("oas")
     assert 0 <= rho < 0.1  # plenty of data: little shrinkage
-    maha = odd.Mahalanobis.fit(fit.means, cov)
+    maha = L.Mahalanobis.fit(fit.means, cov)
     prec = np.linalg.inv(cov)
     probe = f[:5] + 1.0
     exact = np.min([np.einsum("bi,ij,bj->b", probe - m, prec, probe - m) for m in fit.means], axis=0)
@@ -164,7 +166,7 @@ def test_streaming_fit_equals_batch_fit_and_calibrated_false_alarm_rate_holds():
 
     learned = odd.LearnedMonitor(["mahalanobis", "energy"], maha, {}, {}, np.inf, np.inf)
     logits = lambda x: -0.05 * ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # noqa: E731
-    cal = odd.Calibration()
+    cal = calibration.Calibration()
     fc, _ = draw(4000)
     cal.update(learned.raw(fc, logits(fc)))
     cal.finish(learned, near_rate=0.05, out_rate=0.01)
@@ -181,8 +183,8 @@ def test_streaming_fit_equals_batch_fit_and_calibrated_false_alarm_rate_holds():
 
 def test_conformal_threshold_and_tail_extrapolation():
     s = np.arange(1, 100, dtype=float)  # n = 99
-    assert odd.conformal_threshold(s, 0.1) == (90.0, "conformal")  # ceil(100 * 0.9) = 90th smallest
-    t, how = odd.conformal_threshold(np.random.default_rng(0).exponential(size=500), 0.0005)
+    assert calibration.conformal_threshold(s, 0.1) == (90.0, "conformal")  # ceil(100 * 0.9) = 90th smallest
+    t, how = calibration.conformal_threshold(np.random.default_rng(0).exponential(size=500), 0.0005)
     assert "Pareto" in how and 6 < t < 12  # exponential: true quantile -ln(0.0005) = 7.6 (50 exceedances)
 
 
@@ -225,13 +227,13 @@ def test_feature_extraction_routes(tmp_path):
     for module, mode, why in ((traced, "penultimate", "sequential"), (seq(), "penultimate", "sequential"),
                               (Residual().eval(), "penultimate", "hook"), (Opaque().eval(), "logits", "opaque"),
                               (torch.jit.script(Residual().eval()), "logits", "opaque")):
-        ex = odd.FeatureExtractor(Classifier(spec, module=module))
+        ex = features.FeatureExtractor(Classifier(spec, module=module))
         assert (ex.mode, why in ex.why) == (mode, True), ex.why
         feats, logits = ex(x)
         assert np.allclose(logits, Classifier(spec, module=module).logits(x), atol=1e-6)
         assert feats.shape[1] == (6 if mode == "penultimate" else 2)
     # a TorchScript Sequential is cut into one compiled call, with the same features as the eager model
-    compiled, eager = (odd.FeatureExtractor(Classifier(spec, module=m)) for m in (traced, seq()))
+    compiled, eager = (features.FeatureExtractor(Classifier(spec, module=m)) for m in (traced, seq()))
     assert isinstance(compiled._run, torch.jit.ScriptModule)
     assert np.allclose(compiled(x)[0], eager(x)[0], atol=1e-6)
 

@@ -10,10 +10,10 @@ import numpy as np
 from scipy import stats
 
 from trustcase.checks import Check, Context, Params
-from trustcase.data.images import PROPERTIES, grey
 from trustcase.data.quality import near_pairs, perceptual_hash
 from trustcase.data.streaming import DataError
-from trustcase.odd.monitor import Limit
+from trustcase.odd.descriptors import DESCRIPTORS, Views
+from trustcase.odd.specification import Limit
 from trustcase.schemas import CheckOutcome, Measurement, Scope
 
 
@@ -35,11 +35,11 @@ class DataQuality(Check):
         names = uc.model.class_names
         out: list[Measurement] = []
         images = len(uc.model.input_shape) == 3
-        # tabular: one distribution per declared feature descriptor, at its column (x<i> naming, as odd.Limit)
+        # tabular: one distribution per declared feature descriptor, at its column (x<i> naming, as specification.Limit)
         features = {} if images else {d.name: Limit.from_descriptor(d).column
                                       for d in uc.odd.descriptors if d.source == "feature"}
         split_of, phash, xhash = [], [], []
-        props = {k: [] for k in (PROPERTIES if images else features)}
+        props = {k: [] for k in (DESCRIPTORS if images else features)}
         meta_values: dict[str, Counter] = {}
         data_hash = hashlib.sha256()
         summary: dict = {"splits": {}, "unreadable": {}}
@@ -70,9 +70,9 @@ class DataQuality(Check):
                 if images:  # pixel statistics mean nothing for a row of tabular features
                     constant += int((f.max(axis=1) == f.min(axis=1)).sum())
                     phash.append(perceptual_hash(np.nan_to_num(imgs)))
-                    g = grey(imgs)[..., None]  # the luminance once for every property
-                    for k, fn in PROPERTIES.items():
-                        role_props[k].append(fn(g))
+                    views = Views(imgs, (lo, hi))  # the luminance once for every descriptor
+                    for k, d in DESCRIPTORS.items():
+                        role_props[k].append(d.fn(views))
                 for name, j in features.items():
                     role_props[name].append(f[:, j])
                 for key, values in batch.meta.items():

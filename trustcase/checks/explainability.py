@@ -54,9 +54,8 @@ class ExplainabilityParams(Params):
     def _methods(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("name at least one attribution method")
-        unknown = [m for m in v if m not in A.METHODS]
-        if unknown:
-            raise ValueError(f"unknown attribution method(s) {unknown}; known: {sorted(A.METHODS)}")
+        for m in v:
+            A.METHODS.resolve(m)  # a registered name or 'module:Class'; the error lists the known ones
         if len(set(v)) != len(v):
             raise ValueError("a method is named twice")
         return v

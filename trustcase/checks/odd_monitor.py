@@ -12,6 +12,7 @@ from trustcase.checks import Check, CheckError, Context, Params
 from trustcase.measurement import clopper_pearson
 from trustcase.models.classifier import sha256_file
 from trustcase.odd import monitor as odd
+from trustcase.odd.specification import SpecResult
 from trustcase.odd.validation import _Cell, derived_boundary, roc
 from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series
@@ -246,7 +247,7 @@ class OddMonitor(Check):
 
 def _subset(d: odd.Decisions, sel: np.ndarray) -> odd.Decisions:
     """The decisions of the selected inputs (for the clean base of the sweep: no second model pass)."""
-    spec = odd.SpecResult({k: _pick(v, sel) for k, v in d.spec.values.items()}, d.spec.states[sel])
+    spec = SpecResult({k: _pick(v, sel) for k, v in d.spec.values.items()}, d.spec.states[sel])
     return odd.Decisions(
         state=d.state[sel], spec=spec, spec_names=d.spec_names, limits=d.limits,
         learned_state=None if d.learned_state is None else d.learned_state[sel],

@@ -12,9 +12,9 @@ from captum.attr import LayerAttribution
 from pydantic import Field
 
 from trustcase.checks import Check, CheckError, Context, Params, Unsupported
-from trustcase.data.images import PROPERTIES
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import Relevance, balanced_selection, cluster, describe, nearest_clusters
+from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series
 
 
@@ -49,7 +49,7 @@ class RootCauses(Check):
         if not layers:
             raise Unsupported(f"no Conv2d layer to take relevance from; name layers among {net.describe()}")
         rel = Relevance(net, layers, p.relevance, p.max_features)
-        image_desc = [d.name for d in uc.odd.descriptors if d.source == "image" and d.name in PROPERTIES]
+        image_desc = [d.name for d in uc.odd.descriptors if d.source == "image" and d.name in DESCRIPTORS]
         meta_desc = [d.name for d in uc.odd.descriptors if d.source == "metadata" and d.categorical]
         values = {d: [] for d in image_desc}
         cats = {d: [] for d in meta_desc}
@@ -59,8 +59,9 @@ class RootCauses(Check):
         pos = n_err_seen = 0
         for batch in ctx.batches(p.split, p.batch_size):
             pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)
+            views = Views(batch.images, uc.model.value_range)
             for d in image_desc:
-                values[d].append(PROPERTIES[d](batch.images))
+                values[d].append(DESCRIPTORS[d].fn(views))
             for d in meta_desc:
                 cats[d].append(np.asarray(batch.meta.get(d, [""] * len(batch)), dtype=object))
             wrong = np.flatnonzero(pred != batch.labels)

@@ -1,4 +1,4 @@
-"""Measurable properties of one image, shared by data quality and ODD descriptors.
+"""Measurable properties of one image: the functions behind the ODD descriptor catalogue (`odd.descriptors`).
 
 Images arrive as (B, H, W, C) arrays in pixel space; values are reported in that space. Every
 function maps a batch to one number per image, (B,), and costs a few passes over the pixels: the
@@ -87,6 +87,3 @@ def dead_lines(images: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
     rows = (np.ptp(x, axis=2) <= tolerance).all(axis=-1).sum(axis=1)  # (B, H, C) -> (B,)
     cols = (np.ptp(x, axis=1) <= tolerance).all(axis=-1).sum(axis=1)
     return (rows + cols).astype(np.float64)
-
-
-PROPERTIES = {"brightness": brightness, "contrast": contrast, "sharpness": laplacian_variance, "noise": noise_sigma}

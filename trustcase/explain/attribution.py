@@ -291,9 +291,7 @@ METHODS = Registry("trustcase.attribution_methods", Method, "attribution method"
 
 def options_for(method: str, options: dict | None = None) -> Options:
     """Validated options of a method; unknown method or option names are errors that list the known ones."""
-    if method not in METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; known: {sorted(METHODS)}")
-    cls = METHODS[method]
+    cls = METHODS.resolve(method)  # RegistryError (a ValueError) names the known methods
     try:
         return cls.Options.model_validate(options or {})
     except ValidationError as e:
@@ -303,7 +301,7 @@ def options_for(method: str, options: dict | None = None) -> Options:
 
 def make(net: Network, method: str, options: dict | Options | None = None) -> Method:
     opts = options if isinstance(options, Options) else options_for(method, options)
-    cls = METHODS[method]
+    cls = METHODS.resolve(method)
     if cls.needs_gradients and not net.differentiable:
         raise Unsupported(f"{method} needs gradients; the model is a black box (use occlusion, rise, lime "
                           "or kernel_shap)")
