@@ -89,3 +89,32 @@ def test_cross_section_problems_point_at_the_field(tmp_path):
     lines = text.splitlines()
     assert "thin-film" in lines[ps["requirements[2].scope.subgroup.cell_type"].line - 1]
     assert "recall:cracked" in lines[ps["requirements[3].metric"].line - 1]
+
+
+@pytest.mark.parametrize("mutate, location, fragment", [
+    (lambda r: r["requirements"][0].update(threshold=float("nan")), "requirements[0].threshold", "finite"),
+    (lambda r: r["requirements"][4]["scope"]["perturbation"].update(max_amplitude=-1.0),
+     "requirements[4].scope.perturbation.max_amplitude", "greater than or equal to 0"),
+    (lambda r: r["plan"].update(cost_matrix=[[0, float("nan")], [10, 0]]), "plan.cost_matrix[0][1]", "finite"),
+    (lambda r: r["plan"].update(cost_matrix=[[0, -1], [10, 0]]), "plan.cost_matrix[0][1]", "greater than or equal"),
+    (lambda r: r["model"].update(normalisation={"mean": [0.5, 0.5, 0.5], "std": [0.2]}), "model",
+     "normalisation.mean has 3 values; input_shape [1, 64, 64] has 1 channel"),
+    (lambda r: r["model"].update(value_range=[0, float("inf")]), "model.value_range[1]", "finite"),
+])
+def test_numbers_are_finite_and_coherent_where_they_must_be(tmp_path, mutate, location, fragment):
+    raw = yaml.safe_load((SOLAR / "use_case.yaml").read_text())
+    mutate(raw)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    ps = [p for p in problems(text, tmp_path) if p.location == location]
+    assert ps and fragment in ps[0].message and ps[0].line is not None, problems(text, tmp_path)
+
+
+@pytest.mark.parametrize("text, fragment, line", [
+    ("id: x\ntitle: " + "[" * 20000 + "]" * 20000 + "\n", "nesting deeper than", 2),
+    ("id: x\nowner: &who me\ntitle: *who\n", "alias *who", 3),
+    ("laughs: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n", "alias *a", 2),
+])
+def test_the_parser_cannot_be_exhausted(tmp_path, text, fragment, line):
+    """20,000 nested brackets gave a RecursionError traceback; aliases can expand to gigabytes."""
+    [p] = problems(text, tmp_path)
+    assert fragment in p.message and p.line == line

@@ -10,6 +10,9 @@ from pydantic import ValidationError
 
 from trustcase.schemas.use_case import UseCase
 
+MAX_DEPTH = 32  # a use case nests 6 deep; PyYAML composes recursively, so 20,000 brackets overflow the stack
+MAX_BYTES = 4 << 20
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -63,8 +66,31 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             part[key] = str((base / part[key]).resolve())
 
 
+def _bounded(text: str) -> Problem | None:
+    """Refuse, before composing, what would exhaust the parser: deep nesting, aliases (a few lines of
+    aliases expand to gigabytes), huge files. The scanner is iterative: it sees every bracket safely."""
+    if len(text) > MAX_BYTES:
+        return Problem("", None, f"the file is {len(text)} characters; a use case is at most {MAX_BYTES}")
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken,
+                              yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return Problem("", token.start_mark.line + 1, f"nesting deeper than {MAX_DEPTH} levels")
+        elif isinstance(token, (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)):
+            depth -= 1
+        elif isinstance(token, yaml.AliasToken):
+            return Problem("", token.start_mark.line + 1,
+                           f"YAML alias *{token.value}: aliases are not allowed in a use-case file (write the value)")
+    return None
+
+
 def parse_use_case(text: str, path: Path) -> UseCase:
     try:
+        bad = _bounded(text)
+        if bad:
+            raise UseCaseError(path, [bad])
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -26,6 +26,7 @@ def _ref(value: str) -> str:
 
 
 Ref = Annotated[str, Field(description="an importable 'module:function' reference")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # a NaN threshold would make every claim fail, silently
 
 
 class Criticality(str, Enum):
@@ -43,8 +44,8 @@ class Confidentiality(str, Enum):
 class Normalisation(Strict):
     """x_model = ((x_pixel - range.min) / (range.max - range.min) - mean) / std, per channel."""
 
-    mean: list[float] = [0.0]
-    std: list[float] = [1.0]
+    mean: list[Finite] = Field([0.0], min_length=1)
+    std: list[Finite] = Field([1.0], min_length=1)
 
     @field_validator("std")
     @classmethod
@@ -64,7 +65,7 @@ class ModelSpec(Strict):
     factory: Ref | None = Field(None, description="'module:function' building the nn.Module (state_dict)")
     factory_args: dict[str, Any] = {}
     input_shape: list[int] = Field(description="one input, channels first, e.g. [1, 64, 64]")
-    value_range: tuple[float, float] = (0.0, 255.0)
+    value_range: tuple[Finite, Finite] = (0.0, 255.0)
     normalisation: Normalisation = Normalisation()
     class_names: list[str]
     critical_class: str
@@ -98,6 +99,12 @@ class ModelSpec(Strict):
         lo, hi = self.value_range
         if not lo < hi:
             raise ValueError("value_range must be [min, max] with min < max")
+        c = self.input_shape[0]
+        for key in ("mean", "std"):
+            n = len(getattr(self.normalisation, key))
+            if n not in (1, c):
+                raise ValueError(f"normalisation.{key} has {n} values; input_shape {self.input_shape} has {c} "
+                                 f"channel(s): give 1 value or {c}")
         return self
 
 
@@ -131,10 +138,10 @@ class Descriptor(Strict):
     name: str
     unit: str = ""
     source: Literal["image", "metadata", "feature"] = "image"
-    min: float | None = None
-    max: float | None = None
+    min: Finite | None = None
+    max: Finite | None = None
     values: list[str] | None = Field(None, description="allowed values of a categorical descriptor")
-    margin: float = Field(0.0, ge=0, description="width of the alert zone inside the boundary")
+    margin: Finite = Field(0.0, ge=0, description="width of the alert zone inside the boundary")
 
     @model_validator(mode="after")
     def _range(self) -> Descriptor:
@@ -171,7 +178,7 @@ Comparator = Literal[">=", ">", "<=", "<"]
 
 class PerturbationScope(Strict):
     name: str
-    max_amplitude: float
+    max_amplitude: Finite = Field(ge=0, description="the claim holds for every amplitude from 0 up to this one")
 
 
 class Scope(Strict):
@@ -194,7 +201,7 @@ class Requirement(Strict):
     text: str
     metric: str = Field(description="e.g. accuracy, recall:defective, false_negative_rate:defective, ece")
     comparator: Comparator
-    threshold: float
+    threshold: Finite
     scope: Scope = Scope()
     mandatory: bool = True
 
@@ -208,7 +215,7 @@ class AssessmentPlan(Strict):
     checks: list[CheckSpec]
     seed: int = 0
     confidence: float = Field(0.95, gt=0, lt=1, description="level of every confidence interval")
-    cost_matrix: list[list[float]] | None = Field(
+    cost_matrix: list[list[Annotated[Finite, Field(ge=0)]]] | None = Field(
         None, description="cost[true][predicted], in the order of class_names"
     )
 
