@@ -20,6 +20,17 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
     return Interval(lower=lo, upper=hi, confidence=confidence, method="clopper-pearson")
 
 
+def proportion(check: str, metric: str, k: int, n: int, confidence: float, scope: Scope | None = None,
+               amplitude: float | None = None, undefined: str = "", **details) -> Measurement:
+    """'k of n' as a measurement with its exact interval: the one rule for every proportion. n = 0 measured
+    nothing: no value, no interval, and the reason in `details["undefined"]`, so a claim on it is
+    INCONCLUSIVE with that reason, never a measured 0%."""
+    common = dict(check=check, metric=metric, scope=scope or Scope(), amplitude=amplitude, n=max(int(n), 0))
+    if n <= 0:
+        return Measurement(**common, value=None, details={**details, "undefined": undefined or "no item (n = 0)"})
+    return Measurement(**common, value=k / n, interval=clopper_pearson(int(k), int(n), confidence), details=details)
+
+
 def clopper_pearson_lower(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
     """One-sided lower bound at level alpha, vectorised over counts k (randomized smoothing)."""
     k = np.asarray(k)
@@ -44,14 +55,13 @@ def accuracy_curve(check: str, metric: str, split: str, radii_grid: list[float],
     n = len(radius)
     ms, values, lo, hi = [], [], [], []
     for r in radii_grid:
-        k = int((correct & (radius >= r)).sum())
-        iv = clopper_pearson(k, n, confidence)
-        values.append(k / n if n else float("nan"))
-        lo.append(iv.lower)
-        hi.append(iv.upper)
-        ms.append(Measurement(check=check, metric=metric, value=values[-1], interval=iv, n=n, amplitude=r,
-                              scope=Scope(split=split, perturbation=PerturbationScope(name="l2_radius",
-                                                                                      max_amplitude=r))))
+        m = proportion(check, metric, int((correct & (radius >= r)).sum()), n, confidence,
+                       Scope(split=split, perturbation=PerturbationScope(name="l2_radius", max_amplitude=r)), r,
+                       undefined=f"no readable item in split {split!r}")
+        ms.append(m)
+        values.append(float("nan") if m.value is None else m.value)
+        lo.append(m.interval.lower if m.interval else float("nan"))
+        hi.append(m.interval.upper if m.interval else float("nan"))
     curve = Curve(id=f"{check}-certified-accuracy", title=title, x_label="L2 radius (input scaled to [0, 1])",
                   y_label="certified accuracy", x=radii_grid,
                   series={"certified accuracy": Series(y=values, lower=lo, upper=hi)})

@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 from scipy.special import softmax
 
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import proportion
 from trustcase.schemas import Measurement, PerturbationScope, Scope, UseCase
 
 
@@ -26,9 +26,7 @@ def rates(cm: np.ndarray, use_case: UseCase, scope: Scope, check: str, confidenc
     total = int(cm.sum())
 
     def m(metric: str, k: int, n: int, **details) -> Measurement:
-        iv = clopper_pearson(k, n, confidence)
-        return Measurement(check=check, metric=metric, value=k / n if n else None, interval=iv,
-                           n=n, scope=scope, amplitude=amplitude, details=details)
+        return proportion(check, metric, k, n, confidence, scope, amplitude, **details)
 
     out = [m("accuracy", int(np.trace(cm)), total)]
     for i, c in enumerate(names):

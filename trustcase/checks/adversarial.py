@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from trustcase.checks import Check, Context, Params
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import proportion
 from trustcase.performance import Tally
 from trustcase.robustness.attacks import (
     ATTACKS,
@@ -23,7 +23,7 @@ from trustcase.robustness.attacks import (
 )
 from trustcase.robustness.perturbations import item_seeds
 from trustcase.robustness.sweep import breaking, curve
-from trustcase.schemas import CheckOutcome, Measurement, Scope
+from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class AdversarialParams(Params):
@@ -78,7 +78,7 @@ class Adversarial(Check):
     name = "adversarial"
     Params = AdversarialParams
     needs_gradients = True
-    stage = "testing"
+    stage = Stage.TESTING
 
     def shards(self) -> list[Check]:
         p: AdversarialParams = self.params
@@ -130,10 +130,8 @@ class Adversarial(Check):
             scope = acc.scope
             ms += t
             ms.append(acc.model_copy(update={"metric": "adversarial_accuracy", "details": {}}))
-            ms.append(Measurement(check=self.name, metric="attack_success_rate", scope=scope, amplitude=e,
-                                  value=fooled_correct[j] / correct_clean if correct_clean else None,
-                                  interval=clopper_pearson(int(fooled_correct[j]), correct_clean, conf),
-                                  n=correct_clean))
+            ms.append(proportion(self.name, "attack_success_rate", int(fooled_correct[j]), correct_clean, conf,
+                                 scope, e, undefined="no correctly classified item to attack"))
         broken = breaking(uc.requirements, name, ms)
         unit = f"{'L-inf' if norm == 'linf' else 'L2'} epsilon, pixel units of [{vr[0]:g}, {vr[1]:g}]"
         cv = curve(name, unit, grid, ms, uc, broken)

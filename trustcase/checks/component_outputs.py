@@ -7,10 +7,10 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from trustcase.checks import Check, Context, Params, Unsupported
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import proportion
 from trustcase.models.blackbox import BlackBox, _meta_rows, auroc, deletion_drops
 from trustcase.robustness import perturbations as P
-from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series
+from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
 
 
 class ComponentParams(Params):
@@ -41,7 +41,7 @@ class ComponentOutputs(Check):
 
     name = "component_outputs"
     Params = ComponentParams
-    stage = "testing"
+    stage = Stage.TESTING
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: ComponentParams = self.params
@@ -92,8 +92,7 @@ class ComponentOutputs(Check):
         scope = Scope(split=p.split)
 
         def prop(metric: str, hits: int, total: int, sc: Scope = scope, amplitude=None) -> Measurement:
-            return Measurement(check=self.name, metric=metric, value=hits / total if total else float("nan"),
-                               interval=clopper_pearson(hits, total, conf), n=total, scope=sc, amplitude=amplitude)
+            return proportion(self.name, metric, hits, total, conf, sc, amplitude)
 
         ms = [prop("abstention_rate", abstain, n), prop("answered_accuracy", correct, answered),
               prop(f"undetected_rate:{names[ci]}", undetected, int(class_n[ci]))]

@@ -12,9 +12,10 @@ from scipy import stats
 from trustcase.checks import Check, Context, Params
 from trustcase.data.quality import near_pairs, perceptual_hash
 from trustcase.data.streaming import DataError
+from trustcase.measurement import proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.odd.specification import Limit
-from trustcase.schemas import CheckOutcome, Measurement, Scope
+from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class DataQualityParams(Params):
@@ -26,7 +27,7 @@ class DataQualityParams(Params):
 class DataQuality(Check):
     name = "data_quality"
     Params = DataQualityParams
-    stage = "data"
+    stage = Stage.DATA
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: DataQualityParams = self.params
@@ -86,7 +87,8 @@ class DataQuality(Check):
             m("constant_images", constant, role, n=n)
             m("out_of_range", out_of_range, role, n=n, value_range=[lo, hi])
             for c, k in zip(names, counts):
-                m(f"class_share:{c}", k / max(n, 1), role, n=n, count=int(k))
+                out.append(proportion(self.name, f"class_share:{c}", int(k), n, uc.plan.confidence,
+                                      Scope(split=role), count=int(k)))
             m("imbalance_ratio", counts.max() / max(counts.min(), 1), role, n=n, counts=counts.tolist())
             for k in props:
                 props[k].append(np.concatenate(role_props[k]) if role_props[k] else np.empty(0))

@@ -9,13 +9,13 @@ import numpy as np
 from pydantic import field_validator, model_validator
 
 from trustcase.checks import Check, CheckError, Context, Params
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import clopper_pearson, proportion
 from trustcase.models.classifier import sha256_file
 from trustcase.odd import monitor as odd
 from trustcase.odd.specification import SpecResult
 from trustcase.odd.validation import _Cell, derived_boundary, roc
 from trustcase.robustness import perturbations as P
-from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series
+from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
 
 
 class OddParams(Params):
@@ -90,7 +90,7 @@ class _Split:
 class OddMonitor(Check):
     name = "odd_monitor"
     Params = OddParams
-    stage = "deployment"
+    stage = Stage.DEPLOYMENT
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: OddParams = self.params
@@ -146,11 +146,8 @@ class OddMonitor(Check):
         out: list[Measurement] = []
 
         def m(metric, k, n, scope=None, amplitude=None, **details):
-            if n == 0:
-                return
-            out.append(Measurement(check=self.name, metric=metric, value=k / n, n=n, amplitude=amplitude,
-                                   interval=clopper_pearson(k, n, conf), scope=scope or Scope(split=p.split),
-                                   details=details))
+            out.append(proportion(self.name, metric, k, n, conf, scope or Scope(split=p.split), amplitude,
+                                  **details))
 
         m("false_alarm_rate", base.stopped, base.n)
         m("alert_rate", base.alerted, base.n)

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from trustcase.checks import Check, CheckError, Context, Params, Unsupported
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import proportion
 from trustcase.performance import Tally
 from trustcase.robustness import perturbations as P
 from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
@@ -21,6 +21,7 @@ from trustcase.schemas import (
     Measurement,
     PerturbationScope,
     Scope,
+    Stage,
 )
 
 
@@ -64,7 +65,7 @@ class SweepParams(Params):
 class PerturbationSweep(Check):
     name = "perturbation_sweep"
     Params = SweepParams
-    stage = "testing"
+    stage = Stage.TESTING
 
     def shards(self) -> list[Check]:
         p: SweepParams = self.params
@@ -123,9 +124,8 @@ class PerturbationSweep(Check):
         for j, a in enumerate(grid):
             ms += tallies[j].compute(self.name, p.split, conf, perturbation=key, amplitude=a, calibration=False)
             scope = Scope(split=p.split, perturbation=PerturbationScope(name=key, max_amplitude=a))
-            ms.append(Measurement(check=self.name, metric="flip_rate", value=flips[j] / max(seen, 1),
-                                  interval=clopper_pearson(int(flips[j]), seen, conf), n=seen, scope=scope,
-                                  amplitude=a))
+            ms.append(proportion(self.name, "flip_rate", int(flips[j]), seen, conf, scope, a,
+                                 undefined=f"no readable item in split {p.split!r}"))
         broken = breaking(uc.requirements, key, ms)
 
         def auc(metric: str) -> float | None:

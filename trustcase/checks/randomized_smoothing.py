@@ -8,8 +8,8 @@ from pydantic import field_validator, model_validator
 
 from trustcase.certification.smoothing import ABSTAIN, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params
-from trustcase.measurement import accuracy_curve, clopper_pearson, radius_grid, write_items
-from trustcase.schemas import CheckOutcome, Measurement, Scope
+from trustcase.measurement import accuracy_curve, proportion, radius_grid, write_items
+from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class SmoothingParams(Params):
@@ -51,7 +51,7 @@ class SmoothingParams(Params):
 class RandomizedSmoothing(Check):
     name = "randomized_smoothing"
     Params = SmoothingParams
-    stage = "formal"
+    stage = Stage.FORMAL
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: SmoothingParams = self.params
@@ -64,12 +64,12 @@ class RandomizedSmoothing(Check):
                 break
             keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
             images, y = batch.images[keep], batch.labels[keep]
-            seed = ctx.seed * 1_000_003 + int(batch.index[0])  # per batch: chunks are reproducible alone
+            item_ids = batch.ids[keep]  # noise follows (seed, item id): evidence independent of batching
             c, r, _ = certify(model, images, sigma=p.sigma, n0=p.n0, n=p.n, alpha=p.alpha,
-                              batch_size=p.batch_size, seed=seed)
+                              batch_size=p.batch_size, seed=ctx.seed, ids=item_ids)
             voted.append(predict(model, images, sigma=p.sigma, n=p.n, alpha=p.alpha, batch_size=p.batch_size,
-                                 seed=seed + 1))
-            ids += batch.ids[keep]
+                                 seed=ctx.seed, ids=item_ids))
+            ids += item_ids
             labels.append(y)
             preds.append(c)
             radii.append(r)
@@ -88,12 +88,10 @@ class RandomizedSmoothing(Check):
         abstain = int((pred == ABSTAIN).sum())
         correct_g = int((g_pred == y).sum())
         ms += [
-            Measurement(check=self.name, metric="smoothing_abstain_rate", value=abstain / n_items if n_items else
-                        float("nan"), interval=clopper_pearson(abstain, n_items, conf), n=n_items, scope=scope),
-            Measurement(check=self.name, metric="smoothing_accuracy", value=correct_g / n_items if n_items else
-                        float("nan"), interval=clopper_pearson(correct_g, n_items, conf), n=n_items, scope=scope),
+            proportion(self.name, "smoothing_abstain_rate", abstain, n_items, conf, scope),
+            proportion(self.name, "smoothing_accuracy", correct_g, n_items, conf, scope),
             Measurement(check=self.name, metric="smoothing_median_radius", n=n_items, scope=scope,
-                        value=float(np.median(np.where(ok, radius, 0.0))) if n_items else float("nan")),
+                        value=float(np.median(np.where(ok, radius, 0.0))) if n_items else None),
         ]
         write_items(ctx.workdir / "items.csv", ids, y, pred, radius)
         lo, hi = model.spec.value_range
