@@ -27,6 +27,7 @@ training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -59,9 +60,22 @@ def noise_step(model: Classifier) -> torch.Tensor:
     return model.to_input(probe + 1) - model.to_input(probe)
 
 
+def item_seeds(seed: int, salt: str, ids) -> np.ndarray:
+    """One seed per item from (seed, salt, item id): draws follow the item, not its batch or position."""
+    return np.array([int.from_bytes(hashlib.sha256(f"{int(seed)}|{salt}|{i}".encode()).digest()[:8], "little")
+                     >> 1 for i in ids], dtype=np.int64)
+
+
+NOISE_BLOCK = 64  # noise is drawn per item in blocks of this many samples, whatever the forward batch
+
+
 def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batch_size: int,
-                  generator: torch.Generator) -> np.ndarray:
-    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x."""
+                  seeds: np.ndarray) -> np.ndarray:
+    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x.
+
+    Item i's noise comes from its own generator (seeds[i]) in blocks of NOISE_BLOCK samples, so the
+    votes of an item do not depend on the batch it arrives in nor on `batch_size`.
+    """
     lo, hi = model.spec.value_range
     with torch.inference_mode():
         clean = model.to_input(x)  # normalise once; noise e in pixel space maps to e * step
@@ -70,24 +84,41 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
         if image:  # work channels-last, the layout to_input gives the model (its fast convolution path)
             clean, step = clean.permute(0, 2, 3, 1), step.permute(0, 2, 3, 1)
         b, c = len(clean), model.n_classes
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        drawn, pending = [0] * b, [clean[:0, ...]] * b
+
+        def noise(i: int, k: int) -> torch.Tensor:  # the next k noise samples of item i
+            while len(pending[i]) < k:
+                size = min(NOISE_BLOCK, num - drawn[i])
+                drawn[i] += size
+                pending[i] = torch.cat([pending[i], torch.randn((size, *clean.shape[1:]), generator=gens[i])])
+            out, pending[i] = pending[i][:k], pending[i][k:]
+            return out
+
         counts = torch.zeros(b * c, dtype=torch.int64)
         total = b * num
         for start in range(0, total, batch_size):
             owner = torch.arange(start, min(start + batch_size, total)) // num
-            base = clean[owner]
-            noisy = base + torch.randn(base.shape, generator=generator) * step
+            items, k = torch.unique_consecutive(owner, return_counts=True)
+            e = torch.cat([noise(int(i), int(n)) for i, n in zip(items, k, strict=True)])
+            noisy = clean[owner] + e * step
             pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)
             counts += torch.bincount(owner * c + pred, minlength=b * c)
     return counts.view(b, c).numpy()
 
 
 def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, alpha: float,
-            batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CERTIFY of Cohen et al. for a batch of pixel-space inputs: (class or -1, radius, pA lower bound)."""
+            batch_size: int = 256, seed: int = 0, ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CERTIFY of Cohen et al. for a batch of pixel-space inputs: (class or -1, radius, pA lower bound).
+
+    Noise follows (seed, item id) (`ids`, default the positions in x): the same item gets the same
+    certificate in any batch and at any `batch_size`.
+    """
     _validate(sigma, alpha, batch_size, n0=n0, n=n)
-    g = torch.Generator().manual_seed(int(seed))
-    guess = sample_counts(model, x, n0, sigma, batch_size, g).argmax(1)
-    counts = sample_counts(model, x, n, sigma, batch_size, g)  # a separate draw: the selection is not reused
+    ids = range(len(x)) if ids is None else ids
+    guess = sample_counts(model, x, n0, sigma, batch_size, item_seeds(seed, "select", ids)).argmax(1)
+    # a separate draw: the selection is not reused
+    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, "estimate", ids))
     n_a = counts[np.arange(len(guess)), guess]
     p_a = clopper_pearson_lower(n_a, n, alpha)
     certified = p_a >= 0.5
@@ -96,10 +127,11 @@ def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, 
 
 
 def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: float, batch_size: int = 256,
-            seed: int = 0) -> np.ndarray:
+            seed: int = 0, ids=None) -> np.ndarray:
     """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha."""
     _validate(sigma, alpha, batch_size, n=n)
-    counts = sample_counts(model, x, n, sigma, batch_size, torch.Generator().manual_seed(int(seed)))
+    ids = range(len(x)) if ids is None else ids
+    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, "predict", ids))
     order = np.argsort(-counts, axis=1, kind="stable")
     rows = np.arange(len(counts))
     n_a, n_b = counts[rows, order[:, 0]], counts[rows, order[:, 1]]
