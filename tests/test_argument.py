@@ -132,7 +132,7 @@ def test_missing_evidence_makes_an_undeveloped_inconclusive_goal(placeholder):
     a = assessment(drop={"L-acc"})
     if placeholder:  # what verdicts.judge writes when no check measured the claim
         r = next(r for r in a.requirements if r.id == "L-acc")
-        a.evidence.append(Evidence(claim_id="L-acc", check="-", metric=r.metric, value=None, threshold=r.threshold,
+        a.evidence.append(Evidence(claim_id="L-acc", check=None, metric=r.metric, value=None, threshold=r.threshold,
                                    comparator=r.comparator, verdict="INCONCLUSIVE", scope=r.scope,
                                    rationale="no check of the plan measured accuracy"))
     arg = A.build(a)
@@ -146,6 +146,47 @@ def test_missing_evidence_makes_an_undeveloped_inconclusive_goal(placeholder):
     assert (any("L-acc has no evidence record" in p for p in arg.problems)) is not placeholder
     assert A.check_gsn2x(arg.to_gsn2x()) == []
     assert arg.to_gsn2x()["G-L-acc"]["undeveloped"] is True
+
+
+def test_a_claim_whose_metric_nothing_measures_is_shown_as_not_measured():
+    """No guess from the metric's name: the claim's stage is that of a check measuring its metric, else none."""
+    a = assessment()
+    r = requirement("X-iou", "mean_iou", ">=", 0.5)
+    a = a.model_copy(update={"requirements": a.requirements + [r], "evidence": a.evidence + [Evidence(
+        claim_id="X-iou", metric="mean_iou", value=None, threshold=0.5, comparator=">=", verdict="INCONCLUSIVE",
+        rationale="no check of the plan measured mean_iou on the test split")]})
+    assert not a.evidence[-1].measured and a.evidence[-1].check is None
+    arg = A.build(a)
+    assert arg.claim_stage["X-iou"] is None
+    g = arg["G-X-iou"]
+    assert g.undeveloped and g.stage == "requirements" and "no check of the plan measures" in g.details["not_measured"]
+    assert "G-X-iou" in arg.descendants("G-requirements")
+    assert arg["G-requirements"].verdict.value == "INCONCLUSIVE" and arg.verdict.value == "INCONCLUSIVE"
+    # a record written before the explicit state ("-") reads as nothing measured
+    assert Evidence.model_validate({**a.evidence[-1].model_dump(), "check": "-"}).check is None
+
+
+def test_stage_is_an_enum_shared_by_checks_outcomes_and_argument():
+    from trustcase.checks import REGISTRY, Check, CheckError, build
+    from trustcase.schemas import CheckSpec, Stage
+
+    assert {REGISTRY.resolve(n).stage for n in ("performance", "lipschitz", "odd_monitor")} == \
+        {Stage.LEARNING, Stage.FORMAL, Stage.DEPLOYMENT}
+    assert CheckOutcome.model_validate_json('{"check": "x", "stage": "formal"}').stage is Stage.FORMAL
+    with pytest.raises(ValueError):
+        CheckOutcome(check="x", stage="verification")
+
+    class Odd(Check):
+        name = "odd_stage"
+        stage = "validation"
+
+    import sys
+    import types
+    mod = types.ModuleType("tc_odd_stage")
+    mod.Odd = Odd
+    sys.modules["tc_odd_stage"] = mod
+    with pytest.raises(CheckError, match="unknown AMLAS stage 'validation'"):
+        build(CheckSpec(check="tc_odd_stage:Odd"), 3)
 
 
 def test_stage_without_any_claim_is_undeveloped():
@@ -209,6 +250,11 @@ def test_comparison_flags_regressions_first():
     assert [c.regression for c in arg.comparison] == sorted((c.regression for c in arg.comparison), reverse=True)
     assert arg["G-L-acc"].details["previous"] == {"verdict": "PASS", "value": 0.99, "status": "regression"}
     assert arg.previous["mlflow_run_id"] == "run1"
+    # one comparison: the registry watcher reads the same regressions (a removed claim is one)
+    from trustcase.flows import watch
+    rows = watch.compare(before, now)
+    assert [r["claim"] for r in rows if r["regression"]] == [c.claim_id for c in arg.comparison if c.regression] \
+        == ["L-acc", "M-ood"]
 
 
 @pytest.mark.parametrize("case", [{}, {"F-cert": "FAIL"}, {"L-acc": "INCONCLUSIVE"}])

@@ -19,7 +19,7 @@ from trustcase.data.streaming import DataSource
 from trustcase.errors import CheckError, Unsupported
 from trustcase.models.classifier import Classifier
 from trustcase.registry import Registry, RegistryError
-from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, UseCase
+from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, Stage, UseCase
 
 __all__ = ["REGISTRY", "Check", "CheckError", "Context", "Params", "Unsupported", "build", "build_plan", "check_class"]
 
@@ -57,7 +57,7 @@ class Check:
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     needs_gradients: ClassVar[bool] = False
-    stage: ClassVar[str] = "testing"  # the AMLAS stage its evidence supports
+    stage: ClassVar[Stage] = Stage.TESTING  # the AMLAS stage its evidence supports
 
     def __init__(self, params: Params):
         self.params = params
@@ -80,7 +80,7 @@ class Check:
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         out = self.run(ctx)
-        return out.model_copy(update={"duration_s": time.perf_counter() - t0, "stage": self.stage})
+        return out.model_copy(update={"duration_s": time.perf_counter() - t0, "stage": Stage(self.stage)})
 
 
 REGISTRY = Registry("trustcase.checks", Check, "check")
@@ -98,6 +98,9 @@ def build(spec: CheckSpec, index: int | None = None) -> Check:
     where = f"plan.checks[{index}]" if index is not None else "check"
     try:
         cls = check_class(spec.check)
+        if cls.stage not in set(Stage):
+            raise CheckError(f"{spec.check} declares the unknown AMLAS stage {cls.stage!r} "
+                             f"(one of {', '.join(Stage)})")
         return cls(cls.Params.model_validate(spec.params))
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())

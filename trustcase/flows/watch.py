@@ -40,11 +40,10 @@ from trustcase.flows import rerender, runners, tracking
 from trustcase.flows.assess import USER_ERRORS, preflight
 from trustcase.flows.prefect_db import ensure_local_database
 from trustcase.models.classifier import sha256_file
-from trustcase.schemas import Assessment, UseCase, Verdict, load_use_case
+from trustcase.schemas import Assessment, UseCase, Verdict, compare_claims, load_use_case
 
 TAG = "trustcase."
 ALIAS = "qualified"
-RANK = {Verdict.FAIL: 0, Verdict.INCONCLUSIVE: 1, Verdict.PASS: 2}
 
 
 class WatchError(Exception):
@@ -98,22 +97,11 @@ def qualified(client: MlflowClient, name: str, alias: str) -> tuple[ModelVersion
 
 
 def compare(previous: Assessment | None, current: Assessment) -> list[dict]:
-    """Every claim of `current` beside `previous`: regressions (verdict worse) first, then worse values."""
-    before = {e.claim_id: e for e in (previous.evidence if previous else []) if e.claim_id}
-    rows = []
-    for e in current.evidence:
-        if not e.claim_id:
-            continue
-        p = before.get(e.claim_id)
-        row = {"claim": e.claim_id, "metric": e.metric, "verdict": e.verdict.value, "value": e.value,
-               "previous_verdict": p.verdict.value if p else None, "previous_value": p.value if p else None,
-               "regression": bool(p and RANK[e.verdict] < RANK[p.verdict]), "worse": False}
-        if p and p.value is not None and e.value is not None and e.comparator:
-            delta = e.value - p.value
-            row["delta"] = delta
-            row["worse"] = delta < 0 if e.comparator.startswith(">") else delta > 0
-        rows.append(row)
-    return sorted(rows, key=lambda r: (not r["regression"], not r["worse"], r["claim"]))
+    """Every claim of `current` beside `previous` (`schemas.compare_claims`, the comparison the report shows):
+    regressions (verdict worse, or claim no longer assessed) first, then worse values."""
+    changes = compare_claims(current.evidence, previous.evidence if previous else [])
+    return [{"claim": c.claim_id, **c.model_dump(mode="json", exclude={"claim_id"}), "regression": c.regression}
+            for c in changes]
 
 
 def _redact(text: str, uc: UseCase) -> str:

@@ -9,7 +9,9 @@
         G-deployment    the model is used within its ODD: monitor and its validation   (stage 6)
 
 Every requirement of the use case becomes a goal under the stage of the check that measured it
-(`CheckOutcome.stage`); every evidence record becomes a solution with value, threshold and verdict;
+(`CheckOutcome.stage`, or for a claim whose scope nothing measured, the stage of the check that measured
+its metric elsewhere); a claim whose metric no check of the plan measures is argued under the requirements
+stage as not measured (undeveloped). Every evidence record becomes a solution with value, threshold and verdict;
 an outcome no claim judged becomes a descriptive solution (measured, not judged); validity conditions
 become assumptions. Verdicts are computed bottom-up by the explicit RULES below.
 """
@@ -20,7 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trustcase.schemas import Assessment, Evidence, Requirement, Verdict
+from trustcase.schemas import Assessment, ClaimChange, Evidence, Requirement, Stage, Verdict, compare_claims
 
 RULES = [
     "R1 A solution takes the verdict of its evidence record; a descriptive solution (measured, not judged "
@@ -34,23 +36,17 @@ RULES = [
     "R7 The trust profile is an aggregate for orientation only: no verdict is computed from it.",
 ]
 
-# (stage, title, AMLAS stage, goal text); verification is split into its two legs below
-STAGES = {
-    "requirements": ("ML safety requirements", "AMLAS stage 2",
-                     "The ML safety requirements of the component are specified for its function in its ODD"),
-    "data": ("Data management", "AMLAS stage 3",
-             "The data used to learn and verify the model are relevant, complete, balanced and accurate, "
-             "and the splits are independent"),
-    "learning": ("Model learning", "AMLAS stage 4",
-                 "The learnt model satisfies its ML safety requirements on the data it was built for"),
-    "testing": ("Verification: testing", "AMLAS stage 5",
-                "Testing shows the model satisfies its requirements, including under perturbations and attacks"),
-    "formal": ("Verification: formal", "AMLAS stage 5",
-               "Formal verification (Lipschitz bounds, randomized smoothing, property proofs) shows the model "
-               "satisfies its requirements"),
-    "deployment": ("Model deployment", "AMLAS stage 6",
-                   "In operation the model is used within its ODD: the ODD monitor flags what lies outside, "
-                   "and the monitor is validated"),
+# the goal each AMLAS stage argues; verification (stage 5) is split into its two legs below
+GOALS = {
+    Stage.REQUIREMENTS: "The ML safety requirements of the component are specified for its function in its ODD",
+    Stage.DATA: "The data used to learn and verify the model are relevant, complete, balanced and accurate, "
+                "and the splits are independent",
+    Stage.LEARNING: "The learnt model satisfies its ML safety requirements on the data it was built for",
+    Stage.TESTING: "Testing shows the model satisfies its requirements, including under perturbations and attacks",
+    Stage.FORMAL: "Formal verification (Lipschitz bounds, randomized smoothing, property proofs) shows the model "
+                  "satisfies its requirements",
+    Stage.DEPLOYMENT: "In operation the model is used within its ODD: the ODD monitor flags what lies outside, "
+                      "and the monitor is validated",
 }
 
 # AMLAS data properties; a data claim goes under the first property whose pattern matches its metric
@@ -65,9 +61,6 @@ DATA_PROPERTIES = [
     ("relevance", "The data are relevant to the ODD (same distribution as operation, no drift between splits)",
      r"drift|shift|relevan|mean:"),
 ]
-_DATA_METRICS = r"leak|unreadable|duplicat|constant|out_of_range|class_share|imbalance|coverage|drift"
-
-RANK = {Verdict.FAIL: 0, Verdict.INCONCLUSIVE: 1, Verdict.PASS: 2}
 
 
 @dataclass
@@ -89,27 +82,13 @@ class Node:
 
 
 @dataclass
-class Comparison:
-    claim_id: str
-    verdict: Verdict | None
-    value: float | None
-    previous_verdict: Verdict | None
-    previous_value: float | None
-    status: str  # regression, improvement, unchanged, new, removed
-
-    @property
-    def regression(self) -> bool:
-        return self.status in ("regression", "removed")
-
-
-@dataclass
 class Argument:
     nodes: dict[str, Node]
     root: str
     stage_goals: dict[str, str]
-    claim_stage: dict[str, str]
+    claim_stage: dict[str, Stage | None]  # None: no check of the plan measures the claim's metric
     problems: list[str] = field(default_factory=list)
-    comparison: list[Comparison] = field(default_factory=list)
+    comparison: list[ClaimChange] = field(default_factory=list)
     previous: dict[str, Any] | None = None
 
     def __getitem__(self, node_id: str) -> Node:
@@ -156,8 +135,7 @@ class Argument:
             "claim_stage": self.claim_stage,
             "problems": self.problems,
             "previous": self.previous,
-            "comparison": [{**asdict(c), "verdict": _v(c.verdict), "previous_verdict": _v(c.previous_verdict),
-                            "regression": c.regression} for c in self.comparison],
+            "comparison": [{**c.model_dump(mode="json"), "regression": c.regression} for c in self.comparison],
             "nodes": [node(n) for n in self.nodes.values()],
         }
 
@@ -193,19 +171,14 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.4g}"
 
 
-def stage_of_claim(r: Requirement, records: list[Evidence], stages: dict[str, str],
-                   measured_stage: dict[str, str]) -> str:
-    """The stage of the check that judged the claim; for a claim nothing measured, the best guess."""
+def stage_of_claim(r: Requirement, records: list[Evidence], stages: dict[str, Stage],
+                   measured_stage: dict[str, Stage]) -> Stage | None:
+    """The stage of the check that judged the claim; for a claim nothing measured, the stage of the check that
+    measured its metric on another scope; None when no check of the plan measures the metric at all."""
     for e in records:
         if e.check in stages:
             return stages[e.check]
-    if r.metric in measured_stage:  # another scope of the same metric was measured by a check of this stage
-        return measured_stage[r.metric]
-    if r.scope.perturbation is not None:
-        return "testing"
-    if re.search(_DATA_METRICS, r.metric):
-        return "data"
-    return "learning"
+    return measured_stage.get(r.metric)
 
 
 def _data_property(metric: str) -> str:
@@ -240,7 +213,7 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     uc = a.use_case
     p = a.provenance
     model = uc.get("model", {})
-    stages = {o.check: (o.stage if o.stage in STAGES else _unknown_stage(b, o.check, o.stage)) for o in a.outcomes}
+    stages = {o.check: Stage(o.stage) for o in a.outcomes}
     measured_stage = {m.metric: stages[o.check] for o in a.outcomes for m in o.measurements}
     by_claim: dict[str, list[Evidence]] = {r.id: [] for r in a.requirements}
     orphans: list[Evidence] = []
@@ -281,7 +254,7 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
 
     stage_goals: dict[str, str] = {}
     # requirements stage: the specification itself is the evidence
-    g = b.add(Node("G-requirements", "goal", STAGES["requirements"][2], stage="requirements",
+    g = b.add(Node("G-requirements", "goal", GOALS[Stage.REQUIREMENTS], stage=Stage.REQUIREMENTS,
                    anchor="stage-requirements"), parent=amlas.id)
     stage_goals["requirements"] = g.id
     s = b.add(Node("S-requirements", "strategy", "Argument over the specification: the requirements stated in the "
@@ -292,23 +265,26 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
                f"{len(a.requirements)} requirements, {len(mandatory)} mandatory", stage="requirements",
                verdict=Verdict.PASS if mandatory else Verdict.INCONCLUSIVE, anchor="stage-requirements",
                details={"requirements": [r.id for r in a.requirements]}), parent=s.id)
+    for r in a.requirements:
+        if claim_stage[r.id] is None:  # a requirement no check of the plan can measure: a gap in the plan
+            g = _claim(b, s.id, r, by_claim[r.id], "requirements")
+            g.details["not_measured"] = f"no check of the plan measures {r.metric}"
     b.add(Node("A-requirements", "assumption", f"The requirements and thresholds were derived by the owner "
                f"({uc.get('owner', '?')}) from the system safety analysis; trustcase judges them, it does not "
                "derive them", stage="requirements"), context_of=s.id)
 
-    def stage_goal(stage: str, parent: str) -> Node:
-        title, amlas_ref, text = STAGES[stage]
-        node = b.add(Node(f"G-{stage}", "goal", text, stage=stage, anchor=f"stage-{stage}"), parent=parent)
+    def stage_goal(stage: Stage, parent: str) -> Node:
+        node = b.add(Node(f"G-{stage}", "goal", GOALS[stage], stage=stage, anchor=f"stage-{stage}"), parent=parent)
         stage_goals[stage] = node.id
         return node
 
-    def claims_in(stage: str) -> list[Requirement]:
+    def claims_in(stage: Stage) -> list[Requirement]:
         return [r for r in a.requirements if claim_stage[r.id] == stage]
 
     # data: one sub-goal per AMLAS data property
-    g = stage_goal("data", amlas.id)
-    data_claims = claims_in("data")
-    data_checks = [o for o in a.outcomes if stages[o.check] == "data"]
+    g = stage_goal(Stage.DATA, amlas.id)
+    data_claims = claims_in(Stage.DATA)
+    data_checks = [o for o in a.outcomes if stages[o.check] is Stage.DATA]
     if data_claims or data_checks:
         s = b.add(Node("S-data", "strategy", "Argument over the AMLAS data properties: relevance, completeness, "
                        "balance, accuracy, independence of the splits", stage="data"), parent=g.id)
@@ -328,8 +304,8 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
                     if ms:
                         _descriptive(b, pg.id, o.check, ms, "data", f"{name}")
         _assumptions(b, s.id, [e for r in data_claims for e in by_claim[r.id]], "data")
-    g = stage_goal("learning", amlas.id)
-    _develop(b, g, "learning", claims_in("learning"), by_claim, a, stages)
+    g = stage_goal(Stage.LEARNING, amlas.id)
+    _develop(b, g, Stage.LEARNING, claims_in(Stage.LEARNING), by_claim, a, stages)
     _training_log(b, g, p.model_version)
     g = b.add(Node("G-verification", "goal", "The model is verified independently of its development: "
                    "by testing and by formal methods", stage="verification", anchor="stage-testing"), parent=amlas.id)
@@ -337,12 +313,13 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     sv = b.add(Node("S-verification", "strategy", "Argument over the two legs of verification: testing "
                     "(performance, perturbation sweeps, adversarial attacks) and formal (Lipschitz bounds, "
                     "randomized smoothing, property proofs)", stage="verification"), parent=g.id)
-    for stage in ("testing", "formal"):
+    for stage in (Stage.TESTING, Stage.FORMAL):
         _develop(b, stage_goal(stage, sv.id), stage, claims_in(stage), by_claim, a, stages)
-    _develop(b, stage_goal("deployment", amlas.id), "deployment", claims_in("deployment"), by_claim, a, stages)
+    _develop(b, stage_goal(Stage.DEPLOYMENT, amlas.id), Stage.DEPLOYMENT, claims_in(Stage.DEPLOYMENT), by_claim, a,
+             stages)
 
     for e in orphans:  # shown where their check belongs, never counted
-        st = stages.get(e.check, "testing")
+        st = stages.get(e.check, Stage.TESTING)
         parent = stage_goals["verification"] if st in ("testing", "formal") else stage_goals[st]
         parent = next((x for x in b.nodes[stage_goals[st]].supported_by if x.startswith("S-")), parent)
         n = _solution(b, parent, e, st, f"Sn-orphan-{_slug(e.claim_id or '')}")
@@ -356,11 +333,6 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     if previous is not None:
         arg.comparison, arg.previous = compare(a, previous, arg)
     return arg
-
-
-def _unknown_stage(b: _Builder, check: str, stage: str) -> str:
-    b.problems.append(f"check {check!r} declares unknown AMLAS stage {stage!r}: its evidence is argued under testing")
-    return "testing"
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -381,12 +353,12 @@ def _descriptors(uc: dict) -> str:
     return " — descriptors: " + "; ".join(parts)
 
 
-def _develop(b: _Builder, g: Node, stage: str, claims: list[Requirement], by_claim: dict[str, list[Evidence]],
-             a: Assessment, stages: dict[str, str]) -> None:
+def _develop(b: _Builder, g: Node, stage: Stage, claims: list[Requirement], by_claim: dict[str, list[Evidence]],
+             a: Assessment, stages: dict[str, Stage]) -> None:
     outcomes = [o for o in a.outcomes if stages[o.check] == stage]
     if not claims and not outcomes:
         return  # undeveloped: no requirement and no check of the plan addresses this stage
-    s = b.add(Node(f"S-{stage}", "strategy", f"Argument over each {STAGES[stage][0].lower()} requirement of the use "
+    s = b.add(Node(f"S-{stage}", "strategy", f"Argument over each {stage.title.lower()} requirement of the use "
                    "case, judged on its confidence interval", stage=stage), parent=g.id)
     judged = set()
     for r in claims:
@@ -425,8 +397,8 @@ def _claim(b: _Builder, parent: str, r: Requirement, records: list[Evidence], st
                                                     "threshold": r.threshold, "scope": r.scope.label(),
                                                     "mandatory": r.mandatory}), parent=parent)
     for i, e in enumerate(records):
-        if e.check == "-" and e.value is None:
-            continue  # the verdict rules' placeholder for "nothing measured it": the goal stays undeveloped
+        if not e.measured:
+            continue  # nothing measured it: the goal stays undeveloped
         _solution(b, g.id, e, stage, f"Sn-{r.id}" + (f"-{i + 1}" if i else ""))
     return g
 
@@ -496,32 +468,13 @@ def _why(n: Node, below: list[tuple[Node, Verdict | None]]) -> str:
     return f"all {len(counted)} supporting element(s) pass"
 
 
-def compare(a: Assessment, previous: Assessment, arg: Argument) -> tuple[list[Comparison], dict[str, Any]]:
-    """Per claim: previous value and verdict; a verdict that got worse (or a claim that disappeared) regresses."""
-    now = {e.claim_id: e for e in a.evidence if e.claim_id}
-    before = {e.claim_id: e for e in previous.evidence if e.claim_id}
-    out = []
-    for cid in [r.id for r in a.requirements] + [c for c in before if c not in {r.id for r in a.requirements}]:
-        e, pe = now.get(cid), before.get(cid)
-        if e is None and pe is None:
-            continue
-        if pe is None:
-            status = "new"
-        elif e is None:
-            status = "removed"
-        elif RANK[e.verdict] < RANK[pe.verdict]:
-            status = "regression"
-        elif RANK[e.verdict] > RANK[pe.verdict]:
-            status = "improvement"
-        else:
-            status = "unchanged"
-        c = Comparison(cid, e.verdict if e else None, e.value if e else None,
-                       pe.verdict if pe else None, pe.value if pe else None, status)
-        out.append(c)
-        g = arg.nodes.get(f"G-{cid}")
+def compare(a: Assessment, previous: Assessment, arg: Argument) -> tuple[list[ClaimChange], dict[str, Any]]:
+    """Per claim (`schemas.compare_claims`, the one comparison): previous value and verdict, regressions first."""
+    out = compare_claims(a.evidence, previous.evidence)
+    for c in out:
+        g = arg.nodes.get(f"G-{c.claim_id}")
         if g is not None:
-            g.details["previous"] = {"verdict": _v(c.previous_verdict), "value": c.previous_value, "status": status}
-    out.sort(key=lambda c: (not c.regression, c.claim_id))
+            g.details["previous"] = {"verdict": _v(c.previous_verdict), "value": c.previous_value, "status": c.status}
     pp = previous.provenance
     meta = {"mlflow_run_id": pp.mlflow_run_id, "model_version": pp.model_version, "model_sha256": pp.model_sha256,
             "verdict": previous.verdict.value, "finished_at": pp.finished_at.isoformat() if pp.finished_at else None}

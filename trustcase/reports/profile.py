@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trustcase.schemas import Assessment, Verdict
+from trustcase.schemas import Assessment, Stage, Verdict
 
 ATTRIBUTES = ["performance", "calibration", "robustness", "certified robustness", "OOD/ODD monitoring",
               "explainability quality", "data quality"]
@@ -25,8 +25,8 @@ NORMALISATION = ("Each claim scores 1 (PASS), 0.5 (INCONCLUSIVE) or 0 (FAIL); an
                  "orientation only: no verdict is computed from it.")
 
 
-def attribute(stage: str, check: str, metric: str, perturbed: bool) -> str:
-    text = f"{check} {metric}".lower()
+def attribute(stage: Stage | None, check: str | None, metric: str, perturbed: bool) -> str:
+    text = f"{check or ''} {metric}".lower()
     if stage == "data":
         return "data quality"
     if stage == "formal" or re.search(r"certif|smoothing|lipschitz|verif", text):
@@ -57,14 +57,14 @@ class Score:
         return "measured, not claimed" if self.measured else "not assessed"
 
 
-def scores(a: Assessment, claim_stage: dict[str, str]) -> list[Score]:
+def scores(a: Assessment, claim_stage: dict[str, Stage | None]) -> list[Score]:
     out = {name: Score(name) for name in ATTRIBUTES}
     req = {r.id: r for r in a.requirements}
     for e in a.evidence:
         r = req.get(e.claim_id or "")
         if r is None:
             continue
-        s = out[attribute(claim_stage.get(r.id, "testing"), e.check, r.metric, r.scope.perturbation is not None)]
+        s = out[attribute(claim_stage.get(r.id), e.check, r.metric, r.scope.perturbation is not None)]
         s.claims.append(r.id)
         s.verdicts[e.verdict.value] = s.verdicts.get(e.verdict.value, 0) + 1
     for s in out.values():

@@ -23,12 +23,13 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from trustcase.reports import argument, gsn, pack, plots, profile
-from trustcase.schemas import Assessment, CheckOutcome, Measurement, Verdict
+from trustcase.schemas import Assessment, CheckOutcome, Measurement, Stage, Verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
-STAGE_TITLES = {k: f"{v[0]} ({v[1]})" for k, v in argument.STAGES.items()} | {
-    "verification": "Verification (AMLAS stage 5): testing and formal legs"}
-SECTIONS = ["requirements", "data", "learning", "testing", "formal", "deployment"]
+STAGE_TITLES = {s: f"{s.title} ({s.amlas})" for s in Stage} | {
+    "verification": "Verification (AMLAS stage 5): testing and formal legs",
+    None: "Not measured (no check of the plan measures its metric)"}
+SECTIONS = list(Stage)
 MAX_SUMMARY_ROWS = 60
 WIDE_PT = 560  # a diagram wider than an A4 portrait text column goes on a landscape page in the PDF
 
@@ -164,7 +165,7 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
     by_stage = {s: [r for r in claims if arg.claim_stage.get(r.id) == s] for s in SECTIONS}
     outcomes_by_stage: dict[str, list[CheckOutcome]] = defaultdict(list)
     for o in a.outcomes:
-        outcomes_by_stage[o.stage if o.stage in argument.STAGES else "testing"].append(o)
+        outcomes_by_stage[o.stage].append(o)
     critical = a.use_case.get("model", {}).get("critical_class", "")
     failed = [r for r in claims if r.id in ev and ev[r.id].verdict is Verdict.FAIL]
     not_shown = [r for r in claims if r.id not in ev or ev[r.id].verdict is Verdict.INCONCLUSIVE]

@@ -4,13 +4,16 @@ from trustcase.schemas.evidence import (
     Artefact,
     Assessment,
     CheckOutcome,
+    ClaimChange,
     Curve,
     Evidence,
     Interval,
     Measurement,
     Provenance,
     Series,
+    Stage,
     Verdict,
+    compare_claims,
 )
 from trustcase.schemas.loading import Problem, UseCaseError, load_use_case, parse_use_case
 from trustcase.schemas.use_case import (
@@ -29,9 +32,9 @@ from trustcase.schemas.use_case import (
 )
 
 __all__ = [
-    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "Confidentiality",
+    "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "ClaimChange", "Confidentiality",
     "Curve", "Series",
     "Criticality", "DataSpec", "Descriptor", "Evidence", "Interval", "Measurement", "ModelSpec",
-    "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "UseCase", "UseCaseError",
-    "Verdict", "load_use_case", "parse_use_case",
+    "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "Stage", "UseCase", "UseCaseError",
+    "Verdict", "compare_claims", "load_use_case", "parse_use_case",
 ]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
-from typing import Any
+from enum import Enum, StrEnum
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trustcase.schemas.use_case import Comparator, Requirement, Scope
 
@@ -22,6 +22,39 @@ class Verdict(str, Enum):
     PASS = "PASS"
     FAIL = "FAIL"
     INCONCLUSIVE = "INCONCLUSIVE"
+
+
+RANK = {Verdict.FAIL: 0, Verdict.INCONCLUSIVE: 1, Verdict.PASS: 2}  # the higher, the better for the claim
+
+
+class Stage(StrEnum):
+    """The AMLAS stage a check's evidence supports (stage 5, verification, has a testing and a formal leg)."""
+
+    REQUIREMENTS = "requirements"
+    DATA = "data"
+    LEARNING = "learning"
+    TESTING = "testing"
+    FORMAL = "formal"
+    DEPLOYMENT = "deployment"
+
+    @property
+    def title(self) -> str:
+        return _STAGE_TITLES[self][0]
+
+    @property
+    def amlas(self) -> str:
+        """Where AMLAS describes it, e.g. "AMLAS stage 5"."""
+        return _STAGE_TITLES[self][1]
+
+
+_STAGE_TITLES = {
+    Stage.REQUIREMENTS: ("ML safety requirements", "AMLAS stage 2"),
+    Stage.DATA: ("Data management", "AMLAS stage 3"),
+    Stage.LEARNING: ("Model learning", "AMLAS stage 4"),
+    Stage.TESTING: ("Verification: testing", "AMLAS stage 5"),
+    Stage.FORMAL: ("Verification: formal", "AMLAS stage 5"),
+    Stage.DEPLOYMENT: ("Model deployment", "AMLAS stage 6"),
+}
 
 
 class Interval(Record):
@@ -67,10 +100,11 @@ class Provenance(Record):
 
 
 class Evidence(Record):
-    """A claim judged against what was measured. `claim_id` is None for descriptive evidence."""
+    """A claim judged against what was measured. `claim_id` is None for descriptive evidence; `check` is None
+    when nothing measured the claim (it is then INCONCLUSIVE, and its rationale says so)."""
 
     claim_id: str | None
-    check: str
+    check: str | None = Field(None, description="the check that measured the claim; None: nothing measured it")
     metric: str
     value: float | None
     threshold: float | None = None
@@ -81,6 +115,59 @@ class Evidence(Record):
     rationale: str = Field(description="why this verdict, in one sentence a reader can check")
     validity: list[str] = Field([], description="conditions under which this evidence holds")
     details: dict[str, Any] = {}
+
+    @field_validator("check", mode="before")
+    @classmethod
+    def _placeholder(cls, v: Any) -> Any:
+        return None if v == "-" else v  # records written before "nothing measured" was explicit
+
+    @property
+    def measured(self) -> bool:
+        return self.check is not None
+
+
+class ClaimChange(Record):
+    """One claim of an assessment beside the same claim in an earlier one (e.g. the qualified version's)."""
+
+    claim_id: str
+    metric: str
+    verdict: Verdict | None = Field(description="None: the claim is no longer assessed")
+    value: float | None
+    previous_verdict: Verdict | None = Field(description="None: the claim is new")
+    previous_value: float | None
+    status: Literal["regression", "removed", "improvement", "unchanged", "new"]
+    worse: bool = Field(False, description="the value moved against the claim's comparator")
+    delta: float | None = None
+
+    @property
+    def regression(self) -> bool:
+        """A verdict that got worse, or a claim no longer assessed."""
+        return self.status in ("regression", "removed")
+
+
+def compare_claims(current: list[Evidence], previous: list[Evidence]) -> list[ClaimChange]:
+    """The one claim comparison: per claim (current order, then removed ones), regressions first, then
+    values that got worse, then by claim id."""
+    now = {e.claim_id: e for e in current if e.claim_id}
+    before = {e.claim_id: e for e in previous if e.claim_id}
+    out = []
+    for cid in list(now) + [c for c in before if c not in now]:
+        e, p = now.get(cid), before.get(cid)
+        if p is None:
+            status = "new"
+        elif e is None:
+            status = "removed"
+        else:
+            status = {-1: "regression", 0: "unchanged", 1: "improvement"}[
+                (RANK[e.verdict] > RANK[p.verdict]) - (RANK[e.verdict] < RANK[p.verdict])]
+        delta = worse = None
+        if e and p and e.value is not None and p.value is not None and e.comparator:
+            delta = e.value - p.value
+            worse = delta < 0 if e.comparator.startswith(">") else delta > 0
+        out.append(ClaimChange(claim_id=cid, metric=(e or p).metric, verdict=e.verdict if e else None,
+                               value=e.value if e else None, previous_verdict=p.verdict if p else None,
+                               previous_value=p.value if p else None, status=status, worse=bool(worse), delta=delta))
+    return sorted(out, key=lambda c: (not c.regression, not c.worse, c.claim_id))
 
 
 class Series(Record):
@@ -112,7 +199,7 @@ class CheckOutcome(Record):
     """
 
     check: str
-    stage: str = Field("testing", description="AMLAS stage: requirements, data, learning, testing, formal, deployment")
+    stage: Stage = Field(Stage.TESTING, description="the AMLAS stage the evidence supports")
     measurements: list[Measurement] = []
     curves: list[Curve] = []
     artefacts: list[Artefact] = []
