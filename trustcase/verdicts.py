@@ -95,7 +95,7 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
         found = [(o, m) for o, m in measured if matches(r, m)]
         if not found:
             evidence.append(Evidence(
-                claim_id=r.id, check="-", metric=r.metric, value=None, threshold=r.threshold,
+                claim_id=r.id, check=None, metric=r.metric, value=None, threshold=r.threshold,
                 comparator=r.comparator, verdict=Verdict.INCONCLUSIVE, scope=r.scope,
                 rationale=f"no check of the plan measured {r.metric} on {r.scope.label()}",
             ))

@@ -24,7 +24,7 @@ from trustcase.explain.quality import (
     spearman_rows,
 )
 from trustcase.measurement import clopper_pearson
-from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series
+from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
 
 DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion", "rise", "lime",
                    "kernel_shap"]
@@ -110,7 +110,7 @@ class Explainability(Check):
 
     name = "explainability"
     Params = ExplainabilityParams
-    stage = "testing"
+    stage = Stage.TESTING
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: ExplainabilityParams = self.params

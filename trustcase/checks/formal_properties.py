@@ -12,7 +12,7 @@ from trustcase.certification import bounds as B
 from trustcase.certification.properties import check_property, expand
 from trustcase.certification.vnnlib import read_vnnlib
 from trustcase.checks import Check, Context, Params
-from trustcase.schemas import CheckOutcome, Measurement, Scope
+from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class FormalParams(Params):
@@ -45,7 +45,7 @@ class FormalParams(Params):
 class FormalProperties(Check):
     name = "formal_properties"
     Params = FormalParams
-    stage = "formal"
+    stage = Stage.FORMAL
 
     def shards(self) -> list[Check]:
         p: FormalParams = self.params

@@ -12,7 +12,7 @@ from pydantic import field_validator
 from trustcase.certification.lipschitz import LipschitzError, analyse, certified_radii, empirical_lower_bound
 from trustcase.checks import Check, Context, Params, Unsupported
 from trustcase.measurement import accuracy_curve, radius_grid, write_items
-from trustcase.schemas import CheckOutcome, Measurement, Scope
+from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class LipschitzParams(Params):
@@ -37,7 +37,7 @@ def input_scale(ctx: Context) -> float:
 class Lipschitz(Check):
     name = "lipschitz"
     Params = LipschitzParams
-    stage = "formal"
+    stage = Stage.FORMAL
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:

@@ -15,7 +15,7 @@ from trustcase.certification.local_robustness import VERDICTS, change_property, 
 from trustcase.certification.properties import single_thread
 from trustcase.checks import Check, Context, Params, Unsupported
 from trustcase.measurement import clopper_pearson
-from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series
+from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
 
 
 class LocalRobustnessParams(Params):
@@ -35,7 +35,7 @@ class LocalRobustnessParams(Params):
 class LocalRobustness(Check):
     name = "local_robustness"
     Params = LocalRobustnessParams
-    stage = "formal"
+    stage = Stage.FORMAL
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:

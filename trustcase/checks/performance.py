@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from trustcase.checks import Check, Context, Params
 from trustcase.performance import Tally
-from trustcase.schemas import CheckOutcome
+from trustcase.schemas import CheckOutcome, Stage
 
 
 class PerformanceParams(Params):
@@ -18,7 +18,7 @@ class Performance(Check):
 
     name = "performance"
     Params = PerformanceParams
-    stage = "learning"
+    stage = Stage.LEARNING
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: PerformanceParams = self.params

@@ -15,7 +15,7 @@ from trustcase.checks import Check, CheckError, Context, Params, Unsupported
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import Relevance, balanced_selection, cluster, describe, nearest_clusters
 from trustcase.odd.descriptors import DESCRIPTORS, Views
-from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series
+from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
 
 
 class RootCausesParams(Params):
@@ -38,7 +38,7 @@ class RootCauses(Check):
 
     name = "root_causes"
     Params = RootCausesParams
-    stage = "testing"
+    stage = Stage.TESTING
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:
