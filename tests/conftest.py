@@ -123,7 +123,7 @@ def context_for(use_case, module, workdir: Path, seed: int = 0):
 
     module.eval()
     return Context(use_case=use_case, model=Classifier(use_case.model, module=module),
-                   data=DataSource(use_case.data, seed), seed=seed, workdir=workdir)
+                   data=DataSource(use_case.data, seed, use_case.model), seed=seed, workdir=workdir)
 
 
 def acas_use_case(tmp_path: Path):

@@ -53,7 +53,7 @@ class DataQuality(Check):
             stream = ctx.data.stream(role)
             h = hashlib.sha256()
             counts = np.zeros(len(names), np.int64)
-            constant = out_of_range = 0
+            constant = out_of_range = non_finite = 0
             role_props = {k: [] for k in props}
             for batch in stream.batches():
                 imgs = batch.images
@@ -67,6 +67,7 @@ class DataQuality(Check):
                 counts += np.bincount(batch.labels, minlength=len(names))
                 f = imgs.reshape(len(imgs), -1).astype(np.float64)
                 finite = np.isfinite(f).all(axis=1)
+                non_finite += int((~finite).sum())
                 out_of_range += int((~finite | (f.min(axis=1) < lo) | (f.max(axis=1) > hi)).sum())
                 if images:  # pixel statistics mean nothing for a row of tabular features
                     constant += int((f.max(axis=1) == f.min(axis=1)).sum())
@@ -85,6 +86,9 @@ class DataQuality(Check):
             m("items", n, role)
             m("unreadable", len(stream.unreadable), role, n=n + len(stream.unreadable))
             m("constant_images", constant, role, n=n)
+            # NaN / inf values are a finding: items the input contract excluded, and any that reached the batch
+            refused = sum(u.kind == "non_finite" for u in stream.unreadable)
+            m("non_finite", non_finite + refused, role, n=n + len(stream.unreadable))
             m("out_of_range", out_of_range, role, n=n, value_range=[lo, hi])
             for c, k in zip(names, counts):
                 out.append(proportion(self.name, f"class_share:{c}", int(k), n, uc.plan.confidence,
@@ -141,6 +145,7 @@ class DataQuality(Check):
     def _distributions(self, out, roles, props, p):
         hist = {}
         for k, per_split in props.items():
+            per_split = [v[np.isfinite(v)] for v in per_split]  # a NaN pixel has no brightness: counted above
             allv = np.concatenate(per_split)
             if allv.size == 0:
                 continue

@@ -4,6 +4,10 @@ A loader is `loader(split: str, **params) -> Split`, where a Split has `__len__`
 and optionally `fingerprint() -> str` (a cheap hash of its source files) and `name(i) -> str` (the
 item's id without reading it, so an unreadable file can still be named). Nothing here holds a whole
 split in memory: batches are read, used and dropped.
+
+Each item is judged alone against the model's declared input contract (shape, numeric type, finite
+values): a bad item is named and excluded with the reason, its neighbours are never touched. Whatever
+a loader raises is a user error naming the loader and the call.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +25,57 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from trustcase.schemas import DataSpec
+from trustcase.schemas import DataSpec, ModelSpec
+
+MAX_PIXELS = 50_000_000  # an image file over this is refused from its header, before it is decoded
 
 
 class DataError(Exception):
     """A user error about data: a loader that does not exist, a split it cannot give."""
+
+
+class Rejected(ValueError):
+    """One item that does not meet the input contract; `kind` is what is wrong (shape, dtype, non_finite)."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+def expected_shape(model: ModelSpec) -> tuple[int, ...]:
+    """The declared input of one item in pixel space: (H, W, C) for images, (F,) for feature vectors."""
+    c, *hw = model.input_shape
+    return (*hw, c) if hw else (c,)
+
+
+def judge_item(image: Any, expected: tuple[int, ...] | None) -> np.ndarray:
+    """The item as an (H, W, C) or (F,) numeric array, or `Rejected` saying what is wrong with it."""
+    try:
+        image = np.asarray(image)
+    except Exception as e:  # a ragged list, a broken __array__
+        raise Rejected("dtype", f"not an array: {type(e).__name__}: {e}") from None
+    if image.dtype.kind not in "biuf":
+        raise Rejected("dtype", f"values of type {image.dtype} ({type(image.flat[0]).__name__ if image.size else '-'})"
+                                ", expected numbers")
+    if image.ndim not in (1, 2, 3) or image.size == 0:
+        raise Rejected("shape", f"shape {image.shape}")
+    image = _as_hwc(image)
+    if expected is not None:
+        fits = image.size == expected[0] if len(expected) == 1 else image.shape == expected
+        if not fits:
+            raise Rejected("shape", f"shape {image.shape}, the model takes {expected}"
+                                    + (" (H, W, C)" if len(expected) == 3 else " (features)"))
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        bad = ~np.isfinite(image)
+        raise Rejected("non_finite", f"{int(np.isnan(image).sum())} NaN and {int(bad.sum() - np.isnan(image).sum())} "
+                                     f"infinite value(s) of {image.size}")
+    return image
+
+
+def check_pixels(width: int, height: int, where: Any) -> None:
+    if width * height > MAX_PIXELS:
+        raise Rejected("shape", f"{where} is {width}x{height} px, over the limit of {MAX_PIXELS:,} pixels "
+                                "(refused before decoding)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +108,7 @@ class Unreadable:
     index: int
     id: str
     error: str
+    kind: str = "unreadable"  # or what the contract refused: shape, dtype, non_finite
 
 
 def resolve(ref: str, extra_path: Path | None = None) -> Any:
@@ -65,9 +117,13 @@ def resolve(ref: str, extra_path: Path | None = None) -> Any:
         sys.path.insert(0, str(extra_path))
     module, _, attr = ref.partition(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        found = importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise DataError(f"cannot import module {module!r} of {ref!r}: {e}") from None
+    except Exception as e:  # the partner's module runs code at import: whatever it raises is theirs
+        raise DataError(f"importing module {module!r} of {ref!r} raised {type(e).__name__}: {e}") from None
+    try:
+        return getattr(found, attr)
     except AttributeError:
         raise DataError(f"module {module!r} has no attribute {attr!r} (from {ref!r})") from None
 
@@ -80,8 +136,8 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
 class _Guarded(torch.utils.data.Dataset):
     """Reads one item; an unreadable one becomes a marker instead of killing the stream."""
 
-    def __init__(self, split: Split, positions: np.ndarray):
-        self.split, self.positions = split, positions
+    def __init__(self, split: Split, positions: np.ndarray, expected: tuple[int, ...] | None = None):
+        self.split, self.positions, self.expected = split, positions, expected
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -90,12 +146,11 @@ class _Guarded(torch.utils.data.Dataset):
         i = int(self.positions[j])
         try:
             item = self.split[i]
-            image = np.asarray(item.image)
-            if image.ndim not in (1, 2, 3) or image.size == 0:
-                raise ValueError(f"image has shape {image.shape}")
-            return (i, item.id, _as_hwc(image), int(item.label), dict(item.meta))
+            return (i, str(item.id), judge_item(item.image, self.expected), int(item.label), dict(item.meta))
+        except Rejected as e:
+            return (i, None, self._name(i), e.kind, str(e))
         except Exception as e:  # a partner's loader may raise anything on a corrupt file
-            return (i, None, self._name(i), None, f"{type(e).__name__}: {e}")
+            return (i, None, self._name(i), "unreadable", f"{type(e).__name__}: {e}")
 
     def _name(self, i: int) -> str:
         try:
@@ -106,11 +161,11 @@ class _Guarded(torch.utils.data.Dataset):
 
 def _collate(rows):
     good = [r for r in rows if r[1] is not None]
-    bad = [Unreadable(r[0], r[2], r[4]) for r in rows if r[1] is None]
+    bad = [Unreadable(r[0], r[2], r[4], r[3]) for r in rows if r[1] is None]
     if not good:
         return None, bad
     shapes = {r[2].shape for r in good}
-    if len(shapes) > 1:
+    if len(shapes) > 1:  # only without a declared contract (each item was judged against it otherwise)
         for r in good[1:]:
             if r[2].shape != good[0][2].shape:
                 bad.append(Unreadable(r[0], r[1], f"shape {r[2].shape} differs from {good[0][2].shape}"))
@@ -129,8 +184,9 @@ def _collate(rows):
 class SplitStream:
     """One split of a use case's data, capped and filtered, iterated in batches."""
 
-    def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int):
-        self.split, self.role = split, role
+    def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int,
+                 expected: tuple[int, ...] | None = None):
+        self.split, self.role, self.expected = split, role, expected
         n = len(split)
         positions = np.arange(n)
         if cap is not None and cap < n:
@@ -146,7 +202,7 @@ class SplitStream:
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         """Unreadable items are skipped (and listed in `self.unreadable`): data quality reports them."""
         loader = DataLoader(
-            _Guarded(self.split, self.positions),
+            _Guarded(self.split, self.positions, self.expected),
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.workers,
@@ -169,10 +225,12 @@ class SplitStream:
 
 
 class DataSource:
-    """The splits of a use case, by role (train / validation / test)."""
+    """The splits of a use case, by role (train / validation / test). With `model`, every item is judged
+    against its declared input (`judge_item`); without, items only need the shape of their batch."""
 
-    def __init__(self, spec: DataSpec, seed: int = 0):
+    def __init__(self, spec: DataSpec, seed: int = 0, model: ModelSpec | None = None):
         self.spec, self.seed = spec, seed
+        self.expected = expected_shape(model) if model is not None else None
         loader = BUILTIN_LOADERS.get(spec.loader)
         self.loader = loader or resolve(spec.loader, spec.path)
         if not callable(self.loader):
@@ -183,18 +241,31 @@ class DataSource:
     def roles(self) -> list[str]:
         return list(self.spec.splits)
 
+    def call(self, name: str) -> str:
+        """The loader call, as the user would write it: errors name it."""
+        args = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in self.spec.params.items())])
+        return f"loader {self.spec.loader!r}: {self.spec.loader.rpartition(':')[2]}({args})"
+
     def stream(self, role: str) -> SplitStream:
         if role not in self._streams:
             name = self.spec.splits[role]
+            call = self.call(name)
             try:
                 split = self.loader(name, **self.spec.params)
-            except (OSError, ValueError, KeyError) as e:
-                raise DataError(f"loader {self.spec.loader!r} failed for split {name!r}: {e}") from None
+            except Exception as e:  # the loader is the partner's code: what it raises is a user error
+                raise DataError(f"{call} raised {type(e).__name__}: {e}") from None
             for attr in ("__len__", "__getitem__"):
                 if not hasattr(split, attr):
-                    raise DataError(f"loader {self.spec.loader!r} returned an object without {attr}")
+                    raise DataError(f"{call} returned an object of type {type(split).__name__}, without {attr}")
+            try:
+                n = len(split)
+            except Exception as e:
+                raise DataError(f"{call}: len() of its split raised {type(e).__name__}: {e}") from None
+            if not isinstance(n, int) or n < 0:
+                raise DataError(f"{call}: len() of its split is {n!r}, not a count")
             self._streams[role] = SplitStream(
-                split, role, self.spec.max_samples.get(role), self.seed, self.spec.batch_size, self.spec.workers
+                split, role, self.spec.max_samples.get(role), self.seed, self.spec.batch_size, self.spec.workers,
+                self.expected,
             )
         return self._streams[role]
 
@@ -224,7 +295,11 @@ class ImageFolder:
         from PIL import Image
 
         path, label = self.files[i]
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL only warns below twice its own limit: ours decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only: a decompression bomb is refused undecoded
+        with im:
+            check_pixels(*im.size, self.name(i))
             image = np.asarray(im.convert("L" if self.grey else "RGB"))
         return Item(image=image, label=label, id=self.name(i))
 

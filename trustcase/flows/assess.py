@@ -17,8 +17,6 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from prefect import flow, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -97,7 +95,7 @@ def _key(parts: list) -> str:
 @task(name="fingerprint")
 def fingerprint(use_case: UseCase, seed: int) -> dict:
     """Model file hash and the loaders' cheap data fingerprints (None where a loader has none)."""
-    data = DataSource(use_case.data, seed)
+    data = DataSource(use_case.data, seed, use_case.model)
     return {
         "model_sha256": sha256_file(Path(use_case.model.path)),
         "data": {role: data.stream(role).fingerprint() for role in data.roles},
@@ -111,7 +109,7 @@ def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_s
     ctx = Context(
         use_case=use_case,
         model=_classifier(use_case.model.model_dump_json(), model_sha256),
-        data=DataSource(use_case.data, seed),
+        data=DataSource(use_case.data, seed, use_case.model),
         seed=seed,
         workdir=Path(workdir) / "checks" / check.name,
     )
@@ -126,25 +124,12 @@ def evidence(use_case: UseCase, outcomes: list[CheckOutcome]):
 @task(name="report")
 def report(assessment: Assessment, out_dir: str, use_case_text: str,
            previous: Assessment | None = None) -> dict[str, str]:
-    """Write the assessment, render the report (compared with `previous` when given), log it all to MLflow."""
+    """Write the assessment and render the report (compared with `previous` when given)."""
     out = Path(out_dir)
     (out / "assessment.json").write_text(assessment.model_dump_json(indent=1))
     (out / "evidence.json").write_text(json.dumps([e.model_dump(mode="json") for e in assessment.evidence], indent=1))
     (out / "use_case.yaml").write_text(use_case_text, encoding="utf-8")  # exactly the text that was assessed
-    files = reports.render(assessment, out, previous=previous)
-    client = MlflowClient()
-    run_id = assessment.provenance.mlflow_run_id
-    tracking.log_measurements(client, run_id, assessment)
-    for name in ("assessment.json", "evidence.json", "use_case.yaml"):
-        client.log_artifact(run_id, str(out / name))
-    for name, path in files.items():
-        if name != "plots":
-            client.log_artifact(run_id, path)
-    if (out / "plots").is_dir():
-        client.log_artifacts(run_id, str(out / "plots"), "plots")
-    if (out / "checks").is_dir():
-        client.log_artifacts(run_id, str(out / "checks"), "checks")
-    return files
+    return reports.render(assessment, out, previous=previous)
 
 
 def _label(check: Check) -> str:
@@ -165,8 +150,23 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     started = datetime.now(UTC)
     uri = tracking.configure(tracking_uri)
     uc_json = uc.model_dump(mode="json")
+    run = tracking.AssessmentRun(uc, {"code_version": provenance.code_version(),
+                                      "confidentiality": uc.confidentiality.value},
+                                 tracking.flatten("", {"seed": seed, "plan": uc_json["plan"]}, {}))
+    try:  # the run is RUNNING from here; whatever cuts the assessment short leaves it without a verdict
+        return _assess(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id)
+    except BaseException as e:
+        run.abandon(e)  # FAILED (KILLED on SIGTERM / Ctrl-C)
+        raise
+
+
+def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dict, seed: int, out: Path,
+            uri: str, started: datetime, previous_run_id: str | None) -> Result:
     uc_sha = provenance.canonical_sha256(uc_json)
     fp = fingerprint(uc, seed)
+    version = tracking.model_version(uc, fp["model_sha256"])
+    run.tag({"model_sha256": fp["model_sha256"], "model_version": version or "unregistered",
+             **{f"data_fingerprint.{role}": v for role, v in fp["data"].items() if v}})
 
     base = [provenance.source_sha256(), uc_sha, fp["model_sha256"], seed, str(out)]
     steps = plan(uc)
@@ -191,6 +191,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
                     errors[-1] += "\n" + "".join(traceback.format_exception(value)[-3:])
             else:
                 outcomes.append(value)
+                run.log_outcome(value)  # live in the MLflow run as each check finishes (in plan order)
 
     # data quality first: its content hash keys every other check
     _, dq_spec = steps[0]
@@ -199,6 +200,7 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     dq = run_check.submit(uc, dq_spec, 0, seed, fp["model_sha256"], str(out), dq_key, "data_quality")
     collect([dq], ["data_quality"])
     data_sha = outcomes[0].summary["data_sha256"] if outcomes else "unknown"
+    run.tag({"data_sha256": data_sha})
 
     specs, shards, keys, labels = [], [], [], []
     for _, spec in steps[1:]:
@@ -216,27 +218,19 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     complete = not errors
     verdict = overall(records, uc.requirements) if complete else Verdict.INCONCLUSIVE
     previous = rerender.fetch_assessment(previous_run_id, uri) if previous_run_id else None
-    exp_id = tracking.experiment(uc)
-    version = tracking.model_version(uc, fp["model_sha256"])
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"assess {uc.id}") as run:
-        prov = Provenance(
-            use_case_id=uc.id, use_case_sha256=uc_sha, mlflow_run_id=run.info.run_id,
-            model_sha256=fp["model_sha256"], model_version=version, data_sha256=data_sha,
-            code_version=provenance.code_version(), packages=provenance.packages(), seed=seed,
-            parameters={"plan": uc_json["plan"], "data": uc_json["data"]},
-            started_at=started, finished_at=datetime.now(UTC),
-        )
-        assessment = Assessment(use_case=uc_json, requirements=uc.requirements, outcomes=outcomes,
-                                evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
-        mlflow.log_params(tracking.flatten("", {"seed": seed, "plan": uc_json["plan"]}, {}))
-        mlflow.set_tags({"use_case": uc.id, "verdict": verdict.value, "complete": str(complete),
-                         "model_sha256": fp["model_sha256"], "data_sha256": data_sha,
-                         "model_version": version or "unregistered", "code_version": prov.code_version,
-                         "confidentiality": uc.confidentiality.value})
-        files = report(assessment, str(out), uc_text, previous)
-        if version and complete:  # runtime artefacts (the ODD monitor) are found from the model version
-            tracking.link_runtime_artefacts(uc, version, run.info.artifact_uri, outcomes)
-        if not complete:
-            mlflow.end_run(status="FAILED")
-    return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.info.run_id, tracking_uri=uri,
+    prov = Provenance(
+        use_case_id=uc.id, use_case_sha256=uc_sha, mlflow_run_id=run.id,
+        model_sha256=fp["model_sha256"], model_version=version, data_sha256=data_sha,
+        code_version=provenance.code_version(), packages=provenance.packages(), seed=seed,
+        parameters={"plan": uc_json["plan"], "data": uc_json["data"]},
+        started_at=started, finished_at=datetime.now(UTC),
+    )
+    assessment = Assessment(use_case=uc_json, requirements=uc.requirements, outcomes=outcomes,
+                            evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
+    files = report(assessment, str(out), uc_text, previous)
+    run.log_artefacts(out, files)
+    if version and complete:  # runtime artefacts (the ODD monitor) are found from the model version
+        tracking.link_runtime_artefacts(uc, version, run.artifact_uri, outcomes)
+    run.finish(assessment)  # last: the verdict tags, then FINISHED (FAILED when a check failed)
+    return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.id, tracking_uri=uri,
                   files=files, errors=errors, user_error=user_error)
