@@ -34,9 +34,9 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     if not children:
         return [(prefix or type(module).__name__, module)]
     if isinstance(module, torch.jit.ScriptModule):
-        from trustcase.certification.lipschitz import _script_chain  # a traced Sequential: its chain of layers
+        from trustcase.models.anatomy import script_chain  # a traced Sequential: its chain of layers
 
-        return _script_chain(module, prefix)
+        return script_chain(module, prefix)
     if not isinstance(module, nn.Sequential):
         raise BoundsError(f"module {prefix or type(module).__name__} ({type(module).__name__}) is not a Sequential "
                           "of Linear/ReLU layers")

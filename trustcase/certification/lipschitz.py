@@ -48,35 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustcase.models.anatomy import Layer, UnsupportedLayer, describe_eager, describe_script, script_chain
+
 SAFETY = 1.0 + 1e-6  # covers float64 SVD/FFT rounding of each layer norm
-ACTIVATIONS = {  # largest slope of each elementwise activation (sup |f'|)
-    "ReLU": 1.0, "ReLU6": 1.0, "Hardtanh": 1.0, "Tanh": 1.0, "Softplus": 1.0, "Softsign": 1.0,
-    "Sigmoid": 0.25, "Hardsigmoid": 1.0 / 6.0, "GELU": 1.13, "SiLU": 1.1, "Mish": 1.09, "Hardswish": 1.5,
-    "Identity": 1.0, "Flatten": 1.0, "Unflatten": 1.0, "Dropout": 1.0, "Dropout2d": 1.0, "Dropout1d": 1.0,
-    "AlphaDropout": 1.0,
-}
 
 
 class LipschitzError(ValueError):
     """The model cannot be bounded (unsupported layer, training mode, input shape)."""
-
-
-@dataclass
-class Layer:
-    """One operation, described the same way for eager and TorchScript modules."""
-
-    name: str
-    kind: str  # "linear", "conv2d", "batchnorm", "activation", "maxpool2d", "avgpool", "adaptive_maxpool2d"
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    kernel: tuple[int, int] = (1, 1)
-    scale: torch.Tensor | None = None  # BatchNorm: gamma / sqrt(var + eps)
-    slope: float = 1.0  # activation
-    module: nn.Module | None = None  # for layers bounded with the module itself (average pooling)
 
 
 @dataclass
@@ -181,137 +159,6 @@ def fold(conv: Layer, bn: Layer) -> Layer:
                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
-# --- describing layers -------------------------------------------------------------------------
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int | float) else (int(v[0]), int(v[-1]))
-
-
-def _bn_scale(weight, var, eps) -> torch.Tensor:
-    s = 1.0 / torch.sqrt(var.detach().double() + eps)
-    return s * weight.detach().double() if weight is not None else s
-
-
-def describe_eager(name: str, m: nn.Module) -> Layer:
-    kind = type(m).__name__
-    if isinstance(m, nn.Linear):
-        return Layer(name, "linear", weight=m.weight, bias=m.bias)
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros":
-            raise LipschitzError(f"layer {name}: Conv2d with padding_mode={m.padding_mode!r} is not supported")
-        pad = m.padding
-        if isinstance(pad, str):
-            # 'same': at most d (k - 1) zeros per side; a larger circle is still a sound embedding
-            pad = (0, 0) if pad == "valid" else tuple(d * (k - 1) for d, k in zip(m.dilation, m.kernel_size,
-                                                                                    strict=True))
-        return Layer(name, "conv2d", weight=m.weight, bias=m.bias, stride=_pair(m.stride), padding=_pair(pad),
-                     dilation=_pair(m.dilation), groups=m.groups)
-    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-        if not m.track_running_stats or m.running_var is None:
-            raise LipschitzError(f"layer {name}: BatchNorm without running statistics uses batch statistics")
-        return Layer(name, "batchnorm", scale=_bn_scale(m.weight, m.running_var, m.eps))
-    if isinstance(m, nn.LeakyReLU):
-        return Layer(name, "activation", slope=max(1.0, abs(m.negative_slope)))
-    if isinstance(m, nn.ELU):
-        return Layer(name, "activation", slope=max(1.0, m.alpha))
-    if isinstance(m, nn.MaxPool2d):
-        return Layer(name, "maxpool2d", kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size),
-                     dilation=_pair(m.dilation))
-    if isinstance(m, nn.AdaptiveMaxPool2d):
-        return Layer(name, "adaptive_maxpool2d", kernel=_pair(m.output_size))
-    if isinstance(m, nn.AvgPool2d | nn.AdaptiveAvgPool2d | nn.AvgPool1d | nn.AdaptiveAvgPool1d):
-        return Layer(name, "avgpool", module=m)
-    if kind in ACTIVATIONS:
-        return Layer(name, "activation", slope=ACTIVATIONS[kind])
-    raise LipschitzError(f"layer {name} ({kind}) is not supported by the Lipschitz bound")
-
-
-def _const(value: torch._C.Value):
-    node = value.node()
-    if node.kind() == "prim::ListConstruct":
-        return [_const(v) for v in node.inputs()]
-    if node.kind() == "prim::Constant":
-        return value.toIValue()
-    raise LipschitzError(f"non-constant argument ({node.kind()}) in a TorchScript layer")
-
-
-def _ops(m: torch.jit.ScriptModule) -> list[torch._C.Node]:
-    skip = {"prim::Constant", "prim::ListConstruct", "prim::GetAttr", "prim::TupleConstruct", "prim::NumToTensor"}
-    return [n for n in m.graph.nodes() if n.kind() not in skip]
-
-
-def describe_script(name: str, m: torch.jit.ScriptModule) -> Layer:
-    """A TorchScript leaf: its class name says what it is, its graph gives stride/padding/eps."""
-    kind = m.original_name
-    ops = _ops(m)
-    op_kinds = [n.kind() for n in ops]
-    if kind in ("Linear",) and op_kinds == ["aten::linear"]:
-        return Layer(name, "linear", weight=m.weight, bias=getattr(m, "bias", None))
-    if kind == "Conv2d" and op_kinds in (["aten::_convolution"], ["aten::conv2d"]):
-        args = [_const(v) for v in list(ops[0].inputs())[3:]]
-        if op_kinds[0] == "aten::_convolution":
-            stride, padding, dilation, transposed, _, groups = args[:6]
-            if transposed:
-                raise LipschitzError(f"layer {name}: transposed convolution is not supported")
-        else:
-            stride, padding, dilation, groups = args[:4]
-        if isinstance(padding, str):
-            raise LipschitzError(f"layer {name}: Conv2d padding {padding!r} is not supported in TorchScript")
-        return Layer(name, "conv2d", weight=m.weight, stride=_pair(stride), padding=_pair(padding),
-                     dilation=_pair(dilation), groups=int(groups))
-    if kind in ("BatchNorm2d", "BatchNorm1d") and op_kinds == ["aten::batch_norm"]:
-        args = list(ops[0].inputs())
-        if _const(args[5]):
-            raise LipschitzError(f"layer {name}: BatchNorm was traced in training mode (batch statistics)")
-        return Layer(name, "batchnorm", scale=_bn_scale(getattr(m, "weight", None), m.running_var, _const(args[7])))
-    if kind == "MaxPool2d" and op_kinds == ["aten::max_pool2d"]:
-        k, s, _, d = (_const(v) for v in list(ops[0].inputs())[1:5])
-        return Layer(name, "maxpool2d", kernel=_pair(k), stride=_pair(s or k), dilation=_pair(d))
-    if kind in ("AvgPool2d", "AdaptiveAvgPool2d"):
-        return Layer(name, "avgpool", module=m)
-    if kind == "LeakyReLU" and op_kinds and op_kinds[0].startswith("aten::leaky_relu"):
-        return Layer(name, "activation", slope=max(1.0, abs(float(_const(list(ops[0].inputs())[1])))))
-    if kind in ("Dropout", "Dropout2d", "Dropout1d", "AlphaDropout"):
-        for n in ops:  # traced in eval mode: dropout(x, p, train=False) or nothing at all
-            if "dropout" in n.kind() and _const(list(n.inputs())[2]):
-                raise LipschitzError(f"layer {name}: Dropout was traced in training mode")
-        return Layer(name, "activation", slope=1.0)
-    if kind in ACTIVATIONS and kind not in ("LeakyReLU", "ELU"):
-        return Layer(name, "activation", slope=ACTIVATIONS[kind])
-    raise LipschitzError(f"layer {name} ({kind}, ops {op_kinds}) is not supported by the Lipschitz bound")
-
-
-def _script_chain(m: torch.jit.ScriptModule, prefix: str = "") -> list[tuple[str, torch.jit.ScriptModule]]:
-    """The children of a TorchScript module whose forward is a plain chain child_1(...child_0(x)); else error."""
-    children = dict(m.named_children())
-    if not children:
-        return [(prefix or m.original_name, m)]
-    names = {}
-    current = list(m.graph.inputs())[1]
-    chain = []
-    for node in m.graph.nodes():
-        k = node.kind()
-        if k == "prim::GetAttr" and node.s("name") in children:
-            names[node.output().debugName()] = node.s("name")
-        elif k == "prim::CallMethod" and node.s("name") == "forward":
-            owner, *args = list(node.inputs())
-            if owner.debugName() not in names or len(args) != 1 or args[0].debugName() != current.debugName():
-                raise LipschitzError(f"TorchScript module {prefix or m.original_name}: forward is not a plain chain")
-            chain.append(names[owner.debugName()])
-            current = node.output()
-        elif k != "prim::Constant":
-            raise LipschitzError(
-                f"TorchScript module {prefix or m.original_name} ({m.original_name}): its forward uses {k}, not a "
-                "plain chain of layers; load the model as an eager nn.Module (state_dict + factory) to bound it")
-    ret = list(m.graph.outputs())[0]
-    if ret.debugName() != current.debugName():
-        raise LipschitzError(f"TorchScript module {prefix or m.original_name}: forward does not return the chain")
-    out = []
-    for c in chain:
-        out += _script_chain(children[c], f"{prefix}.{c}" if prefix else c)
-    return out
-
-
 # --- composing through the graph ---------------------------------------------------------------
 
 def _compose_chain(layers: list[Layer], shapes: list[tuple[int, ...]]) -> Bound:
@@ -333,7 +180,7 @@ def _compose_chain(layers: list[Layer], shapes: list[tuple[int, ...]]) -> Bound:
 
 
 def _bound_script(model: torch.jit.ScriptModule, input_shape: tuple[int, ...]) -> Bound:
-    chain = _script_chain(model)
+    chain = script_chain(model)
     layers = [describe_script(n, m) for n, m in chain]
     shapes, x = [], torch.zeros(1, *input_shape)
     with torch.no_grad():
@@ -439,6 +286,13 @@ def analyse(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Bound
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
         raise LipschitzError(f"invalid input shape {input_shape}")
+    try:
+        return _analyse(model, input_shape)
+    except UnsupportedLayer as e:
+        raise LipschitzError(f"{e} by the Lipschitz bound") from None
+
+
+def _analyse(model: nn.Module, input_shape: tuple[int, ...]) -> Bound:
     with torch.no_grad():
         if isinstance(model, torch.jit.ScriptModule):
             return _bound_script(model, input_shape)

@@ -32,9 +32,8 @@ model, layer methods are refused with that reason.
 from __future__ import annotations
 
 import copy
-import io
+import hashlib
 import math
-import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +43,13 @@ import numpy as np
 import torch
 from captum._utils.models.linear_model import LinearModel
 from captum.attr import (
+    LRP,
+    Deconvolution,
+    DeepLift,
+    DeepLiftShap,
+    GuidedBackprop,
+    GuidedGradCam,
+    InputXGradient,
     IntegratedGradients,
     KernelShap,
     LayerAttribution,
@@ -53,10 +59,13 @@ from captum.attr import (
     Occlusion,
     Saliency,
 )
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from scipy.stats import qmc
 from torch import nn
 
 from trustcase.errors import Unsupported
+from trustcase.models import anatomy
 from trustcase.models.classifier import Classifier
 from trustcase.registry import Registry
 
@@ -65,99 +74,61 @@ MAX_EVAL_ELEMENTS = 1 << 23  # input values per forward pass (32 MB of float32):
 
 # --- the model as captum sees it ------------------------------------------------------------------
 
-class _Opaque(nn.Module):
-    """A scripted layer we could not rebuild: an eager shell so that forward hooks can be attached."""
-
-    def __init__(self, inner: nn.Module, kind: str):
-        super().__init__()
-        self.inner, self.kind = inner, kind
+class _Readout(nn.Linear):
+    """A dense layer on flattened inputs. Flatten + Linear become one layer in LRP's view of a model (captum
+    has no LRP rule for Flatten), and an internal unit is read out by one (a channel's mean, or one value)."""
 
     def forward(self, x):
-        return self.inner(x)
+        return nn.functional.linear(x.flatten(1), self.weight, self.bias)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> _Readout:
+        r = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        r.load_state_dict(linear.state_dict())
+        return r.eval()
+
+    @classmethod
+    def unit(cls, shape: tuple[int, ...], channel: int, position: tuple[int, ...] | None) -> _Readout:
+        w = torch.zeros(shape)
+        if position is None:
+            w[channel] = 1.0 / max(1, math.prod(shape[1:]))
+        else:
+            w[(channel, *position)] = 1.0
+        r = cls(w.numel(), 1, bias=False)
+        with torch.no_grad():
+            r.weight.copy_(w.reshape(1, -1))
+        return r.requires_grad_(False).eval()
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in re.findall(r"-?\d+", s))
+@dataclass(frozen=True)
+class Neuron:
+    """An internal unit as the explained output: a channel of a named layer (its mean over positions), or
+    one activation when `position` is given (e.g. (row, col) of a convolution's feature map)."""
+
+    layer: str
+    channel: int
+    position: tuple[int, ...] | None = None
+
+    def label(self) -> str:
+        at = f" at {self.position}" if self.position is not None else ""
+        return f"channel {self.channel} of layer {self.layer}{at}"
 
 
-_NUM = r"(-?[\d.e+-]+)"
+class _Tapped(nn.Module):
+    """The model run whole, its output replaced by the read-out of one layer's activation (non-sequential models)."""
 
+    def __init__(self, module: nn.Module, layer: nn.Module, readout: _Readout):
+        super().__init__()
+        self.module, self.readout, self._layer = module, readout, [layer]
 
-def _rebuild(child: torch.jit.ScriptModule) -> nn.Module | None:
-    """An eager layer equal to a traced one, from its parameters and the constants in its code."""
-    kind, code = child.original_name, getattr(child, "code", "")
-    params = dict(child.named_parameters(recurse=False))
-    buffers = dict(child.named_buffers(recurse=False))
-    if kind in ("ReLU", "Tanh", "Sigmoid", "Identity", "Dropout"):
-        return getattr(nn, kind)()
-    if kind == "Conv2d":
-        m = re.search(r"_convolution\(\w+, \w+, (\w+), (\[[-\d, ]+\]), (\[[-\d, ]+\]), (\[[-\d, ]+\]), "
-                      r"False, \[[-\d, ]+\], (\d+)", code)
-        if not m:
-            return None
-        w = params["weight"]
-        layer = nn.Conv2d(w.shape[1] * int(m[5]), w.shape[0], tuple(w.shape[2:]), stride=_ints(m[2]),
-                          padding=_ints(m[3]), dilation=_ints(m[4]), groups=int(m[5]), bias="bias" in params)
-    elif kind == "BatchNorm2d":
-        m = re.search(r"batch_norm\(\w+, \w+, \w+, \w+, \w+, False, " + _NUM + ", " + _NUM, code)
-        if not m or "running_mean" not in buffers:
-            return None
-        layer = nn.BatchNorm2d(buffers["running_mean"].numel(), eps=float(m[2]), affine="weight" in params)
-    elif kind == "Linear":
-        w = params["weight"]
-        layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in params)
-    elif kind in ("MaxPool2d", "AvgPool2d"):
-        m = re.search(r"(max|avg)_pool2d\(\w+, (\[[-\d, ]+\]), (\[[-\d, ]*\]), (\[[-\d, ]+\])", code)
-        if not m:
-            return None
-        k, s, p = _ints(m[2]), _ints(m[3]) or None, _ints(m[4])
-        layer = nn.MaxPool2d(k, s, p) if kind == "MaxPool2d" else nn.AvgPool2d(k, s, p)
-    elif kind == "AdaptiveAvgPool2d":
-        m = re.search(r"adaptive_avg_pool2d\(\w+, (\[[-\d, ]+\])", code)
-        if not m:
-            return None
-        layer = nn.AdaptiveAvgPool2d(_ints(m[1]))
-    elif kind == "Flatten":
-        m = re.search(r"flatten\(\w+, (-?\d+)(?:, (-?\d+))?\)", code)
-        layer = nn.Flatten(int(m[1]), int(m[2]) if m and m[2] else -1) if m else nn.Flatten()
-    else:
-        return None
-    state = {**{k: v.detach() for k, v in params.items()}, **{k: v.detach() for k, v in buffers.items()}}
-    layer.load_state_dict(state, strict=False)
-    return layer
-
-
-def _eager(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> tuple[nn.Module | None, str]:
-    """A hookable eager copy of a traced sequential model, verified layer by layer on `probe`."""
-    buf = io.BytesIO()  # in-process traces have uncallable submodules; a saved and reloaded one has not
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    scripted = torch.jit.load(buf, map_location="cpu")
-    children = list(scripted.named_children())
-    if not children:
-        return None, "the TorchScript model has no submodules"
-    layers, opaque, h = OrderedDict(), [], probe
-    with torch.no_grad():
-        for name, child in children:
-            try:
-                out = child(h)
-            except Exception as e:  # not a chain: the children do not feed each other
-                return None, f"the TorchScript model is not a sequential chain ({name}: {type(e).__name__})"
-            layer = _rebuild(child)
-            if layer is not None:
-                layer.eval()
-                if not (layer(h).shape == out.shape and torch.allclose(layer(h), out, rtol=1e-4, atol=1e-5)):
-                    layer = None
-            if layer is None:
-                opaque.append(f"{name} ({child.original_name})")
-                layer = _Opaque(child, child.original_name)
-            layers[name] = layer
-            h = out
-        seq = nn.Sequential(layers).eval()
-        if not torch.allclose(seq(probe), scripted(probe), rtol=1e-4, atol=1e-4):
-            return None, "the TorchScript model's children in order do not reproduce its output"
-    note = f"layers kept opaque (no LRP rule): {opaque}" if opaque else ""
-    return seq, note
+    def forward(self, x):
+        seen = []
+        h = self._layer[0].register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            self.module(x)
+        finally:
+            h.remove()
+        return self.readout(seen[-1])
 
 
 class Network:
@@ -170,11 +141,12 @@ class Network:
     def __init__(self, model: Classifier, module: nn.Module | None = None):
         self.model = model
         self.note = ""
+        self.unit: Neuron | None = None  # set on the view of an internal unit (see `focus`)
         if module is None and model.module is not None:
             module = model.module
             if isinstance(module, torch.jit.ScriptModule):
                 probe = torch.randn(2, *model.spec.input_shape, generator=torch.Generator().manual_seed(0))
-                eager, self.note = _eager(module, probe)
+                eager, self.note = anatomy.hookable(module, probe)
                 module = eager if eager is not None else module
         self.module = module
         if module is not None:
@@ -195,20 +167,58 @@ class Network:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.forward(x), dim=1)
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """What perturbation methods follow: class probabilities, or the raw value of an internal unit."""
+        return self.probabilities(x) if self.unit is None else self.forward(x)
+
+    def activations(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The output of `layer` for inputs `x` (no gradient)."""
+        seen = []
+        h = layer.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        try:
+            with torch.no_grad():
+                self.forward(x)
+        finally:
+            h.remove()
+        return seen[-1]
+
+    def focus(self, neuron: Neuron) -> Network:
+        """The network whose single output is `neuron`: explain an internal unit like a class (target 0)."""
+        if not self.differentiable:
+            raise Unsupported(f"{neuron.label()}: internal units need the model's internals; the model is a black box")
+        name, layer = self.layer(neuron.layer)
+        shape = tuple(self.activations(layer, torch.zeros(1, *self.model.spec.input_shape)).shape[1:])
+        if not 0 <= neuron.channel < shape[0]:
+            raise ValueError(f"channel {neuron.channel} of layer {name!r} does not exist; channels: 0-{shape[0] - 1}")
+        if neuron.position is not None and (len(neuron.position) != len(shape) - 1 or not all(
+                0 <= p < n for p, n in zip(neuron.position, shape[1:]))):
+            raise ValueError(f"position {tuple(neuron.position)} of layer {name!r} does not exist; its channels are "
+                             f"{'x'.join(map(str, shape[1:])) or 'scalars'}")
+        readout = _Readout.unit(shape, neuron.channel, neuron.position)
+        children = list(self.module.named_children()) if isinstance(self.module, nn.Sequential) else []
+        names = [n for n, _ in children]
+        if name in names:  # a sequential model: cut it after the layer, so every method (LRP too) sees a chain
+            module = nn.Sequential(OrderedDict(children[:names.index(name) + 1] + [("unit", readout)])).eval()
+        else:
+            module = _Tapped(self.module, layer, readout).eval()
+        view = Network(self.model, module)
+        view.unit, view.note = neuron, self.note
+        return view
+
     def layers(self) -> dict[str, nn.Module]:
         """Leaf layers by dotted name (empty when layers cannot be hooked)."""
         if self.module is None or isinstance(self.module, torch.jit.ScriptModule):
             return {}
         out = {}
         for n, m in self.module.named_modules():
-            if n and not any(n.startswith(o + ".") for o in out if isinstance(out[o], _Opaque)):
-                if isinstance(m, _Opaque) or not list(m.children()):
+            if n and not any(n.startswith(o + ".") for o in out if isinstance(out[o], anatomy.Opaque)):
+                if isinstance(m, anatomy.Opaque) or not list(m.children()):
                     out[n] = m
         return out
 
     @staticmethod
     def kind(layer: nn.Module) -> str:
-        return layer.kind if isinstance(layer, _Opaque) else type(layer).__name__
+        return layer.kind if isinstance(layer, anatomy.Opaque) else type(layer).__name__
 
     def conv_layers(self) -> list[str]:
         return [n for n, m in self.layers().items() if self.kind(m) == "Conv2d"]
@@ -299,26 +309,55 @@ def options_for(method: str, options: dict | None = None) -> Options:
         raise ValueError(f"{method} options: {msgs}") from None
 
 
-def make(net: Network, method: str, options: dict | Options | None = None) -> Method:
-    opts = options if isinstance(options, Options) else options_for(method, options)
-    cls = METHODS.resolve(method)
+def make(net: Network, method: str | type[Method], options: dict | Options | None = None) -> Method:
+    cls = method if isinstance(method, type) else METHODS.resolve(method)
+    if not isinstance(options, Options):
+        options = options_for(method, options) if isinstance(method, str) else cls.Options.model_validate(options or {})
     if cls.needs_gradients and not net.differentiable:
-        raise Unsupported(f"{method} needs gradients; the model is a black box (use occlusion, rise, lime "
-                          "or kernel_shap)")
-    return cls(net, opts)
+        free = sorted(n for n in METHODS if not METHODS[n].needs_gradients)
+        raise Unsupported(f"{cls.name} needs gradients; the model is a black box (use {', '.join(free)})")
+    return cls(net, options)
 
 
-def attribute(net: Network, method: str | Method, x: torch.Tensor, target: torch.Tensor | int,
+def attribute(net: Network, method: str | Method, x: torch.Tensor, target: torch.Tensor | int | Neuron,
               baseline: float | torch.Tensor = 0.0, seed: int = 0, options: dict | None = None) -> Attribution:
-    """Attributions of `target` for normalised inputs `x` (B, C, H, W); deterministic for `seed`."""
-    m = method if isinstance(method, Method) else make(net, method, options)
+    """Attributions of `target` for normalised inputs `x` (B, C, H, W); deterministic for `seed`.
+
+    `target`: a class per item, one class for all, or a `Neuron` (an internal unit of a named layer)."""
+    if isinstance(target, Neuron):
+        net = net.focus(target)
+        m = make(net, type(method), method.options) if isinstance(method, Method) else make(net, method, options)
+        target = 0
+    else:
+        m = method if isinstance(method, Method) else make(net, method, options)
     if isinstance(target, int):
         target = torch.full((len(x),), target, dtype=torch.long)
+    n_out = 1 if net.unit is not None else net.model.n_classes
+    bad = [int(t) for t in target.unique() if not 0 <= int(t) < n_out]
+    if bad:
+        raise ValueError(f"target class {bad[0]} does not exist; classes: "
+                         f"{dict(enumerate(net.model.spec.class_names))}")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(did not already require gradients|multiple inputs for Lime)")
+        warnings.filterwarnings("ignore", message=".*(did not already require gradients|multiple inputs for Lime"
+                                                  "|Setting backward hooks on ReLU)")
         torch.manual_seed(seed)
         out = m.attribute(x.detach().float(), target.long(), baseline)
     return Attribution(out.maps.detach(), None if out.delta is None else out.delta.detach())
+
+
+def _item_seed(base: int, x: torch.Tensor) -> int:
+    """A seed per item from its content: the same maps for an item whatever batch it comes in."""
+    h = hashlib.blake2b(x.detach().numpy().tobytes(), digest_size=8, key=base.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+def _base_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)))  # from the caller's seeded RNG
+
+
+def _batched(fn, x: torch.Tensor, target: torch.Tensor, per: int) -> torch.Tensor:
+    """fn over slices of at most `per` items (methods whose memory grows with a sample count per item)."""
+    return torch.cat([fn(x[s:s + per], target[s:s + per]) for s in range(0, len(x), max(1, per))])
 
 
 class SaliencyMethod(Method):
@@ -361,6 +400,149 @@ class SmoothGradMethod(Method):
         return Attribution(maps)
 
 
+class VarGradMethod(SmoothGradMethod):
+    """VarGrad (Adebayo et al. 2018): the variance of the gradient under input noise."""
+
+    name = "vargrad"
+    nt_type: ClassVar[str] = "vargrad"
+
+    def attribute(self, x, target, baseline):
+        o = self.options
+        nt = NoiseTunnel(Saliency(self.net.forward))
+        maps = nt.attribute(x, nt_type=self.nt_type, nt_samples=o.samples, stdevs=o.noise_level * self.net.input_range,
+                            nt_samples_batch_size=min(o.samples, _chunk(x[0].numel(), len(x))), target=target,
+                            abs=False)
+        return Attribution(maps)
+
+
+class SmoothGradSquaredMethod(VarGradMethod):
+    """SmoothGrad-squared, also called SquareGrad (Hooker et al. 2019): the mean squared gradient under noise."""
+
+    name = "smoothgrad_squared"
+    nt_type = "smoothgrad_sq"
+
+
+class InputXGradientMethod(Method):
+    name = "input_x_gradient"
+
+    def attribute(self, x, target, baseline):
+        return Attribution(InputXGradient(self.net.forward).attribute(x, target=target))
+
+
+class GuidedBackpropMethod(Method):
+    """Guided backpropagation (Springenberg et al. 2015): only positive gradients pass the ReLUs backwards."""
+
+    name = "guided_backprop"
+    explainer: ClassVar[type] = GuidedBackprop
+
+    def attribute(self, x, target, baseline):
+        return Attribution(self.explainer(self.net.module).attribute(x, target=target))
+
+
+class DeconvolutionMethod(GuidedBackpropMethod):
+    """DeconvNet (Zeiler and Fergus 2014): the ReLUs applied to the backward signal, not the forward one."""
+
+    name = "deconvolution"
+    explainer = Deconvolution
+
+
+class DeepLiftMethod(Method):
+    """DeepLIFT rescale rule (Shrikumar et al. 2017): contributions relative to the baseline, summing to the
+    difference of the outputs."""
+
+    name = "deep_lift"
+
+    def attribute(self, x, target, baseline):
+        maps, delta = DeepLift(self.net.module).attribute(x, baselines=baseline, target=target,
+                                                          return_convergence_delta=True)
+        return Attribution(maps, delta)
+
+
+class DeepLiftShapMethod(Method):
+    """DeepLIFT averaged over a distribution of references (Lundberg and Lee 2017): the baseline plus Gaussian
+    noise, the same references for every item."""
+
+    name = "deep_lift_shap"
+
+    class Options(Options):
+        references: int = Field(8, ge=2, le=1000)
+        noise_level: float = Field(0.1, ge=0, le=1, description="reference noise std, fraction of the input range")
+
+    def attribute(self, x, target, baseline):
+        o = self.options
+        gen = torch.Generator().manual_seed(_base_seed())
+        refs = torch.as_tensor(baseline, dtype=x.dtype).expand(1, *x.shape[1:]) + \
+            o.noise_level * self.net.input_range * torch.randn(o.references, *x.shape[1:], generator=gen)
+        dls = DeepLiftShap(self.net.module)
+        return Attribution(_batched(lambda xs, ts: dls.attribute(xs, baselines=refs, target=ts), x, target,
+                                    _chunk(x[0].numel(), o.references)))
+
+
+_RULES = {"epsilon": EpsilonRule, "gamma": GammaRule, "z_plus": Alpha1_Beta0_Rule}
+_WEIGHTED = ("Conv2d", "Linear")
+
+
+class LrpMethod(Method):
+    """Layer-wise relevance propagation (Bach et al. 2015) on captum's LRP: one rule everywhere, or a composite
+    rule per layer type (Montavon et al. 2019: gamma in convolutions, epsilon in dense layers). Pooling and
+    batch-norm layers take the epsilon rule, ReLU / dropout pass relevance through; any other layer is refused
+    with its name. With epsilon -> 0 on a bias-free ReLU network, LRP equals Gradient x Input."""
+
+    name = "lrp"
+
+    class Options(Options):
+        rule: Literal["epsilon", "gamma", "z_plus", "composite"] = "composite"
+        epsilon: float = Field(1e-6, gt=0)
+        gamma: float = Field(0.25, ge=0)
+        composite: dict[Literal["Conv2d", "Linear"], Literal["epsilon", "gamma", "z_plus"]] = {
+            "Conv2d": "gamma", "Linear": "epsilon"}
+
+    def __init__(self, net, options):
+        super().__init__(net, options)
+        self.view = self._view(net.module)
+
+    def _rule(self, kind: str):
+        o = self.options
+        name = (o.composite.get(kind, "epsilon") if o.rule == "composite" else o.rule) if kind in _WEIGHTED \
+            else "epsilon"
+        return {"epsilon": lambda: EpsilonRule(o.epsilon), "gamma": lambda: GammaRule(o.gamma),
+                "z_plus": Alpha1_Beta0_Rule}[name]()
+
+    def _view(self, module: nn.Module) -> nn.Module:
+        """A copy captum's LRP accepts: Flatten + Linear merged, each layer given its rule."""
+        view = copy.deepcopy(module)
+        for container in [m for m in view.modules() if isinstance(m, nn.Sequential)]:
+            # dropout (eval) and identity layers do nothing: left out, so that Flatten meets its Linear
+            items = [(n, m) for n, m in container.named_children() if not isinstance(m, (nn.Dropout, nn.Identity))]
+            merged, i = OrderedDict(), 0
+            while i < len(items):
+                (n, m), nxt = items[i], items[i + 1][1] if i + 1 < len(items) else None
+                if isinstance(m, nn.Flatten) and m.start_dim == 1 and isinstance(nxt, nn.Linear):
+                    merged[items[i + 1][0]] = _Readout.of(nxt)
+                    i += 2
+                    continue
+                merged[n] = m
+                i += 1
+            for n in list(container._modules):
+                del container._modules[n]
+            for n, m in merged.items():
+                container.add_module(n, m)
+        for name, m in view.named_modules():
+            if list(m.children()):
+                continue
+            kind = "Linear" if isinstance(m, nn.Linear) else type(m).__name__
+            if kind in ("ReLU", "Tanh"):
+                continue
+            if kind in ("Conv2d", "Linear", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm2d"):
+                m.rule = self._rule(kind)
+            else:
+                raise Unsupported(f"LRP has no rule for layer {name!r} ({Network.kind(m)})")
+        return view.eval()
+
+    def attribute(self, x, target, baseline):
+        return Attribution(LRP(self.view).attribute(x, target=target))
+
+
 class GradCamMethod(Method):
     name = "grad_cam"
 
@@ -376,6 +558,116 @@ class GradCamMethod(Method):
         gc = LayerGradCam(self.net.forward, self.layer)
         cam = gc.attribute(x, target=target, relu_attributions=self.options.relu)
         return Attribution(LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear"))
+
+
+def _upsample(cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
+
+
+class GuidedGradCamMethod(GradCamMethod):
+    """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation weighted by the Grad-CAM map."""
+
+    name = "guided_grad_cam"
+
+    class Options(Options):
+        layer: str | None = Field(None, description="layer name; default: the last Conv2d")
+
+    def attribute(self, x, target, baseline):
+        return Attribution(GuidedGradCam(self.net.module, self.layer).attribute(x, target=target,
+                                                                                interpolate_mode="bilinear"))
+
+
+class GradCamPlusPlusMethod(GradCamMethod):
+    """Grad-CAM++ (Chattopadhay et al. 2018): pixel-wise weights of the positive gradients, in the closed form
+    of the paper for an exponential of the score (its higher derivatives are powers of the first)."""
+
+    name = "grad_cam_pp"
+
+    def attribute(self, x, target, baseline):
+        seen = []
+        h = self.layer.register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with torch.enable_grad():
+                xs = x.clone().requires_grad_(True)
+                out = self.net.forward(xs)
+                (g,) = torch.autograd.grad(out[torch.arange(len(x)), target].sum(), seen[-1])
+        finally:
+            h.remove()
+        a, g = seen[-1].detach(), g.detach()
+        if a.ndim != 4:
+            raise Unsupported(f"grad_cam_pp needs a feature map (B, C, H, W); layer {self.layer_name!r} gives "
+                              f"{tuple(a.shape)}")
+        g2, g3 = g * g, g * g * g
+        den = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        alpha = torch.where(den != 0, g2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        weights = (alpha * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+        cam = (weights * a).sum(dim=1, keepdim=True)
+        return Attribution(_upsample(cam.clamp(min=0) if self.options.relu else cam, x))
+
+
+class ScoreCamMethod(GradCamMethod):
+    """Score-CAM (Wang et al. 2020): each channel's map, normalised to [0, 1], masks the input; the channel's
+    weight is the gain of the target score over the baseline's. Gradient-free, but needs the activations."""
+
+    name = "score_cam"
+
+    def attribute(self, x, target, baseline):
+        b, c, h, w = x.shape
+        a = self.net.activations(self.layer, x)
+        if a.ndim != 4:
+            raise Unsupported(f"score_cam needs a feature map (B, C, H, W); layer {self.layer_name!r} gives "
+                              f"{tuple(a.shape)}")
+        k = a.shape[1]
+        up = nn.functional.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
+        lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
+        masks = torch.where(hi > lo, (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), 0.0)
+        base = torch.as_tensor(baseline, dtype=x.dtype).expand(1, c, h, w)
+        rows = torch.arange(b)
+        with torch.no_grad():
+            s0 = self.net.score(base.expand(b, c, h, w))[rows, target]
+            gains = torch.zeros(b, k)
+            per = max(1, _chunk(x[0].numel(), b))
+            for s in range(0, k, per):
+                m = masks[:, s:s + per, None]  # (b, k', 1, h, w)
+                inputs = (x[:, None] * m + base[:, None] * (1 - m)).reshape(-1, c, h, w)
+                gains[:, s:s + per] = self.net.score(inputs).reshape(b, m.shape[1], -1)[rows, :, target] - s0[:, None]
+        cam = torch.einsum("bk,bkhw->bhw", gains, a)[:, None]
+        return Attribution(_upsample(cam.clamp(min=0) if self.options.relu else cam, x))
+
+
+class CamMethod(Method):
+    """Class activation mapping (Zhou et al. 2016) for networks that end in global average pooling and one
+    linear layer: each position's share of the class logit, sum_k w_ck F_k(i, j) / (h w), so that the map sums
+    to the logit minus its bias. Grad-CAM (no ReLU) at the layer feeding the pooling gives the same map."""
+
+    name = "cam"
+
+    def __init__(self, net, options):
+        super().__init__(net, options)
+        why = "CAM needs a network ending in AdaptiveAvgPool2d(1) -> [Flatten, Dropout] -> Linear"
+        if net.unit is not None:
+            raise Unsupported("CAM explains classes, not internal units")
+        layers = list(net.layers().items())
+        gap = [i for i, (_, m) in enumerate(layers)
+               if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
+        if not gap:
+            raise Unsupported(f"{why}; this model has no global average pooling")
+        tail = [m for _, m in layers[gap[-1] + 1:] if not isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity))]
+        if len(tail) != 1 or not isinstance(tail[0], nn.Linear):
+            raise Unsupported(f"{why}; after the pooling come {[Network.kind(m) for m in tail]}")
+        self.gap, self.linear = layers[gap[-1]][1], tail[0]
+
+    def attribute(self, x, target, baseline):
+        seen = []
+        h = self.gap.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach()))
+        try:
+            with torch.no_grad():
+                self.net.forward(x)
+        finally:
+            h.remove()
+        f = seen[-1]
+        cam = torch.einsum("bk,bkhw->bhw", self.linear.weight.detach()[target], f)[:, None] / (f.shape[2] * f.shape[3])
+        return Attribution(_upsample(cam, x))
 
 
 class OcclusionMethod(Method):
@@ -423,7 +715,7 @@ class RiseMethod(Method):
     def attribute(self, x, target, baseline):
         o = self.options
         b, c, h, w = x.shape
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from the caller's seeded RNG
+        gen = torch.Generator().manual_seed(_base_seed())  # the same masks for every item and batch
         sal = torch.zeros(b, h, w)
         per = max(1, min(o.masks, _chunk(x[0].numel(), b)))
         rows = torch.arange(b)
@@ -433,7 +725,7 @@ class RiseMethod(Method):
                 m = self.masks(min(per, o.masks - done), h, w, gen)
                 mm = m[None, :, None]  # (1, n, 1, h, w)
                 inputs = (x[:, None] * mm + baseline * (1 - mm)).reshape(-1, c, h, w)
-                p = self.net.probabilities(inputs).reshape(b, len(m), -1)[rows, :, target]  # (b, n)
+                p = self.net.score(inputs).reshape(b, len(m), -1)[rows, :, target]  # (b, n)
                 sal += torch.einsum("bn,nhw->bhw", p, m)
                 done += len(m)
         return Attribution((sal / (o.masks * o.keep))[:, None])
@@ -464,23 +756,56 @@ def grid_segments(h: int, w: int, cells: int) -> torch.Tensor:
     return (rows[:, None] * cells + cols[None])[None, None]
 
 
+def superpixels(x: torch.Tensor, kind: Literal["slic", "quickshift"], n: int, compactness: float) -> torch.Tensor:
+    """Superpixels per image (scikit-image) as captum feature masks (B, 1, H, W), on each image scaled to [0, 1]."""
+    from skimage.segmentation import quickshift, slic
+
+    out = []
+    for img in x.detach().numpy():
+        lo, hi = img.min(), img.max()
+        im = np.moveaxis((img - lo) / (hi - lo if hi > lo else 1.0), 0, -1).astype(np.float64)  # (H, W, C)
+        if kind == "slic":
+            seg = slic(im, n_segments=n, compactness=compactness, channel_axis=-1, start_label=0)
+        else:
+            rgb = np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im[..., :3]
+            seg = quickshift(rgb, kernel_size=max(1, round(math.sqrt(im.shape[0] * im.shape[1] / n) / 2)),
+                             max_dist=10 * compactness + 2, ratio=0.5, convert2lab=False)
+        out.append(np.unique(seg, return_inverse=True)[1].reshape(seg.shape))  # labels 0..k-1
+    return torch.from_numpy(np.stack(out))[:, None].long()
+
+
 class _Surrogate(Method):
+    """A local linear surrogate on superpixels, fitted per item (its own segments and its own seed)."""
+
     needs_gradients = False
     ridge: ClassVar[float] = 1e-3
 
     class Options(Options):
         samples: int = Field(200, ge=2, le=100_000)
-        cells: int = Field(8, ge=2, description="superpixel grid (cells per side)")
+        segments: Literal["slic", "quickshift", "grid"] = "slic"
+        superpixels: int = Field(50, ge=2, description="SLIC / quickshift: about this many superpixels")
+        compactness: float = Field(0.1, gt=0, description="SLIC: shape regularity against intensity (image in [0, 1])")
+        cells: int = Field(8, ge=2, description="grid: cells per side")
 
     def explainer(self):
         raise NotImplementedError
 
+    def segments(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        if o.segments == "grid":
+            return grid_segments(x.shape[2], x.shape[3], o.cells).expand(len(x), 1, -1, -1)
+        return superpixels(x, o.segments, o.superpixels, o.compactness)
+
     def attribute(self, x, target, baseline):
         o = self.options
-        mask = grid_segments(x.shape[2], x.shape[3], o.cells).expand(1, x.shape[1], -1, -1)
-        maps = self.explainer().attribute(x, target=target, baselines=baseline, feature_mask=mask,
-                                          n_samples=o.samples, perturbations_per_eval=_chunk(x[0].numel()))
-        return Attribution(maps)
+        segs, base, explainer = self.segments(x), _base_seed(), self.explainer()
+        maps = []
+        for i in range(len(x)):
+            torch.manual_seed(_item_seed(base, x[i]))
+            maps.append(explainer.attribute(
+                x[i:i + 1], target=target[i:i + 1], baselines=baseline, n_samples=o.samples,
+                feature_mask=segs[i:i + 1].expand(1, x.shape[1], -1, -1), perturbations_per_eval=_chunk(x[0].numel())))
+        return Attribution(torch.cat(maps))
 
     def surrogate(self) -> LinearModel:
         return LinearModel(train_fn=_ridge_fit, alpha=self.ridge)
@@ -501,6 +826,47 @@ class KernelShapMethod(_Surrogate):
         ks = KernelShap(self.net.forward)
         ks.interpretable_model = self.surrogate()
         return ks
+
+
+class SobolMethod(Method):
+    """Sobol attribution (Fel et al. 2021): total Sobol indices of the target score with respect to the
+    intensities of a grid of mask cells, from quasi-Monte-Carlo designs (scrambled Sobol sequence, Jansen
+    estimator). Each cell's pixels are x * m + baseline * (1 - m) for its mask value m in [0, 1]."""
+
+    name = "sobol"
+    needs_gradients = False
+
+    class Options(Options):
+        cells: int = Field(8, ge=1, description="mask grid (cells per side)")
+        designs: int = Field(32, ge=2, le=65_536, description="quasi-Monte-Carlo designs N (a power of 2): "
+                                                              "N x (cells^2 + 2) model calls per item")
+        logits: bool = Field(False, description="follow the target logit instead of its probability")
+
+    def attribute(self, x, target, baseline):
+        o = self.options
+        b, c, h, w = x.shape
+        d, n = o.cells * o.cells, o.designs
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*balance properties of Sobol")
+            design = qmc.Sobol(2 * d, scramble=True, seed=_base_seed()).random(n)
+        a_, b_ = design[:, :d], design[:, d:]
+        mixed = np.repeat(a_[None], d, axis=0)  # C_i: A with column i taken from B
+        mixed[np.arange(d), :, np.arange(d)] = b_.T
+        cells = torch.from_numpy(np.concatenate([a_, b_, mixed.reshape(-1, d)])).float()  # (N (d + 2), d)
+        seg = grid_segments(h, w, o.cells)[0, 0]  # (h, w) cell of each pixel
+        base = torch.as_tensor(baseline, dtype=x.dtype).expand(1, c, h, w)
+        score = self.net.forward if o.logits else self.net.score
+        y = torch.zeros(b, len(cells))
+        per = max(1, _chunk(x[0].numel()))
+        with torch.no_grad():
+            for i in range(b):
+                for s in range(0, len(cells), per):
+                    m = cells[s:s + per][:, seg][:, None]  # (k, 1, h, w)
+                    y[i, s:s + per] = score(x[i:i + 1] * m + base * (1 - m))[:, target[i]]
+        fa, fb, fc = y[:, :n], y[:, n:2 * n], y[:, 2 * n:].reshape(b, d, n)
+        var = torch.cat([fa, fb], dim=1).var(dim=1)
+        total = ((fa[:, None] - fc) ** 2).mean(dim=2) / 2 / torch.where(var > 0, var, torch.ones_like(var))[:, None]
+        return Attribution(total[:, seg][:, None])
 
 
 # --- pictures of attributions (never of confidential inputs: callers decide) ----------------------

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from trustcase.models import anatomy
 from trustcase.models.classifier import Classifier
 
 
@@ -46,7 +47,7 @@ class FeatureExtractor:
         children = list(module.children())
         if len(children) < 2 or not self._is_linear(children[-1]):
             return None
-        split = _SplitHead(torch.nn.Sequential(*children[:-1]), children[-1])
+        split = anatomy.SplitHead(torch.nn.Sequential(*children[:-1]), children[-1])
         if isinstance(module, torch.jit.ScriptModule):
             # one compiled call, as fast as the model's own forward; layer by layer from Python costs
             # a dispatch per child, which at batch 1 is more than the monitor itself
@@ -94,16 +95,3 @@ class FeatureExtractor:
                 feats, logits = self._run(x)
         self.model.check_output(logits)
         return feats.numpy(), logits.numpy()
-
-
-class _SplitHead(torch.nn.Module):
-    """A Sequential model cut before its last Linear layer: (features, logits) in one forward pass."""
-
-    def __init__(self, body: torch.nn.Module, head: torch.nn.Module):
-        super().__init__()
-        self.body, self.head = body, head
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.body(x).flatten(1)
-        return f, self.head(f)
-
