@@ -38,7 +38,7 @@ def iv(lo, hi):
     (req("precision:defective"), [meas(None, "precision:defective", n=0)], "predicted no defective item"),
     (req("accuracy"), [meas(None, "accuracy", n=0)], "n = 0"),
     (req("ece", "<=", 0.1), [meas(0.05, "ece", interval=iv(float("nan"), 0.2))], "no defined value"),
-    (req("accuracy"), [meas(None, "accuracy", reason="every item of the split failed to load")],
+    (req("accuracy"), [meas(None, "accuracy", undefined="every item of the split failed to load")],
      "every item of the split failed to load"),
     # under a perturbation: one undefined amplitude hides what the claim would be there
     (req(perturbation="blur"), [meas(0.9, perturbation="blur", amplitude=0.0, interval=iv(0.8, 0.95)),

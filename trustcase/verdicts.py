@@ -42,9 +42,10 @@ def verdict(value: float | None, comparator: str, threshold: float, lower: float
 
 
 def why_undefined(m: Measurement) -> str:
-    """Why a figure has no value, in the reader's words: a check may say it (details.reason), else the metric does."""
-    if m.details.get("reason"):
-        return str(m.details["reason"])
+    """Why a figure has no value, in the reader's words: its check says it (details["undefined"], as
+    `measurement.proportion` writes it), else the metric does."""
+    if m.details.get("undefined") and m.details["undefined"] != "no item (n = 0)":
+        return str(m.details["undefined"])
     family, _, cls = m.metric.partition(":")
     where = m.scope.label()
     if m.n == 0 and family in ("recall", "false_negative_rate", "class_share"):
