@@ -1,16 +1,19 @@
-"""MLflow: one run per assessment under an experiment per use case; the model registry for versions."""
+"""MLflow: one run per assessment, open as long as it, under an experiment per use case; the model registry."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trustcase.schemas import Assessment, Measurement, UseCase
+from trustcase.schemas import Assessment, CheckOutcome, Measurement, UseCase
 
 HOME = Path(".trustcase")  # under the working directory: the default local store
 
@@ -21,8 +24,6 @@ def default_tracking_uri() -> str:
 
 def configure(tracking_uri: str | None) -> str:
     """Point MLflow at the given store, or at the local SQLite store under the working directory."""
-    import os
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -64,29 +65,107 @@ def metric_key(m: Measurement) -> str:
     return _key("/".join(parts + [m.metric]))
 
 
-def log_measurements(client: MlflowClient, run_id: str, assessment: Assessment) -> None:
-    """Plain metrics as values; perturbation curves as stepped metrics (step = index on the grid)."""
-    from mlflow.entities import Metric
+class TrackingError(Exception):
+    """The MLflow tracking store could not be written (after MLflow's own retries): names the store."""
 
-    batch, grids = [], {}
-    for o in assessment.outcomes:
-        for m in o.measurements:
+
+@contextmanager
+def _store(action: str):
+    """MLflow failures as one clear line naming the store; MLflow has already retried (with back-off)."""
+    try:
+        yield
+    except (MlflowException, OSError) as e:
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise TrackingError(f"could not {action} in the MLflow tracking store {mlflow.get_tracking_uri()} "
+                            f"(MLFLOW_TRACKING_URI): {detail}") from e
+
+
+class AssessmentRun:
+    """The MLflow run of one assessment, open exactly as long as the assessment.
+
+    RUNNING from the start (tagged with the use case, then the model and data hashes as they are known),
+    each check's metrics logged as the check finishes, and `verdict` / `complete` tagged only by `finish`,
+    after the report, the pack and every artefact are logged: a run cut short (crash, MLflow down, kill)
+    never carries a verdict. A crash or an interruption marks it FAILED / KILLED; a SIGKILL leaves it
+    RUNNING, still without a verdict.
+    """
+
+    def __init__(self, use_case: UseCase, tags: dict[str, str], params: dict[str, str]):
+        self.client = MlflowClient()
+        with _store("create the assessment run"):
+            exp_id = experiment(use_case)
+            run = self.client.create_run(exp_id, run_name=f"assess {use_case.id}",
+                                         tags={"use_case": use_case.id, **tags})
+            self.id = run.info.run_id
+            self.artifact_uri = run.info.artifact_uri
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow's log_batch limit is 100 params
+                self.client.log_batch(self.id, params=items[i:i + 100])
+
+    def tag(self, tags: dict[str, str]) -> None:
+        if "verdict" in tags or "complete" in tags:
+            raise ValueError("the verdict is tagged by finish(), once everything is logged")
+        with _store("tag the assessment run"):
+            self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_outcome(self, outcome: CheckOutcome) -> None:
+        """One check's measurements: plain metrics as values, perturbation curves as stepped metrics (step =
+        index on the amplitude grid, with the grid itself as `<check>/<perturbation>/amplitude`)."""
+        batch, grids = [], {}
+        for m in outcome.measurements:
             if m.value is None or m.value != m.value:  # undefined (e.g. empty class)
                 continue
             step = 0
             if m.scope.perturbation is not None:
-                grid = grids.setdefault((o.check, m.scope.perturbation.name), sorted(
-                    {x.amplitude for x in o.measurements if x.scope.perturbation
+                grid = grids.setdefault(m.scope.perturbation.name, sorted(
+                    {x.amplitude for x in outcome.measurements if x.scope.perturbation
                      and x.scope.perturbation.name == m.scope.perturbation.name}))
                 step = grid.index(m.amplitude)
             batch.append(Metric(metric_key(m), float(m.value), 0, step))
-    for (check, name), grid in grids.items():
-        batch += [Metric(_key(f"{check}/{name}/amplitude"), float(a), 0, i) for i, a in enumerate(grid)]
-    for i in range(0, len(batch), 900):  # MLflow's log_batch limit is 1000 entries
-        client.log_batch(run_id, metrics=batch[i:i + 900])
-    for e in assessment.evidence:
-        if e.claim_id and e.value is not None:
-            client.log_metric(run_id, _key(f"claim/{e.claim_id}"), float(e.value))
+        for name, grid in grids.items():
+            batch += [Metric(_key(f"{outcome.check}/{name}/amplitude"), float(a), 0, i) for i, a in enumerate(grid)]
+        with _store(f"log the metrics of {outcome.check}"):
+            for i in range(0, len(batch), 900):  # MLflow's log_batch limit is 1000 entries
+                self.client.log_batch(self.id, metrics=batch[i:i + 900])
+
+    def log_artefacts(self, out: Path, files: dict[str, str]) -> None:
+        """The record, the report, the pack, the plots and the checks' artefacts (runtime monitors...)."""
+        with _store("log the artefacts"):
+            for name in ("assessment.json", "evidence.json", "use_case.yaml"):
+                self.client.log_artifact(self.id, str(out / name))
+            for name, path in files.items():
+                if name != "plots":
+                    self.client.log_artifact(self.id, path)
+            for folder in ("plots", "checks"):
+                if (out / folder).is_dir():
+                    self.client.log_artifacts(self.id, str(out / folder), folder)
+
+    def finish(self, assessment: Assessment) -> None:
+        """Claims as metrics, then the verdict tags, then FINISHED (FAILED when a check failed): the last
+        writes of the assessment, so a `verdict` tag means the report and the pack are in the run."""
+        claims = [Metric(_key(f"claim/{e.claim_id}"), float(e.value), 0, 0)
+                  for e in assessment.evidence if e.claim_id and e.value is not None and e.value == e.value]
+        with _store("close the assessment run"):
+            self.client.log_batch(self.id, metrics=claims, tags=[
+                RunTag("complete", str(assessment.complete)), RunTag("verdict", assessment.verdict.value)])
+            self.client.set_terminated(self.id, "FINISHED" if assessment.complete else "FAILED")
+
+    def abandon(self, error: BaseException) -> None:
+        """After a crash or an interruption: FAILED or KILLED, no verdict, the error's type as a tag (its
+        message may name confidential paths). Best effort with a single quick try: the store may be the very
+        thing that failed, and the original error is the one to report."""
+        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        try:
+            self.client.log_batch(self.id, tags=[RunTag("error", type(error).__name__)])
+            self.client.set_terminated(self.id, "FAILED" if isinstance(error, Exception) else "KILLED")
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 def flatten(prefix: str, obj, out: dict) -> dict:
