@@ -7,10 +7,9 @@ import hashlib
 from collections import Counter
 
 import numpy as np
-from scipy import stats
 
 from trustcase.checks import Check, Context, Params
-from trustcase.data.quality import near_pairs, perceptual_hash
+from trustcase.data.quality import distributions, duplicates, odd_coverage, perceptual_hash
 from trustcase.data.streaming import DataError
 from trustcase.measurement import proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
@@ -98,10 +97,13 @@ class DataQuality(Check):
                 props[k].append(np.concatenate(role_props[k]) if role_props[k] else np.empty(0))
             summary["splits"][role] = {"items": n, "class_counts": dict(zip(names, counts.tolist()))}
 
-        self._duplicates(out, split_of, np.array(xhash, np.uint64),
-                         np.concatenate(phash) if phash else np.empty(0, np.uint64), p)
-        summary["properties"] = self._distributions(out, ctx.data.roles, props, p)
-        summary["odd_coverage"] = self._coverage(out, ctx, props, meta_values)
+        out += duplicates(self.name, split_of, np.array(xhash, np.uint64),
+                          np.concatenate(phash) if phash else np.empty(0, np.uint64), p.near_duplicate_distance)
+        ms, summary["properties"] = distributions(self.name, ctx.data.roles, props, p.histogram_bins)
+        out += ms
+        ms, summary["odd_coverage"] = odd_coverage(self.name, uc.odd.descriptors, ctx.data.roles, props, meta_values,
+                                                   uc.plan.confidence)
+        out += ms
         summary["data_sha256"] = data_hash.hexdigest()
         return CheckOutcome(
             check=self.name, measurements=out, summary=summary,
@@ -109,86 +111,3 @@ class DataQuality(Check):
                       "drift: two-sample Kolmogorov-Smirnov test of each image property against the train split"],
             limitations=[] if "train" in ctx.data.roles else ["no train split: leakage and drift not tested"],
         )
-
-    def _duplicates(self, out, split_of, exact, near, p):
-        roles = np.array(split_of)
-        if len(roles) == 0:
-            return
-
-        def groups(pairs):
-            per_split, leak = Counter(), Counter()
-            for a, b in pairs:
-                ra, rb = roles[a], roles[b]
-                if ra == rb:
-                    per_split[ra] += 1
-                else:  # the item outside the training split is the leaked one
-                    other = rb if ra == "train" else ra
-                    leak[other] += 1
-            return per_split, leak
-
-        order = np.argsort(exact, kind="stable")
-        same = np.flatnonzero(exact[order][1:] == exact[order][:-1])
-        exact_pairs = np.stack([order[same], order[same + 1]], axis=1)
-        e_in, e_leak = groups(exact_pairs)
-        n_in, n_leak = groups(near_pairs(near, p.near_duplicate_distance))
-        for role in dict.fromkeys(split_of):
-            total = int((roles == role).sum())
-            out.append(Measurement(check=self.name, metric="duplicates", value=e_in[role], n=total,
-                                   scope=Scope(split=role)))
-            out.append(Measurement(check=self.name, metric="near_duplicates", value=n_in[role], n=total,
-                                   scope=Scope(split=role)))
-            if role != "train":
-                out.append(Measurement(check=self.name, metric="leakage", value=max(e_leak[role], n_leak[role]),
-                                       n=total, scope=Scope(split=role),
-                                       details={"exact": e_leak[role], "near": n_leak[role]}))
-
-    def _distributions(self, out, roles, props, p):
-        hist = {}
-        for k, per_split in props.items():
-            per_split = [v[np.isfinite(v)] for v in per_split]  # a NaN pixel has no brightness: counted above
-            allv = np.concatenate(per_split)
-            if allv.size == 0:
-                continue
-            edges = np.histogram_bin_edges(allv, bins=p.histogram_bins)
-            hist[k] = {"edges": edges.tolist()}
-            ref = per_split[roles.index("train")] if "train" in roles else None
-            for role, v in zip(roles, per_split):
-                hist[k][role] = np.histogram(v, bins=edges)[0].tolist()
-                q = np.quantile(v, [0.01, 0.5, 0.99]).tolist() if v.size else [np.nan] * 3
-                out.append(Measurement(check=self.name, metric=f"mean:{k}", value=float(v.mean()) if v.size else 0.0,
-                                       n=int(v.size), scope=Scope(split=role),
-                                       details={"std": float(v.std()) if v.size else 0.0, "q01_q50_q99": q}))
-                if ref is not None and role != "train" and v.size and ref.size:
-                    ks = stats.ks_2samp(ref, v)
-                    out.append(Measurement(check=self.name, metric=f"drift_pvalue:{k}", value=float(ks.pvalue),
-                                           n=int(v.size), scope=Scope(split=role),
-                                           details={"ks_statistic": float(ks.statistic), "against": "train"}))
-        return hist
-
-    def _coverage(self, out, ctx, props, meta_values):
-        cov = {}
-        roles = ctx.data.roles
-        for d in ctx.use_case.odd.descriptors:
-            if d.categorical and d.source == "metadata":
-                for role in roles:
-                    counts = meta_values.get(f"{role}/{d.name}", Counter())
-                    total = sum(counts.values())
-                    inside = sum(counts[v] for v in d.values or [])
-                    missing = [v for v in d.values or [] if counts[v] == 0]
-                    cov.setdefault(d.name, {})[role] = dict(counts)
-                    out.append(Measurement(check=self.name, metric=f"odd_coverage:{d.name}",
-                                           value=inside / total if total else 0.0, n=total, scope=Scope(split=role),
-                                           details={"counts": dict(counts), "values_without_data": missing}))
-            elif d.source in ("image", "feature") and d.name in props:
-                for role, v in zip(roles, props[d.name]):
-                    lo = -np.inf if d.min is None else d.min
-                    hi = np.inf if d.max is None else d.max
-                    inside = int(((v >= lo) & (v <= hi)).sum())
-                    cov.setdefault(d.name, {})[role] = {"inside": inside, "total": int(v.size)}
-                    out.append(Measurement(check=self.name, metric=f"odd_coverage:{d.name}",
-                                           value=inside / v.size if v.size else 0.0, n=int(v.size),
-                                           scope=Scope(split=role),
-                                           details={"range": [d.min, d.max],
-                                                    "observed": [float(v.min()), float(v.max())] if v.size else []}))
-        return cov
-
