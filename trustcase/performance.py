@@ -42,6 +42,13 @@ def rates(cm: np.ndarray, use_case: UseCase, scope: Scope, check: str, confidenc
     return out
 
 
+def rate_metrics(use_case: UseCase) -> list[str]:
+    """The names `rates` emits for this use case (what a check built on `Tally` declares it produces)."""
+    names = use_case.model.class_names
+    return (["accuracy", *(f"{f}:{c}" for c in names for f in ("recall", "precision")),
+             f"false_negative_rate:{use_case.model.critical_class}"] + (["cost"] if use_case.plan.cost_matrix else []))
+
+
 class Tally:
     """Streaming confusion matrices (overall and per categorical ODD value) and calibration bins."""
 

@@ -7,6 +7,7 @@ needs batch by batch and returns a `CheckOutcome`. It never logs anywhere: flows
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import time
 from dataclasses import dataclass
@@ -19,9 +20,28 @@ from trustcase.data.streaming import DataSource
 from trustcase.errors import CheckError, Unsupported
 from trustcase.models.classifier import Classifier
 from trustcase.registry import Registry, RegistryError
-from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, Stage, UseCase
+from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, Requirement, Stage, UseCase
 
-__all__ = ["REGISTRY", "Check", "CheckError", "Context", "Params", "Unsupported", "build", "build_plan", "check_class"]
+__all__ = ["REGISTRY", "Check", "CheckError", "Context", "Params", "Produces", "Unsupported", "build", "build_plan",
+           "check_class"]
+
+
+@dataclass(frozen=True)
+class Produces:
+    """Measurements a check will emit, declared before it runs, so the preflight can tell a claim that nothing
+    measures. `metric` and `split` are shell patterns ("recall:*", "*" for every split); `perturbation` names
+    the perturbation scope ("*": any, None: unperturbed); `subgroups`: also per categorical metadata value."""
+
+    metric: str
+    split: str = "*"
+    perturbation: str | None = None
+    subgroups: bool = False
+
+    def covers(self, r: Requirement) -> bool:
+        p = r.scope.perturbation
+        return (fnmatch.fnmatchcase(r.metric, self.metric) and fnmatch.fnmatchcase(r.scope.split, self.split)
+                and (self.perturbation == "*" or (p.name if p else None) == self.perturbation)
+                and (self.subgroups or not r.scope.subgroup))
 
 
 
@@ -65,6 +85,11 @@ class Check:
     def shards(self) -> list[Check]:
         """Independent parts for fan-out (e.g. one per perturbation). Default: the whole check."""
         return [self]
+
+    @classmethod
+    def produces(cls, params: Params, use_case: UseCase) -> list[Produces] | None:
+        """What this check measures with these params; None: not declared (the preflight cannot tell)."""
+        return None
 
     @property
     def key(self) -> str:

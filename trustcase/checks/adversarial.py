@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from trustcase.checks import Check, Context, Params
+from trustcase.checks import Check, Context, Params, Produces
 from trustcase.measurement import proportion
 from trustcase.performance import Tally
 from trustcase.robustness.attacks import (
@@ -79,6 +79,14 @@ class Adversarial(Check):
     Params = AdversarialParams
     needs_gradients = True
     stage = Stage.TESTING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        from trustcase.performance import rate_metrics
+
+        out = [Produces(m, params.split, a, subgroups=True) for a in params.attacks
+               for m in [*rate_metrics(use_case), "adversarial_accuracy", "attack_success_rate"]]
+        return out + [Produces(f"adversarial_distance_*.{a}", params.split) for a in params.attacks if params.distance]
 
     def shards(self) -> list[Check]:
         p: AdversarialParams = self.params

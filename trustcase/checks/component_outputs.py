@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, field_validator
 
-from trustcase.checks import Check, Context, Params, Unsupported
+from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import proportion
 from trustcase.models.blackbox import BlackBox, _meta_rows, auroc, deletion_drops
 from trustcase.robustness import perturbations as P
@@ -42,6 +42,14 @@ class ComponentOutputs(Check):
     name = "component_outputs"
     Params = ComponentParams
     stage = Stage.TESTING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        names = use_case.model.class_names
+        clean = ["abstention_rate", "answered_accuracy", f"undetected_rate:{use_case.model.critical_class}",
+                 *(f"abstention_rate:{c}" for c in names), "ood_alarm_rate", "explanation_deletion_gain"]
+        return [Produces(m, params.split) for m in clean] + [
+            Produces(m, params.split, k) for k in params.ood_perturbations for m in ("ood_detection_rate", "ood_auroc")]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: ComponentParams = self.params

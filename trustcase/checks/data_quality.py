@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from trustcase.checks import Check, Context, Params
+from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.quality import distributions, duplicates, odd_coverage, perceptual_hash
 from trustcase.data.streaming import DataError
 from trustcase.measurement import proportion
@@ -27,6 +27,12 @@ class DataQuality(Check):
     name = "data_quality"
     Params = DataQualityParams
     stage = Stage.DATA
+
+    @classmethod
+    def produces(cls, params, use_case):
+        per_split = ["items", "unreadable", "non_finite", "constant_images", "out_of_range", "class_share:*",
+                     "imbalance_ratio", "duplicates", "near_duplicates", "leakage", "mean:*", "drift_pvalue:*"]
+        return [Produces(m) for m in per_split] + [Produces(f"odd_coverage:{d.name}") for d in use_case.odd.descriptors]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: DataQualityParams = self.params

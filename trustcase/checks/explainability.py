@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
 from trustcase.explain.quality import (
     Region,
@@ -111,6 +111,13 @@ class Explainability(Check):
     name = "explainability"
     Params = ExplainabilityParams
     stage = Stage.TESTING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        families = ["deletion_auc", "insertion_auc", "faithfulness", "infidelity", "sensitivity_max",
+                    "sanity_rank_correlation"] + (["relevance_mass", "pointing_game"] if params.region else [])
+        return [Produces("recommended_methods", params.split), Produces("ig_convergence_delta", params.split)] + [
+            Produces(f"{f}:{m}", params.split) for f in families for m in params.methods]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: ExplainabilityParams = self.params

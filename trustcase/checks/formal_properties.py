@@ -11,7 +11,7 @@ from pydantic import field_validator
 from trustcase.certification import bounds as B
 from trustcase.certification.properties import check_property, expand
 from trustcase.certification.vnnlib import read_vnnlib
-from trustcase.checks import Check, Context, Params
+from trustcase.checks import Check, Context, Params, Produces
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
@@ -46,6 +46,10 @@ class FormalProperties(Check):
     name = "formal_properties"
     Params = FormalParams
     stage = Stage.FORMAL
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return [Produces(m, params.split) for m in ("property_holds.*", "properties_holding", "properties_violated")]
 
     def shards(self) -> list[Check]:
         p: FormalParams = self.params

@@ -10,7 +10,7 @@ import torch
 from pydantic import field_validator
 
 from trustcase.certification.lipschitz import LipschitzError, analyse, certified_radii, empirical_lower_bound
-from trustcase.checks import Check, Context, Params, Unsupported
+from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import accuracy_curve, radius_grid, write_items
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
@@ -38,6 +38,12 @@ class Lipschitz(Check):
     name = "lipschitz"
     Params = LipschitzParams
     stage = Stage.FORMAL
+
+    @classmethod
+    def produces(cls, params, use_case):
+        clean = ["lipschitz_upper_bound", "lipschitz_lower_bound", "lipschitz_tightness", "lipschitz_median_radius"]
+        return [Produces(m, params.split) for m in clean] + [
+            Produces("lipschitz_certified_accuracy", params.split, "l2_radius")]
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from trustcase.certification import bounds as B
 from trustcase.certification.local_robustness import VERDICTS, change_property, verify_ball
 from trustcase.certification.properties import single_thread
-from trustcase.checks import Check, Context, Params, Unsupported
+from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import clopper_pearson
 from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
 
@@ -36,6 +36,11 @@ class LocalRobustness(Check):
     name = "local_robustness"
     Params = LocalRobustnessParams
     stage = Stage.FORMAL
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return [Produces(m, params.split, "linf_radius") for m in
+                ("local_robustness_verified", "local_robustness_falsified")]
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from trustcase.checks import Check, CheckError, Context, Params
+from trustcase.checks import Check, CheckError, Context, Params, Produces
 from trustcase.measurement import clopper_pearson, proportion
 from trustcase.models.classifier import sha256_file
 from trustcase.odd import monitor as odd
@@ -91,6 +91,15 @@ class OddMonitor(Check):
     name = "odd_monitor"
     Params = OddParams
     stage = Stage.DEPLOYMENT
+
+    @classmethod
+    def produces(cls, params, use_case):
+        clean = ["false_alarm_rate", "alert_rate", "odd_share", "accuracy_accepted", "accuracy_stopped",
+                 "detection_rate", "detection_rate_alert", "auroc:*", "fpr_at_95tpr:*"]
+        perturbed = ["stop_rate", "alert_rate", "accuracy", "accuracy_accepted", "accuracy_stopped", "detection_rate"]
+        keys = list(params.perturbations) if params.perturbations is not None else ["*"]
+        return [Produces(m, params.split) for m in clean] + [
+            Produces(m, params.split, k) for k in keys for m in perturbed]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: OddParams = self.params

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from trustcase.checks import Check, Context, Params
-from trustcase.performance import Tally
+from trustcase.checks import Check, Context, Params, Produces
+from trustcase.performance import Tally, rate_metrics
 from trustcase.schemas import CheckOutcome, Stage
 
 
@@ -19,6 +19,10 @@ class Performance(Check):
     name = "performance"
     Params = PerformanceParams
     stage = Stage.LEARNING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return [Produces(m, params.split, subgroups=True) for m in [*rate_metrics(use_case), "ece"]]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: PerformanceParams = self.params

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
-from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.measurement import proportion
-from trustcase.performance import Tally
+from trustcase.performance import Tally, rate_metrics
 from trustcase.robustness import perturbations as P
 from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
 from trustcase.schemas import (
@@ -66,6 +66,11 @@ class PerturbationSweep(Check):
     name = "perturbation_sweep"
     Params = SweepParams
     stage = Stage.TESTING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return [Produces(m, params.split, key, subgroups=True)
+                for key in params.perturbations for m in [*rate_metrics(use_case), "flip_rate"]]
 
     def shards(self) -> list[Check]:
         p: SweepParams = self.params

@@ -7,7 +7,7 @@ import numpy as np
 from pydantic import field_validator, model_validator
 
 from trustcase.certification.smoothing import ABSTAIN, certify, predict, training_noise
-from trustcase.checks import Check, Context, Params
+from trustcase.checks import Check, Context, Params, Produces
 from trustcase.measurement import accuracy_curve, proportion, radius_grid, write_items
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
@@ -52,6 +52,12 @@ class RandomizedSmoothing(Check):
     name = "randomized_smoothing"
     Params = SmoothingParams
     stage = Stage.FORMAL
+
+    @classmethod
+    def produces(cls, params, use_case):
+        clean = ["smoothing_abstain_rate", "smoothing_accuracy", "smoothing_median_radius"]
+        return [Produces(m, params.split) for m in clean] + [
+            Produces("smoothing_certified_accuracy", params.split, "l2_radius")]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: SmoothingParams = self.params

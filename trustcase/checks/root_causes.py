@@ -11,7 +11,7 @@ import torch
 from captum.attr import LayerAttribution
 from pydantic import Field
 
-from trustcase.checks import Check, CheckError, Context, Params, Unsupported
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import Relevance, balanced_selection, cluster, describe, nearest_clusters
 from trustcase.odd.descriptors import DESCRIPTORS, Views
@@ -39,6 +39,11 @@ class RootCauses(Check):
     name = "root_causes"
     Params = RootCausesParams
     stage = Stage.TESTING
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return [Produces(m, params.split) for m in
+                ("errors", "root_cause_clusters", "largest_root_cause_share", "unsafe_set_size")]
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:
