@@ -124,6 +124,6 @@ def probe(clf: Classifier) -> None:
     except ModelError:
         raise
     except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
         raise ModelError(f"model does not accept input of shape {clf.spec.input_shape}: {type(e).__name__}: {first}") \
             from None

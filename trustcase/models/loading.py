@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,17 @@ FILE_FORMATS: dict[str, Callable[[ModelSpec], Classifier]] = {
 BLACK_BOXES: dict[str, Callable[[ModelSpec], Classifier]] = {"python": load_black_box, "challenge": load_black_box}
 
 
+def load_failure(e: Exception) -> str:
+    """torch's message in plain words: no colour codes, and for a pickle, the global it would have had to run."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"the file is a pickle that needs the Python global {refused.group(1)}; trustcase does not unpickle "
+                "an untrusted file (save the weights with torch.save(model.state_dict()) or export TorchScript, "
+                "or set model.allow_pickle: true only if you trust this file)")
+    return f"{type(e).__name__}: {' '.join(text.split())}"
+
+
 def load_classifier(spec: ModelSpec) -> Classifier:
     """The model of a use case, probed with one input of its declared contract before anything else runs."""
     if spec.format in BLACK_BOXES:
@@ -52,8 +64,6 @@ def load_classifier(spec: ModelSpec) -> Classifier:
         except ModelError:
             raise
         except Exception as e:  # torch raises many types for a bad file; name the file and the cause
-            hint = " (set model.allow_pickle: true only if you trust this file)" if "weights_only" in str(e) else ""
-            raise ModelError(f"cannot load {spec.format} model {path}: {type(e).__name__}: {str(e)[:300]}{hint}") \
-                from None
+            raise ModelError(f"cannot load {spec.format} model {path}: {load_failure(e)}") from None
     probe(clf)
     return clf
