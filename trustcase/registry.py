@@ -59,5 +59,8 @@ class Registry(Mapping[str, type]):
                 raise RegistryError(f"cannot import module {module!r} of {name!r}: {e}") from None
             except AttributeError:
                 raise RegistryError(f"module {module!r} has no attribute {attr!r} (from {name!r})") from None
+            except Exception as e:  # a partner's module runs code at import: what it raises is theirs
+                raise RegistryError(f"importing module {module!r} of {name!r} raised {type(e).__name__}: {e}") \
+                    from None
             return self._checked(cls, repr(name))
         raise RegistryError(f"unknown {self.what} {name!r}; known: {sorted(self)} or 'module:Class'")

@@ -120,6 +120,12 @@ def _line(root: yaml.Node | None, loc: tuple) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
 
+def locator(text: str):
+    """loc -> line in `text` (a file `parse_use_case` accepted), for the problems found after the schema."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    return lambda loc: _line(root, tuple(loc))
+
+
 def load_use_case(path: str | Path) -> UseCase:
     path = Path(path)
     try:
