@@ -102,8 +102,8 @@ def test_integrated_gradients_on_a_linear_model_is_exact():
 def test_attributions_concentrate_where_the_model_looks(method):
     net = net_of(region_model())
     x = images(4, seed=3)
-    options = {"occlusion": {"window": 2, "stride": 2}, "lime": {"samples": 300, "cells": 4},
-               "kernel_shap": {"samples": 300, "cells": 4}}.get(method)
+    options = {"occlusion": {"window": 2, "stride": 2}, "lime": {"samples": 300, "cells": 4, "segments": "grid"},
+               "kernel_shap": {"samples": 300, "cells": 4, "segments": "grid"}}.get(method)
     heat = np.abs(A.attribute(net, method, x, 1, baseline=0.0, seed=0, options=options).heatmap())
     mask = np.zeros((4, SIDE, SIDE), bool)
     mask[:, BOX[0], BOX[1]] = True

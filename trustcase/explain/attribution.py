@@ -3,19 +3,32 @@
     net = Network(classifier)                    # once per model
     a = attribute(net, "integrated_gradients", x, target, baseline=0.0, seed=0, options={"n_steps": 32})
     a.maps  # (B, C, H, W) or (B, 1, H, W) in the model's normalised input space; a.heatmap() -> (B, H, W)
+    attribute(net, "lrp", x, Neuron("8", channel=3))  # an internal unit instead of a class
 
-Methods (registry `METHODS`, by name):
+Methods (registry `METHODS`, by name; each one class and one entry point):
 
-| name | captum | gradients | notes |
+| name | on | gradients | notes |
 |---|---|---|---|
 | saliency | Saliency | yes | abs of the gradient of the target logit |
+| input_x_gradient | InputXGradient | yes | gradient x input |
 | integrated_gradients | IntegratedGradients | yes | also returns the convergence delta (completeness) |
-| smoothgrad | NoiseTunnel(Saliency) | yes | noise level as a fraction of the input range |
-| grad_cam | LayerGradCam | yes | last Conv2d by default, or `layer: <name>`; upsampled to the input |
+| smoothgrad, smoothgrad_squared, vargrad | NoiseTunnel(Saliency) | yes | noise level as a fraction of the input range |
+| guided_backprop, deconvolution | GuidedBackprop, Deconvolution | yes | ReLU rules of the backward pass |
+| deep_lift, deep_lift_shap | DeepLift, DeepLiftShap | yes | rescale rule; shap: references = baseline + noise |
+| lrp | LRP | yes | epsilon, gamma, z-plus or composite per layer type; Flatten+Linear merged |
+| grad_cam, guided_grad_cam | LayerGradCam, GuidedGradCam | yes | last Conv2d by default, or `layer: <name>` |
+| grad_cam_pp | (Chattopadhay 2018) | yes | closed-form alpha weights |
+| score_cam | (Wang 2020) | activations | channel maps as input masks |
+| cam | (Zhou 2016) | weights | global-average-pooling networks only |
 | occlusion | Occlusion | no | sliding window replaced by the baseline |
 | rise | (RISE, Petsiuk 2018) | no | random low-resolution masks, probability-weighted |
-| lime | Lime | no | grid superpixels, closed-form weighted ridge (no sklearn) |
-| kernel_shap | KernelShap | no | grid superpixels, closed-form weighted least squares |
+| sobol | (Fel 2021) | no | total Sobol indices of grid masks, scrambled Sobol QMC designs |
+| lime, kernel_shap | Lime, KernelShap | no | SLIC / quickshift superpixels (scikit-image) or a grid; closed-form fits |
+
+A target is a class (per item or one for all) or a `Neuron` (a channel of a named layer, or one of its
+activations): `Network.focus` turns it into a one-output network (a sequential model is cut after the
+layer), so every method explains it the same way. Unknown layers, channels, positions and classes are
+errors that list the valid ones; a method that cannot run on a model raises `Unsupported` with the reason.
 
 Methods without gradients need only predictions, so they also explain black boxes (ONNX). Every
 method evaluates the model in chunks bounded by `MAX_EVAL_ELEMENTS` input values (captum's internal
@@ -339,7 +352,7 @@ def attribute(net: Network, method: str | Method, x: torch.Tensor, target: torch
                          f"{dict(enumerate(net.model.spec.class_names))}")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(did not already require gradients|multiple inputs for Lime"
-                                                  "|Setting backward hooks on ReLU)")
+                                                  "|Setting (forward, )?backward hooks)")
         torch.manual_seed(seed)
         out = m.attribute(x.detach().float(), target.long(), baseline)
     return Attribution(out.maps.detach(), None if out.delta is None else out.delta.detach())
@@ -794,7 +807,10 @@ class _Surrogate(Method):
         o = self.options
         if o.segments == "grid":
             return grid_segments(x.shape[2], x.shape[3], o.cells).expand(len(x), 1, -1, -1)
-        return superpixels(x, o.segments, o.superpixels, o.compactness)
+        segs = superpixels(x, o.segments, o.superpixels, o.compactness)
+        flat = segs.flatten(1).amax(dim=1) < 2  # fewer than 3 superpixels (e.g. pure noise): the grid instead
+        segs[flat] = grid_segments(x.shape[2], x.shape[3], o.cells)[0]
+        return segs
 
     def attribute(self, x, target, baseline):
         o = self.options
