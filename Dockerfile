@@ -6,6 +6,8 @@
 #   docker run -d --name trustcase-watch --network trustcase -e PREFECT_API_URL=http://prefect:4200/api \
 #       -e MLFLOW_TRACKING_URI=http://mlflow:5000 -v /srv/cases/welding:/case:ro -v /srv/trustcase:/work \
 #       trustcase watch /case/use_case.yaml --cron "0 2 * * *" --out /work/out
+#   docker run --rm -p 127.0.0.1:8765:8765 -v /srv/cases/welding:/case:ro -v /srv/trustcase:/work trustcase \
+#       explore /case/use_case.yaml --host 0.0.0.0 --token "$SECRET" --tracking-uri sqlite:////work/mlflow.db
 # (docs/deployment.md has the whole set-up: Prefect server and MLflow tracking server on PostgreSQL.)
 FROM python:3.11-slim-bookworm
 
@@ -42,5 +44,7 @@ RUN useradd --create-home --uid 10001 trustcase && mkdir -p /work && chown trust
 USER trustcase
 WORKDIR /work
 ENV PREFECT_HOME=/work/.prefect
+# `trustcase explore` (the web lab) listens here
+EXPOSE 8765
 ENTRYPOINT ["trustcase"]
 CMD ["--help"]

@@ -2,12 +2,12 @@
 # Idempotent set-up on a fresh machine: Debian packages, a Python 3.11 venv, torch 2.13.0 (CPU),
 # every other dependency from the verified constraints file, and trustcase itself (editable).
 #   scripts/setup.sh          what `make demo` needs
-#   scripts/setup.sh --test   plus what the tests need (Chromium, poppler)
+#   scripts/setup.sh --test   plus what the tests need (Chromium and its WebDriver, poppler)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want=(graphviz libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core)
-[ "${1:-}" = "--test" ] && want+=(poppler-utils chromium)
+[ "${1:-}" = "--test" ] && want+=(poppler-utils chromium chromium-driver)
 missing=()
 for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

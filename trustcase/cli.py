@@ -50,34 +50,45 @@ def _escape(text: str) -> str:
 
 
 @app.command()
-def validate(path: Path = typer.Argument(..., help="use-case YAML file")) -> None:
-    """Check a use-case file and its plan; print every problem with its line."""
-    from trustcase.checks import CheckError, build_plan
-    from trustcase.schemas import UseCaseError, load_use_case
+def validate(
+    path: Path = typer.Argument(..., help="use-case YAML file"),
+    seed: int = typer.Option(None, "--seed", help="overrides plan.seed (the capped subset of each split)"),
+) -> None:
+    """Check a use case as `assess` will before any work: the file, its plan and claims, the model, the loaders
+    and the first item of each split; print every problem with its line."""
+    from trustcase.flows.preflight import preflight
+    from trustcase.schemas import UseCaseError
 
     try:
-        uc = load_use_case(path)
-        build_plan(uc)
+        with console.status("Checking the use case, model and data…"):
+            uc = preflight(path, seed)
     except UseCaseError as e:
-        console.print(f"[bold red]{_escape(str(path))} is invalid[/] ({len(e.problems)} problem(s)):")
-        for p in e.problems:
-            console.print(f"  {_escape(str(p))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
-    except CheckError as e:
-        console.print(f"[bold red]{_escape(str(path))}: invalid plan[/]\n{_escape(str(e))}")
-        raise typer.Exit(EXIT_INVALID) from None
+        _invalid(path, e)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
     out_console.print(f"[green]valid[/]: {uc.id} ({len(uc.requirements)} requirements, {len(uc.plan.checks)} checks)")
+
+
+def _invalid(path: Path, e: Exception) -> None:
+    """Every problem of a use case, one plain line each, exit 2."""
+    console.print(f"[bold red]{_escape(str(path))} is invalid[/] ({len(e.problems)} problem(s)):", highlight=False)
+    for p in e.problems:
+        console.print(f"  {_escape(str(p))}", highlight=False)
+    raise typer.Exit(EXIT_INVALID)
 
 
 def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed: int | None,
                    runner: str = "thread", dask_address: str | None = None) -> int:
-    from trustcase.flows.assess import preflight
+    from trustcase.flows.preflight import preflight
     from trustcase.flows.runners import RunnerError, run, task_runner
+    from trustcase.schemas import UseCaseError
 
     try:
         with console.status("Checking the use case, model and data…"):
-            uc = preflight(path)
+            uc = preflight(path, seed)  # the same checks as `trustcase validate`
             task_runner(runner, dask_address)  # a Dask scheduler that does not answer fails before any work
+    except UseCaseError as e:
+        _invalid(path, e)
     except RunnerError as e:
         console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
@@ -320,6 +331,44 @@ def check_property_command(
     except Exception as e:  # noqa: BLE001
         _fail(e)
     print(json.dumps({"model": str(model), **result}))
+
+
+@app.command()
+def explore(
+    path: Path = typer.Argument(None, help="use-case YAML file (omit: runs only, no lab)"),
+    port: int = typer.Option(8765, "--port", help="TCP port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address; anything but loopback needs --token"),
+    token: str = typer.Option(None, "--token", help="secret every request must carry (required off loopback)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: SQLite under .trustcase/)"),
+) -> None:
+    """A local web lab: the assessments of the MLflow store, and the use case's model to play with."""
+    import socket
+
+    from trustcase.explore import build, is_loopback
+
+    try:
+        if not is_loopback(host) and not token:
+            raise ValueError(f"--host {host} exposes the lab beyond this machine: give --token SECRET too")
+        if not 0 < port < 65536:
+            raise ValueError(f"--port {port}: expected 1..65535")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    except ValueError as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        with console.status("Loading the model and the store…"):
+            web, note = build(path, tracking_uri, token)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    import uvicorn
+
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"?token={token}" if token else "")
+    out_console.print(f"trustcase explore: {url}  (Ctrl-C stops)" + (f"\n{note}" if note else ""), highlight=False)
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -1,0 +1,534 @@
+"""The lab's science side, with no web in it: one use case's model loaded once, its test split indexed (per-item
+scalars only, images read back one at a time), uploads decoded defensively, and the registered attribution
+methods, perturbations, the ODD monitor and the local-robustness prover run on one image."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trustcase.certification import bounds as B
+from trustcase.certification.local_robustness import change_property, verify_ball
+from trustcase.data.streaming import DataSource
+from trustcase.errors import Unsupported
+from trustcase.explain import attribution as A
+from trustcase.explore.jobs import Job
+from trustcase.models.classifier import sha256_file
+from trustcase.models.loading import load_classifier
+from trustcase.odd import Monitor, MonitorError, SpecificationMonitor
+from trustcase.registry import RegistryError
+from trustcase.robustness.perturbations import PERTURBATIONS, PerturbationError, get, item_seeds
+from trustcase.schemas import UseCase
+
+MAX_UPLOAD_BYTES = 20 << 20
+MAX_UPLOAD_PIXELS = 4096 * 4096  # refused from the header, before any pixel is decoded
+EVAL_CHUNK = 16  # model evaluations between two cancellation points of an attribution
+PROVE_MAX_SECONDS = 120.0
+UPLOADS_KEPT = 32
+
+
+class LabError(Exception):
+    """A request the lab refuses, with the HTTP status and a message that names the problem."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Input:
+    pixels: np.ndarray  # (H, W, C) in the model's pixel space
+    meta: dict[str, str]
+    label: int | None = None
+    name: str = ""
+
+
+class _Watched(A.Network):
+    """The network of one job: its forward evaluates in chunks, counting progress and honouring a cancel."""
+
+    def __init__(self, net: A.Network, job: Job | None):
+        self.__dict__.update(net.__dict__)
+        self.job = job
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for part in x.split(EVAL_CHUNK):
+            if self.job is not None:
+                self.job.step(len(part))
+            outs.append(super().forward(part))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _ChannelMean(nn.Module):
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(2).mean(2) if a.ndim > 2 else a
+
+
+class ChannelOutput(nn.Module):
+    """The mean activation of every channel (or unit) of one layer as the 'logits', read by a hook: any
+    attribution method then explains an internal channel, with the channel index as its target."""
+
+    def __init__(self, module: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.module, self.layer = module, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+
+        def grab(_m, _i, out):
+            seen.append(out)
+            raise _Stop()  # the rest of the network is not needed
+
+        hook = self.layer.register_forward_hook(grab)
+        try:
+            self.module(x)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return _ChannelMean()(seen[0])
+
+
+def channel_network(module: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """A network whose outputs are the channel means of layer `name`. A Sequential is cut after the layer, so
+    layer names stay those of the model and layer methods (Grad-CAM) find their layer below the target."""
+    children = OrderedDict(module.named_children()) if isinstance(module, nn.Sequential) else {}
+    if name in children:
+        keep = list(children)[:list(children).index(name) + 1]
+        return nn.Sequential(OrderedDict([*((k, children[k]) for k in keep), ("channel_mean", _ChannelMean())]))
+    return ChannelOutput(module, layer)
+
+
+class Lab:
+    def __init__(self, use_case: UseCase, monitor_file: Path | None = None, clusters: dict[str, int] | None = None,
+                 role: str = "test"):
+        self.uc = use_case
+        self.model = load_classifier(use_case.model)  # once per process
+        self.net = A.Network(self.model)
+        self.seed = use_case.plan.seed
+        self.data = DataSource(use_case.data, self.seed)
+        self.role = role if role in self.data.roles else self.data.roles[-1]
+        self.clusters = clusters or {}
+        self.monitor, self.monitor_note = self._monitor(monitor_file)
+        self._local = threading.local()
+        self._index: list[dict] | None = None
+        self._index_lock = threading.Lock()
+        self._uploads: OrderedDict[str, Input] = OrderedDict()
+        self._uploads_lock = threading.Lock()
+        self._shared = threading.Lock()  # the shared model: hooks (monitor features, layer probes) are not re-entrant
+        self._layers: list[dict] | None = None
+
+    # --- what the lab offers --------------------------------------------------------------------
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.uc.model.class_names)
+
+    def _monitor(self, path: Path | None) -> tuple[Monitor | None, str]:
+        if self.model.tabular:
+            return None, "no ODD monitor for tabular inputs in the lab"
+        note = ""
+        if path is not None:
+            try:
+                return Monitor.load(path, self.model), "the monitor fitted by the last assessment"
+            except MonitorError as e:
+                note = f"the last assessment's monitor does not fit ({e}); "
+        if self.uc.odd is None or not self.uc.odd.descriptors:
+            return None, note + "the use case declares no ODD descriptor"
+        spec = SpecificationMonitor.from_odd(self.uc.odd.descriptors, self.uc.model.value_range)
+        sha = sha256_file(Path(self.uc.model.path)) if Path(self.uc.model.path).is_file() else ""
+        return (Monitor(spec, None, sha, self.uc.model, model=self.model),
+                note + "the specification monitor of the use case's ODD (no fitted monitor found)")
+
+    def methods(self) -> list[dict]:
+        out = []
+        for name in A.METHODS:
+            try:
+                cls = A.METHODS[name]
+            except Exception as e:  # noqa: BLE001  (a partner's broken entry point is listed, not fatal)
+                out.append({"name": name, "available": False, "why": f"{type(e).__name__}: {e}", "options": []})
+                continue
+            ok = self.net.differentiable or not cls.needs_gradients
+            out.append({"name": name, "available": ok, "why": "" if ok else "needs gradients; the model is a black box",
+                        "options": _fields(cls.Options), "doc": (cls.__doc__ or "").strip().split("\n")[0]})
+        return out
+
+    def perturbations(self) -> list[dict]:
+        out = []
+        for name in PERTURBATIONS:
+            try:
+                cls = PERTURBATIONS[name]
+            except Exception:  # noqa: BLE001
+                continue
+            lo, hi = cls.domain
+            grid = [float(g) for g in cls.grid]
+            top = max(grid) if grid else 1.0
+            out.append({"name": name, "unit": cls.unit, "min": lo, "max": min(hi, top) if math.isfinite(hi) else top,
+                        "step": 1 if cls.integer else top / 50, "integer": cls.integer,
+                        "options": _fields(cls.Options), "doc": (cls.__doc__ or "").strip().split("\n")[0]})
+        return out
+
+    def layers(self) -> list[dict]:
+        """Layers whose channels can be a target: every hookable leaf layer of a differentiable model."""
+        if self._layers is None:
+            out = []
+            probe = torch.zeros(1, *self.model.spec.input_shape)
+            for name, layer in (self.net.layers() if self.net.differentiable else {}).items():
+                try:
+                    with self._shared, torch.no_grad():
+                        n = channel_network(self.net.module, name, layer)(probe).shape[1]
+                except Exception:  # noqa: BLE001  (a layer that cannot be read alone is simply not offered)
+                    continue
+                out.append({"name": name, "kind": A.Network.kind(layer), "channels": int(n)})
+            self._layers = out
+        return self._layers
+
+    # --- the test split -------------------------------------------------------------------------
+
+    def index(self) -> list[dict]:
+        """One row of scalars per readable item of the split, computed once (streamed in batches)."""
+        with self._index_lock:
+            if self._index is None:
+                rows = []
+                stream = self.data.stream(self.role)
+                for batch in stream.batches():
+                    with self._shared:
+                        logits = self.model.logits(batch.images, batch.ids)
+                        d = None if self.monitor is None else self.monitor.evaluate(batch.images, batch.meta)
+                    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+                    states = [None if d is None else d.record(k)["state"] for k in range(len(batch))]
+                    for k in range(len(batch)):
+                        pred = int(probs[k].argmax())
+                        rows.append({"item": len(rows), "position": int(batch.index[k]), "id": batch.ids[k],
+                                     "label": int(batch.labels[k]), "prediction": pred,
+                                     "confidence": round(float(probs[k, pred]), 4),
+                                     "correct": pred == int(batch.labels[k]),
+                                     "meta": {m: v[k] for m, v in batch.meta.items()},
+                                     "decision": states[k], "cluster": self.clusters.get(batch.ids[k])})
+                self._index = rows
+            return self._index
+
+    def items(self, cls: str | None = None, correct: bool | None = None, subgroup: dict[str, str] | None = None,
+              decision: str | None = None, cluster: int | None = None) -> list[dict]:
+        rows = self.index()
+        if cls is not None:
+            rows = [r for r in rows if r["label"] == self.class_index(cls)]
+        if correct is not None:
+            rows = [r for r in rows if r["correct"] == correct]
+        for k, v in (subgroup or {}).items():
+            rows = [r for r in rows if r["meta"].get(k) == v]
+        if decision is not None:
+            rows = [r for r in rows if r["decision"] == decision]
+        if cluster is not None:
+            rows = [r for r in rows if r["cluster"] == cluster]
+        return rows
+
+    def subgroups(self) -> dict[str, list[str]]:
+        values: dict[str, set[str]] = {}
+        for r in self.index():
+            for k, v in r["meta"].items():
+                values.setdefault(k, set()).add(v)
+        return {k: sorted(v) for k, v in values.items()}
+
+    def class_index(self, name: str) -> int:
+        if name in self.classes:
+            return self.classes.index(name)
+        if name.isdigit() and int(name) < len(self.classes):
+            return int(name)
+        raise LabError(f"unknown class {name!r}; classes: {self.classes}")
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def input(self, src: str) -> Input:
+        """'test:<item>' (an item of the split index) or 'upload:<id>'."""
+        kind, _, key = src.partition(":")
+        if kind == "test":
+            rows = self.index()
+            if not key.isdigit() or int(key) >= len(rows):
+                raise LabError(f"no test item {key!r} (the {self.role} split has {len(rows)} readable items)", 404)
+            row = rows[int(key)]
+            item = self.data.stream(self.role).split[row["position"]]
+            x = np.asarray(item.image)
+            return Input(x[..., None] if x.ndim == 2 else x, dict(item.meta), int(item.label), row["id"])
+        if kind == "upload":
+            with self._uploads_lock:
+                if key not in self._uploads:
+                    raise LabError(f"no uploaded image {key!r} (uploads are kept in memory, the last "
+                                   f"{UPLOADS_KEPT} only)", 404)
+                return self._uploads[key]
+        raise LabError(f"input {src!r}: expected test:<item> or upload:<id>", 400)
+
+    def upload(self, data: bytes, name: str = "", resize: bool = False) -> str:
+        x = self.decode(data, resize)
+        key = f"{len(data):x}{abs(hash(data)) % (1 << 40):x}"
+        with self._uploads_lock:
+            self._uploads[key] = Input(x, {}, None, name or "upload")
+            self._uploads.move_to_end(key)
+            while len(self._uploads) > UPLOADS_KEPT:
+                self._uploads.popitem(last=False)
+        return key
+
+    def decode(self, data: bytes, resize: bool = False) -> np.ndarray:
+        """An uploaded file as one input in pixel space, or a LabError that says what is wrong with it."""
+        from PIL import Image, UnidentifiedImageError
+
+        if self.model.tabular:
+            raise LabError("the model takes feature vectors, not images", 422)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise LabError(f"file of {len(data)} bytes is larger than the limit of {MAX_UPLOAD_BYTES} bytes", 413)
+        if not data:
+            raise LabError("empty upload: send the bytes of one image file", 400)
+        c, h, w = self.model.spec.input_shape
+        try:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        except (UnidentifiedImageError, OSError):
+            raise LabError("not an image: upload a PNG, JPEG, BMP or TIFF file", 415) from None
+        with im:
+            if im.width * im.height > MAX_UPLOAD_PIXELS:
+                raise LabError(f"image of {im.width}x{im.height} px ({im.width * im.height} pixels) exceeds the "
+                               f"limit of {MAX_UPLOAD_PIXELS} pixels", 413)
+            bands = [b for b in im.getbands() if b != "A"]
+            channels = 3 if im.mode == "P" else len(bands)
+            if channels != c:
+                raise LabError(f"image has {channels} channel(s) ({im.mode}), the model takes {c} "
+                               f"({'grey' if c == 1 else 'RGB'})", 422)
+            if (im.width, im.height) != (w, h) and not resize:
+                raise LabError(f"image is {im.width}x{im.height} px, the model takes {w}x{h}: resample it, or "
+                               "tick 'resize' to resample with area averaging", 422)
+            try:
+                x = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32)
+            except (OSError, ValueError) as e:
+                raise LabError(f"the image cannot be decoded: {e}", 415) from None
+        if x.shape[:2] != (h, w):
+            import cv2
+
+            x = cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA)
+        lo, hi = self.uc.model.value_range
+        x = lo + (hi - lo) * x / 255.0
+        return x[..., None] if x.ndim == 2 else x
+
+    # --- one image through the model -------------------------------------------------------------
+
+    def predict(self, x: np.ndarray) -> list[float]:
+        with self._shared:
+            logits = self.model.logits(x[None].astype(np.float32))
+        return [round(float(p), 6) for p in torch.softmax(torch.from_numpy(logits), 1)[0]]
+
+    def decide(self, x: np.ndarray, meta: dict[str, str]) -> dict | None:
+        if self.monitor is None:
+            return None
+        with self._shared:
+            d = self.monitor.evaluate(x[None].astype(np.float32), {k: [v] for k, v in meta.items()})
+        return d.record(0)
+
+    def look(self, inp: Input) -> dict:
+        """Prediction with probabilities and the monitor's decision, for one input."""
+        probs = self.predict(inp.pixels)
+        pred = int(np.argmax(probs))
+        return {"prediction": self.classes[pred], "probabilities": dict(zip(self.classes, probs)),
+                "label": None if inp.label is None else self.classes[inp.label], "name": inp.name,
+                "decision": self.decide(inp.pixels, inp.meta)}
+
+    def picture(self, x: np.ndarray) -> bytes:
+        return png(A.to_uint8(x[None], self.uc.model.value_range)[0])
+
+    # --- attribution ----------------------------------------------------------------------------
+
+    def attribution_request(self, method: str, options: dict | None, target: dict,
+                            inp: Input | None = None) -> tuple[A.Options, dict]:
+        """Everything about an attribution request checked before any work starts (4xx otherwise). The default
+        target is the class predicted for `inp`."""
+        try:
+            opts = A.options_for(method, options)
+        except RegistryError as e:
+            raise LabError(str(e), 404) from None
+        except ValueError as e:
+            raise LabError(str(e)) from None
+        kind = target.get("kind", "class")
+        if kind == "class":
+            name = target.get("class")
+            if name is None:
+                name = str(int(np.argmax(self.predict(inp.pixels)))) if inp is not None else "0"
+            t = {"kind": "class", "index": self.class_index(str(name))}
+        elif kind == "channel":
+            layers = {r["name"]: r for r in self.layers()}
+            if not layers:
+                raise LabError("channel targets need the model's internals (a differentiable model with layers)")
+            name = target.get("layer")
+            if name not in layers:
+                raise LabError(f"unknown layer {name!r}; layers: {sorted(layers)}", 404)
+            ch = target.get("channel")
+            if not isinstance(ch, int) or not 0 <= ch < layers[name]["channels"]:
+                raise LabError(f"channel {ch!r} of layer {name!r} does not exist (0..{layers[name]['channels'] - 1})")
+            t = {"kind": "channel", "layer": name, "index": ch}
+        else:
+            raise LabError(f"target kind {kind!r}: expected class or channel")
+        try:
+            A.make(self._aimed(self.net, t), method, opts)  # e.g. an unknown Grad-CAM layer, gradients of a black box
+        except Unsupported as e:
+            raise LabError(str(e)) from None
+        except ValueError as e:
+            raise LabError(str(e), 404 if "does not exist" in str(e) else 422) from None
+        return opts, t
+
+    def _own(self) -> A.Network:
+        """This job thread's own copy of the network: captum's hooks never see another request's forward, and
+        copies are bounded by the job pool's size."""
+        net = getattr(self._local, "net", None)
+        if net is None:
+            net = self.net
+            if self.net.module is not None:
+                net = A.Network(self.model, copy.deepcopy(self.net.module))
+                net.note = self.net.note
+            self._local.net = net
+        return net
+
+    @staticmethod
+    def _aimed(net: A.Network, target: dict) -> A.Network:
+        if target["kind"] == "channel":
+            name = target["layer"]
+            return A.Network(net.model, channel_network(net.module, name, net.layers()[name]))
+        return net
+
+    @staticmethod
+    def expected_evaluations(opts: A.Options) -> float | None:
+        """Model evaluations a method will make, from its options when it says (progress), else unknown."""
+        d = opts.model_dump()
+        for key, extra in (("n_steps", 2), ("samples", 0), ("masks", 0)):
+            if isinstance(d.get(key), int):
+                return float(d[key] + extra)
+        return None
+
+    def baseline(self, kind: str) -> float | torch.Tensor:
+        if kind == "mean":
+            return 0.0  # the normalisation's mean
+        if kind not in ("black", "white"):
+            raise LabError(f"baseline {kind!r}: expected mean, black or white")
+        lo, hi = self.uc.model.value_range
+        c, h, w = self.uc.model.input_shape
+        return self.model.to_input(np.full((1, h, w, c), lo if kind == "black" else hi, np.float32))
+
+    def attribute(self, job: Job | None, inp: Input, method: str, opts: A.Options, target: dict,
+                  baseline: str = "mean") -> dict:
+        t0 = time.perf_counter()
+        net = _Watched(self._aimed(self._own(), target), job)
+        m = A.make(net, method, opts)
+        x = self.model.to_input(inp.pixels[None].astype(np.float32))
+        a = A.attribute(net, m, x, target["index"], self.baseline(baseline), self.seed)
+        heat = a.heatmap()
+        pic = A.overlay(inp.pixels[None], heat, self.uc.model.value_range)[0]
+        out = {"method": method, "options": opts.model_dump(), "target": target, "baseline": baseline,
+               "overlay": data_url(png(pic)), "positive_fraction": round(float((heat > 0).mean()), 4),
+               "seconds": round(time.perf_counter() - t0, 4)}
+        if a.delta is not None:
+            out["convergence_delta"] = float(a.delta.abs().max())
+        return out
+
+    # --- perturbation ---------------------------------------------------------------------------
+
+    def perturb(self, inp: Input, name: str, amplitude: float, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        try:
+            p = get(name, self.uc.model.value_range, **(options or {}))
+            a = p.validate(amplitude)
+            p.check_shape(inp.pixels.shape, [a])
+            x = p.apply(inp.pixels[None].astype(np.float32), a, item_seeds(self.seed, np.zeros(1)))[0]
+        except PerturbationError as e:
+            raise LabError(str(e), 404 if "unknown perturbation" in str(e) else 422) from None
+        look = self.look(Input(x, inp.meta, inp.label, inp.name))
+        return x, {"perturbation": name, "amplitude": a, "unit": p.unit, **look}
+
+    # --- prove it -------------------------------------------------------------------------------
+
+    def prove_request(self, radius: float, timeout: float) -> list[B.Affine]:
+        if not (isinstance(radius, int | float) and math.isfinite(radius) and 0 < radius <= 1):
+            raise LabError(f"radius {radius!r}: expected 0 < r <= 1 (L-inf, input scaled to [0, 1])")
+        if not (isinstance(timeout, int | float) and 0 < timeout <= PROVE_MAX_SECONDS):
+            raise LabError(f"time budget {timeout!r} s: expected 0 < t <= {PROVE_MAX_SECONDS:g}")
+        if self.model.module is None:
+            raise LabError("prove it needs the model's weights; the model is a black box")
+        try:
+            return B.linearise(self.model.module)
+        except B.BoundsError as e:
+            raise Unsupported(f"local robustness cannot be proved on this model yet: {e}") from None
+
+    def prove(self, job: Job | None, inp: Input, radius: float, timeout: float) -> dict:
+        """verified / falsified / unknown for the L-inf ball of `radius` around the input, within `timeout`."""
+        layers = self.prove_request(radius, timeout)
+        shape = list(self.model.spec.input_shape)
+        lo, hi = self.uc.model.value_range
+        x = inp.pixels.astype(np.float64)
+        pred = int(np.argmax(self.predict(inp.pixels)))
+        module = self._own().module
+
+        def forward(z: torch.Tensor) -> torch.Tensor:  # every call is a cancellation point
+            if job is not None:
+                job.step(0)
+            return module(z.reshape(len(z), *shape))
+
+        def model_input(pixels: np.ndarray) -> np.ndarray:
+            return self.model.to_input(pixels[None].astype(np.float32)).reshape(-1).numpy().astype(np.float64)
+
+        eps = radius * (hi - lo)
+        prop = change_property(f"{inp.name}@{radius:g}", model_input(np.clip(x - eps, lo, hi)),
+                               model_input(np.clip(x + eps, lo, hi)), pred, self.model.n_classes)
+        t0 = time.perf_counter()
+        if job is not None:
+            job.total = timeout
+            ticker = threading.Thread(target=_tick, args=(job, t0, timeout), daemon=True)
+            ticker.start()
+        verdict = verify_ball(layers, forward, prop, timeout, self.seed)
+        return {"verdict": verdict, "radius": radius, "prediction": self.classes[pred], "timeout": timeout,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "meaning": {"verified": "no input of the ball changes the prediction (proved)",
+                            "falsified": "an input of the ball changes the prediction (counterexample re-checked)",
+                            "unknown": "neither proved nor falsified within the time budget"}[verdict]}
+
+
+def _tick(job: Job, t0: float, timeout: float) -> None:
+    while job.state in ("queued", "running") and not job.cancelled:
+        job.done = min(time.perf_counter() - t0, timeout)
+        time.sleep(0.1)
+
+
+def _fields(options: type) -> list[dict]:
+    """An Options model as form fields: name, type, default, bounds, choices."""
+    out = []
+    for name, f in options.model_fields.items():
+        schema = options.model_json_schema()["properties"].get(name, {})
+        choices = schema.get("enum")
+        kind = schema.get("type") or ("string" if choices else "any")
+        if "anyOf" in schema:
+            kinds = [s.get("type") for s in schema["anyOf"] if s.get("type") != "null"]
+            kind = kinds[0] if kinds else "string"
+        out.append({"name": name, "type": kind, "default": f.default, "choices": choices,
+                    "min": schema.get("minimum", schema.get("exclusiveMinimum")),
+                    "max": schema.get("maximum", schema.get("exclusiveMaximum")),
+                    "description": f.description or ""})
+    return out
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
