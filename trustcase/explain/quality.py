@@ -126,7 +126,9 @@ def sensitivity_of(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         def fn(inp, target):
-            return explain(inp[0] if isinstance(inp, tuple) else inp, target)
+            # a tuple: captum iterates the unperturbed explanation as a tuple of inputs (a bare tensor
+            # would be read as one input per item, every item compared with the first one's map)
+            return (explain(inp[0] if isinstance(inp, tuple) else inp, target),)
 
         out = sensitivity_max(fn, x, perturb_radius=radius,
                               n_perturb_samples=samples, max_examples_per_batch=max(1, len(x)), target=target)
