@@ -97,7 +97,8 @@ def test_surrogates_recover_the_coefficients_of_an_additive_model(method):
     value of quadrant s is 16 c_s, and captum gives every pixel its segment's value."""
     coef = torch.tensor([2.0, -1.0, 0.5, 3.0])
     x = torch.ones(1, 1, SIDE, SIDE)
-    maps = A.attribute(net_of(Additive(coef)), method, x, 1, seed=0, options={"segments": "grid", "cells": 2, "samples": 300}).maps[0, 0]
+    options = {"segments": "grid", "cells": 2, "samples": 300}
+    maps = A.attribute(net_of(Additive(coef)), method, x, 1, seed=0, options=options).maps[0, 0]
     h = SIDE // 2
     per_segment = torch.stack([maps[:h, :h], maps[:h, h:], maps[h:, :h], maps[h:, h:]]).flatten(1)
     assert float((per_segment - per_segment.mean(1, keepdim=True)).abs().max()) < 1e-3  # constant per segment
