@@ -210,16 +210,21 @@ def test_compactness_prefers_the_structured_layer():
     assert R.compactness(x, truth) < 0.2 < R.compactness(noise, truth)
 
 
-def test_nearest_clusters_and_balanced_selection_are_exact():
-    members = np.array([[0.0, 0], [0, 1], [10, 0], [10, 1]])
-    labels = np.array([0, 0, 1, 1])
-    q = np.array([[0.0, 3], [9, 0], [10, 5], [1, 0]])
-    best, dist = R.nearest_clusters(q, members, labels, 2, chunk=3)
-    assert best.tolist() == [0, 1, 1, 0]
-    assert dist.tolist() == pytest.approx([2.0, 1.0, 4.0, 1.0])
-    cluster_of = np.array([0, 0, 0, 0, 1])
-    distance = np.array([4.0, 1.0, 3.0, 2.0, 9.0])
-    # one cluster has a single candidate: its unused share goes to the other
-    sel = R.balanced_selection(cluster_of, distance, 2, 4)
-    assert sorted(sel.tolist()) == [1, 2, 3, 4]
-    assert R.balanced_selection(cluster_of, distance, 2, 2).tolist() == [1, 4]
+def test_hudd_rule_is_exact():
+    """Reach and single-linkage assignment by hand; an item beyond its nearest cluster's reach is never
+    selected, however large the budget; an equal share per cluster; a short cluster gets bootstrap copies."""
+    members = np.array([[0.0, 0], [0, 1], [0, 3], [10, 0], [10, 2]])
+    labels = np.array([0, 0, 0, 1, 1])
+    radii = R.cluster_radii(members, labels, 2)
+    assert radii.tolist() == [2.0, 2.0]  # member (0, 3) is 2 from its nearest; the pair in cluster 1 is 2 apart
+    q = np.array([[0.0, 4.5], [0, 6], [10, 3], [10, 5], [5, 0], [1, 0]])
+    best, dist, inside = R.assign(q, members, labels, 2, radii, chunk=4)
+    assert best.tolist() == [0, 0, 1, 1, 0, 0]
+    assert dist.tolist() == pytest.approx([1.5, 3.0, 1.0, 3.0, 5.0, 1.0])
+    assert inside.tolist() == [True, False, True, False, False, True]
+    pos, copies = R.hudd_selection(best, dist, inside, 2, 4, seed=0)
+    assert pos.tolist() == [5, 0, 2] and copies.tolist() == [1, 1, 2]  # closest first; cluster 1 bootstrapped
+    pos, copies = R.hudd_selection(best, dist, inside, 2, 7, seed=0)
+    assert sorted(pos.tolist()) == [0, 2, 5] and copies.sum() == 7 and (copies >= 1).all()
+    assert {c: int(copies[best[pos] == c].sum()) for c in (0, 1)} == {0: 4, 1: 3}
+    assert R.hudd_selection(best, dist, np.zeros(6, bool), 2, 4, 0)[0].size == 0  # nothing within any reach

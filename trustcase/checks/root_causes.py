@@ -13,8 +13,16 @@ from pydantic import Field
 
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
-from trustcase.explain.root_causes import Relevance, balanced_selection, cluster, describe, nearest_clusters
-from trustcase.odd.descriptors import DESCRIPTORS, Views
+from trustcase.explain.root_causes import (
+    Relevance,
+    assign,
+    cluster,
+    cluster_radii,
+    collect_errors,
+    describe,
+    hudd_selection,
+)
+from trustcase.odd.descriptors import DESCRIPTORS
 from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
 
 
@@ -29,7 +37,7 @@ class RootCausesParams(Params):
     representatives: int = Field(6, ge=1)
     noun: str = Field("items", description="what the items are, for the text summary, e.g. 'cells'")
     improvement_split: str | None = Field(None, description="unlabeled data role to select the unsafe set from")
-    unsafe_budget: int = Field(100, ge=1, description="items to select for labelling, balanced across clusters")
+    unsafe_budget: int = Field(100, ge=1, description="copies in the unsafe set, an equal share per cluster")
     batch_size: int = Field(64, ge=1)
 
 
@@ -56,39 +64,10 @@ class RootCauses(Check):
         rel = Relevance(net, layers, p.relevance, p.max_features)
         image_desc = [d.name for d in uc.odd.descriptors if d.source == "image" and d.name in DESCRIPTORS]
         meta_desc = [d.name for d in uc.odd.descriptors if d.source == "metadata" and d.categorical]
-        values = {d: [] for d in image_desc}
-        cats = {d: [] for d in meta_desc}
-        feats = {n: [] for n in layers}
-        err_idx, err_pos, err_ids, err_label, err_pred, keys = [], [], [], [], [], []
-        rng_key = np.random.default_rng(ctx.seed)
-        pos = n_err_seen = 0
-        for batch in ctx.batches(p.split, p.batch_size):
-            pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)
-            views = Views(batch.images, uc.model.value_range)
-            for d in image_desc:
-                values[d].append(DESCRIPTORS[d].fn(views))
-            for d in meta_desc:
-                cats[d].append(np.asarray(batch.meta.get(d, [""] * len(batch)), dtype=object))
-            wrong = np.flatnonzero(pred != batch.labels)
-            if len(wrong):
-                x = ctx.model.to_input(batch.images[wrong])
-                f = rel.features(x, torch.as_tensor(pred[wrong]))
-                for n in layers:
-                    feats[n].append(f[n])
-                err_idx += batch.index[wrong].tolist()
-                err_pos += (pos + wrong).tolist()
-                err_ids += [batch.ids[i] for i in wrong]
-                err_label += batch.labels[wrong].tolist()
-                err_pred += pred[wrong].tolist()
-                keys += rng_key.random(len(wrong)).tolist()
-                n_err_seen += len(wrong)
-                if len(err_idx) > 2 * p.max_errors:  # keep a seeded uniform sample: bounded memory
-                    keep = np.sort(np.argsort(keys)[:p.max_errors])
-                    feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
-                    err_idx, err_pos, err_ids, err_label, err_pred, keys = (
-                        [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred, keys))
-            pos += len(batch)
-        n_items = pos
+        e = collect_errors(ctx.model, rel, ctx.batches(p.split, p.batch_size), image_desc, meta_desc,
+                           uc.model.value_range, p.max_errors, ctx.seed)
+        n_items, n_err_seen, feats, values, cats = e.items, e.seen, e.features, e.values, e.categories
+        err_idx, err_pos, err_ids, err_label, err_pred = e.index, e.position, e.ids, e.label, e.pred
         scope = Scope(split=p.split)
         validity = [f"relevance: {rel.method} at layers {layers} for the predicted class, reduced to at most "
                     f"{p.max_features} values per layer, unit norm; model in eval mode",
@@ -107,12 +86,6 @@ class RootCauses(Check):
                                                           n=0, scope=scope)],
                                 limitations=[msg])
         limitations = []
-        if len(err_idx) > p.max_errors:
-            keep = np.sort(np.argsort(keys)[:p.max_errors])
-            feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
-            err_idx, err_pos, err_ids, err_label, err_pred = (
-                [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred))
-        feats = {n: np.concatenate(v) for n, v in feats.items()}
         n_err = len(err_idx)
         if n_err_seen > n_err:
             limitations.append(f"{n_err_seen} errors, {n_err} clustered (seeded sample, max_errors)")
@@ -121,8 +94,6 @@ class RootCauses(Check):
         best = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
         chosen = per_layer[best]
         labels, k = chosen["labels"], chosen["k"]
-        values = {d: np.concatenate(v) for d, v in values.items()}
-        cats = {d: np.concatenate(v) for d, v in cats.items()}
         names = uc.model.class_names
         err_pos_a, err_label_a, err_pred_a = np.array(err_pos), np.array(err_label), np.array(err_pred)
         clusters = []
@@ -163,15 +134,18 @@ class RootCauses(Check):
         if p.improvement_split:
             sel, rows = self._unsafe(ctx, p, rel, best, feats[best], labels, k)
             summary["unsafe_set"] = sel
-            out.append(Measurement(check=self.name, metric="unsafe_set_size", value=len(rows), n=p.unsafe_budget,
+            out.append(Measurement(check=self.name, metric="unsafe_set_size", value=sum(r[3] for r in rows),
+                                   n=p.unsafe_budget,
                                    scope=Scope(split=p.improvement_split)))
             path = ctx.workdir / "unsafe_set.csv"
             with open(path, "w", newline="") as f:
-                csv.writer(f).writerows([("id", "cluster", "distance"), *rows])
+                csv.writer(f).writerows([("id", "cluster", "distance", "copies"), *rows])
             artefacts.append(ctx.artefact(path, "file"))
-            validity.append(f"unsafe set: items of the {p.improvement_split!r} split assigned to the cluster of their "
-                            f"nearest error (relevance at layer {best}, predicted class), closest first, "
-                            f"{p.unsafe_budget} balanced across clusters")
+            validity.append(f"unsafe set (HUDD): items of the {p.improvement_split!r} split whose relevance (layer "
+                            f"{best}, predicted class) lies within the reach of its nearest cluster (single linkage: "
+                            "no farther from a member than the cluster's own members are from their nearest), closest "
+                            f"first, an equal share of {p.unsafe_budget} per cluster, bootstrap copies where a "
+                            "cluster has fewer such items")
         curves = [Curve(id=f"{self.name}_within", title="Within-cluster sum of squares vs number of clusters",
                         x_label="clusters k", y_label="within-cluster sum of squares / total",
                         x=[float(i) for i in range(1, p.k_max + 1)],
@@ -223,23 +197,26 @@ class RootCauses(Check):
         return arts
 
     def _unsafe(self, ctx, p, rel, layer, members, labels, k):
+        """HUDD's unsafe set from the improvement split: items within a cluster's radius, an equal share each."""
         if p.improvement_split not in ctx.data.roles:
             raise CheckError(f"root_causes: improvement_split {p.improvement_split!r} is not a data split role "
                              f"({ctx.data.roles})")
-        ids, best, dist = [], [], []
+        radii = cluster_radii(members, labels, k)
+        ids, best, dist, inside = [], [], [], []
         for batch in ctx.batches(p.improvement_split, p.batch_size):
             pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)  # labels unknown: explain the prediction
             f = rel.features(ctx.model.to_input(batch.images), torch.as_tensor(pred))[layer]
-            b, d = nearest_clusters(f, members, labels, k)
+            b, d, i = assign(f, members, labels, k, radii)
             ids += batch.ids
             best.append(b)
             dist.append(d)
+            inside.append(i)
         if not ids:
             return {}, []
-        best, dist = np.concatenate(best), np.concatenate(dist)
-        chosen = balanced_selection(best, dist, k, p.unsafe_budget)
-        rows = [(ids[i], int(best[i]), round(float(dist[i]), 6)) for i in chosen]
-        sel = {str(c): {"count": int((best[chosen] == c).sum()),
+        best, dist, inside = np.concatenate(best), np.concatenate(dist), np.concatenate(inside)
+        chosen, copies = hudd_selection(best, dist, inside, k, p.unsafe_budget, ctx.seed)
+        rows = [(ids[i], int(best[i]), round(float(dist[i]), 6), int(n)) for i, n in zip(chosen, copies, strict=True)]
+        sel = {str(c): {"count": int(copies[best[chosen] == c].sum()), "radius": float(radii[c]),
+                        "candidates_within_radius": int((inside & (best == c)).sum()),
                         "ids": [r[0] for r in rows if r[1] == c][:200]} for c in range(k)}
         return sel, rows
-

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +51,8 @@ from torch import nn
 
 from trustcase.errors import CheckError, Unsupported
 from trustcase.explain import attribution as A
+from trustcase.models.classifier import Classifier
+from trustcase.odd.descriptors import DESCRIPTORS, Views
 
 WORDS = {"brightness": ("dark", "bright"), "contrast": ("low-contrast", "high-contrast"),
          "sharpness": ("blurred", "sharp")}
@@ -129,6 +133,72 @@ class Relevance:
         return out
 
 
+@dataclass
+class Errors:
+    """The misclassified items of a split (a seeded uniform sample beyond `max_errors`, so memory is bounded)
+    with their relevance features per layer, and the ODD descriptor values of every item of the split (a
+    cluster is described against the whole split)."""
+
+    features: dict[str, np.ndarray]
+    index: list[int]  # position in the split's source
+    position: list[int]  # position in the stream
+    ids: list[str]
+    label: list[int]
+    pred: list[int]
+    seen: int  # errors met, before sampling
+    items: int
+    values: dict[str, np.ndarray]
+    categories: dict[str, np.ndarray]
+
+
+def collect_errors(model: Classifier, rel: Relevance, batches: Iterable, image_descriptors: list[str],
+                   meta_descriptors: list[str], value_range: tuple[float, float], max_errors: int,
+                   seed: int) -> Errors:
+    """Stream a split once: predictions, relevance features of the errors, descriptor values of every item."""
+    layers = list(rel.layers)
+    values = {d: [] for d in image_descriptors}
+    cats = {d: [] for d in meta_descriptors}
+    feats = {n: [] for n in layers}
+    err_idx, err_pos, err_ids, err_label, err_pred, keys = [], [], [], [], [], []
+    rng_key = np.random.default_rng(seed)
+    pos = n_err_seen = 0
+    for batch in batches:
+        pred = model.logits(batch.images, batch.ids).argmax(axis=1)
+        views = Views(batch.images, value_range)
+        for d in image_descriptors:
+            values[d].append(DESCRIPTORS[d].fn(views))
+        for d in meta_descriptors:
+            cats[d].append(np.asarray(batch.meta.get(d, [""] * len(batch)), dtype=object))
+        wrong = np.flatnonzero(pred != batch.labels)
+        if len(wrong):
+            x = model.to_input(batch.images[wrong])
+            f = rel.features(x, torch.as_tensor(pred[wrong]))
+            for n in layers:
+                feats[n].append(f[n])
+            err_idx += batch.index[wrong].tolist()
+            err_pos += (pos + wrong).tolist()
+            err_ids += [batch.ids[i] for i in wrong]
+            err_label += batch.labels[wrong].tolist()
+            err_pred += pred[wrong].tolist()
+            keys += rng_key.random(len(wrong)).tolist()
+            n_err_seen += len(wrong)
+            if len(err_idx) > 2 * max_errors:  # keep a seeded uniform sample: bounded memory
+                keep = np.sort(np.argsort(keys)[:max_errors])
+                feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
+                err_idx, err_pos, err_ids, err_label, err_pred, keys = (
+                    [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred, keys))
+        pos += len(batch)
+    if len(err_idx) > max_errors:
+        keep = np.sort(np.argsort(keys)[:max_errors])
+        feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
+        err_idx, err_pos, err_ids, err_label, err_pred = (
+            [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred))
+    return Errors(features={n: np.concatenate(v) if v else np.empty((0, 0), np.float32) for n, v in feats.items()},
+                  index=err_idx, position=err_pos, ids=err_ids, label=err_label, pred=err_pred, seen=n_err_seen,
+                  items=pos, values={d: np.concatenate(v) if v else np.empty(0) for d, v in values.items()},
+                  categories={d: np.concatenate(v) if v else np.empty(0, object) for d, v in cats.items()})
+
+
 # --- clustering ----------------------------------------------------------------------------------
 
 def ward(features: np.ndarray) -> np.ndarray:
@@ -191,9 +261,26 @@ def cluster(features: np.ndarray, k_max: int = 20, k: int | None = None) -> dict
     return {"labels": labels, "k": int(labels.max()) + 1, "curve": curve, "compactness": compactness(features, labels)}
 
 
-def nearest_clusters(queries: np.ndarray, members: np.ndarray, labels: np.ndarray, k: int,
-                     chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each query: the cluster of its nearest member and that distance (chunked, vectorised)."""
+# --- HUDD's unsafe set: the pool items that fall inside an error cluster ---------------------------
+
+def cluster_radii(members: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Each cluster's reach under single linkage: the largest distance from one of its members to the nearest
+    other member (a singleton's reach is 0: only its own copy would be inside)."""
+    f = np.asarray(members, np.float64)
+    out = np.zeros(k)
+    for c in range(k):
+        m = f[labels == c]
+        if len(m) > 1:
+            d = cdist(m, m)
+            np.fill_diagonal(d, np.inf)
+            out[c] = d.min(axis=1).max()
+    return out
+
+
+def assign(queries: np.ndarray, members: np.ndarray, labels: np.ndarray, k: int, radii: np.ndarray,
+           chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HUDD's rule: each query goes to the cluster of its nearest member (single linkage), and counts only
+    within that cluster's reach (a far-away item belongs to no root cause, however large the budget)."""
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(k))
     best, dist = np.empty(len(queries), np.int64), np.empty(len(queries))
@@ -202,27 +289,31 @@ def nearest_clusters(queries: np.ndarray, members: np.ndarray, labels: np.ndarra
         per = np.minimum.reduceat(d, starts, axis=1)  # (q, k): distance to the nearest member of each cluster
         best[s:s + chunk] = per.argmin(axis=1)
         dist[s:s + chunk] = per.min(axis=1)
-    return best, dist
+    return best, dist, dist <= radii[best]
 
 
-def balanced_selection(cluster_of: np.ndarray, distance: np.ndarray, k: int, budget: int) -> np.ndarray:
-    """Positions of the unsafe set: the closest items of each cluster, an equal share per cluster
-    (clusters with too few candidates hand their share to the others)."""
-    pools = [np.flatnonzero(cluster_of == c)[np.argsort(distance[cluster_of == c], kind="stable")] for c in range(k)]
-    taken = np.zeros(k, np.int64)
-    left = min(budget, len(cluster_of))
-    while left > 0:
-        open_ = [c for c in range(k) if taken[c] < len(pools[c])]
-        if not open_:
-            break
-        share = max(1, left // len(open_))
-        for c in open_:
-            add = min(share, len(pools[c]) - taken[c], left)
-            taken[c] += add
-            left -= add
-            if left == 0:
-                break
-    return np.concatenate([pools[c][:taken[c]] for c in range(k)]) if k else np.empty(0, np.int64)
+def hudd_selection(cluster_of: np.ndarray, distance: np.ndarray, inside: np.ndarray, k: int, budget: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unsafe set as (positions, copies): an equal share of the budget per cluster, the closest items within
+    the cluster's radius first; a cluster with fewer such items than its share is balanced by bootstrap
+    resampling of the ones it has (seeded), so every root cause weighs the same in retraining."""
+    rng = np.random.default_rng(seed)
+    clusters = [c for c in range(k) if (inside & (cluster_of == c)).any()]
+    positions, copies = [], []
+    if not clusters:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    shares = np.full(len(clusters), budget // len(clusters))
+    shares[: budget % len(clusters)] += 1
+    for c, share in zip(clusters, shares, strict=True):
+        pool = np.flatnonzero(inside & (cluster_of == c))
+        pool = pool[np.argsort(distance[pool], kind="stable")]
+        taken = pool[:share]
+        count = np.ones(len(taken), np.int64)
+        if len(taken) < share:  # bootstrap: draw the missing copies from the cluster's own items
+            np.add.at(count, rng.integers(0, len(taken), share - len(taken)), 1)
+        positions.append(taken)
+        copies.append(count)
+    return np.concatenate(positions), np.concatenate(copies)
 
 
 # --- describing a cluster by the ODD -------------------------------------------------------------
