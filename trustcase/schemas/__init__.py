@@ -16,6 +16,7 @@ from trustcase.schemas.evidence import (
     compare_claims,
 )
 from trustcase.schemas.loading import Problem, UseCaseError, load_use_case, parse_use_case
+from trustcase.schemas.training import ExtraItem, TrainingRequest, TrainingResult
 from trustcase.schemas.use_case import (
     ODD,
     AssessmentPlan,
@@ -28,6 +29,7 @@ from trustcase.schemas.use_case import (
     PerturbationScope,
     Requirement,
     Scope,
+    TrainingSpec,
     UseCase,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "ODD", "Artefact", "Assessment", "AssessmentPlan", "CheckOutcome", "CheckSpec", "ClaimChange", "Confidentiality",
     "Curve", "Series",
     "Criticality", "DataSpec", "Descriptor", "Evidence", "Interval", "Measurement", "ModelSpec",
-    "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "Stage", "UseCase", "UseCaseError",
+    "PerturbationScope", "Problem", "Provenance", "Requirement", "Scope", "Stage", "TrainingSpec", "UseCase",
+    "UseCaseError", "ExtraItem", "TrainingRequest", "TrainingResult",
     "Verdict", "compare_claims", "load_use_case", "parse_use_case",
 ]

@@ -220,6 +220,21 @@ class AssessmentPlan(Strict):
     )
 
 
+class TrainingSpec(Strict):
+    """How a new version of the model is trained: a function `entry(request: TrainingRequest) ->
+    TrainingResult` (see `schemas.training`), found with the use case's data folder on the import path."""
+
+    entry: str = Field(description="'module:function' taking a TrainingRequest")
+    params: dict[str, Any] = Field({}, description="passed to the function as request.params")
+    pool: str | None = Field(None, description="data role of the pool the unsafe set is drawn from (HUDD); "
+                                               "default: the root_causes check's improvement_split")
+
+    @field_validator("entry")
+    @classmethod
+    def _entry_ref(cls, v: str) -> str:
+        return _ref(v)
+
+
 class UseCase(Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     title: str
@@ -232,6 +247,7 @@ class UseCase(Strict):
     odd: ODD = ODD()
     requirements: list[Requirement]
     plan: AssessmentPlan
+    training: TrainingSpec | None = None
 
     def cross_problems(self) -> list[tuple[tuple, str]]:
         """Problems that span sections, each with the location of the offending field."""
