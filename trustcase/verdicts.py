@@ -147,3 +147,36 @@ def overall(evidence: list[Evidence], requirements: list[Requirement]) -> Verdic
     if Verdict.INCONCLUSIVE in vs or not vs:
         return Verdict.INCONCLUSIVE
     return Verdict.PASS
+
+
+def rank_methods(methods: list[str], measurements: list[Measurement],
+                 rules: list[tuple[str, str, float, str]]) -> list[dict]:
+    """Explanation methods judged like claims, on intervals: each rule (metric family, comparator, threshold,
+    what it means) is a claim about `<family>:<method>`. A method is "recommended" only when every rule
+    PASSES (the pessimistic end of its interval satisfies it); otherwise "warned", with the reason: a FAIL,
+    or an INCONCLUSIVE the data cannot decide. Best first: recommended, then by the lower bound of faithfulness."""
+    by_metric = {m.metric: m for m in measurements}
+    rows = []
+    for name in methods:
+        reasons, passed = [], 0
+        for family, comparator, threshold, meaning in rules:
+            m = by_metric.get(f"{family}:{name}")
+            if m is None:
+                continue
+            lo, hi = _bounds(m)
+            v = verdict(m.value, comparator, threshold, lo, hi)
+            passed += v is Verdict.PASS
+            iv = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+            if v is Verdict.FAIL:
+                reasons.append(f"{meaning}: FAIL ({family} {m.value:.3g}{iv}, required {comparator} {threshold:.3g})")
+            elif v is Verdict.INCONCLUSIVE:
+                reasons.append(f"{meaning}: INCONCLUSIVE ({family} {m.value:.3g}{iv} straddles {threshold:.3g}; "
+                               "more items would decide)")
+        faith = by_metric.get(f"faithfulness:{name}")
+        key = faith.interval.lower if faith and faith.interval else (faith.value if faith else None)
+        rows.append({"method": name, "status": "warned" if reasons or not passed else "recommended",
+                     "reasons": reasons or ([] if passed else ["no rule could be judged"]), "_key": key})
+    rows.sort(key=lambda r: (r["status"] != "recommended", -(r["_key"] if r["_key"] is not None else -math.inf)))
+    for r in rows:
+        del r["_key"]
+    return rows
