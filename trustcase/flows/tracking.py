@@ -128,17 +128,13 @@ class AssessmentRun:
             for i in range(0, len(batch), 900):  # MLflow's log_batch limit is 1000 entries
                 self.client.log_batch(self.id, metrics=batch[i:i + 900])
 
-    def log_artefacts(self, out: Path, files: dict[str, str]) -> None:
-        """The record, the report, the pack, the plots and the checks' artefacts (runtime monitors...)."""
+    def log_artefacts(self, out: Path, paths: list[str]) -> None:
+        """The files this run wrote, by their paths relative to `out` (the record, the report, the pack, plots,
+        the checks' artefacts), each at the same place in the run's artefacts."""
         with _store("log the artefacts"):
-            for name in ("assessment.json", "evidence.json", "use_case.yaml"):
-                self.client.log_artifact(self.id, str(out / name))
-            for name, path in files.items():
-                if name != "plots":
-                    self.client.log_artifact(self.id, path)
-            for folder in ("plots", "checks"):
-                if (out / folder).is_dir():
-                    self.client.log_artifacts(self.id, str(out / folder), folder)
+            for rel in paths:
+                parent = Path(rel).parent.as_posix()
+                self.client.log_artifact(self.id, str(out / rel), None if parent == "." else parent)
 
     def finish(self, assessment: Assessment) -> None:
         """Claims as metrics, then the verdict tags, then FINISHED (FAILED when a check failed): the last
