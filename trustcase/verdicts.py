@@ -158,14 +158,14 @@ def rank_methods(methods: list[str], measurements: list[Measurement],
     by_metric = {m.metric: m for m in measurements}
     rows = []
     for name in methods:
-        reasons, passed = [], 0
+        reasons = []
         for family, comparator, threshold, meaning in rules:
             m = by_metric.get(f"{family}:{name}")
-            if m is None:
+            if m is None:  # as for a claim: nothing measured it, so it cannot pass
+                reasons.append(f"{meaning}: INCONCLUSIVE (not measured)")
                 continue
             lo, hi = _bounds(m)
             v = verdict(m.value, comparator, threshold, lo, hi)
-            passed += v is Verdict.PASS
             iv = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
             if v is Verdict.FAIL:
                 reasons.append(f"{meaning}: FAIL ({family} {m.value:.3g}{iv}, required {comparator} {threshold:.3g})")
@@ -174,8 +174,8 @@ def rank_methods(methods: list[str], measurements: list[Measurement],
                                "more items would decide)")
         faith = by_metric.get(f"faithfulness:{name}")
         key = faith.interval.lower if faith and faith.interval else (faith.value if faith else None)
-        rows.append({"method": name, "status": "warned" if reasons or not passed else "recommended",
-                     "reasons": reasons or ([] if passed else ["no rule could be judged"]), "_key": key})
+        rows.append({"method": name, "status": "warned" if reasons else "recommended", "reasons": reasons,
+                     "_key": key})
     rows.sort(key=lambda r: (r["status"] != "recommended", -(r["_key"] if r["_key"] is not None else -math.inf)))
     for r in rows:
         del r["_key"]
