@@ -33,6 +33,7 @@ class TrainingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     out: Path
+    use_case: Path = Field(description="the use-case file the model serves (its input contract)")
     seed: int = 0
     init: Path | None = Field(None, description="weights to start from; None trains from scratch")
     roles: list[str] = ["train"]

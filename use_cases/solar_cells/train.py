@@ -2,6 +2,10 @@
 
     python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz]
 
+`fit(request)` is the use case's training contract (`training.entry` in use_case.yaml, see
+`trustcase.schemas.training`): fine-tuning from a parent version, extra items with their labels and
+copies (HUDD's unsafe set), Gaussian-noise or PGD adversarial augmentation.
+
 The model is exported as TorchScript to the path the use case names. Training reads the training
 split once into memory (about 6 MB at 64x64) because it loops over it for many epochs; the
 assessment itself always streams.
@@ -26,7 +30,7 @@ import cnn  # noqa: E402
 import elpv  # noqa: E402
 
 from trustcase.models.classifier import Classifier  # noqa: E402
-from trustcase.schemas import load_use_case  # noqa: E402
+from trustcase.schemas import TrainingRequest, TrainingResult, load_use_case  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"
 
@@ -44,29 +48,63 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "balanced_accuracy": float(np.mean(recall))}
 
 
+def pgd(model: nn.Module, clf: Classifier, x: np.ndarray, y: torch.Tensor, eps: float, steps: int = 3) -> np.ndarray:
+    """L-inf PGD in pixel units (eps), from a random start, clipped to the value range: adversarial training."""
+    lo, hi = clf.spec.value_range
+    x0 = torch.from_numpy(np.ascontiguousarray(x))
+    gen = torch.Generator().manual_seed(int(y.sum()) + len(y))  # deterministic per batch content
+    adv = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps).clamp(lo, hi)
+    step = 2.5 * eps / steps
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(clf.to_input(adv)), y)
+        (g,) = torch.autograd.grad(loss, adv)
+        adv = torch.min(torch.max(adv.detach() + step * g.sign(), x0 - eps), x0 + eps).clamp(lo, hi)
+    return adv.numpy()
+
+
+def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The extra items (e.g. HUDD's unsafe set) with the labels given, each repeated `copies` times."""
+    xs, ys = [], []
+    splits = {}
+    for e in extra:
+        s = splits.setdefault(e.role, elpv.load_split(split_of_role[e.role], size=size))
+        xs += [s[e.index].image[..., None]] * e.copies
+        ys += [e.label] * e.copies
+    return (np.stack(xs), np.array(ys)) if xs else (np.empty((0, size, size, 1)), np.empty(0, np.int64))
+
+
 def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
-          limit: int | None = None) -> dict:
+          limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
+          lr: float = 3e-3) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
-    `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests).
+    `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
+    `init` a TorchScript model to start from; `extra` items added to the training split; `noise_sigma`
+    Gaussian augmentation (fraction of the range); `epsilon` PGD adversarial training (pixel units, L-inf).
     """
-    spec = load_use_case(use_case).model
+    uc = load_use_case(use_case)
+    spec = uc.model
     out = Path(out or spec.path)
     size = spec.input_shape[-1]
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
+    xex, yex = read_extra(extra, size, dict(uc.data.splits))
+    xtr, ytr = np.concatenate([xtr, xex.astype(xtr.dtype)]), np.concatenate([ytr, yex.astype(ytr.dtype)])
     xva, yva = read("validation", size, limit)
     model = cnn.build(width=width, lipschitz=lipschitz, size=size)
+    if init is not None:  # fine-tune a parent version: same architecture, its weights
+        model.load_state_dict(torch.jit.load(str(init), map_location="cpu").state_dict())
     clf = Classifier(spec, module=model)
     lo, hi = spec.value_range
     # class weights against the 2:1 imbalance: a missed defect is the costly error
     weights = torch.tensor(len(ytr) / (2 * np.bincount(ytr, minlength=2)), dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * int(np.ceil(len(xtr) / 64)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(xtr) / 64)))
     best, best_state, history = -1.0, None, []
     t0 = time.time()
     for epoch in range(epochs):
@@ -85,8 +123,11 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
             if noise_sigma > 0:
                 xb = xb + rng.normal(0, noise_sigma * (hi - lo), size=xb.shape).astype(np.float32)
             xb = np.clip(xb, lo, hi) if noise_sigma == 0 else xb
+            yb = torch.from_numpy(ytr[idx])
+            if epsilon > 0:
+                xb = pgd(model, clf, xb, yb, epsilon)
             x = clf.to_input(torch.from_numpy(np.ascontiguousarray(xb)))
-            loss = loss_fn(model(x), torch.from_numpy(ytr[idx]))
+            loss = loss_fn(model(x), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -106,11 +147,29 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     cnn.export(model, out, tuple(spec.input_shape))
     final = evaluate(clf, xva, yva)
     params = {"seed": seed, "epochs": epochs, "noise_sigma": noise_sigma, "lipschitz": lipschitz, "width": width,
+              "epsilon": epsilon, "lr": lr, "init": str(init) if init else None, "extra_items": len(yex),
               "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
     result = {"params": params, "validation": final, "history": history, "seconds": time.time() - t0,
               "path": str(out)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def fit(request: TrainingRequest) -> TrainingResult:
+    """The use case's training contract (`training.entry`): one request in, one model file and its log out."""
+    if request.roles != ["train"]:
+        raise ValueError(f"this script trains on the 'train' split only, not {request.roles}")
+    spec = load_use_case(request.use_case).model
+    p = dict(request.params)
+    fine_tune = request.init is not None
+    default_epochs = int(p.get("finetune_epochs", 8)) if fine_tune else int(p.get("epochs", 30))
+    result = train(request.out, seed=request.seed, epochs=request.epochs or default_epochs,
+                   noise_sigma=request.noise_sigma / (spec.value_range[1] - spec.value_range[0]),
+                   init=request.init, extra=request.extra, epsilon=request.epsilon,
+                   lr=float(p.get("finetune_lr" if fine_tune else "lr", 1e-3 if fine_tune else 3e-3)),
+                   width=int(p.get("width", 16)), use_case=request.use_case, log=lambda line: None,
+                   limit=p.get("limit"))
+    return TrainingResult(model=Path(result["path"]), log=result)
 
 
 def stale(path: Path) -> str | None:
