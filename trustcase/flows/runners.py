@@ -21,7 +21,8 @@ RUNNERS = ("thread", "dask")
 
 
 class RunnerError(Exception):
-    """A user error about where to run: an unknown runner, a Dask scheduler that does not answer."""
+    """A user error about where to run: an unknown runner, a Prefect server or a Dask scheduler that does not
+    answer."""
 
 
 def probe(address: str, timeout: float = 5.0) -> int:
@@ -42,10 +43,31 @@ def probe(address: str, timeout: float = 5.0) -> int:
     return workers
 
 
+def probe_prefect(timeout: float = 5.0) -> None:
+    """With PREFECT_API_URL set, the Prefect server must answer its health check: else a clear error now,
+    instead of the Prefect client's retries and a traceback once the flow starts."""
+    import httpx
+    import prefect.settings
+
+    url = prefect.settings.get_current_settings().api.url
+    if not url:
+        return  # no server: each process starts a temporary one on the local database
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as e:
+        raise RunnerError(
+            f"the Prefect server at PREFECT_API_URL={url} did not answer within {timeout:g} s "
+            f"({type(e).__name__}: {str(e)[:200]}); start it (`prefect server start`) or unset PREFECT_API_URL "
+            "to run with a temporary local server"
+        ) from None
+
+
 def task_runner(kind: str = "thread", dask_address: str | None = None, workers: int = 2):
-    """The Prefect task runner for `kind`; a Dask address is probed before any work starts."""
+    """The Prefect task runner for `kind`. The Prefect server (PREFECT_API_URL) and a Dask address are probed
+    first: where the assessment runs is checked before any work starts."""
     if kind not in RUNNERS:
         raise RunnerError(f"unknown runner {kind!r}; choose one of {list(RUNNERS)}")
+    probe_prefect()
     if kind == "thread":
         if dask_address:
             raise RunnerError("--dask-address needs --runner dask")
