@@ -316,12 +316,13 @@ def test_explainability_ranks_methods_and_fails_the_insensitive_one(tmp_path):
     assert "test_attribution:EdgeDetector" not in out.summary["recommended"]
     metrics = {m.metric for m in out.measurements}
     for name in ("saliency", "integrated_gradients"):
-        for k in ("deletion_auc", "insertion_auc", "infidelity", "sensitivity_max", "sanity_rank_correlation",
-                  "relevance_mass", "pointing_game"):
+        for k in ("deletion_auc", "insertion_auc", "mu_fidelity", "infidelity", "sensitivity_max",
+                  "average_stability", "complexity", "sparseness", "sanity_rank_correlation", "relevance_mass",
+                  "pointing_game"):
             assert f"{k}:{name}" in metrics
     assert "ig_convergence_delta" in metrics and "recommended_methods" in metrics
     assert {c.id for c in out.curves} == {"explainability_deletion", "explainability_insertion",
-                                          "explainability_sanity"}
+                                          "explainability_sanity", "explainability_independent"}
     assert [a.kind for a in out.artefacts] == ["image", "file"]
 
 
@@ -330,7 +331,9 @@ def test_explainability_on_a_black_box_and_confidential(tmp_path):
     ctx = tiny_context(tmp_path, None, confidential=True, session=NumpySession(w))
     out = build(CheckSpec(check="explainability", params={**FAST, "methods": ["saliency", "occlusion"]}))(ctx)
     rows = {r["method"]: r for r in out.summary["ranking"]}
-    assert rows["saliency"]["status"] == "skipped" and "black box" in rows["saliency"]["reasons"][0]
+    assert rows["saliency"]["status"] == "not run" and "black box" in rows["saliency"]["reasons"][0]
+    # no weights to randomise: the sanity rule is not measured, so a black-box method cannot be recommended
+    assert rows["occlusion"]["status"] == "warned" and "not measured" in rows["occlusion"]["reasons"][0]
     assert "deletion_auc" in rows["occlusion"] and "sanity_rank_correlation" not in rows["occlusion"]
     assert not out.artefacts and any("confidential" in lim for lim in out.limitations)
 

@@ -1,5 +1,14 @@
 """The `explainability` check: attribution methods run on sampled items and measured by faithfulness,
-robustness, localisation and sanity metrics (science in `explain.attribution` and `explain.quality`)."""
+robustness, complexity, localisation and sanity metrics, each a mean over items with its interval; the
+methods are then recommended or warned by `verdicts.rank_methods` on those intervals (science in
+`explain.attribution` and `explain.quality`).
+
+Metrics (scope: the params' split), per method <m>: deletion_auc, insertion_auc, faithfulness (insertion -
+deletion), mu_fidelity, infidelity, sensitivity_max, average_stability, complexity, sparseness,
+sanity_rank_correlation (cascading; the independent-layer variant is a curve), relevance_mass and pointing_game
+(with a region); ig_convergence_delta; recommended_methods. A method that cannot run on the model is "not run"
+with its reason, and the others go on.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +24,20 @@ from trustcase.explain.quality import (
     Region,
     auc,
     cascade,
+    complexity,
     deletion_insertion,
     infidelity_of,
     mean_interval,
+    mu_fidelity,
     pointing_game,
     relevance_mass,
-    sensitivity_of,
+    sparseness,
     spearman_rows,
+    stability,
 )
 from trustcase.measurement import clopper_pearson
 from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
+from trustcase.verdicts import rank_methods
 
 DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion", "rise", "lime",
                    "kernel_shap"]
@@ -39,7 +52,12 @@ class ExplainabilityParams(Params):
     steps: int = Field(20, ge=2, description="deletion / insertion steps")
     infidelity_samples: int = Field(10, ge=1)
     noise: float = Field(0.1, gt=0, description="infidelity noise std, fraction of the input range")
-    sensitivity_items: int = Field(8, ge=0, description="items for max-sensitivity (0: skip; it re-explains)")
+    target: str = Field("predicted", description="the class each map explains: 'predicted' or a class name")
+    mufidelity_samples: int = Field(32, ge=2, description="random cell subsets per item for MuFidelity")
+    mufidelity_cells: int = Field(8, ge=2, description="MuFidelity grid (cells per side)")
+    mufidelity_subset: float = Field(0.2, gt=0, lt=1, description="share of cells replaced by the baseline")
+    sensitivity_items: int = Field(8, ge=0, description="items for max-sensitivity and average stability (0: skip; "
+                                                        "they re-explain)")
     sensitivity_samples: int = Field(4, ge=1)
     sensitivity_radius: float = Field(0.02, gt=0, description="fraction of the input range")
     sanity_max_correlation: float = Field(0.5, gt=-1, lt=1)
@@ -112,23 +130,33 @@ class Explainability(Check):
     Params = ExplainabilityParams
     stage = Stage.TESTING
 
+    FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "mu_fidelity", "infidelity", "sensitivity_max",
+                "average_stability", "complexity", "sparseness", "sanity_rank_correlation"]
+
     @classmethod
     def produces(cls, params, use_case):
-        families = ["deletion_auc", "insertion_auc", "faithfulness", "infidelity", "sensitivity_max",
-                    "sanity_rank_correlation"] + (["relevance_mass", "pointing_game"] if params.region else [])
+        families = cls.FAMILIES + (["relevance_mass", "pointing_game"] if params.region else [])
         return [Produces("recommended_methods", params.split), Produces("ig_convergence_delta", params.split)] + [
             Produces(f"{f}:{m}", params.split) for f in families for m in params.methods]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: ExplainabilityParams = self.params
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        names = list(uc.model.class_names)
+        if p.target != "predicted" and p.target not in names:
+            raise CheckError(f"explainability: target {p.target!r} is not a class; classes: {names} or 'predicted'")
         net = A.Network(ctx.model)
         got, sample, info = select(ctx, p.split, p.items, 0 if uc.confidential else p.gallery)
         sample = np.array([i for i in sample if i in got])
         images = np.stack([got[i][0] for i in sample])
         x = ctx.model.to_input(images)
-        # explain the predicted class: what the decision rests on, right or wrong
-        target = torch.tensor([info["pred"][int(i)] for i in sample])
+
+        def target_of(items) -> torch.Tensor:  # the predicted class (what the decision rests on) or a chosen one
+            if p.target != "predicted":
+                return torch.full((len(items),), names.index(p.target), dtype=torch.long)
+            return torch.tensor([info["pred"][int(i)] for i in items])
+
+        target = target_of(sample)
         baseline = _baseline(ctx, p.baseline)
         masks = None
         if p.region is not None:
@@ -138,7 +166,8 @@ class Explainability(Check):
         out: list[Measurement] = []
         limitations: list[str] = []
         rows: dict[str, dict] = {}
-        curves = {"deletion": {}, "insertion": {}, "sanity": {}}
+        not_run: list[dict] = []
+        curves = {"deletion": {}, "insertion": {}, "sanity": {}, "independent": {}}
 
         def measure(metric: str, values: np.ndarray, proportion: bool = False, **details):
             v = np.asarray(values, np.float64)
@@ -162,74 +191,29 @@ class Explainability(Check):
         for name in p.methods:
             try:
                 method = A.make(net, name, p.options.get(name))
-            except Unsupported as e:
-                rows[name] = {"method": name, "status": "skipped", "reasons": [str(e)]}
-                limitations.append(f"{name}: {e}")
+                row = self._measure(net, method, name, p, x, target, baseline, masks, ctx.seed, measure, curves)
+                if len(pick):
+                    gx = ctx.model.to_input(np.stack([got[int(i)][0] for i in pick]))
+                    gallery_maps[name] = A.attribute(net, method, gx, target_of(pick), baseline, ctx.seed).heatmap()
+            except Unsupported as e:  # the method cannot run on this model: said, and the others go on
+                not_run.append({"method": name, "status": "not run", "reasons": [str(e)]})
+                limitations.append(f"{name} not run: {e}")
+                out[:] = [m for m in out if m.details.get("method") != name]
+                for c in curves.values():
+                    c.pop(name, None)
                 continue
             except ValueError as e:  # e.g. a layer that does not exist: a configuration error
                 raise CheckError(f"explainability: {name}: {e}") from None
-            explain = lambda inp, tgt, m=method: A.attribute(net, m, inp, tgt, baseline, ctx.seed).maps  # noqa: E731
-            maps, deltas = [], []
-            for s in range(0, len(x), p.batch_size):
-                a = A.attribute(net, method, x[s:s + p.batch_size], target[s:s + p.batch_size], baseline, ctx.seed)
-                maps.append(a.maps)
-                if a.delta is not None:
-                    deltas.append(a.delta.abs().numpy())
-            maps = torch.cat(maps)
-            heat = maps.sum(dim=1).numpy()
-            row = {"method": name, "status": "recommended", "reasons": []}
-            dc, ic = deletion_insertion(net, x, target, heat, baseline, p.steps, ctx.seed)
-            curves["deletion"][name], curves["insertion"][name] = dc.mean(0), ic.mean(0)
-            row["deletion_auc"] = measure(f"deletion_auc:{name}", auc(dc), method=name)
-            row["insertion_auc"] = measure(f"insertion_auc:{name}", auc(ic), method=name)
-            row["faithfulness"] = measure(f"faithfulness:{name}", auc(ic) - auc(dc), method=name,
-                                          random_reference=reference["faithfulness"])
-            if deltas:
-                row["convergence_delta"] = measure("ig_convergence_delta", np.concatenate(deltas), method=name)
-            row["infidelity"] = measure(f"infidelity:{name}", infidelity_of(
-                net, x, target, maps, p.noise * net.input_range, p.infidelity_samples, ctx.seed), method=name)
-            k = min(p.sensitivity_items, len(x))
-            if k:
-                row["sensitivity_max"] = measure(f"sensitivity_max:{name}", sensitivity_of(
-                    explain, x[:k], target[:k], p.sensitivity_radius * net.input_range, p.sensitivity_samples,
-                    ctx.seed), method=name)
-            if masks is not None:
-                row["relevance_mass"] = measure(f"relevance_mass:{name}", relevance_mass(heat, masks), method=name,
-                                                region=p.region.label(), chance=float(masks.mean()))
-                row["pointing_game"] = measure(f"pointing_game:{name}", pointing_game(heat, masks), proportion=True,
-                                               method=name, region=p.region.label(), chance=float(masks.mean()))
-            if net.differentiable:
-                corr = self._sanity(net, name, p, x, target, baseline, np.abs(heat), ctx.seed)
-                curves["sanity"][name] = corr
-                row["sanity_rank_correlation"] = measure(f"sanity_rank_correlation:{name}", corr["values"][-1],
-                                                         method=name, layers_randomised=corr["steps"][-1],
-                                                         threshold=p.sanity_max_correlation)
-                if row["sanity_rank_correlation"] > p.sanity_max_correlation:
-                    row["reasons"].append(
-                        f"maps barely change when the weights are randomised (rank correlation "
-                        f"{row['sanity_rank_correlation']:.2f} > {p.sanity_max_correlation}): they do not explain "
-                        "the model")
-            else:
-                row["reasons"].append("sanity check not possible on a black box (no weights to randomise)")
-            if row["faithfulness"] is not None and \
-                    row["faithfulness"] <= reference["faithfulness"] + p.faithfulness_margin:
-                row["reasons"].append(f"no more faithful than a random ordering (insertion - deletion "
-                                      f"{row['faithfulness']:.3f} <= {reference['faithfulness']:.3f} + margin "
-                                      f"{p.faithfulness_margin:g})")
-            if row["reasons"]:
-                row["status"] = "warned"
             rows[name] = row
-            if len(pick):
-                gx = ctx.model.to_input(np.stack([got[int(i)][0] for i in pick]))
-                gt = torch.tensor([info["pred"][int(i)] for i in pick])
-                gallery_maps[name] = A.attribute(net, method, gx, gt, baseline, ctx.seed).heatmap()
 
-        rank = {"recommended": 0, "warned": 1, "skipped": 2}
-        ranking = sorted(rows.values(), key=lambda r: (rank[r["status"]], -(r.get("faithfulness") or -np.inf)))
-        n_rec = sum(r["status"] == "recommended" for r in ranking)
-        out.append(Measurement(check=self.name, metric="recommended_methods", value=n_rec, n=len(ranking),
-                               scope=scope, details={"recommended": [r["method"] for r in ranking
-                                                                     if r["status"] == "recommended"]}))
+        rules = [("sanity_rank_correlation", "<=", p.sanity_max_correlation,
+                  "maps change when the model's weights are randomised (sanity check)"),
+                 ("faithfulness", ">", reference["faithfulness"] + p.faithfulness_margin,
+                  "more faithful than a random ordering of the pixels (insertion - deletion)")]
+        ranking = [{**r, **rows[r["method"]]} for r in rank_methods(list(rows), out, rules)] + not_run
+        recommended = [r["method"] for r in ranking if r["status"] == "recommended"]
+        out.append(Measurement(check=self.name, metric="recommended_methods", value=len(recommended),
+                               n=len(ranking), scope=scope, details={"recommended": recommended}))
         artefacts = []
         if uc.confidential:
             limitations.append("confidential use case: no gallery of attributions (metrics only)")
@@ -238,45 +222,102 @@ class Explainability(Check):
         if net.note:
             limitations.append(f"model internals: {net.note}")
         x_frac = np.linspace(0, 1, p.steps + 1).tolist()
+        explained = "the predicted class" if p.target == "predicted" else f"class {p.target}"
         out_curves = [
             Curve(id=f"{self.name}_{kind}", title=f"{kind.capitalize()} curves (mean over {len(x)} items)",
                   x_label=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}, most relevant first",
-                  y_label="probability of the predicted class", x=x_frac,
+                  y_label=f"probability of {explained}", x=x_frac,
                   series={m: Series(y=np.asarray(v).tolist()) for m, v in curves[kind].items()})
             for kind in ("deletion", "insertion")]
-        if curves["sanity"]:
-            steps = next(iter(curves["sanity"].values()))["steps"]
-            out_curves.append(Curve(
-                id=f"{self.name}_sanity", title="Model-randomisation sanity check (cascading, from the output)",
-                x_label="layers randomised", y_label="Spearman rank correlation with the original maps",
-                x=[float(s) for s in steps], y_marks={"max allowed": p.sanity_max_correlation},
-                series={m: Series(y=[float(np.mean(v)) for v in c["values"]]) for m, c in curves["sanity"].items()}))
+        for kind, how in (("sanity", "cascading, from the output"), ("independent", "one layer at a time")):
+            if curves[kind]:
+                steps = next(iter(curves[kind].values()))["steps"]
+                out_curves.append(Curve(
+                    id=f"{self.name}_{kind}", title=f"Model-randomisation sanity check ({how})",
+                    x_label="layers randomised" if kind == "sanity" else "layer randomised (from the output)",
+                    y_label="Spearman rank correlation with the original maps", x=[float(s) for s in steps],
+                    y_marks={"max allowed": p.sanity_max_correlation},
+                    series={m: Series(y=[float(np.mean(v)) for v in c["values"]]) for m, c in curves[kind].items()}))
         return CheckOutcome(
             check=self.name, measurements=out, curves=out_curves, artefacts=artefacts, limitations=limitations,
-            summary={"ranking": ranking, "recommended": [r["method"] for r in ranking if r["status"] == "recommended"],
+            summary={"ranking": ranking, "recommended": recommended,
                      "warned": [r["method"] for r in ranking if r["status"] == "warned"],
-                     "skipped": [r["method"] for r in ranking if r["status"] == "skipped"],
-                     "random_reference": reference, "items": len(x),
+                     "not_run": [r["method"] for r in ranking if r["status"] == "not run"],
+                     "rules": [{"metric": f, "comparator": c, "threshold": t, "meaning": w} for f, c, t, w in rules],
+                     "random_reference": reference, "items": len(x), "target": p.target,
                      "region": p.region.label() if p.region else None, "layers": net.describe()},
             validity=[
-                f"{len(x)} items of the {p.split} split (seeded sample, seed {ctx.seed}); maps explain the predicted "
-                "class; model in eval mode",
-                f"baseline '{p.baseline}' for deletion/insertion, integrated gradients, occlusion, RISE, LIME, SHAP",
-                f"deletion/insertion in {p.steps} steps, ties broken at random; infidelity: Gaussian noise std "
-                f"{p.noise:g} x input range, {p.infidelity_samples} samples, normalised; max-sensitivity: radius "
+                f"{len(x)} items of the {p.split} split (seeded sample, seed {ctx.seed}); maps explain {explained}; "
+                "model in eval mode",
+                f"baseline '{p.baseline}' for deletion/insertion, MuFidelity and the methods that take one",
+                f"deletion/insertion in {p.steps} steps, ties broken at random; MuFidelity: {p.mufidelity_samples} "
+                f"random subsets of a {p.mufidelity_cells}x{p.mufidelity_cells} grid, {p.mufidelity_subset:.0%} of "
+                f"cells removed; infidelity: Gaussian noise std {p.noise:g} x input range, {p.infidelity_samples} "
+                f"samples, normalised; max-sensitivity and average stability: uniform noise of radius "
                 f"{p.sensitivity_radius:g} x input range, {p.sensitivity_samples} samples, first "
-                f"{min(p.sensitivity_items, len(x))} items",
-                f"sanity: conv/linear weights re-drawn from the output down; fails above rank correlation "
+                f"{min(p.sensitivity_items, len(x))} items; complexity: normalised entropy, sparseness: Gini index",
+                f"sanity: conv/linear weights re-drawn from the output down (cascading) and one layer at a time "
+                f"(independent); a method passes when the upper bound of the cascading rank correlation is <= "
                 f"{p.sanity_max_correlation}",
-                f"{conf:.0%} Student-t intervals of means (pointing game: Clopper-Pearson)",
+                f"ranking by the claim rules on intervals (verdicts.rank_methods): recommended when every rule "
+                f"PASSES; {conf:.0%} Student-t intervals of means (pointing game: Clopper-Pearson)",
             ],
         )
 
-    def _sanity(self, net, name, p, x, target, baseline, original, seed) -> dict:
-        steps = cascade(net.parametric_layers())
+    def _measure(self, net, method, name, p, x, target, baseline, masks, seed, measure, curves) -> dict:
+        """Every metric of one method: the row of the ranking (point values; the intervals are measurements)."""
+        maps, deltas = [], []
+        for s in range(0, len(x), p.batch_size):
+            a = A.attribute(net, method, x[s:s + p.batch_size], target[s:s + p.batch_size], baseline, seed)
+            maps.append(a.maps)
+            if a.delta is not None:
+                deltas.append(a.delta.abs().numpy())
+        maps = torch.cat(maps)
+        heat = maps.sum(dim=1).numpy()
+        row = {}
+        dc, ic = deletion_insertion(net, x, target, heat, baseline, p.steps, seed)
+        curves["deletion"][name], curves["insertion"][name] = dc.mean(0), ic.mean(0)
+        row["deletion_auc"] = measure(f"deletion_auc:{name}", auc(dc), method=name)
+        row["insertion_auc"] = measure(f"insertion_auc:{name}", auc(ic), method=name)
+        row["faithfulness"] = measure(f"faithfulness:{name}", auc(ic) - auc(dc), method=name)
+        row["mu_fidelity"] = measure(f"mu_fidelity:{name}", mu_fidelity(
+            net, x, target, heat, baseline, p.mufidelity_cells, p.mufidelity_subset, p.mufidelity_samples, seed),
+            method=name)
+        if deltas and name == "integrated_gradients":
+            row["convergence_delta"] = measure("ig_convergence_delta", np.concatenate(deltas), method=name)
+        row["infidelity"] = measure(f"infidelity:{name}", infidelity_of(
+            net, x, target, maps, p.noise * net.input_range, p.infidelity_samples, seed), method=name)
+        k = min(p.sensitivity_items, len(x))
+        if k:
+            explain = lambda inp, tgt: A.attribute(net, method, inp, tgt, baseline, seed).maps  # noqa: E731
+            moved = stability(explain, x[:k], target[:k], p.sensitivity_radius * net.input_range,
+                              p.sensitivity_samples, seed)
+            row["sensitivity_max"] = measure(f"sensitivity_max:{name}", moved.max(axis=1), method=name)
+            row["average_stability"] = measure(f"average_stability:{name}", moved.mean(axis=1), method=name)
+        row["complexity"] = measure(f"complexity:{name}", complexity(heat), method=name)
+        row["sparseness"] = measure(f"sparseness:{name}", sparseness(heat), method=name)
+        if masks is not None:
+            row["relevance_mass"] = measure(f"relevance_mass:{name}", relevance_mass(heat, masks), method=name,
+                                            region=p.region.label(), chance=float(masks.mean()))
+            row["pointing_game"] = measure(f"pointing_game:{name}", pointing_game(heat, masks), proportion=True,
+                                           method=name, region=p.region.label(), chance=float(masks.mean()))
+        if net.differentiable:
+            original = np.abs(heat)
+            for kind in ("sanity", "independent"):
+                curves[kind][name] = self._sanity(net, name, p, x, target, baseline, original, seed,
+                                                  independent=kind == "independent")
+            corr = curves["sanity"][name]
+            row["sanity_rank_correlation"] = measure(f"sanity_rank_correlation:{name}", corr["values"][-1],
+                                                     method=name, layers_randomised=corr["steps"][-1],
+                                                     threshold=p.sanity_max_correlation)
+        return row
+
+    def _sanity(self, net, name, p, x, target, baseline, original, seed, independent=False) -> dict:
+        total = net.parametric_layers()
+        steps = list(range(1, min(total, 3) + 1)) if independent else cascade(total)
         values = []
         for k in steps:
-            rnet = net.randomised(k, seed)
+            rnet = net.randomised(k, seed, independent=independent)
             m = A.make(rnet, name, p.options.get(name))
             maps = torch.cat([A.attribute(rnet, m, x[s:s + p.batch_size], target[s:s + p.batch_size], baseline,
                                           seed).maps for s in range(0, len(x), p.batch_size)])

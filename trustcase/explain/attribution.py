@@ -260,8 +260,9 @@ class Network:
             return 0
         return sum(any(p.ndim > 1 for p in m.parameters(recurse=False)) for m in self.module.modules())
 
-    def randomised(self, top_layers: int, seed: int) -> Network:
-        """A copy with the parameters of its last `top_layers` parametric layers re-drawn (Adebayo et al.)."""
+    def randomised(self, top_layers: int, seed: int, independent: bool = False) -> Network:
+        """A copy with the parameters of its last `top_layers` parametric layers re-drawn (Adebayo et al.):
+        cascading, or, `independent`, only the `top_layers`-th layer from the output."""
         if self.module is None:
             raise Unsupported("model randomisation needs the model's weights; the model is a black box")
         module = copy.deepcopy(self.module)
@@ -269,7 +270,7 @@ class Network:
         parametric = [m for m in module.modules() if any(p.ndim > 1 for p in m.parameters(recurse=False))]
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for m in parametric[::-1][:top_layers]:
+            for m in parametric[::-1][top_layers - 1 if independent else 0:top_layers]:
                 for p in m.parameters(recurse=False):
                     fan_in = p[0].numel() if p.ndim > 1 else p.numel()
                     p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))

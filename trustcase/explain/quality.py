@@ -135,6 +135,75 @@ def sensitivity_of(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return out.detach().numpy()
 
 
+def mu_fidelity(net: A.Network, x: torch.Tensor, target: torch.Tensor, heatmaps: np.ndarray,
+                baseline: float | torch.Tensor, cells: int = 8, subset: float = 0.2, samples: int = 32,
+                seed: int = 0) -> np.ndarray:
+    """MuFidelity (Bhatt et al. 2020) per item: the Pearson correlation, over random subsets S of grid cells
+    (each kept out with probability `subset`), between the relevance in S and the drop of the target
+    probability when S is replaced by the baseline. 1: the map predicts every drop; 0: it predicts none."""
+    b, c, h, w = x.shape
+    seg = A.grid_segments(h, w, cells)[0, 0].numpy()
+    rng = np.random.default_rng(seed)
+    out = rng.random((samples, cells * cells)) < subset  # the same subsets for every item
+    hm = np.asarray(heatmaps, np.float64).reshape(b, -1)
+    in_cell = np.stack([np.bincount(seg.ravel(), hm[i], minlength=cells * cells) for i in range(b)])  # (B, cells^2)
+    relevance = in_cell @ out.T  # (B, samples)
+    masks = torch.from_numpy(out[:, seg].astype(np.float32))[:, None]  # (samples, 1, h, w): 1 = removed
+    base = torch.as_tensor(baseline, dtype=x.dtype).expand(1, c, h, w)
+    rows = torch.arange(b)
+    drops = np.zeros((b, samples))
+    per = max(1, A.MAX_EVAL_ELEMENTS // (b * x[0].numel()))
+    with torch.no_grad():
+        p0 = net.probabilities(x)[rows, target]
+        for s in range(0, samples, per):
+            m = masks[s:s + per][None]  # (1, k, 1, h, w)
+            inputs = (x[:, None] * (1 - m) + base[:, None] * m).reshape(-1, c, h, w)
+            p = net.probabilities(inputs).reshape(b, m.shape[1], -1)[rows, :, target]
+            drops[:, s:s + per] = (p0[:, None] - p).numpy()
+    return np.array([_pearson(r, d) for r, d in zip(relevance, drops)])
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def stability(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+              radius: float, samples: int, seed: int) -> np.ndarray:
+    """Relative change of the map, ||phi(x + d) - phi(x)|| / ||phi(x)||, for `samples` draws of d uniform in
+    the L-inf ball of `radius`: (B, samples). Its mean per item is the Average Stability (Xplique; lower is
+    better), its maximum the max-sensitivity of Yeh et al. 2019."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = explain(x, target).flatten(1)
+    norm = ref.norm(dim=1).clamp(min=1e-12)
+    out = np.zeros((len(x), samples))
+    for k in range(samples):
+        d = (torch.rand(x.shape, generator=gen) * 2 - 1) * radius
+        out[:, k] = ((explain(x + d, target).flatten(1) - ref).norm(dim=1) / norm).numpy()
+    return out
+
+
+def complexity(heatmaps: np.ndarray) -> np.ndarray:
+    """Entropy of the absolute map as a distribution over pixels, divided by its maximum log(pixels)
+    (Bhatt et al. 2020): 0 when one pixel holds all relevance, 1 when relevance is uniform (nan: empty map)."""
+    a = np.abs(np.asarray(heatmaps, np.float64)).reshape(len(heatmaps), -1)
+    total = a.sum(axis=1, keepdims=True)
+    p = a / np.where(total > 0, total, 1)
+    ent = -(p * np.log(np.where(p > 0, p, 1))).sum(axis=1)
+    return np.where(total[:, 0] > 0, ent / np.log(a.shape[1]), np.nan)
+
+
+def sparseness(heatmaps: np.ndarray) -> np.ndarray:
+    """Gini index of the absolute map (Chalasani et al. 2020): 0 for a uniform map, (n - 1) / n when one pixel
+    holds all relevance (nan: empty map)."""
+    a = np.sort(np.abs(np.asarray(heatmaps, np.float64)).reshape(len(heatmaps), -1), axis=1)
+    n, total = a.shape[1], a.sum(axis=1)
+    k = np.arange(1, n + 1)
+    gini = ((2 * k - n - 1) * a).sum(axis=1) / (n * np.where(total > 0, total, 1))
+    return np.where(total > 0, gini, np.nan)
+
+
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation of each row of a with the same row of b."""
     ra = stats.rankdata(a.reshape(len(a), -1), axis=1)
