@@ -35,7 +35,7 @@ def attribute(stage: Stage | None, check: str | None, metric: str, perturbed: bo
         return "OOD/ODD monitoring"
     if re.search(r"explain|attribution|saliency|faithful|xai|deletion|insertion", text):
         return "explainability quality"
-    if re.search(r"\bece\b|^ece|calib|brier|nll", metric.lower()) or "calibration" in check:
+    if re.search(r"\bece\b|^ece|calib|brier|nll", metric.lower()) or "calibration" in (check or ""):
         return "calibration"
     if perturbed or re.search(r"adversar|attack|robust|sweep|perturb|corrupt", text):
         return "robustness"
