@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from test_argument import assessment  # noqa: E402
 
 from trustcase.reports import argument as A  # noqa: E402
-from trustcase.reports import render  # noqa: E402
+from trustcase.reports.render import record_digest, render  # noqa: E402
 from trustcase.schemas import Artefact, Assessment, Curve, Series, Verdict  # noqa: E402
 
 
@@ -35,6 +35,43 @@ class _Refs(HTMLParser):
                 self.refs.append(v)
             if k == "style" and v:
                 self.refs += re.findall(r"url\(\s*['\"]?([^'\")]+)", v)
+
+
+class _Text(HTMLParser):
+    """The text a reader sees: everything but style and script (SVG labels included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skip += tag in ("style", "script")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in ("style", "script")
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+
+FILES = {"json", "yaml", "html", "pdf", "zip", "png", "jpg", "jpeg", "csv", "pt", "pth", "py", "safetensors", "sha256",
+         "svg", "dot", "txt", "onnx", "nnet", "vnnlib", "npz", "npy"}
+DOTTED = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\b")
+
+
+def visible_text(html: str) -> str:
+    p = _Text()
+    p.feed(html)
+    return " ".join(p.parts)
+
+
+def raw_keys(html: str) -> list[str]:
+    """What a reader must never see: dotted internal keys, None, NaN."""
+    text = visible_text(html)
+    dotted = [k for k in DOTTED.findall(text) if k.rsplit(".", 1)[1].lower() not in FILES and k not in ("e.g", "i.e")]
+    return sorted(set(dotted + re.findall(r"\b(?:None|NaN|nan)\b", text)))
 
 
 def external_refs(html: str) -> list[str]:
@@ -76,21 +113,34 @@ def test_report_renders_everything_generically(tmp_path):
     assert external_refs(html) == []
     assert "http://" not in html and "https://" not in html
     # the argument, the stage sections, the evidence anchors the GSN links point at
-    for anchor in ["summary", "argument", "rules", "claims", "stage-requirements", "stage-data", "stage-learning",
-                   "stage-testing", "stage-formal", "stage-deployment", "provenance", "check-adversarial",
-                   "ev-F-cert", "claim-F-cert", "gsn-overview", "gsn-data"]:
+    for anchor in ["summary", "decision", "findings", "argument", "claims", "signature", "appendix", "rules",
+                   "stage-requirements", "stage-data", "stage-learning", "stage-testing", "stage-formal",
+                   "stage-deployment", "provenance", "check-adversarial", "ev-F-cert", "claim-F-cert", "gsn-overview",
+                   "gsn-data"]:
         assert f'id="{anchor}"' in html, anchor
-    assert 'href="#ev-F-cert"' in html  # a solution node of the SVG links to its evidence row
+    assert 'href="#ev-F-cert"' in html  # a solution node of the SVG links to its claim card
+    # the body in its order: decision, findings, changes, argument, claim cards, signature; then the appendix
+    order = [html.index(f'id="{x}"') for x in ("decision", "findings", "changes", "argument", "claims", "signature",
+                                                "appendix", "checks", "provenance")]
+    assert order == sorted(order)
+    body = html[:html.index('id="appendix"')]
+    assert body.count('class="card ') == len(a.requirements)
+    card = body[body.index('id="claim-F-cert"'):]
+    card = card[:card.index("</section>")]
+    assert "FAIL: the measured value 10% is not at least 50%." in card  # the rule, in the requirement's units
+    assert "Certified accuracy 10% (interval 9–11%)." in card
+    findings = html[html.index('id="findings"'):html.index('id="changes"')]
+    assert "F-cert: certified accuracy 10% (interval 9–11%) on the test split, required at least 50%." in findings
+    assert "Not acceptable as assessed: 1 of 9 mandatory claims are shown not to hold (F-cert)." in html
     # generic rendering of the new check: curve drawn, image artefact embedded, limitation, summary rows
     assert (tmp_path / "plots" / "curve_adversarial__eps.png").is_file()
     embedded = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', html)
     assert sorted(embedded) == ["Accuracy under PGD", "adversarial/worst_input.png", "trust profile"]
     assert "attack budget limited to 10 steps" in html
-    assert "40 numbers in [0, 39]" in html and "nested.a.b" in html
+    assert "40 numbers from 0 to 39" in html and "Nested › a › b" in html  # readable headers, no raw key
     assert "cell_0007.png" in html  # public: identifiers shown as they are
-    assert "robust_accuracy" in html
-    # the verdict story on the cover
-    assert "Shown not to hold: F-cert failed." in html
+    assert "robust accuracy" in html
+    assert raw_keys(html) == []
     # machine-readable argument
     doc = yaml.safe_load(Path(files["argument_yaml"]).read_text())
     assert A.check_gsn2x(doc) == []
@@ -113,9 +163,14 @@ def test_partial_assessment_renders_and_says_what_is_missing(tmp_path):
                                  "errors": ["performance: ModelError: boom"]})
     files = render(empty, tmp_path, pdf=False)
     html = Path(files["html"]).read_text()
-    assert "INCOMPLETE ASSESSMENT" in html and "performance: ModelError: boom" in html
-    assert html.count("no evidence record") >= len(a.requirements)
+    # said in words: which check did not finish and why, what is therefore not measured; never an empty card
+    assert "Incomplete assessment." in html
+    assert "The Performance check did not finish (model error: boom)" in html
+    assert "performance: ModelError" not in visible_text(html)
+    body = html[:html.index('id="appendix"')]
+    assert body.count("INCONCLUSIVE: nothing measured this claim") == len(a.requirements)
     assert "has no evidence record: its goal is undeveloped" in html
+    assert raw_keys(html) == []
     assert Path(files["pack"]).is_file()
 
 
@@ -134,11 +189,33 @@ def test_comparison_mode_lists_regressions_first(tmp_path):
     before = assessment()
     now = assessment({"L-acc": "FAIL"}, mlflow_run_id="run2")
     html = Path(render(now, tmp_path, previous=before, pdf=False)["html"]).read_text()
-    assert "1 regression(s) since the previous assessed version" in html
-    assert 'id="comparison"' in html
+    assert "1 regression(s) since the previous qualified version" in html
+    changes = html[html.index('id="changes"'):html.index('id="argument"')]
+    assert "<b>Regression</b> <b>L-acc</b>: PASS (99%) → FAIL (10%)" in changes
+    body = html[html.index('id="claims"'):html.index('id="signature"')]
+    assert body.index('id="claim-L-acc"') < body.index('id="claim-D-leak"')  # the regression's card comes first
     table = html[html.index('id="comparison"'):]
     assert table.index("L-acc") < table.index("D-leak")  # the regression comes first
     assert '<tr class="regression"><td><b>L-acc' in table
+
+
+def test_without_a_previous_version_the_report_says_so(tmp_path):
+    html = Path(render(assessment(), tmp_path, pdf=False)["html"]).read_text()
+    assert "No previous qualified version of this model was found in the registry" in html
+
+
+def test_footer_carries_run_and_digest_and_the_signature_block_is_empty(tmp_path):
+    a = assessment()
+    html = Path(render(a, tmp_path, pdf=False)["html"]).read_text()
+    digest = record_digest(a)
+    footer = f"trustcase · solar_cells · run run1 · evidence record SHA-256 {digest[:16]}"
+    assert f'@bottom-left {{ content: "{footer}"' in html  # on every printed page
+    html2 = Path(render(a, tmp_path / "p", pdf=False, pack_digest="ab" * 32)["html"]).read_text()
+    assert "run run1 · pack SHA-256 abababababababab" in html2
+    sig = html[html.index('id="signature"'):html.index('id="appendix"')]
+    for role in ("Prepared by", "Reviewed by", "Approved by (quality manager)"):
+        assert role in sig
+    assert sig.count("<td></td>") == 3 * 4  # name, date, comment, signature left blank
 
 
 def test_rendering_is_deterministic(tmp_path):
@@ -155,3 +232,4 @@ def test_without_graphviz_the_argument_is_an_outline(tmp_path, monkeypatch):
     assert "Graphviz (dot) is not installed" in html
     assert '<ul class="outline">' in html and "<svg" not in html
     assert html.count("<b>G-L-acc</b>") == 1  # in the learning outline, with its verdict
+    assert raw_keys(html) == []

@@ -46,6 +46,21 @@ def fetch_assessment(run_id: str, tracking_uri: str | None = None) -> Assessment
         return _assessment(client, run_id, Path(tmp))
 
 
+def qualified_previous(use_case: dict, tracking_uri: str | None = None, exclude_run_id: str | None = None
+                       ) -> Assessment | None:
+    """The assessment of the use case's qualified registered version (the registry's `qualified` alias), the
+    default comparison of a report; None when there is none, or it is the run itself, or it cannot be read."""
+    tracking.configure(tracking_uri)
+    name = (use_case.get("model") or {}).get("registered_name") or use_case.get("id", "")
+    found = tracking.qualified_run(name) if name else None
+    if found is None or found[1] == exclude_run_id:
+        return None
+    try:
+        return fetch_assessment(found[1], tracking_uri)
+    except RunNotFound:
+        return None
+
+
 def fetch_run(run_id: str, folder: Path, tracking_uri: str | None = None, skip: set[str] = frozenset()) -> Assessment:
     """Download every artefact of the run (but the top-level names in `skip`) into folder; the assessment."""
     client = _client(run_id, tracking_uri)
@@ -59,11 +74,12 @@ def fetch_run(run_id: str, folder: Path, tracking_uri: str | None = None, skip: 
 
 def rerender(run_id: str, out_dir: Path, tracking_uri: str | None = None,
              previous_run_id: str | None = None) -> dict[str, str]:
-    """The run's report rendered afresh (with every check artefact, so the pack is whole), optionally compared
-    with the assessment of another run."""
+    """The run's report rendered afresh (with every check artefact, so the pack is whole), compared with the
+    assessment of `previous_run_id`, by default with that of the qualified registered version."""
     out_dir = Path(out_dir)
     assessment = fetch_run(run_id, out_dir, tracking_uri, skip=RENDERED)
-    previous = fetch_assessment(previous_run_id, tracking_uri) if previous_run_id else None
+    previous = (fetch_assessment(previous_run_id, tracking_uri) if previous_run_id
+                else qualified_previous(assessment.use_case, tracking_uri, exclude_run_id=run_id))
     return reports.render(assessment, out_dir, previous=previous)
 
 

@@ -178,6 +178,16 @@ def registered_name(use_case: UseCase) -> str:
     return use_case.model.registered_name or use_case.id
 
 
+def qualified_run(name: str, alias: str = "qualified") -> tuple[str, str] | None:
+    """(version, assessment run id) of the registered version holding the alias, if trustcase assessed it."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    run_id = mv.tags.get("trustcase.run_id")
+    return (str(mv.version), run_id) if run_id else None
+
+
 def model_version(use_case: UseCase, model_sha256: str) -> str | None:
     """The registered version whose file hash is this model's, if the model is registered."""
     try:

@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trustcase.reports import findings
 from trustcase.schemas import Assessment, ClaimChange, Evidence, Requirement, Stage, Verdict, compare_claims
 
 RULES = [
@@ -249,8 +250,8 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
                "missing evidence makes it INCONCLUSIVE; PASS needs the whole confidence interval to satisfy "
                "the threshold", anchor="rules"), context_of=amlas.id)
     if not a.complete:
-        b.add(Node("A-incomplete", "assumption", "The assessment is INCOMPLETE: " + "; ".join(
-            e.splitlines()[0] for e in a.errors)[:400], anchor="summary"), context_of=top.id)
+        b.add(Node("A-incomplete", "assumption", "The assessment is INCOMPLETE. " + " ".join(
+            findings.human_error(e) for e in a.errors)[:400], anchor="summary"), context_of=top.id)
 
     stage_goals: dict[str, str] = {}
     # requirements stage: the specification itself is the evidence
@@ -368,7 +369,8 @@ def _develop(b: _Builder, g: Node, stage: Stage, claims: list[Requirement], by_c
         if o.check not in judged and o.measurements:
             _descriptive(b, s.id, o.check, o.measurements, stage, "")
         elif o.check not in judged:
-            b.add(Node(f"Sn-{_slug(o.check)}", "solution", f"{o.check}: ran, produced no measurement",
+            b.add(Node(f"Sn-{_slug(o.check)}", "solution",
+                       f"{findings.check_name(o.check)}: ran, produced no measurement",
                        stage=stage, anchor=f"check-{_slug(o.check)}"), parent=s.id)
     _assumptions(b, s.id, [e for r in claims for e in by_claim[r.id]], stage)
 
@@ -404,8 +406,11 @@ def _claim(b: _Builder, parent: str, r: Requirement, records: list[Evidence], st
 
 
 def _solution(b: _Builder, parent: str, e: Evidence, stage: str, node_id: str) -> Node:
-    iv = f" [{_fmt(e.interval.lower)}, {_fmt(e.interval.upper)}]" if e.interval else ""
-    text = f"{e.check}: {e.metric} = {_fmt(e.value)}{iv}, threshold {e.comparator or ''} {_fmt(e.threshold)}"
+    iv = f" [{findings.interval(e.metric, e.interval.lower, e.interval.upper)}]" if e.interval else ""
+    want = f", required {findings.comparator(e.comparator)} {findings.value(e.metric, e.threshold)}" \
+        if e.comparator and e.threshold is not None else ""
+    measured = f"{findings.metric_name(e.metric)} {findings.value(e.metric, e.value)}"
+    text = f"{findings.check_name(e.check)}: {measured}{iv}{want}"
     return b.add(Node(node_id, "solution", text, stage=stage, verdict=e.verdict, anchor=f"ev-{e.claim_id}",
                       details={"claim_id": e.claim_id, "check": e.check, "metric": e.metric, "value": e.value,
                                "threshold": e.threshold, "comparator": e.comparator,
@@ -415,9 +420,11 @@ def _solution(b: _Builder, parent: str, e: Evidence, stage: str, node_id: str) -
 
 def _descriptive(b: _Builder, parent: str, check: str, ms: list, stage: str, suffix: str) -> Node:
     metrics = sorted({m.metric for m in ms})
-    shown = ", ".join(metrics[:3]) + (f" +{len(metrics) - 3} more" if len(metrics) > 3 else "")
+    shown = ", ".join(findings.metric_name(x) for x in metrics[:3]) + (
+        f" and {len(metrics) - 3} more" if len(metrics) > 3 else "")
     return b.add(Node(f"Sn-{_slug(check)}" + (f"-{suffix}" if suffix else ""), "solution",
-                      f"{check}: {len(ms)} measurement(s) ({shown}), not judged: no requirement sets a threshold",
+                      f"{findings.check_name(check)}: {len(ms)} measurement(s) ({shown}), not judged: no requirement "
+                      "sets a threshold",
                       stage=stage, anchor=f"check-{_slug(check)}",
                       details={"check": check, "metrics": metrics, "descriptive": True}), parent=parent)
 
@@ -429,7 +436,8 @@ def _assumptions(b: _Builder, strategy: str, records: list[Evidence], stage: str
         if e.validity:
             seen.setdefault((e.check, tuple(e.validity)), None)
     for check, conditions in seen:
-        b.add(Node(f"A-{stage}-{_slug(check)}", "assumption", f"Evidence from {check} holds under: "
+        b.add(Node(f"A-{stage}-{_slug(check)}", "assumption",
+                   f"Evidence from {findings.check_name(check)} holds under: "
                    + "; ".join(conditions), stage=stage, anchor=f"check-{_slug(check)}",
                    details={"check": check, "validity": list(conditions)}), context_of=strategy)
 

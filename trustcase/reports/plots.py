@@ -141,3 +141,52 @@ def draw_all(a: Assessment, out: Path, failures: list[str] | None = None) -> dic
             key = curve_key(o.check, c.id)
             attempt(key, lambda c=c, key=key: curve(c, out / f"{key}.png"))
     return {k: v for k, v in found.items() if v is not None}
+
+
+def claim_sweep(title: str, x_label: str, y_label: str, ms: list[Measurement], threshold: float, claimed: float,
+                held: float | None, percent: bool, path: Path) -> Path:
+    """One claim's metric over its whole amplitude grid: the band, the threshold, the claimed amplitude and the
+    amplitude up to which the claim holds."""
+    scale = 100.0 if percent else 1.0
+    x = [m.amplitude or 0.0 for m in ms]
+    y = [scale * m.value if m.value is not None else float("nan") for m in ms]
+    fig, ax = plt.subplots(figsize=(4.6, 2.5))
+    line, = ax.plot(x, y, marker="o", ms=3, color="#0969da", label="measured")
+    if all(m.interval for m in ms):
+        ax.fill_between(x, [scale * m.interval.lower for m in ms], [scale * m.interval.upper for m in ms],
+                        color=line.get_color(), alpha=0.2, label="confidence interval")
+    ax.axhline(scale * threshold, color=COLOURS["FAIL"], ls="--", lw=1, label="required")
+    ax.axvspan(min(x), claimed, color="#8c959f", alpha=0.12, lw=0, label="claimed range")
+    if held is not None and held < claimed - 1e-12:
+        ax.axvline(held, color="black", ls=":", lw=1)
+        ax.annotate("holds up to", (held, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                    ha="right", va="bottom")
+    ax.set_xlabel(x_label, fontsize=8)
+    ax.set_ylabel(y_label + (" (%)" if percent else ""), fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def monitor_detection(curves: list[Curve], path: Path) -> Path | None:
+    """The monitor's stop rate against the amplitude of each perturbation, scaled so that 1 is the ODD boundary."""
+    usable = [c for c in curves if c.x_marks.get("ODD boundary") and c.series]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 2.5))
+    for c in usable:
+        b = c.x_marks["ODD boundary"]
+        s = next(iter(c.series.values()))
+        n = min(len(c.x), len(s.y))
+        ax.plot([v / b for v in c.x[:n]], [100 * v for v in s.y[:n]], marker="o", ms=3,
+                label=re.sub(r"^.*under (.*?):.*$", r"\1", c.title).replace("_", " "))
+    ax.axvline(1.0, color="black", ls=":", lw=1)
+    ax.annotate("ODD boundary", (1.0, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                ha="right", va="bottom")
+    ax.set_xlabel("amplitude / amplitude at the ODD boundary", fontsize=8)
+    ax.set_ylabel("inputs stopped (%)", fontsize=8)
+    ax.set_title("ODD monitor: share stopped vs perturbation amplitude", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)

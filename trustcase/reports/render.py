@@ -22,7 +22,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from trustcase.reports import argument, gsn, pack, plots, profile
+from trustcase.reports import argument, findings, gsn, pack, plots, profile
 from trustcase.schemas import Assessment, CheckOutcome, Measurement, Stage, Verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -54,19 +54,25 @@ def slug(text: str) -> str:
 
 
 def compact(value: Any) -> str:
-    """One cell of the summary table: long number lists become 'n numbers in [min, max]'."""
+    """One cell of a details table: long number lists become 'n numbers from min to max'; no raw None."""
+    if value is None:
+        return "not available"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list):
         if value and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             if len(value) <= 8:
-                return ", ".join(_fmt(float(x)) if isinstance(x, float) else str(x) for x in value)
-            return f"{len(value)} numbers in [{_fmt(float(min(value)))}, {_fmt(float(max(value)))}]"
+                return ", ".join(findings.number(float(x)) if isinstance(x, float) else str(x) for x in value)
+            return f"{len(value)} numbers from {findings.number(float(min(value)))} to " \
+                   f"{findings.number(float(max(value)))}"
         if len(value) <= 6:
             return ", ".join(compact(x) for x in value) if value else "none"
         return ", ".join(compact(x) for x in value[:5]) + f", … ({len(value)} in all)"
     if isinstance(value, float):
-        return _fmt(value)
+        return findings.number(value)
     if isinstance(value, dict):
-        return json.dumps(value, default=str)[:200]
+        return "; ".join(f"{findings.words(k)} {compact(v)}" for k, v in list(value.items())[:8]) + (
+            " …" if len(value) > 8 else "")
     return str(value)
 
 
@@ -78,19 +84,42 @@ def inline_svg(svg: str, name: str) -> str:
     return svg.replace("xlink:href=", "href=").replace("xlink:title=", "title=")
 
 
-def summary_rows(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], int]:
-    """A check's structured summary flattened to (key path, compact value) rows; the count left off."""
+def detail_tables(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """A check's structured summary as labelled tables with readable headers: scalars as (field, value) rows
+    under their section, lists of records as tables of their own."""
+    tables: list[dict[str, Any]] = []
     rows: list[tuple[str, str]] = []
 
-    def walk(prefix: str, v: Any, depth: int) -> None:
-        if isinstance(v, dict) and v and depth < 4:
+    def walk(path: list[str], v: Any, depth: int) -> None:
+        label = " › ".join(findings.words(p) for p in path)
+        if isinstance(v, dict) and v and depth < 5:
             for k, x in v.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), x, depth + 1)
+                walk([*path, str(k)], x, depth + 1)
+        elif isinstance(v, list) and len(v) > 1 and all(isinstance(x, dict) for x in v):
+            cols = list(dict.fromkeys(k for x in v for k in x))
+            tables.append({"title": label.capitalize(), "columns": [findings.words(c) for c in cols],
+                           "rows": [[compact(x.get(c)) for c in cols] for x in v[:MAX_SUMMARY_ROWS]],
+                           "left": max(0, len(v) - MAX_SUMMARY_ROWS)})
         else:
-            rows.append((prefix, compact(v)))
+            rows.append((label.capitalize() if label else "value", compact(v)))
 
-    walk("", summary, 0)
-    return rows[:MAX_SUMMARY_ROWS], max(0, len(rows) - MAX_SUMMARY_ROWS)
+    walk([], summary, 0)
+    if rows:
+        tables.insert(0, {"title": "Key figures", "columns": ["Field", "Value"], "rows": rows[:MAX_SUMMARY_ROWS],
+                          "left": max(0, len(rows) - MAX_SUMMARY_ROWS)})
+    return tables
+
+
+def cell(m: Measurement | None) -> str:
+    """One measurement in a table cell: value in its units, interval, number of items."""
+    if m is None:
+        return ""
+    text = findings.value(m.metric, m.value, m.unit)
+    if m.interval:
+        text += f" [{findings.interval(m.metric, m.interval.lower, m.interval.upper)}]"
+    if m.n is not None:
+        text += f" n={m.n}"
+    return text
 
 
 def measurement_table(ms: list[Measurement]) -> dict[str, Any] | None:
@@ -102,23 +131,30 @@ def measurement_table(ms: list[Measurement]) -> dict[str, Any] | None:
     splits = sorted({m.scope.split for m in ms}, key=lambda s: (known.index(s) if s in known else 9, s))
     rows: dict[tuple[str, str], dict[str, Measurement]] = {}
     for m in ms:
-        sub = ", ".join(f"{k} = {v}" for k, v in sorted(m.scope.subgroup.items())) or "all"
-        rows.setdefault((sub, m.metric), {})[m.scope.split] = m
-    return {"splits": splits, "rows": [(k, [r.get(s) for s in splits]) for k, r in rows.items()]}
+        rows.setdefault((findings.subgroup(m.scope.subgroup) or "all items", findings.metric_name(m.metric)),
+                        {})[m.scope.split] = m
+    return {"splits": splits, "rows": [(k, [cell(r.get(s)) for s in splits]) for k, r in rows.items()]}
 
 
-def perturbation_table(ms: list[Measurement]) -> dict[str, Any] | None:
-    """Measurements under perturbations pivoted: one row per (perturbation, subgroup, metric), one column
-    per amplitude."""
-    ms = [m for m in ms if m.scope.perturbation is not None]
-    if not ms:
-        return None
-    amps = sorted({m.amplitude or 0.0 for m in ms})
-    rows: dict[tuple, dict[float, Measurement]] = defaultdict(dict)
-    for m in ms:
-        sub = ", ".join(f"{k} = {v}" for k, v in sorted(m.scope.subgroup.items())) or "all"
-        rows[(m.scope.perturbation.name, m.scope.split, sub, m.metric)][m.amplitude or 0.0] = m
-    return {"amplitudes": amps, "rows": [(k, [r.get(a) for a in amps]) for k, r in rows.items()]}
+def perturbation_tables(o: CheckOutcome, units: findings.Units) -> list[dict[str, Any]]:
+    """Measurements under perturbations, one table per perturbation: a row per (split, subgroup, metric), a column
+    per amplitude (in the perturbation's unit)."""
+    by_pert: dict[str, list[Measurement]] = defaultdict(list)
+    for m in o.measurements:
+        if m.scope.perturbation is not None:
+            by_pert[m.scope.perturbation.name].append(m)
+    tables = []
+    for name, ms in by_pert.items():
+        amps = sorted({m.amplitude or 0.0 for m in ms})
+        rows: dict[tuple, dict[float, Measurement]] = defaultdict(dict)
+        for m in ms:
+            rows[(m.scope.split, findings.subgroup(m.scope.subgroup) or "all items",
+                  findings.metric_name(m.metric))][m.amplitude or 0.0] = m
+        tables.append({"title": findings.words(name), "unit": units.units.get(name, ""),
+                       "amplitudes": [units.amplitude(name, x) for x in amps],
+                       "rows": [(k, [findings.value(r[x].metric, r[x].value, r[x].unit) if x in r else ""
+                                     for x in amps]) for k, r in rows.items()]})
+    return tables
 
 
 def _artefact_path(out_dir: Path, rel: str) -> Path | None:
@@ -151,58 +187,77 @@ def artefact_views(a: Assessment, out_dir: Path, secret: bool) -> dict[str, list
     return views
 
 
+def record_digest(a: Assessment) -> str:
+    """SHA-256 of the evidence record as the pack holds it (assessment.json, redacted when confidential): printed on
+    every page so that a page cannot be swapped between reports."""
+    return pack.sha256_bytes(a.model_dump_json(indent=1).encode())
+
+
+def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units, out: Path,
+                failures: list[str]) -> dict[str, Path]:
+    """One plot per claim where a curve says more than a number: the claim's sweep (perturbation, attack or
+    certified radius), the reliability diagram for calibration, the monitor's detection against amplitude."""
+    by_check = {}
+    for o in a.outcomes:
+        by_check.setdefault(o.check, []).append(o)
+    drawn: dict[str, Path] = {}
+    for c in cards:
+        r, e = c.r, c.e
+        if e is None or not e.measured:
+            continue
+        try:
+            if r.scope.perturbation:
+                ms = findings.sweep_of(r, [m for o in by_check.get(e.check, []) for m in o.measurements])
+                if len(ms) >= 2:
+                    name = r.scope.perturbation.name
+                    unit = units.units.get(name, "")
+                    key = f"claim_{slug(r.id)}"
+                    drawn[key] = plots.claim_sweep(
+                        f"{r.id}: {findings.metric_name(r.metric)} under {findings.words(name)}",
+                        f"{findings.words(name)} amplitude" + (f" ({unit})" if unit else ""),
+                        findings.metric_name(r.metric), ms, r.threshold, r.scope.perturbation.max_amplitude,
+                        e.details.get("breaking_amplitude"), findings.proportion(r.metric), out / f"{key}.png")
+                    c.plot = key
+            elif r.metric == "ece":
+                c.plot = "reliability"
+            elif e.check == "odd_monitor" and r.metric.startswith("detection_rate"):
+                if "monitor_detection" not in drawn:
+                    curves = [c2 for o in by_check[e.check] for c2 in o.curves]
+                    path = plots.monitor_detection(curves, out / "monitor_detection.png")
+                    if path:
+                        drawn["monitor_detection"] = path
+                c.plot = "monitor_detection" if "monitor_detection" in drawn else None
+        except Exception as x:  # noqa: BLE001  a malformed record costs one plot, not the report
+            plots.plt.close("all")
+            failures.append(f"the plot of claim {r.id} could not be drawn ({type(x).__name__}); its appendix "
+                            "tables hold the numbers")
+    return drawn
+
+
 def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagrams: dict[str, str | None],
-            out_dir: Path, trust: list[profile.Score], failures: list[str]) -> dict:
+            out_dir: Path, trust: list[profile.Score], failures: list[str], cards: list[findings.Card],
+            units: findings.Units, digest: str, digest_label: str) -> dict:
     secret = pack.confidential(a)
-    verdicts = Counter(e.verdict.value for e in a.evidence if e.claim_id)
-    req = {r.id: r for r in a.requirements}
-    ev = {e.claim_id: e for e in a.evidence if e.claim_id in req}
-    order = {Verdict.FAIL: 0, Verdict.INCONCLUSIVE: 1, Verdict.PASS: 2, None: 1}
-    comparison = {c.claim_id: c for c in arg.comparison}
-    regressed = {c.claim_id for c in arg.comparison if c.regression}
-    claims = sorted(a.requirements, key=lambda r: (r.id not in regressed, order[ev[r.id].verdict if r.id in ev
-                                                                                 else None], r.id))
-    by_stage = {s: [r for r in claims if arg.claim_stage.get(r.id) == s] for s in SECTIONS}
+    verdicts = Counter(c.verdict.value for c in cards)
     outcomes_by_stage: dict[str, list[CheckOutcome]] = defaultdict(list)
     for o in a.outcomes:
         outcomes_by_stage[o.stage].append(o)
-    critical = a.use_case.get("model", {}).get("critical_class", "")
-    failed = [r for r in claims if r.id in ev and ev[r.id].verdict is Verdict.FAIL]
-    not_shown = [r for r in claims if r.id not in ev or ev[r.id].verdict is Verdict.INCONCLUSIVE]
-    passed = [r for r in claims if r.id in ev and ev[r.id].verdict is Verdict.PASS]
-    gaps = [n for n in arg.nodes.values() if n.kind == "goal" and n.verdict is Verdict.INCONCLUSIVE
-            and not n.details.get("claim_id") and n.details.get("why", "").startswith(("undeveloped", "only"))]
-    counted_fail = [r.id for r in failed if r.mandatory]
-    if arg.verdict is Verdict.FAIL:
-        headline = "Shown not to hold: " + (", ".join(counted_fail) or "see the argument") + " failed."
-    elif arg.verdict is Verdict.INCONCLUSIVE:
-        parts = []
-        if [r for r in not_shown if r.mandatory]:
-            parts.append(f"{len([r for r in not_shown if r.mandatory])} mandatory claim(s) inconclusive")
-        if gaps:
-            parts.append(f"{len(gaps)} goal(s) without judged evidence ({', '.join(n.id for n in gaps[:4])}"
-                         + (", …" if len(gaps) > 4 else "") + ")")
-        if not a.complete:
-            parts.append("the assessment is incomplete")
-        headline = "Not shown either way: " + ("; ".join(parts) or "see the argument") + "."
-    else:
-        headline = "Every goal of the argument is supported by passing evidence."
-    sweeps = [o for o in a.outcomes if o.check == "perturbation_sweep"]
-    dq = next((o for o in a.outcomes if o.check == "data_quality"), None)
+    regressed = [c for c in arg.comparison if c.regression]
     return {
-        "a": a, "uc": a.use_case, "p": a.provenance, "arg": arg, "verdicts": verdicts, "req": req, "ev": ev,
-        "claims": claims, "by_stage": by_stage, "outcomes_by_stage": outcomes_by_stage, "sections": SECTIONS,
-        "stage_titles": STAGE_TITLES, "failed": failed, "not_shown": not_shown, "passed": passed, "gaps": gaps,
-        "headline": headline, "comparison": comparison, "regressed": regressed, "critical": critical,
-        "sweeps": sweeps, "dq": dq,
+        "a": a, "uc": a.use_case, "p": a.provenance, "arg": arg, "verdicts": verdicts, "cards": cards,
+        "decision": findings.decision(a, arg.verdict, cards), "findings": findings.findings(a, arg.verdict,
+                                                                                           arg.claim_stage, units),
+        "splits": findings.facts(a), "outcomes_by_stage": outcomes_by_stage, "sections": SECTIONS,
+        "stage_titles": STAGE_TITLES, "regressed": regressed, "digest": digest, "digest_label": digest_label,
+        "critical": a.use_case.get("model", {}).get("critical_class", ""),
         "images": images, "diagrams": {k: Markup(inline_svg(v, k)) if v else None for k, v in diagrams.items()},
         "wide": {k for k, v in diagrams.items() if v and gsn.width_pt(v) > WIDE_PT},
         "fmt": _fmt, "slug": slug, "secret": secret, "trust": trust, "normalisation": profile.NORMALISATION,
-        "rules": argument.RULES, "failures": failures, "summary_rows": summary_rows,
-        "perturbation_table": perturbation_table, "measurement_table": measurement_table, "curve_key": plots.curve_key,
-        "artefacts": artefact_views(a, out_dir, secret), "outline": outline(arg),
-        "limitations": [(o.check, lim) for o in a.outcomes for lim in o.limitations],
-        "confidence": a.use_case.get("plan", {}).get("confidence", 0.95), "V": Verdict,
+        "rules": argument.RULES, "failures": failures, "detail_tables": detail_tables,
+        "perturbation_tables": lambda o: perturbation_tables(o, units), "measurement_table": measurement_table,
+        "curve_key": plots.curve_key, "artefacts": artefact_views(a, out_dir, secret), "outline": outline(arg),
+        "F": findings, "units": units, "confidence": a.use_case.get("plan", {}).get("confidence", 0.95),
+        "V": Verdict, "errors": [findings.human_error(x) for x in a.errors],
     }
 
 
@@ -247,10 +302,11 @@ def write_pdf(html: str, out_dir: Path) -> dict[str, str]:
 
 
 def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = None,
-           pdf: bool = True) -> dict[str, str]:
+           pdf: bool = True, pack_digest: str | None = None) -> dict[str, str]:
     """The report's one entry point. Writes under out_dir: report.html, report.pdf (unless pdf=False),
     argument.json, argument.gsn.yaml, plots/ (PNG plots, GSN diagrams as SVG) and pack.zip; returns their paths.
-    `previous`: the assessment of the previous version, for the comparison mode."""
+    `previous`: the assessment of the previous (qualified) version, for the comparison. `pack_digest`: a digest
+    anchoring the pack, printed on every page footer; by default the digest of the evidence record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     secret = pack.confidential(assessment)
@@ -262,6 +318,9 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
     files = write_argument(arg, out_dir)
     failures: list[str] = []
     pngs = plots.draw_all(a, out_dir / "plots", failures)
+    units = findings.Units(a)
+    cards = findings.cards(a, arg.claim_stage, arg.comparison, units)
+    pngs |= claim_plots(a, cards, units, out_dir / "plots", failures)
     trust = profile.scores(a, arg.claim_stage)
     pngs["trust_profile"] = profile.chart(trust, out_dir / "plots" / "trust_profile.png")
     diagrams: dict[str, str | None] = {}
@@ -279,7 +338,9 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     html = env.get_template("report.html.j2").render(
-        **context(a, arg, {k: _data_uri(v) for k, v in pngs.items()}, diagrams, out_dir, trust, failures))
+        **context(a, arg, {k: _data_uri(v) for k, v in pngs.items()}, diagrams, out_dir, trust, failures, cards,
+                  units, pack_digest or record_digest(a),
+                  "pack" if pack_digest else "evidence record (assessment.json in the pack)"))
     html_path = out_dir / "report.html"
     html_path.write_text(html, encoding="utf-8")
     files |= {"html": str(html_path), "plots": str(out_dir / "plots")}
