@@ -217,7 +217,8 @@ def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dic
     records = evidence(uc, outcomes)
     complete = not errors
     verdict = overall(records, uc.requirements) if complete else Verdict.INCONCLUSIVE
-    previous = rerender.fetch_assessment(previous_run_id, uri) if previous_run_id else None
+    previous = (rerender.fetch_assessment(previous_run_id, uri) if previous_run_id  # else the qualified version
+                else rerender.qualified_previous(uc_json, uri))
     prov = Provenance(
         use_case_id=uc.id, use_case_sha256=uc_sha, mlflow_run_id=run.id,
         model_sha256=fp["model_sha256"], model_version=version, data_sha256=data_sha,
