@@ -51,7 +51,9 @@ class DataQuality(Check):
         summary: dict = {"splits": {}, "unreadable": {}}
 
         def m(metric, value, role, n=None, **details):
-            out.append(Measurement(check=self.name, metric=metric, value=float(value), n=n,
+            if n == 0:  # a count over no item is no evidence: undefined, so a claim on it is INCONCLUSIVE
+                details["undefined"] = "no item (n = 0)"
+            out.append(Measurement(check=self.name, metric=metric, value=None if n == 0 else float(value), n=n,
                                    scope=Scope(split=role), details=details))
 
         for role in ctx.data.roles:
