@@ -63,8 +63,9 @@ def breaking(requirements: list[Requirement], key: str, measurements: list[Measu
     for r in requirements:
         if r.scope.perturbation is None or r.scope.perturbation.name != key:
             continue
+        top = max((m.amplitude or 0.0 for m in measurements), default=0.0)  # the whole grid (amplitudes are finite)
         wide = r.model_copy(update={"scope": r.scope.model_copy(
-            update={"perturbation": PerturbationScope(name=key, max_amplitude=math.inf)})})
+            update={"perturbation": PerturbationScope(name=key, max_amplitude=top)})})
         found = sorted((m for m in measurements if verdicts.matches(wide, m)), key=lambda m: m.amplitude or 0.0)
         if not found:
             out[r.id] = {"metric": r.metric, "measured": False}
