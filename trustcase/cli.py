@@ -223,6 +223,37 @@ def watch(
 
 
 @app.command()
+def improve(
+    path: Path = typer.Argument(..., help="use-case YAML file (with a 'training' section)"),
+    method: str = typer.Option(..., "--method", help="hudd, noise or adversarial (lipschitz: not available)"),
+    budget: int = typer.Option(100, "--budget", help="hudd: copies in the unsafe set, an equal share per cluster"),
+    out: Path = typer.Option(Path("trustcase-out"), "--out", help="output root"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store and model registry"),
+    seed: int = typer.Option(None, "--seed", help="default: the plan's seed"),
+    epochs: int = typer.Option(None, "--epochs", help="fine-tuning epochs (default: the training script's)"),
+) -> None:
+    """Train an improved version and its baseline from the evidence, register and assess both, and report
+    whether the improvement is real (parent vs improved vs baseline, with intervals)."""
+    from trustcase.flows import improve as imp
+    from trustcase.flows.watch import WatchError
+
+    try:
+        with console.status(f"Improving the model ({method}): selection, training, assessments…"):
+            s = imp.run(str(path), method, budget, str(out), tracking_uri, seed, epochs)
+    except (imp.ImproveError, WatchError) as e:
+        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    reg = [r["claim"] for r in s["claims"] if r["regression"]]
+    out_console.print(f"parent {s['parent']} -> improved {s['versions']['improved']}, baseline "
+                      f"{s['versions']['baseline']}; qualified: {s['qualified'] or 'none'}"
+                      + (f"; regressions: {', '.join(reg)}" if reg else ""), highlight=False)
+    out_console.print(f"improvement report: {s['report']}", highlight=False)
+    raise typer.Exit(EXIT_PASS)
+
+
+@app.command()
 def monitor(
     monitor_file: Path = typer.Argument(..., metavar="MONITOR", help="fitted monitor file (monitor.safetensors)"),
     inputs: list[Path] = typer.Argument(..., metavar="INPUTS...", help="image or .npy files, or folders of them"),

@@ -15,8 +15,9 @@ the assessment finished, the verdict last (a pass cut short leaves the version p
     trustcase.complete, trustcase.compared_with, trustcase.regressions, trustcase.assessed_at,
     trustcase.verdict
 
-A version that passes (complete, every mandatory claim PASS) takes the alias unless a newer version
-holds it; a version that does not pass never gets it, and the qualified version keeps it.
+A version that passes (complete, every mandatory claim PASS) and regresses on no claim against the
+qualified version takes the alias unless a newer version holds it; any other version never gets it, and
+the qualified version keeps it.
 `comparison.json` (claims of the new version beside the qualified one's, regressions first) is
 written to the output folder and logged to the run.
 """
@@ -37,10 +38,11 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from trustcase.flows import rerender, runners, tracking
-from trustcase.flows.assess import USER_ERRORS, preflight
+from trustcase.flows.assess import USER_ERRORS
 from trustcase.flows.prefect_db import ensure_local_database
+from trustcase.flows.preflight import preflight
 from trustcase.models.classifier import sha256_file
-from trustcase.schemas import Assessment, UseCase, Verdict, compare_claims, load_use_case
+from trustcase.schemas import Assessment, UseCase, UseCaseError, Verdict, compare_claims, load_use_case
 
 TAG = "trustcase."
 ALIAS = "qualified"
@@ -170,7 +172,8 @@ def assess_version(client: MlflowClient, uc: UseCase, mv: ModelVersion, out_root
         TAG + "verdict": result.verdict.value,
     })
     # a newer qualified version keeps the alias when an older one is (re)assessed later
-    take = passed and (holder is None or int(mv.version) > int(holder.version))
+    # and a version that regresses on any claim against the qualified one never takes it
+    take = passed and not regressions and (holder is None or int(mv.version) > int(holder.version))
     if take:
         client.set_registered_model_alias(name, alias, mv.version)
     return VersionOutcome(version=str(mv.version), verdict=result.verdict.value, complete=result.complete,
@@ -194,7 +197,7 @@ def watch(use_case_path: str, out_root: str = "trustcase-out", tracking_uri: str
             o = assess_version(client, uc, mv, Path(out_root).resolve(), alias, runner, dask_address)
             log.info("%s v%s: %s%s%s", name, mv.version, o.verdict, " (qualified)" if o.qualified else "",
                      f"; regressions vs v{o.compared_with}: {o.regressions}" if o.regressions else "")
-        except (*USER_ERRORS, WatchError, runners.RunnerError) as e:
+        except (*USER_ERRORS, UseCaseError, WatchError, runners.RunnerError) as e:
             o = VersionOutcome(version=str(mv.version), error=_redact(f"{type(e).__name__}: {e}", uc))
             log.error("%s v%s not assessed: %s", name, mv.version, o.error)
         outcomes.append(asdict(o))

@@ -1,0 +1,112 @@
+"""`trustcase improve`: the training contract validated up front, a method's needs named before any work, and
+the whole loop on the tiny real case (HUDD selection, two fine-tuned versions, their assessments, the report,
+the registry's tags and the alias rule). Real torch, real Prefect, real MLflow registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_use_case, write_yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from trustcase.cli import app
+from trustcase.flows import improve as imp
+from trustcase.flows import tracking
+from trustcase.schemas import ExtraItem, TrainingRequest, load_use_case
+
+TRAINING = {"entry": "train:fit", "params": {"width": 4, "limit": 300, "finetune_epochs": 1}}
+
+
+def case(tmp_path: Path, tiny_model: Path, **overrides) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    raw = tiny_use_case(tmp_path, tiny_model, **overrides)
+    raw["plan"]["checks"].append({"check": "root_causes", "params": {"improvement_split": "validation", "k_max": 4}})
+    raw.setdefault("training", TRAINING)
+    if raw["training"] is None:
+        del raw["training"]
+    return write_yaml(tmp_path / "use_case.yaml", raw)
+
+
+def test_the_contract_and_the_methods_are_checked_before_any_work(tmp_path, tiny_model):
+    path = case(tmp_path, tiny_model)
+    uc = load_use_case(path)
+    fn = imp.training_entry(uc, path)
+    assert fn.__name__ == "fit"
+    bad = {
+        "missing": ({"entry": "train:nope"}, "has no attribute 'nope'"),
+        "module": ({"entry": "no_such_module:fit"}, "cannot import module 'no_such_module'"),
+        "signature": ({"entry": "train:train"}, "must take one TrainingRequest"),
+    }
+    for name, (training, message) in bad.items():
+        p = case(tmp_path / name, tiny_model, training=training)
+        with pytest.raises(imp.ImproveError, match=message):
+            imp.training_entry(load_use_case(p), p)
+    none = case(tmp_path / "none", tiny_model, training=None)
+    with pytest.raises(imp.ImproveError, match="no 'training' section"):
+        imp.training_entry(load_use_case(none), none)
+    assert imp.method_settings(uc, "hudd")["pool"] == "validation"
+    with pytest.raises(imp.ImproveError, match="unknown method 'dropout'"):
+        imp.method_settings(uc, "dropout")
+    with pytest.raises(imp.ImproveError, match="lipschitz is not available"):
+        imp.method_settings(uc, "lipschitz")
+    with pytest.raises(imp.ImproveError, match="smoothing sigma"):
+        imp.method_settings(uc, "noise")  # no randomized_smoothing in this plan, no training.params.noise_sigma
+    assert imp.method_settings(load_use_case(
+        case(tmp_path / "n", tiny_model, training={**TRAINING, "params": {"noise_sigma": 0.1}})), "noise") == \
+        {"noise_sigma": pytest.approx(25.5)}  # a fraction of [0, 255], in pixel units
+    raw = yaml.safe_load(path.read_text())
+    raw["plan"]["checks"] = raw["plan"]["checks"][:-1]
+    no_pool = write_yaml(tmp_path / "nopool.yaml", raw)
+    with pytest.raises(imp.ImproveError, match="needs a pool"):
+        imp.method_settings(load_use_case(no_pool), "hudd")
+    raw["training"] = {**TRAINING, "pool": "holdout"}
+    with pytest.raises(imp.ImproveError, match="'holdout' is not a data role"):
+        imp.method_settings(load_use_case(write_yaml(tmp_path / "badpool.yaml", raw)), "hudd")
+
+
+def test_a_request_reaches_the_script_and_trains_from_the_parent(tmp_path, tiny_model):
+    """The solar script honours the contract: extra items with their copies, the parent's weights."""
+    path = case(tmp_path, tiny_model)
+    fit = imp.training_entry(load_use_case(path), path)
+    extra = [ExtraItem(role="validation", index=3, label=1, copies=3), ExtraItem(role="validation", index=5, label=0)]
+    r = fit(TrainingRequest(out=tmp_path / "v.pt", use_case=path, init=tiny_model, extra=extra, epochs=1,
+                            params=TRAINING["params"]))
+    assert r.model.is_file() and r.log["params"]["extra_items"] == 4 and r.log["params"]["init"] == str(tiny_model)
+    assert r.log["params"]["train_items"] == 300 + 4
+
+
+@pytest.mark.slow  # three assessments and two trainings: about a minute on an idle machine
+def test_hudd_improve_end_to_end(tmp_path, tiny_model, tracking_uri, prefect_harness):
+    path = case(tmp_path, tiny_model)
+    result = CliRunner().invoke(app, ["improve", str(path), "--method", "hudd", "--budget", "12", "--epochs", "1",
+                                      "--out", str(tmp_path / "out"), "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0, result.output
+    report = next((tmp_path / "out").glob("*-improve-hudd-from-v*/improvement.json"))
+    s = json.loads(report.read_text())
+    assert s["parent"] == "1" and s["versions"] == {"improved": "2", "baseline": "3"}
+    c = s["clusters"]
+    assert c["selected"] == 12 and sum(c["selected_clusters"]) == 12
+    assert c["pool_within_reach"] <= c["pool_items"]
+    assert set(c["accuracy"]) == {"parent", "improved", "baseline"}
+    assert {r["claim"] for r in s["claims"]} == {r.id for r in load_use_case(path).requirements}
+    assert all(set(r) >= {"parent", "improved", "baseline", "regression"} for r in s["claims"])
+    assert (report.parent / "improvement.html").read_text().count("<tr") >= len(s["claims"]) + 1
+    tracking.configure(tracking_uri)
+    client = MlflowClient()
+    for role, v in s["versions"].items():
+        mv = client.get_model_version("solar_cells", v)
+        assert mv.tags["trustcase.improve.parent"] == "1" and mv.tags["trustcase.improve.role"] == role
+        assert mv.tags["trustcase.verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")  # assessed, never left bare
+        assert mv.tags["trustcase.run_id"] == s["runs"][role]
+    assert len(mv.tags["trustcase.improve.selection"].split(",")) == len(
+        client.get_model_version("solar_cells", "3").tags["trustcase.improve.selection"].split(","))
+    # the alias follows the watcher's rule: only a version that passes and regresses on no claim holds it
+    holder = s["qualified"]
+    if holder is not None:
+        row = {r["claim"]: r for r in s["claims"]}
+        role = {v: k for k, v in s["versions"].items()}.get(holder, "parent")
+        assert all(r[role]["verdict"] == "PASS" for r in row.values() if r["mandatory"])

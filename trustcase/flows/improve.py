@@ -1,0 +1,400 @@
+"""`trustcase improve`: from the evidence to a better model version, and the proof that it got better.
+
+    trustcase improve USE_CASE --method hudd|noise|adversarial [--budget N]
+
+One Prefect flow:
+1. the parent: the use case's model file, registered (idempotent by hash) and assessed if it never was;
+2. what to train, by method:
+   - `hudd` (Fahmy, Pastore, Briand): the root causes of the parent's errors on the test split (relevance
+     clusters, `explain.root_causes`), then the unsafe set from the pool (`training.pool`, default the
+     root_causes check's `improvement_split`): items within a cluster's reach, an equal share of the budget
+     per cluster, bootstrap copies to balance, labelled from the pool's own labels. Baseline: the same
+     number of pool items drawn at random (seeded), as in the HUDD paper;
+   - `noise`: Gaussian-noise augmentation at the smoothing sigma of the plan (randomized smoothing's
+     training recipe); baseline: the same schedule without noise;
+   - `adversarial`: PGD adversarial training at the largest L-inf amplitude an adversarial claim names;
+     baseline: the same schedule without the attack;
+   both versions are fine-tuned from the parent's weights with the same seed, through the use case's own
+   training contract (`training.entry`, see `schemas.training`);
+3. each new model is checked (finite weights, loads, fits the classes), registered with its parent, method
+   and selection (ids, salted hashes for a confidential use case), and assessed with the same plan and seed
+   through `watch.assess_version`: the `qualified` alias follows the watcher's rules (every mandatory claim
+   PASS, no regression against the version holding it). A version whose assessment fails is deleted from
+   the registry: never a registered version without its assessment;
+4. the improvement report (`improvement.json`, `improvement.html`): per claim, parent vs improved vs
+   baseline with intervals, regressions first; for `hudd`, the accuracy of each model on the held-out test
+   items that fall within each root-cause cluster's reach (not the selected pool items).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+
+from trustcase.checks import Context, build
+from trustcase.data.streaming import DataSource, resolve
+from trustcase.explain import attribution as A
+from trustcase.explain.root_causes import Relevance, assign, cluster, cluster_radii, collect_errors, hudd_selection
+from trustcase.flows import rerender, tracking, watch
+from trustcase.flows.assess import preflight
+from trustcase.flows.prefect_db import ensure_local_database
+from trustcase.flows.preflight import import_paths
+from trustcase.measurement import proportion
+from trustcase.models.classifier import ModelError, sha256_file
+from trustcase.models.loading import load_classifier
+from trustcase.reports import improvement as report
+from trustcase.schemas import (
+    Assessment,
+    CheckSpec,
+    ExtraItem,
+    Scope,
+    TrainingRequest,
+    TrainingResult,
+    UseCase,
+    compare_claims,
+)
+
+METHODS = ("hudd", "noise", "adversarial", "lipschitz")
+ROLE_TAG = "trustcase.improve."
+
+
+class ImproveError(Exception):
+    """A user error: no training contract, a method the use case cannot support, a training that failed."""
+
+
+# --- validated up front ---------------------------------------------------------------------------------
+
+def training_entry(uc: UseCase, use_case_path: Path):
+    """The use case's training function, imported with its folders on the path and checked against the
+    contract's signature: one parameter (a TrainingRequest)."""
+    if uc.training is None:
+        raise ImproveError(f"{use_case_path}: no 'training' section: name the function that trains a version "
+                           "(training: {entry: module:function}, see docs/architecture.md, the training contract)")
+    import_paths(uc, use_case_path)
+    try:
+        fn = resolve(uc.training.entry, uc.data.path)
+    except Exception as e:
+        raise ImproveError(f"training.entry {uc.training.entry!r}: {e}") from None
+    if not callable(fn):
+        raise ImproveError(f"training.entry {uc.training.entry!r} is not a function")
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) != 1:
+        raise ImproveError(f"training.entry {uc.training.entry!r} must take one TrainingRequest, its signature is "
+                           f"{fn.__name__}{inspect.signature(fn)}")
+    hint = params[0].annotation
+    if hint is not inspect.Parameter.empty and getattr(hint, "__name__", hint) not in ("TrainingRequest",):
+        raise ImproveError(f"training.entry {uc.training.entry!r}: its parameter is annotated {hint!r}, "
+                           "not TrainingRequest")
+    return fn
+
+
+def method_settings(uc: UseCase, method: str) -> dict:
+    """What a method needs from the use case, or a clear error before any work."""
+    if method not in METHODS:
+        raise ImproveError(f"unknown method {method!r}; known: {list(METHODS)}")
+    plan = {c.check: c.params for c in uc.plan.checks}
+    lo, hi = uc.model.value_range
+    if method in ("hudd", "adversarial") and uc.model.format in ("python", "challenge"):
+        raise ImproveError(f"--method {method} needs the model's gradients; the model is a black box")
+    if method == "hudd":
+        pool = (uc.training.pool if uc.training else None) or plan.get("root_causes", {}).get("improvement_split")
+        if pool is None:
+            raise ImproveError("--method hudd needs a pool of items to select from: set training.pool (a data "
+                               "role) or the root_causes check's improvement_split")
+        if pool not in uc.data.splits:
+            raise ImproveError(f"training.pool {pool!r} is not a data role ({list(uc.data.splits)})")
+        if "test" not in uc.data.splits:
+            raise ImproveError("--method hudd clusters the errors of the test split: data.splits has no 'test'")
+        return {"pool": pool, "root_causes": plan.get("root_causes", {})}
+    if method == "noise":
+        sigma = (uc.training.params.get("noise_sigma") if uc.training else None) or \
+            plan.get("randomized_smoothing", {}).get("sigma", None)
+        if sigma is None:
+            raise ImproveError("--method noise trains at the smoothing sigma: add the randomized_smoothing check "
+                               "to the plan or set training.params.noise_sigma (a fraction of the value range)")
+        return {"noise_sigma": float(sigma) * (hi - lo)}
+    if method == "adversarial":
+        eps = [r.scope.perturbation.max_amplitude for r in uc.requirements
+               if r.scope.perturbation and r.scope.perturbation.name.endswith("_linf")]
+        if not eps:
+            raise ImproveError("--method adversarial trains at the claimed radius: no requirement names an L-inf "
+                               "attack amplitude (e.g. scope.perturbation {name: pgd_linf, max_amplitude: 1})")
+        return {"epsilon": float(max(eps))}
+    raise ImproveError("--method lipschitz is not available: it needs layers that are provably 1-Lipschitz "
+                       "(orthogonal or Bjorck-normalised convolutions, GroupSort), which the bundled training "
+                       "script does not have; the `--lipschitz` flag of train.py only normalises reshaped kernels")
+
+
+# --- HUDD's selection ---------------------------------------------------------------------------------------
+
+def _context(uc: UseCase, model_path: Path, seed: int, workdir: Path) -> Context:
+    spec = uc.model.model_copy(update={"path": model_path})
+    return Context(use_case=uc, model=load_classifier(spec), data=DataSource(uc.data, seed, uc.model), seed=seed,
+                   workdir=workdir)
+
+
+def _features(ctx: Context, rel: Relevance, layer: str, role: str, batch_size: int):
+    """(source positions, ids, labels, relevance features at `layer` for the predicted class) of a split."""
+    index, ids, labels, feats = [], [], [], []
+    for batch in ctx.batches(role, batch_size):
+        pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)
+        feats.append(rel.features(ctx.model.to_input(batch.images), torch.as_tensor(pred))[layer])
+        index += batch.index.tolist()
+        ids += batch.ids
+        labels += batch.labels.tolist()
+    return np.array(index, np.int64), ids, np.array(labels, np.int64), (np.concatenate(feats) if feats else None)
+
+
+@task(name="root causes and unsafe set", persist_result=False)
+def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget: int, seed: int,
+                  workdir: Path) -> dict:
+    """The parent's error clusters on the test split, the HUDD unsafe set from the pool, the random baseline
+    of the same size, and the held-out test items within each cluster's reach."""
+    p = build(CheckSpec(check="root_causes", params={k: v for k, v in rc_params.items()
+                                                     if k not in ("improvement_split", "unsafe_budget")})).params
+    ctx = _context(uc, parent, seed, workdir)
+    net = A.Network(ctx.model)
+    layers = p.layers or net.conv_layers()
+    if not layers:
+        raise ImproveError(f"--method hudd: the model has no Conv2d layer to take relevance from ({net.describe()})")
+    rel = Relevance(net, layers, p.relevance, p.max_features)
+    e = collect_errors(ctx.model, rel, ctx.batches("test", p.batch_size), [], [], uc.model.value_range,
+                       p.max_errors, seed)
+    if len(e.ids) < 2:
+        raise ImproveError(f"--method hudd: {len(e.ids)} misclassified test item(s): no root cause to fix")
+    per_layer = {n: cluster(e.features[n], p.k_max, p.k) for n in layers}
+    layer = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
+    labels, k = per_layer[layer]["labels"], per_layer[layer]["k"]
+    members = e.features[layer]
+    radii = cluster_radii(members, labels, k)
+    # the pool: assigned by the parent's relevance for its own prediction (the pool is unlabeled in principle)
+    pidx, pids, plabels, pfeats = _features(ctx, rel, layer, pool, p.batch_size)
+    if pfeats is None:
+        raise ImproveError(f"--method hudd: the pool {pool!r} has no readable item")
+    best, dist, inside = assign(pfeats, members, labels, k, radii)
+    chosen, copies = hudd_selection(best, dist, inside, k, budget, seed)
+    if not len(chosen):
+        raise ImproveError(f"--method hudd: no item of the pool {pool!r} lies within the reach of a root-cause "
+                           "cluster; a larger or closer pool is needed")
+    rng = np.random.default_rng(seed + 1)
+    random = rng.choice(len(pidx), size=min(int(copies.sum()), len(pidx)), replace=False)
+    # held-out: test items (all, not only errors) within a cluster's reach
+    tidx, tids, tlabels, tfeats = _features(ctx, rel, layer, "test", p.batch_size)
+    tbest, _, tinside = assign(tfeats, members, labels, k, radii)
+    return {
+        "layer": layer, "k": int(k), "radii": radii.tolist(),
+        "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
+        "improved": [ExtraItem(role=pool, index=int(pidx[i]), label=int(plabels[i]), copies=int(c))
+                     for i, c in zip(chosen, copies, strict=True)],
+        "baseline": [ExtraItem(role=pool, index=int(pidx[i]), label=int(plabels[i])) for i in random],
+        "improved_ids": [pids[i] for i in chosen], "baseline_ids": [pids[i] for i in random],
+        "improved_clusters": best[chosen].tolist(),
+        "heldout": {int(c): tidx[tinside & (tbest == c)].tolist() for c in range(k)},
+        "pool_within_reach": int(inside.sum()), "pool_items": len(pidx),
+    }
+
+
+@task(name="cluster accuracy", persist_result=False)
+def cluster_accuracy(uc: UseCase, models: dict[str, Path], heldout: dict[int, list[int]], confidence: float,
+                     seed: int) -> dict[str, list[dict]]:
+    """Accuracy of each model on the held-out test items of each cluster, with Clopper-Pearson intervals."""
+    want = {i: c for c, items in heldout.items() for i in items}
+    out = {}
+    for name, path in models.items():
+        clf = load_classifier(uc.model.model_copy(update={"path": path}))
+        right, total = np.zeros(len(heldout), np.int64), np.zeros(len(heldout), np.int64)
+        for batch in DataSource(uc.data, seed, uc.model).stream("test").batches():
+            sel = [j for j, i in enumerate(batch.index.tolist()) if i in want]
+            if not sel:
+                continue
+            pred = clf.logits(batch.images[sel], [batch.ids[j] for j in sel]).argmax(axis=1)
+            for j, q in zip(sel, pred, strict=True):
+                c = want[int(batch.index[j])]
+                total[c] += 1
+                right[c] += int(q == batch.labels[j])
+        out[name] = [proportion("improve", f"cluster_accuracy:{c}", int(right[c]), int(total[c]), confidence,
+                                Scope(split="test"), undefined="no held-out test item within the cluster's reach"
+                                ).model_dump(mode="json") for c in range(len(heldout))]
+    return out
+
+
+# --- training and registration -----------------------------------------------------------------------------
+
+@task(name="train", persist_result=False, task_run_name="train {role}")
+def train(entry, request: TrainingRequest, role: str, uc: UseCase) -> Path:
+    try:
+        result = entry(request)
+    except Exception as e:  # the use case's own code: its failure is the user's to read, named
+        raise ImproveError(f"training.entry {uc.training.entry!r} failed for the {role} version: "
+                           f"{type(e).__name__}: {e}") from None
+    if not isinstance(result, TrainingResult):
+        result = TrainingResult.model_validate(result)
+    path = Path(result.model)
+    if not path.is_file():
+        raise ImproveError(f"training.entry {uc.training.entry!r} returned {path}, which does not exist")
+    try:
+        clf = load_classifier(uc.model.model_copy(update={"path": path}))
+    except ModelError as e:
+        raise ImproveError(f"the {role} model does not load or fit the use case: {e}") from None
+    module = clf.module
+    if module is not None and not all(torch.isfinite(t).all() for t in module.state_dict().values()):
+        raise ImproveError(f"the {role} model has NaN or infinite weights: training diverged; nothing registered")
+    (path.parent / f"{path.stem}.training.json").write_text(json.dumps(result.log, indent=1, default=str))
+    return path
+
+
+def _ids(uc: UseCase, ids: list[str]) -> list[str]:
+    if not uc.confidential:
+        return ids
+    salt = hashlib.sha256(f"trustcase-improve:{uc.id}".encode()).hexdigest()
+    return [hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:16] for i in ids]
+
+
+def _use_case_for(uc: UseCase, model: Path, folder: Path) -> Path:
+    raw = uc.model_copy(update={"model": uc.model.model_copy(update={"path": model})}).model_dump(mode="json")
+    path = folder / "use_case.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _assessed(client: MlflowClient, uc: UseCase, version: str, out_root: Path, alias: str) -> Assessment:
+    """The version's assessment: its own if it has one, else assessed now (watcher's rules for the alias)."""
+    name = tracking.registered_name(uc)
+    mv = client.get_model_version(name, version)
+    run_id = mv.tags.get(watch.TAG + "run_id")
+    if run_id is None:
+        run_id = watch.assess_version(client, uc, mv, out_root, alias).run_id
+    return rerender.fetch_assessment(run_id)
+
+
+@flow(name="trustcase-improve")
+def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = "trustcase-out",
+            tracking_uri: str | None = None, seed: int | None = None, alias: str = watch.ALIAS,
+            epochs: int | None = None) -> dict:
+    log = get_run_logger()
+    path = Path(use_case_path).resolve()
+    uc = preflight(path, seed)  # every user error of the use case before any training
+    entry = training_entry(uc, path)
+    settings = method_settings(uc, method)
+    seed = uc.plan.seed if seed is None else seed
+    if budget < 1:
+        raise ImproveError(f"--budget must be >= 1, got {budget}")
+    tracking.configure(tracking_uri)
+    client = MlflowClient()
+    parent_path = Path(uc.model.path)
+    parent = tracking.register_model(uc, parent_path, sha256_file(parent_path), {"params": {"origin": "use case"}})
+    out = Path(out_root).resolve() / f"{uc.id}-improve-{method}-from-v{parent}"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info(f"improve: parent version {parent}, method {method}, output {out}")
+    before = _assessed(client, uc, parent, Path(out_root).resolve(), alias)
+
+    base = dict(use_case=path, seed=seed, init=parent_path, epochs=epochs, params=uc.training.params)
+    selection: dict = {}
+    if method == "hudd":
+        selection = select_unsafe(uc, parent_path, settings["pool"], settings["root_causes"], budget, seed,
+                                  out / "root_causes")
+        requests = {"improved": TrainingRequest(out=out / "improved.pt", extra=selection["improved"], **base),
+                    "baseline": TrainingRequest(out=out / "baseline.pt", extra=selection["baseline"], **base)}
+    elif method == "noise":
+        requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="noise",
+                                                noise_sigma=settings["noise_sigma"], **base),
+                    "baseline": TrainingRequest(out=out / "baseline.pt", **base)}
+    else:
+        requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="adversarial",
+                                                epsilon=settings["epsilon"], **base),
+                    "baseline": TrainingRequest(out=out / "baseline.pt", **base)}
+    models = {role: train(entry, req, role, uc) for role, req in requests.items()}
+
+    versions, after = {}, {}
+    name = tracking.registered_name(uc)
+    for role, model in models.items():
+        training = json.loads((model.parent / f"{model.stem}.training.json").read_text())
+        v = tracking.register_model(uc, model, sha256_file(model), training)
+        tags = {"parent": parent, "method": method, "role": role, "seed": str(seed)}
+        if method == "hudd":
+            ids = _ids(uc, selection[f"{role}_ids"])
+            tags["selection"] = ",".join(ids)[:4900]
+            tags["selection_size"] = str(sum(e.copies for e in selection[role]))
+        for k_, v_ in tags.items():
+            client.set_model_version_tag(name, v, ROLE_TAG + k_, v_)
+        try:
+            after[role] = _assessed(client, uc, v, Path(out_root).resolve(), alias)
+        except BaseException:
+            client.delete_model_version(name, v)  # never a registered version without its assessment
+            raise
+        versions[role] = v
+
+    clusters = None
+    if method == "hudd":
+        acc = cluster_accuracy(uc, {"parent": parent_path, **models}, selection["heldout"],
+                               uc.plan.confidence, seed)
+        clusters = {"layer": selection["layer"], "k": selection["k"], "sizes": selection["cluster_sizes"],
+                    "heldout": {str(c): len(v) for c, v in selection["heldout"].items()}, "accuracy": acc,
+                    "pool_within_reach": selection["pool_within_reach"], "pool_items": selection["pool_items"],
+                    "selected": sum(e.copies for e in selection["improved"]),
+                    "selected_clusters": np.bincount(selection["improved_clusters"],
+                                                     minlength=selection["k"]).tolist()}
+    summary = {
+        "use_case": uc.id, "method": method, "settings": {k: v for k, v in settings.items() if k != "root_causes"},
+        "budget": budget, "seed": seed, "parent": parent,
+        "versions": versions, "qualified": _alias_holder(client, name, alias),
+        "claims": claims_table(before, after["improved"], after["baseline"]),
+        "clusters": clusters,
+        "runs": {"parent": before.provenance.mlflow_run_id,
+                 **{r: a.provenance.mlflow_run_id for r, a in after.items()}},
+    }
+    (out / "improvement.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "improvement.html").write_text(report.render(summary), encoding="utf-8")
+    with mlflow.start_run(experiment_id=tracking.experiment(uc), run_name=f"improve-{method}") as run:
+        mlflow.set_tags({"kind": "improvement", "method": method, "parent_version": parent,
+                         **{f"{r}_version": v for r, v in versions.items()}})
+        mlflow.log_artifact(str(out / "improvement.json"))
+        mlflow.log_artifact(str(out / "improvement.html"))
+        summary["run_id"] = run.info.run_id
+    summary["report"] = str(out / "improvement.html")
+    return summary
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:  # no alias yet
+        return None
+
+
+def claims_table(parent: Assessment, improved: Assessment, baseline: Assessment) -> list[dict]:
+    """Per claim: the three versions' values, intervals and verdicts; what the improved version changed
+    against the parent (schemas.compare_claims), regressions first."""
+    rows = {r.claim_id: r for r in compare_claims(improved.evidence, parent.evidence)}
+    by = {name: {e.claim_id: e for e in a.evidence} for name, a in
+          (("parent", parent), ("improved", improved), ("baseline", baseline))}
+    out = []
+    for req in improved.requirements:
+        row = {"claim": req.id, "text": req.text, "mandatory": req.mandatory}
+        for name, ev in by.items():
+            e = ev.get(req.id)
+            row[name] = None if e is None else {
+                "verdict": e.verdict.value, "value": e.value,
+                "interval": None if e.interval is None else [e.interval.lower, e.interval.upper]}
+        change = rows.get(req.id)
+        row["regression"] = bool(change and change.regression)
+        row["improvement"] = bool(change and change.status == "improvement")
+        row["worse"] = bool(change and change.worse)
+        out.append(row)
+    return sorted(out, key=lambda r: (not r["regression"], not r["worse"], not r["improvement"], r["claim"]))
+
+
+def run(use_case_path: str, method: str, budget: int, out_root: str, tracking_uri: str | None,
+        seed: int | None = None, epochs: int | None = None) -> dict:
+    ensure_local_database()
+    return improve(use_case_path, method, budget, out_root, tracking_uri, seed, epochs=epochs)
