@@ -72,7 +72,7 @@ class Lipschitz(Check):
                 starts.append(model.to_input(batch.images)[: p.ascent_points - sum(len(s) for s in starts)])
         radius = np.concatenate(radii) if radii else np.zeros(0)
         ok = np.concatenate(correct) if correct else np.zeros(0, bool)
-        lower = 0.0
+        lower = None  # no item, no ascent: undefined, not 0
         if starts:
             lower = empirical_lower_bound(model.module, torch.cat(starts), steps=p.ascent_steps, seed=ctx.seed) * scale
         grid = radius_grid(p.radii, ctx.claimed("lipschitz_certified_accuracy", "l2_radius"), radius, ok)
@@ -81,7 +81,7 @@ class Lipschitz(Check):
                                            conf, "Lipschitz certificate: certified accuracy vs L2 radius")
         scope = Scope(split=p.split)
         n = len(radius)
-        tight = upper / lower if lower > 0 else float("inf")
+        tight = None if lower is None else upper / lower if lower > 0 else float("inf")
         med = float(np.median(np.where(ok, radius, 0.0))) if n else float("nan")
         ms += [
             Measurement(check=self.name, metric="lipschitz_upper_bound", value=upper, scope=scope, unit="L2/L2"),
@@ -111,7 +111,8 @@ class Lipschitz(Check):
                 f"certified radius convention: {convention}",
                 "certificates hold for the deterministic model as loaded, for every input within the radius "
                 "(floating-point rounding of the forward pass is not accounted for)",
-                f"lower bound {lower:.4g} from gradient ascent on {min(n, p.ascent_points)} data points",
+                f"lower bound {lower:.4g} from gradient ascent on {min(n, p.ascent_points)} data points"
+                if lower is not None else "no lower bound: no data point to start the gradient ascent from",
             ],
             limitations=[] if n else [f"the {p.split} split has no readable items"],
         )
