@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -296,7 +297,15 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
     out = Path(out_root).resolve() / f"{uc.id}-improve-{method}-from-v{parent}"
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"improve: parent version {parent}, method {method}, output {out}")
+    seconds, t0 = {}, time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        seconds[stage] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+
     before = _assessed(client, uc, parent, Path(out_root).resolve(), alias)
+    lap("parent assessment")
 
     base = dict(use_case=path, seed=seed, init=parent_path, epochs=epochs, params=uc.training.params)
     selection: dict = {}
@@ -305,6 +314,7 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
                                   out / "root_causes")
         requests = {"improved": TrainingRequest(out=out / "improved.pt", extra=selection["improved"], **base),
                     "baseline": TrainingRequest(out=out / "baseline.pt", extra=selection["baseline"], **base)}
+        lap("root causes and selection")
     elif method == "noise":
         requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="noise",
                                                 noise_sigma=settings["noise_sigma"], **base),
@@ -314,6 +324,7 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
                                                 epsilon=settings["epsilon"], **base),
                     "baseline": TrainingRequest(out=out / "baseline.pt", **base)}
     models = {role: train(entry, req, role, uc) for role, req in requests.items()}
+    lap("training (improved + baseline)")
 
     versions, after = {}, {}
     name = tracking.registered_name(uc)
@@ -333,6 +344,7 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
             client.delete_model_version(name, v)  # never a registered version without its assessment
             raise
         versions[role] = v
+    lap("registration and assessments")
 
     clusters = None
     if method == "hudd":
@@ -344,12 +356,14 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
                     "selected": sum(e.copies for e in selection["improved"]),
                     "selected_clusters": np.bincount(selection["improved_clusters"],
                                                      minlength=selection["k"]).tolist()}
+        lap("held-out cluster accuracy")
     summary = {
         "use_case": uc.id, "method": method, "settings": {k: v for k, v in settings.items() if k != "root_causes"},
         "budget": budget, "seed": seed, "parent": parent,
         "versions": versions, "qualified": _alias_holder(client, name, alias),
         "claims": claims_table(before, after["improved"], after["baseline"]),
         "clusters": clusters,
+        "seconds": seconds,
         "runs": {"parent": before.provenance.mlflow_run_id,
                  **{r: a.provenance.mlflow_run_id for r, a in after.items()}},
     }
