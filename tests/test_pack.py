@@ -38,6 +38,16 @@ def rewrite(src: Path, dst: Path, change: dict[str, bytes | None] = None, add: d
     return dst
 
 
+def declare(a, folder: Path, *paths: str, check: str = "adversarial"):
+    """The record with more artefacts declared by `check` (files under folder/checks)."""
+    from trustcase.reports.pack import sha256_bytes
+    from trustcase.schemas import Artefact
+
+    arts = [Artefact(path=p, sha256=sha256_bytes((folder / "checks" / p).read_bytes()), kind="file") for p in paths]
+    return a.model_copy(update={"outcomes": [o.model_copy(update={"artefacts": [*o.artefacts, *arts]})
+                                             if o.check == check else o for o in a.outcomes]})
+
+
 def test_pack_holds_the_qualification_evidence(public_pack):
     v = verify_pack(public_pack)
     assert v.ok and v.lines() == []
@@ -98,6 +108,7 @@ def test_confidential_pack_has_no_image_and_hashed_ids(tmp_path):
     a.outcomes[0].summary["unreadable"] = {"test": ["secret/cell_42.png"]}
     (tmp_path / "checks" / "adversarial" / "attribution.npy").write_bytes(b"\x93NUMPY fake map")
     (tmp_path / "checks" / "adversarial" / "worst.csv").write_text("item_id,score\ncell_0009.png,0.3\n")
+    a = declare(a, tmp_path, "adversarial/attribution.npy", "adversarial/worst.csv")
     files = render(a, tmp_path, pdf=False)
     z = zipfile.ZipFile(files["pack"])
     names = z.namelist()

@@ -2,15 +2,31 @@
 
     fingerprint (model + data hashes) -> data_quality -> checks (.map over shards) -> evidence -> report
 
-Check tasks persist their results under a cache key made of everything their result depends on
-(code, use case, model hash, data hash, check parameters, seed, output folder), so re-running after
-a crash recomputes only what did not finish.
+Resume keyed on content. Data quality always runs: it streams every item and hashes ids, labels and
+pixels (`data_sha256`). Every other check shard is a Prefect task cached on its inputs (use case, check
+parameters, shard, seed, model hash, that content hash, and the code: trustcase's sources, the loader's and
+the model factory's modules) plus the task's source, so relabelled data or an edited loader is never served
+from the cache. Results are JSON (a `CheckOutcome`, never a pickle) in the project's own store
+(`.trustcase/cache`, or TRUSTCASE_CACHE), and each declared artefact is stored there by content hash: a cached
+outcome is reused only if every artefact it declares is restored into the run folder with its hash checked,
+else the check runs again. Confidential use cases are never cached, and everything they write is redacted
+(`flows/confidential.py`).
+
+One assessment, one folder: `--out` must be new, empty, or the folder of an earlier assessment of the same use
+case (its marker file says so), whose files are removed first; a lock refuses a second concurrent run there.
+The pack and MLflow receive exactly the files this run wrote, listed, never globbed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import inspect
 import json
+import os
+import shutil
+import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,12 +34,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase import reports
-from trustcase.checks import Check, CheckError, Context, Unsupported, build, build_plan
+from trustcase.checks import Check, CheckError, Context, Unsupported, build
 from trustcase.data.streaming import DataError, DataSource
-from trustcase.flows import provenance, rerender, tracking
+from trustcase.flows import confidential, provenance, rerender, tracking
 from trustcase.models.classifier import Classifier, ModelError, sha256_file
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import (
@@ -33,12 +50,19 @@ from trustcase.schemas import (
     Provenance,
     UseCase,
     Verdict,
-    load_use_case,
     parse_use_case,
 )
 from trustcase.verdicts import judge, overall
 
-USER_ERRORS = (ModelError, DataError, CheckError, Unsupported)
+MARKER = ".trustcase-run.json"  # which use case the folder holds, and the files its last run wrote
+LOCK = ".trustcase-lock"
+
+
+class OutputFolderError(Exception):
+    """The output folder holds something else (another use case, foreign files) or another run is writing it."""
+
+
+USER_ERRORS = (ModelError, DataError, CheckError, Unsupported, OutputFolderError)
 
 # Listeners told (label, done, total) as each check shard finishes: the CLI draws its progress bar from
 # them (a module-level hook, because Prefect flow parameters must be serialisable).
@@ -60,6 +84,7 @@ class Result:
     files: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     user_error: bool = False
+    manifest_sha256: str | None = None  # the pack's anchor: also an MLflow tag, printed by the CLI
 
 
 def plan(use_case: UseCase) -> list[tuple[int, CheckSpec]]:
@@ -69,16 +94,11 @@ def plan(use_case: UseCase) -> list[tuple[int, CheckSpec]]:
     return dq[:1] + [s for s in specs if s[1].check != "data_quality"]
 
 
-def preflight(use_case_path: str | Path) -> UseCase:
-    """Every user error we can find before work starts: file, plan, model, data loader."""
-    uc = load_use_case(use_case_path)
-    build_plan(uc)
-    load_classifier(uc.model)
-    data = DataSource(uc.data, uc.plan.seed)
-    for role in data.roles:
-        if len(data.stream(role)) == 0:
-            raise DataError(f"split {role!r} ({uc.data.splits[role]!r}) is empty")
-    return uc
+def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
+    """Every user error we can find before work starts: the one preflight of `trustcase validate`."""
+    from trustcase.flows import preflight as pre
+
+    return pre.preflight(use_case_path, seed)
 
 
 @lru_cache(maxsize=4)
@@ -88,40 +108,139 @@ def _classifier(spec_json: str, sha: str) -> Classifier:
     return load_classifier(ModelSpec.model_validate_json(spec_json))
 
 
-def _key(parts: list) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+def cache_root() -> Path:
+    """The project's own result store (never the user-wide ~/.prefect/storage)."""
+    return Path(os.environ.get("TRUSTCASE_CACHE") or tracking.HOME / "cache").resolve()
 
 
-@task(name="fingerprint")
+def _module_sha256(ref: str | None) -> str | None:
+    """The source file of a 'module:attr' the use case names (loader, model factory): its code is part of
+    what a cached result depends on. Hashed after the import, so it is the file that actually ran."""
+    if not ref or ":" not in ref:
+        return None
+    module = sys.modules.get(ref.partition(":")[0])
+    try:
+        path = inspect.getsourcefile(module) if module else None
+    except TypeError:  # built-in
+        path = None
+    return sha256_file(Path(path)) if path else None
+
+
+@task(name="fingerprint", persist_result=False)
 def fingerprint(use_case: UseCase, seed: int) -> dict:
-    """Model file hash and the loaders' cheap data fingerprints (None where a loader has none)."""
+    """Model file hash, the loaders' cheap data fingerprints (None where a loader has none; tags only, never a
+    cache key: they need not cover labels) and the hash of every piece of code the results depend on."""
     data = DataSource(use_case.data, seed, use_case.model)
-    return {
-        "model_sha256": sha256_file(Path(use_case.model.path)),
-        "data": {role: data.stream(role).fingerprint() for role in data.roles},
-    }
+    fps = {role: data.stream(role).fingerprint() for role in data.roles}  # imports the loader
+    model_sha = sha256_file(Path(use_case.model.path))
+    _classifier(use_case.model.model_dump_json(), model_sha)  # imports the model's factory / entry
+    code = [provenance.source_sha256(), _module_sha256(use_case.data.loader), _module_sha256(use_case.model.factory),
+            _module_sha256(use_case.model.entry)]
+    code_sha = hashlib.sha256(json.dumps(code).encode()).hexdigest()
+    return {"model_sha256": model_sha, "data": fps, "code_sha256": code_sha}
 
 
-@task(name="check", persist_result=True, cache_key_fn=lambda _, p: p["key"], task_run_name="{label}")
-def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_sha256: str, workdir: str,
-              key: str | None, label: str) -> CheckOutcome:
+# the key: every input but where files go and the progress label, plus the task's own source
+CHECK_CACHE = Inputs(exclude=["store", "salt", "label"]) + TASK_SOURCE
+
+
+@task(name="check", cache_policy=CHECK_CACHE, result_serializer="json", task_run_name="{label}")
+def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_sha256: str, data_sha256: str | None,
+              code_sha256: str, store: str, salt: str | None, label: str) -> str:
+    """One check shard, run in a scratch folder; its declared artefacts go to the store by content hash (they
+    come back into the run folder from there, cached or not); the outcome comes back as JSON. `salt`: a
+    confidential use case, whose outcome and artefacts are redacted before they leave the scratch folder."""
     check: Check = build(spec).shards()[shard]
-    ctx = Context(
-        use_case=use_case,
-        model=_classifier(use_case.model.model_dump_json(), model_sha256),
-        data=DataSource(use_case.data, seed, use_case.model),
-        seed=seed,
-        workdir=Path(workdir) / "checks" / check.name,
-    )
-    return check(ctx)
+    root = Path(store)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))
+    try:
+        data = DataSource(use_case.data, seed, use_case.model)
+        ctx = Context(use_case=use_case, model=_classifier(use_case.model.model_dump_json(), model_sha256),
+                      data=data, seed=seed, workdir=scratch / check.name)
+        outcome = check(ctx)
+        if salt is not None:
+            outcome = _redact(outcome, scratch, confidential.Redactor(confidential.item_ids(data), salt))
+        for art in outcome.artefacts:
+            _stash(scratch / art.path, art.sha256, root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return outcome.model_dump_json()
 
 
-@task(name="evidence")
+def _redact(outcome: CheckOutcome, scratch: Path, r: confidential.Redactor) -> CheckOutcome:
+    """Ids hashed and paths withheld in the outcome and its text artefacts (rehashed); binary artefacts kept
+    (monitors, arrays: the pack and MLflow decide what leaves the run folder)."""
+    arts = []
+    for art in outcome.artefacts:
+        path = scratch / art.path
+        if r.file(path):
+            art = art.model_copy(update={"sha256": sha256_file(path)})
+        arts.append(art)
+    d = r.json(outcome.model_dump(mode="json", exclude={"artefacts"}))
+    return CheckOutcome.model_validate({**d, "artefacts": [a.model_dump(mode="json") for a in arts]})
+
+
+def _stash(path: Path, sha: str, store: Path) -> None:
+    if sha256_file(path) != sha:
+        raise CheckError(f"artefact {path.name} changed after its check declared it")
+    dst = store / "artefacts" / sha
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f"{sha}.{os.getpid()}.part")
+        shutil.copyfile(path, tmp)
+        tmp.replace(dst)
+
+
+def _restore(outcome: CheckOutcome, store: Path, out: Path) -> list[str] | None:
+    """Copy the outcome's artefacts from the store into out/checks, each hash checked; their paths relative to
+    out, or None when one is missing or differs (then the check must run again)."""
+    written = []
+    for art in outcome.artefacts:
+        rel = Path(art.path)
+        src = store / "artefacts" / art.sha256
+        if rel.is_absolute() or ".." in rel.parts or not src.is_file() or sha256_file(src) != art.sha256:
+            return None
+        dst = out / "checks" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        written.append(f"checks/{rel.as_posix()}")
+    return written
+
+
+def claim_folder(out: Path, use_case_id: str):
+    """One assessment, one folder. Returns the held lock (closed at the end of the run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK, "w")  # noqa: SIM115  (held for the whole run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OutputFolderError(f"another assessment is writing into {out}: choose another --out") from None
+    marker = out / MARKER
+    owner = json.loads(marker.read_text()) if marker.is_file() else None
+    if owner is None and any(p.name != LOCK for p in out.iterdir()):
+        lock.close()
+        raise OutputFolderError(f"{out} is not empty and holds no trustcase assessment: choose a new or empty --out")
+    if owner is not None and owner.get("use_case_id") != use_case_id:
+        lock.close()
+        raise OutputFolderError(f"{out} holds the assessment of use case {owner.get('use_case_id')!r}, not "
+                                f"{use_case_id!r}: choose another --out")
+    for rel in owner.get("files", []) if owner else []:  # the earlier run's own files, then its folders
+        path = (out / rel).resolve()
+        if path.is_relative_to(out) and path.is_file():
+            path.unlink()
+    for sub in ("checks", "plots"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    marker.write_text(json.dumps({"use_case_id": use_case_id, "files": []}))
+    return lock
+
+
+@task(name="evidence", persist_result=False)
 def evidence(use_case: UseCase, outcomes: list[CheckOutcome]):
     return judge(use_case.requirements, outcomes)
 
 
-@task(name="report")
+@task(name="report", persist_result=False)
 def report(assessment: Assessment, out_dir: str, use_case_text: str,
            previous: Assessment | None = None) -> dict[str, str]:
     """Write the assessment and render the report (compared with `previous` when given)."""
@@ -146,40 +265,81 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
     uc = parse_use_case(uc_text, Path(use_case_path).resolve())
     seed = uc.plan.seed if seed is None else seed
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(UTC)
-    uri = tracking.configure(tracking_uri)
-    uc_json = uc.model_dump(mode="json")
-    run = tracking.AssessmentRun(uc, {"code_version": provenance.code_version(),
-                                      "confidentiality": uc.confidentiality.value},
-                                 tracking.flatten("", {"seed": seed, "plan": uc_json["plan"]}, {}))
-    try:  # the run is RUNNING from here; whatever cuts the assessment short leaves it without a verdict
-        return _assess(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id)
-    except BaseException as e:
-        run.abandon(e)  # FAILED (KILLED on SIGTERM / Ctrl-C)
-        raise
+    lock = claim_folder(out, uc.id)
+    try:
+        started = datetime.now(UTC)
+        uri = tracking.configure(tracking_uri)
+        uc_json = uc.model_dump(mode="json")
+        salt = confidential.salt(uc.id, tracking.HOME) if uc.confidential else None
+        paths = confidential.Redactor(set(), salt) if salt else None  # MLflow params: no data path
+        params = tracking.flatten("", {"seed": seed, "plan": paths.json(uc_json["plan"]) if paths else uc_json["plan"]},
+                                  {})
+        run = tracking.AssessmentRun(uc, {"code_version": provenance.code_version(),
+                                          "confidentiality": uc.confidentiality.value}, params)
+        try:  # the run is RUNNING from here; whatever cuts the assessment short leaves it without a verdict
+            return _assess(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt)
+        except BaseException as e:
+            run.abandon(e)  # FAILED (KILLED on SIGTERM / Ctrl-C)
+            raise
+    finally:
+        lock.close()
 
 
 def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dict, seed: int, out: Path,
-            uri: str, started: datetime, previous_run_id: str | None) -> Result:
+            uri: str, started: datetime, previous_run_id: str | None, salt: str | None) -> Result:
     uc_sha = provenance.canonical_sha256(uc_json)
     fp = fingerprint(uc, seed)
     version = tracking.model_version(uc, fp["model_sha256"])
     run.tag({"model_sha256": fp["model_sha256"], "model_version": version or "unregistered",
              **{f"data_fingerprint.{role}": v for role, v in fp["data"].items() if v}})
 
-    base = [provenance.source_sha256(), uc_sha, fp["model_sha256"], seed, str(out)]
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    red = None
+    if salt:  # confidential: nothing cached; artefacts pass through a private folder removed at the end
+        red = confidential.Redactor(confidential.item_ids(DataSource(uc.data, seed, uc.model)), salt)
+        store = Path(tempfile.mkdtemp(prefix="confidential-", dir=root))
+        cached = run_check.with_options(cache_policy=NO_CACHE, persist_result=False)
+    else:
+        store = root
+        cached = run_check.with_options(result_storage=root / "results")
+    try:
+        return _run(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, fp, version, uc_sha,
+                    red, store, cached)
+    finally:
+        if red:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _run(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, fp, version, uc_sha, red,
+         store: Path, cached) -> Result:
     steps = plan(uc)
     outcomes: list[CheckOutcome] = []
     errors: list[str] = []
+    written: list[str] = []  # what this run wrote into the folder: exactly what the pack and MLflow receive
     user_error = False
 
     total = 1 + sum(len(build(spec).shards()) for _, spec in steps[1:])
 
-    def collect(futures, labels):
+    def settle(value, args: tuple):
+        """A finished shard: its outcome once its artefacts are back in the run folder, hashes checked; a
+        cached outcome whose artefacts are gone from the store runs again."""
+        for attempt in range(2):
+            if not isinstance(value, str):
+                return value
+            outcome = CheckOutcome.model_validate_json(value)
+            files = _restore(outcome, store, out)
+            if files is not None:
+                written.extend(files)
+                return outcome
+            if attempt == 0:
+                value = cached.with_options(refresh_cache=True).submit(*args).result(raise_on_failure=False)
+        return CheckError(f"{args[-1]}: its artefacts could not be stored and restored")
+
+    def collect(futures, labels, calls):
         nonlocal user_error
-        for f, label in zip(futures, labels, strict=True):
-            value = f.result(raise_on_failure=False)
+        for f, label, args in zip(futures, labels, calls, strict=True):
+            value = settle(f.result(raise_on_failure=False), args)
             _progress(label, len(outcomes) + len(errors) + 1, total)
             if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
                 outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
@@ -193,26 +353,31 @@ def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dic
                 outcomes.append(value)
                 run.log_outcome(value)  # live in the MLflow run as each check finishes (in plan order)
 
-    # data quality first: its content hash keys every other check
+    common = (uc, seed, fp["model_sha256"], fp["code_sha256"], str(store), salt)
+
+    def call(spec: CheckSpec, shard: int, data_sha: str | None, label: str) -> tuple:
+        u, s, m, c, st, sa = common
+        return (u, spec, shard, s, m, data_sha, c, st, sa, label)
+
+    # data quality first, always run: its content hash of ids, labels and pixels keys every other check
     _, dq_spec = steps[0]
-    cacheable = all(fp["data"].values())
-    dq_key = _key(base + ["dq", dq_spec.model_dump(), fp["data"]]) if cacheable else None
-    dq = run_check.submit(uc, dq_spec, 0, seed, fp["model_sha256"], str(out), dq_key, "data_quality")
-    collect([dq], ["data_quality"])
+    dq_call = call(dq_spec, 0, None, "data_quality")
+    dq = run_check.with_options(cache_policy=NO_CACHE, persist_result=False).submit(*dq_call)
+    collect([dq], ["data_quality"], [dq_call])
     data_sha = outcomes[0].summary["data_sha256"] if outcomes else "unknown"
     run.tag({"data_sha256": data_sha})
 
-    specs, shards, keys, labels = [], [], [], []
+    calls, labels = [], []
     for _, spec in steps[1:]:
         for i, shard in enumerate(build(spec).shards()):
-            specs.append(spec)
-            shards.append(i)
-            keys.append(_key(base + [data_sha, spec.model_dump(), i]) if outcomes else None)
-            labels.append(_label(shard))
-    if specs and outcomes:
-        futures = run_check.map(unmapped(uc), specs, shards, unmapped(seed), unmapped(fp["model_sha256"]),
-                                unmapped(str(out)), keys, labels)
-        collect(futures, labels)
+            calls.append(call(spec, i, data_sha, _label(shard)))
+            labels.append(calls[-1][-1])
+    if calls and outcomes:
+        columns = list(zip(*calls, strict=True))
+        futures = cached.map(unmapped(uc), columns[1], columns[2], unmapped(seed), unmapped(fp["model_sha256"]),
+                             unmapped(data_sha), unmapped(fp["code_sha256"]), unmapped(str(store)), unmapped(salt),
+                             labels)
+        collect(futures, labels, calls)
 
     records = evidence(uc, outcomes)
     complete = not errors
@@ -228,10 +393,20 @@ def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dic
     )
     assessment = Assessment(use_case=uc_json, requirements=uc.requirements, outcomes=outcomes,
                             evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
+    if red:  # the record itself: paths in the use case, ids in errors and limitations
+        assessment = Assessment.model_validate(red.json(assessment.model_dump(mode="json")))
+        uc_text = red.text(uc_text)
     files = report(assessment, str(out), uc_text, previous)
-    run.log_artefacts(out, files)
-    if version and complete:  # runtime artefacts (the ODD monitor) are found from the model version
+    written += ["assessment.json", "evidence.json", "use_case.yaml"]
+    written += [Path(p).relative_to(out).as_posix() for k, p in files.items() if k != "plots"]
+    if (out / "plots").is_dir():  # render empties plots/ first: every file there is this render's
+        written += sorted(p.relative_to(out).as_posix() for p in (out / "plots").rglob("*") if p.is_file())
+    (out / MARKER).write_text(json.dumps({"use_case_id": uc.id, "run_id": run.id, "files": written}, indent=1))
+    digest = reports.pack_digest(Path(files["pack"]))
+    run.tag({"pack.manifest_sha256": digest})
+    run.log_artefacts(out, [p for p in written if not (red and reports.withheld(p, assessment))])
+    if version and complete and not red:  # runtime artefacts (the ODD monitor) are found from the model version
         tracking.link_runtime_artefacts(uc, version, run.artifact_uri, outcomes)
     run.finish(assessment)  # last: the verdict tags, then FINISHED (FAILED when a check failed)
     return Result(verdict=verdict, complete=complete, out_dir=out, run_id=run.id, tracking_uri=uri,
-                  files=files, errors=errors, user_error=user_error)
+                  files=files, errors=errors, user_error=user_error, manifest_sha256=digest)

@@ -1,10 +1,20 @@
 """The evidence pack: one zip to archive and check years later, with a manifest of SHA-256 digests.
 
 Contents: the report (HTML, PDF), the argument (JSON, gsn2x YAML), every evidence record
-(assessment.json, evidence.json), the plots and diagrams, the use-case file, the check artefacts,
-environment.json (package and code versions), provenance.json (model, data and use-case hashes, MLflow
-run id, seed), MANIFEST.json (path, size and SHA-256 of every other file) and MANIFEST.sha256 (the digest
-of the manifest itself, so that a change to the manifest is caught too).
+(assessment.json, evidence.json), the plots and diagrams, the use-case file, the check artefacts the
+record declares (listed from the record, never globbed from the folder), environment.json (package and
+code versions), provenance.json (model, data and use-case hashes, MLflow run id, seed), MANIFEST.json
+(path, size and SHA-256 of every other file), MANIFEST.sha256 (the digest of the manifest itself, so that
+a change to the manifest is caught too) and, when the assessing site has a key (TRUSTCASE_SIGNING_KEY:
+an Ed25519 private key in PEM), MANIFEST.sig (its signature of the manifest).
+
+A pack is only as trustworthy as its anchor: whoever rewrites a file can rewrite the manifest and its
+digest too. `verify` therefore (1) re-hashes every entry, streamed with a size limit; (2) cross-checks every
+record that states a verdict, a run id or a hash (manifest, provenance.json, assessment.json, evidence.json,
+the declared artefacts); (3) checks the manifest digest against an anchor held outside the pack: the
+MLflow run's `pack.manifest_sha256` tag (`--run`), a digest recorded at assessment time (`--digest`,
+printed by `assess`) or the site's public key (`--public-key`). Without an anchor the pack is at best
+"internally consistent, not anchored".
 
 Confidential use cases: no image files at all (charts and diagrams are inside the report), no check
 artefact that could hold inputs, attribution maps or weights (kinds image/attribution/input/model/weights,
@@ -16,10 +26,12 @@ The zip is deterministic: sorted entries, fixed timestamps, so the same run give
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
 import zlib
@@ -34,15 +46,20 @@ from trustcase.schemas import Assessment
 FORMAT = "trustcase-pack/1"
 MANIFEST = "MANIFEST.json"
 MANIFEST_DIGEST = "MANIFEST.sha256"
+SIGNATURE = "MANIFEST.sig"
+SIGNING_KEY_ENV = "TRUSTCASE_SIGNING_KEY"
+RECORDS = ("provenance.json", "assessment.json", "evidence.json")
+MAX_ENTRY_BYTES = 1 << 30  # an entry the manifest does not bound (or a record) is read up to this size
+CHUNK = 1 << 20
 TOP_FILES = ["report.html", "report.pdf", "argument.json", "argument.gsn.yaml", "assessment.json", "evidence.json",
              "use_case.yaml"]
-FOLDERS = ["plots", "checks"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg", ".ppm", ".pgm", ".pbm",
                   ".ico", ".eps"}
 SENSITIVE_SUFFIXES = {".npy", ".npz", ".pt", ".pth", ".onnx", ".safetensors", ".ckpt", ".pkl", ".pickle", ".bin",
                       ".h5", ".hdf5", ".tar", ".zip"}
 SENSITIVE_KINDS = {"image", "attribution", "input", "inputs", "model", "weights", "saliency"}
-ID_KEY = re.compile(r"^(ids?|items?|item_ids?|\w+_ids?|unreadable|examples?|worst(_\w+)?|files?|paths?)$", re.I)
+ID_KEY = re.compile(r"^(ids?|items?|item_ids?|\w+_ids?|unreadable|examples?|worst(_\w+)?|files?|paths?|members)$",
+                    re.I)
 HASHED = re.compile(r"^item-[0-9a-f]{16}$")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -92,10 +109,13 @@ def confidential(a: Assessment) -> bool:
 
 
 def _redact_file(path: Path, data: bytes, salt: str) -> bytes:
-    """JSON and CSV check artefacts: identifiers hashed the same way as in the records."""
+    """JSON and CSV check artefacts: identifiers hashed the same way as in the records (the bytes unchanged
+    when there was nothing to hash: a file the flow already redacted keeps its declared hash)."""
     if path.suffix == ".json":
         try:
-            return json.dumps(_redact(json.loads(data), salt), indent=1, sort_keys=True).encode()
+            obj = json.loads(data)
+            red = _redact(obj, salt)
+            return data if red == obj else json.dumps(red, indent=1, sort_keys=True).encode()
         except ValueError:
             return data
     if path.suffix == ".csv":
@@ -108,8 +128,24 @@ def _redact_file(path: Path, data: bytes, salt: str) -> bytes:
         w.writerow(rows[0])
         for r in rows[1:]:
             w.writerow([hash_id(v, salt) if i in cols else v for i, v in enumerate(r)])
-        return buf.getvalue().encode()
+        changed = any(hash_id(v, salt) != v for r in rows[1:] for i, v in enumerate(r) if i in cols)
+        return buf.getvalue().encode() if changed else data
     return data
+
+
+def withheld(rel: str, a: Assessment) -> str | None:
+    """Why a file of a confidential assessment must not leave the run folder (pack, MLflow), else None."""
+    if not confidential(a):
+        return None
+    kinds = {f"checks/{art.path}": art.kind for o in a.outcomes for art in o.artefacts}
+    suffix = Path(rel).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image file (confidential use case: no images in the pack; charts are in the report)"
+    if suffix in SENSITIVE_SUFFIXES:
+        return "array, weights or archive file (confidential: could hold inputs, attributions or weights)"
+    if kinds.get(rel, "").lower() in SENSITIVE_KINDS:
+        return f"artefact of kind {kinds[rel]!r} (confidential use case)"
+    return None
 
 
 # --- building ----------------------------------------------------------------------------------------------------
@@ -131,38 +167,30 @@ def collect(folder: Path, a: Assessment) -> tuple[dict[str, bytes], list[dict[st
     folder = Path(folder)
     secret = confidential(a)
     salt = a.provenance.data_sha256
-    kinds = {}
-    for o in a.outcomes:
-        for art in o.artefacts:
-            kinds[art.path] = art.kind
-            kinds[f"checks/{art.path}"] = art.kind
     files: dict[str, bytes] = {}
-    withheld: list[dict[str, str]] = []
+    withheld_files: list[dict[str, str]] = []
+    redacted: list[str] = []  # check artefacts whose ids the pack hashed: they differ from their declared hash
     paths = [folder / n for n in TOP_FILES if (folder / n).is_file()]
-    for sub in FOLDERS:
-        if (folder / sub).is_dir():
-            paths += sorted(p for p in (folder / sub).rglob("*") if p.is_file())
+    if (folder / "plots").is_dir():  # written by this render (it empties the folder first)
+        paths += sorted(p for p in (folder / "plots").rglob("*") if p.is_file())
+    # the check artefacts the record declares, and nothing else that happens to lie in checks/
+    declared = sorted({art.path for o in a.outcomes for art in o.artefacts})
+    paths += [folder / "checks" / p for p in declared
+              if not Path(p).is_absolute() and ".." not in Path(p).parts and (folder / "checks" / p).is_file()]
     for path in paths:
         rel = path.relative_to(folder).as_posix()
-        if rel in (MANIFEST, MANIFEST_DIGEST):
+        reason = withheld(rel, a)
+        if reason:
+            withheld_files.append({"path": rel, "reason": reason})
             continue
-        suffix = path.suffix.lower()
-        if secret:
-            reason = None
-            if suffix in IMAGE_SUFFIXES:
-                reason = "image file (confidential use case: no images in the pack; charts are in the report)"
-            elif suffix in SENSITIVE_SUFFIXES:
-                reason = "array, weights or archive file (confidential: could hold inputs, attributions or weights)"
-            elif kinds.get(rel, "").lower() in SENSITIVE_KINDS:
-                reason = f"artefact of kind {kinds[rel]!r} (confidential use case)"
-            if reason:
-                withheld.append({"path": rel, "reason": reason})
-                continue
         data = path.read_bytes()
         if secret and rel in ("assessment.json", "evidence.json"):
             continue  # rewritten from the redacted record below
         if secret and rel.startswith("checks/"):
-            data = _redact_file(path, data, salt)
+            red = _redact_file(path, data, salt)
+            if red != data:
+                redacted.append(rel)
+            data = red
         files[rel] = data
     if secret:
         r = redact(a)
@@ -176,7 +204,7 @@ def collect(folder: Path, a: Assessment) -> tuple[dict[str, bytes], list[dict[st
     files.setdefault("use_case.yaml", yaml.safe_dump(a.use_case, sort_keys=False).encode())
     files["environment.json"] = json.dumps(_environment(a), indent=1, sort_keys=True).encode()
     files["provenance.json"] = json.dumps(_provenance(a), indent=1, sort_keys=True).encode()
-    return files, withheld
+    return files, withheld_files + [{"path": p, "reason": "redacted"} for p in redacted]
 
 
 def manifest(files: dict[str, bytes], a: Assessment, withheld: list[dict[str, str]]) -> dict[str, Any]:
@@ -193,7 +221,8 @@ def manifest(files: dict[str, bytes], a: Assessment, withheld: list[dict[str, st
         "code_version": p.code_version,
         "assessed_at": p.finished_at.isoformat() if p.finished_at else None,
         "confidential": confidential(a),
-        "withheld": withheld,
+        "withheld": [w for w in withheld if w["reason"] != "redacted"],
+        "redacted": sorted(w["path"] for w in withheld if w["reason"] == "redacted"),
         "files": [{"path": k, "bytes": len(v), "sha256": sha256_bytes(v)} for k, v in sorted(files.items())],
     }
 
@@ -205,10 +234,38 @@ def _write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def build(folder: Path, a: Assessment, out: Path) -> tuple[Path, dict[str, Any]]:
-    """Write the pack of the assessment whose files are in `folder`; returns its path and its manifest."""
-    files, withheld = collect(folder, a)
-    m = manifest(files, a, withheld)
+def _signing_key(path: str | Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise PackError(f"{SIGNING_KEY_ENV}={path}: not a readable unencrypted PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PackError(f"{SIGNING_KEY_ENV}={path}: an Ed25519 key is required, got {type(key).__name__}")
+    return key
+
+
+def public_key_fingerprint(pem: bytes) -> str:
+    """SHA-256 of the raw Ed25519 public key: what the report prints and a verifier compares."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+    return sha256_bytes(load_pem_public_key(pem).public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def build(folder: Path, a: Assessment, out: Path, signing_key: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write the pack of the assessment whose files are in `folder`; returns its path and its manifest.
+    `signing_key` (default: the file named by TRUSTCASE_SIGNING_KEY): Ed25519 private key signing the manifest."""
+    files, withheld_files = collect(folder, a)
+    m = manifest(files, a, withheld_files)
+    key_path = signing_key or os.environ.get(SIGNING_KEY_ENV)
+    key = _signing_key(key_path) if key_path else None
+    if key is not None:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        m["signer_public_key_sha256"] = public_key_fingerprint(pem)
     body = json.dumps(m, indent=1, sort_keys=True).encode()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +273,8 @@ def build(folder: Path, a: Assessment, out: Path) -> tuple[Path, dict[str, Any]]
     with zipfile.ZipFile(tmp, "w") as zf:
         _write(zf, MANIFEST, body)
         _write(zf, MANIFEST_DIGEST, f"{sha256_bytes(body)}  {MANIFEST}\n".encode())
+        if key is not None:
+            _write(zf, SIGNATURE, base64.b64encode(key.sign(body)) + b"\n")
         for name in sorted(files):
             _write(zf, name, files[name])
     tmp.replace(out)
@@ -223,7 +282,23 @@ def build(folder: Path, a: Assessment, out: Path) -> tuple[Path, dict[str, Any]]
     return out, m
 
 
+def digest(pack: Path) -> str:
+    """The SHA-256 of a pack's manifest: its anchor (MLflow tag, printed by assess, compared by verify)."""
+    with zipfile.ZipFile(pack) as zf:
+        return sha256_bytes(zf.read(MANIFEST))
+
+
 # --- verifying ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Anchor:
+    """What a verifier trusts from outside the pack: a manifest digest (from an MLflow run's tag or recorded at
+    assessment time) and/or the assessing site's Ed25519 public key (PEM); `run` also names the records' run."""
+    source: str
+    manifest_sha256: str | None = None
+    public_key_pem: bytes | None = None
+    run: dict[str, str] | None = None  # the MLflow run's id and tags (verdict, hashes)
+
 
 @dataclass
 class Verification:
@@ -235,6 +310,7 @@ class Verification:
     checked: int = 0
     manifest: dict[str, Any] = field(default_factory=dict)
     manifest_sha256: str | None = None
+    anchored: str | None = None  # the anchor the manifest matched, when one was given
 
     @property
     def ok(self) -> bool:
@@ -246,8 +322,25 @@ class Verification:
         return out
 
 
-def verify(pack: Path) -> Verification:
-    """Re-hash every file of the pack against its manifest; name every changed, added or removed file."""
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> tuple[bytes | None, str, int]:
+    """(content when at most `limit` bytes else None, SHA-256 of what was read, bytes read): streamed, never
+    more than limit + 1 bytes decompressed, whatever the entry claims."""
+    h, size, keep = hashlib.sha256(), 0, []
+    with zf.open(info) as f:
+        while size <= limit:
+            chunk = f.read(min(CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            h.update(chunk)
+            size += len(chunk)
+            if size <= limit:
+                keep.append(chunk)
+    return (b"".join(keep) if size <= limit else None), h.hexdigest(), size
+
+
+def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Verification:
+    """Re-hash every file of the pack against its manifest (name every changed, added or removed file),
+    cross-check the records, and check the manifest against `anchor` when given."""
     pack = Path(pack)
     v = Verification(pack=str(pack))
     if not pack.is_file():
@@ -257,43 +350,151 @@ def verify(pack: Path) -> Verification:
     except (zipfile.BadZipFile, OSError) as e:
         raise PackError(f"{pack} is not a readable zip archive ({e}): it is damaged or not an evidence pack") from None
     with zf:
-        names = [i.filename for i in zf.infolist() if not i.is_dir()]
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        names = [i.filename for i in infos]
         dupes = sorted({n for n in names if names.count(n) > 1})
         v.problems += [f"{n}: present more than once in the archive" for n in dupes]
-        contents: dict[str, bytes | None] = {}
-        for n in dict.fromkeys(names):
+        by_name = {i.filename: i for i in infos}
+
+        def read(name: str, limit: int) -> tuple[bytes | None, str | None, int]:
             try:
-                contents[n] = zf.read(n)
-            except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:  # CRC error, damaged data
-                contents[n] = None
-                v.problems.append(f"{n}: unreadable in the archive ({e})")
-    body = contents.pop(MANIFEST, None)
-    digest = contents.pop(MANIFEST_DIGEST, None)
-    if body is None:
-        v.problems.append(f"{MANIFEST} is missing or unreadable: nothing to verify against")
-        v.added = sorted(contents)
-        return v
-    v.manifest_sha256 = sha256_bytes(body)
-    if digest is None:
-        v.removed.append(MANIFEST_DIGEST)
-    elif digest.decode(errors="replace").split()[:1] != [v.manifest_sha256]:
-        v.changed.append(MANIFEST)
-        v.problems.append(f"{MANIFEST} does not match the digest in {MANIFEST_DIGEST}: one of them was altered")
-    try:
-        m = json.loads(body)
-        entries = {f["path"]: f["sha256"] for f in m["files"]}
-        v.manifest = m
-    except (ValueError, KeyError, TypeError) as e:
-        v.problems.append(f"{MANIFEST} is not a valid manifest ({e})")
-        return v
-    for path, sha in sorted(entries.items()):
-        data = contents.get(path)
-        if path not in contents:
-            v.removed.append(path)
-        elif data is None:
-            v.changed.append(path)
-        elif sha256_bytes(data) != sha:
-            v.changed.append(path)
-        v.checked += 1
-    v.added = sorted(set(contents) - set(entries))
+                data, sha, size = _read(zf, by_name[name], limit)
+            except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError) as e:
+                v.problems.append(f"{name}: unreadable in the archive ({e})")
+                return None, None, 0
+            if data is None and name not in entries:
+                v.problems.append(f"{name}: larger than the limit of {limit} bytes, not read further")
+            return data, sha, size
+
+        entries: dict[str, dict] = {}
+        body = read(MANIFEST, max_entry_bytes)[0] if MANIFEST in by_name else None
+        if body is None:
+            v.problems.append(f"{MANIFEST} is missing or unreadable: nothing to verify against")
+            v.added = sorted(set(by_name) - {MANIFEST})
+            return v
+        v.manifest_sha256 = sha256_bytes(body)
+        digest_file = read(MANIFEST_DIGEST, 1024)[0] if MANIFEST_DIGEST in by_name else None
+        if digest_file is None:
+            v.removed.append(MANIFEST_DIGEST)
+        elif digest_file.decode(errors="replace").split()[:1] != [v.manifest_sha256]:
+            v.changed.append(MANIFEST)
+            v.problems.append(f"{MANIFEST} does not match the digest in {MANIFEST_DIGEST}: one of them was altered")
+        signature = read(SIGNATURE, 1024)[0] if SIGNATURE in by_name else None
+        try:
+            m = json.loads(body)
+            entries = {f["path"]: f for f in m["files"]}
+            v.manifest = m
+        except (ValueError, KeyError, TypeError) as e:
+            v.problems.append(f"{MANIFEST} is not a valid manifest ({e})")
+            return v
+        records: dict[str, bytes] = {}
+        for path, entry in sorted(entries.items()):
+            v.checked += 1
+            if path not in by_name:
+                v.removed.append(path)
+                continue
+            # read at most one byte more than the manifest declares: a swollen entry is changed, not read whole
+            limit = max_entry_bytes if path in RECORDS else min(int(entry.get("bytes", 0)), max_entry_bytes)
+            data, sha, size = read(path, limit)
+            if sha is None or sha != entry["sha256"] or size != entry.get("bytes", size):
+                v.changed.append(path)
+            elif path in RECORDS and data is not None:
+                records[path] = data
+        v.added = sorted(set(by_name) - set(entries) - {MANIFEST, MANIFEST_DIGEST, SIGNATURE})
+    _cross_check(v, m, records)
+    _anchor(v, body, signature, anchor)
     return v
+
+
+def _cross_check(v: Verification, m: dict, records: dict[str, bytes]) -> None:
+    """Every record stating a verdict, a run id or a hash must say what the manifest says."""
+    stated = ("use_case_id", "mlflow_run_id", "verdict", "complete", "model_sha256", "data_sha256", "use_case_sha256")
+    try:
+        prov = json.loads(records["provenance.json"]) if "provenance.json" in records else None
+        a = json.loads(records["assessment.json"]) if "assessment.json" in records else None
+        ev = json.loads(records["evidence.json"]) if "evidence.json" in records else None
+    except ValueError as e:
+        v.problems.append(f"a record of the pack is not valid JSON ({e})")
+        return
+    for name, rec in (("provenance.json", prov), ("assessment.json", a), ("evidence.json", ev)):
+        if rec is None and name not in v.removed and name not in v.changed:
+            v.problems.append(f"{name}: missing from the pack (every pack holds it)")
+    if prov is not None:
+        for k in stated:
+            if k in prov and prov[k] != m.get(k):
+                v.problems.append(f"provenance.json states {k} = {prov[k]!r}, the manifest {m.get(k)!r}")
+    if a is not None:
+        p = a.get("provenance", {})
+        for k in stated:
+            got = a.get(k) if k in ("verdict", "complete") else p.get(k)
+            if got != m.get(k):
+                v.problems.append(f"assessment.json states {k} = {got!r}, the manifest {m.get(k)!r}")
+        _verdict_follows(v, a)
+        if ev is not None and _claims(ev) != _claims(a.get("evidence", [])):
+            v.problems.append("evidence.json and the evidence in assessment.json differ")
+        present = {e["path"]: e["sha256"] for e in m.get("files", [])}
+        excused = {w["path"] for w in m.get("withheld", [])} | set(m.get("redacted", []))
+        for o in a.get("outcomes", []):
+            for art in o.get("artefacts", []):
+                path = f"checks/{art['path']}"
+                if path in excused:
+                    continue
+                if path not in present:
+                    v.problems.append(f"{path}: declared by check {o.get('check')} but not in the pack")
+                elif present[path] != art["sha256"]:
+                    v.problems.append(f"{path}: its hash differs from the one check {o.get('check')} declared")
+
+
+def _claims(evidence: list[dict]) -> list[tuple]:
+    return sorted((e.get("claim_id") or "", e.get("verdict"), e.get("value"), e.get("check") or "") for e in evidence)
+
+
+def _verdict_follows(v: Verification, a: dict) -> None:
+    """The stated verdict must follow from the judged claims (the rule of `verdicts.overall`: one FAIL of a
+    mandatory claim fails, any other non-PASS is INCONCLUSIVE; an incomplete assessment is INCONCLUSIVE)."""
+    mandatory = {r["id"] for r in a.get("requirements", []) if r.get("mandatory", True)}
+    vs = [e.get("verdict") for e in a.get("evidence", []) if e.get("claim_id") in mandatory]
+    if not a.get("complete"):
+        expect = "INCONCLUSIVE"
+    else:
+        expect = "FAIL" if "FAIL" in vs else "INCONCLUSIVE" if "INCONCLUSIVE" in vs or not vs else "PASS"
+    if a.get("verdict") != expect:
+        v.problems.append(f"assessment.json states verdict {a.get('verdict')}, but its claims give {expect}")
+
+
+def _anchor(v: Verification, body: bytes, signature: bytes | None, anchor: Anchor | None) -> None:
+    if anchor is None:
+        return
+    ok = True
+    if anchor.manifest_sha256 is not None and anchor.manifest_sha256 != v.manifest_sha256:
+        ok = False
+        v.problems.append(f"the manifest's SHA-256 {v.manifest_sha256} is not the one recorded by {anchor.source} "
+                          f"({anchor.manifest_sha256}): the pack is not the one that was assessed")
+    if anchor.public_key_pem is not None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        try:
+            key = load_pem_public_key(anchor.public_key_pem)
+        except ValueError as e:
+            raise PackError(f"{anchor.source}: not a PEM public key ({e})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise PackError(f"{anchor.source}: an Ed25519 public key is required")
+        if signature is None:
+            ok = False
+            v.problems.append(f"{SIGNATURE} is missing: the pack is not signed")
+        else:
+            try:
+                key.verify(base64.b64decode(signature.strip(), validate=True), body)
+            except (InvalidSignature, ValueError):
+                ok = False
+                v.problems.append(f"{SIGNATURE} is not a signature of the manifest by {anchor.source}")
+    m = v.manifest
+    for k, tag in (("verdict", "verdict"), ("model_sha256", "model_sha256"), ("data_sha256", "data_sha256"),
+                   ("mlflow_run_id", "run_id")):
+        if anchor.run is not None and tag in anchor.run and str(m.get(k)) != anchor.run[tag]:
+            ok = False
+            v.problems.append(f"the manifest states {k} = {m.get(k)!r}, {anchor.source} {anchor.run[tag]!r}")
+    if ok:
+        v.anchored = anchor.source
