@@ -121,9 +121,10 @@ def _line(root: yaml.Node | None, loc: tuple) -> int | None:
 
 
 def locator(text: str):
-    """loc -> line in `text` (a file `parse_use_case` accepted), for the problems found after the schema."""
+    """(loc, message) -> a `Problem` located in `text` (a file `parse_use_case` accepted): for the problems
+    found after the schema (plan, files, imports, data)."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
-    return lambda loc: _line(root, tuple(loc))
+    return lambda loc, message: Problem(_loc_text(tuple(loc)), _line(root, tuple(loc)), message)
 
 
 def load_use_case(path: str | Path) -> UseCase:

@@ -1,0 +1,243 @@
+"""The one preflight of `trustcase validate` and `trustcase assess`: every problem of a use case that can be
+found before work starts, all reported at once, each with its line in the YAML file.
+
+Beyond the schema: the plan's checks and their parameters; every claim measured by some check of the plan
+(`Check.produces`); the ODD descriptors known; the model file loads (without unpickling unless allowed) and
+fits the classes on a probe input; loaders, factories and partner references import with the use case's
+folder on the path, and their parameters fit the function's signature and type hints; the first item of
+each split reads and meets the model's input contract.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from trustcase.checks import Check, CheckError, Produces, check_class
+from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, resolve
+from trustcase.models.classifier import ModelError
+from trustcase.models.loading import BLACK_BOXES, load_classifier
+from trustcase.odd.monitor import MonitorError
+from trustcase.odd.specification import Limit
+from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
+from trustcase.schemas.loading import locator
+
+Add = Callable[[tuple, str], None]
+
+
+def import_paths(uc: UseCase, use_case_path: str | Path) -> None:
+    """The use case's folder and data.path first on sys.path: loaders, model factories and partner checks
+    beside the use case import, whichever is loaded first."""
+    for folder in (uc.data.path, Path(use_case_path).resolve().parent):
+        if folder is not None and str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+
+
+def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
+    """The validated use case, or `UseCaseError` carrying every problem found. `seed` (as `--seed`) picks the
+    same capped subset of each split as the assessment will."""
+    path = Path(use_case_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UseCaseError(path, [Problem("", None, f"cannot read the file: {e}")]) from None
+    uc = parse_use_case(text, path.resolve())  # the schema first: nothing below can trust a broken file
+    at = locator(text)
+    problems: list[Problem] = []
+
+    def add(loc: tuple, message: str) -> None:
+        problems.append(at(loc, message))
+
+    import_paths(uc, path)
+    produced = plan(uc, add)
+    claims(uc, produced, add)
+    descriptors(uc, add)
+    model(uc, add)
+    data(uc, uc.plan.seed if seed is None else seed, add)
+    if problems:
+        raise UseCaseError(path, problems)
+    return uc
+
+
+def plan(uc: UseCase, add: Add) -> list[list[Produces] | None]:
+    """Each check built from its parameters; what each declares it measures (None: not declared)."""
+    out = []
+    for i, spec in enumerate(uc.plan.checks):
+        loc = ("plan", "checks", i)
+        try:
+            cls: type[Check] = check_class(spec.check)
+        except CheckError as e:
+            add((*loc, "check"), str(e))
+            continue
+        try:
+            params = cls.Params.model_validate(spec.params)
+            cls(params)
+        except ValidationError as e:
+            for err in e.errors():
+                add((*loc, "params", *err["loc"]), err["msg"].removeprefix("Value error, "))
+            continue
+        except (CheckError, ValueError) as e:
+            add((*loc, "params"), str(e))
+            continue
+        out.append(cls.produces(params, uc))
+    return out
+
+
+def claims(uc: UseCase, produced: list[list[Produces] | None], add: Add) -> None:
+    """Every requirement (mandatory or not) is measured by some check of the plan, in its scope."""
+    if any(p is None for p in produced):
+        return  # a check that does not declare what it measures might measure anything: we cannot tell
+    declared = [p for ps in produced for p in ps]
+    metrics = sorted({p.metric for p in declared if not any(c in p.metric for c in "*?[")})
+    for i, r in enumerate(uc.requirements):
+        if any(p.covers(r) for p in declared):
+            continue
+        loc = ("requirements", i)
+        same = [p for p in declared if fnmatch.fnmatchcase(r.metric, p.metric)]
+        pert = r.scope.perturbation
+        if not same:
+            near = difflib.get_close_matches(r.metric, metrics, n=3)
+            add((*loc, "metric"), f"no check of the plan measures {r.metric!r}"
+                + (f"; did you mean {' or '.join(map(repr, near))}?" if near else ""))
+        elif pert and not any(p.perturbation in (pert.name, "*") for p in same):
+            names = sorted({p.perturbation for p in same if p.perturbation})
+            add((*loc, "scope", "perturbation", "name"),
+                f"no check of the plan measures {r.metric} under perturbation {pert.name!r}"
+                + (f"; it is measured under {names}" if names else "; it is measured without perturbation only"))
+        elif not pert and all(p.perturbation is not None for p in same):
+            add((*loc, "scope"), f"{r.metric} is only measured under a perturbation: name it in scope.perturbation")
+        elif not any(fnmatch.fnmatchcase(r.scope.split, p.split) for p in same):
+            add((*loc, "scope", "split"), f"{r.metric} is measured on split(s) {sorted({p.split for p in same})}, "
+                                          f"not {r.scope.split!r}")
+        else:
+            add((*loc, "scope"), f"no check of the plan measures {r.metric} on {r.scope.label()}")
+
+
+def descriptors(uc: UseCase, add: Add) -> None:
+    """Every ODD descriptor is one something measures (an image descriptor of the catalogue, a feature column)."""
+    for i, d in enumerate(uc.odd.descriptors):
+        try:
+            limit = Limit.from_descriptor(d)
+        except MonitorError as e:
+            add(("odd", "descriptors", i, "name"), str(e))
+            continue
+        if limit.column is not None and len(uc.model.input_shape) == 1 and limit.column >= uc.model.input_shape[0]:
+            add(("odd", "descriptors", i, "name"), f"feature column {limit.column} is beyond the model's "
+                                                   f"{uc.model.input_shape[0]} input features")
+
+
+def model(uc: UseCase, add: Add) -> None:
+    spec = uc.model
+    if spec.factory:
+        try:
+            add_arguments(resolve(spec.factory), spec.factory_args, 0, ("model", "factory_args"), add)
+        except DataError as e:
+            add(("model", "factory"), str(e))
+            return
+    if spec.format not in BLACK_BOXES and not Path(spec.path).is_file():
+        add(("model", "path"), f"model file not found: {spec.path}")
+        return
+    try:
+        load_classifier(spec)  # probes it with one input of the declared contract
+    except (ModelError, DataError) as e:
+        add(("model", "path"), str(e))
+    except Exception as e:  # noqa: BLE001  (a partner's black box may raise anything while it loads)
+        add(("model", "entry" if spec.entry else "path"), f"loading the model raised {type(e).__name__}: {e}")
+
+
+def data(uc: UseCase, seed: int, add: Add) -> None:
+    spec = uc.data
+    try:
+        source = DataSource(spec, seed, uc.model)
+    except DataError as e:
+        add(("data", "loader"), str(e))
+        return
+    if not add_arguments(source.loader, spec.params, 1, ("data", "params"), add):
+        return  # calling the loader with parameters it does not take would only repeat the problem
+    first_meta: dict | None = None
+    for role, name in spec.splits.items():
+        loc = ("data", "splits", role)
+        try:
+            stream = source.stream(role)
+        except DataError as e:
+            add(loc, str(e))
+            continue
+        if len(stream) == 0:
+            add(loc, f"split {role!r} ({source.call(name)}) is empty")
+            continue
+        i = int(stream.positions[0])
+        try:
+            item = stream.split[i]
+            judge_item(item.image, source.expected)
+            label = int(item.label)
+        except Rejected as e:
+            add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) does not fit the model's input: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001  (the partner's loader)
+            add(loc, f"reading the first item of split {role!r} ({_name(stream.split, i)}) raised "
+                     f"{type(e).__name__}: {e}")
+            continue
+        if not 0 <= label < len(uc.model.class_names):
+            add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) has label {label}, outside "
+                     f"0..{len(uc.model.class_names) - 1} (classes {uc.model.class_names})")
+        if first_meta is None:
+            first_meta = dict(item.meta or {})
+    for j, d in enumerate(uc.odd.descriptors):
+        if d.source == "metadata" and first_meta is not None and d.name not in first_meta:
+            add(("odd", "descriptors", j, "name"), f"metadata descriptor {d.name!r} is in no item's metadata: the "
+                                                   f"loader gives {sorted(first_meta) or 'none'}")
+
+
+def _name(split, i: int) -> str:
+    try:
+        return str(split.name(i))
+    except Exception:  # noqa: BLE001  (no `name`: the position locates it)
+        return f"#{i}"
+
+
+def add_arguments(fn, args: dict, skip: int, loc: tuple, add: Add) -> bool:
+    """Check `args` against `fn`'s signature and type hints (its first `skip` parameters are supplied by
+    trustcase); True when they fit."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True  # a builtin without a signature: the call itself will tell
+    try:
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve: not checked)
+        hints = {}
+    params = list(sig.parameters.values())[skip:]
+    named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    title = getattr(fn, "__qualname__", repr(fn))
+    ok = True
+    for key, value in args.items():
+        if key not in named:
+            if not var_kw:
+                add((*loc, key), f"{title} takes no parameter {key!r}; it takes {list(named)}")
+                ok = False
+            continue
+        if key not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # noqa: BLE001  (a hint pydantic cannot check)
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            hint = getattr(hints[key], "__name__", str(hints[key]))
+            add((*loc, key), f"{value!r} does not fit {title}'s {key}: {hint} ({e.errors()[0]['msg']})")
+            ok = False
+    for p in named.values():
+        if p.default is p.empty and p.name not in args:
+            add(loc, f"{title} needs parameter {p.name!r}")
+            ok = False
+    return ok
