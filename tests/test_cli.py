@@ -81,3 +81,19 @@ def test_assess_exit_codes_follow_the_verdict(tmp_path, tiny_model, tracking_uri
 def test_report_for_unknown_run_is_a_clear_error(tmp_path, tracking_uri):
     r = cli("report", "f" * 32, "--tracking-uri", tracking_uri, cwd=tmp_path)
     assert r.returncode == 2 and "no MLflow run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_finds_what_assess_rejects(tmp_path, tiny_model):
+    """`validate` said "valid" for a loader parameter of the wrong type and a typo in a claim's metric, and gave a
+    RecursionError for 20,000 nested brackets; now: every problem, one located line each, exit 2, no traceback."""
+    runner = CliRunner()
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["data"]["params"]["threshold"] = "high"
+    raw["requirements"][0]["metric"] = "acuracy"
+    r = runner.invoke(app, ["validate", str(write_yaml(tmp_path / "uc.yaml", raw)), "--seed", "3"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "(2 problem(s))" in r.output and "data.params.threshold" in r.output and "did you mean 'accuracy'" in r.output
+    (tmp_path / "deep.yaml").write_text("id: x\ntitle: " + "[" * 20000 + "]" * 20000 + "\n")
+    r = runner.invoke(app, ["validate", str(tmp_path / "deep.yaml")])
+    assert r.exit_code == 2 and "line 2" in r.output and "nesting deeper" in r.output
+    assert "Traceback" not in r.output and "RecursionError" not in r.output
