@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_report import raw_keys
 
 from trustcase.checks import Context, build_plan
 from trustcase.data.streaming import DataSource
 from trustcase.models.classifier import sha256_file
 from trustcase.models.loading import load_classifier
 from trustcase.reports import render, verify_pack
+from trustcase.reports.render import record_digest
 from trustcase.schemas import Assessment, Provenance, load_use_case
 from trustcase.verdicts import judge, overall
 
@@ -29,9 +32,10 @@ PDFTOTEXT = shutil.which("pdftotext")
 OFFLINE = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            "--disable-default-apps", "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND"]
-SECTIONS = ["1. Executive summary", "2. The safety argument", "3. Claims and evidence", "4. ML safety requirements",
-            "5. Data management", "6. Model learning", "7. Verification", "8. Model deployment",
-            "9. Validity conditions and limitations", "Provenance and environment"]
+SECTIONS = ["1. Decision", "2. Findings", "3. Changes since the previous qualified version", "4. The safety argument",
+            "5. Claims", "6. Qualification", "Appendix", "A. The argument by AMLAS stage",
+            "B. Checks: conditions, plots and tables", "C. All claims in one table", "Provenance and environment"]
+BODY_PAGES = 12  # the body a quality manager reads, before the appendix
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
                                     "(scripts/setup.sh --test installs it)")
@@ -67,12 +71,12 @@ def solar_assessment(use_case_path: Path, out: Path) -> Assessment:
     return a
 
 
-def browse(page: Path, tmp: Path, screenshot: Path) -> tuple[list[str], list[str]]:
+def browse(page: Path, tmp: Path, screenshot: Path, width: int = 1280) -> tuple[list[str], list[str]]:
     """Load a page in headless Chromium; (console errors, URLs of every non-file request it made)."""
-    netlog = tmp / "netlog.json"
+    netlog = tmp / f"netlog-{screenshot.stem}.json"
     profile = tmp / f"profile-{screenshot.stem}"
     cmd = [CHROMIUM, *OFFLINE, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-           f"--log-net-log={netlog}", "--window-size=1280,3000", "--virtual-time-budget=5000",
+           f"--log-net-log={netlog}", f"--window-size={width},3000", "--virtual-time-budget=5000",
            f"--screenshot={screenshot}", page.resolve().as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, done.stderr[-2000:]
@@ -107,31 +111,41 @@ def test_browser_detects_what_it_must_detect(tmp_path):
 
 @needs_chromium
 def test_solar_cell_report_in_headless_chromium_and_pdf_pages(tmp_path, tiny_case):
+    """A real assessment (real checks on real ELPV cells) rendered and looked at: desktop and A4-width screenshots,
+    PDF pages; no raw key or None anywhere, the body within its page budget, run and digest on every page."""
     out = tmp_path / "out"
     out.mkdir()
     a = solar_assessment(tiny_case, out)
     files = render(a, out)
     html = Path(files["html"])
-    shot = review_dir() / "report_solar_cells.png"
-    errors, urls = browse(html, tmp_path, shot)
-    assert errors == [], errors
-    assert urls == [], urls
+    for width, name in ((1280, "report_solar_cells.png"), (794, "report_solar_cells_a4.png")):
+        errors, urls = browse(html, tmp_path, review_dir() / name, width)
+        assert errors == [], errors
+        assert urls == [], urls
     assert verify_pack(Path(files["pack"])).ok
     text = html.read_text()
     for s in SECTIONS:
         assert s in text, s
-    if PDFTOPPM is None:
-        pytest.skip("pdftoppm (poppler-utils) is not installed: the PDF pages were not checked")
+    assert raw_keys(text) == []
+    assert text.count('class="card ') == len(a.requirements)
+    if PDFTOPPM is None or PDFTOTEXT is None:
+        pytest.skip("poppler-utils (pdftoppm, pdftotext) is not installed: the PDF pages were not checked")
     pages = tmp_path / "pages"
     pages.mkdir()
     subprocess.run([PDFTOPPM, "-r", "50", "-png", files["pdf"], str(pages / "page")], check=True, timeout=300)
     pngs = sorted(pages.glob("page-*.png"))
-    assert len(pngs) >= 8, "one section per page at least"
     assert all(p.stat().st_size > 2_000 for p in pngs)  # no blank page
-    shutil.copyfile(pngs[0], review_dir() / "report_solar_cells_pdf_page1.png")
-    if PDFTOTEXT:
-        pdf_text = subprocess.run([PDFTOTEXT, "-layout", files["pdf"], "-"], capture_output=True, text=True,
-                                  timeout=120, check=True).stdout
-        for s in SECTIONS:
-            assert s in pdf_text, s
-        assert "Trust profile" in pdf_text and "G-top" in pdf_text  # the chart caption and the GSN diagram
+    for i in (0, 1):
+        shutil.copyfile(pngs[i], review_dir() / f"report_solar_cells_pdf_page{i + 1}.png")
+    texts = [subprocess.run([PDFTOTEXT, "-layout", "-f", str(i), "-l", str(i), files["pdf"], "-"], capture_output=True,
+                            text=True, timeout=120, check=True).stdout for i in range(1, len(pngs) + 1)]
+    appendix = next(i for i, t in enumerate(texts) if re.search(r"^\s*Appendix\s*$", t, re.M))
+    assert 3 <= appendix <= BODY_PAGES, f"body of {appendix} pages"
+    digest = record_digest(a)[:16]
+    for i, t in enumerate(texts):  # a page cannot be swapped between reports
+        assert f"evidence record SHA-256 {digest}" in t and f"page {i + 1} of {len(texts)}" in t, i
+    whole = "\n".join(texts)
+    for s in SECTIONS:
+        assert s in whole, s
+    assert "Trust profile" in whole and "G-top" in whole  # the chart and the GSN overview
+    assert "Prepared by" in whole and "Approved by (quality" in whole  # the signature block, left blank
