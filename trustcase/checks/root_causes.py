@@ -80,10 +80,11 @@ class RootCauses(Check):
             msg = f"no misclassified item in the {p.split} split ({n_items} items): nothing to cluster"
             return CheckOutcome(check=self.name, validity=validity, summary={"message": msg, "clusters": [],
                                                                               "errors": 0, "relevance": rel.method},
-                                measurements=[Measurement(check=self.name, metric="errors", value=0, n=n_items,
-                                                          scope=scope),
-                                              Measurement(check=self.name, metric="root_cause_clusters", value=0,
-                                                          n=0, scope=scope)],
+                                # an empty split is no evidence (undefined); items without an error are
+                                measurements=[Measurement(check=self.name, metric="errors",
+                                                          value=0 if n_items else None, n=n_items, scope=scope),
+                                              Measurement(check=self.name, metric="root_cause_clusters",
+                                                          value=0 if n_items else None, n=0, scope=scope)],
                                 limitations=[msg])
         limitations = []
         n_err = len(err_idx)
