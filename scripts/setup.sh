@@ -2,12 +2,13 @@
 # Idempotent set-up on a fresh machine: Debian packages, a Python 3.11 venv, torch 2.13.0 (CPU),
 # every other dependency from the verified constraints file, and trustcase itself (editable).
 #   scripts/setup.sh          what `make demo` needs
-#   scripts/setup.sh --test   plus what the tests need (Chromium and its WebDriver, poppler)
+#   scripts/setup.sh --test   plus what the tests need (Chromium and its WebDriver, poppler; PostgreSQL for the
+#                             slow server tests, which start their own throwaway cluster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want=(graphviz libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core)
-[ "${1:-}" = "--test" ] && want+=(poppler-utils chromium chromium-driver)
+[ "${1:-}" = "--test" ] && want+=(poppler-utils chromium chromium-driver postgresql)
 missing=()
 for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,6 +34,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q --upgrade pip setuptools wheel
 # exactly this torch: a looser requirement pulls a multi-GB CUDA build
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -c constraints.txt -e ".[dev,scale,demo]"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev,scale,demo,server]"
 echo "$digest" > "$stamp"
 echo "setup: environment ready in .venv"
