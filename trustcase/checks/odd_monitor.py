@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from trustcase.checks import Check, CheckError, Context, Params, Produces
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.measurement import clopper_pearson, proportion
 from trustcase.models.classifier import sha256_file
 from trustcase.odd import monitor as odd
@@ -104,6 +104,9 @@ class OddMonitor(Check):
     def run(self, ctx: Context) -> CheckOutcome:
         p: OddParams = self.params
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        if ctx.model.tabular and p.perturbations:
+            raise Unsupported(f"{self.name}: the perturbations {sorted(p.perturbations)} act on images; the model "
+                              "takes feature vectors (perturbations: {} validates the monitor on clean data)")
         for role in {p.fit_split, p.calibration_split, p.split}:
             if role not in ctx.data.roles:
                 raise CheckError(f"{self.name}: split {role!r} is not in data.splits {ctx.data.roles}")
@@ -131,7 +134,7 @@ class OddMonitor(Check):
                                f"empirical {p.out_rate:g} false-alarm rate)")
         path = monitor.save(ctx.workdir / "monitor.safetensors")
 
-        grids = p.grids()
+        grids = {} if ctx.model.tabular else p.grids()  # the default sweep perturbs images
         clean, base = _Cell(), _Cell()
         cells = {n: [_Cell() for _ in g] for n, g in grids.items()}
         perts = {n: P.get(n, uc.model.value_range) for n in grids}
