@@ -91,3 +91,44 @@ def test_user_errors_exit_2(monitor_file, tmp_path):
     assert r.exit_code == 2 and "not a trustcase monitor file" in r.output
     r = runner.invoke(app, ["monitor", str(monitor_file), str(big), "--meta", "cell_type"])
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_a_nan_input_is_out_and_the_rest_of_the_folder_goes_on(monitor_file, tmp_path):
+    """It was "model produced NaN/inf logits", exit 2, file not named, and nothing after it judged."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    nan = np.full((8, 8, 1), 120.0, np.float32)
+    nan[3, 3] = np.nan
+    np.save(folder / "a_nan.npy", nan)
+    _png(folder / "b_fine.png", 120)
+    np.save(folder / "c_empty.npy", np.zeros((0, 8, 8, 1), np.float32))
+    np.save(folder / "d_objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    np.save(folder / "e_strings.npy", np.full((8, 8), "grey"))
+    _png(folder / "f_fine.png", 130)
+    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
+    rows = {json.loads(line)["input"].rsplit("/", 1)[-1]: json.loads(line) for line in r.stdout.splitlines()}
+    assert list(rows) == ["a_nan.npy", "b_fine.png", "c_empty.npy", "d_objects.npy", "e_strings.npy", "f_fine.png"]
+    assert rows["a_nan.npy"]["state"] == "OUT" and "1 NaN/inf value" in rows["a_nan.npy"]["reasons"][0]
+    assert "error" not in rows["a_nan.npy"] and "prediction" not in rows["a_nan.npy"]
+    assert rows["b_fine.png"]["prediction"] in ("ok", "bad") and rows["f_fine.png"]["prediction"] in ("ok", "bad")
+    assert "holds no value" in rows["c_empty.npy"]["error"]
+    assert "allow_pickle" in rows["d_objects.npy"]["error"] or "Object arrays" in rows["d_objects.npy"]["error"]
+    assert "expected numbers" in rows["e_strings.npy"]["error"]
+    assert r.exit_code == 2 and "3 input file(s) could not be judged" in r.output and "Traceback" not in r.output
+
+
+def test_the_api_keeps_every_decision_of_a_batch_with_a_nan_item(monitor_file):
+    mon = odd.Monitor.load(monitor_file)
+    rng = np.random.default_rng(1)
+    x = np.clip(rng.normal(120, 20, (4, 8, 8, 1)), 0, 255).astype(np.float32)
+    alone = [mon.evaluate(x[i], {"cell_type": ["mono"]}).record(i * 0) for i in range(4)]
+    x[2, 0, 0, 0] = np.inf
+    d = mon.evaluate(x, {"cell_type": ["mono"] * 4})
+    assert d.record(2)["state"] == "OUT" and "NaN/inf" in d.record(2)["reasons"][0]
+    for i in (0, 1, 3):  # the same decisions as each input alone (scores up to float rounding across batch sizes)
+        got, ref = d.record(i), alone[i]
+        assert {k: got[k] for k in ("state", "reasons", "prediction")} == {k: ref[k] for k in ("state", "reasons",
+                                                                                                "prediction")}
+        assert got["scores"] == pytest.approx(ref["scores"], rel=1e-4)
+    with pytest.raises(odd.MonitorError, match=r"meta\['cell_type'\] must hold one value per input \(4\), got 3"):
+        mon.evaluate(x, {"cell_type": ["mono"] * 3})

@@ -10,6 +10,7 @@
 another hash, or a file of another schema version, is rejected with `MonitorError`.
 """
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -51,14 +52,25 @@ def read_input(path: Path, monitor: Monitor, resize: bool = False) -> np.ndarray
     with area averaging when `resize`), or a .npy array of one input or a batch (pixel space)."""
     shape = list(monitor.model_spec.input_shape)
     if path.suffix.lower() == ".npy":
-        x = np.load(path, allow_pickle=False)
+        try:
+            x = np.load(path, allow_pickle=False)  # object arrays would need unpickling: refused
+        except (ValueError, OSError, EOFError) as e:
+            raise MonitorError(f"cannot read {path} as a numeric .npy array: {e}") from None
     else:
         from PIL import Image, UnidentifiedImageError
 
+        from trustcase.data.streaming import Rejected, check_pixels
+
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # our pixel limit decides, before decoding
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
+                check_pixels(*im.size, path)
                 x = np.array(im.convert("L" if shape[0] == 1 else "RGB"))
-        except (UnidentifiedImageError, OSError) as e:
+        except Rejected as e:
+            raise MonitorError(str(e)) from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise MonitorError(f"cannot read image {path}: {e}") from None
         if len(shape) == 3 and x.shape[:2] != tuple(shape[1:]):
             if not resize:
@@ -75,9 +87,15 @@ def read_input(path: Path, monitor: Monitor, resize: bool = False) -> np.ndarray
 
 def evaluate_files(monitor: Monitor, paths: Sequence[str | Path], meta: dict[str, str] | None = None,
                    resize: bool = False) -> Iterator[tuple[str, dict]]:
-    """(input name, decision record) for every input of the files and folders named, one file at a time."""
+    """(input name, decision record) for every input of the files and folders named, one file at a time. A file
+    that cannot be judged (unreadable, not the model's input) is OUT with the reason and `error` set; the rest
+    go on."""
     for f in input_files(paths):
-        x = read_input(f, monitor, resize)
+        try:
+            x = read_input(f, monitor, resize)
+        except MonitorError as e:
+            yield str(f), {"state": State.OUT.name, "reasons": [f"not judged: {e}"], "error": str(e)}
+            continue
         d = monitor.evaluate(x, {k: [v] * len(x) for k, v in (meta or {}).items()})
         for i in range(len(d)):
             yield (str(f) if len(d) == 1 else f"{f}[{i}]"), d.record(i)

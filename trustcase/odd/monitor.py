@@ -75,6 +75,7 @@ class Decisions:
     logits: np.ndarray | None = None
     learned: LearnedMonitor | None = None
     class_names: list[str] | None = None
+    non_finite: np.ndarray | None = None  # (B,) NaN/inf values per input: such an input is OUT, nothing else judged
 
     def __len__(self) -> int:
         return len(self.state)
@@ -84,6 +85,9 @@ class Decisions:
         return None if self.logits is None else self.logits.argmax(axis=1)
 
     def reasons(self, i: int) -> list[str]:
+        if self.non_finite is not None and self.non_finite[i]:
+            return [f"input has {int(self.non_finite[i])} NaN/inf value(s): outside every operating condition, "
+                    "the model is not judged on it (OUT)"]
         out = []
         for j, lim in enumerate(self.limits):
             s = int(self.spec.states[i, j])
@@ -101,6 +105,8 @@ class Decisions:
 
     def record(self, i: int) -> dict:
         """One input's decision as plain JSON-ready data."""
+        if self.non_finite is not None and self.non_finite[i]:
+            return {"state": State.OUT.name, "reasons": self.reasons(i), "descriptors": {}}
         r: dict[str, Any] = {"state": State(int(self.state[i])).name, "reasons": self.reasons(i),
                              "descriptors": {k: _plain(v[i]) for k, v in self.spec.values.items()}}
         if self.scores:
@@ -151,6 +157,10 @@ class Monitor:
     def batch(self, inputs: np.ndarray) -> np.ndarray:
         """One input or a batch, in the model's layout ((H, W), (H, W, C), (B, H, W, C), (F,) or (B, F))."""
         x = np.asarray(inputs)
+        if x.dtype.kind not in "biuf":
+            raise MonitorError(f"input values of type {x.dtype}: expected numbers (pixel values)")
+        if x.size == 0:
+            raise MonitorError(f"input of shape {x.shape} holds no value")
         shape = list(self.model_spec.input_shape)
         if len(shape) == 1:
             expected = (shape[0],)
@@ -169,6 +179,15 @@ class Monitor:
 
     def evaluate(self, inputs: np.ndarray, meta: dict[str, Sequence[Any]] | None = None) -> Decisions:
         x = self.batch(inputs)
+        for key, values in (meta or {}).items():
+            if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != len(x):
+                got = "one string" if isinstance(values, str) else f"{len(values)} value(s)" \
+                    if hasattr(values, "__len__") else type(values).__name__
+                raise MonitorError(f"meta[{key!r}] must hold one value per input ({len(x)}), got {got}")
+        # a NaN/inf input is OUT by the rules: judged alone, replaced by a neutral input so its batch goes on
+        bad = (~np.isfinite(x)).reshape(len(x), -1).sum(axis=1) if x.dtype.kind == "f" else np.zeros(len(x), int)
+        if bad.any():
+            x = np.where(np.isfinite(x), x, np.asarray(self.model_spec.value_range[0], x.dtype))
         sr = self.spec.evaluate(x, meta)
         state = sr.states.max(axis=1) if sr.states.shape[1] else np.zeros(len(x), np.int8)
         d = Decisions(state=state.astype(np.int8), spec=sr, spec_names=self.spec.names, limits=self.spec.limits,
@@ -184,6 +203,9 @@ class Monitor:
                 d.state = np.maximum(d.state, d.learned_state)
         elif self.learned is not None:
             raise MonitorError("the monitor has a learned part: attach the model it was fitted for (attach(model))")
+        if bad.any():
+            d.non_finite = bad
+            d.state = np.where(bad > 0, np.int8(State.OUT), d.state).astype(np.int8)
         return d
 
     # -- persistence ---------------------------------------------------------------------------------
