@@ -267,6 +267,7 @@ def monitor(
 
     from trustcase.odd import Monitor, MonitorError, evaluate_files
 
+    not_judged = 0
     try:
         pairs = [m.split("=", 1) for m in meta]
         if any(len(p) != 2 or not p[0] for p in pairs):
@@ -274,6 +275,7 @@ def monitor(
         mon = Monitor.load(monitor_file, model)
         colour = {"IN": "green", "NEAR": "yellow", "OUT": "bold red"}
         for name, rec in evaluate_files(mon, inputs, dict(pairs), resize):
+            not_judged += "error" in rec
             if jsonl:
                 print(json.dumps({"input": name, **rec}), flush=True)
             else:
@@ -286,6 +288,10 @@ def monitor(
         raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
+    if not_judged:  # every other input was judged; these could not be, and a user must look at them
+        console.print(f"[bold red]error:[/] {not_judged} input file(s) could not be judged (OUT, reason above)",
+                      highlight=False)
+        raise typer.Exit(EXIT_INVALID)
 
 
 @app.command()
