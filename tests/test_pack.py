@@ -28,7 +28,7 @@ def public_pack(tmp_path_factory) -> Path:
 def rewrite(src: Path, dst: Path, change: dict[str, bytes | None] = None, add: dict[str, bytes] = None) -> Path:
     """A copy of the pack with some files changed (None: removed) or added."""
     change, add = change or {}, add or {}
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             data = change.get(info.filename, zin.read(info.filename))
             if data is not None:
@@ -129,7 +129,10 @@ def test_confidential_pack_has_no_image_and_hashed_ids(tmp_path):
 def test_cli_verify_exit_codes(public_pack, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["verify", str(public_pack)])
-    assert ok.exit_code == 0 and "intact" in ok.output
+    assert ok.exit_code == 0 and "internally consistent, not anchored" in ok.output and "intact" not in ok.output
+    digest = zipfile.ZipFile(public_pack).read(MANIFEST_DIGEST).decode().split()[0]
+    anchored = runner.invoke(app, ["verify", str(public_pack), "--digest", digest])
+    assert anchored.exit_code == 0 and "intact, anchored by the recorded digest" in anchored.output
     tampered = rewrite(public_pack, tmp_path / "t.zip", change={"use_case.yaml": b"id: other\n"},
                        add={"x.txt": b"1"})
     bad = runner.invoke(app, ["verify", str(tampered)])
@@ -161,6 +164,19 @@ def test_pack_from_an_mlflow_run_equals_the_rendered_one(tmp_path, tracking_uri)
     assert out.read_bytes() == Path(files["pack"]).read_bytes()
     res = runner.invoke(app, ["pack", "0" * 32, "-o", str(out), "--tracking-uri", tracking_uri])
     assert res.exit_code == 2 and "no MLflow run" in res.output
+
+
+def test_entries_are_streamed_with_a_limit(public_pack, tmp_path):
+    """Why 6b: a small pack with a huge entry ended in MemoryError; entries are now read in chunks, a listed one
+    never beyond its declared size, an unlisted one not at all, a record not beyond the limit."""
+    bomb = b"\0" * (64 << 20)  # 64 MiB of zeros: 64 KiB compressed
+    swollen = rewrite(public_pack, tmp_path / "swollen.zip", change={"report.html": bomb}, add={"bomb.bin": bomb})
+    assert swollen.stat().st_size < 2 << 20
+    v = verify_pack(swollen)
+    assert "report.html" in v.changed and v.added == ["bomb.bin"]
+    big = rewrite(public_pack, tmp_path / "record.zip", change={"assessment.json": bomb})
+    v = verify_pack(big, max_entry_bytes=1 << 20)
+    assert "assessment.json" in v.changed and any("larger than the limit" in p for p in v.problems)
 
 
 def test_build_is_deterministic(tmp_path, public_pack):

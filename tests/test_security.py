@@ -19,7 +19,7 @@ from conftest import SOLAR, tiny_use_case, write_yaml
 from trustcase.flows.assess import OutputFolderError, assess
 from trustcase.schemas import Assessment
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+flow = pytest.mark.usefixtures("prefect_harness")
 
 # a partner's loader: the ELPV cells, relabelled from an index CSV; its fingerprint hashes the image files only
 # (as the partner guide's example does), not the labels
@@ -97,6 +97,7 @@ def claim(out: Path, claim_id: str = "R1") -> dict:
     return next(e for e in ev if e["claim_id"] == claim_id)
 
 
+@flow
 def test_1_relabelled_data_is_never_served_from_the_cache(tmp_path, tiny_model, tracking_uri):
     """Why 1: flip every label of a partner use case, re-run into the same folder: the cached PASS came back."""
     out = tmp_path / "out"
@@ -111,6 +112,7 @@ def test_1_relabelled_data_is_never_served_from_the_cache(tmp_path, tiny_model, 
     assert after["value"] == pytest.approx(1 - before["value"])
 
 
+@flow
 def test_7_a_cached_outcome_comes_back_only_with_its_artefacts(tmp_path, tiny_model, tracking_uri):
     """Why 7: delete the output folder and re-run: the cached outcomes declared artefacts that no longer existed."""
     out = tmp_path / "out"
@@ -131,6 +133,7 @@ def test_7_a_cached_outcome_comes_back_only_with_its_artefacts(tmp_path, tiny_mo
     assert {f"checks/{p}" for p in declared} <= names
 
 
+@flow
 def test_4_an_output_folder_holds_one_assessment(tmp_path, tiny_model, tracking_uri):
     """Why 4: a second use case assessed into the same folder packed the first one's files."""
     out = tmp_path / "out"
@@ -147,3 +150,120 @@ def test_4_an_output_folder_holds_one_assessment(tmp_path, tiny_model, tracking_
     assert not any("leftover" in n for n in names)
     logged = mlflow.MlflowClient(tracking_uri).list_artifacts(r.run_id, "checks")
     assert "checks/leftover" not in {f.path for f in logged}
+
+
+# --- 2: forged packs -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def failed_pack(tmp_path_factory) -> Path:
+    """The pack of an assessment whose mandatory claim F-cert FAILED."""
+    from test_argument import assessment
+    from test_report import with_check_output
+
+    from trustcase.reports import render
+
+    folder = tmp_path_factory.mktemp("failed")
+    a = with_check_output(assessment({"F-cert": "FAIL"}), folder)
+    return Path(render(a, folder, pdf=False)["pack"])
+
+
+def forge(src: Path, dst: Path, change: dict[str, bytes], manifest_edit=None) -> Path:
+    """What a forger does: rewrite files, put their hashes in the manifest, rewrite MANIFEST.sha256."""
+    from trustcase.reports.pack import MANIFEST, MANIFEST_DIGEST, sha256_bytes
+
+    with zipfile.ZipFile(src) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files.update(change)
+    m = json.loads(files[MANIFEST])
+    for f in m["files"]:
+        if f["path"] in change:
+            f.update(sha256=sha256_bytes(change[f["path"]]), bytes=len(change[f["path"]]))
+    if manifest_edit:
+        manifest_edit(m)
+    files[MANIFEST] = json.dumps(m, indent=1, sort_keys=True).encode()
+    files[MANIFEST_DIGEST] = f"{sha256_bytes(files[MANIFEST])}  {MANIFEST}\n".encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    return dst
+
+
+def test_2_a_forged_pack_is_never_intact(failed_pack, tmp_path, tracking_uri):
+    """Why 2: a rewritten file with a rewritten manifest passed as "intact ... verdict PASS"; so did a manifest
+    whose verdict alone was changed, while provenance.json and assessment.json still said FAIL."""
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+    from trustcase.reports import verify_pack
+    from trustcase.reports.pack import digest
+
+    original = digest(failed_pack)
+    runner = CliRunner()
+    # a changed verdict in the manifest alone: the records contradict it, anchored or not
+    flipped = forge(failed_pack, tmp_path / "flipped.zip", {}, lambda m: m.update(verdict="PASS"))
+    v = verify_pack(flipped)
+    assert not v.ok and any("provenance.json states verdict = 'FAIL'" in p for p in v.problems)
+    assert any("assessment.json states verdict = 'FAIL'" in p for p in v.problems)
+    # every record rewritten consistently to PASS: internally consistent, but the anchor refuses it
+    a = json.loads(zipfile.ZipFile(failed_pack).read("assessment.json"))
+    a["verdict"] = "PASS"
+    for e in a["evidence"]:
+        e["verdict"] = "PASS"
+    prov = json.loads(zipfile.ZipFile(failed_pack).read("provenance.json"))
+    prov["verdict"] = "PASS"
+    ev = json.dumps(a["evidence"], indent=1).encode()
+    forged = forge(failed_pack, tmp_path / "forged.zip",
+                   {"assessment.json": json.dumps(a).encode(), "evidence.json": ev,
+                    "provenance.json": json.dumps(prov).encode()}, lambda m: m.update(verdict="PASS"))
+    out = runner.invoke(app, ["verify", str(forged)])
+    assert out.exit_code == 0 and "not anchored" in out.output and "intact" not in out.output
+    out = runner.invoke(app, ["verify", str(forged), "--digest", original])
+    assert out.exit_code == 3 and "not the one that was assessed" in out.output
+    assert runner.invoke(app, ["verify", str(failed_pack), "--digest", original]).exit_code == 0
+    # the MLflow run of the assessment anchors it too: its digest tag, its verdict, its id in the records
+    from test_argument import assessment
+    from test_report import with_check_output
+
+    from trustcase.reports import render
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.create_experiment("anchors", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        folder = tmp_path / "run"
+        a = with_check_output(assessment({"F-cert": "FAIL"}, mlflow_run_id=run.info.run_id), folder)
+        pack = Path(render(a, folder, pdf=False)["pack"])
+        mlflow.set_tags({"pack.manifest_sha256": digest(pack), "verdict": "FAIL"})
+    ok = runner.invoke(app, ["verify", str(pack), "--run", run.info.run_id, "--tracking-uri", tracking_uri])
+    assert ok.exit_code == 0 and f"anchored by MLflow run {run.info.run_id}" in ok.output, ok.output
+    for fake in (forged, failed_pack):  # a forged pack; the pack of another run
+        bad = runner.invoke(app, ["verify", str(fake), "--run", run.info.run_id, "--tracking-uri", tracking_uri])
+        assert bad.exit_code == 3 and "not the one that was assessed" in bad.output
+
+
+def test_2_a_signed_pack_proves_its_site(tmp_path, monkeypatch):
+    """Optional Ed25519 signature of the manifest by the assessing site (key path in TRUSTCASE_SIGNING_KEY)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+    from test_argument import assessment
+    from test_report import with_check_output
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+    from trustcase.reports import render
+
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "site.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    (tmp_path / "site.pub").write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "other.pub").write_bytes(other)
+    monkeypatch.setenv("TRUSTCASE_SIGNING_KEY", str(tmp_path / "site.pem"))
+    folder = tmp_path / "run"
+    pack = Path(render(with_check_output(assessment({"F-cert": "FAIL"}), folder), folder, pdf=False)["pack"])
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(pack), "--public-key", str(tmp_path / "site.pub")])
+    assert ok.exit_code == 0 and "intact, anchored by the key" in ok.output, ok.output
+    wrong = runner.invoke(app, ["verify", str(pack), "--public-key", str(tmp_path / "other.pub")])
+    assert wrong.exit_code == 3 and "not a signature of the manifest" in wrong.output
+    forged = forge(pack, tmp_path / "forged.zip", {}, lambda m: m.update(assessed_at="2020-01-01"))
+    bad = runner.invoke(app, ["verify", str(forged), "--public-key", str(tmp_path / "site.pub")])
+    assert bad.exit_code == 3 and "not a signature of the manifest" in bad.output

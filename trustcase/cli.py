@@ -25,10 +25,11 @@ EXIT_PASS, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOT_ALL_PASS = 0, 1, 2, 3
 def _user_errors() -> tuple[type[Exception], ...]:
     from trustcase.checks import CheckError, Unsupported
     from trustcase.data.streaming import DataError
+    from trustcase.flows.assess import OutputFolderError
     from trustcase.models.classifier import ModelError
     from trustcase.schemas import UseCaseError
 
-    return UseCaseError, ModelError, DataError, CheckError, Unsupported
+    return UseCaseError, ModelError, DataError, CheckError, Unsupported, OutputFolderError
 
 
 def _fail(e: BaseException) -> None:
@@ -123,6 +124,9 @@ def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed:
         out_console.print(f"report (PDF): {result.files['pdf']}")
     if "pack" in result.files:
         out_console.print(f"evidence pack: {result.files['pack']}  (check it with `trustcase verify`)")
+    if result.manifest_sha256:
+        out_console.print(f"pack manifest SHA-256: {result.manifest_sha256}  (keep it: `trustcase verify --digest` "
+                          f"proves a pack is this one; also the run's pack.manifest_sha256 tag)", highlight=False)
     out_console.print(f"MLflow run:  {result.run_id}  (tracking URI {result.tracking_uri})")
     if not result.complete:
         return EXIT_INVALID if result.user_error else EXIT_INTERNAL
@@ -316,26 +320,39 @@ def pack(
 
 
 @app.command()
-def verify(pack_file: Path = typer.Argument(..., metavar="PACK.zip", help="evidence pack")) -> None:
-    """Re-hash every file of an evidence pack against its manifest. Exit 0 intact, 3 changed, added or removed
-    files (each named), 2 not a readable pack."""
+def verify(
+    pack_file: Path = typer.Argument(..., metavar="PACK.zip", help="evidence pack"),
+    run: str = typer.Option(None, "--run", help="anchor: the MLflow run of the assessment (its pack digest tag)"),
+    digest: str = typer.Option(None, "--digest", help="anchor: the manifest SHA-256 printed by assess"),
+    public_key: Path = typer.Option(None, "--public-key", help="anchor: the assessing site's Ed25519 public key (PEM)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store of --run"),
+) -> None:
+    """Re-hash every file of an evidence pack against its manifest, cross-check its records, and check the
+    manifest against an anchor held outside the pack. Exit 0 consistent (and anchored when one is given), 3
+    changed, added or removed files or contradicting records (each named), 2 not a readable pack or no such run."""
+    from trustcase.flows.rerender import RunNotFound
     from trustcase.flows.rerender import verify as verify_pack
     from trustcase.reports import PackError
 
     try:
-        v = verify_pack(pack_file)
-    except PackError as e:
+        v = verify_pack(pack_file, run_id=run, digest=digest, public_key=public_key, tracking_uri=tracking_uri)
+    except (PackError, RunNotFound) as e:
         console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     m = v.manifest
     if v.ok:
-        out_console.print(f"[green]intact[/]: {v.checked} files match the manifest of {_escape(str(pack_file))} "
-                          f"(use case {m.get('use_case_id')}, run {m.get('mlflow_run_id')}, "
-                          f"verdict {m.get('verdict')}; manifest SHA-256 {v.manifest_sha256})", highlight=False)
+        what = (f"{v.checked} files match the manifest of {_escape(str(pack_file))} (use case {m.get('use_case_id')}, "
+                f"run {m.get('mlflow_run_id')}, verdict {m.get('verdict')}; manifest SHA-256 {v.manifest_sha256})")
+        if v.anchored:
+            out_console.print(f"[green]intact[/], anchored by {_escape(v.anchored)}: {what}", highlight=False)
+        else:
+            out_console.print(f"[yellow]internally consistent, not anchored[/]: {what}. Anyone able to rewrite the "
+                              "pack could have rewritten its manifest: check it with --run, --digest or --public-key",
+                              highlight=False)
         raise typer.Exit(EXIT_PASS)
-    console.print(f"[bold red]{_escape(str(pack_file))} does not match its manifest[/]:", highlight=False)
+    console.print(f"[bold red]{_escape(str(pack_file))} fails verification[/]:", highlight=False)
     for line in v.lines():
         console.print(f"  {_escape(line)}", highlight=False)
     raise typer.Exit(EXIT_NOT_ALL_PASS)

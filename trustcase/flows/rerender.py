@@ -94,6 +94,31 @@ def pack_run(run_id: str, out: Path, tracking_uri: str | None = None) -> tuple[P
         return reports.build_pack(folder, assessment, Path(out))
 
 
-def verify(pack_path: Path) -> reports.Verification:
-    """Re-hash a pack against its manifest (raises reports.PackError when it is not a readable pack)."""
-    return reports.verify_pack(Path(pack_path))
+def verify(pack_path: Path, run_id: str | None = None, digest: str | None = None, public_key: Path | None = None,
+           tracking_uri: str | None = None) -> reports.Verification:
+    """Re-hash a pack against its manifest and cross-check its records (raises reports.PackError when it is not a
+    readable pack); anchored by the MLflow run's digest tag, a recorded digest and/or a public key when given."""
+    anchor = None
+    if run_id:
+        run = _client(run_id, tracking_uri).get_run(run_id)
+        tags = run.data.tags
+        if "pack.manifest_sha256" not in tags:
+            raise RunNotFound(f"run {run_id} holds no pack digest (tag pack.manifest_sha256): it cannot anchor a pack")
+        anchor = reports.Anchor(source=f"MLflow run {run_id}", manifest_sha256=tags["pack.manifest_sha256"],
+                                run={"run_id": run_id, **{k: tags[k] for k in ("verdict", "model_sha256",
+                                                                                "data_sha256") if k in tags}})
+    if digest:
+        d = digest.strip().lower()
+        if anchor and anchor.manifest_sha256 != d:
+            raise reports.PackError(f"--digest {d} and the digest of run {run_id} differ: which one is right?")
+        anchor = anchor or reports.Anchor(source="the recorded digest", manifest_sha256=d)
+    if public_key:
+        try:
+            pem = Path(public_key).read_bytes()
+        except OSError as e:
+            raise reports.PackError(f"--public-key {public_key}: {e.strerror}") from None
+        if anchor:
+            anchor.public_key_pem, anchor.source = pem, f"{anchor.source} and the key {public_key}"
+        else:
+            anchor = reports.Anchor(source=f"the key {public_key}", public_key_pem=pem)
+    return reports.verify_pack(Path(pack_path), anchor)

@@ -362,7 +362,7 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
             except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError) as e:
                 v.problems.append(f"{name}: unreadable in the archive ({e})")
                 return None, None, 0
-            if data is None and name not in entries:
+            if data is None and limit == max_entry_bytes:
                 v.problems.append(f"{name}: larger than the limit of {limit} bytes, not read further")
             return data, sha, size
 
