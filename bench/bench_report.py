@@ -6,15 +6,18 @@
    the full data, or on 300/150/200 items with --quick; or an existing assessment.json (its folder must hold
    the check artefacts, as `trustcase assess` leaves it).
 2. Report generation from that record: the whole `reports.render` (argument, plots, GSN diagrams, HTML, PDF,
-   evidence pack), and the same without the PDF. Target: whole render under 30 s, HTML under 10 MB.
+   evidence pack), and the same without the PDF. Target: whole render under 30 s, HTML under 10 MB; the PDF's
+   body (before the appendix) at most 12 pages.
 3. `trustcase verify` of the pack (median of 5), and a tampered copy must be rejected.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +68,16 @@ def fresh_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def pdf_pages(pdf: Path) -> tuple[int, int]:
+    """(body pages, appendix pages) of the report PDF: the body ends where the page titled "Appendix" starts."""
+    if shutil.which("pdftotext") is None:
+        return -1, -1
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages = text.split("\f")[:-1] if text.endswith("\f") else text.split("\f")
+    body = next((i for i, t in enumerate(pages) if re.search(r"^\s*Appendix\s*$", t, re.M)), len(pages))
+    return body, len(pages) - body
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller assessment, one timing each")
@@ -93,6 +106,7 @@ def main() -> None:
             html_only.append(time.perf_counter() - t0)
         html_mb = Path(files["html"]).stat().st_size / 1e6
         pdf_mb = Path(files["pdf"]).stat().st_size / 1e6 if "pdf" in files else float("nan")
+        body, appendix = pdf_pages(Path(files["pdf"])) if "pdf" in files else (-1, -1)
         pack = Path(files["pack"])
         pack_mb = pack.stat().st_size / 1e6
         n_files = len(zipfile.ZipFile(pack).namelist())
@@ -114,6 +128,8 @@ def main() -> None:
         ("  of which without PDF (s)", f"{html_s:.2f}", "", ""),
         ("HTML size (MB)", f"{html_mb:.2f}", "< 10", f"{html_mb / 10:.3f}"),
         ("PDF size (MB)", f"{pdf_mb:.2f}", "", ""),
+        ("PDF body pages (before the appendix)", str(body), "<= 12", f"{body / 12:.2f}"),
+        ("PDF appendix pages", str(appendix), "", ""),
         (f"pack size (MB, {n_files} files)", f"{pack_mb:.2f}", "", ""),
         ("verify time (s, median of 5)", f"{verify_s:.3f}", "", ""),
         ("verify: intact pack accepted", str(ok), "True", ""),
