@@ -406,27 +406,29 @@ class SmoothGradMethod(Method):
         samples: int = Field(16, ge=1, le=10_000)
         noise_level: float = Field(0.15, gt=0, le=1, description="noise std as a fraction of the input range")
 
+    nt_type: ClassVar[str] = "smoothgrad"
+    absolute: ClassVar[bool] = True
+
     def attribute(self, x, target, baseline):
         o = self.options
         nt = NoiseTunnel(Saliency(self.net.forward))
-        maps = nt.attribute(x, nt_type="smoothgrad", nt_samples=o.samples, stdevs=o.noise_level * self.net.input_range,
-                            nt_samples_batch_size=min(o.samples, _chunk(x[0].numel(), len(x))), target=target)
-        return Attribution(maps)
+        base = int(torch.randint(0, 2**31 - 1, (1,)))  # from the caller's seeded RNG
+        maps = []
+        for j in range(len(x)):  # each item's noise from (seed, its content): the same in any batch
+            digest = hashlib.sha256(base.to_bytes(8, "little") + x[j].contiguous().numpy().tobytes()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            maps.append(nt.attribute(x[j:j + 1], nt_type=self.nt_type, nt_samples=o.samples,
+                                     stdevs=o.noise_level * self.net.input_range, target=target[j:j + 1],
+                                     nt_samples_batch_size=min(o.samples, _chunk(x[0].numel())), abs=self.absolute))
+        return Attribution(torch.cat(maps))
 
 
 class VarGradMethod(SmoothGradMethod):
     """VarGrad (Adebayo et al. 2018): the variance of the gradient under input noise."""
 
     name = "vargrad"
-    nt_type: ClassVar[str] = "vargrad"
-
-    def attribute(self, x, target, baseline):
-        o = self.options
-        nt = NoiseTunnel(Saliency(self.net.forward))
-        maps = nt.attribute(x, nt_type=self.nt_type, nt_samples=o.samples, stdevs=o.noise_level * self.net.input_range,
-                            nt_samples_batch_size=min(o.samples, _chunk(x[0].numel(), len(x))), target=target,
-                            abs=False)
-        return Attribution(maps)
+    nt_type = "vargrad"
+    absolute = False
 
 
 class SmoothGradSquaredMethod(VarGradMethod):
