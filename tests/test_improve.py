@@ -110,3 +110,29 @@ def test_hudd_improve_end_to_end(tmp_path, tiny_model, tracking_uri, prefect_har
         row = {r["claim"]: r for r in s["claims"]}
         role = {v: k for k, v in s["versions"].items()}.get(holder, "parent")
         assert all(r[role]["verdict"] == "PASS" for r in row.values() if r["mandatory"])
+
+
+def test_a_version_that_regresses_never_takes_the_alias(prefect_harness, tmp_path, tiny_model, tracking_uri):
+    """The watcher's rule, which improve follows: version 2 passes every mandatory claim (accuracy >= 0) but
+    its advisory recall claim goes PASS -> FAIL against the qualified version 1: it stays unqualified."""
+    from test_watch import _recall_threshold, _register, _zeroed
+
+    from trustcase.flows import watch
+
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["plan"]["checks"] = [{"check": "performance"}]
+    probe = write_yaml(tmp_path / "probe.yaml", raw)
+    raw["requirements"] = [
+        {"id": "R-acc", "text": "Always holds.", "metric": "accuracy", "comparator": ">=", "threshold": 0.0},
+        {"id": "R-recall", "text": "Defective cells are flagged.", "metric": "recall:defective",
+         "comparator": ">=", "threshold": _recall_threshold(probe), "mandatory": False},
+    ]
+    path = write_yaml(tmp_path / "use_case.yaml", raw)
+    assert _register(raw, tmp_path, tiny_model, tracking_uri) == "1"
+    assert _register(raw, tmp_path, _zeroed(tiny_model, tmp_path / "zeroed.pt"), tracking_uri) == "2"
+    first, second = watch.once(path, tmp_path / "out", tracking_uri)
+    assert (first["verdict"], first["qualified"]) == ("PASS", True)
+    assert second["verdict"] == "PASS" and second["regressions"] == ["R-recall"]  # mandatory claims all pass ...
+    assert second["qualified"] is False  # ... but a regression keeps the alias where it is
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    assert str(client.get_model_version_by_alias("solar_cells", "qualified").version) == "1"
