@@ -160,6 +160,13 @@ class BlackBox(Classifier):
 
     def outputs(self, images: np.ndarray, meta: list[dict] | None = None, ids: list[str] | None = None) -> Outputs:
         images = np.asarray(images)
+        if self.tabular and not self.challenge:  # feature vectors (B, F): a plain predict
+            if list(images.shape[1:]) != list(self.spec.input_shape):
+                raise ModelError(f"input of shape {list(images.shape[1:])} does not match model.input_shape "
+                                 f"{self.spec.input_shape}")
+            arr = validate_probabilities(np.asarray(self.component.predict(self._pixels(images))), len(images),
+                                         self.n_classes, ids)
+            return Outputs(probabilities=arr, decisions=arr.argmax(axis=1))
         b, h, w, c = images.shape
         if [c, h, w] != list(self.spec.input_shape):
             raise ModelError(f"input of shape {[c, h, w]} (C, H, W) does not match model.input_shape "
@@ -185,7 +192,8 @@ class BlackBox(Classifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input (model-agnostic attribution perturbs there) -> log-probabilities, no gradient."""
-        pixels = ((x.detach() - self._shift) / self._scale).permute(0, 2, 3, 1).numpy()
+        pixels = (x.detach() - self._shift) / self._scale
+        pixels = (pixels if self.tabular else pixels.permute(0, 2, 3, 1)).numpy()
         return torch.from_numpy(self.logits(pixels))
 
 
