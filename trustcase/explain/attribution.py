@@ -543,6 +543,10 @@ class LrpMethod(Method):
                 del container._modules[n]
             for n, m in merged.items():
                 container.add_module(n, m)
+        self._attach(view)  # every layer has a rule, or the method is refused now
+        return view.eval()
+
+    def _attach(self, view: nn.Module) -> None:
         for name, m in view.named_modules():
             if list(m.children()):
                 continue
@@ -553,9 +557,9 @@ class LrpMethod(Method):
                 m.rule = self._rule(kind)
             else:
                 raise Unsupported(f"LRP has no rule for layer {name!r} ({Network.kind(m)})")
-        return view.eval()
 
     def attribute(self, x, target, baseline):
+        self._attach(self.view)  # captum removes the rules after each call
         return Attribution(LRP(self.view).attribute(x, target=target))
 
 
