@@ -318,3 +318,20 @@ def test_an_mlflow_server_that_stays_down_is_a_clear_failure_and_no_finished_run
     assert run.info.status != "FINISHED" and "verdict" not in run.data.tags and "complete" not in run.data.tags
     assert not (tmp_path / "out" / "report.html").exists() or "pack.zip" not in {
         f.path for f in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, "KILLED"), (signal.SIGKILL, "RUNNING")])
+def test_a_killed_assessment_leaves_no_verdict(case, tmp_path, sig, status):
+    """SIGTERM (Prefect turns it into an exception in the flow): KILLED; SIGKILL: nothing runs, RUNNING."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    since = time.time()
+    proc = assess(case, tmp_path / "out", quiet_env(tmp_path), "--tracking-uri", uri, wait=False)
+    client = MlflowClient(uri)
+    live = wait_for_live_metrics(client, proc, since)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run = client.get_run(live.info.run_id)
+    assert run.info.status == status
+    assert "verdict" not in run.data.tags and "complete" not in run.data.tags

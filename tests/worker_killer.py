@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 from trustcase.robustness.perturbations import GaussianBlur, Options
@@ -28,10 +29,6 @@ class BlurThatKillsItsWorker(GaussianBlur):
 
 
 def _in_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
+    """This process is a Dask worker (the sweep perturbs in its own threads, so `get_worker()` cannot tell)."""
+    worker = sys.modules.get("distributed.worker")
+    return bool(worker and worker.Worker._instances)
