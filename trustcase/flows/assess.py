@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from trustcase import reports
 from trustcase.checks import Check, CheckError, Context, Unsupported, build
 from trustcase.data.streaming import DataError, DataSource
-from trustcase.flows import confidential, provenance, rerender, tracking
+from trustcase.flows import confidential, logs, provenance, rerender, tracking
 from trustcase.models.classifier import Classifier, ModelError, sha256_file
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import (
@@ -63,6 +63,7 @@ class OutputFolderError(Exception):
 
 
 USER_ERRORS = (ModelError, DataError, CheckError, Unsupported, OutputFolderError)
+logs.install()  # a skipped or failed check is one trustcase line in Prefect's log, not a traceback
 
 # Listeners told (label, done, total) as each check shard finishes: the CLI draws its progress bar from
 # them (a module-level hook, because Prefect flow parameters must be serialisable).
