@@ -45,9 +45,12 @@ def _fail(e: BaseException) -> None:
 
 
 def _escape(text: str) -> str:
+    """Every message the CLI prints: plain values, no colour codes of its own, no markup of ours."""
     from rich.markup import escape
 
-    return escape(text)
+    from trustcase.errors import plain
+
+    return escape(plain(text))
 
 
 @app.command()
