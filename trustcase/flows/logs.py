@@ -15,20 +15,14 @@ from pathlib import Path
 
 from trustcase.checks import CheckError, Unsupported
 from trustcase.data.streaming import DataError
+from trustcase.errors import plain
 from trustcase.models.classifier import ModelError
 from trustcase.schemas import UseCaseError
 
 USER_ERRORS = (ModelError, DataError, CheckError, Unsupported, UseCaseError)
 LOG = Path(".trustcase") / "check-errors.log"
-_NUMPY_SCALAR = re.compile(r"\bnp\.(?:u?int\d*|float\d*|bool_?|str_|bytes_|complex\d*)\(([^()]*)\)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _USER_NAMES = "|".join(c.__name__ for c in USER_ERRORS)
 _FAILED = re.compile(rf"^Finished in state Failed\(.*exception ({_USER_NAMES})\b", re.S)
-
-
-def plain(text: str) -> str:
-    """Values as a reader writes them (`0`, not `np.int64(0)`), without colour codes."""
-    return _NUMPY_SCALAR.sub(r"\1", _ANSI.sub("", text))
 
 
 class OneLine(logging.Filter):
