@@ -44,6 +44,11 @@ def monitor_file(tmp_path_factory):
     return mon.save(folder / "monitor.safetensors")
 
 
+def monitor(monitor_file):
+    """The command with the model the monitor was fitted for: a monitor file never names the model to load."""
+    return ["monitor", str(monitor_file), "--model", str(monitor_file.with_name("m.pt"))]
+
+
 def _png(path, value, side=8):
     rng = np.random.default_rng(int(value))
     Image.fromarray(np.clip(rng.normal(value, 5, (side, side)), 0, 255).astype(np.uint8)).save(path)
@@ -57,7 +62,7 @@ def test_classifies_a_folder_with_reasons(monitor_file, tmp_path):
     _png(folder / "b_dim.png", 48)
     _png(folder / "c_fine.png", 120)
     np.save(folder / "d_batch.npy", np.full((2, 8, 8, 1), 120, np.uint8))
-    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
+    r = CliRunner().invoke(app, [*monitor(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["input"].rsplit("/", 1)[-1] for row in rows] == ["a_dark.png", "b_dim.png", "c_fine.png",
@@ -67,29 +72,29 @@ def test_classifies_a_folder_with_reasons(monitor_file, tmp_path):
     assert rows[1]["state"] in ("NEAR", "OUT") and any("within 15 of min 40" in x for x in rows[1]["reasons"])
     assert rows[2]["prediction"] in ("ok", "bad") and set(rows[2]["scores"]) == {"mahalanobis", "energy"}
     # the same decisions as the API
-    mon = odd.Monitor.load(monitor_file)
+    mon = odd.Monitor.load(monitor_file, monitor_file.with_name("m.pt"))
     x = np.asarray(Image.open(folder / "a_dark.png"))
     assert mon.evaluate(x, {"cell_type": ["mono"]}).record(0)["state"] == "OUT"
     # plain output: one line per input with its state; without metadata the cell type cannot be checked
-    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder / "c_fine.png")])
+    r = CliRunner().invoke(app, [*monitor(monitor_file), str(folder / "c_fine.png")])
     assert r.exit_code == 0 and "c_fine.png" in r.stdout and "cell_type not given" in r.stdout
 
 
 def test_user_errors_exit_2(monitor_file, tmp_path):
     runner = CliRunner()
     big = _png(tmp_path / "big.png", 120, side=16)
-    r = runner.invoke(app, ["monitor", str(monitor_file), str(big)])
+    r = runner.invoke(app, [*monitor(monitor_file), str(big)])
     assert r.exit_code == 2 and "16x16 px, the model takes 8x8" in r.output and "--resize" in r.output
-    r = runner.invoke(app, ["monitor", str(monitor_file), str(big), "--resize", "--jsonl"])
+    r = runner.invoke(app, [*monitor(monitor_file), str(big), "--resize", "--jsonl"])
     assert r.exit_code == 0 and json.loads(r.stdout)["state"]
     np.save(tmp_path / "wrong.npy", np.zeros((3, 5)))
-    r = runner.invoke(app, ["monitor", str(monitor_file), str(tmp_path / "wrong.npy")])
+    r = runner.invoke(app, [*monitor(monitor_file), str(tmp_path / "wrong.npy")])
     assert r.exit_code == 2 and "wrong.npy" in r.output and "does not fit" in r.output
-    r = runner.invoke(app, ["monitor", str(monitor_file), str(tmp_path / "missing.png")])
+    r = runner.invoke(app, [*monitor(monitor_file), str(tmp_path / "missing.png")])
     assert r.exit_code == 2 and "input not found" in r.output
     r = runner.invoke(app, ["monitor", str(big), str(big)])
     assert r.exit_code == 2 and "not a trustcase monitor file" in r.output
-    r = runner.invoke(app, ["monitor", str(monitor_file), str(big), "--meta", "cell_type"])
+    r = runner.invoke(app, [*monitor(monitor_file), str(big), "--meta", "cell_type"])
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
 
 
@@ -105,7 +110,7 @@ def test_a_nan_input_is_out_and_the_rest_of_the_folder_goes_on(monitor_file, tmp
     np.save(folder / "d_objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     np.save(folder / "e_strings.npy", np.full((8, 8), "grey"))
     _png(folder / "f_fine.png", 130)
-    r = CliRunner().invoke(app, ["monitor", str(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
+    r = CliRunner().invoke(app, [*monitor(monitor_file), str(folder), "--jsonl", "--meta", "cell_type=mono"])
     rows = {json.loads(line)["input"].rsplit("/", 1)[-1]: json.loads(line) for line in r.stdout.splitlines()}
     assert list(rows) == ["a_nan.npy", "b_fine.png", "c_empty.npy", "d_objects.npy", "e_strings.npy", "f_fine.png"]
     assert rows["a_nan.npy"]["state"] == "OUT" and "1 NaN/inf value" in rows["a_nan.npy"]["reasons"][0]
@@ -118,7 +123,7 @@ def test_a_nan_input_is_out_and_the_rest_of_the_folder_goes_on(monitor_file, tmp
 
 
 def test_the_api_keeps_every_decision_of_a_batch_with_a_nan_item(monitor_file):
-    mon = odd.Monitor.load(monitor_file)
+    mon = odd.Monitor.load(monitor_file, monitor_file.with_name("m.pt"))
     rng = np.random.default_rng(1)
     x = np.clip(rng.normal(120, 20, (4, 8, 8, 1)), 0, 255).astype(np.float32)
     alone = [mon.evaluate(x[i], {"cell_type": ["mono"]}).record(i * 0) for i in range(4)]

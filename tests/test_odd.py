@@ -267,7 +267,7 @@ def test_saved_monitor_reloads_to_identical_decisions(fitted, tmp_path):
     mon, model_path = fitted
     assert mon.feature_mode == "penultimate" and mon.learned.mahalanobis.rank == 4
     file = mon.save(tmp_path / "monitor.safetensors")
-    again = odd.Monitor.load(file)
+    again = odd.Monitor.load(file, model_path)
     rng = np.random.default_rng(5)
     x = np.concatenate([b.images for b in batches(rng, 200)] + [b.images for b in batches(rng, 100, shift=90)])
     meta = {"cell_type": ["mono"] * 150 + ["cigs"] * 150}
@@ -298,8 +298,8 @@ def test_monitor_file_for_another_model_or_schema_is_rejected(fitted, tmp_path):
         head, arrays = json.loads(f.metadata()["trustcase_monitor"]), {k: f.get_tensor(k) for k in f.keys()}
     old = tmp_path / "old.safetensors"
     save_file(arrays, str(old), metadata={"trustcase_monitor": json.dumps({**head, "schema_version": "0"})})
-    with pytest.raises(odd.MonitorError, match="schema version '0'.*reads version '1'"):
-        odd.Monitor.load(old)
+    with pytest.raises(odd.MonitorError, match="schema version '0'.*reads version '2'"):
+        odd.Monitor.load(old, model_path)
     junk = tmp_path / "junk.safetensors"
     junk.write_text("{}")
     with pytest.raises(odd.MonitorError, match="not a trustcase monitor file"):

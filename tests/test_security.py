@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from conftest import SOLAR, tiny_use_case, write_yaml
+from test_monitor_cli import monitor_file  # noqa: F401  (fixture: a fitted monitor and its TorchScript model)
 
 from trustcase.flows.assess import OutputFolderError, assess
 from trustcase.schemas import Assessment
@@ -267,3 +270,117 @@ def test_2_a_signed_pack_proves_its_site(tmp_path, monkeypatch):
     forged = forge(pack, tmp_path / "forged.zip", {}, lambda m: m.update(assessed_at="2020-01-01"))
     bad = runner.invoke(app, ["verify", str(forged), "--public-key", str(tmp_path / "site.pub")])
     assert bad.exit_code == 3 and "not a signature of the manifest" in bad.output
+
+
+# --- 5: confidential means confidential ------------------------------------------------------------------------
+
+ITEM = re.compile(rb"cell\d{4}\.png")  # every ELPV item id has this form
+
+
+def everything(root: Path):
+    """(where, bytes) of every file under root, zip archives opened (a pack hides nothing from this walk)."""
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        yield str(f), data
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                for n in z.namelist():
+                    yield f"{f}!{n}", z.read(n)
+
+
+@flow
+def test_5_a_confidential_assessment_leaves_no_item_id_or_data_path(tmp_path, tiny_model, monkeypatch, caplog):
+    """Why 5: cluster members, per-item tables, absolute paths and the monitor file of a confidential case reached
+    the pack, the report, MLflow and the result cache. Walk every output and grep for every id and data path."""
+    import sys
+
+    from trustcase.data.streaming import DataSource
+    from trustcase.flows.confidential import item_ids
+    from trustcase.schemas import load_use_case
+
+    sys.path.insert(0, str(SOLAR))
+    from elpv import dataset_root
+
+    monkeypatch.setenv("TRUSTCASE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRUSTCASE_SALT", "a secret of the site")
+    raw = tiny_use_case(tmp_path, tiny_model, confidentiality="confidential")
+    raw["data"]["max_samples"] = {"train": 60, "validation": 30, "test": 40}
+    raw["requirements"] = [{"id": "R1", "text": "accuracy", "metric": "accuracy", "comparator": ">=",
+                            "threshold": 0.5}]
+    raw["plan"]["checks"] = [
+        {"check": "data_quality"}, {"check": "performance"},
+        {"check": "randomized_smoothing", "params": {"sigma": 0.12, "n0": 8, "n": 16, "max_items": 8}},
+        {"check": "root_causes", "params": {"k": 2, "noun": "cells"}},
+        {"check": "odd_monitor", "params": {"perturbations": {"gaussian_blur": [2.0]}}},
+    ]
+    path = write_yaml(tmp_path / "use_case.yaml", raw)
+    uc = load_use_case(path)
+    ids = item_ids(DataSource(uc.data, uc.plan.seed, uc.model))
+    assert len(ids) == 130
+    store = tmp_path / "mlflow"
+    r = assess(str(path), str(tmp_path / "out"), None, f"sqlite:///{store / 'mlflow.db'}")
+    assert r.complete, r.errors
+    a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
+    assert {o.check for o in a.outcomes} >= {"root_causes", "odd_monitor", "randomized_smoothing"}
+    assert (tmp_path / "out" / "checks" / "odd_monitor" / "monitor.safetensors").is_file()  # the user's own copy
+    secrets = [str(SOLAR).encode(), str(dataset_root()).encode(), str(dataset_root().parent).encode()]
+    walked = 0
+    for root in (tmp_path / "out", store, tmp_path / "cache"):
+        for where, data in everything(root):
+            walked += 1
+            assert not ITEM.search(data), (where, ITEM.search(data).group(0))
+            for s in secrets:
+                assert s not in data, (where, s)
+    assert walked > 40
+    logs = caplog.text.encode()
+    assert not ITEM.search(logs) and not any(s in logs for s in secrets)
+    logged = {f.path for f in mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").list_artifacts(
+        r.run_id, "checks/odd_monitor")}
+    assert logged == set(), "no monitor file in MLflow for a confidential use case"
+    assert not list((tmp_path / "cache").rglob("results/*")), "confidential outcomes are never cached"
+
+
+# --- 3: a monitor file is data ----------------------------------------------------------------------------------
+
+def test_3_a_monitor_file_never_runs_code(monitor_file, tmp_path):  # noqa: F811
+    """Why 3: a header naming `factory: subprocess:getoutput` ran its command in `trustcase monitor` and in
+    Monitor.load, before any hash check; `allow_pickle: true` unpickled."""
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    from typer.testing import CliRunner
+
+    from trustcase import odd
+    from trustcase.cli import app
+
+    with safe_open(str(monitor_file), framework="np") as f:
+        head, arrays = json.loads(f.metadata()["trustcase_monitor"]), {k: f.get_tensor(k) for k in f.keys()}
+    assert set(head["model"]) <= {"format", "input_shape", "value_range", "normalisation", "class_names",
+                                  "critical_class", "input_dtype"}  # what we write names no file and no code
+    model = monitor_file.with_name("m.pt")
+    marker = tmp_path / "pwned"
+    image = tmp_path / "cell.png"
+    Image.fromarray(np.full((8, 8), 120, np.uint8)).save(image)
+    attacks = {
+        "factory": {"format": "state_dict", "path": str(model), "factory": "subprocess:getoutput",
+                    "factory_args": {"cmd": f"touch {marker}"}},
+        "pickle": {"format": "state_dict", "path": str(model), "allow_pickle": True, "factory": "builtins:dict"},
+    }
+    for name, evil in attacks.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(arrays, str(path), metadata={"trustcase_monitor": json.dumps({**head, "model": {**head["model"],
+                                                                                                 **evil}})})
+        r = CliRunner().invoke(app, ["monitor", str(path), str(image)])
+        assert r.exit_code == 2 and "never says how to load or build a model" in r.output, r.output
+        for given in (None, model):
+            with pytest.raises(odd.MonitorError, match="a monitor file is data"):
+                odd.Monitor.load(path, given)
+        assert not marker.exists()
+    # the real file: the caller supplies the model, hash-checked before it is loaded
+    with pytest.raises(odd.MonitorError, match="give the model it was fitted for"):
+        odd.Monitor.load(monitor_file)
+    other = tmp_path / "other.pt"
+    other.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(odd.MonitorError, match="fitted for model sha256"):
+        odd.Monitor.load(monitor_file, other)
+    assert odd.Monitor.load(monitor_file, model).evaluate(np.full((8, 8), 120.0)).state.shape == (1,)

@@ -265,7 +265,7 @@ def monitor(
     monitor_file: Path = typer.Argument(..., metavar="MONITOR", help="fitted monitor file (monitor.safetensors)"),
     inputs: list[Path] = typer.Argument(..., metavar="INPUTS...", help="image or .npy files, or folders of them"),
     jsonl: bool = typer.Option(False, "--jsonl", help="one JSON object per input"),
-    model: Path = typer.Option(None, "--model", help="model file (default: the one the monitor was fitted for)"),
+    model: Path = typer.Option(None, "--model", help="the model file the monitor was fitted for (hash-checked)"),
     meta: list[str] = typer.Option([], "--meta", help="metadata descriptor value, KEY=VALUE (repeatable)"),
     resize: bool = typer.Option(False, "--resize", help="resample images to the model's input size"),
 ) -> None:

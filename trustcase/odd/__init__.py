@@ -1,13 +1,14 @@
 """The ODD monitor at run time, beside the model in production: no Prefect, no MLflow.
 
     from trustcase.odd import Monitor
-    monitor = Monitor.load("monitor.safetensors")          # the model file it was fitted for, hash-checked
+    monitor = Monitor.load("monitor.safetensors", "model.pt")  # the model it was fitted for, hash-checked
     decisions = monitor.evaluate(images)                   # (H, W), (H, W, C) or (B, H, W, C), pixel space
     for i in range(len(decisions)):
         print(decisions.record(i))                         # state IN / NEAR / OUT, reasons, prediction
 
-`Monitor.load(path, model=...)` takes another copy of the model file (or a loaded Classifier); a model with
-another hash, or a file of another schema version, is rejected with `MonitorError`.
+`Monitor.load(path, model)` takes the model file (TorchScript / ONNX) or a loaded Classifier: the monitor file is
+data and never names a model to load. A model with another hash, or a file of another schema version, is
+rejected with `MonitorError`.
 """
 
 import warnings

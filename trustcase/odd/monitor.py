@@ -27,8 +27,11 @@ Source "metadata": a value the data loader gives per item (Batch.meta). Source "
 a tabular input (B, F), named by `feature_names` or as `x<i>`.
 
 The fitted monitor is saved as one safetensors file (arrays) whose header holds the JSON description:
-format name, schema version, the model's sha256 and contract, the specification, thresholds and
-calibration. No pickle. A file of another schema version, or loaded against another model, is rejected.
+format name, schema version, the model's sha256 and input contract (format, shape, value range,
+normalisation, classes), the specification, thresholds and calibration. The file is data only: it never
+names a model file, a factory, an entry point or a pickle switch, and a header that does is rejected. The
+caller supplies the model (a loaded Classifier, or a TorchScript / ONNX file), whose hash must be the
+recorded one before anything runs. A file of another schema version is rejected.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ __all__ = ["DESCRIPTORS", "SCORES", "Decisions", "LearnedMonitor", "Limit", "Mon
 FORMAT = "trustcase-odd-monitor"
 
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the model is described (contract + hash), never named (no path, factory, pickle switch)
+CONTRACT = ("format", "input_shape", "value_range", "normalisation", "class_names", "critical_class", "input_dtype")
+SELF_LOADING = ("torchscript", "onnx")  # formats loadable from the file alone, without code
 
 
 @dataclass
@@ -211,8 +216,9 @@ class Monitor:
     # -- persistence ---------------------------------------------------------------------------------
 
     def header(self) -> dict:
+        model = {k: v for k, v in self.model_spec.model_dump(mode="json").items() if k in CONTRACT}
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model_sha256": self.model_sha256,
-                "model": self.model_spec.model_dump(mode="json"), "feature_mode": self.feature_mode,
+                "model": model, "feature_mode": self.feature_mode,
                 "specification": self.spec.to_dict(),
                 "learned": None if self.learned is None else self.learned.to_dict(), "info": self.info}
 
@@ -246,30 +252,50 @@ class Monitor:
         if head.get("schema_version") != SCHEMA_VERSION:
             raise MonitorError(f"{path} has monitor schema version {head.get('schema_version')!r}; this trustcase "
                                f"reads version {SCHEMA_VERSION!r}: refit the monitor")
+        model = head.get("model")
+        extra = sorted(set(model) - set(CONTRACT)) if isinstance(model, dict) else ["(not a mapping)"]
+        if extra:
+            raise MonitorError(f"{path}: its model description holds {', '.join(extra)}: a monitor file is data "
+                               f"and never says how to load or build a model (allowed: {', '.join(CONTRACT)})")
         return head, arrays
+
+    @staticmethod
+    def _contract(model: dict, path: Path | None = None) -> ModelSpec:
+        """The model contract as a ModelSpec that names no code: `path` the caller's file (else none)."""
+        fields = {**model, "path": path or Path(), "format": model.get("format") if path else "onnx"}
+        try:  # without a file, validated as a code-free format (state_dict would ask for its factory)
+            return ModelSpec.model_validate(fields).model_copy(update={"format": model.get("format")})
+        except ValueError as e:
+            raise MonitorError(f"the monitor's model contract is invalid: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path, model: Classifier | str | Path | None = None) -> Monitor:
-        """Load a saved monitor. `model`: the Classifier or model file to run beside (default: the model file
-        the monitor was fitted for); it must have the hash recorded in the monitor."""
+        """Load a saved monitor. `model`: the model to run beside, supplied by the caller (a loaded Classifier,
+        or a TorchScript / ONNX file, whose hash must be the recorded one before it is loaded); needed when
+        the monitor has a learned part. Without it, a monitor of the specification alone."""
         head, arrays = cls.read_header(path)
-        spec = ModelSpec.model_validate(head["model"])
         mon = cls(SpecificationMonitor.from_dict(head["specification"]),
                   None if head["learned"] is None else LearnedMonitor.from_parts(head["learned"], arrays),
-                  head["model_sha256"], spec, head.get("feature_mode", "logits"), head.get("info", {}))
-        if model is None and mon.learned is None:
-            return mon
+                  head["model_sha256"], cls._contract(head["model"]), head.get("feature_mode", "logits"),
+                  head.get("info", {}))
+        if model is None:
+            if mon.learned is None:
+                return mon
+            raise MonitorError(f"{path} has a learned part: give the model it was fitted for (sha256 "
+                               f"{mon.model_sha256[:12]}…; --model FILE, or a loaded Classifier)")
         if not isinstance(model, Classifier):
-            spec = spec.model_copy(update={"path": Path(model)}) if model is not None else spec
-            if not Path(spec.path).is_file():
-                raise MonitorError(f"model file {spec.path} (that the monitor was fitted for) not found: "
-                                   "give the model file")
-            sha = sha256_file(Path(spec.path))
+            file = Path(model)
+            if not file.is_file():
+                raise MonitorError(f"model file {file} not found")
+            sha = sha256_file(file)
             if sha != mon.model_sha256:
                 raise MonitorError(f"{path} was fitted for model sha256 {mon.model_sha256[:12]}…, but model file "
-                                   f"{spec.path} has sha256 {sha[:12]}…: refit the monitor for this model")
+                                   f"{file} has sha256 {sha[:12]}…: refit the monitor for this model")
+            if head["model"]["format"] not in SELF_LOADING:
+                raise MonitorError(f"a {head['model']['format']} model needs its code to be built: load it as the "
+                                   "use case says and pass the Classifier")
             try:
-                model = load_classifier(spec)
+                model = load_classifier(cls._contract(head["model"], file))
             except ModelError as e:
                 raise MonitorError(str(e)) from None
         return mon.attach(model)
