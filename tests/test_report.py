@@ -56,8 +56,8 @@ class _Text(HTMLParser):
             self.parts.append(data)
 
 
-FILES = {"json", "yaml", "html", "pdf", "zip", "png", "jpg", "jpeg", "csv", "pt", "pth", "py", "safetensors", "sha256",
-         "svg", "dot", "txt", "onnx", "nnet", "vnnlib", "npz", "npy"}
+FILES = {"json", "yaml", "yml", "html", "pdf", "zip", "png", "gif", "jpg", "jpeg", "csv", "pt", "pth", "py",
+         "safetensors", "sha256", "svg", "dot", "txt", "onnx", "nnet", "vnnlib", "npz", "npy"}
 DOTTED = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\b")
 
 

@@ -169,7 +169,8 @@ def report(
     run_id: str = typer.Argument(..., help="MLflow run id of an assessment"),
     out: Path = typer.Option(None, "--out", help="output folder (default trustcase-out/report-<run id>)"),
     tracking_uri: str = typer.Option(None, "--tracking-uri"),
-    previous: str = typer.Option(None, "--previous", help="run id of the previous assessed version, to compare"),
+    previous: str = typer.Option(None, "--previous", help="run id of the version to compare with "
+                                 "(default: the qualified registered version)"),
 ) -> None:
     """Re-render the report (HTML, PDF, argument, pack) of an assessment from what MLflow holds."""
     from trustcase.flows.rerender import RunNotFound, rerender

@@ -309,7 +309,8 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     _develop(b, g, Stage.LEARNING, claims_in(Stage.LEARNING), by_claim, a, stages)
     _training_log(b, g, p.model_version)
     g = b.add(Node("G-verification", "goal", "The model is verified independently of its development: "
-                   "by testing and by formal methods", stage="verification", anchor="stage-testing"), parent=amlas.id)
+                   "by testing and by formal methods", stage="verification", anchor="stage-verification"),
+              parent=amlas.id)
     stage_goals["verification"] = g.id
     sv = b.add(Node("S-verification", "strategy", "Argument over the two legs of verification: testing "
                     "(performance, perturbation sweeps, adversarial attacks) and formal (Lipschitz bounds, "
@@ -438,7 +439,7 @@ def _assumptions(b: _Builder, strategy: str, records: list[Evidence], stage: str
     for check, conditions in seen:
         b.add(Node(f"A-{stage}-{_slug(check)}", "assumption",
                    f"Evidence from {findings.check_name(check)} holds under: "
-                   + "; ".join(conditions), stage=stage, anchor=f"check-{_slug(check)}",
+                   + findings.plain("; ".join(conditions)), stage=stage, anchor=f"check-{_slug(check)}",
                    details={"check": check, "validity": list(conditions)}), context_of=strategy)
 
 

@@ -71,6 +71,20 @@ RULE = {Verdict.PASS: "the whole {conf} interval satisfies the threshold",
         Verdict.INCONCLUSIVE: "neither shown to hold nor shown to fail"}
 
 
+FILE_SUFFIXES = {"json", "yaml", "yml", "html", "pdf", "zip", "png", "gif", "jpg", "jpeg", "csv", "pt", "pth", "py",
+                 "safetensors", "sha256", "svg", "dot", "txt", "onnx", "nnet", "vnnlib", "npz", "npy"}
+_DOTTED = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\b")
+
+
+def plain(text: str) -> str:
+    """Free text a check wrote (validity conditions, limitations), with no raw key or None left for the reader:
+    a dotted field path becomes words, None becomes 'none'; file names stay as they are."""
+    def key(m: re.Match) -> str:
+        k = m.group(0)
+        return k if k.rsplit(".", 1)[1].lower() in FILE_SUFFIXES or k in ("e.g", "i.e") else k.replace(".", " ")
+    return re.sub(r"\bNone\b", "none", _DOTTED.sub(key, str(text)))
+
+
 def words(name: str) -> str:
     return re.sub(r"[_.]+", " ", str(name)).strip()
 
@@ -138,7 +152,8 @@ def human_error(error: str) -> str:
     what = re.sub(r"(?<!^)(?=[A-Z])", " ", kind).lower() if kind and kind[0].isupper() and message else ""
     name = check_name(label.split("[")[0]) + (f" ({words(label.split('[')[1].rstrip(']'))})" if "[" in label else "")
     reason = f"{what}: {message}" if what else rest or "no reason recorded"
-    return f"The {name} check did not finish ({reason.rstrip('.')}); nothing it would have measured is available."
+    return plain(f"The {name} check did not finish ({reason.rstrip('.')}); nothing it would have measured is "
+                 "available.")
 
 
 class Units:
@@ -244,7 +259,8 @@ def _validity(a: Assessment, r: Requirement, e: Evidence | None, units: Units, c
         first += f"; {confidence:.0%} {e.interval.method.replace('-', ' ').title()} interval"
     second = CAVEATS.get(e.check or "")
     if second is None and e.validity:
-        second = e.validity[0] if len(e.validity[0]) <= 180 else e.validity[0][:177].rsplit(" ", 1)[0] + "…"
+        first_condition = plain(e.validity[0])
+        second = first_condition if len(first_condition) <= 180 else first_condition[:177].rsplit(" ", 1)[0] + "…"
         second = second[0].upper() + second[1:]
     return first + "." + (f" {second.rstrip('.')}." if second else "")
 
@@ -433,19 +449,19 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
 
     # what the monitor stops
     mon = by_check.get("odd_monitor", [])
-    plain = {m.metric: m for m in mon if m.scope.perturbation is None and not m.scope.subgroup}
-    if plain:
+    whole = {m.metric: m for m in mon if m.scope.perturbation is None and not m.scope.subgroup}
+    if whole:
         s = []
-        if "detection_rate" in plain and plain["detection_rate"].value is not None:
-            m = plain["detection_rate"]
+        if "detection_rate" in whole and whole["detection_rate"].value is not None:
+            m = whole["detection_rate"]
             iv = f" (interval {interval(m.metric, m.interval.lower, m.interval.upper)})" if m.interval else ""
             s.append(f"The ODD monitor stops {value(m.metric, m.value)}{iv} of the inputs outside the ODD (n = {m.n}).")
-        if "false_alarm_rate" in plain and plain["false_alarm_rate"].value is not None:
-            m = plain["false_alarm_rate"]
+        if "false_alarm_rate" in whole and whole["false_alarm_rate"].value is not None:
+            m = whole["false_alarm_rate"]
             iv = f" (interval {interval(m.metric, m.interval.lower, m.interval.upper)})" if m.interval else ""
             s.append(f"It stops {value(m.metric, m.value)}{iv} of the clean in-ODD inputs by mistake.")
-        if "accuracy_accepted" in plain and plain["accuracy_accepted"].value is not None:
-            m = plain["accuracy_accepted"]
+        if "accuracy_accepted" in whole and whole["accuracy_accepted"].value is not None:
+            m = whole["accuracy_accepted"]
             s.append(f"On the inputs it accepts the model is correct {value(m.metric, m.value)} of the time.")
         if s:
             out.append(("What the monitor stops", s))
@@ -463,7 +479,7 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
                      "no explanation map of this model should be trusted.")
         for x in ranking:
             if x.get("status") != "recommended":
-                reasons = "; ".join(x.get("reasons") or []) or "not recommended"
+                reasons = plain("; ".join(x.get("reasons") or []) or "not recommended")
                 s.append(f"Not to be trusted: {words(x['method'])}, because {reasons}.")
         out.append(("Which explanations can be trusted", s))
 

@@ -93,10 +93,15 @@ def sources(arg: Argument, stage_titles: dict[str, str]) -> dict[str, str]:
     overview = overview_ids(arg)
     stage_goals = [g for g in overview if g in arg.stage_goals.values()]
     out = {"overview": dot_source(arg, overview, "Top goal and AMLAS stages", collapsed=set(stage_goals))}
+    legs = [arg.stage_goals[s] for s in ("testing", "formal") if s in arg.stage_goals]
+    below_legs = {n for leg in legs for n in arg.descendants(leg)} - set(legs)
     for stage, goal in arg.stage_goals.items():
-        if stage in ("testing", "formal"):
-            continue  # drawn inside the verification diagram
-        out[stage] = dot_source(arg, arg.descendants(goal), stage_titles.get(stage, stage))
+        ids = arg.descendants(goal)
+        if stage == "verification":  # its two legs collapsed: each has a diagram of its own (legible on a page)
+            out[stage] = dot_source(arg, [n for n in ids if n not in below_legs], stage_titles.get(stage, stage),
+                                    collapsed=set(legs))
+        else:
+            out[stage] = dot_source(arg, ids, stage_titles.get(stage, stage))
     return out
 
 
