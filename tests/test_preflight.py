@@ -125,3 +125,24 @@ def test_20000_nested_brackets_are_a_located_error(tmp_path):
     path.write_text(yaml.safe_dump({"id": "x"}) + "title: " + "[" * 20000 + "]" * 20000 + "\n")
     ps = problems(path)
     assert ps[""].line == 2 and "nesting deeper" in ps[""].message
+
+
+def test_checks_measure_only_what_they_declare(tmp_path, tiny_case):
+    """`Check.produces` is what the preflight judges claims by: it must cover every measurement a check emits."""
+    from conftest import context_for
+
+    from trustcase.checks import build
+    from trustcase.models.loading import load_classifier
+    from trustcase.schemas import CheckSpec
+
+    uc = preflight(tiny_case)
+    uc = uc.model_copy(update={"data": uc.data.model_copy(update={"max_samples": {"train": 24, "validation": 8,
+                                                                                  "test": 24}})})
+    module = load_classifier(uc.model).module
+    for spec in [*uc.plan.checks, CheckSpec(check="adversarial", params={"attacks": ["fgsm_linf"], "linf": [1.0],
+                                                                         "max_items": 8, "distance": False})]:
+        check = build(spec)
+        declared = type(check).produces(check.params, uc)
+        outcome = check(context_for(uc, module, tmp_path / spec.check))
+        missed = {(m.metric, m.scope.label()) for m in outcome.measurements if not any(p.covers(m) for p in declared)}
+        assert outcome.measurements and not missed, (spec.check, sorted(missed)[:5])
