@@ -164,7 +164,7 @@ def test_partial_assessment_renders_and_says_what_is_missing(tmp_path):
     files = render(empty, tmp_path, pdf=False)
     html = Path(files["html"]).read_text()
     # said in words: which check did not finish and why, what is therefore not measured; never an empty card
-    assert "Incomplete assessment." in html
+    assert "INCOMPLETE ASSESSMENT." in html
     assert "The Performance check did not finish (model error: boom)" in html
     assert "performance: ModelError" not in visible_text(html)
     body = html[:html.index('id="appendix"')]
