@@ -322,7 +322,7 @@ class _Windows(Map):
         return self.conv.forward(x).reshape(len(x), *self.shape)
 
     def backward(self, lam):
-        return self.conv.backward(lam.reshape(len(lam), -1, *self.shape[-2:]))
+        return self.conv.backward(lam.reshape(len(lam), self.shape[0] * self.shape[1], *self.shape[-2:]))
 
     abs = forward
 
@@ -367,7 +367,7 @@ def _fx(module: nn.Module, input_shape) -> Graph:
     modules = dict(gm.named_modules())
     b = _Builder(input_shape)
     where: dict[str, int] = {}
-    for pos, n in enumerate(gm.graph.nodes):
+    for pos, n in enumerate(gm.graph.nodes, start=-1):  # positions count the operations after the input
         meta = n.meta.get("tensor_meta")
         shape = tuple(meta.shape[1:]) if hasattr(meta, "shape") else None
         ins = [a for a in n.all_input_nodes if a.name in where]
