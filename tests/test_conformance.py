@@ -49,10 +49,7 @@ CASES = {
     "root_causes": ("image", {"k_max": 4, "representatives": 2}),
 }
 # a property a check does not keep yet, with why (strict: the test says when it is fixed)
-KNOWN = {
-    ("explainability", "tabular"): "explainability on feature vectors raises ValueError (heatmap shape), not "
-                                   "Unsupported: the explanations engineer's check, reported",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def test_every_registered_check_has_a_conformance_case():

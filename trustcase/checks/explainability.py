@@ -145,6 +145,9 @@ class Explainability(Check):
         names = list(uc.model.class_names)
         if p.target != "predicted" and p.target not in names:
             raise CheckError(f"explainability: target {p.target!r} is not a class; classes: {names} or 'predicted'")
+        if ctx.model.tabular:
+            raise Unsupported("attribution maps and their metrics (deletion, regions, superpixels) need images; "
+                              "the model takes feature vectors")
         net = A.Network(ctx.model)
         got, sample, info = select(ctx, p.split, p.items, 0 if uc.confidential else p.gallery)
         sample = np.array([i for i in sample if i in got])
