@@ -87,6 +87,21 @@ def test_lrp_z_plus_on_one_dense_layer():
         assert torch.allclose(A.attribute(net_of(m), method, x, 1).maps.reshape(2, -1), expected, atol=1e-5)
 
 
+def test_lrp_view_folds_batch_norm_and_keeps_the_function():
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                      nn.Linear(3 * SIDE * SIDE, 2))
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].weight.uniform_(0.5, 2)
+    m.eval()
+    view = A.make(net_of(m), "lrp").view
+    assert [type(v).__name__ for v in view] == ["Conv2d", "ReLU", "_Readout"]
+    x = images(3, seed=5)
+    assert torch.allclose(view(x), m(x), atol=1e-5)
+
+
 def test_lrp_refuses_a_layer_without_rule():
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(2 * 14 * 14, 2)).eval()
     with pytest.raises(Unsupported, match=r"LRP has no rule for layer '1' \(GELU\)"):

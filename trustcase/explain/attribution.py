@@ -498,11 +498,24 @@ _RULES = {"epsilon": EpsilonRule, "gamma": GammaRule, "z_plus": Alpha1_Beta0_Rul
 _WEIGHTED = ("Conv2d", "Linear")
 
 
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution followed by an eval-mode batch norm, as one convolution (the same function)."""
+    out = copy.deepcopy(conv)
+    scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        out.weight = nn.Parameter(conv.weight * scale[:, None, None, None])
+        out.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
+    return out.eval()
+
+
 class LrpMethod(Method):
     """Layer-wise relevance propagation (Bach et al. 2015) on captum's LRP: one rule everywhere, or a composite
-    rule per layer type (Montavon et al. 2019: gamma in convolutions, epsilon in dense layers). Pooling and
-    batch-norm layers take the epsilon rule, ReLU / dropout pass relevance through; any other layer is refused
-    with its name. With epsilon -> 0 on a bias-free ReLU network, LRP equals Gradient x Input."""
+    rule per layer type (Montavon et al. 2019: gamma in convolutions, epsilon in dense layers). A batch norm
+    after a convolution is folded into it (canonisation); pooling and other batch-norm layers take the epsilon
+    rule, ReLU / dropout pass relevance through; any other layer is refused with its name. With epsilon -> 0
+    on a bias-free ReLU network, LRP equals Gradient x Input."""
 
     name = "lrp"
 
@@ -533,6 +546,10 @@ class LrpMethod(Method):
             merged, i = OrderedDict(), 0
             while i < len(items):
                 (n, m), nxt = items[i], items[i + 1][1] if i + 1 < len(items) else None
+                if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+                    merged[n] = _fold(m, nxt)  # canonisation: relevance is not divided by a batch-norm shift
+                    i += 2
+                    continue
                 if isinstance(m, nn.Flatten) and m.start_dim == 1 and isinstance(nxt, nn.Linear):
                     merged[items[i + 1][0]] = _Readout.of(nxt)
                     i += 2
@@ -619,7 +636,9 @@ class GradCamPlusPlusMethod(GradCamMethod):
                               f"{tuple(a.shape)}")
         g2, g3 = g * g, g * g * g
         den = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
-        alpha = torch.where(den != 0, g2 / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        # the closed form assumes non-negative activations; where a signed map (e.g. before a ReLU) drives the
+        # denominator to zero or below, the position gets no weight instead of an unbounded one
+        alpha = torch.where(den > 0, g2 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
         weights = (alpha * g.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
         cam = (weights * a).sum(dim=1, keepdim=True)
         return Attribution(_upsample(cam.clamp(min=0) if self.options.relu else cam, x))
