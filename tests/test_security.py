@@ -198,7 +198,7 @@ def test_2_a_forged_pack_is_never_intact(failed_pack, tmp_path, tracking_uri):
 
     from trustcase.cli import app
     from trustcase.reports import verify_pack
-    from trustcase.reports.pack import digest
+    from trustcase.reports.pack import digest, sha256_bytes
 
     original = digest(failed_pack)
     runner = CliRunner()
@@ -215,9 +215,16 @@ def test_2_a_forged_pack_is_never_intact(failed_pack, tmp_path, tracking_uri):
     prov = json.loads(zipfile.ZipFile(failed_pack).read("provenance.json"))
     prov["verdict"] = "PASS"
     ev = json.dumps(a["evidence"], indent=1).encode()
-    forged = forge(failed_pack, tmp_path / "forged.zip",
-                   {"assessment.json": json.dumps(a).encode(), "evidence.json": ev,
-                    "provenance.json": json.dumps(prov).encode()}, lambda m: m.update(verdict="PASS"))
+    records = {"assessment.json": json.dumps(a).encode(), "evidence.json": ev,
+               "provenance.json": json.dumps(prov).encode()}
+    half = forge(failed_pack, tmp_path / "half.zip", records, lambda m: m.update(verdict="PASS"))
+    assert any("report.html does not state the SHA-256" in p for p in verify_pack(half).problems)
+    # ... and the report's digest of the record too
+    old, new = (sha256_bytes(zipfile.ZipFile(failed_pack).read("assessment.json")),
+                sha256_bytes(records["assessment.json"]))
+    report = zipfile.ZipFile(failed_pack).read("report.html").replace(old.encode(), new.encode())
+    forged = forge(failed_pack, tmp_path / "forged.zip", {**records, "report.html": report},
+                   lambda m: m.update(verdict="PASS"))
     out = runner.invoke(app, ["verify", str(forged)])
     assert out.exit_code == 0 and "not anchored" in out.output and "intact" not in out.output
     out = runner.invoke(app, ["verify", str(forged), "--digest", original])

@@ -398,7 +398,7 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
             data, sha, size = read(path, limit)
             if sha is None or sha != entry["sha256"] or size != entry.get("bytes", size):
                 v.changed.append(path)
-            elif path in RECORDS and data is not None:
+            elif (path in RECORDS or path == "report.html") and data is not None:
                 records[path] = data
         v.added = sorted(set(by_name) - set(entries) - {MANIFEST, MANIFEST_DIGEST, SIGNATURE})
     _cross_check(v, m, records)
@@ -419,6 +419,11 @@ def _cross_check(v: Verification, m: dict, records: dict[str, bytes]) -> None:
     for name, rec in (("provenance.json", prov), ("assessment.json", a), ("evidence.json", ev)):
         if rec is None and name not in v.removed and name not in v.changed:
             v.problems.append(f"{name}: missing from the pack (every pack holds it)")
+    report = records.get("report.html")
+    record = next((f["sha256"] for f in m.get("files", []) if f["path"] == "assessment.json"), None)
+    if report is not None and record and record.encode() not in report:
+        v.problems.append("report.html does not state the SHA-256 of this pack's assessment.json: it is the report "
+                          "of another record")
     if prov is not None:
         for k in stated:
             if k in prov and prov[k] != m.get(k):
