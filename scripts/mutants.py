@@ -57,7 +57,7 @@ def run_chunk(name: str) -> dict:
     work = Path(os.environ.get("TRUSTCASE_MUTANTS_DIR", "/tmp/trustcase-mutants")) / name
     copy_tree(work)
     (work / "setup.cfg").write_text(
-        "[mutmut]\nsource_paths = trustcase\n"
+        "[mutmut]\nsource_paths = trustcase\nalso_copy =\n    use_cases\n"
         + "only_mutate =\n" + "".join(f"    {m}\n" for m in modules)
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests)
         + "pytest_add_cli_args =\n" + "".join(f"    {a}\n" for a in _split(FAST)))
@@ -100,7 +100,7 @@ def main(names: list[str]) -> None:
         r = run_chunk(name)
         s = r["stats"]
         print(f"{name:<14}{s['total']:>8}{s['killed']:>8}{s['survived']:>9}{s['no_tests']:>8}{s['timeout']:>8}"
-              f"{r['score_tested']:>14.1%}{r['minutes']:>6}", flush=True)
+              f"{r['score_tested'] or 0:>14.1%}{r['minutes']:>6}", flush=True)
 
 
 if __name__ == "__main__":
