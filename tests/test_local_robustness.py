@@ -64,18 +64,55 @@ def test_a_proved_ball_holds_no_changed_prediction(seed):
     assert seen >= {"verified", "falsified"}  # both outcomes exercised
 
 
-def test_a_network_the_bounds_cannot_handle_is_not_run_with_the_layer_named(tmp_path):
+def _image_folder(tmp_path):
     from conftest import save_png
 
     root = tmp_path / "data"
+    rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for cls in ("ok", "bad"):
-            save_png(root / f"{split}/{cls}/0.png", np.full((16, 16), 100, np.uint8))
-    uc = UseCase.model_validate(folder_use_case(root))
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 14 * 14, 2))
+            for i in range(3):
+                save_png(root / f"{split}/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    return UseCase.model_validate(folder_use_case(root))
+
+
+def test_a_layer_the_bounds_cannot_handle_is_not_run_with_the_layer_named(tmp_path):
+    uc = _image_folder(tmp_path)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(2 * 14 * 14, 2))
     check = build(CheckSpec(check="local_robustness"))
-    with pytest.raises(Unsupported, match="Conv2d"):
-        check(context_for(uc, conv, tmp_path / "checks" / "local_robustness"))
+    with pytest.raises(Unsupported, match=r"layer 1 '1' \(Sigmoid\)"):
+        check(context_for(uc, net, tmp_path / "checks" / "local_robustness"))
+
+
+def test_an_image_cnn_gets_verdicts_per_ball_in_grey_levels_and_counterexample_images(tmp_path):
+    uc = _image_folder(tmp_path)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(27, 2))
+    with torch.no_grad():
+        net[1].running_var.fill_(4.0)
+    check = build(CheckSpec(check="local_robustness", params={"radii": [0.5, 4, 64], "unit": "pixel",
+                                                               "max_items": 4, "timeout": 2.0}))
+    ctx = context_for(uc, net, tmp_path / "checks" / "local_robustness")
+    out = check(ctx)
+    s = out.summary
+    assert s["engine"] == "layer graph" and s["items"] == 4 and s["unit"] == "pixel"
+    for k in range(3):
+        assert s["verified"][k] + s["falsified"][k] + s["unknown"][k] == 4
+    assert s["verified"][0] > 0 and s["falsified"][-1] > 0
+    scopes = {(m.metric, m.scope.perturbation.name, m.amplitude) for m in out.measurements}
+    assert ("local_robustness_certified_accuracy", "linf_pixels", 0.5) in scopes
+    saved = sorted((ctx.workdir / "counterexamples").glob("*.npy"))
+    assert saved and len(saved) == sum(1 for a in out.artefacts if a.kind == "counterexample")
+    import csv
+
+    rows = {r["id"]: r for r in csv.DictReader(open(ctx.workdir / "items.csv"))}
+    for path in saved:  # each counterexample changes the prediction by a plain forward pass
+        row = next(r for i, r in rows.items() if path.stem == "".join(ch if ch.isalnum() or ch in "-_." else "_"
+                                                                      for ch in i))
+        c = int(row["prediction"])
+        z = ctx.model.logits(np.load(path)[None].astype(np.float32))[0]
+        assert z[1 - c] >= z[c]
 
 
 @needs_acas

@@ -1,28 +1,41 @@
 """The `local_robustness` check: L-inf balls around sampled inputs proved, falsified or unknown (science in
-`certification.local_robustness`)."""
+`certification.local_robustness`, `certification.graph`, `certification.propagation`).
+
+Networks that reduce to a chain of Linear/ReLU layers (tabular, ACAS Xu) go through `bounds.prove` (CROWN
+with input splitting); every other network through its layer graph (image CNNs: IBP, CROWN, alpha-CROWN
+after an APGD attack). Radii are in the input scaled to [0, 1] (`unit: scaled`, scope `linf_radius`) or in
+pixel units of the value range (`unit: pixel`, scope `linf_pixels`: grey levels for 0-255 images).
+Measurements per radius: `local_robustness_verified`, `local_robustness_falsified` and
+`local_robustness_certified_accuracy` (verified AND correct), each k of n with a Clopper-Pearson interval.
+"""
 
 from __future__ import annotations
 
 import csv
+import statistics
 import time
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
 from trustcase.certification import bounds as B
-from trustcase.certification.local_robustness import VERDICTS, change_property, verify_ball
+from trustcase.certification import graph as G
+from trustcase.certification.local_robustness import VERDICTS, change_property, decide, verify_ball
 from trustcase.certification.properties import single_thread
-from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import clopper_pearson
-from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
+from trustcase.checks import Check, Context, Params, Unsupported
+from trustcase.measurement import proportion
+from trustcase.schemas import CheckOutcome, Curve, PerturbationScope, Scope, Series
 
 
 class LocalRobustnessParams(Params):
     split: str = "test"
-    radii: list[float] = [0.001, 0.002, 0.005, 0.01]  # L-inf, input scaled to [0, 1]; claimed radii are added
-    max_items: int = Field(50, ge=1)  # the first items of the split (seeded subset when the split is capped)
+    radii: list[float] = [0.001, 0.002, 0.005, 0.01]  # L-inf, in `unit`; claimed radii are added
+    unit: Literal["scaled", "pixel"] = "scaled"  # scaled: input / (max - min) of the value range; pixel: grey levels
+    max_items: int = Field(50, ge=1)  # the first items of the split
     timeout: float = Field(2.0, gt=0)  # seconds per (input, radius)
+    refine: int = Field(512, ge=0)  # image models: neurons per layer whose bounds CROWN refines (loosest first)
 
     @field_validator("radii")
     @classmethod
@@ -35,12 +48,7 @@ class LocalRobustnessParams(Params):
 class LocalRobustness(Check):
     name = "local_robustness"
     Params = LocalRobustnessParams
-    stage = Stage.FORMAL
-
-    @classmethod
-    def produces(cls, params, use_case):
-        return [Produces(m, params.split, "linf_radius") for m in
-                ("local_robustness_verified", "local_robustness_falsified")]
+    stage = "formal"
     needs_gradients = True
 
     def run(self, ctx: Context) -> CheckOutcome:
@@ -48,13 +56,22 @@ class LocalRobustness(Check):
         model = ctx.model
         if model.module.training:
             raise Unsupported("local_robustness: the model is in training mode")
-        try:
-            layers = B.linearise(model.module)
-        except B.BoundsError as e:
-            raise Unsupported(f"local_robustness: {e}") from None
         shape = list(model.spec.input_shape)
+        try:
+            layers, graph = B.linearise(model.module), None
+        except B.BoundsError:
+            layers = None
+            try:
+                graph = G.from_model(model.module, shape)
+            except G.GraphError as e:
+                raise Unsupported(f"local_robustness: {e}") from None
         lo_v, hi_v = model.spec.value_range
-        radii = sorted({*p.radii, *ctx.claimed("local_robustness_verified", "linf_radius")})
+        scope_name = "linf_radius" if p.unit == "scaled" else "linf_pixels"
+        radii = sorted({*p.radii, *ctx.claimed("local_robustness_verified", scope_name),
+                        *ctx.claimed("local_robustness_certified_accuracy", scope_name)})
+        pixel = (hi_v - lo_v) if p.unit == "scaled" else 1.0  # pixel units per radius unit
+        confidential = ctx.use_case.confidential
+        cx_dir = ctx.workdir / "counterexamples"
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # flat model inputs (N, prod(shape)) -> scores
             return model.module(x.reshape(len(x), *shape))
@@ -62,7 +79,8 @@ class LocalRobustness(Check):
         def model_input(pixels: np.ndarray) -> np.ndarray:
             return model.to_input(pixels[None]).reshape(-1).numpy().astype(np.float64)
 
-        rows, t0 = [], time.perf_counter()
+        rows, details, t0 = [], [], time.perf_counter()
+        artefacts = []
         with single_thread():
             for batch in ctx.batches(p.split):
                 preds = model.logits(batch.images, batch.ids).argmax(1)
@@ -76,11 +94,22 @@ class LocalRobustness(Check):
                         if verdicts and list(verdicts.values())[-1] == "falsified":
                             verdicts[r] = "falsified"  # the counterexample lies in this larger ball too
                             continue
-                        eps = r * (hi_v - lo_v)
-                        lower = model_input(np.clip(x - eps, lo_v, hi_v))
-                        upper = model_input(np.clip(x + eps, lo_v, hi_v))
-                        prop = change_property(f"{batch.ids[k]}@{r:g}", lower, upper, c, model.n_classes)
-                        verdicts[r] = verify_ball(layers, forward, prop, p.timeout, ctx.seed)
+                        eps = r * pixel
+                        lower, upper = np.clip(x - eps, lo_v, hi_v), np.clip(x + eps, lo_v, hi_v)
+                        if graph is None:
+                            prop = change_property(f"{batch.ids[k]}@{r:g}", model_input(lower),
+                                                   model_input(upper), c, model.n_classes)
+                            verdicts[r] = verify_ball(layers, forward, prop, p.timeout, ctx.seed)
+                            continue
+                        box = [model.to_input(v[None]).double() for v in (x, lower, upper)]
+                        out = decide(graph, model.module, *box, c, p.timeout, ctx.seed, item_seed=len(rows),
+                                     limit=p.refine)
+                        verdicts[r] = out["verdict"]
+                        details.append({"item": batch.ids[k], "radius": r, **{key: out.get(key) for key in (
+                            "verdict", "method", "margin", "seconds")}})
+                        if out["verdict"] == "falsified" and not confidential:
+                            artefacts += self._save(ctx, cx_dir, batch.ids[k], r, model, out["counterexample"],
+                                                    lower, upper)
                     rows.append((batch.ids[k], int(batch.labels[k]), c, verdicts))
                 if len(rows) == p.max_items:
                     break
@@ -90,19 +119,20 @@ class LocalRobustness(Check):
             raise Unsupported(f"local_robustness: the {p.split} split has no readable items")
         conf = ctx.use_case.plan.confidence
         counts = {v: [sum(row[3][r] == v for row in rows) for r in radii] for v in VERDICTS}
+        certified = [sum(row[3][r] == "verified" and row[1] == row[2] for row in rows) for r in radii]
         ms, series = [], {}
-        for metric, verdict in (("local_robustness_verified", "verified"), ("local_robustness_falsified",
-                                                                             "falsified")):
+        for metric, ks in (("local_robustness_verified", counts["verified"]),
+                           ("local_robustness_falsified", counts["falsified"]),
+                           ("local_robustness_certified_accuracy", certified)):
             values, lows, highs = [], [], []
-            for r, k in zip(radii, counts[verdict], strict=True):
-                iv = clopper_pearson(k, n, conf)
-                values.append(k / n)
-                lows.append(iv.lower)
-                highs.append(iv.upper)
-                ms.append(Measurement(check=self.name, metric=metric, value=k / n, interval=iv, n=n, amplitude=r,
-                                      scope=Scope(split=p.split, perturbation=PerturbationScope(
-                                          name="linf_radius", max_amplitude=r))))
-            series[verdict] = Series(y=values, lower=lows, upper=highs)
+            for r, k in zip(radii, ks, strict=True):
+                m = proportion(self.name, metric, k, n, conf, amplitude=r, scope=Scope(
+                    split=p.split, perturbation=PerturbationScope(name=scope_name, max_amplitude=r)))
+                ms.append(m)
+                values.append(m.value)
+                lows.append(m.interval.lower)
+                highs.append(m.interval.upper)
+            series[metric.removeprefix("local_robustness_")] = Series(y=values, lower=lows, upper=highs)
         path = ctx.workdir / "items.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
@@ -110,23 +140,59 @@ class LocalRobustness(Check):
             w.writerow(["id", "label", "prediction", *[f"r={r:g}" for r in radii]])
             w.writerows([i, label, c, *[v[r] for r in radii]] for i, label, c, v in rows)
         unknown = sum(counts["unknown"])
+        unit = ("input scaled to [0, 1]" if p.unit == "scaled"
+                else f"pixel units of the value range [{lo_v:g}, {hi_v:g}]")
+        how = ("CROWN + interval bounds with input splitting" if graph is None else
+               "IBP, then CROWN (intermediate bounds refined for the loosest "
+               f"{p.refine} unstable neurons per layer, the rest by IBP), then alpha-CROWN, on the layer graph")
+        summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
+                   "timeout": p.timeout, "seconds": round(seconds, 2),
+                   "engine": "linear chain (input splitting)" if graph is None else "layer graph"}
+        if details:
+            summary["decided_by"] = {m: sum(1 for d in details if (d["method"] or "").startswith(m))
+                                     for m in ("ibp", "crown", "alpha-crown", "APGD", "corner")}
+            summary["median_seconds"] = round(statistics.median(d["seconds"] for d in details), 3)
         return CheckOutcome(
             check=self.name, measurements=ms,
             curves=[Curve(id="local-robustness", title="Local robustness: proved and falsified vs L-inf radius",
-                          x_label="L-inf radius (input scaled to [0, 1])", y_label="fraction of sampled inputs",
+                          x_label=f"L-inf radius ({unit})", y_label="fraction of sampled inputs",
                           x=radii, series=series)],
-            artefacts=[ctx.artefact(path, "table")],
-            summary={"radii": radii, **counts, "items": n, "timeout": p.timeout, "seconds": round(seconds, 2)},
+            artefacts=[ctx.artefact(path, "table"), *artefacts],
+            summary=summary,
             validity=[
-                f"L-infinity balls in the input scaled to [0, 1] around the first {n} items of the {p.split} split, "
-                f"clipped to the value range [{lo_v:g}, {hi_v:g}]",
+                f"L-infinity balls ({unit}) around the first {n} items of the {p.split} split, clipped to the "
+                f"value range [{lo_v:g}, {hi_v:g}]",
                 "robust: the predicted class keeps a score strictly above every other class for every input of "
                 "the ball (a tie counts as a change)",
-                f"verified: proved by CROWN + interval bounds with input splitting in float64, margin "
-                f"{B.TOLERANCE:g} (rounding of the float32 model is not formally accounted for)",
-                "falsified: a counterexample re-checked by a plain float32 forward pass",
-                f"unknown (no proof, no counterexample within {p.timeout:g} s) counts as not verified",
+                f"verified: proved by {how}, in float64 with margin {B.TOLERANCE:g} (rounding of the float32 model "
+                "is not formally accounted for)",
+                "falsified: a counterexample inside the ball re-checked by a plain float32 forward pass",
+                f"unknown (no proof, no counterexample within {p.timeout:g} s) counts as not verified: the verified "
+                "fraction is a lower bound of the robust fraction, the falsified one a lower bound of the fragile one",
             ],
             limitations=[f"{unknown} (input, radius) pairs stayed unknown within {p.timeout:g} s"] if unknown else [],
         )
 
+    @staticmethod
+    def _save(ctx: Context, folder, item: str, r: float, model, cx_input: np.ndarray, lower, upper) -> list:
+        """The counterexample in pixel space (exact .npy, 8-bit .png preview), once per item (smallest radius)."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(item))
+        npy = folder / f"{safe}.npy"
+        if npy.exists():
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        zero = model.to_input(np.zeros_like(lower)[None]).double()
+        one = model.to_input(np.ones_like(lower)[None]).double()
+        pixels = (torch.from_numpy(cx_input).double()[None] - zero) / (one - zero)  # the inverse affine map
+        pixels = pixels.permute(0, 2, 3, 1)[0].numpy() if pixels.ndim == 4 else pixels[0].numpy()
+        pixels = np.clip(pixels.reshape(lower.shape), lower, upper)
+        np.save(npy, pixels)
+        out = [ctx.artefact(npy, "counterexample")]
+        if pixels.ndim == 3:
+            import cv2
+
+            lo_v, hi_v = model.spec.value_range
+            png = folder / f"{safe}.png"
+            cv2.imwrite(str(png), np.round((pixels - lo_v) / (hi_v - lo_v) * 255).clip(0, 255).astype(np.uint8))
+            out.append(ctx.artefact(png, "image"))
+        return out
