@@ -60,7 +60,7 @@ def test_linear_model_closed_forms(target):
 def test_lrp_zero_on_a_bias_free_relu_network_is_gradient_times_input():
     m = bias_free_relu_net()
     net, x = net_of(m), images(4, seed=2)
-    for options in ({"rule": "epsilon", "epsilon": 1e-9}, {"rule": "gamma", "gamma": 0.0}):
+    for options in ({"rule": "epsilon", "epsilon": 1e-9}, {"rule": "gamma", "gamma": 0.0, "epsilon": 1e-9}):
         method = A.make(net, "lrp", options)
         for _ in range(2):  # captum strips the rules after a call: the second call must still use ours
             lrp = A.attribute(net, method, x, 1).maps

@@ -520,8 +520,8 @@ class LrpMethod(Method):
     name = "lrp"
 
     class Options(Options):
-        rule: Literal["epsilon", "gamma", "z_plus", "composite"] = "composite"
-        epsilon: float = Field(1e-6, gt=0)
+        rule: Literal["epsilon", "gamma", "z_plus", "composite"] = "epsilon"  # the steadiest on the demo model
+        epsilon: float = Field(0.25, gt=0, description="stabiliser of the epsilon rule (0.25: Montavon et al. 2019)")
         gamma: float = Field(0.25, ge=0)
         composite: dict[Literal["Conv2d", "Linear"], Literal["epsilon", "gamma", "z_plus"]] = {
             "Conv2d": "gamma", "Linear": "epsilon"}
@@ -614,7 +614,24 @@ class GuidedGradCamMethod(GradCamMethod):
                                                                                 interpolate_mode="bilinear"))
 
 
-class GradCamPlusPlusMethod(GradCamMethod):
+class _RectifiedCam(GradCamMethod):
+    """CAM variants whose weights assume non-negative feature maps: by default the first ReLU after the last
+    convolution (the rectified maps the papers use), else the convolution itself."""
+
+    class Options(Options):
+        layer: str | None = Field(None, description="layer name; default: the ReLU after the last Conv2d")
+        relu: bool = True
+
+    def __init__(self, net, options):
+        if options.layer is None and net.differentiable and net.conv_layers():
+            names = list(net.layers())
+            after = names[names.index(net.conv_layers()[-1]) + 1:]
+            relu = next((n for n in after if net.kind(net.layers()[n]) == "ReLU"), None)
+            options = options.model_copy(update={"layer": relu}) if relu else options
+        super().__init__(net, options)
+
+
+class GradCamPlusPlusMethod(_RectifiedCam):
     """Grad-CAM++ (Chattopadhay et al. 2018): pixel-wise weights of the positive gradients, in the closed form
     of the paper for an exponential of the score (its higher derivatives are powers of the first)."""
 
@@ -644,7 +661,7 @@ class GradCamPlusPlusMethod(GradCamMethod):
         return Attribution(_upsample(cam.clamp(min=0) if self.options.relu else cam, x))
 
 
-class ScoreCamMethod(GradCamMethod):
+class ScoreCamMethod(_RectifiedCam):
     """Score-CAM (Wang et al. 2020): each channel's map, normalised to [0, 1], masks the input; the channel's
     weight is the gain of the target score over the baseline's. Gradient-free, but needs the activations."""
 

@@ -176,11 +176,12 @@ def stability(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
     better), its maximum the max-sensitivity of Yeh et al. 2019."""
     gen = torch.Generator().manual_seed(seed)
     ref = explain(x, target).flatten(1)
-    norm = ref.norm(dim=1).clamp(min=1e-12)
+    norm = ref.norm(dim=1)
     out = np.zeros((len(x), samples))
     for k in range(samples):
         d = (torch.rand(x.shape, generator=gen) * 2 - 1) * radius
-        out[:, k] = ((explain(x + d, target).flatten(1) - ref).norm(dim=1) / norm).numpy()
+        out[:, k] = ((explain(x + d, target).flatten(1) - ref).norm(dim=1) / norm.clamp(min=1e-30)).numpy()
+    out[(norm == 0).numpy()] = np.nan  # an empty map has no relative change: undefined, not infinite
     return out
 
 
