@@ -67,7 +67,9 @@ class DataQuality(Check):
                 for i, ident in enumerate(batch.ids):
                     raw = np.ascontiguousarray(imgs[i])
                     digest = hashlib.sha256(raw.tobytes()).digest()
-                    h.update(ident.encode() + b"\0" + int(batch.labels[i]).to_bytes(4, "little") + digest)
+                    meta = "\0".join(f"{k}={batch.meta[k][i]}" for k in sorted(batch.meta))  # subgroups too
+                    h.update(ident.encode() + b"\0" + int(batch.labels[i]).to_bytes(4, "little") + digest
+                             + meta.encode() + b"\0")
                     xhash.append(int.from_bytes(digest[:8], "little"))
                 if ((batch.labels < 0) | (batch.labels >= len(names))).any():
                     raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
@@ -89,6 +91,8 @@ class DataQuality(Check):
                 split_of += [role] * len(batch)
             n = int(counts.sum())
             summary["unreadable"][role] = [f"{u.id}: {u.error}" for u in stream.unreadable][:50]
+            for u in stream.unreadable:  # the content hash keys every cached result: what could not be read too
+                h.update(f"unreadable\0{u.id}\0{u.error}\0".encode())
             data_hash.update(role.encode() + h.digest())
             m("items", n, role)
             m("unreadable", len(stream.unreadable), role, n=n + len(stream.unreadable))
