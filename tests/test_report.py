@@ -17,7 +17,7 @@ from test_argument import assessment  # noqa: E402
 
 from trustcase.reports import argument as A  # noqa: E402
 from trustcase.reports.render import record_digest, render  # noqa: E402
-from trustcase.schemas import Artefact, Assessment, Curve, Series, Verdict  # noqa: E402
+from trustcase.schemas import Artefact, Assessment, Curve, Measurement, Series, Verdict  # noqa: E402
 
 
 class _Refs(HTMLParser):
@@ -197,6 +197,17 @@ def test_comparison_mode_lists_regressions_first(tmp_path):
     table = html[html.index('id="comparison"'):]
     assert table.index("L-acc") < table.index("D-leak")  # the regression comes first
     assert '<tr class="regression"><td><b>L-acc' in table
+
+
+def test_findings_say_when_the_model_calls_every_input_one_class(tmp_path):
+    a = assessment({"L-acc": "FAIL"})
+    perf = next(o for o in a.outcomes if o.check == "performance")
+    perf.measurements += [Measurement(check="performance", metric=f"recall:{c}", value=v, n=50)
+                          for c, v in (("functional", 0.0), ("defective", 1.0))]
+    html = Path(render(a, tmp_path, pdf=False)["html"]).read_text()
+    findings = html[html.index('id="findings"'):html.index('id="changes"')]
+    assert "On the test data as it is, the model calls nearly every input &#39;defective&#39;." in findings
+    assert "L-acc: accuracy 10% (interval 9–11%) on the test split, required at least 80%." in findings
 
 
 def test_without_a_previous_version_the_report_says_so(tmp_path):

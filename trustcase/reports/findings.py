@@ -340,7 +340,8 @@ def cards(a: Assessment, claim_stage: dict[str, Stage | None], comparison: list[
 
 def _at(ms: list[Measurement], metric: str, amplitude: float | None, pert: str | None) -> Measurement | None:
     for m in ms:
-        if (m.metric == metric and not m.scope.subgroup and (m.amplitude or 0.0) == (amplitude or 0.0)
+        if (m.metric == metric and not m.scope.subgroup and m.scope.split == "test"
+                and (m.amplitude or 0.0) == (amplitude or 0.0)
                 and (m.scope.perturbation.name if m.scope.perturbation else None) == pert):
             return m
     return None
@@ -376,6 +377,9 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
         fails.append(f"{r.id}: {metric_name(r.metric)} {value(r.metric, e.value)}{iv} on the {scope(r.scope, units)}, "
                      f"required {comparator(r.comparator)} {value(r.metric, r.threshold)}"
                      + ("." if r.mandatory else " (advisory claim)."))
+    collapse = _collapse(a, by_check.get("performance", []), None, None)
+    if collapse:
+        fails.append(f"On the test data as it is, the model{collapse.removeprefix('; the model then')}.")
     if fails:
         out.append(("What is shown not to hold", fails))
 
