@@ -14,6 +14,7 @@ from trustcase.data.streaming import DataSource, Item
 from trustcase.models.classifier import Classifier
 from trustcase.robustness import attacks as adv
 from trustcase.schemas import CheckSpec, Verdict
+from trustcase.testing import black_box_of
 from trustcase.verdicts import judge
 
 VR = (0.0, 255.0)
@@ -77,7 +78,7 @@ def test_attacks_stay_in_their_ball_and_in_the_value_range(norm):
     x = torch.cat([torch.zeros(4, 4, 4, 1), 255 * torch.ones(4, 4, 4, 1), 255 * torch.rand(8, 4, 4, 1)])
     y = torch.tensor([0, 1] * 8)
     eps = torch.linspace(5, 120, len(x))
-    for kind in ("fgsm", "pgd"):
+    for kind in ("fgsm", "pgd", "apgd", *(("square",) if norm == "linf" else ())):
         x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)))
         assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 255
@@ -180,6 +181,25 @@ def test_attacks_reduce_the_accuracy_of_a_trained_model_and_pgd_beats_fgsm(strip
     assert evidence.details["amplitudes"] == [0.0, 2.0]
 
 
+def test_the_attack_engine_is_at_least_as_strong_as_fgsm_and_pgd(stripes_model, tmp_path):
+    out, _ = run_check(stripes_model, tmp_path, attacks=["fgsm_linf", "pgd_linf", "apgd_linf"], linf=[2, 8, 16, 24],
+                       max_items=32, steps=10, restarts=2, distance=False)
+    _, fgsm = accuracies(out, "fgsm_linf")
+    _, pgd = accuracies(out, "pgd_linf")
+    _, apgd = accuracies(out, "apgd_linf")
+    assert apgd[0] == pgd[0] >= 0.95
+    assert all(a <= min(p, f) for a, p, f in zip(apgd, pgd, fgsm, strict=True)), (apgd, pgd, fgsm)
+    assert apgd[-1] < apgd[0]
+
+
+def test_square_attacks_a_black_box(stripes_model, tmp_path):
+    box = black_box_of(stripes_model)
+    out, _ = run_check(box, tmp_path, attacks=["square_linf"], linf=[48], max_items=16, steps=50, restarts=1,
+                       distance=False)
+    _, acc = accuracies(out, "square_linf")
+    assert acc[1] < acc[0]  # forward passes alone break it
+
+
 def test_deterministic_and_sharded_per_attack(stripes_model, tmp_path):
     params = {"attacks": ["pgd_l2", "fgsm_l2"], "l2": [40], "max_items": 16, "steps": 3, "search_steps": 2}
     a, _ = run_check(stripes_model, tmp_path / "a", **params)
@@ -191,7 +211,8 @@ def test_deterministic_and_sharded_per_attack(stripes_model, tmp_path):
 
 def test_black_boxes_and_bad_parameters_are_refused(tmp_path):
     uc = synthetic_case(size=12)
-    ctx = Context(use_case=uc, model=Classifier(uc.model, module=None), data=DataSource(uc.data, 0), seed=0,
+    eager = Classifier(uc.model, module=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)))
+    ctx = Context(use_case=uc, model=black_box_of(eager), data=DataSource(uc.data, 0), seed=0,  # the real BlackBox
                   workdir=tmp_path / "adversarial")
     with pytest.raises(Unsupported, match="needs gradients"):
         build(CheckSpec(check="adversarial"))(ctx)

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from trustcase.checks import Check, Context, Params, Produces
+from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import proportion
 from trustcase.performance import Tally
 from trustcase.robustness.attacks import (
     ATTACKS,
+    BLACK_BOX,
     DEFAULT_EPS,
     Norm,
     _predict,
@@ -27,10 +28,11 @@ from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
 
 class AdversarialParams(Params):
-    attacks: list[Literal["fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2"]] = ["fgsm_linf", "pgd_linf", "pgd_l2"]
+    attacks: list[Literal["fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2", "apgd_linf", "apgd_l2", "square_linf"]] = [
+        "fgsm_linf", "pgd_linf", "pgd_l2"]
     linf: list[float] | None = Field(None, description="L-inf epsilons in pixel units; default (0.5..8)/255 x range")
     l2: list[float] | None = Field(None, description="L2 epsilons in pixel units; default (0.05..1) x range")
-    steps: int = Field(10, ge=1, le=1000, description="PGD iterations")
+    steps: int = Field(10, ge=1, le=1000, description="PGD/APGD iterations (Square: queries per restart)")
     step_size: float = Field(2.5, gt=0, le=20, description="PGD step = step_size x eps / steps")
     restarts: int = Field(2, ge=1, le=50, description="PGD runs: the first from the clean input, then random")
     split: str = "test"
@@ -77,7 +79,7 @@ class AdversarialParams(Params):
 class Adversarial(Check):
     name = "adversarial"
     Params = AdversarialParams
-    needs_gradients = True
+    needs_gradients = False  # square_linf needs forward passes only; the gradient attacks are refused on black boxes
     stage = Stage.TESTING
 
     @classmethod
@@ -93,6 +95,10 @@ class Adversarial(Check):
         return [Adversarial(p.model_copy(update={"attacks": [a]})) for a in p.attacks]
 
     def run(self, ctx: Context) -> CheckOutcome:
+        gradient = [a for a in self.params.attacks if ATTACKS[a][0] not in BLACK_BOX]
+        if gradient and not ctx.model.differentiable:
+            raise Unsupported(f"adversarial: {', '.join(gradient)} needs gradients and the model is a black box "
+                              "(square_linf needs forward passes only)")
         out = CheckOutcome(check=self.name)
         for name in self.params.attacks:
             self._attack(ctx, name, out)
@@ -109,7 +115,7 @@ class Adversarial(Check):
         fooled_correct = np.zeros(len(grid), np.int64)
         dist: list[np.ndarray] = []
         cap = p.max_distance.get(norm, 2 * grid[-1])
-        search = p.distance and kind == "pgd"
+        search = p.distance and kind in ("pgd", "apgd")
         seen = 0
         for batch in ctx.batches(p.split, p.batch_size):
             if seen >= p.max_items:
@@ -147,8 +153,8 @@ class Adversarial(Check):
                                    "x_label": f"epsilon ({unit})"})
         cv.series.pop("flip_rate", None)
         summary = {
-            "norm": norm, "epsilons": grid, "steps": p.steps if kind == "pgd" else 1,
-            "step_size": p.step_size if kind == "pgd" else None, "restarts": p.restarts if kind == "pgd" else None,
+            "norm": norm, "epsilons": grid, "steps": 1 if kind == "fgsm" else p.steps,
+            "step_size": p.step_size if kind == "pgd" else None, "restarts": None if kind == "fgsm" else p.restarts,
             "n": seen, "accuracy": [m.value for m in ms if m.metric == "adversarial_accuracy"],
             "success_rate": [m.value for m in ms if m.metric == "attack_success_rate"], "breaking": broken,
         }
@@ -170,14 +176,21 @@ class Adversarial(Check):
         out.measurements.extend(ms)
         out.curves.append(cv)
         out.summary[name] = summary
-        how = (f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, {p.restarts} run(s): the first from "
-               f"the clean input, the others from random points of the ball"
-               if kind == "pgd" else "FGSM, one step of size eps")
+        how = {
+            "pgd": f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, {p.restarts} run(s): the first from "
+                   f"the clean input, the others from random points of the ball; untargeted, cross-entropy on the "
+                   f"true label",
+            "fgsm": "FGSM, one step of size eps; untargeted, cross-entropy on the true label",
+            "apgd": f"APGD, {p.steps} steps with adaptive step size and momentum, margin loss targeted at each of "
+                    f"the 3 runner-up classes, {p.restarts} run(s): the first from the clean input, the others "
+                    f"from seeded random points of the ball",
+            "square": f"Square attack (black box, forward passes only), {p.steps * p.restarts} queries, margin loss",
+        }[kind]
         out.validity += [
             f"{name}: EMPIRICAL evidence, not a certificate: accuracy under attack is an upper bound on the "
             f"robust accuracy and each distance an upper bound on the item's robust radius (a stronger attack "
             f"may do better)",
-            f"{name}: {how}; untargeted, cross-entropy on the true label; epsilons {grid} ({unit}); gradients "
+            f"{name}: {how}; epsilons {grid} ({unit}); gradients "
             f"through the model's normalisation, model in eval mode; adversarial images clipped to the value "
             f"range, not quantised; {seen} items of the {p.split} split, seed {ctx.seed}, "
             f"{conf:.0%} Clopper-Pearson intervals",

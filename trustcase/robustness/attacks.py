@@ -40,7 +40,9 @@ from trustcase.schemas import Interval
 Norm = Literal["linf", "l2"]
 ATTACKS: dict[str, tuple[str, Norm]] = {
     "fgsm_linf": ("fgsm", "linf"), "fgsm_l2": ("fgsm", "l2"), "pgd_linf": ("pgd", "linf"), "pgd_l2": ("pgd", "l2"),
+    "apgd_linf": ("apgd", "linf"), "apgd_l2": ("apgd", "l2"), "square_linf": ("square", "linf"),
 }
+BLACK_BOX = {"square"}  # attacks that need forward passes only
 # default epsilons as fractions of the value range (x 255: 0.5 to 8 grey levels for L-inf)
 DEFAULT_EPS = {"linf": (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255), "l2": (0.05, 0.1, 0.25, 0.5, 1.0)}
 
@@ -155,6 +157,24 @@ def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: to
     if kind == "pgd":
         return pgd(clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
     clean_wrong = _predict(clf, x) != y
+    if kind in ("apgd", "square"):
+        e = eps.view(-1, *([1] * (x.ndim - 1)))
+        lo_v, hi_v = value_range
+        if norm == "linf":
+            lo, hi = (x - e).clamp(lo_v, hi_v), (x + e).clamp(lo_v, hi_v)
+        else:
+            lo, hi = torch.full_like(x, lo_v), torch.full_like(x, hi_v)
+
+        def forward(p):
+            return clf.forward(clf.to_input(p))
+
+        if kind == "apgd":
+            adv, fooled = apgd(forward, x, y, lo, hi, steps, restarts, seeds=seeds, eps=eps, norm=norm)
+        else:
+            adv, fooled = square(forward, x, y, lo, hi, queries=steps * restarts, seeds=seeds)
+        fooled = fooled & (eps > 0)  # a zero ball changes nothing (a tie at the clean input is not an attack)
+        adv = torch.where((clean_wrong | ~fooled).view(-1, *([1] * (x.ndim - 1))), x, adv)
+        return adv, clean_wrong | fooled
     adv = torch.where(clean_wrong.view(-1, *([1] * (x.ndim - 1))), x, fgsm(clf, x, y, eps, norm, value_range))
     return adv, clean_wrong | (_predict(clf, adv) != y)
 
@@ -314,3 +334,50 @@ def _fooled(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Some other class scores at least as high as the label (a tie counts as a change)."""
     other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), -math.inf).amax(1)
     return other >= logits.gather(1, label[:, None])[:, 0]
+
+
+def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, queries: int = 300,
+           seed: int = 0, seeds: np.ndarray | None = None, p_init: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square attack (Andriushchenko et al. 2020), L-inf, black box: forward passes only, no gradient.
+
+    Starts from vertical stripes at the box's faces, then changes one random square window per query to
+    a random face of the box per channel, kept when the margin loss (the best other class minus the label)
+    grows; the window shrinks on APGD-like checkpoints. Images (B, H, W, C) or (B, C, H, W) with H, W the
+    two largest axes after the batch; returns (x_adv, fooled) as `apgd` (a tie counts).
+    """
+    seeds = np.arange(len(x)) if seeds is None else seeds
+    gens = [np.random.default_rng([int(s), seed, 7]) for s in seeds]
+    dims = sorted(range(1, x.ndim), key=lambda d: x.shape[d])[-2:]  # the two spatial axes
+    h, w = x.shape[dims[0]], x.shape[dims[1]]
+
+    def loss(z, lab):
+        with torch.no_grad():
+            out = forward(z)
+        other = out.masked_fill(F.one_hot(lab, out.shape[1]).bool(), -math.inf).amax(1)
+        return other - out.gather(1, lab[:, None])[:, 0]
+
+    stripes = torch.stack([torch.from_numpy(g.choice([0.0, 1.0], size=w)).float() for g in gens])
+    shape = [len(x)] + [1] * (x.ndim - 1)
+    shape[dims[1]] = w
+    best_x = lo + (hi - lo) * stripes.view(shape) if x.ndim > 2 else x.clone()
+    best = loss(best_x, label)
+    for q in range(queries):
+        live = torch.nonzero(best < 0).flatten()
+        if not len(live):
+            break
+        frac = p_init / 2 ** sum(q >= int(t * queries) for t in (0.02, 0.1, 0.2, 0.4, 0.6, 0.8))
+        s = max(1, int(round(math.sqrt(frac * h * w))))
+        cand = best_x[live].clone()
+        for n, i in enumerate(live.tolist()):
+            g = gens[i]
+            r0, c0 = int(g.integers(0, h - s + 1)), int(g.integers(0, w - s + 1))
+            index = [slice(None)] * x.ndim
+            index[0] = n
+            index[dims[0]], index[dims[1]] = slice(r0, r0 + s), slice(c0, c0 + s)
+            pick = torch.from_numpy(g.choice([0.0, 1.0], size=1)).float()
+            cand[tuple(index)] = lo[i][tuple(index[1:])] + (hi[i] - lo[i])[tuple(index[1:])] * pick
+        new = loss(cand, label[live])
+        better = new > best[live]
+        best_x[live[better]], best[live[better]] = cand[better], new[better]
+    fooled = best >= 0
+    return torch.where(fooled.view(-1, *[1] * (x.ndim - 1)), best_x, x), fooled
