@@ -155,6 +155,7 @@ def test_confidential_report_withholds_images_and_hashes_ids(tmp_path):
     assert "cell_0007.png" not in html and re.search(r"item-[0-9a-f]{16}", html)
     png = (tmp_path / "checks" / "adversarial" / "worst_input.png").read_bytes()
     assert base64.b64encode(png).decode()[:200] not in html
+    assert raw_keys(html) == [] and html.count('class="card ') == len(a.requirements)
 
 
 def test_partial_assessment_renders_and_says_what_is_missing(tmp_path):
