@@ -1,23 +1,18 @@
-"""Certification benchmark: randomized smoothing throughput, Lipschitz bound cost and tightness, ACAS Xu.
+"""Certification benchmark: randomized smoothing throughput, Lipschitz bound cost and tightness.
 
-    .venv/bin/python bench/bench_certification.py [--quick] [--acas] [--timeout 60]
+    .venv/bin/python bench/bench_certification.py [--quick]
 
 1. Smoothing: noisy samples/s of `smoothing.certify` / forward samples/s of the bare model at the same batch
    size (target >= 0.9), and the speed-up over a per-image implementation of the reference algorithm (one
    image at a time, votes counted in a Python loop, as in the authors' code), on the solar-cell CNN.
 2. Lipschitz: time of `lipschitz.upper_bound` on the solar-cell CNN, and its tightness ratio
    (upper bound / largest gradient-ascent lower bound from test images), in the [0, 1]-scaled input.
-3. ACAS Xu: verdict counts (violated / holds / unknown) and time per instance. Default: a sample of 6
-   instances with a 10 s budget; `--acas`: all 186 instances of instances.csv with `--timeout` per instance.
-4. Local robustness on ACAS Xu N_1,1 around sampled situations: what `local_robustness` decides (CROWN +
-   input splitting + falsification) against the reference algorithm, plain interval bound propagation
-   (IBP: one pass, sound, looser), at the same radii; and the cost per (input, radius) in forward passes.
+ACAS Xu and local robustness: bench/bench_verification.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -107,103 +102,13 @@ def bench_lipschitz(quick: bool) -> None:
     print(f"   tightness (upper / lower) {bound / lower:.1f}")
 
 
-def bench_acas(all_instances: bool, timeout: float) -> None:
-    from trustcase.certification.nnet import load_network
-    from trustcase.certification.properties import acasxu_root, check_property
-    from trustcase.certification.vnnlib import read_vnnlib
-
-    root = acasxu_root()
-    if not (root / "instances.csv").is_file():
-        print(f"\n3. ACAS Xu: skipped, no data at {root} (set TRUSTCASE_ACASXU)")
-        return
-    rows = list(csv.reader((root / "instances.csv").read_text().splitlines()))
-    if not all_instances:
-        picks = [("1_1", "prop_1"), ("2_1", "prop_2"), ("1_1", "prop_4"), ("3_3", "prop_9"), ("4_5", "prop_10"),
-                 ("2_9", "prop_8")]
-        rows = [r for r in rows if any(f"_{a}_batch" in r[0] and r[1] == f"{b}.vnnlib" for a, b in picks)]
-        timeout = min(timeout, 10.0)
-    counts = {"violated": 0, "holds": 0, "unknown": 0}
-    times = []
-    print(f"\n3. ACAS Xu: {len(rows)} instances, budget {timeout:g} s each")
-    for net, prop, _ in rows:
-        t = time.perf_counter()
-        r = check_property(load_network(root / "onnx" / net), read_vnnlib(root / "vnnlib" / prop), timeout, seed=0)
-        times.append(time.perf_counter() - t)
-        counts[r["verdict"]] += 1
-        if not all_instances:
-            print(f"   {net:<36}{prop:<16}{r['verdict']:<10}{times[-1]:7.2f} s")
-    t = np.array(times)
-    print(f"   violated {counts['violated']}  holds {counts['holds']}  unknown {counts['unknown']}")
-    print(f"   time per instance: mean {t.mean():.2f} s, median {np.median(t):.2f} s, max {t.max():.2f} s, "
-          f"total {t.sum():.0f} s")
-
-
-def bench_local(quick: bool) -> None:
-    import importlib.util
-
-    from trustcase.certification import bounds as B
-    from trustcase.certification.local_robustness import change_property, verify_ball
-    from trustcase.certification.properties import acasxu_root, single_thread
-
-    if not (acasxu_root() / "nnet").is_dir():
-        print(f"\n4. Local robustness: skipped, no ACAS Xu data at {acasxu_root()} (set TRUSTCASE_ACASXU)")
-        return
-    spec = importlib.util.spec_from_file_location("acas_bench", ROOT / "use_cases" / "acas_xu" / "acas.py")
-    acas = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(acas)
-    net = acas.negated("1_1")  # arg-max = the advisory
-    layers = B.linearise(net)
-    points = acas.Samples("test").x[: 30 if quick else 100].astype(np.float64)
-    radii = [0.0005, 0.001, 0.002, 0.005, 0.01]  # L-inf, input scaled to [0, 1] (the value range is [-1, 1])
-    with torch.no_grad():
-        preds = net(torch.from_numpy(points).float()).argmax(1).numpy()
-
-    def ibp(x, eps, c):
-        lo, hi = torch.from_numpy(x - eps)[None], torch.from_numpy(x + eps)[None]
-        z_lo, z_hi = B.interval(layers[:-1], lo, hi)[-1] if len(layers) > 1 else (lo, hi)
-        h_lo, h_hi = z_lo.clamp_min(0), z_hi.clamp_min(0)
-        last = layers[-1]
-        diff_w = last.W[c] - last.W  # rows: y_c - y_j
-        mid, rad = (h_lo + h_hi) / 2, (h_hi - h_lo) / 2
-        lower = mid @ diff_w.T - rad @ diff_w.abs().T + (last.b[c] - last.b)
-        return bool((torch.cat([lower[0, :c], lower[0, c + 1:]]) > B.TOLERANCE).all())
-
-    x1 = torch.from_numpy(points[:1]).float()
-    with torch.no_grad():
-        t = time.perf_counter()
-        for _ in range(200):
-            net(x1)
-    forward = (time.perf_counter() - t) / 200
-    print(f"\n4. Local robustness, ACAS Xu N_1,1, {len(points)} sampled situations (verified / falsified / unknown)")
-    print(f"{'radius':>8} {'trustcase':>16} {'ms/ball':>8} {'IBP verified':>13} {'ms/ball':>8} "
-          f"{'forward passes/ball':>20}")
-    with single_thread():
-        for r in radii:
-            eps = 2 * r
-            t = time.perf_counter()
-            verdicts = [verify_ball(layers, lambda v: net(v), change_property("b", x - eps, x + eps, int(c), 5), 2.0)
-                        for x, c in zip(points, preds, strict=True)]
-            ours = (time.perf_counter() - t) / len(points)
-            t = time.perf_counter()
-            ref = sum(ibp(x, eps, int(c)) for x, c in zip(points, preds, strict=True))
-            ib = (time.perf_counter() - t) / len(points)
-            v, f = verdicts.count("verified"), verdicts.count("falsified")
-            print(f"{r:>8g} {f'{v} / {f} / {len(points) - v - f}':>16} {ours * 1e3:>8.2f} {ref:>13} {ib * 1e3:>8.2f} "
-                  f"{ours / forward:>20.0f}")
-    print("   IBP never verifies more (it is looser); a falsified ball has a re-checked counterexample")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--acas", action="store_true", help="all 186 ACAS Xu instances (long)")
-    ap.add_argument("--timeout", type=float, default=60.0, help="ACAS Xu budget per instance, seconds")
     a = ap.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     bench_smoothing(a.quick)
     bench_lipschitz(a.quick)
-    bench_acas(a.acas, a.timeout)
-    bench_local(a.quick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""Verification benchmark: formal verdicts on ACAS Xu, local robustness of the solar-cell CNN, attack strength.
+
+    .venv/bin/python bench/bench_verification.py [--quick] [--acas] [--timeout 116] [--cells 100]
+
+1. ACAS Xu: verdict counts (violated / holds / unknown) and time per instance. Default: a sample of 6
+   instances with a 10 s budget; `--acas`: all 186 instances of instances.csv with `--timeout` per instance,
+   and the ratio of the total to the published 99 s of nnenum (other hardware: context, not a measured ratio).
+2. Local robustness on ACAS Xu N_1,1 around sampled situations: what `local_robustness` decides (CROWN +
+   input splitting + falsification) against plain interval bound propagation (IBP) at the same radii.
+3. Solar-cell CNN, test cells at L-inf 1 grey level, an ablation: cells verified by IBP, CROWN and
+   alpha-CROWN alone (median seconds each), and the full decision (APGD first, then the bounds within the
+   budget): verified / falsified / unknown and median seconds per cell. No ReLU branch and bound yet.
+4. Attack strength on the solar-cell CNN: accuracy under FGSM, PGD and APGD (the attack engine) at 1 grey
+   level on the same cells; the engine's must be at most the others'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trustcase.data.streaming import DataSource  # noqa: E402
+from trustcase.models.loading import load_classifier  # noqa: E402
+from trustcase.schemas import load_use_case  # noqa: E402
+
+SOLAR = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
+NNENUM_TOTAL = 99.0  # seconds, all 186 instances decided (VNN-COMP 2021 results, other hardware)
+
+
+def bench_acas(all_instances: bool, timeout: float) -> None:
+    from trustcase.certification.nnet import load_network
+    from trustcase.certification.properties import acasxu_root, check_property
+    from trustcase.certification.vnnlib import read_vnnlib
+
+    root = acasxu_root()
+    if not (root / "instances.csv").is_file():
+        print(f"\n1. ACAS Xu: skipped, no data at {root} (set TRUSTCASE_ACASXU)")
+        return
+    rows = list(csv.reader((root / "instances.csv").read_text().splitlines()))
+    if not all_instances:
+        picks = [("1_1", "prop_1"), ("2_1", "prop_2"), ("1_1", "prop_4"), ("3_3", "prop_9"), ("4_5", "prop_10"),
+                 ("2_9", "prop_8")]
+        rows = [r for r in rows if any(f"_{a}_batch" in r[0] and r[1] == f"{b}.vnnlib" for a, b in picks)]
+        timeout = min(timeout, 10.0)
+    counts = {"violated": 0, "holds": 0, "unknown": 0}
+    times = []
+    print(f"\n1. ACAS Xu: {len(rows)} instances, budget {timeout:g} s each")
+    for net, prop, _ in rows:
+        t = time.perf_counter()
+        r = check_property(load_network(root / "onnx" / net), read_vnnlib(root / "vnnlib" / prop), timeout, seed=0)
+        times.append(time.perf_counter() - t)
+        counts[r["verdict"]] += 1
+        if not all_instances:
+            print(f"   {net:<36}{prop:<16}{r['verdict']:<10}{times[-1]:7.2f} s")
+    t = np.array(times)
+    print(f"   violated {counts['violated']}  holds {counts['holds']}  unknown {counts['unknown']}")
+    print(f"   time per instance: mean {t.mean():.2f} s, median {np.median(t):.2f} s, max {t.max():.2f} s, "
+          f"total {t.sum():.0f} s")
+    if all_instances:
+        print(f"   total / nnenum's published {NNENUM_TOTAL:g} s: {t.sum() / NNENUM_TOTAL:.1f} (other hardware)")
+
+
+def bench_local(quick: bool) -> None:
+    import importlib.util
+
+    from trustcase.certification import bounds as B
+    from trustcase.certification.local_robustness import change_property, verify_ball
+    from trustcase.certification.properties import acasxu_root, single_thread
+
+    if not (acasxu_root() / "nnet").is_dir():
+        print(f"\n2. Local robustness: skipped, no ACAS Xu data at {acasxu_root()} (set TRUSTCASE_ACASXU)")
+        return
+    spec = importlib.util.spec_from_file_location("acas_bench", ROOT / "use_cases" / "acas_xu" / "acas.py")
+    acas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acas)
+    net = acas.negated("1_1")  # arg-max = the advisory
+    layers = B.linearise(net)
+    points = acas.Samples("test").x[: 30 if quick else 100].astype(np.float64)
+    radii = [0.0005, 0.001, 0.002, 0.005, 0.01]  # L-inf, input scaled to [0, 1] (the value range is [-1, 1])
+    with torch.no_grad():
+        preds = net(torch.from_numpy(points).float()).argmax(1).numpy()
+
+    def ibp(x, eps, c):
+        lo, hi = torch.from_numpy(x - eps)[None], torch.from_numpy(x + eps)[None]
+        z_lo, z_hi = B.interval(layers[:-1], lo, hi)[-1] if len(layers) > 1 else (lo, hi)
+        h_lo, h_hi = z_lo.clamp_min(0), z_hi.clamp_min(0)
+        last = layers[-1]
+        diff_w = last.W[c] - last.W  # rows: y_c - y_j
+        mid, rad = (h_lo + h_hi) / 2, (h_hi - h_lo) / 2
+        lower = mid @ diff_w.T - rad @ diff_w.abs().T + (last.b[c] - last.b)
+        return bool((torch.cat([lower[0, :c], lower[0, c + 1:]]) > B.TOLERANCE).all())
+
+    x1 = torch.from_numpy(points[:1]).float()
+    with torch.no_grad():
+        t = time.perf_counter()
+        for _ in range(200):
+            net(x1)
+    forward = (time.perf_counter() - t) / 200
+    print(f"\n2. Local robustness, ACAS Xu N_1,1, {len(points)} sampled situations (verified / falsified / unknown)")
+    print(f"{'radius':>8} {'trustcase':>16} {'ms/ball':>8} {'IBP verified':>13} {'ms/ball':>8} "
+          f"{'forward passes/ball':>20}")
+    with single_thread():
+        for r in radii:
+            eps = 2 * r
+            t = time.perf_counter()
+            verdicts = [verify_ball(layers, lambda v: net(v), change_property("b", x - eps, x + eps, int(c), 5), 2.0)
+                        for x, c in zip(points, preds, strict=True)]
+            ours = (time.perf_counter() - t) / len(points)
+            t = time.perf_counter()
+            ref = sum(ibp(x, eps, int(c)) for x, c in zip(points, preds, strict=True))
+            ib = (time.perf_counter() - t) / len(points)
+            v, f = verdicts.count("verified"), verdicts.count("falsified")
+            print(f"{r:>8g} {f'{v} / {f} / {len(points) - v - f}':>16} {ours * 1e3:>8.2f} {ref:>13} {ib * 1e3:>8.2f} "
+                  f"{ours / forward:>20.0f}")
+    print("   IBP never verifies more (it is looser); a falsified ball has a re-checked counterexample")
+
+
+def solar_cells(n: int):
+    """The first n test cells of the solar-cell use case, the classifier and its layer graph."""
+    from trustcase.certification import graph as G
+
+    uc = load_use_case(SOLAR)
+    clf = load_classifier(uc.model)
+    images, labels = [], []
+    for batch in DataSource(uc.data, 0, uc.model).stream("test").batches(64):
+        images.append(batch.images)
+        labels.append(batch.labels)
+        if sum(map(len, images)) >= n:
+            break
+    x = np.concatenate(images)[:n].astype(np.float32)
+    y = np.concatenate(labels)[:n]
+    return uc, clf, G.from_model(clf.module, clf.spec.input_shape), x, y
+
+
+def bench_solar(n: int, timeout: float) -> None:
+    from trustcase.certification import bounds as B
+    from trustcase.certification import propagation as P
+    from trustcase.certification.local_robustness import decide
+    from trustcase.certification.properties import single_thread
+
+    uc, clf, g, x, _ = solar_cells(n)
+    lo_v, hi_v = uc.model.value_range
+    preds = clf.logits(x).argmax(1)
+    print(f"\n3. Solar-cell CNN, {n} test cells, L-inf 1 grey level, budget {timeout:g} s per cell "
+          f"({len(g.relus)} ReLU layers, {sum(int(np.prod(g.nodes[r].shape)) for r in g.relus)} ReLUs)")
+    print(f"{'method':<14}{'verified':>9}{'falsified':>10}{'unknown':>9}{'median s':>10}")
+    with single_thread():
+        for method in P.METHODS:
+            verified, secs = 0, []
+            for img, c in zip(x, preds, strict=True):
+                lo, hi = (clf.to_input(np.clip(img + d, lo_v, hi_v)[None]).double() for d in (-1.0, 1.0))
+                C = torch.zeros(1, 2, dtype=torch.float64)
+                C[0, c], C[0, 1 - c] = 1.0, -1.0
+                t = time.perf_counter()
+                r = P.lower_bound(g, lo, hi, C, method, limit=512, deadline=t + timeout)
+                secs.append(time.perf_counter() - t)
+                verified += bool((r.lower > B.TOLERANCE).all())
+            print(f"{method:<14}{verified:>9}{'-':>10}{n - verified:>9}{statistics.median(secs):>10.2f}")
+        out, secs = [], []
+        for i, (img, c) in enumerate(zip(x, preds, strict=True)):
+            box = [clf.to_input(np.clip(img + d, lo_v, hi_v)[None]).double() for d in (0.0, -1.0, 1.0)]
+            r = decide(g, clf.module, *box, int(c), timeout, item_seed=i, limit=512)
+            out.append(r["verdict"])
+            secs.append(r["seconds"])
+        v, f = out.count("verified"), out.count("falsified")
+        print(f"{'full':<14}{v:>9}{f:>10}{n - v - f:>9}{statistics.median(secs):>10.2f}")
+    print("   full = APGD, then IBP, CROWN, alpha-CROWN (CROWN refines the 512 loosest unstable neurons per layer);"
+          " unknown counts as not verified")
+
+
+def bench_attacks(n: int) -> None:
+    from trustcase.robustness.attacks import attack
+
+    uc, clf, _, x, y = solar_cells(n)
+    vr = tuple(map(float, uc.model.value_range))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    eps = torch.full((n,), 1.0)
+    print(f"\n4. Attack strength, solar-cell CNN, {n} test cells, L-inf 1 grey level (accuracy under attack)")
+    print(f"{'attack':<22}{'accuracy':>9}{'seconds':>9}")
+    for kind, steps, restarts in (("fgsm", 1, 1), ("pgd", 10, 2), ("apgd", 10, 2), ("apgd", 50, 4)):
+        t = time.perf_counter()
+        adv, _ = attack(kind, clf, xt, yt, eps, "linf", vr, steps, 2.5, restarts, np.arange(n))
+        acc = float((clf.logits(adv.numpy()).argmax(1) == y).mean())
+        print(f"{f'{kind} {steps}x{restarts}':<22}{acc:>9.3f}{time.perf_counter() - t:>9.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--acas", action="store_true", help="all 186 ACAS Xu instances (long)")
+    ap.add_argument("--timeout", type=float, default=116.0, help="ACAS Xu budget per instance, seconds")
+    ap.add_argument("--cells", type=int, default=100, help="solar cells for parts 3 and 4")
+    ap.add_argument("--cell-timeout", type=float, default=10.0, help="budget per solar cell, seconds")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip (1,2,3,4)")
+    a = ap.parse_args()
+    skip = set(a.skip.split(","))
+    cells = 10 if a.quick else a.cells
+    print(f"torch threads: {torch.get_num_threads()}")
+    if "1" not in skip:
+        bench_acas(a.acas, a.timeout)
+    if "2" not in skip:
+        bench_local(a.quick)
+    if "3" not in skip:
+        bench_solar(cells, 2.0 if a.quick else a.cell_timeout)
+    if "4" not in skip:
+        bench_attacks(cells)
+
+
+if __name__ == "__main__":
+    main()
