@@ -13,6 +13,7 @@ from trustcase.checks.data_quality import DataQuality, DataQualityParams
 from trustcase.models.blackbox import auroc
 from trustcase.odd.validation import roc
 from trustcase.performance import Tally
+from trustcase.robustness.attacks import quantile_interval
 from trustcase.schemas import UseCase
 
 # --- AUROC / FPR at 95% TPR -------------------------------------------------------------------------
@@ -102,3 +103,37 @@ def test_ece_of_a_calibrated_stream_is_zero_and_batches_merge():
     two.update(logits[3:], labels[3:])
     a, b = (next(m for m in t.compute("performance", "test", 0.95) if m.metric == "ece") for t in (one, two))
     assert a.value == pytest.approx(0.0, abs=1e-12) and a.value == b.value
+
+
+# --- distribution-free quantile interval ------------------------------------------------------------
+
+def test_median_interval_is_the_order_statistics_of_the_table():
+    """n = 50, 95%: the classic distribution-free interval of the median is (x_(18), x_(33)) (binomial
+    counts 17 and 32 at 2.5% and 97.5%), not [min, max]."""
+    value, iv = quantile_interval(np.arange(1.0, 51.0)[::-1].copy(), 0.5, 0.95)
+    assert (iv.lower, iv.upper, value) == (18.0, 33.0, 25.0)
+    assert iv.confidence == 0.95 and iv.method == "order-statistic"
+    # too few items for the level: the lower end falls back to 0 (no order statistic is low enough)
+    assert quantile_interval(np.array([3.0, 5.0]), 0.5, 0.95)[1].lower == 0.0
+
+
+# --- out of the declared value range ---------------------------------------------------------------
+
+def test_out_of_range_counts_the_items_outside_the_value_range(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "data"
+    for i in range(6):
+        img = np.clip(rng.normal(100, 10, (16, 16)), 0, 200).astype(np.uint8)
+        if i < 2:
+            img[0, 0] = 250  # above the declared maximum of 200
+        save_png(root / f"test/{'ok' if i % 2 else 'bad'}/{i}.png", img)
+        save_png(root / f"train/{'ok' if i % 2 else 'bad'}/{i}.png", np.full((16, 16), 90 + i, np.uint8))
+    raw = folder_use_case(root)
+    raw["model"]["value_range"] = [0, 200]
+    uc = UseCase.model_validate(raw)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    out = DataQuality(DataQualityParams())(context_for(uc, module, tmp_path / "dq"))
+    got = {(m.metric, m.scope.split): m for m in out.measurements}
+    assert got[("out_of_range", "test")].value == 2 and got[("out_of_range", "test")].n == 6
+    assert got[("out_of_range", "train")].value == 0
+    assert got[("constant_images", "train")].value == 6 and got[("constant_images", "test")].value == 0
