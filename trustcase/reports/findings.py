@@ -85,6 +85,14 @@ def plain(text: str) -> str:
     return re.sub(r"\bNone\b", "none", _DOTTED.sub(key, str(text)))
 
 
+METHODS = {"clopper-pearson": "Clopper-Pearson", "wilson": "Wilson", "t": "Student-t", "bootstrap": "bootstrap"}
+
+
+def cap(text: str) -> str:
+    """First letter up, the rest as written (ODD, Kolmogorov-Smirnov stay as they are)."""
+    return text[:1].upper() + text[1:]
+
+
 def words(name: str) -> str:
     return re.sub(r"[_.]+", " ", str(name)).strip()
 
@@ -256,7 +264,7 @@ def _validity(a: Assessment, r: Requirement, e: Evidence | None, units: Units, c
         first += (f", {words(r.scope.perturbation.name)} at {units.amplitudes(r.scope.perturbation.name, amps)}"
                   if amps else "")
     if e.interval:
-        first += f"; {confidence:.0%} {e.interval.method.replace('-', ' ').title()} interval"
+        first += f"; {confidence:.0%} {METHODS.get(e.interval.method, e.interval.method)} interval"
     second = CAVEATS.get(e.check or "")
     if second is None and e.validity:
         first_condition = plain(e.validity[0])
@@ -282,9 +290,9 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
     if r.scope.perturbation and e.details.get("worst_amplitude") is not None:
         worst = units.amplitude(r.scope.perturbation.name, e.details["worst_amplitude"])
         at = f", its worst within the claim at {worst}"
-    measured = f"{metric_name(r.metric).capitalize()} {v}{iv}{at}."
+    measured = f"{cap(metric_name(r.metric))} {v}{iv}{at}."
     if e.value is None or (isinstance(e.value, float) and math.isnan(e.value)):
-        measured = f"{metric_name(r.metric).capitalize()} could not be computed."
+        measured = f"{cap(metric_name(r.metric))} could not be computed."
     bound = "lower" if r.comparator in (">=", ">") else "upper"
     if e.verdict is Verdict.PASS:
         rule = (f"PASS: the whole {conf:.0%} interval satisfies {comparator(r.comparator)} {thr}." if e.interval
@@ -311,7 +319,8 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
         else:
             grid = [x for x in e.details.get("amplitudes", []) if x > held]
             from_s = f"; fails to hold from {units.amplitude(name, grid[0])}" if grid else ""
-            amplitude = f"Holds up to {units.amplitude(name, held)}{from_s}, short of the claimed {claimed_s}."
+            upto = f"up to {units.amplitude(name, held)}" if held > 0 else f"only without {words(name)}"
+            amplitude = f"Holds {upto}{from_s}, short of the claimed {claimed_s}."
     return Card(r, e, stage_title, e.verdict, measured, rule, amplitude, _validity(a, r, e, units, conf), e.check,
                 previous=previous, facts=[("Requirement", want + " on the " + scope(r.scope, units))])
 
@@ -402,7 +411,7 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
         m = next((m for m in sweep_of(r, by_check.get(e.check, [])) if (m.amplitude or 0.0) == first), None)
         shown = m or Measurement(check=e.check, metric=r.metric, value=e.value, interval=e.interval)
         iv = f" (interval {interval(r.metric, shown.interval.lower, shown.interval.upper)})" if shown.interval else ""
-        start = (f"{words(p.name).capitalize()} at {units.amplitude(p.name, first)}" if first
+        start = (f"{cap(words(p.name))} at {units.amplitude(p.name, first)}" if first
                  else f"Already at {name} 0")
         verb = "breaks" if e.verdict is Verdict.FAIL else "puts in doubt"
         out_of = f" (the claim covers up to {units.amplitude(p.name, p.max_amplitude)})"
@@ -440,7 +449,7 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
             seen.setdefault(tuple(sorted(m.scope.subgroup.items())), m)
         ms = sorted(seen.values(), key=lambda m: m.value)
         lo, hi = ms[0], ms[-1]
-        text = (f"{metric_name(metric).capitalize()}: {value(metric, lo.value)} for {subgroup(lo.scope.subgroup)} "
+        text = (f"{cap(metric_name(metric))}: {value(metric, lo.value)} for {subgroup(lo.scope.subgroup)} "
                 f"against {value(metric, hi.value)} for {subgroup(hi.scope.subgroup)}")
         if lo.interval.upper < hi.interval.lower:
             subs.append(text + f"; {subgroup(lo.scope.subgroup)} is weaker (the intervals do not overlap).")

@@ -97,11 +97,11 @@ def detail_tables(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 walk([*path, str(k)], x, depth + 1)
         elif isinstance(v, list) and len(v) > 1 and all(isinstance(x, dict) for x in v):
             cols = list(dict.fromkeys(k for x in v for k in x))
-            tables.append({"title": label.capitalize(), "columns": [findings.words(c) for c in cols],
+            tables.append({"title": findings.cap(label), "columns": [findings.words(c) for c in cols],
                            "rows": [[compact(x.get(c)) for c in cols] for x in v[:MAX_SUMMARY_ROWS]],
                            "left": max(0, len(v) - MAX_SUMMARY_ROWS)})
         else:
-            rows.append((label.capitalize() if label else "value", compact(v)))
+            rows.append((findings.cap(label) if label else "value", compact(v)))
 
     walk([], summary, 0)
     if rows:
