@@ -189,3 +189,32 @@ def test_a_budget_of_zero_is_an_error():
     x = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="timeout must be > 0"):
         decide(g, net, x, x - 0.1, x + 0.1, 0, timeout=0)
+
+
+def test_vnnlib_box_properties_on_an_image_model(tmp_path):
+    from trustcase.certification.properties import check_property
+    from trustcase.certification.vnnlib import read_vnnlib
+
+    net = tiny_conv(1)
+    x = torch.zeros(1, 1, 6, 6)
+    with torch.no_grad():
+        y = net(x)[0]
+    c = int(y.argmax())
+
+    def prop(eps: float, name: str):
+        lines = [f"(declare-const X_{i} Real)" for i in range(36)] + [f"(declare-const Y_{j} Real)" for j in range(3)]
+        lines += [f"(assert (>= X_{i} {-eps}))\n(assert (<= X_{i} {eps}))" for i in range(36)]
+        others = " ".join(f"(and (>= Y_{j} Y_{c}))" for j in range(3) if j != c)
+        lines.append(f"(assert (or {others}))")  # violated: another class scores at least as high
+        path = tmp_path / f"{name}.vnnlib"
+        path.write_text("\n".join(lines))
+        return read_vnnlib(path)
+
+    small = check_property(net, prop(0.01, "small"), timeout=10, shape=(1, 6, 6))
+    large = check_property(net, prop(3.0, "large"), timeout=10, shape=(1, 6, 6))
+    assert small["verdict"] == "holds" and "layer graph" in small["method"]
+    assert large["verdict"] == "violated"
+    cx = torch.tensor(large["counterexample"]["x"]).view(1, 1, 6, 6)
+    with torch.no_grad():
+        z = net(cx)[0]
+    assert (z[[j for j in range(3) if j != c]] >= z[c]).any()

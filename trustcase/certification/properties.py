@@ -116,19 +116,24 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-def check_property(module, prop: Property, timeout: float = 60.0, seed: int = 0, sign: float = 1.0) -> dict:
-    """Verdict on one property for one network (normalised inputs -> outputs Y; sign=-1 if it outputs -Y)."""
+def check_property(module, prop: Property, timeout: float = 60.0, seed: int = 0, sign: float = 1.0,
+                   shape: tuple[int, ...] | None = None) -> dict:
+    """Verdict on one property for one network (normalised inputs -> outputs Y; sign=-1 if it outputs -Y).
+
+    `shape`: the model's input shape when it is not flat (an image model: the property's inputs are its
+    pixels in the model's normalised input, flattened in (C, H, W) order)."""
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     with single_thread():
-        return _check(module, prop, timeout, seed, sign)
+        return _check(module, prop, timeout, seed, sign, shape)
 
 
-def _check(module, prop: Property, timeout: float, seed: int, sign: float) -> dict:
+def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape=None) -> dict:
     t0 = time.perf_counter()
     deadline = t0 + timeout
-    forward = module.float() if isinstance(module, torch.nn.Module) and not isinstance(
+    model = module.float() if isinstance(module, torch.nn.Module) and not isinstance(
         module, torch.jit.ScriptModule) else module
+    forward = model if shape is None else (lambda x: model(x.reshape(len(x), *shape)))
 
     def result(verdict: str, found=None, boxes: int = 0, method: str = "", reason: str = "") -> dict:
         cx = None if found is None else {"x": found[0].astype(float).tolist(), "y": found[1].astype(float).tolist()}
@@ -148,11 +153,8 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float) -> di
         return result("unknown", reason="a black box answers predictions only: sampled, it cannot be bounded")
     try:
         layers = B.linearise(module)
-    except B.BoundsError as e:
-        found = falsify(forward, prop, deadline, seed + 1, sign, samples=65536, steps=500)
-        if found is not None:
-            return result("violated", found, method="falsification, re-checked by a forward pass")
-        return result("unknown", reason=f"cannot bound the network: {e}")
+    except B.BoundsError:
+        return _check_graph(module, forward, prop, deadline, seed, sign, shape, result)
     if sign != 1:
         last = layers[-1]
         layers[-1] = B.Affine(last.W * sign, last.b * sign)
@@ -179,6 +181,35 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float) -> di
     if found is not None:
         return result("violated", found, boxes, "falsification (sampling + PGD), re-checked by a forward pass")
     return result("unknown", boxes=boxes, reason="; ".join(reasons))
+
+
+def _check_graph(module, forward, prop: Property, deadline: float, seed: int, sign: float, shape, result) -> dict:
+    """Any other ReLU network (image CNNs): alpha-CROWN on its layer graph over each region, no splitting."""
+    from trustcase.certification import graph as G
+    from trustcase.certification import propagation as P
+
+    try:
+        g = G.from_model(module, shape or (prop.n_inputs,))
+    except G.GraphError as e:
+        found = falsify(forward, prop, deadline, seed + 1, sign, samples=65536, steps=500)
+        if found is not None:
+            return result("violated", found, method="falsification, re-checked by a forward pass")
+        return result("unknown", reason=f"cannot bound the network: {e}")
+    in_shape = g.nodes[0].shape
+    for region in prop.regions:
+        for conj in region.outputs:
+            lo = torch.from_numpy(region.lower).double().view(1, *in_shape)
+            hi = torch.from_numpy(region.upper).double().view(1, *in_shape)
+            A = torch.from_numpy(conj.A).double() * sign  # rows on Y = sign * outputs
+            r = P.lower_bound(g, lo, hi, A, "alpha-crown", deadline=deadline)
+            if not (r.lower[0] - torch.from_numpy(conj.b) > B.TOLERANCE).any():
+                found = falsify(forward, prop, deadline, seed + 1, sign, steps=200)
+                if found is not None:
+                    return result("violated", found, method="falsification (sampling + PGD), re-checked by a "
+                                                            "forward pass")
+                return result("unknown", reason="alpha-CROWN on the layer graph could not refute a conjunction "
+                                                "(no input splitting for this network)")
+    return result("holds", method="alpha-CROWN on the layer graph (float64), every conjunction refuted")
 
 
 # --- the check ---------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class FormalProperties(Check):
             if prop.n_inputs != int(np.prod(shape)) or prop.n_outputs != n_out:
                 raise ValueError(f"{path.name} has {prop.n_inputs} inputs and {prop.n_outputs} outputs; the model "
                                  f"takes {shape} and gives {n_out}")
-            r = check_property(module, prop, p.timeout, ctx.seed, sign)
+            r = check_property(module, prop, p.timeout, ctx.seed, sign, tuple(shape) if len(shape) > 1 else None)
             name = path.stem
             rows[name] = r
             value = {"holds": 1.0, "violated": 0.0}.get(r["verdict"], float("nan"))
@@ -92,7 +92,9 @@ class FormalProperties(Check):
                 "VNN-LIB properties on the model's normalised inputs and outputs"
                 + (" (the model outputs -Y: constraints are applied to its negated outputs)" if sign < 0 else ""),
                 "holds: proved for every input of the region by CROWN linear relaxation and interval bounds with "
-                f"input splitting, float64 arithmetic, margin {B.TOLERANCE:g} (rounding not formally accounted for)",
+                "input splitting (chains of Linear/ReLU layers) or alpha-CROWN on the model's layer graph (other "
+                f"ReLU networks, e.g. CNNs), float64 arithmetic, margin {B.TOLERANCE:g} (rounding not formally "
+                "accounted for)",
                 "violated: the counterexample was re-checked by a plain float32 forward pass of the model",
                 f"unknown: no proof and no counterexample within {p.timeout:g} s per property",
             ],
