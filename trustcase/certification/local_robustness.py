@@ -78,7 +78,7 @@ STAGES = ("ibp", "crown", "alpha-crown")
 
 
 def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, predicted: int, timeout: float,
-           seed: int = 0, item_seed: int = 0, limit: int = 2048) -> dict:
+           seed: int = 0, item_seed: int = 0, limit: int = 2048, prove: bool = True) -> dict:
     """verified / falsified / unknown: does every input of the box [lo, hi] around x (model inputs, (1, ...))
     keep `predicted` strictly above every other class?
 
@@ -86,6 +86,7 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     alpha-CROWN on the layer graph, each only if the one before did not decide, within `timeout` seconds;
     after each bound, the corner of the box that minimises its linear bound is tried as a witness, then used
     as an attack start. Every witness is re-checked by a plain float32 forward pass and lies in the box.
+    prove=False: the attack only (a smaller ball around x was not proved, so this one would not be either).
     """
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -112,6 +113,9 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     found = attack(x, 20, 2)
     if found:
         return found
+    if not prove:
+        return {"verdict": "unknown", "method": "", "counterexample": None, "margin": None,
+                "seconds": time.perf_counter() - t0, "reason": "no counterexample; a smaller ball was not proved"}
     with torch.no_grad():
         n = forward(x.float()).shape[1]
     C = torch.zeros(n - 1, n, dtype=torch.float64)

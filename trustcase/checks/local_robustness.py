@@ -103,7 +103,7 @@ class LocalRobustness(Check):
                             continue
                         box = [model.to_input(v[None]).double() for v in (x, lower, upper)]
                         out = decide(graph, model.module, *box, c, p.timeout, ctx.seed, item_seed=len(rows),
-                                     limit=p.refine)
+                                     limit=p.refine, prove="unknown" not in verdicts.values())
                         verdicts[r] = out["verdict"]
                         details.append({"item": batch.ids[k], "radius": r, **{key: out.get(key) for key in (
                             "verdict", "method", "margin", "seconds")}})
@@ -144,7 +144,8 @@ class LocalRobustness(Check):
                 else f"pixel units of the value range [{lo_v:g}, {hi_v:g}]")
         how = ("CROWN + interval bounds with input splitting" if graph is None else
                "IBP, then CROWN (intermediate bounds refined for the loosest "
-               f"{p.refine} unstable neurons per layer, the rest by IBP), then alpha-CROWN, on the layer graph")
+               f"{p.refine} unstable neurons per layer, the rest by IBP), then alpha-CROWN, on the layer graph; a "
+               "ball larger than one left unproved around the same input is only attacked")
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
                    "timeout": p.timeout, "seconds": round(seconds, 2),
                    "engine": "linear chain (input splitting)" if graph is None else "layer graph"}
