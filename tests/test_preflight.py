@@ -56,6 +56,9 @@ def test_every_problem_at_once_with_its_line(tmp_path, tiny_model):
     (lambda raw, tmp: raw["data"]["params"].update(colour="red"), "data.params.colour", "takes no parameter 'colour'"),
     (lambda raw, tmp: raw["plan"]["checks"].append({"check": "tiny_partner_boom:Check"}), "plan.checks[3].check",
      "raised RuntimeError: partner licence"),
+    (lambda raw, tmp: raw["plan"]["checks"].append({"check": "randomized_smoothing",
+                                                    "params": {"sigma": float("nan")}}),
+     "plan.checks[3].params.sigma", "finite number"),
 ])
 def test_what_assess_rejects_validate_finds(tmp_path, tiny_model, breakage, location, fragment):
     (tmp_path / "tiny_partner_boom.py").write_text("raise RuntimeError('partner licence expired')\n")

@@ -47,7 +47,8 @@ class Produces:
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite parameter (a sigma, an epsilon, a timeout) is refused before any work starts
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass
