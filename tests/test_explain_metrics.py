@@ -74,3 +74,22 @@ def test_methods_are_ranked_on_intervals():
     assert rows["d"]["reasons"] == ["sanity: INCONCLUSIVE (not measured)"]
     order = [r["method"] for r in rank_methods(["c", "d", "a", "b"], ms, rules)]
     assert order[0] == "a" and order[1:] == ["d", "b", "c"]  # then by the lower bound of faithfulness
+
+
+def test_explainability_explains_a_chosen_class_and_a_method_that_fails_midway_is_not_run(tmp_path):
+    from test_attribution import FAST, small_cnn, tiny_context
+
+    from trustcase.checks import CheckError, build
+    from trustcase.schemas import CheckSpec
+
+    params = {**FAST, "methods": ["saliency", "grad_cam_pp"], "target": "defect", "sensitivity_items": 0,
+              "options": {"grad_cam_pp": {"layer": "7"}}}  # a Linear layer: no feature map, found while running
+    out = build(CheckSpec(check="explainability", params=params))(tiny_context(tmp_path, small_cnn()))
+    rows = {r["method"]: r for r in out.summary["ranking"]}
+    assert rows["grad_cam_pp"]["status"] == "not run" and "needs a feature map" in rows["grad_cam_pp"]["reasons"][0]
+    assert rows["saliency"]["status"] in ("recommended", "warned") and out.summary["target"] == "defect"
+    assert not any(m.details.get("method") == "grad_cam_pp" for m in out.measurements)
+    assert "grad_cam_pp" not in {s for c in out.curves for s in c.series}
+    with pytest.raises(CheckError, match=r"target 'cat' is not a class; classes: \['ok', 'defect'\]"):
+        build(CheckSpec(check="explainability", params={**params, "target": "cat"}))(tiny_context(tmp_path,
+                                                                                                   small_cnn()))
