@@ -195,13 +195,38 @@ def case(tiny_model, tmp_path_factory) -> Path:
     return write_yaml(folder / "use_case.yaml", raw)
 
 
-def assess(case: Path, out: Path, env: dict, *extra: str, wait: bool = True):
-    cmd = [str(BIN / "trustcase"), "assess", str(case), "--out", str(out), *extra]
-    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode in (0, 3), f"exit {proc.returncode}\n{stdout}\n{stderr}"  # a verdict, whichever
+class Assessing:
+    """`trustcase assess` in its own process group, its output in files (the temporary Prefect server it may
+    start inherits them: pipes would outlive a killed assessment)."""
+
+    def __init__(self, case: Path, out: Path, env: dict, *extra: str):
+        self.out = out
+        self.log = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
+        with open(self.log[0], "w") as o, open(self.log[1], "w") as e:
+            self.proc = subprocess.Popen([str(BIN / "trustcase"), "assess", str(case), "--out", str(out), *extra],
+                                         env=env, cwd=out.parent, stdout=o, stderr=e, start_new_session=True)
+
+    def wait(self, timeout: float = 900) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # what it started and left behind, if anything
+            except ProcessLookupError:
+                pass
+
+    @property
+    def output(self) -> str:
+        return "\n".join(f.read_text() for f in self.log)
+
+    def poll(self):
+        return self.proc.poll()
+
+
+def assess(case: Path, out: Path, env: dict, *extra: str) -> Assessment:
+    run = Assessing(case, out, env, *extra)
+    code = run.wait()
+    assert code in (0, 3), f"exit {code}\n{run.output}"  # a verdict, whichever
     return Assessment.model_validate_json((out / "assessment.json").read_text())
 
 
@@ -280,21 +305,21 @@ def wait_for_live_metrics(client: MlflowClient, proc, since: float, timeout: flo
         if runs and runs[0].data.metrics:
             return runs[0]
         time.sleep(0.2)
-    raise AssertionError(f"no live run with metrics (exit {proc.poll()}): {proc.stderr.read() if proc.poll() else ''}")
+    raise AssertionError(f"no live run with metrics (exit {proc.poll()}): {proc.output}")
 
 
 @pytest.mark.slow
 def test_an_mlflow_server_restarted_mid_assessment_gives_a_completed_run(servers, case, embedded, tmp_path):
     since = time.time()
-    proc = assess(case, tmp_path / "out", server_env(servers, tmp_path), wait=False)
+    proc = Assessing(case, tmp_path / "out", server_env(servers, tmp_path))
     client = MlflowClient(servers.mlflow_uri)
     live = wait_for_live_metrics(client, proc, since)
     assert "verdict" not in live.data.tags
     servers.mlflow.stop()
     time.sleep(5)
     servers.mlflow.start()
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode in (0, 3), f"exit {proc.returncode}\n{stdout}\n{stderr}"  # MLflow's retries bridged it
+    code = proc.wait()
+    assert code in (0, 3), f"exit {code}\n{proc.output}"  # MLflow's retries bridged the gap
     a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
     assert a.provenance.mlflow_run_id == live.info.run_id and evidence(a) == evidence(embedded)
     completed(servers, a)
@@ -304,16 +329,16 @@ def test_an_mlflow_server_restarted_mid_assessment_gives_a_completed_run(servers
 def test_an_mlflow_server_that_stays_down_is_a_clear_failure_and_no_finished_run(servers, case, tmp_path):
     env = server_env(servers, tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     since = time.time()
-    proc = assess(case, tmp_path / "out", env, wait=False)
+    proc = Assessing(case, tmp_path / "out", env)
     client = MlflowClient(servers.mlflow_uri)
     live = wait_for_live_metrics(client, proc, since)
     servers.mlflow.stop()
     try:
-        stdout, stderr = proc.communicate(timeout=900)
+        code = proc.wait()
     finally:
         servers.mlflow.start()
-    assert proc.returncode == 1, f"exit {proc.returncode}\n{stdout}\n{stderr}"
-    assert f"in the MLflow tracking store {servers.mlflow_uri} (MLFLOW_TRACKING_URI)" in stderr
+    assert code == 1, f"exit {code}\n{proc.output}"
+    assert f"in the MLflow tracking store {servers.mlflow_uri} (MLFLOW_TRACKING_URI)" in proc.log[1].read_text()
     run = client.get_run(live.info.run_id)
     assert run.info.status != "FINISHED" and "verdict" not in run.data.tags and "complete" not in run.data.tags
     assert not (tmp_path / "out" / "report.html").exists() or "pack.zip" not in {
@@ -326,12 +351,11 @@ def test_a_killed_assessment_leaves_no_verdict(case, tmp_path, sig, status):
     """SIGTERM (Prefect turns it into an exception in the flow): KILLED; SIGKILL: nothing runs, RUNNING."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     since = time.time()
-    proc = assess(case, tmp_path / "out", quiet_env(tmp_path), "--tracking-uri", uri, wait=False)
+    proc = Assessing(case, tmp_path / "out", quiet_env(tmp_path), "--tracking-uri", uri)
     client = MlflowClient(uri)
     live = wait_for_live_metrics(client, proc, since)
-    proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    proc.proc.send_signal(sig)
+    assert proc.wait(120) != 0
     run = client.get_run(live.info.run_id)
     assert run.info.status == status
     assert "verdict" not in run.data.tags and "complete" not in run.data.tags
