@@ -132,3 +132,11 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     stream = DataSource(uc.data, 0, uc.model).stream("test")
     assert sum(len(b) for b in stream.batches()) == 0 and len(stream.unreadable) == 32
     assert all("over the limit of 100 pixels" in u.error for u in stream.unreadable)
+
+
+def test_without_a_contract_the_usual_shape_of_the_batch_wins(tmp_path):
+    uc = folder(tmp_path, lambda p: save_png(p, np.zeros((1, 1), np.uint8)))
+    stream = DataSource(uc.data, 0).stream("test")  # no model: no declared input
+    assert sum(len(b) for b in stream.batches(32)) == 31
+    [bad] = stream.unreadable
+    assert bad.id == "ok/0000_first.png" and bad.kind == "shape"

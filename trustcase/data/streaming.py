@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,12 +165,12 @@ def _collate(rows):
     bad = [Unreadable(r[0], r[2], r[4], r[3]) for r in rows if r[1] is None]
     if not good:
         return None, bad
-    shapes = {r[2].shape for r in good}
-    if len(shapes) > 1:  # only without a declared contract (each item was judged against it otherwise)
-        for r in good[1:]:
-            if r[2].shape != good[0][2].shape:
-                bad.append(Unreadable(r[0], r[1], f"shape {r[2].shape} differs from {good[0][2].shape}"))
-        good = [r for r in good if r[2].shape == good[0][2].shape]
+    shapes = Counter(r[2].shape for r in good)
+    if len(shapes) > 1:  # only without a declared contract: the batch's usual shape, never its first item's
+        usual = shapes.most_common(1)[0][0]
+        bad += [Unreadable(r[0], r[1], f"shape {r[2].shape} differs from the batch's {usual}", "shape")
+                for r in good if r[2].shape != usual]
+        good = [r for r in good if r[2].shape == usual]
     keys = sorted({k for r in good for k in r[4]})
     batch = Batch(
         images=np.stack([r[2] for r in good]),
