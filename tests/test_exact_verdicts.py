@@ -1,0 +1,172 @@
+"""Judging claims, every field of the evidence it writes, on cases decided by hand (written after mutation
+testing showed which parts of verdicts.py no test pinned down)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trustcase.schemas import (
+    CheckOutcome,
+    Interval,
+    Measurement,
+    PerturbationScope,
+    Requirement,
+    Scope,
+    Verdict,
+)
+from trustcase.verdicts import (
+    breaking_amplitude,
+    judge,
+    matches,
+    overall,
+    rank_methods,
+    undefined,
+    verdict,
+    why_undefined,
+)
+
+IV = dict(confidence=0.95, method="clopper-pearson")
+
+
+def m(value, lo=None, hi=None, metric="accuracy", amplitude=None, perturbation=None, n=100, **details):
+    scope = Scope(split="test", perturbation=None if perturbation is None else
+                  PerturbationScope(name=perturbation, max_amplitude=amplitude or 0.0))
+    return Measurement(check="performance", metric=metric, value=value, n=n, scope=scope, amplitude=amplitude,
+                       interval=None if lo is None else Interval(lower=lo, upper=hi, **IV), details=details)
+
+
+def req(comparator=">=", threshold=0.9, metric="accuracy", perturbation=None, max_amplitude=None):
+    scope = Scope(split="test", perturbation=None if perturbation is None else
+                  PerturbationScope(name=perturbation, max_amplitude=max_amplitude))
+    return Requirement(id="R1", text="t", metric=metric, comparator=comparator, threshold=threshold, scope=scope)
+
+
+def outcome(*ms):
+    return CheckOutcome(check="performance", measurements=list(ms), validity=["held-out test split"])
+
+
+@pytest.mark.parametrize(("cmp", "value", "lo", "hi", "want"), [
+    (">", 0.95, 0.91, 0.99, Verdict.PASS), (">", 0.95, 0.90, 0.99, Verdict.INCONCLUSIVE),  # > 0.9 is strict
+    (">", 0.90, 0.85, 0.95, Verdict.FAIL), (">=", 0.90, 0.90, 0.95, Verdict.PASS),
+    ("<", 0.05, 0.01, 0.09, Verdict.PASS), ("<", 0.05, 0.01, 0.10, Verdict.INCONCLUSIVE),
+    ("<=", 0.05, 0.01, 0.10, Verdict.PASS), ("<=", 0.11, 0.05, 0.2, Verdict.FAIL),
+])
+def test_verdict_on_the_pessimistic_end(cmp, value, lo, hi, want):
+    t = 0.9 if cmp.startswith(">") else 0.1
+    assert verdict(value, cmp, t, lo, hi) is want
+    # without an interval, the value alone decides
+    assert verdict(value, cmp, t, None, None) is (Verdict.FAIL if want is Verdict.FAIL else Verdict.PASS)
+
+
+def test_undefined_figures():
+    assert verdict(None, ">=", 0.5, None, None) is Verdict.INCONCLUSIVE
+    assert verdict(0.9, ">=", 0.5, 0.8, math.nan) is Verdict.INCONCLUSIVE  # a NaN upper bound alone
+    assert verdict(0.9, ">=", 0.5, math.nan, 0.95) is Verdict.INCONCLUSIVE
+    assert verdict(0.9, ">=", math.nan, 0.8, 0.95) is Verdict.INCONCLUSIVE
+    assert undefined(m(0.9, 0.8, math.nan)) and undefined(m(0.9, math.nan, 0.95)) and not undefined(m(0.9, 0.8, 1.0))
+    assert why_undefined(m(None, metric="recall:bad", n=0)) == "no bad item in the test split"
+    assert why_undefined(m(None, metric="precision:bad", n=0)) == "the model predicted no bad item on the test split"
+    assert why_undefined(m(None, metric="ece", n=0)) == "no item to compute it on in the test split (n = 0)"
+    assert why_undefined(m(None, metric="ece", n=7)) == "the measurement has no defined value on the test split (n = 7)"
+    assert why_undefined(m(None, metric="ece", n=0, undefined="no radius")) == "no radius"
+
+
+def test_judge_writes_every_field():
+    r = req(">=", 0.9)
+    (e,) = judge([r], [outcome(m(0.95, 0.92, 0.97))])
+    assert (e.claim_id, e.check, e.metric, e.value, e.threshold, e.comparator, e.verdict) == (
+        "R1", "performance", "accuracy", 0.95, 0.9, ">=", Verdict.PASS)
+    assert e.interval == Interval(lower=0.92, upper=0.97, **IV) and e.scope == r.scope
+    assert e.validity == ["held-out test split"]
+    assert e.rationale == "accuracy = 0.95, lower bound 0.92 (n = 100); claim >= 0.9: PASS"
+    (e,) = judge([req("<=", 0.1, "ece")], [outcome(m(0.05, metric="ece"))])
+    assert e.verdict is Verdict.PASS and e.rationale == "ece = 0.05 (n = 100); claim <= 0.1: PASS"
+    (e,) = judge([req("<", 0.1, "fnr")], [outcome(m(0.05, 0.01, 0.2, metric="fnr"))])
+    assert e.verdict is Verdict.INCONCLUSIVE and "upper bound 0.2" in e.rationale
+
+
+def test_judge_without_a_measurement():
+    r = req()
+    (e,) = judge([r], [outcome(m(0.95, metric="other"))])
+    assert (e.check, e.value, e.threshold, e.comparator, e.verdict) == (None, None, 0.9, ">=", Verdict.INCONCLUSIVE)
+    assert e.rationale == "no check of the plan measured accuracy on test split"
+
+
+def test_judge_an_undefined_figure_with_its_reason():
+    r = req()
+    (e,) = judge([r], [outcome(m(None, n=0, undefined="no readable item"))])
+    assert (e.check, e.value, e.threshold, e.comparator, e.verdict) == (
+        "performance", None, 0.9, ">=", Verdict.INCONCLUSIVE)
+    assert e.details == {"undefined": "no readable item"} and e.validity == ["held-out test split"]
+    assert e.rationale == "accuracy is undefined: no readable item; claim >= 0.9: INCONCLUSIVE"
+
+
+def test_judge_a_sweep_at_its_worst_amplitude():
+    sweep = [m(0.99, 0.97, 1.0, amplitude=0.0, perturbation="blur"),
+             m(0.95, 0.91, 0.98, amplitude=1.0, perturbation="blur"),
+             m(0.93, 0.89, 0.96, amplitude=2.0, perturbation="blur"),
+             m(0.50, 0.40, 0.60, amplitude=3.0, perturbation="blur")]  # beyond the claim: not judged
+    r = req(">=", 0.9, perturbation="blur", max_amplitude=2.0)
+    (e,) = judge([r], [outcome(*sweep)])
+    assert e.verdict is Verdict.INCONCLUSIVE and e.value == 0.93
+    assert e.details == {"worst_amplitude": 2.0, "breaking_amplitude": 1.0, "amplitudes": [0.0, 1.0, 2.0]}
+    assert e.rationale == "accuracy = 0.93, lower bound 0.89 at amplitude 2 (n = 100); claim >= 0.9: INCONCLUSIVE"
+    # "<=" claims: the worst is the largest upper bound; without intervals, the largest value
+    flips = [m(0.01, metric="flip", amplitude=a, perturbation="blur", n=10) for a in (0.0, 1.0)]
+    flips.append(m(0.2, metric="flip", amplitude=2.0, perturbation="blur", n=10))
+    (e,) = judge([req("<=", 0.1, "flip", "blur", 2.0)], [outcome(*flips)])
+    assert e.value == 0.2 and e.verdict is Verdict.FAIL and e.details["worst_amplitude"] == 2.0
+    (e,) = judge([req(">=", 0.1, "flip", "blur", 2.0)], [outcome(*flips)])
+    assert e.value == 0.01 and e.details["worst_amplitude"] == 0.0
+
+
+def test_a_hole_in_a_sweep_is_never_a_pass_but_a_failure_shows():
+    sweep = [m(0.99, 0.97, 1.0, amplitude=0.0, perturbation="blur"),
+             m(None, amplitude=1.0, perturbation="blur", n=0)]
+    r = req(">=", 0.9, perturbation="blur", max_amplitude=1.0)
+    (e,) = judge([r], [outcome(*sweep)])
+    assert e.verdict is Verdict.INCONCLUSIVE and e.value is None
+    assert e.rationale.startswith("accuracy is undefined at amplitude 1: ")
+    sweep[0] = m(0.5, 0.4, 0.6, amplitude=0.0, perturbation="blur")
+    (e,) = judge([r], [outcome(*sweep)])
+    assert e.verdict is Verdict.FAIL
+
+
+def test_matches_and_breaking_amplitude():
+    r = req(perturbation="blur", max_amplitude=2.0)
+    assert matches(r, m(0.9, amplitude=2.0, perturbation="blur"))  # the claimed maximum itself is judged
+    assert not matches(r, m(0.9, amplitude=2.1, perturbation="blur"))
+    assert matches(r, m(0.9, amplitude=None, perturbation="blur"))  # no amplitude: the clean point
+    assert not matches(r, m(0.9, amplitude=1.0, perturbation="noise"))
+    assert not matches(r, m(0.9)) and not matches(req(), m(0.9, amplitude=1.0, perturbation="blur"))
+    sweep = [m(0.95, 0.92, 0.97, amplitude=2.0, perturbation="blur"),
+             m(0.99, 0.95, 1.0, amplitude=None, perturbation="blur"),
+             m(0.96, 0.93, 0.98, amplitude=1.0, perturbation="blur")]
+    assert breaking_amplitude(req(">=", 0.9), sweep) == 2.0
+    assert breaking_amplitude(req(">=", 0.925), sweep) == 1.0  # sorted by amplitude, None first as 0
+    assert breaking_amplitude(req(">=", 0.94), sweep) == 0.0
+    assert breaking_amplitude(req(">=", 0.96), sweep) is None
+    assert breaking_amplitude(req("<=", 0.999), sweep) is None  # the upper bound 1.0 decides "<="
+
+
+def test_overall():
+    rs = [req(), Requirement(id="R2", text="t", metric="ece", comparator="<=", threshold=0.1, mandatory=False)]
+    ev = judge(rs, [outcome(m(0.95, 0.92, 0.97), m(0.5, metric="ece"))])
+    assert overall(ev, rs) is Verdict.PASS  # the optional claim fails alone
+    assert overall([], rs) is Verdict.INCONCLUSIVE
+
+
+def test_rank_methods_on_intervals():
+    ms = [m(0.3, 0.2, 0.4, metric="faithfulness:a"), m(0.2, 0.15, 0.25, metric="faithfulness:b"),
+          m(0.1, -0.1, 0.3, metric="faithfulness:c")]
+    rules = [("faithfulness", ">", 0.0, "better than random")]
+    rows = rank_methods(["c", "b", "a", "d"], ms, rules)
+    assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
+    assert [r["status"] for r in rows] == ["recommended", "recommended", "warned", "warned"]
+    assert rows[2]["reasons"] == ["better than random: INCONCLUSIVE (faithfulness 0.1 [-0.1, 0.3] straddles 0; "
+                                  "more items would decide)"]
+    assert rows[3]["reasons"] == ["better than random: INCONCLUSIVE (not measured)"]
+    rows = rank_methods(["a"], [m(-0.1, -0.2, 0.0, metric="faithfulness:a")], rules)
+    assert rows[0]["reasons"] == ["better than random: FAIL (faithfulness -0.1 [-0.2, 0], required > 0)"]
