@@ -26,8 +26,9 @@ OUT = ROOT / "build" / "mutants"
 FAST = "-p no:cacheprovider -q -m 'not slow' -k 'not tiny_solar and not acasxu and not check_on'"
 CHUNKS = {  # name: (modules to mutate, tests that cover them)
     "statistics": (["trustcase/measurement.py", "trustcase/verdicts.py"],
-                   ["tests/test_exact_measurement.py", "tests/test_exact_certification.py",
-                    "tests/test_exact_metrics.py", "tests/test_performance.py", "tests/test_bad_input_verdicts.py"]),
+                   ["tests/test_exact_measurement.py", "tests/test_exact_verdicts.py",
+                    "tests/test_exact_certification.py", "tests/test_exact_metrics.py", "tests/test_performance.py",
+                    "tests/test_bad_input_verdicts.py"]),
     "performance": (["trustcase/performance.py"], ["tests/test_performance.py", "tests/test_exact_metrics.py"]),
     "certification": (["trustcase/certification/lipschitz.py", "trustcase/certification/smoothing.py",
                        "trustcase/certification/bounds.py"],
