@@ -134,6 +134,18 @@ def test_7_a_cached_outcome_comes_back_only_with_its_artefacts(tmp_path, tiny_mo
             assert sha256_file(out / "checks" / art.path) == art.sha256, art.path
     names = set(zipfile.ZipFile(out / "pack.zip").namelist())
     assert {f"checks/{p}" for p in declared} <= names
+    # the results themselves: JSON in the project's store, never a pickle
+    from trustcase.flows.assess import cache_root
+
+    results = [p.read_bytes() for p in (cache_root() / "results").iterdir()]
+    assert results and all(json.loads(r) and b"pickle" not in r for r in results)
+    # a cached outcome whose artefact went missing from the store runs again instead of being trusted
+    for sha in {art.sha256 for o in a.outcomes for art in o.artefacts}:
+        (cache_root() / "artefacts" / sha).unlink()
+    shutil.rmtree(out)
+    assess(str(tiny_case), str(out), None, tracking_uri)
+    a = Assessment.model_validate_json((out / "assessment.json").read_text())
+    assert all((out / "checks" / art.path).is_file() for o in a.outcomes for art in o.artefacts)
 
 
 @flow
@@ -345,6 +357,19 @@ def test_5_a_confidential_assessment_leaves_no_item_id_or_data_path(tmp_path, ti
         r.run_id, "checks/odd_monitor")}
     assert logged == set(), "no monitor file in MLflow for a confidential use case"
     assert not list((tmp_path / "cache").rglob("results/*")), "confidential outcomes are never cached"
+    assert re.search(rb"item-[0-9a-f]{16}", (tmp_path / "out" / "checks" / "root_causes" / "clusters.csv").read_bytes())
+    # the pack is anchored by the run, and the pack rebuilt from MLflow (no monitor there) verifies too
+    from trustcase.flows.rerender import pack_run, verify
+    from trustcase.reports.pack import digest
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    assert r.manifest_sha256 == digest(tmp_path / "out" / "pack.zip")
+    v = verify(tmp_path / "out" / "pack.zip", run_id=r.run_id, tracking_uri=uri)
+    assert v.ok and v.anchored == f"MLflow run {r.run_id}", v.lines()
+    again, _ = pack_run(r.run_id, tmp_path / "again.zip", uri)
+    v = verify(again)
+    assert v.ok, v.lines()
+    assert "checks/odd_monitor/monitor.safetensors" in {w["path"] for w in v.manifest["withheld"]}
 
 
 # --- 3: a monitor file is data ----------------------------------------------------------------------------------

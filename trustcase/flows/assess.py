@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -288,32 +289,38 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
 
 def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dict, seed: int, out: Path,
             uri: str, started: datetime, previous_run_id: str | None, salt: str | None) -> Result:
-    uc_sha = provenance.canonical_sha256(uc_json)
     fp = fingerprint(uc, seed)
     version = tracking.model_version(uc, fp["model_sha256"])
     run.tag({"model_sha256": fp["model_sha256"], "model_version": version or "unregistered",
              **{f"data_fingerprint.{role}": v for role, v in fp["data"].items() if v}})
 
+    red = confidential.Redactor(confidential.item_ids(DataSource(uc.data, seed, uc.model)), salt) if salt else None
+    with _results(confidential=red is not None) as (store, cached):
+        return _checks_and_report(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, red,
+                                  fp, version, store, cached)
+
+
+@contextmanager
+def _results(confidential: bool):
+    """Where check results and artefacts go, and the check task that stores them: the project's cache, or for a
+    confidential use case nothing cached and a private folder removed at the end."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    red = None
-    if salt:  # confidential: nothing cached; artefacts pass through a private folder removed at the end
-        red = confidential.Redactor(confidential.item_ids(DataSource(uc.data, seed, uc.model)), salt)
-        store = Path(tempfile.mkdtemp(prefix="confidential-", dir=root))
-        cached = run_check.with_options(cache_policy=NO_CACHE, persist_result=False)
-    else:
-        store = root
-        cached = run_check.with_options(result_storage=root / "results")
+    if not confidential:
+        yield root, run_check.with_options(result_storage=root / "results")
+        return
+    store = Path(tempfile.mkdtemp(prefix="confidential-", dir=root))
     try:
-        return _run(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, fp, version, uc_sha,
-                    red, store, cached)
+        yield store, run_check.with_options(cache_policy=NO_CACHE, persist_result=False)
     finally:
-        if red:
-            shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
 
 
-def _run(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, fp, version, uc_sha, red,
-         store: Path, cached) -> Result:
+def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dict, seed: int, out: Path,
+                       uri: str, started: datetime, previous_run_id: str | None, salt: str | None,
+                       red: confidential.Redactor | None, fp: dict, version: str | None, store: Path,
+                       cached) -> Result:
+    uc_sha = provenance.canonical_sha256(uc_json)
     steps = plan(uc)
     outcomes: list[CheckOutcome] = []
     errors: list[str] = []
@@ -396,7 +403,7 @@ def _run(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, sa
                             evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
     if red:  # the record itself: paths in the use case, ids in errors and limitations
         assessment = Assessment.model_validate(red.json(assessment.model_dump(mode="json")))
-        uc_text = red.text(uc_text)
+        uc_text, errors = red.text(uc_text), assessment.errors  # the CLI prints the errors too
     files = report(assessment, str(out), uc_text, previous)
     written += ["assessment.json", "evidence.json", "use_case.yaml"]
     written += [Path(p).relative_to(out).as_posix() for k, p in files.items() if k != "plots"]

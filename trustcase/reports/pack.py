@@ -175,13 +175,14 @@ def collect(folder: Path, a: Assessment) -> tuple[dict[str, bytes], list[dict[st
         paths += sorted(p for p in (folder / "plots").rglob("*") if p.is_file())
     # the check artefacts the record declares, and nothing else that happens to lie in checks/
     declared = sorted({art.path for o in a.outcomes for art in o.artefacts})
-    paths += [folder / "checks" / p for p in declared
-              if not Path(p).is_absolute() and ".." not in Path(p).parts and (folder / "checks" / p).is_file()]
+    paths += [folder / "checks" / p for p in declared if not Path(p).is_absolute() and ".." not in Path(p).parts]
     for path in paths:
         rel = path.relative_to(folder).as_posix()
         reason = withheld(rel, a)
-        if reason:
+        if reason:  # even when absent (a confidential run's monitor never reaches MLflow, so a re-pack lacks it)
             withheld_files.append({"path": rel, "reason": reason})
+            continue
+        if not path.is_file():  # declared but missing: `verify` names it
             continue
         data = path.read_bytes()
         if secret and rel in ("assessment.json", "evidence.json"):
