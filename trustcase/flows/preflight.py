@@ -137,7 +137,8 @@ def model(uc: UseCase, add: Add) -> None:
     spec = uc.model
     if spec.factory:
         try:
-            add_arguments(resolve(spec.factory), spec.factory_args, 0, ("model", "factory_args"), add)
+            if not add_arguments(resolve(spec.factory), spec.factory_args, 0, ("model", "factory_args"), add):
+                return  # building the module with arguments it does not take would only repeat the problem
         except DataError as e:
             add(("model", "factory"), str(e))
             return
