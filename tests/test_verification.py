@@ -218,3 +218,17 @@ def test_vnnlib_box_properties_on_an_image_model(tmp_path):
     with torch.no_grad():
         z = net(cx)[0]
     assert (z[[j for j in range(3) if j != c]] >= z[c]).any()
+
+
+def test_neurons_with_disjoint_inputs_share_a_backward_pass_with_the_same_bounds(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+    g = G.from_model(net, (1, 16, 16))
+    assert P._spacing(g, 5) is not None  # the second convolution's neurons can be grouped
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grouped = P.intermediate(g, x - 0.1, x + 0.1)
+    monkeypatch.setattr(P, "_spacing", lambda g, k: None)
+    single = P.intermediate(g, x - 0.1, x + 0.1)
+    for (a_lo, a_hi), (b_lo, b_hi) in zip(grouped, single, strict=True):
+        assert torch.allclose(a_lo, b_lo, atol=1e-9) and torch.allclose(a_hi, b_hi, atol=1e-9)

@@ -47,6 +47,10 @@ class Map:
     def abs(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def abs_backward(self, lam: torch.Tensor) -> torch.Tensor:
+        """The transpose of the absolute value (which outputs an input element reaches)."""
+        raise NotImplementedError
+
 
 @dataclass
 class Dense(Map):
@@ -60,6 +64,9 @@ class Dense(Map):
 
     def abs(self, x):
         return x.flatten(1) @ self.W.abs().T
+
+    def abs_backward(self, lam):
+        return lam.flatten(1) @ self.W.abs()
 
 
 @dataclass
@@ -77,14 +84,17 @@ class Conv(Map):
     def abs(self, x):
         return F.conv2d(x, self.W.abs(), None, self.stride, self.padding, self.dilation, self.groups)
 
-    def backward(self, lam):
+    def backward(self, lam, weight=None):
         # the transpose of a convolution; output_padding restores the rows/columns the stride dropped
         out_hw = lam.shape[-2:]
         k = self.W.shape[-2:]
         extra = [self.in_shape[1 + a] - ((out_hw[a] - 1) * self.stride[a] - 2 * self.padding[a]
                                          + self.dilation[a] * (k[a] - 1) + 1) for a in range(2)]
-        return F.conv_transpose2d(lam, self.W, None, self.stride, self.padding, tuple(extra), self.groups,
-                                  self.dilation)
+        return F.conv_transpose2d(lam, self.W if weight is None else weight, None, self.stride, self.padding,
+                                  tuple(extra), self.groups, self.dilation)
+
+    def abs_backward(self, lam):
+        return self.backward(lam, self.W.abs())
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Reshape(Map):
         return lam.reshape(len(lam), *self.in_shape)
 
     abs = forward
+    abs_backward = backward
 
 
 @dataclass
@@ -115,6 +126,8 @@ class Scale(Map):
     def abs(self, x):
         return x * self.s.abs()
 
+    abs_backward = abs
+
 
 @dataclass
 class Mix(Map):
@@ -130,6 +143,9 @@ class Mix(Map):
 
     def abs(self, x):
         return torch.einsum("oi,bcihw->bcohw", self.S.abs(), x)
+
+    def abs_backward(self, lam):
+        return torch.einsum("oi,bcohw->bcihw", self.S.abs(), lam)
 
 
 # --- the graph -------------------------------------------------------------------------------------------
@@ -325,6 +341,7 @@ class _Windows(Map):
         return self.conv.backward(lam.reshape(len(lam), self.shape[0] * self.shape[1], *self.shape[-2:]))
 
     abs = forward
+    abs_backward = backward
 
 
 def _pair(v) -> tuple[int, int]:

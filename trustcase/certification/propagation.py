@@ -21,6 +21,7 @@ Everything is float64; rounding is not accounted for formally, so a bound is tru
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -101,11 +102,111 @@ def _ibp(g: Graph, k: int, bounds: list):
     return mid - rad, mid + rad
 
 
+class _Overlap(Exception):
+    """Two neurons of one group reach a common element: the group cannot share a backward pass."""
+
+
+def _spacing(g: Graph, k: int) -> int | None:
+    """Distance (in node k's grid) beyond which two neurons of node k depend on disjoint inputs, or None."""
+    shape, in_shape = g.nodes[k].shape, g.nodes[0].shape
+    if len(shape) < 3 or len(in_shape) < 3:
+        return None
+    h, w = shape[-2:]
+    one = torch.zeros(1, *shape, dtype=torch.float64)
+    one[(0,) * (len(shape) - 1) + (h // 2, w // 2)] = 1.0  # batch, leading dimensions, the centre
+    reach = {k: one}
+    for j in range(k, 0, -1):
+        r = reach.pop(j, None)
+        if r is None:
+            continue
+        node = g.nodes[j]
+        pairs = [(node.inputs[0], r)] if node.kind == "relu" else [
+            (i, mp.abs_backward(r.reshape(1, *node.shape)).reshape(1, *g.nodes[i].shape))
+            for i, mp in zip(node.inputs, node.maps, strict=True)]
+        for i, b in pairs:
+            reach[i] = reach[i] + b if i in reach else b
+    field = reach[0][0].reshape(-1, *in_shape[-2:]).abs().sum(0)
+    rows, cols = torch.nonzero(field.sum(1)).flatten(), torch.nonzero(field.sum(0)).flatten()
+    if not len(rows):
+        return None
+    fh, fw = in_shape[-2] / h, in_shape[-1] / w
+    s = max(math.ceil((rows[-1] - rows[0] + 1) / fh), math.ceil((cols[-1] - cols[0] + 1) / fw)) + 1
+    return s if s < min(h, w) else None
+
+
+def _groups(shape: tuple[int, ...], idx: torch.Tensor, s: int) -> list[torch.Tensor]:
+    """The neurons idx (flat) split by channel and by position modulo s: far enough apart to share a pass."""
+    h, w = shape[-2:]
+    chan, pos = idx // (h * w), idx % (h * w)
+    key = (chan * s + (pos // w) % s) * s + (pos % w) % s
+    order = key.argsort()
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    return list(idx[order].split(counts.tolist()))
+
+
+def _backward_grouped(g: Graph, k: int, groups: list[torch.Tensor], bounds: list):
+    """CROWN lower and upper bounds of every neuron of the groups, one backward pass per group: the linear
+    bounds of neurons with disjoint inputs do not interact, so their sum is propagated and each element's
+    contribution is credited to the neuron that owns it (ownership propagated through |W|, and checked)."""
+    n, shape = len(bounds[0][0]), g.nodes[k].shape
+    size, m = math.prod(shape), len(groups)
+    width = max(len(i) for i in groups) + 1
+    C = torch.zeros(n, 2 * m, size, dtype=torch.float64)
+    own = torch.zeros(3, m, size, dtype=torch.float64)
+    for q, idx in enumerate(groups):
+        C[:, 2 * q, idx], C[:, 2 * q + 1, idx] = 1.0, -1.0
+        ids = torch.arange(1, len(idx) + 1, dtype=torch.float64)
+        own[0, q, idx], own[1, q, idx], own[2, q, idx] = 1.0, ids, ids ** 2
+    total = torch.zeros(n, 2 * m, width, dtype=torch.float64)
+
+    def credit(o: torch.Tensor, contrib: torch.Tensor) -> None:
+        o0, o1, o2 = o.flatten(2)
+        if ((o2 * o0 - o1 ** 2).abs() > 1e-6 * (o1 ** 2).clamp_min(1.0)).any():
+            raise _Overlap
+        owner = torch.where(o0 > 0, o1 / o0.clamp_min(1e-300), 0.0).round().long()
+        owner = owner.repeat_interleave(2, dim=0).expand(n, -1, -1)
+        total.scatter_add_(2, owner, contrib.reshape(n, 2 * m, -1))
+
+    lams, owns = {k: C.view(n, 2 * m, *shape)}, {k: own.view(3, m, *shape)}
+    for j in range(k, -1, -1):
+        lam = lams.pop(j, None)
+        if lam is None:
+            continue
+        o = owns.pop(j)
+        node = g.nodes[j]
+        if node.kind == "input":
+            lo, hi = bounds[0]
+            credit(o, lam * ((lo + hi) / 2).unsqueeze(1) - lam.abs() * ((hi - lo) / 2).unsqueeze(1))
+            break
+        if node.kind == "relu":
+            i = node.inputs[0]
+            low, up, icpt = relax(*bounds[i])
+            pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+            credit(o, neg * icpt.unsqueeze(1))
+            pairs = [(i, pos * low.unsqueeze(1) + neg * up.unsqueeze(1), o)]
+        else:
+            if node.bias is not None:
+                credit(o, lam * node.bias)
+            flat, oflat = lam.reshape(n * 2 * m, *node.shape), o.reshape(3 * m, *node.shape)
+            pairs = [(i, mp.backward(flat).reshape(n, 2 * m, *g.nodes[i].shape),
+                      mp.abs_backward(oflat).reshape(3, m, *g.nodes[i].shape))
+                     for i, mp in zip(node.inputs, node.maps, strict=True)]
+        for i, back, ob in pairs:
+            lams[i] = lams[i] + back if i in lams else back
+            owns[i] = owns[i] + ob if i in owns else ob
+    lower, upper = [], []
+    for q, idx in enumerate(groups):
+        lower.append(total[:, 2 * q, 1:len(idx) + 1])
+        upper.append(-total[:, 2 * q + 1, 1:len(idx) + 1])
+    return torch.cat(lower, 1), torch.cat(upper, 1)
+
+
 def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
             deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds of the neurons of node k that are unstable in some box (chunked to bound memory).
 
-    At most `limit` neurons, those whose ReLU relaxation is loosest (largest -l u / (u - l)), and none after
+    Neurons far enough apart to depend on disjoint inputs share one backward pass (image layers). At most
+    `limit` neurons, those whose ReLU relaxation is loosest (largest -l u / (u - l)), and none after
     `deadline`: the others keep their interval bounds, which are sound too.
     """
     lo, hi = bounds[k]
@@ -116,7 +217,23 @@ def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
         lb, ub = lo[:, idx], hi[:, idx]
         area = (-lb.clamp_max(0) * ub.clamp_min(0) / (ub - lb).clamp_min(1e-30)).amax(0)
         idx = idx[area.argsort(descending=True)[:limit]]
-    widest = max(int(torch.tensor(nd.shape).prod()) for nd in g.nodes[:k + 1])
+    widest = max(math.prod(nd.shape) for nd in g.nodes[:k + 1])
+    spacing = _spacing(g, k) if len(idx) > 1 else None
+    if spacing is not None:
+        groups = _groups(shape, idx, spacing)
+        per = max(1, ELEMENTS // ((2 * n + 3) * widest))
+        try:
+            for start in range(0, len(groups), per):
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                chunk = groups[start:start + per]
+                b_lo, b_hi = _backward_grouped(g, k, chunk, bounds)
+                cols = torch.cat(chunk)
+                lo[:, cols] = torch.maximum(lo[:, cols], b_lo)
+                hi[:, cols] = torch.minimum(hi[:, cols], b_hi)
+            return lo.view(n, *shape), hi.view(n, *shape)
+        except _Overlap:  # not separable after all: one pass per neuron (bounds so far are sound)
+            pass
     rows = max(1, ELEMENTS // (2 * n * widest))
     for chunk in idx.split(rows):
         if deadline is not None and time.perf_counter() > deadline:
