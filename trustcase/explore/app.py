@@ -275,10 +275,16 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         return job.view()
 
     @app.get("/api/jobs/{job_id}")
-    async def job_state(job_id: str):
+    async def job_state(job_id: str, wait: float = 0.0):
+        """`wait`: up to this many seconds (at most 10) for the job to end before answering (long poll)."""
         job = jobs.get(job_id)
         if job is None:
             raise LabError(f"no job {job_id!r} (finished jobs are kept for a while only)", 404)
+        if not 0 <= wait <= 10:
+            raise LabError(f"wait={wait}: expected 0..10 seconds", 400)
+        with anyio.move_on_after(wait):
+            while job.state in ("queued", "running"):
+                await anyio.sleep(0.002)
         return job.view()
 
     @app.post("/api/jobs/{job_id}/cancel")

@@ -78,13 +78,14 @@ class Store:
                 self.client.get_run(run_id)
             except MlflowException:
                 raise StoreError(f"no MLflow run {run_id!r} in {self.uri}") from None
-            try:
-                (self.cache / run_id).mkdir(parents=True, exist_ok=True)
-                got = Path(self.client.download_artifacts(run_id, str(rel), str(self.cache / run_id)))
+            try:  # one file lands in the folder given, under its own name
+                local.parent.mkdir(parents=True, exist_ok=True)
+                got = Path(self.client.download_artifacts(run_id, str(rel), str(local.parent)))
             except (MlflowException, OSError):
                 raise StoreError(f"run {run_id} has no artefact {path!r}") from None
             if not got.is_file():
                 raise StoreError(f"{path!r} of run {run_id} is a folder, not a file")
+            local = got
         return local
 
     def runtime_files(self, run_id: str) -> tuple[Path | None, dict[str, int]]:

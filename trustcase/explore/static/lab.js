@@ -115,7 +115,7 @@ function methodOptions() {
     let input;
     if (f.choices) {
       input = el("select");
-      for (const c of f.choices) input.append(el("option", {}, String(c)));
+      for (const c of f.choices) input.append(el("option", { value: String(c) }, String(c)));
       input.value = f.default;
     } else if (f.type === "boolean") {
       input = el("input", { type: "checkbox" });
@@ -157,8 +157,7 @@ async function follow(job, kind, onDone) {
     label.textContent = `${job.state}` + (job.total ? ` (${Math.round(job.done)} of ~${Math.round(job.total)})` : "") +
       (job.seconds !== null ? `, ${job.seconds.toFixed(1)} s` : "");
     if (!["queued", "running"].includes(job.state)) break;
-    await new Promise((r) => setTimeout(r, 150));
-    job = await api(`/api/jobs/${job.id}`);
+    job = await api(`/api/jobs/${job.id}?wait=0.25`);  // answers at once when the job ends
   }
   cancel.disabled = true;
   bar.hidden = job.state !== "done";
@@ -254,6 +253,9 @@ async function main() {
   for (const l of state.info.layers) $("target-layer").append(el("option", { value: l.name }, `${l.name} (${l.kind}, ${l.channels})`));
   if (!state.info.layers.length) $("target-kind").querySelector("[value=channel]").disabled = true;
   for (const p of state.info.perturbations) $("perturbation").append(el("option", { value: p.name }, `${p.name} (${p.unit})`));
+  const preferred = state.info.methods.find((m) => m.name === "integrated_gradients" && m.available)
+    || state.info.methods.find((m) => m.available);
+  if (preferred) $("method").value = preferred.name;
   methodOptions();
   perturbationRange();
   $("method").addEventListener("change", methodOptions);
