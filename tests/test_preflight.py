@@ -100,6 +100,7 @@ def test_a_state_dict_factory_beside_the_use_case_imports(tmp_path, tiny_model):
     raw["model"]["factory_args"] = {"width": "wide"}
     ps = problems(write_yaml(tmp_path / "uc2.yaml", raw))
     assert "'wide' does not fit build's width: int" in ps["model.factory_args.width"].message
+    assert list(ps) == ["model.factory_args.width"]  # said once, not again by building the module
 
 
 def test_the_seed_picks_the_items_the_preflight_reads(tmp_path):
