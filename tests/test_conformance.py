@@ -119,3 +119,45 @@ def test_the_suite_catches_a_broken_check(flaw, prop):
     assert check_conformance(ref, {})["deterministic"] == "ok"
     with pytest.raises(ConformanceError, match=prop):
         check_conformance(ref, {"flaw": flaw})
+
+
+# --- a real ONNX export, run by onnxruntime ---------------------------------------------------------
+
+ONNX_CHECKS = ["data_quality", "explainability", "odd_monitor", "performance", "perturbation_sweep",
+               "randomized_smoothing"]
+
+
+@pytest.fixture(scope="module")
+def onnx_case(tmp_path_factory):
+    """The synthetic image model exported to ONNX (legacy exporter) and loaded through the onnx loader."""
+    import torch
+
+    from trustcase.models.loading import load_classifier
+
+    uc, eager = synthetic_case()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    torch.onnx.export(eager.module, torch.zeros(1, 1, 16, 16), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    uc = uc.model_copy(update={"model": uc.model.model_copy(update={"format": "onnx", "path": path})})
+    return uc, load_classifier(uc.model), eager
+
+
+def test_onnx_export_runs_in_onnxruntime_like_the_torch_model(onnx_case):
+    uc, onnx, eager = onnx_case
+    assert onnx.session is not None and not onnx.differentiable
+    x = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 1)).astype(np.float32)
+    assert np.allclose(onnx.logits(x), eager.logits(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "explainability" else n
+                                  for n in ONNX_CHECKS])
+def test_checks_accept_an_onnx_model(name, onnx_case, tmp_path):
+    uc, onnx, _ = onnx_case
+    params = dict(CASES[name][1])
+    if name == "explainability":
+        params["methods"] = ["occlusion", "rise"]
+        params["options"] = {"occlusion": {"window": 4, "stride": 4}, "rise": {"masks": 16}}
+    uc = uc.model_copy(update={"plan": uc.plan.model_copy(update={"checks": []})})
+    report = check_conformance(name, params, use_case=uc, model=onnx, workdir=tmp_path,
+                               properties=("deterministic", "records", "streams"))
+    assert all(v.startswith(("ok", "skipped")) for v in report.values()), report
