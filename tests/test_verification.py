@@ -181,6 +181,12 @@ def test_nan_weights_are_refused_before_any_work():
         net[2].weight[0, 0] = float("nan")
     with pytest.raises(G.GraphError, match=r"layer 2 '2' \(Linear\): weight holds NaN"):
         G.from_model(net, (3,))
+    from trustcase.certification.local_robustness import change_property
+    from trustcase.certification.properties import check_property
+
+    prop = change_property("p", np.zeros(3), np.ones(3), 0, 3)
+    with pytest.raises(ValueError, match=r"2.weight holds NaN"):
+        check_property(net, prop, timeout=1.0)
 
 
 def test_a_budget_of_zero_is_an_error():

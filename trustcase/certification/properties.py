@@ -124,6 +124,10 @@ def check_property(module, prop: Property, timeout: float = 60.0, seed: int = 0,
     pixels in the model's normalised input, flattened in (C, H, W) order)."""
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if isinstance(module, torch.nn.Module):  # refused before any work, named
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"the network's {name} holds NaN or infinite values")
     with single_thread():
         return _check(module, prop, timeout, seed, sign, shape)
 
