@@ -137,3 +137,31 @@ def test_out_of_range_counts_the_items_outside_the_value_range(tmp_path):
     assert got[("out_of_range", "test")].value == 2 and got[("out_of_range", "test")].n == 6
     assert got[("out_of_range", "train")].value == 0
     assert got[("constant_images", "train")].value == 6 and got[("constant_images", "test")].value == 0
+
+
+# --- the tally's other outputs: cost, amplitude, subgroups, integer counts --------------------------
+
+def test_tally_cost_amplitude_and_subgroups_by_hand():
+    raw = folder_use_case(Path("/nonexistent"))
+    raw["plan"]["cost_matrix"] = [[0, 1], [10, 0]]  # a missed "bad" costs 10, a false alarm 1
+    raw["odd"] = {"descriptors": [{"name": "site", "source": "metadata", "values": ["a", "b"]},
+                                  {"name": "temperature", "source": "metadata", "min": 0, "max": 50}]}
+    uc = UseCase.model_validate(raw)
+    t = Tally(uc)
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]]))
+    labels = np.array([0, 1, 1, 0])  # one miss (true bad, predicted ok), one false alarm
+    t.update(logits, labels, {"site": ["a", "a", "b", "b"], "temperature": ["10", "20", "30", "40"]})
+    ms = t.compute("perturbation_sweep", "test", 0.95, perturbation="blur", amplitude=2.0)
+    by = {(m.metric, tuple(m.scope.subgroup.items())): m for m in ms}
+    cost = by[("cost", ())]
+    assert (cost.value, cost.n, cost.unit, cost.amplitude) == ((10 + 1) / 4, 4, "per item", 2.0)
+    assert cost.scope.perturbation.name == "blur" and cost.scope.perturbation.max_amplitude == 2.0
+    acc = by[("accuracy", ())]
+    assert acc.value == 0.5 and acc.amplitude == 2.0 and acc.scope.perturbation.name == "blur"
+    assert acc.details["confusion"] == [[1, 1], [1, 1]]
+    assert all(isinstance(v, int) for row in acc.details["confusion"] for v in row)  # counts, not floats
+    assert by[("accuracy", (("site", "a"),))].value == 1.0 and by[("accuracy", (("site", "b"),))].value == 0.0
+    assert by[("accuracy", (("site", "b"),))].amplitude == 2.0
+    assert not any(k[1] and k[1][0][0] == "temperature" for k in by)  # a numeric descriptor is no subgroup
+    ece = by[("ece", ())]
+    assert ece.amplitude == 2.0 and all(isinstance(c, int) for c in ece.details["count"])
