@@ -120,7 +120,7 @@ def test_representation_map_on_a_tiny_case(tmp_path):
     """UMAP compiles with numba on first use (tens of seconds): slow."""
     out = build(CheckSpec(check="global_explanations", params={**FAST, "representation": True, "paths": 2}))(
         tiny_context(tmp_path, small_cnn()))
-    assert out.summary["representation"] == {"points": 40, "perturbation": "gaussian_blur", "paths": 2}
+    assert out.summary["representation"] == {"points": 48, "perturbation": "gaussian_blur", "paths": 2}  # 24 x 2
     assert "representation.png" in [a.path.split("/")[-1] for a in out.artefacts]
     blobs = np.concatenate([np.zeros((30, 8)), np.full((30, 8), 10.0)]) + \
         np.random.default_rng(0).normal(size=(60, 8))
