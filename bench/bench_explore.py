@@ -9,7 +9,7 @@ The application (`trustcase explore`, uvicorn in a thread, loopback) answers an 
 2. One perturbation-slider step (POST /api/perturb: perturb, predict, monitor, PNG): median and p95 (target
    < 100 ms).
 3. Latency of a short request (prediction + monitor, and a slider step) while another user's long integrated
-   gradients (n_steps 20,000) runs, against the same requests on an idle server (ratio; the long job runs on
+   gradients (n_steps 10,000, Riemann) runs, against the same requests on an idle server (ratio; the long job runs on
    its own pool, so the short request waits for no one).
 """
 
@@ -121,7 +121,7 @@ def main() -> None:
 
         idle_look, idle_step = statistics.median(timed(look, repeats)), statistics.median(timed(step, repeats))
         long_job = client.post("/api/attributions", json={"src": src, "method": "integrated_gradients",
-                                                           "options": {"n_steps": 20_000,
+                                                           "options": {"n_steps": 10_000,
                                                                        "method": "riemann_trapezoid"}}).json()
         while client.get(f"/api/jobs/{long_job['id']}").json()["done"] == 0:
             time.sleep(0.01)

@@ -187,7 +187,8 @@ def test_attribution_is_the_direct_call_and_errors_are_refused_before_work(clien
            ({"method": "integrated_gradients", "options": {"n_steps": 0}}, 422, "n_steps"),
            ({"method": "integrated_gradients", "options": {"colour": 1}}, 422, "colour"),
            ({"method": "grad_cam", "options": {"layer": "nope"}}, 404, "layer 'nope' does not exist"),
-           ({"method": "saliency", "target": {"kind": "channel", "layer": "nope", "channel": 0}}, 404, "unknown layer"),
+           ({"method": "saliency", "target": {"kind": "channel", "layer": "nope", "channel": 0}}, 404,
+            "layer 'nope' does not exist"),
            ({"method": "saliency", "target": {"kind": "channel", "layer": conv["name"], "channel": 999}}, 422,
             "channel 999"),
            ({"method": "saliency", "target": {"class": "cracked"}}, 422, "unknown class 'cracked'"),
@@ -202,6 +203,26 @@ def test_attribution_is_the_direct_call_and_errors_are_refused_before_work(clien
                                                                   "options": {"window": 64}}).json())
     assert failed["state"] == "failed" and "larger than the image" in failed["error"]
     assert client.get("/api/jobs/0000").status_code == 404 and client.post("/api/jobs/0000/cancel").status_code == 404
+
+
+def test_class_and_channel_visualisation_is_the_science(client, assessed):
+    from trustcase.explain.visualisation import visualise
+
+    done = wait(client, client.post("/api/visualisations", json={"target": {"class": "defective"}, "steps": 8}).json())
+    assert done["state"] == "done" and done["done"] == done["total"] == 8
+    lab = Lab(load_use_case(assessed[0]))
+    direct = visualise(A.Network(lab.model), [1], steps=8, seed=lab.seed)[0]
+    assert done["result"]["image"] == "data:image/png;base64," + __import__("base64").b64encode(
+        lab.picture(direct)).decode()
+    conv = next(r for r in client.get("/api/lab").json()["layers"] if r["kind"] == "Conv2d")
+    unit = {"kind": "channel", "layer": conv["name"], "channel": 0, "position": [1, 1]}
+    assert wait(client, client.post("/api/visualisations", json={"target": unit, "steps": 4}).json())["state"] == "done"
+    for body, status, words in [({"target": {"kind": "channel", "layer": "nope", "channel": 0}}, 404,
+                                 "layer 'nope' does not exist"),
+                                ({"target": {**unit, "position": [99, 0]}}, 422, "position (99, 0)"),
+                                ({"steps": 0}, 422, "steps")]:
+        r = client.post("/api/visualisations", json=body)
+        assert r.status_code == status and words in r.json()["detail"], (body, r.text)
 
 
 def test_a_cancelled_computation_stops_and_does_not_block_others(client):

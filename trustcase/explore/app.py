@@ -40,6 +40,7 @@ class Target(Body):
     class_: str | None = Field(None, alias="class")
     layer: str | None = None
     channel: int | None = None
+    position: list[int] | None = Field(None, description="one unit of the channel, e.g. [row, col]; None: the mean")
 
 
 class AttributionBody(Body):
@@ -48,6 +49,11 @@ class AttributionBody(Body):
     options: dict[str, Any] = {}
     target: Target = Target()
     baseline: Literal["mean", "black", "white"] = "mean"
+
+
+class VisualisationBody(Body):
+    target: Target = Target()
+    steps: int = Field(128, ge=1, le=2000, description="gradient-ascent steps")
 
 
 class PerturbBody(Body):
@@ -255,6 +261,18 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         opts, t = await off_loop(lb.attribution_request, body.method, body.options, target, inp)
         job = jobs.submit("attribution", lambda j: lb.attribute(j, inp, body.method, opts, t, body.baseline),
                           lb.expected_evaluations(opts), (Unsupported, LabError, ValueError))
+        return job.view()
+
+    @app.post("/api/visualisations", status_code=202)
+    async def visualisations(request: Request, body: VisualisationBody):
+        lb = need_lab()
+        images_allowed(request)
+        if not lb.net.differentiable:
+            raise Unsupported("visualisation climbs the model's gradients; the model is a black box")
+        t = await off_loop(lb.target, body.target.model_dump(by_alias=True))
+        job = jobs.submit("visualisation", lambda j: lb.visualise(j, t, body.steps),
+                          body.steps + (t["kind"] == "channel"),  # a channel is located by one probe first
+                          (Unsupported, LabError, ValueError))
         return job.view()
 
     @app.post("/api/perturb")

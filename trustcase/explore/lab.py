@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from trustcase.certification import bounds as B
 from trustcase.certification.local_robustness import change_property, verify_ball
@@ -68,50 +67,6 @@ class _Watched(A.Network):
                 self.job.step(len(part))
             outs.append(super().forward(part))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-class _Stop(Exception):
-    pass
-
-
-class _ChannelMean(nn.Module):
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a.flatten(2).mean(2) if a.ndim > 2 else a
-
-
-class ChannelOutput(nn.Module):
-    """The mean activation of every channel (or unit) of one layer as the 'logits', read by a hook: any
-    attribution method then explains an internal channel, with the channel index as its target."""
-
-    def __init__(self, module: nn.Module, layer: nn.Module):
-        super().__init__()
-        self.module, self.layer = module, layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-
-        def grab(_m, _i, out):
-            seen.append(out)
-            raise _Stop()  # the rest of the network is not needed
-
-        hook = self.layer.register_forward_hook(grab)
-        try:
-            self.module(x)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
-        return _ChannelMean()(seen[0])
-
-
-def channel_network(module: nn.Module, name: str, layer: nn.Module) -> nn.Module:
-    """A network whose outputs are the channel means of layer `name`. A Sequential is cut after the layer, so
-    layer names stay those of the model and layer methods (Grad-CAM) find their layer below the target."""
-    children = OrderedDict(module.named_children()) if isinstance(module, nn.Sequential) else {}
-    if name in children:
-        keep = list(children)[:list(children).index(name) + 1]
-        return nn.Sequential(OrderedDict([*((k, children[k]) for k in keep), ("channel_mean", _ChannelMean())]))
-    return ChannelOutput(module, layer)
 
 
 class Lab:
@@ -184,17 +139,19 @@ class Lab:
         return out
 
     def layers(self) -> list[dict]:
-        """Layers whose channels can be a target: every hookable leaf layer of a differentiable model."""
+        """Layers whose channels (and units) can be a target: every hookable leaf layer of a differentiable model,
+        with the shape of its activation."""
         if self._layers is None:
             out = []
             probe = torch.zeros(1, *self.model.spec.input_shape)
             for name, layer in (self.net.layers() if self.net.differentiable else {}).items():
                 try:
-                    with self._shared, torch.no_grad():
-                        n = channel_network(self.net.module, name, layer)(probe).shape[1]
+                    with self._shared:
+                        shape = tuple(self.net.activations(layer, probe).shape[1:])
                 except Exception:  # noqa: BLE001  (a layer that cannot be read alone is simply not offered)
                     continue
-                out.append({"name": name, "kind": A.Network.kind(layer), "channels": int(n)})
+                out.append({"name": name, "kind": A.Network.kind(layer), "channels": int(shape[0]) if shape else 1,
+                            "positions": list(shape[1:])})
             self._layers = out
         return self._layers
 
@@ -359,25 +316,7 @@ class Lab:
             raise LabError(str(e), 404) from None
         except ValueError as e:
             raise LabError(str(e)) from None
-        kind = target.get("kind", "class")
-        if kind == "class":
-            name = target.get("class")
-            if name is None:
-                name = str(int(np.argmax(self.predict(inp.pixels)))) if inp is not None else "0"
-            t = {"kind": "class", "index": self.class_index(str(name))}
-        elif kind == "channel":
-            layers = {r["name"]: r for r in self.layers()}
-            if not layers:
-                raise LabError("channel targets need the model's internals (a differentiable model with layers)")
-            name = target.get("layer")
-            if name not in layers:
-                raise LabError(f"unknown layer {name!r}; layers: {sorted(layers)}", 404)
-            ch = target.get("channel")
-            if not isinstance(ch, int) or not 0 <= ch < layers[name]["channels"]:
-                raise LabError(f"channel {ch!r} of layer {name!r} does not exist (0..{layers[name]['channels'] - 1})")
-            t = {"kind": "channel", "layer": name, "index": ch}
-        else:
-            raise LabError(f"target kind {kind!r}: expected class or channel")
+        t = self.target(target, inp)
         try:
             A.make(self._aimed(self.net, t), method, opts)  # e.g. an unknown Grad-CAM layer, gradients of a black box
         except Unsupported as e:
@@ -385,6 +324,35 @@ class Lab:
         except ValueError as e:
             raise LabError(str(e), 404 if "does not exist" in str(e) else 422) from None
         return opts, t
+
+    def target(self, target: dict, inp: Input | None = None) -> dict:
+        """A class (name or index; default: the class predicted for `inp`) or a `Neuron`: a channel of a named layer
+        (its mean over positions), or one unit at `position`. Checked against the model; 4xx otherwise."""
+        kind = target.get("kind", "class")
+        if kind == "class":
+            name = target.get("class")
+            if name is None:
+                name = str(int(np.argmax(self.predict(inp.pixels)))) if inp is not None else "0"
+            return {"kind": "class", "index": self.class_index(str(name))}
+        if kind != "channel":
+            raise LabError(f"target kind {kind!r}: expected class or channel")
+        if not self.layers():
+            raise LabError("channel targets need the model's internals (a differentiable model with layers)")
+        ch, pos = target.get("channel"), target.get("position")
+        if not isinstance(ch, int):
+            raise LabError(f"channel {ch!r}: expected a whole number")
+        neuron = A.Neuron(str(target.get("layer")), ch, None if pos is None else tuple(pos))
+        try:
+            with self._shared:
+                self.net.focus(neuron)
+        except (ValueError, TypeError) as e:  # an unknown layer is not found (404); a bad channel is invalid
+            raise LabError(str(e), 404 if str(e).startswith("layer ") else 422) from None
+        return {"kind": "channel", "layer": neuron.layer, "channel": ch, "position": pos, "index": 0}
+
+    @staticmethod
+    def neuron(target: dict) -> A.Neuron:
+        pos = target.get("position")
+        return A.Neuron(target["layer"], target["channel"], None if pos is None else tuple(pos))
 
     def _own(self) -> A.Network:
         """This job thread's own copy of the network: captum's hooks never see another request's forward, and
@@ -400,10 +368,7 @@ class Lab:
 
     @staticmethod
     def _aimed(net: A.Network, target: dict) -> A.Network:
-        if target["kind"] == "channel":
-            name = target["layer"]
-            return A.Network(net.model, channel_network(net.module, name, net.layers()[name]))
-        return net
+        return net.focus(Lab.neuron(target)) if target["kind"] == "channel" else net
 
     @staticmethod
     def expected_evaluations(opts: A.Options) -> float | None:
@@ -438,6 +403,22 @@ class Lab:
         if a.delta is not None:
             out["convergence_delta"] = float(a.delta.abs().max())
         return out
+
+    # --- class and channel visualisation -----------------------------------------------------------
+
+    def visualise(self, job: Job | None, target: dict, steps: int) -> dict:
+        """An input that maximises the class or channel (`explain.visualisation.visualise`); one model evaluation
+        per ascent step, each a progress step and a cancellation point."""
+        from trustcase.explain.visualisation import visualise
+
+        if not self.net.differentiable:
+            raise Unsupported("visualisation climbs the model's gradients; the model is a black box")
+        t0 = time.perf_counter()
+        net = _Watched(self._own(), job)
+        image = visualise(net, [self.neuron(target) if target["kind"] == "channel" else target["index"]],
+                          steps=steps, seed=self.seed)[0]
+        return {"image": data_url(self.picture(image)), "target": target, "steps": steps,
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     # --- perturbation ---------------------------------------------------------------------------
 

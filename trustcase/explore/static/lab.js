@@ -182,6 +182,20 @@ async function explain(event) {
   });
 }
 
+// --- class and channel visualisation ----------------------------------------------------------
+
+async function visualise(event) {
+  event.preventDefault();
+  const kind = $("vis-kind").value;
+  const target = kind === "class" ? { kind, class: $("vis-class").value }
+    : { kind, layer: $("vis-layer").value, channel: Number($("vis-index").value) };
+  const job = await post("/api/visualisations", { target, steps: Number($("vis-steps").value) });
+  await follow(job, "visualisation", (r) => {
+    $("visualisation").src = r.image;
+    $("visualisation").hidden = false;
+  });
+}
+
 // --- perturbation slider ----------------------------------------------------------------------
 
 function perturbationRange() {
@@ -250,8 +264,21 @@ async function main() {
     if (!m.available) o.disabled = true;
     $("method").append(o);
   }
-  for (const l of state.info.layers) $("target-layer").append(el("option", { value: l.name }, `${l.name} (${l.kind}, ${l.channels})`));
-  if (!state.info.layers.length) $("target-kind").querySelector("[value=channel]").disabled = true;
+  for (const l of state.info.layers) {
+    for (const select of [$("target-layer"), $("vis-layer")])
+      select.append(el("option", { value: l.name }, `${l.name} (${l.kind}, ${l.channels})`));
+  }
+  if (!state.info.layers.length) {
+    $("target-kind").querySelector("[value=channel]").disabled = true;
+    $("vis-kind").querySelector("[value=channel]").disabled = true;
+  }
+  $("vis-kind").addEventListener("change", () => {
+    const channel = $("vis-kind").value === "channel";
+    $("vis-channel").hidden = !channel;
+    $("vis-class").hidden = channel;
+  });
+  $("visualise").addEventListener("submit", (e) => visualise(e).catch(() => {}));
+  $("cancel-visualisation").addEventListener("click", () => cancel("visualisation").catch(() => {}));
   for (const p of state.info.perturbations) $("perturbation").append(el("option", { value: p.name }, `${p.name} (${p.unit})`));
   const preferred = state.info.methods.find((m) => m.name === "integrated_gradients" && m.available)
     || state.info.methods.find((m) => m.available);
