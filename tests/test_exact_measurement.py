@@ -28,6 +28,7 @@ def test_intervals_with_no_item_are_the_whole_range(fn, method):
         assert (iv.lower, iv.upper, iv.confidence, iv.method) == (0.0, 1.0, 0.9, method)
     iv = fn(3, 10)
     assert iv.confidence == 0.95 and iv.method == method  # the default level and the name of the method
+    assert fn(0, 1, 0.95).upper < 1.0  # one item is already evidence
 
 
 def test_clopper_pearson_at_the_edges():
@@ -67,17 +68,19 @@ def test_proportion_k_of_n_and_n_zero():
     assert empty.details == {"undefined": "no bad item"} and empty.scope == Scope()
     assert proportion("c", "m", 0, -3, 0.9).details["undefined"] == "no item (n = 0)"
     assert proportion("c", "m", 0, -3, 0.9).n == 0
+    assert proportion("c", "m", 1, 1, 0.9).value == 1.0  # one item is already a measurement
 
 
 def test_accuracy_curve_counts_correct_and_certified_items():
     radius = np.array([0.0, 0.1, 0.3, 0.5, np.inf])
     correct = np.array([True, True, False, True, True])
-    ms, curve, values = accuracy_curve("lipschitz", "lipschitz_certified_accuracy", "test", [0.0, 0.1, 0.4], radius,
-                                       correct, 0.95, "title")
+    ms, curve, values = accuracy_curve("lipschitz", "lipschitz_certified_accuracy", "validation", [0.0, 0.1, 0.4],
+                                       radius, correct, 0.95, "title")
     assert values == [0.8, 0.6, 0.4]
     assert [m.amplitude for m in ms] == [0.0, 0.1, 0.4]
     assert all(m.scope.perturbation.name == "l2_radius" and m.n == 5 for m in ms)
-    assert ms[2].scope.perturbation.max_amplitude == 0.4 and ms[2].scope.split == "test"
+    assert ms[2].scope.perturbation.max_amplitude == 0.4 and ms[2].scope.split == "validation"
+    assert curve.x_label == "L2 radius (input scaled to [0, 1])" and curve.y_label == "certified accuracy"
     assert ms[1].interval == clopper_pearson(3, 5, 0.95)
     assert curve.x == [0.0, 0.1, 0.4] and curve.series["certified accuracy"].y == values
     assert curve.series["certified accuracy"].lower[1] == ms[1].interval.lower

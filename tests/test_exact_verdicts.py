@@ -71,6 +71,8 @@ def test_undefined_figures():
     assert why_undefined(m(None, metric="ece", n=0)) == "no item to compute it on in the test split (n = 0)"
     assert why_undefined(m(None, metric="ece", n=7)) == "the measurement has no defined value on the test split (n = 7)"
     assert why_undefined(m(None, metric="ece", n=0, undefined="no radius")) == "no radius"
+    assert why_undefined(m(None, metric="false_negative_rate:bad", n=0)) == "no bad item in the test split"
+    assert why_undefined(m(None, metric="class_share:ok", n=0)) == "no ok item in the test split"
 
 
 def test_judge_writes_every_field():
@@ -139,6 +141,7 @@ def test_matches_and_breaking_amplitude():
     assert matches(r, m(0.9, amplitude=2.0, perturbation="blur"))  # the claimed maximum itself is judged
     assert not matches(r, m(0.9, amplitude=2.1, perturbation="blur"))
     assert matches(r, m(0.9, amplitude=None, perturbation="blur"))  # no amplitude: the clean point
+    assert matches(req(perturbation="blur", max_amplitude=0.5), m(0.9, amplitude=None, perturbation="blur"))
     assert not matches(r, m(0.9, amplitude=1.0, perturbation="noise"))
     assert not matches(r, m(0.9)) and not matches(req(), m(0.9, amplitude=1.0, perturbation="blur"))
     sweep = [m(0.95, 0.92, 0.97, amplitude=2.0, perturbation="blur"),
