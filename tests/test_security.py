@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from conftest import SOLAR, tiny_use_case, write_yaml
 from test_monitor_cli import monitor_file  # noqa: F401  (fixture: a fitted monitor and its TorchScript model)
 
@@ -113,9 +114,14 @@ def test_1_relabelled_data_is_never_served_from_the_cache(tmp_path, tiny_model, 
     after = claim(out)
     assert after["verdict"] == "FAIL", after
     assert after["value"] == pytest.approx(1 - before["value"])
+    # the folder holds this use case's assessment: another one is refused before any work (Why 4, in short)
+    other = write_yaml(tmp_path / "other.yaml", {**yaml.safe_load(path.read_text()), "id": "another_case"})
+    with pytest.raises(OutputFolderError, match="holds the assessment of use case 'solar_cells'"):
+        assess(str(other), str(out), None, tracking_uri)
 
 
 @flow
+@pytest.mark.slow
 def test_7_a_cached_outcome_comes_back_only_with_its_artefacts(tmp_path, tiny_model, tracking_uri):
     """Why 7: delete the output folder and re-run: the cached outcomes declared artefacts that no longer existed."""
     out = tmp_path / "out"
@@ -149,6 +155,7 @@ def test_7_a_cached_outcome_comes_back_only_with_its_artefacts(tmp_path, tiny_mo
 
 
 @flow
+@pytest.mark.slow
 def test_4_an_output_folder_holds_one_assessment(tmp_path, tiny_model, tracking_uri):
     """Why 4: a second use case assessed into the same folder packed the first one's files."""
     out = tmp_path / "out"
