@@ -39,7 +39,10 @@ def assessed(tmp_path_factory, tiny_model, prefect_harness):
     measured = ("R1", "R2", "R3", "R4", "R5", "O1", "O2", "O3", "D1", "D2")  # claims of the checks planned here
     raw["requirements"] = [r for r in raw["requirements"] if r["id"].split("-")[0] in measured]
     raw["plan"]["checks"] += [{"check": "odd_monitor", "params": {"perturbations": {"gaussian_blur": [2.0]}}},
-                              {"check": "root_causes", "params": {"k": 2}}]
+                              {"check": "root_causes", "params": {"k": 2}},
+                              {"check": "explainability", "params": {
+                                  "methods": ["saliency", "integrated_gradients"], "items": 8, "gallery": 1,
+                                  "sensitivity_items": 0, "options": {"integrated_gradients": {"n_steps": 8}}}}]
     path = write_yaml(folder / "use_case.yaml", raw)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     r = assess(str(path), str(folder / "out"), None, uri)
@@ -105,7 +108,9 @@ def test_lab_lists_what_the_registries_hold(client):
     assert info["checks"] == sorted(REGISTRY)
     ig = next(m for m in info["methods"] if m["name"] == "integrated_gradients")
     n_steps = next(o for o in ig["options"] if o["name"] == "n_steps")
-    assert n_steps["default"] == 32 and n_steps["type"] == "integer" and n_steps["min"] == 1
+    assert n_steps["default"] == 8 and n_steps["type"] == "integer" and n_steps["min"] == 1  # as assessed
+    assert ig["assessment"]["status"] in ("recommended", "warned")
+    assert next(m for m in info["methods"] if m["name"] == "occlusion")["assessment"] is None
     assert info["monitor"] == "the monitor fitted by the last assessment"
     assert info["subgroups"]["cell_type"] == ["mono", "poly"] and info["clusters"]
     assert info["layers"] and all(r["channels"] > 0 for r in info["layers"])

@@ -38,15 +38,15 @@ def build(use_case_path: Path | None, tracking_uri: str | None = None, token: st
     lab, note = None, ""
     if use_case_path is not None:
         uc = load_use_case(use_case_path)
-        monitor, clusters = None, {}
+        runtime = None
         try:
             run = store.last(uc.id)
             if run is not None:
-                monitor, clusters = store.runtime_files(run)
+                runtime = store.runtime_files(run)
                 note = f"last assessment of {uc.id}: run {run}"
         except StoreError as e:
             note = f"no runtime artefacts from the store: {e}"
-        lab = Lab(uc, monitor, clusters)
+        lab = Lab(uc, runtime)
     return create_app(lab, store, token), note
 
 

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,16 @@ class LabError(Exception):
 
 
 @dataclass
+class Runtime:
+    """What the last assessment of the use case fitted and validated, for the lab."""
+
+    run_id: str
+    monitor: Path | None = None  # the fitted ODD monitor file
+    clusters: dict[str, int] = field(default_factory=dict)  # item id -> HUDD cluster
+    methods: dict[str, dict] = field(default_factory=dict)  # attribution method -> status, reasons, options
+
+
+@dataclass
 class Input:
     pixels: np.ndarray  # (H, W, C) in the model's pixel space
     meta: dict[str, str]
@@ -70,16 +80,17 @@ class _Watched(A.Network):
 
 
 class Lab:
-    def __init__(self, use_case: UseCase, monitor_file: Path | None = None, clusters: dict[str, int] | None = None,
-                 role: str = "test"):
+    def __init__(self, use_case: UseCase, runtime: Runtime | None = None, role: str = "test"):
+        """`runtime`: what the last assessment fitted and validated (monitor, HUDD clusters, methods' ranking)."""
         self.uc = use_case
         self.model = load_classifier(use_case.model)  # once per process
         self.net = A.Network(self.model)
         self.seed = use_case.plan.seed
         self.data = DataSource(use_case.data, self.seed)
         self.role = role if role in self.data.roles else self.data.roles[-1]
-        self.clusters = clusters or {}
-        self.monitor, self.monitor_note = self._monitor(monitor_file)
+        self.runtime = runtime or Runtime("")
+        self.clusters = self.runtime.clusters
+        self.monitor, self.monitor_note = self._monitor(self.runtime.monitor)
         self._local = threading.local()
         self._index: list[dict] | None = None
         self._index_lock = threading.Lock()
@@ -119,8 +130,13 @@ class Lab:
                 out.append({"name": name, "available": False, "why": f"{type(e).__name__}: {e}", "options": []})
                 continue
             ok = self.net.differentiable or not cls.needs_gradients
+            assessed = self.runtime.methods.get(name, {})
+            fields = _fields(cls.Options)
+            for f in fields:  # the options the last assessment validated the method with, as defaults
+                f["default"] = assessed.get("options", {}).get(f["name"], f["default"])
             out.append({"name": name, "available": ok, "why": "" if ok else "needs gradients; the model is a black box",
-                        "options": _fields(cls.Options), "doc": (cls.__doc__ or "").strip().split("\n")[0]})
+                        "options": fields, "doc": (cls.__doc__ or "").strip().split("\n")[0],
+                        "assessment": {k: v for k, v in assessed.items() if k != "options"} or None})
         return out
 
     def perturbations(self) -> list[dict]:

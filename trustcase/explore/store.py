@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trustcase.explore.lab import Runtime
 from trustcase.flows import tracking
 from trustcase.schemas import Assessment
 
@@ -88,15 +89,24 @@ class Store:
             local = got
         return local
 
-    def runtime_files(self, run_id: str) -> tuple[Path | None, dict[str, int]]:
-        """The ODD monitor file and the HUDD clusters (item id -> cluster) an assessment fitted, when it did."""
+    def runtime_files(self, run_id: str) -> Runtime:
+        """What an assessment fitted and validated for the lab: the ODD monitor file, the HUDD clusters (item id
+        -> cluster), and per attribution method the options it was assessed with and its ranking."""
         a = self.assessment(run_id)
-        monitor, clusters = None, {}
+        rt = Runtime(run_id)
         for o in a.outcomes:
             for art in o.artefacts:
-                if art.kind == "monitor" and monitor is None:
-                    monitor = self.file(run_id, f"checks/{art.path}")
+                if art.kind == "monitor" and rt.monitor is None:
+                    rt.monitor = self.file(run_id, f"checks/{art.path}")
                 elif o.check == "root_causes" and art.path.endswith("clusters.csv"):
                     with open(self.file(run_id, f"checks/{art.path}"), newline="") as f:
-                        clusters = {row["id"]: int(row["cluster"]) for row in csv.DictReader(f)}
-        return monitor, clusters
+                        rt.clusters = {row["id"]: int(row["cluster"]) for row in csv.DictReader(f)}
+            if o.check == "explainability":
+                for row in o.summary.get("ranking", []):
+                    rt.methods[row["method"]] = {"status": row["status"], "reasons": row.get("reasons", [])}
+        for spec in a.use_case.get("plan", {}).get("checks", []):
+            if spec.get("check") == "explainability":
+                for method, opts in (spec.get("params") or {}).get("options", {}).items():
+                    rt.methods.setdefault(method, {"status": "assessed", "reasons": []})["options"] = opts
+        return rt
+

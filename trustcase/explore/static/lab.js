@@ -110,6 +110,9 @@ function methodOptions() {
   const method = state.info.methods.find((m) => m.name === $("method").value);
   const box = $("method-options");
   box.replaceChildren();
+  const a = method.assessment;
+  $("method-note").textContent = a ? `last assessment: ${a.status}` + (a.options ? ", with the options shown" : "") +
+    (a.reasons && a.reasons.length ? ` (${a.reasons.join("; ")})` : "") : "not assessed by the last assessment";
   for (const f of method.options) {
     const label = el("label", { title: f.description || "" }, f.name + " ");
     let input;
@@ -260,7 +263,8 @@ async function main() {
     for (const v of values) $("subgroup").append(el("option", { value: `${k}=${v}` }, `${k} = ${v}`));
   for (const c of state.info.clusters) $("cluster").append(el("option", { value: c }, `cluster ${c}`));
   for (const m of state.info.methods) {
-    const o = el("option", { value: m.name }, m.name + (m.available ? "" : " (unavailable)"));
+    const status = m.assessment ? ` (${m.assessment.status})` : "";
+    const o = el("option", { value: m.name }, m.name + (m.available ? status : " (unavailable)"));
     if (!m.available) o.disabled = true;
     $("method").append(o);
   }
