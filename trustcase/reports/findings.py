@@ -255,9 +255,8 @@ def _validity(a: Assessment, r: Requirement, e: Evidence | None, units: Units, c
     n = next((m.n for o in a.outcomes if o.check == e.check for m in o.measurements
               if m.metric == r.metric and m.scope.split == r.scope.split and m.scope.subgroup == r.scope.subgroup
               and m.n), None)
-    where = f"{n} items of the {r.scope.split} split" if n else f"the {r.scope.split} split"
-    if r.scope.subgroup:
-        where += f" ({subgroup(r.scope.subgroup)})"
+    where = f"the {r.scope.split} split" + (f", {subgroup(r.scope.subgroup)}" if r.scope.subgroup else "")
+    where += f" (n = {n})" if n else ""
     first = f"Measured on {where}"
     if r.scope.perturbation:
         amps = e.details.get("amplitudes") or []
