@@ -76,11 +76,11 @@ def direct_calls(net: A.Network, x: torch.Tensor, target: torch.Tensor, opts: di
             x, nt_type=kind, nt_samples=16, stdevs=0.15 * net.input_range,
             nt_samples_batch_size=min(16, A._chunk(n, len(x))), target=target, abs=False)
 
-    lrp_view = A.make(net, "lrp").view  # captum's LRP with our composite rules on the Flatten+Linear view
+    lrp_method = A.make(net, "lrp")  # captum's LRP with the same rules on the same Flatten+Linear view
 
     def lrp():
-        A.LrpMethod._attach(A.make(net, "lrp"), lrp_view)
-        return C.LRP(lrp_view).attribute(x, target=target)
+        lrp_method._attach(lrp_method.view)
+        return C.LRP(lrp_method.view).attribute(x, target=target)
 
     refs = torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(0)) * 0.1 * net.input_range
 
