@@ -97,6 +97,7 @@ async function select(src, img) {
   $("current-image").src = "/api/image.png?src=" + encodeURIComponent(src);
   $("label").textContent = look.label === null ? "unknown (upload)" : look.label;
   $("prediction").textContent = look.prediction;
+  $("target-class").value = look.prediction;  // explain the decision taken, unless the user picks another class
   fillProbabilities($("probabilities"), look.probabilities);
   fillDecision($("decision"), $("reasons"), look.decision);
   $("attribution-map").hidden = true;
@@ -106,14 +107,9 @@ async function select(src, img) {
 
 // --- attribution ------------------------------------------------------------------------------
 
-function methodOptions() {
-  const method = state.info.methods.find((m) => m.name === $("method").value);
-  const box = $("method-options");
+function optionsForm(box, fields) {
   box.replaceChildren();
-  const a = method.assessment;
-  $("method-note").textContent = a ? `last assessment: ${a.status}` + (a.options ? ", with the options shown" : "") +
-    (a.reasons && a.reasons.length ? ` (${a.reasons.join("; ")})` : "") : "not assessed by the last assessment";
-  for (const f of method.options) {
+  for (const f of fields) {
     const label = el("label", { title: f.description || "" }, f.name + " ");
     let input;
     if (f.choices) {
@@ -137,9 +133,9 @@ function methodOptions() {
   }
 }
 
-function readOptions() {
+function readOptions(box) {
   const options = {};
-  for (const input of document.querySelectorAll("#method-options [data-option]")) {
+  for (const input of box.querySelectorAll("[data-option]")) {
     const t = input.dataset.type;
     if (t === "boolean") options[input.dataset.option] = input.checked;
     else if (input.value === "") continue;
@@ -147,6 +143,14 @@ function readOptions() {
     else options[input.dataset.option] = input.value;
   }
   return options;
+}
+
+function methodOptions() {
+  const method = state.info.methods.find((m) => m.name === $("method").value);
+  const a = method.assessment;
+  $("method-note").textContent = a ? `last assessment: ${a.status}` + (a.options ? ", with the options shown" : "") +
+    (a.reasons && a.reasons.length ? ` (${a.reasons.join("; ")})` : "") : "not assessed by the last assessment";
+  optionsForm($("method-options"), method.options);
 }
 
 async function follow(job, kind, onDone) {
@@ -174,7 +178,7 @@ async function explain(event) {
   const kind = $("target-kind").value;
   const target = kind === "class" ? { kind, class: $("target-class").value }
     : { kind, layer: $("target-layer").value, channel: Number($("channel").value) };
-  const job = await post("/api/attributions", { src: state.src, method: $("method").value, options: readOptions(),
+  const job = await post("/api/attributions", { src: state.src, method: $("method").value, options: readOptions($("method-options")),
     target, baseline: $("baseline").value });
   await follow(job, "attribution", (result) => {
     $("attribution-map").src = result.overlay;
@@ -205,6 +209,7 @@ function perturbationRange() {
   const p = state.info.perturbations.find((x) => x.name === $("perturbation").value);
   const s = $("amplitude");
   s.min = p.min; s.max = p.max; s.step = p.step; s.value = p.min;
+  optionsForm($("perturbation-options"), p.options);
 }
 
 async function slide() {
@@ -214,7 +219,8 @@ async function slide() {
   try {
     const p = state.info.perturbations.find((x) => x.name === $("perturbation").value);
     $("amplitude-value").textContent = `${$("amplitude").value} ${p.unit}`;
-    const r = await post("/api/perturb", { src: state.src, name: p.name, amplitude: Number($("amplitude").value) });
+    const r = await post("/api/perturb", { src: state.src, name: p.name, amplitude: Number($("amplitude").value),
+      options: readOptions($("perturbation-options")) });
     $("perturbed").src = r.image;
     $("perturbed").hidden = false;
     $("perturbed-prediction").textContent = r.prediction;
@@ -300,6 +306,7 @@ async function main() {
   $("attribution").addEventListener("submit", (e) => explain(e).catch(() => {}));
   $("cancel-attribution").addEventListener("click", () => cancel("attribution").catch(() => {}));
   $("perturbation").addEventListener("change", () => { perturbationRange(); slide(); });
+  $("perturbation-options").addEventListener("change", slide);
   $("amplitude").addEventListener("input", slide);
   $("prove").addEventListener("submit", (e) => prove(e).catch(() => {}));
   $("cancel-proof").addEventListener("click", () => cancel("proof").catch(() => {}));
