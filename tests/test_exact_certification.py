@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from trustcase.certification import bounds as B
@@ -226,3 +227,51 @@ def test_item_seeds_follow_the_item():
     assert len(set(s.tolist())) == 3 and (s >= 0).all()
     assert S.item_seeds(4, "estimate", ["a"])[0] != s[0] and S.item_seeds(3, "select", ["a"])[0] != s[0]
     assert math.isfinite(float(s.max()))
+
+
+# --- closed forms of the radii and of PREDICT (mutation survivors) ------------------------------------
+
+def test_certified_radii_closed_forms():
+    z = np.array([[3.0, 1.0, 0.0], [0.0, 0.5, 2.5]])
+    # no head: (z_top - z_2nd) / (sqrt(2) L s)
+    plain = L.Bound(total=2.0)
+    assert L.certified_radii(z, plain, input_scale=0.5) == pytest.approx([2.0 / math.sqrt(2), 2.0 / math.sqrt(2)])
+    # head W (3 classes) after a body of bound 2: min over j of (z_y - z_j) / (||W_y - W_j|| * 2 * s)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    head = L.Bound(total=0.0, body=2.0, head=w)
+    r = L.certified_radii(z, head, input_scale=0.5)
+    assert r[0] == pytest.approx(min(2.0 / math.sqrt(2), 3.0 / 1.0))  # vs class 1 (||W0-W1|| = sqrt 2), class 2
+    assert r[1] == pytest.approx(min(2.5 / 1.0, 2.0 / 1.0))  # y = 2: vs class 0 (||W2-W0|| = 1), class 1
+    # two identical rows can never be confused: infinite radius against that class
+    same = L.Bound(total=0.0, body=1.0, head=torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
+    assert L.certified_radii(np.array([[1.0, 0.0]]), same)[0] == np.inf
+
+
+class Constant(nn.Module):
+    """Always class 1 (whatever the noise): PREDICT's binomial test alone decides."""
+
+    def forward(self, x):
+        return torch.stack([torch.zeros(len(x)), torch.ones(len(x))], 1)
+
+
+@pytest.mark.parametrize(("n", "want"), [(10, S.ABSTAIN), (11, 1)])
+def test_predict_abstains_exactly_where_the_binomial_test_says(n, want):
+    """n_A = n votes, n_B = 0: p = 2 * 0.5^n; at alpha = 0.001, 10 votes (p = 0.00195) are not enough,
+    11 (p = 0.00098) are."""
+    clf = Classifier(half_plane().spec, module=Constant())
+    x = np.zeros((2, 2), np.float32)
+    assert S.predict(clf, x, sigma=0.1, n=n, alpha=0.001).tolist() == [want, want]
+    c, r, p_a = S.certify(clf, x, sigma=0.1, n0=4, n=n, alpha=0.001)
+    assert c.tolist() == [1, 1] and p_a == pytest.approx([0.001 ** (1 / n)] * 2)  # k = n: alpha^(1/n)
+    assert r == pytest.approx([0.1 * stats.norm.ppf(0.001 ** (1 / n))] * 2)
+
+
+def test_noise_step_is_the_normalisation_slope():
+    spec = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[3], value_range=(0, 255),
+                     class_names=["a", "b"], critical_class="b", normalisation={"mean": [0.5], "std": [0.25]})
+    step = S.noise_step(Classifier(spec, module=nn.Linear(3, 2)))
+    assert step.shape == (1, 3) and torch.allclose(step, torch.full((1, 3), 1 / (255 * 0.25)))
+    img = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[2, 4, 5], value_range=(0, 1),
+                    class_names=["a", "b"], critical_class="b", normalisation={"mean": [0.0, 0.0], "std": [1.0, 0.5]})
+    step = S.noise_step(Classifier(img, module=nn.Identity()))
+    assert step.shape == (1, 2, 4, 5) and torch.allclose(step[0, :, 0, 0], torch.tensor([1.0, 2.0]))
