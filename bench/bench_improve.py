@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,9 +70,13 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["hudd", "noise"])
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-improve-") as tmp:
-        tmp = Path(tmp)
+        tmp = a.out.resolve() if a.out else Path(tmp)
+        if a.out:
+            shutil.rmtree(tmp, ignore_errors=True)  # a fresh MLflow store: the parent is version 1
+            tmp.mkdir(parents=True)
         case = use_case_file(tmp)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         for method in a.methods:
