@@ -31,6 +31,7 @@ import torch
 
 from trustcase.certification import bounds as B
 from trustcase.certification import propagation as P
+from trustcase.certification.bab import split_relus
 from trustcase.certification.properties import falsify, plain_check
 from trustcase.certification.vnnlib import Conjunction, Property, Region
 from trustcase.robustness.attacks import _fooled, apgd
@@ -78,12 +79,13 @@ STAGES = ("ibp", "crown", "alpha-crown")
 
 
 def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, predicted: int, timeout: float,
-           seed: int = 0, item_seed: int = 0, limit: int = 2048, prove: bool = True) -> dict:
+           seed: int = 0, item_seed: int = 0, limit: int = 2048, prove: bool = True, max_split: int = 200) -> dict:
     """verified / falsified / unknown: does every input of the box [lo, hi] around x (model inputs, (1, ...))
     keep `predicted` strictly above every other class?
 
     Falsification first (APGD on the margin, targeted at the runner-up classes), then IBP, CROWN and
-    alpha-CROWN on the layer graph, each only if the one before did not decide, within `timeout` seconds;
+    alpha-CROWN on the layer graph, each only if the one before did not decide, then branch and bound on the
+    ReLUs when at most `max_split` are unstable, within `timeout` seconds;
     after each bound, the corner of the box that minimises its linear bound is tried as a witness, then used
     as an attack start. Every witness is re-checked by a plain float32 forward pass and lies in the box.
     prove=False: the attack only (a smaller ball around x was not proved, so this one would not be either).
@@ -141,7 +143,16 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
                 time.perf_counter() < deadline and attack(corner, 50, 1))
             if found:
                 return found
+    reason = f"no proof and no counterexample within {timeout:g} s (best lower bound of the margin {best:.4g})"
+    unstable = sum(int(((bounds[g.nodes[r].inputs[0]][0] < 0) & (bounds[g.nodes[r].inputs[0]][1] > 0)).sum())
+                   for r in g.relus) if bounds is not None else None
+    if unstable is not None and unstable > max_split:
+        reason = f"{reason}; {unstable} unstable ReLUs, more than branch and bound takes on ({max_split})"
+    elif unstable is not None and time.perf_counter() < deadline:
+        proved, domains, why = split_relus(g, box_lo, box_hi, C, deadline, B.TOLERANCE)
+        if proved:
+            return {"verdict": "verified", "method": f"bab ({domains} ReLU-split domains)", "counterexample": None,
+                    "margin": best, "seconds": time.perf_counter() - t0}
+        reason = f"{reason}; branch and bound: {why}"
     return {"verdict": "unknown", "method": "", "counterexample": None, "margin": best,
-            "seconds": time.perf_counter() - t0,
-            "reason": f"no proof and no counterexample within {timeout:g} s (best lower bound of the margin "
-                      f"{best:.4g})"}
+            "seconds": time.perf_counter() - t0, "reason": reason}
