@@ -8,8 +8,9 @@
 2. Local robustness on ACAS Xu N_1,1 around sampled situations: what `local_robustness` decides (CROWN +
    input splitting + falsification) against plain interval bound propagation (IBP) at the same radii.
 3. Solar-cell CNN, test cells at L-inf 1 grey level, an ablation: cells verified by IBP, CROWN and
-   alpha-CROWN alone (median seconds each), and the full decision (APGD first, then the bounds within the
-   budget): verified / falsified / unknown and median seconds per cell. No ReLU branch and bound yet.
+   alpha-CROWN alone (median seconds each), and the full decision (APGD first, then the bounds, then ReLU
+   branch and bound when at most 200 ReLUs are unstable, within the budget): verified / falsified / unknown
+   and median seconds per cell.
 4. Attack strength on the solar-cell CNN: accuracy under FGSM, PGD and APGD (the attack engine) at 1 grey
    level on the same cells; the engine's must be at most the others'.
 """
@@ -174,8 +175,8 @@ def bench_solar(n: int, timeout: float) -> None:
             secs.append(r["seconds"])
         v, f = out.count("verified"), out.count("falsified")
         print(f"{'full':<14}{v:>9}{f:>10}{n - v - f:>9}{statistics.median(secs):>10.2f}")
-    print("   full = APGD, then IBP, CROWN, alpha-CROWN (CROWN refines the 512 loosest unstable neurons per layer);"
-          " unknown counts as not verified")
+    print("   full = APGD, then IBP, CROWN, alpha-CROWN (CROWN refines the 512 loosest unstable neurons per layer),"
+          " ReLU branch and bound if <= 200 unstable; unknown counts as not verified")
 
 
 def bench_attacks(n: int) -> None:
