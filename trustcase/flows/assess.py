@@ -1,6 +1,6 @@
 """The assessment flow: a Prefect DAG of thin tasks over components, logged to MLflow, ending in a report.
 
-    fingerprint (model + data hashes) -> data_quality -> checks (.map over shards) -> evidence -> report
+    fingerprint (model + code hashes) -> data_quality (content hash) -> checks (a task per shard) -> evidence -> report
 
 Resume keyed on content. Data quality always runs: it streams every item and hashes ids, labels and
 pixels (`data_sha256`). Every other check shard is a Prefect task cached on its inputs (use case, check
@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from prefect import flow, task, unmapped
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -361,11 +361,9 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                 outcomes.append(value)
                 run.log_outcome(value)  # live in the MLflow run as each check finishes (in plan order)
 
-    common = (uc, seed, fp["model_sha256"], fp["code_sha256"], str(store), salt)
-
     def call(spec: CheckSpec, shard: int, data_sha: str | None, label: str) -> tuple:
-        u, s, m, c, st, sa = common
-        return (u, spec, shard, s, m, data_sha, c, st, sa, label)
+        """run_check's arguments, in order (kept: a shard whose artefacts are gone is submitted again)."""
+        return uc, spec, shard, seed, fp["model_sha256"], data_sha, fp["code_sha256"], str(store), salt, label
 
     # data quality first, always run: its content hash of ids, labels and pixels keys every other check
     _, dq_spec = steps[0]
@@ -381,11 +379,7 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
             calls.append(call(spec, i, data_sha, _label(shard)))
             labels.append(calls[-1][-1])
     if calls and outcomes:
-        columns = list(zip(*calls, strict=True))
-        futures = cached.map(unmapped(uc), columns[1], columns[2], unmapped(seed), unmapped(fp["model_sha256"]),
-                             unmapped(data_sha), unmapped(fp["code_sha256"]), unmapped(str(store)), unmapped(salt),
-                             labels)
-        collect(futures, labels, calls)
+        collect([cached.submit(*c) for c in calls], labels, calls)
 
     records = evidence(uc, outcomes)
     complete = not errors
