@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_explore.py [--quick]
 
 The application (`trustcase explore`, uvicorn in a thread, loopback) answers an httpx client in the same process:
-1. Request to rendered map for saliency and integrated gradients (n_steps 32) on one 64x64 cell: POST the job,
-   long-poll it, receive the overlay PNG; against a direct call of the same method (`attribution.attribute`).
-   Overhead = lab - direct, medians (target < 50 ms).
+1. Request to rendered map for saliency and integrated gradients (n_steps 32) on one 64x64 cell: POST the job
+   with a long poll (`?wait=`), receive the overlay PNG; against a direct call of the same method
+   (`attribution.attribute`). Overhead = lab - direct, medians (target < 50 ms).
 2. One perturbation-slider step (POST /api/perturb: perturb, predict, monitor, PNG): median and p95 (target
    < 100 ms).
 3. Latency of a short request (prediction + monitor, and a slider step) while another user's long integrated
@@ -79,8 +79,8 @@ def main() -> None:
         client.get("/api/items?limit=1").raise_for_status()  # index the split once
 
         def via_lab(method: str, options: dict) -> dict:
-            job = client.post("/api/attributions", json={"src": src, "method": method, "options": options,
-                                                          "target": {"class": "defective"}}).json()
+            job = client.post("/api/attributions", params={"wait": 10}, json={  # one round trip when quick
+                "src": src, "method": method, "options": options, "target": {"class": "defective"}}).json()
             while job["state"] in ("queued", "running"):
                 job = client.get(f"/api/jobs/{job['id']}", params={"wait": 10}).json()
             assert job["state"] == "done", job

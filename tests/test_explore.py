@@ -208,6 +208,10 @@ def test_attribution_is_the_direct_call_and_errors_are_refused_before_work(clien
                                                                   "options": {"window": 64}}).json())
     assert failed["state"] == "failed" and "larger than the image" in failed["error"]
     assert client.get("/api/jobs/0000").status_code == 404 and client.post("/api/jobs/0000/cancel").status_code == 404
+    # a long poll on the POST itself: a quick job answers in one round trip; the wait is bounded
+    quick = client.post("/api/attributions?wait=10", json={"src": "test:5", "method": "saliency"})
+    assert quick.status_code == 202 and quick.json()["state"] == "done" and quick.json()["result"]["overlay"]
+    assert client.post("/api/attributions?wait=99", json={"src": "test:5", "method": "saliency"}).status_code == 422
 
 
 def test_class_and_channel_visualisation_is_the_science(client, assessed):
@@ -350,7 +354,10 @@ def test_confidential_images_go_to_the_local_user_only(assessed, tmp_path):
     body = {"src": "test:0", "method": "saliency"}
     assert remote.post("/api/attributions", json=body).status_code == 403
     assert remote.post("/api/perturb", json={"src": "test:0", "name": "gamma", "amplitude": 0.1}).status_code == 403
-    assert remote.get("/api/look?src=test:0").status_code == 200  # numbers, no image
+    seen = remote.get("/api/look?src=test:0")  # numbers, no image, no file name
+    assert seen.status_code == 200 and seen.json()["name"] == "test:0"
+    assert remote.get("/api/items?limit=1").json()["items"][0]["id"] == "item 0"
+    assert local.get("/api/items?limit=1").json()["items"][0]["id"].endswith(".png")
 
 
 def test_token_off_loopback(assessed, tmp_path):

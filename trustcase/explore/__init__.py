@@ -8,12 +8,14 @@
 - The lab (`/lab`): the use case's model, loaded once per process, on the test split (filters: class,
   correct/incorrect, ODD subgroup, ODD decision, HUDD cluster of the last assessment) or an uploaded image:
   prediction, the ODD monitor's decision and reasons (the monitor fitted by the last assessment, else the
-  use case's specification), every registered attribution method for a class or a layer's channel, every
+  use case's specification), every registered attribution method for a class or a layer's channel or unit
+  (starting from the options the last assessment validated it with), class and channel visualisation, every
   registered perturbation on a slider, and "prove it" (local robustness of the certification engine).
 
 Everything is served by the application itself (no CDN; a Content-Security-Policy forbids any other origin);
 it binds to 127.0.0.1 unless `--host` is given, which then requires `--token`. Work runs off the event loop:
-short requests on a small bounded pool, attributions and proofs as cancellable jobs with progress on another.
+short requests on a small bounded pool; attributions, visualisations and proofs as jobs on another (a job id,
+progress, a long poll, cooperative cancellation at every model evaluation).
 Artefacts fetched from MLflow are cached under `.trustcase/explore/` in the working directory; uploads stay
 in memory. For a confidential use case images go to loopback clients only.
 """

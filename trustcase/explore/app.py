@@ -10,10 +10,10 @@ import math
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -28,6 +28,8 @@ from trustcase.explore.store import Store, StoreError
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "trustcase_token"
+# long poll: answer when the job ends, or after this many seconds
+Wait = Annotated[float, Query(ge=0, le=10, description="seconds to wait for the job to end before answering")]
 
 
 class Body(BaseModel):
@@ -94,6 +96,13 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
     async def off_loop(fn, *args):
         return await anyio.to_thread.run_sync(partial(fn, *args), limiter=quick)
 
+    async def settle(job, wait: float) -> dict:
+        """The job's state once it ended, or after `wait` seconds: a long poll."""
+        with anyio.move_on_after(wait):
+            while job.state in ("queued", "running"):
+                await anyio.sleep(0.002)
+        return job.view()
+
     # --- guards and errors ------------------------------------------------------------------------
 
     @app.middleware("http")
@@ -151,8 +160,12 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
             raise StoreError("no MLflow store", 404)
         return store
 
+    def remote_confidential(request: Request) -> bool:
+        host = request.client.host if request.client else None
+        return lab is not None and lab.uc.confidential and not is_loopback(host)
+
     def images_allowed(request: Request) -> None:
-        if lab is not None and lab.uc.confidential and not is_loopback(request.client.host if request.client else None):
+        if remote_confidential(request):
             raise LabError("confidential use case: images are shown to the local user only", 403)
 
     def image_headers() -> dict:
@@ -209,7 +222,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
                 "clusters": sorted({c for c in lb.clusters.values()}), "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     @app.get("/api/items")
-    async def items(cls: str | None = None, correct: bool | None = None, subgroup: str | None = None,
+    async def items(request: Request, cls: str | None = None, correct: bool | None = None, subgroup: str | None = None,
                     decision: str | None = None, cluster: int | None = None, offset: int = 0, limit: int = 60):
         lb = need_lab()
         groups = {}
@@ -223,7 +236,10 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         if not (0 <= offset and 1 <= limit <= 500):
             raise LabError("offset >= 0 and 1 <= limit <= 500", 400)
         rows = await off_loop(partial(lb.items, cls, correct, groups, decision, cluster))
-        return {"total": len(rows), "items": rows[offset:offset + limit]}
+        page = rows[offset:offset + limit]
+        if remote_confidential(request):  # item ids name confidential files: the local user only
+            page = [{**r, "id": f"item {r['item']}"} for r in page]
+        return {"total": len(rows), "items": page}
 
     @app.get("/api/image.png")
     async def image(request: Request, src: str):
@@ -247,13 +263,14 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         return {"src": f"upload:{key}"}
 
     @app.get("/api/look")
-    async def look(src: str):
+    async def look(request: Request, src: str):
         lb = need_lab()
         inp = await off_loop(lb.input, src)
-        return await off_loop(lb.look, inp)
+        out = await off_loop(lb.look, inp)
+        return {**out, "name": src} if remote_confidential(request) else out
 
     @app.post("/api/attributions", status_code=202)
-    async def attributions(request: Request, body: AttributionBody):
+    async def attributions(request: Request, body: AttributionBody, wait: Wait = 0.0):
         lb = need_lab()
         images_allowed(request)
         inp = await off_loop(lb.input, body.src)
@@ -261,10 +278,10 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         opts, t = await off_loop(lb.attribution_request, body.method, body.options, target, inp)
         job = jobs.submit("attribution", lambda j: lb.attribute(j, inp, body.method, opts, t, body.baseline),
                           lb.expected_evaluations(opts), (Unsupported, LabError, ValueError))
-        return job.view()
+        return await settle(job, wait)
 
     @app.post("/api/visualisations", status_code=202)
-    async def visualisations(request: Request, body: VisualisationBody):
+    async def visualisations(request: Request, body: VisualisationBody, wait: Wait = 0.0):
         lb = need_lab()
         images_allowed(request)
         if not lb.net.differentiable:
@@ -273,7 +290,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         job = jobs.submit("visualisation", lambda j: lb.visualise(j, t, body.steps),
                           body.steps + (t["kind"] == "channel"),  # a channel is located by one probe first
                           (Unsupported, LabError, ValueError))
-        return job.view()
+        return await settle(job, wait)
 
     @app.post("/api/perturb")
     async def perturb(request: Request, body: PerturbBody):
@@ -284,26 +301,22 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         return {**out, "image": data_url(await off_loop(lb.picture, x))}
 
     @app.post("/api/proofs", status_code=202)
-    async def proofs(body: ProofBody):
+    async def proofs(body: ProofBody, wait: Wait = 0.0):
         lb = need_lab()
         inp = await off_loop(lb.input, body.src)
         await off_loop(lb.prove_request, body.radius, body.timeout)  # refused now, not in the job
         job = jobs.submit("proof", lambda j: lb.prove(j, inp, body.radius, body.timeout), body.timeout,
                           (Unsupported, LabError))
-        return job.view()
+        return await settle(job, wait)
 
     @app.get("/api/jobs/{job_id}")
-    async def job_state(job_id: str, wait: float = 0.0):
-        """`wait`: up to this many seconds (at most 10) for the job to end before answering (long poll)."""
+    async def job_state(job_id: str, wait: Wait = 0.0):
+        """`wait`: up to this many seconds for the job to end before answering (long poll; also on every POST that
+        starts a job, so a quick job answers in one round trip)."""
         job = jobs.get(job_id)
         if job is None:
             raise LabError(f"no job {job_id!r} (finished jobs are kept for a while only)", 404)
-        if not 0 <= wait <= 10:
-            raise LabError(f"wait={wait}: expected 0..10 seconds", 400)
-        with anyio.move_on_after(wait):
-            while job.state in ("queued", "running"):
-                await anyio.sleep(0.002)
-        return job.view()
+        return await settle(job, wait)
 
     @app.post("/api/jobs/{job_id}/cancel")
     async def job_cancel(job_id: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import io
 import math
 import threading
@@ -248,7 +249,7 @@ class Lab:
 
     def upload(self, data: bytes, name: str = "", resize: bool = False) -> str:
         x = self.decode(data, resize)
-        key = f"{len(data):x}{abs(hash(data)) % (1 << 40):x}"
+        key = hashlib.sha256(data).hexdigest()[:16]  # the same file twice is one upload
         with self._uploads_lock:
             self._uploads[key] = Input(x, {}, None, name or "upload")
             self._uploads.move_to_end(key)

@@ -178,7 +178,7 @@ async function explain(event) {
   const kind = $("target-kind").value;
   const target = kind === "class" ? { kind, class: $("target-class").value }
     : { kind, layer: $("target-layer").value, channel: Number($("channel").value) };
-  const job = await post("/api/attributions", { src: state.src, method: $("method").value, options: readOptions($("method-options")),
+  const job = await post("/api/attributions?wait=0.25", { src: state.src, method: $("method").value, options: readOptions($("method-options")),
     target, baseline: $("baseline").value });
   await follow(job, "attribution", (result) => {
     $("attribution-map").src = result.overlay;
@@ -196,7 +196,7 @@ async function visualise(event) {
   const kind = $("vis-kind").value;
   const target = kind === "class" ? { kind, class: $("vis-class").value }
     : { kind, layer: $("vis-layer").value, channel: Number($("vis-index").value) };
-  const job = await post("/api/visualisations", { target, steps: Number($("vis-steps").value) });
+  const job = await post("/api/visualisations?wait=0.25", { target, steps: Number($("vis-steps").value) });
   await follow(job, "visualisation", (r) => {
     $("visualisation").src = r.image;
     $("visualisation").hidden = false;
@@ -238,7 +238,7 @@ async function prove(event) {
   event.preventDefault();
   if (!state.src) { showError("pick a test image or upload one first"); return; }
   $("proof-result").textContent = "";
-  const job = await post("/api/proofs", { src: state.src, radius: Number($("radius").value),
+  const job = await post("/api/proofs?wait=0.25", { src: state.src, radius: Number($("radius").value),
     timeout: Number($("budget").value) });
   await follow(job, "proof", (r) => {
     $("proof-result").textContent = `${r.verdict} at radius ${r.radius} (prediction ${r.prediction}, ` +
