@@ -173,3 +173,40 @@ def test_rank_methods_on_intervals():
     assert rows[3]["reasons"] == ["better than random: INCONCLUSIVE (not measured)"]
     rows = rank_methods(["a"], [m(-0.1, -0.2, 0.0, metric="faithfulness:a")], rules)
     assert rows[0]["reasons"] == ["better than random: FAIL (faithfulness -0.1 [-0.2, 0], required > 0)"]
+
+
+def test_the_pessimistic_measurement_is_chosen_by_its_bound_not_its_value():
+    # a high value on few items (low lower bound) is worse for ">=" than a lower value on many items
+    few, many = m(0.95, 0.80, 0.99, n=20, amplitude=1.0, perturbation="blur"), \
+        m(0.92, 0.90, 0.94, n=2000, amplitude=0.0, perturbation="blur")
+    for cmp in (">=", ">"):
+        (e,) = judge([req(cmp, 0.85, perturbation="blur", max_amplitude=1.0)], [outcome(many, few)])
+        assert e.value == 0.95 and e.verdict is Verdict.INCONCLUSIVE
+        assert e.rationale.startswith("accuracy = 0.95, lower bound 0.8 at amplitude 1 (n = 20)")
+    # for "<=", the largest upper bound
+    few, many = m(0.05, 0.01, 0.20, metric="fnr", n=20, amplitude=1.0, perturbation="blur"), \
+        m(0.08, 0.07, 0.09, metric="fnr", n=2000, amplitude=0.0, perturbation="blur")
+    (e,) = judge([req("<=", 0.1, "fnr", "blur", 1.0)], [outcome(many, few)])
+    assert e.value == 0.05 and e.verdict is Verdict.INCONCLUSIVE and "upper bound 0.2" in e.rationale
+
+
+def test_nan_lower_bound_of_an_upper_claim_and_scopes_of_the_evidence():
+    assert verdict(0.05, "<=", 0.1, math.nan, 0.08) is Verdict.INCONCLUSIVE
+    r1 = Requirement(id="A", text="t", metric="missing", comparator=">=", threshold=0.5, scope=Scope(split="val"))
+    r2 = Requirement(id="B", text="t", metric="accuracy", comparator=">=", threshold=0.5, scope=Scope(split="val"))
+    r3 = Requirement(id="C", text="t", metric="recall:bad", comparator=">=", threshold=0.5, scope=Scope(split="val"))
+    val = dict(scope=Scope(split="val"), check="performance")
+    ms = [Measurement(metric="accuracy", value=0.9, n=10, amplitude=1.0, **val),  # amplitude without a sweep
+          Measurement(metric="recall:bad", value=None, n=0, **val)]
+    e1, e2, e3 = judge([r1, r2, r3], [outcome(*ms)])  # a claim nothing measured does not stop the others
+    assert [e.claim_id for e in (e1, e2, e3)] == ["A", "B", "C"]
+    assert e1.check is None and all(e.scope == Scope(split="val") for e in (e1, e2, e3))
+    assert e2.rationale == "accuracy = 0.9 (n = 10); claim >= 0.5: PASS"
+    assert e3.verdict is Verdict.INCONCLUSIVE
+
+
+def test_breaking_amplitude_counts_the_clean_point_first_whatever_the_order():
+    sweep = [m(0.95, 0.92, 0.97, amplitude=2.0, perturbation="blur"),
+             m(0.96, 0.93, 0.98, amplitude=1.0, perturbation="blur"),
+             m(0.99, 0.95, 1.0, amplitude=None, perturbation="blur")]
+    assert breaking_amplitude(req(">=", 0.94), sweep) == 0.0
