@@ -253,7 +253,7 @@ def main() -> None:
     print("\nPeak resident memory above the loaded model, attributing in batches of 16 (fresh process each)")
     print(f"{'method':<22}{'16 images MB':>14}{'256 images MB':>15}")
     for method in (["integrated_gradients", "lime"] if args.quick else ["integrated_gradients", "lrp", "lime",
-                                                                          "sobol"]):
+                                                                          "occlusion"]):
         m16, m256 = peak_memory(method, 16), peak_memory(method, 64 if args.quick else 256)
         print(f"{method:<22}{m16:>14.1f}{m256:>15.1f}")
 
