@@ -115,6 +115,9 @@ def test_lab_lists_what_the_registries_hold(client):
     assert info["subgroups"]["cell_type"] == ["mono", "poly"] and info["clusters"]
     assert info["layers"] and all(r["channels"] > 0 for r in info["layers"])
     assert client.get("/lab").status_code == 200
+    assert client.get("/", follow_redirects=False).headers["location"] == "/runs"
+    js = client.get("/static/lab.js")
+    assert js.status_code == 200 and "http://" not in js.text and "https://" not in js.text  # no other origin
 
 
 def test_items_filter_and_match_the_model(client, assessed):
