@@ -275,3 +275,39 @@ def test_noise_step_is_the_normalisation_slope():
                     class_names=["a", "b"], critical_class="b", normalisation={"mean": [0.0, 0.0], "std": [1.0, 0.5]})
     step = S.noise_step(Classifier(img, module=nn.Identity()))
     assert step.shape == (1, 2, 4, 5) and torch.allclose(step[0, :, 0, 0], torch.tensor([1.0, 2.0]))
+
+
+class OnePixel(nn.Module):
+    """Class 1 iff channel 1, row 2, column 3 of a (2, 3, 4) input exceeds 0.5 (normalised): a half space."""
+
+    def forward(self, x):
+        v = x[:, 1, 2, 3] - 0.5
+        return torch.stack([-v, v], 1)
+
+
+def test_smoothing_an_image_model_follows_its_channels_and_range():
+    """Pixel values in [10, 20] (normalised by the range): the half space of one (channel, row, column) is at
+    distance |x - 15| / 10 in the unit range; a transposed layout or a wrong range moves it."""
+    spec = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[2, 3, 4], value_range=(10, 20),
+                     class_names=["a", "b"], critical_class="b")
+    clf = Classifier(spec, module=OnePixel())
+    x = np.full((2, 3, 4, 2), 15.0, np.float32)  # (B, H, W, C) pixel space
+    x[0, 2, 3, 1], x[1, 2, 3, 1] = 12.0, 19.0
+    x[:, 1, 1, 0] = 0.0  # far from the boundary on pixels the model ignores
+    c, r, _ = S.certify(clf, x, sigma=0.2, n0=32, n=4000, alpha=0.001, batch_size=100)
+    assert c.tolist() == [0, 1]
+    dist = np.array([0.3, 0.4])
+    assert np.all(r <= dist + 1e-9) and np.all(r >= dist - 0.06)
+
+
+def test_smoothing_parameters_at_their_edges():
+    clf = half_plane()
+    x = np.zeros((1, 2), np.float32)
+    S.certify(clf, x, sigma=0.1, n0=1, n=1, alpha=0.5, batch_size=1)  # the smallest valid values
+    for kw, msg in (({"alpha": 1.0}, "alpha must be in"), ({"n": 0}, "n must be >= 1"),
+                    ({"batch_size": 0}, "batch_size must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=msg):
+            S.certify(clf, x, **{**dict(sigma=0.1, n0=1, n=1, alpha=0.5, batch_size=1), **kw})
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        S.predict(clf, x, sigma=0.1, n=0, alpha=0.5)
+
