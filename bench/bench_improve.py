@@ -94,7 +94,8 @@ def main() -> None:
             c = s.get("clusters")
             if c:
                 print(f"root-cause clusters: k = {c['k']} at {c['layer']}; pool within reach {c['pool_within_reach']}"
-                      f"/{c['pool_items']}; unsafe set {c['selected']} copies {c['selected_clusters']}")
+                      f"/{c['pool_items']}; unsafe set {c['selected']} copies {c['selected_clusters']} of "
+                      f"{c['distinct_per_cluster']} distinct items per cluster")
                 wins = 0
                 for i in range(c["k"]):
                     row = [c["accuracy"][m][i] for m in ("parent", "improved", "baseline")]

@@ -354,8 +354,11 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
                     "heldout": {str(c): len(v) for c, v in selection["heldout"].items()}, "accuracy": acc,
                     "pool_within_reach": selection["pool_within_reach"], "pool_items": selection["pool_items"],
                     "selected": sum(e.copies for e in selection["improved"]),
-                    "selected_clusters": np.bincount(selection["improved_clusters"],
-                                                     minlength=selection["k"]).tolist()}
+                    "selected_clusters": np.bincount(  # copies per cluster: an equal share each
+                        selection["improved_clusters"], weights=[e.copies for e in selection["improved"]],
+                        minlength=selection["k"]).astype(int).tolist(),
+                    "distinct_per_cluster": np.bincount(selection["improved_clusters"],
+                                                        minlength=selection["k"]).tolist()}
         lap("held-out cluster accuracy")
     summary = {
         "use_case": uc.id, "method": method, "settings": {k: v for k, v in settings.items() if k != "root_causes"},
