@@ -30,10 +30,9 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
                     "tests/test_exact_certification.py", "tests/test_exact_metrics.py", "tests/test_performance.py",
                     "tests/test_bad_input_verdicts.py"]),
     "performance": (["trustcase/performance.py"], ["tests/test_performance.py", "tests/test_exact_metrics.py"]),
-    "certification": (["trustcase/certification/lipschitz.py", "trustcase/certification/smoothing.py",
-                       "trustcase/certification/bounds.py"],
-                      ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_smoothing.py",
-                       "tests/test_properties.py"]),
+    # bounds.py is being replaced by graph.py / propagation.py (exact tests against scipy's MILP of their own)
+    "certification": (["trustcase/certification/lipschitz.py", "trustcase/certification/smoothing.py"],
+                      ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_smoothing.py"]),
 }
 SKIP = {".venv", ".git", "mutants", "__pycache__", "mlruns", "node_modules", "build"}
 
@@ -73,11 +72,8 @@ def run_chunk(name: str) -> dict:
     survivors = {}
     for line in listing.splitlines():
         mutant, _, status = line.strip().rpartition(": ")
-        if status == "survived":
-            shown = subprocess.run([str(MUTMUT), "show", mutant], cwd=work, env=env, capture_output=True,
-                                   text=True).stdout
-            survivors[mutant] = [ln for ln in shown.splitlines() if ln.startswith(("-", "+"))
-                                 and not ln.startswith(("---", "+++"))]
+        if status == "survived":  # `mutmut show <name>` in the chunk's folder gives the diff (seconds each)
+            survivors[mutant] = f"cd {work} && {MUTMUT} show {mutant}"
     tested = stats["killed"] + stats["survived"] + stats["timeout"] + stats["suspicious"]
     result = {"chunk": name, "modules": modules, "tests": tests, "stats": stats,
               "score_tested": round(stats["killed"] / tested, 4) if tested else None,
