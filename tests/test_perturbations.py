@@ -265,7 +265,7 @@ def sweep_spec(perturbations) -> CheckSpec:
     ({}, "at least one perturbation"),
     ({"motion_blur": {"options": {"angel": 3}}}, "motion_blur: bad options: angel"),
     ({"jpeg": [12.5]}, "whole number"),
-    ({"gaussian_noise": [float("nan")]}, "outside"),
+    ({"gaussian_noise": [float("nan")]}, "gaussian_noise.*finite number"),
     ({"x": {"perturbation": "tests_nowhere:Thing"}}, "cannot import module 'tests_nowhere'"),
     ({"x": {"perturbation": "numpy:ndarray"}}, "not a Perturbation subclass"),
 ])

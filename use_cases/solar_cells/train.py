@@ -87,9 +87,17 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     uc = load_use_case(use_case)
     spec = uc.model
     out = Path(out or spec.path)
-    size = spec.input_shape[-1]
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the training only: the caller's process gets its setting back
+    try:
+        return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr) -> dict:
+    size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
     xex, yex = read_extra(extra, size, dict(uc.data.splits))
