@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,6 @@ class RunNotFound(Exception):
 
 
 def _client(run_id: str, tracking_uri: str | None) -> MlflowClient:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # CLI output stays readable
     tracking.configure(tracking_uri)
     client = MlflowClient()
     try:
