@@ -1,7 +1,7 @@
 """Does `trustcase improve` make the solar-cell model better, and better than the baseline the literature
 compares with? Parent vs improved vs baseline, with intervals, and the wall time of each stage.
 
-    .venv/bin/python bench/bench_improve.py [--methods hudd noise] [--budget 100] [--epochs 8]
+    .venv/bin/python bench/bench_improve.py [--methods hudd noise adversarial] [--budget 100] [--epochs 8]
 
 The bundled use case runs with a reduced plan so that each of the five assessments (parent, then improved and
 baseline per method) takes minutes, not a quarter of an hour: performance (accuracy, defective recall, per
@@ -31,9 +31,14 @@ from trustcase.flows import improve  # noqa: E402
 
 BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
 PERFORMANCE = ("accuracy", "recall", "precision", "false_negative_rate", "ece", "cost")
+# what a method is judged on beyond performance: the check it needs in the plan and the metric of its claims
+BY_METHOD = {
+    "adversarial": ({"check": "adversarial", "params": {"attacks": ["pgd_linf"], "linf": [1.0], "max_items": 128}},
+                    "adversarial_accuracy"),
+}
 
 
-def use_case_file(tmp: Path) -> Path:
+def use_case_file(tmp: Path, methods: list[str] = ()) -> Path:
     raw = yaml.safe_load(BUNDLED.read_text())
     raw["model"]["path"] = str((BUNDLED.parent / raw["model"]["path"]).resolve())
     raw["data"]["path"] = str(BUNDLED.parent)
@@ -43,10 +48,12 @@ def use_case_file(tmp: Path) -> Path:
         {"check": "randomized_smoothing", "params": {"sigma": 0.12, "n0": 32, "n": 200, "alpha": 0.001,
                                                      "max_items": 100}},
     ]
+    extra = [BY_METHOD[m] for m in methods if m in BY_METHOD]
+    raw["plan"]["checks"] += [check for check, _ in extra]
 
     def kept(r: dict) -> bool:
         pert = (r.get("scope") or {}).get("perturbation")
-        if r["metric"].startswith("smoothing_"):
+        if r["metric"].startswith("smoothing_") or any(r["metric"] == metric for _, metric in extra):
             return True
         return r["metric"].split(":")[0] in PERFORMANCE and pert is None
 
@@ -77,7 +84,7 @@ def main() -> None:
         if a.out:
             shutil.rmtree(tmp, ignore_errors=True)  # a fresh MLflow store: the parent is version 1
             tmp.mkdir(parents=True)
-        case = use_case_file(tmp)
+        case = use_case_file(tmp, a.methods)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         for method in a.methods:
             t0 = time.perf_counter()
