@@ -10,7 +10,7 @@ import torch
 from conftest import context_for, folder_use_case, save_png
 
 from trustcase.checks.data_quality import DataQuality, DataQualityParams
-from trustcase.models.blackbox import auroc
+from trustcase.measurement import auroc
 from trustcase.odd.validation import roc
 from trustcase.performance import Tally
 from trustcase.robustness.attacks import quantile_interval

@@ -86,3 +86,14 @@ def radius_grid(params_radii: list[float] | None, claimed: list[float], radius: 
         grid = np.linspace(0.0, top, 21).tolist() if top > 0 else [0.0]
     return sorted({0.0, *grid, *claimed})
 
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve = P(a positive scores above a negative), ties counting half (Mann-Whitney U
+    over both sizes); NaN when either side is empty."""
+    if not len(negatives) or not len(positives):
+        return float("nan")
+    neg = np.sort(np.asarray(negatives, np.float64))
+    pos = np.asarray(positives, np.float64)
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(neg) * len(pos)))

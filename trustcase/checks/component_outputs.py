@@ -7,8 +7,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import proportion
-from trustcase.models.blackbox import BlackBox, _meta_rows, auroc, deletion_drops
+from trustcase.measurement import auroc, proportion
+from trustcase.models.blackbox import BlackBox, _meta_rows, deletion_drops
 from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
 

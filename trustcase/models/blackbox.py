@@ -228,22 +228,6 @@ def load_black_box(spec: ModelSpec) -> BlackBox:
     return BlackBox(spec, component)
 
 
-# --- the check --------------------------------------------------------------------------------
-
-
-
-
-def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney)."""
-    if not len(negatives) or not len(positives):
-        return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([negatives, positives]))
-    r = ranks[len(negatives):].sum() - len(positives) * (len(positives) + 1) / 2
-    return float(r / (len(negatives) * len(positives)))
-
-
 def deletion_drops(model: BlackBox, images: np.ndarray, maps: np.ndarray, target: np.ndarray,
                    fractions: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Mean drop of the target's probability when the top (map) or random pixels are set to the image mean."""

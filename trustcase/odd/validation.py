@@ -37,6 +37,7 @@ from collections import Counter
 
 import numpy as np
 
+from trustcase.measurement import auroc
 from trustcase.odd import monitor as odd
 
 
@@ -83,15 +84,12 @@ def roc(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float, np.ndarray, np.
     """AUROC (ties count half), FPR at 95% TPR, and the ROC curve's (fpr, tpr) points."""
     if len(neg) == 0 or len(pos) == 0:
         return float("nan"), float("nan"), np.array([0.0, 1.0]), np.array([0.0, 1.0])
-    neg_sorted = np.sort(neg)
-    below = np.searchsorted(neg_sorted, pos, side="left")
-    ties = np.searchsorted(neg_sorted, pos, side="right") - below
-    auroc = float((below + 0.5 * ties).sum() / (len(neg) * len(pos)))
+    area = auroc(neg, pos)
     thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
     tpr = np.array([0.0, *[(pos >= t).mean() for t in thresholds]])
     fpr = np.array([0.0, *[(neg >= t).mean() for t in thresholds]])
     fpr95 = float(fpr[np.argmax(tpr >= 0.95)])
-    return auroc, fpr95, fpr, tpr
+    return area, fpr95, fpr, tpr
 
 
 def derived_boundary(grid: list[float], outside: list[float]) -> float | None:
