@@ -48,7 +48,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from trustcase.models.anatomy import Layer, UnsupportedLayer, describe_eager, describe_script, script_chain
+from trustcase.models.anatomy import (
+    Layer,
+    UnsupportedLayer,
+    describe_eager,
+    describe_script,
+    is_lipschitz_layer,
+    script_chain,
+)
+from trustcase.models.lipschitz_layers import conv2d_norm
 
 SAFETY = 1.0 + 1e-6  # covers float64 SVD/FFT rounding of each layer norm
 
@@ -73,37 +81,6 @@ def spectral_norm(matrix: torch.Tensor) -> float:
     """Largest singular value, float64."""
     m = matrix.detach().double().reshape(matrix.shape[0], -1)
     return float(torch.linalg.matrix_norm(m, ord=2)) if m.numel() else 0.0
-
-
-def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                groups: int = 1) -> float:
-    """Upper bound of the L2 operator norm of a zero-padded Conv2d on inputs of size in_hw.
-
-    The zero-padded convolution is embed -> circular convolution on N >= H + 2p -> select, so its
-    norm is at most the circular one, which is exact in the Fourier domain. A stride s is handled
-    exactly by the polyphase form (N a multiple of s): a stride-s circular convolution is a stride-1
-    one on N / s with s_h * s_w times more input channels, the tap at offset k d going to phase
-    (k d) mod s, position (k d) // s.
-    """
-    w = weight.detach().double()
-    cout, cin_g, kh, kw = w.shape
-    (sh, sw), (dh, dw) = stride, dilation
-    hp, wp = in_hw[0] + 2 * padding[0], in_hw[1] + 2 * padding[1]
-    if dh * (kh - 1) + 1 > hp or dw * (kw - 1) + 1 > wp:
-        raise LipschitzError(f"kernel {kh}x{kw} (dilation {dilation}) is larger than the padded input {hp}x{wp}")
-    mh, mw = -(-hp // sh), -(-wp // sw)  # N / s, with N the padded size rounded up to a multiple of s
-    poly = torch.zeros(cout, cin_g, sh, sw, mh, mw, dtype=torch.float64)
-    for a in range(kh):
-        for b in range(kw):
-            oh, ow = a * dh, b * dw
-            poly[:, :, oh % sh, ow % sw, oh // sh, ow // sw] += w[:, :, a, b]
-    spectrum = torch.fft.fft2(poly.reshape(cout, cin_g * sh * sw, mh, mw))
-    best = 0.0
-    per = cout // groups
-    for g in range(groups):  # block-diagonal over groups
-        block = spectrum[g * per:(g + 1) * per].permute(2, 3, 0, 1).reshape(mh * mw, per, cin_g * sh * sw)
-        best = max(best, float(torch.linalg.svdvals(block)[:, 0].max()))
-    return best
 
 
 def pool_coverage(k: int, s: int, d: int = 1) -> int:
@@ -135,8 +112,11 @@ def layer_norm(layer: Layer, in_shape: tuple[int, ...]) -> float:
     if layer.kind == "conv2d":
         if len(in_shape) != 3:
             raise LipschitzError(f"{layer.name}: Conv2d needs (C, H, W) inputs, got {in_shape}")
-        return conv2d_norm(layer.weight, in_shape[1:], layer.stride, layer.padding, layer.dilation,
-                           layer.groups) * SAFETY
+        try:
+            return conv2d_norm(layer.weight, in_shape[1:], layer.stride, layer.padding, layer.dilation,
+                               layer.groups) * SAFETY
+        except ValueError as e:
+            raise LipschitzError(f"{layer.name}: {e}") from None
     if layer.kind == "batchnorm":
         return float(layer.scale.abs().max()) * SAFETY
     if layer.kind == "activation":
@@ -201,11 +181,14 @@ UNARY_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsquee
 
 
 def _bound_fx(model: nn.Module, input_shape: tuple[int, ...]) -> Bound:
-    from torch.fx import symbolic_trace
     from torch.fx.passes.shape_prop import ShapeProp
 
+    class Tracer(torch.fx.Tracer):  # trustcase's 1-Lipschitz layers are read whole, like torch's own
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return is_lipschitz_layer(m) or super().is_leaf_module(m, name)
+
     try:
-        gm = symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as e:
         raise LipschitzError(f"cannot trace the model's graph with torch.fx: {type(e).__name__}: {e}") from None
     try:

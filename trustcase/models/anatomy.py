@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trustcase.models.lipschitz_layers import BjorckLinear, GroupSort, LipschitzConv2d, ScaledAvgPool2d, bjorck
+
 # largest slope (sup |f'|) of each elementwise operation that reshapes or activates without weights
 ACTIVATIONS = {
     "ReLU": 1.0, "ReLU6": 1.0, "Hardtanh": 1.0, "Tanh": 1.0, "Softplus": 1.0, "Softsign": 1.0,
@@ -62,8 +64,28 @@ def _bn_scale(weight, var, eps) -> torch.Tensor:
     return s * weight.detach().double() if weight is not None else s
 
 
+def is_lipschitz_layer(m: nn.Module) -> bool:
+    """One of trustcase's 1-Lipschitz layers (read whole, not traced into)."""
+    return isinstance(m, LipschitzConv2d | BjorckLinear | GroupSort | ScaledAvgPool2d)
+
+
 def describe_eager(name: str, m: nn.Module) -> Layer:
     kind = type(m).__name__
+    # the 1-Lipschitz layers first: the weights they apply are normalised, not their raw parameters
+    if isinstance(m, LipschitzConv2d):
+        with torch.no_grad():
+            weight = m.weight / m.sigma() if not m.training else None
+        if weight is None:
+            raise UnsupportedLayer(f"layer {name}: LipschitzConv2d in training mode (its norm estimate moves)")
+        return Layer(name, "conv2d", weight=weight, bias=m.bias, stride=_pair(m.stride), padding=_pair(m.padding),
+                     dilation=_pair(m.dilation), groups=m.groups)
+    if isinstance(m, BjorckLinear):
+        with torch.no_grad():
+            return Layer(name, "linear", weight=bjorck(m.weight, m.iterations), bias=m.bias)
+    if isinstance(m, GroupSort):  # a permutation of its input at every point
+        return Layer(name, "activation", slope=1.0)
+    if isinstance(m, ScaledAvgPool2d):
+        return Layer(name, "avgpool", module=m)
     if isinstance(m, nn.Linear):
         return Layer(name, "linear", weight=m.weight, bias=m.bias)
     if isinstance(m, nn.Conv2d):
@@ -110,6 +132,9 @@ def _ops(m: torch.jit.ScriptModule) -> list[torch._C.Node]:
     return [n for n in m.graph.nodes() if n.kind() not in skip]
 
 
+_LAYERS = "__torch__.trustcase.models.lipschitz_layers."  # the traced class names of those layers
+
+
 def describe_script(name: str, m: torch.jit.ScriptModule) -> Layer:
     """A TorchScript leaf: its class name says what it is, its graph gives stride/padding/eps."""
     kind = m.original_name
@@ -139,6 +164,14 @@ def describe_script(name: str, m: torch.jit.ScriptModule) -> Layer:
         return Layer(name, "maxpool2d", kernel=_pair(k), stride=_pair(s or k), dilation=_pair(d))
     if kind in ("AvgPool2d", "AdaptiveAvgPool2d"):
         return Layer(name, "avgpool", module=m)
+    qualified = re.sub(r"___torch_mangle_\d+\.", "", m._c._type().qualified_name())  # traced twice: mangled
+    if qualified == _LAYERS + "GroupSort" and op_kinds == ["aten::unflatten", "aten::sort", "aten::flatten"] \
+            and _const(list(ops[1].inputs())[1]) >= 1 and not list(ops[1].outputs())[1].uses():
+        # the sorted values (never the indices) of a reshape: a permutation of the input, 1-Lipschitz
+        return Layer(name, "activation", slope=1.0)
+    if qualified == _LAYERS + "ScaledAvgPool2d" and op_kinds == ["aten::avg_pool2d", "aten::mul"] \
+            and float(_const(list(ops[1].inputs())[1])) > 0:
+        return Layer(name, "avgpool", module=m)  # a non-negative linear map
     if kind == "LeakyReLU" and op_kinds and op_kinds[0].startswith("aten::leaky_relu"):
         return Layer(name, "activation", slope=max(1.0, abs(float(_const(list(ops[0].inputs())[1])))))
     if kind in ("Dropout", "Dropout2d", "Dropout1d", "AlphaDropout"):
