@@ -126,11 +126,14 @@ def bench_local(quick: bool) -> None:
     print("   IBP never verifies more (it is looser); a falsified ball has a re-checked counterexample")
 
 
-def solar_cells(n: int):
-    """The first n test cells of the solar-cell use case, the classifier and its layer graph."""
+def solar_cells(n: int, model: Path | None = None):
+    """The first n test cells of the solar-cell use case, the classifier (the use case's, or the TorchScript
+    file `model` under the same contract) and its layer graph."""
     from trustcase.certification import graph as G
 
     uc = load_use_case(SOLAR)
+    if model is not None:
+        uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": Path(model).resolve()})})
     clf = load_classifier(uc.model)
     images, labels = [], []
     for batch in DataSource(uc.data, 0, uc.model).stream("test").batches(64):
@@ -143,13 +146,13 @@ def solar_cells(n: int):
     return uc, clf, G.from_model(clf.module, clf.spec.input_shape), x, y
 
 
-def bench_solar(n: int, timeout: float) -> None:
+def bench_solar(n: int, timeout: float, model: Path | None = None) -> None:
     from trustcase.certification import bounds as B
     from trustcase.certification import propagation as P
     from trustcase.certification.local_robustness import decide
     from trustcase.certification.properties import single_thread
 
-    uc, clf, g, x, _ = solar_cells(n)
+    uc, clf, g, x, _ = solar_cells(n, model)
     lo_v, hi_v = uc.model.value_range
     preds = clf.logits(x).argmax(1)
     print(f"\n3. Solar-cell CNN, {n} test cells, L-inf 1 grey level, budget {timeout:g} s per cell "
@@ -179,10 +182,10 @@ def bench_solar(n: int, timeout: float) -> None:
           " ReLU branch and bound if <= 200 unstable; unknown counts as not verified")
 
 
-def bench_attacks(n: int) -> None:
+def bench_attacks(n: int, model: Path | None = None) -> None:
     from trustcase.robustness.attacks import attack
 
-    uc, clf, _, x, y = solar_cells(n)
+    uc, clf, _, x, y = solar_cells(n, model)
     vr = tuple(map(float, uc.model.value_range))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     eps = torch.full((n,), 1.0)
@@ -203,6 +206,8 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=100, help="solar cells for parts 3 and 4")
     ap.add_argument("--cell-timeout", type=float, default=10.0, help="budget per solar cell, seconds")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip (1,2,3,4)")
+    ap.add_argument("--model", type=Path, default=None, help="parts 3 and 4: this TorchScript solar-cell model "
+                    "instead of the use case's (same input contract)")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     cells = 10 if a.quick else a.cells
@@ -212,9 +217,9 @@ def main() -> None:
     if "2" not in skip:
         bench_local(a.quick)
     if "3" not in skip:
-        bench_solar(cells, 2.0 if a.quick else a.cell_timeout)
+        bench_solar(cells, 2.0 if a.quick else a.cell_timeout, a.model)
     if "4" not in skip:
-        bench_attacks(cells)
+        bench_attacks(cells, a.model)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,30 @@ class SolarCNN(nn.Sequential):
         super().__init__(*layers, nn.Flatten(), nn.Dropout(0.2), spectral_norm(head) if lipschitz else head)
 
 
-def build(width: int = 16, lipschitz: bool = False, size: int = 64) -> nn.Module:
+class StridedCNN(nn.Sequential):
+    """Certifiable by design: three stride-2 4x4 convolutions and a small dense head, no pooling and no
+    BatchNorm. Max pooling relaxes loosely (a max is a tree of ReLUs to a verifier) and a BatchNorm's scale
+    widens interval bounds; this shape is what interval-bound training (Gowal et al. 2018) trains well."""
+
+    def __init__(self, width: int = 16, classes: int = 2, size: int = 64, hidden: int = 100):
+        chans = [1, width, 2 * width, 2 * width]
+        layers = []
+        for cin, cout in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
+        super().__init__(*layers, nn.Flatten(), nn.Linear(chans[-1] * (size // 8) ** 2, hidden), nn.ReLU(),
+                         nn.Linear(hidden, classes))
+
+
+ARCHITECTURES = ("strided", "pooled")
+
+
+def build(width: int = 16, lipschitz: bool = False, size: int = 64, arch: str = "pooled") -> nn.Module:
+    """arch "pooled": conv-BN-ReLU-maxpool blocks; "strided": `StridedCNN`. lipschitz=True is its own
+    (spectrally normalised, pooled) architecture whatever `arch` says."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} (one of {', '.join(ARCHITECTURES)})")
+    if arch == "strided" and not lipschitz:
+        return StridedCNN(width=width, size=size)
     return SolarCNN(width=width, lipschitz=lipschitz, size=size)
 
 

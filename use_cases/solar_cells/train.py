@@ -1,6 +1,13 @@
 """Train the solar-cell classifier, deterministically for a seed, in a few minutes on 2 CPU cores.
 
     python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz]
+                                          [--arch strided|pooled] [--ibp-eps 2.0]
+
+The default is certified training (Gowal et al. 2018) of the strided CNN (`cnn.StridedCNN`): the loss mixes
+the cross-entropy of the clean logits with that of the worst-case margins over an L-inf ball of `ibp_eps`
+grey levels, bounded by interval propagation (`interval_margins`); the radius grows from 0 over the first
+half of the epochs and only epochs trained at the full radius are kept. The model is verifiable at 1 grey
+level by the `local_robustness` check. `--arch pooled --ibp-eps 0` trains the earlier conv-BN-maxpool CNN.
 
 `fit(request)` is the use case's training contract (`training.entry` in use_case.yaml, see
 `trustcase.schemas.training`): fine-tuning from a parent version, extra items with their labels and
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -63,6 +71,28 @@ def pgd(model: nn.Module, clf: Classifier, x: np.ndarray, y: torch.Tensor, eps: 
     return adv.numpy()
 
 
+def interval_margins(model: nn.Sequential, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of z_j - z_y (B, classes) over the boxes [lo, hi] of model inputs: interval bound
+    propagation layer by layer, the last Linear folded into the margins (tighter than bounding the logits)."""
+    mid, rad = (hi + lo) / 2, (hi - lo) / 2
+    *body, last = list(model)
+    for m in body:
+        if isinstance(m, nn.Conv2d):
+            mid, rad = m(mid), F.conv2d(rad, m.weight.abs(), None, m.stride, m.padding, m.dilation, m.groups)
+        elif isinstance(m, nn.Linear):
+            mid, rad = m(mid), rad @ m.weight.abs().T
+        elif isinstance(m, nn.ReLU):
+            low, up = (mid - rad).relu(), (mid + rad).relu()
+            mid, rad = (up + low) / 2, (up - low) / 2
+        elif isinstance(m, nn.Flatten):
+            mid, rad = m(mid), m(rad)
+        else:
+            raise ValueError(f"interval training does not take {type(m).__name__} layers (use --arch strided)")
+    W = last.weight[None] - last.weight[y][:, None]  # (B, classes, hidden): rows of z_j - z_y
+    b = last.bias[None] - last.bias[y][:, None]
+    return torch.einsum("bci,bi->bc", W, mid) + torch.einsum("bci,bi->bc", W.abs(), rad) + b
+
+
 def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """The extra items (e.g. HUDD's unsafe set) with the labels given, each repeated `copies` times."""
     xs, ys = [], []
@@ -77,12 +107,14 @@ def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndar
 def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
           limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
-          lr: float = 3e-3) -> dict:
+          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 2.0) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
     `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
     `init` a TorchScript model to start from; `extra` items added to the training split; `noise_sigma`
-    Gaussian augmentation (fraction of the range); `epsilon` PGD adversarial training (pixel units, L-inf).
+    Gaussian augmentation (fraction of the range); `epsilon` PGD adversarial training (pixel units, L-inf);
+    `arch` the architecture (`cnn.build`); `ibp_eps` the radius of certified training (pixel units, L-inf; 0:
+    none; the strided architecture only).
     """
     uc = load_use_case(use_case)
     spec = uc.model
@@ -91,19 +123,22 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # the training only: the caller's process gets its setting back
     try:
-        return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr)
+        return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
+                      arch, ibp_eps)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr) -> dict:
+def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
+           arch, ibp_eps) -> dict:
     size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
     xex, yex = read_extra(extra, size, dict(uc.data.splits))
     xtr, ytr = np.concatenate([xtr, xex.astype(xtr.dtype)]), np.concatenate([ytr, yex.astype(ytr.dtype)])
     xva, yva = read("validation", size, limit)
-    model = cnn.build(width=width, lipschitz=lipschitz, size=size)
+    model = cnn.build(width=width, lipschitz=lipschitz, size=size, arch=arch)
+    certified = ibp_eps > 0 and not lipschitz
     if init is not None:  # fine-tune a parent version: same architecture, its weights
         model.load_state_dict(torch.jit.load(str(init), map_location="cpu").state_dict())
     clf = Classifier(spec, module=model)
@@ -114,6 +149,9 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(xtr) / 64)))
     best, best_state, history = -1.0, None, []
+    steps_per_epoch = int(np.ceil(len(xtr) / 64))
+    ramp = max(1, epochs // 2) * steps_per_epoch  # steps over which the certified radius grows to ibp_eps
+    step = 0
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
@@ -134,8 +172,15 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
             yb = torch.from_numpy(ytr[idx])
             if epsilon > 0:
                 xb = pgd(model, clf, xb, yb, epsilon)
-            x = clf.to_input(torch.from_numpy(np.ascontiguousarray(xb)))
+            xt = torch.from_numpy(np.ascontiguousarray(xb))
+            x = clf.to_input(xt)
             loss = loss_fn(model(x), yb)
+            if certified:  # kappa CE(clean) + (1 - kappa) CE(worst case over the ball), eps and 1 - kappa ramped
+                t = min(1.0, step / ramp)
+                eps = t * ibp_eps
+                lo_b, hi_b = (clf.to_input((xt + d * eps).clamp(lo, hi)) for d in (-1.0, 1.0))
+                loss = (1 - t / 2) * loss + t / 2 * loss_fn(interval_margins(model, lo_b, hi_b, yb), yb)
+            step += 1
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -146,7 +191,7 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
         history.append({"epoch": epoch, "loss": total / len(xtr), **metrics})
         log(f"epoch {epoch + 1:2d}/{epochs} loss {total / len(xtr):.4f} val acc {metrics['accuracy']:.3f} "
             f"recall(defective) {metrics['recall_defective']:.3f}")
-        if metrics["balanced_accuracy"] > best:
+        if metrics["balanced_accuracy"] > best and (not certified or step >= ramp):
             best = metrics["balanced_accuracy"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -155,6 +200,7 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     cnn.export(model, out, tuple(spec.input_shape))
     final = evaluate(clf, xva, yva)
     params = {"seed": seed, "epochs": epochs, "noise_sigma": noise_sigma, "lipschitz": lipschitz, "width": width,
+              "arch": "pooled" if lipschitz else arch, "ibp_eps": ibp_eps if certified else 0.0,
               "epsilon": epsilon, "lr": lr, "init": str(init) if init else None, "extra_items": len(yex),
               "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
     result = {"params": params, "validation": final, "history": history, "seconds": time.time() - t0,
@@ -171,13 +217,22 @@ def fit(request: TrainingRequest) -> TrainingResult:
     p = dict(request.params)
     fine_tune = request.init is not None
     default_epochs = int(p.get("finetune_epochs", 8)) if fine_tune else int(p.get("epochs", 30))
+    # a fine-tuned version keeps its parent's architecture and certified training (older logs: pooled, none)
+    parent = _log(request.init).get("params", {}) if fine_tune else {}
+    arch = parent.get("arch", "pooled") if fine_tune else str(p.get("arch", "strided"))
+    ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 2.0))
     result = train(request.out, seed=request.seed, epochs=request.epochs or default_epochs,
                    noise_sigma=request.noise_sigma / (spec.value_range[1] - spec.value_range[0]),
                    init=request.init, extra=request.extra, epsilon=request.epsilon,
                    lr=float(p.get("finetune_lr" if fine_tune else "lr", 1e-3 if fine_tune else 3e-3)),
                    width=int(p.get("width", 16)), use_case=request.use_case, log=lambda line: None,
-                   limit=p.get("limit"))
+                   limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps)
     return TrainingResult(model=Path(result["path"]), log=result)
+
+
+def _log(path: Path) -> dict:
+    log = Path(path).with_suffix(".json")
+    return json.loads(log.read_text()) if log.is_file() else {}
 
 
 def stale(path: Path) -> str | None:
@@ -197,8 +252,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--noise-sigma", type=float, default=0.0, help="Gaussian augmentation, fraction of the range")
     ap.add_argument("--lipschitz", action="store_true", help="spectrally normalised, robust-by-design variant")
+    ap.add_argument("--arch", choices=cnn.ARCHITECTURES, default="strided")
+    ap.add_argument("--ibp-eps", type=float, default=2.0, help="certified training radius, grey levels (0: none)")
+    ap.add_argument("--width", type=int, default=16)
     a = ap.parse_args()
-    r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz)
+    r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz, width=a.width, arch=a.arch, ibp_eps=a.ibp_eps)
     print(json.dumps({"validation": r["validation"], "seconds": round(r["seconds"], 1), "path": r["path"]}))
 
 
