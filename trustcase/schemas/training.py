@@ -8,8 +8,9 @@ expects one `TrainingResult`:
 The function trains from `request.init` (the parent version's model file, same format as `model.path`) or
 from scratch when it is None, on the data roles `request.roles` plus the `request.extra` items (items of
 other roles, each with the label to learn and a number of copies: HUDD's bootstrap-balanced unsafe set),
-with the augmentation asked for, deterministically for `request.seed`, and writes the model to
-`request.out`. It returns the file and a training log (parameters and validation figures, JSON-ready).
+with the augmentation asked for (`lipschitz`: the script's 1-Lipschitz architecture, from scratch),
+deterministically for `request.seed`, and writes the model to `request.out`. It returns the file and a
+training log (parameters and validation figures, JSON-ready).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ class TrainingRequest(BaseModel):
     init: Path | None = Field(None, description="weights to start from; None trains from scratch")
     roles: list[str] = ["train"]
     extra: list[ExtraItem] = []
-    augment: Literal["none", "noise", "adversarial"] = "none"
+    augment: Literal["none", "noise", "adversarial", "lipschitz"] = "none"
     noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise, standard deviation in pixel units")
     epsilon: float = Field(0.0, ge=0, description="L-inf radius of PGD adversarial training, pixel units")
+    l2_radius: float = Field(0.0, ge=0, description="lipschitz: a 1-Lipschitz architecture trained from scratch "
+                             "with Lipschitz margins at this L2 radius, pixel units")
     epochs: int | None = Field(None, ge=1, description="None: the script's own default")
     params: dict[str, Any] = {}
 
