@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "Sigmoid": 0.25, "Hardsigmoid": 1.0 / 6.0, "GELU": 1.13, "SiLU": 1.1, "Mish": 1.09, "Hardswish": 1.5,
     "Identity": 1.0, "Flatten": 1.0, "Unflatten": 1.0, "Dropout": 1.0, "Dropout2d": 1.0, "Dropout1d": 1.0,
     "AlphaDropout": 1.0,
+    "PixelUnshuffle": 1.0, "PixelShuffle": 1.0,  # permutations of their input (invertible down/up-sampling)
 }
 
 

@@ -1,6 +1,6 @@
 """Train the solar-cell classifier, deterministically for a seed, in a few minutes on 2 CPU cores.
 
-    python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz]
+    python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz [--margin-radius R]]
                                           [--arch strided|pooled] [--ibp-eps 2.0]
 
 The default is certified training (Gowal et al. 2018) of the strided CNN (`cnn.StridedCNN`): the loss mixes
@@ -8,6 +8,8 @@ the cross-entropy of the clean logits with that of the worst-case margins over a
 grey levels, bounded by interval propagation (`interval_margins`); the radius grows from 0 over the first
 half of the epochs and only epochs trained at the full radius are kept. The model is verifiable at 1 grey
 level by the `local_robustness` check. `--arch pooled --ibp-eps 0` trains the earlier conv-BN-maxpool CNN.
+`--lipschitz [--margin-radius R]` trains the 1-Lipschitz CNN (`trustcase.models.lipschitz_layers`, certified by
+the `lipschitz` check) with Lipschitz margins at the L2 radius R (input scaled to [0, 1]; Tsuzuku et al. 2018).
 
 `fit(request)` is the use case's training contract (`training.entry` in use_case.yaml, see
 `trustcase.schemas.training`): fine-tuning from a parent version, extra items with their labels and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,7 @@ from trustcase.models.classifier import Classifier  # noqa: E402
 from trustcase.schemas import TrainingRequest, TrainingResult, load_use_case  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"
+LIPSCHITZ_TEMPERATURE = 16.0  # logits of a 1-Lipschitz network are small: scaled before the cross-entropy
 
 
 def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,12 +111,14 @@ def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndar
 def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
           limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
-          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 2.0) -> dict:
+          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 2.0, margin_radius: float = 0.0) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
     `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
     `init` a TorchScript model to start from; `extra` items added to the training split; `noise_sigma`
     Gaussian augmentation (fraction of the range); `epsilon` PGD adversarial training (pixel units, L-inf);
+    `lipschitz` the 1-Lipschitz architecture with Lipschitz-margin training at the L2 radius `margin_radius`
+    (input scaled to [0, 1]);
     `arch` the architecture (`cnn.build`); `ibp_eps` the radius of certified training (pixel units, L-inf; 0:
     none; the strided architecture only).
     """
@@ -124,13 +130,13 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     torch.use_deterministic_algorithms(True)  # the training only: the caller's process gets its setting back
     try:
         return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-                      arch, ibp_eps)
+                      arch, ibp_eps, margin_radius=margin_radius)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-           arch, ibp_eps) -> dict:
+           arch, ibp_eps, margin_radius=0.0) -> dict:
     size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
@@ -140,12 +146,16 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     model = cnn.build(width=width, lipschitz=lipschitz, size=size, arch=arch)
     certified = ibp_eps > 0 and not lipschitz
     if init is not None:  # fine-tune a parent version: same architecture, its weights
-        model.load_state_dict(torch.jit.load(str(init), map_location="cpu").state_dict())
+        # (a 1-Lipschitz parent was exported baked: its convs lack the power-iteration vectors, which restart)
+        model.load_state_dict(torch.jit.load(str(init), map_location="cpu").state_dict(), strict=not lipschitz)
     clf = Classifier(spec, module=model)
     lo, hi = spec.value_range
     # class weights against the 2:1 imbalance: a missed defect is the costly error
     weights = torch.tensor(len(ytr) / (2 * np.bincount(ytr, minlength=2)), dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
+    # Lipschitz-margin training (Tsuzuku et al. 2018): with L = 1 and an orthonormal head, an item is certified
+    # at radius r when z_y - z_j >= sqrt(2) r / std (the normalisation scales distances by 1 / std)
+    margin = math.sqrt(2) * margin_radius / min(spec.normalisation.std) if lipschitz else 0.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(xtr) / 64)))
     best, best_state, history = -1.0, None, []
@@ -174,7 +184,10 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
                 xb = pgd(model, clf, xb, yb, epsilon)
             xt = torch.from_numpy(np.ascontiguousarray(xb))
             x = clf.to_input(xt)
-            loss = loss_fn(model(x), yb)
+            z = model(x)
+            if lipschitz:  # the true logit must win by the margin; the temperature sharpens a 1-Lipschitz output
+                z = LIPSCHITZ_TEMPERATURE * (z - margin * F.one_hot(yb, z.shape[1]))
+            loss = loss_fn(z, yb)
             if certified:  # kappa CE(clean) + (1 - kappa) CE(worst case over the ball), eps and 1 - kappa ramped
                 t = min(1.0, step / ramp)
                 eps = t * ibp_eps
@@ -201,7 +214,8 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     final = evaluate(clf, xva, yva)
     params = {"seed": seed, "epochs": epochs, "noise_sigma": noise_sigma, "lipschitz": lipschitz, "width": width,
               "arch": "pooled" if lipschitz else arch, "ibp_eps": ibp_eps if certified else 0.0,
-              "epsilon": epsilon, "lr": lr, "init": str(init) if init else None, "extra_items": len(yex),
+              "epsilon": epsilon, "margin_radius": margin_radius if lipschitz else 0.0, "lr": lr,
+              "init": str(init) if init else None, "extra_items": len(yex),
               "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
     result = {"params": params, "validation": final, "history": history, "seconds": time.time() - t0,
               "path": str(out)}
@@ -221,12 +235,16 @@ def fit(request: TrainingRequest) -> TrainingResult:
     parent = _log(request.init).get("params", {}) if fine_tune else {}
     arch = parent.get("arch", "pooled") if fine_tune else str(p.get("arch", "strided"))
     ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 2.0))
+    lipschitz = request.augment == "lipschitz" or bool(parent.get("lipschitz"))
+    if request.augment == "lipschitz" and fine_tune and not parent.get("lipschitz"):
+        raise ValueError("augment 'lipschitz' is another architecture: it trains from scratch (init None)")
     result = train(request.out, seed=request.seed, epochs=request.epochs or default_epochs,
                    noise_sigma=request.noise_sigma / (spec.value_range[1] - spec.value_range[0]),
                    init=request.init, extra=request.extra, epsilon=request.epsilon,
                    lr=float(p.get("finetune_lr" if fine_tune else "lr", 1e-3 if fine_tune else 3e-3)),
                    width=int(p.get("width", 16)), use_case=request.use_case, log=lambda line: None,
-                   limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps)
+                   limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps, lipschitz=lipschitz,
+                   margin_radius=request.l2_radius / (spec.value_range[1] - spec.value_range[0]))
     return TrainingResult(model=Path(result["path"]), log=result)
 
 
@@ -251,12 +269,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--noise-sigma", type=float, default=0.0, help="Gaussian augmentation, fraction of the range")
-    ap.add_argument("--lipschitz", action="store_true", help="spectrally normalised, robust-by-design variant")
+    ap.add_argument("--lipschitz", action="store_true", help="the 1-Lipschitz architecture (lipschitz check)")
+    ap.add_argument("--margin-radius", type=float, default=0.0,
+                    help="Lipschitz-margin training radius, L2 in the input scaled to [0, 1]")
     ap.add_argument("--arch", choices=cnn.ARCHITECTURES, default="strided")
     ap.add_argument("--ibp-eps", type=float, default=2.0, help="certified training radius, grey levels (0: none)")
     ap.add_argument("--width", type=int, default=16)
     a = ap.parse_args()
-    r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz, width=a.width, arch=a.arch, ibp_eps=a.ibp_eps)
+    r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz, width=a.width, arch=a.arch, ibp_eps=a.ibp_eps,
+              margin_radius=a.margin_radius)
     print(json.dumps({"validation": r["validation"], "seconds": round(r["seconds"], 1), "path": r["path"]}))
 
 
