@@ -1,5 +1,8 @@
 """Adversarial attacks: exact answers on linear models (through a non-trivial normalisation), then a
-small trained CNN: attacks reduce its accuracy, PGD is at least as strong as FGSM, balls are respected."""
+small trained CNN: attacks reduce its accuracy, PGD is at least as strong as FGSM, balls are respected.
+The attack engine (`auto`: FGSM, then PGD, then APGD) against exact answers: linear classifiers, whose minimal
+adversarial distance has a closed form, with 2 and 4 classes, under L-inf and L2; never weaker than PGD or
+FGSM on any item of the small CNN; Square on a black box; the same evidence at any batch size."""
 
 from __future__ import annotations
 
@@ -240,3 +243,101 @@ def test_quantile_interval_is_distribution_free():
     assert hits / 200 >= 0.92
 
 
+# --- the attack engine ---------------------------------------------------------------------------------
+
+
+def robust_count(kind, clf, x, y, eps, norm, **budget):
+    b = {"steps": 10, "step_size": 2.5, "restarts": 2, "apgd_steps": 100} | budget
+    x_adv, fooled = adv.attack(kind, clf, x, y, torch.full((len(x),), eps), norm, VR, b["steps"], b["step_size"],
+                               b["restarts"], np.arange(len(x)), b["apgd_steps"])
+    assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()  # every witness is in its ball
+    assert torch.equal(fooled, clf.forward(clf.to_input(x_adv)).argmax(1) != y)  # and re-checked
+    return int((~fooled).sum()), fooled  # items the attack did not fool
+
+
+def test_apgd_checkpoints_are_the_papers():
+    # Croce & Hein 2020: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), w_j = ceil(p_j N)
+    assert adv.checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("kind", ["apgd", "auto"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_engine_finds_the_exact_adversarial_accuracy_of_a_linear_model(norm, kind):
+    clf, x, y, margin, w_pix = linear_setup(n=40, seed=3)
+    d = (margin / (w_pix.norm(p=1) if norm == "linf" else w_pix.norm(p=2))).numpy()  # closed-form distances
+    for q in (0.25, 0.5, 0.75):
+        eps = float(np.quantile(d, q))
+        exact = int((d >= eps).sum())  # robust items: no point of their ball crosses the hyperplane
+        robust, fooled = robust_count(kind, clf, x, y, eps, norm, steps=3, restarts=1)
+        assert exact <= robust <= exact + 1, (q, robust, exact)  # the exact answer within one item
+        assert not fooled.numpy()[d > eps * (1 + 1e-4)].any()  # never a counterexample beyond the distance
+
+
+class Multiclass(torch.nn.Module):
+    def __init__(self, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T + self.b
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_engine_finds_the_exact_adversarial_accuracy_with_four_classes(norm):
+    """Linear logits z = W x + b: item i is fooled within eps iff min_j (z_y - z_j) / ||w_y - w_j||_* <= eps
+    (dual norm: L1 for L-inf, L2 for L2). The nearest class is rarely the runner-up, so the targeted runs
+    matter."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(4, 16, generator=g), torch.randn(4, generator=g)
+    uc = synthetic_case(size=4, normalisation=NORMALISATION)
+    clf = Classifier(uc.model.model_copy(update={"class_names": ["a", "b", "c", "d"], "critical_class": "a"}),
+                     module=Multiclass(w, b).eval())
+    x = 128 + 20 * (torch.rand(60, 4, 4, 1, generator=g) - 0.5)
+    z = clf.forward(clf.to_input(x)).detach()
+    y = z.argmax(1)
+    w_pix = w / 63.75  # the normalisation's scale
+    p = 1 if norm == "linf" else 2
+    gaps = (z.gather(1, y[:, None]) - z) / (w_pix[y][:, None, :] - w_pix[None]).norm(p=p, dim=2).clamp_min(1e-12)
+    d = gaps.masked_fill(torch.nn.functional.one_hot(y, 4).bool(), float("inf")).amin(1).numpy()
+    for q in (0.3, 0.6):
+        eps = float(np.quantile(d, q))
+        exact = int((d >= eps).sum())
+        robust, _ = robust_count("auto", clf, x, y, eps, norm, steps=3, restarts=1, apgd_steps=50)
+        assert exact <= robust <= exact + 1, (q, robust, exact)
+
+
+def test_engine_is_never_weaker_than_pgd_or_fgsm_on_any_item(stripes_model):
+    split = StripeSplit("test", n=40)
+    items = [split[i] for i in range(len(split))]
+    x = torch.as_tensor(np.stack([it.image for it in items]))[..., None]
+    y = torch.tensor([it.label for it in items])
+    for norm, eps in (("linf", 20.0), ("linf", 32.0), ("l2", 150.0), ("l2", 300.0)):
+        runs = {k: robust_count(k, stripes_model, x, y, eps, norm, apgd_steps=50) for k in ("fgsm", "pgd", "auto")}
+        acc, fooled = {k: r[0] for k, r in runs.items()}, {k: r[1] for k, r in runs.items()}
+        assert not ((fooled["fgsm"] | fooled["pgd"]) & ~fooled["auto"]).any(), (norm, eps)  # per item
+        assert acc["auto"] <= min(acc["pgd"], acc["fgsm"]) < len(x), (norm, eps, acc)
+        if eps in (32.0, 300.0):  # where PGD's 10 small steps stall, APGD goes on (measured: 12 vs 20 and 18)
+            assert acc["auto"] < acc["pgd"], (norm, eps, acc)
+
+
+def test_square_fools_a_linear_black_box():
+    clf, x, y, margin, w_pix = linear_setup(n=24, seed=5)
+    box = black_box_of(clf)
+    d = (margin / w_pix.norm(p=1)).numpy()
+    eps = float(np.quantile(d, 0.5)) * 1.5
+    x_adv, fooled = adv.attack("square", box, x, y, torch.full((len(x),), eps), "linf", VR, 100, 2.5, 1,
+                               np.arange(len(x)))
+    assert fooled.float().mean() >= 0.25  # forward passes alone break the items within reach
+    assert not fooled.numpy()[d > eps * (1 + 1e-4)].any()  # and never one out of reach
+    assert (adv.norms(x_adv - x, "linf") <= eps + 1e-4).all()
+
+
+def test_engine_gives_the_same_evidence_at_any_batch_size(stripes_model, tmp_path):
+    params = {"attacks": ["auto_linf"], "linf": [8], "max_items": 12, "steps": 3, "apgd_steps": 20,
+              "restarts": 2, "search_steps": 2}
+    a, _ = run_check(stripes_model, tmp_path / "a", **params)
+    b, _ = run_check(stripes_model, tmp_path / "b", batch_size=5, **params)
+    assert [m.value for m in a.measurements] == [m.value for m in b.measurements]
+    assert any("upper bounds of robust accuracy" in v and "re-checked" in v for v in a.validity)
+    assert any("APGD" in v and "margin to the other class" in v for v in a.validity)
+    assert a.summary["auto_linf"]["apgd_steps"] == 20

@@ -1,4 +1,5 @@
-"""The `adversarial` check: FGSM / PGD attacks in pixel units (science in `robustness.attacks`)."""
+"""The `adversarial` check: FGSM, PGD, APGD, Square and the attack engine `auto` in pixel units (science in
+`robustness.attacks`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from trustcase.robustness.attacks import (
     DEFAULT_EPS,
     Norm,
     _predict,
+    apgd_runs,
     attack,
     minimal_distance,
     quantile_interval,
@@ -26,18 +28,23 @@ from trustcase.robustness.perturbations import item_seeds
 from trustcase.robustness.sweep import breaking, curve
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
+SEARCHED = ("pgd", "apgd", "auto")  # attacks that also search minimal distances (FGSM's one step and Square do not)
+
 
 class AdversarialParams(Params):
-    attacks: list[Literal["fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2", "apgd_linf", "apgd_l2", "square_linf"]] = [
-        "fgsm_linf", "pgd_linf", "pgd_l2"]
+    attacks: list[Literal["fgsm_linf", "fgsm_l2", "pgd_linf", "pgd_l2", "apgd_linf", "apgd_l2", "square_linf",
+                          "auto_linf", "auto_l2"]] = ["fgsm_linf", "pgd_linf", "pgd_l2"]
     linf: list[float] | None = Field(None, description="L-inf epsilons in pixel units; default (0.5..8)/255 x range")
     l2: list[float] | None = Field(None, description="L2 epsilons in pixel units; default (0.05..1) x range")
-    steps: int = Field(10, ge=1, le=1000, description="PGD/APGD iterations (Square: queries per restart)")
+    steps: int = Field(10, ge=1, le=1000, description="PGD iterations (Square: queries per restart)")
+    apgd_steps: int = Field(100, ge=1, le=1000, description="APGD iterations (apgd_*, auto_*): its step-size "
+                            "schedule is made for about 100")
     step_size: float = Field(2.5, gt=0, le=20, description="PGD step = step_size x eps / steps")
-    restarts: int = Field(2, ge=1, le=50, description="PGD runs: the first from the clean input, then random")
+    restarts: int = Field(2, ge=1, le=50, description="PGD / APGD runs: the first from the clean input, then "
+                          "random")
     split: str = "test"
     max_items: int = Field(128, ge=1, description="items attacked (the first of the split's stream)")
-    distance: bool = Field(True, description="estimate per-item minimal distances (PGD attacks)")
+    distance: bool = Field(True, description="estimate per-item minimal distances (PGD, APGD, auto)")
     search_steps: int = Field(6, ge=1, le=40)
     max_distance: dict[str, float] = Field({}, description="norm -> search limit; default 2 x largest epsilon")
     batch_size: int | None = Field(None, ge=1)
@@ -88,7 +95,8 @@ class Adversarial(Check):
 
         out = [Produces(m, params.split, a, subgroups=True) for a in params.attacks
                for m in [*rate_metrics(use_case), "adversarial_accuracy", "attack_success_rate"]]
-        return out + [Produces(f"adversarial_distance_*.{a}", params.split) for a in params.attacks if params.distance]
+        return out + [Produces(f"adversarial_distance_*.{a}", params.split) for a in params.attacks
+                      if params.distance and ATTACKS[a][0] in SEARCHED]
 
     def shards(self) -> list[Check]:
         p: AdversarialParams = self.params
@@ -115,7 +123,7 @@ class Adversarial(Check):
         fooled_correct = np.zeros(len(grid), np.int64)
         dist: list[np.ndarray] = []
         cap = p.max_distance.get(norm, 2 * grid[-1])
-        search = p.distance and kind in ("pgd", "apgd")
+        search = p.distance and kind in SEARCHED
         seen = 0
         for batch in ctx.batches(p.split, p.batch_size):
             if seen >= p.max_items:
@@ -129,12 +137,12 @@ class Adversarial(Check):
             correct_clean += int(clean_ok.sum())
             for j, e in enumerate(grid):
                 adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, p.steps,
-                                     p.step_size, p.restarts, seeds)
+                                     p.step_size, p.restarts, seeds, p.apgd_steps)
                 tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta)
                 fooled_correct[j] += int((fooled & clean_ok).sum())
             if search:
                 dist.append(minimal_distance(kind, ctx.model, x, y, norm, vr, cap, p.search_steps, p.steps,
-                                             p.step_size, p.restarts, seeds))
+                                             p.step_size, p.restarts, seeds, p.apgd_steps))
             seen += len(x)
 
         ms: list[Measurement] = []
@@ -154,7 +162,9 @@ class Adversarial(Check):
         cv.series.pop("flip_rate", None)
         summary = {
             "norm": norm, "epsilons": grid, "steps": 1 if kind == "fgsm" else p.steps,
-            "step_size": p.step_size if kind == "pgd" else None, "restarts": None if kind == "fgsm" else p.restarts,
+            "apgd_steps": p.apgd_steps if kind in ("apgd", "auto") else None,
+            "step_size": p.step_size if kind in ("pgd", "auto") else None,
+            "restarts": None if kind == "fgsm" else p.restarts,
             "n": seen, "accuracy": [m.value for m in ms if m.metric == "adversarial_accuracy"],
             "success_rate": [m.value for m in ms if m.metric == "attack_success_rate"], "breaking": broken,
         }
@@ -176,20 +186,28 @@ class Adversarial(Check):
         out.measurements.extend(ms)
         out.curves.append(cv)
         out.summary[name] = summary
+        runs = apgd_runs(len(uc.model.class_names))
+        losses = ("the margin to the other class (2 classes: the cross-entropy is a monotone function of it and "
+                  "DLR is undefined)" if len(runs) == 1 else
+                  f"the cross-entropy, then the targeted DLR loss at each of the {len(runs) - 1} runner-up classes")
+        apgd_text = (f"APGD (Croce & Hein 2020), {p.apgd_steps} steps with adaptive step size and momentum on "
+                     f"{losses}, {p.restarts} run(s) each: the first from the clean input, the others from seeded "
+                     f"random points of the ball")
         how = {
             "pgd": f"PGD, {p.steps} steps of {p.step_size:g} x eps / {p.steps}, {p.restarts} run(s): the first from "
                    f"the clean input, the others from random points of the ball; untargeted, cross-entropy on the "
                    f"true label",
             "fgsm": "FGSM, one step of size eps; untargeted, cross-entropy on the true label",
-            "apgd": f"APGD, {p.steps} steps with adaptive step size and momentum, margin loss targeted at each of "
-                    f"the 3 runner-up classes, {p.restarts} run(s): the first from the clean input, the others "
-                    f"from seeded random points of the ball",
+            "apgd": apgd_text,
             "square": f"Square attack (black box, forward passes only), {p.steps * p.restarts} queries, margin loss",
+            "auto": f"the attack engine: per item the first success of FGSM, then PGD ({p.steps} steps of "
+                    f"{p.step_size:g} x eps / {p.steps}, {p.restarts} run(s)), then {apgd_text}",
         }[kind]
         out.validity += [
-            f"{name}: EMPIRICAL evidence, not a certificate: accuracy under attack is an upper bound on the "
-            f"robust accuracy and each distance an upper bound on the item's robust radius (a stronger attack "
-            f"may do better)",
+            f"{name}: EMPIRICAL evidence, not a certificate: attacks are upper bounds of robust accuracy (the "
+            f"accuracy under attack bounds it from above) and each distance an upper bound on the item's robust "
+            f"radius (a stronger attack may do better); every counterexample is re-checked by a plain forward "
+            f"pass (arg max != label)",
             f"{name}: {how}; epsilons {grid} ({unit}); gradients "
             f"through the model's normalisation, model in eval mode; adversarial images clipped to the value "
             f"range, not quantised; {seen} items of the {p.split} split, seed {ctx.seed}, "

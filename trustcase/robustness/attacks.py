@@ -41,6 +41,7 @@ Norm = Literal["linf", "l2"]
 ATTACKS: dict[str, tuple[str, Norm]] = {
     "fgsm_linf": ("fgsm", "linf"), "fgsm_l2": ("fgsm", "l2"), "pgd_linf": ("pgd", "linf"), "pgd_l2": ("pgd", "l2"),
     "apgd_linf": ("apgd", "linf"), "apgd_l2": ("apgd", "l2"), "square_linf": ("square", "linf"),
+    "auto_linf": ("auto", "linf"), "auto_l2": ("auto", "l2"),
 }
 BLACK_BOX = {"square"}  # attacks that need forward passes only
 # default epsilons as fractions of the value range (x 255: 0.5 to 8 grey levels for L-inf)
@@ -151,37 +152,60 @@ def pgd(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, no
     return adv, fooled
 
 
+ENGINE = ("fgsm", "pgd", "apgd")  # the `auto` attack: each stage attacks the items the ones before left standing
+
+
 def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
            value_range: tuple[float, float], steps: int, step_size: float, restarts: int,
-           seeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: np.ndarray, apgd_steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one interface of the attacks: (x_adv, fooled) for `kind` in fgsm, pgd, apgd, square, auto.
+
+    `auto` is the engine (AutoAttack's recipe): FGSM, then PGD as `pgd` runs it (`steps`, `step_size`,
+    `restarts`), then APGD (`apgd_steps`, `restarts`) on the items still standing, so per item it fools
+    whatever FGSM or PGD alone fools (an item is fooled when any stage fools it). Every counterexample is
+    re-checked by a plain forward pass under the accuracy's rule (arg max != label) before it is returned;
+    x_adv is the clean input for items not fooled. Items misclassified clean count as fooled, x_adv = x; a
+    zero ball fools nothing else.
+    """
+    view = (-1,) + (1,) * (x.ndim - 1)
+    eps = eps.to(x.dtype)
+    clean_wrong = _predict(clf, x) != y
+    adv, fooled = x.clone(), clean_wrong.clone()
+    for stage in ENGINE if kind == "auto" else (kind,):
+        i = torch.nonzero(~fooled & (eps > 0)).flatten()
+        if not len(i):
+            break
+        a, f = _stage(stage, clf, x[i], y[i], eps[i], norm, value_range, steps, step_size, restarts,
+                      seeds[i.numpy()], apgd_steps)
+        adv[i[f]], fooled[i[f]] = a[f], True
+    fooled = _predict(clf, adv) != y  # the re-check: a plain forward pass of what is reported
+    return torch.where(fooled.view(view), adv, x), fooled
+
+
+def _stage(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps):
     if kind == "pgd":
         return pgd(clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
-    clean_wrong = _predict(clf, x) != y
-    if kind in ("apgd", "square"):
-        e = eps.view(-1, *([1] * (x.ndim - 1)))
-        lo_v, hi_v = value_range
-        if norm == "linf":
-            lo, hi = (x - e).clamp(lo_v, hi_v), (x + e).clamp(lo_v, hi_v)
-        else:
-            lo, hi = torch.full_like(x, lo_v), torch.full_like(x, hi_v)
+    if kind == "fgsm":
+        adv = fgsm(clf, x, y, eps, norm, value_range)
+        return adv, _predict(clf, adv) != y
+    e = eps.view(-1, *([1] * (x.ndim - 1)))
+    lo_v, hi_v = value_range
+    if norm == "linf":
+        lo, hi = (x - e).clamp(lo_v, hi_v), (x + e).clamp(lo_v, hi_v)
+    else:
+        lo, hi = torch.full_like(x, lo_v), torch.full_like(x, hi_v)
 
-        def forward(p):
-            return clf.forward(clf.to_input(p))
+    def forward(p):
+        return clf.forward(clf.to_input(p))
 
-        if kind == "apgd":
-            adv, fooled = apgd(forward, x, y, lo, hi, steps, restarts, seeds=seeds, eps=eps, norm=norm)
-        else:
-            adv, fooled = square(forward, x, y, lo, hi, queries=steps * restarts, seeds=seeds)
-        fooled = fooled & (eps > 0)  # a zero ball changes nothing (a tie at the clean input is not an attack)
-        adv = torch.where((clean_wrong | ~fooled).view(-1, *([1] * (x.ndim - 1))), x, adv)
-        return adv, clean_wrong | fooled
-    adv = torch.where(clean_wrong.view(-1, *([1] * (x.ndim - 1))), x, fgsm(clf, x, y, eps, norm, value_range))
-    return adv, clean_wrong | (_predict(clf, adv) != y)
+    if kind == "apgd":
+        return apgd(forward, x, y, lo, hi, apgd_steps, restarts, seeds=seeds, eps=eps, norm=norm, hit=misclassified)
+    return square(forward, x, y, lo, hi, queries=steps * restarts, seeds=seeds)
 
 
 def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, norm: Norm,
                      value_range: tuple[float, float], max_distance: float, search_steps: int, steps: int,
-                     step_size: float, restarts: int, seeds: np.ndarray) -> np.ndarray:
+                     step_size: float, restarts: int, seeds: np.ndarray, apgd_steps: int = 100) -> np.ndarray:
     """Per item, the norm of the closest adversarial example found by bisection over epsilon.
 
     An upper bound on the item's minimal adversarial distance (the witness exists); `inf` when the
@@ -191,7 +215,7 @@ def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tenso
     best = torch.full((n,), math.inf)
 
     def probe(eps: torch.Tensor) -> torch.Tensor:
-        adv, fooled = attack(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
+        adv, fooled = attack(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps)
         found = norms(adv - x, norm)
         ok = fooled & (found <= eps + 1e-4 * max(1.0, max_distance))
         best[ok] = torch.minimum(best[ok], found[ok])
@@ -222,54 +246,93 @@ def quantile_interval(values: np.ndarray, q: float, confidence: float) -> tuple[
     return value, Interval(lower=lower, upper=upper, confidence=confidence, method="order-statistic")
 
 
-
-
-# --- the attack engine: APGD on the margin, targeted at the runner-up classes --------------------------
+# --- the attack engine: APGD (Croce & Hein 2020) on margin / CE / targeted DLR losses --------------------
 
 def margin(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """z_target - z_label: >= 0 exactly when the target class scores at least as high as the label."""
     return logits.gather(1, target[:, None])[:, 0] - logits.gather(1, label[:, None])[:, 0]
 
 
-def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 50,
+def dlr_targeted(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The targeted DLR loss of AutoAttack: the margin z_target - z_label over the spread of the logits
+    (z_pi1 - (z_pi3 + z_pi4) / 2 with pi the classes by decreasing logit; z_pi1 - z_pi3 for 3 classes), so
+    that the step-size schedule does not depend on the scale of the logits. Needs >= 3 classes."""
+    z = logits.sort(dim=1, descending=True).values
+    low = z[:, 2] if z.shape[1] == 3 else (z[:, 2] + z[:, 3]) / 2
+    return margin(logits, label, target) / (z[:, 0] - low + 1e-12)
+
+
+def _cross_entropy(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, label, reduction="none")  # untargeted: the target is ignored
+
+
+def _fooled(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Some other class scores at least as high as the label (a tie counts as a change: the verifier's rule)."""
+    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), -math.inf).amax(1)
+    return other >= logits.gather(1, label[:, None])[:, 0]
+
+
+def misclassified(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The arg max is not the label: the rule of the accuracy (and of the adversarial check)."""
+    return logits.argmax(dim=1) != label
+
+
+def apgd_runs(n_classes: int, targets: int = 3) -> list[tuple[str, int | None]]:
+    """(loss, runner-up rank) of one APGD restart. 2 classes: the margin to the other class only (cross-
+    entropy = softplus(-margin) is a monotone function of it, so both give the same sign steps and the same
+    schedule, but the cross-entropy's gradient underflows on confident items; DLR needs a third logit).
+    >= 3 classes: cross-entropy untargeted, then targeted DLR at each of the `targets` runner-up classes."""
+    if n_classes == 2:
+        return [("margin", 0)]
+    return [("ce", None)] + [("dlr", t) for t in range(max(1, min(targets, n_classes - 1)))]
+
+
+LOSSES = {"margin": margin, "dlr": dlr_targeted, "ce": _cross_entropy}
+
+
+def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 100,
          restarts: int = 1, targets: int = 3, seed: int = 0, seeds: np.ndarray | None = None,
-         eps: torch.Tensor | None = None, norm: Norm = "linf") -> tuple[torch.Tensor, torch.Tensor]:
-    """APGD (Croce & Hein 2020) on the margin loss, targeted at each of the `targets` runner-up classes, from
-    the clean input then `restarts - 1` seeded random starts.
+         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=_fooled) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD (Croce & Hein 2020, Algorithm 1) with the losses of `apgd_runs`, from the clean input then
+    `restarts - 1` seeded random starts; each item leaves as soon as one run fools it.
 
     The search stays in the box [lo, hi] (per element: the L-inf ball intersected with the value range, or
-    any input region), and for norm "l2" also in the L2 ball of radius eps[i] around x. Step size: half the
-    box (or 2 eps) at first, halved at APGD's checkpoints when the loss stalls, with momentum 0.75. Returns
-    (x_adv, fooled): fooled[i] when some class scores >= the label's at x_adv[i] by a plain forward pass (a tie
-    counts: the verifier's convention); x_adv[i] is that witness, else the clean input.
+    any input region), and for norm "l2" also in the L2 ball of radius eps[i] around x. `hit(logits, label)`
+    says when an item is fooled (default `_fooled`: a tie counts). Returns (x_adv, fooled): x_adv[i] is the
+    first point found that fools item i, by the forward pass that found it, else the clean input.
     """
     seeds = np.arange(len(x)) if seeds is None else seeds
     with torch.no_grad():
         clean = forward(x)
-    k = clean.shape[1]
-    order = clean.masked_fill(F.one_hot(label, k).bool(), -math.inf).argsort(1, descending=True)
-    t_count = max(1, min(targets, k - 1))
+    order = clean.masked_fill(F.one_hot(label, clean.shape[1]).bool(), -math.inf).argsort(1, descending=True)
     adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
     shape = (1,) * (x.ndim - 1)
-    width = (hi - lo).clamp_min(0)
     for r in range(restarts):
-        for t in range(t_count):
+        for t, (loss, rank) in enumerate(apgd_runs(clean.shape[1], targets)):
             idx = torch.nonzero(~fooled).flatten()
             if not len(idx):
                 return adv, fooled
-            xi, yi, li, hi_i = x[idx], label[idx], lo[idx], hi[idx]
-            target = order[idx, t]
-            if r == 0:
-                start = xi.clone()
-            else:
-                u = torch.stack([torch.from_numpy(np.random.default_rng([int(seeds[i]), seed, r, t]).random(
-                    int(np.prod(x.shape[1:])))).view(x.shape[1:]) for i in idx.tolist()]).to(x.dtype)
-                start = li + (hi_i - li) * u
+            xi, li, hi_i = x[idx], lo[idx], hi[idx]
             ei = None if eps is None else eps[idx].view(-1, *shape)
-            found, ok = _apgd_run(forward, xi, start, yi, target, li, hi_i, width[idx], steps, ei, norm)
+            start = xi.clone() if r == 0 else random_point(xi, li, hi_i, ei, norm, seeds[idx.numpy()], seed, r, t)
+            target = order[idx, 0 if rank is None else rank]
+            found, ok = _apgd_run(forward, xi, start, label[idx], target, li, hi_i, steps, ei, norm, LOSSES[loss],
+                                  hit)
             adv[idx[ok]] = found[ok]
             fooled[idx[ok]] = True
     return adv, fooled
+
+
+def random_point(x, lo, hi, eps, norm, seeds, seed, restart, run) -> torch.Tensor:
+    """A seeded random point of each item's region: uniform in the box (L-inf), AutoAttack's point on the
+    sphere of radius eps (L2); one generator per (item seed, seed, restart, run)."""
+    d = int(np.prod(x.shape[1:]))
+    gens = [np.random.default_rng([int(s), seed, restart, run]) for s in seeds]
+    if norm == "linf" or eps is None:
+        u = torch.from_numpy(np.stack([g.random(d) for g in gens])).to(x.dtype).view(x.shape)
+        return lo + (hi - lo) * u
+    v = torch.from_numpy(np.stack([g.standard_normal(d) for g in gens])).to(x.dtype).view(x.shape)
+    return x + eps * v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
 
 
 def _apgd_project(x0, x, lo, hi, eps, norm):
@@ -280,60 +343,70 @@ def _apgd_project(x0, x, lo, hi, eps, norm):
     return torch.minimum(torch.maximum(x, lo), hi)
 
 
-def _apgd_run(forward, x0, start, label, target, lo, hi, width, steps, eps, norm):
-    checkpoints, p, q = [0], 0.0, 0.22  # APGD's checkpoints: fractions 0, 0.22, 0.41, 0.57, ... of the steps
+def checkpoints(steps: int) -> list[int]:
+    """APGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    out, p, q = [0], 0.0, 0.22
     while q < 1:
-        checkpoints.append(int(math.ceil(q * steps)))
+        out.append(math.ceil(round(q * steps, 6)))  # round first: 0.41 * 100 is 41.000000000000004 in floats
         p, q = q, q + max(q - p - 0.03, 0.06)
-    view = (-1,) + (1,) * (x0.ndim - 1)
-    eta = (width if norm == "linf" else 2 * eps.expand_as(x0)).clone()
-    x = _apgd_project(x0, start, lo, hi, eps, norm)
+    return sorted(set(out))
 
-    def loss_grad(z):
+
+def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_fn, hit, rho: float = 0.75):
+    """One APGD run, item by item in a batch: step eta = 2 eps (the box's width for L-inf), momentum 0.75;
+    at each checkpoint w_j an item's step is halved and it restarts from its best point when the loss grew
+    on fewer than rho of the steps since w_{j-1} (condition 1), or when its step was not halved at w_{j-1}
+    and its best loss did not grow since (condition 2). A fooled item leaves the batch with its witness."""
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    found, ok = start.clone(), torch.zeros(len(x0), dtype=torch.bool)
+    eta = (hi - lo).clamp_min(0) if norm == "linf" or eps is None else 2 * eps.expand_as(x0).clone()
+
+    def loss_grad(z, live):
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             out = forward(z)
-            m = margin(out, label, target)
-            (g,) = torch.autograd.grad(m.sum(), z)
-        return m.detach(), g, out.detach()
+            f = loss_fn(out, label[live], target[live])
+            (g,) = torch.autograd.grad(f.sum(), z)
+        return f.detach(), g, out.detach()
 
-    loss, g, out = loss_grad(x)
-    best_x, best = x.clone(), loss.clone()
-    hit = _fooled(out, label)
-    found, ok = x.clone(), hit.clone()
-    prev = x.clone()
-    gains = torch.zeros(len(x))
-    last_best, last_eta_cut = best.clone(), torch.zeros(len(x), dtype=torch.bool)
-    for step in range(1, steps + 1):
-        if ok.all():
+    live = torch.arange(len(x0))
+    x = _apgd_project(x0, start, lo, hi, eps, norm)
+    f, g, out = loss_grad(x, live)
+    s = {"x": x, "prev": x.clone(), "f": f, "g": g, "best_x": x.clone(), "best": f.clone(), "best_g": g.clone(),
+         "eta": eta, "x0": x0, "lo": lo, "hi": hi, "gains": torch.zeros(len(x0)), "last_best": f.clone(),
+         "cut": torch.zeros(len(x0), dtype=torch.bool)}
+    if eps is not None:
+        s["eps"] = eps
+    marks = checkpoints(steps)
+    for step in range(steps + 1):
+        h = hit(out, label[live])
+        if h.any():  # keep the witness, drop the item
+            found[live[h]], ok[live[h]] = s["x"][h], True
+            live, s = live[~h], {k: v[~h] for k, v in s.items()}
+        if not len(live) or step == steps:
             break
-        direction = g.sign() if norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-        z = _apgd_project(x0, x + eta * direction, lo, hi, eps, norm)
-        a = 0.75 if step > 1 else 1.0
-        new = _apgd_project(x0, x + a * (z - x) + (1 - a) * (x - prev), lo, hi, eps, norm)
-        prev, x = x, new
-        loss, g, out = loss_grad(x)
-        hit = _fooled(out, label) & ~ok
-        found[hit], ok = x[hit], ok | hit
-        gains += (loss > best).float()
-        better = loss > best
-        best_x[better], best[better] = x[better], loss[better]
-        if step in checkpoints:
-            since = checkpoints[checkpoints.index(step) - 1]
-            stall = (gains < 0.75 * (step - since)) | (~last_eta_cut & (best <= last_best))
-            eta[stall] /= 2
-            if stall.any():  # restart from the best point with the smaller step
-                x[stall], prev[stall] = best_x[stall], best_x[stall]
-                _, g, _ = loss_grad(x)
-            gains.zero_()
-            last_best, last_eta_cut = best.clone(), stall
+        e = s.get("eps")
+        direction = s["g"].sign() if norm == "linf" else s["g"] / s["g"].flatten(1).norm(dim=1).clamp_min(
+            1e-12).view(view)
+        z = _apgd_project(s["x0"], s["x"] + s["eta"] * direction, s["lo"], s["hi"], e, norm)
+        a = 0.75 if step > 0 else 1.0
+        new = _apgd_project(s["x0"], s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["prev"]), s["lo"], s["hi"],
+                            e, norm)
+        f, g, out = loss_grad(new, live)
+        s["gains"] += (f > s["f"]).float()
+        s["prev"], s["x"], s["f"], s["g"] = s["x"], new, f, g
+        better = f > s["best"]
+        s["best_x"][better], s["best"][better], s["best_g"][better] = new[better], f[better], g[better]
+        if step + 1 in marks[1:]:
+            since = marks[marks.index(step + 1) - 1]
+            halve = (s["gains"] < rho * (step + 1 - since)) | (~s["cut"] & (s["best"] <= s["last_best"]))
+            s["eta"][halve] /= 2
+            # restart from the best point with the smaller step (no momentum across the jump)
+            for k, src in (("x", "best_x"), ("prev", "best_x"), ("g", "best_g"), ("f", "best")):
+                s[k][halve] = s[src][halve]
+            s["gains"].zero_()
+            s["last_best"], s["cut"] = s["best"].clone(), halve
     return found, ok
-
-
-def _fooled(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Some other class scores at least as high as the label (a tie counts as a change)."""
-    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), -math.inf).amax(1)
-    return other >= logits.gather(1, label[:, None])[:, 0]
 
 
 def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, queries: int = 300,
