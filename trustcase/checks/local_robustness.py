@@ -35,7 +35,8 @@ class LocalRobustnessParams(Params):
     unit: Literal["scaled", "pixel"] = "scaled"  # scaled: input / (max - min) of the value range; pixel: grey levels
     max_items: int = Field(50, ge=1)  # the first items of the split
     timeout: float = Field(2.0, gt=0)  # seconds per (input, radius)
-    refine: int = Field(512, ge=0)  # image models: neurons per layer whose bounds CROWN refines (loosest first)
+    # image models: neurons per layer whose bounds CROWN refines (loosest first); None: every unstable one
+    refine: int | None = Field(None, ge=0)
 
     @field_validator("radii")
     @classmethod
@@ -142,16 +143,18 @@ class LocalRobustness(Check):
         unknown = sum(counts["unknown"])
         unit = ("input scaled to [0, 1]" if p.unit == "scaled"
                 else f"pixel units of the value range [{lo_v:g}, {hi_v:g}]")
+        refined = ("every unstable neuron" if p.refine is None else
+                   f"the loosest {p.refine} unstable neurons per layer, the rest by IBP")
         how = ("CROWN + interval bounds with input splitting" if graph is None else
-               "IBP, then CROWN (intermediate bounds refined for the loosest "
-               f"{p.refine} unstable neurons per layer, the rest by IBP), then alpha-CROWN, on the layer graph; a "
+               f"IBP, then CROWN (intermediate bounds refined for {refined}, until the time budget), then "
+               "alpha-CROWN, then ReLU branch and bound when few ReLUs stay unstable, on the layer graph; a "
                "ball larger than one left unproved around the same input is only attacked")
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
                    "timeout": p.timeout, "seconds": round(seconds, 2),
                    "engine": "linear chain (input splitting)" if graph is None else "layer graph"}
         if details:
             summary["decided_by"] = {m: sum(1 for d in details if (d["method"] or "").startswith(m))
-                                     for m in ("ibp", "crown", "alpha-crown", "APGD", "corner")}
+                                     for m in ("ibp", "crown", "alpha-crown", "bab", "APGD", "corner")}
             summary["median_seconds"] = round(statistics.median(d["seconds"] for d in details), 3)
         return CheckOutcome(
             check=self.name, measurements=ms,
