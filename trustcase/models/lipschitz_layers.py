@@ -1,15 +1,17 @@
-"""Layers that are 1-Lipschitz in L2, for a partner's training script, and the exact operator norm of a
+"""Layers that are 1-Lipschitz in L2, for a partner's training script, and the certified operator norm of a
 convolution they (and the Lipschitz certificate) rest on.
 
 - `LipschitzConv2d`: a zero-padded Conv2d divided by its operator norm ON THE INPUT SIZE (not the norm of the
   kernel reshaped as a matrix, which does not bound a convolution). While training, the norm is estimated by
   one power iteration per step on the convolution operator itself (a persistent vector of the input's shape,
-  as torch's spectral_norm does for a matrix; Gouk et al. 2021); `bake` divides by the exact norm instead
-  (`conv2d_norm`, Sedghi et al. 2019: the largest singular value of the per-frequency channel matrices), so
-  the exported layer is a plain Conv2d of norm exactly 1. Chosen over Cayley / SOC / BCOP convolutions:
-  those are orthogonal only for circular padding or as a series of convolutions, not as one exportable
-  zero-padded Conv2d; dividing by the certified norm is correct as exported and costs two small
-  convolutions per training step.
+  as torch's spectral_norm does for a matrix; Gouk et al. 2021); `bake` divides by a certified bound instead
+  (`conv2d_norm`, Sedghi et al. 2019: the largest singular value of the per-frequency channel matrices of the
+  circular convolution on the padded size, which bounds the zero-padded one), so the exported layer is a
+  plain Conv2d of norm at most 1 (a few % below on small inputs, where the zero padding matters most).
+  Chosen over Cayley / SOC / BCOP convolutions: those are orthogonal for circular padding or as a series of
+  convolutions, not as one exportable zero-padded Conv2d; dividing by the certified norm is correct as
+  exported and costs two small convolutions per training step. The price: only the largest singular value
+  is 1, so the layer is not gradient-norm preserving as an orthogonal one would be.
 - `BjorckLinear`: a Linear whose weight is orthonormalised by Bjorck iterations (Anil et al. 2019): every
   singular value 1, so the layer is 1-Lipschitz and preserves the gradient's norm.
 - `GroupSort`: sorts the channels in groups (group 2 = MaxMin): a permutation of its input at every point,
@@ -61,7 +63,7 @@ def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), pad
 
 
 class LipschitzConv2d(nn.Conv2d):
-    """A zero-padded Conv2d of operator norm 1 on inputs of `in_size` (H, W): weight / ||conv||."""
+    """A zero-padded Conv2d of operator norm <= 1 on inputs of `in_size` (H, W): weight / ||conv||."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, in_size: tuple[int, int],
                  stride: int = 1, padding: int = 0, bias: bool = True):
@@ -90,7 +92,7 @@ class LipschitzConv2d(nn.Conv2d):
                         self.groups)
 
     def baked(self) -> nn.Conv2d:
-        """A plain Conv2d divided by the exact norm on `in_size`: norm 1, certified."""
+        """A plain Conv2d divided by the certified norm bound on `in_size`: norm <= 1."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, bias=self.bias is not None)
         norm = conv2d_norm(self.weight, self.in_size, self.stride, self.padding, self.dilation, self.groups)
@@ -98,7 +100,7 @@ class LipschitzConv2d(nn.Conv2d):
             conv.weight.copy_((self.weight.double() / norm).float())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return conv.eval()
 
 
 def bjorck(w: torch.Tensor, iterations: int = 15) -> torch.Tensor:
@@ -127,7 +129,7 @@ class BjorckLinear(nn.Linear):
             lin.weight.copy_((q / torch.linalg.matrix_norm(q, 2)).float())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        return lin.eval()
 
 
 class GroupSort(nn.Module):
