@@ -265,3 +265,65 @@ def test_relu_branch_and_bound_proves_only_what_the_exact_program_proves():
         else:
             assert why
     assert decided_by_splits >= 1
+
+
+# --- certified training of the solar-cell use case (its train.py) ----------------------------------------
+
+def _solar_train():
+    from conftest import load_train_module
+
+    return load_train_module()
+
+
+def test_the_training_interval_bounds_are_sound_and_at_least_as_tight_as_ibp_on_the_graph():
+    """train.interval_margins (the bound the certified training minimises) contains every sampled margin and
+    is never looser than the verifier's IBP bound of the same margins (it folds the last layer in)."""
+    train = _solar_train()
+    torch.manual_seed(0)
+    net = train.cnn.StridedCNN(width=4, size=16, hidden=8).eval()
+    g = G.from_model(net, (1, 16, 16))
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(3, 1, 16, 16))).float()
+    y = torch.tensor([0, 1, 1])
+    eps = 0.05
+    with torch.no_grad():
+        bound = train.interval_margins(net, x - eps, x + eps, y)  # (3, 2) upper bounds of z_j - z_y
+        pts = x[:, None] + eps * (2 * torch.rand(3, 2000, 1, 16, 16) - 1)
+        z = net(pts.reshape(-1, 1, 16, 16)).reshape(3, 2000, 2)
+    margins = z - z.gather(2, y.view(3, 1, 1).expand(3, 2000, 1))
+    assert (margins.amax(1) <= bound + 1e-5).all()
+    assert (bound[torch.arange(3), y] == 0).all()
+    C = torch.zeros(3, 2, 2, dtype=torch.float64)  # rows z_j - z_y
+    C[torch.arange(3), :, :] = torch.eye(2, dtype=torch.float64)
+    C[torch.arange(3), :, y] -= 1.0
+    ibp = -P.lower_bound(g, x.double() - eps, x.double() + eps, -C, "ibp").lower  # the same by the graph's IBP
+    assert (bound <= ibp + 1e-5).all()
+
+
+def test_certified_training_makes_the_network_verifiable_where_plain_training_does_not(tmp_path):
+    """The same strided CNN on the same 300 ELPV cells (32x32), trained with and without interval bounds:
+    at 1 grey level the verifier proves at least half of 20 test cells of the first, more than of the second."""
+    from conftest import tiny_use_case, write_yaml
+
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.loading import load_classifier
+    from trustcase.schemas import load_use_case
+
+    train = _solar_train()
+    proved = {}
+    for eps in (0.0, 2.0):
+        path = tmp_path / f"m{eps:g}.pt"
+        yml = write_yaml(tmp_path / f"m{eps:g}.yaml", tiny_use_case(tmp_path, path))
+        train.train(path, epochs=4, width=4, use_case=yml, limit=300, log=lambda *_: None, arch="strided",
+                    ibp_eps=eps)
+        uc = load_use_case(yml)
+        clf = load_classifier(uc.model)
+        g = G.from_model(clf.module, clf.spec.input_shape)
+        batch = next(DataSource(uc.data, 0, uc.model).stream("test").batches(20))
+        preds = clf.logits(batch.images).argmax(1)
+        verdicts = []
+        for i, (img, c) in enumerate(zip(batch.images, preds, strict=True)):
+            box = [clf.to_input(np.clip(img + d, 0, 255)[None]).double() for d in (0.0, -1.0, 1.0)]
+            verdicts.append(decide(g, clf.module, *box, int(c), timeout=2.0, item_seed=i)["verdict"])
+        proved[eps] = verdicts.count("verified")
+    assert proved[2.0] >= 10 and proved[2.0] > proved[0.0], proved
