@@ -81,8 +81,8 @@ def test_attacks_stay_in_their_ball_and_in_the_value_range(norm):
     x = torch.cat([torch.zeros(4, 4, 4, 1), 255 * torch.ones(4, 4, 4, 1), 255 * torch.rand(8, 4, 4, 1)])
     y = torch.tensor([0, 1] * 8)
     eps = torch.linspace(5, 120, len(x))
-    for kind in ("fgsm", "pgd", "apgd", *(("square",) if norm == "linf" else ())):
-        x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)))
+    for kind in ("fgsm", "pgd", "apgd", "auto", *(("square",) if norm == "linf" else ())):
+        x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)), apgd_steps=20, queries=50)
         assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 255
     delta = torch.randn(5, 3, 3) * 50
@@ -186,7 +186,7 @@ def test_attacks_reduce_the_accuracy_of_a_trained_model_and_pgd_beats_fgsm(strip
 
 def test_the_attack_engine_is_at_least_as_strong_as_fgsm_and_pgd(stripes_model, tmp_path):
     out, _ = run_check(stripes_model, tmp_path, attacks=["fgsm_linf", "pgd_linf", "apgd_linf"], linf=[2, 8, 16, 24],
-                       max_items=32, steps=10, restarts=2, distance=False)
+                       max_items=32, steps=10, restarts=2, apgd_steps=50, distance=False)
     _, fgsm = accuracies(out, "fgsm_linf")
     _, pgd = accuracies(out, "pgd_linf")
     _, apgd = accuracies(out, "apgd_linf")
@@ -197,8 +197,7 @@ def test_the_attack_engine_is_at_least_as_strong_as_fgsm_and_pgd(stripes_model, 
 
 def test_square_attacks_a_black_box(stripes_model, tmp_path):
     box = black_box_of(stripes_model)
-    out, _ = run_check(box, tmp_path, attacks=["square_linf"], linf=[48], max_items=16, steps=50, restarts=1,
-                       distance=False)
+    out, _ = run_check(box, tmp_path, attacks=["square_linf"], linf=[48], max_items=16, queries=50, distance=False)
     _, acc = accuracies(out, "square_linf")
     assert acc[1] < acc[0]  # forward passes alone break it
 
@@ -325,8 +324,8 @@ def test_square_fools_a_linear_black_box():
     box = black_box_of(clf)
     d = (margin / w_pix.norm(p=1)).numpy()
     eps = float(np.quantile(d, 0.5)) * 1.5
-    x_adv, fooled = adv.attack("square", box, x, y, torch.full((len(x),), eps), "linf", VR, 100, 2.5, 1,
-                               np.arange(len(x)))
+    x_adv, fooled = adv.attack("square", box, x, y, torch.full((len(x),), eps), "linf", VR, 1, 2.5, 1,
+                               np.arange(len(x)), queries=100)
     assert fooled.float().mean() >= 0.25  # forward passes alone break the items within reach
     assert not fooled.numpy()[d > eps * (1 + 1e-4)].any()  # and never one out of reach
     assert (adv.norms(x_adv - x, "linf") <= eps + 1e-4).all()

@@ -36,9 +36,10 @@ class AdversarialParams(Params):
                           "auto_linf", "auto_l2"]] = ["fgsm_linf", "pgd_linf", "pgd_l2"]
     linf: list[float] | None = Field(None, description="L-inf epsilons in pixel units; default (0.5..8)/255 x range")
     l2: list[float] | None = Field(None, description="L2 epsilons in pixel units; default (0.05..1) x range")
-    steps: int = Field(10, ge=1, le=1000, description="PGD iterations (Square: queries per restart)")
+    steps: int = Field(10, ge=1, le=1000, description="PGD iterations")
     apgd_steps: int = Field(100, ge=1, le=1000, description="APGD iterations (apgd_*, auto_*): its step-size "
                             "schedule is made for about 100")
+    queries: int = Field(1000, ge=1, le=100_000, description="Square (black box): forward passes per item")
     step_size: float = Field(2.5, gt=0, le=20, description="PGD step = step_size x eps / steps")
     restarts: int = Field(2, ge=1, le=50, description="PGD / APGD runs: the first from the clean input, then "
                           "random")
@@ -137,7 +138,7 @@ class Adversarial(Check):
             correct_clean += int(clean_ok.sum())
             for j, e in enumerate(grid):
                 adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, p.steps,
-                                     p.step_size, p.restarts, seeds, p.apgd_steps)
+                                     p.step_size, p.restarts, seeds, p.apgd_steps, p.queries)
                 tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta)
                 fooled_correct[j] += int((fooled & clean_ok).sum())
             if search:
@@ -163,6 +164,7 @@ class Adversarial(Check):
         summary = {
             "norm": norm, "epsilons": grid, "steps": 1 if kind == "fgsm" else p.steps,
             "apgd_steps": p.apgd_steps if kind in ("apgd", "auto") else None,
+            "queries": p.queries if kind == "square" else None,
             "step_size": p.step_size if kind in ("pgd", "auto") else None,
             "restarts": None if kind == "fgsm" else p.restarts,
             "n": seen, "accuracy": [m.value for m in ms if m.metric == "adversarial_accuracy"],
@@ -199,7 +201,8 @@ class Adversarial(Check):
                    f"true label",
             "fgsm": "FGSM, one step of size eps; untargeted, cross-entropy on the true label",
             "apgd": apgd_text,
-            "square": f"Square attack (black box, forward passes only), {p.steps * p.restarts} queries, margin loss",
+            "square": f"Square attack (Andriushchenko et al. 2020; black box, forward passes only), {p.queries} "
+                      f"queries per item, margin loss",
             "auto": f"the attack engine: per item the first success of FGSM, then PGD ({p.steps} steps of "
                     f"{p.step_size:g} x eps / {p.steps}, {p.restarts} run(s)), then {apgd_text}",
         }[kind]

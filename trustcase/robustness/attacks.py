@@ -157,8 +157,9 @@ ENGINE = ("fgsm", "pgd", "apgd")  # the `auto` attack: each stage attacks the it
 
 def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
            value_range: tuple[float, float], steps: int, step_size: float, restarts: int,
-           seeds: np.ndarray, apgd_steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: np.ndarray, apgd_steps: int = 100, queries: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """The one interface of the attacks: (x_adv, fooled) for `kind` in fgsm, pgd, apgd, square, auto.
+    Square (black box, L-inf) makes `queries` forward passes per item.
 
     `auto` is the engine (AutoAttack's recipe): FGSM, then PGD as `pgd` runs it (`steps`, `step_size`,
     `restarts`), then APGD (`apgd_steps`, `restarts`) on the items still standing, so per item it fools
@@ -176,13 +177,13 @@ def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: to
         if not len(i):
             break
         a, f = _stage(stage, clf, x[i], y[i], eps[i], norm, value_range, steps, step_size, restarts,
-                      seeds[i.numpy()], apgd_steps)
+                      seeds[i.numpy()], apgd_steps, queries)
         adv[i[f]], fooled[i[f]] = a[f], True
     fooled = _predict(clf, adv) != y  # the re-check: a plain forward pass of what is reported
     return torch.where(fooled.view(view), adv, x), fooled
 
 
-def _stage(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps):
+def _stage(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps, queries):
     if kind == "pgd":
         return pgd(clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
     if kind == "fgsm":
@@ -200,7 +201,7 @@ def _stage(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, 
 
     if kind == "apgd":
         return apgd(forward, x, y, lo, hi, apgd_steps, restarts, seeds=seeds, eps=eps, norm=norm, hit=misclassified)
-    return square(forward, x, y, lo, hi, queries=steps * restarts, seeds=seeds)
+    return square(forward, x, y, lo, hi, queries=queries, seeds=seeds)
 
 
 def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, norm: Norm,
