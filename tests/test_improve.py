@@ -31,6 +31,15 @@ def case(tmp_path: Path, tiny_model: Path, **overrides) -> Path:
     return write_yaml(tmp_path / "use_case.yaml", raw)
 
 
+def lipschitz_case(tmp_path: Path, tiny_model: Path) -> Path:
+    """The tiny case with the Lipschitz check and its claim C1 (certified at L2 radius 0.001)."""
+    raw = yaml.safe_load(case(tmp_path, tiny_model).read_text())
+    bundled = yaml.safe_load((Path(__file__).parent.parent / "use_cases/solar_cells/use_case.yaml").read_text())
+    raw["requirements"] += [r for r in bundled["requirements"] if r["id"] == "C1-lipschitz"]
+    raw["plan"]["checks"].append({"check": "lipschitz", "params": {"ascent_points": 4, "ascent_steps": 5}})
+    return write_yaml(tmp_path / "use_case.yaml", raw)
+
+
 def test_the_contract_and_the_methods_are_checked_before_any_work(tmp_path, tiny_model):
     path = case(tmp_path, tiny_model)
     uc = load_use_case(path)
@@ -51,8 +60,10 @@ def test_the_contract_and_the_methods_are_checked_before_any_work(tmp_path, tiny
     assert imp.method_settings(uc, "hudd")["pool"] == "validation"
     with pytest.raises(imp.ImproveError, match="unknown method 'dropout'"):
         imp.method_settings(uc, "dropout")
-    with pytest.raises(imp.ImproveError, match="lipschitz is not available"):
+    with pytest.raises(imp.ImproveError, match="no requirement claims lipschitz_certified_accuracy"):
         imp.method_settings(uc, "lipschitz")
+    assert imp.method_settings(load_use_case(lipschitz_case(tmp_path / "l", tiny_model)), "lipschitz") == \
+        {"l2_radius": pytest.approx(0.001 * 255)}  # the claimed radius, from [0, 1] to pixel units
     with pytest.raises(imp.ImproveError, match="smoothing sigma"):
         imp.method_settings(uc, "noise")  # no randomized_smoothing in this plan, no training.params.noise_sigma
     assert imp.method_settings(load_use_case(
@@ -140,3 +151,51 @@ def test_a_version_that_regresses_never_takes_the_alias(prefect_harness, tmp_pat
     assert second["qualified"] is False  # ... but a regression keeps the alias where it is
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     assert str(client.get_model_version_by_alias("solar_cells", "qualified").version) == "1"
+
+
+def test_a_lipschitz_request_trains_a_1_lipschitz_model_from_scratch(tmp_path, tiny_model):
+    """augment 'lipschitz': the script's 1-Lipschitz CNN, exported baked and traced, bounded by ~1 in the model's
+    input (the product of its layer constants) and never below its measured slope; not from a parent's weights."""
+    from trustcase.certification import lipschitz as L
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.loading import load_classifier
+
+    path = lipschitz_case(tmp_path, tiny_model)
+    uc = load_use_case(path)
+    fit = imp.training_entry(uc, path)
+    r = fit(TrainingRequest(out=tmp_path / "lip.pt", use_case=path, augment="lipschitz", l2_radius=2.55, epochs=1,
+                            params=TRAINING["params"]))
+    assert r.log["params"]["lipschitz"] is True and r.log["params"]["init"] is None
+    assert r.log["params"]["margin_radius"] == pytest.approx(0.01)  # 2.55 grey levels of 255
+    clf = load_classifier(uc.model.model_copy(update={"path": r.model}))
+    bound = L.analyse(clf.module, uc.model.input_shape)
+    assert bound.total <= L.SAFETY ** len(bound.layers) and bound.total > 0.5
+    assert {row["kind"] for row in bound.layers} == {"conv2d", "activation", "avgpool", "linear"}
+    x = clf.to_input(next(iter(DataSource(uc.data, 0, uc.model).stream("test").batches())).images[:4])
+    assert 0 < L.empirical_lower_bound(clf.module, x, steps=5) <= bound.total
+    with pytest.raises(ValueError, match="trains from scratch"):
+        fit(TrainingRequest(out=tmp_path / "no.pt", use_case=path, augment="lipschitz", init=tiny_model, epochs=1,
+                            params=TRAINING["params"]))
+
+
+@pytest.mark.slow  # three assessments and two trainings from scratch
+def test_lipschitz_improve_trains_and_registers_both_versions(tmp_path, tiny_model, tracking_uri, prefect_harness):
+    path = lipschitz_case(tmp_path, tiny_model)
+    result = CliRunner().invoke(app, ["improve", str(path), "--method", "lipschitz", "--epochs", "1",
+                                      "--out", str(tmp_path / "out"), "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0, result.output
+    s = json.loads(next((tmp_path / "out").glob("*-improve-lipschitz-from-v*/improvement.json")).read_text())
+    assert s["versions"] == {"improved": "2", "baseline": "3"} and s["settings"] == {"l2_radius": 0.255}
+    c1 = next(r for r in s["claims"] if r["claim"] == "C1-lipschitz")
+    assert all(c1[role]["value"] is not None for role in ("parent", "improved", "baseline"))
+    tracking.configure(tracking_uri)
+    client = MlflowClient()
+    for role, v in s["versions"].items():
+        mv = client.get_model_version("solar_cells", v)
+        assert mv.tags["trustcase.improve.method"] == "lipschitz" and mv.tags["trustcase.improve.role"] == role
+        assert mv.tags["trustcase.improve.init"] == "from scratch"  # no weights carry over to another architecture
+        assert mv.tags["trustcase.run_id"] == s["runs"][role]
+    improved = MlflowClient().get_run(s["runs"]["improved"]).data.metrics
+    parent = MlflowClient().get_run(s["runs"]["parent"]).data.metrics
+    upper = "lipschitz/test/lipschitz_upper_bound"
+    assert improved[upper] <= 1.0001 / 0.16 < parent[upper]  # 1 in the model input, scaled by 1 / std

@@ -233,12 +233,12 @@ def watch(
 @app.command()
 def improve(
     path: Path = typer.Argument(..., help="use-case YAML file (with a 'training' section)"),
-    method: str = typer.Option(..., "--method", help="hudd, noise or adversarial (lipschitz: not available)"),
+    method: str = typer.Option(..., "--method", help="hudd, noise, adversarial or lipschitz"),
     budget: int = typer.Option(100, "--budget", help="hudd: copies in the unsafe set, an equal share per cluster"),
     out: Path = typer.Option(Path("trustcase-out"), "--out", help="output root"),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store and model registry"),
     seed: int = typer.Option(None, "--seed", help="default: the plan's seed"),
-    epochs: int = typer.Option(None, "--epochs", help="fine-tuning epochs (default: the training script's)"),
+    epochs: int = typer.Option(None, "--epochs", help="training epochs (default: the training script's)"),
 ) -> None:
     """Train an improved version and its baseline from the evidence, register and assess both, and report
     whether the improvement is real (parent vs improved vs baseline, with intervals)."""

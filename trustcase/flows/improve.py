@@ -1,6 +1,6 @@
 """`trustcase improve`: from the evidence to a better model version, and the proof that it got better.
 
-    trustcase improve USE_CASE --method hudd|noise|adversarial [--budget N]
+    trustcase improve USE_CASE --method hudd|noise|adversarial|lipschitz [--budget N]
 
 One Prefect flow:
 1. the parent: the use case's model file, registered (idempotent by hash) and assessed if it never was;
@@ -14,8 +14,12 @@ One Prefect flow:
      training recipe); baseline: the same schedule without noise;
    - `adversarial`: PGD adversarial training at the largest L-inf amplitude an adversarial claim names;
      baseline: the same schedule without the attack;
-   both versions are fine-tuned from the parent's weights with the same seed, through the use case's own
-   training contract (`training.entry`, see `schemas.training`);
+   - `lipschitz`: the script's 1-Lipschitz architecture (`models.lipschitz_layers`) with Lipschitz-margin
+     training at the largest L2 radius a lipschitz_certified_accuracy claim names; another architecture, so it
+     trains from scratch (the parent's weights do not carry over), and so does its baseline: the script's
+     default architecture, same epochs and seed, without the method;
+   the versions are fine-tuned from the parent's weights (lipschitz: from scratch) with the same seed, through
+   the use case's own training contract (`training.entry`, see `schemas.training`);
 3. each new model is checked (finite weights, loads, fits the classes), registered with its parent, method
    and selection (ids, salted hashes for a confidential use case), and assessed with the same plan and seed
    through `watch.assess_version`: the `qualified` alias follows the watcher's rules (every mandatory claim
@@ -131,9 +135,13 @@ def method_settings(uc: UseCase, method: str) -> dict:
             raise ImproveError("--method adversarial trains at the claimed radius: no requirement names an L-inf "
                                "attack amplitude (e.g. scope.perturbation {name: pgd_linf, max_amplitude: 1})")
         return {"epsilon": float(max(eps))}
-    raise ImproveError("--method lipschitz is not available: it needs layers that are provably 1-Lipschitz "
-                       "(orthogonal or Bjorck-normalised convolutions, GroupSort), which the bundled training "
-                       "script does not have; the `--lipschitz` flag of train.py only normalises reshaped kernels")
+    radii = [r.scope.perturbation.max_amplitude for r in uc.requirements
+             if r.metric == "lipschitz_certified_accuracy" and r.scope.perturbation]
+    if not radii:
+        raise ImproveError("--method lipschitz trains Lipschitz margins at the claimed radius: no requirement claims "
+                           "lipschitz_certified_accuracy at an L2 radius (scope.perturbation {name: l2_radius, "
+                           "max_amplitude: r}, r in the input scaled to [0, 1])")
+    return {"l2_radius": float(max(radii)) * (hi - lo)}  # pixel units, as the training contract takes radii
 
 
 # --- HUDD's selection ---------------------------------------------------------------------------------------
@@ -319,10 +327,15 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
         requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="noise",
                                                 noise_sigma=settings["noise_sigma"], **base),
                     "baseline": TrainingRequest(out=out / "baseline.pt", **base)}
-    else:
+    elif method == "adversarial":
         requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="adversarial",
                                                 epsilon=settings["epsilon"], **base),
                     "baseline": TrainingRequest(out=out / "baseline.pt", **base)}
+    else:  # lipschitz: another architecture, so both versions train from scratch (no weights carry over)
+        scratch = {**base, "init": None}
+        requests = {"improved": TrainingRequest(out=out / "improved.pt", augment="lipschitz",
+                                                l2_radius=settings["l2_radius"], **scratch),
+                    "baseline": TrainingRequest(out=out / "baseline.pt", **scratch)}
     models = {role: train(entry, req, role, uc) for role, req in requests.items()}
     lap("training (improved + baseline)")
 
@@ -331,7 +344,8 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
     for role, model in models.items():
         training = json.loads((model.parent / f"{model.stem}.training.json").read_text())
         v = tracking.register_model(uc, model, sha256_file(model), training)
-        tags = {"parent": parent, "method": method, "role": role, "seed": str(seed)}
+        tags = {"parent": parent, "method": method, "role": role, "seed": str(seed),
+                "init": "parent weights" if requests[role].init else "from scratch"}
         if method == "hudd":
             ids = _ids(uc, selection[f"{role}_ids"])
             tags["selection"] = ",".join(ids)[:4900]

@@ -93,6 +93,9 @@ def headline(s: dict) -> str:
 
 def render(summary: dict) -> str:
     baseline = {"hudd": "the same number of pool items drawn at random",
-                "noise": "the same schedule without noise", "adversarial": "the same schedule without the attack"}
+                "noise": "the same schedule without noise", "adversarial": "the same schedule without the attack",
+                "lipschitz": "the training script's default architecture from scratch, same epochs and seed; the "
+                             "1-Lipschitz version is another architecture, trained from scratch too: the parent's "
+                             "weights do not carry over"}
     return TEMPLATE.render(s=summary, cell=cell, measure=measure, headline=headline(summary),
                            baseline_text=baseline.get(summary["method"], "the same schedule without the method"))
