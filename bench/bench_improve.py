@@ -36,7 +36,7 @@ BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
 PERFORMANCE = ("accuracy", "recall", "precision", "false_negative_rate", "ece", "cost")
 # what a method is judged on beyond performance: the check it needs in the plan and the metric of its claims
 BY_METHOD = {
-    "adversarial": ({"check": "adversarial", "params": {"attacks": ["pgd_linf"], "linf": [1.0], "max_items": 128}},
+    "adversarial": ({"check": "adversarial", "params": {"attacks": ["auto_linf"], "linf": [1.0], "max_items": 128}},
                     "adversarial_accuracy"),
     "lipschitz": ({"check": "lipschitz", "params": {"ascent_points": 32, "ascent_steps": 50}},
                   "lipschitz_certified_accuracy"),
