@@ -1,7 +1,7 @@
 """Train the solar-cell classifier, deterministically for a seed, in a few minutes on 2 CPU cores.
 
     python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz [--margin-radius R]]
-                                          [--arch strided|pooled] [--ibp-eps 2.0]
+                                          [--arch strided|pooled] [--ibp-eps 1.0]
 
 The default is certified training (Gowal et al. 2018) of the strided CNN (`cnn.StridedCNN`): the loss mixes
 the cross-entropy of the clean logits with that of the worst-case margins over an L-inf ball of `ibp_eps`
@@ -111,7 +111,7 @@ def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndar
 def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
           limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
-          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 2.0, margin_radius: float = 0.0) -> dict:
+          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 1.0, margin_radius: float = 0.0) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
     `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
@@ -234,7 +234,7 @@ def fit(request: TrainingRequest) -> TrainingResult:
     # a fine-tuned version keeps its parent's architecture and certified training (older logs: pooled, none)
     parent = _log(request.init).get("params", {}) if fine_tune else {}
     arch = parent.get("arch", "pooled") if fine_tune else str(p.get("arch", "strided"))
-    ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 2.0))
+    ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 1.0))
     lipschitz = request.augment == "lipschitz" or bool(parent.get("lipschitz"))
     if request.augment == "lipschitz" and fine_tune and not parent.get("lipschitz"):
         raise ValueError("augment 'lipschitz' is another architecture: it trains from scratch (init None)")
@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--margin-radius", type=float, default=0.0,
                     help="Lipschitz-margin training radius, L2 in the input scaled to [0, 1]")
     ap.add_argument("--arch", choices=cnn.ARCHITECTURES, default="strided")
-    ap.add_argument("--ibp-eps", type=float, default=2.0, help="certified training radius, grey levels (0: none)")
+    ap.add_argument("--ibp-eps", type=float, default=1.0, help="certified training radius, grey levels (0: none)")
     ap.add_argument("--width", type=int, default=16)
     a = ap.parse_args()
     r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz, width=a.width, arch=a.arch, ibp_eps=a.ibp_eps,
