@@ -184,6 +184,7 @@ def bench_solar(n: int, timeout: float, model: Path | None = None) -> None:
 
 def bench_attacks(n: int, model: Path | None = None) -> None:
     from trustcase.robustness.attacks import attack
+    from trustcase.testing import black_box_of
 
     uc, clf, _, x, y = solar_cells(n, model)
     vr = tuple(map(float, uc.model.value_range))
@@ -195,15 +196,17 @@ def bench_attacks(n: int, model: Path | None = None) -> None:
     fooled = {}
     # PGD 10 steps x 2 runs is the check's default (today's); the engine (auto) = FGSM, then that PGD, then APGD
     for kind, steps, restarts, apgd_steps in (("fgsm", 1, 1, 0), ("pgd", 10, 2, 0), ("apgd", 0, 2, 10),
-                                              ("apgd", 0, 2, 100), ("auto", 10, 2, 100), ("auto", 10, 5, 100)):
-        name = {"fgsm": "FGSM", "pgd": f"PGD {steps} steps x {restarts}",
+                                              ("apgd", 0, 2, 100), ("auto", 10, 2, 100), ("auto", 10, 5, 100),
+                                              ("square", 0, 1, 0)):
+        name = {"fgsm": "FGSM", "pgd": f"PGD {steps} steps x {restarts}", "square": "Square 1000 queries (black box)",
                 "apgd": f"APGD {apgd_steps} steps x {restarts}",
                 "auto": f"engine (PGD {steps}x{restarts}, APGD {apgd_steps}x{restarts})"}[kind]
         row = f"{name:<36}"
         for g in grey:
             t = time.perf_counter()
-            adv, fooled[name, g] = attack(kind, clf, xt, yt, torch.full((n,), g), "linf", vr, steps, 2.5, restarts,
-                                          np.arange(n), apgd_steps)
+            model = black_box_of(clf) if kind == "square" else clf  # Square through the real black-box wrapper
+            adv, fooled[name, g] = attack(kind, model, xt, yt, torch.full((n,), g), "linf", vr, steps, 2.5, restarts,
+                                          np.arange(n), apgd_steps, queries=1000)
             acc = float((clf.logits(adv.numpy()).argmax(1) == y).mean())  # the plain forward pass decides
             row += f"{acc:>10.3f}{time.perf_counter() - t:>9.1f}"
         print(row, flush=True)
