@@ -1,4 +1,12 @@
-"""Adversarial robustness: FGSM and PGD under L-inf and L2, and per-item minimal adversarial distances.
+"""Adversarial robustness under L-inf and L2: FGSM, PGD, APGD (Croce & Hein 2020), Square (black box) and the
+engine `auto` (FGSM, then PGD, then APGD, AutoAttack's recipe), behind one `attack(kind, ...)`; per-item
+minimal adversarial distances.
+
+Why APGD and not torchattacks: torchattacks 3.5.1 requires torchvision and pins requests~=2.25.1, clamps to
+[0, 1] and seeds the torch generator per call (randomness would follow the batch, not the item). Here APGD
+runs in any box (pixel units, or the verifier's input region), its random starts are seeded per item, and it
+needs its ~100 iterations: with 10, its first steps of 2 eps (the ball's whole width) only hop between corners
+(on the solar CNN it then misses a cell that PGD's small steps reach), which is why the engine keeps PGD.
 
 Everything is EMPIRICAL. An attack that finds an adversarial example proves the model can be fooled
 at that distance; an attack that fails proves nothing. So the accuracy under attack is an UPPER
@@ -13,14 +21,14 @@ adversarial images are clipped to the value range (not quantised to integer grey
 Measurements, per attack (scope.perturbation = {name: <attack>, max_amplitude: eps}, amplitude = eps,
 eps = 0 is the clean data): every metric of `performance.Tally` (accuracy, recall:<class>, ...),
 `adversarial_accuracy` (= accuracy under attack) and `attack_success_rate` (share of the items
-correct when clean that the attack fools), with Clopper-Pearson intervals. PGD attacks with
+correct when clean that the attack fools), with Clopper-Pearson intervals. PGD, APGD and auto attacks with
 `distance: true` add, with no perturbation scope, `adversarial_distance_median.<attack>` and
 `adversarial_distance_q10.<attack>` (pixel units; distribution-free order-statistic intervals;
 items not fooled up to `max_distance` count as at `max_distance`).
 
-Summary, per attack: `norm`, `epsilons`, `steps`, `step_size`, `restarts`, `n`, `accuracy`,
-`success_rate` (per epsilon), `breaking` (as in the sweep), and for PGD `distance` (`median`, `q10`,
-`q90`, `max_distance`, `censored`: items not fooled within it, `search_steps`).
+Summary, per attack: `norm`, `epsilons`, `steps`, `apgd_steps`, `queries`, `step_size`, `restarts`, `n`,
+`accuracy`, `success_rate` (per epsilon), `breaking` (as in the sweep), and for PGD, APGD and auto `distance`
+(`median`, `q10`, `q90`, `max_distance`, `censored`: items not fooled within it, `search_steps`).
 Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with bands.
 """
 
