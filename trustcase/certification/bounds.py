@@ -106,21 +106,30 @@ def _relu_relax(lo: torch.Tensor, hi: torch.Tensor):
     return low_slope, up_slope, up_icpt
 
 
-def backward_lower(layers: list[Affine], k: int, C: torch.Tensor, pre: list, lo: torch.Tensor, hi: torch.Tensor):
-    """Lower bound of C z_k (z_k the output of affine layer k) over the boxes; C (N, m, d_k).
+def backward_lower(layers: list[Affine], k: int, C: torch.Tensor, pre: list, lo: torch.Tensor, hi: torch.Tensor,
+                   relax: list | None = None, rows: torch.Tensor | None = None, signs: torch.Tensor | None = None):
+    """Lower bound of C z_k (z_k the output of affine layer k) over the boxes; C (N, m, d_k), or, with `rows`
+    and `signs` (N, m) instead, of signs * z_k[rows] (C the matching signed one-hot rows, never built).
+    `relax`: the ReLU relaxations of `pre` when already computed.
 
     Returns (bound (N, m), Lambda (N, m, d_in)): the linear function of the input that bounds C z_k from below.
     """
-    lam = C @ layers[k].W  # (N, m, d_{k-1})
-    const = C @ layers[k].b
+    if rows is None:
+        lam = C @ layers[k].W  # (N, m, d_{k-1})
+        const = C @ layers[k].b
+    else:
+        lam = layers[k].W[rows] * signs[:, :, None]
+        const = layers[k].b[rows] * signs
+    n, m = lam.shape[:2]
     for j in range(k - 1, -1, -1):
-        low_s, up_s, up_c = _relu_relax(*pre[j])  # (N, d_j)
-        pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+        low_s, up_s, up_c = relax[j] if relax is not None else _relu_relax(*pre[j])  # (N, d_j)
+        neg = lam.clamp_max(0)
         # relu(z) >= low_s z for positive coefficients, <= up_s z + up_c for negative ones
-        const = const + (neg * up_c[:, None, :]).sum(-1)
-        lam = pos * low_s[:, None, :] + neg * up_s[:, None, :]
+        const = const + torch.bmm(neg, up_c[:, :, None]).squeeze(-1)
+        lam = torch.addcmul(neg * up_s[:, None, :], lam - neg, low_s[:, None, :])
+        w = layers[j].W
         const = const + lam @ layers[j].b
-        lam = lam @ layers[j].W
+        lam = (lam.reshape(n * m, -1) @ w).view(n, m, w.shape[1])
     centre, radius = (lo + hi) / 2, (hi - lo) / 2
     bound = const + (lam @ centre[:, :, None]).squeeze(-1) - (lam.abs() @ radius[:, :, None]).squeeze(-1)
     return bound, lam
@@ -129,36 +138,36 @@ def backward_lower(layers: list[Affine], k: int, C: torch.Tensor, pre: list, lo:
 def crown(layers: list[Affine], lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, known: list | None = None):
     """Lower bounds of C y (C (m, out) or (N, m, out)) over each box, with CROWN intermediate bounds.
 
-    Intermediate bounds: interval arithmetic from the previous layer's bounds, intersected with `known`
-    (bounds valid on a larger box, e.g. the parent of a split) and refined by CROWN only for the neurons
-    still unstable in some box (a stable neuron's relaxation does not depend on its bounds).
+    Each hidden layer's pre-activation bounds: interval arithmetic from the previous layer's bounds,
+    intersected with `known` (bounds valid on a larger box, e.g. the parent of a split) and with CROWN's
+    backward bounds of each box's neurons that can be positive (a dead neuron's bounds matter nowhere).
+    Stable neurons are refined too: the next layer's interval bounds start from theirs, and that
+    intersection is often tighter than CROWN alone on the next layer (a few times fewer boxes on ACAS Xu).
     Returns (bound (N, m), Lambda (N, m, d_in), intermediate bounds).
     """
     n = len(lo)
     pre: list[tuple[torch.Tensor, torch.Tensor]] = []
+    relax: list = []
     for k in range(len(layers) - 1):
         a = layers[k]
-        if k == 0:
-            x_lo, x_hi = lo, hi
-        else:
-            x_lo, x_hi = pre[-1][0].clamp_min(0), pre[-1][1].clamp_min(0)
-        c, r = (x_lo + x_hi) / 2, (x_hi - x_lo) / 2
-        mid, rad = c @ a.W.T + a.b, r @ a.W.abs().T
+        x_lo, x_hi = (lo, hi) if k == 0 else (pre[-1][0].clamp_min(0), pre[-1][1].clamp_min(0))
+        mid, rad = (x_lo + x_hi) / 2 @ a.W.T + a.b, (x_hi - x_lo) / 2 @ a.W.abs().T
         z_lo, z_hi = mid - rad, mid + rad  # exact for k = 0 (an affine map of a box)
         if known is not None:
             z_lo, z_hi = torch.maximum(z_lo, known[k][0]), torch.minimum(z_hi, known[k][1])
-        if k > 0:
-            idx = torch.nonzero(((z_lo < 0) & (z_hi > 0)).any(0)).flatten()
-            if len(idx):
-                eye = torch.eye(a.W.shape[0], dtype=torch.float64)[idx]
-                b, _ = backward_lower(layers, k, torch.cat([eye, -eye]).expand(n, 2 * len(idx), -1), pre, lo, hi)
-                z_lo = z_lo.clone()
-                z_hi = z_hi.clone()
-                z_lo[:, idx] = torch.maximum(z_lo[:, idx], b[:, :len(idx)])
-                z_hi[:, idx] = torch.minimum(z_hi[:, idx], -b[:, len(idx):])
+        alive = z_hi > 0
+        m = int(alive.sum(1).max()) if k > 0 else 0
+        if m:  # each box's live neurons, padded to the largest count with others (any CROWN bound is valid)
+            idx = alive.double().topk(m, dim=1).indices  # (N, m)
+            signs = torch.ones(n, 2 * m, dtype=torch.float64)
+            signs[:, m:] = -1
+            b, _ = backward_lower(layers, k, None, pre, lo, hi, relax, torch.cat([idx, idx], 1), signs)
+            z_lo = z_lo.scatter(1, idx, torch.maximum(z_lo.gather(1, idx), b[:, :m]))
+            z_hi = z_hi.scatter(1, idx, torch.minimum(z_hi.gather(1, idx), -b[:, m:]))
         pre.append((z_lo, z_hi))
+        relax.append(_relu_relax(z_lo, z_hi))
     C = C.expand(n, *C.shape[-2:]) if C.ndim == 2 else C
-    bound, lam = backward_lower(layers, len(layers) - 1, C, pre, lo, hi)
+    bound, lam = backward_lower(layers, len(layers) - 1, C, pre, lo, hi, relax)
     return bound, lam, pre
 
 
@@ -170,22 +179,39 @@ class Outcome:
     reason: str = ""
 
 
+def _split_dims(lam: torch.Tensor, margin: torch.Tensor, live: torch.Tensor, width: torch.Tensor,
+                rule: str) -> torch.Tensor:
+    """The input dimension to halve in each box. lam (N, rows, d), margin (N, rows), live (N, rows): rows of
+    conjunctions not refuted yet. "sb" (alpha-beta-CROWN's smart branching): per row, what halving input i
+    would add to its bound (|Lambda_i| x width_i / 2) plus its margin, so the row nearest to refutation
+    counts most; best row per input, best input. "influence": |Lambda| x width summed over the rows."""
+    gain = lam.abs() * width[:, None, :] / 2
+    if rule == "influence":
+        return (gain * live[:, :, None]).sum(1).argmax(dim=1)
+    score = (gain + margin[:, :, None]).masked_fill(~live[:, :, None], -torch.inf)
+    return score.amax(dim=1).argmax(dim=1)
+
+
 def prove(layers: list[Affine], lower: np.ndarray, upper: np.ndarray, conjunctions, deadline: float,
-          candidate=None, batch: int = 256, max_boxes: int = 2_000_000) -> Outcome:
+          candidate=None, search=None, batch: int = 256, max_boxes: int = 50_000_000, split: str = "sb") -> Outcome:
     """Prove that no x in [lower, upper] has A_c f(x) <= b_c for any conjunction c (a list of (A, b)).
 
     A box is safe when, for every conjunction, some row has a lower bound of A_k y above b_k. Unproved
-    boxes are split in two along the input with the largest influence (|Lambda| times width).
-    `candidate(x)` is called on the minimising corners of unproved boxes: it returns a verified
-    counterexample or None (falsification during the search).
+    boxes are halved along the input `split` picks (`_split_dims`); their children inherit the parent's
+    intermediate bounds. Boxes are taken `batch` at a time from the front of the queue and their children
+    put back in front (depth first: the queue stays small).
+    Falsification during the search: `candidate(x)` is called on the minimising corners and the centres of
+    the open boxes, `search(lo, hi, margin)` now and then on the open boxes (most promising first); each
+    returns a verified counterexample or None.
     """
     A = torch.from_numpy(np.concatenate([c[0] for c in conjunctions])).double()
     b = torch.from_numpy(np.concatenate([c[1] for c in conjunctions])).double()
-    owner = np.concatenate([[i] * len(c[0]) for i, c in enumerate(conjunctions)])
+    owner = torch.from_numpy(np.concatenate([[i] * len(c[0]) for i, c in enumerate(conjunctions)]))
+    of = torch.nn.functional.one_hot(owner, len(conjunctions)).bool()  # (rows, conjunctions)
     queue_lo = torch.from_numpy(np.asarray(lower, np.float64))[None]
     queue_hi = torch.from_numpy(np.asarray(upper, np.float64))[None]
     queue_pre: list | None = None  # intermediate bounds of each open box's parent
-    done = 0
+    done, rounds, next_search = 0, 0, time.perf_counter()
     while len(queue_lo):
         if time.perf_counter() > deadline:
             return Outcome("unknown", boxes=done, reason=f"budget exhausted with {len(queue_lo)} boxes open")
@@ -195,29 +221,35 @@ def prove(layers: list[Affine], lower: np.ndarray, upper: np.ndarray, conjunctio
         known = None if queue_pre is None else [(a[:batch], b_[:batch]) for a, b_ in queue_pre]
         queue_lo, queue_hi = queue_lo[batch:], queue_hi[batch:]
         rest = None if queue_pre is None else [(a[batch:], b_[batch:]) for a, b_ in queue_pre]
-        bound, lam, pre = crown(layers, lo, hi, A, known)  # (N, rows)
+        bound, lam, pre = crown(layers, lo, hi, A, known)
         done += len(lo)
+        rounds += 1
         margin = bound - b  # > 0: this row cannot be met anywhere in the box
-        refuted = torch.zeros(len(lo), len(conjunctions), dtype=torch.bool)
-        for i in range(len(conjunctions)):
-            refuted[:, i] = (margin[:, owner == i] > TOLERANCE).any(dim=1)
+        refuted = ((margin > TOLERANCE)[:, :, None] & of).any(dim=1)  # (N, conjunctions)
         open_ = ~refuted.all(dim=1)
         if not open_.any():
             queue_pre = rest
             continue
-        lo, hi, lam, margin = lo[open_], hi[open_], lam[open_], margin[open_]
+        lo, hi, lam, margin, refuted = lo[open_], hi[open_], lam[open_], margin[open_], refuted[open_]
         pre = [(a[open_], b_[open_]) for a, b_ in pre]
+        live = ~(refuted.float() @ of.T.float()).bool()  # rows of conjunctions still open
         if candidate is not None:
             # the corner minimising the bound of the most violated row: the likeliest counterexample
-            row = margin.argmin(dim=1)
+            row = margin.masked_fill(~live, torch.inf).argmin(dim=1)
             g = lam[torch.arange(len(lo)), row]
             corner = torch.where(g > 0, lo, hi)
             found = candidate(np.concatenate([corner.numpy(), ((lo + hi) / 2).numpy()]))
             if found is not None:
                 return Outcome("violated", counterexample=found, boxes=done)
-        # split along the input that matters most for the rows still open
-        influence = (lam.abs() * (hi - lo)[:, None, :]).sum(1)
-        dim = influence.argmax(dim=1)
+        if search is not None and time.perf_counter() >= next_search:
+            t = time.perf_counter()
+            worst = margin.masked_fill(~live, -torch.inf).amax(dim=1)  # the best chance to refute each box
+            order = worst.argsort()  # most promising for a counterexample first
+            found = search(lo[order].numpy(), hi[order].numpy())
+            if found is not None:
+                return Outcome("violated", counterexample=found, boxes=done)
+            next_search = time.perf_counter() + 4 * (time.perf_counter() - t)  # at most a fifth of the time
+        dim = _split_dims(lam, margin, live, hi - lo, split)
         at = torch.arange(len(lo))
         mid = (lo[at, dim] + hi[at, dim]) / 2
         left_hi, right_lo = hi.clone(), lo.clone()

@@ -63,46 +63,86 @@ def plain_check(forward, prop: Property, x: np.ndarray, sign: float = 1.0) -> tu
     return None
 
 
-def _objective(y: torch.Tensor, region) -> torch.Tensor:
-    """<= 0 exactly when y meets one of the region's conjunctions (min over them of the worst row)."""
-    per = [(y @ torch.from_numpy(c.A).to(y) .T - torch.from_numpy(c.b).to(y)).max(dim=1).values
+def box32(lower: np.ndarray, upper: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 box inside [lower, upper] (rounded inwards: a float32 corner is still in the region)."""
+    lo, hi = lower.astype(np.float32), upper.astype(np.float32)
+    lo = np.where(lo < lower, np.nextafter(lo, np.float32(np.inf)), lo)
+    hi = np.where(hi > upper, np.nextafter(hi, np.float32(-np.inf)), hi)
+    return torch.from_numpy(lo), torch.from_numpy(hi)
+
+
+def _loss(y: torch.Tensor, region, push: float = 1e-4) -> torch.Tensor:
+    """0 exactly when y meets one of the region's conjunctions with `push` to spare: per conjunction the sum
+    of its unmet rows' excess (a margin loss: every unmet row pulls, not only the worst), the least of them."""
+    per = [torch.relu(y @ torch.from_numpy(c.A).to(y).T - torch.from_numpy(c.b).to(y) + push).sum(dim=1)
            for c in region.outputs]
     return torch.stack(per, 1).min(dim=1).values
 
 
-def falsify(forward, prop: Property, deadline: float, seed: int = 0, sign: float = 1.0, samples: int = 4096,
-            restarts: int = 64, steps: int = 100, gradients: bool = True):
-    """Uniform sampling then projected gradient descent inside each input box; verified counterexample or None."""
+def pgd(forward, prop: Property, region, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int,
+        deadline: float, sign: float = 1.0):
+    """Projected sign-gradient descent of the margin loss from each row of x inside its own box [lo, hi]
+    (rows of lo/hi, or one box for all), step from 2% of the box's width down to 0.01%;
+    the first point a plain float32 forward pass confirms, as (x, y), else None."""
+    width = hi - lo
+    for t in range(steps):
+        if time.perf_counter() > deadline:
+            break
+        x.requires_grad_(True)
+        y = _outputs(forward, x, sign)
+        loss = _loss(y.double(), region)
+        if bool((loss == 0).any()):
+            found = plain_check(forward, prop, x.detach()[loss == 0].numpy(), sign)
+            if found is not None:
+                return found
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        step = width * (0.02 * (1 - t / steps) + 1e-4)  # large first steps leave the good start
+        with torch.no_grad():
+            x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
+    return plain_check(forward, prop, x.detach().numpy(), sign)
+
+
+def falsify(forward, prop: Property, deadline: float, seed: int = 0, sign: float = 1.0, samples: int = 16384,
+            restarts: int = 512, steps: int = 60, gradients: bool = True):
+    """Sampling (uniform, half of it on the faces), then PGD on the margin loss from the `restarts` best samples
+    of each input box;
+    a counterexample confirmed by a plain float32 forward pass, or None."""
     g = torch.Generator().manual_seed(seed)
     for region in prop.regions:
         if not region.outputs:
             continue
-        lo = torch.from_numpy(region.lower).float()
-        hi = torch.from_numpy(region.upper).float()
+        lo, hi = box32(region.lower, region.upper)
         x = lo + (hi - lo) * torch.rand(samples, len(lo), generator=g)
+        # half of them on faces (each coordinate at a bound with probability 0.2): a ReLU network is piecewise
+        # linear, so the extremes of the output condition sit on faces and corners of the box
+        snap = torch.rand(x.shape, generator=g)
+        snap[: samples // 2] = 0.5
+        x = torch.where(snap < 0.1, lo, torch.where(snap > 0.9, hi, x))
         found = plain_check(forward, prop, x.numpy(), sign)
         if found is not None:
             return found
         if not gradients or time.perf_counter() > deadline:
             continue
         with torch.no_grad():
-            score = _objective(_outputs(forward, x, sign).double(), region)
-        x = x[score.argsort()[:restarts]].clone()
-        width = hi - lo
-        for t in range(steps):
-            if time.perf_counter() > deadline:
-                break
-            x.requires_grad_(True)
-            obj = _objective(_outputs(forward, x, sign).double(), region)
-            (grad,) = torch.autograd.grad(obj.sum(), x)
-            step = 0.1 * width * (1 - t / steps) + 1e-4 * width
-            with torch.no_grad():
-                x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
-            found = plain_check(forward, prop, x.detach().numpy(), sign)
-            if found is not None:
-                return found
-            x = x.detach()
+            loss = _loss(_outputs(forward, x, sign).double(), region)
+        found = pgd(forward, prop, region, x[loss.argsort()[:restarts]].clone(), lo, hi, steps, deadline, sign)
+        if found is not None:
+            return found
     return None
+
+
+def box_search(forward, prop: Property, region, sign: float = 1.0, boxes: int = 256, steps: int = 20):
+    """Falsification inside the open boxes of a branch and bound (most promising first): PGD from each box's
+    centre and two random points, projected on the box. Returns search(lo, hi) for `bounds.prove`."""
+    g = torch.Generator().manual_seed(1)
+
+    def search(lo: np.ndarray, hi: np.ndarray):
+        lo_t, hi_t = (v.repeat(3, 1) for v in box32(lo[:boxes], hi[:boxes]))
+        x = lo_t + (hi_t - lo_t) * torch.rand(lo_t.shape, generator=g)
+        x[: len(x) // 3] = (lo_t + hi_t)[: len(x) // 3] / 2
+        return pgd(forward, prop, region, x, lo_t, hi_t, steps, float("inf"), sign)
+
+    return search
 
 
 @contextmanager
@@ -172,7 +212,7 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape
             return plain_check(forward, prop, xs, sign)
 
         out = B.prove(layers, region.lower, region.upper, [(c.A, c.b) for c in region.outputs], deadline,
-                      candidate=candidate)
+                      candidate=candidate, search=box_search(forward, prop, region, sign))
         boxes += out.boxes
         if out.verdict == "violated":
             return result("violated", out.counterexample, boxes, "bound-guided corner, re-checked by a forward pass")
