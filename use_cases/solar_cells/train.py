@@ -44,7 +44,6 @@ from trustcase.models.classifier import Classifier  # noqa: E402
 from trustcase.schemas import TrainingRequest, TrainingResult, load_use_case  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"
-LIPSCHITZ_TEMPERATURE = 16.0  # logits of a 1-Lipschitz network are small: scaled before the cross-entropy
 
 
 def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -185,8 +184,9 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
             xt = torch.from_numpy(np.ascontiguousarray(xb))
             x = clf.to_input(xt)
             z = model(x)
-            if lipschitz:  # the true logit must win by the margin; the temperature sharpens a 1-Lipschitz output
-                z = LIPSCHITZ_TEMPERATURE * (z - margin * F.one_hot(yb, z.shape[1]))
+            if lipschitz:  # the true logit must win by the margin; no temperature: a 1-Lipschitz network then
+                z = z - margin * F.one_hot(yb, z.shape[1])  # learns large logit gaps (4 epochs: T = 16 certified
+                # 69% at radius 0.001 and 8% at 0.01, T = 1 77% and 74%)
             loss = loss_fn(z, yb)
             if certified:  # kappa CE(clean) + (1 - kappa) CE(worst case over the ball), eps and 1 - kappa ramped
                 t = min(1.0, step / ramp)
