@@ -85,12 +85,14 @@ def test_attacks_stay_in_their_ball_and_in_the_value_range(norm):
         x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)), apgd_steps=20, queries=50)
         assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 255
-    delta = torch.randn(5, 3, 3) * 50
+    x0 = torch.full((5, 3, 3), 100.0)
+    z = x0 + torch.randn(5, 3, 3) * 50
     for e in (0.5, 10.0):
-        p = adv.project(delta, torch.full((5,), e), norm)
-        assert (adv.norms(p, norm) <= e * (1 + 1e-6)).all()
-        inside = adv.project(p, torch.full((5,), e), norm)
-        assert torch.allclose(inside, p)  # a projection is idempotent
+        eps = torch.full((5, 1, 1), e)
+        lo, hi = (x0 - eps, x0 + eps) if norm == "linf" else (torch.zeros_like(x0), torch.full_like(x0, 255.0))
+        p = adv.project(x0, z, lo, hi, eps, norm)
+        assert (adv.norms(p - x0, norm) <= e * (1 + 1e-5) + 1e-4).all()
+        assert torch.allclose(adv.project(x0, p, lo, hi, eps, norm), p)  # a projection is idempotent
 
 
 # --- a small trained CNN -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with ban
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -62,15 +63,6 @@ def norms(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
 
 
-def project(delta: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """Nearest point of the ball of radius eps[i] around 0, item by item."""
-    e = eps.view(-1, *([1] * (delta.ndim - 1)))
-    if norm == "linf":
-        return torch.maximum(torch.minimum(delta, e), -e)
-    n = norms(delta, "l2").view_as(e)
-    return delta * torch.clamp(e / n.clamp_min(1e-12), max=1.0)
-
-
 def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     """Steepest ascent direction of unit norm: sign for L-inf, normalised gradient for L2."""
     if norm == "linf":
@@ -79,31 +71,44 @@ def _direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / n.clamp_min(1e-12)
 
 
-def _loss_grad(clf: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the cross-entropy w.r.t. the pixel-space input, and the logits it came from."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = clf.forward(clf.to_input(x))
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
-    return g, logits.detach()
-
-
 def _predict(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return clf.forward(clf.to_input(x)).argmax(dim=1)
 
 
-def _clip(x: torch.Tensor, delta: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Shrink delta so that x + delta stays in the value range (keeps it inside any ball around 0)."""
-    return (x + delta).clamp(lo, hi) - x
+def _ce_grad(forward, z: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the cross-entropy w.r.t. the input, and the logits it came from."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        logits = forward(z)
+        (g,) = torch.autograd.grad(F.cross_entropy(logits, label, reduction="sum"), z)
+    return g, logits.detach()
 
 
-def fgsm(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
-         value_range: tuple[float, float]) -> torch.Tensor:
-    """One step of size eps along the gradient's sign (L-inf) or direction (L2): the fast gradient method."""
-    g, _ = _loss_grad(clf, x, y)
-    e = eps.view(-1, *([1] * (x.ndim - 1)))
-    return x + _clip(x, e * _direction(g, norm), *value_range)
+def project(x0: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: torch.Tensor | None,
+            norm: Norm) -> torch.Tensor:
+    """Into the box [lo, hi] and, for L2, first into the ball of radius eps (B, 1, ...) around x0: a point of
+    both (the nearest one when the ball's nearest point is in the box)."""
+    if norm == "l2" and eps is not None:
+        d = x - x0
+        n = d.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
+        x = x0 + d * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def fgsm(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast gradient method, one step on the cross-entropy: L-inf, to the corner of the box the gradient's
+    sign points at; L2, eps along the gradient, then into the box."""
+    hit = hit or misclassified
+    g, _ = _ce_grad(forward, x, label)
+    if norm == "linf":
+        adv = torch.where(g > 0, hi, torch.where(g < 0, lo, x))
+    else:
+        e = eps.view(-1, *([1] * (x.ndim - 1)))
+        adv = project(x, x + e * _direction(g, norm), lo, hi, e, norm)
+    with torch.no_grad():
+        return adv, hit(forward(adv), label)
 
 
 def random_start(shape: tuple[int, ...], eps: torch.Tensor, norm: Norm, seeds: np.ndarray,
@@ -122,94 +127,121 @@ def random_start(shape: tuple[int, ...], eps: torch.Tensor, norm: Norm, seeds: n
     return torch.from_numpy(np.stack(out).astype(np.float32)).view(shape)
 
 
-def pgd(clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
-        value_range: tuple[float, float], steps: int = 20, step_size: float = 2.5, restarts: int = 1,
-        seeds: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradient ascent on the cross-entropy (Madry et al.): first from the clean input, then from
-    `restarts - 1` random starts in the ball.
-
-    Returns (x_adv, fooled): for a fooled item x_adv is the first misclassified iterate found (a
-    witness inside its ball), otherwise the last iterate. Items misclassified when clean count as
-    fooled with x_adv = x. Fooled items leave the batch, so a strong attack costs less.
+def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 10,
+        step_size: float = 2.5, restarts: int = 1, seeds: np.ndarray | None = None, eps: torch.Tensor | None = None,
+        norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient ascent on the cross-entropy (Madry et al.), steps of step_size x eps / steps (eps: the
+    ball's radius, else half the box's widest side): first from the clean input, then from `restarts - 1`
+    random starts (uniform in the ball, seeded per item). Returns (x_adv, fooled) as `apgd`; fooled items leave
+    the batch, so a strong attack costs less.
     """
+    hit = hit or misclassified
     seeds = np.arange(len(x)) if seeds is None else seeds
-    adv = x.clone()
-    fooled = _predict(clf, x) != y  # items with eps = 0 keep this clean verdict
-    alpha = step_size * eps / steps
+    radius = eps if eps is not None else ((hi - lo) / 2).flatten(1).amax(1)
+    adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    view = (-1,) + (1,) * (x.ndim - 1)
     for r in range(restarts):
-        idx = torch.nonzero(~fooled & (eps > 0)).flatten()
-        if len(idx) == 0:
+        idx = torch.nonzero(~fooled).flatten()
+        if not len(idx):
             break
-        xi, yi, ei, ai = x[idx], y[idx], eps[idx], alpha[idx].view(-1, *([1] * (x.ndim - 1)))
+        x0, li, hi_i, ei = x[idx], lo[idx], hi[idx], None if eps is None else eps[idx].view(view)
+        a = (step_size * radius[idx] / steps).view(view)
         # the first run starts at the clean input (for a locally linear model the best start); restarts are random
-        delta = torch.zeros_like(xi) if r == 0 else _clip(
-            xi, project(random_start(tuple(xi.shape), ei, norm, seeds[idx.numpy()], r), ei, norm), *value_range)
+        z = x0.clone() if r == 0 else project(
+            x0, x0 + random_start(tuple(x0.shape), radius[idx], norm, seeds[idx.numpy()], r), li, hi_i, ei, norm)
         for step in range(steps + 1):
-            g, logits = _loss_grad(clf, xi + delta, yi)
-            hit = logits.argmax(dim=1) != yi
-            if hit.any():  # keep the witness, drop the item
-                adv[idx[hit]] = (xi + delta)[hit]
-                fooled[idx[hit]] = True
-                keep = ~hit
-                idx, xi, yi, ei, ai, delta, g = idx[keep], xi[keep], yi[keep], ei[keep], ai[keep], delta[keep], g[keep]
-            if len(idx) == 0 or step == steps:
+            g, logits = _ce_grad(forward, z, label[idx])
+            h = hit(logits, label[idx])
+            if h.any():  # keep the witness, drop the item
+                adv[idx[h]], fooled[idx[h]] = z[h], True
+                k = ~h
+                idx, x0, li, hi_i, a, z, g = idx[k], x0[k], li[k], hi_i[k], a[k], z[k], g[k]
+                ei = None if ei is None else ei[k]
+            if not len(idx) or step == steps:
                 break
-            delta = _clip(xi, project(delta + ai * _direction(g, norm), ei, norm), *value_range)
-        if len(idx):
-            adv[idx] = xi + delta
+            z = project(x0, z + a * _direction(g, norm), li, hi_i, ei, norm)
     return adv, fooled
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard each attack tries: PGD `steps` of `step_size` x eps / steps and `restarts` runs (APGD too),
+    APGD `apgd_steps` per run, Square `queries` forward passes per item."""
+    steps: int = 10
+    step_size: float = 2.5
+    restarts: int = 2
+    apgd_steps: int = 100
+    queries: int = 1000
 
 
 ENGINE = ("fgsm", "pgd", "apgd")  # the `auto` attack: each stage attacks the items the ones before left standing
 
 
+def attack_region(kind: str, forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  budget: Budget = Budget(), eps: torch.Tensor | None = None, norm: Norm = "linf",
+                  seeds: np.ndarray | None = None, seed: int = 0, hit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attacks on any input region: the box [lo, hi] per element (and for L2 the ball of radius eps[i]
+    around x), for `kind` in fgsm, pgd, apgd, square, auto; `forward` maps inputs to logits.
+
+    `auto` is the engine (AutoAttack's recipe): FGSM, then PGD, then APGD on the items still standing, so per
+    item it fools whatever FGSM or PGD alone fools. `hit(logits, label)` says when an item is fooled (default:
+    the arg max is not the label; the verifier passes `_fooled`, where a tie counts). Returns (x_adv, fooled):
+    x_adv[i] the witness found for item i (by the forward pass that found it), else the clean input.
+    """
+    hit = hit or misclassified
+    seeds = np.arange(len(x)) if seeds is None else seeds
+    b = budget
+    adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    for stage in ENGINE if kind == "auto" else (kind,):
+        i = torch.nonzero(~fooled).flatten()
+        if not len(i):
+            break
+        xi, yi, li, hi_i, s = x[i], label[i], lo[i], hi[i], seeds[i.numpy()]
+        ei = None if eps is None else eps[i]
+        if stage == "fgsm":
+            a, f = fgsm(forward, xi, yi, li, hi_i, ei, norm, hit)
+        elif stage == "pgd":
+            a, f = pgd(forward, xi, yi, li, hi_i, b.steps, b.step_size, b.restarts, s, ei, norm, hit)
+        elif stage == "apgd":
+            a, f = apgd(forward, xi, yi, li, hi_i, b.apgd_steps, b.restarts, seed=seed, seeds=s, eps=ei, norm=norm,
+                        hit=hit)
+        else:
+            a, f = square(forward, xi, yi, li, hi_i, queries=b.queries, seed=seed, seeds=s, hit=hit)
+        adv[i[f]], fooled[i[f]] = a[f], True
+    return adv, fooled
+
+
 def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
            value_range: tuple[float, float], steps: int, step_size: float, restarts: int,
            seeds: np.ndarray, apgd_steps: int = 100, queries: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one interface of the attacks: (x_adv, fooled) for `kind` in fgsm, pgd, apgd, square, auto.
-    Square (black box, L-inf) makes `queries` forward passes per item.
+    """The attacks in pixel units of a classifier: `attack_region` on each item's ball of radius eps[i]
+    intersected with the value range, through the model's normalisation.
 
-    `auto` is the engine (AutoAttack's recipe): FGSM, then PGD as `pgd` runs it (`steps`, `step_size`,
-    `restarts`), then APGD (`apgd_steps`, `restarts`) on the items still standing, so per item it fools
-    whatever FGSM or PGD alone fools (an item is fooled when any stage fools it). Every counterexample is
-    re-checked by a plain forward pass under the accuracy's rule (arg max != label) before it is returned;
-    x_adv is the clean input for items not fooled. Items misclassified clean count as fooled, x_adv = x; a
-    zero ball fools nothing else.
+    Every counterexample is re-checked by a plain forward pass under the accuracy's rule (arg max != label)
+    before it is returned; x_adv is the clean input for items not fooled. Items misclassified clean count as
+    fooled, x_adv = x; a zero ball fools nothing else.
     """
     view = (-1,) + (1,) * (x.ndim - 1)
     eps = eps.to(x.dtype)
     clean_wrong = _predict(clf, x) != y
-    adv, fooled = x.clone(), clean_wrong.clone()
-    for stage in ENGINE if kind == "auto" else (kind,):
-        i = torch.nonzero(~fooled & (eps > 0)).flatten()
-        if not len(i):
-            break
-        a, f = _stage(stage, clf, x[i], y[i], eps[i], norm, value_range, steps, step_size, restarts,
-                      seeds[i.numpy()], apgd_steps, queries)
-        adv[i[f]], fooled[i[f]] = a[f], True
+    adv = x.clone()
+    i = torch.nonzero(~clean_wrong & (eps > 0)).flatten()
+    if len(i):
+        xi, e = x[i], eps[i].view(view)
+        lo_v, hi_v = value_range
+        if norm == "linf":
+            lo, hi = (xi - e).clamp(lo_v, hi_v), (xi + e).clamp(lo_v, hi_v)
+        else:
+            lo, hi = torch.full_like(xi, lo_v), torch.full_like(xi, hi_v)
+
+        def forward(p):
+            return clf.forward(clf.to_input(p))
+
+        a, f = attack_region(kind, forward, xi, y[i], lo, hi, Budget(steps, step_size, restarts, apgd_steps, queries),
+                             eps=eps[i], norm=norm, seeds=seeds[i.numpy()])
+        adv[i[f]] = a[f]
     fooled = _predict(clf, adv) != y  # the re-check: a plain forward pass of what is reported
     return torch.where(fooled.view(view), adv, x), fooled
-
-
-def _stage(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps, queries):
-    if kind == "pgd":
-        return pgd(clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds)
-    if kind == "fgsm":
-        adv = fgsm(clf, x, y, eps, norm, value_range)
-        return adv, _predict(clf, adv) != y
-    e = eps.view(-1, *([1] * (x.ndim - 1)))
-    lo_v, hi_v = value_range
-    if norm == "linf":
-        lo, hi = (x - e).clamp(lo_v, hi_v), (x + e).clamp(lo_v, hi_v)
-    else:
-        lo, hi = torch.full_like(x, lo_v), torch.full_like(x, hi_v)
-
-    def forward(p):
-        return clf.forward(clf.to_input(p))
-
-    if kind == "apgd":
-        return apgd(forward, x, y, lo, hi, apgd_steps, restarts, seeds=seeds, eps=eps, norm=norm, hit=misclassified)
-    return square(forward, x, y, lo, hi, queries=queries, seeds=seeds)
 
 
 def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, norm: Norm,
@@ -301,15 +333,16 @@ LOSSES = {"margin": margin, "dlr": dlr_targeted, "ce": _cross_entropy}
 
 def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 100,
          restarts: int = 1, targets: int = 3, seed: int = 0, seeds: np.ndarray | None = None,
-         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=_fooled) -> tuple[torch.Tensor, torch.Tensor]:
+         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """APGD (Croce & Hein 2020, Algorithm 1) with the losses of `apgd_runs`, from the clean input then
     `restarts - 1` seeded random starts; each item leaves as soon as one run fools it.
 
     The search stays in the box [lo, hi] (per element: the L-inf ball intersected with the value range, or
     any input region), and for norm "l2" also in the L2 ball of radius eps[i] around x. `hit(logits, label)`
-    says when an item is fooled (default `_fooled`: a tie counts). Returns (x_adv, fooled): x_adv[i] is the
-    first point found that fools item i, by the forward pass that found it, else the clean input.
+    says when an item is fooled (default `misclassified`). Returns (x_adv, fooled): x_adv[i] is the first
+    point found that fools item i, by the forward pass that found it, else the clean input.
     """
+    hit = hit or misclassified
     seeds = np.arange(len(x)) if seeds is None else seeds
     with torch.no_grad():
         clean = forward(x)
@@ -344,14 +377,6 @@ def random_point(x, lo, hi, eps, norm, seeds, seed, restart, run) -> torch.Tenso
     return x + eps * v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
 
 
-def _apgd_project(x0, x, lo, hi, eps, norm):
-    if norm == "l2" and eps is not None:
-        d = x - x0
-        n = d.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
-        x = x0 + d * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
-    return torch.minimum(torch.maximum(x, lo), hi)
-
-
 def checkpoints(steps: int) -> list[int]:
     """APGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     out, p, q = [0], 0.0, 0.22
@@ -379,7 +404,7 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
         return f.detach(), g, out.detach()
 
     live = torch.arange(len(x0))
-    x = _apgd_project(x0, start, lo, hi, eps, norm)
+    x = project(x0, start, lo, hi, eps, norm)
     f, g, out = loss_grad(x, live)
     s = {"x": x, "prev": x.clone(), "f": f, "g": g, "best_x": x.clone(), "best": f.clone(), "best_g": g.clone(),
          "eta": eta, "x0": x0, "lo": lo, "hi": hi, "gains": torch.zeros(len(x0)), "last_best": f.clone(),
@@ -397,9 +422,9 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
         e = s.get("eps")
         direction = s["g"].sign() if norm == "linf" else s["g"] / s["g"].flatten(1).norm(dim=1).clamp_min(
             1e-12).view(view)
-        z = _apgd_project(s["x0"], s["x"] + s["eta"] * direction, s["lo"], s["hi"], e, norm)
+        z = project(s["x0"], s["x"] + s["eta"] * direction, s["lo"], s["hi"], e, norm)
         a = 0.75 if step > 0 else 1.0
-        new = _apgd_project(s["x0"], s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["prev"]), s["lo"], s["hi"],
+        new = project(s["x0"], s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["prev"]), s["lo"], s["hi"],
                             e, norm)
         f, g, out = loss_grad(new, live)
         s["gains"] += (f > s["f"]).float()
@@ -419,14 +444,16 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
 
 
 def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, queries: int = 300,
-           seed: int = 0, seeds: np.ndarray | None = None, p_init: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+           seed: int = 0, seeds: np.ndarray | None = None, p_init: float = 0.1,
+           hit=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Square attack (Andriushchenko et al. 2020), L-inf, black box: forward passes only, no gradient.
 
     Starts from vertical stripes at the box's faces, then changes one random square window per query to
     a random face of the box per channel, kept when the margin loss (the best other class minus the label)
     grows; the window shrinks on APGD-like checkpoints. Images (B, H, W, C) or (B, C, H, W) with H, W the
-    two largest axes after the batch; returns (x_adv, fooled) as `apgd` (a tie counts).
+    two largest axes after the batch; returns (x_adv, fooled) as `apgd`.
     """
+    hit = hit or misclassified
     seeds = np.arange(len(x)) if seeds is None else seeds
     gens = [np.random.default_rng([int(s), seed, 7]) for s in seeds]
     dims = sorted(range(1, x.ndim), key=lambda d: x.shape[d])[-2:]  # the two spatial axes
@@ -436,15 +463,15 @@ def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: 
         with torch.no_grad():
             out = forward(z)
         other = out.masked_fill(F.one_hot(lab, out.shape[1]).bool(), -math.inf).amax(1)
-        return other - out.gather(1, lab[:, None])[:, 0]
+        return other - out.gather(1, lab[:, None])[:, 0], hit(out, lab)
 
     stripes = torch.stack([torch.from_numpy(g.choice([0.0, 1.0], size=w)).float() for g in gens])
     shape = [len(x)] + [1] * (x.ndim - 1)
     shape[dims[1]] = w
     best_x = lo + (hi - lo) * stripes.view(shape) if x.ndim > 2 else x.clone()
-    best = loss(best_x, label)
+    best, done = loss(best_x, label)
     for q in range(queries):
-        live = torch.nonzero(best < 0).flatten()
+        live = torch.nonzero(~done).flatten()
         if not len(live):
             break
         frac = p_init / 2 ** sum(q >= int(t * queries) for t in (0.02, 0.1, 0.2, 0.4, 0.6, 0.8))
@@ -458,8 +485,8 @@ def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: 
             index[dims[0]], index[dims[1]] = slice(r0, r0 + s), slice(c0, c0 + s)
             pick = torch.from_numpy(g.choice([0.0, 1.0], size=1)).float()
             cand[tuple(index)] = lo[i][tuple(index[1:])] + (hi[i] - lo[i])[tuple(index[1:])] * pick
-        new = loss(cand, label[live])
-        better = new > best[live]
+        new, won = loss(cand, label[live])
+        better = (new > best[live]) | won
         best_x[live[better]], best[live[better]] = cand[better], new[better]
-    fooled = best >= 0
-    return torch.where(fooled.view(-1, *[1] * (x.ndim - 1)), best_x, x), fooled
+        done[live[won]] = True
+    return torch.where(done.view(-1, *[1] * (x.ndim - 1)), best_x, x), done
