@@ -19,7 +19,9 @@ Check `local_robustness` (stage "formal"), per radius r, scope {split, perturbat
 Summary keys: radii, verified, falsified, unknown (counts per radius), items, timeout, seconds.
 Artefact: per-item CSV (id, label, prediction, one verdict per radius).
 Requirements: `metric: local_robustness_verified, scope: {perturbation: {name: linf_radius, max_amplitude: r}}`.
-Networks of Linear and ReLU layers only (e.g. ACAS Xu); anything else is "not run", with the layer named.
+Chains of Linear and ReLU layers (e.g. ACAS Xu) go through `verify_ball` (input splitting); any other ReLU
+network whose layer graph `graph.from_model` reads (image CNNs) through `decide`; a layer neither can bound
+makes the check "not run", with the layer named.
 """
 
 from __future__ import annotations
