@@ -31,8 +31,10 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
                     "tests/test_bad_input_verdicts.py"]),
     "performance": (["trustcase/performance.py"], ["tests/test_performance.py", "tests/test_exact_metrics.py"]),
     # bounds.py is being replaced by graph.py / propagation.py (exact tests against scipy's MILP of their own)
-    "certification": (["trustcase/certification/lipschitz.py", "trustcase/certification/smoothing.py"],
-                      ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_smoothing.py"]),
+    "certification": (["trustcase/certification/lipschitz.py", "trustcase/models/lipschitz_layers.py",
+                       "trustcase/certification/smoothing.py"],
+                      ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_lipschitz_layers.py",
+                       "tests/test_smoothing.py"]),
 }
 SKIP = {".venv", ".git", "mutants", "__pycache__", "mlruns", "node_modules", "build"}
 
