@@ -342,3 +342,24 @@ def test_engine_gives_the_same_evidence_at_any_batch_size(stripes_model, tmp_pat
     assert any("upper bounds of robust accuracy" in v and "re-checked" in v for v in a.validity)
     assert any("APGD" in v and "margin to the other class" in v for v in a.validity)
     assert a.summary["auto_linf"]["apgd_steps"] == 20
+
+
+def test_attack_region_decides_boxes_of_a_linear_model_exactly():
+    """The verifier's interface: any box, no ball. For f(x) = w.x + b the least margin over a box is at its corner
+    sign(-w): an item is fooled iff that corner's margin is negative, and every witness lies in its box."""
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(16, generator=g), 0.3
+    net = Linear(w, b).eval()
+    x = torch.randn(40, 16, generator=g) * 0.1 + 0.2 * w / w.norm()  # class 1 (f > 0) with margins to spare
+    label = torch.ones(40, dtype=torch.long)
+    width = torch.linspace(0.01, 0.6, 40)[:, None].expand(40, 16)
+    lo, hi = x - width * torch.rand(40, 16, generator=g), x + width * torch.rand(40, 16, generator=g)
+    assert (net(x)[:, 1] > 0).all()
+    worst = torch.where(w > 0, lo, hi) @ w + b  # the least margin over each box
+    clear = worst.abs() > 1e-4
+    budget = adv.Budget(steps=3, restarts=1, apgd_steps=30)
+    for kind in ("pgd", "apgd", "auto"):
+        x_adv, fooled = adv.attack_region(kind, net, x, label, lo, hi, budget, hit=adv._fooled)
+        assert torch.equal(fooled[clear], (worst < 0)[clear]), kind
+        assert ((x_adv >= lo) & (x_adv <= hi)).all()
+        assert torch.equal(adv._fooled(net(x_adv), label), fooled)  # each witness, and only they, fooled
