@@ -1,0 +1,144 @@
+"""ACAS Xu verification: the published verdicts of N_1,1 stay right, branch and bound proves what holds, the
+falsifier finds the counterexamples that once escaped it, every counterexample is re-checked, and the
+bounds machinery (per-box gathered CROWN rows, inherited parent bounds) is exact or sound where it must be.
+Tests on the reference networks skip when the ACAS Xu data is absent."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trustcase.certification import bounds as B
+from trustcase.certification.nnet import load_network
+from trustcase.certification.properties import acasxu_root, check_property, falsify
+from trustcase.certification.vnnlib import read_vnnlib
+
+ACAS = acasxu_root()
+needs_acas = pytest.mark.skipif(not (ACAS / "instances.csv").is_file(),
+                                reason=f"ACAS Xu data not found at {ACAS} (set TRUSTCASE_ACASXU)")
+
+
+def network(name: str) -> nn.Module:
+    return load_network(ACAS / "onnx" / f"ACASXU_run2a_{name}_batch_2000.onnx")
+
+
+def prop(i: int):
+    return read_vnnlib(ACAS / "vnnlib" / f"prop_{i}.vnnlib")
+
+
+def random_mlp(seed: int, sizes=(5, 20, 20, 20, 5)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).double().eval()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gathered_rows_equal_the_dense_backward_pass(seed):
+    """CROWN on each box's own neurons (rows gathered, signs folded in) is the dense pass with one-hot rows."""
+    layers = B.linearise(random_mlp(seed))
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.rand(7, 5, generator=g, dtype=torch.float64) - 0.5
+    hi = lo + 0.3
+    _, _, pre = B.crown(layers, lo, hi, torch.eye(5, dtype=torch.float64))
+    rows = torch.randint(0, 20, (7, 6), generator=g)
+    signs = torch.where(torch.rand(7, 6, generator=g) < 0.5, -1.0, 1.0).double()
+    dense = torch.nn.functional.one_hot(rows, 20).double() * signs[:, :, None]
+    a, lam_a = B.backward_lower(layers, 2, dense, pre, lo, hi)
+    b, lam_b = B.backward_lower(layers, 2, None, pre, lo, hi, rows=rows, signs=signs)
+    assert torch.allclose(a, b, rtol=0, atol=1e-12) and torch.allclose(lam_a, lam_b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bounds_of_a_child_box_with_its_parents_bounds_are_sound(seed):
+    """The children of a split inherit the parent's intermediate bounds: still no sampled output below."""
+    net = random_mlp(seed)
+    layers = B.linearise(net)
+    g = torch.Generator().manual_seed(10 + seed)
+    lo = torch.rand(1, 5, generator=g, dtype=torch.float64) - 0.5
+    hi = lo + 0.4
+    C = torch.tensor([[1.0, -1, 0, 0, 0], [0, 0, 1, 0, -1]], dtype=torch.float64)
+    parent, _, pre = B.crown(layers, lo, hi, C)
+    half_hi = hi.clone()
+    half_hi[0, 0] = (lo[0, 0] + hi[0, 0]) / 2
+    child, _, _ = B.crown(layers, lo, half_hi, C, known=pre)
+    assert torch.all(child >= parent - 1e-12)  # never looser than the parent
+    x = lo + (half_hi - lo) * torch.rand(20000, 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        values = net(x) @ C.T
+    assert torch.all(child[0] <= values.min(0).values + 1e-9)
+
+
+def test_split_rules_propose_the_inputs_that_matter():
+    """"influence": largest |Lambda| x width summed over live rows; "widest": the widest side; "pair" both."""
+    lam = torch.tensor([[[0.1, 2.0, 0.0], [1.0, 0.0, 0.0]]], dtype=torch.float64)  # (1 box, 2 rows, 3 inputs)
+    live = torch.ones(1, 2, dtype=torch.bool)
+    width = torch.tensor([[1.0, 1.0, 3.0]], dtype=torch.float64)
+    assert B._split_dims(lam, live, width, "influence").tolist() == [[1]]
+    assert B._split_dims(lam, live, width, "widest").tolist() == [[2]]
+    assert B._split_dims(lam, live, width, "pair").tolist() == [[1, 2]]
+    assert B._split_dims(lam, live, width, "try").tolist() == [[0, 1, 2]]
+    # rows of a refuted conjunction do not count
+    assert B._split_dims(lam, torch.tensor([[False, True]]), width, "influence").tolist() == [[0]]
+    with pytest.raises(ValueError, match="unknown split rule"):
+        B._split_dims(lam, live, width, "random")
+
+
+@needs_acas
+def test_published_verdicts_of_n11_stay_right():
+    """Properties 1 and 4 hold on N_1,1 (Katz et al. 2017; VNN-COMP); the quick ones."""
+    net = network("1_1")
+    for i in (1, 4):
+        r = check_property(net, prop(i), timeout=30)
+        assert r["verdict"] == "holds", (i, r["reason"])
+
+
+@needs_acas
+@pytest.mark.slow
+@pytest.mark.parametrize("i", [2, 3, 5, 6])
+def test_every_published_verdict_of_n11_stays_right(i):
+    """Properties 1-6 hold on N_1,1 (seconds to tens of seconds each)."""
+    r = check_property(network("1_1"), prop(i), timeout=116)
+    assert r["verdict"] == "holds", r["reason"]
+
+
+@needs_acas
+def test_branch_and_bound_proves_a_holding_property_in_a_small_budget():
+    """N_4,5 property 10 (holds): the split rule proves it in a few thousand boxes; never "violated"."""
+    layers = B.linearise(network("4_5"))
+    region = prop(10).regions[0]
+    conj = [(c.A, c.b) for c in region.outputs]
+    out = B.prove(layers, region.lower, region.upper, conj, time.perf_counter() + 60)
+    assert out.verdict == "holds" and 0 < out.boxes < 5000
+
+
+@needs_acas
+@pytest.mark.parametrize("name,i", [("1_9", 7), ("5_3", 2)])
+def test_counterexamples_that_once_escaped_are_found_and_rechecked(name, i):
+    """N_1,9 property 7 (on a face of the box) and N_5,3 property 2 stayed unknown for 60 s with uniform
+    sampling and large PGD steps; face sampling and small-step PGD find them, any seed, in a second."""
+    import onnxruntime as ort
+
+    p = prop(i)
+    net = network(name)
+    for seed in range(2):
+        found = falsify(net, p, time.perf_counter() + 20, seed)
+        assert found is not None
+        x, _ = found
+        y = ort.InferenceSession(str(ACAS / "onnx" / f"ACASXU_run2a_{name}_batch_2000.onnx"),
+                                 providers=["CPUExecutionProvider"]).run(None, {"input": x.reshape(1, 1, 1, 5)})[0]
+        assert p.violated_by(x[None].astype(np.float64), y.astype(np.float64))[0]  # an independent engine agrees
+    r = check_property(net, p, timeout=20)
+    assert r["verdict"] == "violated" and r["counterexample"] is not None
+
+
+@needs_acas
+def test_a_budget_of_zero_or_less_is_refused_before_any_work():
+    for t in (0, -1.0):
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            check_property(network("1_1"), prop(1), timeout=t)
