@@ -1,11 +1,13 @@
 """Formal property checks (VNN-LIB) on ReLU networks: falsify, or prove, within a time budget.
 
 `check_property(module, property, timeout)` returns a verdict:
-- `violated`: a counterexample found by uniform sampling or projected gradient descent inside the input
-  box, or at a corner picked by the bounds, and RE-CHECKED by a plain float32 forward pass of the model
-  before it is reported;
-- `holds`: proved by sound bound propagation (CROWN linear relaxation with interval bounds, float64,
-  margin 1e-7) over the whole input region, splitting the box until every part is refuted;
+- `violated`: a counterexample found by sampling (half of it on the faces of the box, where the extremes
+  of a piecewise-linear network sit), PGD on a margin loss from the best samples, at a corner or centre of
+  an open box of the branch and bound, or by PGD inside the open boxes during it, and RE-CHECKED by a
+  plain float32 forward pass of the model before it is reported;
+- `holds`: proved by sound bound propagation (CROWN with interval and inherited bounds, alpha-CROWN on the
+  output rows, float64, margin 1e-7) over the whole input region, splitting the box until every part is
+  refuted (`bounds.prove`);
 - `unknown`: the budget ran out (or the network cannot be bounded) with neither.
 "holds" is never returned after a counterexample has been seen, since proof and search share one result.
 
