@@ -72,7 +72,10 @@ class Classifier:
         A tabular item streamed by data.py as a (1, F) array arrives as (B, 1, F, 1): accepted when it
         holds exactly F values per item.
         """
-        x = torch.as_tensor(images).float() if isinstance(images, np.ndarray) else images.float()
+        if isinstance(images, np.ndarray):  # a read-only array (a memory-mapped file) is copied, not shared
+            x = torch.as_tensor(images if images.flags.writeable else images.copy()).float()
+        else:
+            x = images.float()
         if self.tabular:
             f = self.spec.input_shape[0]
             if x.ndim < 2 or int(np.prod(x.shape[1:])) != f:
