@@ -36,7 +36,7 @@ def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=
             console.print(f"training the model: {why}")
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            epochs = 30
+            epochs = int(getattr(module, "DEFAULT_EPOCHS", 30))  # the training script's default recipe
             with Progress(TextColumn("Training the solar-cell CNN"), BarColumn(), TextColumn("{task.description}"),
                           TimeElapsedColumn(), console=console) as bar:
                 job = bar.add_task("", total=epochs)

@@ -1,12 +1,14 @@
 """Train the solar-cell classifier, deterministically for a seed, in a few minutes on 2 CPU cores.
 
-    python use_cases/solar_cells/train.py [--seed 0] [--epochs 30] [--noise-sigma 0.0] [--lipschitz [--margin-radius R]]
+    python use_cases/solar_cells/train.py [--seed 0] [--epochs 60] [--noise-sigma 0.0] [--lipschitz [--margin-radius R]]
                                           [--arch strided|pooled] [--ibp-eps 1.0]
 
 The default is certified training (Gowal et al. 2018) of the strided CNN (`cnn.StridedCNN`): the loss mixes
 the cross-entropy of the clean logits with that of the worst-case margins over an L-inf ball of `ibp_eps`
 grey levels, bounded by interval propagation (`interval_margins`); the radius grows from 0 over the first
-half of the epochs and only epochs trained at the full radius are kept. The model is verifiable at 1 grey
+half of the epochs and only epochs trained at the full radius are kept; 60 epochs, and the defective class
+weighs 1.25 times its balancing weight (interval training shifts the operating point towards the majority
+class; this restores the defective recall). The model is verifiable at 1 grey
 level by the `local_robustness` check. `--arch pooled --ibp-eps 0` trains the earlier conv-BN-maxpool CNN.
 `--lipschitz [--margin-radius R]` trains the 1-Lipschitz CNN (`trustcase.models.lipschitz_layers`, certified by
 the `lipschitz` check) with Lipschitz margins at the L2 radius R (input scaled to [0, 1]; Tsuzuku et al. 2018).
@@ -44,6 +46,9 @@ from trustcase.models.classifier import Classifier  # noqa: E402
 from trustcase.schemas import TrainingRequest, TrainingResult, load_use_case  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"
+EPOCHS = {"certified": 60, "other": 30}  # default epochs: certified training ramps its radius over half of them
+CRITICAL_WEIGHT = {"certified": 1.25, "other": 1.0}  # default extra weight of the critical (defective) class
+DEFAULT_EPOCHS = EPOCHS["certified"]  # the default recipe's (`trustcase demo` trains it)
 
 
 def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +112,11 @@ def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndar
     return (np.stack(xs), np.array(ys)) if xs else (np.empty((0, size, size, 1)), np.empty(0, np.int64))
 
 
-def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma: float = 0.0,
+def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noise_sigma: float = 0.0,
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
           limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
-          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 1.0, margin_radius: float = 0.0) -> dict:
+          lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 1.0, margin_radius: float = 0.0,
+          critical_weight: float | None = None) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
     `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
@@ -119,23 +125,27 @@ def train(out: Path | None = None, seed: int = 0, epochs: int = 30, noise_sigma:
     `lipschitz` the 1-Lipschitz architecture with Lipschitz-margin training at the L2 radius `margin_radius`
     (input scaled to [0, 1]);
     `arch` the architecture (`cnn.build`); `ibp_eps` the radius of certified training (pixel units, L-inf; 0:
-    none; the strided architecture only).
+    none; the strided architecture only); `epochs` and `critical_weight` (the defective class's weight beyond
+    balancing) None: the recipe's defaults (`EPOCHS`, `CRITICAL_WEIGHT`).
     """
     uc = load_use_case(use_case)
     spec = uc.model
     out = Path(out or spec.path)
+    recipe = "certified" if ibp_eps > 0 and not lipschitz else "other"
+    epochs = epochs or EPOCHS[recipe]
+    critical_weight = CRITICAL_WEIGHT[recipe] if critical_weight is None else critical_weight
     torch.manual_seed(seed)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # the training only: the caller's process gets its setting back
     try:
         return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-                      arch, ibp_eps, margin_radius=margin_radius)
+                      arch, ibp_eps, margin_radius=margin_radius, critical_weight=critical_weight)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-           arch, ibp_eps, margin_radius=0.0) -> dict:
+           arch, ibp_eps, margin_radius=0.0, critical_weight=1.0) -> dict:
     size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
@@ -151,6 +161,8 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     lo, hi = spec.value_range
     # class weights against the 2:1 imbalance: a missed defect is the costly error
     weights = torch.tensor(len(ytr) / (2 * np.bincount(ytr, minlength=2)), dtype=torch.float32)
+    if spec.critical_class:
+        weights[spec.class_names.index(spec.critical_class)] *= critical_weight
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     # Lipschitz-margin training (Tsuzuku et al. 2018): with L = 1 and an orthonormal head, an item is certified
     # at radius r when z_y - z_j >= sqrt(2) r / std (the normalisation scales distances by 1 / std)
@@ -214,6 +226,7 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
     final = evaluate(clf, xva, yva)
     params = {"seed": seed, "epochs": epochs, "noise_sigma": noise_sigma, "lipschitz": lipschitz, "width": width,
               "arch": "pooled" if lipschitz else arch, "ibp_eps": ibp_eps if certified else 0.0,
+              "critical_weight": critical_weight,
               "epsilon": epsilon, "margin_radius": margin_radius if lipschitz else 0.0, "lr": lr,
               "init": str(init) if init else None, "extra_items": len(yex),
               "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
@@ -230,11 +243,12 @@ def fit(request: TrainingRequest) -> TrainingResult:
     spec = load_use_case(request.use_case).model
     p = dict(request.params)
     fine_tune = request.init is not None
-    default_epochs = int(p.get("finetune_epochs", 8)) if fine_tune else int(p.get("epochs", 30))
+    default_epochs = int(p.get("finetune_epochs", 8)) if fine_tune else p.get("epochs")  # None: the recipe's
     # a fine-tuned version keeps its parent's architecture and certified training (older logs: pooled, none)
     parent = _log(request.init).get("params", {}) if fine_tune else {}
     arch = parent.get("arch", "pooled") if fine_tune else str(p.get("arch", "strided"))
     ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 1.0))
+    critical_weight = parent.get("critical_weight", 1.0) if fine_tune else p.get("critical_weight")
     lipschitz = request.augment == "lipschitz" or bool(parent.get("lipschitz"))
     if request.augment == "lipschitz" and fine_tune and not parent.get("lipschitz"):
         raise ValueError("augment 'lipschitz' is another architecture: it trains from scratch (init None)")
@@ -244,6 +258,7 @@ def fit(request: TrainingRequest) -> TrainingResult:
                    lr=float(p.get("finetune_lr" if fine_tune else "lr", 1e-3 if fine_tune else 3e-3)),
                    width=int(p.get("width", 16)), use_case=request.use_case, log=lambda line: None,
                    limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps, lipschitz=lipschitz,
+                   critical_weight=critical_weight,
                    margin_radius=request.l2_radius / (spec.value_range[1] - spec.value_range[0]))
     return TrainingResult(model=Path(result["path"]), log=result)
 
@@ -267,7 +282,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 60 (certified training), else 30")
     ap.add_argument("--noise-sigma", type=float, default=0.0, help="Gaussian augmentation, fraction of the range")
     ap.add_argument("--lipschitz", action="store_true", help="the 1-Lipschitz architecture (lipschitz check)")
     ap.add_argument("--margin-radius", type=float, default=0.0,
@@ -275,9 +290,11 @@ def main() -> None:
     ap.add_argument("--arch", choices=cnn.ARCHITECTURES, default="strided")
     ap.add_argument("--ibp-eps", type=float, default=1.0, help="certified training radius, grey levels (0: none)")
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--critical-weight", type=float, default=None,
+                    help="the defective class's weight beyond balancing (default: 1.25 certified, else 1.0)")
     a = ap.parse_args()
     r = train(a.out, a.seed, a.epochs, a.noise_sigma, a.lipschitz, width=a.width, arch=a.arch, ibp_eps=a.ibp_eps,
-              margin_radius=a.margin_radius)
+              margin_radius=a.margin_radius, critical_weight=a.critical_weight)
     print(json.dumps({"validation": r["validation"], "seconds": round(r["seconds"], 1), "path": r["path"]}))
 
 
