@@ -89,6 +89,17 @@ def test_split_rules_propose_the_inputs_that_matter():
         B._split_dims(lam, live, width, "random")
 
 
+def test_mixed_rows_are_means_of_the_conjunctions_rows():
+    """A positive mean of the rows' excesses means some row is positive: the added rows are convex weights."""
+    A = np.arange(12.0).reshape(3, 4)
+    b = np.array([1.0, 2.0, 3.0])
+    mA, mb = B.mixed(A, b)
+    assert mA.shape == (3 + 3 + 1, 4) and np.allclose(mA[:3], A) and np.allclose(mb[:3], b)
+    assert np.allclose(mA[3], (A[0] + A[1]) / 2) and np.allclose(mb[-1], b.mean())
+    assert B.mixed(A[:1], b[:1])[0].shape == (1, 4)  # one row: nothing to mix
+    assert len(B.mixed(np.eye(9), np.zeros(9))[0]) == 10  # many rows: the mean of all only
+
+
 @needs_acas
 @pytest.mark.parametrize("i", [1, 2, 3, 4, 5, pytest.param(6, marks=pytest.mark.slow)])
 def test_published_verdicts_of_n11_stay_right(i):

@@ -235,7 +235,8 @@ def mixed(A: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if m < 2:
         return A, b
     weights = [np.eye(m)]
-    weights += [np.array([[0.5 * (k in (i, j)) for k in range(m)]]) for i in range(m) for j in range(i + 1, m)]
+    if m <= 6:  # pairs: at most 15 more rows
+        weights += [np.array([[0.5 * (k in (i, j)) for k in range(m)]]) for i in range(m) for j in range(i + 1, m)]
     if m > 2:
         weights.append(np.full((1, m), 1.0 / m))
     w = np.concatenate(weights)
