@@ -36,7 +36,7 @@ from trustcase.certification import propagation as P
 from trustcase.certification.bab import split_relus
 from trustcase.certification.properties import falsify, plain_check
 from trustcase.certification.vnnlib import Conjunction, Property, Region
-from trustcase.robustness.attacks import _fooled, apgd
+from trustcase.robustness.attacks import Budget, _fooled, attack_region
 
 VERDICTS = ("verified", "falsified", "unknown")
 
@@ -87,10 +87,10 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     keep `predicted` strictly above every other class?
 
     IBP first (milliseconds: it decides most balls of a network trained with interval bounds), then
-    falsification (APGD on the margin, targeted at the runner-up classes), then CROWN (intermediate bounds of
-    every unstable neuron refined, or of the `limit` loosest per layer) and alpha-CROWN on the layer graph, each
-    only if the one before did not decide, then branch and bound on the ReLUs when at most `max_split` are
-    unstable, within `timeout` seconds;
+    falsification (the adversarial check's attack engine: FGSM, PGD, then APGD on the margin), then CROWN
+    (intermediate bounds of every unstable neuron refined, or of the `limit` loosest per layer) and alpha-CROWN
+    on the layer graph, each only if the one before did not decide, then branch and bound on the ReLUs when at
+    most `max_split` are unstable, within `timeout` seconds;
     after each bound, the corner of the box that minimises its linear bound is tried as a witness, then used
     as an attack start. Every witness is re-checked by a plain float32 forward pass and lies in the box.
     prove=False: the attack only (a smaller ball around x was not proved, so this one would not be either).
@@ -112,10 +112,12 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
                 "counterexample": adv[int(torch.nonzero(ok)[0])].numpy(), "margin": None,
                 "seconds": time.perf_counter() - t0}
 
-    def attack(start: torch.Tensor, steps: int, restarts: int) -> dict | None:
-        adv, fooled = apgd(forward, start.float(), label, lo32, hi32, steps=steps, restarts=restarts, seed=seed,
-                           seeds=np.array([item_seed]))
-        return falsified(adv, "APGD (margin loss, targeted)") if fooled.any() else None
+    def attack(start: torch.Tensor, apgd_steps: int, restarts: int) -> dict | None:
+        # the adversarial check's engine (FGSM, PGD, then APGD), a tie counting as a change of class
+        adv, fooled = attack_region("auto", forward, start.float(), label, lo32, hi32,
+                                    Budget(restarts=restarts, apgd_steps=apgd_steps), seeds=np.array([item_seed]),
+                                    seed=seed, hit=_fooled)
+        return falsified(adv, "attack engine (FGSM, PGD, APGD)") if fooled.any() else None
 
     with torch.no_grad():
         n = forward(x.float()).shape[1]
@@ -126,7 +128,7 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     best, bounds = -np.inf, None
     for stage in STAGES:
         if stage == "crown":  # what IBP leaves open: a counterexample may exist, and is cheaper to find
-            found = attack(x, 20, 2)
+            found = attack(x, 100, 2)
             if found:
                 return found
             if not prove:

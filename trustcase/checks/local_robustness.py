@@ -2,9 +2,9 @@
 `certification.local_robustness`, `certification.graph`, `certification.propagation`).
 
 Networks that reduce to a chain of Linear/ReLU layers (tabular, ACAS Xu) go through `bounds.prove` (CROWN
-with input splitting); every other network through its layer graph (image CNNs: IBP, CROWN, alpha-CROWN
-after an APGD attack). Radii are in the input scaled to [0, 1] (`unit: scaled`, scope `linf_radius`) or in
-pixel units of the value range (`unit: pixel`, scope `linf_pixels`: grey levels for 0-255 images).
+with input splitting); every other network through its layer graph (image CNNs: IBP, the attack engine of the
+adversarial check, CROWN, alpha-CROWN). Radii are in the input scaled to [0, 1] (`unit: scaled`, scope
+`linf_radius`) or in pixel units of the value range (`unit: pixel`, scope `linf_pixels`: grey levels for 0-255 images).
 Measurements per radius: `local_robustness_verified`, `local_robustness_falsified` and
 `local_robustness_certified_accuracy` (verified AND correct), each k of n with a Clopper-Pearson interval.
 """
@@ -146,7 +146,8 @@ class LocalRobustness(Check):
         refined = ("every unstable neuron" if p.refine is None else
                    f"the loosest {p.refine} unstable neurons per layer, the rest by IBP")
         how = ("CROWN + interval bounds with input splitting" if graph is None else
-               f"IBP, then CROWN (intermediate bounds refined for {refined}, until the time budget), then "
+               "IBP, then the attack engine (FGSM, PGD, APGD), then CROWN (intermediate bounds refined for "
+               f"{refined}, until the time budget), then "
                "alpha-CROWN, then ReLU branch and bound when few ReLUs stay unstable, on the layer graph; a "
                "ball larger than one left unproved around the same input is only attacked")
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
@@ -154,7 +155,7 @@ class LocalRobustness(Check):
                    "engine": "linear chain (input splitting)" if graph is None else "layer graph"}
         if details:
             summary["decided_by"] = {m: sum(1 for d in details if (d["method"] or "").startswith(m))
-                                     for m in ("ibp", "crown", "alpha-crown", "bab", "APGD", "corner")}
+                                     for m in ("ibp", "crown", "alpha-crown", "bab", "attack engine", "corner")}
             summary["median_seconds"] = round(statistics.median(d["seconds"] for d in details), 3)
         return CheckOutcome(
             check=self.name, measurements=ms,
