@@ -135,13 +135,18 @@ def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noi
     epochs = epochs or EPOCHS[recipe]
     critical_weight = CRITICAL_WEIGHT[recipe] if critical_weight is None else critical_weight
     torch.manual_seed(seed)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # the training only: the caller's process gets its setting back
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    # the training only (the caller's process gets its settings back): deterministic kernels, and one thread,
+    # because the order of a multi-threaded sum depends on the core count and so would the weights (measured:
+    # 1 and 2 threads give different models; one thread is as fast on these small convolutions, 150 s)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
     try:
         return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
                       arch, ibp_eps, margin_radius=margin_radius, critical_weight=critical_weight)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
 
 
 def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
