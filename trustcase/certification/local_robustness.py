@@ -128,7 +128,7 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     best, bounds = -np.inf, None
     for stage in STAGES:
         if stage == "crown":  # what IBP leaves open: a counterexample may exist, and is cheaper to find
-            found = attack(x, 100, 2)
+            found = attack(x, 50, 1)
             if found:
                 return found
             if not prove:
