@@ -85,7 +85,6 @@ def synthetic_table(split: str, n: int = 24, features: int = 4, seed: int = 0) -
 
 
 def _fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> nn.Module:
-    torch.manual_seed(0)
     opt = torch.optim.Adam(module.parameters(), lr=0.02)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(steps):
@@ -99,6 +98,12 @@ def _fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> nn
 def _trained(kind: str, size: int) -> tuple[nn.Module, Path]:
     """A small model fitted on the synthetic train split (seconds), saved as TorchScript beside."""
     folder = Path(tempfile.mkdtemp(prefix="trustcase-conformance-"))
+    with torch.random.fork_rng():  # the same model whatever ran before in the process; the caller's RNG untouched
+        torch.manual_seed(0)
+        return _fit_and_save(kind, size, folder)
+
+
+def _fit_and_save(kind: str, size: int, folder: Path) -> tuple[nn.Module, Path]:
     if kind == "image":
         items = synthetic_images("train", 64, size)
         x = np.stack([it.image for it in items])[:, None].astype(np.float32) / 255.0
