@@ -249,9 +249,11 @@ def fit(request: TrainingRequest) -> TrainingResult:
     p = dict(request.params)
     fine_tune = request.init is not None
     default_epochs = int(p.get("finetune_epochs", 8)) if fine_tune else p.get("epochs")  # None: the recipe's
-    # a fine-tuned version keeps its parent's architecture and certified training (older logs: pooled, none)
+    # a fine-tuned version keeps its parent's architecture, width and certified training (older logs: pooled,
+    # none)
     parent = _log(request.init).get("params", {}) if fine_tune else {}
     arch = parent.get("arch", "pooled") if fine_tune else str(p.get("arch", "strided"))
+    width = int(parent.get("width", p.get("width", 16)) if fine_tune else p.get("width", 16))
     ibp_eps = float(parent.get("ibp_eps", 0.0) if fine_tune else p.get("ibp_eps", 1.0))
     critical_weight = parent.get("critical_weight", 1.0) if fine_tune else p.get("critical_weight")
     lipschitz = request.augment == "lipschitz" or bool(parent.get("lipschitz"))
@@ -261,7 +263,7 @@ def fit(request: TrainingRequest) -> TrainingResult:
                    noise_sigma=request.noise_sigma / (spec.value_range[1] - spec.value_range[0]),
                    init=request.init, extra=request.extra, epsilon=request.epsilon,
                    lr=float(p.get("finetune_lr" if fine_tune else "lr", 1e-3 if fine_tune else 3e-3)),
-                   width=int(p.get("width", 16)), use_case=request.use_case, log=lambda line: None,
+                   width=width, use_case=request.use_case, log=lambda line: None,
                    limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps, lipschitz=lipschitz,
                    critical_weight=critical_weight,
                    margin_radius=request.l2_radius / (spec.value_range[1] - spec.value_range[0]))
