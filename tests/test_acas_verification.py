@@ -167,11 +167,13 @@ def marabou_verdict(net: str, i: int, timeout: int) -> str:
 
 @pytest.mark.slow
 @needs_acas
-@pytest.mark.parametrize("net,i", [("2_1", 2), ("1_7", 4), ("1_7", 3), ("5_3", 2)])
-def test_a_second_oracle_agrees(net, i):
-    """Where Marabou decides within its budget, it agrees with ours (tried: it finds these violations in seconds
-    but times out on holding properties like N_1,1 prop 3 at 60 s, so only violated instances are listed)."""
+@pytest.mark.parametrize("net,i,decided", [("2_1", 2, True), ("1_7", 4, True), ("1_7", 3, True),
+                                            ("5_3", 2, False)])
+def test_a_second_oracle_agrees(net, i, decided):
+    """Marabou agrees with ours (tried: it finds these violations, the first three in seconds, N_5,3 prop 2 in
+    about 80 s, so that one may run out of its budget; it times out on holding properties like N_1,1 prop 3 at
+    60 s, so only violated instances are listed)."""
     theirs = marabou_verdict(net, i, 120)
     ours = check_property(network(net), prop(i), 60.0)["verdict"]
-    assert theirs in (ours, "unknown")
     assert ours == "violated"
+    assert theirs == "violated" if decided else theirs in ("violated", "unknown")
