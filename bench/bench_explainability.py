@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trustcase.explain import attribution as A  # noqa: E402
+from trustcase.explain import imaging  # noqa: E402
 from trustcase.explain import root_causes as R  # noqa: E402
+from trustcase.explain.methods import perturbation  # noqa: E402
 from trustcase.models.loading import load_classifier  # noqa: E402
 from trustcase.schemas import load_use_case  # noqa: E402
 
@@ -63,10 +65,11 @@ def direct_calls(net: A.Network, x: torch.Tensor, target: torch.Tensor, opts: di
 
     def surrogate(cls, alpha):
         """Per item, on its SLIC superpixels, as captum's docs advise for LIME."""
-        expl = cls(f, interpretable_model=LinearModel(train_fn=A._ridge_fit, alpha=alpha)) if cls is C.Lime else cls(f)
+        fit = LinearModel(train_fn=perturbation._ridge_fit, alpha=alpha)
+        expl = cls(f, interpretable_model=fit) if cls is C.Lime else cls(f)
         if cls is C.KernelShap:
-            expl.interpretable_model = LinearModel(train_fn=A._ridge_fit, alpha=alpha)
-        segs = A.superpixels(x, "slic", 50, 0.1)
+            expl.interpretable_model = fit
+        segs = imaging.superpixels(x, "slic", 50, 0.1)
         return torch.cat([expl.attribute(x[i:i + 1], target=target[i:i + 1], baselines=0.0,
                                          feature_mask=segs[i:i + 1].expand(1, x.shape[1], -1, -1),
                                          n_samples=opts["samples"], perturbations_per_eval=chunk)

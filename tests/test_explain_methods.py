@@ -10,6 +10,7 @@ from torch import nn
 
 from trustcase.errors import Unsupported
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.models.classifier import Classifier
 
 
@@ -97,7 +98,7 @@ def test_lrp_view_folds_batch_norm_and_keeps_the_function():
         m[1].weight.uniform_(0.5, 2)
     m.eval()
     view = A.make(net_of(m), "lrp").view
-    assert [type(v).__name__ for v in view] == ["Conv2d", "ReLU", "_Readout"]
+    assert [type(v).__name__ for v in view] == ["Conv2d", "ReLU", "Readout"]
     x = images(3, seed=5)
     assert torch.allclose(view(x), m(x), atol=1e-5)
 
@@ -180,7 +181,7 @@ def cell_contributions(m: nn.Module, x: torch.Tensor, target: int, segments: tor
 def test_sobol_total_indices_of_an_additive_model():
     m = linear_model(seed=3)
     net, x = net_of(m), images(2, seed=10)
-    seg = A.grid_segments(SIDE, SIDE, 2).expand(2, 1, -1, -1)
+    seg = imaging.grid_segments(SIDE, SIDE, 2).expand(2, 1, -1, -1)
     c = cell_contributions(m, x, 1, seg, 0.0)  # logit = b + sum_i c_i m_i, m_i ~ U(0, 1): S_Ti = c_i^2 / sum c_j^2
     expected = (c**2 / (c**2).sum(dim=1, keepdim=True)).numpy()
     maps = A.attribute(net, "sobol", x, 1, baseline=0.0, options={"cells": 2, "designs": 2048, "logits": True}).maps
@@ -193,8 +194,8 @@ def test_kernel_shap_and_lime_recover_the_coefficients_of_an_additive_model(segm
     m = linear_model(seed=4)
     net, x = net_of(m), images(2, seed=11)
     options = {"segments": segments, "cells": 4, "superpixels": 12, "compactness": 1.0, "samples": 400}
-    seg = A.grid_segments(SIDE, SIDE, 4).expand(2, 1, -1, -1) if segments == "grid" else \
-        A.superpixels(x, "slic", 12, 1.0)
+    seg = imaging.grid_segments(SIDE, SIDE, 4).expand(2, 1, -1, -1) if segments == "grid" else \
+        imaging.superpixels(x, "slic", 12, 1.0)
     c = cell_contributions(m, x, 1, seg, 0.25)
     expected = torch.gather(c, 1, seg.flatten(1)).reshape(2, 1, SIDE, SIDE)
     shap = A.attribute(net, "kernel_shap", x, 1, baseline=0.25, options=options).maps
@@ -206,10 +207,10 @@ def test_kernel_shap_and_lime_recover_the_coefficients_of_an_additive_model(segm
 def test_superpixels_follow_edges():
     x = torch.zeros(1, 1, SIDE, SIDE)
     x[..., :, SIDE // 2:] = 1.0  # two flat halves
-    seg = A.superpixels(x, "slic", 4, 0.1)[0, 0]
+    seg = imaging.superpixels(x, "slic", 4, 0.1)[0, 0]
     left, right = set(seg[:, :SIDE // 2].unique().tolist()), set(seg[:, SIDE // 2:].unique().tolist())
     assert left and right and not left & right
-    assert A.superpixels(x, "quickshift", 4, 0.1).shape == (1, 1, SIDE, SIDE)
+    assert imaging.superpixels(x, "quickshift", 4, 0.1).shape == (1, 1, SIDE, SIDE)
 
 
 def test_surrogates_do_not_depend_on_the_batch():

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from trustcase.checks import REGISTRY
 from trustcase.cli import app as cli_app
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.explore import Lab, Store, build, create_app
 from trustcase.explore.lab import MAX_UPLOAD_BYTES
 from trustcase.robustness.perturbations import PERTURBATIONS, get, item_seeds
@@ -180,7 +181,7 @@ def test_attribution_is_the_direct_call_and_errors_are_refused_before_work(clien
     a = A.attribute(net, "integrated_gradients", x, 1, 0.0, lab.uc.plan.seed, {"n_steps": 16})
     from trustcase.explore.lab import data_url, png
 
-    assert res["overlay"] == data_url(png(A.overlay(inp.pixels[None], a.heatmap(), lab.uc.model.value_range)[0]))
+    assert res["overlay"] == data_url(png(imaging.overlay(inp.pixels[None], a.heatmap(), lab.uc.model.value_range)[0]))
     assert res["convergence_delta"] == pytest.approx(float(a.delta.abs().max()), abs=1e-6)
 
     # any method on an internal channel: the layer's channel means are the targets

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.explain.quality import (
     Region,
     auc,
@@ -330,11 +331,11 @@ class Explainability(Check):
     def _gallery(self, ctx, got, info, pick, maps):
         uc = ctx.use_case
         imgs = np.stack([got[int(i)][0] for i in pick])
-        first = A.to_uint8(imgs, uc.model.value_range)
-        cols = [first] + [A.overlay(imgs, maps[m], uc.model.value_range) for m in maps]
+        first = imaging.to_uint8(imgs, uc.model.value_range)
+        cols = [first] + [imaging.overlay(imgs, maps[m], uc.model.value_range) for m in maps]
         rows = [[c[j] for c in cols] for j in range(len(pick))]
         path = ctx.workdir / "gallery.png"
-        A.save_png(path, A.tile(rows, scale=max(2, 128 // imgs.shape[1])))
+        imaging.save_png(path, imaging.tile(rows, scale=max(2, 128 // imgs.shape[1])))
         n_ok = len(info["pick"]["correct"])
         crit = uc.model.critical_class
         legend = (f"columns: input, {', '.join(maps)}; rows 1-{n_ok}: {crit} items correctly flagged, "

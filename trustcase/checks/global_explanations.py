@@ -30,6 +30,7 @@ from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsup
 from trustcase.data import images as I
 from trustcase.explain import attribution as A
 from trustcase.explain import concepts as C
+from trustcase.explain import imaging
 from trustcase.explain import representation as R
 from trustcase.explain import visualisation as V
 from trustcase.explain.quality import mean_interval
@@ -189,10 +190,10 @@ class GlobalExplanations(Check):
             if p.channels else []
         targets = list(range(len(names))) + [A.Neuron(last_conv, c) for c in channels]
         vis = V.visualise(net, targets, steps=p.steps, seed=ctx.seed)
-        rows = [[A.to_uint8(vis[:len(names)], vr)[i] for i in range(len(names))]]
+        rows = [[imaging.to_uint8(vis[:len(names)], vr)[i] for i in range(len(names))]]
         if channels:
-            rows.append([A.to_uint8(vis[len(names):], vr)[i] for i in range(len(channels))])
-        A.save_png(ctx.workdir / "visualisation.png", A.tile(rows, scale=max(1, 128 // vis.shape[1])))
+            rows.append([imaging.to_uint8(vis[len(names):], vr)[i] for i in range(len(channels))])
+        imaging.save_png(ctx.workdir / "visualisation.png", imaging.tile(rows, scale=max(1, 128 // vis.shape[1])))
         artefacts.append(ctx.artefact(ctx.workdir / "visualisation.png", "image"))
 
         # --- what each channel sees: its map on one input, and the test inputs that excite it most ---
@@ -253,10 +254,10 @@ class GlobalExplanations(Check):
                     got[int(i)] = batch.images[j]
         rows = []
         for k, ch in enumerate(channels):
-            row = [A.to_uint8(vis[k:k + 1], vr)[0], up[k]]
-            row += [A.to_uint8(got[i][None], vr)[0] for i, _ in top[ch] if i in got]
+            row = [imaging.to_uint8(vis[k:k + 1], vr)[0], up[k]]
+            row += [imaging.to_uint8(got[i][None], vr)[0] for i, _ in top[ch] if i in got]
             rows.append(row)
-        A.save_png(ctx.workdir / "channels.png", A.tile(rows, scale=max(1, 96 // h)))
+        imaging.save_png(ctx.workdir / "channels.png", imaging.tile(rows, scale=max(1, 96 // h)))
         (ctx.workdir / "channels.txt").write_text(
             f"rows: channels {channels} of layer {layer}; columns: visualisation, activation map of the first "
             f"sample item, then the {self.params.top_images} test items that activate the channel most\n")

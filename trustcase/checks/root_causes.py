@@ -13,6 +13,7 @@ from pydantic import Field
 
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.explain.root_causes import (
     Relevance,
     assign,
@@ -187,13 +188,13 @@ class RootCauses(Check):
             raw = rel.raw(x, torch.as_tensor(preds[reps]))[layer]
             heat = raw.sum(dim=1, keepdim=True) if raw.ndim == 4 else raw.reshape(len(raw), 1, 1, -1)
             heat = LayerAttribution.interpolate(heat.abs(), tuple(x.shape[2:]), interpolate_mode="bilinear")
-            shown = A.to_uint8(im, uc.model.value_range)
-            over = A.overlay(im, heat[:, 0].numpy(), uc.model.value_range)
+            shown = imaging.to_uint8(im, uc.model.value_range)
+            over = imaging.overlay(im, heat[:, 0].numpy(), uc.model.value_range)
             scale = max(2, 128 // im.shape[1])
             png = ctx.workdir / f"cluster_{c}.png"
-            A.save_png(png, A.tile([list(shown), list(over)], scale=scale))
+            imaging.save_png(png, imaging.tile([list(shown), list(over)], scale=scale))
             gif = ctx.workdir / f"cluster_{c}.gif"
-            A.save_gif(gif, [A.tile([[shown[j], over[j]]], scale=scale) for j in range(len(reps))])
+            imaging.save_gif(gif, [imaging.tile([[shown[j], over[j]]], scale=scale) for j in range(len(reps))])
             arts += [ctx.artefact(png, "image"), ctx.artefact(gif, "image")]
         return arts
 

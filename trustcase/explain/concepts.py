@@ -25,7 +25,7 @@ from captum.concept import TCAV, Concept
 from captum.concept._utils.classifier import Classifier
 from scipy import stats
 
-from trustcase.explain.attribution import Network
+from trustcase.explain.network import Network
 
 
 class RidgeCav(Classifier):

@@ -43,6 +43,7 @@ from scipy import stats
 
 from trustcase.data.streaming import resolve
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.schemas import Interval
 
 
@@ -142,7 +143,7 @@ def mu_fidelity(net: A.Network, x: torch.Tensor, target: torch.Tensor, heatmaps:
     (each kept out with probability `subset`), between the relevance in S and the drop of the target
     probability when S is replaced by the baseline. 1: the map predicts every drop; 0: it predicts none."""
     b, c, h, w = x.shape
-    seg = A.grid_segments(h, w, cells)[0, 0].numpy()
+    seg = imaging.grid_segments(h, w, cells)[0, 0].numpy()
     rng = np.random.default_rng(seed)
     out = rng.random((samples, cells * cells)) < subset  # the same subsets for every item
     hm = np.asarray(heatmaps, np.float64).reshape(b, -1)

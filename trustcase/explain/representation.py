@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trustcase.errors import Unsupported
-from trustcase.explain.attribution import Network
+from trustcase.explain.network import Network
 
 
 def penultimate(net: Network) -> nn.Module:

@@ -16,7 +16,7 @@ import heapq
 import numpy as np
 import torch
 
-from trustcase.explain.attribution import Network, Neuron
+from trustcase.explain.network import Network, Neuron
 
 
 def _to_input(net: Network, pixels: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from trustcase.certification.local_robustness import change_property, verify_bal
 from trustcase.data.streaming import DataSource
 from trustcase.errors import Unsupported
 from trustcase.explain import attribution as A
+from trustcase.explain import imaging
 from trustcase.explore.jobs import Job
 from trustcase.models.classifier import sha256_file
 from trustcase.models.loading import load_classifier
@@ -319,7 +320,7 @@ class Lab:
                 "decision": self.decide(inp.pixels, inp.meta)}
 
     def picture(self, x: np.ndarray) -> bytes:
-        return png(A.to_uint8(x[None], self.uc.model.value_range)[0])
+        return png(imaging.to_uint8(x[None], self.uc.model.value_range)[0])
 
     # --- attribution ----------------------------------------------------------------------------
 
@@ -413,7 +414,7 @@ class Lab:
         x = self.model.to_input(inp.pixels[None].astype(np.float32))
         a = A.attribute(net, m, x, target["index"], self.baseline(baseline), self.seed)
         heat = a.heatmap()
-        pic = A.overlay(inp.pixels[None], heat, self.uc.model.value_range)[0]
+        pic = imaging.overlay(inp.pixels[None], heat, self.uc.model.value_range)[0]
         out = {"method": method, "options": opts.model_dump(), "target": target, "baseline": baseline,
                "overlay": data_url(png(pic)), "positive_fraction": round(float((heat > 0).mean()), 4),
                "seconds": round(time.perf_counter() - t0, 4)}

@@ -1,0 +1,1 @@
+"""The attribution methods by family; each registered under `trustcase.attribution_methods`."""
