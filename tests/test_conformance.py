@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trustcase.checks import REGISTRY, Check, Params
+from trustcase.checks import REGISTRY, Check, Params, Produces
 from trustcase.schemas import CheckOutcome, Measurement, Scope
 from trustcase.testing import ConformanceError, black_box_of, check_conformance, synthetic_case
 
@@ -68,7 +68,7 @@ def test_conformance(name, tmp_path):
     known = {prop for (check, prop) in KNOWN if check == name}
     report = check_conformance(name, params, use_case=uc, model=model, workdir=tmp_path / "runs",
                                properties=tuple({"deterministic", "batching", "shards", "streams", "records",
-                                                 "black_box", "tabular", "empty"} - known))
+                                                 "produces", "black_box", "tabular", "empty"} - known))
     assert all(v.startswith(("ok", "skipped")) for v in report.values()), report
     for prop in known:
         with pytest.raises(ConformanceError, match=prop):
@@ -87,6 +87,10 @@ class Sloppy(Check):
 
     name = "sloppy"
     Params = Broken
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return None if params.flaw == "produces" else [Produces("accuracy", "test")]
 
     def run(self, ctx):
         flaw = self.params.flaw
@@ -113,7 +117,7 @@ class Sloppy(Check):
 
 @pytest.mark.parametrize(("flaw", "prop"), [("random", "deterministic"), ("batching", "batching"),
                                             ("streams", "streams"), ("records", "records"), ("tabular", "tabular"),
-                                            ("empty", "empty")])
+                                            ("empty", "empty"), ("produces", "produces")])
 def test_the_suite_catches_a_broken_check(flaw, prop):
     ref = f"{__name__}:Sloppy"
     assert check_conformance(ref, {})["deterministic"] == "ok"

@@ -3,6 +3,8 @@ with its line in the file."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,88 @@ def test_checks_measure_only_what_they_declare(tmp_path, tiny_case):
         outcome = check(context_for(uc, module, tmp_path / spec.check))
         missed = {(m.metric, m.scope.label()) for m in outcome.measurements if not any(p.covers(m) for p in declared)}
         assert outcome.measurements and not missed, (spec.check, sorted(missed)[:5])
+
+
+def test_validate_rejects_a_misspelled_metric_on_the_demo(tmp_path):
+    """The bundled demo with R1's metric misspelled: `validate` exits 2 naming the claim, its line and the metric
+    (it said "valid" while local_robustness declared nothing it measures)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    demo = tmp_path / "solar_cells"
+    shutil.copytree(SOLAR, demo, ignore=shutil.ignore_patterns("artefacts", "__pycache__"))
+    sys.path.insert(0, str(demo))
+    try:
+        import cnn
+        net = cnn.build(arch="strided").eval()  # untrained: the model only has to load and fit the classes
+    finally:
+        sys.path.remove(str(demo))
+        sys.modules.pop("cnn", None)
+    (demo / "artefacts").mkdir()
+    torch.jit.trace(net, torch.zeros(1, 1, 64, 64)).save(str(demo / "artefacts" / "solar_cnn.pt"))
+    text = (demo / "use_case.yaml").read_text()
+    r1 = text.index("id: R1-accuracy")
+    typo = text.index("metric: accuracy", r1)
+    (demo / "use_case.yaml").write_text(text[:typo] + "metric: acuracy" + text[typo + len("metric: accuracy"):])
+    line = text[:typo].count("\n") + 1
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", "COLUMNS": "400"}
+    r = subprocess.run([sys.executable, "-m", "trustcase.cli", "validate", str(demo / "use_case.yaml")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "(1 problem(s))" in out, out
+    assert (f"line {line}: requirements[0].metric: claim R1-accuracy: no check of the plan measures 'acuracy'; "
+            "did you mean 'accuracy'") in out, out
+
+
+PARTNER = '''
+from trustcase.checks import Check, Params
+
+class FogParams(Params):
+    split: str = "validation"
+
+class Fog(Check):
+    """A partner check that declares nothing it measures, reading one split."""
+    name = "fog"
+    Params = FogParams
+
+class Anywhere(Check):
+    """A partner check that declares nothing and has no split: it may read any."""
+    name = "anywhere"
+'''
+
+
+def test_a_check_that_declares_nothing_exempts_only_the_claims_it_could_cover(tmp_path, tiny_model):
+    (tmp_path / "tiny_partner_fog.py").write_text(PARTNER)
+    raw = tiny_use_case(tmp_path, tiny_model)
+    claim = dict(text="t", comparator=">=", threshold=0.5)
+    fog = {"perturbation": {"name": "fog", "max_amplitude": 1.0}}
+    raw["requirements"] = json.loads(json.dumps([  # no shared dicts: YAML would write them as aliases
+        {"id": "F1", "metric": "accuracy", "scope": {"split": "validation", **fog}, **claim},  # it may measure it
+        {"id": "F2", "metric": "accuracy", "scope": {"split": "test", **fog}, **claim},  # it never reads test
+        {"id": "F3", "metric": "fog_index", "scope": {"split": "validation"}, **claim},  # a metric nobody declares
+        {"id": "F4", "metric": "acuracy", "scope": {"split": "validation"}, **claim},  # a typo stays a typo
+    ]))
+    raw["plan"]["checks"].append({"check": "tiny_partner_fog:Fog"})
+    ps = problems(write_yaml(tmp_path / "uc.yaml", raw))
+    assert sorted(ps) == ["requirements[1].scope.perturbation.name", "requirements[2].metric",
+                          "requirements[3].metric"], ps
+    assert ps["requirements[1].scope.perturbation.name"].message.startswith("claim F2: no check of the plan measures "
+                                                                           "accuracy under perturbation 'fog'")
+    assert ps["requirements[2].metric"].message == (
+        "claim F3: no check of the plan measures 'fog_index' (tiny_partner_fog:Fog declares nothing it measures: a "
+        "metric of its own must be declared in its Check.produces)")
+    assert "did you mean 'accuracy'" in ps["requirements[3].metric"].message
+    # without a split parameter a check may read any split: F2 is exempt too
+    raw["plan"]["checks"][-1] = {"check": "tiny_partner_fog:Anywhere"}
+    ps = problems(write_yaml(tmp_path / "uc2.yaml", raw))
+    assert sorted(ps) == ["requirements[2].metric", "requirements[3].metric"], ps
+    # a registered metric the plan does not measure (local robustness) is known: exempt beside the partner
+    raw["requirements"] = [{"id": "L1", "metric": "local_robustness_verified", "scope": {
+        "perturbation": {"name": "linf_radius", "max_amplitude": 0.01}}, **claim}]
+    assert preflight(write_yaml(tmp_path / "uc3.yaml", raw)).requirements[0].id == "L1"
+    raw["plan"]["checks"].pop()
+    ps = problems(write_yaml(tmp_path / "uc4.yaml", raw))
+    assert list(ps) == ["requirements[0].metric"]

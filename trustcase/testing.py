@@ -13,6 +13,8 @@ Each property is a promise every check makes to the flow and to the reader of it
 - streams: the check reads its data through batches of at most the batch size, never a whole split;
 - records: the outcome names its check and AMLAS stage, states validity conditions, every measurement
   says which check made it, every artefact is the file it declares (SHA-256: provenance);
+- produces: the check declares what it measures (`Check.produces(params, use_case)`, what the preflight
+  judges claims by) and measures nothing it did not declare;
 - says what it cannot do: on the real black-box class (`BlackBox`, predictions only) and on a tabular
   model it either runs or raises `Unsupported` with a reason, never another exception; a check that
   declares `needs_gradients` must refuse the black box;
@@ -282,7 +284,7 @@ def check_conformance(check: str, params: dict | None = None, *, use_case: UseCa
     """Run the conformance suite on one check (a registered name or 'module:Class') with `params`.
 
     Without `use_case`/`model`, the synthetic image case (or the tabular one, `tabular=True`) is used.
-    `properties` restricts the suite (names: deterministic, batching, shards, streams, records,
+    `properties` restricts the suite (names: deterministic, batching, shards, streams, records, produces,
     black_box, tabular, empty). Returns {property: "ok" | "skipped: ..."}; raises ConformanceError.
     """
     spec = CheckSpec(check=check, params=params or {})
@@ -293,8 +295,8 @@ def check_conformance(check: str, params: dict | None = None, *, use_case: UseCa
     run = _Runner(workdir, seed)
     report: dict[str, str] = {}
     problems: list[str] = []
-    wanted = set(properties or ("deterministic", "batching", "shards", "streams", "records", "black_box",
-                                "tabular", "empty"))
+    wanted = set(properties or ("deterministic", "batching", "shards", "streams", "records", "produces",
+                                "black_box", "tabular", "empty"))
 
     def record(name: str, fn: Callable[[], str | None]) -> None:
         if name not in wanted:
@@ -348,6 +350,9 @@ def check_conformance(check: str, params: dict | None = None, *, use_case: UseCa
         def records():
             return _records(check0, first, workdir)
 
+        def produces():
+            return _declares(check0, uc0, first)
+
         def black_box():
             return _refuses_or_runs(run, build(s0), uc0, black_box_of(model), "the black box",
                                     must_refuse=check0.needs_gradients)
@@ -380,6 +385,7 @@ def check_conformance(check: str, params: dict | None = None, *, use_case: UseCa
         record("shards", shards)
         record("streams", streams)
         record("records", records)
+        record("produces", produces)
         record("black_box", black_box)
         record("tabular", tabular_model)
         record("empty", empty)
@@ -408,6 +414,17 @@ def _records(check: Check, out: CheckOutcome, workdir: Path) -> None:
         found = [p for p in workdir.glob(f"run-*/{art.path}") if p.is_file()]
         if not found or all(sha256_file(p) != art.sha256 for p in found):
             raise ConformanceError(f"artefact {art.path} is not the file its SHA-256 names")
+    return None
+
+
+def _declares(check: Check, use_case: UseCase, out: CheckOutcome) -> None:
+    declared = type(check).produces(check.params, use_case)
+    if declared is None:
+        raise ConformanceError("declares nothing it measures: implement Check.produces(params, use_case), which "
+                               "the preflight judges claims by")
+    missed = sorted({(m.metric, m.scope.label()) for m in out.measurements if not any(p.covers(m) for p in declared)})
+    if missed:
+        raise ConformanceError(f"measures what Check.produces does not declare: {missed[:5]}")
     return None
 
 

@@ -24,7 +24,7 @@ from trustcase.certification import bounds as B
 from trustcase.certification import graph as G
 from trustcase.certification.local_robustness import VERDICTS, change_property, decide, verify_ball
 from trustcase.certification.properties import single_thread
-from trustcase.checks import Check, Context, Params, Unsupported
+from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import proportion
 from trustcase.schemas import CheckOutcome, Curve, PerturbationScope, Scope, Series
 
@@ -51,6 +51,12 @@ class LocalRobustness(Check):
     Params = LocalRobustnessParams
     stage = "formal"
     needs_gradients = True
+
+    @classmethod
+    def produces(cls, params, use_case):
+        scope = "linf_radius" if params.unit == "scaled" else "linf_pixels"
+        return [Produces(m, params.split, scope) for m in
+                ("local_robustness_verified", "local_robustness_falsified", "local_robustness_certified_accuracy")]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: LocalRobustnessParams = self.params

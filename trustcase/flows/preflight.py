@@ -2,10 +2,10 @@
 found before work starts, all reported at once, each with its line in the YAML file.
 
 Beyond the schema: the plan's checks and their parameters; every claim measured by some check of the plan
-(`Check.produces`); the ODD descriptors known; the model file loads (without unpickling unless allowed) and
-fits the classes on a probe input; loaders, factories and partner references import with the use case's
-folder on the path, and their parameters fit the function's signature and type hints; the first item of
-each split reads and meets the model's input contract.
+(`Check.produces`; see `claims` for a partner check that declares nothing); the ODD descriptors known; the
+model file loads (without unpickling unless allowed) and fits the classes on a probe input; loaders, factories
+and partner references import with the use case's folder on the path, and their parameters fit the function's
+signature and type hints; the first item of each split reads and meets the model's input contract.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import inspect
 import sys
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from trustcase.checks import Check, CheckError, Produces, check_class
-from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, resolve
+from trustcase.checks import REGISTRY, Check, CheckError, Produces, check_class
+from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, judge_label, resolve
 from trustcase.models.classifier import ModelError
 from trustcase.models.loading import BLACK_BOXES, load_classifier
 from trustcase.odd.monitor import MonitorError
 from trustcase.odd.specification import Limit
 from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
 from trustcase.schemas.loading import locator
+from trustcase.schemas.use_case import SEEDS
 
 Add = Callable[[tuple, str], None]
 
@@ -49,6 +51,8 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
     except (OSError, UnicodeDecodeError) as e:
         raise UseCaseError(path, [Problem("", None, f"cannot read the file: {e}")]) from None
     uc = parse_use_case(text, path.resolve())  # the schema first: nothing below can trust a broken file
+    if seed is not None and not 0 <= seed < SEEDS:
+        raise UseCaseError(path, [Problem("--seed", None, f"{seed} is not a seed: expected 0 <= seed < 2**32")])
     at = locator(text)
     problems: list[Problem] = []
 
@@ -66,8 +70,17 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
     return uc
 
 
-def plan(uc: UseCase, add: Add) -> list[list[Produces] | None]:
-    """Each check built from its parameters; what each declares it measures (None: not declared)."""
+@dataclass(frozen=True)
+class Declared:
+    """What one check of the plan declares it measures; `produces` None: it declares nothing."""
+
+    name: str
+    params: object
+    produces: list[Produces] | None
+
+
+def plan(uc: UseCase, add: Add) -> list[Declared]:
+    """Each check built from its parameters, with what it declares it measures."""
     out = []
     for i, spec in enumerate(uc.plan.checks):
         loc = ("plan", "checks", i)
@@ -86,38 +99,65 @@ def plan(uc: UseCase, add: Add) -> list[list[Produces] | None]:
         except (CheckError, ValueError) as e:
             add((*loc, "params"), str(e))
             continue
-        out.append(cls.produces(params, uc))
+        out.append(Declared(spec.check, params, cls.produces(params, uc)))
     return out
 
 
-def claims(uc: UseCase, produced: list[list[Produces] | None], add: Add) -> None:
-    """Every requirement (mandatory or not) is measured by some check of the plan, in its scope."""
-    if any(p is None for p in produced):
-        return  # a check that does not declare what it measures might measure anything: we cannot tell
-    declared = [p for ps in produced for p in ps]
-    metrics = sorted({p.metric for p in declared if not any(c in p.metric for c in "*?[")})
+def claims(uc: UseCase, produced: list[Declared], add: Add) -> None:
+    """Every requirement (mandatory or not) is measured by some check of the plan, in its scope.
+
+    A partner check that declares nothing (`produces` None) might measure what a claim needs, but only a claim it
+    could cover is exempted: one on a metric some check declares (a check of the plan, or a registered check
+    with its default parameters) and on a split the partner reads (its `split` parameter, any split without
+    one). A metric no check declares is a typo or a partner's own figure: an error either way, fixed by
+    spelling it right or by declaring it in the partner's `produces`.
+    """
+    declared = [p for d in produced if d.produces is not None for p in d.produces]
+    silent = [d for d in produced if d.produces is None]
+    known = declared + (registered(uc) if silent else [])
+    metrics = sorted({p.metric for p in known if not any(c in p.metric for c in "*?[")})
     for i, r in enumerate(uc.requirements):
         if any(p.covers(r) for p in declared):
             continue
         loc = ("requirements", i)
         same = [p for p in declared if fnmatch.fnmatchcase(r.metric, p.metric)]
+        heard_of = any(fnmatch.fnmatchcase(r.metric, p.metric) for p in known)
+        reach = [d.name for d in silent if fnmatch.fnmatchcase(r.scope.split, getattr(d.params, "split", "*"))]
+        if heard_of and reach:
+            continue  # a partner check that declares nothing may measure it there
         pert = r.scope.perturbation
+        claim = f"claim {r.id}: "
         if not same:
             near = difflib.get_close_matches(r.metric, metrics, n=3)
-            add((*loc, "metric"), f"no check of the plan measures {r.metric!r}"
-                + (f"; did you mean {' or '.join(map(repr, near))}?" if near else ""))
+            quiet = (f" ({', '.join(d.name for d in silent)} declares nothing it measures: a metric of its own "
+                     "must be declared in its Check.produces)" if silent else "")
+            add((*loc, "metric"), f"{claim}no check of the plan measures {r.metric!r}"
+                + (f"; did you mean {' or '.join(map(repr, near))}?" if near else "") + quiet)
         elif pert and not any(p.perturbation in (pert.name, "*") for p in same):
             names = sorted({p.perturbation for p in same if p.perturbation})
             add((*loc, "scope", "perturbation", "name"),
-                f"no check of the plan measures {r.metric} under perturbation {pert.name!r}"
+                f"{claim}no check of the plan measures {r.metric} under perturbation {pert.name!r}"
                 + (f"; it is measured under {names}" if names else "; it is measured without perturbation only"))
         elif not pert and all(p.perturbation is not None for p in same):
-            add((*loc, "scope"), f"{r.metric} is only measured under a perturbation: name it in scope.perturbation")
+            add((*loc, "scope"), f"{claim}{r.metric} is only measured under a perturbation: name it in "
+                                 "scope.perturbation")
         elif not any(fnmatch.fnmatchcase(r.scope.split, p.split) for p in same):
-            add((*loc, "scope", "split"), f"{r.metric} is measured on split(s) {sorted({p.split for p in same})}, "
-                                          f"not {r.scope.split!r}")
+            add((*loc, "scope", "split"), f"{claim}{r.metric} is measured on split(s) "
+                                          f"{sorted({p.split for p in same})}, not {r.scope.split!r}")
         else:
-            add((*loc, "scope"), f"no check of the plan measures {r.metric} on {r.scope.label()}")
+            add((*loc, "scope"), f"{claim}no check of the plan measures {r.metric} on {r.scope.label()}")
+
+
+def registered(uc: UseCase) -> list[Produces]:
+    """What every registered check declares with its default parameters: the metrics trustcase knows."""
+    out = []
+    for name in REGISTRY:
+        try:
+            cls = check_class(name)
+            out += cls.produces(cls.Params(), uc) or []
+        except Exception:  # noqa: BLE001  (a check whose parameters have no defaults, a partner's broken entry point)
+            continue
+    return out
 
 
 def descriptors(uc: UseCase, add: Add) -> None:
@@ -177,7 +217,7 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
         try:
             item = stream.split[i]
             judge_item(item.image, source.expected)
-            label = int(item.label)
+            judge_label(item.label, len(uc.model.class_names))
         except Rejected as e:
             add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) does not fit the model's input: {e}")
             continue
@@ -185,9 +225,6 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
             add(loc, f"reading the first item of split {role!r} ({_name(stream.split, i)}) raised "
                      f"{type(e).__name__}: {e}")
             continue
-        if not 0 <= label < len(uc.model.class_names):
-            add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) has label {label}, outside "
-                     f"0..{len(uc.model.class_names) - 1} (classes {uc.model.class_names})")
         if first_meta is None:
             first_meta = dict(item.meta or {})
     for j, d in enumerate(uc.odd.descriptors):
