@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -22,26 +23,22 @@ BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
 EXIT_PASS, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOT_ALL_PASS = 0, 1, 2, 3
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from trustcase.checks import CheckError, Unsupported
-    from trustcase.data.streaming import DataError
-    from trustcase.flows.assess import OutputFolderError
-    from trustcase.models.classifier import ModelError
+def _fail(e: BaseException) -> NoReturn:
+    """A user error (`errors.UserError`), or work this model cannot do (`Unsupported`): its message, exit 2; a
+    use-case file's problems one per line. Anything else is internal: a short message and a log, exit 1."""
+    from trustcase.errors import Unsupported, UserError
     from trustcase.schemas import UseCaseError
 
-    return UseCaseError, ModelError, DataError, CheckError, Unsupported, OutputFolderError
-
-
-def _fail(e: BaseException) -> None:
-    """User errors: the message, exit 2. Anything else: a short message and a log, exit 1."""
-    if isinstance(e, _user_errors()):
+    if isinstance(e, UseCaseError):
+        _invalid(e)
+    if isinstance(e, UserError | Unsupported):
         console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(EXIT_INVALID) from None
     log = Path(".trustcase") / "last-error.log"
     log.parent.mkdir(exist_ok=True)
     log.write_text("".join(traceback.format_exception(e)))
     console.print(f"[bold red]internal error:[/] {type(e).__name__}: {_escape(str(e))}\n(traceback in {log})")
-    raise typer.Exit(EXIT_INTERNAL)
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _escape(text: str) -> str:
@@ -61,21 +58,18 @@ def validate(
     """Check a use case as `assess` will before any work: the file, its plan and claims, the model, the loaders
     and the first item of each split; print every problem with its line."""
     from trustcase.flows.preflight import preflight
-    from trustcase.schemas import UseCaseError
 
     try:
         with console.status("Checking the use case, model and data…"):
             uc = preflight(path, seed)
-    except UseCaseError as e:
-        _invalid(path, e)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out_console.print(f"[green]valid[/]: {uc.id} ({len(uc.requirements)} requirements, {len(uc.plan.checks)} checks)")
 
 
-def _invalid(path: Path, e: Exception) -> None:
-    """Every problem of a use case, one plain line each, exit 2."""
-    console.print(f"[bold red]{_escape(str(path))} is invalid[/] ({len(e.problems)} problem(s)):", highlight=False)
+def _invalid(e) -> NoReturn:
+    """Every problem of a use case (`UseCaseError`), one plain line each, exit 2."""
+    console.print(f"[bold red]{_escape(str(e.path))} is invalid[/] ({len(e.problems)} problem(s)):", highlight=False)
     for p in e.problems:
         console.print(f"  {_escape(str(p))}", highlight=False)
     raise typer.Exit(EXIT_INVALID)
@@ -84,18 +78,12 @@ def _invalid(path: Path, e: Exception) -> None:
 def run_assessment(path: Path, out: Path | None, tracking_uri: str | None, seed: int | None,
                    runner: str = "thread", dask_address: str | None = None) -> int:
     from trustcase.flows.preflight import preflight
-    from trustcase.flows.runners import RunnerError, run, task_runner
-    from trustcase.schemas import UseCaseError
+    from trustcase.flows.runners import run, task_runner
 
     try:
         with console.status("Checking the use case, model and data…"):
             uc = preflight(path, seed)  # the same checks as `trustcase validate`
             task_runner(runner, dask_address)  # a Dask scheduler that does not answer fails before any work
-    except UseCaseError as e:
-        _invalid(path, e)
-    except RunnerError as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out = out or Path("trustcase-out") / uc.id
@@ -173,13 +161,10 @@ def report(
                                  "(default: the qualified registered version)"),
 ) -> None:
     """Re-render the report (HTML, PDF, argument, pack) of an assessment from what MLflow holds."""
-    from trustcase.flows.rerender import RunNotFound, rerender
+    from trustcase.flows.rerender import rerender
 
     try:
         files = rerender(run_id, out or Path("trustcase-out") / f"report-{run_id}", tracking_uri, previous)
-    except RunNotFound as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}")
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out_console.print(f"report: {files['html']}")
@@ -201,7 +186,6 @@ def watch(
 ) -> None:
     """Assess every registered model version never assessed; tag it and qualify it when it passes."""
     from trustcase.flows import watch as w
-    from trustcase.flows.runners import RunnerError
 
     try:
         if not once:
@@ -211,9 +195,6 @@ def watch(
             return
         with console.status("Looking for model versions never assessed…"):
             outcomes = w.once(path, out, tracking_uri, alias, runner, dask_address)
-    except (w.WatchError, RunnerError) as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     if not outcomes:
@@ -243,14 +224,10 @@ def improve(
     """Train an improved version and its baseline from the evidence, register and assess both, and report
     whether the improvement is real (parent vs improved vs baseline, with intervals)."""
     from trustcase.flows import improve as imp
-    from trustcase.flows.watch import WatchError
 
     try:
         with console.status(f"Improving the model ({method}): selection, training, assessments…"):
             s = imp.run(str(path), method, budget, str(out), tracking_uri, seed, epochs)
-    except (imp.ImproveError, WatchError) as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     reg = [r["claim"] for r in s["claims"] if r["regression"]]
@@ -291,9 +268,6 @@ def monitor(
                 why = f"  {'; '.join(rec['reasons'])}" if rec["reasons"] else ""
                 out_console.print(f"[{colour[rec['state']]}]{rec['state']:<4}[/] {_escape(name)}{pred}{_escape(why)}",
                                   highlight=False)
-    except MonitorError as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     if not_judged:  # every other input was judged; these could not be, and a user must look at them
@@ -309,13 +283,10 @@ def pack(
     tracking_uri: str = typer.Option(None, "--tracking-uri"),
 ) -> None:
     """Build the evidence pack of an assessment from the run's artefacts in MLflow (zip + SHA-256 manifest)."""
-    from trustcase.flows.rerender import RunNotFound, pack_run
+    from trustcase.flows.rerender import pack_run
 
     try:
         path, manifest = pack_run(run_id, out or Path("trustcase-out") / f"pack-{run_id}.zip", tracking_uri)
-    except RunNotFound as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}")
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     out_console.print(f"evidence pack: {path} ({len(manifest['files'])} files"
@@ -334,15 +305,10 @@ def verify(
     """Re-hash every file of an evidence pack against its manifest, cross-check its records, and check the
     manifest against an anchor held outside the pack. Exit 0 consistent (and anchored when one is given), 3
     changed, added or removed files or contradicting records (each named), 2 not a readable pack or no such run."""
-    from trustcase.flows.rerender import RunNotFound
     from trustcase.flows.rerender import verify as verify_pack
-    from trustcase.reports import PackError
 
     try:
         v = verify_pack(pack_file, run_id=run, digest=digest, public_key=public_key, tracking_uri=tracking_uri)
-    except (PackError, RunNotFound) as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
     except Exception as e:  # noqa: BLE001
         _fail(e)
     m = v.manifest
@@ -368,24 +334,25 @@ def check_property_command(
     prop: Path = typer.Argument(..., metavar="PROPERTY.vnnlib", help="VNN-LIB property (describes the unsafe set)"),
     timeout: float = typer.Option(60.0, "--timeout", help="budget in seconds"),
     seed: int = typer.Option(0, "--seed"),
+    input_shape: str = typer.Option(None, "--input-shape", metavar="C,H,W",
+                                    help="a TorchScript model's input shape (default: from its first layer)"),
 ) -> None:
     """Falsify or prove one VNN-LIB property: one JSON line, verdict violated / holds / unknown."""
     import json
 
-    from trustcase.certification.nnet import NetworkFormatError, load_network
-    from trustcase.certification.properties import check_property
-    from trustcase.certification.vnnlib import VnnlibError, read_vnnlib
+    from trustcase.certification.competition import load, read_property, solve
+    from trustcase.errors import UserError
 
     try:
         if timeout <= 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {timeout}")
-        network = load_network(model)
-        spec = read_vnnlib(prop)
-    except (NetworkFormatError, VnnlibError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
-    try:
-        result = check_property(network, spec, timeout=timeout, seed=seed)
+            raise UserError(f"--timeout must be > 0 seconds, got {timeout}")
+        try:
+            shape = tuple(int(v) for v in input_shape.split(",")) if input_shape else None
+        except ValueError:
+            raise UserError(f"--input-shape {input_shape!r}: expected sizes separated by commas, e.g. 1,28,28") \
+                from None
+        network = load(model, shape)
+        result = solve(network, read_property(prop, network), timeout=timeout, seed=seed)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     print(json.dumps({"model": str(model), **result}))
@@ -402,22 +369,19 @@ def explore(
     """A local web lab: the assessments of the MLflow store, and the use case's model to play with."""
     import socket
 
+    from trustcase.errors import UserError
     from trustcase.explore import build, is_loopback
 
     try:
         if not is_loopback(host) and not token:
-            raise ValueError(f"--host {host} exposes the lab beyond this machine: give --token SECRET too")
+            raise UserError(f"--host {host} exposes the lab beyond this machine: give --token SECRET too")
         if not 0 < port < 65536:
-            raise ValueError(f"--port {port}: expected 1..65535")
+            raise UserError(f"--port {port}: expected 1..65535")
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             try:
                 s.bind((host, port))
             except OSError as e:
-                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    except ValueError as e:
-        console.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
-    try:
+                raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         with console.status("Loading the model and the store…"):
             web, note = build(path, tracking_uri, token)
     except Exception as e:  # noqa: BLE001

@@ -12,8 +12,10 @@ import importlib
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 
+from trustcase.errors import UserError
 
-class RegistryError(ValueError):
+
+class RegistryError(UserError, ValueError):
     """An unknown name, or a reference that is not an implementation of the protocol."""
 
 

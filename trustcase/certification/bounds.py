@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustcase.errors import UserError
+
 TOLERANCE = 1e-7
 
 
-class BoundsError(ValueError):
+class BoundsError(UserError, ValueError):
     """The network cannot be bounded (a layer other than Linear/ReLU/Flatten/shift)."""
 
 

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustcase.errors import UserError
 from trustcase.models.anatomy import UnsupportedLayer, _const, describe_eager, describe_script, script_chain
 
 
-class GraphError(ValueError):
+class GraphError(UserError, ValueError):
     """The network cannot be bounded: an unsupported layer (named with its type and position), NaN weights."""
 
 

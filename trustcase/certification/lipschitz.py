@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustcase.errors import UserError
 from trustcase.models.anatomy import (
     Layer,
     UnsupportedLayer,
@@ -61,7 +62,7 @@ from trustcase.models.lipschitz_layers import conv2d_norm
 SAFETY = 1.0 + 1e-6  # covers float64 SVD/FFT rounding of each layer norm
 
 
-class LipschitzError(ValueError):
+class LipschitzError(UserError, ValueError):
     """The model cannot be bounded (unsupported layer, training mode, input shape)."""
 
 

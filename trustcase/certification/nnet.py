@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustcase.errors import UserError
 
-class NetworkFormatError(ValueError):
+
+class NetworkFormatError(UserError, ValueError):
     """A network file that cannot be read; says which file and what is wrong."""
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trustcase.errors import UserError
 
-class VnnlibError(ValueError):
+
+class VnnlibError(UserError, ValueError):
     """An unsupported or malformed construct, with the file and line."""
 
 

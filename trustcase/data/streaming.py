@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from trustcase.errors import UserError
 from trustcase.schemas import DataSpec, ModelSpec
 
 MAX_PIXELS = 50_000_000  # an image file over this is refused from its header, before it is decoded
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A user error about data: a loader that does not exist, a split it cannot give."""
 
 

@@ -21,7 +21,7 @@ import torch
 from trustcase.certification import bounds as B
 from trustcase.certification.local_robustness import change_property, verify_ball
 from trustcase.data.streaming import DataSource
-from trustcase.errors import Unsupported
+from trustcase.errors import Unsupported, UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.explore.jobs import Job
@@ -39,7 +39,7 @@ PROVE_MAX_SECONDS = 120.0
 UPLOADS_KEPT = 32
 
 
-class LabError(Exception):
+class LabError(UserError):
     """A request the lab refuses, with the HTTP status and a message that names the problem."""
 
     def __init__(self, message: str, status: int = 422):

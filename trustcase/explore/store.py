@@ -12,12 +12,13 @@ from pathlib import Path, PurePosixPath
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trustcase.errors import UserError
 from trustcase.explore.lab import Runtime
 from trustcase.flows import tracking
 from trustcase.schemas import Assessment
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     def __init__(self, message: str, status: int = 404):
         super().__init__(message)
         self.status = status

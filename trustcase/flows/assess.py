@@ -40,9 +40,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase import reports
 from trustcase.checks import Check, CheckError, Context, Unsupported, build
-from trustcase.data.streaming import DataError, DataSource
+from trustcase.data.streaming import DataSource
+from trustcase.errors import UserError
 from trustcase.flows import confidential, logs, provenance, rerender, tracking
-from trustcase.models.classifier import Classifier, ModelError, sha256_file
+from trustcase.models.classifier import Classifier, sha256_file
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import (
     Assessment,
@@ -59,11 +60,10 @@ MARKER = ".trustcase-run.json"  # which use case the folder holds, and the files
 LOCK = ".trustcase-lock"
 
 
-class OutputFolderError(Exception):
+class OutputFolderError(UserError):
     """The output folder holds something else (another use case, foreign files) or another run is writing it."""
 
 
-USER_ERRORS = (ModelError, DataError, CheckError, Unsupported, OutputFolderError)
 logs.install()  # a skipped or failed check is one trustcase line in Prefect's log, not a traceback
 
 # Listeners told (label, done, total) as each check shard finishes: the CLI draws its progress bar from
@@ -353,9 +353,9 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                 outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
                                              summary={"skipped": str(value)}))
             elif isinstance(value, BaseException):
-                user_error |= isinstance(value, USER_ERRORS)
+                user_error |= isinstance(value, UserError)
                 errors.append(f"{label}: {type(value).__name__}: {value}")
-                if not isinstance(value, USER_ERRORS):
+                if not isinstance(value, UserError):
                     errors[-1] += "\n" + "".join(traceback.format_exception(value)[-3:])
             else:
                 outcomes.append(value)

@@ -47,6 +47,7 @@ from prefect import flow, get_run_logger, task
 
 from trustcase.checks import Context, build
 from trustcase.data.streaming import DataSource, resolve
+from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import Relevance, assign, cluster, cluster_radii, collect_errors, hudd_selection
 from trustcase.flows import rerender, tracking, watch
@@ -72,7 +73,7 @@ METHODS = ("hudd", "noise", "adversarial", "lipschitz")
 ROLE_TAG = "trustcase.improve."
 
 
-class ImproveError(Exception):
+class ImproveError(UserError):
     """A user error: no training contract, a method the use case cannot support, a training that failed."""
 
 

@@ -13,28 +13,34 @@ import re
 import traceback
 from pathlib import Path
 
-from trustcase.checks import CheckError, Unsupported
-from trustcase.data.streaming import DataError
-from trustcase.errors import plain
-from trustcase.models.classifier import ModelError
-from trustcase.schemas import UseCaseError
+from trustcase.errors import Unsupported, UserError, plain
 
-USER_ERRORS = (ModelError, DataError, CheckError, Unsupported, UseCaseError)
 LOG = Path(".trustcase") / "check-errors.log"
-_USER_NAMES = "|".join(c.__name__ for c in USER_ERRORS)
-_FAILED = re.compile(rf"^Finished in state Failed\(.*exception ({_USER_NAMES})\b", re.S)
+_FAILED = re.compile(r"^Finished in state Failed\(.*?exception (\w+)\b", re.S)
+
+
+def _said(name: str) -> bool:
+    """Whether an exception class of this name already had its one line: a user error or a decline (a
+    partner's subclass included)."""
+    todo, seen = [UserError, Unsupported], set()
+    while todo:
+        cls = todo.pop()
+        seen.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return name in seen
 
 
 class OneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:  # the second report of a user error: its one line was already written
-            return not _FAILED.match(record.getMessage())
+            failed = _FAILED.match(record.getMessage())
+            return not (failed and _said(failed.group(1)))
         text = plain(str(exc))  # Prefect's format already names the task run
         if isinstance(exc, Unsupported):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = f"not run: {text}"
-        elif isinstance(exc, USER_ERRORS):
+        elif isinstance(exc, UserError):
             record.msg = f"{type(exc).__name__}: {text}"
         else:
             LOG.parent.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trustcase import reports
+from trustcase.errors import UserError
 from trustcase.flows import tracking
 from trustcase.schemas import Assessment
 
@@ -16,7 +17,7 @@ from trustcase.schemas import Assessment
 RENDERED = {"report.html", "report.pdf", "pack.zip", "argument.json", "argument.gsn.yaml", "plots"}
 
 
-class RunNotFound(Exception):
+class RunNotFound(UserError):
     pass
 
 

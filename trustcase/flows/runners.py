@@ -13,6 +13,7 @@ from typing import Literal
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from trustcase.errors import UserError
 from trustcase.flows.assess import Result, assess
 from trustcase.flows.prefect_db import ensure_local_database
 
@@ -20,7 +21,7 @@ Runner = Literal["thread", "dask"]
 RUNNERS = ("thread", "dask")
 
 
-class RunnerError(Exception):
+class RunnerError(UserError):
     """A user error about where to run: an unknown runner, a Prefect server or a Dask scheduler that does not
     answer."""
 

@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from trustcase.errors import UserError
 from trustcase.schemas import Assessment, CheckOutcome, Measurement, UseCase
 
 HOME = Path(".trustcase")  # under the working directory: the default local store
@@ -66,7 +67,7 @@ def metric_key(m: Measurement) -> str:
     return _key("/".join(parts + [m.metric]))
 
 
-class TrackingError(Exception):
+class TrackingError(UserError):
     """The MLflow tracking store could not be written (after MLflow's own retries): names the store."""
 
 

@@ -37,18 +37,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
+from trustcase.errors import UserError
 from trustcase.flows import rerender, runners, tracking
-from trustcase.flows.assess import USER_ERRORS
 from trustcase.flows.prefect_db import ensure_local_database
 from trustcase.flows.preflight import preflight
 from trustcase.models.classifier import sha256_file
-from trustcase.schemas import Assessment, UseCase, UseCaseError, Verdict, compare_claims, load_use_case
+from trustcase.schemas import Assessment, UseCase, Verdict, compare_claims, load_use_case
 
 TAG = "trustcase."
 ALIAS = "qualified"
 
 
-class WatchError(Exception):
+class WatchError(UserError):
     """A user error about the registry: no such registered model, an alias that points nowhere."""
 
 
@@ -197,7 +197,7 @@ def watch(use_case_path: str, out_root: str = "trustcase-out", tracking_uri: str
             o = assess_version(client, uc, mv, Path(out_root).resolve(), alias, runner, dask_address)
             log.info("%s v%s: %s%s%s", name, mv.version, o.verdict, " (qualified)" if o.qualified else "",
                      f"; regressions vs v{o.compared_with}: {o.regressions}" if o.regressions else "")
-        except (*USER_ERRORS, UseCaseError, WatchError, runners.RunnerError) as e:
+        except UserError as e:
             o = VersionOutcome(version=str(mv.version), error=_redact(f"{type(e).__name__}: {e}", uc))
             log.error("%s v%s not assessed: %s", name, mv.version, o.error)
         outcomes.append(asdict(o))

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trustcase.errors import UserError
 from trustcase.schemas import ModelSpec
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A user error about the model: missing file, wrong format, output that does not fit the classes."""
 
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from trustcase.errors import UserError
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.schemas import Descriptor
 
 
-class MonitorError(ValueError):
+class MonitorError(UserError, ValueError):
     """A user error about a monitor: unknown descriptor, bad file, other model, input of the wrong shape."""
 
 

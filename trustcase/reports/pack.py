@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from trustcase.errors import UserError
 from trustcase.schemas import Assessment
 
 FORMAT = "trustcase-pack/1"
@@ -64,7 +65,7 @@ HASHED = re.compile(r"^item-[0-9a-f]{16}$")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-class PackError(Exception):
+class PackError(UserError):
     """The pack cannot be built or read (not a zip, no manifest): a user-facing message."""
 
 

@@ -48,12 +48,13 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from trustcase.errors import UserError
 from trustcase.registry import Registry, RegistryError
 
 BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
 
 
-class PerturbationError(ValueError):
+class PerturbationError(UserError, ValueError):
     pass
 
 

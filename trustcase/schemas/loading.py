@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from trustcase.errors import UserError
 from trustcase.schemas.use_case import UseCase
 
 MAX_DEPTH = 32  # a use case nests 6 deep; PyYAML composes recursively, so 20,000 brackets overflow the stack
@@ -25,7 +26,7 @@ class Problem:
         return f"{where}{self.location or '<file>'}: {self.message}"
 
 
-class UseCaseError(Exception):
+class UseCaseError(UserError):
     """A user error in a use-case file; carries every problem found."""
 
     def __init__(self, path: Path, problems: list[Problem]):
