@@ -44,15 +44,41 @@ W = [0.6, -0.8, 0.0, 0.0]  # ||w|| = 1: the exact radius is |w.x + b|
 def test_certified_radius_is_below_the_exact_one_and_approaches_it():
     clf = classifier(W, 0.0)
     x = np.array([[0.3, 0.0, 0.5, 0.5]], np.float32)  # margin 0.18 -> exact radius 0.18
-    exact = 0.18
+    w = np.array(W, np.float32).astype(np.float64)  # the model's float32 weights, exactly
+    exact = abs(w @ x[0].astype(np.float64)) / np.linalg.norm(w)  # 0.18 up to float32 rounding of 0.6 and 0.3
     gaps = []
     for n in (100, 1000, 20000):
         c, r, p_a = S.certify(clf, x, sigma=0.25, n0=50, n=n, alpha=0.001, batch_size=500, seed=1)
         assert c[0] == 1
-        assert r[0] <= exact + 1e-9
+        assert r[0] <= exact
         gaps.append(exact - r[0])
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 0.1 * exact
+
+
+@pytest.mark.parametrize(("n_a", "n", "alpha"), [(51, 100, 0.001), (300, 300, 0.001), (9990, 10000, 1e-6),
+                                                 (99_999, 100_000, 0.05), (560, 1000, 0.01)])
+def test_the_radius_margin_holds_against_the_exact_binomial_tail(n_a, n, alpha):
+    """In 60-digit arithmetic: pA is a valid lower bound (P(Bin(n, pA) >= n_a) <= alpha, so the inverse beta's
+    error is covered by PPF_ERROR) and the radius never exceeds sigma * PhiInverse(pA) exactly; the margins cost
+    no more than their size."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp.clone()
+    mp.dps = 60
+    sigma = 0.25
+    p_a, radius = (float(v[0]) for v in S.certified_radius(np.array([n_a]), n, alpha, sigma))
+    p = mp.mpf(p_a)
+    # the tail of the binomial at pA: 1 - I_{1 - p}(n - n_a + 1, n_a) = I_p(n_a, n - n_a + 1)
+    tail = mp.betainc(n_a, n - n_a + 1, 0, p, regularized=True)
+    assert tail <= alpha
+    # and no lower than two margins below the exact Clopper-Pearson bound (where the tail reaches alpha)
+    assert mp.betainc(n_a, n - n_a + 1, 0, p / (1 - 2 * S.PPF_ERROR), regularized=True) >= alpha
+    if p_a >= 0.5:
+        exact = sigma * mp.sqrt(2) * mp.erfinv(2 * p - 1)
+        assert radius <= exact
+        assert radius >= exact * (1 - 1e-12)
+    else:
+        assert radius == 0
 
 
 def test_the_certificate_fails_at_most_alpha_of_the_time():

@@ -3,7 +3,9 @@
 `upper_bound(model, input_shape)` composes per-layer operator-norm bounds through the model's graph
 (eager modules: a torch.fx trace, so residual additions are seen; TorchScript: a plain chain of
 submodules, as `torch.jit.trace` of an nn.Sequential gives). Every bound is an upper bound by
-construction:
+construction, and on every machine: each float64 figure is widened by its own rounding error, derived from the
+arithmetic in `certification.rounding` (SVD and FFT errors, gamma_n for n accumulated roundings; about 1e-12
+relative for the solar CNN), never by a tolerance measured on one CPU:
 
 - Linear: the spectral norm (float64 SVD).
 - Conv2d (zero padding, any stride, dilation, groups): the norm of the CIRCULAR convolution on the
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustcase.certification.rounding import gamma, widen
 from trustcase.errors import UserError
 from trustcase.models.anatomy import (
     Layer,
@@ -57,9 +60,7 @@ from trustcase.models.anatomy import (
     is_lipschitz_layer,
     script_chain,
 )
-from trustcase.models.lipschitz_layers import conv2d_norm
-
-SAFETY = 1.0 + 1e-6  # covers float64 SVD/FFT rounding of each layer norm
+from trustcase.models.lipschitz_layers import conv2d_norm, matrix_norm
 
 
 class LipschitzError(UserError, ValueError):
@@ -78,12 +79,6 @@ class Bound:
 
 # --- per-layer operator norms ------------------------------------------------------------------
 
-def spectral_norm(matrix: torch.Tensor) -> float:
-    """Largest singular value, float64."""
-    m = matrix.detach().double().reshape(matrix.shape[0], -1)
-    return float(torch.linalg.matrix_norm(m, ord=2)) if m.numel() else 0.0
-
-
 def pool_coverage(k: int, s: int, d: int = 1) -> int:
     """Largest number of pooling windows containing one input position (one axis)."""
     return min(k, math.ceil((d * (k - 1) + 1) / s))
@@ -97,44 +92,58 @@ def adaptive_coverage(n_in: int, n_out: int) -> int:
 
 
 def nonnegative_linear_norm(module: nn.Module, in_shape: tuple[int, ...]) -> float:
-    """Schur bound sqrt(||A||_1 ||A||_inf) of a linear map with non-negative entries, via the module."""
+    """Schur bound sqrt(||A||_1 ||A||_inf) of a linear map with non-negative entries, via the module (float64:
+    its row and column sums of at most numel(in_shape) non-negative terms err by gamma of that many)."""
     with torch.enable_grad():
         x = torch.ones(1, *in_shape, dtype=torch.float64, requires_grad=True)
         y = module(x)
         (cols,) = torch.autograd.grad(y.sum(), x)  # A^T 1: column sums
     rows = float(y.max())  # A 1: row sums
-    return math.sqrt(max(rows, 0.0) * max(float(cols.max()), 0.0))
+    return widen(math.sqrt(max(rows, 0.0) * max(float(cols.max()), 0.0)), gamma(math.prod(in_shape) + 2))
 
 
-def layer_norm(layer: Layer, in_shape: tuple[int, ...]) -> float:
-    """Upper bound of the Lipschitz constant of one layer on inputs of shape in_shape (no batch)."""
-    if layer.kind == "linear":
-        return spectral_norm(layer.weight) * SAFETY
-    if layer.kind == "conv2d":
-        if len(in_shape) != 3:
+def layer_norm(layer: Layer, in_shape: tuple[int, ...], rounded: float = 0.0) -> float:
+    """Upper bound of the Lipschitz constant of one layer on inputs of shape in_shape (no batch).
+
+    `rounded`: each weight entry may carry that relative rounding error (a folded BatchNorm's product); an
+    entrywise error e |W| moves the operator norm by at most e || |W| ||, which is added.
+    """
+    if layer.kind in ("linear", "conv2d"):
+        if layer.kind == "linear":
+            def norm(w: torch.Tensor) -> float:
+                return matrix_norm(w)
+        elif len(in_shape) != 3:
             raise LipschitzError(f"{layer.name}: Conv2d needs (C, H, W) inputs, got {in_shape}")
+        else:
+            def norm(w: torch.Tensor) -> float:
+                return conv2d_norm(w, in_shape[1:], layer.stride, layer.padding, layer.dilation, layer.groups)
         try:
-            return conv2d_norm(layer.weight, in_shape[1:], layer.stride, layer.padding, layer.dilation,
-                               layer.groups) * SAFETY
+            w = layer.weight.detach().double()
+            return widen(norm(w) + rounded * norm(w.abs()), 0.0) if rounded else norm(w)
         except ValueError as e:
             raise LipschitzError(f"{layer.name}: {e}") from None
-    if layer.kind == "batchnorm":
-        return float(layer.scale.abs().max()) * SAFETY
+    if layer.kind == "batchnorm":  # gamma / sqrt(var + eps) in float64: four roundings
+        return widen(float(layer.scale.abs().max()), gamma(4))
     if layer.kind == "activation":
         return layer.slope
     if layer.kind == "maxpool2d":
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.stride, layer.dilation
-        return math.sqrt(pool_coverage(kh, sh, dh) * pool_coverage(kw, sw, dw))
+        return widen(math.sqrt(pool_coverage(kh, sh, dh) * pool_coverage(kw, sw, dw)), 0.0)
     if layer.kind == "adaptive_maxpool2d":
         out = layer.kernel  # output size
-        return math.sqrt(adaptive_coverage(in_shape[-2], out[0]) * adaptive_coverage(in_shape[-1], out[1]))
+        return widen(math.sqrt(adaptive_coverage(in_shape[-2], out[0]) * adaptive_coverage(in_shape[-1], out[1])),
+                     0.0)
     if layer.kind == "avgpool":
-        return nonnegative_linear_norm(layer.module, in_shape) * SAFETY
+        return nonnegative_linear_norm(layer.module, in_shape)
     raise LipschitzError(f"{layer.name}: no bound for layer kind {layer.kind!r}")
 
 
+FOLDED = gamma(5)  # a folded weight entry: the BatchNorm scale's four float64 roundings and the product's
+
+
 def fold(conv: Layer, bn: Layer) -> Layer:
-    """BatchNorm after Conv2d/Linear: one affine layer with output-channel-scaled weights."""
+    """BatchNorm after Conv2d/Linear: one affine layer with output-channel-scaled weights (entries rounded
+    within FOLDED, relative)."""
     shape = (-1,) + (1,) * (conv.weight.ndim - 1)
     return Layer(name=f"{conv.name}+{bn.name}", kind=conv.kind, weight=conv.weight * bn.scale.view(shape),
                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
@@ -147,17 +156,19 @@ def _compose_chain(layers: list[Layer], shapes: list[tuple[int, ...]]) -> Bound:
     total, rows, i = 1.0, [], 0
     head, body = None, None
     while i < len(layers):
-        layer, shape = layers[i], shapes[i]
+        layer, shape, rounded = layers[i], shapes[i], 0.0
         if layer.kind in ("conv2d", "linear") and i + 1 < len(layers) and layers[i + 1].kind == "batchnorm":
-            layer = fold(layer, layers[i + 1])
+            layer, rounded = fold(layer, layers[i + 1]), FOLDED
             i += 1
-        b = layer_norm(layer, shape)
+        b = layer_norm(layer, shape, rounded)
         rows.append({"name": layer.name, "kind": layer.kind, "bound": b})
         if layer.kind == "linear" and i == len(layers) - 1:  # the logits' own layer: pairwise radii
             head, body = layer.weight.detach().double(), total
         total *= b
         i += 1
-    return Bound(total=total, layers=rows, body=body, head=head)
+    # the product of n bounds rounds n times
+    return Bound(total=widen(total, gamma(len(rows))), layers=rows, head=head,
+                 body=None if body is None else widen(body, gamma(len(rows))))
 
 
 def _bound_script(model: torch.jit.ScriptModule, input_shape: tuple[int, ...]) -> Bound:
@@ -227,9 +238,10 @@ def _bound_fx(model: nn.Module, input_shape: tuple[int, ...]) -> Bound:
             arg = n.args[0]
             if not isinstance(arg, torch.fx.Node):
                 raise LipschitzError("the model must return one tensor of logits")
-            total = L[arg.name]
+            ops = gamma(2 * len(nodes))  # each node's product or sum rounds at most twice
+            total = widen(L[arg.name], ops)
             if arg.op == "call_module" and isinstance(modules[arg.target], nn.Linear) and arg.name not in folded:
-                head, body = modules[arg.target].weight.detach().double(), L[arg.args[0].name]
+                head, body = modules[arg.target].weight.detach().double(), widen(L[arg.args[0].name], ops)
             return Bound(total=total, layers=rows, body=body, head=head)
         elif not is_tensor(n):
             continue  # sizes and other Python values
@@ -239,7 +251,7 @@ def _bound_fx(model: nn.Module, input_shape: tuple[int, ...]) -> Bound:
             layer = folded.get(n.name) or layer_of(n)
             if isinstance(modules[n.target], nn.Dropout) and modules[n.target].training:
                 raise LipschitzError(f"layer {n.target}: Dropout is in training mode")
-            b = layer_norm(layer, tuple(n.args[0].meta["tensor_meta"].shape[1:]))
+            b = layer_norm(layer, tuple(n.args[0].meta["tensor_meta"].shape[1:]), FOLDED if n.name in folded else 0.0)
             rows.append({"name": layer.name, "kind": layer.kind, "bound": b})
             L[n.name] = b * L[n.args[0].name]
         elif n.op == "call_function" and n.target in ADD:
@@ -297,7 +309,12 @@ def upper_bound(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> f
 # --- radii and the empirical lower bound -------------------------------------------------------
 
 def certified_radii(logits: np.ndarray, bound: Bound, input_scale: float = 1.0) -> np.ndarray:
-    """Per-item L2 radius within which the arg-max cannot change (input_scale: d(model input)/d(input))."""
+    """Per-item L2 radius within which the arg-max cannot change (input_scale: d(model input)/d(input)).
+
+    The float64 quotient is shrunk by its own rounding (the norm of a K-vector difference, three products, a
+    difference and a division: gamma_{K + 6}). The logits are taken as given: the rounding of the forward
+    pass that produced them is not bounded here (the check says so in its validity conditions).
+    """
     z = np.asarray(logits, np.float64)
     y = z.argmax(1)
     if bound.head is not None and bound.body is not None:
@@ -308,9 +325,9 @@ def certified_radii(logits: np.ndarray, bound: Bound, input_scale: float = 1.0) 
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(lip > 0, margin / lip, np.inf)
         r[np.arange(len(z)), y] = np.inf
-        return r.min(axis=1)
+        return r.min(axis=1) * (1 - gamma(w.shape[1] + 6))
     top2 = np.sort(z, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) / (math.sqrt(2) * bound.total * input_scale)
+    return (top2[:, 1] - top2[:, 0]) / (math.sqrt(2) * bound.total * input_scale) * (1 - gamma(6))
 
 
 def empirical_lower_bound(forward, x: torch.Tensor, steps: int = 50, eps: float = 1e-3, lr: float = 0.01,

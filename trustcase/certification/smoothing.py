@@ -7,7 +7,9 @@ votes under noise), not with one forward pass of f.
 - `certify`: class cA from n0 noisy samples, then a separate draw of n samples, a one-sided
   Clopper-Pearson lower bound pA of P(f(x + e) = cA) at level alpha; ABSTAIN (-1) when pA < 1/2, else
   radius sigma * PhiInverse(pA). With probability >= 1 - alpha (per input) g(x + d) = cA for every
-  ||d||_2 < radius.
+  ||d||_2 < radius. Floating-point margin: pA is lowered by PPF_ERROR (relative) before use, covering the
+  error of the inverse incomplete beta that computes it, and the radius by gamma_8 (the inverse normal and
+  the product), so neither the decision pA >= 1/2 nor the radius rests on one library build's last digits.
 - `predict`: the binomial test of Cohen et al.; abstains unless the top class wins at level alpha.
 
 sigma is a fraction of the value range: noise of standard deviation sigma * (max - min) is added in
@@ -35,10 +37,16 @@ import numpy as np
 import torch
 from scipy import stats
 
+from trustcase.certification.rounding import gamma
 from trustcase.measurement import clopper_pearson_lower
 from trustcase.models.classifier import Classifier
 
 ABSTAIN = -1
+# Relative error allowed for pA = the inverse incomplete beta (scipy: Boost's ibeta_inv, Newton/Halley on the
+# forward function to about 1e-15): Cephes' incbi documents a peak relative error of 5.8e-12 for a, b up to
+# 1e4 (n here); 1e-10 sits a factor 17 above, and costs 1e-10 of a radius's pA (tested against the forward
+# binomial tail in tests/test_smoothing.py)
+PPF_ERROR = 1e-10
 
 
 def _validate(sigma: float, alpha: float, batch_size: int, **counts: int) -> None:
@@ -119,11 +127,16 @@ def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, 
     guess = sample_counts(model, x, n0, sigma, batch_size, item_seeds(seed, "select", ids)).argmax(1)
     # a separate draw: the selection is not reused
     counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, "estimate", ids))
-    n_a = counts[np.arange(len(guess)), guess]
-    p_a = clopper_pearson_lower(n_a, n, alpha)
-    certified = p_a >= 0.5
-    radius = np.where(certified, sigma * stats.norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
-    return np.where(certified, guess, ABSTAIN), radius, p_a
+    p_a, radius = certified_radius(counts[np.arange(len(guess)), guess], n, alpha, sigma)
+    return np.where(p_a >= 0.5, guess, ABSTAIN), radius, p_a
+
+
+def certified_radius(n_a: np.ndarray, n: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """pA, the one-sided Clopper-Pearson lower bound of n_a of n at level alpha lowered by PPF_ERROR, and the
+    radius sigma * PhiInverse(pA) lowered by gamma_8 (0 where pA < 1/2: abstain)."""
+    p_a = clopper_pearson_lower(n_a, n, alpha) * (1 - PPF_ERROR)
+    radius = np.where(p_a >= 0.5, sigma * stats.norm.ppf(np.clip(p_a, 0.5, 1.0)) * (1 - gamma(8)), 0.0)
+    return p_a, radius
 
 
 def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: float, batch_size: int = 256,

@@ -8,6 +8,8 @@ convolution they (and the Lipschitz certificate) rest on.
   (`conv2d_norm`, Sedghi et al. 2019: the largest singular value of the per-frequency channel matrices of the
   circular convolution on the padded size, which bounds the zero-padded one), so the exported layer is a
   plain Conv2d of norm at most 1 (a few % below on small inputs, where the zero padding matters most).
+  At most 1 on every machine: the certified norm carries its float64 rounding error (`certification.rounding`)
+  and the division leaves room for the float32 rounding of the exported weight (`unit_norm`).
   Chosen over Cayley / SOC / BCOP convolutions: those are orthogonal for circular padding or as a series of
   convolutions, not as one exportable zero-padded Conv2d; dividing by the certified norm is correct as
   exported and costs two small convolutions per training step. The price: only the largest singular value
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustcase.certification.rounding import U32, U64, fft_error, svd_error, widen
+
 
 def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                 groups: int = 1) -> float:
@@ -40,6 +44,11 @@ def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), pad
     exactly by the polyphase form (N a multiple of s): a stride-s circular convolution is a stride-1
     one on N / s with s_h * s_w times more input channels, the tap at offset k d going to phase
     (k d) mod s, position (k d) // s.
+
+    The float64 result is widened by its rounding error: the FFT over the P = mh mw points errs by at most
+    fft_error(P) ||y||_F = fft_error(P) sqrt(P) ||w||_F (Parseval), and ||w||_F <= sqrt(groups r) sigma (r the
+    rank of a channel matrix: some frequency holds at least the mean energy), so each channel matrix moves by
+    at most fft_error(P) sqrt(P groups r) sigma in norm; its SVD by svd_error of its size.
     """
     w = weight.detach().double()
     cout, cin_g, kh, kw = w.shape
@@ -59,7 +68,29 @@ def conv2d_norm(weight: torch.Tensor, in_hw: tuple[int, int], stride=(1, 1), pad
     for g in range(groups):  # block-diagonal over groups
         block = spectrum[g * per:(g + 1) * per].permute(2, 3, 0, 1).reshape(mh * mw, per, cin_g * sh * sw)
         best = max(best, float(torch.linalg.svdvals(block)[:, 0].max()))
-    return best
+    rows, cols = per, cin_g * sh * sw
+    fft = fft_error(mh * mw) * (mh * mw * groups * min(rows, cols)) ** 0.5
+    return widen(widen(best, svd_error(rows, cols)), fft)
+
+
+def matrix_norm(w: torch.Tensor) -> float:
+    """Upper bound of the spectral norm of a matrix: its float64 SVD widened by the SVD's rounding error."""
+    m = w.detach().double().reshape(w.shape[0], -1)
+    return widen(float(torch.linalg.matrix_norm(m, ord=2)), svd_error(*m.shape)) if m.numel() else 0.0
+
+
+def unit_norm(w: torch.Tensor, norm) -> torch.Tensor:
+    """The float32 weight w / b whose operator (its norm bounded above by `norm`) has norm <= 1 exactly.
+
+    Rounding w / b to float32 moves each entry by at most (U32 + 2 U64) |w / b| (the float64 division, then
+    the cast), plus 2^-149 for an entry rounded to a float32 subnormal: the operator becomes A + E with
+    ||E|| <= || |E| || <= (U32 + 2 U64) norm(|w|) / b + numel 2^-149 (the norm is monotone on non-negative
+    operators, and each entry of A is one kernel tap). So b = (norm(w) + (U32 + 2 U64) norm(|w|)) / (1 - numel
+    2^-149), times 1 + 8 U64 for the float64 roundings of b itself.
+    """
+    w = w.detach().double()
+    b = (norm(w) + (U32 + 2 * U64) * norm(w.abs())) / (1 - w.numel() * 2.0 ** -149) * (1 + 8 * U64)
+    return (w / b).float()
 
 
 class LipschitzConv2d(nn.Conv2d):
@@ -95,9 +126,11 @@ class LipschitzConv2d(nn.Conv2d):
         """A plain Conv2d divided by the certified norm bound on `in_size`: norm <= 1."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, bias=self.bias is not None)
-        norm = conv2d_norm(self.weight, self.in_size, self.stride, self.padding, self.dilation, self.groups)
+        def norm(w: torch.Tensor) -> float:
+            return conv2d_norm(w, self.in_size, self.stride, self.padding, self.dilation, self.groups)
+
         with torch.no_grad():
-            conv.weight.copy_((self.weight.double() / norm).float())
+            conv.weight.copy_(unit_norm(self.weight, norm))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv.eval()
@@ -122,11 +155,11 @@ class BjorckLinear(nn.Linear):
         return F.linear(x, bjorck(self.weight, self.iterations), self.bias)
 
     def baked(self) -> nn.Linear:
-        """A plain Linear: Bjorck run to convergence in float64, divided by its exact spectral norm (<= 1)."""
+        """A plain Linear: Bjorck run to convergence in float64, divided by its certified spectral norm (<= 1)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         q = bjorck(self.weight.detach().double(), 100)
         with torch.no_grad():
-            lin.weight.copy_((q / torch.linalg.matrix_norm(q, 2)).float())
+            lin.weight.copy_(unit_norm(q, matrix_norm))
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin.eval()
