@@ -389,7 +389,8 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
     prov = Provenance(
         use_case_id=uc.id, use_case_sha256=uc_sha, mlflow_run_id=run.id,
         model_sha256=fp["model_sha256"], model_version=version, data_sha256=data_sha,
-        code_version=provenance.code_version(), packages=provenance.packages(), seed=seed,
+        code_version=provenance.code_version(), packages=provenance.packages(), platform=provenance.platform(),
+        seed=seed,
         parameters={"plan": uc_json["plan"], "data": uc_json["data"]},
         started_at=started, finished_at=datetime.now(UTC),
     )

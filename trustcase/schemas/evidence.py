@@ -93,6 +93,8 @@ class Provenance(Record):
     data_sha256: str
     code_version: str
     packages: dict[str, str]
+    platform: dict[str, str] = Field({}, description="the machine: CPU model and SIMD flags, torch's ATen CPU "
+                                     "capability, thread counts (figures are bit for bit per machine and threads)")
     seed: int
     parameters: dict[str, Any] = {}
     started_at: datetime
