@@ -336,11 +336,13 @@ def check_property_command(
     seed: int = typer.Option(0, "--seed"),
     input_shape: str = typer.Option(None, "--input-shape", metavar="C,H,W",
                                     help="a TorchScript model's input shape (default: from its first layer)"),
+    result_file: Path = typer.Option(None, "--result-file", help="also write the VNN-COMP result file there "
+                                     "(sat + counterexample, unsat, unknown, timeout)"),
 ) -> None:
     """Falsify or prove one VNN-LIB property: one JSON line, verdict violated / holds / unknown."""
     import json
 
-    from trustcase.certification.competition import load, read_property, solve
+    from trustcase.certification.competition import load, read_property, result_text, solve
     from trustcase.errors import UserError
 
     try:
@@ -353,6 +355,8 @@ def check_property_command(
                 from None
         network = load(model, shape)
         result = solve(network, read_property(prop, network), timeout=timeout, seed=seed)
+        if result_file is not None:
+            result_file.write_text(result_text(result, timeout))
     except Exception as e:  # noqa: BLE001
         _fail(e)
     print(json.dumps({"model": str(model), **result}))

@@ -151,9 +151,12 @@ class Mix(Map):
 
 # --- the graph -------------------------------------------------------------------------------------------
 
+SMOOTH = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}  # S-shaped activations: `propagation.smooth_relax`
+
+
 @dataclass
 class Node:
-    kind: str  # "input", "affine", "relu"
+    kind: str  # "input", "affine", "relu", or an S-shaped activation of SMOOTH ("sigmoid", "tanh")
     name: str  # the layer it comes from, for messages and reports
     shape: tuple[int, ...]  # without the batch dimension
     inputs: list[int] = field(default_factory=list)
@@ -175,6 +178,8 @@ class Graph:
         for node in self.nodes[1:]:
             if node.kind == "relu":
                 values.append(values[node.inputs[0]].clamp_min(0))
+            elif node.kind in SMOOTH:
+                values.append(SMOOTH[node.kind](values[node.inputs[0]]))
             else:
                 values.append(affine(node, [values[i] for i in node.inputs]))
         return values if keep else values[-1]

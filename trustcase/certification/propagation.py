@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trustcase.certification.graph import Graph, affine
+from trustcase.certification.graph import SMOOTH, Graph, affine
 
 METHODS = ("ibp", "crown", "alpha-crown")
 ELEMENTS = 1 << 22  # largest backward tensor (elements) of one chunk of intermediate bounds
@@ -50,6 +50,74 @@ def relax(lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor | None = None)
     default = (hi > -lo).double()  # CROWN's choice: the lower line of the smaller area
     low = torch.where(active, 1.0, torch.where(unstable, default if alpha is None else alpha, 0.0))
     return low, up, icpt
+
+
+def _slope(kind: str, z: torch.Tensor) -> torch.Tensor:
+    f = SMOOTH[kind](z)
+    return f * (1 - f) if kind == "sigmoid" else 1 - f * f
+
+
+def _upper_slope(kind: str, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """A tight slope for an upper line of sigmoid / tanh on [lo, hi] (convex below 0, concave above): the tangent
+    at the middle on the concave side, the chord on the convex side; across 0 the line through (lo, f(lo))
+    tangent at some d in [0, hi] (found by bisection) if there is one, else the chord."""
+    f = SMOOTH[kind]
+    width = hi - lo
+    chord = torch.where(width > 1e-12, (f(hi) - f(lo)) / width.clamp_min(1e-12), _slope(kind, (lo + hi) / 2))
+    slope = torch.where(lo >= 0, _slope(kind, (lo + hi) / 2), chord)
+    cross = (lo < 0) & (hi > 0)
+    if cross.any():
+        a0, u = lo[cross], hi[cross]
+
+        def gap(d):  # the tangent at d, at a0, above f(a0)?  increasing in d >= 0
+            return f(d) + _slope(kind, d) * (a0 - d) - f(a0)
+
+        tangent = gap(u) >= 0
+        a, b = torch.zeros_like(u), u.clone()
+        for _ in range(40):
+            mid = (a + b) / 2
+            above = gap(mid) >= 0
+            a, b = torch.where(above, a, mid), torch.where(above, mid, b)
+        slope[cross] = torch.where(tangent, _slope(kind, b), chord[cross])
+    return slope
+
+
+def _stationary(kind: str, a: torch.Tensor) -> torch.Tensor:
+    """z >= 0 with f'(z) = a (the two points are +-z), or 0 where no such point exists."""
+    a = a.clamp(1e-300, 0.25 if kind == "sigmoid" else 1.0)
+    if kind == "sigmoid":
+        r = (1 - 4 * a).clamp_min(0).sqrt()
+        return torch.log1p(r) - torch.log1p(-r.clamp_max(1 - 1e-16))  # logit((1 + r) / 2)
+    return torch.atanh((1 - a).clamp_min(0).sqrt().clamp_max(1 - 1e-16))
+
+
+def smooth_relax(kind: str, lo: torch.Tensor, hi: torch.Tensor):
+    """Lines a_l z + b_l <= f(z) <= a_u z + b_u on [lo, hi] for f = sigmoid or tanh (elementwise); returns
+    (a_l, b_l, a_u, b_u). The slopes are heuristics (`_upper_slope`, and by f(-z) = c - f(z) the lower slope is
+    the upper slope on [-hi, -lo]); the intercepts are exact for them, whatever they are: f(z) - a z is
+    extreme on [lo, hi] at an end or where f'(z) = a, so its max and min over those few points are sound
+    (up to float64 rounding, covered by a 1e-12 widening)."""
+    f = SMOOTH[kind]
+    a_u = _upper_slope(kind, lo, hi)
+    a_l = _upper_slope(kind, -hi, -lo)
+
+    def extremes(a):
+        z = _stationary(kind, a)
+        pts = torch.stack([lo, hi, torch.minimum(torch.maximum(z, lo), hi),
+                           torch.minimum(torch.maximum(-z, lo), hi)])
+        v = f(pts) - a * pts
+        return v.min(0).values, v.max(0).values
+
+    b_l = extremes(a_l)[0] - 1e-12
+    b_u = extremes(a_u)[1] + 1e-12
+    return a_l, b_l, a_u, b_u
+
+
+def _smooth_back(kind: str, lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """An S-shaped activation passed backward: (constant (N, m, *shape), coefficient of its input)."""
+    a_l, b_l, a_u, b_u = (t.unsqueeze(1) for t in smooth_relax(kind, lo, hi))
+    pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+    return pos * b_l + neg * b_u, pos * a_l + neg * a_u
 
 
 def _dot(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +148,10 @@ def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict |
             pos, neg = lam.clamp_min(0), lam.clamp_max(0)
             const = const + _dot(neg, icpt)  # relu(z) <= up z + icpt where the coefficient is negative
             new = pos * low.unsqueeze(1) + neg * up.unsqueeze(1)
+        elif node.kind in SMOOTH:
+            j = node.inputs[0]
+            c, new = _smooth_back(node.kind, lam, *bounds[j])
+            const = const + c.flatten(2).sum(-1)
         else:
             if node.bias is not None:
                 const = const + (lam * node.bias).flatten(2).sum(-1)
@@ -97,6 +169,9 @@ def _ibp(g: Graph, k: int, bounds: list):
     if node.kind == "relu":
         lo, hi = bounds[node.inputs[0]]
         return lo.clamp_min(0), hi.clamp_min(0)
+    if node.kind in SMOOTH:  # increasing
+        lo, hi = bounds[node.inputs[0]]
+        return SMOOTH[node.kind](lo), SMOOTH[node.kind](hi)
     mid = affine(node, [(bounds[i][0] + bounds[i][1]) / 2 for i in node.inputs])
     rad = sum(mp.abs((bounds[i][1] - bounds[i][0]) / 2) for i, mp in zip(node.inputs, node.maps, strict=True))
     return mid - rad, mid + rad
@@ -120,7 +195,7 @@ def _spacing(g: Graph, k: int) -> int | None:
         if r is None:
             continue
         node = g.nodes[j]
-        pairs = [(node.inputs[0], r)] if node.kind == "relu" else [
+        pairs = [(node.inputs[0], r)] if node.kind != "affine" else [
             (i, mp.abs_backward(r.reshape(1, *node.shape)).reshape(1, *g.nodes[i].shape))
             for i, mp in zip(node.inputs, node.maps, strict=True)]
         for i, b in pairs:
@@ -184,6 +259,11 @@ def _backward_grouped(g: Graph, k: int, groups: list[torch.Tensor], bounds: list
             pos, neg = lam.clamp_min(0), lam.clamp_max(0)
             credit(o, neg * icpt.unsqueeze(1))
             pairs = [(i, pos * low.unsqueeze(1) + neg * up.unsqueeze(1), o)]
+        elif node.kind in SMOOTH:
+            i = node.inputs[0]
+            c, new = _smooth_back(node.kind, lam, *bounds[i])
+            credit(o, c)
+            pairs = [(i, new, o)]
         else:
             if node.bias is not None:
                 credit(o, lam * node.bias)
@@ -212,7 +292,8 @@ def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
     lo, hi = bounds[k]
     n, shape = len(lo), g.nodes[k].shape
     lo, hi = lo.flatten(1).clone(), hi.flatten(1).clone()
-    idx = torch.nonzero(((lo < 0) & (hi > 0)).any(0)).flatten()
+    smooth = any(nd.kind in SMOOTH and nd.inputs == [k] for nd in g.nodes)  # every neuron's bounds matter
+    idx = torch.nonzero(((lo < hi) if smooth else ((lo < 0) & (hi > 0))).any(0)).flatten()
     if limit is not None and len(idx) > limit:
         lb, ub = lo[:, idx], hi[:, idx]
         area = (-lb.clamp_max(0) * ub.clamp_min(0) / (ub - lb).clamp_min(1e-30)).amax(0)
@@ -253,7 +334,7 @@ def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "cr
                  splits: dict | None = None, limit: int | None = None, deadline: float | None = None) -> list:
     """(lo, hi) of every node over each box, IBP refined by CROWN at the inputs of unstable ReLUs (at most
     `limit` neurons per node, until `deadline`)."""
-    pre = {g.nodes[r].inputs[0] for r in g.relus}
+    pre = {n.inputs[0] for n in g.nodes if n.kind == "relu" or n.kind in SMOOTH}
     bounds: list = [(lo.double(), hi.double())]
     for k in range(1, len(g.nodes)):
         lb, ub = _ibp(g, k, bounds)

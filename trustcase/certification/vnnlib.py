@@ -1,6 +1,10 @@
-"""VNN-LIB reader (the SMT-LIB subset of neural-network verification) for the constructs of the ACAS Xu
-properties: `declare-const X_i/Y_j Real`, `assert` of `<=`, `>=`, `<`, `>` between linear terms
-(numbers, variables, `+`, `-`, `*` by a constant), `and`, `or`. Comments start with `;`.
+"""VNN-LIB reader (the SMT-LIB subset of neural-network verification) as the competitions write it:
+`declare-const X_i/Y_j Real`, `assert` of `<=`, `>=`, `<`, `>` between linear terms (numbers, variables,
+`+`, `-`, `*` by a constant), `and`, `or` nested in any way: a disjunction of conjunctions of output
+constraints (several `(and ...)` in one `(or ...)`), several input boxes (a top-level `or` over inputs).
+Comments start with `;`; a `.vnnlib.gz` file is read directly. The inputs X_0..X_{n-1} are the network's
+input tensor flattened in row-major order (an image (C, H, W): X_{c H W + h W + w}); the outputs Y_j its
+flattened outputs. Given the network's sizes, a property declaring other counts is an error stating both.
 
 A file describes the UNSAFE set: a point of the input region whose output satisfies the output
 condition is a counterexample. The asserts are put in disjunctive normal form and grouped by input
@@ -192,6 +196,9 @@ def parse_vnnlib(text: str, name: str = "<vnnlib>", n_inputs: int | None = None,
             asserts.append(form[2])
         else:
             raise reader.error(form, f"unsupported command ({op} ...); supported: declare-const, assert")
+    for what, declared, size in (("inputs (X_i)", reader.n_x, n_inputs), ("outputs (Y_j)", reader.n_y, n_outputs)):
+        if size is not None and declared != size:
+            raise VnnlibError(f"{name}: the property declares {declared} {what}, the network has {size}")
     n_x, n_y = n_inputs or reader.n_x, n_outputs or reader.n_y
     if not n_x or not n_y:
         raise VnnlibError(f"{name}: declares no X_i inputs or no Y_j outputs")
@@ -240,7 +247,13 @@ def parse_vnnlib(text: str, name: str = "<vnnlib>", n_inputs: int | None = None,
 def read_vnnlib(path: str | Path, n_inputs: int | None = None, n_outputs: int | None = None) -> Property:
     path = Path(path)
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        if path.suffix == ".gz":
+            import gzip
+
+            with gzip.open(path, "rt") as f:
+                text = f.read()
+        else:
+            text = path.read_text()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
         raise VnnlibError(f"cannot read {path}: {e}") from None
     return parse_vnnlib(text, path.name, n_inputs, n_outputs)
