@@ -74,6 +74,20 @@ def judge_item(image: Any, expected: tuple[int, ...] | None) -> np.ndarray:
     return image
 
 
+def judge_label(label: Any, n_classes: int | None) -> int:
+    """The label as a class index, or `Rejected`: an integer (or bool) in 0..n_classes-1. A fractional label is
+    refused, never truncated (0.9 is not class 0), a negative or too large one too."""
+    value = label.item() if isinstance(label, (np.generic, np.ndarray, torch.Tensor)) and np.size(label) == 1 \
+        else label
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise Rejected("label", f"label {label!r} is not a class index")
+    if n_classes is not None and not 0 <= value < n_classes:
+        raise Rejected("label", f"label {value} is not a class index (0..{n_classes - 1})")
+    return int(value)
+
+
 def check_pixels(width: int, height: int, where: Any) -> None:
     if width * height > MAX_PIXELS:
         raise Rejected("shape", f"{where} is {width}x{height} px, over the limit of {MAX_PIXELS:,} pixels "
@@ -138,8 +152,9 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
 class _Guarded(torch.utils.data.Dataset):
     """Reads one item; an unreadable one becomes a marker instead of killing the stream."""
 
-    def __init__(self, split: Split, positions: np.ndarray, expected: tuple[int, ...] | None = None):
-        self.split, self.positions, self.expected = split, positions, expected
+    def __init__(self, split: Split, positions: np.ndarray, expected: tuple[int, ...] | None = None,
+                 n_classes: int | None = None):
+        self.split, self.positions, self.expected, self.n_classes = split, positions, expected, n_classes
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -148,7 +163,8 @@ class _Guarded(torch.utils.data.Dataset):
         i = int(self.positions[j])
         try:
             item = self.split[i]
-            return (i, str(item.id), judge_item(item.image, self.expected), int(item.label), dict(item.meta))
+            return (i, str(item.id), judge_item(item.image, self.expected), judge_label(item.label, self.n_classes),
+                    dict(item.meta))
         except Rejected as e:
             return (i, None, self._name(i), e.kind, str(e))
         except Exception as e:  # a partner's loader may raise anything on a corrupt file
@@ -187,8 +203,8 @@ class SplitStream:
     """One split of a use case's data, capped and filtered, iterated in batches."""
 
     def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int,
-                 expected: tuple[int, ...] | None = None):
-        self.split, self.role, self.expected = split, role, expected
+                 expected: tuple[int, ...] | None = None, n_classes: int | None = None):
+        self.split, self.role, self.expected, self.n_classes = split, role, expected, n_classes
         n = len(split)
         positions = np.arange(n)
         if cap is not None and cap < n:
@@ -204,7 +220,7 @@ class SplitStream:
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         """Unreadable items are skipped (and listed in `self.unreadable`): data quality reports them."""
         loader = DataLoader(
-            _Guarded(self.split, self.positions, self.expected),
+            _Guarded(self.split, self.positions, self.expected, self.n_classes),
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.workers,
@@ -233,6 +249,7 @@ class DataSource:
     def __init__(self, spec: DataSpec, seed: int = 0, model: ModelSpec | None = None):
         self.spec, self.seed = spec, seed
         self.expected = expected_shape(model) if model is not None else None
+        self.n_classes = len(model.class_names) if model is not None else None
         loader = BUILTIN_LOADERS.get(spec.loader)
         self.loader = loader or resolve(spec.loader, spec.path)
         if not callable(self.loader):
@@ -267,7 +284,7 @@ class DataSource:
                 raise DataError(f"{call}: len() of its split is {n!r}, not a count")
             self._streams[role] = SplitStream(
                 split, role, self.spec.max_samples.get(role), self.seed, self.spec.batch_size, self.spec.workers,
-                self.expected,
+                self.expected, self.n_classes,
             )
         return self._streams[role]
 

@@ -59,12 +59,55 @@ def _loc_text(loc: tuple) -> str:
     return out
 
 
-def _resolve_paths(raw: dict, base: Path) -> None:
-    """Relative paths in the file are relative to the file, not to where the command runs."""
+def _resolve_paths(raw: dict, base: Path) -> list[tuple[tuple, str]]:
+    """Relative paths in the file are relative to the file, not to where the command runs: model.path,
+    data.path, and every top-level string of data.params that names a file or folder beside the YAML file.
+    A relative string that names something only under the working directory is a problem (it would make the
+    result depend on where the command runs)."""
+    if isinstance(raw.get("compliance"), str) and not Path(raw["compliance"]).is_absolute():
+        raw["compliance"] = str((base / raw["compliance"]).resolve())
     for section, key in (("model", "path"), ("data", "path")):
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), str) and not Path(part[key]).is_absolute():
             part[key] = str((base / part[key]).resolve())
+    problems = []
+    params = raw.get("data", {}).get("params") if isinstance(raw.get("data"), dict) else None
+    for k, v in (params.items() if isinstance(params, dict) else ()):
+        if not isinstance(v, str) or not v.strip() or "\n" in v or len(v) > 4096 or Path(v).is_absolute():
+            continue
+        try:
+            here, there = (base / v).exists(), Path(v).exists() and Path.cwd().resolve() != base
+        except (OSError, ValueError):  # not a path at all (a NUL byte, a name too long)
+            continue
+        if here:
+            params[k] = str((base / v).resolve())
+        elif there:
+            problems.append((("data", "params", k), f"{v!r} exists under the working directory {Path.cwd()} but "
+                                                    f"not beside the use-case file: relative paths are relative to "
+                                                    f"the file's folder {base}"))
+    return problems
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[Problem]:
+    """Every key given twice in one mapping, with both lines (YAML keeps the last one silently: a second
+    `confidentiality: public` would quietly undo the first)."""
+    problems, todo = [], [((), root)]
+    while todo:
+        loc, node = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    problems.append(Problem(_loc_text((*loc, key)), k.start_mark.line + 1,
+                                            f"duplicate key {key!r}: given on line {seen[key]} and again on line "
+                                            f"{k.start_mark.line + 1} (only one is allowed)"))
+                elif key is not None:
+                    seen[key] = k.start_mark.line + 1
+                todo.append(((*loc, key), v))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(((*loc, i), v) for i, v in enumerate(node.value))
+    return sorted(problems, key=lambda p: p.line or 0)
 
 
 def _bounded(text: str) -> Problem | None:
@@ -100,7 +143,12 @@ def parse_use_case(text: str, path: Path) -> UseCase:
         raise UseCaseError(path, [Problem("", line, f"invalid YAML: {getattr(e, 'problem', e)}")]) from None
     if not isinstance(raw, dict):
         raise UseCaseError(path, [Problem("", 1, "the file must be a mapping of use-case fields")])
-    _resolve_paths(raw, path.parent)
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise UseCaseError(path, duplicates)
+    misplaced = _resolve_paths(raw, path.parent)
+    if misplaced:
+        raise UseCaseError(path, [Problem(_loc_text(loc), _line(root, loc), msg) for loc, msg in misplaced])
     try:
         uc = UseCase.model_validate(raw, context={"defer_cross": True})
     except ValidationError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 from pathlib import Path
@@ -11,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share"}  # metric:<class name>
+# metrics that are proportions (0..1): a claim on one beyond that range can never pass (or never fail)
+PROPORTIONS = CLASS_METRICS | {"accuracy", "balanced_accuracy", "ece", "false_alarm_rate", "alert_rate", "stop_rate",
+                               "detection_rate", "detection_rate_alert", "accuracy_accepted", "accuracy_stopped",
+                               "odd_share", "properties_holding", "certified_accuracy", "robust_accuracy"}
+SEEDS = 2**32  # a seed is 0 <= seed < 2**32: what numpy's and torch's generators all take
+MAX_INPUT_VALUES = 50_000_000  # one input of more values than this cannot be batched on a workstation
 
 
 class Strict(BaseModel):
@@ -82,6 +89,9 @@ class ModelSpec(Strict):
     def _shape(cls, v: list[int]) -> list[int]:
         if not v or any(d < 1 for d in v):
             raise ValueError("every dimension must be >= 1")
+        if math.prod(v) > MAX_INPUT_VALUES:
+            raise ValueError(f"{v} is {math.prod(v):,} values per input, more than {MAX_INPUT_VALUES:,}: "
+                             "not an input a batch can hold")
         return v
 
     @model_validator(mode="after")
@@ -205,6 +215,15 @@ class Requirement(Strict):
     scope: Scope = Scope()
     mandatory: bool = True
 
+    @model_validator(mode="after")
+    def _possible(self) -> Requirement:
+        """A claim on a proportion that no value in [0, 1] can satisfy is a typo, not a requirement."""
+        if self.metric.partition(":")[0] in PROPORTIONS:
+            t, c = self.threshold, self.comparator
+            if (c == ">=" and t > 1) or (c == ">" and t >= 1) or (c == "<=" and t < 0) or (c == "<" and t <= 0):
+                raise ValueError(f"{self.metric} is a proportion (0 to 1): '{c} {t:g}' can never pass")
+        return self
+
 
 class CheckSpec(Strict):
     check: str = Field(description="a registered check name or 'module:Class'")
@@ -213,7 +232,7 @@ class CheckSpec(Strict):
 
 class AssessmentPlan(Strict):
     checks: list[CheckSpec]
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEEDS)
     confidence: float = Field(0.95, gt=0, lt=1, description="level of every confidence interval")
     cost_matrix: list[list[Annotated[Finite, Field(ge=0)]]] | None = Field(
         None, description="cost[true][predicted], in the order of class_names"
@@ -248,6 +267,8 @@ class UseCase(Strict):
     requirements: list[Requirement]
     plan: AssessmentPlan
     training: TrainingSpec | None = None
+    compliance: Path | None = Field(None, description="the use case's own catalogue of objectives (e.g. a partner's "
+                                    "requirements), in the form of trustcase/standards/*.yaml; relative to this file")
 
     def cross_problems(self) -> list[tuple[tuple, str]]:
         """Problems that span sections, each with the location of the offending field."""

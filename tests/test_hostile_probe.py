@@ -1,0 +1,166 @@
+"""Issue 24: the twelve defects of the second hostile probe, and the smaller ones beside them, each reproduced
+as it was seen. Flow-level reproductions (cache keys, confidential redaction, Prefect's records) are in
+tests/test_security.py; the pack's (zip bomb, malformed manifests) in tests/test_pack.py."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SOLAR, context_for, folder_use_case, save_png, tiny_use_case, write_yaml
+from typer.testing import CliRunner
+
+from trustcase.checks.data_quality import DataQuality, DataQualityParams
+from trustcase.cli import app
+from trustcase.data.streaming import DataSource
+from trustcase.flows.preflight import preflight
+from trustcase.schemas import UseCase, UseCaseError, load_use_case
+
+
+def problems_of(path) -> list[str]:
+    with pytest.raises(UseCaseError) as e:
+        load_use_case(path)
+    return [str(p) for p in e.value.problems]
+
+
+# --- 9: duplicate keys --------------------------------------------------------------------------------------
+
+def test_9_a_duplicate_key_is_an_error_naming_both_lines(tmp_path):
+    """Why 9: `threshold: 0.99` then `threshold: 0.01`, and `confidentiality: confidential` then `public`,
+    validated: the last one won, silently (the second ran a confidential case as public)."""
+    lines = yaml.safe_dump(yaml.safe_load((SOLAR / "use_case.yaml").read_text()), sort_keys=False).splitlines()
+    at = next(i for i, s in enumerate(lines) if s.strip().startswith("threshold:") and i > lines.index("requirements:"))
+    lines.insert(at, lines[at].split("threshold:")[0] + "threshold: 0.99")
+    lines[1:1] = ["confidentiality: confidential", "confidentiality: public"]
+    line = at + 3  # 1-based, after the two lines inserted above it
+    path = tmp_path / "uc.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    found = problems_of(path)
+    assert any("duplicate key 'confidentiality'" in p and "line 2 and again on line 3" in p for p in found), found
+    want = f"requirements[0].threshold: duplicate key 'threshold': given on line {line} and again on line {line + 1}"
+    assert any(want in p for p in found), found
+
+
+# --- 10: relative data.params paths -------------------------------------------------------------------------
+
+def test_10_relative_data_params_are_relative_to_the_use_case_file(tmp_path, monkeypatch):
+    """Why 10: `root: imgs` followed the working directory: PASS from the use case's folder, FAIL from a folder
+    holding an imgs/ of its own, both records saying `root: imgs`."""
+    case = tmp_path / "case"
+    raw = folder_use_case(case)
+    raw["data"]["params"]["root"] = "imgs"
+    save_png(case / "imgs" / "test" / "ok" / "a.png", np.zeros((16, 16), np.uint8))
+    path = write_yaml(case / "uc.yaml", raw)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "imgs").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    uc = load_use_case(path)
+    assert uc.data.params["root"] == str((case / "imgs").resolve())  # the record holds the resolved path
+    # a relative path that exists only under the working directory would make the result depend on it
+    raw["data"]["params"]["root"] = "only_here"
+    (elsewhere / "only_here").mkdir()
+    found = problems_of(write_yaml(case / "uc2.yaml", raw))
+    assert any("data.params.root" in p and "relative to the file's folder" in p for p in found), found
+    # a string that names nothing is left alone (it need not be a path)
+    raw["data"]["params"]["root"] = "imgs"
+    raw["data"]["params"]["kind"] = "grey"
+    assert load_use_case(write_yaml(case / "uc3.yaml", raw)).data.params["kind"] == "grey"
+
+
+# --- smaller: seeds, impossible claims, absurd inputs ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 2**70])
+def test_a_seed_out_of_range_is_a_located_error(tmp_path, tiny_model, seed):
+    """Seed -1 or 2**70 ended in an internal error instead of exit 2, in the file and as --seed."""
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["plan"]["seed"] = seed
+    found = problems_of(write_yaml(tmp_path / "uc.yaml", raw))
+    assert any("plan.seed" in p for p in found), found
+    raw["plan"]["seed"] = 0
+    path = write_yaml(tmp_path / "ok.yaml", raw)
+    with pytest.raises(UseCaseError, match="not a seed"):
+        preflight(path, seed)
+    r = CliRunner().invoke(app, ["validate", str(path), "--seed", str(seed)])
+    assert r.exit_code == 2 and "not a seed" in r.output, r.output
+
+
+@pytest.mark.parametrize("comparator, threshold", [(">=", 1.5), (">", 1.0), ("<=", -0.1), ("<", 0.0)])
+def test_a_claim_on_a_proportion_that_can_never_pass_is_refused(tmp_path, comparator, threshold):
+    raw = yaml.safe_load((SOLAR / "use_case.yaml").read_text())
+    raw["requirements"][0].update(metric="accuracy", comparator=comparator, threshold=threshold)
+    found = problems_of(write_yaml(tmp_path / "uc.yaml", raw))
+    assert any("requirements[0]" in p and "can never pass" in p for p in found), found
+
+
+def test_an_absurd_input_shape_is_refused_before_allocating(tmp_path):
+    raw = yaml.safe_load((SOLAR / "use_case.yaml").read_text())
+    raw["model"]["input_shape"] = [1, 60000, 60000]
+    found = problems_of(write_yaml(tmp_path / "uc.yaml", raw))
+    assert any("model.input_shape" in p and "3,600,000,000 values" in p for p in found), found
+
+
+# --- 7 and 8: labels that are not class indices --------------------------------------------------------------
+
+LABELS = """
+import numpy as np
+from trustcase.data.streaming import Item
+
+
+class Split:
+    def __init__(self, labels): self.labels = labels
+    def __len__(self): return len(self.labels)
+    def __getitem__(self, i):
+        return Item(image=np.full((8, 8), 10.0 * i, np.float32), label=self.labels[i], id=f"cell{i}")
+    def name(self, i): return f"cell{i}"
+
+
+def load(split, kind):
+    labels = {"fraction": [0.9, 0.1] * 5, "negative": [0, 1, 0, -1, 1, 0, 1, 0, 1, 0],
+              "fine": [True, False, np.int64(1), np.uint8(0), 1.0, 0, 1, 0, 1, 0]}[kind]
+    return Split(labels)
+"""
+
+
+def labels_case(tmp_path, kind) -> UseCase:
+    (tmp_path / "labels_loader.py").write_text(textwrap.dedent(LABELS))
+    raw = folder_use_case(tmp_path, size=8)
+    raw["data"] = {"loader": "labels_loader:load", "path": str(tmp_path), "params": {"kind": kind},
+                   "splits": {"train": "train", "test": "test"}, "batch_size": 4}
+    return UseCase.model_validate(raw)
+
+
+def test_7_fractional_labels_are_refused_per_item_never_truncated(tmp_path):
+    """Why 7: labels 0.9 / 0.1 became 0 / 0; the test split counted 60 functional, 0 defective, and PASSED."""
+    uc = labels_case(tmp_path, "fraction")
+    stream = DataSource(uc.data, 0, uc.model).stream("test")
+    assert sum(len(b) for b in stream.batches()) == 0
+    assert len(stream.unreadable) == 10 and all(u.kind == "label" for u in stream.unreadable)
+    assert "label 0.9 is not a class index" in stream.unreadable[0].error
+    fine = labels_case(tmp_path, "fine")
+    labels = [int(x) for b in DataSource(fine.data, 0, fine.model).stream("test").batches() for x in b.labels]
+    assert labels == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]  # bools, numpy integers and 1.0 are class indices
+
+
+def test_7_the_preflight_refuses_a_label_that_is_not_a_class_index(tmp_path):
+    path = write_yaml(tmp_path / "uc.yaml", labels_case(tmp_path, "fraction").model_dump(mode="json"))
+    found = problems_of_preflight(path)
+    assert any("data.splits.test" in p and "label 0.9 is not a class index" in p for p in found), found
+
+
+def problems_of_preflight(path) -> list[str]:
+    with pytest.raises(UseCaseError) as e:
+        preflight(path)
+    return [str(p) for p in e.value.problems]
+
+
+def test_8_a_negative_label_is_named_and_excluded_and_data_quality_completes(tmp_path):
+    """Why 8: label -1 on one item gave OverflowError in data quality: INCOMPLETE, exit 1."""
+    uc = labels_case(tmp_path, "negative")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    out = DataQuality(DataQualityParams())(context_for(uc, net, tmp_path / "w"))
+    got = {(m.metric, m.scope.split): m.value for m in out.measurements}
+    assert got[("items", "test")] == 9 and got[("unreadable", "test")] == 1
+    assert any(line.startswith("cell3: label -1 is not a class index") for line in out.summary["unreadable"]["test"])
