@@ -28,6 +28,8 @@ from trustcase.explore.lab import MAX_UPLOAD_BYTES
 from trustcase.robustness.perturbations import PERTURBATIONS, get, item_seeds
 from trustcase.schemas import load_use_case
 
+LAB = "http://127.0.0.1:8765"  # the lab answers only to the names it was started for (Host header)
+
 
 @pytest.fixture(scope="module")
 def assessed(tmp_path_factory, tiny_model, prefect_harness):
@@ -56,7 +58,7 @@ def client(assessed, tmp_path_factory):
     path, uri, _ = assessed
     web, note = build(path, uri, cache=tmp_path_factory.mktemp("cache"))
     assert "last assessment" in note
-    with TestClient(web) as c:
+    with TestClient(web, base_url=LAB) as c:
         yield c
 
 
@@ -305,7 +307,7 @@ def test_prove_it_gives_the_exact_answer_on_a_relu_network(tmp_path):
     raw["model"].update(path=str(model), normalisation={"mean": [0.0], "std": [1.0]})
     raw["data"]["splits"] = {"test": "test"}
     lab = Lab(load_use_case(write_yaml(tmp_path / "uc.yaml", raw)))
-    with TestClient(create_app(lab, None)) as c:
+    with TestClient(create_app(lab, None), base_url=LAB) as c:
         bright = next(r["item"] for r in c.get("/api/items").json()["items"] if r["label"] == 1)
         answers = {}
         for radius in (0.1, 0.29, 0.31, 0.5):
@@ -350,7 +352,8 @@ def test_confidential_images_go_to_the_local_user_only(assessed, tmp_path):
     raw["confidentiality"] = "confidential"
     secret = write_yaml(tmp_path / "secret.yaml", raw)
     web, _ = build(secret, uri, cache=tmp_path / "cache")
-    local, remote = TestClient(web, client=("127.0.0.1", 5000)), TestClient(web, client=("10.1.2.3", 5000))
+    local, remote = (TestClient(web, client=("127.0.0.1", 5000), base_url=LAB),
+                     TestClient(web, client=("10.1.2.3", 5000), base_url=LAB))
     img = local.get("/api/image.png?src=test:0")
     assert img.status_code == 200 and img.headers["cache-control"] == "no-store"
     denied = remote.get("/api/image.png?src=test:0")
@@ -367,7 +370,7 @@ def test_confidential_images_go_to_the_local_user_only(assessed, tmp_path):
 def test_token_off_loopback(assessed, tmp_path):
     path, uri, _ = assessed
     web, _ = build(None, uri, token="s3cret", cache=tmp_path / "cache")
-    with TestClient(web) as c:
+    with TestClient(web, base_url=LAB) as c:
         assert c.get("/runs").status_code == 401 and c.get("/runs?token=wrong").status_code == 401
         first = c.get("/runs?token=s3cret")
         assert first.status_code == 200 and "trustcase_token" in first.headers["set-cookie"]

@@ -164,3 +164,28 @@ def test_8_a_negative_label_is_named_and_excluded_and_data_quality_completes(tmp
     got = {(m.metric, m.scope.split): m.value for m in out.measurements}
     assert got[("items", "test")] == 9 and got[("unreadable", "test")] == 1
     assert any(line.startswith("cell3: label -1 is not a class index") for line in out.summary["unreadable"]["test"])
+
+
+# --- 6: the lab's Host header -------------------------------------------------------------------------------
+
+def test_6_explore_answers_only_to_the_names_it_was_started_for(tmp_path):
+    """Why 6: requests with `Host: evil.example.com` were served, the precondition of DNS rebinding on a loopback
+    server (a page of evil.example.com, its name rebound to 127.0.0.1, reads the lab as its own origin)."""
+    from fastapi.testclient import TestClient
+
+    from trustcase.explore import build
+
+    web, _ = build(None, f"sqlite:///{tmp_path / 'mlflow.db'}", cache=tmp_path / "cache")
+    with TestClient(web, base_url="http://127.0.0.1:8765") as c:
+        assert c.get("/").status_code == 200
+        for host in ("localhost:8765", "[::1]:8765", "LOCALHOST"):
+            assert c.get("/", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example.com", "evil.example.com:8765", "127.0.0.1.evil.example.com", ""):
+            r = c.get("/", headers={"host": host})
+            assert r.status_code == 400 and "unknown Host header" in r.text, host
+    # started for another address: that one only
+    web, _ = build(None, f"sqlite:///{tmp_path / 'mlflow.db'}", token="s3cret", cache=tmp_path / "cache",
+                   host="10.0.0.5")
+    with TestClient(web, base_url="http://10.0.0.5:8765") as c:
+        assert c.get("/?token=s3cret").status_code == 200
+        assert c.get("/?token=s3cret", headers={"host": "evil.example.com"}).status_code == 400

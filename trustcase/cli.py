@@ -387,7 +387,7 @@ def explore(
             except OSError as e:
                 raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         with console.status("Loading the model and the store…"):
-            web, note = build(path, tracking_uri, token)
+            web, note = build(path, tracking_uri, token, host=host)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     import uvicorn

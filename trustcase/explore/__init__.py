@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trustcase.explore.app import create_app, is_loopback
+from trustcase.explore.app import create_app, host_names, is_loopback
 from trustcase.explore.lab import Lab, LabError
 from trustcase.explore.store import Store, StoreError
 
@@ -32,7 +32,7 @@ CACHE = Path(".trustcase") / "explore"
 
 
 def build(use_case_path: Path | None, tracking_uri: str | None = None, token: str | None = None,
-          cache: Path = CACHE):
+          cache: Path = CACHE, host: str = "127.0.0.1"):
     """The application for a use case (None: runs only); the model is loaded here, once. Returns (app, note)."""
     from trustcase.schemas import load_use_case
 
@@ -49,7 +49,7 @@ def build(use_case_path: Path | None, tracking_uri: str | None = None, token: st
         except StoreError as e:
             note = f"no runtime artefacts from the store: {e}"
         lab = Lab(uc, runtime)
-    return create_app(lab, store, token), note
+    return create_app(lab, store, token, hosts=host_names(host)), note
 
 
 __all__ = ["CACHE", "Lab", "LabError", "Store", "StoreError", "build", "create_app", "is_loopback"]

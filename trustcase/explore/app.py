@@ -78,10 +78,37 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def host_names(host: str) -> tuple[str, ...]:
+    """The names a request may carry in its Host header for a server bound to `host`: its loopback names, or
+    the address it was given (and the machine's own names when it listens on every interface)."""
+    if is_loopback(host):
+        return LOOPBACK_NAMES
+    if host in ("0.0.0.0", "::"):
+        import socket
+
+        return (host, socket.gethostname(), socket.getfqdn(), *LOOPBACK_NAMES)
+    return (host,)
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header without its port: `127.0.0.1:8765` -> `127.0.0.1`, `[::1]:80` -> `::1`
+    (Starlette's TrustedHostMiddleware splits at the first colon, which refuses every IPv6 loopback)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def create_app(lab: Lab | None, store: Store | None, token: str | None = None, quick_workers: int = 4,
-               job_workers: int = 2) -> FastAPI:
+               job_workers: int = 2, hosts: tuple[str, ...] = LOOPBACK_NAMES) -> FastAPI:
     """`lab`: the use case's lab (None: runs only); `store`: the MLflow store (None: lab only); `token`: required
-    on every request (query `token` once, then a cookie) when the server listens beyond loopback."""
+    on every request (query `token` once, then a cookie) when the server listens beyond loopback; `hosts`: the
+    only names accepted in the Host header (a page of another site whose name was rebound to 127.0.0.1 sends
+    its own name: refused, so it cannot read the lab)."""
+    allowed = {h.lower().strip("[]") for h in hosts}
     app = FastAPI(title="trustcase explore", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     pages = Jinja2Templates(directory=HERE / "templates")
@@ -107,6 +134,9 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if _host_name(request.headers.get("host", "")) not in allowed:
+            return JSONResponse({"detail": "unknown Host header: this lab answers only to "
+                                           f"{', '.join(sorted(allowed))}"}, 400)
         if token is not None:
             given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
             if not hmac.compare_digest(given.encode(), token.encode()):
