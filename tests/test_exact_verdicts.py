@@ -30,11 +30,13 @@ from trustcase.verdicts import (
 IV = dict(confidence=0.95, method="clopper-pearson")
 
 
-def m(value, lo=None, hi=None, metric="accuracy", amplitude=None, perturbation=None, n=100, **details):
+def m(value, lo=None, hi=None, metric="accuracy", amplitude=None, perturbation=None, n=100, kind="estimate",
+      **details):
     scope = Scope(split="test", perturbation=None if perturbation is None else
                   PerturbationScope(name=perturbation, max_amplitude=amplitude or 0.0))
-    return Measurement(check="performance", metric=metric, value=value, n=n, scope=scope, amplitude=amplitude,
-                       interval=None if lo is None else Interval(lower=lo, upper=hi, **IV), details=details)
+    return Measurement(check="performance", metric=metric, kind=kind, value=value, n=n, scope=scope,
+                       amplitude=amplitude, interval=None if lo is None else Interval(lower=lo, upper=hi, **IV),
+                       details=details)
 
 
 def req(comparator=">=", threshold=0.9, metric="accuracy", perturbation=None, max_amplitude=None):
@@ -56,8 +58,12 @@ def outcome(*ms):
 def test_verdict_on_the_pessimistic_end(cmp, value, lo, hi, want):
     t = 0.9 if cmp.startswith(">") else 0.1
     assert verdict(value, cmp, t, lo, hi) is want
-    # without an interval, the value alone decides
-    assert verdict(value, cmp, t, None, None) is (Verdict.FAIL if want is Verdict.FAIL else Verdict.PASS)
+    # a census (exact over the split) or a bound (a certificate): the figure alone decides, an interval or not
+    for kind in ("census", "bound"):
+        assert verdict(value, cmp, t, None, None, kind) is (Verdict.FAIL if want is Verdict.FAIL else Verdict.PASS)
+        assert verdict(value, cmp, t, lo, hi, kind) is (Verdict.FAIL if want is Verdict.FAIL else Verdict.PASS)
+    # an estimate without an interval neither passes nor fails on its point
+    assert verdict(value, cmp, t, None, None, "estimate") is Verdict.INCONCLUSIVE
 
 
 def test_undefined_figures():
@@ -83,8 +89,13 @@ def test_judge_writes_every_field():
     assert e.interval == Interval(lower=0.92, upper=0.97, **IV) and e.scope == r.scope
     assert e.validity == ["held-out test split"]
     assert e.rationale == "accuracy = 0.95, lower bound 0.92 (n = 100); claim >= 0.9: PASS"
-    (e,) = judge([req("<=", 0.1, "ece")], [outcome(m(0.05, metric="ece"))])
-    assert e.verdict is Verdict.PASS and e.rationale == "ece = 0.05 (n = 100); claim <= 0.1: PASS"
+    (e,) = judge([req("<=", 0.1, "ece")], [outcome(m(0.05, metric="ece"))])  # a bare estimate: no PASS
+    assert e.verdict is Verdict.INCONCLUSIVE and e.kind == "estimate" and e.rationale == (
+        "ece = 0.05 (n = 100); claim <= 0.1: INCONCLUSIVE: it is a sampling estimate without an interval, and a "
+        "claim passes only on its interval's pessimistic end")
+    (e,) = judge([req("<=", 0.1, "ece")], [outcome(m(0.05, 0.03, 0.09, metric="ece"))])
+    assert e.verdict is Verdict.PASS and e.kind == "estimate"
+    assert e.rationale == "ece = 0.05, upper bound 0.09 (n = 100); claim <= 0.1: PASS"
     (e,) = judge([req("<", 0.1, "fnr")], [outcome(m(0.05, 0.01, 0.2, metric="fnr"))])
     assert e.verdict is Verdict.INCONCLUSIVE and "upper bound 0.2" in e.rationale
 
@@ -115,9 +126,9 @@ def test_judge_a_sweep_at_its_worst_amplitude():
     assert e.verdict is Verdict.INCONCLUSIVE and e.value == 0.93
     assert e.details == {"worst_amplitude": 2.0, "breaking_amplitude": 1.0, "amplitudes": [0.0, 1.0, 2.0]}
     assert e.rationale == "accuracy = 0.93, lower bound 0.89 at amplitude 2 (n = 100); claim >= 0.9: INCONCLUSIVE"
-    # "<=" claims: the worst is the largest upper bound; without intervals, the largest value
-    flips = [m(0.01, metric="flip", amplitude=a, perturbation="blur", n=10) for a in (0.0, 1.0)]
-    flips.append(m(0.2, metric="flip", amplitude=2.0, perturbation="blur", n=10))
+    # "<=" claims: the worst is the largest upper bound; for a census, the largest value
+    flips = [m(0.01, metric="flip", amplitude=a, perturbation="blur", n=10, kind="census") for a in (0.0, 1.0)]
+    flips.append(m(0.2, metric="flip", amplitude=2.0, perturbation="blur", n=10, kind="census"))
     (e,) = judge([req("<=", 0.1, "flip", "blur", 2.0)], [outcome(*flips)])
     assert e.value == 0.2 and e.verdict is Verdict.FAIL and e.details["worst_amplitude"] == 2.0
     (e,) = judge([req(">=", 0.1, "flip", "blur", 2.0)], [outcome(*flips)])
@@ -156,7 +167,7 @@ def test_matches_and_breaking_amplitude():
 
 def test_overall():
     rs = [req(), Requirement(id="R2", text="t", metric="ece", comparator="<=", threshold=0.1, mandatory=False)]
-    ev = judge(rs, [outcome(m(0.95, 0.92, 0.97), m(0.5, metric="ece"))])
+    ev = judge(rs, [outcome(m(0.95, 0.92, 0.97), m(0.5, 0.4, 0.6, metric="ece"))])
     assert overall(ev, rs) is Verdict.PASS  # the optional claim fails alone
     assert overall([], rs) is Verdict.INCONCLUSIVE
 
@@ -196,12 +207,12 @@ def test_nan_lower_bound_of_an_upper_claim_and_scopes_of_the_evidence():
     r2 = Requirement(id="B", text="t", metric="accuracy", comparator=">=", threshold=0.5, scope=Scope(split="val"))
     r3 = Requirement(id="C", text="t", metric="recall:bad", comparator=">=", threshold=0.5, scope=Scope(split="val"))
     val = dict(scope=Scope(split="val"), check="performance")
-    ms = [Measurement(metric="accuracy", value=0.9, n=10, amplitude=1.0, **val),  # amplitude without a sweep
+    ms = [Measurement(metric="accuracy", kind="census", value=0.9, n=10, amplitude=1.0, **val),  # no sweep
           Measurement(metric="recall:bad", value=None, n=0, **val)]
     e1, e2, e3 = judge([r1, r2, r3], [outcome(*ms)])  # a claim nothing measured does not stop the others
     assert [e.claim_id for e in (e1, e2, e3)] == ["A", "B", "C"]
     assert e1.check is None and all(e.scope == Scope(split="val") for e in (e1, e2, e3))
-    assert e2.rationale == "accuracy = 0.9 (n = 10); claim >= 0.5: PASS"
+    assert e2.rationale == "accuracy = 0.9, exact over the whole split (n = 10); claim >= 0.5: PASS"
     assert e3.verdict is Verdict.INCONCLUSIVE
 
 
@@ -210,3 +221,68 @@ def test_breaking_amplitude_counts_the_clean_point_first_whatever_the_order():
              m(0.96, 0.93, 0.98, amplitude=1.0, perturbation="blur"),
              m(0.99, 0.95, 1.0, amplitude=None, perturbation="blur")]
     assert breaking_amplitude(req(">=", 0.94), sweep) == 0.0
+
+
+# --- three kinds of figure: census on its value, bound on the bound, estimate on its interval's pessimistic end ---
+
+def test_a_census_is_judged_on_its_value():
+    leak = dict(metric="leakage", kind="census", n=500)
+    (e,) = judge([req("<=", 0, "leakage")], [outcome(m(0.0, **leak))])
+    assert (e.verdict, e.kind, e.interval) == (Verdict.PASS, "census", None)
+    assert e.rationale == "leakage = 0, exact over the whole split (n = 500); claim <= 0: PASS"
+    (e,) = judge([req("<=", 0, "leakage")], [outcome(m(1.0, **leak))])
+    assert e.verdict is Verdict.FAIL
+    # an interval on a census is not read: the count is exact
+    (e,) = judge([req(">=", 0.9)], [outcome(m(0.9, 0.5, 0.95, kind="census"))])
+    assert e.verdict is Verdict.PASS
+
+
+def test_a_bound_is_judged_on_the_bound():
+    (e,) = judge([req("<=", 10.0, "lipschitz_upper_bound")],
+                 [outcome(m(9.5, metric="lipschitz_upper_bound", kind="bound", n=None))])
+    assert (e.verdict, e.kind) == (Verdict.PASS, "bound")
+    assert e.rationale == "lipschitz_upper_bound = 9.5, certified bound; claim <= 10: PASS"
+    (e,) = judge([req("<=", 10.0, "lipschitz_upper_bound")],
+                 [outcome(m(10.5, metric="lipschitz_upper_bound", kind="bound", n=None))])
+    assert e.verdict is Verdict.FAIL
+
+
+def test_an_estimate_passes_only_on_its_pessimistic_end():
+    for value, lo, hi, want in ((0.95, 0.91, 0.98, Verdict.PASS), (0.95, 0.89, 0.98, Verdict.INCONCLUSIVE),
+                                (0.89, 0.85, 0.93, Verdict.FAIL)):
+        (e,) = judge([req(">=", 0.9)], [outcome(m(value, lo, hi))])
+        assert (e.verdict, e.kind) == (want, "estimate")
+    (e,) = judge([req("<=", 0.1, "cost")], [outcome(m(0.08, 0.05, 0.11, metric="cost"))])
+    assert e.verdict is Verdict.INCONCLUSIVE and "upper bound 0.11" in e.rationale
+
+
+def test_a_bare_estimate_is_inconclusive_with_the_reason_in_words():
+    for value in (0.05, 0.5):  # neither a pass nor a failure on a point
+        (e,) = judge([req("<=", 0.1, "ece")], [outcome(m(value, metric="ece"))])
+        assert e.verdict is Verdict.INCONCLUSIVE and e.value == value
+        assert e.rationale.endswith("INCONCLUSIVE: it is a sampling estimate without an interval, and a claim "
+                                    "passes only on its interval's pessimistic end")
+    # one bare estimate in a sweep keeps the claim from passing, even if every other amplitude passes
+    sweep = [m(0.99, 0.97, 1.0, amplitude=0.0, perturbation="blur"),
+             m(0.98, amplitude=1.0, perturbation="blur")]
+    (e,) = judge([req(">=", 0.9, perturbation="blur", max_amplitude=1.0)], [outcome(*sweep)])
+    assert e.verdict is Verdict.INCONCLUSIVE and e.value == 0.98 and "without an interval" in e.rationale
+    # ... but a failure elsewhere still shows
+    sweep[0] = m(0.5, 0.4, 0.6, amplitude=0.0, perturbation="blur")
+    (e,) = judge([req(">=", 0.9, perturbation="blur", max_amplitude=1.0)], [outcome(*sweep)])
+    assert e.verdict is Verdict.FAIL
+    rows = rank_methods(["a"], [m(0.3, metric="faithfulness:a")], [("faithfulness", ">", 0.0, "beats random")])
+    assert rows[0]["status"] == "warned" and "without an interval" in rows[0]["reasons"][0]
+
+
+def test_records_written_before_kinds_load_as_estimates():
+    old = {"check": "performance", "metric": "ece", "value": 0.05, "n": 100, "scope": {"split": "test"}}
+    assert Measurement.model_validate(old).kind == "estimate"
+    with_iv = {**old, "interval": {"lower": 0.03, "upper": 0.08, "confidence": 0.95, "method": "bootstrap"}}
+    (e,) = judge([req("<=", 0.1, "ece")], [outcome(Measurement.model_validate(with_iv))])
+    assert e.verdict is Verdict.PASS
+    (e,) = judge([req("<=", 0.1, "ece")], [outcome(Measurement.model_validate(old))])
+    assert e.verdict is Verdict.INCONCLUSIVE
+    from trustcase.schemas import Evidence
+    ev = Evidence.model_validate({"claim_id": "R", "metric": "ece", "value": 0.05, "verdict": "PASS", "rationale": "r"})
+    assert ev.kind is None

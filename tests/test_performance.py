@@ -74,18 +74,21 @@ def test_clopper_pearson_covers_at_least_nominal():
     assert w.lower < 0.5 < w.upper
 
 
-@pytest.mark.parametrize("value, lo, hi, cmp, t, want", [
-    (0.9, 0.85, 0.95, ">=", 0.8, V.PASS),
-    (0.9, 0.75, 0.95, ">=", 0.8, V.INCONCLUSIVE),   # lucky point estimate, bound below threshold
-    (0.7, 0.6, 0.8, ">=", 0.8, V.FAIL),
-    (0.02, 0.01, 0.04, "<=", 0.05, V.PASS),
-    (0.02, 0.01, 0.07, "<=", 0.05, V.INCONCLUSIVE),
-    (float("nan"), None, None, ">=", 0.5, V.INCONCLUSIVE),
-    (0.0, None, None, "<=", 0, V.PASS),
-    (1.0, None, None, "<=", 0, V.FAIL),
+@pytest.mark.parametrize("value, lo, hi, cmp, t, kind, want", [
+    (0.9, 0.85, 0.95, ">=", 0.8, "estimate", V.PASS),
+    (0.9, 0.75, 0.95, ">=", 0.8, "estimate", V.INCONCLUSIVE),   # lucky point estimate, bound below threshold
+    (0.7, 0.6, 0.8, ">=", 0.8, "estimate", V.FAIL),
+    (0.02, 0.01, 0.04, "<=", 0.05, "estimate", V.PASS),
+    (0.02, 0.01, 0.07, "<=", 0.05, "estimate", V.INCONCLUSIVE),
+    (float("nan"), None, None, ">=", 0.5, "census", V.INCONCLUSIVE),
+    (0.0, None, None, "<=", 0, "census", V.PASS),     # a count over the whole split: exact
+    (1.0, None, None, "<=", 0, "census", V.FAIL),
+    (0.5, None, None, "<=", 1, "bound", V.PASS),      # a certificate
+    (0.0, None, None, "<=", 0, "estimate", V.INCONCLUSIVE),   # a point estimate alone decides nothing
+    (1.0, None, None, "<=", 0, "estimate", V.INCONCLUSIVE),
 ])
-def test_verdict_rule(value, lo, hi, cmp, t, want):
-    assert verdict(value, cmp, t, lo, hi) is want
+def test_verdict_rule(value, lo, hi, cmp, t, kind, want):
+    assert verdict(value, cmp, t, lo, hi, kind) is want
 
 
 def sweep_measurement(a, value, lo):
@@ -116,3 +119,64 @@ def test_missing_evidence_and_overall_rules():
     assert overall(ev[:1], [r1]) is V.PASS
     advisory = r2.model_copy(update={"mandatory": False})
     assert overall(ev, [r1, advisory]) is V.PASS
+
+
+def _random_stream(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 2))
+    labels = rng.integers(0, 2, n)
+    return logits, labels, [f"item-{i:03d}" for i in range(n)]
+
+
+def _fed(uc, logits, labels, ids, order, batch, seed=3, check="performance"):
+    t = Tally(uc, check=check, seed=seed)
+    for s in range(0, len(order), batch):
+        sel = order[s:s + batch]
+        t.update(logits[sel], labels[sel], ids=[ids[i] for i in sel])
+    return t.compute(check, "test", 0.9)
+
+
+def test_ece_and_cost_intervals_are_the_bootstrap_percentiles_of_items_resampled_by_id():
+    from scipy.special import softmax
+
+    from trustcase.measurement import bootstrap_weights
+
+    uc = use_case(cost_matrix=[[0, 1], [10, 0]])
+    logits, labels, ids = _random_stream()
+    ms = _fed(uc, logits, labels, ids, np.arange(60), 7)
+    ece, cost = get(ms, "ece"), get(ms, "cost")
+    assert ece.kind == cost.kind == "estimate" and ece.interval.confidence == 0.9
+    assert ece.interval.method == "poisson bootstrap over items (1000 replicates, percentile)"
+    # by hand: replicate r weighs item i by w[i, r]; ECE_r = sum over bins |sum w (correct - conf)| / sum w
+    w = bootstrap_weights(3, "performance", ids).astype(float)
+    pred, conf = logits.argmax(1), softmax(logits, 1).max(1)
+    in_bin = np.eye(15)[np.clip(np.digitize(conf, np.linspace(0, 1, 16)[1:-1]), 0, 14)]
+    gap = w.T @ (in_bin * ((pred == labels) - conf)[:, None])
+    reps = np.abs(gap).sum(1) / w.sum(0)
+    assert [ece.interval.lower, ece.interval.upper] == pytest.approx(np.quantile(reps, [0.05, 0.95]), rel=1e-12)
+    item_cost = np.array([[0, 1], [10, 0]])[labels, pred]
+    assert cost.value == pytest.approx(item_cost.mean())
+    assert [cost.interval.lower, cost.interval.upper] == pytest.approx(
+        np.quantile(w.T @ item_cost / w.sum(0), [0.05, 0.95]), rel=1e-12)
+    # the draws follow the items: same interval in another order at another batch size
+    other = _fed(uc, logits, labels, ids, np.arange(60)[::-1], 60)
+    for metric in ("ece", "cost"):
+        a, b = get(ms, metric).interval, get(other, metric).interval
+        assert [a.lower, a.upper] == pytest.approx([b.lower, b.upper], rel=1e-12)
+    # another seed or another check draws other replicates
+    assert get(_fed(uc, logits, labels, ids, np.arange(60), 7, seed=4), "ece").interval != ece.interval
+    assert get(_fed(uc, logits, labels, ids, np.arange(60), 7, check="sweep"), "cost").interval != cost.interval
+
+
+def test_a_constant_cost_has_a_degenerate_interval_and_no_ids_no_interval():
+    uc = use_case(cost_matrix=[[2, 2], [2, 2]])
+    logits, labels, ids = _random_stream(20)
+    cost = get(_fed(uc, logits, labels, ids, np.arange(20), 6), "cost")
+    assert (cost.value, cost.interval.lower, cost.interval.upper) == (2.0, 2.0, 2.0)
+    t = Tally(uc)  # fed without item ids: it cannot resample
+    t.update(logits, labels)
+    ms = t.compute("performance", "test", 0.95)
+    assert get(ms, "ece").interval is None and get(ms, "cost").interval is None
+    (e,) = judge([Requirement(id="C", text="t", metric="cost", comparator="<=", threshold=5.0)],
+                 [CheckOutcome(check="performance", measurements=ms)])
+    assert e.verdict is V.INCONCLUSIVE and "without an interval" in e.rationale

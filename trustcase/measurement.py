@@ -1,13 +1,40 @@
-"""Confidence intervals for proportions: claims are judged on bounds, not on lucky point estimates."""
+"""The three kinds of figure and their intervals: claims are judged on bounds, not on lucky point estimates.
+
+A figure is a census (exact over the whole split: a count), an estimate (a sampling estimate, with its
+interval: Clopper-Pearson for a proportion, a per-item Poisson bootstrap for ECE and cost) or a bound (a
+certificate); one function makes each kind.
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 
 import numpy as np
 from scipy import stats
 
 from trustcase.schemas import Curve, Interval, Measurement, PerturbationScope, Scope, Series
+
+BOOTSTRAP_REPLICATES = 1000
+
+
+def census(check: str, metric: str, value: float | None, n: int | None, **fields) -> Measurement:
+    """A figure exact over the whole split (a count, a share of all its items, a test over all of them): a claim
+    is judged on its value."""
+    return Measurement(check=check, metric=metric, kind="census", value=value, n=n, **fields)
+
+
+def estimate(check: str, metric: str, value: float | None, n: int | None, interval: Interval | None,
+             **fields) -> Measurement:
+    """A sampling estimate with its interval: a claim passes only on the interval's pessimistic end. Without an
+    interval (none could be made) a claim on it is INCONCLUSIVE, with that reason."""
+    return Measurement(check=check, metric=metric, kind="estimate", value=value, n=n, interval=interval, **fields)
+
+
+def bound(check: str, metric: str, value: float | None, n: int | None = None, **fields) -> Measurement:
+    """A certified bound (a certificate: a proof, or a counterexample re-checked): a claim is judged on the bound."""
+    return Measurement(check=check, metric=metric, kind="bound", value=value, n=n, **fields)
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
@@ -25,10 +52,45 @@ def proportion(check: str, metric: str, k: int, n: int, confidence: float, scope
     """'k of n' as a measurement with its exact interval: the one rule for every proportion. n = 0 measured
     nothing: no value, no interval, and the reason in `details["undefined"]`, so a claim on it is
     INCONCLUSIVE with that reason, never a measured 0%."""
-    common = dict(check=check, metric=metric, scope=scope or Scope(), amplitude=amplitude, n=max(int(n), 0))
+    common = dict(check=check, metric=metric, n=max(int(n), 0), scope=scope or Scope(), amplitude=amplitude)
     if n <= 0:
-        return Measurement(**common, value=None, details={**details, "undefined": undefined or "no item (n = 0)"})
-    return Measurement(**common, value=k / n, interval=clopper_pearson(int(k), int(n), confidence), details=details)
+        return estimate(**common, value=None, interval=None,
+                        details={**details, "undefined": undefined or "no item (n = 0)"})
+    return estimate(**common, value=k / n, interval=clopper_pearson(int(k), int(n), confidence), details=details)
+
+
+def item_seed(seed: int, check: str, item: str, stream: str) -> int:
+    """The seed of one item's draws: (run seed, check, item id, stream), never its batch or position.
+    (The bootstrap's only source of randomness: to be pointed at trustcase's shared seeding rule.)"""
+    digest = hashlib.sha256(f"{int(seed)}|{check}|{item}|{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@functools.lru_cache(maxsize=8192)  # a sweep resamples the same items at every amplitude
+def _poisson(seed: int, check: str, item: str, replicates: int) -> np.ndarray:
+    w = np.random.default_rng(item_seed(seed, check, item, "bootstrap")).poisson(1.0, replicates).astype(np.uint8)
+    w.flags.writeable = False
+    return w
+
+
+def bootstrap_weights(seed: int, check: str, ids, replicates: int = BOOTSTRAP_REPLICATES) -> np.ndarray:
+    """Poisson bootstrap weights (items, replicates): item i counts w[i, r] times in replicate r. Each item's row
+    comes from its own seed, so the replicates, and the interval, are the same whatever the batch size, the item
+    order or the shards (the Poisson bootstrap of streams: Hanley & MacGibbon 2006, Chamandy et al. 2012)."""
+    return np.stack([_poisson(int(seed), check, str(i), replicates) for i in ids]) if len(ids) else \
+        np.zeros((0, replicates), np.uint8)
+
+
+def bootstrap_interval(replicates: np.ndarray, confidence: float) -> Interval | None:
+    """The percentile interval of a statistic's bootstrap replicates (those with no item drawn left out)."""
+    r = np.asarray(replicates, np.float64)
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return None
+    a = (1.0 - confidence) / 2
+    lo, hi = np.quantile(r, [a, 1.0 - a])
+    return Interval(lower=float(lo), upper=float(hi), confidence=confidence,
+                    method=f"poisson bootstrap over items ({len(r)} replicates, percentile)")
 
 
 def clopper_pearson_lower(k: np.ndarray, n: int, alpha: float) -> np.ndarray:

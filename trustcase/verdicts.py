@@ -1,8 +1,10 @@
-"""Judge each requirement against what the checks measured, conservatively.
+"""Judge each requirement against what the checks measured, conservatively, by the kind of figure.
 
-A claim `metric >= t` PASSES only if the lower bound of its interval is >= t (the whole interval
-satisfies it), FAILS if the point estimate violates it, and is INCONCLUSIVE in between (more data
-would decide) or when nothing measured it. Under a perturbation scope, the claim must hold at
+A census (exact over the whole split) and a bound (a certificate) are judged on their value: PASS if it
+satisfies the claim, FAIL if not. An estimate `metric >= t` PASSES only if the lower bound of its interval
+is >= t (the whole interval satisfies it), FAILS if the point estimate violates it, and is INCONCLUSIVE in
+between (more data would decide); an estimate without an interval is INCONCLUSIVE (it can neither pass nor
+fail on a point), and so is a claim nothing measured. Under a perturbation scope, the claim must hold at
 every amplitude up to the declared maximum: the worst amplitude decides. An undefined figure (no value,
 NaN, or an interval bound that is NaN: e.g. a recall with no item of the class) cannot PASS or FAIL: the
 claim is INCONCLUSIVE and its rationale says why the figure is undefined.
@@ -14,6 +16,7 @@ import math
 import operator
 
 from trustcase.schemas import CheckOutcome, Evidence, Measurement, Requirement, Verdict
+from trustcase.schemas.evidence import KINDS
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -28,17 +31,28 @@ def undefined(m: Measurement) -> bool:
 
 
 def verdict(value: float | None, comparator: str, threshold: float, lower: float | None,
-            upper: float | None) -> Verdict:
+            upper: float | None, kind: str = "estimate") -> Verdict:
     if value is None or math.isnan(value) or math.isnan(threshold) or _nan(lower) or _nan(upper):
         return Verdict.INCONCLUSIVE
     ok = OPS[comparator]
+    if kind in ("census", "bound"):  # exact over the split, or a certificate: the figure itself decides
+        return Verdict.PASS if ok(value, threshold) else Verdict.FAIL
+    # an estimate: the pessimistic end of its interval decides a PASS; with no interval, nothing can
+    bound = lower if comparator in (">=", ">") else upper
+    if bound is None:
+        return Verdict.INCONCLUSIVE
     if not ok(value, threshold):
         return Verdict.FAIL
-    # the pessimistic end of the interval must satisfy the claim too
-    bound = lower if comparator in (">=", ">") else upper
-    if bound is not None and not ok(bound, threshold):
-        return Verdict.INCONCLUSIVE
-    return Verdict.PASS
+    return Verdict.PASS if ok(bound, threshold) else Verdict.INCONCLUSIVE
+
+
+def bare(m: Measurement) -> bool:
+    """An estimate with no interval: no claim can pass (or fail) on it."""
+    return m.kind == "estimate" and m.interval is None
+
+
+def why_bare(m: Measurement) -> str:
+    return "it is a sampling estimate without an interval, and a claim passes only on its interval's pessimistic end"
 
 
 def why_undefined(m: Measurement) -> str:
@@ -62,8 +76,8 @@ def _bounds(m: Measurement) -> tuple[float | None, float | None]:
 
 
 def _pessimism(m: Measurement, comparator: str) -> float:  # defined measurements only
-    """Sort key: the larger, the worse for the claim."""
-    lo, hi = _bounds(m)
+    """Sort key: the larger, the worse for the claim (an estimate by its interval's pessimistic end)."""
+    lo, hi = _bounds(m) if m.kind == "estimate" else (None, None)
     if comparator in (">=", ">"):
         return -(lo if lo is not None else m.value)
     return hi if hi is not None else m.value
@@ -83,7 +97,7 @@ def breaking_amplitude(r: Requirement, ms: list[Measurement]) -> float | None:
     best = None
     for m in sorted(ms, key=lambda m: m.amplitude or 0.0):
         lo, hi = _bounds(m)
-        if verdict(m.value, r.comparator, r.threshold, lo, hi) is not Verdict.PASS:
+        if verdict(m.value, r.comparator, r.threshold, lo, hi, m.kind) is not Verdict.PASS:
             break
         best = m.amplitude or 0.0
     return best
@@ -106,7 +120,11 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
         if defined:
             o, worst = max(defined, key=lambda om: _pessimism(om[1], r.comparator))
             lo, hi = _bounds(worst)
-            v = verdict(worst.value, r.comparator, r.threshold, lo, hi)
+            v = verdict(worst.value, r.comparator, r.threshold, lo, hi, worst.kind)
+            if v is Verdict.PASS:  # an estimate without an interval elsewhere in the sweep cannot pass either
+                o, worst = next(((o2, m) for o2, m in defined if bare(m)), (o, worst))
+                lo, hi = _bounds(worst)
+                v = verdict(worst.value, r.comparator, r.threshold, lo, hi, worst.kind)
         if hole and (not defined or v is not Verdict.FAIL):  # a hole can hide a failure: never a PASS
             o, m = hole
             at = f" at amplitude {m.amplitude:g}" if m.amplitude is not None else ""
@@ -127,12 +145,15 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
             }
         bound = "lower" if r.comparator in (">=", ">") else "upper"
         ivtext = f", {bound} bound {lo if bound == 'lower' else hi:.4g}" if worst.interval else ""
+        if worst.kind != "estimate":
+            ivtext = f", {KINDS[worst.kind]}"
         where = f" at amplitude {worst.amplitude:g}" if r.scope.perturbation and worst.amplitude is not None else ""
+        why = f": {why_bare(worst)}" if bare(worst) else ""
         evidence.append(Evidence(
             claim_id=r.id, check=o.check, metric=r.metric, value=worst.value, threshold=r.threshold,
-            comparator=r.comparator, verdict=v, interval=worst.interval, scope=r.scope,
-            rationale=f"{r.metric} = {worst.value:.4g}{ivtext}{where} (n = {worst.n}); "
-                      f"claim {r.comparator} {r.threshold:g}: {v.value}",
+            comparator=r.comparator, verdict=v, interval=worst.interval, kind=worst.kind, scope=r.scope,
+            rationale=f"{r.metric} = {worst.value:.4g}{ivtext}{where}{'' if worst.n is None else f' (n = {worst.n})'}; "
+                      f"claim {r.comparator} {r.threshold:g}: {v.value}{why}",
             validity=list(o.validity), details=details,
         ))
     return evidence
@@ -165,10 +186,12 @@ def rank_methods(methods: list[str], measurements: list[Measurement],
                 reasons.append(f"{meaning}: INCONCLUSIVE (not measured)")
                 continue
             lo, hi = _bounds(m)
-            v = verdict(m.value, comparator, threshold, lo, hi)
+            v = verdict(m.value, comparator, threshold, lo, hi, m.kind)
             iv = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
             if v is Verdict.FAIL:
                 reasons.append(f"{meaning}: FAIL ({family} {m.value:.3g}{iv}, required {comparator} {threshold:.3g})")
+            elif v is Verdict.INCONCLUSIVE and bare(m):
+                reasons.append(f"{meaning}: INCONCLUSIVE ({family} {m.value:.3g}: {why_bare(m)})")
             elif v is Verdict.INCONCLUSIVE:
                 reasons.append(f"{meaning}: INCONCLUSIVE ({family} {m.value:.3g}{iv} straddles {threshold:.3g}; "
                                "more items would decide)")

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import proportion
+from trustcase.measurement import estimate, proportion
 from trustcase.performance import Tally
 from trustcase.robustness.attacks import (
     ATTACKS,
@@ -119,7 +119,7 @@ class Adversarial(Check):
         kind, norm = ATTACKS[name]
         vr = tuple(map(float, uc.model.value_range))
         grid = p.epsilons(norm, vr)
-        tallies = [Tally(uc) for _ in grid]
+        tallies = [Tally(uc, check=self.name, seed=ctx.seed) for _ in grid]
         correct_clean = 0
         fooled_correct = np.zeros(len(grid), np.int64)
         dist: list[np.ndarray] = []
@@ -139,7 +139,7 @@ class Adversarial(Check):
             for j, e in enumerate(grid):
                 adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, p.steps,
                                      p.step_size, p.restarts, seeds, p.apgd_steps, p.queries)
-                tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta)
+                tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta, ids=batch.ids[take])
                 fooled_correct[j] += int((fooled & clean_ok).sum())
             if search:
                 dist.append(minimal_distance(kind, ctx.model, x, y, norm, vr, cap, p.search_steps, p.steps,
@@ -176,7 +176,7 @@ class Adversarial(Check):
             dc = np.minimum(d, cap)  # not fooled within the search: counted at the limit
             for q, label in ((0.5, "median"), (0.1, "q10")):
                 v, iv = quantile_interval(dc, q, conf)
-                ms.append(Measurement(check=self.name, metric=f"adversarial_distance_{label}.{name}", value=v,
+                ms.append(estimate(check=self.name, metric=f"adversarial_distance_{label}.{name}", value=v,
                                       interval=iv, n=len(dc), scope=Scope(split=p.split), unit=unit,
                                       details={"censored": censored, "max_distance": cap}))
             summary["distance"] = {

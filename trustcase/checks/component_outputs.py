@@ -7,7 +7,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import auroc, proportion
+from trustcase.measurement import auroc, estimate, proportion
 from trustcase.models.blackbox import BlackBox, _meta_rows, deletion_drops
 from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
@@ -115,16 +115,17 @@ class ComponentOutputs(Check):
                 sc = Scope(split=p.split, perturbation=PerturbationScope(name=name, max_amplitude=a))
                 ms.append(prop("ood_detection_rate", int((s >= 1).sum()), len(s), sc, a))
                 roc = auroc(clean, s)
-                ms.append(Measurement(check=self.name, metric="ood_auroc", value=roc, n=len(s), scope=sc, amplitude=a))
+                ms.append(estimate(check=self.name, metric="ood_auroc", value=roc, n=len(s), interval=None, scope=sc,
+                                      amplitude=a))
                 summary["ood"][name] = {"amplitude": a, "detection_rate": float((s >= 1).mean()), "auroc": roc}
         else:
             limitations.append("the component gives no OOD_scores: its monitoring could not be evaluated")
         if has_maps and top_drops:
             t, r = np.concatenate(top_drops), np.concatenate(rnd_drops)
             gain = t.mean(axis=0) - r.mean(axis=0)
-            ms.append(Measurement(check=self.name, metric="explanation_deletion_gain", value=float(gain.mean()),
-                                  n=len(t), scope=scope,
-                                  details={"fractions": p.deletion_fractions, "gain": gain.tolist()}))
+            ms.append(estimate(check=self.name, metric="explanation_deletion_gain", value=float(gain.mean()),
+                               interval=None, n=len(t), scope=scope,
+                               details={"fractions": p.deletion_fractions, "gain": gain.tolist()}))
             curves.append(Curve(
                 id="component_outputs/deletion", title="Deleting the pixels the component's maps point at",
                 x_label="fraction of pixels deleted (set to the image mean)",

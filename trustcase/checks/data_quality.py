@@ -11,7 +11,7 @@ import numpy as np
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.quality import distributions, duplicates, odd_coverage, perceptual_hash
 from trustcase.data.streaming import DataError
-from trustcase.measurement import proportion
+from trustcase.measurement import census, proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.odd.specification import Limit
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
@@ -53,7 +53,7 @@ class DataQuality(Check):
         def m(metric, value, role, n=None, **details):
             if n == 0:  # a count over no item is no evidence: undefined, so a claim on it is INCONCLUSIVE
                 details["undefined"] = "no item (n = 0)"
-            out.append(Measurement(check=self.name, metric=metric, value=None if n == 0 else float(value), n=n,
+            out.append(census(check=self.name, metric=metric, value=None if n == 0 else float(value), n=n,
                                    scope=Scope(split=role), details=details))
 
         for role in ctx.data.roles:

@@ -36,7 +36,7 @@ from trustcase.explain.quality import (
     spearman_rows,
     stability,
 )
-from trustcase.measurement import clopper_pearson
+from trustcase.measurement import census, clopper_pearson, estimate
 from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
 from trustcase.verdicts import rank_methods
 
@@ -179,7 +179,7 @@ class Explainability(Check):
             if not len(v):
                 return None
             iv = clopper_pearson(int(v.sum()), len(v), conf) if proportion else mean_interval(v, conf)
-            out.append(Measurement(check=self.name, metric=metric, value=float(v.mean()), interval=iv, n=len(v),
+            out.append(estimate(check=self.name, metric=metric, value=float(v.mean()), interval=iv, n=len(v),
                                    scope=scope, details=details))
             return float(v.mean())
 
@@ -216,7 +216,7 @@ class Explainability(Check):
                   "more faithful than a random ordering of the pixels (insertion - deletion)")]
         ranking = [{**r, **rows[r["method"]]} for r in rank_methods(list(rows), out, rules)] + not_run
         recommended = [r["method"] for r in ranking if r["status"] == "recommended"]
-        out.append(Measurement(check=self.name, metric="recommended_methods", value=len(recommended),
+        out.append(census(check=self.name, metric="recommended_methods", value=len(recommended),
                                n=len(ranking), scope=scope, details={"recommended": recommended}))
         artefacts = []
         if uc.confidential:

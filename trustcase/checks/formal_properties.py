@@ -12,7 +12,8 @@ from trustcase.certification import bounds as B
 from trustcase.certification.properties import check_property, expand
 from trustcase.certification.vnnlib import read_vnnlib
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
+from trustcase.measurement import bound, census
+from trustcase.schemas import CheckOutcome, Scope, Stage
 
 
 class FormalParams(Params):
@@ -73,16 +74,16 @@ class FormalProperties(Check):
             name = path.stem
             rows[name] = r
             value = {"holds": 1.0, "violated": 0.0}.get(r["verdict"], float("nan"))
-            ms.append(Measurement(check=self.name, metric=f"property_holds.{name}", value=value, scope=scope, n=1,
+            ms.append(bound(check=self.name, metric=f"property_holds.{name}", value=value, scope=scope, n=1,
                                   details={k: r[k] for k in ("verdict", "seconds", "boxes", "method",
                                                              "counterexample", "reason")}))
             if r["verdict"] == "unknown":
                 limits.append(f"{name}: unknown after {p.timeout:g} s ({r['reason']})")
         verdicts = [r["verdict"] for r in rows.values()]
         ms += [
-            Measurement(check=self.name, metric="properties_holding", value=verdicts.count("holds") / len(verdicts),
+            census(check=self.name, metric="properties_holding", value=verdicts.count("holds") / len(verdicts),
                         n=len(verdicts), scope=scope),
-            Measurement(check=self.name, metric="properties_violated", value=float(verdicts.count("violated")),
+            census(check=self.name, metric="properties_violated", value=float(verdicts.count("violated")),
                         n=len(verdicts), scope=scope),
         ]
         return CheckOutcome(

@@ -34,9 +34,10 @@ from trustcase.explain import imaging
 from trustcase.explain import representation as R
 from trustcase.explain import visualisation as V
 from trustcase.explain.quality import mean_interval
+from trustcase.measurement import census, estimate
 from trustcase.odd.specification import SpecificationMonitor, State
 from trustcase.robustness import perturbations as P
-from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
+from trustcase.schemas import CheckOutcome, Scope, Stage
 
 BINS = {"dark": ("brightness", 0.25, "low"), "bright": ("brightness", 0.75, "high"),
         "low_contrast": ("contrast", 0.25, "low"), "high_contrast": ("contrast", 0.75, "high")}
@@ -166,7 +167,7 @@ class GlobalExplanations(Check):
             for r in C.tcav(net, concept_sets, randoms, inputs, t, layers, p.batch_size):
                 suffix = "" if r.layer == layers[0] else f"@{r.layer}"
                 significant = bool(r.p_value < threshold)
-                out.append(Measurement(
+                out.append(estimate(
                     check=self.name, metric=f"tcav:{r.concept}:{cls}{suffix}", value=r.mean,
                     interval=mean_interval(np.array(r.scores), uc.plan.confidence), n=len(r.scores), scope=scope,
                     details={"p_value": r.p_value, "significant": significant, "null_mean": float(np.mean(
@@ -175,7 +176,7 @@ class GlobalExplanations(Check):
                               "null": round(float(np.mean(r.random_scores)), 3), "p_value": float(f"{r.p_value:.3g}"),
                               "significant": significant, "cav_accuracy": round(r.cav_accuracy, 3)})
         n_sig = sum(r["significant"] for r in table)
-        out.append(Measurement(check=self.name, metric="concepts_significant", value=n_sig, n=len(table),
+        out.append(census(check=self.name, metric="concepts_significant", value=n_sig, n=len(table),
                                scope=scope, details={"significant": [f"{r['concept']}:{r['class']}" for r in table
                                                                      if r["significant"]]}))
         if table:

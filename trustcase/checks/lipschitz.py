@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
+from trustcase import measurement
 from trustcase.certification.lipschitz import LipschitzError, analyse, certified_radii, empirical_lower_bound
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import accuracy_curve, radius_grid, write_items
-from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
+from trustcase.measurement import accuracy_curve, estimate, radius_grid, write_items
+from trustcase.schemas import CheckOutcome, Scope, Stage
 
 
 class LipschitzParams(Params):
@@ -84,11 +85,11 @@ class Lipschitz(Check):
         tight = None if lower is None else upper / lower if lower > 0 else float("inf")
         med = float(np.median(np.where(ok, radius, 0.0))) if n else float("nan")
         ms += [
-            Measurement(check=self.name, metric="lipschitz_upper_bound", value=upper, scope=scope, unit="L2/L2"),
-            Measurement(check=self.name, metric="lipschitz_lower_bound", value=lower, scope=scope, unit="L2/L2",
-                        n=min(n, p.ascent_points)),
-            Measurement(check=self.name, metric="lipschitz_tightness", value=tight, scope=scope),
-            Measurement(check=self.name, metric="lipschitz_median_radius", value=med, scope=scope, n=n),
+            measurement.bound(check=self.name, metric="lipschitz_upper_bound", value=upper, scope=scope, unit="L2/L2"),
+            measurement.bound(check=self.name, metric="lipschitz_lower_bound", value=lower, scope=scope, unit="L2/L2",
+                              n=min(n, p.ascent_points)),
+            measurement.bound(check=self.name, metric="lipschitz_tightness", value=tight, scope=scope),
+            estimate(check=self.name, metric="lipschitz_median_radius", value=med, n=n, interval=None, scope=scope),
         ]
         (ctx.workdir / "items.csv").parent.mkdir(parents=True, exist_ok=True)
         write_items(ctx.workdir / "items.csv", ids, np.concatenate(labels) if labels else [],

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import field_validator, model_validator
 
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
-from trustcase.measurement import clopper_pearson, proportion
+from trustcase.measurement import clopper_pearson, estimate, proportion
 from trustcase.models.classifier import sha256_file
 from trustcase.odd import monitor as odd
 from trustcase.odd.specification import SpecResult
@@ -225,9 +225,9 @@ class OddMonitor(Check):
             if len(pos) == 0 or len(neg) == 0:
                 continue
             auroc, fpr95, fpr, tpr = roc(neg, pos)
-            out.append(Measurement(check=self.name, metric=f"auroc:{k}", value=auroc, n=len(neg) + len(pos),
+            out.append(estimate(check=self.name, metric=f"auroc:{k}", value=auroc, n=len(neg) + len(pos), interval=None,
                                    scope=Scope(split=p.split), details={"negatives": len(neg), "positives": len(pos)}))
-            out.append(Measurement(check=self.name, metric=f"fpr_at_95tpr:{k}", value=fpr95, n=len(neg),
+            out.append(estimate(check=self.name, metric=f"fpr_at_95tpr:{k}", value=fpr95, n=len(neg), interval=None,
                                    scope=Scope(split=p.split)))
             roc_series[k] = Series(y=np.interp(fgrid, fpr, tpr).tolist())
         if roc_series:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from trustcase.checks import Check, Context, Params, Produces
+from trustcase.measurement import BOOTSTRAP_REPLICATES
 from trustcase.performance import Tally, rate_metrics
 from trustcase.schemas import CheckOutcome, Stage
 
@@ -26,13 +27,15 @@ class Performance(Check):
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: PerformanceParams = self.params
-        tally = Tally(ctx.use_case, p.calibration_bins)
+        tally = Tally(ctx.use_case, p.calibration_bins, check=self.name, seed=ctx.seed)
         for batch in ctx.batches(p.split):
-            tally.update(ctx.model.logits(batch.images, batch.ids), batch.labels, batch.meta)
+            tally.update(ctx.model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
         ms = tally.compute(self.name, p.split, ctx.use_case.plan.confidence)
         return CheckOutcome(
             check=self.name, measurements=ms,
             validity=[f"measured on the {p.split} split ({int(tally.cm.sum())} items), "
-                      f"{ctx.use_case.plan.confidence:.0%} Clopper-Pearson intervals"],
+                      f"{ctx.use_case.plan.confidence:.0%} Clopper-Pearson intervals; ECE and cost: percentile "
+                      f"intervals of a Poisson bootstrap over items ({BOOTSTRAP_REPLICATES} replicates, each item's "
+                      "weights drawn from its id)"],
         )
 

@@ -104,7 +104,7 @@ class PerturbationSweep(Check):
                out: CheckOutcome) -> None:
         p: SweepParams = self.params
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
-        tallies = [Tally(uc) for _ in grid]
+        tallies = [Tally(uc, check=self.name, seed=ctx.seed) for _ in grid]
         flips = np.zeros(len(grid), np.int64)
         seen = 0
         example: list[np.ndarray] = []
@@ -117,7 +117,7 @@ class PerturbationSweep(Check):
                 pick = int(crit[0]) if len(crit) else 0
             clean = None
             for j, (_, x) in enumerate(_perturbed(pert, batch.images, grid, seeds, pool)):
-                pred = tallies[j].update(ctx.model.logits(x, batch.ids), batch.labels, batch.meta)
+                pred = tallies[j].update(ctx.model.logits(x, batch.ids), batch.labels, batch.meta, ids=batch.ids)
                 clean = pred if clean is None else clean
                 flips[j] += int((pred != clean).sum())
                 if pick is not None:

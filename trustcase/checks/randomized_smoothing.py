@@ -8,8 +8,8 @@ from pydantic import field_validator, model_validator
 
 from trustcase.certification.smoothing import ABSTAIN, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.measurement import accuracy_curve, proportion, radius_grid, write_items
-from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
+from trustcase.measurement import accuracy_curve, estimate, proportion, radius_grid, write_items
+from trustcase.schemas import CheckOutcome, Scope, Stage
 
 
 class SmoothingParams(Params):
@@ -96,7 +96,7 @@ class RandomizedSmoothing(Check):
         ms += [
             proportion(self.name, "smoothing_abstain_rate", abstain, n_items, conf, scope),
             proportion(self.name, "smoothing_accuracy", correct_g, n_items, conf, scope),
-            Measurement(check=self.name, metric="smoothing_median_radius", n=n_items, scope=scope,
+            estimate(check=self.name, metric="smoothing_median_radius", n=n_items, interval=None, scope=scope,
                         value=float(np.median(np.where(ok, radius, 0.0))) if n_items else None),
         ]
         write_items(ctx.workdir / "items.csv", ids, y, pred, radius)

@@ -23,8 +23,9 @@ from trustcase.explain.root_causes import (
     describe,
     hudd_selection,
 )
+from trustcase.measurement import census
 from trustcase.odd.descriptors import DESCRIPTORS
-from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
+from trustcase.schemas import CheckOutcome, Curve, Scope, Series, Stage
 
 
 class RootCausesParams(Params):
@@ -82,9 +83,9 @@ class RootCauses(Check):
             return CheckOutcome(check=self.name, validity=validity, summary={"message": msg, "clusters": [],
                                                                               "errors": 0, "relevance": rel.method},
                                 # an empty split is no evidence (undefined); items without an error are
-                                measurements=[Measurement(check=self.name, metric="errors",
+                                measurements=[census(check=self.name, metric="errors",
                                                           value=0 if n_items else None, n=n_items, scope=scope),
-                                              Measurement(check=self.name, metric="root_cause_clusters",
+                                              census(check=self.name, metric="root_cause_clusters",
                                                           value=0 if n_items else None, n=0, scope=scope)],
                                 limitations=[msg])
         limitations = []
@@ -122,10 +123,10 @@ class RootCauses(Check):
             limitations.append("confidential use case: no montage or animation of cluster members")
         else:
             artefacts += self._pictures(ctx, p, rel, best, err_idx, reps_of, err_pred_a)
-        out = [Measurement(check=self.name, metric="errors", value=n_err_seen, n=n_items, scope=scope),
-               Measurement(check=self.name, metric="root_cause_clusters", value=k, n=n_err, scope=scope,
+        out = [census(check=self.name, metric="errors", value=n_err_seen, n=n_items, scope=scope),
+               census(check=self.name, metric="root_cause_clusters", value=k, n=n_err, scope=scope,
                            details={"layer": best, "sizes": [c["size"] for c in clusters]}),
-               Measurement(check=self.name, metric="largest_root_cause_share", value=clusters[0]["share"], n=n_err,
+               census(check=self.name, metric="largest_root_cause_share", value=clusters[0]["share"], n=n_err,
                            scope=scope, details={"text": clusters[0]["text"]})]
         summary = {
             "errors": n_err_seen, "clustered": n_err, "relevance": rel.method, "layer": best, "k": k,
@@ -136,7 +137,7 @@ class RootCauses(Check):
         if p.improvement_split:
             sel, rows = self._unsafe(ctx, p, rel, best, feats[best], labels, k)
             summary["unsafe_set"] = sel
-            out.append(Measurement(check=self.name, metric="unsafe_set_size", value=sum(r[3] for r in rows),
+            out.append(census(check=self.name, metric="unsafe_set_size", value=sum(r[3] for r in rows),
                                    n=p.unsafe_budget,
                                    scope=Scope(split=p.improvement_split)))
             path = ctx.workdir / "unsafe_set.csv"

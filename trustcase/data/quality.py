@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from scipy import fft, stats
 
-from trustcase.measurement import proportion
+from trustcase.measurement import census, proportion
 from trustcase.schemas import Measurement, Scope
 
 HASH_SIDE, HASH_BITS = 32, 8  # DCT of a 32x32 thumbnail, top-left 8x8 coefficients -> 64 bits
@@ -91,12 +91,12 @@ def duplicates(check: str, split_of: list[str], exact: np.ndarray, near: np.ndar
     n_in, n_leak = groups(near_pairs(near, distance))
     for role in dict.fromkeys(split_of):
         total = int((roles == role).sum())
-        out.append(Measurement(check=check, metric="duplicates", value=e_in[role], n=total,
+        out.append(census(check=check, metric="duplicates", value=e_in[role], n=total,
                                scope=Scope(split=role)))
-        out.append(Measurement(check=check, metric="near_duplicates", value=n_in[role], n=total,
+        out.append(census(check=check, metric="near_duplicates", value=n_in[role], n=total,
                                scope=Scope(split=role)))
         if role != "train":
-            out.append(Measurement(check=check, metric="leakage", value=max(e_leak[role], n_leak[role]),
+            out.append(census(check=check, metric="leakage", value=max(e_leak[role], n_leak[role]),
                                    n=total, scope=Scope(split=role),
                                    details={"exact": e_leak[role], "near": n_leak[role]}))
     return out
@@ -120,12 +120,12 @@ def distributions(check: str, roles: list[str], props: dict[str, list[np.ndarray
         for role, v in zip(roles, per_split):
             hist[k][role] = np.histogram(v, bins=edges)[0].tolist()
             q = np.quantile(v, [0.01, 0.5, 0.99]).tolist() if v.size else [np.nan] * 3
-            out.append(Measurement(check=check, metric=f"mean:{k}", value=float(v.mean()) if v.size else None,
+            out.append(census(check=check, metric=f"mean:{k}", value=float(v.mean()) if v.size else None,
                                    n=int(v.size), scope=Scope(split=role),
                                    details={"std": float(v.std()) if v.size else 0.0, "q01_q50_q99": q}))
             if ref is not None and role != "train" and v.size and ref.size:
                 ks = stats.ks_2samp(ref, v)
-                out.append(Measurement(check=check, metric=f"drift_pvalue:{k}", value=float(ks.pvalue),
+                out.append(census(check=check, metric=f"drift_pvalue:{k}", value=float(ks.pvalue),
                                        n=int(v.size), scope=Scope(split=role),
                                        details={"ks_statistic": float(ks.statistic), "against": "train"}))
     return out, hist

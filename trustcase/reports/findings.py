@@ -232,6 +232,17 @@ class Card:
     plot: str | None = None
     previous: ClaimChange | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
+    rests_on: str = "nothing measured"  # the kind of figure the verdict rests on, in words (`rests_on`)
+
+
+def rests_on(e: Evidence | None) -> str:
+    """What kind of figure a claim's verdict rests on: a census, an estimate (on its interval) or a bound."""
+    if e is None or not e.measured:
+        return "nothing measured"
+    if e.kind == "estimate" and e.interval is None:
+        return "an estimate without an interval (it cannot pass)"
+    return {"census": "a census: exact over the whole split", "bound": "a certified bound",
+            "estimate": "an estimate, judged on its interval's pessimistic end"}.get(e.kind, "not recorded")
 
 
 def _measurements(a: Assessment) -> dict[str, list[Measurement]]:
@@ -282,7 +293,8 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
         reason = why_missing or (e.rationale if e else "no evidence record")
         return Card(r, e, stage_title, Verdict.INCONCLUSIVE, "Not measured.",
                     f"INCONCLUSIVE: nothing measured this claim ({reason}).", None,
-                    "No evidence: nothing to qualify.", None, previous=previous, facts=[("Requirement", want)])
+                    "No evidence: nothing to qualify.", None, previous=previous, facts=[("Requirement", want)],
+                    rests_on=rests_on(e))
     v = value(r.metric, e.value)
     iv = f" (interval {interval(r.metric, e.interval.lower, e.interval.upper)})" if e.interval else ""
     at = ""
@@ -294,7 +306,9 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
         measured = f"{cap(metric_name(r.metric))} could not be computed."
     bound = "lower" if r.comparator in (">=", ">") else "upper"
     if e.verdict is Verdict.PASS:
-        rule = (f"PASS: the whole {conf:.0%} interval satisfies {comparator(r.comparator)} {thr}." if e.interval
+        exact = {"census": "a census, exact over the whole split", "bound": "a certified bound"}.get(e.kind or "")
+        rule = (f"PASS: the value satisfies {comparator(r.comparator)} {thr} ({exact})." if exact else
+                f"PASS: the whole {conf:.0%} interval satisfies {comparator(r.comparator)} {thr}." if e.interval
                 else f"PASS: the value satisfies {comparator(r.comparator)} {thr} (no sampling interval for this "
                      "figure).")
     elif e.verdict is Verdict.FAIL:
@@ -321,7 +335,8 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
             upto = f"up to {units.amplitude(name, held)}" if held > 0 else f"only without {words(name)}"
             amplitude = f"Holds {upto}{from_s}, short of the claimed {claimed_s}."
     return Card(r, e, stage_title, e.verdict, measured, rule, amplitude, _validity(a, r, e, units, conf), e.check,
-                previous=previous, facts=[("Requirement", want + " on the " + scope(r.scope, units))])
+                previous=previous, facts=[("Requirement", want + " on the " + scope(r.scope, units)),
+                                          ("Rests on", rests_on(e))], rests_on=rests_on(e))
 
 
 def cards(a: Assessment, claim_stage: dict[str, Stage | None], comparison: list[ClaimChange],

@@ -75,13 +75,13 @@ def breaking(requirements: list[Requirement], key: str, measurements: list[Measu
         beyond = next((m for m in found if held is None or (m.amplitude or 0.0) > held), None)
         bounds = (None, None) if beyond is None or beyond.interval is None else \
             (beyond.interval.lower, beyond.interval.upper)
-        point = [m.model_copy(update={"interval": None}) for m in found]
+        point = [m.model_copy(update={"interval": None, "kind": "census"}) for m in found]  # the values alone
         out[r.id] = {
             "metric": r.metric, "comparator": r.comparator, "threshold": r.threshold,
             "claimed_up_to": r.scope.perturbation.max_amplitude, "holds_up_to": held,
             "not_held_from": None if beyond is None else beyond.amplitude,
             "verdict_there": None if beyond is None else
-            verdicts.verdict(beyond.value, r.comparator, r.threshold, *bounds).value,
+            verdicts.verdict(beyond.value, r.comparator, r.threshold, *bounds, beyond.kind).value,
             "value": None if at is None else at.value,
             "interval": None if at is None or at.interval is None else [at.interval.lower, at.interval.upper],
             "point_holds_up_to": verdicts.breaking_amplitude(wide, point),

@@ -64,11 +64,24 @@ class Interval(Record):
     method: str = Field(description="e.g. clopper-pearson, wilson, bootstrap")
 
 
+Kind = Literal["census", "estimate", "bound"]
+KINDS: dict[str, str] = {  # what each kind of figure is, in the report's words
+    "census": "exact over the whole split",
+    "estimate": "sampling estimate",
+    "bound": "certified bound",
+}
+
+
 class Measurement(Record):
-    """One number a check measured, with where it was measured and how sure we are."""
+    """One number a check measured, with where it was measured and how sure we are. Its `kind` says what the
+    number is: a census (exact over the whole split, e.g. a count: judged on its value), an estimate (a sampling
+    estimate: judged on the pessimistic end of its interval, INCONCLUSIVE without one) or a bound (a
+    certificate: judged on the bound). Made by `measurement.census`, `.estimate`, `.bound`; a record written
+    before kinds existed loads as an estimate (with its interval, if it had one)."""
 
     check: str
     metric: str
+    kind: Kind = "estimate"
     value: float | None = Field(description="None when undefined, e.g. a recall with no item of the class")
     scope: Scope = Scope()
     amplitude: float | None = Field(None, description="perturbation amplitude, when scope has a perturbation")
@@ -113,6 +126,7 @@ class Evidence(Record):
     comparator: Comparator | None = None
     verdict: Verdict
     interval: Interval | None = None
+    kind: Kind | None = Field(None, description="the kind of figure the verdict rests on; None: no figure")
     scope: Scope = Scope()
     rationale: str = Field(description="why this verdict, in one sentence a reader can check")
     validity: list[str] = Field([], description="conditions under which this evidence holds")
