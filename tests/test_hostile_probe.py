@@ -5,6 +5,7 @@ tests/test_security.py; the pack's (zip bomb, malformed manifests) in tests/test
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,51 @@ def test_6_explore_answers_only_to_the_names_it_was_started_for(tmp_path):
     with TestClient(web, base_url="http://10.0.0.5:8765") as c:
         assert c.get("/?token=s3cret").status_code == 200
         assert c.get("/?token=s3cret", headers={"host": "evil.example.com"}).status_code == 400
+
+
+# --- 11: a tampered MLflow record ---------------------------------------------------------------------------
+
+def test_11_report_refuses_a_record_that_contradicts_its_run(tmp_path, tracking_uri):
+    """Why 11: assessment.json edited in the MLflow store from FAIL to PASS rendered a PASS report, exit 0, though
+    the run's own `verdict` and `pack.manifest_sha256` tags contradict it."""
+    import json
+
+    import mlflow
+    from test_argument import assessment
+    from test_report import with_check_output
+
+    from trustcase.reports import pack_digest, render
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.create_experiment("tampered", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        folder = tmp_path / "run"
+        a = with_check_output(assessment({"F-cert": "FAIL"}, mlflow_run_id=run.info.run_id), folder)
+        (folder / "assessment.json").write_text(a.model_dump_json(indent=1))
+        files = render(a, folder, pdf=False)
+        mlflow.log_artifacts(str(folder))
+        mlflow.set_tags({"pack.manifest_sha256": pack_digest(Path(files["pack"])), "verdict": "FAIL"})
+    runner = CliRunner()
+    args = ["report", run.info.run_id, "--tracking-uri", tracking_uri]
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    forged = json.loads((folder / "assessment.json").read_text())
+    forged["verdict"] = "PASS"
+    for e in forged["evidence"]:
+        e["verdict"] = "PASS"
+    edited = tmp_path / "edit" / "assessment.json"
+    edited.parent.mkdir()
+    edited.write_text(json.dumps(forged, indent=1))
+    client = mlflow.MlflowClient(tracking_uri)
+    client.log_artifact(run.info.run_id, str(edited))
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "contradicts the run" in bad.output, bad.output
+    assert "verdict PASS, the run's verdict tag FAIL" in bad.output
+    assert not (tmp_path / "bad" / "report.html").exists()
+    # the verdict tag removed too: the pack its digest anchors still tells
+    client.delete_tag(run.info.run_id, "verdict")
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad2")])
+    assert bad.exit_code == 2 and "differs from the one in the pack" in bad.output, bad.output
+    # the pack rebuilt from the run is refused the same way
+    res = runner.invoke(app, ["pack", run.info.run_id, "-o", str(tmp_path / "p.zip"), "--tracking-uri", tracking_uri])
+    assert res.exit_code == 2 and "contradicts the run" in res.output, res.output

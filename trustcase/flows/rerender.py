@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import zipfile
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from trustcase import reports
-from trustcase.errors import UserError
+from trustcase.errors import UserError, validation_message
 from trustcase.flows import tracking
 from trustcase.schemas import Assessment
 
@@ -19,6 +22,11 @@ RENDERED = {"report.html", "report.pdf", "pack.zip", "argument.json", "argument.
 
 class RunNotFound(UserError):
     pass
+
+
+class RecordMismatch(UserError):
+    """The run's assessment record contradicts the run's own tags (its verdict, its pack's digest): it was changed
+    after the assessment, and is not rendered."""
 
 
 def _client(run_id: str, tracking_uri: str | None) -> MlflowClient:
@@ -36,7 +44,52 @@ def _assessment(client: MlflowClient, run_id: str, folder: Path) -> Assessment:
         local = client.download_artifacts(run_id, "assessment.json", str(folder))
     except (MlflowException, OSError):
         raise RunNotFound(f"run {run_id} holds no assessment.json: it is not a trustcase assessment") from None
-    return Assessment.model_validate_json(Path(local).read_text())
+    raw = Path(local).read_bytes()
+    try:
+        return Assessment.model_validate_json(raw)
+    except ValidationError as e:
+        raise RecordMismatch(f"run {run_id}: its assessment.json is not an assessment record "
+                             f"({validation_message(e, 'record', limit=1)})") from None
+
+
+def _claims(a: dict) -> tuple:
+    return (a.get("verdict"), a.get("complete"),
+            sorted((e.get("claim_id") or "", e.get("verdict"), e.get("value")) for e in a.get("evidence", [])))
+
+
+def check_record(client: MlflowClient, run_id: str, raw: bytes, a: Assessment) -> None:
+    """The record must be the one the run was tagged with at its end: the `verdict` tag, and the pack the
+    `pack.manifest_sha256` tag anchors (the same assessment.json; for a confidential run, whose pack holds the
+    record redacted once more, the same verdict and claims). Else `RecordMismatch`, naming each contradiction."""
+    tags = client.get_run(run_id).data.tags
+    problems = []
+    if "verdict" in tags and tags["verdict"] != a.verdict.value:
+        problems.append(f"the record states verdict {a.verdict.value}, the run's verdict tag {tags['verdict']}")
+    if a.provenance.mlflow_run_id not in (None, run_id):
+        problems.append(f"the record is that of run {a.provenance.mlflow_run_id}")
+    digest = tags.get("pack.manifest_sha256")
+    if digest:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                pack = Path(client.download_artifacts(run_id, "pack.zip", tmp))
+            except (MlflowException, OSError):
+                pack = None
+                problems.append("the pack its pack.manifest_sha256 tag anchors is missing")
+            if pack is not None:
+                v = reports.verify_pack(pack, reports.Anchor(source="the run's pack.manifest_sha256 tag",
+                                                             manifest_sha256=digest))
+                if not v.ok:
+                    problems.append("its pack fails verification (" + "; ".join(v.lines()[:3]) + ")")
+                else:
+                    with zipfile.ZipFile(pack) as z:
+                        packed = z.read("assessment.json")
+                    same = (packed == raw if not v.manifest.get("confidential")
+                            else _claims(json.loads(packed)) == _claims(a.model_dump(mode="json")))
+                    if not same:
+                        problems.append("the record differs from the one in the pack the run's digest tag anchors")
+    if problems:
+        raise RecordMismatch(f"run {run_id}: its assessment.json contradicts the run ({'; '.join(problems)}): it "
+                             "was changed after the assessment; not rendered")
 
 
 def fetch_assessment(run_id: str, tracking_uri: str | None = None) -> Assessment:
@@ -65,6 +118,7 @@ def fetch_run(run_id: str, folder: Path, tracking_uri: str | None = None, skip: 
     client = _client(run_id, tracking_uri)
     folder.mkdir(parents=True, exist_ok=True)
     a = _assessment(client, run_id, folder)
+    check_record(client, run_id, (folder / "assessment.json").read_bytes(), a)
     for item in client.list_artifacts(run_id):
         if item.path not in skip and item.path != "assessment.json":
             client.download_artifacts(run_id, item.path, str(folder))
