@@ -126,7 +126,8 @@ def test_one_function_per_kind_of_figure():
 
 
 def test_bootstrap_weights_follow_the_item_not_its_company():
-    from trustcase.measurement import bootstrap_weights, item_seed
+    from trustcase.measurement import bootstrap_weights
+    from trustcase.seeding import item_seed
 
     ids = [f"cell{i:04d}" for i in range(200)]
     w = bootstrap_weights(7, "performance", ids)

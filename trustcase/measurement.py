@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 
 import numpy as np
 from scipy import stats
 
 from trustcase.schemas import Curve, Interval, Measurement, PerturbationScope, Scope, Series
+from trustcase.seeding import item_seed
 
 BOOTSTRAP_REPLICATES = 1000
 
@@ -59,15 +59,9 @@ def proportion(check: str, metric: str, k: int, n: int, confidence: float, scope
     return estimate(**common, value=k / n, interval=clopper_pearson(int(k), int(n), confidence), details=details)
 
 
-def item_seed(seed: int, check: str, item: str, stream: str) -> int:
-    """The seed of one item's draws: (run seed, check, item id, stream), never its batch or position.
-    (The bootstrap's only source of randomness: to be pointed at trustcase's shared seeding rule.)"""
-    digest = hashlib.sha256(f"{int(seed)}|{check}|{item}|{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 @functools.lru_cache(maxsize=8192)  # a sweep resamples the same items at every amplitude
 def _poisson(seed: int, check: str, item: str, replicates: int) -> np.ndarray:
+    # the package's one per-item seeding rule, stream "bootstrap"
     w = np.random.default_rng(item_seed(seed, check, item, "bootstrap")).poisson(1.0, replicates).astype(np.uint8)
     w.flags.writeable = False
     return w
