@@ -298,3 +298,128 @@ def test_shape_checks():
         P.get("jpeg", (0, 255)).check_shape((8, 8, 2), [10.0])
     with pytest.raises(P.PerturbationError, match="expected a batch"):
         P.get("gaussian_blur", (0, 255)).apply(np.zeros((8, 8, 1)), 1.0, seeds(8))
+
+
+# --- each physical parameter, exactly, on constructed images ------------------------------------------------
+# A perturbation whose amplitude were halved (or its unit misread) on the way to the primitive must fail here:
+# the response to a point of light is the point-spread function itself, and the patch, line and pixel counts
+# are counted. Float tolerances come from the arithmetic: u32 = 2^-24 per rounding, times the terms summed.
+
+U32 = 2.0 ** -24
+
+
+def point(size: int = 41) -> np.ndarray:
+    """One pixel of light (1.0) in the centre of a dark float32 image, value range (0, 1): its blur is the PSF."""
+    x = np.zeros((1, size, size, 1), np.float32)
+    x[0, size // 2, size // 2] = 1.0
+    return x
+
+
+def placed(kernel: np.ndarray, size: int = 41) -> np.ndarray:
+    """A kernel centred in a size x size image, as a filter maps the centre point to it."""
+    out = np.zeros((size, size))
+    k = kernel.shape[0]
+    start = size // 2 - (k - 1) // 2
+    out[start:start + k, start:start + k] = kernel
+    return out
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.7, 3.0])
+def test_gaussian_blur_of_a_point_is_the_gaussian_of_that_sigma(sigma):
+    y = P.get("gaussian_blur", (0, 1)).apply(point(), sigma, seeds(1))[0, ..., 0]
+    k = 2 * int(np.ceil(3 * sigma)) + 1  # sampled over +-3 sigma, normalised
+    i = np.arange(k) - (k - 1) / 2
+    g = np.exp(-i**2 / (2 * sigma**2))
+    g /= g.sum()
+    # separable float32 filtering: two sums of k products, each entry of the kernel at most 1
+    assert np.abs(y - placed(np.outer(g, g))).max() <= 2 * k * U32
+    # the variance of the light along a row is the sampled kernel's: sigma^2 from sigma 1 on, less the +-3 sigma
+    # truncation (a truncated normal keeps 1 - 6 phi(3) / (2 Phi(3) - 1) = 0.973 of it); below 1 px, sampling at
+    # whole pixels lowers it further (0.215 for 0.25 at sigma 0.5)
+    rows = y.sum(axis=1)
+    variance = (rows * (np.arange(len(rows)) - len(rows) // 2) ** 2).sum()
+    assert variance == pytest.approx((g * i**2).sum(), abs=len(rows) ** 2 * 2 * k * U32)
+    assert sigma**2 * 0.97 <= variance <= sigma**2 or sigma < 1
+
+
+@pytest.mark.parametrize("length", [3.0, 6.0, 9.0])
+@pytest.mark.parametrize("angle", [0.0, 90.0])
+def test_motion_blur_of_a_point_is_a_streak_of_that_length(length, angle):
+    y = P.get("motion_blur", (0, 1), angle=angle).apply(point(), length, seeds(1))[0, ..., 0]
+    kernel = P.line_kernel(length, angle)
+    assert np.abs(y - placed(kernel)).max() <= kernel.shape[0] ** 2 * U32  # k^2 products summed in float32
+    along = y.sum(axis=0 if angle == 0 else 1)
+    across = y.sum(axis=1 if angle == 0 else 0)
+    assert across[20] == pytest.approx(1.0, abs=len(y) ** 2 * U32)  # all the light on the point's own line
+    # N samples evenly spaced over [-L/2, L/2] have variance L^2/12 (N+1)/(N-1); bilinear splatting adds <= 1/4
+    n = max(2, int(np.ceil(length * 8)))
+    variance = (along * (np.arange(len(along)) - 20) ** 2).sum()
+    assert length**2 / 12 * (n + 1) / (n - 1) * (1 - 1e-6) <= variance <= length**2 / 12 * (n + 1) / (n - 1) + 0.25
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0, 3.0, 4.5])
+def test_defocus_of_a_point_is_the_disk_of_that_radius(radius):
+    y = P.get("defocus", (0, 1)).apply(point(), radius, seeds(1))[0, ..., 0]
+    kernel = P.disk_kernel(radius)
+    assert np.abs(y - placed(kernel)).max() <= kernel.shape[0] ** 2 * U32
+    # cells wholly inside the disk carry the full weight, cells wholly outside none
+    r = (kernel.shape[0] - 1) // 2
+    c = np.abs(np.arange(-r, r + 1))
+    far = np.hypot(c[:, None] + 0.5, c[None, :] + 0.5)  # farthest point of each cell from the centre
+    near = np.hypot(np.maximum(c[:, None] - 0.5, 0), np.maximum(c[None, :] - 0.5, 0))
+    assert np.allclose(kernel[far <= radius], kernel.max()) and (far <= radius).any()
+    assert (kernel[near >= radius] == 0).all()
+    # and the full weight is 1 / (pi r^2) but for the 1/8 px supersampling of the rim (2 pi r x 1/8)
+    assert kernel.max() * np.pi * radius**2 == pytest.approx(1.0, abs=(2 * np.pi * radius / 8) / (np.pi * radius**2))
+
+
+@pytest.mark.parametrize("amplitude", [0.1, 0.25, 0.4])
+def test_occlusion_hides_a_square_of_exactly_that_side(amplitude):
+    size, n = 60, 40
+    x = grey_field(n=n, size=size)
+    hidden = P.get("occlusion", (0, 255)).apply(x, amplitude, seeds(n))[..., 0] == 0
+    side = round(amplitude * size)
+    inside = 0
+    for h in hidden:
+        rows, cols = np.flatnonzero(h.any(axis=1)), np.flatnonzero(h.any(axis=0))
+        box = h[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and h.sum() == box.size  # one solid rectangle
+        clipped = rows[0] == 0 or cols[0] == 0 or rows[-1] == size - 1 or cols[-1] == size - 1
+        assert box.shape == (side, side) if not clipped else max(box.shape) <= side
+        inside += not clipped
+    assert inside >= 4  # patches wholly inside: the exact side is tested, not only the clipped ones
+
+
+def test_occlusion_fills_and_counts_its_patches():
+    x = grey_field(n=6, size=60)
+    three = P.get("occlusion", (0, 255), patches=3, fill="high").apply(x, 0.1, seeds(6))
+    assert set(np.unique(three)) == {128, 255} and ((three == 255).sum(axis=(1, 2, 3)) <= 3 * 36).all()
+    assert ((three == 255).sum(axis=(1, 2, 3)) > 36).any()  # more than one patch of 6 x 6
+    ramp = np.broadcast_to(np.linspace(0, 1, 60, dtype=np.float32)[None, :, None, None], (2, 60, 60, 1)).copy()
+    mean = P.get("occlusion", (0, 1), fill="mean").apply(ramp, 0.2, seeds(2))
+    changed = mean != ramp
+    assert np.allclose(mean[changed], ramp.mean(), atol=4 * U32)
+    noise = P.get("occlusion", (0, 1), fill="noise").apply(grey_field(0.5, n=2, size=60) / 255, 0.3, seeds(2))
+    assert len(np.unique(noise)) > 100  # uniform noise in the patch
+
+
+@pytest.mark.parametrize("amplitude", [10, 50, 90])
+def test_jpeg_is_the_codec_at_quality_100_minus_the_amplitude(amplitude):
+    import cv2
+
+    x = texture(n=2)
+    y = P.get("jpeg", (0, 255)).apply(x, float(amplitude), seeds(2))
+    for img, out in zip(x, y, strict=True):
+        _, code = cv2.imencode(".jpg", img, (int(cv2.IMWRITE_JPEG_QUALITY), 100 - amplitude))
+        assert np.array_equal(out[..., 0], cv2.imdecode(code, cv2.IMREAD_GRAYSCALE))
+
+
+def test_rotation_by_a_small_angle_turns_a_blob_about_the_centre():
+    size, d, angle = 61, 18, 10.0
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    blob = np.exp(-((xx - d) ** 2 + yy**2) / (2 * 2.0**2)).astype(np.float32)[None, ..., None]  # on the x axis
+    y = P.get("rotation", (0, 1), direction="counterclockwise").apply(blob, angle, seeds(1))[0, ..., 0]
+    cx, cy = (y * xx).sum() / y.sum(), (y * yy).sum() / y.sum()
+    # counterclockwise on screen: up (y decreases) by d sin a; bilinear sampling keeps a smooth blob's centroid
+    assert cx == pytest.approx(d * np.cos(np.radians(angle)), abs=0.02)
+    assert cy == pytest.approx(-d * np.sin(np.radians(angle)), abs=0.02)
