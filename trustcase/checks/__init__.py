@@ -89,7 +89,8 @@ class Check:
 
     @classmethod
     def produces(cls, params: Params, use_case: UseCase) -> list[Produces] | None:
-        """What this check measures with these params; None: not declared (the preflight cannot tell)."""
+        """What this check measures with these params: the preflight judges claims by it, the conformance suite
+        requires it. None (declares nothing): the preflight exempts only the claims such a check could cover."""
         return None
 
     @property
