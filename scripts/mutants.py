@@ -1,4 +1,5 @@
-"""`make mutants`: mutation testing (mutmut 3) of the certification, statistics/verdict and performance code.
+"""`make mutants`: mutation testing (mutmut 3) of the certification, verification, perturbation, statistics/verdict
+and performance code.
 
 Each chunk runs in its own scratch copy of the repository (the working tree is never touched: no
 `mutants/` folder beside other people's work), mutating only its modules and running only the fast tests
@@ -6,7 +7,8 @@ that cover them (mutmut runs, for each mutant, the tests that reach the mutated 
 per chunk, one chunk at a time: it fits 2 cores. Results: build/mutants/<chunk>.json (mutmut's stats and
 every surviving mutant's diff) and a table on stdout (the scores docs/testing.md reports).
 
-    .venv/bin/python scripts/mutants.py [chunk ...]     # chunks: statistics, performance, certification
+    .venv/bin/python scripts/mutants.py [chunk ...]     # chunks: statistics, performance, certification,
+                                                        #         verification, perturbations
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
                     "tests/test_exact_certification.py", "tests/test_exact_metrics.py", "tests/test_performance.py",
                     "tests/test_bad_input_verdicts.py"]),
     "performance": (["trustcase/performance.py"], ["tests/test_performance.py", "tests/test_exact_metrics.py"]),
-    # bounds.py is being replaced by graph.py / propagation.py (exact tests against scipy's MILP of their own)
     "certification": (["trustcase/certification/lipschitz.py", "trustcase/models/lipschitz_layers.py",
-                       "trustcase/certification/smoothing.py"],
+                       "trustcase/certification/smoothing.py", "trustcase/certification/rounding.py"],
                       ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_lipschitz_layers.py",
                        "tests/test_smoothing.py"]),
+    # the one layer graph and what runs on it: IBP / CROWN / alpha-CROWN, branch and bound (exact tests against
+    # scipy's MILP)
+    "verification": (["trustcase/certification/graph.py", "trustcase/certification/propagation.py",
+                      "trustcase/certification/bab.py"],
+                     ["tests/test_verification.py", "tests/test_exact_certification.py", "tests/test_onnx_graph.py"]),
+    # every perturbation's physical parameter (exact tests on constructed images)
+    "perturbations": (["trustcase/robustness/perturbations.py"], ["tests/test_perturbations.py"]),
 }
 SKIP = {".venv", ".git", "mutants", "__pycache__", "mlruns", "node_modules", "build"}
 
