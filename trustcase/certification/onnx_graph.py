@@ -11,8 +11,9 @@ the standard) and rewrites each operator into the engine's nodes, in float64:
   Add / Sub of two tensors of one shape (residual connections): an affine node with two inputs;
 - Relu: a ReLU node; MaxPool (no padding): max(a, b) = b + relu(a - b) over each window (`graph._Builder`);
 - Sigmoid, Tanh: S-shaped activation nodes (`graph.SMOOTH`), relaxed soundly by `propagation.smooth_relax`;
-- Constant, and Shape / Gather / Unsqueeze / Concat / Cast / Reshape on constants (the shape arithmetic of
-  a `torch.onnx` export of `x.view(x.size(0), -1)`): evaluated once, with the batch size 1.
+- Shape of the data (its fixed sizes, batch 1), and any operator of constants only (Constant, the shape
+  arithmetic of a `torch.onnx` export of `x.view(x.size(0), -1)` or of `F.pad`): evaluated once by onnx's
+  reference implementation.
 
 Any other operator, or an attribute the rewrite does not honour, is an `OnnxGraphError` naming the node, its
 operator and its position. The graph is then checked against onnxruntime on the original file on seeded
@@ -36,7 +37,7 @@ from trustcase.certification.graph import SMOOTH, Conv, Dense, Graph, GraphError
 
 OPERATORS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "AveragePool",
              "MaxPool", "BatchNormalization", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Pad",
-             "Constant", "Identity", "Dropout", "Shape", "Gather", "Concat", "Cast")
+             "Identity", "Dropout", "Shape")  # on the data; any operator on constants only is evaluated once
 
 
 class OnnxGraphError(GraphError):
@@ -188,13 +189,13 @@ class _Reader:
     def read(self) -> Graph:
         nodes = list(self.model.graph.node)
         for pos, node in enumerate(nodes):
-            if node.op_type not in OPERATORS:
-                raise self.fail(node, pos, f"operator {node.op_type} is not supported (supported: "
-                                           f"{', '.join(OPERATORS)})")
             ins = [i for i in node.input if i]
-            if all(i in self.consts for i in ins) and node.op_type != "Shape":
+            if all(i in self.consts for i in ins) and node.domain in ("", "ai.onnx"):
                 self.fold(node, pos, ins)
                 continue
+            if node.op_type not in OPERATORS or node.domain not in ("", "ai.onnx"):
+                raise self.fail(node, pos, f"operator {node.op_type} is not supported (supported: "
+                                           f"{', '.join(OPERATORS)})")
             missing = [i for i in ins if i not in self.consts and i not in self.where]
             if missing:
                 raise self.fail(node, pos, f"input {missing[0]!r} is produced by no node before it")
@@ -218,51 +219,16 @@ class _Reader:
 
     # constants (shape arithmetic, weights computed in the graph) ----------------------------------------
     def fold(self, node, pos, ins):
-        a, op = _attrs(node), node.op_type
-        v = [self.consts[i] for i in ins]
+        """A node of constants only, evaluated once by onnx's reference implementation (any operator)."""
+        from onnx.reference import ReferenceEvaluator
+
         try:
-            if op == "Constant":
-                if "value" not in a:
-                    raise self.fail(node, pos, f"only a tensor 'value' is supported, not {sorted(a)}")
-                from onnx import numpy_helper
-
-                out = numpy_helper.to_array(a["value"])
-            elif op in ("Identity", "Dropout"):
-                out = v[0]
-            elif op == "Cast":
-                import onnx
-
-                out = v[0].astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
-            elif op == "Gather":
-                out = np.take(v[0], v[1], axis=a.get("axis", 0))
-            elif op == "Unsqueeze":
-                axes = a.get("axes", v[1].tolist() if len(v) > 1 else [])
-                out = v[0]
-                for ax in sorted(int(x) % (out.ndim + len(axes)) for x in axes):
-                    out = np.expand_dims(out, ax)
-            elif op == "Squeeze":
-                axes = a.get("axes", v[1].tolist() if len(v) > 1 else None)
-                out = np.squeeze(v[0], axis=None if axes is None else tuple(axes))
-            elif op == "Concat":
-                out = np.concatenate(v, axis=a["axis"])
-            elif op == "Reshape":
-                out = v[0].reshape([d if d != 0 else v[0].shape[i] for i, d in enumerate(v[1].tolist())])
-            elif op in ("Add", "Sub", "Mul", "Div"):
-                out = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](v[0], v[1])
-            elif op == "Transpose":
-                out = np.transpose(v[0], a.get("perm"))
-            elif op == "Flatten":
-                ax = a.get("axis", 1)
-                out = v[0].reshape(math.prod(v[0].shape[:ax]), -1)
-            elif op == "MatMul":
-                out = v[0] @ v[1]
-            else:
-                raise self.fail(node, pos, "is applied to constants only, which is not supported")
-        except OnnxGraphError:
-            raise
+            outs = ReferenceEvaluator(node).run(None, {i: self.consts[i] for i in ins})
         except Exception as e:  # noqa: BLE001 - a malformed constant computation, named
-            raise self.fail(node, pos, f"cannot evaluate on its constant inputs: {e}") from None
-        self.consts[node.output[0]] = np.asarray(out)
+            raise self.fail(node, pos, f"cannot evaluate on its constant inputs: {str(e)[:200]}") from None
+        for name, value in zip(node.output, outs, strict=False):
+            if name:
+                self.consts[name] = np.asarray(value)
 
     # data operators ----------------------------------------------------------------------------------
     def op(self, node, pos, ins):
@@ -327,8 +293,6 @@ class _Reader:
             return self.avgpool(node, pos, a, src, shape, name)
         if op == "MaxPool":
             return self.maxpool(node, pos, a, src, shape, name)
-        if op in ("Gather", "Concat", "Cast"):
-            raise self.fail(node, pos, "is applied to the data, which is not supported (only to constants)")
         raise self.fail(node, pos, "is not supported")
 
     def reshaped(self, node, pos, op, a, ins, shape) -> tuple[int, ...]:
