@@ -132,11 +132,12 @@ def run_sweep(uc, clf, data, perturbations, workers: int, workdir: Path):
 def reference_time(uc, clf, batches) -> tuple[float, float]:
     """Seconds to apply the sweep's perturbations alone, and to run the model alone on their outputs."""
     from trustcase.robustness import perturbations as P
+    from trustcase.seeding import item_seeds
     perturbed, t_pert = [], 0.0
     for name in PERTURBATIONS:
         pert = P.get(name, uc.model.value_range)
         for b in batches:
-            seeds = P.item_seeds(0, b.index)
+            seeds = item_seeds(0, "perturbation_sweep", b.ids, name)
             for a in [0.0, *pert.grid]:
                 t0 = time.perf_counter()
                 perturbed.append(pert.apply(b.images, a, seeds))
@@ -307,9 +308,11 @@ def albumentations_versions():
 
 def throughput(n: int) -> None:
     from trustcase.robustness import perturbations as P
+    from trustcase.seeding import item_seeds
     uc, _, data = setup(n)
-    x = next(iter(data.stream("test").batches(n))).images
-    seeds = P.item_seeds(0, np.arange(len(x)))
+    batch = next(iter(data.stream("test").batches(n)))
+    x = batch.images
+    seeds = item_seeds(0, "bench", batch.ids, "perturbations")
     refs, albu = references(), albumentations_versions()
 
     def rate(fn) -> float:

@@ -192,7 +192,8 @@ def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float
 
 
 def bench_attacks(n: int, model: Path | None = None) -> None:
-    from trustcase.robustness.attacks import attack
+    from trustcase.robustness.attacks import Budget, attack
+    from trustcase.seeding import item_seeds
     from trustcase.testing import black_box_of
 
     uc, clf, _, x, y = solar_cells(n, model)
@@ -214,8 +215,9 @@ def bench_attacks(n: int, model: Path | None = None) -> None:
         for g in grey:
             t = time.perf_counter()
             model = black_box_of(clf) if kind == "square" else clf  # Square through the real black-box wrapper
-            adv, fooled[name, g] = attack(kind, model, xt, yt, torch.full((n,), g), "linf", vr, steps, 2.5, restarts,
-                                          np.arange(n), apgd_steps, queries=1000)
+            adv, fooled[name, g] = attack(kind, model, xt, yt, torch.full((n,), g), "linf", vr,
+                                          Budget(steps, 2.5, restarts, apgd_steps, queries=1000),
+                                          item_seeds(0, "bench", range(n), kind))
             acc = float((clf.logits(adv.numpy()).argmax(1) == y).mean())  # the plain forward pass decides
             row += f"{acc:>10.3f}{time.perf_counter() - t:>9.1f}"
         print(row, flush=True)

@@ -17,6 +17,7 @@ from trustcase.data.streaming import DataSource, Item
 from trustcase.models.classifier import Classifier
 from trustcase.robustness import attacks as adv
 from trustcase.schemas import CheckSpec, Verdict
+from trustcase.seeding import item_seeds
 from trustcase.testing import black_box_of
 from trustcase.verdicts import judge
 
@@ -49,14 +50,17 @@ def linear_setup(n: int = 16, seed: int = 0):
     return clf, x, y, -margin, w_pix
 
 
+def seeds(n: int) -> np.ndarray:
+    return item_seeds(0, "test", range(n), "attack")
+
+
 def test_linear_model_minimal_distances_match_the_closed_form():
     clf, x, y, margin, w_pix = linear_setup()
     assert (margin > 0).all()
     for norm, dual in (("l2", w_pix.norm(p=2)), ("linf", w_pix.norm(p=1))):
         truth = (margin / dual).numpy()
-        seeds = np.arange(len(x))
         found = adv.minimal_distance("pgd", clf, x, y, norm, VR, max_distance=float(truth.max() * 2),
-                                     search_steps=12, steps=10, step_size=2.5, restarts=1, seeds=seeds)
+                                     search_steps=12, budget=adv.Budget(10, 2.5, 1), seeds=seeds(len(x)))
         # a witness exists at each distance found: it can never be below the true minimum
         assert (found >= truth * (1 - 1e-4)).all(), norm
         assert found == pytest.approx(truth, rel=0.02), norm
@@ -66,7 +70,8 @@ def test_fgsm_is_exact_on_a_linear_model_under_linf():
     clf, x, y, margin, w_pix = linear_setup()
     d = (margin / w_pix.norm(p=1)).numpy()
     eps = float(np.median(d))
-    x_adv, fooled = adv.attack("fgsm", clf, x, y, torch.full((len(x),), eps), "linf", VR, 1, 1.0, 1, np.arange(len(x)))
+    x_adv, fooled = adv.attack("fgsm", clf, x, y, torch.full((len(x),), eps), "linf", VR, adv.Budget(1, 1.0, 1),
+                               seeds(len(x)))
     clear = np.abs(d - eps) > 1e-3 * eps
     assert np.array_equal(fooled.numpy()[clear], (d < eps)[clear])
     assert (x_adv - x).abs().amax() <= eps + 1e-4
@@ -82,7 +87,8 @@ def test_attacks_stay_in_their_ball_and_in_the_value_range(norm):
     y = torch.tensor([0, 1] * 8)
     eps = torch.linspace(5, 120, len(x))
     for kind in ("fgsm", "pgd", "apgd", "auto", *(("square",) if norm == "linf" else ())):
-        x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, 7, 2.5, 2, np.arange(len(x)), apgd_steps=20, queries=50)
+        x_adv, _ = adv.attack(kind, clf, x, y, eps, norm, VR, adv.Budget(7, 2.5, 2, apgd_steps=20, queries=50),
+                              seeds(len(x)))
         assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 255
     x0 = torch.full((5, 3, 3), 100.0)
@@ -249,8 +255,7 @@ def test_quantile_interval_is_distribution_free():
 
 def robust_count(kind, clf, x, y, eps, norm, **budget):
     b = {"steps": 10, "step_size": 2.5, "restarts": 2, "apgd_steps": 100} | budget
-    x_adv, fooled = adv.attack(kind, clf, x, y, torch.full((len(x),), eps), norm, VR, b["steps"], b["step_size"],
-                               b["restarts"], np.arange(len(x)), b["apgd_steps"])
+    x_adv, fooled = adv.attack(kind, clf, x, y, torch.full((len(x),), eps), norm, VR, adv.Budget(**b), seeds(len(x)))
     assert (adv.norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-4).all()  # every witness is in its ball
     assert torch.equal(fooled, clf.forward(clf.to_input(x_adv)).argmax(1) != y)  # and re-checked
     return int((~fooled).sum()), fooled  # items the attack did not fool
@@ -326,8 +331,8 @@ def test_square_fools_a_linear_black_box():
     box = black_box_of(clf)
     d = (margin / w_pix.norm(p=1)).numpy()
     eps = float(np.quantile(d, 0.5)) * 1.5
-    x_adv, fooled = adv.attack("square", box, x, y, torch.full((len(x),), eps), "linf", VR, 1, 2.5, 1,
-                               np.arange(len(x)), queries=100)
+    x_adv, fooled = adv.attack("square", box, x, y, torch.full((len(x),), eps), "linf", VR,
+                               adv.Budget(1, 2.5, 1, queries=100), seeds(len(x)))
     assert fooled.float().mean() >= 0.25  # forward passes alone break the items within reach
     assert not fooled.numpy()[d > eps * (1 + 1e-4)].any()  # and never one out of reach
     assert (adv.norms(x_adv - x, "linf") <= eps + 1e-4).all()
@@ -363,3 +368,47 @@ def test_attack_region_decides_boxes_of_a_linear_model_exactly():
         assert torch.equal(fooled[clear], (worst < 0)[clear]), kind
         assert ((x_adv >= lo) & (x_adv <= hi)).all()
         assert torch.equal(adv._fooled(net(x_adv), label), fooled)  # each witness, and only they, fooled
+
+
+def test_attack_region_attacks_a_custom_output_condition_within_a_budget():
+    """A property's falsifier through the one engine: the loss is the excess of output 0 over a threshold, the hit
+    rule "output 0 >= threshold", the label unused. For a linear map the largest output 0 over a box is at its
+    corner sign(w0): the condition is reachable exactly when that corner reaches the threshold."""
+    g = torch.Generator().manual_seed(11)
+    net = torch.nn.Linear(6, 2).eval()
+    w0, b0 = net.weight.detach()[0], float(net.bias.detach()[0])
+    x = torch.randn(30, 6, generator=g)
+    width = torch.linspace(0.05, 2.0, 30)[:, None] * torch.rand(30, 6, generator=g)
+    lo, hi = x - width, x + width
+    top = torch.where(w0 > 0, hi, lo) @ w0 + b0  # the largest output 0 over each box
+    level = float(torch.quantile(top, 0.5))
+    clear = (top - level).abs() > 1e-3
+    label = torch.zeros(30, dtype=torch.long)
+
+    def loss(out, _):
+        return out[:, 0] - level
+
+    def hit(out, _):
+        return out[:, 0] >= level
+
+    for kind, budget in (("pgd", adv.Budget(steps=20, step_size=2.5, restarts=1, decay=True)),
+                         ("apgd", adv.Budget(restarts=1, apgd_steps=30)), ("auto", adv.Budget(restarts=1))):
+        x_adv, fooled = adv.attack_region(kind, net, x, label, lo, hi, budget, hit=hit, loss=loss)
+        assert torch.equal(fooled[clear], (top >= level)[clear]), kind
+        assert ((x_adv >= lo) & (x_adv <= hi)).all()
+        with torch.no_grad():
+            assert torch.equal(hit(net(x_adv), label), fooled), kind  # each witness, and only they, meet it
+    # a spent budget starts no step: nothing is attacked
+    x_adv, fooled = adv.attack_region("auto", net, x, label, lo, hi, adv.Budget(deadline=0.0), hit=hit, loss=loss)
+    assert not fooled.any() and torch.equal(x_adv, x)
+
+
+def test_random_starts_follow_the_item_not_its_position():
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    lo, hi = x - 0.5, x + 0.5
+    s = adv._seeds(x, None, "pgd")
+    assert np.array_equal(adv._seeds(x.flip(0), None, "pgd"), s[::-1])  # default: from each item's content
+    a = adv.random_point(x, lo, hi, None, "linf", s, restart=1)
+    b = adv.random_point(x.flip(0), lo.flip(0), hi.flip(0), None, "linf", s[::-1], restart=1)
+    assert torch.equal(a, b.flip(0)) and ((a >= lo) & (a <= hi)).all()
+    assert not torch.equal(a, adv.random_point(x, lo, hi, None, "linf", s, restart=2))

@@ -221,14 +221,6 @@ def test_smoothing_is_independent_of_batch_size_and_batch():
     assert not np.array_equal(a[2], c[2])
 
 
-def test_item_seeds_follow_the_item():
-    s = S.item_seeds(3, "estimate", ["a", "b", "c"])
-    assert s[1] == S.item_seeds(3, "estimate", ["b"])[0]
-    assert len(set(s.tolist())) == 3 and (s >= 0).all()
-    assert S.item_seeds(4, "estimate", ["a"])[0] != s[0] and S.item_seeds(3, "select", ["a"])[0] != s[0]
-    assert math.isfinite(float(s.max()))
-
-
 # --- closed forms of the radii and of PREDICT (mutation survivors) ------------------------------------
 
 def test_certified_radii_closed_forms():

@@ -25,8 +25,9 @@ from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.explore import Lab, Store, build, create_app
 from trustcase.explore.lab import MAX_UPLOAD_BYTES
-from trustcase.robustness.perturbations import PERTURBATIONS, get, item_seeds
+from trustcase.robustness.perturbations import PERTURBATIONS, get
 from trustcase.schemas import load_use_case
+from trustcase.seeding import item_seeds
 
 LAB = "http://127.0.0.1:8765"  # the lab answers only to the names it was started for (Host header)
 
@@ -266,7 +267,7 @@ def test_perturbation_slider_is_the_perturbation_and_the_model(client, assessed)
     assert zero["probabilities"] == client.get("/api/look?src=test:7").json()["probabilities"]
     r = client.post("/api/perturb", json={"src": "test:7", "name": "dead_columns", "amplitude": 3}).json()
     p = get("dead_columns", lab.uc.model.value_range)
-    x = p.apply(inp.pixels[None].astype(np.float32), 3, item_seeds(lab.seed, np.zeros(1)))[0]
+    x = p.apply(inp.pixels[None].astype(np.float32), 3, item_seeds(lab.seed, "lab", [inp.name], "dead_columns"))[0]
     assert r["image"] == "data:image/png;base64," + __import__("base64").b64encode(lab.picture(x)).decode()
     direct = torch.softmax(torch.from_numpy(lab.model.logits(x[None])), 1)[0].numpy()
     assert np.allclose(list(r["probabilities"].values()), direct, atol=1e-6)

@@ -79,10 +79,12 @@ def test_descriptors_on_images_with_known_values():
 
 def test_blur_lowers_sharpness_monotonically():
     img = np.random.default_rng(1).uniform(0, 255, (1, 64, 64, 1)).astype(np.uint8)
-    from trustcase.robustness.perturbations import get, item_seeds
+    from trustcase.robustness.perturbations import get
+    from trustcase.seeding import item_seeds
 
     blur = get("gaussian_blur", (0.0, 255.0))
-    s = [I.laplacian_variance(blur.apply(img, a, item_seeds(0, np.arange(1))))[0] for a in (0, 0.5, 1, 2, 3)]
+    seeds = item_seeds(0, "test", [0], "gaussian_blur")
+    s = [I.laplacian_variance(blur.apply(img, a, seeds))[0] for a in (0, 0.5, 1, 2, 3)]
     assert all(a > b for a, b in zip(s, s[1:], strict=False))
 
 

@@ -12,6 +12,7 @@ from trustcase.checks import CheckError, build
 from trustcase.data import images
 from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckSpec
+from trustcase.seeding import item_seeds
 
 CATALOGUE = sorted(P.PERTURBATIONS)
 FORMATS = {  # dtype, value range, channels
@@ -57,7 +58,7 @@ def texture(n: int = 3, size: int = 48) -> np.ndarray:
 
 
 def seeds(n: int, seed: int = 0) -> np.ndarray:
-    return P.item_seeds(seed, np.arange(n))
+    return item_seeds(seed, "test", range(n), "perturbation")
 
 
 # --- conformance: every perturbation, every input format -----------------------------------------------

@@ -33,6 +33,21 @@ _NUMPY_SCALAR = re.compile(r"\bnp\.(?:u?int\d*|float\d*|bool_?|str_|bytes_|compl
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def validation_problems(e) -> list[tuple[tuple, str]]:
+    """(location, message) of each problem of a pydantic `ValidationError`, worded for a reader (pydantic's
+    "Value error, " prefix dropped); for callers that locate each problem (a YAML line, a plan entry)."""
+    return [(tuple(d["loc"]), d["msg"].removeprefix("Value error, ")) for d in e.errors()]
+
+
+def validation_message(e, whole: str = "value", limit: int | None = None) -> str:
+    """A pydantic `ValidationError` as one line, 'where: message; where: message' (`whole` names a problem of
+    the whole value, which has no location); at most `limit` problems, then how many more."""
+    problems = validation_problems(e)
+    shown = problems if limit is None else problems[:limit]
+    text = "; ".join(f"{'.'.join(map(str, loc)) or whole}: {msg}" for loc, msg in shown)
+    return text + (f" (and {len(problems) - len(shown)} more)" if len(shown) < len(problems) else "")
+
+
 def plain(text: str) -> str:
     """A message as a reader writes its values (`0`, not `np.int64(0)`), without terminal colour codes."""
     return _NUMPY_SCALAR.sub(r"\1", _ANSI.sub("", text))

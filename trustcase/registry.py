@@ -4,19 +4,66 @@ One mechanism for checks, perturbations and attribution methods: a built-in regi
 `pyproject.toml` (`[project.entry-points."trustcase.checks"]` and friends) exactly as a partner's own
 package does in its own metadata, so the module that defines a protocol never imports its
 implementers. A plan may also name an unregistered class as 'module:Class'.
+
+`resolve` is the one way a use case's 'module:attr' reference (loader, model factory, black-box entry,
+training entry, partner check, region function) becomes an object: `pkgutil.resolve_name` behind one error
+mapping, so that a missing module, a missing attribute and a module whose own code raises while it is
+imported are each one located user error of the caller's kind (`DataError` for a loader, `ModelError` for a
+factory, ...).
 """
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
+import sys
+import traceback
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
 
 from trustcase.errors import UserError
 
 
 class RegistryError(UserError, ValueError):
     """An unknown name, or a reference that is not an implementation of the protocol."""
+
+
+def resolve(ref: str, folder: Path | str | None = None, what: str = "reference",
+            error: type[UserError] = RegistryError) -> Any:
+    """The object 'module:attr' names, imported with `folder` (a use case's or partner's folder) first on
+    sys.path. Every failure is an `error` that starts with `what` (where the reference sits, e.g.
+    "data.loader") and names the reference, and says which of three went wrong: no such module, no such
+    attribute, or the module's own code raised on import (with the file and line where it did)."""
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    module, colon, attr = ref.partition(":")
+    if not (colon and module and attr):
+        raise error(f"{what}: {ref!r} is not a 'module:attribute' reference")
+    try:
+        return pkgutil.resolve_name(ref)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            raise error(f"{what}: cannot import module {module!r} of {ref!r}: {e}") from None
+        raise error(f"{what}: importing module {module!r} of {ref!r} raised {_located(e)}") from None
+    except Exception as e:  # a partner's module runs code at import: what it raises is theirs, said where
+        if not _partners(e) and isinstance(e, AttributeError):  # the lookup itself
+            raise error(f"{what}: module {module!r} has no attribute {attr!r} (from {ref!r})") from None
+        if not _partners(e) and isinstance(e, ValueError):
+            raise error(f"{what}: {ref!r} is not a 'module:attribute' reference") from None
+        raise error(f"{what}: importing module {module!r} of {ref!r} raised {_located(e)}") from None
+
+
+def _partners(e: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of the imported code (outside this module, Python's import machinery and pkgutil)."""
+    return [f for f in traceback.extract_tb(e.__traceback__)
+            if f.filename != __file__ and "importlib" not in f.filename and not f.filename.endswith("pkgutil.py")]
+
+
+def _located(e: BaseException) -> str:
+    """'Type: message (file:line)', at the last frame of the imported code."""
+    frames = _partners(e)
+    return f"{type(e).__name__}: {e}" + (f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else "")
 
 
 class Registry(Mapping[str, type]):
@@ -54,15 +101,5 @@ class Registry(Mapping[str, type]):
         if name in self._entry_points():
             return self[name]
         if ":" in name:
-            module, _, attr = name.partition(":")
-            try:
-                cls = getattr(importlib.import_module(module), attr)
-            except ModuleNotFoundError as e:
-                raise RegistryError(f"cannot import module {module!r} of {name!r}: {e}") from None
-            except AttributeError:
-                raise RegistryError(f"module {module!r} has no attribute {attr!r} (from {name!r})") from None
-            except Exception as e:  # a partner's module runs code at import: what it raises is theirs
-                raise RegistryError(f"importing module {module!r} of {name!r} raised {type(e).__name__}: {e}") \
-                    from None
-            return self._checked(cls, repr(name))
+            return self._checked(resolve(name, what=self.what), repr(name))
         raise RegistryError(f"unknown {self.what} {name!r}; known: {sorted(self)} or 'module:Class'")

@@ -116,7 +116,7 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
         # the adversarial check's engine (FGSM, PGD, then APGD), a tie counting as a change of class
         adv, fooled = attack_region("auto", forward, start.float(), label, lo32, hi32,
                                     Budget(restarts=restarts, apgd_steps=apgd_steps), seeds=np.array([item_seed]),
-                                    seed=seed, hit=_fooled)
+                                    hit=_fooled)
         return falsified(adv, "attack engine (FGSM, PGD, APGD)") if fooled.any() else None
 
     with torch.no_grad():

@@ -29,7 +29,6 @@ training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, p
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from scipy import stats
 from trustcase.certification.rounding import gamma
 from trustcase.measurement import clopper_pearson_lower
 from trustcase.models.classifier import Classifier
+from trustcase.seeding import content_id, item_seeds
 
 ABSTAIN = -1
 # Relative error allowed for pA = the inverse incomplete beta (scipy: Boost's ibeta_inv, Newton/Halley on the
@@ -66,12 +66,6 @@ def noise_step(model: Classifier) -> torch.Tensor:
     shape = model.spec.input_shape
     probe = np.zeros((1, *shape[1:], shape[0]) if len(shape) > 1 else (1, shape[0]), np.float32)
     return model.to_input(probe + 1) - model.to_input(probe)
-
-
-def item_seeds(seed: int, salt: str, ids) -> np.ndarray:
-    """One seed per item from (seed, salt, item id): draws follow the item, not its batch or position."""
-    return np.array([int.from_bytes(hashlib.sha256(f"{int(seed)}|{salt}|{i}".encode()).digest()[:8], "little")
-                     >> 1 for i in ids], dtype=np.int64)
 
 
 NOISE_BLOCK = 64  # noise is drawn per item in blocks of this many samples, whatever the forward batch
@@ -116,17 +110,18 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
 
 
 def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, alpha: float,
-            batch_size: int = 256, seed: int = 0, ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            batch_size: int = 256, seed: int = 0, ids=None, check: str = "randomized_smoothing",
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CERTIFY of Cohen et al. for a batch of pixel-space inputs: (class or -1, radius, pA lower bound).
 
-    Noise follows (seed, item id) (`ids`, default the positions in x): the same item gets the same
-    certificate in any batch and at any `batch_size`.
+    Noise follows (seed, check, item id, stream) (`trustcase.seeding`; `ids` default: each item's content):
+    the same item gets the same certificate in any batch and at any `batch_size`.
     """
     _validate(sigma, alpha, batch_size, n0=n0, n=n)
-    ids = range(len(x)) if ids is None else ids
-    guess = sample_counts(model, x, n0, sigma, batch_size, item_seeds(seed, "select", ids)).argmax(1)
+    ids = [content_id(v) for v in x] if ids is None else ids
+    guess = sample_counts(model, x, n0, sigma, batch_size, item_seeds(seed, check, ids, "select")).argmax(1)
     # a separate draw: the selection is not reused
-    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, "estimate", ids))
+    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, check, ids, "estimate"))
     p_a, radius = certified_radius(counts[np.arange(len(guess)), guess], n, alpha, sigma)
     return np.where(p_a >= 0.5, guess, ABSTAIN), radius, p_a
 
@@ -140,11 +135,12 @@ def certified_radius(n_a: np.ndarray, n: int, alpha: float, sigma: float) -> tup
 
 
 def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: float, batch_size: int = 256,
-            seed: int = 0, ids=None) -> np.ndarray:
-    """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha."""
+            seed: int = 0, ids=None, check: str = "randomized_smoothing") -> np.ndarray:
+    """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha
+    (noise seeded as in `certify`)."""
     _validate(sigma, alpha, batch_size, n=n)
-    ids = range(len(x)) if ids is None else ids
-    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, "predict", ids))
+    ids = [content_id(v) for v in x] if ids is None else ids
+    counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, check, ids, "predict"))
     order = np.argsort(-counts, axis=1, kind="stable")
     rows = np.arange(len(counts))
     n_a, n_b = counts[rows, order[:, 0]], counts[rows, order[:, 1]]

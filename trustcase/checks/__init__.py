@@ -17,7 +17,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trustcase.data.streaming import DataSource
-from trustcase.errors import CheckError, Unsupported
+from trustcase.errors import CheckError, Unsupported, validation_message
 from trustcase.models.classifier import Classifier
 from trustcase.registry import Registry, RegistryError
 from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, Requirement, Stage, UseCase
@@ -130,8 +130,7 @@ def build(spec: CheckSpec, index: int | None = None) -> Check:
                              f"(one of {', '.join(Stage)})")
         return cls(cls.Params.model_validate(spec.params))
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise CheckError(f"{where} ({spec.check}).params: {msgs}") from None
+        raise CheckError(f"{where} ({spec.check}).params: {validation_message(e)}") from None
     except (CheckError, ValueError) as e:
         raise CheckError(f"{where}: {e}") from None
 

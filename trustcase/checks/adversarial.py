@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from trustcase import seeding
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import estimate, proportion
 from trustcase.performance import Tally
@@ -17,6 +18,7 @@ from trustcase.robustness.attacks import (
     ATTACKS,
     BLACK_BOX,
     DEFAULT_EPS,
+    Budget,
     Norm,
     _predict,
     apgd_runs,
@@ -24,7 +26,6 @@ from trustcase.robustness.attacks import (
     minimal_distance,
     quantile_interval,
 )
-from trustcase.robustness.perturbations import item_seeds
 from trustcase.robustness.sweep import breaking, curve
 from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
 
@@ -125,6 +126,7 @@ class Adversarial(Check):
         dist: list[np.ndarray] = []
         cap = p.max_distance.get(norm, 2 * grid[-1])
         search = p.distance and kind in SEARCHED
+        budget = Budget(p.steps, p.step_size, p.restarts, p.apgd_steps, p.queries)
         seen = 0
         for batch in ctx.batches(p.split, p.batch_size):
             if seen >= p.max_items:
@@ -133,17 +135,15 @@ class Adversarial(Check):
             x = torch.as_tensor(batch.images[take]).float()
             y = torch.as_tensor(batch.labels[take])
             meta = {k: v[take] for k, v in batch.meta.items()}
-            seeds = item_seeds(ctx.seed, batch.index[take])
+            seeds = seeding.item_seeds(ctx.seed, self.name, batch.ids[take], name)
             clean_ok = _predict(ctx.model, x) == y
             correct_clean += int(clean_ok.sum())
             for j, e in enumerate(grid):
-                adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, p.steps,
-                                     p.step_size, p.restarts, seeds, p.apgd_steps, p.queries)
+                adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, budget, seeds)
                 tallies[j].update(ctx.model.logits(adv.numpy()), y.numpy(), meta, ids=batch.ids[take])
                 fooled_correct[j] += int((fooled & clean_ok).sum())
             if search:
-                dist.append(minimal_distance(kind, ctx.model, x, y, norm, vr, cap, p.search_steps, p.steps,
-                                             p.step_size, p.restarts, seeds, p.apgd_steps))
+                dist.append(minimal_distance(kind, ctx.model, x, y, norm, vr, cap, p.search_steps, budget, seeds))
             seen += len(x)
 
         ms: list[Measurement] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field, field_validator
 
+from trustcase import seeding
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import auroc, estimate, proportion
 from trustcase.models.blackbox import BlackBox, _meta_rows, deletion_drops
@@ -83,8 +84,8 @@ class ComponentOutputs(Check):
             has_ood &= out.ood_scores is not None
             if has_ood:
                 ood_clean.append(out.ood_scores)
-                seeds = P.item_seeds(ctx.seed, batch.index)
                 for name, a in p.ood_perturbations.items():
+                    seeds = seeding.item_seeds(ctx.seed, self.name, batch.ids, name)
                     x = P.get(name, uc.model.value_range).apply(batch.images, a, seeds)
                     s = model.outputs(x, _meta_rows(batch.meta, len(batch)), batch.ids).ood_scores
                     ood_pert[name].append(s if s is not None else np.full(len(batch), np.nan))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.data import images as I
 from trustcase.explain import attribution as A
@@ -121,13 +122,15 @@ class GlobalExplanations(Check):
         for batch in ctx.batches(p.split):
             for j, i in enumerate(batch.index):
                 if int(i) in wanted:
-                    got[int(i)] = (batch.images[j], int(batch.labels[j]), {k: v[j] for k, v in batch.meta.items()})
+                    got[int(i)] = (batch.images[j], int(batch.labels[j]), {k: v[j] for k, v in batch.meta.items()},
+                                  batch.ids[j])
         index = np.array(sorted(got))
         images = np.stack([got[i][0] for i in index])
         labels = np.array([got[i][1] for i in index])
+        ids = [got[i][3] for i in index]
         meta = {k: [got[i][2].get(k) for i in index] for k in got[int(index[0])][2]}
         x = ctx.model.to_input(images)
-        preds = ctx.model.logits(images, [str(i) for i in index]).argmax(axis=1)
+        preds = ctx.model.logits(images, ids).argmax(axis=1)
         scope = Scope(split=p.split)
         out, limitations, artefacts = [], [], []
 
@@ -149,7 +152,8 @@ class GlobalExplanations(Check):
             concept_sets[b] = x[rng.permutation(sel)[:size]]
         for name, amp in p.concepts.perturbations.items():
             sel = rng.permutation(len(images))[:size]
-            pert = perts[name].apply(images[sel], amp, P.item_seeds(ctx.seed, index[sel]))
+            seeds = seeding.item_seeds(ctx.seed, self.name, [ids[k] for k in sel], name)
+            pert = perts[name].apply(images[sel], amp, seeds)
             concept_sets[f"{name}@{amp:g}"] = ctx.model.to_input(pert)
         small = [k for k, v in concept_sets.items() if len(v) < 6]
         for k in small:
@@ -214,7 +218,7 @@ class GlobalExplanations(Check):
         # --- the representation map ---
         summary_map = None
         if p.representation:
-            summary_map = self._map(ctx, net, p, x, images, labels, preds, index, meta, perts, names, limitations)
+            summary_map = self._map(ctx, net, p, x, images, labels, preds, ids, meta, perts, names, limitations)
             if summary_map:
                 artefacts.append(ctx.artefact(ctx.workdir / "representation.png", "image"))
         return CheckOutcome(
@@ -263,7 +267,7 @@ class GlobalExplanations(Check):
             f"rows: channels {channels} of layer {layer}; columns: visualisation, activation map of the first "
             f"sample item, then the {self.params.top_images} test items that activate the channel most\n")
 
-    def _map(self, ctx, net, p, x, images, labels, preds, index, meta, perts, names, limitations):
+    def _map(self, ctx, net, p, x, images, labels, preds, ids, meta, perts, names, limitations):
         uc = ctx.use_case
         name = p.perturbation or next(iter(p.concepts.perturbations), None)
         pert = None
@@ -281,12 +285,12 @@ class GlobalExplanations(Check):
         if pert is not None:
             grid = [a for a in (p.amplitudes or list(pert.grid)) if a > 0]
             top = max(grid)
-            seeds = P.item_seeds(ctx.seed, index)
+            seeds = seeding.item_seeds(ctx.seed, self.name, ids, name)
             moved = pert.apply(images, top, seeds)
             mx = ctx.model.to_input(moved)
             groups["perturbed"] = np.concatenate([R.features(net, mx[s:s + p.batch_size])
                                                   for s in range(0, len(mx), p.batch_size)])
-            mpred = ctx.model.logits(moved, [str(i) for i in index]).argmax(axis=1)
+            mpred = ctx.model.logits(moved, ids).argmax(axis=1)
             kinds += [f"{name}@{top:g}"] * len(x)
             cls += cls
             correct += ["correct" if a == b else "wrong" for a, b in zip(labels, mpred)]

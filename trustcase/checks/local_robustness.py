@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from trustcase import seeding
 from trustcase.certification import bounds as B
 from trustcase.certification import graph as G
 from trustcase.certification.local_robustness import VERDICTS, change_property, decide, verify_ball
@@ -109,7 +110,8 @@ class LocalRobustness(Check):
                             verdicts[r] = verify_ball(layers, forward, prop, p.timeout, ctx.seed)
                             continue
                         box = [model.to_input(v[None]).double() for v in (x, lower, upper)]
-                        out = decide(graph, model.module, *box, c, p.timeout, ctx.seed, item_seed=len(rows),
+                        out = decide(graph, model.module, *box, c, p.timeout, ctx.seed,
+                                     item_seed=seeding.item_seed(ctx.seed, self.name, batch.ids[k], "attack"),
                                      limit=p.refine, prove="unknown" not in verdicts.values())
                         verdicts[r] = out["verdict"]
                         details.append({"item": batch.ids[k], "radius": r, **{key: out.get(key) for key in (

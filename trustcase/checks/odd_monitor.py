@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator, model_validator
 
+from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.measurement import clopper_pearson, estimate, proportion
 from trustcase.models.classifier import sha256_file
@@ -144,12 +145,13 @@ class OddMonitor(Check):
             inside = d.spec.states.max(axis=1, initial=0) < odd.State.OUT
             if not inside.any():
                 continue
-            imgs, labels, ids = batch.images[inside], batch.labels[inside], batch.index[inside]
+            imgs, labels = batch.images[inside], batch.labels[inside]
+            ids = [i for i, k in zip(batch.ids, inside, strict=True) if k]
             meta = {k: _pick(v, inside) for k, v in batch.meta.items()}
-            seeds = P.item_seeds(ctx.seed, ids)
             d0 = _subset(d, inside)
             base.add(d0, labels)
             for n, grid in grids.items():
+                seeds = seeding.item_seeds(ctx.seed, self.name, ids, n)
                 for j, a in enumerate(grid):
                     cells[n][j].add(d0 if a == 0 else monitor.evaluate(perts[n].apply(imgs, a, seeds), meta), labels)
         return self._outcome(ctx, p, monitor, path, grids, perts, clean, base, cells, conf, limitations)

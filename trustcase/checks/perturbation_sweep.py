@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
+from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.measurement import proportion
 from trustcase.performance import Tally, rate_metrics
@@ -110,7 +111,7 @@ class PerturbationSweep(Check):
         example: list[np.ndarray] = []
         keep = p.strip and not uc.confidential
         for batch in ctx.batches(p.split, p.batch_size):
-            seeds = P.item_seeds(ctx.seed, batch.index)
+            seeds = seeding.item_seeds(ctx.seed, self.name, batch.ids, key)
             pick = None
             if keep and not example:  # an item of the critical class if the first batch has one
                 crit = np.flatnonzero(batch.labels == uc.critical_index)

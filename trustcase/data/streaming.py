@@ -13,8 +13,6 @@ a loader raises is a user error naming the loader and the call.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trustcase.errors import UserError
+from trustcase.registry import resolve
 from trustcase.schemas import DataSpec, ModelSpec
 
 MAX_PIXELS = 50_000_000  # an image file over this is refused from its header, before it is decoded
@@ -125,23 +124,6 @@ class Unreadable:
     id: str
     error: str
     kind: str = "unreadable"  # or what the contract refused: shape, dtype, non_finite
-
-
-def resolve(ref: str, extra_path: Path | None = None) -> Any:
-    """Import 'module:attr', optionally from a partner's folder outside the repository."""
-    if extra_path is not None and str(extra_path) not in sys.path:
-        sys.path.insert(0, str(extra_path))
-    module, _, attr = ref.partition(":")
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise DataError(f"cannot import module {module!r} of {ref!r}: {e}") from None
-    except Exception as e:  # the partner's module runs code at import: whatever it raises is theirs
-        raise DataError(f"importing module {module!r} of {ref!r} raised {type(e).__name__}: {e}") from None
-    try:
-        return getattr(found, attr)
-    except AttributeError:
-        raise DataError(f"module {module!r} has no attribute {attr!r} (from {ref!r})") from None
 
 
 def _as_hwc(image: np.ndarray) -> np.ndarray:
@@ -251,7 +233,7 @@ class DataSource:
         self.expected = expected_shape(model) if model is not None else None
         self.n_classes = len(model.class_names) if model is not None else None
         loader = BUILTIN_LOADERS.get(spec.loader)
-        self.loader = loader or resolve(spec.loader, spec.path)
+        self.loader = loader or resolve(spec.loader, spec.path, "loader", DataError)
         if not callable(self.loader):
             raise DataError(f"data.loader {spec.loader!r} is not callable")
         self._streams: dict[str, SplitStream] = {}

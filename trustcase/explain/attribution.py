@@ -41,7 +41,6 @@ registered by its own entry point; the model surgery in `explain/network.py`.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trustcase.errors import Unsupported
+from trustcase.errors import Unsupported, validation_message
 from trustcase.explain.network import Network, Neuron
 from trustcase.registry import Registry
 
@@ -97,8 +96,7 @@ def options_for(method: str, options: dict | None = None) -> Options:
     try:
         return cls.Options.model_validate(options or {})
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ValueError(f"{method} options: {msgs}") from None
+        raise ValueError(f"{method} options: {validation_message(e)}") from None
 
 
 def make(net: Network, method: str | type[Method], options: dict | Options | None = None) -> Method:
@@ -137,14 +135,11 @@ def attribute(net: Network, method: str | Method, x: torch.Tensor, target: torch
     return Attribution(out.maps.detach(), None if out.delta is None else out.delta.detach())
 
 
-def _item_seed(base: int, x: torch.Tensor) -> int:
-    """A seed per item from its content: the same maps for an item whatever batch it comes in."""
-    h = hashlib.blake2b(x.detach().numpy().tobytes(), digest_size=8, key=base.to_bytes(8, "little"))
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
-
-
 def _base_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)))  # from the caller's seeded RNG
+    """The call's seed, from the caller's seeded RNG; a method's per-item draws then follow
+    `seeding.item_seed(_base_seed(), method, seeding.content_id(item), stream)`: the same maps for an item
+    whatever batch it comes in."""
+    return int(torch.randint(0, 2**31 - 1, (1,)))
 
 
 def _batched(fn, x: torch.Tensor, target: torch.Tensor, per: int) -> torch.Tensor:

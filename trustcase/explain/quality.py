@@ -41,9 +41,10 @@ from captum.metrics import infidelity, sensitivity_max
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import stats
 
-from trustcase.data.streaming import resolve
+from trustcase.errors import CheckError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
+from trustcase.registry import resolve
 from trustcase.schemas import Interval
 
 
@@ -265,7 +266,8 @@ class Region(BaseModel):
     def masks(self, images: np.ndarray, ids: list[str], meta: dict[str, list[str]]) -> np.ndarray:
         b, h, w = images.shape[:3]
         if self.rule == "function":
-            m = np.asarray(resolve(self.function)(images, ids, meta), dtype=bool)
+            function = resolve(self.function, what="region function", error=CheckError)
+            m = np.asarray(function(images, ids, meta), dtype=bool)
             if m.shape != (b, h, w):
                 raise ValueError(f"region function {self.function} returned masks of shape {m.shape}, "
                                  f"expected {(b, h, w)}")

@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
 from trustcase.checks import REGISTRY
-from trustcase.errors import Unsupported
+from trustcase.errors import Unsupported, validation_message
 from trustcase.explore.jobs import Jobs
 from trustcase.explore.lab import MAX_UPLOAD_BYTES, Lab, LabError, data_url
 from trustcase.explore.store import Store, StoreError
@@ -172,9 +172,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
-        msgs = "; ".join(f"{'.'.join(str(x) for x in m['loc'] if x != 'body') or 'body'}: {m['msg']}"
-                         for m in e.errors())
-        return error(request, 422, f"invalid request: {msgs}")
+        return error(request, 422, f"invalid request: {validation_message(e, 'body')}")
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):  # the server keeps serving; the page says what broke

@@ -29,8 +29,9 @@ from trustcase.models.classifier import sha256_file
 from trustcase.models.loading import load_classifier
 from trustcase.odd import Monitor, MonitorError, SpecificationMonitor
 from trustcase.registry import RegistryError
-from trustcase.robustness.perturbations import PERTURBATIONS, PerturbationError, get, item_seeds
+from trustcase.robustness.perturbations import PERTURBATIONS, PerturbationError, get
 from trustcase.schemas import UseCase
+from trustcase.seeding import item_seeds
 
 MAX_UPLOAD_BYTES = 20 << 20
 MAX_UPLOAD_PIXELS = 4096 * 4096  # refused from the header, before any pixel is decoded
@@ -445,7 +446,7 @@ class Lab:
             p = get(name, self.uc.model.value_range, **(options or {}))
             a = p.validate(amplitude)
             p.check_shape(inp.pixels.shape, [a])
-            x = p.apply(inp.pixels[None].astype(np.float32), a, item_seeds(self.seed, np.zeros(1)))[0]
+            x = p.apply(inp.pixels[None].astype(np.float32), a, item_seeds(self.seed, "lab", [inp.name], name))[0]
         except PerturbationError as e:
             raise LabError(str(e), 404 if "unknown perturbation" in str(e) else 422) from None
         look = self.look(Input(x, inp.meta, inp.label, inp.name))

@@ -46,7 +46,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 
 from trustcase.checks import Context, build
-from trustcase.data.streaming import DataSource, resolve
+from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import Relevance, assign, cluster, cluster_radii, collect_errors, hudd_selection
@@ -57,6 +57,7 @@ from trustcase.flows.preflight import import_paths
 from trustcase.measurement import proportion
 from trustcase.models.classifier import ModelError, sha256_file
 from trustcase.models.loading import load_classifier
+from trustcase.registry import resolve
 from trustcase.reports import improvement as report
 from trustcase.schemas import (
     Assessment,
@@ -86,10 +87,7 @@ def training_entry(uc: UseCase, use_case_path: Path):
         raise ImproveError(f"{use_case_path}: no 'training' section: name the function that trains a version "
                            "(training: {entry: module:function}, see docs/architecture.md, the training contract)")
     import_paths(uc, use_case_path)
-    try:
-        fn = resolve(uc.training.entry, uc.data.path)
-    except Exception as e:
-        raise ImproveError(f"training.entry {uc.training.entry!r}: {e}") from None
+    fn = resolve(uc.training.entry, uc.data.path, "training.entry", ImproveError)
     if not callable(fn):
         raise ImproveError(f"training.entry {uc.training.entry!r} is not a function")
     params = [p for p in inspect.signature(fn).parameters.values()

@@ -22,11 +22,13 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from trustcase.checks import REGISTRY, Check, CheckError, Produces, check_class
-from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, judge_label, resolve
+from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, judge_label
+from trustcase.errors import validation_message, validation_problems
 from trustcase.models.classifier import ModelError
 from trustcase.models.loading import BLACK_BOXES, load_classifier
 from trustcase.odd.monitor import MonitorError
 from trustcase.odd.specification import Limit
+from trustcase.registry import resolve
 from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
 from trustcase.schemas.loading import locator
 from trustcase.schemas.use_case import SEEDS
@@ -93,8 +95,8 @@ def plan(uc: UseCase, add: Add) -> list[Declared]:
             params = cls.Params.model_validate(spec.params)
             cls(params)
         except ValidationError as e:
-            for err in e.errors():
-                add((*loc, "params", *err["loc"]), err["msg"].removeprefix("Value error, "))
+            for where, msg in validation_problems(e):
+                add((*loc, "params", *where), msg)
             continue
         except (CheckError, ValueError) as e:
             add((*loc, "params"), str(e))
@@ -177,9 +179,10 @@ def model(uc: UseCase, add: Add) -> None:
     spec = uc.model
     if spec.factory:
         try:
-            if not add_arguments(resolve(spec.factory), spec.factory_args, 0, ("model", "factory_args"), add):
+            factory = resolve(spec.factory, what="model factory", error=ModelError)
+            if not add_arguments(factory, spec.factory_args, 0, ("model", "factory_args"), add):
                 return  # building the module with arguments it does not take would only repeat the problem
-        except DataError as e:
+        except ModelError as e:
             add(("model", "factory"), str(e))
             return
     if spec.format not in BLACK_BOXES and not Path(spec.path).is_file():
@@ -272,7 +275,7 @@ def add_arguments(fn, args: dict, skip: int, loc: tuple, add: Add) -> bool:
             adapter.validate_python(value)
         except ValidationError as e:
             hint = getattr(hints[key], "__name__", str(hints[key]))
-            add((*loc, key), f"{value!r} does not fit {title}'s {key}: {hint} ({e.errors()[0]['msg']})")
+            add((*loc, key), f"{value!r} does not fit {title}'s {key}: {hint} ({validation_message(e)})")
             ok = False
     for p in named.values():
         if p.default is p.empty and p.name not in args:

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustcase.data.streaming import DataError, resolve
 from trustcase.models.classifier import Classifier, ModelError
+from trustcase.registry import resolve
 from trustcase.schemas import ModelSpec
 
 UNKNOWN = "UNKNOWN"
@@ -130,10 +130,7 @@ def validate_answer(answer, batch: int, class_names: list[str], image_hw: tuple[
 
 def _import(spec: ModelSpec):
     folder = Path(spec.path) if Path(spec.path).is_dir() else Path(spec.path).parent
-    try:
-        return resolve(spec.entry, folder)
-    except DataError as e:  # resolve speaks of data; here it is the model
-        raise ModelError(f"model.entry: {e}") from None
+    return resolve(spec.entry, folder, "model entry", ModelError)
 
 
 class BlackBox(Classifier):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from trustcase.data.streaming import resolve
 from trustcase.models.blackbox import load_black_box
 from trustcase.models.classifier import Classifier, ModelError, probe
+from trustcase.registry import resolve
 from trustcase.schemas import ModelSpec
 
 
@@ -19,7 +19,7 @@ def _torchscript(spec: ModelSpec) -> Classifier:
 
 
 def _state_dict(spec: ModelSpec) -> Classifier:
-    module = resolve(spec.factory)(**spec.factory_args)
+    module = resolve(spec.factory, what="model factory", error=ModelError)(**spec.factory_args)
     state = torch.load(spec.path, map_location="cpu", weights_only=not spec.allow_pickle)
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()

@@ -1,6 +1,11 @@
 """Adversarial robustness under L-inf and L2: FGSM, PGD, APGD (Croce & Hein 2020), Square (black box) and the
-engine `auto` (FGSM, then PGD, then APGD, AutoAttack's recipe), behind one `attack(kind, ...)`; per-item
-minimal adversarial distances.
+engine `auto` (FGSM, then PGD, then APGD, AutoAttack's recipe), behind one call on any input region,
+`attack_region(kind, forward, x, label, lo, hi, budget, loss=..., hit=...)`, and its pixel-unit wrapper for a
+classifier, `attack(kind, clf, x, y, eps, norm, value_range, budget, seeds)`; per-item minimal adversarial
+distances. How hard an attack tries is one `Budget` (steps, restarts, APGD steps, queries, step schedule,
+deadline); what it attacks is a `loss` to increase and a `hit` rule (default: the cross-entropy / AutoAttack's
+losses, and "the arg max is not the label"), so a property's output condition is attacked by the same code.
+Random starts and Square's draws follow each item's seed (`trustcase.seeding`).
 
 Why APGD and not torchattacks: torchattacks 3.5.1 requires torchvision and pins requests~=2.25.1, clamps to
 [0, 1] and seeds the torch generator per call (randomness would follow the batch, not the item). Here APGD
@@ -35,6 +40,8 @@ Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with ban
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +52,7 @@ from scipy import stats
 
 from trustcase.models.classifier import Classifier
 from trustcase.schemas import Interval
+from trustcase.seeding import content_id, item_seeds
 
 Norm = Literal["linf", "l2"]
 ATTACKS: dict[str, tuple[str, Norm]] = {
@@ -76,12 +84,17 @@ def _predict(clf: Classifier, x: torch.Tensor) -> torch.Tensor:
         return clf.forward(clf.to_input(x)).argmax(dim=1)
 
 
-def _ce_grad(forward, z: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the cross-entropy w.r.t. the input, and the logits it came from."""
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, label) -> (B,), what an attack increases
+Hit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, label) -> (B,) bool, the item is fooled
+
+
+def _grad(forward, z: torch.Tensor, label: torch.Tensor, loss: Loss | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the loss (default: the cross-entropy) w.r.t. the input, and the logits it came from."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         logits = forward(z)
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, label, reduction="sum"), z)
+        f = F.cross_entropy(logits, label, reduction="sum") if loss is None else loss(logits, label).sum()
+        (g,) = torch.autograd.grad(f, z)
     return g, logits.detach()
 
 
@@ -97,11 +110,12 @@ def project(x0: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 
 
 def fgsm(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast gradient method, one step on the cross-entropy: L-inf, to the corner of the box the gradient's
-    sign points at; L2, eps along the gradient, then into the box."""
+         eps: torch.Tensor | None = None, norm: Norm = "linf", hit: Hit | None = None,
+         loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast gradient method, one step on the loss (default: the cross-entropy): L-inf, to the corner of the
+    box the gradient's sign points at; L2, eps along the gradient, then into the box."""
     hit = hit or misclassified
-    g, _ = _ce_grad(forward, x, label)
+    g, _ = _grad(forward, x, label, loss)
     if norm == "linf":
         adv = torch.where(g > 0, hi, torch.where(g < 0, lo, x))
     else:
@@ -111,67 +125,63 @@ def fgsm(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: to
         return adv, hit(forward(adv), label)
 
 
-def random_start(shape: tuple[int, ...], eps: torch.Tensor, norm: Norm, seeds: np.ndarray,
-                 restart: int) -> torch.Tensor:
-    """A uniform point of each item's ball (L-inf: uniform cube; L2: uniform in the ball), seeded per item."""
-    d = int(np.prod(shape[1:]))
-    out = []
-    for s, e in zip(seeds, eps.tolist(), strict=True):
-        rng = np.random.default_rng([int(s), restart])
-        if norm == "linf":
-            v = rng.uniform(-e, e, d)
-        else:
-            v = rng.standard_normal(d)
-            v *= e * rng.random() ** (1.0 / d) / max(np.linalg.norm(v), 1e-12)
-        out.append(v)
-    return torch.from_numpy(np.stack(out).astype(np.float32)).view(shape)
-
-
-def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 10,
-        step_size: float = 2.5, restarts: int = 1, seeds: np.ndarray | None = None, eps: torch.Tensor | None = None,
-        norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradient ascent on the cross-entropy (Madry et al.), steps of step_size x eps / steps (eps: the
-    ball's radius, else half the box's widest side): first from the clean input, then from `restarts - 1`
-    random starts (uniform in the ball, seeded per item). Returns (x_adv, fooled) as `apgd`; fooled items leave
-    the batch, so a strong attack costs less.
+def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+        budget: Budget | None = None, seeds: np.ndarray | None = None, eps: torch.Tensor | None = None,
+        norm: Norm = "linf", hit: Hit | None = None, loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient ascent on the loss (default: the cross-entropy; Madry et al.): `budget.steps` steps of
+    step_size x r / steps, r the ball's radius eps, else per element half the box's width (a box of unequal
+    sides is searched in proportion); with `budget.decay` the steps shrink linearly to 0.5% of the first (large
+    first steps leave the start, small last ones settle). First from x, then from `restarts - 1` random points
+    (`random_point`, seeded per item). Returns (x_adv, fooled) as `apgd`; fooled items leave the batch, so a
+    strong attack costs less.
     """
+    b = budget or Budget()
     hit = hit or misclassified
-    seeds = np.arange(len(x)) if seeds is None else seeds
-    radius = eps if eps is not None else ((hi - lo) / 2).flatten(1).amax(1)
+    seeds = _seeds(x, seeds, "pgd")
     adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
     view = (-1,) + (1,) * (x.ndim - 1)
-    for r in range(restarts):
+    radius = (hi - lo) / 2 if eps is None else eps.view(view).expand_as(x)
+    for r in range(b.restarts):
         idx = torch.nonzero(~fooled).flatten()
-        if not len(idx):
+        if not len(idx) or time.perf_counter() > b.deadline:
             break
         x0, li, hi_i, ei = x[idx], lo[idx], hi[idx], None if eps is None else eps[idx].view(view)
-        a = (step_size * radius[idx] / steps).view(view)
-        # the first run starts at the clean input (for a locally linear model the best start); restarts are random
+        a = b.step_size * radius[idx] / b.steps
+        # the first run starts at x (for a locally linear model the clean input is the best start)
         z = x0.clone() if r == 0 else project(
-            x0, x0 + random_start(tuple(x0.shape), radius[idx], norm, seeds[idx.numpy()], r), li, hi_i, ei, norm)
-        for step in range(steps + 1):
-            g, logits = _ce_grad(forward, z, label[idx])
+            x0, random_point(x0, li, hi_i, ei, norm, seeds[idx.numpy()], r), li, hi_i, ei, norm)
+        for step in range(b.steps + 1):
+            g, logits = _grad(forward, z, label[idx], loss)
             h = hit(logits, label[idx])
             if h.any():  # keep the witness, drop the item
                 adv[idx[h]], fooled[idx[h]] = z[h], True
                 k = ~h
                 idx, x0, li, hi_i, a, z, g = idx[k], x0[k], li[k], hi_i[k], a[k], z[k], g[k]
                 ei = None if ei is None else ei[k]
-            if not len(idx) or step == steps:
+            if not len(idx) or step == b.steps or time.perf_counter() > b.deadline:
                 break
-            z = project(x0, z + a * _direction(g, norm), li, hi_i, ei, norm)
+            shrink = 1 - step / b.steps + 0.005 if b.decay else 1.0
+            z = project(x0, z + shrink * a * _direction(g, norm), li, hi_i, ei, norm)
     return adv, fooled
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How hard each attack tries: PGD `steps` of `step_size` x eps / steps and `restarts` runs (APGD too),
-    APGD `apgd_steps` per run, Square `queries` forward passes per item."""
+    """How hard each attack tries: PGD `steps` of `step_size` x eps / steps (shrinking linearly with `decay`)
+    and `restarts` runs (APGD too), APGD `apgd_steps` per run, Square `queries` forward passes per item; no step
+    starts after `deadline` (a `time.perf_counter()` value)."""
     steps: int = 10
     step_size: float = 2.5
     restarts: int = 2
     apgd_steps: int = 100
     queries: int = 1000
+    decay: bool = False
+    deadline: float = math.inf
+
+
+def _seeds(x: torch.Tensor, seeds: np.ndarray | None, stream: str) -> np.ndarray:
+    """Each item's seed: the caller's (`seeding.item_seeds`), else from the item's content, never its position."""
+    return item_seeds(0, "attack", (content_id(v) for v in x), stream) if seeds is None else np.asarray(seeds)
 
 
 ENGINE = ("fgsm", "pgd", "apgd")  # the `auto` attack: each stage attacks the items the ones before left standing
@@ -179,17 +189,21 @@ ENGINE = ("fgsm", "pgd", "apgd")  # the `auto` attack: each stage attacks the it
 
 def attack_region(kind: str, forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                   budget: Budget = Budget(), eps: torch.Tensor | None = None, norm: Norm = "linf",
-                  seeds: np.ndarray | None = None, seed: int = 0, hit=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seeds: np.ndarray | None = None, hit: Hit | None = None,
+                  loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attacks on any input region: the box [lo, hi] per element (and for L2 the ball of radius eps[i]
-    around x), for `kind` in fgsm, pgd, apgd, square, auto; `forward` maps inputs to logits.
+    around x), for `kind` in fgsm, pgd, apgd, square, auto; `forward` maps inputs to outputs (logits).
 
     `auto` is the engine (AutoAttack's recipe): FGSM, then PGD, then APGD on the items still standing, so per
-    item it fools whatever FGSM or PGD alone fools. `hit(logits, label)` says when an item is fooled (default:
-    the arg max is not the label; the verifier passes `_fooled`, where a tie counts). Returns (x_adv, fooled):
-    x_adv[i] the witness found for item i (by the forward pass that found it), else the clean input.
+    item it fools whatever FGSM or PGD alone fools. `hit(outputs, label)` says when an item is fooled (default:
+    the arg max is not the label; the verifier passes `_fooled`, where a tie counts); `loss(outputs, label)`,
+    per item, is what every stage increases (default: cross-entropy for FGSM and PGD, `apgd_runs`' losses for
+    APGD, the margin for Square), e.g. minus a property's distance to its unsafe outputs, with `hit` "that
+    distance is 0" and any `label`. `seeds`: each item's seed (`trustcase.seeding`; default: from its content).
+    Returns (x_adv, fooled): x_adv[i] the witness found for item i (by the forward pass that found it), else x[i].
     """
     hit = hit or misclassified
-    seeds = np.arange(len(x)) if seeds is None else seeds
+    seeds = _seeds(x, seeds, kind)
     b = budget
     adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
     for stage in ENGINE if kind == "auto" else (kind,):
@@ -198,22 +212,22 @@ def attack_region(kind: str, forward, x: torch.Tensor, label: torch.Tensor, lo: 
             break
         xi, yi, li, hi_i, s = x[i], label[i], lo[i], hi[i], seeds[i.numpy()]
         ei = None if eps is None else eps[i]
+        if time.perf_counter() > b.deadline:
+            break
         if stage == "fgsm":
-            a, f = fgsm(forward, xi, yi, li, hi_i, ei, norm, hit)
+            a, f = fgsm(forward, xi, yi, li, hi_i, ei, norm, hit, loss)
         elif stage == "pgd":
-            a, f = pgd(forward, xi, yi, li, hi_i, b.steps, b.step_size, b.restarts, s, ei, norm, hit)
+            a, f = pgd(forward, xi, yi, li, hi_i, b, s, ei, norm, hit, loss)
         elif stage == "apgd":
-            a, f = apgd(forward, xi, yi, li, hi_i, b.apgd_steps, b.restarts, seed=seed, seeds=s, eps=ei, norm=norm,
-                        hit=hit)
+            a, f = apgd(forward, xi, yi, li, hi_i, b, seeds=s, eps=ei, norm=norm, hit=hit, loss=loss)
         else:
-            a, f = square(forward, xi, yi, li, hi_i, queries=b.queries, seed=seed, seeds=s, hit=hit)
+            a, f = square(forward, xi, yi, li, hi_i, b, seeds=s, hit=hit, loss=loss)
         adv[i[f]], fooled[i[f]] = a[f], True
     return adv, fooled
 
 
 def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
-           value_range: tuple[float, float], steps: int, step_size: float, restarts: int,
-           seeds: np.ndarray, apgd_steps: int = 100, queries: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+           value_range: tuple[float, float], budget: Budget, seeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The attacks in pixel units of a classifier: `attack_region` on each item's ball of radius eps[i]
     intersected with the value range, through the model's normalisation.
 
@@ -237,16 +251,15 @@ def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: to
         def forward(p):
             return clf.forward(clf.to_input(p))
 
-        a, f = attack_region(kind, forward, xi, y[i], lo, hi, Budget(steps, step_size, restarts, apgd_steps, queries),
-                             eps=eps[i], norm=norm, seeds=seeds[i.numpy()])
+        a, f = attack_region(kind, forward, xi, y[i], lo, hi, budget, eps=eps[i], norm=norm, seeds=seeds[i.numpy()])
         adv[i[f]] = a[f]
     fooled = _predict(clf, adv) != y  # the re-check: a plain forward pass of what is reported
     return torch.where(fooled.view(view), adv, x), fooled
 
 
 def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, norm: Norm,
-                     value_range: tuple[float, float], max_distance: float, search_steps: int, steps: int,
-                     step_size: float, restarts: int, seeds: np.ndarray, apgd_steps: int = 100) -> np.ndarray:
+                     value_range: tuple[float, float], max_distance: float, search_steps: int, budget: Budget,
+                     seeds: np.ndarray) -> np.ndarray:
     """Per item, the norm of the closest adversarial example found by bisection over epsilon.
 
     An upper bound on the item's minimal adversarial distance (the witness exists); `inf` when the
@@ -256,7 +269,7 @@ def minimal_distance(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tenso
     best = torch.full((n,), math.inf)
 
     def probe(eps: torch.Tensor) -> torch.Tensor:
-        adv, fooled = attack(kind, clf, x, y, eps, norm, value_range, steps, step_size, restarts, seeds, apgd_steps)
+        adv, fooled = attack(kind, clf, x, y, eps, norm, value_range, budget, seeds)
         found = norms(adv - x, norm)
         ok = fooled & (found <= eps + 1e-4 * max(1.0, max_distance))
         best[ok] = torch.minimum(best[ok], found[ok])
@@ -331,45 +344,53 @@ def apgd_runs(n_classes: int, targets: int = 3) -> list[tuple[str, int | None]]:
 LOSSES = {"margin": margin, "dlr": dlr_targeted, "ce": _cross_entropy}
 
 
-def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int = 100,
-         restarts: int = 1, targets: int = 3, seed: int = 0, seeds: np.ndarray | None = None,
-         eps: torch.Tensor | None = None, norm: Norm = "linf", hit=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """APGD (Croce & Hein 2020, Algorithm 1) with the losses of `apgd_runs`, from the clean input then
-    `restarts - 1` seeded random starts; each item leaves as soon as one run fools it.
+def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+         budget: Budget | None = None, targets: int = 3, seeds: np.ndarray | None = None,
+         eps: torch.Tensor | None = None, norm: Norm = "linf", hit: Hit | None = None,
+         loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD (Croce & Hein 2020, Algorithm 1), `budget.apgd_steps` per run, with the losses of `apgd_runs` (or
+    the caller's `loss` alone), from x then `budget.restarts - 1` seeded random starts; each item leaves as
+    soon as one run fools it.
 
     The search stays in the box [lo, hi] (per element: the L-inf ball intersected with the value range, or
     any input region), and for norm "l2" also in the L2 ball of radius eps[i] around x. `hit(logits, label)`
     says when an item is fooled (default `misclassified`). Returns (x_adv, fooled): x_adv[i] is the first
     point found that fools item i, by the forward pass that found it, else the clean input.
     """
+    b = budget or Budget()
     hit = hit or misclassified
-    seeds = np.arange(len(x)) if seeds is None else seeds
+    seeds = _seeds(x, seeds, "apgd")
     with torch.no_grad():
         clean = forward(x)
-    order = clean.masked_fill(F.one_hot(label, clean.shape[1]).bool(), -math.inf).argsort(1, descending=True)
+    order = clean.masked_fill(F.one_hot(label, clean.shape[1]).bool(), -math.inf).argsort(1, descending=True) \
+        if loss is None else None
+    runs = [("custom", None)] if loss is not None else apgd_runs(clean.shape[1], targets)
     adv, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
     shape = (1,) * (x.ndim - 1)
-    for r in range(restarts):
-        for t, (loss, rank) in enumerate(apgd_runs(clean.shape[1], targets)):
+    for r in range(b.restarts):
+        for t, (name, rank) in enumerate(runs):
             idx = torch.nonzero(~fooled).flatten()
-            if not len(idx):
+            if not len(idx) or time.perf_counter() > b.deadline:
                 return adv, fooled
             xi, li, hi_i = x[idx], lo[idx], hi[idx]
             ei = None if eps is None else eps[idx].view(-1, *shape)
-            start = xi.clone() if r == 0 else random_point(xi, li, hi_i, ei, norm, seeds[idx.numpy()], seed, r, t)
-            target = order[idx, 0 if rank is None else rank]
-            found, ok = _apgd_run(forward, xi, start, label[idx], target, li, hi_i, steps, ei, norm, LOSSES[loss],
-                                  hit)
+            start = xi.clone() if r == 0 else random_point(xi, li, hi_i, ei, norm, seeds[idx.numpy()], r, t)
+            if loss is None:
+                target, loss_fn = order[idx, 0 if rank is None else rank], LOSSES[name]
+            else:
+                target, loss_fn = label[idx], (lambda out, lab, _t: loss(out, lab))
+            found, ok = _apgd_run(forward, xi, start, label[idx], target, li, hi_i, b.apgd_steps, ei, norm, loss_fn,
+                                  hit, b.deadline)
             adv[idx[ok]] = found[ok]
             fooled[idx[ok]] = True
     return adv, fooled
 
 
-def random_point(x, lo, hi, eps, norm, seeds, seed, restart, run) -> torch.Tensor:
-    """A seeded random point of each item's region: uniform in the box (L-inf), AutoAttack's point on the
-    sphere of radius eps (L2); one generator per (item seed, seed, restart, run)."""
+def random_point(x, lo, hi, eps, norm, seeds, restart, run=0) -> torch.Tensor:
+    """The random start of PGD and APGD, seeded per item: uniform in the box (L-inf), AutoAttack's point on the
+    sphere of radius eps (L2); one generator per (item seed, restart, run)."""
     d = int(np.prod(x.shape[1:]))
-    gens = [np.random.default_rng([int(s), seed, restart, run]) for s in seeds]
+    gens = [np.random.default_rng([int(s), restart, run]) for s in seeds]
     if norm == "linf" or eps is None:
         u = torch.from_numpy(np.stack([g.random(d) for g in gens])).to(x.dtype).view(x.shape)
         return lo + (hi - lo) * u
@@ -386,7 +407,8 @@ def checkpoints(steps: int) -> list[int]:
     return sorted(set(out))
 
 
-def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_fn, hit, rho: float = 0.75):
+def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_fn, hit, deadline=math.inf,
+              rho: float = 0.75):
     """One APGD run, item by item in a batch: step eta = 2 eps (the box's width for L-inf), momentum 0.75;
     at each checkpoint w_j an item's step is halved and it restarts from its best point when the loss grew
     on fewer than rho of the steps since w_{j-1} (condition 1), or when its step was not halved at w_{j-1}
@@ -417,7 +439,7 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
         if h.any():  # keep the witness, drop the item
             found[live[h]], ok[live[h]] = s["x"][h], True
             live, s = live[~h], {k: v[~h] for k, v in s.items()}
-        if not len(live) or step == steps:
+        if not len(live) or step == steps or time.perf_counter() > deadline:
             break
         e = s.get("eps")
         direction = s["g"].sign() if norm == "linf" else s["g"] / s["g"].flatten(1).norm(dim=1).clamp_min(
@@ -443,25 +465,30 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
     return found, ok
 
 
-def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, queries: int = 300,
-           seed: int = 0, seeds: np.ndarray | None = None, p_init: float = 0.1,
-           hit=None) -> tuple[torch.Tensor, torch.Tensor]:
+def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+           budget: Budget | None = None, seeds: np.ndarray | None = None, p_init: float = 0.1,
+           hit: Hit | None = None, loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Square attack (Andriushchenko et al. 2020), L-inf, black box: forward passes only, no gradient.
 
-    Starts from vertical stripes at the box's faces, then changes one random square window per query to
-    a random face of the box per channel, kept when the margin loss (the best other class minus the label)
-    grows; the window shrinks on APGD-like checkpoints. Images (B, H, W, C) or (B, C, H, W) with H, W the
-    two largest axes after the batch; returns (x_adv, fooled) as `apgd`.
+    Starts from vertical stripes at the box's faces, then changes one random square window per query
+    (`budget.queries` per item) to a random face of the box per channel, kept when the loss (default: the
+    margin, best other class minus the label) grows; the window shrinks on APGD-like checkpoints. Images
+    (B, H, W, C) or (B, C, H, W) with H, W the two largest axes after the batch; returns (x_adv, fooled) as
+    `apgd`.
     """
+    b = budget or Budget()
+    queries = b.queries
     hit = hit or misclassified
-    seeds = np.arange(len(x)) if seeds is None else seeds
-    gens = [np.random.default_rng([int(s), seed, 7]) for s in seeds]
+    seeds = _seeds(x, seeds, "square")
+    gens = [np.random.default_rng([int(s), 7]) for s in seeds]
     dims = sorted(range(1, x.ndim), key=lambda d: x.shape[d])[-2:]  # the two spatial axes
     h, w = x.shape[dims[0]], x.shape[dims[1]]
 
-    def loss(z, lab):
+    def score(z, lab):
         with torch.no_grad():
             out = forward(z)
+        if loss is not None:
+            return loss(out, lab), hit(out, lab)
         other = out.masked_fill(F.one_hot(lab, out.shape[1]).bool(), -math.inf).amax(1)
         return other - out.gather(1, lab[:, None])[:, 0], hit(out, lab)
 
@@ -469,10 +496,10 @@ def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: 
     shape = [len(x)] + [1] * (x.ndim - 1)
     shape[dims[1]] = w
     best_x = lo + (hi - lo) * stripes.view(shape) if x.ndim > 2 else x.clone()
-    best, done = loss(best_x, label)
+    best, done = score(best_x, label)
     for q in range(queries):
         live = torch.nonzero(~done).flatten()
-        if not len(live):
+        if not len(live) or time.perf_counter() > b.deadline:
             break
         frac = p_init / 2 ** sum(q >= int(t * queries) for t in (0.02, 0.1, 0.2, 0.4, 0.6, 0.8))
         s = max(1, int(round(math.sqrt(frac * h * w))))
@@ -485,7 +512,7 @@ def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: 
             index[dims[0]], index[dims[1]] = slice(r0, r0 + s), slice(c0, c0 + s)
             pick = torch.from_numpy(g.choice([0.0, 1.0], size=1)).float()
             cand[tuple(index)] = lo[i][tuple(index[1:])] + (hi[i] - lo[i])[tuple(index[1:])] * pick
-        new, won = loss(cand, label[live])
+        new, won = score(cand, label[live])
         better = (new > best[live]) | won
         best_x[live[better]], best[live[better]] = cand[better], new[better]
         done[live[won]] = True

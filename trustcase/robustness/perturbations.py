@@ -1,8 +1,9 @@
 """Sensor troubles, each parameterised by one physical amplitude, applied in pixel space.
 
 A perturbation maps a batch (B, H, W, C) in the model's pixel value range to a batch of the same
-shape and dtype, clipped to that range, deterministically for (seed, item position): item i's
-randomness comes from `seeds[i]` only, so it does not depend on how the stream was batched.
+shape and dtype, clipped to that range, deterministically for the items' seeds: item i's randomness
+comes from `seeds[i]` only (`trustcase.seeding.item_seeds`: run seed, check, item id, perturbation), so it
+does not depend on how the stream was batched.
 Amplitude 0 is exactly the identity. Randomness is shared across amplitudes (common random numbers:
 the same dead pixels, patch centre, noise field, rotation sense grow with the amplitude), so a sweep
 curve moves because the amplitude moved, not because the dice were thrown again.
@@ -48,7 +49,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trustcase.errors import UserError
+from trustcase.errors import UserError, validation_message
 from trustcase.registry import Registry, RegistryError
 
 BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
@@ -79,8 +80,7 @@ class Perturbation:
         try:
             self.options = self.Options(**options)
         except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg']}" for x in e.errors())
-            raise PerturbationError(f"{self.name}: bad options: {msgs}") from None
+            raise PerturbationError(f"{self.name}: bad options: {validation_message(e, 'options')}") from None
 
     # --- validation, before any work -------------------------------------------------------------
 
@@ -149,11 +149,6 @@ class Perturbation:
 
 
 PERTURBATIONS = Registry("trustcase.perturbations", Perturbation, "perturbation")
-
-
-def item_seeds(seed: int, positions: np.ndarray) -> np.ndarray:
-    """A seed per (run seed, item position): same item, same noise, whatever the batching."""
-    return (np.uint64(seed) * np.uint64(1_000_003) + positions.astype(np.uint64)) % np.uint64(2**63)
 
 
 def _rngs(seeds: np.ndarray) -> list[np.random.Generator]:

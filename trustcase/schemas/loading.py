@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from trustcase.errors import UserError
+from trustcase.errors import UserError, validation_problems
 from trustcase.schemas.use_case import UseCase
 
 MAX_DEPTH = 32  # a use case nests 6 deep; PyYAML composes recursively, so 20,000 brackets overflow the stack
@@ -152,12 +152,8 @@ def parse_use_case(text: str, path: Path) -> UseCase:
     try:
         uc = UseCase.model_validate(raw, context={"defer_cross": True})
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(Problem(_loc_text(loc), _line(root, loc), msg))
-        raise UseCaseError(path, problems) from None
+        raise UseCaseError(path, [Problem(_loc_text(loc), _line(root, loc), msg)
+                                  for loc, msg in validation_problems(e)]) from None
     cross = uc.cross_problems()
     if cross:
         raise UseCaseError(path, [Problem(_loc_text(loc), _line(root, loc), msg) for loc, msg in cross])

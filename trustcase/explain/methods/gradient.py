@@ -3,14 +3,14 @@ path from the baseline, or averaged under input noise (SmoothGrad, its square, i
 
 from __future__ import annotations
 
-import hashlib
 from typing import ClassVar, Literal
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from pydantic import Field
 
-from trustcase.explain.attribution import Attribution, Method, Options, _chunk
+from trustcase.explain.attribution import Attribution, Method, Options, _base_seed, _chunk
+from trustcase.seeding import content_id, item_seed
 
 
 class SaliencyMethod(Method):
@@ -51,11 +51,10 @@ class SmoothGradMethod(Method):
     def attribute(self, x, target, baseline):
         o = self.options
         nt = NoiseTunnel(Saliency(self.net.forward))
-        base = int(torch.randint(0, 2**31 - 1, (1,)))  # from the caller's seeded RNG
+        base = _base_seed()
         maps = []
         for j in range(len(x)):  # each item's noise from (seed, its content): the same in any batch
-            digest = hashlib.sha256(base.to_bytes(8, "little") + x[j].contiguous().numpy().tobytes()).digest()
-            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            torch.manual_seed(item_seed(base, self.name, content_id(x[j]), "noise"))
             maps.append(nt.attribute(x[j:j + 1], nt_type=self.nt_type, nt_samples=o.samples,
                                      stdevs=o.noise_level * self.net.input_range, target=target[j:j + 1],
                                      nt_samples_batch_size=min(o.samples, _chunk(x[0].numel())), abs=self.absolute))

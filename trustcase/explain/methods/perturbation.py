@@ -15,8 +15,9 @@ from pydantic import Field
 from scipy.stats import qmc
 from torch import nn
 
-from trustcase.explain.attribution import Attribution, Method, Options, _base_seed, _chunk, _item_seed
+from trustcase.explain.attribution import Attribution, Method, Options, _base_seed, _chunk
 from trustcase.explain.imaging import grid_segments, superpixels
+from trustcase.seeding import content_id, item_seed
 
 
 class OcclusionMethod(Method):
@@ -128,7 +129,7 @@ class _Surrogate(Method):
         segs, base, explainer = self.segments(x), _base_seed(), self.explainer()
         maps = []
         for i in range(len(x)):
-            torch.manual_seed(_item_seed(base, x[i]))
+            torch.manual_seed(item_seed(base, self.name, content_id(x[i]), "samples"))
             maps.append(explainer.attribute(
                 x[i:i + 1], target=target[i:i + 1], baselines=baseline, n_samples=o.samples,
                 feature_mask=segs[i:i + 1].expand(1, x.shape[1], -1, -1), perturbations_per_eval=_chunk(x[0].numel())))
