@@ -328,6 +328,48 @@ def verify(
     raise typer.Exit(EXIT_NOT_ALL_PASS)
 
 
+@app.command()
+def export(
+    source: str = typer.Argument(..., metavar="RUN_ID|ASSESSMENT.json", help="MLflow run id of an assessment, or "
+                                 "an assessment.json"),
+    fmt: str = typer.Option("tea", "--format", help="tea: the Trustworthy and Ethical Assurance platform's case "
+                            "JSON; gsn: the GSN community standard's element and relation types"),
+    out: Path = typer.Option(None, "-o", "--out", help="file to write (default: standard output)"),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store of RUN_ID"),
+) -> None:
+    """Export the assurance case (the GSN argument and the claims' verdicts) for an assurance-case tool, checked
+    against the format's JSON Schema before it is written."""
+    import json
+
+    from pydantic import ValidationError
+
+    from trustcase.errors import UserError
+    from trustcase.reports import tea
+    from trustcase.schemas import Assessment
+
+    try:
+        if fmt not in tea.FILES:
+            raise UserError(f"--format {fmt!r}: expected one of {', '.join(sorted(tea.FILES))}")
+        if source.endswith(".json") or Path(source).is_file():
+            try:
+                a = Assessment.model_validate_json(Path(source).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValidationError) as e:
+                raise UserError(f"{source}: not a readable assessment record ({str(e).splitlines()[0]})") from None
+        else:
+            from trustcase.flows.rerender import fetch_assessment
+
+            a = fetch_assessment(source, tracking_uri)
+        doc = tea.case(a, fmt)
+        text = json.dumps(doc, indent=1, ensure_ascii=False)
+        if out is None:
+            print(text)
+        else:
+            out.write_text(text + "\n", encoding="utf-8")
+            out_console.print(f"{fmt} case: {_escape(str(out))}", highlight=False)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
 @app.command("check-property")
 def check_property_command(
     model: Path = typer.Argument(..., help="network: .nnet, .onnx or TorchScript .pt (normalised inputs)"),

@@ -28,6 +28,7 @@ from trustcase.models.classifier import ModelError
 from trustcase.models.loading import BLACK_BOXES, load_classifier
 from trustcase.odd.monitor import MonitorError
 from trustcase.odd.specification import Limit
+from trustcase.reports.compliance import own_catalogue_problems
 from trustcase.registry import resolve
 from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
 from trustcase.schemas.loading import locator
@@ -65,6 +66,8 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
     produced = plan(uc, add)
     claims(uc, produced, add)
     descriptors(uc, add)
+    for message in own_catalogue_problems(uc):  # the use case's own objectives, read like the built-in ones
+        add(("compliance",), message)
     model(uc, add)
     data(uc, uc.plan.seed if seed is None else seed, add)
     if problems:

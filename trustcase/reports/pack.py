@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from trustcase.errors import UserError
+from trustcase.reports import compliance, tea
 from trustcase.schemas import Assessment
 
 FORMAT = "trustcase-pack/1"
@@ -53,7 +54,7 @@ RECORDS = ("provenance.json", "assessment.json", "evidence.json")
 MAX_ENTRY_BYTES = 1 << 30  # an entry the manifest does not bound (or a record) is read up to this size
 CHUNK = 1 << 20
 TOP_FILES = ["report.html", "report.pdf", "argument.json", "argument.gsn.yaml", "assessment.json", "evidence.json",
-             "use_case.yaml"]
+             "use_case.yaml", *compliance.FILES, *tea.FILES.values()]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg", ".ppm", ".pgm", ".pbm",
                   ".ico", ".eps"}
 SENSITIVE_SUFFIXES = {".npy", ".npz", ".pt", ".pth", ".onnx", ".safetensors", ".ckpt", ".pkl", ".pickle", ".bin",
@@ -400,7 +401,7 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
             data, sha, size = read(path, limit)
             if sha is None or sha != entry["sha256"] or size != entry.get("bytes", size):
                 v.changed.append(path)
-            elif (path in RECORDS or path == "report.html") and data is not None:
+            elif (path in RECORDS or path == "report.html" or path in compliance.FILES) and data is not None:
                 records[path] = data
         v.added = sorted(set(by_name) - set(entries) - {MANIFEST, MANIFEST_DIGEST, SIGNATURE})
     _cross_check(v, m, records)
@@ -437,6 +438,7 @@ def _cross_check(v: Verification, m: dict, records: dict[str, bytes]) -> None:
             if got != m.get(k):
                 v.problems.append(f"assessment.json states {k} = {got!r}, the manifest {m.get(k)!r}")
         _verdict_follows(v, a)
+        v.problems += compliance.cross_check(records)  # the matrix's statuses follow from the claims' verdicts
         if ev is not None and _claims(ev) != _claims(a.get("evidence", [])):
             v.problems.append("evidence.json and the evidence in assessment.json differ")
         present = {e["path"]: e["sha256"] for e in m.get("files", [])}

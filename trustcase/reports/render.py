@@ -22,7 +22,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from trustcase.reports import argument, findings, gsn, pack, plots, profile
+from trustcase.reports import argument, compliance, findings, gsn, pack, plots, profile, tea
 from trustcase.schemas import Assessment, CheckOutcome, Measurement, Stage, Verdict
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -236,7 +236,8 @@ def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units
 
 def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagrams: dict[str, str | None],
             out_dir: Path, trust: list[profile.Score], failures: list[str], cards: list[findings.Card],
-            units: findings.Units, digest: str, digest_label: str) -> dict:
+            units: findings.Units, digest: str, digest_label: str, matrix: compliance.Matrix | None = None,
+            compliance_changes: list[compliance.Change] | None = None) -> dict:
     secret = pack.confidential(a)
     verdicts = Counter(c.verdict.value for c in cards)
     outcomes_by_stage: dict[str, list[CheckOutcome]] = defaultdict(list)
@@ -246,7 +247,9 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
     return {
         "a": a, "uc": a.use_case, "p": a.provenance, "arg": arg, "verdicts": verdicts, "cards": cards,
         "decision": findings.decision(a, arg.verdict, cards), "findings": findings.findings(a, arg.verdict,
-                                                                                           arg.claim_stage, units),
+                                                                                           arg.claim_stage, units)
+        + compliance.change_findings(compliance_changes or []),
+        "compliance": matrix or compliance.matrix(a), "compliance_changes": compliance_changes, "C": compliance,
         "splits": findings.facts(a), "outcomes_by_stage": outcomes_by_stage, "sections": SECTIONS,
         "stage_titles": STAGE_TITLES, "regressed": regressed, "digest": digest, "digest_label": digest_label,
         "critical": a.use_case.get("model", {}).get("critical_class", ""),
@@ -316,6 +319,9 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
             old.unlink()
     arg = argument.build(a, previous)
     files = write_argument(arg, out_dir)
+    matrix = compliance.matrix(a)  # the objectives of EASA, ISO/PAS 8800, the AI Act (and the use case's own)
+    changes = compliance.compare(matrix, compliance.previous_matrix(matrix, previous)) if previous else None
+    files |= compliance.write(matrix, a, out_dir) | tea.write(arg, a, out_dir)
     failures: list[str] = []
     pngs = plots.draw_all(a, out_dir / "plots", failures)
     units = findings.Units(a)
@@ -340,7 +346,7 @@ def render(assessment: Assessment, out_dir: Path, previous: Assessment | None = 
     html = env.get_template("report.html.j2").render(
         **context(a, arg, {k: _data_uri(v) for k, v in pngs.items()}, diagrams, out_dir, trust, failures, cards,
                   units, pack_digest or record_digest(a),
-                  "pack" if pack_digest else "evidence record (assessment.json in the pack)"))
+                  "pack" if pack_digest else "evidence record (assessment.json in the pack)", matrix, changes))
     html_path = out_dir / "report.html"
     html_path.write_text(html, encoding="utf-8")
     files |= {"html": str(html_path), "plots": str(out_dir / "plots")}

@@ -237,3 +237,5 @@ class Assessment(Record):
     verdict: Verdict
     complete: bool = Field(description="False when a check failed: the assessment must not be read as whole")
     errors: list[str] = []
+    catalogues: list[dict[str, Any]] = Field([], description="the use case's own catalogue of objectives (its "
+                                             "`compliance` file), as read at assessment time: the compliance matrix")
