@@ -8,7 +8,9 @@ import torch
 from conftest import context_for, folder_use_case, save_png
 
 from trustcase.checks.data_quality import DataQuality, DataQualityParams
+from trustcase.data.content import content_hash
 from trustcase.data.quality import hamming, near_pairs, perceptual_hash
+from trustcase.data.streaming import DataSource
 from trustcase.schemas import UseCase
 
 
@@ -77,17 +79,22 @@ def test_drift_and_coverage(dataset, tmp_path):
     assert value(o, "drift_pvalue:brightness", "test").value < 0.01
     assert value(o, "odd_coverage:brightness", "train").value == 1.0
     assert value(o, "odd_coverage:brightness", "test").value == pytest.approx(3 / 15)  # leaked, near, flat
-    assert len(o.summary["data_sha256"]) == 64
+
+
+def content(uc):
+    return content_hash(DataSource(uc.data, 0, uc.model))
 
 
 def test_data_hash_changes_with_one_pixel(dataset, tmp_path):
-    h1 = run(dataset, tmp_path).summary["data_sha256"]
+    c = content(dataset)
+    assert len(c.sha256) == 64 and c.items == {"train": 19, "test": 15}  # the corrupt file is not an item
+    h1 = c.sha256
     f = sorted((tmp_path / "data/train/ok").glob("0.png"))[0]
     from PIL import Image
     img = np.asarray(Image.open(f)).copy()
     img[0, 0] ^= 1
     save_png(f, img)
-    assert run(dataset, tmp_path).summary["data_sha256"] != h1
+    assert content(dataset).sha256 != h1
 
 
 def test_near_pairs_matches_brute_force():

@@ -92,3 +92,32 @@ def test_nan_from_the_model_is_a_located_user_error(tmp_path, tracking_uri):
     r = assess(str(path), str(tmp_path / "out"), None, tracking_uri)
     assert not r.complete and r.user_error
     assert any("NaN" in e and "cell" in e for e in r.errors)           # names the offending items
+
+
+def test_a_partner_check_feeds_the_findings_cards_and_figures_like_a_built_in(tmp_path, tiny_model, tracking_uri):
+    """A check named by module:Class, unknown to trustcase, declares typed findings, a figure and a caveat: the
+    report shows them as it shows a built-in check's. Data quality is an ordinary check: without it in the plan,
+    the data are still fingerprinted and counted."""
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["data"]["max_samples"] = {"train": 20, "validation": 20, "test": 40}
+    raw["plan"]["checks"] = [{"check": "partner_checks:CriticalShare"}]
+    raw["requirements"] = [{"id": "P1-share", "text": "The screening flags at most 90% of the cells.",
+                            "metric": "critical_share", "comparator": "<=", "threshold": 0.9}]
+    r = assess(str(write_yaml(tmp_path / "uc.yaml", raw)), str(tmp_path / "out"), None, tracking_uri)
+    assert r.complete, r.errors
+    a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
+    assert [o.check for o in a.outcomes] == ["critical_share"]
+    assert a.provenance.data_items == {"train": 20, "validation": 20, "test": 40}
+    assert len(a.provenance.data_sha256) == 64
+    share = a.outcomes[0].measurements[0]
+    html = (tmp_path / "out" / "report.html").read_text()
+    findings = html[html.index('id="findings"'):html.index('id="changes"')]
+    said = (f"The partner&#39;s screening calls {share.value * 100:.3g}% (interval {share.interval.lower * 100:.3g}–"
+            f"{share.interval.upper * 100:.3g}%) of the cells defective.")
+    assert "What breaks the model, and from which amplitude" in findings and said in findings
+    card = html[html.index('id="claim-P1-share"'):]
+    card = card[:card.index("</section>")]
+    assert 'alt="plot of claim P1-share"' in card                       # the figure that illustrates its metric
+    assert "Partner evidence: the screening rule of the line" in card   # its caveat
+    assert "Partner screening: confusion matrix</figcaption>" in html   # and the figure in the appendix
+    assert "Data</th><td>train 20 items, validation 20 items, test 40 items" in html

@@ -109,7 +109,8 @@ class Adversarial(Check):
         if gradient and not ctx.model.differentiable:
             raise Unsupported(f"adversarial: {', '.join(gradient)} needs gradients and the model is a black box "
                               "(square_linf needs forward passes only)")
-        out = CheckOutcome(check=self.name)
+        out = CheckOutcome(check=self.name, shard=", ".join(self.params.attacks),
+                           caveat="Empirical evidence, not a certificate: a stronger attack may find more errors.")
         for name in self.params.attacks:
             self._attack(ctx, name, out)
         return out
@@ -187,6 +188,7 @@ class Adversarial(Check):
             }
         out.measurements.extend(ms)
         out.curves.append(cv)
+        out.units[name] = unit
         out.summary[name] = summary
         runs = apgd_runs(len(uc.model.class_names))
         losses = ("the margin to the other class (2 classes: the cross-entropy is a monotone function of it and "

@@ -14,7 +14,7 @@ from trustcase.data.streaming import DataError
 from trustcase.measurement import census, proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.odd.specification import Limit
-from trustcase.schemas import CheckOutcome, Measurement, Scope, Stage
+from trustcase.schemas import CheckOutcome, Histograms, Measurement, Scope, Stage
 
 
 class DataQualityParams(Params):
@@ -47,7 +47,6 @@ class DataQuality(Check):
         split_of, phash, xhash = [], [], []
         props = {k: [] for k in (DESCRIPTORS if images else features)}
         meta_values: dict[str, Counter] = {}
-        data_hash = hashlib.sha256()
         summary: dict = {"splits": {}, "unreadable": {}}
 
         def m(metric, value, role, n=None, **details):
@@ -58,18 +57,13 @@ class DataQuality(Check):
 
         for role in ctx.data.roles:
             stream = ctx.data.stream(role)
-            h = hashlib.sha256()
             counts = np.zeros(len(names), np.int64)
             constant = out_of_range = non_finite = 0
             role_props = {k: [] for k in props}
             for batch in stream.batches():
                 imgs = batch.images
-                for i, ident in enumerate(batch.ids):
-                    raw = np.ascontiguousarray(imgs[i])
-                    digest = hashlib.sha256(raw.tobytes()).digest()
-                    meta = "\0".join(f"{k}={batch.meta[k][i]}" for k in sorted(batch.meta))  # subgroups too
-                    h.update(ident.encode() + b"\0" + int(batch.labels[i]).to_bytes(4, "little") + digest
-                             + meta.encode() + b"\0")
+                for i in range(len(batch)):  # exact duplicates: the same pixels
+                    digest = hashlib.sha256(np.ascontiguousarray(imgs[i]).tobytes()).digest()
                     xhash.append(int.from_bytes(digest[:8], "little"))
                 if ((batch.labels < 0) | (batch.labels >= len(names))).any():
                     raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
@@ -91,9 +85,6 @@ class DataQuality(Check):
                 split_of += [role] * len(batch)
             n = int(counts.sum())
             summary["unreadable"][role] = [f"{u.id}: {u.error}" for u in stream.unreadable][:50]
-            for u in stream.unreadable:  # the content hash keys every cached result: what could not be read too
-                h.update(f"unreadable\0{u.id}\0{u.error}\0".encode())
-            data_hash.update(role.encode() + h.digest())
             m("items", n, role)
             m("unreadable", len(stream.unreadable), role, n=n + len(stream.unreadable))
             m("constant_images", constant, role, n=n)
@@ -111,14 +102,18 @@ class DataQuality(Check):
 
         out += duplicates(self.name, split_of, np.array(xhash, np.uint64),
                           np.concatenate(phash) if phash else np.empty(0, np.uint64), p.near_duplicate_distance)
-        ms, summary["properties"] = distributions(self.name, ctx.data.roles, props, p.histogram_bins)
+        ms, histograms = distributions(self.name, ctx.data.roles, props, p.histogram_bins)
         out += ms
         ms, summary["odd_coverage"] = odd_coverage(self.name, uc.odd.descriptors, ctx.data.roles, props, meta_values,
                                                    uc.plan.confidence)
         out += ms
-        summary["data_sha256"] = data_hash.hexdigest()
         return CheckOutcome(
             check=self.name, measurements=out, summary=summary,
+            figures=[Histograms(title="Properties per split", histograms=histograms,
+                                caption="Distribution of each property per split (drift between splits).")]
+            if histograms else [],
+            caveat="Near duplicates are found by perceptual hash, drift by a two-sample Kolmogorov-Smirnov test "
+                   "against the training split.",
             validity=[f"near duplicates: perceptual hash Hamming distance <= {p.near_duplicate_distance}/64",
                       "drift: two-sample Kolmogorov-Smirnov test of each image property against the train split"],
             limitations=[] if "train" in ctx.data.roles else ["no train split: leakage and drift not tested"],

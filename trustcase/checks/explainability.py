@@ -37,7 +37,7 @@ from trustcase.explain.quality import (
     stability,
 )
 from trustcase.measurement import census, clopper_pearson, estimate
-from trustcase.schemas import CheckOutcome, Curve, Measurement, Scope, Series, Stage
+from trustcase.schemas import CheckOutcome, Curve, Finding, Measurement, Scope, Series, Stage, Topic
 from trustcase.verdicts import rank_methods
 
 DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion", "rise", "lime",
@@ -122,6 +122,20 @@ def select(ctx: Context, split: str, items: int, gallery: int) -> tuple[dict, np
                                {k: v[j] for k, v in batch.meta.items()})
     pred_of = dict(zip(idx.tolist(), preds.tolist(), strict=True))
     return got, sample, {"pick": pick, "pred": pred_of, "n": len(idx)}
+
+
+def _trust(ranking: list[dict]) -> list[Finding]:
+    """Which explanations can be trusted, in words: the recommended methods, then each other one and why."""
+    def name(m: str) -> str:
+        return m.replace("_", " ")
+
+    good = [name(r["method"]) for r in ranking if r["status"] == "recommended"]
+    said = [f"Can be trusted: {', '.join(good)} (passes the sanity check and beats a random ordering)." if good else
+            "No attribution method passes both the sanity check and the comparison with a random ordering: no "
+            "explanation map of this model should be trusted."]
+    said += [f"Not to be trusted: {name(r['method'])}, because {'; '.join(r.get('reasons') or ['not recommended'])}."
+             for r in ranking if r["status"] != "recommended"]
+    return [Finding(topic=Topic.EXPLANATIONS, text=s) for s in said] if ranking else []
 
 
 class Explainability(Check):
@@ -244,6 +258,8 @@ class Explainability(Check):
                     series={m: Series(y=[float(np.mean(v)) for v in c["values"]]) for m, c in curves[kind].items()}))
         return CheckOutcome(
             check=self.name, measurements=out, curves=out_curves, artefacts=artefacts, limitations=limitations,
+            findings=_trust(ranking),
+            caveat=f"Measured on a seeded sample of {p.split} items; maps explain {explained}.",
             summary={"ranking": ranking, "recommended": recommended,
                      "warned": [r["method"] for r in ranking if r["status"] == "warned"],
                      "not_run": [r["method"] for r in ranking if r["status"] == "not run"],

@@ -88,6 +88,7 @@ class FormalProperties(Check):
         ]
         return CheckOutcome(
             check=self.name, measurements=ms, limitations=limits,
+            caveat="A proof over the whole input region the property states.",
             summary={"properties": rows, "timeout": p.timeout, "outputs": p.outputs},
             validity=[
                 "VNN-LIB properties on the model's normalised inputs and outputs"

@@ -99,6 +99,7 @@ class Lipschitz(Check):
                       if pairwise else "r = (z_y - z_second) / (sqrt(2) L)")
         return CheckOutcome(
             check=self.name, measurements=ms, curves=[curve],
+            caveat="A certificate for the deterministic model as loaded, for every input within the radius.",
             artefacts=[ctx.artefact(ctx.workdir / "items.csv", "table")],
             summary={"upper_bound": upper, "upper_bound_model_input": bound.total, "lower_bound": lower,
                      "tightness": tight, "radius_convention": convention, "layers": bound.layers,

@@ -167,6 +167,7 @@ class LocalRobustness(Check):
             summary["median_seconds"] = round(statistics.median(d["seconds"] for d in details), 3)
         return CheckOutcome(
             check=self.name, measurements=ms,
+            caveat="A proof for each sampled input and its ball, not for inputs that were not sampled.",
             curves=[Curve(id="local-robustness", title="Local robustness: proved and falsified vs L-inf radius",
                           x_label=f"L-inf radius ({unit})", y_label="fraction of sampled inputs",
                           x=radii, series=series)],

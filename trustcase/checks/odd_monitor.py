@@ -16,7 +16,18 @@ from trustcase.odd import monitor as odd
 from trustcase.odd.specification import SpecResult
 from trustcase.odd.validation import _Cell, derived_boundary, roc
 from trustcase.robustness import perturbations as P
-from trustcase.schemas import CheckOutcome, Curve, Measurement, PerturbationScope, Scope, Series, Stage
+from trustcase.schemas import (
+    CheckOutcome,
+    Curve,
+    CurveOverlay,
+    Finding,
+    Measurement,
+    PerturbationScope,
+    Scope,
+    Series,
+    Stage,
+    Topic,
+)
 
 
 class OddParams(Params):
@@ -252,8 +263,27 @@ class OddMonitor(Check):
                         for n, v in summary["perturbations"].items() if v["boundary"] is not None),
             f"monitor file for model sha256 {monitor.model_sha256[:12]}…, schema version {odd.SCHEMA_VERSION}",
         ]
-        return CheckOutcome(check=self.name, measurements=out, curves=curves, summary=summary, validity=validity,
-                            limitations=limitations, artefacts=[ctx.artefact(path, "monitor")])
+        whole = {m.metric: m for m in out if m.scope.perturbation is None and not m.scope.subgroup
+                 and m.value is not None}
+        said = [(key, text) for key, text in (
+            ("detection_rate", f"The ODD monitor stops {{detection_rate}} of the inputs outside the ODD (n = "
+                               f"{whole['detection_rate'].n if 'detection_rate' in whole else 0})."),
+            ("false_alarm_rate", "It stops {false_alarm_rate} of the clean in-ODD inputs by mistake."),
+            ("accuracy_accepted", "On the inputs it accepts the model is correct {accuracy_accepted} of the time."))
+            if key in whole]
+        detection = [c for c in curves if c.id.startswith("odd_detection:") and c.x_marks]
+        return CheckOutcome(
+            check=self.name, measurements=out, curves=curves, summary=summary, validity=validity,
+            limitations=limitations, artefacts=[ctx.artefact(path, "monitor")],
+            units={n: perts[n].unit for n in grids},
+            findings=[Finding(topic=Topic.MONITOR, text=text, cites={key: whole[key]}) for key, text in said],
+            figures=[CurveOverlay(
+                title="ODD monitor: share stopped vs perturbation amplitude", scale_mark="ODD boundary",
+                x_label="amplitude / amplitude at the ODD boundary", y_label="inputs stopped (%)",
+                curves={c.id: c.id.removeprefix("odd_detection:").replace("_", " ") for c in detection},
+                illustrates=["detection_rate", "detection_rate_alert"])] if detection else [],
+            caveat="It holds for the monitor fitted to this model version, validated on held-out test items and on "
+                   "synthetic perturbations beyond the ODD boundary.")
 
 
 def _subset(d: odd.Decisions, sel: np.ndarray) -> odd.Decisions:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.measurement import BOOTSTRAP_REPLICATES
 from trustcase.performance import Tally, rate_metrics
-from trustcase.schemas import CheckOutcome, Stage
+from trustcase.schemas import CheckOutcome, ConfusionMatrix, ReliabilityDiagram, Stage
 
 
 class PerformanceParams(Params):
@@ -31,8 +33,17 @@ class Performance(Check):
         for batch in ctx.batches(p.split):
             tally.update(ctx.model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
         ms = tally.compute(self.name, p.split, ctx.use_case.plan.confidence)
+        figures = [ConfusionMatrix(title=f"Confusion matrix ({p.split})", classes=ctx.use_case.model.class_names,
+                                   counts=tally.cm.tolist(), illustrates=["accuracy", "recall", "precision"])]
+        ece = next((m for m in ms if m.metric == "ece" and not m.scope.subgroup), None)
+        if ece is not None and ece.value is not None:
+            figures.append(ReliabilityDiagram(
+                title=f"Reliability (ECE = {ece.value:.3f})", edges=tally.edges.tolist(),
+                accuracy=(tally.bin_correct / np.maximum(tally.bin_count, 1)).tolist(),
+                count=tally.bin_count.tolist()))
         return CheckOutcome(
-            check=self.name, measurements=ms,
+            check=self.name, measurements=ms, figures=figures,
+            caveat="The figures hold for data like the held-out items measured (see the data-quality evidence).",
             validity=[f"measured on the {p.split} split ({int(tally.cm.sum())} items), "
                       f"{ctx.use_case.plan.confidence:.0%} Clopper-Pearson intervals; ECE and cost: percentile "
                       f"intervals of a Poisson bootstrap over items ({BOOTSTRAP_REPLICATES} replicates, each item's "

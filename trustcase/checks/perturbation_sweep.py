@@ -19,10 +19,12 @@ from trustcase.robustness import perturbations as P
 from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
 from trustcase.schemas import (
     CheckOutcome,
+    Finding,
     Measurement,
     PerturbationScope,
     Scope,
     Stage,
+    Topic,
 )
 
 
@@ -91,7 +93,9 @@ class PerturbationSweep(Check):
             except P.PerturbationError as e:
                 raise CheckError(f"{self.name}: {e}") from None
             perts[key] = pert
-        out = CheckOutcome(check=self.name)
+        out = CheckOutcome(check=self.name, shard=", ".join(perts),
+                           caveat="The perturbations are synthetic, applied to real test images before the model; "
+                                  "they imitate, not reproduce, defects of the line.")
         pool = ThreadPoolExecutor(p.workers, thread_name_prefix="perturb") if p.workers >= 2 else None
         try:
             for key, pert in perts.items():
@@ -147,6 +151,15 @@ class PerturbationSweep(Check):
         spec = p.spec(key)
         out.measurements.extend(ms)
         out.curves.append(curve(key, pert.unit, grid, ms, uc, broken))
+        out.units[key] = pert.unit
+        ends = [next((m for m in ms if m.metric == "accuracy" and not m.scope.subgroup and m.amplitude == a
+                      and m.value is not None), None) for a in (grid[0], grid[-1])]
+        claimed = any(r.scope.perturbation and r.scope.perturbation.name == key for r in uc.requirements)
+        if not claimed and None not in ends:
+            out.findings.append(Finding(
+                topic=Topic.BREAKS, text=f"Measured without a claim: {key.replace('_', ' ')} moves accuracy from "
+                                         "{clean} to {worst} at {worst.amplitude}.",
+                cites={"clean": ends[0], "worst": ends[1]}))
         out.summary[key] = {
             "perturbation": spec.perturbation or key, "unit": pert.unit, "grid": grid,
             "options": pert.options.model_dump(), "n": seen,

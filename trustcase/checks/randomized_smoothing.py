@@ -108,6 +108,8 @@ class RandomizedSmoothing(Check):
                         + (" (none: the smoothed classifier is expected to abstain often)" if trained == 0 else ""))
         return CheckOutcome(
             check=self.name, measurements=ms, curves=[curve],
+            caveat="The guarantee covers the smoothed classifier (a majority vote under noise), not the base model: "
+                   "it holds only if the smoothed classifier is what is deployed.",
             artefacts=[ctx.artefact(ctx.workdir / "items.csv", "table")],
             summary={"sigma": p.sigma, "sigma_pixels": p.sigma * (hi - lo), "n0": p.n0, "n": p.n, "alpha": p.alpha,
                      "abstain_rate": abstain / n_items if n_items else None, "radii": grid,

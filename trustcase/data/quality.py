@@ -16,7 +16,7 @@ import numpy as np
 from scipy import fft, stats
 
 from trustcase.measurement import census, proportion
-from trustcase.schemas import Measurement, Scope
+from trustcase.schemas import Histogram, Measurement, Scope
 
 HASH_SIDE, HASH_BITS = 32, 8  # DCT of a 32x32 thumbnail, top-left 8x8 coefficients -> 64 bits
 
@@ -104,7 +104,7 @@ def duplicates(check: str, split_of: list[str], exact: np.ndarray, near: np.ndar
 
 
 def distributions(check: str, roles: list[str], props: dict[str, list[np.ndarray]],
-                  bins: int) -> tuple[list[Measurement], dict]:
+                  bins: int) -> tuple[list[Measurement], dict[str, Histogram]]:
     """Per descriptor: mean and quantiles per split, histograms on shared edges, and the two-sided
     Kolmogorov-Smirnov test of each split against the train split (drift)."""
     out: list[Measurement] = []
@@ -115,10 +115,10 @@ def distributions(check: str, roles: list[str], props: dict[str, list[np.ndarray
         if allv.size == 0:
             continue
         edges = np.histogram_bin_edges(allv, bins=bins)
-        hist[k] = {"edges": edges.tolist()}
+        hist[k] = Histogram(edges=edges.tolist())
         ref = per_split[roles.index("train")] if "train" in roles else None
         for role, v in zip(roles, per_split):
-            hist[k][role] = np.histogram(v, bins=edges)[0].tolist()
+            hist[k].counts[role] = np.histogram(v, bins=edges)[0].tolist()
             q = np.quantile(v, [0.01, 0.5, 0.99]).tolist() if v.size else [np.nan] * 3
             out.append(census(check=check, metric=f"mean:{k}", value=float(v.mean()) if v.size else None,
                                    n=int(v.size), scope=Scope(split=role),

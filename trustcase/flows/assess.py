@@ -1,16 +1,17 @@
-"""The assessment flow: a Prefect DAG of thin tasks over components, logged to MLflow, ending in a report.
+"""The assessment flow: a Prefect DAG of thin tasks over the plan's checks, logged to MLflow, ending in a report.
 
-    fingerprint (model + code hashes) -> data_quality (content hash) -> checks (a task per shard) -> evidence -> report
+    fingerprint (model + code hashes) -> data_fingerprint (content hash) -> checks (a task per shard, in plan order)
+        -> evidence -> report
 
-Resume keyed on content. Data quality always runs: it streams every item and hashes ids, labels and
-pixels (`data_sha256`). Every other check shard is a Prefect task cached on its inputs (use case, check
-parameters, shard, seed, model hash, that content hash, and the code: trustcase's sources, the loader's and
-the model factory's modules) plus the task's source, so relabelled data or an edited loader is never served
-from the cache. Results are JSON (a `CheckOutcome`, never a pickle) in the project's own store
-(`.trustcase/cache`, or TRUSTCASE_CACHE), and each declared artefact is stored there by content hash: a cached
-outcome is reused only if every artefact it declares is restored into the run folder with its hash checked,
-else the check runs again. Confidential use cases are never cached, and everything they write is redacted
-(`flows/confidential.py`).
+Resume keyed on content. The data fingerprint always runs: it streams every item and hashes ids, labels,
+metadata and pixels (`data.content.content_hash`). Every check shard is a Prefect task cached on its inputs (use
+case, check parameters, shard, seed, model hash, that content hash, and the code: trustcase's sources, the
+loader's and the model factory's modules) plus the task's source, so relabelled data or an edited loader is
+never served from the cache; the flow treats every check alike, never by its name. Results are JSON (a
+`CheckOutcome`, never a pickle) in the project's own store (`.trustcase/cache`, or TRUSTCASE_CACHE), and each
+declared artefact is stored there by content hash: a cached outcome is reused only if every artefact it declares
+is restored into the run folder with its hash checked, else the check runs again. Confidential use cases are
+never cached, and everything they write is redacted (`flows/confidential.py`).
 
 One assessment, one folder: `--out` must be new, empty, or the folder of an earlier assessment of the same use
 case (its marker file says so), whose files are removed first; a lock refuses a second concurrent run there.
@@ -40,6 +41,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase import reports
 from trustcase.checks import Check, CheckError, Context, Unsupported, build
+from trustcase.data.content import Content, content_hash
 from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.flows import confidential, logs, provenance, rerender, tracking
@@ -90,13 +92,6 @@ class Result:
     manifest_sha256: str | None = None  # the pack's anchor: also an MLflow tag, printed by the CLI
 
 
-def plan(use_case: UseCase) -> list[tuple[int, CheckSpec]]:
-    """The plan's checks, data quality first (it yields the data hash every other key includes)."""
-    specs = list(enumerate(use_case.plan.checks))
-    dq = [s for s in specs if s[1].check == "data_quality"] or [(-1, CheckSpec(check="data_quality"))]
-    return dq[:1] + [s for s in specs if s[1].check != "data_quality"]
-
-
 def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
     """Every user error we can find before work starts: the one preflight of `trustcase validate`."""
     from trustcase.flows import preflight as pre
@@ -143,12 +138,19 @@ def fingerprint(use_case: UseCase, seed: int) -> dict:
     return {"model_sha256": model_sha, "data": fps, "code_sha256": code_sha}
 
 
+@task(name="data_fingerprint", persist_result=False)
+def data_fingerprint(use_case: UseCase, seed: int) -> Content:
+    """The content hash every cached result is keyed on, and the readable items per split (never cached itself:
+    it is what tells whether the data changed)."""
+    return content_hash(DataSource(use_case.data, seed, use_case.model))
+
+
 # the key: every input but where files go and the progress label, plus the task's own source
 CHECK_CACHE = Inputs(exclude=["store", "salt", "label"]) + TASK_SOURCE
 
 
 @task(name="check", cache_policy=CHECK_CACHE, result_serializer="json", task_run_name="{label}")
-def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_sha256: str, data_sha256: str | None,
+def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_sha256: str, data_sha256: str,
               code_sha256: str, store: str, salt: str | None, label: str) -> str:
     """One check shard, run in a scratch folder; its declared artefacts go to the store by content hash (they
     come back into the run folder from there, cached or not); the outcome comes back as JSON. `salt`: a
@@ -322,13 +324,13 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                        red: confidential.Redactor | None, fp: dict, version: str | None, store: Path,
                        cached) -> Result:
     uc_sha = provenance.canonical_sha256(uc_json)
-    steps = plan(uc)
+    specs = [build(spec) for spec in uc.plan.checks]
     outcomes: list[CheckOutcome] = []
     errors: list[str] = []
     written: list[str] = []  # what this run wrote into the folder: exactly what the pack and MLflow receive
     user_error = False
 
-    total = 1 + sum(len(build(spec).shards()) for _, spec in steps[1:])
+    total = sum(len(check.shards()) for check in specs)
 
     def settle(value, args: tuple):
         """A finished shard: its outcome once its artefacts are back in the run folder, hashes checked; a
@@ -362,25 +364,20 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                 outcomes.append(value)
                 run.log_outcome(value)  # live in the MLflow run as each check finishes (in plan order)
 
-    def call(spec: CheckSpec, shard: int, data_sha: str | None, label: str) -> tuple:
+    def call(spec: CheckSpec, shard: int, label: str) -> tuple:
         """run_check's arguments, in order (kept: a shard whose artefacts are gone is submitted again)."""
-        return uc, spec, shard, seed, fp["model_sha256"], data_sha, fp["code_sha256"], str(store), salt, label
+        return uc, spec, shard, seed, fp["model_sha256"], data.sha256, fp["code_sha256"], str(store), salt, label
 
-    # data quality first, always run: its content hash of ids, labels and pixels keys every other check
-    _, dq_spec = steps[0]
-    dq_call = call(dq_spec, 0, None, "data_quality")
-    dq = run_check.with_options(cache_policy=NO_CACHE, persist_result=False).submit(*dq_call)
-    collect([dq], ["data_quality"], [dq_call])
-    data_sha = outcomes[0].summary["data_sha256"] if outcomes else "unknown"
-    run.tag({"data_sha256": data_sha})
+    # the content hash of ids, labels and pixels keys every check
+    data = data_fingerprint(uc, seed)
+    run.tag({"data_sha256": data.sha256})
 
     calls, labels = [], []
-    for _, spec in steps[1:]:
-        for i, shard in enumerate(build(spec).shards()):
-            calls.append(call(spec, i, data_sha, _label(shard)))
+    for spec, check in zip(uc.plan.checks, specs, strict=True):
+        for i, shard in enumerate(check.shards()):
+            calls.append(call(spec, i, _label(shard)))
             labels.append(calls[-1][-1])
-    if calls and outcomes:
-        collect([cached.submit(*c) for c in calls], labels, calls)
+    collect([cached.submit(*c) for c in calls], labels, calls)
 
     records = evidence(uc, outcomes)
     complete = not errors
@@ -389,7 +386,7 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                 else rerender.qualified_previous(uc_json, uri))
     prov = Provenance(
         use_case_id=uc.id, use_case_sha256=uc_sha, mlflow_run_id=run.id,
-        model_sha256=fp["model_sha256"], model_version=version, data_sha256=data_sha,
+        model_sha256=fp["model_sha256"], model_version=version, data_sha256=data.sha256, data_items=data.items,
         code_version=provenance.code_version(), packages=provenance.packages(), platform=provenance.platform(),
         seed=seed,
         parameters={"plan": uc_json["plan"], "data": uc_json["data"]},

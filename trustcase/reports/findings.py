@@ -11,9 +11,19 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
-from trustcase.schemas import Assessment, ClaimChange, Evidence, Measurement, Requirement, Scope, Stage, Verdict
+from trustcase.schemas import (
+    Assessment,
+    ClaimChange,
+    Evidence,
+    Finding,
+    Measurement,
+    Requirement,
+    Scope,
+    Stage,
+    Topic,
+    Verdict,
+)
 
 # metrics whose values are proportions, shown in percent (as requirement texts state them)
 PROPORTION = re.compile(r"accuracy|recall|precision|(^|_)rate$|share|coverage|pointing_game|relevance_mass")
@@ -48,24 +58,10 @@ CHECKS = {"odd_monitor": "ODD monitor", "data_quality": "Data quality", "perturb
           "adversarial": "Adversarial attacks", "explainability": "Explanation quality", "root_causes": "Root causes",
           "performance": "Performance", "formal_properties": "Formal properties",
           "local_robustness": "Local robustness proofs", "component_outputs": "Component outputs"}
-# what a reader must keep in mind about each built-in check's evidence, in one sentence (the appendix lists every
-# condition the check itself recorded)
-CAVEATS = {
-    "adversarial": "Empirical evidence, not a certificate: a stronger attack may find more errors.",
-    "lipschitz": "A certificate for the deterministic model as loaded, for every input within the radius.",
-    "randomized_smoothing": "The guarantee covers the smoothed classifier (a majority vote under noise), not the "
-                            "base model: it holds only if the smoothed classifier is what is deployed.",
-    "odd_monitor": "It holds for the monitor fitted to this model version, validated on held-out test items and on "
-                   "synthetic perturbations beyond the ODD boundary.",
-    "explainability": "Measured on a seeded sample of test items; maps explain the predicted class.",
-    "perturbation_sweep": "The perturbations are synthetic, applied to real test images before the model; they "
-                          "imitate, not reproduce, defects of the line.",
-    "data_quality": "Near duplicates are found by perceptual hash, drift by a two-sample Kolmogorov-Smirnov test "
-                    "against the training split.",
-    "local_robustness": "A proof for each sampled input and its ball, not for inputs that were not sampled.",
-    "formal_properties": "A proof over the whole input region the property states.",
-    "performance": "The figures hold for data like the held-out items measured (see the data-quality evidence).",
-}
+# the headings of the findings, in the order the body shows them
+TOPICS = {Topic.FAILS: "What is shown not to hold", Topic.BREAKS: "What breaks the model, and from which amplitude",
+          Topic.SUBGROUPS: "Which subgroups are weaker", Topic.MONITOR: "What the monitor stops",
+          Topic.EXPLANATIONS: "Which explanations can be trusted", Topic.GAPS: "What could not be shown, and why"}
 RULE = {Verdict.PASS: "the whole {conf} interval satisfies the threshold",
         Verdict.FAIL: "the measured value violates the threshold",
         Verdict.INCONCLUSIVE: "neither shown to hold nor shown to fail"}
@@ -165,14 +161,13 @@ def human_error(error: str) -> str:
 
 
 class Units:
-    """Units of the perturbation amplitudes, as the checks recorded them (sweep summaries, curve axes)."""
+    """Units of the perturbation amplitudes, as the checks declared them (else as their curves' axes say)."""
 
     def __init__(self, a: Assessment):
         self.units: dict[str, str] = {}
         for o in a.outcomes:
-            for key, s in o.summary.items():
-                if isinstance(s, dict) and isinstance(s.get("unit"), str):
-                    self.units.setdefault(key, s["unit"])
+            for key, unit in o.units.items():
+                self.units.setdefault(key, unit)
             names = {m.scope.perturbation.name for m in o.measurements if m.scope.perturbation}
             for name in sorted(names):
                 curve = next((c for c in o.curves if name in c.id or name in c.title), None)
@@ -275,7 +270,7 @@ def _validity(a: Assessment, r: Requirement, e: Evidence | None, units: Units, c
                   if amps else "")
     if e.interval:
         first += f"; {confidence:.0%} {METHODS.get(e.interval.method, e.interval.method)} interval"
-    second = CAVEATS.get(e.check or "")
+    second = next((o.caveat for o in a.outcomes if o.check == e.check and o.caveat), None)
     if second is None and e.validity:
         first_condition = plain(e.validity[0])
         second = first_condition if len(first_condition) <= 180 else first_condition[:177].rsplit(" ", 1)[0] + "…"
@@ -382,12 +377,29 @@ def _collapse(a: Assessment, ms: list[Measurement], amplitude: float | None, per
     return ""
 
 
+def say(f: Finding, units: Units) -> str:
+    """A check's finding in the report's words: each cited measurement's value and interval in its units."""
+    text = f.text
+    for key, m in f.cites.items():
+        p = m.scope.perturbation
+        amp = units.amplitude(p.name, m.amplitude) if p else number(m.amplitude)
+        iv = f" (interval {interval(m.metric, m.interval.lower, m.interval.upper)})" if m.interval else ""
+        text = text.replace(f"{{{key}.amplitude}}", amp).replace(f"{{{key}}}", value(m.metric, m.value, m.unit) + iv)
+    return plain(text)
+
+
 def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage | None], units: Units
              ) -> list[tuple[str, list[str]]]:
-    """The findings a manager needs, as sentences generated from the evidence, grouped under plain headings."""
+    """The findings a manager needs, as sentences generated from the claims and said by the checks (their typed
+    `findings`, the same for every check), under plain headings."""
     req = {r.id: r for r in a.requirements}
     ev = {e.claim_id: e for e in a.evidence if e.claim_id in req}
     by_check = _measurements(a)
+    said: dict[Topic, list[str]] = defaultdict(list)
+    for o in a.outcomes:
+        for f in o.findings:
+            said[f.topic].append(say(f, units))
+    whole = [m for o in a.outcomes for m in o.measurements]
     out: list[tuple[str, list[str]]] = []
 
     # what fails on the data as it is (claims under perturbations are said below, with their amplitude)
@@ -400,11 +412,12 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
         fails.append(f"{r.id}: {metric_name(r.metric)} {value(r.metric, e.value)}{iv} on the {scope(r.scope, units)}, "
                      f"required {comparator(r.comparator)} {value(r.metric, r.threshold)}"
                      + ("." if r.mandatory else " (advisory claim)."))
-    collapse = _collapse(a, by_check.get("performance", []), None, None)
+    collapse = _collapse(a, whole, None, None)
     if collapse:
         fails.append(f"On the test data as it is, the model{collapse.removeprefix('; the model then')}.")
+    fails += said[Topic.FAILS]
     if fails:
-        out.append(("What is shown not to hold", fails))
+        out.append((TOPICS[Topic.FAILS], fails))
 
     # what breaks the model (claims under perturbations, then perturbations measured without a claim)
     breaks, holds = [], []
@@ -433,29 +446,19 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
                       f"against {comparator(r.comparator)} {value(r.metric, r.threshold)}"
                       f"{_collapse(a, by_check.get(e.check, []), first, p.name)}."
                       + ("" if r.mandatory else " (advisory claim)"))
-    for o in a.outcomes:
-        for key, s in o.summary.items():
-            if o.check != "perturbation_sweep" or key in claimed or not isinstance(s, dict) or not s.get("grid"):
-                continue
-            grid = s["grid"]
-            lo, hi = _at(o.measurements, "accuracy", grid[0], key), _at(o.measurements, "accuracy", grid[-1], key)
-            if lo and hi and lo.value is not None and hi.value is not None:
-                breaks.append(f"Measured without a claim: {words(key)} moves accuracy from "
-                              f"{value('accuracy', lo.value)} to {value('accuracy', hi.value)} at "
-                              f"{units.amplitude(key, grid[-1])}.")
+    breaks += said[Topic.BREAKS]
     if holds:
         breaks.append("The model holds its claims under " + "; ".join(holds) + ".")
     if breaks:
-        out.append(("What breaks the model, and from which amplitude", breaks))
+        out.append((TOPICS[Topic.BREAKS], breaks))
 
     # weaker subgroups: per metric claimed on a subgroup (or the critical class's recall), weakest vs strongest
     subs = []
     critical = a.use_case.get("model", {}).get("critical_class")
     metrics = {r.metric for r in a.requirements if r.scope.subgroup} | ({f"recall:{critical}"} if critical else set())
     for metric in sorted(metrics) + ["accuracy"]:
-        ms = [m for o in a.outcomes if o.check not in ("data_quality",) for m in o.measurements
-              if m.metric == metric and m.scope.subgroup and m.scope.perturbation is None and m.scope.split == "test"
-              and m.value is not None and not math.isnan(m.value) and m.interval]
+        ms = [m for m in whole if m.metric == metric and m.scope.subgroup and m.scope.perturbation is None
+              and m.scope.split == "test" and m.value is not None and not math.isnan(m.value) and m.interval]
         if len(ms) < 2:
             continue
         seen = {}
@@ -471,44 +474,12 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
             subs.append(text + "; the intervals overlap, so no subgroup is shown to be weaker.")
         if len(subs) >= 3:
             break
+    subs += said[Topic.SUBGROUPS]
     if subs:
-        out.append(("Which subgroups are weaker", subs))
-
-    # what the monitor stops
-    mon = by_check.get("odd_monitor", [])
-    whole = {m.metric: m for m in mon if m.scope.perturbation is None and not m.scope.subgroup}
-    if whole:
-        s = []
-        if "detection_rate" in whole and whole["detection_rate"].value is not None:
-            m = whole["detection_rate"]
-            iv = f" (interval {interval(m.metric, m.interval.lower, m.interval.upper)})" if m.interval else ""
-            s.append(f"The ODD monitor stops {value(m.metric, m.value)}{iv} of the inputs outside the ODD (n = {m.n}).")
-        if "false_alarm_rate" in whole and whole["false_alarm_rate"].value is not None:
-            m = whole["false_alarm_rate"]
-            iv = f" (interval {interval(m.metric, m.interval.lower, m.interval.upper)})" if m.interval else ""
-            s.append(f"It stops {value(m.metric, m.value)}{iv} of the clean in-ODD inputs by mistake.")
-        if "accuracy_accepted" in whole and whole["accuracy_accepted"].value is not None:
-            m = whole["accuracy_accepted"]
-            s.append(f"On the inputs it accepts the model is correct {value(m.metric, m.value)} of the time.")
-        if s:
-            out.append(("What the monitor stops", s))
-
-    # which explanations can be trusted
-    ex = next((o for o in a.outcomes if o.check == "explainability"), None)
-    ranking = (ex.summary.get("ranking") if ex else None) or []
-    if ranking:
-        s = []
-        good = [words(x["method"]) for x in ranking if x.get("status") == "recommended"]
-        if good:
-            s.append(f"Can be trusted: {', '.join(good)} (passes the sanity check and beats a random ordering).")
-        else:
-            s.append("No attribution method passes both the sanity check and the comparison with a random ordering: "
-                     "no explanation map of this model should be trusted.")
-        for x in ranking:
-            if x.get("status") != "recommended":
-                reasons = plain("; ".join(x.get("reasons") or []) or "not recommended")
-                s.append(f"Not to be trusted: {words(x['method'])}, because {reasons}.")
-        out.append(("Which explanations can be trusted", s))
+        out.append((TOPICS[Topic.SUBGROUPS], subs))
+    for topic in (Topic.MONITOR, Topic.EXPLANATIONS):  # said by the checks alone
+        if said[topic]:
+            out.append((TOPICS[topic], said[topic]))
 
     # what could not be shown, and why
     gaps = []
@@ -532,9 +503,9 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
         for lim in o.limitations:
             if lim.startswith("not run:"):
                 gaps.append(f"The {check_name(o.check)} check was not run: {lim.removeprefix('not run:').strip()}.")
-    gaps += [human_error(x) for x in a.errors]
+    gaps += [human_error(x) for x in a.errors] + said[Topic.GAPS]
     if gaps:
-        out.append(("What could not be shown, and why", gaps))
+        out.append((TOPICS[Topic.GAPS], gaps))
     return out
 
 
@@ -557,7 +528,6 @@ def decision(a: Assessment, arg_verdict: Verdict, cards_: list[Card]) -> str:
     return text
 
 
-def facts(a: Assessment) -> dict[str, Any]:
-    """Split sizes and class counts, from the data-quality summary when it exists."""
-    dq = next((o for o in a.outcomes if o.check == "data_quality"), None)
-    return (dq.summary.get("splits") or {}) if dq else {}
+def facts(a: Assessment) -> dict[str, int]:
+    """Readable items per split, as the data fingerprint counted them."""
+    return dict(a.provenance.data_items)

@@ -1,4 +1,5 @@
-"""Plots drawn from evidence records only (never from live models), saved as PNG."""
+"""Plots drawn from evidence records only (never from live models), saved as PNG: every check's curves and
+figures by their type, whichever check declared them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trustcase.schemas import Assessment, Curve, Measurement  # noqa: E402
+from trustcase.schemas import (  # noqa: E402
+    Assessment,
+    CheckOutcome,
+    ConfusionMatrix,
+    Curve,
+    CurveOverlay,
+    Histograms,
+    Measurement,
+    ReliabilityDiagram,
+)
 
 COLOURS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700"}
 
@@ -23,21 +33,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _find(a: Assessment, check: str, metric: str, split: str = "test") -> Measurement | None:
-    for o in a.outcomes:
-        for m in o.measurements:
-            if (m.check == check and m.metric == metric and m.scope.split == split and not m.scope.subgroup
-                    and m.scope.perturbation is None):
-                return m
-    return None
-
-
-def confusion(a: Assessment, out: Path) -> Path | None:
-    m = _find(a, "performance", "accuracy")
-    if m is None or "confusion" not in m.details:
-        return None
-    cm = m.details["confusion"]
-    names = a.use_case["model"]["class_names"]
+def confusion(f: ConfusionMatrix, path: Path) -> Path:
+    cm, names = f.counts, f.classes
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     ax.imshow(cm, cmap="Blues")
     for i, row in enumerate(cm):
@@ -47,49 +44,52 @@ def confusion(a: Assessment, out: Path) -> Path | None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (test)")
-    return _save(fig, out / "confusion.png")
+    ax.set_title(f.title)
+    return _save(fig, path)
 
 
-def reliability(a: Assessment, out: Path) -> Path | None:
-    m = _find(a, "performance", "ece")
-    if m is None:
-        return None
-    d = m.details
-    edges = d["bins"]
+def reliability(f: ReliabilityDiagram, path: Path) -> Path:
+    edges = f.edges
     centres = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-    keep = [i for i, c in enumerate(d["count"]) if c > 0]
+    keep = [i for i, c in enumerate(f.count) if c > 0]
     fig, ax = plt.subplots(figsize=(3.8, 3.2))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.bar([centres[i] for i in keep], [d["accuracy"][i] for i in keep], width=edges[1] - edges[0],
+    ax.bar([centres[i] for i in keep], [f.accuracy[i] for i in keep], width=edges[1] - edges[0],
            alpha=0.6, edgecolor="black", label="accuracy in bin")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability (ECE = {m.value:.3f})")
+    ax.set_title(f.title)
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, out / "reliability.png")
+    return _save(fig, path)
 
 
-def distributions(a: Assessment, out: Path) -> Path | None:
-    dq = next((o for o in a.outcomes if o.check == "data_quality"), None)
-    props = (dq.summary.get("properties") if dq else None) or {}
-    if not props:
+def histograms(f: Histograms, path: Path) -> Path | None:
+    if not f.histograms:
         return None
+    props = f.histograms
     fig, axes = plt.subplots(1, len(props), figsize=(3.3 * len(props), 2.8))
     axes = axes if len(props) > 1 else [axes]
     for ax, (name, h) in zip(axes, props.items(), strict=True):
-        edges = h["edges"]
-        for role, counts in h.items():
-            if role == "edges":
-                continue
+        for role, counts in h.counts.items():
             total = max(sum(counts), 1)
-            ax.stairs([c / total for c in counts], edges, label=role)
+            ax.stairs([c / total for c in counts], h.edges, label=role)
         ax.set_title(name)
         ax.set_ylabel("share of split")
         ax.legend(fontsize=7)
-    return _save(fig, out / "image_properties.png")
+    return _save(fig, path)
+
+
+def figure(o: CheckOutcome, f, path: Path) -> Path | None:
+    """One figure a check declared, drawn by its type."""
+    if isinstance(f, ConfusionMatrix):
+        return confusion(f, path)
+    if isinstance(f, ReliabilityDiagram):
+        return reliability(f, path)
+    if isinstance(f, Histograms):
+        return histograms(f, path)
+    return overlay(f, [c for c in o.curves if c.id in f.curves], path)
 
 
 def curve(c: Curve, path: Path) -> Path:
@@ -121,6 +121,11 @@ def curve_key(check: str, curve_id: str) -> str:
     return "curve_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{check}__{curve_id}")
 
 
+def figure_key(outcome: int, figure: int) -> str:
+    """The image key of the figure-th figure of the outcome-th outcome of the assessment."""
+    return f"figure_{outcome}_{figure}"
+
+
 def draw_all(a: Assessment, out: Path, failures: list[str] | None = None) -> dict[str, Path]:
     """Every plot the record allows; one that cannot be drawn (malformed record) is noted in `failures`."""
     failures = [] if failures is None else failures
@@ -133,13 +138,13 @@ def draw_all(a: Assessment, out: Path, failures: list[str] | None = None) -> dic
             plt.close("all")
             failures.append(f"plot {key} not drawn ({type(e).__name__}: {e}); its tables still hold the numbers")
 
-    attempt("confusion", lambda: confusion(a, out))
-    attempt("reliability", lambda: reliability(a, out))
-    attempt("image_properties", lambda: distributions(a, out))
-    for o in a.outcomes:
+    for j, o in enumerate(a.outcomes):
         for c in o.curves:
             key = curve_key(o.check, c.id)
             attempt(key, lambda c=c, key=key: curve(c, out / f"{key}.png"))
+        for i, f in enumerate(o.figures):
+            key = figure_key(j, i)
+            attempt(key, lambda o=o, f=f, key=key: figure(o, f, out / f"{key}.png"))
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -169,24 +174,23 @@ def claim_sweep(title: str, x_label: str, y_label: str, ms: list[Measurement], t
     return _save(fig, path)
 
 
-def monitor_detection(curves: list[Curve], path: Path) -> Path | None:
-    """The monitor's stop rate against the amplitude of each perturbation, scaled so that 1 is the ODD boundary."""
-    usable = [c for c in curves if c.x_marks.get("ODD boundary") and c.series]
+def overlay(f: CurveOverlay, curves: list[Curve], path: Path) -> Path | None:
+    """The first series of each curve in percent, its x divided by its `scale_mark` (1 = the mark)."""
+    usable = [c for c in curves if c.x_marks.get(f.scale_mark) and c.series]
     if not usable:
         return None
     fig, ax = plt.subplots(figsize=(4.6, 2.5))
     for c in usable:
-        b = c.x_marks["ODD boundary"]
+        b = c.x_marks[f.scale_mark]
         s = next(iter(c.series.values()))
         n = min(len(c.x), len(s.y))
-        ax.plot([v / b for v in c.x[:n]], [100 * v for v in s.y[:n]], marker="o", ms=3,
-                label=re.sub(r"^.*under (.*?):.*$", r"\1", c.title).replace("_", " "))
+        ax.plot([v / b for v in c.x[:n]], [100 * v for v in s.y[:n]], marker="o", ms=3, label=f.curves[c.id])
     ax.axvline(1.0, color="black", ls=":", lw=1)
-    ax.annotate("ODD boundary", (1.0, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+    ax.annotate(f.scale_mark, (1.0, 0.02), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                 ha="right", va="bottom")
-    ax.set_xlabel("amplitude / amplitude at the ODD boundary", fontsize=8)
-    ax.set_ylabel("inputs stopped (%)", fontsize=8)
-    ax.set_title("ODD monitor: share stopped vs perturbation amplitude", fontsize=9)
+    ax.set_xlabel(f.x_label, fontsize=8)
+    ax.set_ylabel(f.y_label, fontsize=8)
+    ax.set_title(f.title, fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, loc="best")
     return _save(fig, path)

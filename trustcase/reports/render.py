@@ -1,10 +1,9 @@
 """Assessment -> safety argument -> one self-contained HTML file, the same as PDF, the argument as JSON and
 gsn2x YAML, GSN diagrams (SVG), and the evidence pack. From the record alone: never a live model.
 
-Check outcomes are rendered generically (measurements, curves, validity, limitations, summary, artefacts),
-so a new check needs no change here; the foundation's specific plots (confusion, reliability, sweeps,
-image properties) are kept where their evidence exists. A partial assessment renders: what is missing is
-shown as missing.
+Check outcomes are rendered generically (measurements, curves, figures, findings, validity, limitations,
+summary, artefacts), from their typed fields: nothing here branches on a check's name, so a partner's check
+reads like a built-in one. A partial assessment renders: what is missing is shown as missing.
 """
 
 from __future__ import annotations
@@ -196,7 +195,8 @@ def record_digest(a: Assessment) -> str:
 def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units, out: Path,
                 failures: list[str]) -> dict[str, Path]:
     """One plot per claim where a curve says more than a number: the claim's sweep (perturbation, attack or
-    certified radius), the reliability diagram for calibration, the monitor's detection against amplitude."""
+    certified radius), else a figure its check declared as illustrating the claim's metric (e.g. the reliability
+    diagram for calibration, the monitor's detection against amplitude)."""
     by_check = {}
     for o in a.outcomes:
         by_check.setdefault(o.check, []).append(o)
@@ -218,15 +218,10 @@ def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units
                         findings.metric_name(r.metric), ms, r.threshold, r.scope.perturbation.max_amplitude,
                         e.details.get("breaking_amplitude"), findings.proportion(r.metric), out / f"{key}.png")
                     c.plot = key
-            elif r.metric == "ece":
-                c.plot = "reliability"
-            elif e.check == "odd_monitor" and r.metric.startswith("detection_rate"):
-                if "monitor_detection" not in drawn:
-                    curves = [c2 for o in by_check[e.check] for c2 in o.curves]
-                    path = plots.monitor_detection(curves, out / "monitor_detection.png")
-                    if path:
-                        drawn["monitor_detection"] = path
-                c.plot = "monitor_detection" if "monitor_detection" in drawn else None
+            else:  # the first figure of the claim's check that illustrates its metric
+                c.plot = next((plots.figure_key(j, i) for j, o in enumerate(a.outcomes) if o.check == e.check
+                               for i, f in enumerate(o.figures)
+                               if r.metric in f.illustrates or r.metric.partition(":")[0] in f.illustrates), None)
         except Exception as x:  # noqa: BLE001  a malformed record costs one plot, not the report
             plots.plt.close("all")
             failures.append(f"the plot of claim {r.id} could not be drawn ({type(x).__name__}); its appendix "
@@ -243,6 +238,13 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
     outcomes_by_stage: dict[str, list[CheckOutcome]] = defaultdict(list)
     for o in a.outcomes:
         outcomes_by_stage[o.stage].append(o)
+    position = {id(o): j for j, o in enumerate(a.outcomes)}
+
+    def figures(o: CheckOutcome) -> list[dict[str, str]]:
+        """The outcome's drawn figures: image key, title, caption."""
+        keys = [plots.figure_key(position[id(o)], i) for i in range(len(o.figures))]
+        return [{"key": k, "title": f.title, "caption": getattr(f, "caption", "") or f.title}
+                for k, f in zip(keys, o.figures, strict=True) if k in images]
     regressed = [c for c in arg.comparison if c.regression]
     return {
         "a": a, "uc": a.use_case, "p": a.provenance, "arg": arg, "verdicts": verdicts, "cards": cards,
@@ -258,7 +260,8 @@ def context(a: Assessment, arg: argument.Argument, images: dict[str, str], diagr
         "fmt": _fmt, "slug": slug, "secret": secret, "trust": trust, "normalisation": profile.NORMALISATION,
         "rules": argument.RULES, "failures": failures, "detail_tables": detail_tables,
         "perturbation_tables": lambda o: perturbation_tables(o, units), "measurement_table": measurement_table,
-        "curve_key": plots.curve_key, "artefacts": artefact_views(a, out_dir, secret), "outline": outline(arg),
+        "curve_key": plots.curve_key, "figures": figures,
+        "artefacts": artefact_views(a, out_dir, secret), "outline": outline(arg),
         "F": findings, "units": units, "confidence": a.use_case.get("plan", {}).get("confidence", 0.95),
         "V": Verdict, "errors": [findings.human_error(x) for x in a.errors],
     }

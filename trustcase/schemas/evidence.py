@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum, StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -104,6 +104,7 @@ class Provenance(Record):
     model_sha256: str
     model_version: str | None = None
     data_sha256: str
+    data_items: dict[str, int] = Field({}, description="readable items per split, counted by the data fingerprint")
     code_version: str
     packages: dict[str, str]
     platform: dict[str, str] = Field({}, description="the machine: CPU model and SIMD flags, torch's ATen CPU "
@@ -206,21 +207,96 @@ class Curve(Record):
     log_x: bool = False
 
 
-class CheckOutcome(Record):
-    """All a check produced: measurements, curves, artefacts it wrote, and what it could not do.
+class Topic(StrEnum):
+    """Where a check's finding stands among the report's findings (the report gives each topic its heading)."""
 
-    `summary` holds check-specific structured results (documented by each check); `artefacts` of kind
-    "image" are embedded in the report (a check never writes images of real inputs for a confidential
-    use case).
+    FAILS = "fails"  # what is shown not to hold
+    BREAKS = "breaks"  # what breaks the model, and from which amplitude
+    SUBGROUPS = "subgroups"  # which subgroups are weaker
+    MONITOR = "monitor"  # what a runtime monitor stops
+    EXPLANATIONS = "explanations"  # which explanations can be trusted
+    GAPS = "gaps"  # what could not be shown, and why
+
+
+class Finding(Record):
+    """A sentence a check says about its own evidence, for the report's findings. The report writes `{key}` in
+    `text` from `cites[key]` (its value and interval in the metric's units) and `{key.amplitude}` as that
+    measurement's perturbation amplitude in its unit, so a figure reads the same here as in the claim cards."""
+
+    topic: Topic
+    text: str
+    cites: dict[str, Measurement] = {}
+
+
+class ConfusionMatrix(Record):
+    kind: Literal["confusion"] = "confusion"
+    title: str
+    classes: list[str]
+    counts: list[list[int]] = Field(description="rows: true class, columns: predicted class")
+    illustrates: list[str] = Field([], description="metrics whose claim cards show this figure")
+
+
+class ReliabilityDiagram(Record):
+    kind: Literal["reliability"] = "reliability"
+    title: str
+    edges: list[float] = Field(description="confidence bin edges")
+    accuracy: list[float] = Field(description="accuracy in each bin")
+    count: list[int] = Field(description="items in each bin (empty bins are not drawn)")
+    illustrates: list[str] = ["ece"]
+
+
+class Histogram(Record):
+    edges: list[float]
+    counts: dict[str, list[float]] = Field({}, description="counts per bin, by split")
+
+
+class Histograms(Record):
+    kind: Literal["histograms"] = "histograms"
+    title: str
+    caption: str = ""
+    histograms: dict[str, Histogram] = Field(description="by property")
+    illustrates: list[str] = []
+
+
+class CurveOverlay(Record):
+    """The first series of several of the outcome's curves in one plot, each x divided by its curve's
+    `x_marks[scale_mark]` (e.g. amplitudes in units of the ODD boundary), in percent."""
+
+    kind: Literal["overlay"] = "overlay"
+    title: str
+    x_label: str
+    y_label: str
+    curves: dict[str, str] = Field(description="ids of curves of the same outcome, and their legends")
+    scale_mark: str
+    illustrates: list[str] = []
+
+
+Figure = Annotated[ConfusionMatrix | ReliabilityDiagram | Histograms | CurveOverlay, Field(discriminator="kind")]
+
+
+class CheckOutcome(Record):
+    """All a check produced: measurements, curves, artefacts it wrote, and what it could not do; and what the
+    report reads from it, declared and typed, the same for a built-in and a partner's check: `findings`
+    (sentences), `figures` (plots beyond curves; a claim card shows the one that illustrates its metric),
+    `caveat`, `units` of perturbation amplitudes, `shard`.
+
+    `summary` holds free-form details, shown as tables in the report's appendix and read by nothing else;
+    `artefacts` of kind "image" are embedded in the report (a check never writes images of real inputs for a
+    confidential use case).
     """
 
     check: str
     stage: Stage = Field(Stage.TESTING, description="the AMLAS stage the evidence supports")
+    shard: str = Field("", description="the part of the check this outcome covers, e.g. a sweep's perturbation")
     measurements: list[Measurement] = []
     curves: list[Curve] = []
+    figures: list[Figure] = []
+    findings: list[Finding] = []
     artefacts: list[Artefact] = []
     validity: list[str] = []
     limitations: list[str] = []
+    caveat: str = Field("", description="what a reader must keep in mind about this evidence, in one sentence")
+    units: dict[str, str] = Field({}, description="unit of each perturbation's amplitude, by perturbation name")
     summary: dict[str, Any] = {}
     duration_s: float = 0.0
 
