@@ -84,24 +84,27 @@ class Tally:
         pred = logits.argmax(axis=1)
         self.cm += confusion(labels, pred, self.n)
         self.resampled &= ids is not None
-        w = (bootstrap_weights(self.seed, self.check, ids, self.replicates) if ids is not None else
-             np.zeros((len(labels), self.replicates))).astype(np.float64)  # (items, replicates)
+        w = bootstrap_weights(self.seed, self.check, ids, self.replicates).astype(np.float64) if self.resampled \
+            else None  # (items, replicates)
         cells = np.eye(self.n * self.n)[labels * self.n + pred]
-        self.boot_cm += w.T @ cells
+        if w is not None:
+            self.boot_cm += w.T @ cells
         for name in self.subgroups:
             values = np.asarray((meta or {}).get(name, []))
             for v in np.unique(values):
                 sel = values == v
                 self.groups[(name, str(v))] += confusion(labels[sel], pred[sel], self.n)
-                self.boot_groups[(name, str(v))] += w[sel].T @ cells[sel]
+                if w is not None:
+                    self.boot_groups[(name, str(v))] += w[sel].T @ cells[sel]
         conf = softmax(logits.astype(np.float64), axis=1).max(axis=1)
         b = np.clip(np.digitize(conf, self.edges[1:-1]), 0, len(self.bin_count) - 1)
         self.bin_count += np.bincount(b, minlength=len(self.bin_count))
         self.bin_conf += np.bincount(b, weights=conf, minlength=len(self.bin_count))
         self.bin_correct += np.bincount(b, weights=(pred == labels), minlength=len(self.bin_count))
-        in_bin = np.eye(len(self.bin_count))[b]
-        self.boot_bins += np.stack([w.T @ in_bin, w.T @ (in_bin * conf[:, None]),
-                                    w.T @ (in_bin * (pred == labels)[:, None])])
+        if w is not None:
+            in_bin = np.eye(len(self.bin_count))[b]
+            self.boot_bins += np.stack([w.T @ in_bin, w.T @ (in_bin * conf[:, None]),
+                                        w.T @ (in_bin * (pred == labels)[:, None])])
         return pred
 
     def compute(self, check: str, split: str, confidence: float, perturbation: str | None = None,
