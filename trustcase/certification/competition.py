@@ -99,9 +99,10 @@ def _torch_network(path: Path, module: torch.nn.Module, shape: tuple[int, ...]) 
     try:
         with torch.no_grad():
             out = module(torch.zeros(1, *shape))
-    except Exception as e:  # noqa: BLE001 - the model refuses the shape: say which
-        raise NetworkFormatError(f"{path}: the model does not take inputs of shape {shape} ({str(e)[:120]}); "
-                                 "give --input-shape") from None
+    except Exception as e:  # noqa: BLE001 - the model refuses the shape: say which, on one line
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        raise NetworkFormatError(f"{path}: the model does not take inputs of shape {shape} ({why}); give "
+                                 "--input-shape") from None
     try:
         g = G.from_model(module, shape)
     except G.GraphError:
