@@ -228,3 +228,23 @@ def test_hudd_rule_is_exact():
     assert sorted(pos.tolist()) == [0, 2, 5] and copies.sum() == 7 and (copies >= 1).all()
     assert {c: int(copies[best[pos] == c].sum()) for c in (0, 1)} == {0: 4, 1: 3}
     assert R.hudd_selection(best, dist, np.zeros(6, bool), 2, 4, 0)[0].size == 0  # nothing within any reach
+
+
+def test_improve_selects_the_unsafe_set_the_check_reports(tmp_path):
+    """One HUDD pipeline (`explain.root_causes.analyse`): `trustcase improve --method hudd` retrains on exactly the
+    unsafe set the root_causes check reports, from the same model file, data and seed."""
+    from trustcase.flows.improve import select_unsafe
+    from trustcase.models.loading import load_classifier
+
+    uc = use_case(tmp_path)
+    torch.jit.script(texture_model()).save(uc.model.path)
+    params = {"noun": "cells", "improvement_split": "improve", "unsafe_budget": 10}
+    ctx = Context(use_case=uc, model=load_classifier(uc.model), data=DataSource(uc.data, 0), seed=0,
+                  workdir=tmp_path / "root_causes")
+    out = build(CheckSpec(check="root_causes", params=params))(ctx)
+    rows = (tmp_path / "root_causes" / "unsafe_set.csv").read_text().splitlines()[1:]
+    reported = {r.split(",")[0]: int(r.split(",")[3]) for r in rows}
+    chosen = select_unsafe.fn(uc, Path(uc.model.path), "improve", params, 10, 0, tmp_path / "improve")
+    assert (chosen["layer"], chosen["k"]) == (out.summary["layer"], out.summary["k"])
+    assert dict(zip(chosen["improved_ids"], [x.copies for x in chosen["improved"]], strict=True)) == reported
+    assert sum(reported.values()) == 10

@@ -1,5 +1,13 @@
 """The `root_causes` check: HUDD clusters of misclassified items, described by the ODD, and the unsafe set
-(science in `explain.root_causes`)."""
+(science in `explain.root_causes.analyse`, shared with `trustcase improve --method hudd`).
+
+Summary: `clusters` (id, size, share, members (ids, first 200), error pairs, representatives, descriptors,
+text), `layer` (the chosen one), `layers` (per layer: k, compactness, within-cluster curve), `relevance`,
+`errors`, `clustered`, `unsafe_set` (per cluster: count, radius, candidates, ids), `message` when there is nothing
+to cluster. Artefacts: cluster_<i>.png (montage: representatives and their relevance) and cluster_<i>.gif (kind
+"image"; not written for a confidential use case), clusters.csv (every clustered error and its cluster),
+unsafe_set.csv.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +22,7 @@ from pydantic import Field
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
-from trustcase.explain.root_causes import (
-    Relevance,
-    assign,
-    cluster,
-    cluster_radii,
-    collect_errors,
-    describe,
-    hudd_selection,
-)
+from trustcase.explain.root_causes import Analysis, analyse
 from trustcase.measurement import census
 from trustcase.odd.descriptors import DESCRIPTORS
 from trustcase.schemas import CheckOutcome, Curve, Scope, Series, Stage
@@ -52,6 +52,9 @@ class RootCauses(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """On the params' split: errors (misclassified items found; n: items), root_cause_clusters (k; n: clustered
+        errors), largest_root_cause_share (share of the errors in the biggest cluster), and unsafe_set_size (on
+        the improvement split, when one is given)."""
         return [Produces(m, params.split) for m in
                 ("errors", "root_cause_clusters", "largest_root_cause_share", "unsafe_set_size")]
     needs_gradients = True
@@ -63,13 +66,12 @@ class RootCauses(Check):
         layers = p.layers or net.conv_layers()
         if not layers:
             raise Unsupported(f"no Conv2d layer to take relevance from; name layers among {net.describe()}")
-        rel = Relevance(net, layers, p.relevance, p.max_features)
-        image_desc = [d.name for d in uc.odd.descriptors if d.source == "image" and d.name in DESCRIPTORS]
-        meta_desc = [d.name for d in uc.odd.descriptors if d.source == "metadata" and d.categorical]
-        e = collect_errors(ctx.model, rel, ctx.batches(p.split, p.batch_size), image_desc, meta_desc,
-                           uc.model.value_range, p.max_errors, ctx.seed)
-        n_items, n_err_seen, feats, values, cats = e.items, e.seen, e.features, e.values, e.categories
-        err_idx, err_pos, err_ids, err_label, err_pred = e.index, e.position, e.ids, e.label, e.pred
+        a = analyse(ctx.model, net, ctx.batches(p.split, p.batch_size), layers, relevance=p.relevance,
+                    max_features=p.max_features, max_errors=p.max_errors, k_max=p.k_max, k=p.k, seed=ctx.seed,
+                    image_descriptors=[d.name for d in uc.odd.descriptors
+                                       if d.source == "image" and d.name in DESCRIPTORS],
+                    meta_descriptors=[d.name for d in uc.odd.descriptors if d.source == "metadata" and d.categorical])
+        e, rel = a.errors, a.relevance
         scope = Scope(split=p.split)
         validity = [f"relevance: {rel.method} at layers {layers} for the predicted class, reduced to at most "
                     f"{p.max_features} values per layer, unit norm; model in eval mode",
@@ -78,64 +80,39 @@ class RootCauses(Check):
                     "distance relative to all errors)",
                     "ODD descriptors: Mann-Whitney (image properties) and one-sided binomial (metadata) tests "
                     "against the whole split, alpha 0.05, standardised median shift >= 0.5"]
-        if not err_idx:
-            msg = f"no misclassified item in the {p.split} split ({n_items} items): nothing to cluster"
+        if not e.ids:
+            msg = f"no misclassified item in the {p.split} split ({e.items} items): nothing to cluster"
             return CheckOutcome(check=self.name, validity=validity, summary={"message": msg, "clusters": [],
                                                                               "errors": 0, "relevance": rel.method},
                                 # an empty split is no evidence (undefined); items without an error are
                                 measurements=[census(check=self.name, metric="errors",
-                                                          value=0 if n_items else None, n=n_items, scope=scope),
+                                                     value=0 if e.items else None, n=e.items, scope=scope),
                                               census(check=self.name, metric="root_cause_clusters",
-                                                          value=0 if n_items else None, n=0, scope=scope)],
+                                                     value=0 if e.items else None, n=0, scope=scope)],
                                 limitations=[msg])
         limitations = []
-        n_err = len(err_idx)
-        if n_err_seen > n_err:
-            limitations.append(f"{n_err_seen} errors, {n_err} clustered (seeded sample, max_errors)")
-
-        per_layer = {n: cluster(feats[n], p.k_max, p.k) for n in layers}
-        best = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
-        chosen = per_layer[best]
-        labels, k = chosen["labels"], chosen["k"]
-        names = uc.model.class_names
-        err_pos_a, err_label_a, err_pred_a = np.array(err_pos), np.array(err_label), np.array(err_pred)
-        clusters = []
-        reps_of = {}
-        for c in range(k):
-            mem = np.flatnonzero(labels == c)
-            centre = feats[best][mem].mean(axis=0)
-            closest = mem[np.argsort(((feats[best][mem] - centre) ** 2).sum(axis=1), kind="stable")]
-            reps_of[c] = closest[:p.representatives]
-            desc = describe(err_pos_a[mem], values, cats, p.noun) if (values or cats) else {
-                "descriptors": {}, "text": "no ODD descriptor measured"}
-            pairs = {f"{names[t]} -> {names[q]}": int(((err_label_a[mem] == t) & (err_pred_a[mem] == q)).sum())
-                     for t in range(len(names)) for q in range(len(names)) if t != q}
-            pairs = {k_: v for k_, v in pairs.items() if v}
-            main = max(pairs, key=pairs.get)
-            clusters.append({
-                "id": c, "size": int(len(mem)), "share": len(mem) / n_err,
-                "members": [err_ids[i] for i in mem[:200]], "errors": pairs,
-                "representatives": [err_ids[i] for i in reps_of[c]], "descriptors": desc["descriptors"],
-                "text": f"{len(mem)} errors, mostly {main}: {desc['text']}",
-            })
-        artefacts = self._tables(ctx, clusters, labels, err_ids, err_label_a, err_pred_a, names)
+        n_err, best, k = len(e.ids), a.layer, a.k
+        if e.seen > n_err:
+            limitations.append(f"{e.seen} errors, {n_err} clustered (seeded sample, max_errors)")
+        clusters = a.clusters(uc.model.class_names, p.noun, p.representatives)
+        artefacts = self._tables(ctx, clusters, a.labels, e.ids, e.label, e.pred, uc.model.class_names)
         if uc.confidential:
             limitations.append("confidential use case: no montage or animation of cluster members")
         else:
-            artefacts += self._pictures(ctx, p, rel, best, err_idx, reps_of, err_pred_a)
-        out = [census(check=self.name, metric="errors", value=n_err_seen, n=n_items, scope=scope),
+            artefacts += self._pictures(ctx, p, a)
+        out = [census(check=self.name, metric="errors", value=e.seen, n=e.items, scope=scope),
                census(check=self.name, metric="root_cause_clusters", value=k, n=n_err, scope=scope,
                            details={"layer": best, "sizes": [c["size"] for c in clusters]}),
                census(check=self.name, metric="largest_root_cause_share", value=clusters[0]["share"], n=n_err,
                            scope=scope, details={"text": clusters[0]["text"]})]
         summary = {
-            "errors": n_err_seen, "clustered": n_err, "relevance": rel.method, "layer": best, "k": k,
+            "errors": e.seen, "clustered": n_err, "relevance": rel.method, "layer": best, "k": k,
             "clusters": clusters,
             "layers": {n: {"k": r["k"], "compactness": r["compactness"], "curve": r["curve"].tolist()}
-                       for n, r in per_layer.items()},
+                       for n, r in a.per_layer.items()},
         }
         if p.improvement_split:
-            sel, rows = self._unsafe(ctx, p, rel, best, feats[best], labels, k)
+            sel, rows = self._unsafe(ctx, p, a)
             summary["unsafe_set"] = sel
             out.append(census(check=self.name, metric="unsafe_set_size", value=sum(r[3] for r in rows),
                                    n=p.unsafe_budget,
@@ -156,7 +133,7 @@ class RootCauses(Check):
                         series={f"layer {n}": Series(y=(r["curve"] / r["curve"][0] if r["curve"][0] > 0
                                                         else r["curve"]).tolist()
                                                      + [float("nan")] * (p.k_max - len(r["curve"])))
-                                for n, r in per_layer.items()})]
+                                for n, r in a.per_layer.items()})]
         return CheckOutcome(check=self.name, measurements=out, curves=curves, artefacts=artefacts,
                             validity=validity, limitations=limitations + ([f"model internals: {net.note}"]
                                                                           if net.note else []),
@@ -170,10 +147,11 @@ class RootCauses(Check):
             w.writerows((ids[i], int(labels[i]), names[truth[i]], names[pred[i]]) for i in range(len(ids)))
         return [ctx.artefact(path, "file")]
 
-    def _pictures(self, ctx, p, rel, layer, err_idx, reps_of, preds):
+    def _pictures(self, ctx, p, a: Analysis):
         """Montage and GIF of each cluster's representatives with their relevance (second, sparse read)."""
-        uc = ctx.use_case
-        want = {int(err_idx[i]): i for c in reps_of for i in reps_of[c]}
+        uc, e = ctx.use_case, a.errors
+        reps_of = {c: a.closest(c, p.representatives) for c in range(a.k)}
+        want = {int(e.index[i]): i for c in reps_of for i in reps_of[c]}
         imgs = {}
         for batch in ctx.batches(p.split, p.batch_size):
             for j, i in enumerate(batch.index):
@@ -186,7 +164,7 @@ class RootCauses(Check):
                 continue
             im = np.stack([imgs[i] for i in reps])
             x = ctx.model.to_input(im)
-            raw = rel.raw(x, torch.as_tensor(preds[reps]))[layer]
+            raw = a.relevance.raw(x, torch.as_tensor([e.pred[i] for i in reps]))[a.layer]
             heat = raw.sum(dim=1, keepdim=True) if raw.ndim == 4 else raw.reshape(len(raw), 1, 1, -1)
             heat = LayerAttribution.interpolate(heat.abs(), tuple(x.shape[2:]), interpolate_mode="bilinear")
             shown = imaging.to_uint8(im, uc.model.value_range)
@@ -199,27 +177,18 @@ class RootCauses(Check):
             arts += [ctx.artefact(png, "image"), ctx.artefact(gif, "image")]
         return arts
 
-    def _unsafe(self, ctx, p, rel, layer, members, labels, k):
-        """HUDD's unsafe set from the improvement split: items within a cluster's radius, an equal share each."""
+    def _unsafe(self, ctx, p, a: Analysis):
+        """HUDD's unsafe set from the improvement split: items within a cluster's reach, an equal share each."""
         if p.improvement_split not in ctx.data.roles:
             raise CheckError(f"root_causes: improvement_split {p.improvement_split!r} is not a data split role "
                              f"({ctx.data.roles})")
-        radii = cluster_radii(members, labels, k)
-        ids, best, dist, inside = [], [], [], []
-        for batch in ctx.batches(p.improvement_split, p.batch_size):
-            pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)  # labels unknown: explain the prediction
-            f = rel.features(ctx.model.to_input(batch.images), torch.as_tensor(pred))[layer]
-            b, d, i = assign(f, members, labels, k, radii)
-            ids += batch.ids
-            best.append(b)
-            dist.append(d)
-            inside.append(i)
-        if not ids:
+        pool = a.assign(ctx.model, ctx.batches(p.improvement_split, p.batch_size))
+        if not pool.ids:
             return {}, []
-        best, dist, inside = np.concatenate(best), np.concatenate(dist), np.concatenate(inside)
-        chosen, copies = hudd_selection(best, dist, inside, k, p.unsafe_budget, ctx.seed)
-        rows = [(ids[i], int(best[i]), round(float(dist[i]), 6), int(n)) for i, n in zip(chosen, copies, strict=True)]
-        sel = {str(c): {"count": int(copies[best[chosen] == c].sum()), "radius": float(radii[c]),
-                        "candidates_within_radius": int((inside & (best == c)).sum()),
-                        "ids": [r[0] for r in rows if r[1] == c][:200]} for c in range(k)}
+        chosen, copies = pool.select(a.k, p.unsafe_budget, ctx.seed)
+        rows = [(pool.ids[i], int(pool.cluster[i]), round(float(pool.distance[i]), 6), int(n))
+                for i, n in zip(chosen, copies, strict=True)]
+        sel = {str(c): {"count": int(copies[pool.cluster[chosen] == c].sum()), "radius": float(a.radii[c]),
+                        "candidates_within_radius": int((pool.inside & (pool.cluster == c)).sum()),
+                        "ids": [r[0] for r in rows if r[1] == c][:200]} for c in range(a.k)}
         return sel, rows

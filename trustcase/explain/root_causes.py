@@ -20,15 +20,13 @@ categorical metadata by its share and a binomial test; significant ones make the
 assigned to the cluster of their nearest error, and the closest ones, balanced across clusters, form
 the "unsafe set" to label and retrain on.
 
-Check `root_causes` (stage "testing"). Metrics (scope: the params' split): root_cause_clusters (k; n =
-clustered errors), errors (misclassified items found), largest_root_cause_share (share of errors in the
-biggest cluster), unsafe_set_size (when an improvement split is given).
-Summary: `clusters` (id, size, members (ids, first 200), classes, representatives, descriptors, text),
-`layer` (the chosen one), `layers` (per layer: k, compactness, within-cluster curve), `relevance`,
-`errors`, `unsafe_set` (per cluster: ids and distances), `message` when there is nothing to cluster.
-Artefacts: cluster_<i>.png (montage: representatives and their relevance) and cluster_<i>.gif
-(kind "image"; not written for confidential use cases), clusters.csv (every clustered error and its
-cluster), unsafe_set.csv.
+    a = analyse(model, net, test_batches, layers, relevance="auto", max_features=2048, max_errors=8000,
+                k_max=20, k=None, seed=0)                # errors, their clusters, the chosen layer, each reach
+    a.clusters(class_names, "cells", representatives=6)  # members, classes, representatives, ODD description
+    pool = a.assign(model, pool_batches)                 # every pool item to its nearest error's cluster
+    positions, copies = pool.select(a.k, budget=100, seed=0)  # the unsafe set
+
+One pipeline for the `root_causes` check and `trustcase improve --method hudd`.
 """
 
 from __future__ import annotations
@@ -352,7 +350,102 @@ def describe(members: np.ndarray, values: dict[str, np.ndarray], categorical: di
     return {"descriptors": rows, "text": text}
 
 
-# --- the check -----------------------------------------------------------------------------------
+
+# --- the pipeline, for the check and `improve` ---------------------------------------------------
+
+@dataclass
+class Assignment:
+    """The items of a split, each assigned to the cluster of its nearest error (`assign`)."""
+
+    index: np.ndarray  # position in the split's source
+    ids: list[str]
+    labels: np.ndarray
+    cluster: np.ndarray
+    distance: np.ndarray
+    inside: np.ndarray  # within the cluster's reach
+
+    def select(self, k: int, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """HUDD's unsafe set among these items: (positions, copies), see `hudd_selection`."""
+        return hudd_selection(self.cluster, self.distance, self.inside, k, budget, seed)
 
 
+@dataclass
+class Analysis:
+    """HUDD on one split: its errors, their clusters at every layer, and at the layer whose clusters are the most
+    compact, the clusters (labels 0..k-1, biggest first) and each one's reach. No error: `layer` is None, k 0."""
 
+    relevance: Relevance
+    errors: Errors
+    per_layer: dict[str, dict]
+    layer: str | None
+    labels: np.ndarray
+    k: int
+    radii: np.ndarray
+
+    @property
+    def members(self) -> np.ndarray:
+        return self.errors.features[self.layer]
+
+    def closest(self, c: int, n: int) -> np.ndarray:
+        """The n members of cluster c closest to its centre (positions in `errors`): its representatives."""
+        mem = np.flatnonzero(self.labels == c)
+        f = self.members[mem]
+        return mem[np.argsort(((f - f.mean(axis=0)) ** 2).sum(axis=1), kind="stable")][:n]
+
+    def clusters(self, class_names: list[str], noun: str, representatives: int) -> list[dict]:
+        """Each cluster: size, share, members (first 200 ids), error pairs, representatives, the ODD descriptors
+        that set it apart and a text summary."""
+        e = self.errors
+        position, truth, pred = np.array(e.position), np.array(e.label), np.array(e.pred)
+        out = []
+        for c in range(self.k):
+            mem = np.flatnonzero(self.labels == c)
+            desc = describe(position[mem], e.values, e.categories, noun) if (e.values or e.categories) else {
+                "descriptors": {}, "text": "no ODD descriptor measured"}
+            pairs = {f"{class_names[t]} -> {class_names[q]}": int(((truth[mem] == t) & (pred[mem] == q)).sum())
+                     for t in range(len(class_names)) for q in range(len(class_names)) if t != q}
+            pairs = {k: v for k, v in pairs.items() if v}
+            main = max(pairs, key=pairs.get)
+            out.append({"id": c, "size": int(len(mem)), "share": len(mem) / len(e.ids),
+                        "members": [e.ids[i] for i in mem[:200]], "errors": pairs,
+                        "representatives": [e.ids[i] for i in self.closest(c, representatives)],
+                        "descriptors": desc["descriptors"],
+                        "text": f"{len(mem)} errors, mostly {main}: {desc['text']}"})
+        return out
+
+    def assign(self, model: Classifier, batches: Iterable) -> Assignment:
+        """Stream a split (labels not needed: each item is explained for its prediction) and assign every item to
+        the cluster of its nearest error, at the chosen layer."""
+        index, ids, labels, best, dist, inside = [], [], [], [], [], []
+        for batch in batches:
+            pred = model.logits(batch.images, batch.ids).argmax(axis=1)
+            f = self.relevance.features(model.to_input(batch.images), torch.as_tensor(pred))[self.layer]
+            b, d, i = assign(f, self.members, self.labels, self.k, self.radii)
+            index += batch.index.tolist()
+            ids += batch.ids
+            labels += batch.labels.tolist()
+            best.append(b)
+            dist.append(d)
+            inside.append(i)
+
+        def cat(parts, dtype):
+            return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+        return Assignment(np.array(index, np.int64), ids, np.array(labels, np.int64), cat(best, np.int64),
+                          cat(dist, np.float64), cat(inside, bool))
+
+
+def analyse(model: Classifier, net: A.Network, batches: Iterable, layers: list[str], *, relevance: str = "auto",
+            max_features: int = 2048, max_errors: int = 8000, k_max: int = 20, k: int | None = None, seed: int = 0,
+            image_descriptors: list[str] = (), meta_descriptors: list[str] = ()) -> Analysis:
+    """HUDD's root-cause analysis of a split: relevance of its errors at `layers`, Ward clusters per layer with k
+    at the knee (or `k`), the most compact layer, and each of its clusters' reach."""
+    rel = Relevance(net, layers, relevance, max_features)
+    e = collect_errors(model, rel, batches, list(image_descriptors), list(meta_descriptors), model.spec.value_range,
+                       max_errors, seed)
+    if not e.ids:
+        return Analysis(rel, e, {}, None, np.empty(0, np.int64), 0, np.empty(0))
+    per_layer = {n: cluster(e.features[n], k_max, k) for n in layers}
+    best = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
+    labels, k_ = per_layer[best]["labels"], per_layer[best]["k"]
+    return Analysis(rel, e, per_layer, best, labels, k_, cluster_radii(e.features[best], labels, k_))

@@ -49,7 +49,7 @@ from trustcase.checks import Context, build
 from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.explain import attribution as A
-from trustcase.explain.root_causes import Relevance, assign, cluster, cluster_radii, collect_errors, hudd_selection
+from trustcase.explain.root_causes import analyse
 from trustcase.flows import rerender, tracking, watch
 from trustcase.flows.assess import preflight
 from trustcase.flows.prefect_db import ensure_local_database
@@ -151,18 +151,6 @@ def _context(uc: UseCase, model_path: Path, seed: int, workdir: Path) -> Context
                    workdir=workdir)
 
 
-def _features(ctx: Context, rel: Relevance, layer: str, role: str, batch_size: int):
-    """(source positions, ids, labels, relevance features at `layer` for the predicted class) of a split."""
-    index, ids, labels, feats = [], [], [], []
-    for batch in ctx.batches(role, batch_size):
-        pred = ctx.model.logits(batch.images, batch.ids).argmax(axis=1)
-        feats.append(rel.features(ctx.model.to_input(batch.images), torch.as_tensor(pred))[layer])
-        index += batch.index.tolist()
-        ids += batch.ids
-        labels += batch.labels.tolist()
-    return np.array(index, np.int64), ids, np.array(labels, np.int64), (np.concatenate(feats) if feats else None)
-
-
 @task(name="root causes and unsafe set", persist_result=False)
 def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget: int, seed: int,
                   workdir: Path) -> dict:
@@ -175,40 +163,32 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
     layers = p.layers or net.conv_layers()
     if not layers:
         raise ImproveError(f"--method hudd: the model has no Conv2d layer to take relevance from ({net.describe()})")
-    rel = Relevance(net, layers, p.relevance, p.max_features)
-    e = collect_errors(ctx.model, rel, ctx.batches("test", p.batch_size), [], [], uc.model.value_range,
-                       p.max_errors, seed)
-    if len(e.ids) < 2:
-        raise ImproveError(f"--method hudd: {len(e.ids)} misclassified test item(s): no root cause to fix")
-    per_layer = {n: cluster(e.features[n], p.k_max, p.k) for n in layers}
-    layer = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
-    labels, k = per_layer[layer]["labels"], per_layer[layer]["k"]
-    members = e.features[layer]
-    radii = cluster_radii(members, labels, k)
+    a = analyse(ctx.model, net, ctx.batches("test", p.batch_size), layers, relevance=p.relevance,
+                max_features=p.max_features, max_errors=p.max_errors, k_max=p.k_max, k=p.k, seed=seed)
+    if len(a.errors.ids) < 2:
+        raise ImproveError(f"--method hudd: {len(a.errors.ids)} misclassified test item(s): no root cause to fix")
     # the pool: assigned by the parent's relevance for its own prediction (the pool is unlabeled in principle)
-    pidx, pids, plabels, pfeats = _features(ctx, rel, layer, pool, p.batch_size)
-    if pfeats is None:
+    found = a.assign(ctx.model, ctx.batches(pool, p.batch_size))
+    if not found.ids:
         raise ImproveError(f"--method hudd: the pool {pool!r} has no readable item")
-    best, dist, inside = assign(pfeats, members, labels, k, radii)
-    chosen, copies = hudd_selection(best, dist, inside, k, budget, seed)
+    chosen, copies = found.select(a.k, budget, seed)
     if not len(chosen):
         raise ImproveError(f"--method hudd: no item of the pool {pool!r} lies within the reach of a root-cause "
                            "cluster; a larger or closer pool is needed")
     rng = np.random.default_rng(seed + 1)
-    random = rng.choice(len(pidx), size=min(int(copies.sum()), len(pidx)), replace=False)
+    random = rng.choice(len(found.ids), size=min(int(copies.sum()), len(found.ids)), replace=False)
     # held-out: test items (all, not only errors) within a cluster's reach
-    tidx, tids, tlabels, tfeats = _features(ctx, rel, layer, "test", p.batch_size)
-    tbest, _, tinside = assign(tfeats, members, labels, k, radii)
+    test = a.assign(ctx.model, ctx.batches("test", p.batch_size))
     return {
-        "layer": layer, "k": int(k), "radii": radii.tolist(),
-        "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
-        "improved": [ExtraItem(role=pool, index=int(pidx[i]), label=int(plabels[i]), copies=int(c))
+        "layer": a.layer, "k": int(a.k), "radii": a.radii.tolist(),
+        "cluster_sizes": np.bincount(a.labels, minlength=a.k).tolist(),
+        "improved": [ExtraItem(role=pool, index=int(found.index[i]), label=int(found.labels[i]), copies=int(c))
                      for i, c in zip(chosen, copies, strict=True)],
-        "baseline": [ExtraItem(role=pool, index=int(pidx[i]), label=int(plabels[i])) for i in random],
-        "improved_ids": [pids[i] for i in chosen], "baseline_ids": [pids[i] for i in random],
-        "improved_clusters": best[chosen].tolist(),
-        "heldout": {int(c): tidx[tinside & (tbest == c)].tolist() for c in range(k)},
-        "pool_within_reach": int(inside.sum()), "pool_items": len(pidx),
+        "baseline": [ExtraItem(role=pool, index=int(found.index[i]), label=int(found.labels[i])) for i in random],
+        "improved_ids": [found.ids[i] for i in chosen], "baseline_ids": [found.ids[i] for i in random],
+        "improved_clusters": found.cluster[chosen].tolist(),
+        "heldout": {int(c): test.index[test.inside & (test.cluster == c)].tolist() for c in range(a.k)},
+        "pool_within_reach": int(found.inside.sum()), "pool_items": len(found.ids),
     }
 
 
