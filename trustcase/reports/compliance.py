@@ -399,17 +399,24 @@ def title(m: Matrix, framework: str) -> str:
     return next((c.title for c in m.catalogues if c.framework == framework), framework)
 
 
+def contradiction(r: Row) -> str:
+    """What contradicts a `not met` objective: the failing claims (or the record's fact), in words."""
+    out = []
+    for p in r.parts:
+        if p.state == "contradicted":
+            bad = [c.text() for c in p.claims if c.ran and c.verdict == Verdict.FAIL.value]
+            out.append(", ".join(bad) if bad else p.note)
+    return "; ".join(dict.fromkeys(out))
+
+
 def gaps(m: Matrix, framework: str) -> list[str]:
-    """The gaps of one framework in words: each objective not met, then partly, then not assessed, briefly."""
-    rows = m.framework(framework)
-    out = [f"{r.id} not met: {r.why}" for r in rows if r.status == "not met"]
-    part = [r.id for r in rows if r.status == "partly"]
-    none = [r.id for r in rows if r.status == "not assessed"]
-    if part:
-        out.append(f"Partly supported ({len(part)}): {', '.join(part)}; the appendix names the missing part of each.")
-    if none:
-        out.append(f"Not assessed ({len(none)}): {', '.join(none)}; the appendix says what would assess each.")
-    return out
+    """The objectives a framework's evidence contradicts, in words, grouped by what contradicts them (the body
+    lists the partly supported and unassessed ones by id; the appendix says what each one misses)."""
+    groups: dict[str, list[str]] = {}
+    for r in m.framework(framework):
+        if r.status == "not met":
+            groups.setdefault(contradiction(r), []).append(r.id)
+    return [f"{', '.join(ids)} not met: {why}." for why, ids in groups.items()]
 
 
 def change_findings(changes: list[Change]) -> list[tuple[str, list[str]]]:
