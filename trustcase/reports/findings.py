@@ -311,7 +311,7 @@ def card(a: Assessment, r: Requirement, e: Evidence | None, stage: Stage | None,
     elif e.value is None or (isinstance(e.value, float) and math.isnan(e.value)):
         rule = f"INCONCLUSIVE: the figure is undefined ({e.rationale})."
     else:
-        end = e.interval.lower if bound == "lower" else e.interval.upper
+        end = (e.interval.lower if bound == "lower" else e.interval.upper) if e.interval else None
         rule = (f"INCONCLUSIVE: the value {v} meets {comparator(r.comparator)} {thr}, but the {bound} end of its "
                 f"{conf:.0%} interval ({value(r.metric, end)}) does not: more items would decide.") if e.interval \
             else f"INCONCLUSIVE: {e.rationale}."
