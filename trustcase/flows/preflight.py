@@ -127,7 +127,7 @@ def claims(uc: UseCase, produced: list[Declared], add: Add) -> None:
         loc = ("requirements", i)
         same = [p for p in declared if fnmatch.fnmatchcase(r.metric, p.metric)]
         heard_of = any(fnmatch.fnmatchcase(r.metric, p.metric) for p in known)
-        reach = [d.name for d in silent if fnmatch.fnmatchcase(r.scope.split, getattr(d.params, "split", "*"))]
+        reach = [d.name for d in silent if _reads(d.params, r.scope.split)]
         if heard_of and reach:
             continue  # a partner check that declares nothing may measure it there
         pert = r.scope.perturbation
@@ -151,6 +151,14 @@ def claims(uc: UseCase, produced: list[Declared], add: Add) -> None:
                                           f"{sorted({p.split for p in same})}, not {r.scope.split!r}")
         else:
             add((*loc, "scope"), f"{claim}no check of the plan measures {r.metric} on {r.scope.label()}")
+
+
+def _reads(params: object, split: str) -> bool:
+    """Whether a check may read `split`: its `split` parameter (a name or names) says which; without one, any."""
+    own = getattr(params, "split", None)
+    if isinstance(own, str):
+        return own == split
+    return split in own if isinstance(own, list | tuple) else True
 
 
 def registered(uc: UseCase) -> list[Produces]:
