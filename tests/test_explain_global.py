@@ -30,6 +30,29 @@ def patch_model() -> nn.Module:
     return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), head).eval()
 
 
+
+def test_concepts_from_the_data_are_exactly_their_members():
+    """Metadata values, the brightness quartiles and perturbed items: each concept holds only its own items; one
+    with too few examples is left out and said."""
+    images = np.stack([np.full((4, 4, 1), v, np.float32) for v in np.linspace(0.0, 1.0, 40)])  # brightness = v
+    x = torch.arange(40, dtype=torch.float32)[:, None, None, None].expand(40, 1, 4, 4)  # each input says its item
+    meta = {"cell": ["rare" if i < 3 else ("mono" if i % 2 else "poly") for i in range(40)]}
+    seen = {}
+
+    def perturb(name, amp, sel):
+        seen[name] = sel
+        return x[sel] + 1000 * amp
+
+    sets, small = C.concept_sets(x, images, meta, np.random.default_rng(0), 8, ["cell"], ["dark", "bright"],
+                                 {"blur": 2.0}, perturb)
+    items = {k: sorted(int(v) for v in t[:, 0, 0, 0]) for k, t in sets.items()}
+    assert set(items) == {"cell=mono", "cell=poly", "dark", "bright", "blur@2"}
+    assert small == ["concept cell=rare: only 3 examples in the sample; not tested"]
+    assert all(i >= 3 and i % 2 == 1 for i in items["cell=mono"]) and len(items["cell=mono"]) == 8
+    assert all(i % 2 == 0 for i in items["cell=poly"])
+    assert max(items["dark"]) <= 9.75 and min(items["bright"]) >= 29.25  # the lowest / highest quartile of 0..39
+    assert items["blur@2"] == sorted(2000 + int(i) for i in seen["blur"]) and len(items["blur@2"]) == 8
+
 def test_tcav_finds_the_planted_concept_and_not_a_random_one():
     gen = torch.Generator().manual_seed(0)
 

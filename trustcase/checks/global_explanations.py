@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
-from trustcase.data import images as I
 from trustcase.explain import attribution as A
 from trustcase.explain import concepts as C
 from trustcase.explain import imaging
@@ -39,9 +38,6 @@ from trustcase.measurement import census, estimate
 from trustcase.odd.specification import SpecificationMonitor, State
 from trustcase.robustness import perturbations as P
 from trustcase.schemas import CheckOutcome, Scope, Stage
-
-BINS = {"dark": ("brightness", 0.25, "low"), "bright": ("brightness", 0.75, "high"),
-        "low_contrast": ("contrast", 0.25, "low"), "high_contrast": ("contrast", 0.75, "high")}
 
 
 class Concepts(BaseModel):
@@ -136,49 +132,33 @@ class GlobalExplanations(Check):
 
         # --- concepts from the use case's own data ---
         size = p.concepts.size
-        concept_sets: dict[str, torch.Tensor] = {}
-        for field in p.concepts.metadata:
-            if field not in meta:
-                raise CheckError(f"global_explanations: metadata field {field!r} not in the data; fields: "
-                                 f"{sorted(meta)}")
-            for value in sorted(set(map(str, meta[field]))):
-                sel = np.flatnonzero(np.array([str(v) == value for v in meta[field]]))
-                concept_sets[f"{field}={value}"] = x[rng.permutation(sel)[:size]]
-        props = {"brightness": I.brightness(images), "contrast": I.contrast(images)}
-        for b in p.concepts.descriptors:
-            prop, q, side = BINS[b]
-            cut = np.quantile(props[prop], q)
-            sel = np.flatnonzero(props[prop] <= cut if side == "low" else props[prop] >= cut)
-            concept_sets[b] = x[rng.permutation(sel)[:size]]
-        for name, amp in p.concepts.perturbations.items():
-            sel = rng.permutation(len(images))[:size]
+        missing = [f for f in p.concepts.metadata if f not in meta]
+        if missing:
+            raise CheckError(f"global_explanations: metadata field {missing[0]!r} not in the data; fields: "
+                             f"{sorted(meta)}")
+
+        def perturb(name: str, amp: float, sel: np.ndarray) -> torch.Tensor:
             seeds = seeding.item_seeds(ctx.seed, self.name, [ids[k] for k in sel], name)
-            pert = perts[name].apply(images[sel], amp, seeds)
-            concept_sets[f"{name}@{amp:g}"] = ctx.model.to_input(pert)
-        small = [k for k, v in concept_sets.items() if len(v) < 6]
-        for k in small:
-            limitations.append(f"concept {k}: only {len(concept_sets.pop(k))} examples in the sample; not tested")
-        randoms = [x[rng.permutation(len(x))[:size]] for _ in range(2 * p.randoms)]
-        tests = len(concept_sets) * len(classes) * len(layers)
-        threshold = p.alpha / max(1, tests)
+            return ctx.model.to_input(perts[name].apply(images[sel], amp, seeds))
+
+        concept_sets, small = C.concept_sets(x, images, meta, rng, size, p.concepts.metadata, p.concepts.descriptors,
+                                             p.concepts.perturbations, perturb)
+        limitations += small
+        tests, threshold, skipped = C.tcav_tests(net, concept_sets, x, labels, {c: names.index(c) for c in classes},
+                                                 layers, rng, size, p.randoms, p.alpha, p.batch_size)
+        limitations += skipped
         table = []
-        for cls in classes:
-            t = names.index(cls)
-            inputs = x[rng.permutation(np.flatnonzero(labels == t))[:50]]
-            if len(inputs) < 2:
-                limitations.append(f"TCAV for {cls}: fewer than 2 {cls} items in the sample")
-                continue
-            for r in C.tcav(net, concept_sets, randoms, inputs, t, layers, p.batch_size):
-                suffix = "" if r.layer == layers[0] else f"@{r.layer}"
-                significant = bool(r.p_value < threshold)
-                out.append(estimate(
-                    check=self.name, metric=f"tcav:{r.concept}:{cls}{suffix}", value=r.mean,
-                    interval=mean_interval(np.array(r.scores), uc.plan.confidence), n=len(r.scores), scope=scope,
-                    details={"p_value": r.p_value, "significant": significant, "null_mean": float(np.mean(
-                        r.random_scores)), "layer": r.layer, "cav_accuracy": r.cav_accuracy, "items": len(inputs)}))
-                table.append({"concept": r.concept, "class": cls, "layer": r.layer, "tcav": round(r.mean, 3),
-                              "null": round(float(np.mean(r.random_scores)), 3), "p_value": float(f"{r.p_value:.3g}"),
-                              "significant": significant, "cav_accuracy": round(r.cav_accuracy, 3)})
+        for t in tests:
+            r, suffix = t.score, "" if t.score.layer == layers[0] else f"@{t.score.layer}"
+            out.append(estimate(
+                check=self.name, metric=f"tcav:{r.concept}:{t.cls}{suffix}", value=r.mean,
+                interval=mean_interval(np.array(r.scores), uc.plan.confidence), n=len(r.scores), scope=scope,
+                details={"p_value": r.p_value, "significant": t.significant, "null_mean": float(np.mean(
+                    r.random_scores)), "layer": r.layer, "cav_accuracy": r.cav_accuracy, "items": t.items}))
+            table.append({"concept": r.concept, "class": t.cls, "layer": r.layer, "tcav": round(r.mean, 3),
+                          "null": round(float(np.mean(r.random_scores)), 3), "p_value": float(f"{r.p_value:.3g}"),
+                          "significant": t.significant, "cav_accuracy": round(r.cav_accuracy, 3)})
+        tests = len(concept_sets) * len(classes) * len(layers)
         n_sig = sum(r["significant"] for r in table)
         out.append(census(check=self.name, metric="concepts_significant", value=n_sig, n=len(table),
                                scope=scope, details={"significant": [f"{r['concept']}:{r['class']}" for r in table

@@ -9,6 +9,10 @@ t-test says whether the concept's scores differ from chance.
 
     results = tcav(net, {"dark": dark_x, "blurred": blurred_x}, randoms, inputs, target=1, layers=["8"])
 
+Concepts need no new labels when they come from the use case's own data (`concept_sets`: metadata values,
+descriptor quartiles, perturbed items), and `tcav_tests` runs TCAV for several classes and layers with a
+Bonferroni-corrected significance level over all its tests.
+
 The CAVs are fitted by a closed-form ridge discriminant (deterministic: no SGD, no hidden random state), on
 two thirds of the examples, its accuracy measured on the rest.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +30,13 @@ from captum.concept import TCAV, Concept
 from captum.concept._utils.classifier import Classifier
 from scipy import stats
 
+from trustcase.data import images as I
 from trustcase.explain.network import Network
+
+# descriptor bins: (image property, quantile of the sample, side)
+BINS = {"dark": ("brightness", 0.25, "low"), "bright": ("brightness", 0.75, "high"),
+        "low_contrast": ("contrast", 0.25, "low"), "high_contrast": ("contrast", 0.75, "high")}
+MIN_EXAMPLES = 6  # a concept with fewer examples is not tested
 
 
 class RidgeCav(Classifier):
@@ -118,6 +129,63 @@ def tcav(net: Network, concepts: dict[str, torch.Tensor], randoms: list[torch.Te
                     (1.0 if np.mean(s) == np.mean(null) else 0.0)
             results.append(ConceptScore(c.name, layer, s, null, accuracy(c, layer), p))
     return results
+
+
+def concept_sets(x: torch.Tensor, images: np.ndarray, meta: dict[str, list], rng: np.random.Generator, size: int,
+                 metadata: list[str], descriptors: list[str], perturbations: dict[str, float],
+                 perturb: Callable[[str, float, np.ndarray], torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Concepts from a sample (normalised inputs `x` of pixel `images`, their metadata), at most `size` examples
+    each, drawn by `rng`: one per value of each `metadata` field, one per descriptor bin (`BINS`), and one per
+    perturbation at its amplitude (`perturb(name, amplitude, positions)`: those sample items perturbed,
+    normalised). Returns the sets and the limitations: a concept with too few examples is left out, said."""
+    sets: dict[str, torch.Tensor] = {}
+    for field in metadata:
+        for value in sorted(set(map(str, meta[field]))):
+            sel = np.flatnonzero(np.array([str(v) == value for v in meta[field]]))
+            sets[f"{field}={value}"] = x[rng.permutation(sel)[:size]]
+    props = {"brightness": I.brightness(images), "contrast": I.contrast(images)}
+    for b in descriptors:
+        prop, q, side = BINS[b]
+        cut = np.quantile(props[prop], q)
+        sel = np.flatnonzero(props[prop] <= cut if side == "low" else props[prop] >= cut)
+        sets[b] = x[rng.permutation(sel)[:size]]
+    for name, amp in perturbations.items():
+        sets[f"{name}@{amp:g}"] = perturb(name, amp, rng.permutation(len(images))[:size])
+    small = [k for k, v in sets.items() if len(v) < MIN_EXAMPLES]
+    return ({k: v for k, v in sets.items() if k not in small},
+            [f"concept {k}: only {len(sets[k])} examples in the sample; not tested" for k in small])
+
+
+@dataclass
+class ConceptTest:
+    """One concept against one class at one layer: its TCAV scores, and whether the test is significant at the
+    family-wise level (Bonferroni over every test of the run)."""
+
+    cls: str
+    score: ConceptScore
+    significant: bool
+    items: int  # items of the class whose decision is explained
+
+
+def tcav_tests(net: Network, sets: dict[str, torch.Tensor], x: torch.Tensor, labels: np.ndarray,
+                  classes: dict[str, int], layers: list[str], rng: np.random.Generator, size: int, randoms: int,
+                  alpha: float, batch_size: int = 32, max_inputs: int = 50
+                  ) -> tuple[list[ConceptTest], float, list[str]]:
+    """TCAV of every concept for each class (up to `max_inputs` sample items of it, drawn by `rng`) at each layer,
+    against `randoms` random sets of `size` sample items (and as many for the null). Returns the tests, the
+    per-test significance threshold (alpha / tests) and the limitations (a class with too few items)."""
+    random_sets = [x[rng.permutation(len(x))[:size]] for _ in range(2 * randoms)]
+    threshold = alpha / max(1, len(sets) * len(classes) * len(layers))
+    out, limitations = [], []
+    for cls, t in classes.items():
+        inputs = x[rng.permutation(np.flatnonzero(labels == t))[:max_inputs]]
+        if len(inputs) < 2:
+            limitations.append(f"TCAV for {cls}: fewer than 2 {cls} items in the sample")
+            continue
+        out += [ConceptTest(cls, r, bool(r.p_value < threshold), len(inputs))
+                for r in tcav(net, sets, random_sets, inputs, t, layers, batch_size)]
+    return out, threshold, limitations
 
 
 def draw(path, table: list[dict], threshold: float) -> None:
