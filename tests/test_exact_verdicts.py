@@ -113,6 +113,7 @@ def test_judge_an_undefined_figure_with_its_reason():
     assert (e.check, e.value, e.threshold, e.comparator, e.verdict) == (
         "performance", None, 0.9, ">=", Verdict.INCONCLUSIVE)
     assert e.details == {"undefined": "no readable item"} and e.validity == ["held-out test split"]
+    assert e.kind == "estimate"
     assert e.rationale == "accuracy is undefined: no readable item; claim >= 0.9: INCONCLUSIVE"
 
 

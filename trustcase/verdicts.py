@@ -130,7 +130,7 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
             at = f" at amplitude {m.amplitude:g}" if m.amplitude is not None else ""
             evidence.append(Evidence(
                 claim_id=r.id, check=o.check, metric=r.metric, value=None, threshold=r.threshold,
-                comparator=r.comparator, verdict=Verdict.INCONCLUSIVE, scope=r.scope,
+                comparator=r.comparator, verdict=Verdict.INCONCLUSIVE, kind=m.kind, scope=r.scope,
                 rationale=f"{r.metric} is undefined{at}: {why_undefined(m)}; claim {r.comparator} {r.threshold:g}: "
                           f"INCONCLUSIVE", validity=list(o.validity), details={"undefined": why_undefined(m)},
             ))

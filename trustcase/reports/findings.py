@@ -234,6 +234,8 @@ def rests_on(e: Evidence | None) -> str:
     """What kind of figure a claim's verdict rests on: a census, an estimate (on its interval) or a bound."""
     if e is None or not e.measured:
         return "nothing measured"
+    if e.value is None or math.isnan(e.value):
+        return "no figure: it is undefined"
     if e.kind == "estimate" and e.interval is None:
         return "an estimate without an interval (it cannot pass)"
     return {"census": "a census: exact over the whole split", "bound": "a certified bound",
