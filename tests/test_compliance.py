@@ -282,3 +282,41 @@ def test_validate_locates_a_bad_own_catalogue(tmp_path, tiny_model):
             preflight(path)
         found = [p for p in e.value.problems if p.location == "compliance"]
         assert found and expected in found[0].message and found[0].line == line, e.value.problems
+
+
+# --- the flow end to end --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # a whole assessment flow (about a minute beside the Prefect harness and the tiny model)
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_flow_records_the_own_catalogue_logs_the_matrix_and_exports_the_case(tmp_path, tiny_model, tracking_uri):
+    """Real Prefect, real MLflow: the use case's own catalogue is recorded in the assessment, the matrix and the
+    case files are logged and packed, `trustcase export RUN_ID` reads the run, and the report re-renders the
+    partner's objectives from MLflow alone after their file is gone."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+    from trustcase.flows.assess import assess
+    from trustcase.flows.rerender import rerender
+    from trustcase.reports import tea
+
+    (tmp_path / "partner.yaml").write_text(yaml.safe_dump(PARTNER))
+    path = write_yaml(tmp_path / "use_case.yaml", tiny_use_case(tmp_path, tiny_model, compliance="partner.yaml"))
+    r = assess(str(path), str(tmp_path / "out"), None, tracking_uri)
+    assert r.complete, r.errors
+    a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
+    assert [c["framework"] for c in a.catalogues] == ["partner_qa"]
+    arts = {f.path for f in MlflowClient(tracking_uri).list_artifacts(r.run_id)}
+    assert {*C.FILES, "assurance_case.tea.json", "assurance_case.gsn.json"} <= arts
+    assert verify_pack(Path(r.files["pack"])).ok
+
+    out = tmp_path / "case.json"
+    result = CliRunner().invoke(app, ["export", r.run_id, "--format", "tea", "--tracking-uri", tracking_uri,
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert tea.validate(doc, "tea") == [] and doc["tree"]["description"].endswith(f"[{r.verdict.value}]")
+
+    (tmp_path / "partner.yaml").unlink()
+    files = rerender(r.run_id, tmp_path / "again", tracking_uri)
+    assert 'id="matrix-partner_qa"' in Path(files["html"]).read_text()
