@@ -178,13 +178,15 @@ class Cited:
     verdict: str
     ran: bool
     metric: str
+    mandatory: bool = True  # an advisory claim counts too (its FAIL is a weakness shown), and is said to be advisory
 
     def text(self) -> str:
         if self.check is None:
             return f"{self.claim_id}: not measured"
         if not self.ran:
             return f"{self.claim_id}: the {findings.check_name(self.check)} check did not run"
-        return f"{self.claim_id} {self.verdict} ({findings.check_name(self.check)})"
+        advisory = "" if self.mandatory else ", advisory"
+        return f"{self.claim_id} {self.verdict} ({findings.check_name(self.check)}{advisory})"
 
 
 @dataclass
@@ -300,7 +302,7 @@ def _part(p: Part, a: Assessment, ran: set[str], stages: dict[str, Stage]) -> Pa
             stage = stages.get(e.check) if e and e.check else None
             if _claim_matches(p, r, e, stage):
                 cited.append(Cited(r.id, e.check if e else None, (Verdict(e.verdict).value if e else "INCONCLUSIVE"),
-                                   bool(e and e.check in ran), r.metric))
+                                   bool(e and e.check in ran), r.metric, r.mandatory))
     if not cited:
         return PartResult(p.what, "claims", "missing", note="no requirement of the use case is judged on it")
     if any(c.ran and c.verdict == Verdict.FAIL.value for c in cited):
@@ -445,7 +447,8 @@ def to_json(m: Matrix, a: Assessment) -> dict[str, Any]:
             "framework": r.framework, "id": r.id, "group": r.group, "summary": r.summary, "status": r.status,
             "why": r.why,
             "parts": [{"what": p.what, "kind": p.kind, "state": p.state, "note": p.note,
-                       "claims": [{"claim_id": c.claim_id, "check": c.check, "verdict": c.verdict, "ran": c.ran}
+                       "claims": [{"claim_id": c.claim_id, "check": c.check, "verdict": c.verdict, "ran": c.ran,
+                                   "mandatory": c.mandatory}
                                   for c in p.claims]} for p in r.parts],
             "definition": defs[(r.framework, r.id)].model_dump(mode="json", exclude_none=True),
         } for r in m.rows],
