@@ -24,19 +24,8 @@ An unsupported layer is an error naming it, never silently treated as 1-Lipschit
 Certified radius (L2): with the last layer Linear(W) after a body of Lipschitz bound L_body, the
 pairwise form  r(x) = min_{j != y} (z_y - z_j) / (||W_y - W_j|| L_body); otherwise
 r(x) = (z_y - z_2nd) / (sqrt(2) L). The check states radii in the input scaled to [0, 1]
-(pixel / (max - min) of model.value_range), i.e. L is divided by min(normalisation std).
-
-Check `lipschitz` (stage "formal"), metrics on scope {split}:
-- `lipschitz_upper_bound`: the certified bound L (input scaled to [0, 1]);
-- `lipschitz_lower_bound`: largest ||f(x) - f(y)|| / ||x - y|| (or Jacobian norm) found by gradient
-  ascent from data points, a true lower bound of L;
-- `lipschitz_tightness`: upper / lower (>= 1; how loose the certificate can be at most);
-- `lipschitz_certified_accuracy` with perturbation scope {name: l2_radius, max_amplitude: r} and
-  amplitude r: fraction of items classified correctly AND certified at radius r (Clopper-Pearson);
-- `lipschitz_median_radius`: median certified radius of the correctly classified items (0 otherwise).
-Summary keys: upper_bound, upper_bound_model_input, lower_bound, tightness, radius_convention, layers,
-radii, certified_accuracy, clean_accuracy, seconds_upper_bound. Artefact: per-item CSV (id, label,
-prediction, radius).
+(pixel / (max - min) of model.value_range), i.e. L is divided by min(normalisation std). The check
+`lipschitz` packs these as evidence.
 """
 
 from __future__ import annotations

@@ -13,12 +13,7 @@ Lipschitz and smoothing checks, but in L-infinity; the ball is clipped to the va
 it are not in the domain). A falsified radius makes every larger one falsified (the counterexample is
 inside the larger ball); a verified one makes every smaller one verified.
 
-Check `local_robustness` (stage "formal"), per radius r, scope {split, perturbation {linf_radius, r}}:
-- `local_robustness_verified`: fraction of the sampled inputs proved robust at r (Clopper-Pearson);
-- `local_robustness_falsified`: fraction with a verified counterexample at r.
-Summary keys: radii, verified, falsified, unknown (counts per radius), items, timeout, seconds.
-Artefact: per-item CSV (id, label, prediction, one verdict per radius).
-Requirements: `metric: local_robustness_verified, scope: {perturbation: {name: linf_radius, max_amplitude: r}}`.
+The check `local_robustness` packs the verdicts as evidence.
 Chains of Linear and ReLU layers (e.g. ACAS Xu) go through `verify_ball` (input splitting); any other ReLU
 network whose layer graph `graph.from_model` reads (image CNNs) through `decide`; a layer neither can bound
 makes the check "not run", with the layer named.

@@ -11,11 +11,7 @@
 - `unknown`: the budget ran out (or the network cannot be bounded) with neither.
 "holds" is never returned after a counterexample has been seen, since proof and search share one result.
 
-Check `formal_properties` (stage "formal"): one measurement per property, metric
-`property_holds.<file stem>` (e.g. `property_holds.prop_1`), value 1 (holds), 0 (violated) or NaN
-(unknown), on scope {split}; plus `properties_holding` (fraction proved) and `properties_violated`
-(count). Requirements: `metric: property_holds.prop_1, comparator: ">=", threshold: 1`.
-Summary keys: properties (name -> verdict, seconds, boxes, counterexample, reason), timeout, outputs.
+The check `formal_properties` packs the verdicts as evidence.
 Property paths may use ${TRUSTCASE_ACASXU} (default: <repo>/../shared/acasxu) and other environment
 variables.
 """

@@ -16,15 +16,7 @@ sigma is a fraction of the value range: noise of standard deviation sigma * (max
 pixel space, before the model's normalisation, so radii are L2 norms of the input scaled to [0, 1]
 (the same convention as the Lipschitz check). Noise of many inputs is batched together (an input
 repeated along the batch), votes are counted with one bincount per forward batch: no per-sample
-Python loop in the hot path.
-
-Check `randomized_smoothing` (stage "formal"), metrics on scope {split}:
-- `smoothing_certified_accuracy` with perturbation scope {name: l2_radius, max_amplitude: r}, amplitude r:
-  fraction of items where g is certified correct at radius r (abstain counts as wrong), Clopper-Pearson;
-- `smoothing_abstain_rate`, `smoothing_accuracy` (g's prediction by `predict`, abstain = wrong),
-  `smoothing_median_radius` (median radius, 0 for wrong or abstained items).
-Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
-training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
+Python loop in the hot path. The check `randomized_smoothing` packs these as evidence.
 """
 
 from __future__ import annotations

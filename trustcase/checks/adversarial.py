@@ -1,5 +1,11 @@
 """The `adversarial` check: FGSM, PGD, APGD, Square and the attack engine `auto` in pixel units (science in
-`robustness.attacks`)."""
+`robustness.attacks`).
+
+Summary, per attack: `norm`, `epsilons`, `steps`, `apgd_steps`, `queries`, `step_size`, `restarts`, `n`,
+`accuracy`, `success_rate` (per epsilon), `breaking` (as in the sweep), and for PGD, APGD and auto `distance`
+(`median`, `q10`, `q90`, `max_distance`, `censored`: items not fooled within it, `search_steps`).
+Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with bands.
+"""
 
 from __future__ import annotations
 
@@ -93,6 +99,13 @@ class Adversarial(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """Measurements, per attack (scope.perturbation = {name: <attack>, max_amplitude: eps}, amplitude = eps,
+        eps = 0 is the clean data): every metric of `performance.Tally` (accuracy, recall:<class>, ...),
+        `adversarial_accuracy` (= accuracy under attack) and `attack_success_rate` (share of the items
+        correct when clean that the attack fools), with Clopper-Pearson intervals. PGD, APGD and auto attacks with
+        `distance: true` add, with no perturbation scope, `adversarial_distance_median.<attack>` and
+        `adversarial_distance_q10.<attack>` (pixel units; distribution-free order-statistic intervals;
+        items not fooled up to `max_distance` count as at `max_distance`)."""
         from trustcase.performance import rate_metrics
 
         out = [Produces(m, params.split, a, subgroups=True) for a in params.attacks

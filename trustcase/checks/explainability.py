@@ -8,6 +8,13 @@ deletion), mu_fidelity, infidelity, sensitivity_max, average_stability, complexi
 sanity_rank_correlation (cascading; the independent-layer variant is a curve), relevance_mass and pointing_game
 (with a region); ig_convergence_delta; recommended_methods. A method that cannot run on the model is "not run"
 with its reason, and the others go on.
+
+Findings: which methods can be trusted and why not the others. Summary: `ranking` (one row per method, best
+first: status "recommended" / "warned" / "not run", reasons, every metric), `recommended`, `warned`, `not_run`,
+`rules`, `random_reference` (a random ordering's deletion / insertion: the chance level), `items`, `target`,
+`region`, `layers` (the model's layers as the methods saw them). Curves: deletion, insertion (mean target
+probability vs fraction of pixels) and the sanity cascades. Artefacts: `gallery.png` (kind "image"):
+attributions for correct and missed items of the critical class, per method; not for a confidential use case.
 """
 
 from __future__ import annotations

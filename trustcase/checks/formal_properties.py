@@ -1,5 +1,8 @@
 """The `formal_properties` check: VNN-LIB safety properties proved, falsified or left unknown (science in
-`certification.properties`)."""
+`certification.properties`).
+
+Summary keys: properties (name -> verdict, seconds, boxes, counterexample, reason), timeout, outputs.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ class FormalProperties(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """On the params' split: one `property_holds.<file stem>` per property (1 holds, 0 violated, no value when
+        unknown; a claim: `metric: property_holds.prop_1, comparator: ">=", threshold: 1`), `properties_holding`
+        (the share proved) and `properties_violated` (a count)."""
         return [Produces(m, params.split) for m in ("property_holds.*", "properties_holding", "properties_violated")]
 
     def shards(self) -> list[Check]:

@@ -1,5 +1,9 @@
 """The `lipschitz` check: a global Lipschitz upper bound, the certified radii it gives, and an empirical
-lower bound (science in `certification.lipschitz`)."""
+lower bound (science in `certification.lipschitz`).
+
+Summary keys: upper_bound, upper_bound_model_input, lower_bound, tightness, radius_convention, layers, radii,
+certified_accuracy, clean_accuracy, seconds_upper_bound. Artefact: per-item CSV (id, label, prediction, radius).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,11 @@ class Lipschitz(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """On the params' split: `lipschitz_upper_bound` (the certified bound L, input scaled to [0, 1]),
+        `lipschitz_lower_bound` (the largest ||f(x) - f(y)|| / ||x - y|| gradient ascent finds from data points: a
+        true lower bound of L), `lipschitz_tightness` (upper / lower), `lipschitz_median_radius` (of the correctly
+        classified items, 0 otherwise), and `lipschitz_certified_accuracy` under the perturbation scope l2_radius
+        (amplitude r: the share of items classified correctly AND certified at radius r)."""
         clean = ["lipschitz_upper_bound", "lipschitz_lower_bound", "lipschitz_tightness", "lipschitz_median_radius"]
         return [Produces(m, params.split) for m in clean] + [
             Produces("lipschitz_certified_accuracy", params.split, "l2_radius")]

@@ -55,6 +55,13 @@ class LocalRobustness(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """On the params' split, per radius r under the perturbation scope linf_radius (or linf_pixels): the
+        shares of the sampled inputs proved robust (`local_robustness_verified`; a claim: `metric:
+        local_robustness_verified, scope: {perturbation: {name: linf_radius, max_amplitude: r}}`), with a
+        re-checked counterexample (`local_robustness_falsified`), and proved robust AND correct
+        (`local_robustness_certified_accuracy`). Summary keys: radii, unit, verified, falsified, unknown and
+        certified (counts per radius), items, timeout, seconds, decided_by, median_seconds; artefact: the per-item
+        CSV (id, label, prediction, one verdict per radius)."""
         scope = "linf_radius" if params.unit == "scaled" else "linf_pixels"
         return [Produces(m, params.split, scope) for m in
                 ("local_robustness_verified", "local_robustness_falsified", "local_robustness_certified_accuracy")]

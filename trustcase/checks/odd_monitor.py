@@ -1,5 +1,13 @@
 """The `odd_monitor` check: fits the ODD monitor and validates it on clean, perturbed and out-of-domain
-inputs (science in `odd.monitor` and `odd.validation`)."""
+inputs (science in `odd.monitor` and `odd.validation`).
+
+Curves: `odd_detection:<perturbation>` (stopped, alerted or stopped, model accuracy, accuracy on accepted
+inputs vs amplitude, the ODD boundary marked) and `odd_roc` (ROC of each learned score).
+Summary keys: `specification`, `feature_mode`, `calibration`, `clean` (state counts, reasons),
+`perturbations` (per perturbation: unit, grid, boundary and its source, rates and reasons per amplitude),
+`monitor_file`.
+Findings: what the monitor stops; figure: the share stopped against amplitude, in units of each ODD boundary.
+"""
 
 from __future__ import annotations
 
@@ -106,6 +114,19 @@ class OddMonitor(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """Metrics (scope: the split, no perturbation, unless said):
+        - `false_alarm_rate`: share of clean in-ODD items stopped (OUT); `alert_rate`: share alerted or stopped.
+        - `odd_share`: share of clean items inside the specification.
+        - `accuracy_accepted` / `accuracy_stopped`: model accuracy on clean items the monitor lets through
+          (IN or NEAR) / stops (OUT); the second only when some are stopped.
+        - `detection_rate` / `detection_rate_alert`: share of inputs outside the ODD (every perturbation with a
+          boundary, every amplitude beyond it) that are stopped / alerted or stopped; also per perturbation and
+          amplitude beyond its boundary, under a perturbation scope.
+        - per perturbation and amplitude (perturbation scope, amplitude 0 included): `stop_rate`, `alert_rate`,
+          `accuracy`, `accuracy_accepted`, `accuracy_stopped`.
+        - `auroc:<score>`, `fpr_at_95tpr:<score>` for each learned score and `learned` (their combined
+          statistic): clean in-ODD items against inputs outside the ODD (descriptive: a requirement can only name
+          a metric whose suffix is a class)."""
         clean = ["false_alarm_rate", "alert_rate", "odd_share", "accuracy_accepted", "accuracy_stopped",
                  "detection_rate", "detection_rate_alert", "auroc:*", "fpr_at_95tpr:*"]
         perturbed = ["stop_rate", "alert_rate", "accuracy", "accuracy_accepted", "accuracy_stopped", "detection_rate"]

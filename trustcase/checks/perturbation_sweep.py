@@ -1,5 +1,18 @@
 """The `perturbation_sweep` check: each perturbation swept over its amplitudes, with breaking amplitudes
-and example strips (science in `robustness.perturbations` and `robustness.sweep`)."""
+and example strips (science in `robustness.perturbations` and `robustness.sweep`).
+
+Summary, per perturbation key: `perturbation` (class), `unit`, `grid`, `options`, `n`, `accuracy_auc`
+and `critical_recall_auc` (mean of the metric over the amplitude range, 1 is perfect), `flip_rate`
+(per amplitude), `breaking` (per requirement that names this perturbation, judged over the whole grid:
+`holds_up_to`, the largest grid amplitude up to which the claim PASSes at every amplitude, None if not
+even clean; `not_held_from`, the next grid amplitude, and `verdict_there` (FAIL or INCONCLUSIVE);
+`value`/`interval` of the metric at `holds_up_to`; `point_holds_up_to`, the same on the point estimate
+alone, an optimistic reading), `strip` (the example image, or None).
+
+Curves: `robustness_<key>`: accuracy, recall of the critical class and flip rate vs amplitude with
+bands; claim thresholds as y marks, claimed and held amplitudes as x marks.
+Findings: a perturbation measured without a claim, and how far it moves accuracy.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +85,11 @@ class PerturbationSweep(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """Measurements, per perturbation (scope.perturbation = {name: <key>, max_amplitude: a}, amplitude = a):
+        - every metric of `performance.Tally` (accuracy, recall:<class>, precision:<class>,
+          false_negative_rate:<critical>, cost, and the same per categorical ODD subgroup), with
+          Clopper-Pearson intervals at the plan's confidence;
+        - `flip_rate`: share of items whose prediction differs from their clean prediction."""
         return [Produces(m, params.split, key, subgroups=True)
                 for key in params.perturbations for m in [*rate_metrics(use_case), "flip_rate"]]
 

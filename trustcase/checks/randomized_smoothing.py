@@ -1,5 +1,9 @@
 """The `randomized_smoothing` check: certified radii of the smoothed classifier (Cohen et al.; science in
-`certification.smoothing`)."""
+`certification.smoothing`).
+
+Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
+training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,10 @@ class RandomizedSmoothing(Check):
 
     @classmethod
     def produces(cls, params, use_case):
+        """On the params' split: `smoothing_certified_accuracy` under the perturbation scope l2_radius (amplitude
+        r: the share of items the smoothed classifier g certifies correct at radius r, abstaining counted wrong);
+        `smoothing_abstain_rate`, `smoothing_accuracy` (g's prediction, abstaining counted wrong) and
+        `smoothing_median_radius` (0 for a wrong or abstained item)."""
         clean = ["smoothing_abstain_rate", "smoothing_accuracy", "smoothing_median_radius"]
         return [Produces(m, params.split) for m in clean] + [
             Produces("smoothing_certified_accuracy", params.split, "l2_radius")]

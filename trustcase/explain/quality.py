@@ -5,7 +5,7 @@ Saliency maps can look right and be wrong, so each method of `attribution.METHOD
 - deletion / insertion (Petsiuk et al. 2018): remove (insert) pixels from the most relevant down,
   replacing them by (taking them from) the baseline, and follow the target probability; the area under
   the curve is low for deletion and high for insertion when the map is faithful. A random ordering
-  gives the chance level (`random` series and `summary.random_reference`).
+  gives the chance level (the `random` series).
 - infidelity and max-sensitivity (captum.metrics, Yeh et al. 2019): how well attributions predict the
   output change under Gaussian input noise (normalised, lower is better), and how much the map moves
   under a small uniform perturbation of the input (lower is better).
@@ -17,17 +17,7 @@ Saliency maps can look right and be wrong, so each method of `attribution.METHOD
   region of interest (relevance mass, Arras et al. 2022) and the share of items whose most relevant
   pixel lies inside it (pointing game); the region's share of the image is the chance level.
 
-Check `explainability` (stage "testing"). Metrics (scope: the params' split), per method <m>:
-  deletion_auc:<m>, insertion_auc:<m>, faithfulness:<m> (= insertion - deletion), infidelity:<m>,
-  sensitivity_max:<m>, sanity_rank_correlation:<m> (gradient models only), relevance_mass:<m> and
-  pointing_game:<m> (when a region is given), ig_convergence_delta (integrated gradients, mean |delta|);
-  and recommended_methods (how many methods passed every test).
-Summary: `ranking` (one row per method, best first: status "recommended" / "warned" / "skipped",
-  reasons, every metric), `recommended`, `warned`, `skipped`, `random_reference`, `items`, `region`,
-  `layers` (the model's layers as the methods saw them).
-Curves: deletion, insertion (mean target probability vs fraction of pixels) and the sanity cascade.
-Artefacts: `gallery.png` (kind "image"): attributions for correct and missed items of the critical
-  class, per method; not written for a confidential use case.
+The check `explainability` measures every method this way (its measurements: `Explainability.produces`).
 """
 
 from __future__ import annotations

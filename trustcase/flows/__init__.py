@@ -1,1 +1,1 @@
-"""The DAG: Prefect tasks wrapping components, MLflow logging, schedules."""
+"""The DAG: Prefect tasks wrapping the checks, MLflow logging, schedules."""

@@ -41,7 +41,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 
@@ -246,13 +245,6 @@ def _ids(uc: UseCase, ids: list[str]) -> list[str]:
         return ids
     salt = hashlib.sha256(f"trustcase-improve:{uc.id}".encode()).hexdigest()
     return [hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:16] for i in ids]
-
-
-def _use_case_for(uc: UseCase, model: Path, folder: Path) -> Path:
-    raw = uc.model_copy(update={"model": uc.model.model_copy(update={"path": model})}).model_dump(mode="json")
-    path = folder / "use_case.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def _assessed(client: MlflowClient, uc: UseCase, version: str, out_root: Path, alias: str) -> Assessment:

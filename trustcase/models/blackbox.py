@@ -18,19 +18,8 @@ not sum to 1 is a `ModelError` naming the problem. Checks that need gradients ar
 (`Classifier.differentiable` is False); checks that only need predictions see
 `logits = log(probabilities)` (so softmax gives the component's probabilities back).
 
-The `component_outputs` check evaluates what only a challenge component says:
-
-metrics (scope = split; `ood_*` under a perturbation scope for each `ood_perturbations` entry)
-    abstention_rate, abstention_rate:<class>   UNKNOWN answers, overall and per true class
-    answered_accuracy                          accuracy of the decisions that are not UNKNOWN
-    undetected_rate:<critical>                 critical items answered with another class (UNKNOWN
-                                               goes to an operator, so it is not a silent miss)
-    ood_alarm_rate                             OOD_scores >= 1 on the (in-ODD) split: false alarms
-    ood_detection_rate, ood_auroc              under a perturbation beyond the ODD: alarms raised,
-                                               and how well the score separates clean from perturbed
-    explanation_deletion_gain                  probability drop when the map's top pixels are
-                                               deleted, minus the drop for as many random pixels
-summary keys: decisions_differ_from_argmax, answered, n, ood (per perturbation), deletion (curve data)
+The `component_outputs` check judges what only a challenge component says (its measurements:
+`ComponentOutputs.produces`).
 """
 
 from __future__ import annotations

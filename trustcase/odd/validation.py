@@ -10,25 +10,7 @@ The ODD boundary of a perturbation is the amplitude declared in `boundary`, else
 half the perturbed in-ODD items leave the specification (linear between grid points); inputs perturbed
 beyond it are "outside the ODD".
 
-Metrics (scope: the split, no perturbation, unless said):
-- `false_alarm_rate`: share of clean in-ODD items stopped (OUT); `alert_rate`: share alerted or stopped.
-- `odd_share`: share of clean items inside the specification.
-- `accuracy_accepted` / `accuracy_stopped`: model accuracy on clean items the monitor lets through
-  (IN or NEAR) / stops (OUT); the second only when some are stopped.
-- `detection_rate` / `detection_rate_alert`: share of inputs outside the ODD (every perturbation with a
-  boundary, every amplitude beyond it) that are stopped / alerted or stopped; also per perturbation and
-  amplitude beyond its boundary, under a perturbation scope.
-- per perturbation and amplitude (perturbation scope, amplitude 0 included): `stop_rate`, `alert_rate`,
-  `accuracy`, `accuracy_accepted`, `accuracy_stopped`.
-- `auroc:<score>`, `fpr_at_95tpr:<score>` for each learned score and `learned` (their combined
-  statistic): clean in-ODD items against inputs outside the ODD (descriptive: a requirement can only name
-  a metric whose suffix is a class).
-
-Curves: `odd_detection:<perturbation>` (stopped, alerted or stopped, model accuracy, accuracy on accepted
-inputs vs amplitude, the ODD boundary marked) and `odd_roc` (ROC of each learned score).
-Summary keys: `specification`, `feature_mode`, `calibration`, `clean` (state counts, reasons),
-`perturbations` (per perturbation: unit, grid, boundary and its source, rates and reasons per amplitude),
-`monitor_file`.
+The check `odd_monitor` packs this validation as evidence (its measurements: `OddMonitor.produces`).
 """
 
 from __future__ import annotations

@@ -62,9 +62,6 @@ CHECKS = {"odd_monitor": "ODD monitor", "data_quality": "Data quality", "perturb
 TOPICS = {Topic.FAILS: "What is shown not to hold", Topic.BREAKS: "What breaks the model, and from which amplitude",
           Topic.SUBGROUPS: "Which subgroups are weaker", Topic.MONITOR: "What the monitor stops",
           Topic.EXPLANATIONS: "Which explanations can be trusted", Topic.GAPS: "What could not be shown, and why"}
-RULE = {Verdict.PASS: "the whole {conf} interval satisfies the threshold",
-        Verdict.FAIL: "the measured value violates the threshold",
-        Verdict.INCONCLUSIVE: "neither shown to hold nor shown to fail"}
 
 
 FILE_SUFFIXES = {"json", "yaml", "yml", "html", "pdf", "zip", "png", "gif", "jpg", "jpeg", "csv", "pt", "pth", "py",

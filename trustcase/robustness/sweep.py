@@ -5,22 +5,7 @@ perturbed at every amplitude of the grid; nothing is copied per amplitude beyond
 With `workers >= 2`, the perturbations of a batch are computed on a thread pool while the model
 runs on the previous amplitude (OpenCV and numpy release the GIL); results do not depend on it.
 
-Measurements, per perturbation (scope.perturbation = {name: <key>, max_amplitude: a}, amplitude = a):
-- every metric of `performance.Tally` (accuracy, recall:<class>, precision:<class>,
-  false_negative_rate:<critical>, cost, and the same per categorical ODD subgroup), with
-  Clopper-Pearson intervals at the plan's confidence;
-- `flip_rate`: share of items whose prediction differs from their clean prediction.
-
-Summary, per perturbation key: `perturbation` (class), `unit`, `grid`, `options`, `n`, `accuracy_auc`
-and `critical_recall_auc` (mean of the metric over the amplitude range, 1 is perfect), `flip_rate`
-(per amplitude), `breaking` (per requirement that names this perturbation, judged over the whole grid:
-`holds_up_to`, the largest grid amplitude up to which the claim PASSes at every amplitude, None if not
-even clean; `not_held_from`, the next grid amplitude, and `verdict_there` (FAIL or INCONCLUSIVE);
-`value`/`interval` of the metric at `holds_up_to`; `point_holds_up_to`, the same on the point estimate
-alone, an optimistic reading), `strip` (the example image, or None).
-
-Curves: `robustness_<key>`: accuracy, recall of the critical class and flip rate vs amplitude with
-bands; claim thresholds as y marks, claimed and held amplitudes as x marks.
+The check `perturbation_sweep` packs the sweeps as evidence (its measurements: `PerturbationSweep.produces`).
 
 Parameters: `perturbations` maps a key (the name claims use) to None (default grid), a grid, or
 `{perturbation: <catalogue name or module:Class>, grid: [...], options: {...}}` (the key then is

@@ -64,7 +64,7 @@ class Normalisation(Strict):
 
 class ModelSpec(Strict):
     format: Literal["torchscript", "state_dict", "onnx", "python", "challenge"] = Field(
-        description="python / challenge: a black box (components/blackbox.py), `path` its folder or file")
+        description="python / challenge: a black box (models/blackbox.py), `path` its folder or file")
     path: Path
     entry: Ref | None = Field(None, description="black box: 'module:Class' imported from `path`")
     config_file: Path | None = Field(None, description="challenge: passed to load_model (relative to `path`)")
