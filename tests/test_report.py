@@ -245,3 +245,18 @@ def test_without_graphviz_the_argument_is_an_outline(tmp_path, monkeypatch):
     assert '<ul class="outline">' in html and "<svg" not in html
     assert html.count("<b>G-L-acc</b>") == 1  # in the learning outline, with its verdict
     assert raw_keys(html) == []
+
+
+def test_a_record_of_an_earlier_version_renders_without_the_typed_parts(tmp_path):
+    """assessment.json written before outcomes declared findings, figures, caveats, units and shards (and before
+    the data fingerprint counted items) loads with those empty and re-renders: nothing invented, nothing raw."""
+    raw = assessment().model_dump(mode="json")
+    for o in raw["outcomes"]:
+        for key in ("findings", "figures", "caveat", "units", "shard"):
+            o.pop(key)
+    raw["provenance"].pop("data_items")
+    old = Assessment.model_validate(raw)
+    assert all(not o.findings and not o.figures and not o.caveat for o in old.outcomes)
+    html = Path(render(old, tmp_path, pdf=False)["html"]).read_text()
+    assert "Data</th><td>item counts not recorded" in html
+    assert "figure_" not in html and raw_keys(html) == []
