@@ -24,6 +24,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,7 +160,12 @@ def load_catalogue(path: str | Path) -> Catalogue:
 
 
 def built_in() -> list[Catalogue]:
-    return [load_catalogue(STANDARDS / f"{name}.yaml") for name in BUILT_IN]
+    return list(_built_in())
+
+
+@lru_cache(maxsize=1)
+def _built_in() -> tuple[Catalogue, ...]:  # package data, read once (frozen models: safe to share)
+    return tuple(load_catalogue(STANDARDS / f"{name}.yaml") for name in BUILT_IN)
 
 
 def catalogues(a: Assessment) -> list[Catalogue]:
