@@ -99,3 +99,39 @@ def test_validate_finds_what_assess_rejects(tmp_path, tiny_model):
     r = runner.invoke(app, ["validate", str(tmp_path / "deep.yaml")])
     assert r.exit_code == 2 and "line 2" in r.output and "nesting deeper" in r.output
     assert "Traceback" not in r.output and "RecursionError" not in r.output
+
+
+@pytest.mark.parametrize("raised,code,line", [
+    (ZeroDivisionError("division by zero"), 1, "internal error: ZeroDivisionError: division by zero"),
+    (KeyError("summary"), 1, "internal error: KeyError: 'summary'"),
+    (None, 2, "error: the partner's licence has expired"),  # a partner's own UserError subclass
+])
+def test_every_command_tells_user_errors_from_internal_ones_by_class(tmp_path, monkeypatch, raised, code, line):
+    """One test, `isinstance(e, UserError)`: a user error is one line and exit 2 whatever its module, anything
+    else an internal error, exit 1, its traceback in a log file (a ValueError of a shape bug is not a user's)."""
+    from trustcase.errors import UserError
+    from trustcase.flows import rerender
+
+    class LicenceError(UserError):
+        pass
+
+    def broken(*args, **kwargs):
+        raise raised if raised is not None else LicenceError("the partner's licence has expired")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rerender, "rerender", broken)
+    r = CliRunner().invoke(app, ["report", "f" * 32, "--out", str(tmp_path / "out")])
+    assert r.exit_code == code, r.output
+    assert line in " ".join(r.output.split()) and "Traceback" not in r.output
+    log = tmp_path / ".trustcase" / "last-error.log"
+    assert log.exists() == (code == 1) and (code == 2 or "Traceback" in log.read_text())
+
+
+def test_the_clis_own_argument_checks_are_user_errors(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["check-property", str(tmp_path / "n.nnet"), str(tmp_path / "p.vnnlib"), "--timeout", "0"])
+    assert r.exit_code == 2 and "--timeout must be > 0 seconds, got 0.0" in r.output
+    r = runner.invoke(app, ["check-property", str(tmp_path / "n.nnet"), str(tmp_path / "p.vnnlib")])
+    assert r.exit_code == 2 and "Traceback" not in r.output  # no such network file: named, exit 2
+    r = runner.invoke(app, ["explore", "--port", "70000"])
+    assert r.exit_code == 2 and "--port 70000: expected 1..65535" in r.output

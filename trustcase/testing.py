@@ -43,7 +43,7 @@ from torch import nn
 
 from trustcase.checks import Check, Context, build
 from trustcase.data.streaming import DataSource, Item
-from trustcase.errors import CheckError, Unsupported
+from trustcase.errors import CheckError, Unsupported, UserError
 from trustcase.models.blackbox import BlackBox
 from trustcase.models.classifier import Classifier, sha256_file
 from trustcase.schemas import CheckOutcome, CheckSpec, Requirement, Stage, UseCase, Verdict
@@ -371,7 +371,7 @@ def check_conformance(check: str, params: dict | None = None, *, use_case: UseCa
             role = getattr(check0.params, "split", None) or "test"
             try:
                 out, _ = run(build(s0), uc0, model, frozenset({role}))
-            except (CheckError, Unsupported, ValueError) as e:
+            except (UserError, Unsupported) as e:  # a plain ValueError of an empty array is a bug, not a refusal
                 if not str(e).strip():
                     raise ConformanceError(f"an empty {role} split raised {type(e).__name__} without a message") \
                         from None

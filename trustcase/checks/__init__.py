@@ -17,7 +17,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trustcase.data.streaming import DataSource
-from trustcase.errors import CheckError, Unsupported, validation_message
+from trustcase.errors import CheckError, Unsupported, UserError, validation_message
 from trustcase.models.classifier import Classifier
 from trustcase.registry import Registry, RegistryError
 from trustcase.schemas import Artefact, CheckOutcome, CheckSpec, Requirement, Stage, UseCase
@@ -44,6 +44,21 @@ class Produces:
                 and (self.subgroups or not r.scope.subgroup))
 
 
+
+
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".npz")
+
+
+def artefact_name(item: str, suffix: str) -> str:
+    """The file name of an item's artefact, built here only: the item id without its file extension, every
+    character a file system may refuse as '_', then `suffix` ('cell0058.png' gives 'cell0058.png' for
+    '.png' and 'cell0058.npy' for '.npy', never 'cell0058.png.png')."""
+    stem = str(item)
+    for s in FILE_SUFFIXES:
+        if stem.lower().endswith(s) and len(stem) > len(s):
+            stem = stem[: -len(s)]
+            break
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) + suffix
 
 
 class Params(BaseModel):
@@ -131,7 +146,7 @@ def build(spec: CheckSpec, index: int | None = None) -> Check:
         return cls(cls.Params.model_validate(spec.params))
     except ValidationError as e:
         raise CheckError(f"{where} ({spec.check}).params: {validation_message(e)}") from None
-    except (CheckError, ValueError) as e:
+    except UserError as e:  # a check's own refusal of its parameters; anything else is a bug, not the plan's
         raise CheckError(f"{where}: {e}") from None
 
 

@@ -204,6 +204,15 @@ class Explainability(Check):
                                    scope=scope, details=details))
             return float(v.mean())
 
+        made: dict[str, A.Method | Unsupported] = {}
+        for name in p.methods:  # the user's methods and options, refused before any work
+            try:
+                made[name] = A.make(net, name, p.options.get(name))
+            except Unsupported as e:
+                made[name] = e
+            except ValueError as e:  # an unknown method or option, a layer that does not exist
+                raise CheckError(f"explainability: {name}: {e}") from None
+
         # chance level: a random ordering of the pixels
         rnd = np.random.default_rng(ctx.seed).random(images.shape[:3]).astype(np.float32)
         d0, i0 = deletion_insertion(net, x, target, rnd, baseline, p.steps, ctx.seed)
@@ -215,7 +224,9 @@ class Explainability(Check):
 
         for name in p.methods:
             try:
-                method = A.make(net, name, p.options.get(name))
+                method = made[name]
+                if isinstance(method, Unsupported):
+                    raise method
                 row = self._measure(net, method, name, p, x, target, baseline, masks, ctx.seed, measure, curves)
                 if len(pick):
                     gx = ctx.model.to_input(np.stack([got[int(i)][0] for i in pick]))
@@ -227,8 +238,6 @@ class Explainability(Check):
                 for c in curves.values():
                     c.pop(name, None)
                 continue
-            except ValueError as e:  # e.g. a layer that does not exist: a configuration error
-                raise CheckError(f"explainability: {name}: {e}") from None
             rows[name] = row
 
         rules = [("sanity_rank_correlation", "<=", p.sanity_max_correlation,

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
+from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import concepts as C
 from trustcase.explain import imaging
@@ -94,8 +95,13 @@ class GlobalExplanations(Check):
             try:
                 perts[name] = P.PERTURBATIONS.resolve(name)(vr)
                 perts[name].validate(amp)
-            except ValueError as e:
+            except UserError as e:
                 raise CheckError(f"global_explanations: concept perturbation {name}: {e}") from None
+        if p.perturbation and p.perturbation not in perts:  # the map's perturbation, refused before any work too
+            try:
+                perts[p.perturbation] = P.PERTURBATIONS.resolve(p.perturbation)(vr)
+            except UserError as e:
+                raise CheckError(f"global_explanations: perturbation {p.perturbation}: {e}") from None
         net = A.Network(ctx.model)
         if not net.differentiable:
             raise Unsupported("global explanations need the model's internals (activations, gradients); "
@@ -252,10 +258,7 @@ class GlobalExplanations(Check):
         name = p.perturbation or next(iter(p.concepts.perturbations), None)
         pert = None
         if name:
-            try:
-                pert = perts.get(name) or P.PERTURBATIONS.resolve(name)(tuple(uc.model.value_range))
-            except ValueError as e:
-                raise CheckError(f"global_explanations: perturbation {name}: {e}") from None
+            pert = perts[name]  # resolved and validated before any work
         feats = [R.features(net, x[s:s + p.batch_size]) for s in range(0, len(x), p.batch_size)]
         groups = {"clean": np.concatenate(feats)}
         kinds = ["clean"] * len(x)
@@ -286,11 +289,11 @@ class GlobalExplanations(Check):
                 states.append(spec.evaluate(moved, meta).states.max(axis=1))
             odd = [State(s).name.lower() for s in np.concatenate(states)]
         allf = np.concatenate(list(groups.values()))
-        try:
-            xy = R.embed(allf, ctx.seed)
-        except ValueError as e:
-            limitations.append(f"representation map not drawn: {e}")
+        if len(allf) < R.MIN_POINTS:
+            limitations.append(f"representation map not drawn: it needs at least {R.MIN_POINTS} points, "
+                               f"got {len(allf)}")
             return None
+        xy = R.embed(allf, ctx.seed)
         n_pts = len(kinds)
         paths = []
         if paths_idx:

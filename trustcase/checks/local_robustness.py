@@ -25,7 +25,7 @@ from trustcase.certification import bounds as B
 from trustcase.certification import graph as G
 from trustcase.certification.local_robustness import VERDICTS, change_property, decide, verify_ball
 from trustcase.certification.properties import single_thread
-from trustcase.checks import Check, Context, Params, Produces, Unsupported
+from trustcase.checks import Check, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
 from trustcase.schemas import CheckOutcome, Curve, PerturbationScope, Scope, Series
 
@@ -197,8 +197,7 @@ class LocalRobustness(Check):
     @staticmethod
     def _save(ctx: Context, folder, item: str, r: float, model, cx_input: np.ndarray, lower, upper) -> list:
         """The counterexample in pixel space (exact .npy, 8-bit .png preview), once per item (smallest radius)."""
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(item))
-        npy = folder / f"{safe}.npy"
+        npy = folder / artefact_name(item, ".npy")
         if npy.exists():
             return []
         folder.mkdir(parents=True, exist_ok=True)
@@ -213,7 +212,7 @@ class LocalRobustness(Check):
             import cv2
 
             lo_v, hi_v = model.spec.value_range
-            png = folder / f"{safe}.png"
+            png = folder / artefact_name(item, ".png")
             cv2.imwrite(str(png), np.round((pixels - lo_v) / (hi_v - lo_v) * 255).clip(0, 255).astype(np.uint8))
             out.append(ctx.artefact(png, "image"))
         return out

@@ -16,7 +16,6 @@ Findings: a perturbation measured without a claim, and how far it moves accuracy
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from trustcase import seeding
-from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
 from trustcase.performance import Tally, rate_metrics
 from trustcase.robustness import perturbations as P
@@ -162,7 +161,7 @@ class PerturbationSweep(Check):
 
         strip = None
         if example:
-            path = ctx.workdir / f"strip_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
+            path = ctx.workdir / artefact_name(f"strip_{key}", ".png")
             cv2.imwrite(str(path), strip_image(example, [f"{a:g}" for a in grid], uc.model.value_range))
             out.artefacts.append(ctx.artefact(path, "image"))
             strip = out.artefacts[-1].path

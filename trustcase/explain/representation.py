@@ -36,13 +36,16 @@ def features(net: Network, x: torch.Tensor) -> np.ndarray:
     return seen[-1].numpy()
 
 
+MIN_POINTS = 4  # UMAP's neighbour graph needs a few points
+
+
 def embed(feats: np.ndarray, seed: int, neighbours: int = 15) -> np.ndarray:
-    """(N, F) -> (N, 2) UMAP coordinates (deterministic for a seed)."""
+    """(N, F) -> (N, 2) UMAP coordinates (deterministic for a seed); N >= MIN_POINTS."""
     import umap  # numba compiles on first use: imported only when a map is drawn
 
     n = len(feats)
-    if n < 4:
-        raise ValueError(f"a representation map needs at least 4 points, got {n}")
+    if n < MIN_POINTS:
+        raise ValueError(f"a representation map needs at least {MIN_POINTS} points, got {n}")
     reducer = umap.UMAP(n_components=2, n_neighbors=min(neighbours, n - 1), random_state=seed, n_jobs=1,
                         init="spectral" if n > neighbours + 1 else "random")
     return reducer.fit_transform(feats)

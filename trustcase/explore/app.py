@@ -305,7 +305,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         target = body.target.model_dump(by_alias=True)
         opts, t = await off_loop(lb.attribution_request, body.method, body.options, target, inp)
         job = jobs.submit("attribution", lambda j: lb.attribute(j, inp, body.method, opts, t, body.baseline),
-                          lb.expected_evaluations(opts), (Unsupported, LabError, ValueError))
+                          lb.expected_evaluations(opts))
         return await settle(job, wait)
 
     @app.post("/api/visualisations", status_code=202)
@@ -316,8 +316,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
             raise Unsupported("visualisation climbs the model's gradients; the model is a black box")
         t = await off_loop(lb.target, body.target.model_dump(by_alias=True))
         job = jobs.submit("visualisation", lambda j: lb.visualise(j, t, body.steps),
-                          body.steps + (t["kind"] == "channel"),  # a channel is located by one probe first
-                          (Unsupported, LabError, ValueError))
+                          body.steps + (t["kind"] == "channel"))  # a channel is located by one probe first
         return await settle(job, wait)
 
     @app.post("/api/perturb")
@@ -333,8 +332,7 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         lb = need_lab()
         inp = await off_loop(lb.input, body.src)
         await off_loop(lb.prove_request, body.radius, body.timeout)  # refused now, not in the job
-        job = jobs.submit("proof", lambda j: lb.prove(j, inp, body.radius, body.timeout), body.timeout,
-                          (Unsupported, LabError))
+        job = jobs.submit("proof", lambda j: lb.prove(j, inp, body.radius, body.timeout), body.timeout)
         return await settle(job, wait)
 
     @app.get("/api/jobs/{job_id}")

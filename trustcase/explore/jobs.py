@@ -11,6 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from trustcase.errors import Unsupported, UserError
+
 
 class Cancelled(Exception):
     """Raised inside the work at its next step once the job has been cancelled."""
@@ -67,8 +69,7 @@ class Jobs:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
-    def submit(self, kind: str, work: Callable[[Job], Any], total: float | None = None,
-               user_errors: tuple[type[Exception], ...] = ()) -> Job:
+    def submit(self, kind: str, work: Callable[[Job], Any], total: float | None = None) -> Job:
         job = Job(kind, total)
 
         def run() -> None:
@@ -80,7 +81,7 @@ class Jobs:
                 job.state = "done"
             except Cancelled:
                 job.state = "cancelled"
-            except user_errors as e:  # the model or the method cannot do it: said, not crashed
+            except (UserError, Unsupported) as e:  # the request or the model cannot do it: said, not crashed
                 job.state, job.error = "failed", str(e)
             except Exception as e:  # noqa: BLE001  (the server keeps serving; the job says what broke)
                 job.state, job.error = "failed", f"{type(e).__name__}: {e}"

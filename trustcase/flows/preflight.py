@@ -23,13 +23,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from trustcase.checks import REGISTRY, Check, CheckError, Produces, check_class
 from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, judge_label
-from trustcase.errors import validation_message, validation_problems
+from trustcase.errors import UserError, validation_message, validation_problems
 from trustcase.models.classifier import ModelError
 from trustcase.models.loading import BLACK_BOXES, load_classifier
 from trustcase.odd.monitor import MonitorError
 from trustcase.odd.specification import Limit
-from trustcase.reports.compliance import own_catalogue_problems
 from trustcase.registry import resolve
+from trustcase.reports.compliance import own_catalogue_problems
 from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
 from trustcase.schemas.loading import locator
 from trustcase.schemas.use_case import SEEDS
@@ -101,7 +101,7 @@ def plan(uc: UseCase, add: Add) -> list[Declared]:
             for where, msg in validation_problems(e):
                 add((*loc, "params", *where), msg)
             continue
-        except (CheckError, ValueError) as e:
+        except UserError as e:  # a check's own refusal of its parameters
             add((*loc, "params"), str(e))
             continue
         out.append(Declared(spec.check, params, cls.produces(params, uc)))

@@ -330,17 +330,18 @@ def fit(model: Classifier, model_sha256: str, spec: SpecificationMonitor, fit_ba
         info.update(n_fit=kept, fit_outside_spec=dropped, shrinkage=rho, feature_dim=int(cov.shape[0]),
                     rank=maha.rank, class_counts=gauss.counts.tolist())
     learned = LearnedMonitor(scores, maha, {}, {}, float("inf"), float("inf"), info)
-    cal, dropped = Calibration(), 0
+    cal, dropped, kept = Calibration(), 0, 0
     for b in calibration_batches:
         inside = spec.evaluate(b.images, b.meta).states.max(axis=1, initial=0) < State.OUT
         dropped += int((~inside).sum())
+        kept += int(inside.sum())
         if inside.any():
             feats, logits = extractor(b.images[inside])
             cal.update(learned.raw(feats, logits))
-    try:
-        cal.finish(learned, near_rate, out_rate)
-    except ValueError as e:
-        raise MonitorError(str(e)) from None
+    if kept < 2:  # the data's fault, said as such; any other error of the calibration is a bug
+        raise MonitorError(f"need at least 2 in-ODD calibration items, got {kept} ({dropped} outside the "
+                           "specification)")
+    cal.finish(learned, near_rate, out_rate)
     learned.info["calibration_outside_spec"] = dropped
     mon.learned, mon.feature_mode, mon.info = learned, extractor.mode, dict(learned.info)
     return mon
