@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from trustcase.certification import bounds as B
+from trustcase.certification import bab
+from trustcase.certification import graph as G
+from trustcase.certification import propagation as P
 from trustcase.certification.nnet import load_network
 from trustcase.certification.properties import acasxu_root, check_property, falsify
 from trustcase.certification.vnnlib import read_vnnlib
@@ -39,39 +41,42 @@ def random_mlp(seed: int, sizes=(5, 20, 20, 20, 5)) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_gathered_rows_equal_the_dense_backward_pass(seed):
-    """CROWN on each box's own neurons (rows gathered, signs folded in) is the dense pass with one-hot rows."""
-    layers = B.linearise(random_mlp(seed))
-    g = torch.Generator().manual_seed(seed)
-    lo = torch.rand(7, 5, generator=g, dtype=torch.float64) - 0.5
+def test_refining_the_live_neurons_too_stays_sound(seed):
+    """Input splitting refines every live neuron's bounds (active ones too), not only the unstable ones: no
+    sampled value falls outside either (CROWN is not monotone in its intermediate bounds, so neither set of
+    bounds contains the other neuron by neuron)."""
+    net = random_mlp(seed)
+    g = G.from_model(net, (5,))
+    gen = torch.Generator().manual_seed(seed)
+    lo = torch.rand(7, 5, generator=gen, dtype=torch.float64) - 0.5
     hi = lo + 0.3
-    _, _, pre = B.crown(layers, lo, hi, torch.eye(5, dtype=torch.float64))
-    rows = torch.randint(0, 20, (7, 6), generator=g)
-    signs = torch.where(torch.rand(7, 6, generator=g) < 0.5, -1.0, 1.0).double()
-    dense = torch.nn.functional.one_hot(rows, 20).double() * signs[:, :, None]
-    a, lam_a = B.backward_lower(layers, 2, dense, pre, lo, hi)
-    b, lam_b = B.backward_lower(layers, 2, None, pre, lo, hi, rows=rows, signs=signs)
-    assert torch.allclose(a, b, rtol=0, atol=1e-12) and torch.allclose(lam_a, lam_b, rtol=0, atol=1e-12)
+    some = P.intermediate(g, lo, hi, "crown")
+    live = P.intermediate(g, lo, hi, "crown", alive=True)
+    x = lo[0] + (hi[0] - lo[0]) * torch.rand(5000, 5, generator=gen, dtype=torch.float64)
+    values = g.forward(x, keep=True)
+    for k in range(1, len(g.nodes)):
+        for lb, ub in (live[k], some[k]):
+            assert torch.all(values[k] >= lb[0] - 1e-9) and torch.all(values[k] <= ub[0] + 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_bounds_of_a_child_box_with_its_parents_bounds_are_sound(seed):
     """The children of a split inherit the parent's intermediate bounds: still no sampled output below."""
     net = random_mlp(seed)
-    layers = B.linearise(net)
-    g = torch.Generator().manual_seed(10 + seed)
-    lo = torch.rand(1, 5, generator=g, dtype=torch.float64) - 0.5
+    g = G.from_model(net, (5,))
+    gen = torch.Generator().manual_seed(10 + seed)
+    lo = torch.rand(1, 5, generator=gen, dtype=torch.float64) - 0.5
     hi = lo + 0.4
     C = torch.tensor([[1.0, -1, 0, 0, 0], [0, 0, 1, 0, -1]], dtype=torch.float64)
-    parent, _, pre = B.crown(layers, lo, hi, C)
+    parent = P.lower_bound(g, lo, hi, C, "crown", alive=True)
     half_hi = hi.clone()
     half_hi[0, 0] = (lo[0, 0] + hi[0, 0]) / 2
-    child, _, _ = B.crown(layers, lo, half_hi, C, known=pre)
-    assert torch.all(child >= parent - 1e-12)  # never looser than the parent
-    x = lo + (half_hi - lo) * torch.rand(20000, 5, generator=g, dtype=torch.float64)
+    child = P.lower_bound(g, lo, half_hi, C, "alpha-crown", known=parent.bounds, alive=True)
+    assert torch.all(child.lower >= parent.lower - 1e-12)  # never looser than the parent
+    x = lo + (half_hi - lo) * torch.rand(20000, 5, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         values = net(x) @ C.T
-    assert torch.all(child[0] <= values.min(0).values + 1e-9)
+    assert torch.all(child.lower[0] <= values.min(0).values + 1e-9)
 
 
 def test_split_rules_propose_the_inputs_that_matter():
@@ -79,25 +84,25 @@ def test_split_rules_propose_the_inputs_that_matter():
     lam = torch.tensor([[[0.1, 2.0, 0.0], [1.0, 0.0, 0.0]]], dtype=torch.float64)  # (1 box, 2 rows, 3 inputs)
     live = torch.ones(1, 2, dtype=torch.bool)
     width = torch.tensor([[1.0, 1.0, 3.0]], dtype=torch.float64)
-    assert B._split_dims(lam, live, width, "influence").tolist() == [[1]]
-    assert B._split_dims(lam, live, width, "widest").tolist() == [[2]]
-    assert B._split_dims(lam, live, width, "pair").tolist() == [[1, 2]]
-    assert B._split_dims(lam, live, width, "try").tolist() == [[0, 1, 2]]
+    assert bab.split_dims(lam, live, width, "influence").tolist() == [[1]]
+    assert bab.split_dims(lam, live, width, "widest").tolist() == [[2]]
+    assert bab.split_dims(lam, live, width, "pair").tolist() == [[1, 2]]
+    assert bab.split_dims(lam, live, width, "try").tolist() == [[0, 1, 2]]
     # rows of a refuted conjunction do not count
-    assert B._split_dims(lam, torch.tensor([[False, True]]), width, "influence").tolist() == [[0]]
+    assert bab.split_dims(lam, torch.tensor([[False, True]]), width, "influence").tolist() == [[0]]
     with pytest.raises(ValueError, match="unknown split rule"):
-        B._split_dims(lam, live, width, "random")
+        bab.split_dims(lam, live, width, "random")
 
 
 def test_mixed_rows_are_means_of_the_conjunctions_rows():
     """A positive mean of the rows' excesses means some row is positive: the added rows are convex weights."""
     A = np.arange(12.0).reshape(3, 4)
     b = np.array([1.0, 2.0, 3.0])
-    mA, mb = B.mixed(A, b)
+    mA, mb = bab.mixed(A, b)
     assert mA.shape == (3 + 3 + 1, 4) and np.allclose(mA[:3], A) and np.allclose(mb[:3], b)
     assert np.allclose(mA[3], (A[0] + A[1]) / 2) and np.allclose(mb[-1], b.mean())
-    assert B.mixed(A[:1], b[:1])[0].shape == (1, 4)  # one row: nothing to mix
-    assert len(B.mixed(np.eye(9), np.zeros(9))[0]) == 10  # many rows: the mean of all only
+    assert bab.mixed(A[:1], b[:1])[0].shape == (1, 4)  # one row: nothing to mix
+    assert len(bab.mixed(np.eye(9), np.zeros(9))[0]) == 10  # many rows: the mean of all only
 
 
 @needs_acas
@@ -111,10 +116,10 @@ def test_published_verdicts_of_n11_stay_right(i):
 @needs_acas
 def test_branch_and_bound_proves_a_holding_property_in_a_small_budget():
     """N_4,5 property 10 (holds): the split rule proves it in a few thousand boxes; never "violated"."""
-    layers = B.linearise(network("4_5"))
+    g = G.from_model(network("4_5"), (5,))
     region = prop(10).regions[0]
     conj = [(c.A, c.b) for c in region.outputs]
-    out = B.prove(layers, region.lower, region.upper, conj, time.perf_counter() + 60)
+    out = bab.decide(g, region.lower, region.upper, conj, time.perf_counter() + 60)
     assert out.verdict == "holds" and 0 < out.boxes < 5000
 
 

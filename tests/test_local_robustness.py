@@ -12,9 +12,9 @@ from conftest import acas_use_case, context_for, folder_use_case
 from test_properties import needs_acas, random_mlp
 from torch import nn
 
-from trustcase.certification import bounds as B
-from trustcase.certification.local_robustness import change_property, verify_ball
-from trustcase.checks import Unsupported, build
+from trustcase.certification import graph as G
+from trustcase.certification.local_robustness import decide
+from trustcase.checks import Unsupported, artefact_name, build
 from trustcase.schemas import CheckSpec, Requirement, UseCase
 from trustcase.verdicts import judge
 
@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def ball(net, x, eps, timeout=10.0):
-    forward = lambda t: net(t)  # noqa: E731
+    """The verdict of `decide` (the check's, the lab's) on the L-inf ball of radius eps around x."""
     with torch.no_grad():
         c = int(net(torch.tensor(x[None], dtype=torch.float32)).argmax())
-    prop = change_property("p", x - eps, x + eps, c, net[-1].out_features)
-    return verify_ball(B.linearise(net), forward, prop, timeout), c
+    t = lambda v: torch.tensor(v[None], dtype=torch.float64)  # noqa: E731
+    return decide(G.from_model(net, (len(x),)), net, t(x), t(x - eps), t(x + eps), c, timeout)["verdict"], c
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -108,8 +108,7 @@ def test_an_image_cnn_gets_verdicts_per_ball_in_grey_levels_and_counterexample_i
 
     rows = {r["id"]: r for r in csv.DictReader(open(ctx.workdir / "items.csv"))}
     for path in saved:  # each counterexample changes the prediction by a plain forward pass
-        row = next(r for i, r in rows.items() if path.stem == "".join(ch if ch.isalnum() or ch in "-_." else "_"
-                                                                      for ch in i))
+        row = next(r for i, r in rows.items() if path.name == artefact_name(i, ".npy"))
         c = int(row["prediction"])
         z = ctx.model.logits(np.load(path)[None].astype(np.float32))[0]
         assert z[1 - c] >= z[c]

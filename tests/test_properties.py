@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from trustcase.certification import bounds as B
+from trustcase.certification import graph as G
+from trustcase.certification import propagation as P
 from trustcase.certification.nnet import NetworkFormatError, load_network, read_nnet, read_onnx
 from trustcase.certification.properties import acasxu_root, check_property
 from trustcase.certification.vnnlib import VnnlibError, parse_vnnlib, read_vnnlib
@@ -83,13 +84,13 @@ def test_holds_is_never_returned_with_a_known_counterexample(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_bounds_are_sound_on_random_networks(seed):
     net = random_mlp(seed, (3, 12, 12, 12, 4))
-    layers = B.linearise(net)
+    graph = G.from_model(net, (3,))
     g = torch.Generator().manual_seed(seed)
     centre = torch.rand(5, 3, generator=g, dtype=torch.float64) * 2 - 1
     lo, hi = centre - 0.2, centre + 0.2
     C = torch.tensor([[1.0, -1, 0, 0], [0, 0, 1, 0], [-1, 0, 0, 1]], dtype=torch.float64)
-    bound, _, _ = B.crown(layers, lo, hi, C)
-    ibp_lo, ibp_hi = B.interval(layers, lo, hi)[-1]
+    bound = P.lower_bound(graph, lo, hi, C, "crown", alive=True).lower
+    ibp_lo, ibp_hi = P.intermediate(graph, lo, hi, "ibp")[-1]
     x = lo[:, None] + (hi - lo)[:, None] * torch.rand(5, 4000, 3, generator=g, dtype=torch.float64)
     with torch.no_grad():
         y = net.double()(x)
@@ -97,7 +98,7 @@ def test_bounds_are_sound_on_random_networks(seed):
     assert torch.all(bound[:, None, :] <= values + 1e-9)
     assert torch.all((ibp_lo[:, None] <= y + 1e-9) & (y <= ibp_hi[:, None] + 1e-9))
     # CROWN is at least as tight as intervals on a single output
-    single, _, _ = B.crown(layers, lo, hi, torch.eye(4, dtype=torch.float64))
+    single = P.lower_bound(graph, lo, hi, torch.eye(4, dtype=torch.float64), "crown").lower
     assert torch.all(single >= ibp_lo - 1e-9)
 
 

@@ -237,9 +237,16 @@ class _Builder:
             raise GraphError(f"{where} cannot be bounded: {e}") from None
         in_shape = self.shape(src)
         if d.kind == "linear":
-            bias = _d(getattr(m, "bias", None))
-            mp = Dense(_d(d.weight))
-            return self.g.add(Node("affine", name, out_shape, [src], [mp], None if bias is None else
+            W, bias = _d(d.weight), _d(getattr(m, "bias", None))
+            prev = self.g.nodes[src]
+            if self.foldable(src) and isinstance(prev.maps[0], Reshape) and prev.bias is not None:
+                # a constant shift just before (an input normalisation, ONNX Add/Sub): W (x + c) + b
+                shift = W @ prev.bias.flatten()
+                bias = shift if bias is None else bias + shift
+                self.g.nodes[src] = Node("affine", f"{prev.name}+{name}", tuple(out_shape), prev.inputs,
+                                         [Dense(W)], bias.reshape(out_shape))
+                return src
+            return self.g.add(Node("affine", name, out_shape, [src], [Dense(W)], None if bias is None else
                                    bias.reshape(out_shape)))
         if d.kind == "conv2d":
             mp = Conv(_d(d.weight), in_shape, d.stride, d.padding, d.dilation, d.groups)
@@ -267,6 +274,21 @@ class _Builder:
             return self.avgpool(where, name, m, src, out_shape)
         raise GraphError(f"{where} cannot be bounded (supported: Linear, Conv2d, BatchNorm, ReLU, average and "
                          "max pooling, flatten/reshape, residual additions)")
+
+    def foldable(self, i: int) -> bool:
+        """Node i is an affine map of one input, the last node, read by nothing yet: the next one may absorb it."""
+        n = self.g.nodes[i]
+        return n.kind == "affine" and len(n.inputs) == 1 and i == len(self.g.nodes) - 1 and self.consumers(i) == 0
+
+    def shift(self, src: int, c: torch.Tensor, name: str) -> int:
+        """x + c for a constant c (broadcast to x's shape), folded into the affine node before when it can be."""
+        c = c.double().expand(self.shape(src)).clone()
+        if self.foldable(src):
+            prev = self.g.nodes[src]
+            prev.bias = c if prev.bias is None else prev.bias + c
+            return src
+        shape = self.shape(src)
+        return self.g.add(Node("affine", name, shape, [src], [Reshape(shape, shape)], c))
 
     def consumers(self, i: int) -> int:
         return sum(i in n.inputs for n in self.g.nodes)
@@ -373,6 +395,7 @@ def _chain(module: torch.jit.ScriptModule, input_shape) -> Graph:
 
 
 ADD = {operator.add, torch.add, operator.iadd}
+SUB = {operator.sub, torch.sub, operator.isub}
 RESHAPE_F = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 RESHAPE_M = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "clone"}
 
@@ -383,13 +406,14 @@ def _fx(module: nn.Module, input_shape) -> Graph:
 
     try:
         gm = symbolic_trace(module)
-        ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
+        ShapeProp(gm).propagate(torch.zeros(1, *input_shape, dtype=_dtype(module)))
     except Exception as e:
         raise GraphError(f"cannot trace the model with torch.fx on inputs {tuple(input_shape)}: "
                          f"{type(e).__name__}: {str(e)[:200]}") from None
     modules = dict(gm.named_modules())
     b = _Builder(input_shape)
     where: dict[str, int] = {}
+    consts: dict[str, torch.Tensor] = {}
     for pos, n in enumerate(gm.graph.nodes, start=-1):  # positions count the operations after the input
         meta = n.meta.get("tensor_meta")
         shape = tuple(meta.shape[1:]) if hasattr(meta, "shape") else None
@@ -397,6 +421,9 @@ def _fx(module: nn.Module, input_shape) -> Graph:
         label = f"operation {pos} {n.name!r}"
         if n.op == "placeholder":
             where[n.name] = 0
+        elif n.op == "get_attr":
+            consts[n.name] = gm.get_parameter(n.target) if n.target in dict(gm.named_parameters()) \
+                else gm.get_buffer(n.target)
         elif n.op == "output":
             arg = n.args[0]
             if not isinstance(arg, torch.fx.Node) or arg.name not in where:
@@ -410,6 +437,13 @@ def _fx(module: nn.Module, input_shape) -> Graph:
         elif n.op == "call_module":
             where[n.name] = b.layer(pos, str(n.target), modules[n.target], where[ins[0].name], shape,
                                     fold=len(ins[0].users) == 1)
+        elif n.op == "call_function" and n.target in ADD | SUB and len(ins) == 1 and len(n.args) == 2 \
+                and not n.kwargs and isinstance(n.args[0], torch.fx.Node) and n.args[0].name in where \
+                and isinstance(n.args[1], torch.fx.Node) and n.args[1].name in consts:  # x + c, x - c
+            c = consts[n.args[1].name].detach()
+            if tuple(torch.broadcast_shapes(c.shape, (1, *shape))) != (1, *shape):
+                raise GraphError(f"{label}: a constant of shape {tuple(c.shape)} broadcast beyond the input")
+            where[n.name] = b.shift(where[ins[0].name], -c if n.target in SUB else c, n.name)
         elif n.op == "call_function" and n.target in ADD and len(ins) == 2 and not n.kwargs:
             srcs = [where[a.name] for a in ins]
             if any(b.shape(s) != shape for s in srcs):
@@ -427,6 +461,12 @@ def _fx(module: nn.Module, input_shape) -> Graph:
     raise GraphError("the model's graph has no output")
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The floating type the model computes in (float32 unless its weights say otherwise)."""
+    p = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    return torch.float32 if p is None else p.dtype
+
+
 def from_model(module: nn.Module, input_shape, check: bool = True) -> Graph:
     """The layer graph of an eval-mode ReLU network on inputs of `input_shape` (no batch dimension)."""
     input_shape = tuple(int(d) for d in input_shape)
@@ -437,7 +477,7 @@ def from_model(module: nn.Module, input_shape, check: bool = True) -> Graph:
             g = _chain(module, input_shape)
         elif not list(module.children()):
             b = _Builder(input_shape)
-            out = module(torch.zeros(1, *input_shape))
+            out = module(torch.zeros(1, *input_shape, dtype=_dtype(module)))
             b.layer(0, type(module).__name__, module, 0, tuple(out.shape[1:]))
             g = b.g
         else:
@@ -453,7 +493,7 @@ def agrees(g: Graph, module: nn.Module, input_shape, samples: int = 4, tol: floa
     """The graph reproduces the model (float32 against float64) on seeded random inputs, or a GraphError."""
     x = torch.randn(samples, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = module(x.float()).double()
+        want = module(x.to(_dtype(module))).double()
         got = g.forward(x.double())
     err = float((want - got).abs().max())
     if not err <= tol * max(1.0, float(want.abs().max())):

@@ -1,10 +1,11 @@
 """Local robustness, proved: around sampled inputs, does the prediction stay the same for every input of
-an L-infinity ball? Answered per input and radius by the formal machinery of `properties` and `bounds`:
+an L-infinity ball? Answered per input and radius by `decide` on the model's layer graph, cheapest first:
 
-- `verified`: proved by CROWN + interval bounds with input splitting (float64, margin `bounds.TOLERANCE`)
-  that no input of the ball gives another class a score >= the predicted one (a tie counts as a change);
-- `falsified`: an input of the ball that changes the prediction, found by the bounds' corners or by
-  sampling + PGD, and re-checked by a plain float32 forward pass;
+- `verified`: proved by IBP, CROWN, alpha-CROWN, then branch and bound (`bab.decide`: input splitting for
+  few inputs, beta-CROWN ReLU splitting otherwise), float64 with margin `bab.MARGIN`: no input of the ball
+  gives another class a score >= the predicted one (a tie counts as a change);
+- `falsified`: an input of the ball that changes the prediction, found by the attack engine of the
+  adversarial check or at a corner the bounds point to, and re-checked by a plain float32 forward pass;
 - `unknown`: neither within the time budget. Unknown is not verified: the verified fraction is a lower
   bound of the robust fraction, the falsified fraction a lower bound of the fragile one.
 
@@ -14,28 +15,24 @@ it are not in the domain). A falsified radius makes every larger one falsified (
 inside the larger ball); a verified one makes every smaller one verified.
 
 The check `local_robustness` packs the verdicts as evidence.
-Chains of Linear and ReLU layers (e.g. ACAS Xu) go through `verify_ball` (input splitting); any other ReLU
-network whose layer graph `graph.from_model` reads (image CNNs) through `decide`; a layer neither can bound
-makes the check "not run", with the layer named.
+A layer the layer graph (`graph.from_model`) cannot read makes the check "not run", with the layer named.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 
-from trustcase.certification import bounds as B
+from trustcase.certification import bab
 from trustcase.certification import propagation as P
-from trustcase.certification.bab import split_relus
-from trustcase.certification.properties import falsify, plain_check
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
 from trustcase.certification.vnnlib import Conjunction, Property, Region
 from trustcase.robustness.attacks import Budget, _fooled, attack_region
 
 VERDICTS = ("verified", "falsified", "unknown")
-
-
 
 
 def change_property(name: str, lower: np.ndarray, upper: np.ndarray, predicted: int, n_classes: int) -> Property:
@@ -50,27 +47,6 @@ def change_property(name: str, lower: np.ndarray, upper: np.ndarray, predicted: 
                     regions=[Region(lower=np.asarray(lower, np.float64), upper=np.asarray(upper, np.float64),
                                     outputs=rows)])
 
-
-def verify_ball(layers: list[B.Affine], forward, prop: Property, timeout: float, seed: int = 0) -> str:
-    """verified / falsified / unknown for one box: proof first (small balls are mostly proved at once),
-    then a search for a counterexample with what is left of the budget."""
-    t0 = time.perf_counter()
-    region = prop.regions[0]
-
-    def candidate(xs: np.ndarray):
-        return plain_check(forward, prop, np.clip(xs, region.lower, region.upper))
-
-    out = B.prove(layers, region.lower, region.upper, [(c.A, c.b) for c in region.outputs],
-                  t0 + 0.8 * timeout, candidate=candidate)
-    if out.verdict == "holds":
-        return "verified"
-    if out.verdict == "violated":
-        return "falsified"
-    found = falsify(forward, prop, t0 + timeout, seed, samples=1024, restarts=16, steps=50)
-    return "falsified" if found is not None else "unknown"
-
-
-# --- image models: the layer graph -------------------------------------------------------------------
 
 STAGES = ("ibp", "crown", "alpha-crown")
 
@@ -135,11 +111,11 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
         if time.perf_counter() > deadline:
             break
         r = P.lower_bound(g, box_lo, box_hi, C, stage, bounds=bounds, limit=limit, deadline=deadline,
-                          target=B.TOLERANCE)
+                          target=MARGIN)
         if stage != "ibp":
             bounds = r.bounds  # alpha-CROWN reuses CROWN's intermediate bounds
         best = max(best, float(r.lower.min()))
-        if (r.lower > B.TOLERANCE).all():
+        if (r.lower > MARGIN).all():
             return {"verdict": "verified", "method": stage, "counterexample": None, "margin": best,
                     "seconds": time.perf_counter() - t0}
         if r.lam is not None:  # the corner minimising the linear bound of the worst row: the likeliest witness
@@ -152,13 +128,22 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     reason = f"no proof and no counterexample within {timeout:g} s (best lower bound of the margin {best:.4g})"
     unstable = sum(int(((bounds[g.nodes[r].inputs[0]][0] < 0) & (bounds[g.nodes[r].inputs[0]][1] > 0)).sum())
                    for r in g.relus) if bounds is not None else None
-    if unstable is not None and unstable > max_split:
-        reason = f"{reason}; {unstable} unstable ReLUs, more than branch and bound takes on ({max_split})"
-    elif unstable is not None and time.perf_counter() < deadline:
-        proved, domains, why = split_relus(g, box_lo, box_hi, C, deadline, B.TOLERANCE)
-        if proved:
-            return {"verdict": "verified", "method": f"bab ({domains} ReLU-split domains)", "counterexample": None,
-                    "margin": best, "seconds": time.perf_counter() - t0}
-        reason = f"{reason}; branch and bound: {why}"
+    low_dim = math.prod(g.nodes[0].shape) <= INPUT_SPLIT_MAX
+    if unstable is not None and unstable > max_split and not low_dim:
+        reason = f"{reason}; {unstable} unstable ReLUs, more than ReLU branch and bound takes on ({max_split})"
+    elif time.perf_counter() < deadline:
+        shape = g.nodes[0].shape
+
+        def candidate(xs: np.ndarray) -> dict | None:  # the search's witness is this function's verdict
+            return falsified(torch.from_numpy(xs).reshape(len(xs), *shape), "corner of a box of branch and bound")
+
+        conj = [(C[i:i + 1].numpy(), np.zeros(1)) for i in range(len(C))]  # y_pred - y_j <= 0: j catches up
+        out = bab.decide(g, box_lo[0].numpy(), box_hi[0].numpy(), conj, deadline, candidate=candidate)
+        if out.verdict == "holds":
+            return {"verdict": "verified", "method": f"bab: {out.method} ({out.boxes} boxes or domains)",
+                    "counterexample": None, "margin": best, "seconds": time.perf_counter() - t0}
+        if out.verdict == "violated":
+            return out.counterexample
+        reason = f"{reason}; branch and bound: {out.reason}"
     return {"verdict": "unknown", "method": "", "counterexample": None, "margin": best,
             "seconds": time.perf_counter() - t0, "reason": reason}

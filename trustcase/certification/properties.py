@@ -5,9 +5,9 @@
   of a piecewise-linear network sit), PGD on a margin loss from the best samples, at a corner or centre of
   an open box of the branch and bound, or by PGD inside the open boxes during it, and RE-CHECKED by a
   plain float32 forward pass of the model before it is reported;
-- `holds`: proved by sound bound propagation (CROWN with interval and inherited bounds, alpha-CROWN on the
-  output rows, float64, margin 1e-7) over the whole input region, splitting the box until every part is
-  refuted (`bounds.prove`);
+- `holds`: proved by sound bound propagation on the model's layer graph (`bab.decide`: CROWN, alpha-CROWN,
+  float64, margin `bab.MARGIN`) over the whole input region, splitting the input box (few inputs) or the
+  ReLUs (beta-CROWN, many inputs) until every part is refuted;
 - `unknown`: the budget ran out (or the network cannot be bounded) with neither.
 "holds" is never returned after a counterexample has been seen, since proof and search share one result.
 
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustcase.certification import bounds as B
+from trustcase.certification import graph as G
+from trustcase.certification.bab import MARGIN, decide
 from trustcase.certification.vnnlib import Property
 
 ACASXU_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "acasxu"
@@ -194,13 +195,13 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape
             return result("violated", found, method="falsification by sampling, re-checked by a forward pass")
         return result("unknown", reason="a black box answers predictions only: sampled, it cannot be bounded")
     try:
-        layers = B.linearise(module)
-    except B.BoundsError:
-        return _check_graph(module, forward, prop, deadline, seed, sign, shape, result)
-    if sign != 1:
-        last = layers[-1]
-        layers[-1] = B.Affine(last.W * sign, last.b * sign)
-    boxes, reasons = 0, []
+        g = G.from_model(module, shape or (prop.n_inputs,))
+    except G.GraphError as e:
+        found = falsify(forward, prop, deadline, seed + 1, sign, samples=65536, steps=500)
+        if found is not None:
+            return result("violated", found, method="falsification, re-checked by a forward pass")
+        return result("unknown", reason=f"cannot bound the network: {e}")
+    boxes, reasons, methods = 0, [], set()
     for region in prop.regions:
         if not region.outputs:
             continue
@@ -209,49 +210,21 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape
             xs = np.clip(xs, region.lower, region.upper)
             return plain_check(forward, prop, xs, sign)
 
-        out = B.prove(layers, region.lower, region.upper, [(c.A, c.b) for c in region.outputs], deadline,
-                      candidate=candidate, search=box_search(forward, prop, region, sign))
+        out = decide(g, region.lower, region.upper, [(c.A * sign, c.b) for c in region.outputs], deadline,
+                     candidate=candidate, search=box_search(forward, prop, region, sign))
         boxes += out.boxes
+        methods.add(out.method)
         if out.verdict == "violated":
-            return result("violated", out.counterexample, boxes, "bound-guided corner, re-checked by a forward pass")
+            return result("violated", out.counterexample, boxes, f"{out.method}, re-checked by a forward pass")
         if out.verdict == "unknown":
             reasons.append(out.reason)
             break
     if not reasons:
-        return result("holds", boxes=boxes, method="CROWN + interval bounds with input splitting (float64)")
+        return result("holds", boxes=boxes, method="; ".join(sorted(methods)) + f" (float64, margin {MARGIN:g})")
     found = falsify(forward, prop, deadline + 0.1 * timeout, seed + 1, sign, steps=200)  # last look, little time
     if found is not None:
         return result("violated", found, boxes, "falsification (sampling + PGD), re-checked by a forward pass")
     return result("unknown", boxes=boxes, reason="; ".join(reasons))
-
-
-def _check_graph(module, forward, prop: Property, deadline: float, seed: int, sign: float, shape, result) -> dict:
-    """Any other ReLU network (image CNNs): alpha-CROWN on its layer graph over each region, no splitting."""
-    from trustcase.certification import graph as G
-    from trustcase.certification import propagation as P
-
-    try:
-        g = G.from_model(module, shape or (prop.n_inputs,))
-    except G.GraphError as e:
-        found = falsify(forward, prop, deadline, seed + 1, sign, samples=65536, steps=500)
-        if found is not None:
-            return result("violated", found, method="falsification, re-checked by a forward pass")
-        return result("unknown", reason=f"cannot bound the network: {e}")
-    in_shape = g.nodes[0].shape
-    for region in prop.regions:
-        for conj in region.outputs:
-            lo = torch.from_numpy(region.lower).double().view(1, *in_shape)
-            hi = torch.from_numpy(region.upper).double().view(1, *in_shape)
-            A = torch.from_numpy(conj.A).double() * sign  # rows on Y = sign * outputs
-            r = P.lower_bound(g, lo, hi, A, "alpha-crown", deadline=deadline)
-            if not (r.lower[0] - torch.from_numpy(conj.b) > B.TOLERANCE).any():
-                found = falsify(forward, prop, deadline, seed + 1, sign, steps=200)
-                if found is not None:
-                    return result("violated", found, method="falsification (sampling + PGD), re-checked by a "
-                                                            "forward pass")
-                return result("unknown", reason="alpha-CROWN on the layer graph could not refute a conjunction "
-                                                "(no input splitting for this network)")
-    return result("holds", method="alpha-CROWN on the layer graph (float64), every conjunction refuted")
 
 
 # --- the check ---------------------------------------------------------------------------------

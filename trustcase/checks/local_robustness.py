@@ -1,9 +1,9 @@
 """The `local_robustness` check: L-inf balls around sampled inputs proved, falsified or unknown (science in
 `certification.local_robustness`, `certification.graph`, `certification.propagation`).
 
-Networks that reduce to a chain of Linear/ReLU layers (tabular, ACAS Xu) go through `bounds.prove` (CROWN
-with input splitting); every other network through its layer graph (image CNNs: IBP, the attack engine of the
-adversarial check, CROWN, alpha-CROWN). Radii are in the input scaled to [0, 1] (`unit: scaled`, scope
+Every network goes through its layer graph and `local_robustness.decide` (IBP, the attack engine of the
+adversarial check, CROWN, alpha-CROWN, then branch and bound: input splitting for tabular inputs such as ACAS
+Xu's, beta-CROWN ReLU splitting for images). Radii are in the input scaled to [0, 1] (`unit: scaled`, scope
 `linf_radius`) or in pixel units of the value range (`unit: pixel`, scope `linf_pixels`: grey levels for 0-255 images).
 Measurements per radius: `local_robustness_verified`, `local_robustness_falsified` and
 `local_robustness_certified_accuracy` (verified AND correct), each k of n with a Clopper-Pearson interval.
@@ -21,9 +21,9 @@ import torch
 from pydantic import Field, field_validator
 
 from trustcase import seeding
-from trustcase.certification import bounds as B
 from trustcase.certification import graph as G
-from trustcase.certification.local_robustness import VERDICTS, change_property, decide, verify_ball
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
+from trustcase.certification.local_robustness import VERDICTS, decide
 from trustcase.certification.properties import single_thread
 from trustcase.checks import Check, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
@@ -73,13 +73,9 @@ class LocalRobustness(Check):
             raise Unsupported("local_robustness: the model is in training mode")
         shape = list(model.spec.input_shape)
         try:
-            layers, graph = B.linearise(model.module), None
-        except B.BoundsError:
-            layers = None
-            try:
-                graph = G.from_model(model.module, shape)
-            except G.GraphError as e:
-                raise Unsupported(f"local_robustness: {e}") from None
+            graph = G.from_model(model.module, shape)
+        except G.GraphError as e:
+            raise Unsupported(f"local_robustness: {e}") from None
         lo_v, hi_v = model.spec.value_range
         scope_name = "linf_radius" if p.unit == "scaled" else "linf_pixels"
         radii = sorted({*p.radii, *ctx.claimed("local_robustness_verified", scope_name),
@@ -87,12 +83,6 @@ class LocalRobustness(Check):
         pixel = (hi_v - lo_v) if p.unit == "scaled" else 1.0  # pixel units per radius unit
         confidential = ctx.use_case.confidential
         cx_dir = ctx.workdir / "counterexamples"
-
-        def forward(x: torch.Tensor) -> torch.Tensor:  # flat model inputs (N, prod(shape)) -> scores
-            return model.module(x.reshape(len(x), *shape))
-
-        def model_input(pixels: np.ndarray) -> np.ndarray:
-            return model.to_input(pixels[None]).reshape(-1).numpy().astype(np.float64)
 
         rows, details, t0 = [], [], time.perf_counter()
         artefacts = []
@@ -111,11 +101,6 @@ class LocalRobustness(Check):
                             continue
                         eps = r * pixel
                         lower, upper = np.clip(x - eps, lo_v, hi_v), np.clip(x + eps, lo_v, hi_v)
-                        if graph is None:
-                            prop = change_property(f"{batch.ids[k]}@{r:g}", model_input(lower),
-                                                   model_input(upper), c, model.n_classes)
-                            verdicts[r] = verify_ball(layers, forward, prop, p.timeout, ctx.seed)
-                            continue
                         box = [model.to_input(v[None]).double() for v in (x, lower, upper)]
                         out = decide(graph, model.module, *box, c, p.timeout, ctx.seed,
                                      item_seed=seeding.item_seed(ctx.seed, self.name, batch.ids[k], "attack"),
@@ -160,14 +145,13 @@ class LocalRobustness(Check):
                 else f"pixel units of the value range [{lo_v:g}, {hi_v:g}]")
         refined = ("every unstable neuron" if p.refine is None else
                    f"the loosest {p.refine} unstable neurons per layer, the rest by IBP")
-        how = ("CROWN + interval bounds with input splitting" if graph is None else
-               "IBP, then the attack engine (FGSM, PGD, APGD), then CROWN (intermediate bounds refined for "
-               f"{refined}, until the time budget), then "
-               "alpha-CROWN, then ReLU branch and bound when few ReLUs stay unstable, on the layer graph; a "
-               "ball larger than one left unproved around the same input is only attacked")
+        how = ("IBP, then the attack engine (FGSM, PGD, APGD), then CROWN (intermediate bounds refined for "
+               f"{refined}, until the time budget), then alpha-CROWN, then branch and bound (input splitting "
+               f"for at most {INPUT_SPLIT_MAX} inputs, else beta-CROWN ReLU splitting when at most 200 ReLUs stay "
+               "unstable), on the layer graph; a ball larger than one left unproved around the same input is only "
+               "attacked")
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
-                   "timeout": p.timeout, "seconds": round(seconds, 2),
-                   "engine": "linear chain (input splitting)" if graph is None else "layer graph"}
+                   "timeout": p.timeout, "seconds": round(seconds, 2), "engine": "layer graph"}
         if details:
             summary["decided_by"] = {m: sum(1 for d in details if (d["method"] or "").startswith(m))
                                      for m in ("ibp", "crown", "alpha-crown", "bab", "attack engine", "corner")}
@@ -185,8 +169,9 @@ class LocalRobustness(Check):
                 f"value range [{lo_v:g}, {hi_v:g}]",
                 "robust: the predicted class keeps a score strictly above every other class for every input of "
                 "the ball (a tie counts as a change)",
-                f"verified: proved by {how}, in float64 with margin {B.TOLERANCE:g} (rounding of the float32 model "
-                "is not formally accounted for)",
+                f"verified: proved by {how}, in float64 with margin {MARGIN:g} (the float64 rounding of the bounds "
+                "and of the float32 model is not formally accounted for: the margin covers float64 rounding of "
+                "well-scaled networks only)",
                 "falsified: a counterexample inside the ball re-checked by a plain float32 forward pass",
                 f"unknown (no proof, no counterexample within {p.timeout:g} s) counts as not verified: the verified "
                 "fraction is a lower bound of the robust fraction, the falsified one a lower bound of the fragile one",

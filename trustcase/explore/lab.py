@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustcase.certification import bounds as B
-from trustcase.certification.local_robustness import change_property, verify_ball
+from trustcase.certification import graph as G
+from trustcase.certification.local_robustness import decide
+from trustcase.certification.properties import single_thread
 from trustcase.data.streaming import DataSource
 from trustcase.errors import Unsupported, UserError
 from trustcase.explain import attribution as A
@@ -454,7 +455,7 @@ class Lab:
 
     # --- prove it -------------------------------------------------------------------------------
 
-    def prove_request(self, radius: float, timeout: float) -> list[B.Affine]:
+    def prove_request(self, radius: float, timeout: float) -> G.Graph:
         if not (isinstance(radius, int | float) and math.isfinite(radius) and 0 < radius <= 1):
             raise LabError(f"radius {radius!r}: expected 0 < r <= 1 (L-inf, input scaled to [0, 1])")
         if not (isinstance(timeout, int | float) and 0 < timeout <= PROVE_MAX_SECONDS):
@@ -462,14 +463,14 @@ class Lab:
         if self.model.module is None:
             raise LabError("prove it needs the model's weights; the model is a black box")
         try:
-            return B.linearise(self.model.module)
-        except B.BoundsError as e:
-            raise Unsupported(f"local robustness cannot be proved on this model yet: {e}") from None
+            return G.from_model(self.model.module, list(self.model.spec.input_shape))
+        except G.GraphError as e:
+            raise Unsupported(f"local robustness cannot be proved on this model: {e}") from None
 
     def prove(self, job: Job | None, inp: Input, radius: float, timeout: float) -> dict:
-        """verified / falsified / unknown for the L-inf ball of `radius` around the input, within `timeout`."""
-        layers = self.prove_request(radius, timeout)
-        shape = list(self.model.spec.input_shape)
+        """verified / falsified / unknown for the L-inf ball of `radius` around the input, within `timeout`:
+        the `local_robustness` check's own decision (`local_robustness.decide`) on the model's layer graph."""
+        graph = self.prove_request(radius, timeout)
         lo, hi = self.uc.model.value_range
         x = inp.pixels.astype(np.float64)
         pred = int(np.argmax(self.predict(inp.pixels)))
@@ -478,22 +479,21 @@ class Lab:
         def forward(z: torch.Tensor) -> torch.Tensor:  # every call is a cancellation point
             if job is not None:
                 job.step(0)
-            return module(z.reshape(len(z), *shape))
-
-        def model_input(pixels: np.ndarray) -> np.ndarray:
-            return self.model.to_input(pixels[None].astype(np.float32)).reshape(-1).numpy().astype(np.float64)
+            return module(z)
 
         eps = radius * (hi - lo)
-        prop = change_property(f"{inp.name}@{radius:g}", model_input(np.clip(x - eps, lo, hi)),
-                               model_input(np.clip(x + eps, lo, hi)), pred, self.model.n_classes)
+        box = [self.model.to_input(v[None].astype(np.float32)).double()
+               for v in (x, np.clip(x - eps, lo, hi), np.clip(x + eps, lo, hi))]
         t0 = time.perf_counter()
         if job is not None:
             job.total = timeout
             ticker = threading.Thread(target=_tick, args=(job, t0, timeout), daemon=True)
             ticker.start()
-        verdict = verify_ball(layers, forward, prop, timeout, self.seed)
+        with single_thread():
+            out = decide(graph, forward, *box, pred, timeout, self.seed)
+        verdict = out["verdict"]
         return {"verdict": verdict, "radius": radius, "prediction": self.classes[pred], "timeout": timeout,
-                "seconds": round(time.perf_counter() - t0, 3),
+                "seconds": round(time.perf_counter() - t0, 3), "method": out.get("method") or out.get("reason", ""),
                 "meaning": {"verified": "no input of the ball changes the prediction (proved)",
                             "falsified": "an input of the ball changes the prediction (counterexample re-checked)",
                             "unknown": "neither proved nor falsified within the time budget"}[verdict]}
