@@ -310,7 +310,9 @@ def _part(p: Part, a: Assessment, ran: set[str], stages: dict[str, Stage]) -> Pa
                 cited.append(Cited(r.id, e.check if e else None, (Verdict(e.verdict).value if e else "INCONCLUSIVE"),
                                    bool(e and e.check in ran), r.metric, r.mandatory))
     if not cited:
-        return PartResult(p.what, "claims", "missing", note="no requirement of the use case is judged on it")
+        would = (f"; a requirement measured by {' or '.join(findings.check_name(c) for c in p.checks)} would assess it"
+                 if p.checks else "")
+        return PartResult(p.what, "claims", "missing", note="no requirement of the use case is judged on it" + would)
     if any(c.ran and c.verdict == Verdict.FAIL.value for c in cited):
         return PartResult(p.what, "claims", "contradicted", cited)
     if all(c.ran and c.verdict == Verdict.PASS.value for c in cited):
@@ -364,7 +366,10 @@ def matrix(a: Assessment, cats: list[Catalogue] | None = None) -> Matrix:
     for c in cats:
         for o in c.objectives:
             status, parts = evaluate(o, a, ran, stages)
-            rows.append(Row(c.framework, o.id, o.group, o.summary, status, parts, _why(o, status, parts)))
+            why = _why(o, status, parts)
+            if o.note and status != "out of scope":
+                why = f"{why.rstrip('.')}. Note: {o.note}"
+            rows.append(Row(c.framework, o.id, o.group, o.summary, status, parts, why))
     return Matrix(cats, rows)
 
 
