@@ -36,6 +36,7 @@ from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.registry import resolve
 from trustcase.schemas import Interval
+from trustcase.seeding import content_id, item_seed
 
 
 def mean_interval(values: np.ndarray, confidence: float) -> Interval | None:
@@ -53,7 +54,9 @@ def mean_interval(values: np.ndarray, confidence: float) -> Interval | None:
 def _order(heatmaps: np.ndarray, seed: int) -> np.ndarray:
     """Pixel ranks per item (0 = most relevant); ties broken at random so flat maps score as chance."""
     flat = heatmaps.reshape(len(heatmaps), -1)
-    tie = np.random.default_rng(seed).random(flat.shape)
+    # ties broken per item, seeded by its map: an item's order does not depend on the other items of the batch
+    tie = np.array([np.random.default_rng(item_seed(seed, "deletion_insertion", content_id(m), "ties")).random(
+        flat.shape[1]) for m in flat]).reshape(flat.shape)
     order = np.lexsort((tie, -flat), axis=-1)
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(flat.shape[1])[None].repeat(len(flat), 0), axis=1)
@@ -166,12 +169,12 @@ def stability(explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: 
     """Relative change of the map, ||phi(x + d) - phi(x)|| / ||phi(x)||, for `samples` draws of d uniform in
     the L-inf ball of `radius`: (B, samples). Its mean per item is the Average Stability (Xplique; lower is
     better), its maximum the max-sensitivity of Yeh et al. 2019."""
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(item_seed(seed, "stability", content_id(v), "noise")) for v in x]
     ref = explain(x, target).flatten(1)
     norm = ref.norm(dim=1)
     out = np.zeros((len(x), samples))
-    for k in range(samples):
-        d = (torch.rand(x.shape, generator=gen) * 2 - 1) * radius
+    for k in range(samples):  # each item's draws from its own generator: the same in any batch
+        d = (torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens]).to(x.dtype) * 2 - 1) * radius
         out[:, k] = ((explain(x + d, target).flatten(1) - ref).norm(dim=1) / norm.clamp(min=1e-30)).numpy()
     out[(norm == 0).numpy()] = np.nan  # an empty map has no relative change: undefined, not infinite
     return out
