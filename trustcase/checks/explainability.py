@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
@@ -213,8 +214,9 @@ class Explainability(Check):
             except ValueError as e:  # an unknown method or option, a layer that does not exist
                 raise CheckError(f"explainability: {name}: {e}") from None
 
-        # chance level: a random ordering of the pixels
-        rnd = np.random.default_rng(ctx.seed).random(images.shape[:3]).astype(np.float32)
+        # chance level: a random ordering of the pixels, each item's from its own seed
+        rnd = np.stack([np.random.default_rng(seed).random(images.shape[1:3]) for seed in seeding.item_seeds(
+            ctx.seed, self.name, [got[i][2] for i in sample], "chance")]).astype(np.float32)
         d0, i0 = deletion_insertion(net, x, target, rnd, baseline, p.steps, ctx.seed)
         reference = {"deletion_auc": float(auc(d0).mean()), "insertion_auc": float(auc(i0).mean())}
         reference["faithfulness"] = reference["insertion_auc"] - reference["deletion_auc"]
