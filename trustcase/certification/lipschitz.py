@@ -50,6 +50,7 @@ from trustcase.models.anatomy import (
     script_chain,
 )
 from trustcase.models.lipschitz_layers import conv2d_norm, matrix_norm
+from trustcase.seeding import content_id, item_seed
 
 
 class LipschitzError(UserError, ValueError):
@@ -328,9 +329,9 @@ def empirical_lower_bound(forward, x: torch.Tensor, steps: int = 50, eps: float 
     """
     if isinstance(forward, nn.Module):
         forward = _double(forward)
-    g = torch.Generator().manual_seed(seed)
     x = x.detach().double().clone().requires_grad_(True)
-    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    d = torch.stack([torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(
+        item_seed(seed, "lipschitz", content_id(v), "direction"))) for v in x.detach()])  # per item, any batch
     d = (d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1)) * eps).requires_grad_(True)
     opt = torch.optim.Adam([x, d], lr=lr)
     best = 0.0
