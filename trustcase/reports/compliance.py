@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trustcase.errors import validation_message
 from trustcase.reports import findings
 from trustcase.schemas import Assessment, Evidence, Requirement, Stage, Verdict
 
@@ -146,8 +147,7 @@ def parse_catalogue(text: str, where: str) -> Catalogue:
     try:
         return Catalogue.model_validate(raw)
     except ValidationError as e:
-        raise CatalogueError("; ".join(f"{where}: {'.'.join(map(str, x['loc'])) or '<file>'}: "
-                                       f"{x['msg'].removeprefix('Value error, ')}" for x in e.errors())) from None
+        raise CatalogueError(f"{where}: {validation_message(e, '<file>')}") from None
 
 
 def load_catalogue(path: str | Path) -> Catalogue:
