@@ -16,6 +16,12 @@ from trustcase.cli import app
 from trustcase.reports import argument, tea
 
 
+def find(node, kind):
+    if node["type"] == kind:
+        return node
+    return next((f for c in node["children"] if (f := find(c, kind))), None)
+
+
 @pytest.fixture(scope="module")
 def case(run):  # noqa: F811
     a = assessed(run, blur=FAILING)
@@ -55,6 +61,17 @@ def test_the_tea_case_uses_the_platforms_element_types(case):
             walk(c, claims_above + (n["type"] == "PROPERTY_CLAIM"))
 
     walk(root)
+
+    def under(n, parent_type=None):
+        yield parent_type, n
+        for c in n["children"]:
+            yield from under(c, n["type"])
+
+    pairs = list(under(root))
+    assert not any(p == "STRATEGY" and n["type"] == "EVIDENCE" for p, n in pairs)  # the platform refuses it
+    wrappers = [n for _, n in pairs if n["name"].endswith(tea.WRAPPER)]
+    assert wrappers and all(len(w["children"]) == 1 and w["children"][0]["type"] == "EVIDENCE" for w in wrappers)
+    assert {"Sn-use-case" + tea.WRAPPER} <= {w["name"] for w in wrappers}  # GSN: S-requirements -> Sn-use-case
     assert {"GOAL", "STRATEGY", "PROPERTY_CLAIM", "EVIDENCE", "CONTEXT", "ASSUMPTION", "JUSTIFICATION"} <= set(seen)
     assert len(seen["GOAL"]) == 1
     assert all(e["url"].startswith("report.html#") for e in seen["EVIDENCE"] if "url" in e)
@@ -87,6 +104,14 @@ def test_the_schemas_reject_what_the_formats_forbid(case):
     broken.append(d)
     d = copy.deepcopy(doc)
     d["extra"] = 1
+    broken.append(d)
+    d = copy.deepcopy(doc)  # evidence right under a strategy: the platform's parent-child rules refuse it
+    strategy = next(c for c in d["tree"]["children"] if c["type"] == "STRATEGY")
+    strategy["children"].append(copy.deepcopy(find(d["tree"], "EVIDENCE")))
+    broken.append(d)
+    d = copy.deepcopy(doc)  # a second GOAL below the top one
+    strategy = next(c for c in d["tree"]["children"] if c["type"] == "STRATEGY")
+    strategy["children"].append({**copy.deepcopy(strategy["children"][0]), "type": "GOAL"})
     broken.append(d)
     for b in broken:
         assert tea.validate(b, "tea"), b

@@ -5,10 +5,15 @@ Two formats, both from the `argument.Argument` of an assessment (its GSN tree wi
   format version "1.0" (a `tree` of elements with `children`). Written from the platform's own definitions at
   commit TEA_COMMIT of github.com/alan-turing-institute/AssurancePlatform: `lib/schemas/case-export.ts` (its zod
   models of the export, `TreeNodeSchema` and `CaseExportNestedSchema`) and `lib/schemas/json-schema-v1.0.json`
-  (its JSON Schema of the same). TEA_SCHEMA below is our JSON Schema of that format.
+  (its JSON Schema of the same), and the parent-child rules of `lib/element-compatibility.ts` at TEA_RULES_COMMIT
+  (goal -> strategy or property claim; strategy -> property claim; property claim -> property claim, evidence or
+  strategy; evidence -> nothing; context, assumption and justification attach to any of them). TEA_SCHEMA below
+  is our JSON Schema of that format, those rules included.
   GSN -> TEA: the top goal is a GOAL (role TOP_LEVEL), every other goal a PROPERTY_CLAIM (`level` = its depth
   among claims), strategies STRATEGY, solutions EVIDENCE (`url`: the evidence in the report), contexts,
-  assumptions and justifications CONTEXT / ASSUMPTION / JUSTIFICATION children of the element they qualify.
+  assumptions and justifications CONTEXT / ASSUMPTION / JUSTIFICATION children of the element they qualify; a
+  solution that GSN places right under a strategy gets a PROPERTY_CLAIM of its own in between (TEA admits no
+  evidence under a strategy), named "<GSN id>~claim", which `read` removes again.
   `name` holds the GSN id, the verdict ends the description ("... [PASS]"), an undeveloped goal has
   `assertionStatus` NEEDS_SUPPORT; ids are UUIDs derived from the run and the GSN id (the same export twice).
 - `gsn`: the argument in the GSN Community Standard's terms (version 3): elements typed Goal, Strategy, Solution,
@@ -31,6 +36,8 @@ from trustcase.reports.argument import Argument
 from trustcase.schemas import Assessment
 
 TEA_COMMIT = "42646c22a472586386ce92beb0f0e482185f4166"
+TEA_RULES_COMMIT = "730295ba0210fe6a6fcf10e5a1b5109f80143ea9"
+WRAPPER = "~claim"  # the name suffix of a property claim inserted between a strategy and its evidence
 TEA_REPO = "https://github.com/alan-turing-institute/AssurancePlatform"
 FILES = {"tea": "assurance_case.tea.json", "gsn": "assurance_case.gsn.json"}
 GSN_TYPES = {"goal": "Goal", "strategy": "Strategy", "solution": "Solution", "context": "Context",
@@ -42,6 +49,14 @@ _UUID = {"type": "string", "format": "uuid",
          "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
 _TEXT_OR_NULL = {"type": ["string", "null"]}
 _LEAF = {"properties": {"children": {"type": "array", "maxItems": 0}}}
+_ATTRIBUTES = ["CONTEXT", "ASSUMPTION", "JUSTIFICATION"]
+
+
+def _children(*types: str) -> dict[str, Any]:
+    """A parent-child rule of the platform: the element types the children of this type may have."""
+    return {"properties": {"children": {"items": {"properties": {"type": {"enum": [*types, *_ATTRIBUTES]}}}}}}
+
+
 
 # The TEA case export, nested format 1.0, as its models at TEA_COMMIT define it (our JSON Schema, draft-07).
 TEA_SCHEMA: dict[str, Any] = {
@@ -88,7 +103,13 @@ TEA_SCHEMA: dict[str, Any] = {
                 "citedElementId": {"anyOf": [_UUID, {"type": "null"}]},
             },
             "allOf": [  # context, assumption and justification elements have no children; modules name their case
-                {"if": {"properties": {"type": {"enum": list(CONTEXTUAL.values())}}}, "then": _LEAF},
+                {"if": {"properties": {"type": {"enum": list(CONTEXTUAL.values()) + ["EVIDENCE"]}}}, "then": _LEAF},
+                {"if": {"properties": {"type": {"const": "GOAL"}}},
+                 "then": _children("STRATEGY", "PROPERTY_CLAIM", "AWAY_GOAL", "MODULE")},
+                {"if": {"properties": {"type": {"const": "STRATEGY"}}},
+                 "then": _children("PROPERTY_CLAIM", "AWAY_GOAL", "MODULE")},
+                {"if": {"properties": {"type": {"const": "PROPERTY_CLAIM"}}},
+                 "then": _children("PROPERTY_CLAIM", "EVIDENCE", "STRATEGY", "AWAY_GOAL", "MODULE")},
                 {"if": {"properties": {"type": {"const": "MODULE"}}},
                  "then": {"required": ["moduleReferenceId", "moduleEmbedType"]}},
                 {"if": {"properties": {"type": {"const": "AWAY_GOAL"}}}, "then": {"required": ["moduleReferenceId"]}},
@@ -168,8 +189,17 @@ def to_tea(arg: Argument, a: Assessment, report_url: str = "report.html") -> dic
             d["justification"] = n.text
         d["assertionStatus"] = "NEEDS_SUPPORT" if n.undeveloped else "ASSERTED"
         below = depth + (kind == "PROPERTY_CLAIM")
-        d["children"] = [node(c, below) for c in n.in_context_of] + [node(s, below) for s in n.supported_by]
+        d["children"] = [node(c, below) for c in n.in_context_of] + [
+            wrapped(s, below) if kind == "STRATEGY" and arg.nodes[s].kind == "solution" else node(s, below)
+            for s in n.supported_by]
         return d
+
+    def wrapped(node_id: str, depth: int) -> dict[str, Any]:
+        """A property claim carrying one solution, where GSN has the solution right under a strategy."""
+        inner = node(node_id, depth + 1)
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"trustcase:{run}:{node_id}{WRAPPER}")),
+                "type": "PROPERTY_CLAIM", "name": node_id + WRAPPER, "description": f"Shown by {inner['description']}",
+                "inSandbox": False, "level": depth, "assertionStatus": "ASSERTED", "children": [inner]}
 
     return {"version": "1.0", "exportedAt": _time(a), "case": _case(arg, a), "tree": node(arg.root, 1)}
 
@@ -218,9 +248,12 @@ def read(doc: dict[str, Any]) -> list[Element]:
     kinds = {v: k for k, v in CONTEXTUAL.items()} | {"GOAL": "goal", "PROPERTY_CLAIM": "goal",
                                                      "STRATEGY": "strategy", "EVIDENCE": "solution"}
 
+    def unwrap(kids: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [c for k in kids for c in (k["children"] if (k.get("name") or "").endswith(WRAPPER) else [k])]
+
     def walk(d: dict[str, Any]) -> None:
         m = VERDICT.search(d["description"])
-        kids = d.get("children", [])
+        kids = unwrap(d.get("children", []))
         out.append(Element(d.get("name") or d["id"], kinds[d["type"]], VERDICT.sub("", d["description"]),
                            m.group(1) if m else None,
                            tuple(k.get("name") or k["id"] for k in kids if k["type"] not in CONTEXTUAL.values()),
