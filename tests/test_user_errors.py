@@ -24,6 +24,7 @@ USER_FACING = [
     ("trustcase.flows.rerender", "RunNotFound"), ("trustcase.flows.runners", "RunnerError"),
     ("trustcase.flows.tracking", "TrackingError"), ("trustcase.reports.pack", "PackError"),
     ("trustcase.explore.store", "StoreError"), ("trustcase.explore.lab", "LabError"),
+    ("trustcase.reports.compliance", "CatalogueError"), ("trustcase.flows.rerender", "RecordMismatch"),
 ]
 
 

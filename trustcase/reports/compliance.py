@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trustcase.errors import validation_message
+from trustcase.errors import UserError, validation_message
 from trustcase.reports import findings
 from trustcase.schemas import Assessment, Evidence, Requirement, Stage, Verdict
 
@@ -131,7 +131,7 @@ class Catalogue(_Strict):
         return v
 
 
-class CatalogueError(ValueError):
+class CatalogueError(UserError, ValueError):
     """A catalogue of objectives that cannot be read or does not fit the schema (one line per problem)."""
 
 
