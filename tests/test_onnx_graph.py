@@ -86,7 +86,7 @@ def test_bounds_of_an_onnx_network_contain_every_sampled_output(tmp_path, act):
     x = torch.rand(1, 2, 9, 9, generator=gen, dtype=torch.float64)
     eps = 0.02
     C = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
-    low = {m: P.lower_bound(g, x - eps, x + eps, C, m).lower[0] for m in P.METHODS}
+    low = {m: P.lower_bound(g, x - eps, x + eps, C, m, iterations=5).lower[0] for m in P.METHODS}
     probe = x + eps * (2 * torch.rand(4000, 2, 9, 9, generator=gen, dtype=torch.float64) - 1)
     probe[:1000] = torch.where(torch.rand(1000, 2, 9, 9, generator=gen) < 0.5, x - eps, x + eps)  # corners
     seen = (g.forward(probe) @ C.T).min(0).values
@@ -94,8 +94,13 @@ def test_bounds_of_an_onnx_network_contain_every_sampled_output(tmp_path, act):
         assert (seen >= low[m] - 1e-9).all(), (m, seen, low[m])
     assert (low["crown"] > -np.inf).all()
     values = g.forward(probe, keep=True)  # every node's interval holds its values
-    for v, (lo, hi) in zip(values, P.intermediate(g, x - eps, x + eps), strict=True):
+    crown = P.intermediate(g, x - eps, x + eps)
+    tight = P.smooth_intermediate(g, crown, 5)  # alpha-CROWN on the S-shaped activations' slopes
+    for v, (lo, hi), (lo2, hi2) in zip(values, crown, tight, strict=True):
         assert (v >= lo - 1e-9).all() and (v <= hi + 1e-9).all()
+        assert (v >= lo2 - 1e-9).all() and (v <= hi2 + 1e-9).all()
+        assert (lo2 >= lo).all() and (hi2 <= hi).all()
+    assert low["alpha-crown"].min() >= low["crown"].min() - 1e-9
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "tanh"])
