@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from trustcase import seeding
 from trustcase.certification import bab
 from trustcase.certification import propagation as P
 from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
@@ -52,7 +53,7 @@ STAGES = ("ibp", "crown", "alpha-crown")
 
 
 def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, predicted: int, timeout: float,
-           seed: int = 0, item_seed: int = 0, limit: int | None = None, prove: bool = True,
+           seed: int = 0, item_seed: int | None = None, limit: int | None = None, prove: bool = True,
            max_split: int = 200) -> dict:
     """verified / falsified / unknown: does every input of the box [lo, hi] around x (model inputs, (1, ...))
     keep `predicted` strictly above every other class?
@@ -65,7 +66,10 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     after each bound, the corner of the box that minimises its linear bound is tried as a witness, then used
     as an attack start. Every witness is re-checked by a plain float32 forward pass and lies in the box.
     prove=False: the attack only (a smaller ball around x was not proved, so this one would not be either).
+    The attack's random starts follow `item_seed` (the item's seed, `trustcase.seeding`), else (seed, x).
     """
+    if item_seed is None:
+        item_seed = seeding.item_seed(seed, "local_robustness", seeding.content_id(x), "attack")
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     t0 = time.perf_counter()
