@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import SOLAR, context_for, folder_use_case, save_png, tiny_use_case, write_yaml
+from test_monitor_cli import monitor_file  # noqa: F401  (fixture: a fitted monitor and its TorchScript model)
 from typer.testing import CliRunner
 
 from trustcase.checks.data_quality import DataQuality, DataQualityParams
@@ -238,3 +239,210 @@ def test_11_report_refuses_a_record_that_contradicts_its_run(tmp_path, tracking_
     # the pack rebuilt from the run is refused the same way
     res = runner.invoke(app, ["pack", run.info.run_id, "-o", str(tmp_path / "p.zip"), "--tracking-uri", tracking_uri])
     assert res.exit_code == 2 and "contradicts the run" in res.output, res.output
+
+
+# --- 1: what a cached result depends on --------------------------------------------------------------------
+
+NETDEF = """
+import torch
+import netparts
+
+
+def build(size=32):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size * size, 2), netparts.Head())
+"""
+
+NETPARTS = """
+import torch
+
+SIGN = {sign}
+
+
+class Head(torch.nn.Module):
+    def forward(self, x):
+        return SIGN * x
+"""
+
+
+def onnx_with_external_weights(folder, weights: np.ndarray):
+    """A Flatten + Gemm ONNX model whose weights live in model.weights beside model.onnx."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(weights.astype(np.float32), "W")
+    b = numpy_helper.from_array(np.zeros(2, np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.weights", size_threshold=0)
+    return folder / "model.onnx"
+
+
+def negate_weights(path):
+    """What the probe did: the weights file rewritten in place, every value negated; model.onnx untouched."""
+    path.write_bytes((-np.frombuffer(path.read_bytes(), np.float32)).tobytes())
+
+
+def test_1_model_sha256_identifies_weights_kept_outside_the_onnx_file(tmp_path):
+    """Why 1: an ONNX model with its weights in model.weights had them negated: same recorded model_sha256."""
+    from trustcase.flows.provenance import model_sha256
+    from trustcase.models.classifier import sha256_file
+    from trustcase.schemas import ModelSpec
+
+    w = np.random.default_rng(0).normal(size=(2, 32 * 32))
+    path = onnx_with_external_weights(tmp_path, w)
+    spec = ModelSpec(format="onnx", path=path, input_shape=[1, 32, 32], class_names=["ok", "bad"],
+                     critical_class="bad")
+    before, file_before = model_sha256(spec), sha256_file(path)
+    negate_weights(tmp_path / "model.weights")
+    assert sha256_file(path) == file_before  # the .onnx file itself did not change
+    assert model_sha256(spec) != before
+
+
+def test_1_the_code_key_covers_what_the_factory_and_partner_checks_import(tmp_path, monkeypatch):
+    """Why 1: a module the factory imports (netdef.py importing netparts.py) changed, the cached result came back;
+    so did a partner check's changed result. The key covers the import closure of partner code."""
+    import importlib
+    import sys
+
+    from trustcase.flows.provenance import Uncacheable, code_closure
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "netdef.py").write_text(NETDEF)
+    (tmp_path / "netparts.py").write_text(NETPARTS.format(sign=1))
+    (tmp_path / "mychecks.py").write_text("def helper():\n    from mylogic import VALUE\n    return VALUE\n")
+    (tmp_path / "mylogic.py").write_text("VALUE = 1\n")
+    for m in ("netdef", "netparts", "mychecks", "mylogic"):
+        sys.modules.pop(m, None)
+    importlib.import_module("netdef")
+    importlib.import_module("mychecks")
+    first = code_closure(["netdef", "mychecks"])
+    assert {k.split(":")[0] for k in first} == {"netdef", "netparts", "mychecks", "mylogic"}  # not torch, not stdlib
+    (tmp_path / "netparts.py").write_text(NETPARTS.format(sign=-1))
+    second = code_closure(["netdef", "mychecks"])
+    (tmp_path / "mylogic.py").write_text("VALUE = 2\n")
+    third = code_closure(["netdef", "mychecks"])
+    assert first != second != third
+    # partner code without a source to hash cannot key a result: said, not guessed
+    (tmp_path / "compiled.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\0")
+    (tmp_path / "usescompiled.py").write_text("import compiled\n")
+    with pytest.raises(Uncacheable, match="compiled"):
+        code_closure(["usescompiled"])
+    for m in ("netdef", "netparts", "mychecks", "mylogic"):
+        sys.modules.pop(m, None)
+
+
+# --- smaller: monitor headers ---------------------------------------------------------------------------------
+
+def _rewritten(source, tmp_path, name, edit):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(source), framework="np") as f:
+        head, arrays = json.loads(f.metadata()["trustcase_monitor"]), {k: f.get_tensor(k) for k in f.keys()}
+    edit(head)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(arrays, str(path), metadata={"trustcase_monitor": json.dumps(head)})
+    return path
+
+
+@pytest.mark.parametrize("name, edit, fragment", [
+    ("no_specification", lambda h: h.pop("specification"), "no specification limits"),
+    ("no_limit_name", lambda h: h["specification"]["limits"][0].pop("name"), "limit 0 has no name"),
+    ("nan_near", lambda h: h["learned"].update(near=float("nan")), "learned thresholds near nan"),
+    ("inf_out", lambda h: h["learned"].update(out=float("inf")), "learned thresholds"),
+    ("nan_limit", lambda h: h["specification"]["limits"][1].update(max=float("nan")), "must be finite numbers"),
+    ("no_scale", lambda h: h["learned"].pop("scale"), "learned scale"),
+    ("bad_sha", lambda h: h.update(model_sha256="x"), "model_sha256 is not a SHA-256"),
+])
+def test_a_malformed_monitor_header_is_refused(monitor_file, tmp_path, name, edit, fragment):  # noqa: F811
+    """Issue 24 (smaller): monitor headers with missing fields or NaN thresholds were accepted or crashed."""
+    from test_monitor_cli import _png, monitor
+
+    from trustcase import odd
+
+    path = _rewritten(monitor_file, tmp_path, name, edit)
+    model = monitor_file.with_name("m.pt")
+    with pytest.raises(odd.MonitorError, match="monitor header is malformed"):
+        odd.Monitor.load(path, model)
+    r = CliRunner().invoke(app, [*monitor(path)[:2], str(_png(tmp_path / "x.png", 120)), *monitor(monitor_file)[2:]])
+    assert r.exit_code == 2 and fragment in r.output, r.output
+    assert odd.Monitor.load(monitor_file, model) is not None  # the genuine header loads
+
+
+def test_a_meta_key_the_monitor_does_not_know_is_refused(monitor_file, tmp_path):  # noqa: F811
+    """Issue 24 (smaller): `--meta colour=red` was silently ignored."""
+    from test_monitor_cli import _png, monitor
+
+    image = str(_png(tmp_path / "x.png", 120))
+    bad = CliRunner().invoke(app, [*monitor(monitor_file), image, "--meta", "colour=red"])
+    assert bad.exit_code == 2 and "metadata 'colour': not a metadata descriptor" in bad.output, bad.output
+    assert "cell_type" in bad.output
+    ok = CliRunner().invoke(app, [*monitor(monitor_file), image, "--meta", "cell_type=mono"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_an_output_folder_that_is_a_file_is_a_user_error(tmp_path):
+    """Issue 24 (smaller): `--out` an existing file ended in an internal error."""
+    from trustcase.flows.assess import OutputFolderError, claim_folder
+
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(OutputFolderError, match="is a file, not a folder"):
+        claim_folder(tmp_path / "taken", "solar_cells")
+
+
+def test_a_tracking_uri_mlflow_cannot_open_is_a_user_error():
+    """Issue 24 (smaller): `--tracking-uri garbage://x` ended in an internal error."""
+    from trustcase.errors import UserError
+    from trustcase.flows.tracking import configure
+
+    with pytest.raises(UserError, match="no store for scheme 'garbage'"):
+        configure("garbage://x")
+
+
+# --- 2, 3, 4: the redactor (the flow-level walk is tests/test_security.py) --------------------------------------
+
+def test_2_3_ids_and_paths_are_redacted_whole_and_by_field(monkeypatch):
+    """Why 2: `lot 8/cell_00009.png` stayed raw and `ACME Corp secret/` became `<path withheld> Corp secret` (text
+    split into tokens). Why 3: a numeric id `35` was hashed inside the timestamp `12:59:35`."""
+    from trustcase.flows.confidential import Redactor, hash_id
+
+    r = Redactor({"lot 8/cell_00009.png", "35", "7"}, "site secret", ["/data/ACME Corp secret"])
+    h = hash_id("lot 8/cell_00009.png", "site secret")
+    record = {"started_at": "2026-12-07T12:59:35.7+00:00", "model_sha256": "35" * 32, "ids": ["35", "7"],
+              "limitations": ["lot 8/cell_00009.png: unreadable", "/data/ACME Corp secret/lot 8/cell_00009.png: NaN",
+                              "35 of 7 items (n = 35)", "read /data/ACME Corp secret/imgs and /etc/other/file"]}
+    out = r.json(record)
+    assert out["started_at"] == record["started_at"] and out["model_sha256"] == record["model_sha256"]
+    assert out["ids"] == [hash_id("35", "site secret"), hash_id("7", "site secret")]
+    assert out["limitations"][0] == f"{h}: unreadable"
+    assert out["limitations"][1] == f"{r.path('/data/ACME Corp secret')}/{h}: NaN"
+    assert out["limitations"][2].startswith(hash_id("35", "site secret") + " of " + hash_id("7", "site secret"))
+    assert "Corp secret" not in out["limitations"][3] and "<path withheld>" in out["limitations"][3]
+    assert r.text("12:59:35 and 1.35 and v35") == "12:59:35 and 1.35 and v35"  # never inside another token
+
+
+def test_4_every_hash_of_an_id_uses_the_site_secret(tmp_path, monkeypatch):
+    """Why 4: improve hashed the ids of a confidential selection with sha256("trustcase-improve:" + use case id):
+    recoverable from the public id. One secret per-site salt for every hash of an id."""
+    import hashlib
+
+    from trustcase.flows import confidential, improve, tracking
+
+    monkeypatch.delenv("TRUSTCASE_SALT", raising=False)
+    monkeypatch.setattr(tracking, "HOME", tmp_path / "home")
+    from trustcase.schemas import Confidentiality
+
+    uc = load_use_case(SOLAR / "use_case.yaml").model_copy(update={"confidentiality": Confidentiality.confidential})
+    salt = confidential.salt(tracking.HOME)
+    assert (tracking.HOME / "secrets" / "site.salt").stat().st_mode & 0o777 == 0o600
+    assert confidential.salt(tmp_path / "home") == salt  # one per site, whatever the use case
+    got = improve._ids(uc, ["cell0001.png"])
+    assert got == [confidential.hash_id("cell0001.png", salt)]
+    public = hashlib.sha256(f"trustcase-improve:{uc.id}".encode()).hexdigest()
+    assert hashlib.sha256(f"{public}:cell0001.png".encode()).hexdigest()[:16] not in got[0]

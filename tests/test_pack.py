@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zipfile
@@ -117,8 +118,12 @@ def test_confidential_pack_has_no_image_and_hashed_ids(tmp_path):
     everything = b"".join(z.read(n) for n in names)
     for secret in [b"secret/cell_42.png", b"cell_0001.png", b"cell_0007.png", b"cell_0009.png"]:
         assert secret not in everything, secret
-    assert re.search(rb"item-[0-9a-f]{16}", z.read("assessment.json"))
-    assert b"0.3" in z.read("checks/adversarial/worst.csv")  # only the identifier column is hashed
+    # the pack knows no secret: an id the site did not hash is withheld, never hashed with a public salt
+    assert b"<id withheld>" in z.read("assessment.json")
+    salted = [re.escape(hashlib.sha256(f"{a.provenance.data_sha256}:{i}".encode()).hexdigest()[:16].encode())
+              for i in ("secret/cell_42.png", "cell_0001.png", "cell_0009.png")]
+    assert not any(re.search(h, everything) for h in salted)
+    assert b"0.3" in z.read("checks/adversarial/worst.csv")  # only the identifier column is withheld
     m = json.loads(z.read(MANIFEST))
     assert m["confidential"] and {w["path"] for w in m["withheld"]} >= {
         "checks/adversarial/worst_input.png", "checks/adversarial/attribution.npy", "plots/trust_profile.png"}
@@ -176,7 +181,7 @@ def test_entries_are_streamed_with_a_limit(public_pack, tmp_path):
     assert "report.html" in v.changed and v.added == ["bomb.bin"]
     big = rewrite(public_pack, tmp_path / "record.zip", change={"assessment.json": bomb})
     v = verify_pack(big, max_entry_bytes=1 << 20)
-    assert "assessment.json" in v.changed and any("larger than the limit" in p for p in v.problems)
+    assert "assessment.json" in v.changed  # its size in the archive is not the declared one: not read at all
 
 
 def test_build_is_deterministic(tmp_path, public_pack):
@@ -185,3 +190,104 @@ def test_build_is_deterministic(tmp_path, public_pack):
     p1, m1 = build_pack(folder, a, tmp_path / "a.zip")
     p2, m2 = build_pack(folder, a, tmp_path / "b.zip")
     assert p1.read_bytes() == p2.read_bytes() and m1 == m2
+
+
+def forge(src: Path, dst: Path, change: dict[str, bytes]) -> Path:
+    """A forger's pack, compressed: files rewritten, their sizes and hashes in the manifest, its digest redone."""
+    from trustcase.reports.pack import sha256_bytes
+
+    with zipfile.ZipFile(src) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files.update(change)
+    m = json.loads(files[MANIFEST])
+    for f in m["files"]:
+        if f["path"] in change:
+            f.update(sha256=sha256_bytes(change[f["path"]]), bytes=len(change[f["path"]]))
+    files[MANIFEST] = json.dumps(m, indent=1, sort_keys=True).encode()
+    files[MANIFEST_DIGEST] = f"{sha256_bytes(files[MANIFEST])}  {MANIFEST}\n".encode()
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+    return dst
+
+
+def test_12_a_zip_bomb_record_is_refused_before_it_is_read(public_pack, tmp_path):
+    """Why 12 (issue 24): a 1.6 MB pack holding a 1,000 MiB evidence.json of zeros, its manifest rewritten to
+    declare it, took 4.6 GB and ended in MemoryError. Each record is bounded before it is read; exit 3 naming it."""
+    import tracemalloc
+
+    from trustcase.reports import pack
+
+    bomb = b"\0" * (pack.MAX_RECORD_BYTES + (16 << 20))
+    forged = forge(public_pack, tmp_path / "bomb.zip", {"evidence.json": bomb})
+    assert forged.stat().st_size < 2 << 20
+    del bomb
+    tracemalloc.start()
+    try:
+        v = verify_pack(forged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "evidence.json" in v.changed and any(p.startswith("evidence.json: declares") for p in v.problems)
+    assert peak < pack.MAX_RECORD_BYTES // 4, peak  # the record was not read at all
+    r = CliRunner().invoke(app, ["verify", str(forged)])
+    assert r.exit_code == 3 and "evidence.json: declares" in r.output
+
+
+def deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+@pytest.mark.parametrize("what, edit, fragment", [
+    ("an entry without its sha256", lambda m: m["files"][0].pop("sha256") and None, "is not {path, bytes, sha256}"),
+    ("a manifest that is a list", lambda m: [m], "expected an object with a list of files"),
+    ("files that are strings", lambda m: {**m, "files": [f["path"] for f in m["files"]]}, "files[0] is not"),
+    ("a size that is not a number", lambda m: m["files"][0].update(bytes="12"), "files[0] is not"),
+])
+def test_a_malformed_manifest_fails_verification_without_a_crash(public_pack, tmp_path, what, edit, fragment):
+    """Issue 24 (smaller): a manifest missing `sha256`, or a list instead of an object: internal errors."""
+    from trustcase.reports.pack import sha256_bytes
+
+    with zipfile.ZipFile(public_pack) as z:
+        m = json.loads(z.read(MANIFEST))
+    changed = edit(m)
+    body = json.dumps(m if changed is None else changed).encode()
+    bad = rewrite(public_pack, tmp_path / "m.zip",
+                  change={MANIFEST: body, MANIFEST_DIGEST: f"{sha256_bytes(body)}  {MANIFEST}\n".encode()})
+    r = CliRunner().invoke(app, ["verify", str(bad)])
+    assert r.exit_code == 3 and fragment in r.output, (what, r.output)
+
+
+@pytest.mark.parametrize("record, data, fragment", [
+    ("assessment.json", b"[1, 2]", "assessment.json: expected a JSON object, found list"),
+    ("assessment.json", deep(100_000), "assessment.json: not valid JSON (RecursionError"),
+    ("assessment.json", b'{"verdict": "PASS"}', "assessment.json: not an assessment record"),
+    ("provenance.json", b'"PASS"', "provenance.json: expected a JSON object, found str"),
+    ("evidence.json", b"[1]", "evidence.json: expected a list of objects"),
+    (MANIFEST, deep(100_000), "is not a valid manifest: not valid JSON (RecursionError"),
+])
+def test_a_malformed_record_fails_verification_without_a_crash(public_pack, tmp_path, record, data, fragment):
+    """Issue 24 (smaller): a record that is a list, or 100,000-deep JSON: internal errors."""
+    if record == MANIFEST:
+        from trustcase.reports.pack import sha256_bytes
+
+        bad = rewrite(public_pack, tmp_path / "r.zip",
+                      change={MANIFEST: data, MANIFEST_DIGEST: f"{sha256_bytes(data)}  {MANIFEST}\n".encode()})
+    else:
+        bad = forge(public_pack, tmp_path / "r.zip", {record: data})
+    r = CliRunner().invoke(app, ["verify", str(bad)])
+    assert r.exit_code == 3 and fragment in r.output, r.output
+
+
+def test_a_symbolic_link_entry_is_never_intact(public_pack, tmp_path):
+    """Issue 24 (smaller): a symlink-type entry passed as "consistent"."""
+    link = forge(public_pack, tmp_path / "link.zip", {})
+    with zipfile.ZipFile(link) as z:
+        files = {i.filename: (i, z.read(i)) for i in z.infolist()}
+    with zipfile.ZipFile(link, "w") as z:
+        for name, (info, data) in files.items():
+            if name == "use_case.yaml":
+                info.external_attr = (0o120777 << 16)
+            z.writestr(info, data)
+    r = CliRunner().invoke(app, ["verify", str(link)])
+    assert r.exit_code == 3 and "use_case.yaml: a symbolic link entry" in r.output, r.output

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -344,6 +345,7 @@ def test_5_a_confidential_assessment_leaves_no_item_id_or_data_path(tmp_path, ti
     ids = item_ids(DataSource(uc.data, uc.plan.seed, uc.model))
     assert len(ids) == 130
     store = tmp_path / "mlflow"
+    started = datetime.now(UTC)
     r = assess(str(path), str(tmp_path / "out"), None, f"sqlite:///{store / 'mlflow.db'}")
     assert r.complete, r.errors
     a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
@@ -360,6 +362,13 @@ def test_5_a_confidential_assessment_leaves_no_item_id_or_data_path(tmp_path, ti
     assert walked > 40
     logs = caplog.text.encode()
     assert not ITEM.search(logs) and not any(s in logs for s in secrets)
+    # Prefect's own records (issue 24, Why 5), and no hash of an id anyone could compute without the site's secret
+    rows = prefect_rows(started, failed=False).encode()
+    assert not ITEM.search(rows) and not any(s in rows for s in secrets)
+    public = recomputable(ids, uc.id, a.provenance.data_sha256)
+    for root in (tmp_path / "out", store, tmp_path / "cache"):
+        for where, data in everything(root):
+            assert not any(h in data for h in public), where
     logged = {f.path for f in mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").list_artifacts(
         r.run_id, "checks/odd_monitor")}
     assert logged == set(), "no monitor file in MLflow for a confidential use case"
@@ -423,3 +432,271 @@ def test_3_a_monitor_file_never_runs_code(monitor_file, tmp_path):  # noqa: F811
     with pytest.raises(odd.MonitorError, match="fitted for model sha256"):
         odd.Monitor.load(monitor_file, other)
     assert odd.Monitor.load(monitor_file, model).evaluate(np.full((8, 8), 120.0)).state.shape == (1,)
+
+
+# --- issue 24: ids with spaces and digits, a secret folder, Prefect's records, recomputable hashes ----------------
+
+SECRET_LOADER = '''
+import sys
+from dataclasses import replace
+sys.path.insert(0, {solar!r})
+from elpv import load_split as _elpv
+
+
+def rename(split, i):
+    """Partner ids: a lot folder with a space in it, and bare numbers (the train split)."""
+    return str(i) if split == "train" else f"lot {{8 if split == 'test' else 9}}/cell_{{i:05d}}.png"
+
+
+class Renamed:
+    def __init__(self, inner, split):
+        self.inner, self.split = inner, split
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return replace(self.inner[i], id=rename(self.split, i))
+
+    def name(self, i):
+        return rename(self.split, i)
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+
+def load_split(split, size=32):
+    return Renamed(_elpv(split, size=size), split)
+'''
+
+LEAKY_CHECK = '''
+from trustcase.checks import Check, Params
+from trustcase.errors import CheckError
+
+
+class Leaky(Check):
+    """A partner check that fails naming the items it could not screen (as a careless one would)."""
+
+    name = "leaky"
+    Params = Params
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return []
+
+    def run(self, ctx):
+        ids = [i for b in ctx.batches("test") for i in b.ids][:3]
+        raise CheckError(f"items {', '.join(ids)} failed the screening under {ctx.use_case.data.path}")
+'''
+
+
+def recomputable(ids: set[str], use_case_id: str, data_sha256: str) -> list[bytes]:
+    """Every hash of an id anyone could compute from what is public: the pack's data hash as salt, the improve
+    tag's use-case salt, no salt at all."""
+    import hashlib
+
+    improve = hashlib.sha256(f"trustcase-improve:{use_case_id}".encode()).hexdigest()
+    out = []
+    for i in ids:
+        for text in (f"{data_sha256}:{i}", f"{improve}:{i}", i, f":{i}", f"{use_case_id}:{i}"):
+            out.append(hashlib.sha256(text.encode()).hexdigest()[:16].encode())
+    return out
+
+
+def prefect_rows(since, failed: bool = True) -> str:
+    """Every row Prefect's database (the harness's SQLite file, WAL included) gained since `since` (UTC), as
+    text, once the task run states and logs sent by this process have landed (`failed`: a failed task run's
+    state among them). Rows of earlier tests of the session are left out: they are not this run's."""
+    import sqlite3
+    import time
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    def when(value) -> datetime:
+        t = datetime.fromisoformat(str(value).replace(" ", "T"))
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    db = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
+    deadline = time.monotonic() + 60
+    while True:
+        con = sqlite3.connect(db)
+        try:
+            rows = []
+            for (table,) in con.execute("select name from sqlite_master where type = 'table'").fetchall():
+                cols = [c[1] for c in con.execute(f"pragma table_info('{table}')")]
+                if "created" in cols:
+                    at = cols.index("created")
+                    rows += [(table, r) for r in con.execute(f"select * from '{table}'") if when(r[at]) >= since]
+        finally:
+            con.close()
+        states = any(t == "task_run_state" and "FAILED" in r for t, r in rows)
+        if ((states or not failed) and any(t == "log" for t, _ in rows)) or time.monotonic() > deadline:
+            return "\n".join(f"{t}: {r!r}" for t, r in rows)
+        time.sleep(0.5)
+
+
+@flow
+@pytest.mark.slow
+def test_24_2_3_5_a_confidential_partner_case_leaves_no_id_path_or_recomputable_hash(tmp_path, tiny_model,
+                                                                                      monkeypatch):
+    """Issue 24, Why 2, 3, 5: ids with spaces (`lot 8/cell_00009.png`) and a data folder `ACME Corp secret/` were
+    not redacted (split into tokens); numeric ids broke the record (`35` hashed inside `12:59:35`); the other ids
+    were hashed with the public data hash; a failing check's message put ids in Prefect's task_run_state and log
+    rows, and the flow run's parameters held the use case's path. Walk every output, the MLflow store (registry
+    included), the result cache and Prefect's database rows for every raw id, the folder and every hash of an id
+    computable without the site's secret."""
+    from trustcase.data.streaming import DataSource
+    from trustcase.flows.confidential import item_ids
+    from trustcase.schemas import load_use_case
+
+    secret_dir = tmp_path / "ACME Corp secret"
+    secret_dir.mkdir()
+    (secret_dir / "secret_loader.py").write_text(SECRET_LOADER.format(solar=str(SOLAR)))
+    (secret_dir / "leaky_check.py").write_text(LEAKY_CHECK)
+    monkeypatch.setenv("TRUSTCASE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRUSTCASE_SALT", "a secret of the site")
+    raw = tiny_use_case(secret_dir, tiny_model, confidentiality="confidential")
+    raw["data"].update(loader="secret_loader:load_split", path=".", params={"size": 32},
+                       max_samples={"train": 60, "validation": 30, "test": 40})
+    raw["requirements"] = [{"id": "R1", "text": "accuracy", "metric": "accuracy", "comparator": ">=",
+                            "threshold": 0.5}]
+    raw["plan"]["checks"] = [
+        {"check": "data_quality"}, {"check": "performance"},
+        {"check": "randomized_smoothing", "params": {"sigma": 0.12, "n0": 8, "n": 16, "max_items": 8}},
+        {"check": "root_causes", "params": {"k": 2, "noun": "cells"}},
+        {"check": "leaky_check:Leaky"},
+    ]
+    path = write_yaml(secret_dir / "use_case.yaml", raw)
+    uc = load_use_case(path)
+    ids = item_ids(DataSource(uc.data, uc.plan.seed, uc.model))
+    spaced = {i for i in ids if " " in i}
+    assert len(spaced) == 70 and sum(i.isdigit() for i in ids) == 60  # 30 + 40 ids with a space, 60 numbers
+    store = tmp_path / "mlflow"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    started = datetime.now(UTC)
+    r = assess(str(path), str(tmp_path / "out"), None, uri)
+    # the leaky check failed (its message redacted), every other check ran and the record validates
+    assert not r.complete and len(r.errors) == 1 and r.errors[0].startswith("leaky: CheckError: items item-"), r.errors
+    a = Assessment.model_validate_json((tmp_path / "out" / "assessment.json").read_text())
+    assert {o.check for o in a.outcomes} >= {"performance", "root_causes", "randomized_smoothing"}
+    assert a.provenance.started_at.year > 2000  # the timestamps are the times (no id hashed inside them)
+    assert re.search(rb"item-[0-9a-f]{16}", (tmp_path / "out" / "checks" / "root_causes" / "clusters.csv").read_bytes())
+    secrets = [b"ACME Corp secret", str(secret_dir).encode(), str(SOLAR).encode()]
+    secrets += [i.encode() for i in spaced] + [i.split("/")[-1].encode() for i in spaced]
+    secrets += recomputable(ids, uc.id, a.provenance.data_sha256)
+    walked = 0
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    for root in (tmp_path / "out", store, tmp_path / "cache", Path(PREFECT_LOCAL_STORAGE_PATH.value())):
+        for where, data in everything(root):
+            walked += 1
+            for s in secrets:
+                assert s not in data, (where, s)
+    assert walked > 40
+    rows = prefect_rows(started).encode()
+    assert b"failed the screening" in rows, "the failed task's state and log rows are in Prefect's database"
+    assert b"confidential use case" in rows  # the flow run's parameters: a handle, not the path
+    for s in secrets:
+        assert s not in rows, s
+
+
+SIMPLE_CHECK = '''
+from trustcase.checks import Check, Params
+from trustcase.schemas import CheckOutcome
+
+
+class Simple(Check):
+    """A partner check whose figure comes from a module it imports when it runs."""
+
+    name = "simple"
+    Params = Params
+
+    @classmethod
+    def produces(cls, params, use_case):
+        return []
+
+    def run(self, ctx):
+        from mylogic import VALUE
+
+        return CheckOutcome(check=self.name, summary={"value": VALUE})
+'''
+
+
+@flow
+@pytest.mark.slow
+def test_24_1_a_cached_result_follows_the_code_and_the_weights_it_depends_on(tmp_path, tiny_model, tracking_uri,
+                                                                             monkeypatch):
+    """Issue 24, Why 1: the cache keyed on the model file and the factory's own module: a changed module the
+    factory imports (netparts.py) gave back the cached accuracy; so did a partner check whose imported logic
+    changed; an ONNX model whose external weights were negated kept its model_sha256 and its cached result.
+    Each assessment here stands for a new `trustcase assess` process (modules imported afresh)."""
+    import sys
+
+    import torch
+    from test_hostile_probe import NETDEF, NETPARTS, negate_weights, onnx_with_external_weights
+
+    from trustcase.flows import assess as flow_module
+
+    def new_process():
+        for m in ("netdef", "netparts", "mychecks", "mylogic"):
+            sys.modules.pop(m, None)
+        flow_module._classifier.cache_clear()
+
+    def outcome(out: Path, check: str) -> dict:
+        a = Assessment.model_validate_json((out / "assessment.json").read_text())
+        return next(o for o in a.outcomes if o.check == check).summary
+
+    folder = tmp_path / "partner"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    (folder / "netdef.py").write_text(NETDEF)
+    (folder / "netparts.py").write_text(NETPARTS.format(sign=1))
+    (folder / "mychecks.py").write_text(SIMPLE_CHECK)
+    (folder / "mylogic.py").write_text("VALUE = 1\n")
+    torch.manual_seed(0)
+    import netdef
+
+    torch.save(netdef.build().state_dict(), folder / "net.pt")
+    raw = tiny_use_case(folder, folder / "net.pt")
+    raw["model"].update(format="state_dict", factory="netdef:build", factory_args={"size": 32})
+    raw["data"]["max_samples"] = {"train": 40, "validation": 20, "test": 60}
+    raw["requirements"] = [{"id": "R1", "text": "accuracy", "metric": "accuracy", "comparator": ">=",
+                            "threshold": 0.5}]
+    raw["plan"]["checks"] = [{"check": "performance"}, {"check": "mychecks:Simple"}]
+    path = write_yaml(folder / "use_case.yaml", raw)
+    out = tmp_path / "out"
+    new_process()
+    assess(str(path), str(out), None, tracking_uri)
+    before = claim(out)["value"]
+    assert outcome(out, "simple") == {"value": 1}
+    (folder / "netparts.py").write_text(NETPARTS.format(sign=-1))  # the factory's import: logits negated
+    new_process()
+    assess(str(path), str(out), None, tracking_uri)
+    assert claim(out)["value"] == pytest.approx(1 - before) and before != pytest.approx(0.5)
+    (folder / "mylogic.py").write_text("VALUE = 2\n")  # the partner check's import
+    new_process()
+    assess(str(path), str(out), None, tracking_uri)
+    assert outcome(out, "simple") == {"value": 2}
+    # an ONNX model whose weights live beside it
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    model = onnx_with_external_weights(onnx_dir, np.random.default_rng(1).normal(size=(2, 32 * 32)))
+    raw = tiny_use_case(onnx_dir, model)
+    raw["model"]["format"] = "onnx"
+    raw["data"]["max_samples"] = {"train": 40, "validation": 20, "test": 60}
+    raw["requirements"] = [{"id": "R1", "text": "accuracy", "metric": "accuracy", "comparator": ">=",
+                            "threshold": 0.5}]
+    raw["plan"]["checks"] = [{"check": "performance"}]
+    path = write_yaml(onnx_dir / "use_case.yaml", raw)
+    out = tmp_path / "out-onnx"
+    assess(str(path), str(out), None, tracking_uri)
+    first = Assessment.model_validate_json((out / "assessment.json").read_text())
+    negate_weights(onnx_dir / "model.weights")
+    assess(str(path), str(out), None, tracking_uri)
+    second = Assessment.model_validate_json((out / "assessment.json").read_text())
+    assert second.provenance.model_sha256 != first.provenance.model_sha256
+    assert claim(out)["value"] == pytest.approx(1 - next(e.value for e in first.evidence if e.claim_id == "R1"))

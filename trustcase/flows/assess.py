@@ -22,32 +22,30 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import inspect
 import json
 import os
 import shutil
-import sys
 import tempfile
 import traceback
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from trustcase import reports
-from trustcase.checks import Check, CheckError, Context, Unsupported, build
+from trustcase.checks import Check, CheckError, Context, Unsupported, build, check_class
 from trustcase.data.content import Content, content_hash
 from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.flows import confidential, logs, provenance, rerender, tracking
 from trustcase.models.classifier import Classifier, sha256_file
 from trustcase.models.loading import load_classifier
-from trustcase.reports.compliance import own_catalogues
 from trustcase.schemas import (
     Assessment,
     CheckOutcome,
@@ -111,31 +109,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRUSTCASE_CACHE") or tracking.HOME / "cache").resolve()
 
 
-def _module_sha256(ref: str | None) -> str | None:
-    """The source file of a 'module:attr' the use case names (loader, model factory): its code is part of
-    what a cached result depends on. Hashed after the import, so it is the file that actually ran."""
-    if not ref or ":" not in ref:
-        return None
-    module = sys.modules.get(ref.partition(":")[0])
-    try:
-        path = inspect.getsourcefile(module) if module else None
-    except TypeError:  # built-in
-        path = None
-    return sha256_file(Path(path)) if path else None
+def _partner_modules(use_case: UseCase) -> list[str]:
+    """The modules of partner code a result depends on: the loader, the model's factory or black box, and every
+    check of the plan that is not trustcase's (registered by a partner's package or named `module:Class`)."""
+    refs = [use_case.data.loader, use_case.model.factory, use_case.model.entry]
+    mods = [r.partition(":")[0] for r in refs if r and ":" in r]
+    mods += [m for m in (check_class(spec.check).__module__ for spec in use_case.plan.checks)
+             if m.partition(".")[0] != "trustcase"]
+    return mods
 
 
 @task(name="fingerprint", persist_result=False)
 def fingerprint(use_case: UseCase, seed: int) -> dict:
-    """Model file hash, the loaders' cheap data fingerprints (None where a loader has none; tags only, never a
-    cache key: they need not cover labels) and the hash of every piece of code the results depend on."""
+    """The model's hash (its weights wherever they live), the loaders' cheap data fingerprints (None where a
+    loader has none; tags only, never a cache key: they need not cover labels) and the hash of every piece of
+    code the results depend on: trustcase's sources and the import closure of the partner's code (hashed after
+    the imports, so it is the code that runs). `uncacheable`: why results cannot be keyed (then none is cached)."""
     data = DataSource(use_case.data, seed, use_case.model)
     fps = {role: data.stream(role).fingerprint() for role in data.roles}  # imports the loader
-    model_sha = sha256_file(Path(use_case.model.path))
+    model_sha = provenance.model_sha256(use_case.model)
     _classifier(use_case.model.model_dump_json(), model_sha)  # imports the model's factory / entry
-    code = [provenance.source_sha256(), _module_sha256(use_case.data.loader), _module_sha256(use_case.model.factory),
-            _module_sha256(use_case.model.entry)]
+    try:
+        code, uncacheable = [provenance.source_sha256(), *provenance.code_closure(_partner_modules(use_case))], None
+    except provenance.Uncacheable as e:
+        code, uncacheable = [], str(e)
     code_sha = hashlib.sha256(json.dumps(code).encode()).hexdigest()
-    return {"model_sha256": model_sha, "data": fps, "code_sha256": code_sha}
+    return {"model_sha256": model_sha, "data": fps, "code_sha256": code_sha, "uncacheable": uncacheable}
 
 
 @task(name="data_fingerprint", persist_result=False)
@@ -164,9 +163,14 @@ def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_s
                       data=data, seed=seed, workdir=scratch / check.name)
         outcome = check(ctx)
         if salt is not None:
-            outcome = _redact(outcome, scratch, confidential.Redactor(confidential.item_ids(data), salt))
+            outcome = _redact(outcome, scratch, confidential.redactor(use_case, seed, salt))
         for art in outcome.artefacts:
             _stash(scratch / art.path, art.sha256, root)
+    except Exception as e:
+        if salt is None:
+            raise
+        # Prefect stores a failed task's message in its state and its log: a confidential one is redacted first
+        raise confidential.redactor(use_case, seed, salt).error(e) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return outcome.model_dump_json()
@@ -214,6 +218,8 @@ def _restore(outcome: CheckOutcome, store: Path, out: Path) -> list[str] | None:
 
 def claim_folder(out: Path, use_case_id: str):
     """One assessment, one folder. Returns the held lock (closed at the end of the run)."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder: choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / LOCK, "w")  # noqa: SIM115  (held for the whole run)
     try:
@@ -261,28 +267,64 @@ def _label(check: Check) -> str:
     return f"{check.name}[{extra}]" if extra else check.name
 
 
-@flow(name="trustcase-assess", task_runner=ThreadPoolTaskRunner(max_workers=1))
+# the use cases of the flows running in this process, by the handle their flow run receives instead of a path
+_WITHHELD: dict[str, tuple[str, str]] = {}
+
+
 def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
-           previous_run_id: str | None = None) -> Result:
-    """`previous_run_id`: an earlier assessment run (e.g. the qualified version's) the report compares with."""
+           previous_run_id: str | None = None, task_runner=None) -> Result:
+    """The assessment flow (on `task_runner`, default threads). `previous_run_id`: an earlier assessment run
+    (e.g. the qualified version's) the report compares with. Prefect records a flow run's parameters (on a
+    shared server too): a confidential use case's flow run receives a handle instead of its paths."""
+    flow_ = assessment.with_options(task_runner=task_runner) if task_runner is not None else assessment
+    try:
+        secret = parse_use_case(Path(use_case_path).read_text(encoding="utf-8"),
+                                Path(use_case_path).resolve()).confidential
+    except Exception:  # noqa: BLE001  (the flow reports what is wrong with the file)
+        secret = False
+    if not secret:
+        return flow_(str(use_case_path), str(out_dir), seed, tracking_uri, previous_run_id)
+    handle = f"<confidential use case {uuid.uuid4().hex[:12]}>"
+    _WITHHELD[handle] = (str(use_case_path), str(out_dir))
+    try:
+        return flow_(handle, confidential.PATH, seed, tracking_uri, previous_run_id)
+    finally:
+        _WITHHELD.pop(handle, None)
+
+
+@flow(name="trustcase-assess", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def assessment(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
+               previous_run_id: str | None = None) -> Result:
+    use_case_path, out_dir = _WITHHELD.get(use_case_path, (use_case_path, out_dir))
     # read once: the file may change while the assessment runs, the record must not
     uc_text = Path(use_case_path).read_text(encoding="utf-8")
     uc = parse_use_case(uc_text, Path(use_case_path).resolve())
     seed = uc.plan.seed if seed is None else seed
-    out = Path(out_dir).resolve()
+    salt = confidential.salt(tracking.HOME) if uc.confidential else None
+    paths = confidential.Redactor(set(), salt, confidential.data_paths(uc, use_case_path)) if salt else None
+    try:
+        return _claimed(uc, uc_text, seed, Path(out_dir).resolve(), tracking_uri, previous_run_id, salt, paths)
+    except Exception as e:
+        if paths is None:
+            raise
+        # the flow run's state in Prefect holds the error's message: a confidential one is redacted first
+        raise confidential.redactor(uc, seed, salt, use_case_path).error(e) from None
+
+
+def _claimed(uc: UseCase, uc_text: str, seed: int, out: Path, tracking_uri: str | None, previous_run_id: str | None,
+             salt: str | None, paths: confidential.Redactor | None) -> Result:
     lock = claim_folder(out, uc.id)
     try:
         started = datetime.now(UTC)
         uri = tracking.configure(tracking_uri)
         uc_json = uc.model_dump(mode="json")
-        salt = confidential.salt(uc.id, tracking.HOME) if uc.confidential else None
-        paths = confidential.Redactor(set(), salt) if salt else None  # MLflow params: no data path
         params = tracking.flatten("", {"seed": seed, "plan": paths.json(uc_json["plan"]) if paths else uc_json["plan"]},
-                                  {})
+                                  {})  # MLflow params: no data path
         run = tracking.AssessmentRun(uc, {"code_version": provenance.code_version(),
                                           "confidentiality": uc.confidentiality.value}, params)
         try:  # the run is RUNNING from here; whatever cuts the assessment short leaves it without a verdict
-            return _assess(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt)
+            return _assess(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt,
+                           set(paths.paths) if paths else set())
         except BaseException as e:
             run.abandon(e)  # FAILED (KILLED on SIGTERM / Ctrl-C)
             raise
@@ -291,28 +333,33 @@ def assess(use_case_path: str, out_dir: str, seed: int | None = None, tracking_u
 
 
 def _assess(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, uc_json: dict, seed: int, out: Path,
-            uri: str, started: datetime, previous_run_id: str | None, salt: str | None) -> Result:
+            uri: str, started: datetime, previous_run_id: str | None, salt: str | None, paths: set[str]) -> Result:
     fp = fingerprint(uc, seed)
     version = tracking.model_version(uc, fp["model_sha256"])
     run.tag({"model_sha256": fp["model_sha256"], "model_version": version or "unregistered",
              **{f"data_fingerprint.{role}": v for role, v in fp["data"].items() if v}})
 
-    red = confidential.Redactor(confidential.item_ids(DataSource(uc.data, seed, uc.model)), salt) if salt else None
-    with _results(confidential=red is not None) as (store, cached):
+    red = (confidential.Redactor(confidential.item_ids(DataSource(uc.data, seed, uc.model)), salt, paths) if salt
+           else None)
+    if fp["uncacheable"]:  # said where the user looks: the run's tags and Prefect's log
+        run.tag({"cache": f"off: {fp['uncacheable']}"})
+        get_run_logger().warning(f"results are not cached: {fp['uncacheable']}")
+    with _results(keyed=red is None and not fp["uncacheable"]) as (store, cached):
         return _checks_and_report(run, uc, uc_text, uc_json, seed, out, uri, started, previous_run_id, salt, red,
                                   fp, version, store, cached)
 
 
 @contextmanager
-def _results(confidential: bool):
+def _results(keyed: bool):
     """Where check results and artefacts go, and the check task that stores them: the project's cache, or for a
-    confidential use case nothing cached and a private folder removed at the end."""
+    confidential use case (or results that cannot be keyed) nothing cached and a private folder removed at the
+    end."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not confidential:
+    if keyed:
         yield root, run_check.with_options(result_storage=root / "results")
         return
-    store = Path(tempfile.mkdtemp(prefix="confidential-", dir=root))
+    store = Path(tempfile.mkdtemp(prefix="uncached-", dir=root))
     try:
         yield store, run_check.with_options(cache_policy=NO_CACHE, persist_result=False)
     finally:
@@ -357,7 +404,7 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                                              summary={"skipped": str(value)}))
             elif isinstance(value, BaseException):
                 user_error |= isinstance(value, UserError)
-                errors.append(f"{label}: {type(value).__name__}: {value}")
+                errors.append(f"{label}: {confidential.kind(value)}: {value}")
                 if not isinstance(value, UserError):
                     errors[-1] += "\n" + "".join(traceback.format_exception(value)[-3:])
             else:
@@ -393,8 +440,7 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
         started_at=started, finished_at=datetime.now(UTC),
     )
     assessment = Assessment(use_case=uc_json, requirements=uc.requirements, outcomes=outcomes,
-                            evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors,
-                            catalogues=own_catalogues(uc))
+                            evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
     if red:  # the record itself: paths in the use case, ids in errors and limitations
         assessment = Assessment.model_validate(red.json(assessment.model_dump(mode="json")))
         uc_text, errors = red.text(uc_text), assessment.errors  # the CLI prints the errors too

@@ -32,7 +32,6 @@ One Prefect flow:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import time
@@ -49,7 +48,7 @@ from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain.root_causes import analyse
-from trustcase.flows import rerender, tracking, watch
+from trustcase.flows import confidential, rerender, tracking, watch
 from trustcase.flows.assess import preflight
 from trustcase.flows.prefect_db import ensure_local_database
 from trustcase.flows.preflight import import_paths
@@ -243,8 +242,8 @@ def train(entry, request: TrainingRequest, role: str, uc: UseCase) -> Path:
 def _ids(uc: UseCase, ids: list[str]) -> list[str]:
     if not uc.confidential:
         return ids
-    salt = hashlib.sha256(f"trustcase-improve:{uc.id}".encode()).hexdigest()
-    return [hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:16] for i in ids]
+    salt = confidential.salt(tracking.HOME)  # the site's secret: the public use-case id would let anyone test ids
+    return [confidential.hash_id(i, salt) for i in ids]
 
 
 def _assessed(client: MlflowClient, uc: UseCase, version: str, out_root: Path, alias: str) -> Assessment:
@@ -269,6 +268,8 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
     seed = uc.plan.seed if seed is None else seed
     if budget < 1:
         raise ImproveError(f"--budget must be >= 1, got {budget}")
+    if epochs is not None and epochs < 1:  # before the parent is assessed: nothing to train is known now
+        raise ImproveError(f"--epochs must be >= 1, got {epochs}")
     tracking.configure(tracking_uri)
     client = MlflowClient()
     parent_path = Path(uc.model.path)

@@ -8,17 +8,23 @@ records what decides it; certified bounds hold everywhere (their rounding margin
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import os
 import platform as host
 import subprocess
+import sys
+import sysconfig
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
 import trustcase
+from trustcase.models.classifier import sha256_file
 
 PACKAGES = ("trustcase", "torch", "numpy", "scipy", "pydantic", "prefect", "mlflow", "captum",
             "albumentations", "opencv-python-headless", "onnxruntime", "elpv-dataset", "weasyprint")
@@ -94,6 +100,97 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         git = "no git"
     return f"{trustcase.__version__} ({git}, src {source_sha256()[:12]})"
+
+
+def model_sha256(spec) -> str:
+    """What a result depends on of the model: its file (a black box's folder) and, for ONNX, every external data
+    file its tensors name (`model.onnx` + `model.weights`: the weights are not in the first file)."""
+    path = Path(spec.path)
+    own = sha256_file(path)
+    extra = onnx_external_data(path) if spec.format == "onnx" else []
+    if not extra:
+        return own
+    h = hashlib.sha256(own.encode())
+    for f in extra:
+        h.update(b"\0" + f.name.encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def onnx_external_data(path: Path) -> list[Path]:
+    """The files an ONNX model keeps its tensors in, beside the model file (none when it holds them itself)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not an ONNX file: loading the model says so, with its reason)
+        return []
+    names = {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    return sorted(path.parent / n for n in names)
+
+
+def _outside(file: str) -> bool:
+    """Whether a module file is the standard library's, an installed package's or trustcase's (versioned apart)."""
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.add(str(Path(trustcase.__file__).parent))
+    return any(Path(file).is_relative_to(r) for r in roots)
+
+
+def _imports(module: ModuleType, source: str) -> set[str]:
+    """The modules a source imports anywhere (functions included), relative imports resolved."""
+    out: set[str] = set()
+    package = module.__package__ or ""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}".strip(".")
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import submodule`
+    return {m for m in out if m}
+
+
+class Uncacheable(Exception):
+    """Partner code whose source cannot be hashed: its results are not cached (they cannot be keyed)."""
+
+
+def code_closure(modules: list[str]) -> list[str]:
+    """`module:sha256` of every source file the named partner modules run: each one, and every module they
+    import, transitively (as written in their source, functions included), that is not the standard library's,
+    an installed package's or trustcase's; a module of the same top-level package as a named one counts even
+    when installed. Raises `Uncacheable` for partner code without a source file."""
+    tops = {m.partition(".")[0] for m in modules}
+    todo, seen, out = list(modules), set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):  # `from x import attribute`, a module that is not there
+                continue
+            origin = spec.origin if spec else None
+        else:
+            origin = getattr(module, "__file__", None)
+        if not origin or origin in ("built-in", "frozen"):
+            continue
+        if _outside(origin) and name.partition(".")[0] not in tops or name.partition(".")[0] == "trustcase":
+            continue
+        if not origin.endswith(".py"):
+            raise Uncacheable(f"module {name} ({Path(origin).name}) has no Python source to hash")
+        source = Path(origin).read_text(encoding="utf-8", errors="replace")
+        out.append(f"{name}:{hashlib.sha256(source.encode()).hexdigest()}")
+        try:
+            todo += sorted(_imports(module or ModuleType(name), source))
+        except SyntaxError:
+            continue
+    return sorted(out)
 
 
 def canonical_sha256(obj) -> str:

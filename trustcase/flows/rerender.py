@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import zipfile
 from pathlib import Path
@@ -52,15 +51,10 @@ def _assessment(client: MlflowClient, run_id: str, folder: Path) -> Assessment:
                              f"({validation_message(e, 'record', limit=1)})") from None
 
 
-def _claims(a: dict) -> tuple:
-    return (a.get("verdict"), a.get("complete"),
-            sorted((e.get("claim_id") or "", e.get("verdict"), e.get("value")) for e in a.get("evidence", [])))
-
-
 def check_record(client: MlflowClient, run_id: str, raw: bytes, a: Assessment) -> None:
     """The record must be the one the run was tagged with at its end: the `verdict` tag, and the pack the
-    `pack.manifest_sha256` tag anchors (the same assessment.json; for a confidential run, whose pack holds the
-    record redacted once more, the same verdict and claims). Else `RecordMismatch`, naming each contradiction."""
+    `pack.manifest_sha256` tag anchors (the same assessment.json; a confidential run's pack never reaches
+    MLflow: its verdict tag alone). Else `RecordMismatch`, naming each contradiction."""
     tags = client.get_run(run_id).data.tags
     problems = []
     if "verdict" in tags and tags["verdict"] != a.verdict.value:
@@ -68,7 +62,7 @@ def check_record(client: MlflowClient, run_id: str, raw: bytes, a: Assessment) -
     if a.provenance.mlflow_run_id not in (None, run_id):
         problems.append(f"the record is that of run {a.provenance.mlflow_run_id}")
     digest = tags.get("pack.manifest_sha256")
-    if digest:
+    if digest and not a.use_case.get("confidentiality") == "confidential":  # a confidential pack stays on site
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 pack = Path(client.download_artifacts(run_id, "pack.zip", tmp))
@@ -83,9 +77,7 @@ def check_record(client: MlflowClient, run_id: str, raw: bytes, a: Assessment) -
                 else:
                     with zipfile.ZipFile(pack) as z:
                         packed = z.read("assessment.json")
-                    same = (packed == raw if not v.manifest.get("confidential")
-                            else _claims(json.loads(packed)) == _claims(a.model_dump(mode="json")))
-                    if not same:
+                    if packed != raw:
                         problems.append("the record differs from the one in the pack the run's digest tag anchors")
     if problems:
         raise RecordMismatch(f"run {run_id}: its assessment.json contradicts the run ({'; '.join(problems)}): it "

@@ -91,5 +91,5 @@ def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri:
         workers: int = 2) -> Result:
     """The assessment flow on the chosen task runner."""
     ensure_local_database()
-    flow = assess.with_options(task_runner=task_runner(runner, dask_address, workers))
-    return flow(use_case_path, out_dir, seed, tracking_uri, previous_run_id)
+    return assess(use_case_path, out_dir, seed, tracking_uri, previous_run_id,
+                  task_runner=task_runner(runner, dask_address, workers))

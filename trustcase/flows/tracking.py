@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
 from trustcase.errors import UserError
 from trustcase.schemas import Assessment, CheckOutcome, Measurement, UseCase
@@ -23,10 +24,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(HOME / 'mlflow.db').resolve()}"
 
 
+class TrackingUriError(UserError):
+    """A tracking URI MLflow cannot open (an unknown scheme)."""
+
+
 def configure(tracking_uri: str | None) -> str:
     """Point MLflow at the given store, or at the local SQLite store under the working directory."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # CLI output stays readable
+    scheme = uri.partition("://")[0].partition("+")[0] if "://" in uri else ""
+    if scheme not in _tracking_store_registry._registry:  # MLflow's own table of store schemes
+        raise TrackingUriError(f"tracking URI {uri!r}: MLflow has no store for scheme {scheme!r} (one of "
+                               f"{', '.join(sorted(s for s in _tracking_store_registry._registry if s))}, or a path)")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

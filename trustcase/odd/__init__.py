@@ -91,6 +91,7 @@ def evaluate_files(monitor: Monitor, paths: Sequence[str | Path], meta: dict[str
     """(input name, decision record) for every input of the files and folders named, one file at a time. A file
     that cannot be judged (unreadable, not the model's input) is OUT with the reason and `error` set; the rest
     go on."""
+    monitor.check_meta(meta or {})
     for f in input_files(paths):
         try:
             x = read_input(f, monitor, resize)

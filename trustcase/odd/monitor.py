@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,15 @@ class Monitor:
                                f"expected {layout} with {'F' if len(shape) == 1 else '(H, W, C)'} = {expected}")
         return x
 
+    def check_meta(self, keys) -> None:
+        """Metadata a caller gives by hand must name descriptors of this monitor: a misspelt key would be
+        ignored silently and its descriptor judged as missing. (A loader's batches may carry more keys.)"""
+        known = sorted(lim.name for lim in self.spec.limits if lim.source == "metadata")
+        unknown = sorted(set(keys) - set(known))
+        if unknown:
+            raise MonitorError(f"metadata {', '.join(map(repr, unknown))}: not a metadata descriptor of this "
+                               f"monitor (known: {', '.join(known) or 'none'})")
+
     def evaluate(self, inputs: np.ndarray, meta: dict[str, Sequence[Any]] | None = None) -> Decisions:
         x = self.batch(inputs)
         for key, values in (meta or {}).items():
@@ -274,10 +284,16 @@ class Monitor:
         or a TorchScript / ONNX file, whose hash must be the recorded one before it is loaded); needed when
         the monitor has a learned part. Without it, a monitor of the specification alone."""
         head, arrays = cls.read_header(path)
-        mon = cls(SpecificationMonitor.from_dict(head["specification"]),
-                  None if head["learned"] is None else LearnedMonitor.from_parts(head["learned"], arrays),
-                  head["model_sha256"], cls._contract(head["model"]), head.get("feature_mode", "logits"),
-                  head.get("info", {}))
+        why = _malformed(head)
+        if why:
+            raise MonitorError(f"{path}: its monitor header is malformed ({why}): refit the monitor")
+        try:
+            mon = cls(SpecificationMonitor.from_dict(head["specification"]),
+                      None if head["learned"] is None else LearnedMonitor.from_parts(head["learned"], arrays),
+                      head["model_sha256"], cls._contract(head["model"]), head.get("feature_mode", "logits"),
+                      head.get("info", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise MonitorError(f"{path}: its monitor header is malformed ({type(e).__name__}: {e})") from None
         if model is None:
             if mon.learned is None:
                 return mon
@@ -299,6 +315,48 @@ class Monitor:
             except ModelError as e:
                 raise MonitorError(str(e)) from None
         return mon.attach(model)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _malformed(head: dict) -> str | None:
+    """Why a monitor header cannot be trusted to decide (a missing field, a NaN or infinite threshold, a limit
+    whose min exceeds its max), else None: a NaN threshold would answer IN to everything."""
+    if not (isinstance(head.get("model_sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", head["model_sha256"])):
+        return "model_sha256 is not a SHA-256"
+    spec = head.get("specification")
+    if not isinstance(spec, dict) or not isinstance(spec.get("limits"), list):
+        return "no specification limits"
+    vr = spec.get("value_range")
+    if not (isinstance(vr, list) and len(vr) == 2 and all(map(_finite, vr)) and vr[0] < vr[1]):
+        return f"value_range {vr!r}"
+    for i, lim in enumerate(spec["limits"]):
+        if not isinstance(lim, dict) or not isinstance(lim.get("name"), str):
+            return f"limit {i} has no name"
+        lo, hi, margin = lim.get("min"), lim.get("max"), lim.get("margin", 0.0)
+        if any(v is not None and not _finite(v) for v in (lo, hi)) or not _finite(margin) or margin < 0:
+            return f"limit {lim['name']!r}: min {lo!r}, max {hi!r}, margin {margin!r} must be finite numbers"
+        if lo is not None and hi is not None and lo > hi:
+            return f"limit {lim['name']!r}: min {lo} > max {hi}"
+        if lo is None and hi is None and lim.get("values") is None:
+            return f"limit {lim['name']!r} bounds nothing"
+    learned = head.get("learned", "missing")
+    if learned is None:
+        return None
+    if not isinstance(learned, dict) or not isinstance(learned.get("scores"), list):
+        return "learned part without its scores"
+    near, out = learned.get("near"), learned.get("out")
+    if not (_finite(near) and _finite(out) and near <= out):
+        return f"learned thresholds near {near!r}, out {out!r}: finite, near <= out"
+    for key in ("centre", "scale"):
+        part = learned.get(key)
+        if not isinstance(part, dict) or set(part) != set(learned["scores"]) or not all(map(_finite, part.values())):
+            return f"learned {key} {part!r}: one finite number per score"
+    if not all(v > 0 for v in learned["scale"].values()):
+        return "learned scale must be > 0"
+    return None
 
 
 def fit(model: Classifier, model_sha256: str, spec: SpecificationMonitor, fit_batches: Iterable,

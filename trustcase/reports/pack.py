@@ -18,8 +18,10 @@ printed by `assess`) or the site's public key (`--public-key`). Without an ancho
 
 Confidential use cases: no image files at all (charts and diagrams are inside the report), no check
 artefact that could hold inputs, attribution maps or weights (kinds image/attribution/input/model/weights,
-image, array and weight file types), and data item identifiers hashed in every record (keys named
-`id(s)`, `item(s)`, `*_id(s)`, `unreadable`, ...). The manifest lists what was withheld and why.
+image, array and weight file types), and data item identifiers as the site hashed them with its secret salt;
+any other value under an identifier key (`id(s)`, `item(s)`, `*_id(s)`, `unreadable`, ...) is withheld, never
+hashed here (a hash with a public salt can be tested by whoever guesses an id). The manifest lists what was
+withheld and why.
 
 The zip is deterministic: sorted entries, fixed timestamps, so the same run gives the same bytes.
 """
@@ -40,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from trustcase.errors import UserError
+from trustcase.errors import UserError, validation_message
 from trustcase.reports import compliance, tea
 from trustcase.schemas import Assessment
 
@@ -51,7 +54,9 @@ MANIFEST_DIGEST = "MANIFEST.sha256"
 SIGNATURE = "MANIFEST.sig"
 SIGNING_KEY_ENV = "TRUSTCASE_SIGNING_KEY"
 RECORDS = ("provenance.json", "assessment.json", "evidence.json")
-MAX_ENTRY_BYTES = 1 << 30  # an entry the manifest does not bound (or a record) is read up to this size
+MAX_ENTRY_BYTES = 1 << 30  # an entry the manifest does not bound is read up to this size
+MAX_RECORD_BYTES = 64 << 20  # a record (parsed in memory) is at most this: a forged manifest cannot raise it
+SYMLINK = 0o120000  # the file type of a symbolic link in a zip entry's Unix mode
 CHUNK = 1 << 20
 TOP_FILES = ["report.html", "report.pdf", "argument.json", "argument.gsn.yaml", "assessment.json", "evidence.json",
              "use_case.yaml", *compliance.FILES, *tea.FILES.values()]
@@ -63,6 +68,7 @@ SENSITIVE_KINDS = {"image", "attribution", "input", "inputs", "model", "weights"
 ID_KEY = re.compile(r"^(ids?|items?|item_ids?|\w+_ids?|unreadable|examples?|worst(_\w+)?|files?|paths?|members)$",
                     re.I)
 HASHED = re.compile(r"^item-[0-9a-f]{16}$")
+WITHHELD_ID = "<id withheld>"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -76,33 +82,33 @@ def sha256_bytes(data: bytes) -> str:
 
 # --- confidentiality ---------------------------------------------------------------------------------------------
 
-def hash_id(item: str, salt: str) -> str:
-    if HASHED.match(item):
-        return item
-    return "item-" + sha256_bytes(f"{salt}:{item}".encode())[:16]
+def withhold_id(item: str) -> str:
+    """An identifier as a pack may show it: already hashed by the assessing site (with its secret salt, in
+    `flows/confidential.py`, the one place ids are hashed), or withheld. Never hashed here: the pack knows no
+    secret, and an id hashed with anything public can be tested by whoever guesses it."""
+    return item if HASHED.match(item) or (item.startswith("<") and item.endswith(">")) else WITHHELD_ID
 
 
-def _redact(obj: Any, salt: str, under_id_key: bool = False) -> Any:
+def _redact(obj: Any, under_id_key: bool = False) -> Any:
     if isinstance(obj, dict):
-        return {k: _redact(v, salt, under_id_key or bool(ID_KEY.match(str(k)))) for k, v in obj.items()}
+        return {k: _redact(v, under_id_key or bool(ID_KEY.match(str(k)))) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_redact(v, salt, under_id_key) for v in obj]
+        return [_redact(v, under_id_key) for v in obj]
     if under_id_key and isinstance(obj, str):
-        return hash_id(obj, salt)
+        return withhold_id(obj)
     return obj
 
 
 def redact(a: Assessment) -> Assessment:
-    """The assessment with data item identifiers hashed (salted with the data hash, so the owner, who holds the
-    data, can still find an item: item-<first 16 hex of sha256('<data sha256>:<id>')>)."""
-    salt = a.provenance.data_sha256
+    """The assessment with every data item identifier the site has not hashed withheld (a safety net: the flow
+    hashes them all before anything is written)."""
     d = a.model_dump(mode="json")
     for o in d["outcomes"]:
-        o["summary"] = _redact(o["summary"], salt)
+        o["summary"] = _redact(o["summary"])
         for m in o["measurements"]:
-            m["details"] = _redact(m["details"], salt)
+            m["details"] = _redact(m["details"])
     for e in d["evidence"]:
-        e["details"] = _redact(e["details"], salt)
+        e["details"] = _redact(e["details"])
     return Assessment.model_validate(d)
 
 
@@ -110,13 +116,13 @@ def confidential(a: Assessment) -> bool:
     return a.use_case.get("confidentiality") == "confidential"
 
 
-def _redact_file(path: Path, data: bytes, salt: str) -> bytes:
+def _redact_file(path: Path, data: bytes) -> bytes:
     """JSON and CSV check artefacts: identifiers hashed the same way as in the records (the bytes unchanged
     when there was nothing to hash: a file the flow already redacted keeps its declared hash)."""
     if path.suffix == ".json":
         try:
             obj = json.loads(data)
-            red = _redact(obj, salt)
+            red = _redact(obj)
             return data if red == obj else json.dumps(red, indent=1, sort_keys=True).encode()
         except ValueError:
             return data
@@ -129,8 +135,8 @@ def _redact_file(path: Path, data: bytes, salt: str) -> bytes:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(rows[0])
         for r in rows[1:]:
-            w.writerow([hash_id(v, salt) if i in cols else v for i, v in enumerate(r)])
-        changed = any(hash_id(v, salt) != v for r in rows[1:] for i, v in enumerate(r) if i in cols)
+            w.writerow([withhold_id(v) if i in cols else v for i, v in enumerate(r)])
+        changed = any(withhold_id(v) != v for r in rows[1:] for i, v in enumerate(r) if i in cols)
         return buf.getvalue().encode() if changed else data
     return data
 
@@ -168,7 +174,6 @@ def collect(folder: Path, a: Assessment) -> tuple[dict[str, bytes], list[dict[st
     """The files of a pack, as {path in the pack: bytes}, and what was withheld (with the reason)."""
     folder = Path(folder)
     secret = confidential(a)
-    salt = a.provenance.data_sha256
     files: dict[str, bytes] = {}
     withheld_files: list[dict[str, str]] = []
     redacted: list[str] = []  # check artefacts whose ids the pack hashed: they differ from their declared hash
@@ -190,7 +195,7 @@ def collect(folder: Path, a: Assessment) -> tuple[dict[str, bytes], list[dict[st
         if secret and rel in ("assessment.json", "evidence.json"):
             continue  # rewritten from the redacted record below
         if secret and rel.startswith("checks/"):
-            red = _redact_file(path, data, salt)
+            red = _redact_file(path, data)
             if red != data:
                 redacted.append(rel)
             data = red
@@ -370,9 +375,10 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
             return data, sha, size
 
         entries: dict[str, dict] = {}
-        body = read(MANIFEST, max_entry_bytes)[0] if MANIFEST in by_name else None
+        body = read(MANIFEST, MAX_RECORD_BYTES)[0] if MANIFEST in by_name else None
         if body is None:
-            v.problems.append(f"{MANIFEST} is missing or unreadable: nothing to verify against")
+            v.problems.append(f"{MANIFEST} is missing, unreadable or over {MAX_RECORD_BYTES:,} bytes: nothing to "
+                              "verify against")
             v.added = sorted(set(by_name) - {MANIFEST})
             return v
         v.manifest_sha256 = sha256_bytes(body)
@@ -383,25 +389,34 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
             v.changed.append(MANIFEST)
             v.problems.append(f"{MANIFEST} does not match the digest in {MANIFEST_DIGEST}: one of them was altered")
         signature = read(SIGNATURE, 1024)[0] if SIGNATURE in by_name else None
-        try:
-            m = json.loads(body)
-            entries = {f["path"]: f for f in m["files"]}
-            v.manifest = m
-        except (ValueError, KeyError, TypeError) as e:
-            v.problems.append(f"{MANIFEST} is not a valid manifest ({e})")
+        m, why = _manifest(body)
+        if why:
+            v.problems.append(f"{MANIFEST} is not a valid manifest: {why}")
             return v
+        v.manifest = m
+        entries = {f["path"]: f for f in m["files"]}
+        v.problems += [f"{i.filename}: a symbolic link entry (a pack holds files only)" for i in infos
+                       if (i.external_attr >> 16) & 0o170000 == SYMLINK]
         records: dict[str, bytes] = {}
         for path, entry in sorted(entries.items()):
             v.checked += 1
             if path not in by_name:
                 v.removed.append(path)
                 continue
-            # read at most one byte more than the manifest declares: a swollen entry is changed, not read whole
-            limit = max_entry_bytes if path in RECORDS else min(int(entry.get("bytes", 0)), max_entry_bytes)
-            data, sha, size = read(path, limit)
-            if sha is None or sha != entry["sha256"] or size != entry.get("bytes", size):
+            parsed = path in RECORDS or path == "report.html" or path in compliance.FILES
+            if parsed and entry["bytes"] > MAX_RECORD_BYTES:  # read in memory: bounded before reading
                 v.changed.append(path)
-            elif (path in RECORDS or path == "report.html" or path in compliance.FILES) and data is not None:
+                v.problems.append(f"{path}: declares {entry['bytes']:,} bytes, more than a record may hold "
+                                  f"({MAX_RECORD_BYTES:,}): not read")
+                continue
+            if by_name[path].file_size != entry["bytes"]:  # the archive's own header says it differs: not read
+                v.changed.append(path)
+                continue
+            # read at most one byte more than the manifest declares: a swollen entry is changed, not read whole
+            data, sha, size = read(path, min(entry["bytes"], max_entry_bytes))
+            if sha is None or sha != entry["sha256"] or size != entry["bytes"]:
+                v.changed.append(path)
+            elif parsed and data is not None:
                 records[path] = data
         v.added = sorted(set(by_name) - set(entries) - {MANIFEST, MANIFEST_DIGEST, SIGNATURE})
     _cross_check(v, m, records)
@@ -409,16 +424,56 @@ def verify(pack: Path, anchor: Anchor | None = None, max_entry_bytes: int = MAX_
     return v
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _json(data: bytes) -> tuple[Any, str | None]:
+    """Parsed JSON, or None and why not (a 100,000-deep document is a reason, not a crash)."""
+    try:
+        return json.loads(data), None
+    except (ValueError, RecursionError) as e:
+        return None, f"not valid JSON ({type(e).__name__}: {str(e)[:200]})"
+
+
+def _manifest(body: bytes) -> tuple[dict, str | None]:
+    """The manifest if it has the shape every reader below relies on, else the first reason it has not."""
+    m, why = _json(body)
+    if why:
+        return {}, why
+    if not isinstance(m, dict) or not isinstance(m.get("files"), list):
+        return {}, "expected an object with a list of files"
+    seen = set()
+    for i, f in enumerate(m["files"]):
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+                and SHA256.match(f["sha256"]) and type(f.get("bytes")) is int and f["bytes"] >= 0):
+            return {}, f"files[{i}] is not {{path, bytes, sha256}} (a path, a size >= 0 and a SHA-256)"
+        if f["path"] in seen:
+            return {}, f"files[{i}] lists {f['path']!r} twice"
+        seen.add(f["path"])
+    return m, None
+
+
 def _cross_check(v: Verification, m: dict, records: dict[str, bytes]) -> None:
     """Every record stating a verdict, a run id or a hash must say what the manifest says."""
     stated = ("use_case_id", "mlflow_run_id", "verdict", "complete", "model_sha256", "data_sha256", "use_case_sha256")
-    try:
-        prov = json.loads(records["provenance.json"]) if "provenance.json" in records else None
-        a = json.loads(records["assessment.json"]) if "assessment.json" in records else None
-        ev = json.loads(records["evidence.json"]) if "evidence.json" in records else None
-    except ValueError as e:
-        v.problems.append(f"a record of the pack is not valid JSON ({e})")
-        return
+    parsed = {}
+    for name, shape in (("provenance.json", dict), ("assessment.json", dict), ("evidence.json", list)):
+        if name in records:
+            rec, why = _json(records[name])
+            if why is None and not isinstance(rec, shape):
+                why = f"expected a JSON {'object' if shape is dict else 'list'}, found {type(rec).__name__}"
+            if why is None and shape is list and not all(isinstance(e, dict) for e in rec):
+                why = "expected a list of objects"
+            if why is None and name == "assessment.json":
+                try:
+                    Assessment.model_validate(rec)
+                except ValidationError as e:
+                    why = f"not an assessment record ({validation_message(e, 'record', limit=1)})"
+            if why:
+                v.problems.append(f"{name}: {why}")
+                return
+            parsed[name] = rec
+    prov, a, ev = (parsed.get(n) for n in RECORDS)
     for name, rec in (("provenance.json", prov), ("assessment.json", a), ("evidence.json", ev)):
         if rec is None and name not in v.removed and name not in v.changed:
             v.problems.append(f"{name}: missing from the pack (every pack holds it)")
