@@ -168,8 +168,8 @@ def solve(net: Network, prop: Property, timeout: float, seed: int = 0) -> dict:
                 "seconds": round(time.perf_counter() - t0, 4), "reason": reason}
 
     with single_thread():
-        if net.n_inputs <= LOW_DIM and _chain(net) is not None:
-            return _split_inputs(net, prop, timeout, seed, result)
+        if net.n_inputs <= LOW_DIM and (module := _chain(net)) is not None:
+            return _split_inputs(net, module, prop, timeout, seed, result)
         if net.graph is None:
             return result("unknown", reason="the network cannot be bounded as a layer graph")
         reasons = []
@@ -194,22 +194,22 @@ def solve(net: Network, prop: Property, timeout: float, seed: int = 0) -> dict:
 
 
 def _chain(net: Network):
-    """The Linear/ReLU chain of a low-dimensional network as a torch module (input splitting), else None."""
-    from trustcase.certification import bounds as B
+    """A low-dimensional network as a torch module for `properties.check_property` (ONNX: a Linear/ReLU chain
+    read by `nnet.read_onnx`, e.g. ACAS Xu), else None."""
     from trustcase.certification.nnet import NetworkFormatError, read_onnx
 
+    if net.onnx is None:
+        return net.module
     try:
-        module = read_onnx(net.path) if net.onnx is not None else net.module
-        B.linearise(module)
-        return module
-    except (NetworkFormatError, B.BoundsError):
+        return read_onnx(net.path)
+    except NetworkFormatError:
         return None
 
 
-def _split_inputs(net: Network, prop: Property, timeout: float, seed: int, result) -> dict:
+def _split_inputs(net: Network, module, prop: Property, timeout: float, seed: int, result) -> dict:
     from trustcase.certification.properties import check_property
 
-    r = check_property(_chain(net), prop, timeout=timeout, seed=seed)
+    r = check_property(module, prop, timeout=timeout, seed=seed, shape=None if net.onnx else net.input_shape)
     if r["verdict"] == "violated":
         found = _confirmed(net, prop, np.asarray(r["counterexample"]["x"]))
         if found is None:
@@ -248,22 +248,27 @@ def _rows(net: Network, prop: Property, region, lo, hi, timeout: float, seed: in
 
 
 def _conjunctions(net: Network, prop: Property, region, lo, hi, deadline: float, seed: int):
-    """Disjuncts of several rows: a search for a counterexample, then alpha-CROWN on each conjunction (refuted
-    when some row's lower bound exceeds its bound)."""
-    from trustcase.certification import propagation as P
-    from trustcase.certification.bounds import TOLERANCE as MARGIN
+    """Disjuncts of several rows: a search for a counterexample, then the engine's branch and bound
+    (`bab.decide`) on the disjunction of conjunctions (a box or domain is refuted when, for every conjunction,
+    some row's lower bound exceeds its bound)."""
+    from trustcase.certification import bab
     from trustcase.certification.properties import falsify
 
     found = falsify(net.forward, prop, min(deadline, time.perf_counter() + 0.2 * (deadline - time.perf_counter())),
                     seed, samples=256, restarts=32, steps=100)
     if found is not None and (found := _confirmed(net, prop, found[0])) is not None:
         return "violated", found, "falsification (sampling + PGD), confirmed by onnxruntime"
-    for k, conj in enumerate(region.outputs):
-        r = P.lower_bound(net.graph, lo.double(), hi.double(), torch.from_numpy(conj.A).double(), "alpha-crown",
-                          deadline=deadline)
-        if not bool((r.lower[0] - torch.from_numpy(conj.b) > MARGIN).any()):
-            return "unknown", None, f"alpha-CROWN could not refute disjunct {k} (no branching on conjunctions)"
-    return "holds", None, "alpha-CROWN"
+    def candidate(xs: np.ndarray):  # points the bounds point to: the graph's verdict first, then onnxruntime
+        with torch.no_grad():
+            y = net.forward(torch.from_numpy(xs).float()).double().numpy()
+        bad = np.flatnonzero(prop.violated_by(xs, y))
+        return next((f for i in bad[:8] if (f := _confirmed(net, prop, xs[i])) is not None), None)
+
+    out = bab.decide(net.graph, lo.double().flatten().numpy(), hi.double().flatten().numpy(),
+                     [(c.A, c.b) for c in region.outputs], deadline, candidate=candidate)
+    if out.verdict == "violated":
+        return "violated", out.counterexample, f"{out.method}, confirmed by onnxruntime"
+    return out.verdict, None, out.method if out.verdict == "holds" else out.reason
 
 
 def result_text(record: dict, timeout: float) -> str:
