@@ -78,7 +78,6 @@ class ComponentOutputs(Check):
         ood_clean: list[np.ndarray] = []
         ood_pert: dict[str, list[np.ndarray]] = {name: [] for name in p.ood_perturbations}
         top_drops, rnd_drops = [], []
-        rng = np.random.default_rng(ctx.seed)
         has_ood = has_maps = True
         for batch in ctx.batches(p.split):
             out = model.outputs(batch.images, _meta_rows(batch.meta, len(batch)), batch.ids)
@@ -106,7 +105,8 @@ class ComponentOutputs(Check):
                 sel = np.arange(min(room, len(batch)))
                 target = np.where(d[sel] >= 0, d[sel], out.probabilities[sel].argmax(axis=1))
                 t, r = deletion_drops(model, batch.images[sel], out.explanations[sel], target,
-                                      p.deletion_fractions, rng)
+                                      p.deletion_fractions, seeding.item_seeds(ctx.seed, self.name,
+                                                                               batch.ids[:len(sel)], "deletion"))
                 top_drops.append(t)
                 rnd_drops.append(r)
         scope = Scope(split=p.split)

@@ -215,12 +215,13 @@ def load_black_box(spec: ModelSpec) -> BlackBox:
 
 
 def deletion_drops(model: BlackBox, images: np.ndarray, maps: np.ndarray, target: np.ndarray,
-                   fractions: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Mean drop of the target's probability when the top (map) or random pixels are set to the image mean."""
+                   fractions: list[float], seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean drop of the target's probability when the top (map) or random pixels are set to the image mean;
+    item i's random pixels from its seed (`trustcase.seeding`)."""
     b, h, w, _ = images.shape
     base = model.outputs(images).probabilities[np.arange(b), target]
     order = np.argsort(-maps.reshape(b, -1), axis=1, kind="stable")
-    rand = np.stack([rng.permutation(h * w) for _ in range(b)])
+    rand = np.stack([np.random.default_rng(int(s)).permutation(h * w) for s in seeds])
     fill = images.mean(axis=(1, 2), keepdims=True)
     top, rnd = [], []
     for f in fractions:
