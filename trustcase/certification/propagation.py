@@ -185,39 +185,50 @@ def _smooth_back(kind: str, lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tenso
 
 def _dot(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum over the node's shape of lam (N, m, *s) * x (N, *s) -> (N, m)."""
-    return (lam * x.unsqueeze(1)).flatten(2).sum(-1)
+    return torch.bmm(lam.flatten(2), x.reshape(len(x), -1, 1)).squeeze(-1)
 
 
-def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict | None = None):
+def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict | None = None,
+             terms: dict | None = None, keep: dict | None = None):
     """Lower bound of C z_start (C (N, m, *shape of node start)) over the input box bounds[0].
 
+    `terms`: {node: (N, m, *shape)} linear functions of earlier nodes added to the objective (beta-CROWN's
+    Lagrangian terms of split decisions); `keep`: a dict that receives, per ReLU node, the coefficients of
+    its output in the bound (what a branching rule reads).
     Returns (bound (N, m), Lambda (N, m, *input shape)).
     """
     n, m = C.shape[:2]
-    lams: dict[int, torch.Tensor] = {start: C}
+    lams: dict[int, torch.Tensor] = {start: C, **(terms or {})}
     const = torch.zeros(n, m, dtype=torch.float64)
     for k in range(start, -1, -1):
         lam = lams.pop(k, None)
         if lam is None:
             continue
         node = g.nodes[k]
+        if keep is not None and node.kind == "relu":
+            keep[k] = lam
         if node.kind == "input":
             lo, hi = bounds[0]
             bound = const + _dot(lam, (lo + hi) / 2) - _dot(lam.abs(), (hi - lo) / 2)
             return bound, lam
         if node.kind == "relu":
             j = node.inputs[0]
-            low, up, icpt = relax(*bounds[j], None if alphas is None else alphas.get(k))
-            pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+            low, up, icpt = relax(*bounds[j])
+            low = low.unsqueeze(1)
+            alpha = None if alphas is None else alphas.get(k)
+            if alpha is not None:  # per row (N, m, *shape): the lower slopes of the unstable neurons
+                lb, ub = bounds[j]
+                low = torch.where(((lb < 0) & (ub > 0)).unsqueeze(1), alpha, low)
+            neg = lam.clamp_max(0)
             const = const + _dot(neg, icpt)  # relu(z) <= up z + icpt where the coefficient is negative
-            new = pos * low.unsqueeze(1) + neg * up.unsqueeze(1)
+            new = torch.addcmul(neg * up.unsqueeze(1), lam - neg, low)
         elif node.kind in SMOOTH:
             j = node.inputs[0]
             c, new = _smooth_back(node.kind, lam, *bounds[j], None if alphas is None else alphas.get(k))
             const = const + c.flatten(2).sum(-1)
         else:
             if node.bias is not None:
-                const = const + (lam * node.bias).flatten(2).sum(-1)
+                const = const + lam.flatten(2) @ node.bias.flatten()
             flat = lam.reshape(n * m, *node.shape)
             for j, mp in zip(node.inputs, node.maps, strict=True):
                 back = mp.backward(flat).reshape(n, m, *g.nodes[j].shape)
@@ -345,8 +356,10 @@ def _backward_grouped(g: Graph, k: int, groups: list[torch.Tensor], bounds: list
 
 
 def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
-            deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CROWN bounds of the neurons of node k that are unstable in some box (chunked to bound memory).
+            deadline: float | None = None, alive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds of the neurons of node k that are unstable in some box (chunked to bound memory); with
+    `alive`, of every neuron that can be positive in some box (the next layer's intervals start from the
+    active ones' bounds too: a few times fewer boxes in input splitting on ACAS Xu).
 
     Neurons far enough apart to depend on disjoint inputs share one backward pass (image layers). At most
     `limit` neurons, those whose ReLU relaxation is loosest (largest -l u / (u - l)), and none after
@@ -356,7 +369,7 @@ def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
     n, shape = len(lo), g.nodes[k].shape
     lo, hi = lo.flatten(1).clone(), hi.flatten(1).clone()
     smooth = any(nd.kind in SMOOTH and nd.inputs == [k] for nd in g.nodes)  # every neuron's bounds matter
-    idx = torch.nonzero(((lo < hi) if smooth else ((lo < 0) & (hi > 0))).any(0)).flatten()
+    idx = torch.nonzero(((lo < hi) if smooth else (hi > 0) if alive else ((lo < 0) & (hi > 0))).any(0)).flatten()
     if limit is not None and len(idx) > limit:
         lb, ub = lo[:, idx], hi[:, idx]
         area = (-lb.clamp_max(0) * ub.clamp_min(0) / (ub - lb).clamp_min(1e-30)).amax(0)
@@ -394,9 +407,10 @@ def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
 
 
 def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "crown", known: list | None = None,
-                 splits: dict | None = None, limit: int | None = None, deadline: float | None = None) -> list:
+                 splits: dict | None = None, limit: int | None = None, deadline: float | None = None,
+                 alive: bool = False) -> list:
     """(lo, hi) of every node over each box, IBP refined by CROWN at the inputs of unstable ReLUs (at most
-    `limit` neurons per node, until `deadline`)."""
+    `limit` neurons per node, until `deadline`; `alive`: of every ReLU that can be positive)."""
     pre = {n.inputs[0] for n in g.nodes if n.kind == "relu" or n.kind in SMOOTH}
     bounds: list = [(lo.double(), hi.double())]
     for k in range(1, len(g.nodes)):
@@ -409,7 +423,7 @@ def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "cr
         bounds.append((lb, ub))
         exact = g.nodes[k].kind == "affine" and g.nodes[k].inputs == [0]  # an affine map of a box
         if method != "ibp" and k in pre and not exact:
-            bounds[k] = _refine(g, k, bounds, limit, deadline)
+            bounds[k] = _refine(g, k, bounds, limit, deadline, alive)
             if splits and k in splits:  # the split still holds after refinement
                 lb, ub = bounds[k]
                 s = splits[k]
@@ -420,8 +434,9 @@ def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "cr
 def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, method: str = "crown",
                 known: list | None = None, splits: dict | None = None, iterations: int = 20, lr: float = 0.2,
                 bounds: list | None = None, target: float | None = None, limit: int | None = None,
-                deadline: float | None = None) -> Result:
-    """Lower bounds of C y (C (m, out) or (N, m, out)) over the boxes [lo, hi] (N, *input shape).
+                deadline: float | None = None, rhs: torch.Tensor | None = None, alive: bool = False) -> Result:
+    """Lower bounds of C y - rhs (C (m, out) or (N, m, out), rhs (m,) or none) over the boxes [lo, hi]
+    (N, *input shape).
 
     With a `target` (a proof is all the caller wants), CROWN first tries IBP's intermediate bounds (one backward
     pass) and stops if every row exceeds it, and alpha-CROWN stops once every row's bound exceeds it; without
@@ -432,20 +447,24 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
     n = len(lo)
     C = C.double()
     C = C.expand(n, *C.shape[-2:]) if C.ndim == 2 else C
+    m = C.shape[1]
+    shift = torch.zeros(m, dtype=torch.float64) if rhs is None else rhs.double()
     out = len(g.nodes) - 1
     if target is not None and bounds is None and method != "ibp" and not splits:
         ibp = intermediate(g, lo, hi, "ibp", known)  # often enough for a network trained with interval bounds
         early, lam = backward(g, out, C, ibp)
-        if (early > target).all():
-            return Result(early, lam, ibp)
+        if (early - shift > target).all():
+            return Result(early - shift, lam, ibp)
     target = 0.0 if target is None else target
     if bounds is None:
-        bounds = intermediate(g, lo, hi, "ibp" if method == "ibp" else "crown", known, splits, limit, deadline)
+        bounds = intermediate(g, lo, hi, "ibp" if method == "ibp" else "crown", known, splits, limit, deadline,
+                              alive)
     if method == "ibp":
         lb, ub = bounds[out]
         low = (C.clamp_min(0) * lb.unsqueeze(1) + C.clamp_max(0) * ub.unsqueeze(1)).sum(-1)
-        return Result(low, None, bounds)
+        return Result(low - shift, None, bounds)
     best, lam = backward(g, out, C, bounds)
+    best = best - shift
     if method == "crown" or (best > target).all():
         return Result(best, lam, bounds)
     if any(nd.kind in SMOOTH for nd in g.nodes):  # S-shaped activations: their slopes optimised, layer by layer
@@ -453,8 +472,8 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
     alphas = smooth_slopes(g, bounds, n, C.shape[1], len(g.nodes))
     for r in g.relus:
         lb, ub = bounds[g.nodes[r].inputs[0]]
-        if ((lb < 0) & (ub > 0)).any():
-            alphas[r] = (ub > -lb).double().requires_grad_(True)
+        if ((lb < 0) & (ub > 0)).any():  # one slope per row (alpha-CROWN optimises each row on its own)
+            alphas[r] = (ub > -lb).double().unsqueeze(1).expand(n, m, *lb.shape[1:]).clone().requires_grad_(True)
     if not alphas:
         return Result(best, lam, bounds)
     opt = torch.optim.Adam(list(alphas.values()), lr=lr)
@@ -463,6 +482,7 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
             break
         with torch.enable_grad():
             b, lam_b = backward(g, out, C, bounds, alphas)
+            b = b - shift
             better = b.detach() > best
             best = torch.where(better, b.detach(), best)
             lam = torch.where(better.view(*better.shape, *[1] * (lam.ndim - 2)), lam_b.detach(), lam)
