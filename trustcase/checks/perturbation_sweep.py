@@ -188,7 +188,7 @@ class PerturbationSweep(Check):
         out.validity.append(
             f"{key} ({spec.perturbation or key}{', ' + opts if opts else ''}): amplitudes {grid} {pert.unit}, "
             f"applied in pixel space [{lo:g}, {hi:g}] (results clipped to it) before the model's normalisation; "
-            f"randomness seeded per item by (seed {ctx.seed}, item position), shared across amplitudes; "
+            f"randomness seeded per item by (seed {ctx.seed}, check, item id, perturbation), shared across amplitudes; "
             f"{seen} items of the {p.split} split at every amplitude, {conf:.0%} Clopper-Pearson intervals"
         )
         if unreadable:

@@ -112,7 +112,7 @@ class Batch:
     labels: np.ndarray  # (B,) int64
     ids: list[str]
     meta: dict[str, list[str]]
-    index: np.ndarray  # (B,) position in the split, for deterministic per-item randomness
+    index: np.ndarray  # (B,) position in the split (randomness follows `ids`: `trustcase.seeding`)
 
     def __len__(self) -> int:
         return len(self.ids)
