@@ -13,6 +13,8 @@
    and median seconds per cell. `--model PATH`: another TorchScript model of the same contract (parts 3, 4).
 4. Attack strength on the solar-cell CNN: accuracy under FGSM, PGD, APGD and the attack engine (`auto`) at 1
    grey level on the same cells; the engine's must be at most the others', item by item.
+5. `--mnistfc SECONDS` (opt-in): VNN-COMP 2021 mnistfc instances (784 inputs): alpha-CROWN alone against the
+   full decision (falsification, then ReLU splitting with beta-CROWN), with the published verdicts.
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ def bench_acas(all_instances: bool, timeout: float) -> None:
 def bench_local(quick: bool) -> None:
     import importlib.util
 
-    from trustcase.certification import bounds as B
-    from trustcase.certification.local_robustness import change_property, verify_ball
+    from trustcase.certification import graph as G
+    from trustcase.certification import propagation as P
+    from trustcase.certification.bab import MARGIN
+    from trustcase.certification.local_robustness import decide
     from trustcase.certification.properties import acasxu_root, single_thread
 
     if not (acasxu_root() / "nnet").is_dir():
@@ -94,21 +98,25 @@ def bench_local(quick: bool) -> None:
     acas = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(acas)
     net = acas.negated("1_1")  # arg-max = the advisory
-    layers = B.linearise(net)
+    g = G.from_model(net, (5,))
     points = acas.Samples("test").x[: 30 if quick else 100].astype(np.float64)
     radii = [0.0005, 0.001, 0.002, 0.005, 0.01]  # L-inf, input scaled to [0, 1] (the value range is [-1, 1])
     with torch.no_grad():
         preds = net(torch.from_numpy(points).float()).argmax(1).numpy()
 
+    def rows(c):  # y_c - y_j for every j != c
+        C = torch.zeros(4, 5, dtype=torch.float64)
+        C[:, c] = 1.0
+        C[torch.arange(4), [j for j in range(5) if j != c]] = -1.0
+        return C
+
     def ibp(x, eps, c):
         lo, hi = torch.from_numpy(x - eps)[None], torch.from_numpy(x + eps)[None]
-        z_lo, z_hi = B.interval(layers[:-1], lo, hi)[-1] if len(layers) > 1 else (lo, hi)
-        h_lo, h_hi = z_lo.clamp_min(0), z_hi.clamp_min(0)
-        last = layers[-1]
-        diff_w = last.W[c] - last.W  # rows: y_c - y_j
-        mid, rad = (h_lo + h_hi) / 2, (h_hi - h_lo) / 2
-        lower = mid @ diff_w.T - rad @ diff_w.abs().T + (last.b[c] - last.b)
-        return bool((torch.cat([lower[0, :c], lower[0, c + 1:]]) > B.TOLERANCE).all())
+        return bool((P.lower_bound(g, lo, hi, rows(c), "ibp").lower > MARGIN).all())
+
+    def ours(x, eps, c):
+        t = [torch.from_numpy(v)[None] for v in (x, x - eps, x + eps)]
+        return decide(g, net, *t, c, 2.0)["verdict"]
 
     x1 = torch.from_numpy(points[:1]).float()
     with torch.no_grad():
@@ -123,15 +131,14 @@ def bench_local(quick: bool) -> None:
         for r in radii:
             eps = 2 * r
             t = time.perf_counter()
-            verdicts = [verify_ball(layers, lambda v: net(v), change_property("b", x - eps, x + eps, int(c), 5), 2.0)
-                        for x, c in zip(points, preds, strict=True)]
-            ours = (time.perf_counter() - t) / len(points)
+            verdicts = [ours(x, eps, int(c)) for x, c in zip(points, preds, strict=True)]
+            mine = (time.perf_counter() - t) / len(points)
             t = time.perf_counter()
             ref = sum(ibp(x, eps, int(c)) for x, c in zip(points, preds, strict=True))
             ib = (time.perf_counter() - t) / len(points)
             v, f = verdicts.count("verified"), verdicts.count("falsified")
-            print(f"{r:>8g} {f'{v} / {f} / {len(points) - v - f}':>16} {ours * 1e3:>8.2f} {ref:>13} {ib * 1e3:>8.2f} "
-                  f"{ours / forward:>20.0f}")
+            print(f"{r:>8g} {f'{v} / {f} / {len(points) - v - f}':>16} {mine * 1e3:>8.2f} {ref:>13} {ib * 1e3:>8.2f} "
+                  f"{mine / forward:>20.0f}")
     print("   IBP never verifies more (it is looser); a falsified ball has a re-checked counterexample")
 
 
@@ -156,8 +163,8 @@ def solar_cells(n: int, model: Path | None = None):
 
 
 def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float = 1.0) -> None:
-    from trustcase.certification import bounds as B
     from trustcase.certification import propagation as P
+    from trustcase.certification.bab import MARGIN
     from trustcase.certification.local_robustness import decide
     from trustcase.certification.properties import single_thread
 
@@ -175,9 +182,9 @@ def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float
                 C = torch.zeros(1, 2, dtype=torch.float64)
                 C[0, c], C[0, 1 - c] = 1.0, -1.0
                 t = time.perf_counter()
-                r = P.lower_bound(g, lo, hi, C, method, deadline=t + timeout, target=B.TOLERANCE)
+                r = P.lower_bound(g, lo, hi, C, method, deadline=t + timeout, target=MARGIN)
                 secs.append(time.perf_counter() - t)
-                verified += bool((r.lower > B.TOLERANCE).all())
+                verified += bool((r.lower > MARGIN).all())
             print(f"{method:<14}{verified:>9}{'-':>10}{n - verified:>9}{statistics.median(secs):>10.2f}")
         out, secs = [], []
         for i, (img, c) in enumerate(zip(x, preds, strict=True)):
@@ -226,6 +233,44 @@ def bench_attacks(n: int, model: Path | None = None) -> None:
     print(f"   items FGSM or PGD fools and the engine (PGD 10x2, APGD 100x2) does not: {missed} (must be 0)")
 
 
+MNISTFC = [("256x2", "prop_0_0.03"), ("256x2", "prop_1_0.03"), ("256x2", "prop_0_0.05"), ("256x2", "prop_3_0.03"),
+           ("256x4", "prop_0_0.03")]
+
+
+def bench_mnistfc(timeout: float) -> None:
+    """High-dimensional properties (784 inputs): check_property (falsification, then ReLU splitting with
+    beta-CROWN) against alpha-CROWN alone on the same box, with the published verdicts."""
+    from trustcase.certification import graph as G
+    from trustcase.certification import propagation as P
+    from trustcase.certification.bab import MARGIN
+    from trustcase.certification.nnet import load_network
+    from trustcase.certification.properties import check_property, single_thread
+    from trustcase.certification.vnnlib import read_vnnlib
+
+    root = ROOT.parent / "shared" / "vnncomp2021"
+    if not (root / "mnistfc").is_dir():
+        print(f"\n5. mnistfc: skipped, no data at {root}")
+        return
+    published = {(r[1], r[2]): r[3] for r in csv.reader((root / "published_results.csv").read_text().splitlines())}
+    print(f"\n5. VNN-COMP 2021 mnistfc, budget {timeout:g} s each (published: the competition's verdicts)")
+    print(f"{'network':<22}{'property':<20}{'alpha-CROWN':>12}{'trustcase':>11}{'seconds':>9}{'domains':>9}"
+          f"{'published':>11}")
+    for net, name in MNISTFC:
+        path = root / "mnistfc" / f"mnist-net_{net}.onnx"
+        module, prop = load_network(path), read_vnnlib(root / "mnistfc" / f"{name}.vnnlib")
+        region = prop.regions[0]
+        g = G.from_model(module, (784,))
+        with single_thread():
+            lo, hi = (torch.from_numpy(v).double()[None] for v in (region.lower, region.upper))
+            alpha = all(bool((P.lower_bound(g, lo, hi, torch.from_numpy(c.A), "alpha-crown").lower[0]
+                              - torch.from_numpy(c.b) > MARGIN).any()) for c in region.outputs)
+        t = time.perf_counter()
+        r = check_property(module, prop, timeout)
+        print(f"{path.name:<22}{name:<20}{'holds' if alpha else 'open':>12}{r['verdict']:>11}"
+              f"{time.perf_counter() - t:>9.1f}{r['boxes']:>9}{published.get((path.name, name + '.vnnlib'), '-'):>11}",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -235,6 +280,8 @@ def main() -> None:
     ap.add_argument("--cell-timeout", type=float, default=10.0, help="budget per solar cell, seconds")
     ap.add_argument("--radius", type=float, default=1.0, help="L-inf radius of part 3, grey levels")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip (1,2,3,4)")
+    ap.add_argument("--mnistfc", type=float, default=0, metavar="SECONDS",
+                    help="part 5: VNN-COMP mnistfc instances with this budget each (ReLU splitting)")
     ap.add_argument("--model", type=Path, default=None, help="parts 3 and 4: this TorchScript solar-cell model "
                     "instead of the use case's (same input contract)")
     a = ap.parse_args()
@@ -249,6 +296,8 @@ def main() -> None:
         bench_solar(cells, 2.0 if a.quick else a.cell_timeout, a.model, a.radius)
     if "4" not in skip:
         bench_attacks(cells, a.model)
+    if a.mnistfc:
+        bench_mnistfc(a.mnistfc)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from trustcase.certification import bounds as B
+from trustcase.certification import graph as G
 from trustcase.certification import lipschitz as L
+from trustcase.certification import propagation as P
 from trustcase.certification import smoothing as S
 from trustcase.measurement import clopper_pearson, clopper_pearson_lower, wilson
 from trustcase.models.classifier import Classifier
@@ -120,21 +121,22 @@ def two_layer():
 
 
 def test_interval_bounds_by_hand():
-    layers = B.linearise(two_layer())
+    g = G.from_model(two_layer().eval(), (2,))
     lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
-    pre = B.interval(layers, lo, hi)
+    pre = P.intermediate(g, lo, hi, "ibp")  # nodes: input, hidden affine, ReLU, output
     # hidden: x1 + x2 + 0.5 in [-1.5, 2.5], x1 - x2 in [-2, 2]; output: [0, 2.5 + 2]
-    assert pre[0][0].tolist() == [[-1.5, -2.0]] and pre[0][1].tolist() == [[2.5, 2.0]]
-    assert pre[1][0].item() == 0.0 and pre[1][1].item() == 4.5
+    assert pre[1][0].tolist() == [[-1.5, -2.0]] and pre[1][1].tolist() == [[2.5, 2.0]]
+    assert pre[-1][0].item() == 0.0 and pre[-1][1].item() == 4.5
 
 
 def test_crown_bounds_by_hand():
     """Triangle relaxation: upper slopes 2.5/4 and 2/4, intercepts 1.5*2.5/4 and 1; lower slopes 1 and 0
     (CROWN keeps the identity when u > -l). Upper: 3.5, lower: -1.5 (IBP: [0, 4.5]; truth: [0, 2.5])."""
-    layers = B.linearise(two_layer())
+    g = G.from_model(two_layer().eval(), (2,))
     lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
     C = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
-    bound, lam, _ = B.crown(layers, lo, hi, C)
+    r = P.lower_bound(g, lo, hi, C, "crown")
+    bound, lam = r.lower, r.lam
     assert bound[0, 0].item() == pytest.approx(-1.5, abs=1e-12)
     assert -bound[0, 1].item() == pytest.approx(3.5, abs=1e-12)
     assert lam[0, 1].tolist() == pytest.approx([-1.125, -0.125], abs=1e-12)

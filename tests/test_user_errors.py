@@ -18,7 +18,7 @@ USER_FACING = [
     ("trustcase.models.classifier", "ModelError"), ("trustcase.registry", "RegistryError"),
     ("trustcase.robustness.perturbations", "PerturbationError"), ("trustcase.certification.vnnlib", "VnnlibError"),
     ("trustcase.certification.nnet", "NetworkFormatError"), ("trustcase.certification.graph", "GraphError"),
-    ("trustcase.certification.bounds", "BoundsError"), ("trustcase.certification.lipschitz", "LipschitzError"),
+    ("trustcase.certification.lipschitz", "LipschitzError"),
     ("trustcase.odd.specification", "MonitorError"), ("trustcase.flows.watch", "WatchError"),
     ("trustcase.flows.improve", "ImproveError"), ("trustcase.flows.assess", "OutputFolderError"),
     ("trustcase.flows.rerender", "RunNotFound"), ("trustcase.flows.runners", "RunnerError"),

@@ -142,7 +142,7 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
     def bound(lo, hi, known) -> tuple[_Boxes, torch.Tensor]:
         nonlocal done
         r = P.lower_bound(g, lo.view(len(lo), *shape), hi.view(len(hi), *shape), spec.A, "alpha-crown",
-                          known=known, iterations=alpha_steps, rhs=spec.b, alive=True)
+                          known=known, iterations=alpha_steps, rhs=spec.b, alive=True, crown_lam=True)
         done += len(lo)
         best, close = spec.closeness(r.lower)
         return _Boxes(lo, hi, r.bounds, r.lam.flatten(2), r.lower, best > MARGIN), close

@@ -132,7 +132,7 @@ def falsify(forward, prop: Property, deadline: float, seed: int = 0, sign: float
 
 def box_search(forward, prop: Property, region, sign: float = 1.0, boxes: int = 256, steps: int = 20):
     """Falsification inside the open boxes of a branch and bound (most promising first): PGD from each box's
-    centre and two random points, projected on the box. Returns search(lo, hi) for `bounds.prove`."""
+    centre and two random points, projected on the box. Returns search(lo, hi) for `bab.split_inputs`."""
     g = torch.Generator().manual_seed(1)
 
     def search(lo: np.ndarray, hi: np.ndarray):
