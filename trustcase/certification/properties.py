@@ -2,9 +2,10 @@
 
 `check_property(module, property, timeout)` returns a verdict:
 - `violated`: a counterexample found by sampling (half of it on the faces of the box, where the extremes
-  of a piecewise-linear network sit), PGD on a margin loss from the best samples, at a corner or centre of
-  an open box of the branch and bound, or by PGD inside the open boxes during it, and RE-CHECKED by a
-  plain float32 forward pass of the model before it is reported;
+  of a piecewise-linear network sit), by the attack engine's PGD (`attacks.attack_region` with the
+  property's margin as its loss and "meets a conjunction" as its hit rule) from the best samples, at a
+  corner or centre of an open box of the branch and bound, or by the same PGD inside the open boxes during
+  it, and RE-CHECKED by a plain float32 forward pass of the model before it is reported;
 - `holds`: proved by sound bound propagation on the model's layer graph (`bab.decide`: CROWN, alpha-CROWN,
   float64, margin `bab.MARGIN`) over the whole input region, splitting the input box (few inputs) or the
   ReLUs (beta-CROWN, many inputs) until every part is refuted;
@@ -30,6 +31,8 @@ import torch
 from trustcase.certification import graph as G
 from trustcase.certification.bab import MARGIN, decide
 from trustcase.certification.vnnlib import Property
+from trustcase.robustness.attacks import Budget, attack_region
+from trustcase.seeding import item_seeds
 
 ACASXU_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "acasxu"
 
@@ -79,26 +82,20 @@ def _loss(y: torch.Tensor, region, push: float = 1e-4) -> torch.Tensor:
 
 
 def pgd(forward, prop: Property, region, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int,
-        deadline: float, sign: float = 1.0):
-    """Projected sign-gradient descent of the margin loss from each row of x inside its own box [lo, hi]
-    (rows of lo/hi, or one box for all), step from 2% of the box's width down to 0.01%;
-    the first point a plain float32 forward pass confirms, as (x, y), else None."""
-    width = hi - lo
-    for t in range(steps):
-        if time.perf_counter() > deadline:
-            break
-        x.requires_grad_(True)
-        y = _outputs(forward, x, sign)
-        loss = _loss(y.double(), region)
-        if bool((loss == 0).any()):
-            found = plain_check(forward, prop, x.detach()[loss == 0].numpy(), sign)
-            if found is not None:
-                return found
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-        step = width * (0.02 * (1 - t / steps) + 1e-4)  # large first steps leave the good start
-        with torch.no_grad():
-            x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
-    return plain_check(forward, prop, x.detach().numpy(), sign)
+        deadline: float, sign: float = 1.0, seed: int = 0):
+    """The attack engine's PGD (`attacks.attack_region`) on the property's output condition: from each row of x
+    inside its own box [lo, hi] (rows of lo/hi, or one box for all), sign steps from 2% of the box's width
+    down to 0.01% (large first steps leave the good start, small last ones settle: N_5,3 property 2), the
+    margin loss `_loss` decreased, an item hit when it meets a conjunction; the first hit a plain float32
+    forward pass confirms, as (x, y), else None."""
+    n = len(x)
+    lo, hi = lo.expand_as(x), hi.expand_as(x)
+    adv, hit = attack_region(
+        "pgd", lambda z: _outputs(forward, z, sign), x, torch.zeros(n, dtype=torch.long), lo, hi,
+        Budget(steps=steps, step_size=0.04 * steps, restarts=1, decay=True, deadline=deadline),
+        seeds=item_seeds(seed, "falsify", range(n), "pgd"),
+        loss=lambda y, _: -_loss(y.double(), region), hit=lambda y, _: _loss(y.double(), region, push=0.0) == 0)
+    return plain_check(forward, prop, adv[hit].detach().numpy(), sign) if hit.any() else None
 
 
 def falsify(forward, prop: Property, deadline: float, seed: int = 0, sign: float = 1.0, samples: int = 16384,
@@ -124,7 +121,7 @@ def falsify(forward, prop: Property, deadline: float, seed: int = 0, sign: float
             continue
         with torch.no_grad():
             loss = _loss(_outputs(forward, x, sign).double(), region)
-        found = pgd(forward, prop, region, x[loss.argsort()[:restarts]].clone(), lo, hi, steps, deadline, sign)
+        found = pgd(forward, prop, region, x[loss.argsort()[:restarts]].clone(), lo, hi, steps, deadline, sign, seed)
         if found is not None:
             return found
     return None
