@@ -40,6 +40,7 @@ CASES = {
     "formal_properties": ("tabular", {"timeout": 0.5}),
     "global_explanations": ("image", {"items": 20, "randoms": 3, "steps": 8, "channels": 2, "top_images": 2,
                                       "paths": 1, "representation": False, "batch_size": 8}),
+    "label_issues": ("image", {"thumbnails": 4}),
     "lipschitz": ("image", {"ascent_points": 4, "ascent_steps": 3}),
     "local_robustness": ("tabular", {"radii": [0.01, 0.05], "max_items": 4, "timeout": 0.5}),
     "odd_monitor": ("image", {"perturbations": {"brightness": [0.4]}}),

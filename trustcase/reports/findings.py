@@ -26,7 +26,8 @@ from trustcase.schemas import (
 )
 
 # metrics whose values are proportions, shown in percent (as requirement texts state them)
-PROPORTION = re.compile(r"accuracy|recall|precision|(^|_)rate$|share|coverage|pointing_game|relevance_mass")
+PROPORTION = re.compile(r"accuracy|recall|precision|(^|_)rate$|share|coverage|pointing_game|relevance_mass"
+                        r"|suspected_labels")
 METRICS = {
     "accuracy": "accuracy", "recall": "recall", "precision": "precision", "false_negative_rate": "false-negative rate",
     "ece": "expected calibration error", "cost": "mean cost", "flip_rate": "share of predictions changed",
@@ -51,17 +52,20 @@ METRICS = {
     "infidelity": "infidelity", "sensitivity_max": "maximal sensitivity", "pointing_game": "pointing game hits",
     "sanity_rank_correlation": "rank correlation after weight randomisation",
     "ig_convergence_delta": "integrated-gradients convergence gap",
+    "suspected_labels": "share of labels suspected wrong",
 }
-CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share"}
+CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "suspected_labels"}
 CHECKS = {"odd_monitor": "ODD monitor", "data_quality": "Data quality", "perturbation_sweep": "Perturbation sweep",
           "randomized_smoothing": "Randomized smoothing", "lipschitz": "Lipschitz certificate",
           "adversarial": "Adversarial attacks", "explainability": "Explanation quality", "root_causes": "Root causes",
           "performance": "Performance", "formal_properties": "Formal properties",
-          "local_robustness": "Local robustness proofs", "component_outputs": "Component outputs"}
+          "local_robustness": "Local robustness proofs", "label_issues": "Label issues",
+          "component_outputs": "Component outputs"}
 # the headings of the findings, in the order the body shows them
 TOPICS = {Topic.FAILS: "What is shown not to hold", Topic.BREAKS: "What breaks the model, and from which amplitude",
           Topic.SUBGROUPS: "Which subgroups are weaker", Topic.MONITOR: "What the monitor stops",
-          Topic.EXPLANATIONS: "Which explanations can be trusted", Topic.GAPS: "What could not be shown, and why"}
+          Topic.EXPLANATIONS: "Which explanations can be trusted", Topic.GAPS: "What could not be shown, and why",
+          Topic.DATA: "What the data shows"}
 
 
 FILE_SUFFIXES = {"json", "yaml", "yml", "html", "pdf", "zip", "png", "gif", "jpg", "jpeg", "csv", "pt", "pth", "py",
@@ -476,7 +480,7 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
     subs += said[Topic.SUBGROUPS]
     if subs:
         out.append((TOPICS[Topic.SUBGROUPS], subs))
-    for topic in (Topic.MONITOR, Topic.EXPLANATIONS):  # said by the checks alone
+    for topic in (Topic.DATA, Topic.MONITOR, Topic.EXPLANATIONS):  # said by the checks alone
         if said[topic]:
             out.append((TOPICS[topic], said[topic]))
 

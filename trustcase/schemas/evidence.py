@@ -216,6 +216,7 @@ class Topic(StrEnum):
     MONITOR = "monitor"  # what a runtime monitor stops
     EXPLANATIONS = "explanations"  # which explanations can be trusted
     GAPS = "gaps"  # what could not be shown, and why
+    DATA = "data"  # what the data shows: labels that look wrong, drift, leakage, poisoning
 
 
 class Finding(Record):
