@@ -119,7 +119,7 @@ def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: tor
         norm: Norm = "linf", hit: Hit | None = None, loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient ascent on the loss (default: the cross-entropy; Madry et al.): `budget.steps` steps of
     step_size x r / steps, r the ball's radius eps, else per element half the box's width (a box of unequal
-    sides is searched in proportion); with `budget.decay` the steps shrink linearly to 0.5% of the first (large
+    sides is searched in proportion); with `budget.decay` step t is (1 - t / steps + 0.005) times that (large
     first steps leave the start, small last ones settle). First from x, then from `restarts - 1` random points
     (`random_point`, seeded per item). Returns (x_adv, fooled) as `apgd`; fooled items leave the batch, so a
     strong attack costs less.
@@ -156,7 +156,7 @@ def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: tor
 
 @dataclass(frozen=True)
 class Budget:
-    """How hard each attack tries: PGD `steps` of `step_size` x eps / steps (shrinking linearly with `decay`)
+    """How hard each attack tries: PGD `steps` of `step_size` x eps / steps (shrinking linearly with `decay`: `pgd`)
     and `restarts` runs (APGD too), APGD `apgd_steps` per run, Square `queries` forward passes per item; no step
     starts after `deadline` (a `time.perf_counter()` value)."""
     steps: int = 10
