@@ -32,6 +32,7 @@ from trustcase.certification import graph as G
 from trustcase.certification.vnnlib import Property, read_vnnlib
 
 LOW_DIM = 16  # inputs up to which the input box is split (ACAS Xu: 5); above it, ReLUs are split
+MAX_SPLIT = 1 << 30  # unstable ReLUs up to which branch and bound is tried: always (the budget is the limit)
 TOLERANCE = 1e-4  # |graph - onnxruntime| allowed on a counterexample's outputs, as the competition re-checks
 VERDICT_FILE = {"violated": "sat", "holds": "unsat", "unknown": "unknown", "timeout": "timeout"}
 
@@ -236,7 +237,7 @@ def _rows(net: Network, prop: Property, region, lo, hi, timeout: float, seed: in
         y = net.forward(x)
         return torch.cat([torch.zeros(len(y), 1, dtype=y.dtype), b32 - y @ A32.T], 1)
 
-    r = decide(g, forward, (lo + hi) / 2, lo, hi, 0, timeout, seed=seed)
+    r = decide(g, forward, (lo + hi) / 2, lo, hi, 0, timeout, seed=seed, max_split=MAX_SPLIT)
     if r["verdict"] == "verified":
         return "holds", None, r["method"]
     if r["verdict"] == "falsified":
