@@ -446,3 +446,39 @@ def test_4_every_hash_of_an_id_uses_the_site_secret(tmp_path, monkeypatch):
     assert got == [confidential.hash_id("cell0001.png", salt)]
     public = hashlib.sha256(f"trustcase-improve:{uc.id}".encode()).hexdigest()
     assert hashlib.sha256(f"{public}:cell0001.png".encode()).hexdigest()[:16] not in got[0]
+
+
+def test_a_split_of_absurd_length_is_a_user_error_not_a_memory_error(tmp_path):
+    """Issue 24 (smaller): a loader whose __len__ is 10**11 ended in MemoryError; with a cap it streams."""
+    from trustcase.data.streaming import DataError
+
+    (tmp_path / "huge_loader.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from trustcase.data.streaming import Item
+
+        class Huge:
+            def __len__(self): return 10**11
+            def __getitem__(self, i): return Item(image=np.zeros((8, 8), np.float32), label=0, id=f"x{i}")
+
+        def load(split): return Huge()
+    """))
+    raw = folder_use_case(tmp_path, size=8)
+    raw["data"] = {"loader": "huge_loader:load", "path": str(tmp_path), "splits": {"train": "train", "test": "test"}}
+    uc = UseCase.model_validate(raw)
+    with pytest.raises(DataError, match="100,000,000,000 items.*set data.max_samples.test"):
+        DataSource(uc.data, 0, uc.model).stream("test")
+    capped = UseCase.model_validate({**raw, "data": {**raw["data"], "max_samples": {"test": 5}}})
+    assert len(DataSource(capped.data, 0, capped.model).stream("test")) == 5
+
+
+def test_a_large_npy_goes_through_the_monitor_in_batches(monitor_file, tmp_path):  # noqa: F811
+    """Issue 24 (smaller): a monitor .npy of 4,000 items went through the model in one pass."""
+    from trustcase import odd
+
+    mon = odd.Monitor.load(monitor_file, monitor_file.with_name("m.pt"))
+    sizes = []
+    real = mon.evaluate
+    mon.evaluate = lambda x, meta=None: (sizes.append(len(x)), real(x, meta))[1]
+    np.save(tmp_path / "many.npy", np.full((600, 8, 8), 120.0, np.float32))
+    names = [n for n, _ in odd.evaluate_files(mon, [tmp_path / "many.npy"])]
+    assert sizes == [256, 256, 88] and names[-1].endswith("many.npy[599]") and len(names) == 600

@@ -29,6 +29,7 @@ from trustcase.registry import resolve
 from trustcase.schemas import DataSpec, ModelSpec
 
 MAX_PIXELS = 50_000_000  # an image file over this is refused from its header, before it is decoded
+MAX_ITEMS = 10**9  # a split longer than this (a broken __len__, 10**11) needs data.max_samples
 
 
 class DataError(UserError):
@@ -188,11 +189,11 @@ class SplitStream:
                  expected: tuple[int, ...] | None = None, n_classes: int | None = None):
         self.split, self.role, self.expected, self.n_classes = split, role, expected, n_classes
         n = len(split)
-        positions = np.arange(n)
         if cap is not None and cap < n:
-            # a seeded, sorted subset: deterministic and spread over the whole split
-            positions = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
-        self.positions = positions
+            # a seeded, sorted subset: deterministic and spread over the whole split (never an arange of n)
+            self.positions = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+        else:
+            self.positions = np.arange(n)
         self.batch_size, self.workers = batch_size, workers
         self.unreadable: list[Unreadable] = []
 
@@ -264,6 +265,10 @@ class DataSource:
                 raise DataError(f"{call}: len() of its split raised {type(e).__name__}: {e}") from None
             if not isinstance(n, int) or n < 0:
                 raise DataError(f"{call}: len() of its split is {n!r}, not a count")
+            cap = self.spec.max_samples.get(role)
+            if n > MAX_ITEMS and (cap is None or cap > MAX_ITEMS):
+                raise DataError(f"{call}: its split has {n:,} items, more than {MAX_ITEMS:,} can be streamed: "
+                                f"set data.max_samples.{role}")
             self._streams[role] = SplitStream(
                 split, role, self.spec.max_samples.get(role), self.seed, self.spec.batch_size, self.spec.workers,
                 self.expected, self.n_classes,

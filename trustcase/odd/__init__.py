@@ -30,6 +30,7 @@ from trustcase.odd.monitor import (
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+BATCH = 256  # inputs of one file judged at once
 
 
 def input_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -98,9 +99,11 @@ def evaluate_files(monitor: Monitor, paths: Sequence[str | Path], meta: dict[str
         except MonitorError as e:
             yield str(f), {"state": State.OUT.name, "reasons": [f"not judged: {e}"], "error": str(e)}
             continue
-        d = monitor.evaluate(x, {k: [v] * len(x) for k, v in (meta or {}).items()})
-        for i in range(len(d)):
-            yield (str(f) if len(d) == 1 else f"{f}[{i}]"), d.record(i)
+        for start in range(0, len(x), BATCH):  # a .npy of thousands of inputs goes through the model in batches
+            part = x[start:start + BATCH]
+            d = monitor.evaluate(part, {k: [v] * len(part) for k, v in (meta or {}).items()})
+            for i in range(len(d)):
+                yield (str(f) if len(x) == 1 else f"{f}[{start + i}]"), d.record(i)
 
 
 __all__ = ["DESCRIPTORS", "SCHEMA_VERSION", "Decisions", "LearnedMonitor", "Monitor", "MonitorError",
