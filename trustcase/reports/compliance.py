@@ -379,13 +379,13 @@ def matrix(a: Assessment, cats: list[Catalogue] | None = None) -> Matrix:
 class Change:
     framework: str
     id: str
-    status: str | None  # None: the objective is gone from the catalogues
-    previous: str | None
+    status: str
+    previous: str
     lost: bool  # supported before, no longer
 
     @property
-    def worse(self) -> bool:
-        return RANK.get(self.status or "", -1) < RANK.get(self.previous or "", -1)
+    def worse(self) -> bool:  # out of scope has no rank: a change to or from it is neither better nor worse
+        return RANK.get(self.status, -1) < RANK.get(self.previous, -1) and self.status in RANK
 
 
 def compare(current: Matrix, previous: Matrix) -> list[Change]:
