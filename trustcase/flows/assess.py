@@ -46,6 +46,7 @@ from trustcase.errors import UserError
 from trustcase.flows import confidential, logs, provenance, rerender, tracking
 from trustcase.models.classifier import Classifier, sha256_file
 from trustcase.models.loading import load_classifier
+from trustcase.reports.compliance import own_catalogues
 from trustcase.schemas import (
     Assessment,
     CheckOutcome,
@@ -440,7 +441,8 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
         started_at=started, finished_at=datetime.now(UTC),
     )
     assessment = Assessment(use_case=uc_json, requirements=uc.requirements, outcomes=outcomes,
-                            evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors)
+                            evidence=records, provenance=prov, verdict=verdict, complete=complete, errors=errors,
+                            catalogues=own_catalogues(uc))
     if red:  # the record itself: paths in the use case, ids in errors and limitations
         assessment = Assessment.model_validate(red.json(assessment.model_dump(mode="json")))
         uc_text, errors = red.text(uc_text), assessment.errors  # the CLI prints the errors too
