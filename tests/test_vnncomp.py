@@ -131,3 +131,35 @@ def test_every_verdict_of_the_quick_sample_agrees_with_the_published_results():
                 assert want in ("violated", None), (bench, prop_path.name)
             decided += verdict != "unknown"
     assert decided >= 4
+
+
+def test_conjunctions_of_several_rows_on_an_image_network(tmp_path):
+    """'Y_j >= Y_c and Y_j <= 1e6' for some other class j (conjunctions of two rows) on a CNN of 36 inputs: held
+    near a point the network classifies with room to spare, violated on a box wide enough, with a counterexample
+    onnxruntime confirms."""
+    from test_onnx_graph import export
+    from test_verification import tiny_conv
+
+    export(tiny_conv(1), (1, 6, 6), tmp_path / "cnn.onnx")
+    net = load(tmp_path / "cnn.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=36)
+    y = net.reference(x[None])[0]
+    c = int(y.argmax())
+    others = [j for j in range(3) if j != c]
+    head = "".join(f"(declare-const X_{i} Real)\n" for i in range(36)) + \
+        "".join(f"(declare-const Y_{j} Real)\n" for j in range(3))
+    for eps, want in ((1e-4, "holds"), (3.0, "violated")):
+        body = "".join(f"(assert (>= X_{i} {float(v - eps)!r}))\n(assert (<= X_{i} {float(v + eps)!r}))\n"
+                       for i, v in enumerate(x))
+        rows = " ".join(f"(and (>= Y_{j} Y_{c}) (<= Y_{j} 1e6))" for j in others)
+        path = tmp_path / f"p{eps}.vnnlib"
+        path.write_text(head + body + f"(assert (or {rows}))\n")
+        r = solve(net, read_property(path, net), timeout=20)
+        if want:
+            assert r["verdict"] == want, r
+        if r["verdict"] == "violated":
+            cx = np.asarray(r["counterexample"]["x"], np.float32)
+            out = net.reference(cx[None])[0]
+            assert np.abs(cx - x).max() <= eps + 1e-6
+            assert any(out[j] >= out[c] for j in others)
