@@ -277,6 +277,45 @@ def monitor(
 
 
 @app.command()
+def drift(
+    use_case: Path = typer.Argument(..., metavar="USE_CASE", help="use-case file (its model and reference split)"),
+    batch: list[Path] = typer.Argument(..., metavar="BATCH...", help="image or .npy files, or folders of them"),
+    reference: str = typer.Option("validation", "--reference", help="the split the batch is compared with"),
+    alpha: float = typer.Option(0.05, "--alpha", min=0.0, max=1.0, help="level of the test"),
+    permutations: int = typer.Option(200, "--permutations", min=19, max=10000),
+    max_items: int = typer.Option(500, "--max-items", min=10, max=5000, help="seeded sample per side"),
+    seed: int = typer.Option(0, "--seed"),
+    resize: bool = typer.Option(False, "--resize", help="resample images to the model's input size"),
+    as_json: bool = typer.Option(False, "--json", help="the whole result as one JSON object"),
+) -> None:
+    """Has a batch of production inputs drifted from the reference split in the model's feature space? MMD test:
+    exit 0 no drift, 3 drift (p-value < alpha), 2 a batch the test cannot judge."""
+    import json
+
+    from trustcase.data.drift import batch_drift
+    from trustcase.models.loading import load_classifier
+    from trustcase.schemas import load_use_case
+
+    try:
+        uc = load_use_case(use_case)
+        r = batch_drift(uc, load_classifier(uc.model), batch, reference, resize, max_items, permutations, seed)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    drifted = r["pvalue"] < alpha
+    if as_json:
+        print(json.dumps({"drift": drifted, "alpha": alpha, **r}))
+    else:
+        top = ", ".join(f"{m['descriptor']} (median {m['median_reference']:.3g} -> {m['median_other']:.3g}, KS "
+                        f"{m['ks']:.2f})" for m in r["moved"])
+        out_console.print(f"{'drift' if drifted else 'no drift'}: p-value {r['pvalue']:.3g} (level {alpha}), MMD "
+                          f"{r['mmd']:.3f} on {r['features']} features; {r['n_other']} of {r['seen_other']} batch "
+                          f"inputs against {r['n_reference']} {reference} items" + (f"; moved most: {top}" if top
+                                                                                      else ""), highlight=False)
+    if drifted:
+        raise typer.Exit(EXIT_NOT_ALL_PASS)
+
+
+@app.command()
 def pack(
     run_id: str = typer.Argument(..., help="MLflow run id of an assessment"),
     out: Path = typer.Option(None, "-o", "--out", help="pack file (default trustcase-out/pack-<run id>.zip)"),
