@@ -120,8 +120,10 @@ class Lipschitz(Check):
                 f"Lipschitz upper bound L = {upper:.4g} of the logit map, composed layer by layer "
                 "(conv: circular-convolution norm on the padded size, BN folded), model in eval mode",
                 f"certified radius convention: {convention}",
-                "certificates hold for the deterministic model as loaded, for every input within the radius "
-                "(floating-point rounding of the forward pass is not accounted for)",
+                "certificates hold for the deterministic model as loaded, for every input within the radius; "
+                "every float64 step of the bound and the radii carries its own rounding margin (about 1e-12 "
+                "relative, derived from the arithmetic: certification/rounding.py), so they hold on any CPU; "
+                "the rounding of the model's float32 forward pass (about 1e-6 of the logits) is not accounted for",
                 f"lower bound {lower:.4g} from gradient ascent on {min(n, p.ascent_points)} data points"
                 if lower is not None else "no lower bound: no data point to start the gradient ascent from",
             ],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from trustcase.certification.smoothing import ABSTAIN, certify, predict, training_noise
+from trustcase.certification.smoothing import ABSTAIN, PPF_ERROR, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.measurement import accuracy_curve, estimate, proportion, radius_grid, write_items
 from trustcase.schemas import CheckOutcome, Scope, Stage
@@ -130,7 +130,8 @@ class RandomizedSmoothing(Check):
                 "added in pixel space before normalisation; norm: L2 of the input scaled to [0, 1]",
                 f"each certificate holds with probability >= 1 - alpha = {1 - p.alpha:g} (Clopper-Pearson, "
                 f"n0 = {p.n0} selection samples, n = {p.n} estimation samples); abstain counts as wrong",
-                f"radius = sigma * PhiInverse(pA); measured on {n_items} items of the {p.split} split",
+                f"radius = sigma * PhiInverse(pA), pA lowered by {PPF_ERROR:g} (relative) for the inverse beta's "
+                f"rounding and the radius by 1e-15; measured on {n_items} items of the {p.split} split",
                 trained_text,
             ],
             limitations=([f"certified {n_items} items of the {p.split} split (max_items = {p.max_items})"]
