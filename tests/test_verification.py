@@ -311,6 +311,7 @@ def test_split_decisions_only_tighten_and_stay_sound(seed):
     lower, lam, scores, alphas, betas = bab._optimise(g, lo, hi, spec, bounds, splits, {}, {}, 20,
                                                       time.perf_counter() + 10)
     root = bab._Domains(splits, bounds, alphas, betas, lower, scores, lam)
+    fast = G.astype(g, torch.float32)  # the children search alpha and beta in float32, bound in float64
     # split the two neurons of largest score, one after the other: four grandchildren
     d = root
     for _ in range(2):
@@ -319,7 +320,7 @@ def test_split_decisions_only_tighten_and_stay_sound(seed):
         n = len(kids)
         low, lam, scores, alphas, betas = bab._optimise(g, lo.expand(n, 3), hi.expand(n, 3), spec, kids.bounds,
                                                         kids.splits, kids.alphas, kids.betas, 20,
-                                                        time.perf_counter() + 10, kids.lower)
+                                                        time.perf_counter() + 10, kids.lower, fast)
         assert torch.all(low >= kids.lower)  # children: at least the parent's bound, row by row
         d = bab._Domains(kids.splits, kids.bounds, alphas, betas, low, scores, lam)
     xs = lo + (hi - lo) * torch.rand(50000, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

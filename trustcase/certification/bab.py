@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trustcase.certification import graph as G
 from trustcase.certification import propagation as P
 from trustcase.certification.graph import Graph
 
@@ -252,12 +253,14 @@ def _tighten(g: Graph, bounds: list, splits: dict) -> list:
 
 
 def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict, alphas: dict, betas: dict,
-              iterations: int, deadline: float, known: torch.Tensor | None = None):
+              iterations: int, deadline: float, known: torch.Tensor | None = None, fast: Graph | None = None):
     """alpha-beta-CROWN on the output rows, the intermediate bounds fixed: the lower slopes alpha in [0, 1] of
     the unstable ReLUs and the multipliers beta >= 0 of the split decisions s z >= 0, per domain and row,
     by projected Adam. For beta >= 0, f(x) - sum beta s z(x) <= f(x) wherever the decisions hold, so every
     iterate's bound is a valid bound of the sub-problem; the best per row is kept, and so is the parent's
     (`known`, valid on the smaller set): only the rows still live in some domain are bounded again.
+    `fast`: the graph in float32, where alpha and beta are searched (twice as fast); their bound is then
+    computed once in float64 (any alpha in [0, 1], beta >= 0 is sound: float32 only steers the search).
     Returns (lower (N, m), Lambda of the worst row's last bound (N, d), branching scores, alphas, betas)."""
     n, m_all = len(lo), spec.A.shape[0]
     best_all = torch.full((n, m_all), -torch.inf, dtype=torch.float64) if known is None else known.clone()
@@ -272,8 +275,12 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
                   .expand(n, m_all, *bounds[j][0].shape[1:]).clone() for j, r in pre.items() if unstable[r].any()}
     betas_all = {j: betas[j].clone() if j in betas else torch.zeros(n, m_all, *s.shape[1:], dtype=torch.float64)
                  for j, s in splits.items() if s.any()}
-    alphas = {r: a[:, rows].clone().requires_grad_(True) for r, a in alphas_all.items()}
-    betas = {j: v[:, rows].clone().requires_grad_(True) for j, v in betas_all.items()}
+    dtype = torch.float64 if fast is None else torch.float32
+    alphas = {r: a[:, rows].to(dtype).requires_grad_(True) for r, a in alphas_all.items()}
+    betas = {j: v[:, rows].to(dtype).requires_grad_(True) for j, v in betas_all.items()}
+    gq, Cq, rq = (g, C, rhs) if fast is None else (fast, C.float(), rhs.float())
+    bq = bounds if fast is None else [(a.float(), b.float()) for a, b in bounds]
+    sq = splits if fast is None else {j: v.float() for j, v in splits.items()}
     groups = [{"params": list(alphas.values()), "lr": 0.1}]
     if betas:
         groups.append({"params": list(betas.values()), "lr": 0.05})
@@ -282,13 +289,14 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
     lam, keep = None, {}
     for t in range(iterations if opt is not None else 1):
         with torch.enable_grad():
-            terms = {j: -b * splits[j].unsqueeze(1) for j, b in betas.items()}
+            terms = {j: -b * sq[j].unsqueeze(1) for j, b in betas.items()}
             keep = {}
-            b, lam = P.backward(g, len(g.nodes) - 1, C, bounds, alphas, terms, keep)
-            b = b - rhs
-            best = torch.maximum(best, b.detach())
-            best_all[:, rows] = torch.maximum(best_all[:, rows], best)
-            _, close = spec.closeness(best_all)
+            b, lam = P.backward(gq, len(g.nodes) - 1, Cq, bq, alphas, terms, keep)
+            b = b - rq
+            best = torch.maximum(best, b.detach().double())
+            if fast is None:
+                best_all[:, rows] = torch.maximum(best_all[:, rows], best)
+            _, close = spec.closeness(best_all if fast is None else _put(best_all, rows, best))
             if opt is None or bool((close > MARGIN).all()) or t == iterations - 1 or time.perf_counter() > deadline:
                 break
             opt.zero_grad()
@@ -301,9 +309,15 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
                 v.clamp_(min=0.0)
     with torch.no_grad():
         for r, a in alphas.items():
-            alphas_all[r][:, rows] = a.detach()
+            alphas_all[r][:, rows] = a.detach().double()
         for j, v in betas.items():
-            betas_all[j][:, rows] = v.detach()
+            betas_all[j][:, rows] = v.detach().double()
+        if fast is not None:  # the sound bound of the parameters found: float64
+            a64 = {r: a[:, rows] for r, a in alphas_all.items()}
+            terms = {j: -v[:, rows] * splits[j].unsqueeze(1) for j, v in betas_all.items()}
+            keep = {}
+            b, lam = P.backward(g, len(g.nodes) - 1, C, bounds, a64, terms, keep)
+            best_all[:, rows] = torch.maximum(best_all[:, rows], b - rhs)
         best = best_all[:, rows]
         live = (spec.live(spec.closeness(best_all)[0] > MARGIN) & (best_all <= MARGIN))[:, rows].double()
         scores = {}
@@ -320,6 +334,13 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
     return best_all, lam, scores, alphas_all, betas_all
 
 
+def _put(a: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of a with its columns `cols` raised to `values` where higher."""
+    a = a.clone()
+    a[:, cols] = torch.maximum(a[:, cols], values)
+    return a
+
+
 def _alpha_intermediate(g: Graph, bounds: list, iterations: int, deadline: float) -> list:
     """The pre-activation bounds of the unstable ReLUs after the first layer tightened by alpha-CROWN (one
     domain, at the root of a ReLU split: every later domain inherits them), layer by layer; every iterate's
@@ -329,8 +350,9 @@ def _alpha_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
         lb, ub = bounds[k]
         idx = torch.nonzero(((lb < 0) & (ub > 0)).flatten(1)[0]).flatten()
         earlier = [r for r in g.relus if r < k]
-        if not len(idx) or not earlier or time.perf_counter() > deadline:
-            continue
+        widest = max(math.prod(g.nodes[j].shape) for j in range(k + 1))
+        if not len(idx) or not earlier or time.perf_counter() > deadline or 2 * len(idx) * widest > P.ELEMENTS:
+            continue  # (an image layer with thousands of unstable neurons keeps CROWN's bounds: memory)
         c = len(idx)
         C = torch.zeros(1, 2 * c, math.prod(lb.shape[1:]), dtype=torch.float64)
         C[0, torch.arange(c), idx], C[0, c + torch.arange(c), idx] = 1.0, -1.0
@@ -404,6 +426,7 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
     """
     spec = _Specification(conjunctions, mix=False)
     shape = g.nodes[0].shape
+    fast = G.astype(g, torch.float32)
     lo = torch.from_numpy(np.asarray(lower, np.float64)).view(1, *shape)
     hi = torch.from_numpy(np.asarray(upper, np.float64)).view(1, *shape)
     pre = sorted({g.nodes[r].inputs[0] for r in g.relus})
@@ -427,6 +450,9 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
     found = corners(open_)
     if found is not None:
         return Outcome("violated", found, done, method="bound-guided corner")
+    # per domain and row, alpha, beta and their gradients: about 48 bytes per ReLU; about 400 MB a batch at most
+    per_domain = 48 * spec.A.shape[0] * sum(math.prod(g.nodes[r].shape) for r in g.relus)
+    batch = max(1, min(batch, int(4e8 // max(per_domain, 1))))
     while len(open_):
         if time.perf_counter() > deadline:
             return Outcome("unknown", boxes=done, reason=f"budget exhausted with {len(open_)} ReLU-split domains "
@@ -459,7 +485,7 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
         kids = _branch(g, pre, take, at)
         lo_n, hi_n = lo.expand(2 * n, *shape), hi.expand(2 * n, *shape)
         lower_, lam, scores, alphas, betas = _optimise(g, lo_n, hi_n, spec, kids.bounds, kids.splits, kids.alphas,
-                                                       kids.betas, iterations, deadline, kids.lower)
+                                                       kids.betas, iterations, deadline, kids.lower, fast)
         done += 2 * n
         splits, bounds, empty = kids.splits, kids.bounds, kids.empty
         children = _Domains(splits, bounds, alphas, betas, lower_, scores, lam)

@@ -19,6 +19,7 @@ Anything else is a `GraphError` naming the layer's type and position.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -187,6 +188,19 @@ class Graph:
     def add(self, node: Node) -> int:
         self.nodes.append(node)
         return len(self.nodes) - 1
+
+
+def astype(g: Graph, dtype: torch.dtype) -> Graph:
+    """The same graph with every weight in `dtype` (float32: a fast search for good relaxation parameters,
+    whose bound is then computed again in float64)."""
+    def conv(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return dataclasses.replace(v, **{f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)})
+        return v
+
+    return Graph([dataclasses.replace(n, maps=[conv(m) for m in n.maps], bias=conv(n.bias)) for n in g.nodes])
 
 
 def affine(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -47,7 +47,7 @@ def relax(lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor | None = None)
     denom = (hi - lo).clamp_min(1e-30)
     up = torch.where(active, 1.0, torch.where(unstable, hi / denom, 0.0))
     icpt = torch.where(unstable, -lo * hi / denom, 0.0)
-    default = (hi > -lo).double()  # CROWN's choice: the lower line of the smaller area
+    default = (hi > -lo).to(lo.dtype)  # CROWN's choice: the lower line of the smaller area
     low = torch.where(active, 1.0, torch.where(unstable, default if alpha is None else alpha, 0.0))
     return low, up, icpt
 
@@ -199,7 +199,7 @@ def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict |
     """
     n, m = C.shape[:2]
     lams: dict[int, torch.Tensor] = {start: C, **(terms or {})}
-    const = torch.zeros(n, m, dtype=torch.float64)
+    const = torch.zeros(n, m, dtype=C.dtype)
     for k in range(start, -1, -1):
         lam = lams.pop(k, None)
         if lam is None:
