@@ -94,6 +94,7 @@ class Check:
     Params: ClassVar[type[Params]] = Params
     needs_gradients: ClassVar[bool] = False
     stage: ClassVar[Stage] = Stage.TESTING  # the AMLAS stage its evidence supports
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification"})  # use-case tasks it is taught (trustcase.tasks)
 
     def __init__(self, params: Params):
         self.params = params
@@ -117,6 +118,9 @@ class Check:
         raise NotImplementedError
 
     def __call__(self, ctx: Context) -> CheckOutcome:
+        if ctx.use_case.task not in self.tasks:
+            raise Unsupported(f"{self.name} is not taught the {ctx.use_case.task} task yet (it measures "
+                              f"{' and '.join(sorted(self.tasks))} models); not applicable")
         if self.needs_gradients and not ctx.model.differentiable:
             raise Unsupported(f"{self.name} needs gradients; the model is a black box")
         ctx.workdir.mkdir(parents=True, exist_ok=True)

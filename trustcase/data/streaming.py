@@ -74,6 +74,39 @@ def judge_item(image: Any, expected: tuple[int, ...] | None) -> np.ndarray:
     return image
 
 
+@dataclass(frozen=True)
+class Boxes:
+    """The label of a detection item: its true boxes, rows (x1, y1, x2, y2, class index) in pixels, K >= 0."""
+
+    rows: Any  # (K, 5) array-like; judged by `judge_boxes`
+
+
+def judge_boxes(label: Any, n_classes: int | None, image_hw: tuple[int, ...] | None = None) -> np.ndarray:
+    """A detection item's true boxes as a (K, 5) float64 array, or `Rejected` naming the first bad box
+    (non-finite, degenerate x2 <= x1 or y2 <= y1, outside the image, a class that is not an index)."""
+    if not isinstance(label, Boxes):
+        raise Rejected("label", f"label {label!r} is not the item's boxes (data.streaming.Boxes)")
+    try:
+        boxes = np.asarray(label.rows, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise Rejected("label", f"boxes are not numbers (x1, y1, x2, y2, class): {e}") from None
+    if boxes.size == 0:
+        return np.zeros((0, 5))
+    if boxes.ndim != 2 or boxes.shape[1] != 5:
+        raise Rejected("label", f"boxes of shape {boxes.shape}, expected (K, 5) rows (x1, y1, x2, y2, class)")
+    for k, (x1, y1, x2, y2, c) in enumerate(boxes):
+        row = f"box {k} {[float(v) for v in (x1, y1, x2, y2)]}"
+        if not np.isfinite([x1, y1, x2, y2, c]).all():
+            raise Rejected("label", f"{row}: a non-finite value")
+        if x2 <= x1 or y2 <= y1:
+            raise Rejected("label", f"{row}: degenerate (x2 <= x1 or y2 <= y1)")
+        if c != int(c) or (n_classes is not None and not 0 <= c < n_classes):
+            raise Rejected("label", f"{row}: class {c:g} is not a class index")
+        if image_hw is not None and len(image_hw) >= 2 and (x1 < 0 or y1 < 0 or x2 > image_hw[1] or y2 > image_hw[0]):
+            raise Rejected("label", f"{row}: outside the {image_hw[1]}x{image_hw[0]} image")
+    return boxes
+
+
 def judge_label(label: Any, n_classes: int | None) -> int:
     """The label as a class index, or `Rejected`: an integer (or bool) in 0..n_classes-1. A fractional label is
     refused, never truncated (0.9 is not class 0), a negative or too large one too."""
@@ -97,7 +130,7 @@ def check_pixels(width: int, height: int, where: Any) -> None:
 @dataclass(frozen=True)
 class Item:
     image: np.ndarray  # (H, W) or (H, W, C) in pixel space; (F,) for a tabular input
-    label: int
+    label: int | Boxes
     id: str
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -110,7 +143,7 @@ class Split(Protocol):
 @dataclass
 class Batch:
     images: np.ndarray  # (B, H, W, C), or (B, F) for tabular inputs
-    labels: np.ndarray  # (B,) int64
+    labels: np.ndarray | list[np.ndarray]  # (B,) int64; detection: one (K, 5) boxes array per item (`Boxes`)
     ids: list[str]
     meta: dict[str, list[str]]
     index: np.ndarray  # (B,) position in the split (randomness follows `ids`: `trustcase.seeding`)
@@ -146,8 +179,11 @@ class _Guarded(torch.utils.data.Dataset):
         i = int(self.positions[j])
         try:
             item = self.split[i]
-            return (i, str(item.id), judge_item(item.image, self.expected), judge_label(item.label, self.n_classes),
-                    dict(item.meta))
+            image = judge_item(item.image, self.expected)
+            # a label is judged by its form: a detection item's `Boxes` (the preflight ties the form to the task)
+            label = (judge_boxes(item.label, self.n_classes, image.shape[:2]) if isinstance(item.label, Boxes)
+                     else judge_label(item.label, self.n_classes))
+            return (i, str(item.id), image, label, dict(item.meta))
         except Rejected as e:
             return (i, None, self._name(i), e.kind, str(e))
         except Exception as e:  # a partner's loader may raise anything on a corrupt file
@@ -174,7 +210,8 @@ def _collate(rows):
     keys = sorted({k for r in good for k in r[4]})
     batch = Batch(
         images=np.stack([r[2] for r in good]),
-        labels=np.array([r[3] for r in good], dtype=np.int64),
+        labels=[r[3] for r in good] if isinstance(good[0][3], np.ndarray) else np.array([r[3] for r in good],
+                                                                                          dtype=np.int64),
         ids=[r[1] for r in good],
         meta={k: [str(r[4].get(k, "")) for r in good] for k in keys},
         index=np.array([r[0] for r in good], dtype=np.int64),
@@ -278,6 +315,18 @@ class DataSource:
 
 # --- built-in loaders -------------------------------------------------------------------------
 
+def read_image(path: Path, name: str, grey: bool) -> np.ndarray:
+    """One image file as (H, W) grey or (H, W, 3) RGB; one over `MAX_PIXELS` is refused from its header."""
+    from PIL import Image
+
+    with warnings.catch_warnings():  # PIL only warns below twice its own limit: ours decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)  # reads the header only: a decompression bomb is refused undecoded
+    with im:
+        check_pixels(*im.size, name)
+        return np.asarray(im.convert("L" if grey else "RGB"))
+
+
 class ImageFolder:
     """root/<split>/<class>/*.png: the layout most teams already have."""
 
@@ -298,16 +347,8 @@ class ImageFolder:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Item:
-        from PIL import Image
-
         path, label = self.files[i]
-        with warnings.catch_warnings():  # PIL only warns below twice its own limit: ours decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)  # reads the header only: a decompression bomb is refused undecoded
-        with im:
-            check_pixels(*im.size, self.name(i))
-            image = np.asarray(im.convert("L" if self.grey else "RGB"))
-        return Item(image=image, label=label, id=self.name(i))
+        return Item(image=read_image(path, self.name(i), self.grey), label=label, id=self.name(i))
 
     def name(self, i: int) -> str:
         return str(self.files[i][0].relative_to(self.root))

@@ -22,10 +22,10 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from trustcase.checks import REGISTRY, Check, CheckError, Produces, check_class
-from trustcase.data.streaming import DataError, DataSource, Rejected, judge_item, judge_label
+from trustcase.data.streaming import DataError, DataSource, Rejected, expected_shape, judge_item
 from trustcase.errors import UserError, validation_message, validation_problems
 from trustcase.models.classifier import ModelError
-from trustcase.models.loading import BLACK_BOXES, load_classifier
+from trustcase.models.loading import BLACK_BOXES
 from trustcase.odd.monitor import MonitorError
 from trustcase.odd.specification import Limit
 from trustcase.registry import resolve
@@ -33,6 +33,7 @@ from trustcase.reports.compliance import own_catalogue_problems
 from trustcase.schemas import Problem, UseCase, UseCaseError, parse_use_case
 from trustcase.schemas.loading import locator
 from trustcase.schemas.use_case import SEEDS
+from trustcase.tasks import task_of
 
 Add = Callable[[tuple, str], None]
 
@@ -200,7 +201,7 @@ def model(uc: UseCase, add: Add) -> None:
         add(("model", "path"), f"model file not found: {spec.path}")
         return
     try:
-        load_classifier(spec)  # probes it with one input of the declared contract
+        task_of(uc).load_model(spec)  # probes it with one input of the declared contract, checks the task's output
     except (ModelError, DataError) as e:
         add(("model", "path"), str(e))
     except Exception as e:  # noqa: BLE001  (a partner's black box may raise anything while it loads)
@@ -231,7 +232,7 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
         try:
             item = stream.split[i]
             judge_item(item.image, source.expected)
-            judge_label(item.label, len(uc.model.class_names))
+            task_of(uc).judge_label(item.label, len(uc.model.class_names), expected_shape(uc.model)[:2])
         except Rejected as e:
             add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) does not fit the model's input: {e}")
             continue

@@ -51,8 +51,9 @@ def load_failure(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(text.split())}"
 
 
-def load_classifier(spec: ModelSpec) -> Classifier:
-    """The model of a use case, probed with one input of its declared contract before anything else runs."""
+def load_classifier(spec: ModelSpec, wrap: Callable[[Classifier], Classifier] | None = None) -> Classifier:
+    """The model of a use case, probed with one input of its declared contract before anything else runs; `wrap`
+    gives another task's view of it (`tasks.detection.Detector`), whose output contract the probe then checks."""
     if spec.format in BLACK_BOXES:
         clf = BLACK_BOXES[spec.format](spec)
     else:
@@ -65,5 +66,7 @@ def load_classifier(spec: ModelSpec) -> Classifier:
             raise
         except Exception as e:  # torch raises many types for a bad file; name the file and the cause
             raise ModelError(f"cannot load {spec.format} model {path}: {load_failure(e)}") from None
+    if wrap is not None:
+        clf = wrap(clf)
     probe(clf)
     return clf

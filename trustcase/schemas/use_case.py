@@ -11,11 +11,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share"}  # metric:<class name>
+CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "ap50", "ap"}  # metric:<class name>
 # metrics that are proportions (0..1): a claim on one beyond that range can never pass (or never fail)
 PROPORTIONS = CLASS_METRICS | {"accuracy", "balanced_accuracy", "ece", "false_alarm_rate", "alert_rate", "stop_rate",
                                "detection_rate", "detection_rate_alert", "accuracy_accepted", "accuracy_stopped",
-                               "odd_share", "properties_holding", "certified_accuracy", "robust_accuracy"}
+                               "odd_share", "properties_holding", "certified_accuracy", "robust_accuracy",
+                               "map50", "map"}  # detection: mean AP at IoU 0.5 and over IoU 0.5:0.95
 SEEDS = 2**32  # a seed is 0 <= seed < 2**32: what numpy's and torch's generators all take
 MAX_INPUT_VALUES = 50_000_000  # one input of more values than this cannot be batched on a workstation
 
@@ -261,6 +262,8 @@ class UseCase(Strict):
     criticality: Criticality
     intended_function: str
     confidentiality: Confidentiality = Confidentiality.public
+    task: Literal["classification", "detection"] = Field(
+        "classification", description="what the model does: its output contract, labels and metrics (trustcase.tasks)")
     model: ModelSpec
     data: DataSpec
     odd: ODD = ODD()

@@ -1,0 +1,82 @@
+"""Object detection: the model's output contract, the label of an item (its true boxes) and loading.
+
+Output contract (one for TorchScript, ONNX and black boxes): the model maps a normalised batch (B, C, H, W) to
+one float tensor (B, D, 6), each row a detection (x1, y1, x2, y2, score, class) in pixels of the input image,
+class an index into `model.class_names`, score in [0, 1]; a row with score < 0 is padding (D is the most
+detections any image of the batch has; a fixed D with padding is what an exported graph can return). An item's label
+is its true boxes, `data.streaming.Boxes` (K, 5) rows (x1, y1, x2, y2, class), K >= 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trustcase.data.streaming import judge_boxes
+from trustcase.models.classifier import Classifier, ModelError, NonFiniteOutput
+from trustcase.models.loading import load_classifier
+from trustcase.schemas import ModelSpec
+from trustcase.tasks import Task
+
+ROW = 6  # x1, y1, x2, y2, score, class
+
+
+class Detector(Classifier):
+    """A detector seen through the use case's contract: pixel-space images in, detections per image out."""
+
+    def __init__(self, inner: Classifier):
+        super().__init__(inner.spec, module=inner.module, session=inner.session)
+        self._inner = inner  # a black box keeps its own forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._inner.forward(x)
+
+    def check_output(self, out: torch.Tensor, ids: list[str] | None = None) -> None:
+        judge_output(out, len(self.spec.class_names), tuple(self.spec.input_shape[1:]), ids)
+
+    def detect(self, images: np.ndarray, ids: list[str] | None = None) -> list[np.ndarray]:
+        """One (K, 6) float64 array per image, padding rows removed, sorted by decreasing score."""
+        out = self.logits(images, ids).astype(np.float64)
+        dets = []
+        for rows in out:
+            rows = rows[rows[:, 4] >= 0]
+            dets.append(rows[np.argsort(-rows[:, 4], kind="stable")])
+        return dets
+
+
+def judge_output(out: torch.Tensor, n_classes: int, image_hw: tuple[int, ...], ids: list[str] | None = None) -> None:
+    """`ModelError` naming the first item whose detections break the contract (structure, NaN, x2 < x1, class)."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[2] != ROW:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"detector output is {shape}, expected one tensor (batch, detections, 6) of rows (x1, y1, x2, "
+                         "y2, score, class), padding rows with score < 0")
+    rows = out.detach().double()
+    real = rows[..., 4] >= 0
+    name = (lambda b: f"item {ids[b]}" if ids else f"item {b} of the batch")
+    bad_score = torch.isnan(rows[..., 4]) | (rows[..., 4] > 1)
+    problems = [
+        (bad_score, "a score that is NaN or above 1 (scores are in [0, 1]; padding rows < 0)"),
+        (real & ~torch.isfinite(rows[..., :4]).all(-1), "a non-finite box coordinate"),
+        (real & ((rows[..., 2] < rows[..., 0]) | (rows[..., 3] < rows[..., 1])), "a box with x2 < x1 or y2 < y1"),
+        (real & ((rows[..., 5] != rows[..., 5].round()) | (rows[..., 5] < 0) | (rows[..., 5] >= n_classes)),
+         f"a class that is not an index 0..{n_classes - 1}"),
+    ]
+    for mask, what in problems:
+        hit = mask.any(-1)
+        if hit.any():
+            b = int(torch.nonzero(hit)[0])
+            d = int(torch.nonzero(mask[b])[0])
+            error = NonFiniteOutput if "NaN" in what or "finite" in what else ModelError
+            raise error(f"detector output for {name(b)}, detection {d}: {what} "
+                        f"(row {[round(float(v), 4) for v in rows[b, d]]}; {int(hit.sum())} item(s) of the batch)")
+
+
+class Detection(Task):
+    name = "detection"
+    output = "detections (batch, D, 6): x1, y1, x2, y2 (pixels), score in [0, 1], class; padding score < 0"
+
+    def load_model(self, spec: ModelSpec) -> Detector:
+        return load_classifier(spec, wrap=Detector)
+
+    def judge_label(self, label, n_classes, image_hw=None):
+        return judge_boxes(label, n_classes, image_hw)  # a class index is refused: the label must be its boxes

@@ -1,0 +1,172 @@
+"""Detection metrics, streamed: per-class AP and mAP at IoU 0.5 and over IoU 0.5:0.95 (COCO's rule: greedy matching
+by decreasing score, 101-point interpolated precision, at most 100 detections per image and class, every box of
+area "all"), and at the operating score threshold the recall of true indications and the false indications per
+image.
+
+`DetectionTally.update` matches one batch's detections to its true boxes image by image and keeps, per detection,
+only its class, score, image and whether it is a true positive at each IoU threshold; `compute` sorts them once.
+Intervals: AP and false indications per image by the Poisson bootstrap over images (each image's weights from
+(seed, check, image id, "bootstrap"), `measurement.bootstrap_weights`: the same interval at any batch size, order
+or shard count); recall by Clopper-Pearson (`measurement.proportion`). The AP agrees with pycocotools'
+COCOeval on the same detections (tests/test_detection_metrics.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trustcase.measurement import bootstrap_interval, bootstrap_weights, estimate, proportion
+from trustcase.schemas import Measurement, PerturbationScope, Scope
+
+# COCO's thresholds, written as pycocotools writes them (the same floats, so the same matches at a tie)
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+RECALL_POINTS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+MAX_DETECTIONS = 100  # per image and class, as COCO's AP
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` (N, 4) with every box of `b` (M, 4), x1 y1 x2 y2 in pixels (areas w * h)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(inter / (area_a[:, None] + area_b[None, :] - inter))
+
+
+def match(dets: np.ndarray, gts: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """COCO's greedy matching of one image and one class: detections (K, 6) sorted by decreasing score, true boxes
+    (G, 5); (K, T) True where detection k matches a box not matched before at IoU >= threshold t (the best such
+    box, the later one on a tie, as pycocotools)."""
+    tp = np.zeros((len(dets), len(thresholds)), bool)
+    if not len(dets) or not len(gts):
+        return tp
+    ious = iou(dets[:, :4], gts[:, :4])
+    for t, threshold in enumerate(thresholds):
+        taken = np.zeros(len(gts), bool)
+        for k in range(len(dets)):
+            best, m = min(threshold, 1 - 1e-10), -1
+            for g in range(len(gts)):
+                if not taken[g] and ious[k, g] >= best:
+                    best, m = ious[k, g], g
+            if m >= 0:
+                taken[m], tp[k, t] = True, True
+    return tp
+
+
+def average_precision(tp: np.ndarray, n_true: float | np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """COCO's 101-point interpolated AP of one class's detections sorted by decreasing score, `tp` (K,) their
+    matches; with `weights` (K, R) (each detection counted as often as its image is drawn) one AP per bootstrap
+    replicate, `n_true` (R,) then. NaN where there is no true box."""
+    n_true = np.asarray(n_true, np.float64)
+    w = np.ones((len(tp), 1)) if weights is None else np.asarray(weights, np.float64)
+    hits = tp.astype(np.float64)[:, None] * w
+    tps, fps = np.cumsum(hits, axis=0), np.cumsum(w - hits, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = tps / n_true.reshape(1, -1)
+        precision = tps / (tps + fps + np.spacing(1))
+    # the envelope: the precision at recall r is the best at any recall >= r
+    precision = np.flip(np.maximum.accumulate(np.flip(precision, 0), axis=0), 0)
+    out = np.zeros(w.shape[1])
+    if len(tp):
+        for j in range(w.shape[1]):  # recall is non-decreasing down each column
+            at = np.searchsorted(recall[:, j], RECALL_POINTS, side="left")
+            out[j] = np.where(at < len(tp), precision[np.minimum(at, len(tp) - 1), j], 0.0).mean()
+    out = np.where(np.broadcast_to(n_true, out.shape) > 0, out, np.nan)
+    return out if weights is not None else out[0]
+
+
+class DetectionTally:
+    """Streams a split's detections against its true boxes; `compute` gives the measurements."""
+
+    def __init__(self, class_names: list[str], operating_threshold: float, check: str, seed: int):
+        self.class_names, self.threshold, self.check, self.seed = class_names, operating_threshold, check, seed
+        self.ids: list[str] = []
+        self.n_true: list[np.ndarray] = []  # per image: true boxes per class
+        self.rows: list[np.ndarray] = []  # per detection: image, class, score, rank in its image, tp at each IoU
+        self.found_at_threshold: list[np.ndarray] = []  # per image: true boxes found above the threshold, per class
+
+    def update(self, detections: list[np.ndarray], boxes: list[np.ndarray], ids: list[str]) -> None:
+        """One batch: per image its detections (K, 6) and its true boxes (G, 5)."""
+        n_classes = len(self.class_names)
+        for dets, gts, item in zip(detections, boxes, ids, strict=True):
+            image = len(self.ids)
+            self.ids.append(str(item))
+            self.n_true.append(np.bincount(gts[:, 4].astype(int), minlength=n_classes))
+            found = np.zeros(n_classes, int)
+            for c in range(n_classes):
+                d = dets[dets[:, 5] == c]
+                d = d[np.argsort(-d[:, 4], kind="mergesort")][:MAX_DETECTIONS]
+                g = gts[gts[:, 4] == c]
+                tp = match(d, g)
+                if len(d):
+                    self.rows.append(np.column_stack([np.full(len(d), image), np.full(len(d), c), d[:, 4],
+                                                      np.arange(len(d)), tp]))
+                above = d[d[:, 4] >= self.threshold]
+                found[c] = int(match(above, g, IOU_THRESHOLDS[:1])[:, 0].sum())
+            self.found_at_threshold.append(found)
+
+    def compute(self, split: str, confidence: float, replicates: int, perturbation: str | None = None,
+                amplitude: float | None = None) -> list[Measurement]:
+        pscope = None if perturbation is None else PerturbationScope(name=perturbation, max_amplitude=amplitude)
+        scope = Scope(split=split, perturbation=pscope)
+        n_images = len(self.ids)
+        n_true = np.array(self.n_true).reshape(n_images, len(self.class_names))
+        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, 4 + len(IOU_THRESHOLDS)))
+        # one order for every split and batch size: score, then image, then rank in the image (COCO's at a tie)
+        rows = rows[np.lexsort((rows[:, 3], rows[:, 0], -rows[:, 2]))]
+        weights = bootstrap_weights(self.seed, self.check, self.ids, replicates).astype(np.float64)
+        common = dict(scope=scope, amplitude=amplitude)
+        out: list[Measurement] = []
+        ap50, ap, ap50_boot, ap_boot = [], [], [], []
+        for c, name in enumerate(self.class_names):
+            r = rows[rows[:, 1] == c]
+            tp, img = r[:, 4:].astype(bool), r[:, 0].astype(int)
+            total = float(n_true[:, c].sum())
+            boot_true = weights.T @ n_true[:, c]
+            per_t = np.array([average_precision(tp[:, t], total) for t in range(len(IOU_THRESHOLDS))])
+            boot = np.array([average_precision(tp[:, t], boot_true, weights[img]) for t in range(len(IOU_THRESHOLDS))])
+            ap50.append(per_t[0])
+            ap.append(per_t.mean())
+            ap50_boot.append(boot[0])
+            ap_boot.append(boot.mean(axis=0))
+            why = {"undefined": f"no true box of class {name}"} if total == 0 else {}
+            for metric, value, b in ((f"ap50:{name}", per_t[0], boot[0]), (f"ap:{name}", per_t.mean(), boot.mean(0))):
+                out.append(estimate(self.check, metric, None if total == 0 else float(value), n_images,
+                                    None if total == 0 else bootstrap_interval(b, confidence), details=why, **common))
+            found = int(np.array(self.found_at_threshold)[:, c].sum()) if n_images else 0
+            out.append(proportion(self.check, f"recall:{name}", found, int(total), confidence, scope, amplitude,
+                                  undefined=f"no true box of class {name}", threshold=self.threshold, iou=0.5))
+        for metric, values, boot in (("map50", ap50, ap50_boot), ("map", ap, ap_boot)):
+            defined = ~np.isnan(values)
+            value = float(np.mean(np.array(values)[defined])) if defined.any() else None
+            iv = None
+            if defined.any():
+                with np.errstate(invalid="ignore"):  # a replicate that drew no box of a class leaves it out
+                    iv = bootstrap_interval(np.nanmean(np.array(boot)[defined], axis=0), confidence)
+            out.append(estimate(self.check, metric, value, n_images, iv, **common,
+                                details={} if value is not None else {"undefined": "no true box in the split"}))
+        total_true = int(n_true.sum())
+        found = int(np.array(self.found_at_threshold).sum()) if n_images else 0
+        out.append(proportion(self.check, "indication_recall", found, total_true, confidence, scope, amplitude,
+                              undefined="no true box in the split", threshold=self.threshold, iou=0.5))
+        # false indications: detections above the threshold that match no true box of their class at IoU 0.5
+        above = rows[rows[:, 2] >= self.threshold]
+        false_per_image = np.bincount(above[~above[:, 4].astype(bool), 0].astype(int), minlength=n_images)
+        iv = None
+        if n_images:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                iv = bootstrap_interval(weights.T @ false_per_image / weights.sum(axis=0), confidence)
+        out.append(estimate(self.check, "false_indications_per_image",
+                            float(false_per_image.mean()) if n_images else None, n_images, iv, unit="per image",
+                            details={"threshold": self.threshold, "iou": 0.5} if n_images else
+                            {"undefined": "no image in the split"}, **common))
+        return out
+
+
+def detection_metrics(class_names: list[str]) -> list[str]:
+    """The metric names `DetectionTally.compute` emits (what a check built on it declares it produces)."""
+    return ["map50", "map", "indication_recall", "false_indications_per_image",
+            *(f"{f}:{c}" for c in class_names for f in ("ap50", "ap", "recall"))]
