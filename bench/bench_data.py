@@ -7,6 +7,15 @@ the real ELPV labels.
    reading the images); the enrichment of suspected cells among the cells an expert rated uncertain (defect
    probability 0.33 or 0.67: the 0.5 threshold made a hard label of a hesitant rating) against the certain ones
    (risk ratio, 95% Katz interval; target >= 2x); precision and recall on 5% planted flips of certain labels.
+2. feature_drift: the check's time (train against test) / one forward pass over the same items; false alarms of
+   the MMD test at the 5% level over repetitions of random halves of the held-out cells (target <= 5%); its
+   power on real shifts (mono against poly cells; one half blurred, sigma 1.5 px; one half 20% darker); the
+   permutation test's cost at 1k and 10k items (each side a seeded sample of at most 500) and the sample's peak
+   memory at 1k and 10k items (flat).
+3. feature_leakage: the check's time / one forward pass over train and test; the false-positive rate of each
+   cosine threshold on distinct cells (ELPV's splits are group-aware: no test cell is a training cell, so every
+   test cell flagged is a false positive), and the share of test cells found again when a copy with 2 grey levels
+   of noise is added to the reference (recall).
 Without --model, the bundled solar CNN when its file exists, else a pooled CNN trained here for 10 epochs
 (`train.py --arch pooled --ibp-eps 0`), kept in .trustcase/bench/.
 """
@@ -23,8 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from trustcase.checks import Context
+from trustcase.checks.feature_drift import FeatureDrift
+from trustcase.checks.feature_leakage import FeatureLeakage
 from trustcase.checks.label_issues import LabelIssues
+from trustcase.data import drift as D
 from trustcase.data import labels as L
+from trustcase.data.leakage import NearestReference
 from trustcase.data.streaming import DataSource
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import load_use_case
@@ -89,18 +102,140 @@ def label_issues(uc, clf, seeds) -> dict:
                                  for m in out.measurements if m.metric == "suspected_labels"]}
 
 
+def held_out_features(uc, clf, shift=None) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features of every held-out cell (after `shift` of its image), and its cell type."""
+    from trustcase.odd.features import FeatureExtractor
+
+    extract = FeatureExtractor(clf)
+    feats, kinds = [], []
+    for role in HELD_OUT:
+        for b in DataSource(uc.data, model=uc.model).stream(role).batches():
+            x = b.images if shift is None else shift(b.images)
+            feats.append(extract(np.asarray(x, np.float32))[0])
+            kinds += b.meta["cell_type"]
+    return np.concatenate(feats), np.array(kinds)
+
+
+def blur(images: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.GaussianBlur(x, (0, 0), 1.5)[..., None] for x in images.astype(np.float32)])
+
+
+def darker(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) * 0.8
+
+
+def rate(hits: int, n: int) -> str:
+    from trustcase.measurement import clopper_pearson
+
+    iv = clopper_pearson(hits, n, 0.95)
+    return f"{hits}/{n} = {hits / n:.3f} (95% interval {iv.lower:.3f}-{iv.upper:.3f})"
+
+
+def timed(uc, clf, check) -> tuple[float, float, object]:
+    """(the check's seconds, one forward pass's over train and test, its outcome): the same items, both reading
+    the images."""
+    t = time.perf_counter()
+    for role in ("train", "test"):
+        for b in DataSource(uc.data, model=uc.model).stream(role).batches():
+            clf.logits(b.images)
+    fwd = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(uc, clf, DataSource(uc.data, model=uc.model), seed=0, workdir=Path(tmp) / check.name)
+        t = time.perf_counter()
+        out = check(ctx)
+        return time.perf_counter() - t, fwd, out
+
+
+def feature_drift(uc, clf, reps: int) -> dict:
+    cost, fwd, out = timed(uc, clf, FeatureDrift(FeatureDrift.Params(splits=["test"])))
+    print(f"feature_drift: {cost:.2f} s, one forward pass over train and test {fwd:.2f} s: ratio {cost / fwd:.2f}")
+    for m in out.measurements:
+        if m.metric == "feature_drift_pvalue":
+            print(f"  train vs {m.scope.label()}: p-value {m.value}")
+    f, kinds = held_out_features(uc, clf)
+    shifted = {"blur 1.5 px": held_out_features(uc, clf, blur)[0], "20% darker": held_out_features(uc, clf, darker)[0]}
+    rng = np.random.default_rng(0)
+    half = 100
+    alarms = {"same data": 0, "mono vs poly": 0, **{k: 0 for k in shifted}}
+    mono, poly = np.flatnonzero(kinds == "mono"), np.flatnonzero(kinds == "poly")
+    for r in range(reps):
+        idx = rng.permutation(len(f))
+        a, b = idx[:half], idx[half:2 * half]
+        alarms["same data"] += D.mmd_test(f[a], f[b], 199, r).pvalue < 0.05
+        for k, g in shifted.items():
+            alarms[k] += D.mmd_test(f[a], g[b], 199, r).pvalue < 0.05
+        alarms["mono vs poly"] += D.mmd_test(f[rng.choice(mono, half, replace=False)],
+                                             f[rng.choice(poly, half, replace=False)], 199, r).pvalue < 0.05
+    for k, v in alarms.items():
+        print(f"  {'false alarms' if k == 'same data' else 'power'} ({k}, {half} vs {half} cells, level 0.05, "
+              f"{reps} repetitions): {rate(int(v), reps)}")
+    scale = {}
+    for n in (1000, 10000):
+        z = np.random.default_rng(n).normal(size=(n, f.shape[1]))
+        t = time.perf_counter()
+        import tracemalloc
+
+        tracemalloc.start()
+        sides = [D.Sample(500, 0, "feature_drift"), D.Sample(500, 0, "feature_drift")]
+        for i in range(0, n, 128):
+            ids = [f"item{j}" for j in range(i, min(n, i + 128))]
+            sides[i // 128 % 2].update(ids, z[i:i + 128])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        test = D.mmd_test(sides[0].arrays()[0], sides[1].arrays()[0], 200, 0)
+        scale[n] = {"seconds": time.perf_counter() - t, "peak_bytes": peak, "sample": [test.n_reference, test.n_other]}
+        print(f"  {n} items: sampling + permutation test (200 permutations on {test.n_reference} + {test.n_other}) "
+              f"{scale[n]['seconds']:.2f} s, sample peak memory {peak / 2**20:.1f} MiB")
+    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "alarms": alarms, "reps": reps,
+            "scale": scale}
+
+
+def feature_leakage(uc, clf) -> dict:
+    from trustcase.odd.features import FeatureExtractor
+
+    cost, fwd, _ = timed(uc, clf, FeatureLeakage(FeatureLeakage.Params(splits=["test"])))
+    print(f"feature_leakage: {cost:.2f} s, one forward pass over train and test {fwd:.2f} s: ratio {cost / fwd:.2f}")
+    extract = FeatureExtractor(clf)
+    index, test, copies = NearestReference(), [], []
+    rng = np.random.default_rng(0)
+    for b in DataSource(uc.data, model=uc.model).stream("train").batches():
+        index.add(b.ids, extract(b.images)[0])
+    for b in DataSource(uc.data, model=uc.model).stream("test").batches():
+        test.append(extract(b.images)[0])
+        noisy = np.clip(b.images + rng.normal(0, 2.0, b.images.shape), 0, 255).astype(np.float32)
+        copies.append((b.ids, extract(noisy)[0]))
+    sim, _ = index.nearest(np.concatenate(test))
+    for ids, f in copies:  # the noisy copies join the reference: each test cell should find its own
+        index.add([f"copy/{i}" for i in ids], f)
+    again, found = index.nearest(np.concatenate(test))
+    out = {}
+    for tau in (0.99, 0.995, 0.999):
+        fp, hit = int((sim >= tau).sum()), int((again >= tau).sum())
+        out[tau] = {"false_positives": fp, "items": len(sim), "found_copies": hit}
+        print(f"  threshold {tau}: false positives on distinct cells {rate(fp, len(sim))}; noisy copies found "
+              f"{rate(hit, len(sim))}")
+    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "thresholds": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="one seed of planted flips")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--only", default=None, help="comma-separated sections: label_issues,feature_drift,...")
     args = ap.parse_args()
     uc = load_use_case(USE_CASE)
     path = model_path(args.model, uc)
     uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": path})})
     clf = load_classifier(uc.model)
     print(f"model {path}")
-    figures = {"label_issues": label_issues(uc, clf, [0] if args.quick else [0, 1, 2])}
+    sections = {"label_issues": lambda: label_issues(uc, clf, [0] if args.quick else [0, 1, 2]),
+                "feature_drift": lambda: feature_drift(uc, clf, 20 if args.quick else 100),
+                "feature_leakage": lambda: feature_leakage(uc, clf)}
+    wanted = args.only.split(",") if args.only else list(sections)
+    figures = {k: sections[k]() for k in wanted}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
 

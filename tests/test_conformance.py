@@ -38,6 +38,7 @@ CASES = {
                                  "items": 6, "sensitivity_items": 2, "sensitivity_samples": 2,
                                  "infidelity_samples": 2, "mufidelity_samples": 4, "gallery": 1}),
     "feature_drift": ("image", {"permutations": 49}),
+    "feature_leakage": ("image", {}),
     "formal_properties": ("tabular", {"timeout": 0.5}),
     "global_explanations": ("image", {"items": 20, "randoms": 3, "steps": 8, "channels": 2, "top_images": 2,
                                       "paths": 1, "representation": False, "batch_size": 8}),
