@@ -58,7 +58,7 @@ def assessed(run, perf: float = PASSING, blur: float = PASSING, outcomes: list[C
             requirement("T1-blur", "accuracy", blur,
                         perturbation={"name": "gaussian_blur", "max_amplitude": 1.0}),
             Requirement(id="D1-leakage", text="no leakage", metric="leakage", comparator="<=", threshold=0)]
-    records = judge(reqs, [o for o in outcomes if not o.summary.get("skipped")])
+    records = judge(reqs, [o for o in outcomes if not o.skipped])
     prov = Provenance(use_case_id=uc.id, use_case_sha256="0" * 64, mlflow_run_id="run-now", model_sha256="m" * 64,
                       model_version="2", data_sha256="d" * 64, code_version="test", packages={"python": "3.11"},
                       seed=0, started_at="2026-01-01T00:00:00Z", finished_at="2026-01-01T00:05:00Z")
@@ -142,11 +142,14 @@ def test_a_failed_or_skipped_check_never_counts_as_support(run):
     assert rows(C.matrix(base))["LM-09"].status == "supported"
     _, real, _ = run
     others = [o for o in real if o.check != "performance"]
-    skipped = CheckOutcome(check="performance", stage="learning", limitations=["not run: no gradients"],
-                           summary={"skipped": "no gradients"})
+    skipped = CheckOutcome(check="performance", stage="learning", skipped="no gradients")
+    earlier = CheckOutcome.model_validate({  # a record written before `skipped` existed
+        "check": "performance", "stage": "learning", "limitations": ["not run: no gradients"],
+        "summary": {"skipped": "no gradients"}})
     variants = {
         # the evidence still says PASS, but its check did not run: a record that contradicts itself
         "skipped": base.model_copy(update={"outcomes": others + [skipped]}),
+        "skipped (earlier record)": base.model_copy(update={"outcomes": others + [earlier]}),
         "absent": base.model_copy(update={"outcomes": others}),
         "failed": base.model_copy(update={"complete": False, "verdict": "INCONCLUSIVE",
                                           "errors": ["performance: RuntimeError: out of memory"]}),

@@ -17,7 +17,7 @@ from test_argument import assessment  # noqa: E402
 
 from trustcase.reports import argument as A  # noqa: E402
 from trustcase.reports.render import record_digest, render  # noqa: E402
-from trustcase.schemas import Artefact, Assessment, Curve, Measurement, Series, Verdict  # noqa: E402
+from trustcase.schemas import Artefact, Assessment, CheckOutcome, Curve, Measurement, Series, Verdict  # noqa: E402
 
 
 class _Refs(HTMLParser):
@@ -260,3 +260,26 @@ def test_a_record_of_an_earlier_version_renders_without_the_typed_parts(tmp_path
     html = Path(render(old, tmp_path, pdf=False)["html"]).read_text()
     assert "Data</th><td>item counts not recorded" in html
     assert "figure_" not in html and raw_keys(html) == []
+
+
+def test_a_skipped_check_reads_the_same_from_its_typed_field_and_from_an_earlier_record(tmp_path):
+    """A check that could not run (`Unsupported`) is `CheckOutcome.skipped`, its reason in words; a record written
+    before the field (a "not run: " limitation and summary["skipped"]) loads into it and renders the same."""
+    a = assessment()
+    new = CheckOutcome(check="lipschitz", skipped="lipschitz needs gradients; the model is a black box")
+    old = CheckOutcome.model_validate({"check": "lipschitz", "limitations": [f"not run: {new.skipped}"],
+                                       "summary": {"skipped": new.skipped}})
+    assert old == new and old.limitations == [] and old.summary == {}
+    # a limitation that merely begins with the words, beside measurements, is not a skip
+    ran = a.outcomes[0].model_dump(mode="json")
+    ran["limitations"] = ["not run: on the train split"]
+    assert CheckOutcome.model_validate(ran).skipped is None
+    pages = []
+    for name, o in (("new", new), ("old", old)):
+        html = Path(render(a.model_copy(update={"outcomes": [*a.outcomes, o]}), tmp_path / name, pdf=False)["html"])
+        pages.append(html.read_text())
+    sentence = "The Lipschitz certificate check was not run: lipschitz needs gradients; the model is a black box."
+    assert all(sentence in visible_text(p) for p in pages)
+    assert all("not run: lipschitz needs gradients" in p[p.index('id="appendix"'):] for p in pages)
+    strip = re.compile(r"run-[0-9a-f]+|[0-9a-f]{64}|\d+\.\d s\)")
+    assert strip.sub("", pages[0]) == strip.sub("", pages[1])

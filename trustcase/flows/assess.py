@@ -401,8 +401,7 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
             value = settle(f.result(raise_on_failure=False), args)
             _progress(label, len(outcomes) + len(errors) + 1, total)
             if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
-                outcomes.append(CheckOutcome(check=label.split("[")[0], limitations=[f"not run: {value}"],
-                                             summary={"skipped": str(value)}))
+                outcomes.append(CheckOutcome(check=label.split("[")[0], skipped=str(value)))
             elif isinstance(value, BaseException):
                 user_error |= isinstance(value, UserError)
                 errors.append(f"{label}: {confidential.kind(value)}: {value}")

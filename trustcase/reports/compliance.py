@@ -239,12 +239,7 @@ class Matrix:
 def ran_checks(a: Assessment) -> set[str]:
     """Checks whose outcome is in the record and that ran: not skipped (Unsupported), not among the failed."""
     failed = {e.partition(":")[0].split("[")[0].strip() for e in a.errors}
-    out = set()
-    for o in a.outcomes:
-        skipped = o.summary.get("skipped") if isinstance(o.summary, dict) else None
-        if not skipped and not getattr(o, "skipped", None) and o.check not in failed:
-            out.add(o.check)
-    return out
+    return {o.check for o in a.outcomes if not o.skipped and o.check not in failed}
 
 
 def _claim_matches(p: Part, r: Requirement, e: Evidence | None, stage: Stage | None) -> bool:

@@ -502,10 +502,7 @@ def findings(a: Assessment, arg_verdict: Verdict, claim_stage: dict[str, Stage |
                         f"{value(r.metric, end)}: more items would decide.")
         else:
             gaps.append(f"{r.id}: {e.rationale}.")
-    for o in a.outcomes:
-        for lim in o.limitations:
-            if lim.startswith("not run:"):
-                gaps.append(f"The {check_name(o.check)} check was not run: {lim.removeprefix('not run:').strip()}.")
+    gaps += [f"The {check_name(o.check)} check was not run: {o.skipped}." for o in a.outcomes if o.skipped]
     gaps += [human_error(x) for x in a.errors] + said[Topic.GAPS]
     if gaps:
         out.append((TOPICS[Topic.GAPS], gaps))

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trustcase.schemas.use_case import Comparator, Requirement, Scope
 
@@ -279,7 +279,7 @@ class CheckOutcome(Record):
     """All a check produced: measurements, curves, artefacts it wrote, and what it could not do; and what the
     report reads from it, declared and typed, the same for a built-in and a partner's check: `findings`
     (sentences), `figures` (plots beyond curves; a claim card shows the one that illustrates its metric),
-    `caveat`, `units` of perturbation amplitudes, `shard`.
+    `caveat`, `units` of perturbation amplitudes, `shard`, `skipped` (why the check did not run).
 
     `summary` holds free-form details, shown as tables in the report's appendix and read by nothing else;
     `artefacts` of kind "image" are embedded in the report (a check never writes images of real inputs for a
@@ -298,8 +298,25 @@ class CheckOutcome(Record):
     limitations: list[str] = []
     caveat: str = Field("", description="what a reader must keep in mind about this evidence, in one sentence")
     units: dict[str, str] = Field({}, description="unit of each perturbation's amplitude, by perturbation name")
+    skipped: str | None = Field(None, description="why the check did not run (it cannot serve this model or "
+                                "data: `Unsupported`); None: it ran")
     summary: dict[str, Any] = {}
     duration_s: float = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _skipped(cls, v: Any) -> Any:
+        """A record written before `skipped` existed said it in a "not run: " limitation and summary["skipped"]."""
+        if not isinstance(v, dict) or "skipped" in v or v.get("measurements"):
+            return v
+        lims, summary = v.get("limitations") or [], v.get("summary") or {}
+        said = [x for x in lims if isinstance(x, str) and x.startswith("not run:")]
+        if not said and not (isinstance(summary, dict) and summary.get("skipped")):
+            return v
+        reason = summary.get("skipped") if isinstance(summary, dict) and summary.get("skipped") else \
+            said[0].removeprefix("not run:").strip()
+        rest = {k: x for k, x in summary.items() if k != "skipped"} if isinstance(summary, dict) else summary
+        return {**v, "skipped": str(reason), "limitations": [x for x in lims if x not in said], "summary": rest}
 
 
 class Assessment(Record):
