@@ -190,14 +190,16 @@ def failed_pack(tmp_path_factory) -> Path:
     return Path(render(a, folder, pdf=False)["pack"])
 
 
-def forge(src: Path, dst: Path, change: dict[str, bytes], manifest_edit=None) -> Path:
-    """What a forger does: rewrite files, put their hashes in the manifest, rewrite MANIFEST.sha256."""
+def forge(src: Path, dst: Path, change: dict[str, bytes], manifest_edit=None, remove=()) -> Path:
+    """What a forger does: rewrite files (drop those in `remove`), put their hashes in the manifest, rewrite
+    MANIFEST.sha256."""
     from trustcase.reports.pack import MANIFEST, MANIFEST_DIGEST, sha256_bytes
 
     with zipfile.ZipFile(src) as z:
-        files = {n: z.read(n) for n in z.namelist()}
+        files = {n: z.read(n) for n in z.namelist() if n not in remove}
     files.update(change)
     m = json.loads(files[MANIFEST])
+    m["files"] = [f for f in m["files"] if f["path"] not in remove]
     for f in m["files"]:
         if f["path"] in change:
             f.update(sha256=sha256_bytes(change[f["path"]]), bytes=len(change[f["path"]]))
@@ -237,14 +239,16 @@ def test_2_a_forged_pack_is_never_intact(failed_pack, tmp_path, tracking_uri):
     ev = json.dumps(a["evidence"], indent=1).encode()
     records = {"assessment.json": json.dumps(a).encode(), "evidence.json": ev,
                "provenance.json": json.dumps(prov).encode()}
-    half = forge(failed_pack, tmp_path / "half.zip", records, lambda m: m.update(verdict="PASS"))
+    from trustcase.reports.compliance import FILES as COMPLIANCE  # a consistent forger drops the matrix too
+
+    half = forge(failed_pack, tmp_path / "half.zip", records, lambda m: m.update(verdict="PASS"), COMPLIANCE)
     assert any("report.html does not state the SHA-256" in p for p in verify_pack(half).problems)
     # ... and the report's digest of the record too
     old, new = (sha256_bytes(zipfile.ZipFile(failed_pack).read("assessment.json")),
                 sha256_bytes(records["assessment.json"]))
     report = zipfile.ZipFile(failed_pack).read("report.html").replace(old.encode(), new.encode())
     forged = forge(failed_pack, tmp_path / "forged.zip", {**records, "report.html": report},
-                   lambda m: m.update(verdict="PASS"))
+                   lambda m: m.update(verdict="PASS"), COMPLIANCE)
     out = runner.invoke(app, ["verify", str(forged)])
     assert out.exit_code == 0 and "not anchored" in out.output and "intact" not in out.output
     out = runner.invoke(app, ["verify", str(forged), "--digest", original])
