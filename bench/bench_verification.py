@@ -9,7 +9,7 @@
    input splitting + falsification) against plain interval bound propagation (IBP) at the same radii.
 3. Solar-cell CNN, test cells at L-inf 1 grey level, an ablation: cells verified by IBP, CROWN and
    alpha-CROWN alone (median seconds each), and the full decision (IBP, APGD, CROWN, alpha-CROWN, then ReLU
-   branch and bound when at most 200 ReLUs are unstable, within the budget): verified / falsified / unknown
+   branch and bound when at most 2,000 ReLUs are unstable, within the budget): verified / falsified / unknown
    and median seconds per cell. `--model PATH`: another TorchScript model of the same contract (parts 3, 4).
 4. Attack strength on the solar-cell CNN: accuracy under FGSM, PGD, APGD and the attack engine (`auto`) at 1
    grey level on the same cells; the engine's must be at most the others', item by item.
@@ -195,7 +195,7 @@ def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float
         v, f = out.count("verified"), out.count("falsified")
         print(f"{'full':<14}{v:>9}{f:>10}{n - v - f:>9}{statistics.median(secs):>10.2f}")
     print("   full = IBP, the attack engine, CROWN, alpha-CROWN (CROWN refines every unstable neuron until the budget),"
-          " ReLU branch and bound if <= 200 unstable; unknown counts as not verified")
+          " ReLU branch and bound if <= 2000 unstable; unknown counts as not verified")
 
 
 def bench_attacks(n: int, model: Path | None = None) -> None:

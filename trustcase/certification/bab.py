@@ -21,6 +21,8 @@ from trustcase.certification import propagation as P
 from trustcase.certification.graph import Graph
 
 MARGIN = 1e-7  # float64 rounding is not accounted for formally: a bound must clear the property by this much
+MAX_SPLIT = 2000  # unstable ReLUs beyond which an image's ReLU splitting is not attempted (thousands of
+# unstable neurons in a CNN's first layer: no search finishes)
 INPUT_SPLIT_MAX = 16  # inputs; above, the ReLUs are split (the field's rule: boxes halve badly in many dimensions)
 
 

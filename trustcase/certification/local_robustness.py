@@ -29,7 +29,7 @@ import torch
 from trustcase import seeding
 from trustcase.certification import bab
 from trustcase.certification import propagation as P
-from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN, MAX_SPLIT
 from trustcase.certification.vnnlib import Conjunction, Property, Region
 from trustcase.robustness.attacks import Budget, _fooled, attack_region
 
@@ -54,7 +54,7 @@ STAGES = ("ibp", "crown", "alpha-crown")
 
 def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, predicted: int, timeout: float,
            seed: int = 0, item_seed: int | None = None, limit: int | None = None, prove: bool = True,
-           max_split: int = 200) -> dict:
+           max_split: int = MAX_SPLIT) -> dict:
     """verified / falsified / unknown: does every input of the box [lo, hi] around x (model inputs, (1, ...))
     keep `predicted` strictly above every other class?
 

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from trustcase import seeding
 from trustcase.certification import graph as G
-from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN, MAX_SPLIT
 from trustcase.certification.local_robustness import VERDICTS, decide
 from trustcase.certification.properties import single_thread
 from trustcase.checks import Check, Context, Params, Produces, Unsupported, artefact_name
@@ -147,9 +147,9 @@ class LocalRobustness(Check):
                    f"the loosest {p.refine} unstable neurons per layer, the rest by IBP")
         how = ("IBP, then the attack engine (FGSM, PGD, APGD), then CROWN (intermediate bounds refined for "
                f"{refined}, until the time budget), then alpha-CROWN, then branch and bound (input splitting "
-               f"for at most {INPUT_SPLIT_MAX} inputs, else beta-CROWN ReLU splitting when at most 200 ReLUs stay "
-               "unstable), on the layer graph; a ball larger than one left unproved around the same input is only "
-               "attacked")
+               f"for at most {INPUT_SPLIT_MAX} inputs, else beta-CROWN ReLU splitting when at most {MAX_SPLIT} "
+               "ReLUs stay unstable), on the layer graph; a ball larger than one left unproved around the same input "
+               "is only attacked")
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
                    "timeout": p.timeout, "seconds": round(seconds, 2), "engine": "layer graph"}
         if details:
