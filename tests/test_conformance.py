@@ -48,6 +48,7 @@ CASES = {
     "odd_monitor": ("image", {"perturbations": {"brightness": [0.4]}}),
     "performance": ("image", {}),
     "perturbation_sweep": ("image", {"perturbations": {"gaussian_blur": [1.0], "gaussian_noise": [0.05]}}),
+    "poisoning_screen": ("image", {}),
     "randomized_smoothing": ("image", {"n0": 8, "n": 32, "max_items": 8}),
     "root_causes": ("image", {"k_max": 4, "representatives": 2}),
 }
