@@ -26,7 +26,7 @@ from trustcase.explain import imaging
 from trustcase.explore import Lab, Store, build, create_app
 from trustcase.explore.lab import MAX_UPLOAD_BYTES
 from trustcase.robustness.perturbations import PERTURBATIONS, get
-from trustcase.schemas import load_use_case
+from trustcase.schemas import CheckOutcome, MethodStanding, load_use_case
 from trustcase.seeding import item_seeds
 
 LAB = "http://127.0.0.1:8765"  # the lab answers only to the names it was started for (Host header)
@@ -104,6 +104,25 @@ def test_runs_claims_evidence_and_files(client, assessed):
 
 
 # --- the lab --------------------------------------------------------------------------------------
+
+def test_the_lab_reads_what_an_assessment_validated_from_typed_outcome_parts(assessed, tmp_path):
+    """Methods' standing and options, the monitor and the HUDD clusters come from the outcomes' typed parts
+    (`methods`, artefact kinds), whichever check wrote them: a partner's check feeds the lab like a built-in."""
+    _, uri, run_id = assessed
+    store = Store(uri, tmp_path / "cache")
+    a = store.assessment(run_id)
+    ranked = next(o for o in a.outcomes if o.check == "explainability").methods
+    assert {m.method for m in ranked} == {"saliency", "integrated_gradients"}
+    assert next(m for m in ranked if m.method == "integrated_gradients").options == {"n_steps": 8}
+    assert {art.kind for o in a.outcomes for art in o.artefacts} >= {"monitor", "clusters"}
+    partner = CheckOutcome(check="partner_explanations", methods=[
+        MethodStanding(method="occlusion", status="warned", reasons=["too coarse"], options={"window": 4})])
+    store._records[run_id] = a.model_copy(update={"outcomes": [
+        o for o in a.outcomes if o.check != "explainability"] + [partner]})
+    rt = store.runtime_files(run_id)
+    assert rt.methods == {"occlusion": {"status": "warned", "reasons": ["too coarse"], "options": {"window": 4}}}
+    assert rt.monitor is not None and rt.clusters
+
 
 def test_lab_lists_what_the_registries_hold(client):
     info = client.get("/api/lab").json()

@@ -45,7 +45,7 @@ from trustcase.explain.quality import (
     stability,
 )
 from trustcase.measurement import census, clopper_pearson, estimate
-from trustcase.schemas import CheckOutcome, Curve, Finding, Measurement, Scope, Series, Stage, Topic
+from trustcase.schemas import CheckOutcome, Curve, Finding, Measurement, MethodStanding, Scope, Series, Stage, Topic
 from trustcase.verdicts import rank_methods
 
 DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "occlusion", "rise", "lime",
@@ -277,6 +277,8 @@ class Explainability(Check):
         return CheckOutcome(
             check=self.name, measurements=out, curves=out_curves, artefacts=artefacts, limitations=limitations,
             findings=_trust(ranking),
+            methods=[MethodStanding(method=r["method"], status=r["status"], reasons=r.get("reasons", []),
+                                    options=p.options.get(r["method"], {})) for r in ranking],
             caveat=f"Measured on a seeded sample of {p.split} items; maps explain {explained}.",
             summary={"ranking": ranking, "recommended": recommended,
                      "warned": [r["method"] for r in ranking if r["status"] == "warned"],

@@ -145,7 +145,7 @@ class RootCauses(Check):
             w = csv.writer(f)
             w.writerow(("id", "cluster", "true", "predicted"))
             w.writerows((ids[i], int(labels[i]), names[truth[i]], names[pred[i]]) for i in range(len(ids)))
-        return [ctx.artefact(path, "file")]
+        return [ctx.artefact(path, "clusters")]  # the lab colours items by it
 
     def _pictures(self, ctx, p, a: Analysis):
         """Montage and GIF of each cluster's representatives with their relevance (second, sparse read)."""

@@ -95,19 +95,14 @@ class Store:
         -> cluster), and per attribution method the options it was assessed with and its ranking."""
         a = self.assessment(run_id)
         rt = Runtime(run_id)
-        for o in a.outcomes:
+        for o in a.outcomes:  # by the outcomes' typed parts, whichever check wrote them
             for art in o.artefacts:
                 if art.kind == "monitor" and rt.monitor is None:
                     rt.monitor = self.file(run_id, f"checks/{art.path}")
-                elif o.check == "root_causes" and art.path.endswith("clusters.csv"):
+                elif art.kind == "clusters" and not rt.clusters:
                     with open(self.file(run_id, f"checks/{art.path}"), newline="") as f:
                         rt.clusters = {row["id"]: int(row["cluster"]) for row in csv.DictReader(f)}
-            if o.check == "explainability":
-                for row in o.summary.get("ranking", []):
-                    rt.methods[row["method"]] = {"status": row["status"], "reasons": row.get("reasons", [])}
-        for spec in a.use_case.get("plan", {}).get("checks", []):
-            if spec.get("check") == "explainability":
-                for method, opts in (spec.get("params") or {}).get("options", {}).items():
-                    rt.methods.setdefault(method, {"status": "assessed", "reasons": []})["options"] = opts
+            for m in o.methods:
+                rt.methods.setdefault(m.method, {"status": m.status, "reasons": m.reasons, "options": m.options})
         return rt
 

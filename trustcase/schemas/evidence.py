@@ -275,11 +275,22 @@ class CurveOverlay(Record):
 Figure = Annotated[ConfusionMatrix | ReliabilityDiagram | Histograms | CurveOverlay, Field(discriminator="kind")]
 
 
+class MethodStanding(Record):
+    """An attribution method as a check judged it, with the options it ran with: the lab starts each method from
+    them and shows its standing."""
+
+    method: str
+    status: Literal["recommended", "warned", "not run"]
+    reasons: list[str] = []
+    options: dict[str, Any] = Field({}, description="the options the method was assessed with, as the plan gave them")
+
+
 class CheckOutcome(Record):
     """All a check produced: measurements, curves, artefacts it wrote, and what it could not do; and what the
     report reads from it, declared and typed, the same for a built-in and a partner's check: `findings`
     (sentences), `figures` (plots beyond curves; a claim card shows the one that illustrates its metric),
-    `caveat`, `units` of perturbation amplitudes, `shard`, `skipped` (why the check did not run).
+    `caveat`, `units` of perturbation amplitudes, `shard`, `skipped` (why the check did not run); and what the lab
+    reads: `methods` (attribution methods judged), artefacts by kind ("monitor", "clusters").
 
     `summary` holds free-form details, shown as tables in the report's appendix and read by nothing else;
     `artefacts` of kind "image" are embedded in the report (a check never writes images of real inputs for a
@@ -298,6 +309,8 @@ class CheckOutcome(Record):
     limitations: list[str] = []
     caveat: str = Field("", description="what a reader must keep in mind about this evidence, in one sentence")
     units: dict[str, str] = Field({}, description="unit of each perturbation's amplitude, by perturbation name")
+    methods: list[MethodStanding] = Field([], description="attribution methods as this check judged them, best "
+                                          "first")
     skipped: str | None = Field(None, description="why the check did not run (it cannot serve this model or "
                                 "data: `Unsupported`); None: it ran")
     summary: dict[str, Any] = {}
