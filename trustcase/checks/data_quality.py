@@ -15,6 +15,7 @@ from trustcase.measurement import census, proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.odd.specification import Limit
 from trustcase.schemas import CheckOutcome, Histograms, Measurement, Scope, Stage
+from trustcase.tasks import task_of
 
 
 class DataQualityParams(Params):
@@ -27,11 +28,13 @@ class DataQuality(Check):
     name = "data_quality"
     Params = DataQualityParams
     stage = Stage.DATA
+    tasks = frozenset({"classification", "detection"})  # a detector's classes and sizes are its boxes'
 
     @classmethod
     def produces(cls, params, use_case):
         per_split = ["items", "unreadable", "non_finite", "constant_images", "out_of_range", "class_share:*",
                      "imbalance_ratio", "duplicates", "near_duplicates", "leakage", "mean:*", "drift_pvalue:*"]
+        per_split += [m for m in [task_of(use_case).rejected_labels] if m]
         return [Produces(m) for m in per_split] + [Produces(f"odd_coverage:{d.name}") for d in use_case.odd.descriptors]
 
     def run(self, ctx: Context) -> CheckOutcome:
@@ -39,13 +42,14 @@ class DataQuality(Check):
         uc = ctx.use_case
         lo, hi = uc.model.value_range
         names = uc.model.class_names
+        task = task_of(uc)
         out: list[Measurement] = []
         images = len(uc.model.input_shape) == 3
         # tabular: one distribution per declared feature descriptor, at its column (x<i> naming, as specification.Limit)
         features = {} if images else {d.name: Limit.from_descriptor(d).column
                                       for d in uc.odd.descriptors if d.source == "feature"}
         split_of, phash, xhash = [], [], []
-        props = {k: [] for k in (DESCRIPTORS if images else features)}
+        props = {k: [] for k in [*(DESCRIPTORS if images else features), *task.label_properties]}
         meta_values: dict[str, Counter] = {}
         summary: dict = {"splits": {}, "unreadable": {}}
 
@@ -58,16 +62,20 @@ class DataQuality(Check):
         for role in ctx.data.roles:
             stream = ctx.data.stream(role)
             counts = np.zeros(len(names), np.int64)
-            constant = out_of_range = non_finite = 0
+            n = constant = out_of_range = non_finite = 0
             role_props = {k: [] for k in props}
             for batch in stream.batches():
                 imgs = batch.images
                 for i in range(len(batch)):  # exact duplicates: the same pixels
                     digest = hashlib.sha256(np.ascontiguousarray(imgs[i]).tobytes()).digest()
                     xhash.append(int.from_bytes(digest[:8], "little"))
-                if ((batch.labels < 0) | (batch.labels >= len(names))).any():
+                if isinstance(batch.labels, np.ndarray) and ((batch.labels < 0) | (batch.labels >= len(names))).any():
                     raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
-                counts += np.bincount(batch.labels, minlength=len(names))
+                label_counts, label_props = task.label_stats(batch.labels, len(names))
+                counts += label_counts
+                n += len(batch)
+                for k, v in label_props.items():
+                    role_props[k].append(v)
                 f = imgs.reshape(len(imgs), -1).astype(np.float64)
                 finite = np.isfinite(f).all(axis=1)
                 non_finite += int((~finite).sum())
@@ -83,7 +91,6 @@ class DataQuality(Check):
                 for key, values in batch.meta.items():
                     meta_values.setdefault(f"{role}/{key}", Counter()).update(values)
                 split_of += [role] * len(batch)
-            n = int(counts.sum())
             summary["unreadable"][role] = [f"{u.id}: {u.error}" for u in stream.unreadable][:50]
             m("items", n, role)
             m("unreadable", len(stream.unreadable), role, n=n + len(stream.unreadable))
@@ -92,8 +99,11 @@ class DataQuality(Check):
             refused = sum(u.kind == "non_finite" for u in stream.unreadable)
             m("non_finite", non_finite + refused, role, n=n + len(stream.unreadable))
             m("out_of_range", out_of_range, role, n=n, value_range=[lo, hi])
+            if task.rejected_labels:
+                m(task.rejected_labels, sum(u.kind == "label" for u in stream.unreadable), role,
+                  n=n + len(stream.unreadable))
             for c, k in zip(names, counts):
-                out.append(proportion(self.name, f"class_share:{c}", int(k), n, uc.plan.confidence,
+                out.append(proportion(self.name, f"class_share:{c}", int(k), int(counts.sum()), uc.plan.confidence,
                                       Scope(split=role), count=int(k)))
             m("imbalance_ratio", counts.max() / max(counts.min(), 1), role, n=n, counts=counts.tolist())
             for k in props:

@@ -1,14 +1,12 @@
-"""The `performance` check: accuracy, per-class rates, cost and calibration on one split (science in
-`trustcase.performance`)."""
+"""The `performance` check: the use case's task's figures on one split (science in `trustcase.tasks`: a
+classifier's accuracy, per-class rates, cost and calibration from `trustcase.performance`; a detector's AP, mAP,
+recall and false indications from `tasks.detection_metrics`)."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.measurement import BOOTSTRAP_REPLICATES
-from trustcase.performance import Tally, rate_metrics
-from trustcase.schemas import CheckOutcome, ConfusionMatrix, ReliabilityDiagram, Stage
+from trustcase.schemas import CheckOutcome, Stage
+from trustcase.tasks import task_of
 
 
 class PerformanceParams(Params):
@@ -17,36 +15,27 @@ class PerformanceParams(Params):
 
 
 class Performance(Check):
-    """Accuracy, per-class precision and recall, cost and calibration on one split."""
+    """The task's performance figures on one split: for a classifier accuracy, per-class precision and recall, cost
+    and calibration; for a detector AP, mAP, recall and false indications at the operating threshold."""
 
     name = "performance"
     Params = PerformanceParams
     stage = Stage.LEARNING
+    tasks = frozenset({"classification", "detection"})
 
     @classmethod
     def produces(cls, params, use_case):
-        return [Produces(m, params.split, subgroups=True) for m in [*rate_metrics(use_case), "ece"]]
+        task = task_of(use_case)
+        return [Produces(m, params.split, subgroups=task.subgroups) for m in task.metrics(use_case)]
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: PerformanceParams = self.params
-        tally = Tally(ctx.use_case, p.calibration_bins, check=self.name, seed=ctx.seed)
+        scorer = task_of(ctx.use_case).scorer(ctx.use_case, self.name, ctx.seed, p.calibration_bins)
         for batch in ctx.batches(p.split):
-            tally.update(ctx.model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
-        ms = tally.compute(self.name, p.split, ctx.use_case.plan.confidence)
-        figures = [ConfusionMatrix(title=f"Confusion matrix ({p.split})", classes=ctx.use_case.model.class_names,
-                                   counts=tally.cm.tolist(), illustrates=["accuracy", "recall", "precision"])]
-        ece = next((m for m in ms if m.metric == "ece" and not m.scope.subgroup), None)
-        if ece is not None and ece.value is not None:
-            figures.append(ReliabilityDiagram(
-                title=f"Reliability (ECE = {ece.value:.3f})", edges=tally.edges.tolist(),
-                accuracy=(tally.bin_correct / np.maximum(tally.bin_count, 1)).tolist(),
-                count=tally.bin_count.tolist()))
+            scorer.update(ctx.model, batch)
+        ms = scorer.compute(p.split, ctx.use_case.plan.confidence)
         return CheckOutcome(
-            check=self.name, measurements=ms, figures=figures,
+            check=self.name, measurements=ms, figures=scorer.figures(p.split, ms),
             caveat="The figures hold for data like the held-out items measured (see the data-quality evidence).",
-            validity=[f"measured on the {p.split} split ({int(tally.cm.sum())} items), "
-                      f"{ctx.use_case.plan.confidence:.0%} Clopper-Pearson intervals; ECE and cost: percentile "
-                      f"intervals of a Poisson bootstrap over items ({BOOTSTRAP_REPLICATES} replicates, each item's "
-                      "weights drawn from its id)"],
+            validity=[scorer.validity(p.split, ctx.use_case.plan.confidence)],
         )
-

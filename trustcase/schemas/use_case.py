@@ -16,7 +16,7 @@ CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "a
 PROPORTIONS = CLASS_METRICS | {"accuracy", "balanced_accuracy", "ece", "false_alarm_rate", "alert_rate", "stop_rate",
                                "detection_rate", "detection_rate_alert", "accuracy_accepted", "accuracy_stopped",
                                "odd_share", "properties_holding", "certified_accuracy", "robust_accuracy",
-                               "map50", "map"}  # detection: mean AP at IoU 0.5 and over IoU 0.5:0.95
+                               "map50", "map", "indication_recall"}  # detection: mean AP at IoU 0.5 and 0.5:0.95
 SEEDS = 2**32  # a seed is 0 <= seed < 2**32: what numpy's and torch's generators all take
 MAX_INPUT_VALUES = 50_000_000  # one input of more values than this cannot be batched on a workstation
 
@@ -77,6 +77,8 @@ class ModelSpec(Strict):
     normalisation: Normalisation = Normalisation()
     class_names: list[str]
     critical_class: str
+    score_threshold: Finite = Field(0.5, ge=0, le=1, description="detection: the operating score threshold (a "
+                                    "detection scoring at least this is an indication)")
     allow_pickle: bool = Field(False, description="opt in to unpickling the model file (unsafe)")
     registered_name: str | None = Field(None, description="MLflow registered model name")
 

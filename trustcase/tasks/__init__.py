@@ -4,16 +4,34 @@ item's label is, how the model is loaded and probed. Checks and the preflight as
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
+
+from trustcase.measurement import BOOTSTRAP_REPLICATES
 from trustcase.models.classifier import Classifier
 from trustcase.models.loading import load_classifier
-from trustcase.schemas import ModelSpec, UseCase
+from trustcase.performance import Tally, rate_metrics
+from trustcase.schemas import ConfusionMatrix, Measurement, ModelSpec, ReliabilityDiagram, UseCase
+
+
+class Scorer(Protocol):
+    """A task's performance figures, streamed: `update` per batch, `compute` at the end (a split, or one
+    amplitude of a perturbation), `figures` and `validity` for the evidence."""
+
+    def update(self, model: Classifier, batch) -> None: ...
+    def compute(self, split: str, confidence: float, perturbation: str | None = None,
+                amplitude: float | None = None) -> list[Measurement]: ...
+    def figures(self, split: str, measurements: list[Measurement]) -> list: ...
+    def validity(self, split: str, confidence: float) -> str: ...
 
 
 class Task:
     name: ClassVar[str]
     output: ClassVar[str]  # the model's output contract, in words (for messages and the evidence)
+    subgroups: ClassVar[bool] = True  # its scorer also measures per categorical ODD value
+    label_properties: ClassVar[tuple[str, ...]] = ()  # per-label properties data quality compares between splits
+    rejected_labels: ClassVar[str | None] = None  # data quality's count of items refused for their label, if any
 
     def load_model(self, spec: ModelSpec) -> Classifier:
         """The model, probed with one input of its contract (a `ModelError` naming what does not fit)."""
@@ -21,6 +39,17 @@ class Task:
 
     def judge_label(self, label: Any, n_classes: int, image_hw: tuple[int, int] | None = None) -> Any:
         """An item's label in this task's form, or `data.streaming.Rejected` saying what is wrong."""
+        raise NotImplementedError
+
+    def metrics(self, use_case: UseCase) -> list[str]:
+        """The metric names its scorer emits on a split."""
+        raise NotImplementedError
+
+    def label_stats(self, labels, n_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A batch's labels as counts per class and the values of `label_properties`."""
+        raise NotImplementedError
+
+    def scorer(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15) -> Scorer:
         raise NotImplementedError
 
 
@@ -35,6 +64,46 @@ class Classification(Task):
         from trustcase.data.streaming import judge_label
 
         return judge_label(label, n_classes)
+
+    def metrics(self, use_case):
+        return [*rate_metrics(use_case), "ece"]
+
+    def label_stats(self, labels, n_classes):
+        return np.bincount(labels, minlength=n_classes), {}
+
+    def scorer(self, use_case, check, seed, calibration_bins=15):
+        return ClassificationScorer(use_case, check, seed, calibration_bins)
+
+
+class ClassificationScorer:
+    """Accuracy, per-class rates, cost and calibration (`performance.Tally`), its confusion matrix and
+    reliability diagram."""
+
+    def __init__(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15):
+        self.uc, self.check = use_case, check
+        self.tally = Tally(use_case, calibration_bins, check=check, seed=seed)
+
+    def update(self, model, batch):
+        self.tally.update(model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
+
+    def compute(self, split, confidence, perturbation=None, amplitude=None):
+        return self.tally.compute(self.check, split, confidence, perturbation, amplitude)
+
+    def figures(self, split, measurements):
+        t = self.tally
+        out = [ConfusionMatrix(title=f"Confusion matrix ({split})", classes=self.uc.model.class_names,
+                               counts=t.cm.tolist(), illustrates=["accuracy", "recall", "precision"])]
+        ece = next((m for m in measurements if m.metric == "ece" and not m.scope.subgroup), None)
+        if ece is not None and ece.value is not None:
+            out.append(ReliabilityDiagram(
+                title=f"Reliability (ECE = {ece.value:.3f})", edges=t.edges.tolist(),
+                accuracy=(t.bin_correct / np.maximum(t.bin_count, 1)).tolist(), count=t.bin_count.tolist()))
+        return out
+
+    def validity(self, split, confidence):
+        return (f"measured on the {split} split ({int(self.tally.cm.sum())} items), {confidence:.0%} Clopper-Pearson "
+                "intervals; ECE and cost: percentile intervals of a Poisson bootstrap over items "
+                f"({BOOTSTRAP_REPLICATES} replicates, each item's weights drawn from its id)")
 
 
 def task_of(use_case: UseCase) -> Task:

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 
 from trustcase.data.streaming import judge_boxes
+from trustcase.measurement import BOOTSTRAP_REPLICATES
 from trustcase.models.classifier import Classifier, ModelError, NonFiniteOutput
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import ModelSpec
 from trustcase.tasks import Task
+from trustcase.tasks.detection_metrics import DetectionTally, detection_metrics
 
 ROW = 6  # x1, y1, x2, y2, score, class
 
@@ -73,6 +75,9 @@ def judge_output(out: torch.Tensor, n_classes: int, image_hw: tuple[int, ...], i
 
 class Detection(Task):
     name = "detection"
+    subgroups = False  # per ODD subgroup comes next (issue 26)
+    label_properties = ("box_width", "box_height", "boxes_per_image")
+    rejected_labels = "bad_boxes"  # items whose boxes are degenerate, outside the image or of an unknown class
     output = "detections (batch, D, 6): x1, y1, x2, y2 (pixels), score in [0, 1], class; padding score < 0"
 
     def load_model(self, spec: ModelSpec) -> Detector:
@@ -80,3 +85,41 @@ class Detection(Task):
 
     def judge_label(self, label, n_classes, image_hw=None):
         return judge_boxes(label, n_classes, image_hw)  # a class index is refused: the label must be its boxes
+
+    def metrics(self, use_case):
+        return detection_metrics(use_case.model.class_names)
+
+    def scorer(self, use_case, check, seed, calibration_bins=15):
+        return DetectionScorer(use_case, check, seed)
+
+    def label_stats(self, labels, n_classes):
+        """Boxes per class; box widths and heights (pixels, one value per box) and boxes per image."""
+        boxes = np.concatenate([np.zeros((0, 5)), *labels])
+        return (np.bincount(boxes[:, 4].astype(int), minlength=n_classes),
+                {"box_width": boxes[:, 2] - boxes[:, 0], "box_height": boxes[:, 3] - boxes[:, 1],
+                 "boxes_per_image": np.array([len(b) for b in labels], np.float64)})
+
+
+class DetectionScorer:
+    """AP, mAP, recall and false indications at the operating threshold (`detection_metrics.DetectionTally`)."""
+
+    def __init__(self, use_case, check: str, seed: int):
+        self.threshold = use_case.model.score_threshold
+        self.tally = DetectionTally(use_case.model.class_names, self.threshold, check, seed)
+
+    def update(self, model: Detector, batch) -> None:
+        self.tally.update(model.detect(batch.images, batch.ids), batch.labels, batch.ids)
+
+    def compute(self, split, confidence, perturbation=None, amplitude=None):
+        return self.tally.compute(split, confidence, BOOTSTRAP_REPLICATES, perturbation, amplitude)
+
+    def figures(self, split, measurements):
+        return []
+
+    def validity(self, split, confidence):
+        return (f"measured on the {split} split ({len(self.tally.ids)} images); AP as COCO computes it (greedy "
+                "matching by score, 101-point interpolation, at most 100 detections per image and class, IoU 0.5 "
+                f"and 0.5:0.95); recall and false indications at the operating score threshold {self.threshold:g} "
+                f"and IoU 0.5; {confidence:.0%} intervals: Clopper-Pearson for recall, for AP, mAP and false "
+                f"indications per image the percentile interval of a Poisson bootstrap over images "
+                f"({BOOTSTRAP_REPLICATES} replicates, each image's weights drawn from its id)")

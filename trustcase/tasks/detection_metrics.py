@@ -13,6 +13,8 @@ COCOeval on the same detections (tests/test_detection_metrics.py).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from trustcase.measurement import bootstrap_interval, bootstrap_weights, estimate, proportion
@@ -144,7 +146,8 @@ class DetectionTally:
             value = float(np.mean(np.array(values)[defined])) if defined.any() else None
             iv = None
             if defined.any():
-                with np.errstate(invalid="ignore"):  # a replicate that drew no box of a class leaves it out
+                with warnings.catch_warnings():  # a replicate that drew no box of any class has no mAP
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     iv = bootstrap_interval(np.nanmean(np.array(boot)[defined], axis=0), confidence)
             out.append(estimate(self.check, metric, value, n_images, iv, **common,
                                 details={} if value is not None else {"undefined": "no true box in the split"}))

@@ -1,0 +1,193 @@
+"""Train the bundled steel-defect detector: a small anchor-free CenterNet (Zhou et al. 2019, "Objects as points")
+on the NEU-DET train split, from scratch on CPU (no pretrained weights exist offline), deterministic for its seed
+(one thread, fixed epochs, seeded flips), exported as TorchScript with the detection contract of
+`trustcase.tasks.detection`: (B, D, 6) rows (x1, y1, x2, y2, score, class), D = 100 peaks.
+
+    python use_cases/steel_defects/train.py            # artefacts/steel_detector.pt, prints time and test mAP@0.5
+
+The network sees the 200x200 grey image at half resolution; its heads (class heat maps, box size, centre offset)
+are at stride 4 of the image (50x50). Boxes decode from the peaks of the heat maps (3x3 max-pool suppression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from neu import CLASSES, load_split  # noqa: E402
+
+STRIDE = 4  # heads at 50x50 for a 200x200 image
+SIZE = 200
+MEAN, STD = 0.5, 0.2  # the use case's normalisation (pixels / 255)
+
+
+def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CenterNet(nn.Module):
+    def __init__(self, n_classes: int = len(CLASSES), width: int = 16, detections: int = 100):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.AvgPool2d(2), block(1, w), block(w, 2 * w, 2), block(2 * w, 2 * w))  # 50x50
+        self.down = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w))  # 25x25
+        self.deep = nn.Sequential(block(4 * w, 4 * w, 2), block(4 * w, 4 * w))  # 13x13: context of crazing-wide boxes
+        self.fuse = nn.Sequential(nn.Conv2d(10 * w, 3 * w, 1, bias=False), nn.BatchNorm2d(3 * w), nn.ReLU(inplace=True))
+        self.heat = nn.Conv2d(3 * w, n_classes, 1)
+        self.box = nn.Conv2d(3 * w, 4, 1)  # log(width / stride), log(height / stride), offset x, offset y
+        nn.init.constant_(self.heat.bias, -2.19)  # sigmoid = 0.1: CenterNet's prior
+        self.detections = detections
+        self.stride = STRIDE
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.stem(x)
+        b = self.down(a)
+        c = self.deep(b)
+        size = a.shape[-2:]
+        f = torch.cat([a, F.interpolate(b, size=size, mode="nearest"), F.interpolate(c, size=size, mode="nearest")], 1)
+        f = self.fuse(f)
+        return self.heat(f), self.box(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heat, box = self.heads(x)
+        heat = torch.sigmoid(heat)
+        peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat).to(heat.dtype)
+        b, c, h, w = peaks.shape
+        scores, index = peaks.reshape(b, -1).topk(self.detections)
+        cls = torch.div(index, h * w, rounding_mode="floor")
+        pixel = index - cls * h * w
+        ys = torch.div(pixel, w, rounding_mode="floor").to(heat.dtype)
+        xs = (pixel - torch.div(pixel, w, rounding_mode="floor") * w).to(heat.dtype)
+        reg = box.reshape(b, 4, h * w).gather(2, pixel.unsqueeze(1).expand(b, 4, self.detections))
+        bw = torch.exp(reg[:, 0].clamp(max=4.0)) * self.stride
+        bh = torch.exp(reg[:, 1].clamp(max=4.0)) * self.stride
+        cx = (xs + 0.5 + reg[:, 2]) * self.stride
+        cy = (ys + 0.5 + reg[:, 3]) * self.stride
+        side = float(h * self.stride)
+        x1 = (cx - bw / 2).clamp(0.0, side)
+        y1 = (cy - bh / 2).clamp(0.0, side)
+        x2 = torch.maximum((cx + bw / 2).clamp(0.0, side), x1)
+        y2 = torch.maximum((cy + bh / 2).clamp(0.0, side), y1)
+        return torch.stack([x1, y1, x2, y2, scores, cls.to(heat.dtype)], dim=-1)
+
+
+def targets(boxes: np.ndarray, n_classes: int, cells: int = SIZE // STRIDE):
+    """CenterNet's targets of one image: Gaussian heat maps (sigma a sixth of the box in each direction, TTFNet's
+    ellipse), and at each box centre its log size and offset."""
+    heat = np.zeros((n_classes, cells, cells), np.float32)
+    reg = np.zeros((4, cells, cells), np.float32)
+    mask = np.zeros((cells, cells), np.float32)
+    yy, xx = np.mgrid[0:cells, 0:cells].astype(np.float32)
+    for x1, y1, x2, y2, c in sorted(boxes.tolist(), key=lambda r: -(r[2] - r[0]) * (r[3] - r[1])):  # small on top
+        cx, cy = (x1 + x2) / 2 / STRIDE, (y1 + y2) / 2 / STRIDE
+        w, h = (x2 - x1) / STRIDE, (y2 - y1) / STRIDE
+        ix, iy = min(int(cx), cells - 1), min(int(cy), cells - 1)
+        sx, sy = max(w / 6, 0.8), max(h / 6, 0.8)
+        g = np.exp(-((xx - ix) ** 2) / (2 * sx * sx) - ((yy - iy) ** 2) / (2 * sy * sy))
+        heat[int(c)] = np.maximum(heat[int(c)], g)
+        reg[:, iy, ix] = (np.log(w), np.log(h), cx - ix - 0.5, cy - iy - 0.5)
+        mask[iy, ix] = 1.0
+    return heat, reg, mask
+
+
+def focal(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss on the heat maps (alpha 2, beta 4), per box."""
+    p = torch.sigmoid(pred).clamp(1e-4, 1 - 1e-4)
+    pos = gt.eq(1).float()
+    loss = -(pos * (1 - p) ** 2 * torch.log(p) + (1 - pos) * (1 - gt) ** 4 * p ** 2 * torch.log(1 - p))
+    return loss.sum() / pos.sum().clamp(min=1)
+
+
+def read(split: str, seed: int):
+    data = load_split(split, seed)
+    images, boxes = [], []
+    for i in range(len(data)):
+        item = data[i]
+        images.append(item.image)
+        boxes.append(np.asarray(item.label.rows, np.float64))
+    return np.stack(images), boxes, [data.name(i) for i in range(len(data))]
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(images).float()[:, None] / 255.0 - MEAN) / STD
+
+
+def train(seed: int = 0, epochs: int = 8, batch: int = 16, lr: float = 2e-3, split_seed: int = 0,
+          out: Path = HERE / "artefacts" / "steel_detector.pt") -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    images, boxes, _ = read("train", split_seed)
+    packed = [targets(b, len(CLASSES)) for b in boxes]
+    heat = torch.from_numpy(np.stack([p[0] for p in packed]))
+    reg = torch.from_numpy(np.stack([p[1] for p in packed]))
+    mask = torch.from_numpy(np.stack([p[2] for p in packed]))
+    x_all = normalise(images)
+    model = CenterNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(images) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(images))
+        total = 0.0
+        for s in range(0, len(order), batch):
+            idx = torch.from_numpy(order[s:s + batch])
+            x, h, r, m = x_all[idx], heat[idx], reg[idx], mask[idx]
+            if rng.uniform() < 0.5:  # horizontal flip: steel defects have no left or right
+                x, h, r, m = x.flip(-1), h.flip(-1), r.flip(-1), m.flip(-1)
+                r = torch.cat([r[:, :2], -r[:, 2:3], r[:, 3:]], 1)  # the x offset changes sign
+            pred_heat, pred_box = model.heads(x)
+            size = (F.l1_loss(pred_box[:, :2], r[:, :2], reduction="none").sum(1) * m).sum() / m.sum().clamp(min=1)
+            offset = (F.l1_loss(pred_box[:, 2:], r[:, 2:], reduction="none").sum(1) * m).sum() / m.sum().clamp(min=1)
+            loss = focal(pred_heat, h) + 0.5 * size + offset
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    model.eval()
+    train_s = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(model).save(str(out))
+    return {"train_seconds": train_s, "model": str(out), **evaluate(torch.jit.load(str(out)), split_seed)}
+
+
+def evaluate(model, split_seed: int = 0, split: str = "test", threshold: float = 0.3) -> dict:
+    """mAP@0.5 (and the rest) of the exported model on a split, with its bootstrap interval."""
+    from trustcase.tasks.detection_metrics import DetectionTally
+
+    images, boxes, names = read(split, split_seed)
+    tally = DetectionTally(CLASSES, threshold, "performance", seed=0)
+    with torch.inference_mode():
+        for s in range(0, len(images), 32):
+            out = model(normalise(images[s:s + 32])).double().numpy()
+            dets = [rows[rows[:, 4] >= 0] for rows in out]
+            tally.update(dets, boxes[s:s + 32], names[s:s + 32])
+    ms = {m.metric: m for m in tally.compute(split, 0.95, 1000)}
+    m = ms["map50"]
+    return {"map50": m.value, "map50_interval": [m.interval.lower, m.interval.upper],
+            "map": ms["map"].value, "indication_recall": ms["indication_recall"].value,
+            "false_indications_per_image": ms["false_indications_per_image"].value}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=HERE / "artefacts" / "steel_detector.pt")
+    a = ap.parse_args()
+    result = train(a.seed, a.epochs, out=a.out)
+    print(result)
