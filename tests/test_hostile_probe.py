@@ -482,3 +482,21 @@ def test_a_large_npy_goes_through_the_monitor_in_batches(monitor_file, tmp_path)
     np.save(tmp_path / "many.npy", np.full((600, 8, 8), 120.0, np.float32))
     names = [n for n, _ in odd.evaluate_files(mon, [tmp_path / "many.npy"])]
     assert sizes == [256, 256, 88] and names[-1].endswith("many.npy[599]") and len(names) == 600
+
+
+def test_the_lab_never_parses_a_huge_json_body(tmp_path):
+    """Issue 24 (smaller): the lab parsed a 90 MB JSON body."""
+    from fastapi.testclient import TestClient
+
+    from trustcase.explore import build
+    from trustcase.explore.app import MAX_JSON_BYTES
+
+    web, _ = build(None, f"sqlite:///{tmp_path / 'mlflow.db'}", cache=tmp_path / "cache")
+    with TestClient(web, base_url="http://127.0.0.1:8765") as c:
+        body = b'{"src": "' + b"x" * (MAX_JSON_BYTES + 1) + b'"}'
+        r = c.post("/api/perturb", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "at most" in r.text
+        chunked = c.post("/api/perturb", content=iter([body[:10], body[10:20]]),
+                         headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert c.post("/api/jobs/0000/cancel").status_code == 404  # a body-less POST goes through

@@ -28,6 +28,7 @@ from trustcase.explore.store import Store, StoreError
 
 HERE = Path(__file__).resolve().parent
 COOKIE = "trustcase_token"
+MAX_JSON_BYTES = 1 << 20  # a request's JSON body (uploads have their own limit): never parsed beyond this
 # long poll: answer when the job ends, or after this many seconds
 Wait = Annotated[float, Query(ge=0, le=10, description="seconds to wait for the job to end before answering")]
 
@@ -137,6 +138,11 @@ def create_app(lab: Lab | None, store: Store | None, token: str | None = None, q
         if _host_name(request.headers.get("host", "")) not in allowed:
             return JSONResponse({"detail": "unknown Host header: this lab answers only to "
                                            f"{', '.join(sorted(allowed))}"}, 400)
+        if request.method == "POST" and request.url.path != "/api/uploads":  # JSON bodies: small, length declared
+            size = request.headers.get("content-length", "0" if "transfer-encoding" not in request.headers else "")
+            if not size.isdigit() or int(size) > MAX_JSON_BYTES:
+                return JSONResponse({"detail": f"a request body must declare its length and hold at most "
+                                               f"{MAX_JSON_BYTES:,} bytes of JSON (got {size or 'no length'})"}, 413)
         if token is not None:
             given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
             if not hmac.compare_digest(given.encode(), token.encode()):
