@@ -14,6 +14,7 @@ from trustcase.schemas import Assessment, CheckOutcome, Evidence, Interval, Meas
 CLAIMS = [
     ("D-leak", "data_quality", "data", "leakage", "<=", 0.0),
     ("D-read", "data_quality", "data", "unreadable", "<=", 0.0),
+    ("D-label", "label_issues", "data", "suspected_labels", "<=", 0.05),
     ("D-bal", "data_quality", "data", "imbalance_ratio", "<=", 3.0),
     ("D-cov", "data_quality", "data", "odd_coverage:brightness", ">=", 0.95),
     ("D-drift", "data_quality", "data", "drift_pvalue:brightness", ">=", 0.01),
@@ -98,6 +99,7 @@ def test_all_pass_passes_every_node():
     # data properties: each claim under its AMLAS property
     assert "G-D-leak" in arg["G-data-independence"].supported_by
     assert "G-D-read" in arg["G-data-accuracy"].supported_by
+    assert "G-D-label" in arg["G-data-labels"].supported_by
     assert "G-D-bal" in arg["G-data-balance"].supported_by
     assert "G-D-cov" in arg["G-data-completeness"].supported_by
     assert "G-D-drift" in arg["G-data-relevance"].supported_by
@@ -294,7 +296,7 @@ def test_trust_profile_scores_and_allotment():
     a = assessment({"F-cert": "FAIL", "L-acc": "INCONCLUSIVE"})
     arg = A.build(a)
     s = {x.attribute: x for x in profile.scores(a, arg.claim_stage)}
-    assert s["data quality"].score == 1.0 and len(s["data quality"].claims) == 5
+    assert s["data quality"].score == 1.0 and len(s["data quality"].claims) == 6
     assert s["performance"].score == 0.5 and s["performance"].claims == ["L-acc"]
     assert s["robustness"].claims == ["T-blur"]
     assert s["certified robustness"].score == 0.0

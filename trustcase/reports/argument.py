@@ -54,8 +54,12 @@ GOALS = {
 DATA_PROPERTIES = [
     ("independence", "The test and validation splits are independent of the training data",
      r"leak|overlap|independ|split"),
-    ("accuracy", "The data items and their labels are accurate (readable, in range, correctly labelled)",
-     r"unreadable|constant|out_of_range|label|noise|corrupt|accura|duplicat"),
+    # correctly labelled is its own goal: readable, in-range items say nothing about their labels, so without
+    # label evidence (label_issues) or a poisoning screen this goal stays undeveloped, shown unsupported
+    ("labels", "The labels are correct: no more labels suspected wrong than required, no poisoned training items",
+     r"label|poison"),
+    ("accuracy", "The data items are accurate (readable, in range, not corrupted or duplicated)",
+     r"unreadable|constant|out_of_range|noise|corrupt|accura|duplicat"),
     ("balance", "The classes and ODD subgroups are represented in balanced proportions",
      r"class_share|imbalance|balance|share"),
     ("completeness", "The data cover the whole ODD", r"coverage|complete|missing|items"),
@@ -288,7 +292,7 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     data_checks = [o for o in a.outcomes if stages[o.check] is Stage.DATA]
     if data_claims or data_checks:
         s = b.add(Node("S-data", "strategy", "Argument over the AMLAS data properties: relevance, completeness, "
-                       "balance, accuracy, independence of the splits", stage="data"), parent=g.id)
+                       "balance, accuracy, correct labels, independence of the splits", stage="data"), parent=g.id)
         groups: dict[str, list[Requirement]] = {}
         for r in data_claims:
             groups.setdefault(_data_property(r.metric), []).append(r)
