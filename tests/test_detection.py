@@ -232,3 +232,31 @@ def test_a_check_not_taught_detection_says_so(detection_case):
     check = build(CheckSpec(check="randomized_smoothing"))
     with pytest.raises(Unsupported, match="not taught the detection task"):
         check(_context(uc, tmp_path, "s"))
+
+
+class _Bright(torch.nn.Module):
+    """One crazing box at (2, 3, 10, 12) scored by the image's mean (input scaled to [0, 1])."""
+
+    def forward(self, x):
+        score = x.mean(dim=(1, 2, 3)).clamp(0.0, 1.0)
+        box = torch.tensor([2.0, 3.0, 10.0, 12.0])
+        rows = torch.cat([box.expand(x.shape[0], 4), score[:, None], torch.zeros(x.shape[0], 1)], 1)
+        return rows[:, None, :]
+
+
+def test_a_perturbation_sweep_scores_a_detector_by_its_metrics(detection_case):
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = detection_case
+    torch.jit.script(_Bright()).save(str(tmp_path / "bright.pt"))
+    uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": tmp_path / "bright.pt"})})
+    brighter = {"perturbation": "brightness", "grid": [0.3], "options": {"direction": "up"}}
+    check = build(CheckSpec(check="perturbation_sweep", params={"perturbations": {"brighter": brighter}}))
+    ms = check(_context(uc, tmp_path, "sweep")).measurements
+    at = {(m.metric, m.amplitude): m for m in ms}
+    # crazing_5 is grey level 60: score 60/255 = 0.235 < 0.5 clean, 0.235 + 0.3 >= 0.5 brighter: found
+    assert at[("recall:crazing", 0.0)].value == 0 and at[("recall:crazing", 0.3)].value == 1
+    assert at[("flip_rate", 0.0)].value == 0 and at[("flip_rate", 0.3)].value == 1
+    assert at[("map50", 0.3)].value == pytest.approx(1, abs=1e-12)  # precision 1 / (1 + eps), as COCO's
+    assert at[("false_indications_per_image", 0.3)].value == 0

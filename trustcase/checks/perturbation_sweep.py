@@ -16,6 +16,7 @@ Findings: a perturbation measured without a claim, and how far it moves accuracy
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +27,6 @@ from pydantic import Field, field_validator
 from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
-from trustcase.performance import Tally, rate_metrics
 from trustcase.robustness import perturbations as P
 from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
 from trustcase.schemas import (
@@ -38,6 +38,7 @@ from trustcase.schemas import (
     Stage,
     Topic,
 )
+from trustcase.tasks import task_of
 
 
 class PerturbationSpec(Params):
@@ -81,16 +82,20 @@ class PerturbationSweep(Check):
     name = "perturbation_sweep"
     Params = SweepParams
     stage = Stage.TESTING
+    tasks = frozenset({"classification", "detection"})  # scored by the task's metrics
 
     @classmethod
     def produces(cls, params, use_case):
         """Measurements, per perturbation (scope.perturbation = {name: <key>, max_amplitude: a}, amplitude = a):
-        - every metric of `performance.Tally` (accuracy, recall:<class>, precision:<class>,
-          false_negative_rate:<critical>, cost, and the same per categorical ODD subgroup), with
-          Clopper-Pearson intervals at the plan's confidence;
-        - `flip_rate`: share of items whose prediction differs from their clean prediction."""
-        return [Produces(m, params.split, key, subgroups=True)
-                for key in params.perturbations for m in [*rate_metrics(use_case), "flip_rate"]]
+        - every metric of the task's scorer without calibration (a classifier's `performance.Tally`: accuracy,
+          recall:<class>, precision:<class>, false_negative_rate:<critical>, cost, and the same per categorical
+          ODD subgroup, Clopper-Pearson intervals at the plan's confidence; a detector's AP, mAP, recall and
+          false indications per image, `tasks.detection_metrics`);
+        - `flip_rate`: share of items whose decision differs from their clean one (a classifier's predicted
+          class; a detector's set of indicated classes at the operating threshold)."""
+        task = task_of(use_case)
+        return [Produces(m, params.split, key, subgroups=task.subgroups)
+                for key in params.perturbations for m in [*task.metrics(use_case, calibration=False), "flip_rate"]]
 
     def shards(self) -> list[Check]:
         p: SweepParams = self.params
@@ -126,7 +131,7 @@ class PerturbationSweep(Check):
                out: CheckOutcome) -> None:
         p: SweepParams = self.params
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
-        tallies = [Tally(uc, check=self.name, seed=ctx.seed) for _ in grid]
+        tallies = [task_of(uc).scorer(uc, self.name, ctx.seed, calibration=False) for _ in grid]
         flips = np.zeros(len(grid), np.int64)
         seen = 0
         example: list[np.ndarray] = []
@@ -139,7 +144,7 @@ class PerturbationSweep(Check):
                 pick = int(crit[0]) if len(crit) else 0
             clean = None
             for j, (_, x) in enumerate(_perturbed(pert, batch.images, grid, seeds, pool)):
-                pred = tallies[j].update(ctx.model.logits(x, batch.ids), batch.labels, batch.meta, ids=batch.ids)
+                pred = tallies[j].update(ctx.model, dataclasses.replace(batch, images=x))
                 clean = pred if clean is None else clean
                 flips[j] += int((pred != clean).sum())
                 if pick is not None:
@@ -149,7 +154,7 @@ class PerturbationSweep(Check):
 
         ms: list[Measurement] = []
         for j, a in enumerate(grid):
-            ms += tallies[j].compute(self.name, p.split, conf, perturbation=key, amplitude=a, calibration=False)
+            ms += tallies[j].compute(p.split, conf, perturbation=key, amplitude=a)
             scope = Scope(split=p.split, perturbation=PerturbationScope(name=key, max_amplitude=a))
             ms.append(proportion(self.name, "flip_rate", int(flips[j]), seen, conf, scope, a,
                                  undefined=f"no readable item in split {p.split!r}"))

@@ -19,7 +19,7 @@ class Scorer(Protocol):
     """A task's performance figures, streamed: `update` per batch, `compute` at the end (a split, or one
     amplitude of a perturbation), `figures` and `validity` for the evidence."""
 
-    def update(self, model: Classifier, batch) -> None: ...
+    def update(self, model: Classifier, batch) -> np.ndarray: ...  # per item its decision (flip rates compare them)
     def compute(self, split: str, confidence: float, perturbation: str | None = None,
                 amplitude: float | None = None) -> list[Measurement]: ...
     def figures(self, split: str, measurements: list[Measurement]) -> list: ...
@@ -41,15 +41,16 @@ class Task:
         """An item's label in this task's form, or `data.streaming.Rejected` saying what is wrong."""
         raise NotImplementedError
 
-    def metrics(self, use_case: UseCase) -> list[str]:
-        """The metric names its scorer emits on a split."""
+    def metrics(self, use_case: UseCase, calibration: bool = True) -> list[str]:
+        """The metric names its scorer emits on a split (without calibration: under a perturbation)."""
         raise NotImplementedError
 
     def label_stats(self, labels, n_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """A batch's labels as counts per class and the values of `label_properties`."""
         raise NotImplementedError
 
-    def scorer(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15) -> Scorer:
+    def scorer(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15,
+               calibration: bool = True) -> Scorer:
         raise NotImplementedError
 
 
@@ -65,29 +66,30 @@ class Classification(Task):
 
         return judge_label(label, n_classes)
 
-    def metrics(self, use_case):
-        return [*rate_metrics(use_case), "ece"]
+    def metrics(self, use_case, calibration=True):
+        return [*rate_metrics(use_case), *(["ece"] if calibration else [])]
 
     def label_stats(self, labels, n_classes):
         return np.bincount(labels, minlength=n_classes), {}
 
-    def scorer(self, use_case, check, seed, calibration_bins=15):
-        return ClassificationScorer(use_case, check, seed, calibration_bins)
+    def scorer(self, use_case, check, seed, calibration_bins=15, calibration=True):
+        return ClassificationScorer(use_case, check, seed, calibration_bins, calibration)
 
 
 class ClassificationScorer:
     """Accuracy, per-class rates, cost and calibration (`performance.Tally`), its confusion matrix and
     reliability diagram."""
 
-    def __init__(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15):
-        self.uc, self.check = use_case, check
+    def __init__(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15, calibration: bool = True):
+        self.uc, self.check, self.calibration = use_case, check, calibration
         self.tally = Tally(use_case, calibration_bins, check=check, seed=seed)
 
     def update(self, model, batch):
-        self.tally.update(model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
+        """The predicted classes."""
+        return self.tally.update(model.logits(batch.images, batch.ids), batch.labels, batch.meta, ids=batch.ids)
 
     def compute(self, split, confidence, perturbation=None, amplitude=None):
-        return self.tally.compute(self.check, split, confidence, perturbation, amplitude)
+        return self.tally.compute(self.check, split, confidence, perturbation, amplitude, calibration=self.calibration)
 
     def figures(self, split, measurements):
         t = self.tally

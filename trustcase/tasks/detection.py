@@ -86,10 +86,10 @@ class Detection(Task):
     def judge_label(self, label, n_classes, image_hw=None):
         return judge_boxes(label, n_classes, image_hw)  # a class index is refused: the label must be its boxes
 
-    def metrics(self, use_case):
+    def metrics(self, use_case, calibration=True):
         return detection_metrics(use_case.model.class_names)
 
-    def scorer(self, use_case, check, seed, calibration_bins=15):
+    def scorer(self, use_case, check, seed, calibration_bins=15, calibration=True):
         return DetectionScorer(use_case, check, seed)
 
     def label_stats(self, labels, n_classes):
@@ -107,8 +107,12 @@ class DetectionScorer:
         self.threshold = use_case.model.score_threshold
         self.tally = DetectionTally(use_case.model.class_names, self.threshold, check, seed)
 
-    def update(self, model: Detector, batch) -> None:
-        self.tally.update(model.detect(batch.images, batch.ids), batch.labels, batch.ids)
+    def update(self, model: Detector, batch) -> np.ndarray:
+        """Per image its decision: the set of classes it indicates at the operating threshold (a bit mask)."""
+        dets = model.detect(batch.images, batch.ids)
+        self.tally.update(dets, batch.labels, batch.ids)
+        return np.array([sum(1 << c for c in {int(k) for k in d[d[:, 4] >= self.threshold, 5]}) for d in dets],
+                        np.int64)
 
     def compute(self, split, confidence, perturbation=None, amplitude=None):
         return self.tally.compute(split, confidence, BOOTSTRAP_REPLICATES, perturbation, amplitude)
