@@ -86,9 +86,9 @@ class FeatureDrift(Check):
                 if k is None:
                     top = ", ".join(f"{m['descriptor']} (KS {m['ks']:.2f})" for m in r["moved"])
                     findings.append(Finding(topic=Topic.DATA, cites={"p": pv}, text=(
-                        f"In the model's feature space the {role} split differs from the {p.reference} split with "
-                        f"p-value {{p}} (MMD {r['mmd']:.3f})" + (f"; the descriptors that moved most: {top}." if top
-                                                                 else ".")
+                        f"The {role} split against the {p.reference} split in the model's feature space: MMD "
+                        f"{r['mmd']:.3f}, p-value {{p}} (small: drift)" + (f"; the descriptors that moved most: "
+                                                                            f"{top}." if top else ".")
                     )))
         return CheckOutcome(
             check=self.name, measurements=out, findings=findings, summary=summary, limitations=limitations,
