@@ -85,6 +85,9 @@ class LabelIssues(Check):
         artefacts = self._thumbnails(ctx, rows) if rows else []
         if uc.confidential:
             limitations.append("confidential use case: no thumbnails of the suspected items (real inputs)")
+        if "train" in ctx.data.roles and "train" not in self._splits(p, ctx.data.roles):
+            limitations.append("the train split's labels are not screened: the model's probabilities on its own "
+                               "training items are not out of sample, and no cross-validation was run")
         return CheckOutcome(
             check=self.name, measurements=out, findings=findings, artefacts=artefacts, summary=summary,
             limitations=limitations,
