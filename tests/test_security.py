@@ -525,7 +525,7 @@ def prefect_rows(since, failed: bool = True) -> str:
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
     db = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
-    deadline = time.monotonic() + 60
+    deadline, seen = time.monotonic() + 60, -1
     while True:
         con = sqlite3.connect(db)
         try:
@@ -538,9 +538,12 @@ def prefect_rows(since, failed: bool = True) -> str:
         finally:
             con.close()
         states = any(t == "task_run_state" and "FAILED" in r for t, r in rows)
-        if ((states or not failed) and any(t == "log" for t, _ in rows)) or time.monotonic() > deadline:
+        logged = any(t == "log" for t, _ in rows)
+        settled = len(rows) == seen  # the server writes states from events, a little later: until nothing changes
+        if ((states and logged) or not failed) and settled or time.monotonic() > deadline:
             return "\n".join(f"{t}: {r!r}" for t, r in rows)
-        time.sleep(0.5)
+        seen = len(rows)
+        time.sleep(1.0)
 
 
 @flow
