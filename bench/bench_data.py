@@ -16,6 +16,9 @@ the real ELPV labels.
    cosine threshold on distinct cells (ELPV's splits are group-aware: no test cell is a training cell, so every
    test cell flagged is a false positive), and the share of test cells found again when a copy with 2 grey levels
    of noise is added to the reference (recall).
+4. poisoning_screen: the check's time / one forward pass over train; its clusters on the clean ELPV training
+   split; a planted backdoor (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's
+   cluster and of the spectral ranking's top 1.5 times the planted count.
 Without --model, the bundled solar CNN when its file exists, else a pooled CNN trained here for 10 epochs
 (`train.py --arch pooled --ibp-eps 0`), kept in .trustcase/bench/.
 """
@@ -133,11 +136,11 @@ def rate(hits: int, n: int) -> str:
     return f"{hits}/{n} = {hits / n:.3f} (95% interval {iv.lower:.3f}-{iv.upper:.3f})"
 
 
-def timed(uc, clf, check) -> tuple[float, float, object]:
-    """(the check's seconds, one forward pass's over train and test, its outcome): the same items, both reading
-    the images."""
+def timed(uc, clf, check, roles=("train", "test")) -> tuple[float, float, object]:
+    """(the check's seconds, one forward pass's over `roles`, its outcome): the same items, both reading the
+    images."""
     t = time.perf_counter()
-    for role in ("train", "test"):
+    for role in roles:
         for b in DataSource(uc.data, model=uc.model).stream(role).batches():
             clf.logits(b.images)
     fwd = time.perf_counter() - t
@@ -219,6 +222,29 @@ def feature_leakage(uc, clf) -> dict:
     return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "thresholds": out}
 
 
+def poisoning_screen(uc, clf) -> dict:
+    from trustcase.checks.poisoning_screen import PoisoningScreen
+    from trustcase.data import poisoning as P
+
+    cost, fwd, out = timed(uc, clf, PoisoningScreen(PoisoningScreen.Params()), roles=("train",))
+    print(f"poisoning_screen: {cost:.2f} s, one forward pass over train {fwd:.2f} s: ratio {cost / fwd:.2f}")
+    clean = {c: (v["alarm"], round(v["cluster_share"], 3), round(v["silhouette"], 3)) for c, v in out.summary.items()}
+    print(f"  clean ELPV training split, per class (alarm, smaller cluster's share, silhouette): {clean}")
+    spec = importlib.util.spec_from_file_location("test_poisoning", ROOT / "tests" / "test_poisoning.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    feats, planted = helper.planted_backdoor()
+    r = P.screen(feats, seed=0)
+    top = np.argsort(-r.spectral)[:int(1.5 * len(planted))]
+    hit, flagged, n = P.precision_recall(r.suspects, planted)
+    top_hit = len(set(top) & set(planted))
+    print(f"  planted backdoor (4x4 patch, 5% of training cells relabelled functional, small CNN 8 epochs): "
+          f"activation clustering alarm {r.alarm}, recall {rate(hit, n)}, precision "
+          f"{rate(hit, flagged) if flagged else 'n/a'}; spectral top 1.5x{n}: recall {rate(top_hit, n)}")
+    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "clean": clean,
+            "planted": {"alarm": r.alarm, "found": hit, "flagged": flagged, "planted": n, "spectral_top": top_hit}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -233,7 +259,8 @@ def main() -> None:
     print(f"model {path}")
     sections = {"label_issues": lambda: label_issues(uc, clf, [0] if args.quick else [0, 1, 2]),
                 "feature_drift": lambda: feature_drift(uc, clf, 20 if args.quick else 100),
-                "feature_leakage": lambda: feature_leakage(uc, clf)}
+                "feature_leakage": lambda: feature_leakage(uc, clf),
+                "poisoning_screen": lambda: poisoning_screen(uc, clf)}
     wanted = args.only.split(",") if args.only else list(sections)
     figures = {k: sections[k]() for k in wanted}
     if args.json:

@@ -36,11 +36,11 @@ def test_too_few_items_are_refused():
         P.screen(np.zeros((5, 3)), seed=0)
 
 
-@pytest.mark.slow
-def test_a_planted_backdoor_on_elpv_ranks_at_the_top():
-    """A 4x4 white patch on 5% of the training cells, labelled functional whatever they show: the small CNN learns
-    the trigger, and its poisoned functional cells stand apart in its features. Trained here (the use case's
-    training contract reads its images from the data set itself: it cannot take patched ones)."""
+def planted_backdoor(epochs: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A 4x4 white patch on 5% of the training cells, labelled functional whatever they show; a small CNN trained
+    on them (here: the use case's training contract reads its images from the data set itself, it cannot take
+    patched ones). Returns the penultimate features of the functional class and the planted items among them
+    (bench/bench_data.py reports the same figures)."""
     import torch
 
     sys.path.insert(0, str(SOLAR))
@@ -59,19 +59,23 @@ def test_a_planted_backdoor_on_elpv_ranks_at_the_top():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     xt = torch.from_numpy((x[:, None] / 255.0 - 0.6) / 0.16)
     yt = torch.from_numpy(y)
-    for _ in range(8):
+    for epoch in range(epochs):
         model.train()
-        for i in torch.randperm(len(xt), generator=torch.Generator().manual_seed(_)).split(64):
+        for i in torch.randperm(len(xt), generator=torch.Generator().manual_seed(epoch)).split(64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xt[i]), yt[i]).backward()
             opt.step()
     model.eval()
-    children = list(model.children())
     with torch.no_grad():
-        feats = torch.nn.Sequential(*children[:-1])(xt).flatten(1).numpy()
+        feats = torch.nn.Sequential(*list(model.children())[:-1])(xt).flatten(1).numpy()
     functional = np.flatnonzero(y == 0)
-    r = P.screen(feats[functional], seed=0)
-    planted_in = np.flatnonzero(np.isin(functional, planted))
+    return feats[functional], np.flatnonzero(np.isin(functional, planted))
+
+
+@pytest.mark.slow
+def test_a_planted_backdoor_on_elpv_ranks_at_the_top():
+    feats, planted_in = planted_backdoor()
+    r = P.screen(feats, seed=0)
     top = np.argsort(-r.spectral)[:int(1.5 * len(planted_in))]  # Tran et al. remove 1.5 times the planted share
     found = len(set(top) & set(planted_in))
     assert found >= 0.8 * len(planted_in), (found, len(planted_in))
