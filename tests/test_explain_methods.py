@@ -8,9 +8,9 @@ import torch
 from test_attribution import SIDE, NumpySession, images, linear_model, net_of, small_cnn, spec
 from torch import nn
 
-from trustcase.errors import Unsupported
+from trustcase.errors import Unsupported, UserError
+from trustcase.explain import ExplainError, imaging
 from trustcase.explain import attribution as A
-from trustcase.explain import imaging
 from trustcase.models.classifier import Classifier
 
 
@@ -243,11 +243,30 @@ def test_black_box_gets_every_perturbation_method():
 
 def test_unknown_layer_channel_position_and_class_are_named():
     net, x = net_of(small_cnn()), images(1)
-    with pytest.raises(ValueError, match=r"layer '9' does not exist; layers: \['0 \(Conv2d\)'"):
+    with pytest.raises(ExplainError, match=r"layer '9' does not exist; layers: \['0 \(Conv2d\)'"):
         A.attribute(net, "saliency", x, A.Neuron("9", 0))
-    with pytest.raises(ValueError, match="channel 9 of layer '3' does not exist; channels: 0-7"):
+    with pytest.raises(ExplainError, match="channel 9 of layer '3' does not exist; channels: 0-7"):
         A.attribute(net, "saliency", x, A.Neuron("3", 9))
-    with pytest.raises(ValueError, match=r"position \(99, 0\) of layer '3' does not exist; its channels are 8x8"):
+    with pytest.raises(ExplainError, match=r"position \(99, 0\) of layer '3' does not exist; its channels are 8x8"):
         A.attribute(net, "saliency", x, A.Neuron("3", 1, (99, 0)))
-    with pytest.raises(ValueError, match="target class 5 does not exist; classes: {0: 'ok', 1: 'defect'}"):
+    with pytest.raises(ExplainError, match="target class 5 does not exist; classes: {0: 'ok', 1: 'defect'}"):
         A.attribute(net, "saliency", x, 5)
+
+
+def test_options_that_do_not_fit_the_model_are_user_errors_before_any_work():
+    """An occlusion window larger than the image, an unknown option or Grad-CAM layer: an `ExplainError` (a
+    `UserError`: one line, exit 2) when the options are checked against the input shape or the method is made,
+    never a failure in the middle of the work."""
+    net, big = net_of(small_cnn()), SIDE + 1  # SIDE x SIDE inputs
+    assert issubclass(ExplainError, UserError)
+    with pytest.raises(ExplainError, match=rf"occlusion window {big} px is larger than the image \({SIDE}x{SIDE}\): "
+                                           rf"at most {SIDE}"):
+        A.options_for("occlusion", {"window": big}, (1, SIDE, SIDE))
+    assert A.options_for("occlusion", {"window": big}).window == big  # no shape given: the options' own rules
+    with pytest.raises(ExplainError, match="larger than the image"):
+        A.make(net, "occlusion", {"window": big})
+    assert A.make(net, "occlusion", {"window": SIDE}).options.window == SIDE
+    with pytest.raises(ExplainError, match="occlusion options: stride"):
+        A.options_for("occlusion", {"stride": 0})
+    with pytest.raises(ExplainError, match="layer 'nope' does not exist"):
+        A.make(net, "grad_cam", {"layer": "nope"})

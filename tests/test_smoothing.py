@@ -14,7 +14,8 @@ from torch import nn
 from trustcase.certification import smoothing as S
 from trustcase.checks import CheckError, Context, build
 from trustcase.data.streaming import DataSource
-from trustcase.models.classifier import Classifier
+from trustcase.errors import UserError
+from trustcase.models.classifier import Classifier, ModelError
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import CheckSpec, ModelSpec, load_use_case
 
@@ -134,6 +135,18 @@ def test_bad_parameters_are_named(kw, msg):
         S.certify(clf, np.zeros((1, 4), np.float32), **args)
     with pytest.raises(CheckError, match=msg):
         build(CheckSpec(check="randomized_smoothing", params=kw))
+
+
+def test_a_model_in_training_mode_is_a_located_user_error_and_is_left_as_it_is():
+    """Dropout and BatchNorm in training mode would make every vote another function: refused before any noise is
+    drawn, naming the model, and the caller's module is not switched behind its back."""
+    clf = classifier(W, 0.0)
+    clf.module.train()
+    for call in (lambda: S.certify(clf, np.zeros((1, 4), np.float32), sigma=0.1, n0=10, n=10, alpha=0.01),
+                 lambda: S.predict(clf, np.zeros((1, 4), np.float32), sigma=0.1, n=10, alpha=0.01)):
+        with pytest.raises(ModelError, match=r"the model unused\.pt is in training mode .*call module\.eval\(\)"):
+            call()
+    assert clf.module.training and issubclass(ModelError, UserError)
 
 
 def test_the_check_on_the_tiny_solar_model(tiny_case, tmp_path):

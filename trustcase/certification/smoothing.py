@@ -30,7 +30,7 @@ from scipy import stats
 
 from trustcase.certification.rounding import gamma
 from trustcase.measurement import clopper_pearson_lower
-from trustcase.models.classifier import Classifier
+from trustcase.models.classifier import Classifier, ModelError
 from trustcase.seeding import content_id, item_seeds
 
 ABSTAIN = -1
@@ -41,7 +41,13 @@ ABSTAIN = -1
 PPF_ERROR = 1e-10
 
 
-def _validate(sigma: float, alpha: float, batch_size: int, **counts: int) -> None:
+def _validate(model: Classifier, sigma: float, alpha: float, batch_size: int, **counts: int) -> None:
+    # the certificate is about the deterministic base model f: in training mode Dropout and BatchNorm make each
+    # vote another function. Refused, not switched: the module is the caller's (shared by other work), and every
+    # loader of the package already gives it in eval mode
+    if model.module is not None and model.module.training:
+        raise ModelError(f"the model {model.spec.path} is in training mode (Dropout and BatchNorm would change "
+                         "every vote): randomized smoothing certifies it in eval mode; call module.eval()")
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0 (a fraction of the value range), got {sigma}")
     if not 0 < alpha < 1:
@@ -109,7 +115,7 @@ def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, 
     Noise follows (seed, check, item id, stream) (`trustcase.seeding`; `ids` default: each item's content):
     the same item gets the same certificate in any batch and at any `batch_size`.
     """
-    _validate(sigma, alpha, batch_size, n0=n0, n=n)
+    _validate(model, sigma, alpha, batch_size, n0=n0, n=n)
     ids = [content_id(v) for v in x] if ids is None else ids
     guess = sample_counts(model, x, n0, sigma, batch_size, item_seeds(seed, check, ids, "select")).argmax(1)
     # a separate draw: the selection is not reused
@@ -130,7 +136,7 @@ def predict(model: Classifier, x: np.ndarray, *, sigma: float, n: int, alpha: fl
             seed: int = 0, ids=None, check: str = "randomized_smoothing") -> np.ndarray:
     """PREDICT of Cohen et al.: the top class if it beats the runner-up in a two-sided binomial test at alpha
     (noise seeded as in `certify`)."""
-    _validate(sigma, alpha, batch_size, n=n)
+    _validate(model, sigma, alpha, batch_size, n=n)
     ids = [content_id(v) for v in x] if ids is None else ids
     counts = sample_counts(model, x, n, sigma, batch_size, item_seeds(seed, check, ids, "predict"))
     order = np.argsort(-counts, axis=1, kind="stable")

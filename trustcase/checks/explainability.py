@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
+from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.explain.quality import (
@@ -211,7 +212,7 @@ class Explainability(Check):
                 made[name] = A.make(net, name, p.options.get(name))
             except Unsupported as e:
                 made[name] = e
-            except ValueError as e:  # an unknown method or option, a layer that does not exist
+            except UserError as e:  # a layer that does not exist, options that do not fit the input (ExplainError)
                 raise CheckError(f"explainability: {name}: {e}") from None
 
         # chance level: a random ordering of the pixels, each item's from its own seed

@@ -111,7 +111,7 @@ class GlobalExplanations(Check):
         for layer in layers:
             try:
                 net.layer(layer)
-            except ValueError as e:
+            except UserError as e:  # a layer that does not exist (ExplainError)
                 raise CheckError(f"global_explanations: {e}") from None
 
         # a seeded sample of the split: positions first (one cheap pass), then the sampled items read back

@@ -70,8 +70,6 @@ class RandomizedSmoothing(Check):
     def run(self, ctx: Context) -> CheckOutcome:
         p: SmoothingParams = self.params
         model = ctx.model
-        if model.module is not None and model.module.training:
-            raise ValueError("randomized_smoothing: the model is in training mode")
         ids, labels, preds, radii, voted = [], [], [], [], []
         for batch in ctx.batches(p.split):
             if p.max_items is not None and len(ids) >= p.max_items:

@@ -27,8 +27,10 @@ Methods (registry `METHODS`, by name; each one class and one entry point):
 
 A target is a class (per item or one for all) or a `Neuron` (a channel of a named layer, or one of its
 activations): `Network.focus` turns it into a one-output network (a sequential model is cut after the
-layer), so every method explains it the same way. Unknown layers, channels, positions and classes are
-errors that list the valid ones; a method that cannot run on a model raises `Unsupported` with the reason.
+layer), so every method explains it the same way. Unknown layers, channels, positions, classes and options, and
+options that do not fit the model's input shape (`Method.fits`), are `ExplainError`s (user errors) that list the
+valid ones, raised when the method is made, before any work; a method that cannot run on a model raises
+`Unsupported` with the reason.
 
 Methods without gradients need only predictions, so they also explain black boxes (ONNX). Every
 method evaluates the model in chunks bounded by `MAX_EVAL_ELEMENTS` input values (captum's internal
@@ -50,6 +52,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trustcase.errors import Unsupported, validation_message
+from trustcase.explain import ExplainError
 from trustcase.explain.network import Network, Neuron
 from trustcase.registry import Registry
 
@@ -83,6 +86,10 @@ class Method:
     def __init__(self, net: Network, options: Options):
         self.net, self.options = net, options
 
+    @classmethod
+    def fits(cls, options: Options, input_shape: tuple[int, ...]) -> None:
+        """Raise `ExplainError` when `options` cannot serve inputs of `input_shape` ((C, H, W) or (F,))."""
+
     def attribute(self, x: torch.Tensor, target: torch.Tensor, baseline: float | torch.Tensor) -> Attribution:
         raise NotImplementedError
 
@@ -90,19 +97,25 @@ class Method:
 METHODS = Registry("trustcase.attribution_methods", Method, "attribution method")
 
 
-def options_for(method: str, options: dict | None = None) -> Options:
-    """Validated options of a method; unknown method or option names are errors that list the known ones."""
-    cls = METHODS.resolve(method)  # RegistryError (a ValueError) names the known methods
+def options_for(method: str, options: dict | None = None, input_shape: tuple[int, ...] | None = None) -> Options:
+    """Validated options of a method (and, given the model's `input_shape`, options that fit it); unknown method
+    or option names are user errors that list the known ones."""
+    cls = METHODS.resolve(method)  # RegistryError (a user error) names the known methods
     try:
-        return cls.Options.model_validate(options or {})
+        opts = cls.Options.model_validate(options or {})
     except ValidationError as e:
-        raise ValueError(f"{method} options: {validation_message(e)}") from None
+        raise ExplainError(f"{method} options: {validation_message(e)}") from None
+    if input_shape is not None:
+        cls.fits(opts, tuple(input_shape))
+    return opts
 
 
 def make(net: Network, method: str | type[Method], options: dict | Options | None = None) -> Method:
+    """The method ready to explain `net`'s model: options validated against its input shape, layers resolved."""
     cls = method if isinstance(method, type) else METHODS.resolve(method)
     if not isinstance(options, Options):
         options = options_for(method, options) if isinstance(method, str) else cls.Options.model_validate(options or {})
+    cls.fits(options, tuple(net.model.spec.input_shape))
     if cls.needs_gradients and not net.differentiable:
         free = sorted(n for n in METHODS if not METHODS[n].needs_gradients)
         raise Unsupported(f"{cls.name} needs gradients; the model is a black box (use {', '.join(free)})")
@@ -125,7 +138,7 @@ def attribute(net: Network, method: str | Method, x: torch.Tensor, target: torch
     n_out = 1 if net.unit is not None else net.model.n_classes
     bad = [int(t) for t in target.unique() if not 0 <= int(t) < n_out]
     if bad:
-        raise ValueError(f"target class {bad[0]} does not exist; classes: "
+        raise ExplainError(f"target class {bad[0]} does not exist; classes: "
                          f"{dict(enumerate(net.model.spec.class_names))}")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(did not already require gradients|multiple inputs for Lime"

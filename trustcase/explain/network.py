@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from trustcase.errors import Unsupported
+from trustcase.explain import ExplainError
 from trustcase.models import anatomy
 from trustcase.models.classifier import Classifier
 
@@ -139,10 +140,10 @@ class Network:
         name, layer = self.layer(neuron.layer)
         shape = tuple(self.activations(layer, torch.zeros(1, *self.model.spec.input_shape)).shape[1:])
         if not 0 <= neuron.channel < shape[0]:
-            raise ValueError(f"channel {neuron.channel} of layer {name!r} does not exist; channels: 0-{shape[0] - 1}")
+            raise ExplainError(f"channel {neuron.channel} of layer {name!r} does not exist; channels: 0-{shape[0] - 1}")
         if neuron.position is not None and (len(neuron.position) != len(shape) - 1 or not all(
                 0 <= p < n for p, n in zip(neuron.position, shape[1:]))):
-            raise ValueError(f"position {tuple(neuron.position)} of layer {name!r} does not exist; its channels are "
+            raise ExplainError(f"position {tuple(neuron.position)} of layer {name!r} does not exist; its channels are "
                              f"{'x'.join(map(str, shape[1:])) or 'scalars'}")
         readout = Readout.unit(shape, neuron.channel, neuron.position)
         children = list(self.module.named_children()) if isinstance(self.module, nn.Sequential) else []
@@ -186,7 +187,7 @@ class Network:
                 raise Unsupported(f"the model has no Conv2d layer; name one of {self.describe()}")
             name = convs[-1]
         if name not in layers:
-            raise ValueError(f"layer {name!r} does not exist; layers: {self.describe()}")
+            raise ExplainError(f"layer {name!r} does not exist; layers: {self.describe()}")
         return name, layers[name]
 
     def describe(self) -> list[str]:

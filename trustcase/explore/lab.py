@@ -330,18 +330,18 @@ class Lab:
                             inp: Input | None = None) -> tuple[A.Options, dict]:
         """Everything about an attribution request checked before any work starts (4xx otherwise). The default
         target is the class predicted for `inp`."""
-        try:
-            opts = A.options_for(method, options)
+        try:  # options checked against the model's input shape too (an occlusion window larger than the image)
+            opts = A.options_for(method, options, self.uc.model.input_shape)
         except RegistryError as e:
             raise LabError(str(e), 404) from None
-        except ValueError as e:
+        except UserError as e:
             raise LabError(str(e)) from None
         t = self.target(target, inp)
         try:
             A.make(self._aimed(self.net, t), method, opts)  # e.g. an unknown Grad-CAM layer, gradients of a black box
         except Unsupported as e:
             raise LabError(str(e)) from None
-        except ValueError as e:
+        except UserError as e:
             raise LabError(str(e), 404 if "does not exist" in str(e) else 422) from None
         return opts, t
 

@@ -15,6 +15,7 @@ from pydantic import Field
 from scipy.stats import qmc
 from torch import nn
 
+from trustcase.explain import ExplainError
 from trustcase.explain.attribution import Attribution, Method, Options, _base_seed, _chunk
 from trustcase.explain.imaging import grid_segments, superpixels
 from trustcase.seeding import content_id, item_seed
@@ -28,11 +29,16 @@ class OcclusionMethod(Method):
         window: int = Field(8, ge=1, description="side of the occluding square, in pixels")
         stride: int = Field(4, ge=1)
 
+    @classmethod
+    def fits(cls, options, input_shape):
+        if len(input_shape) == 3 and options.window > min(input_shape[1:]):
+            h, w = input_shape[1:]
+            raise ExplainError(f"occlusion window {options.window} px is larger than the image ({h}x{w}): at most "
+                               f"{min(h, w)}")
+
     def attribute(self, x, target, baseline):
         o = self.options
-        c, h, w = x.shape[1:]
-        if o.window > min(h, w):
-            raise ValueError(f"occlusion window {o.window} px is larger than the image ({h}x{w})")
+        c = x.shape[1]
         maps = Occlusion(self.net.forward).attribute(
             x, sliding_window_shapes=(c, o.window, o.window), strides=(c, o.stride, o.stride), baselines=baseline,
             target=target, perturbations_per_eval=_chunk(x[0].numel(), len(x)))
