@@ -46,13 +46,23 @@ def salt(home: Path) -> str:
     path = home / "secrets" / "site.salt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # written whole under a private name, then linked in place: another process never reads it half-written
+        # (an empty salt would make every hash of an id recomputable by whoever guesses the id)
+        tmp = path.with_name(f".site.salt.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
+            os.link(tmp, path)
         except FileExistsError:  # another process created it first: use theirs
             pass
-    return path.read_text().strip()
+        finally:
+            tmp.unlink()
+    value = path.read_text().strip()
+    if not value:
+        raise UserError(f"{path}: the site's secret salt is empty; delete the file (a new one is made) or set "
+                        "TRUSTCASE_SALT")
+    return value
 
 
 def hash_id(item: str, salt: str) -> str:
