@@ -288,12 +288,12 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
         groups.append({"params": list(betas.values()), "lr": 0.05})
     opt = torch.optim.Adam(groups) if alphas or betas else None
     best = torch.full((n, m), -torch.inf, dtype=torch.float64)
-    lam, keep = None, {}
+    lam, keep, cache = None, {}, {}
     for t in range(iterations if opt is not None else 1):
         with torch.enable_grad():
             terms = {j: -b * sq[j].unsqueeze(1) for j, b in betas.items()}
             keep = {}
-            b, lam = P.backward(gq, len(g.nodes) - 1, Cq, bq, alphas, terms, keep)
+            b, lam = P.backward(gq, len(g.nodes) - 1, Cq, bq, alphas, terms, keep, cache)
             b = b - rq
             best = torch.maximum(best, b.detach().double())
             if fast is None:

@@ -189,12 +189,13 @@ def _dot(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict | None = None,
-             terms: dict | None = None, keep: dict | None = None):
+             terms: dict | None = None, keep: dict | None = None, cache: dict | None = None):
     """Lower bound of C z_start (C (N, m, *shape of node start)) over the input box bounds[0].
 
     `terms`: {node: (N, m, *shape)} linear functions of earlier nodes added to the objective (beta-CROWN's
     Lagrangian terms of split decisions); `keep`: a dict that receives, per ReLU node, the coefficients of
-    its output in the bound (what a branching rule reads).
+    its output in the bound (what a branching rule reads); `cache`: a dict kept across calls on the same
+    bounds, holding each ReLU's relaxation (recomputed when its bounds are other tensors).
     Returns (bound (N, m), Lambda (N, m, *input shape)).
     """
     n, m = C.shape[:2]
@@ -213,12 +214,16 @@ def backward(g: Graph, start: int, C: torch.Tensor, bounds: list, alphas: dict |
             return bound, lam
         if node.kind == "relu":
             j = node.inputs[0]
-            low, up, icpt = relax(*bounds[j])
-            low = low.unsqueeze(1)
+            lb, ub = bounds[j]
+            hit = None if cache is None else cache.get(j)
+            if hit is None or hit[0] is not lb or hit[1] is not ub:
+                hit = (lb, ub, *relax(lb, ub), ((lb < 0) & (ub > 0)).unsqueeze(1))
+                if cache is not None:
+                    cache[j] = hit
+            low, up, icpt, unstable = hit[2].unsqueeze(1), hit[3], hit[4], hit[5]
             alpha = None if alphas is None else alphas.get(k)
             if alpha is not None:  # per row (N, m, *shape): the lower slopes of the unstable neurons
-                lb, ub = bounds[j]
-                low = torch.where(((lb < 0) & (ub > 0)).unsqueeze(1), alpha, low)
+                low = torch.where(unstable, alpha, low)
             neg = lam.clamp_max(0)
             const = const + _dot(neg, icpt)  # relu(z) <= up z + icpt where the coefficient is negative
             new = torch.addcmul(neg * up.unsqueeze(1), lam - neg, low)
@@ -356,7 +361,8 @@ def _backward_grouped(g: Graph, k: int, groups: list[torch.Tensor], bounds: list
 
 
 def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
-            deadline: float | None = None, alive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            deadline: float | None = None, alive: bool = False, cache: dict | None = None) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
     """CROWN bounds of the neurons of node k that are unstable in some box (chunked to bound memory); with
     `alive`, of every neuron that can be positive in some box (the next layer's intervals start from the
     active ones' bounds too: a few times fewer boxes in input splitting on ACAS Xu).
@@ -400,7 +406,7 @@ def _refine(g: Graph, k: int, bounds: list, limit: int | None = None,
         r = torch.arange(c)
         C[:, r, chunk] = 1.0
         C[:, c + r, chunk] = -1.0
-        b, _ = backward(g, k, C.view(n, 2 * c, *shape), bounds)
+        b, _ = backward(g, k, C.view(n, 2 * c, *shape), bounds, cache=cache)
         lo[:, chunk] = torch.maximum(lo[:, chunk], b[:, :c])
         hi[:, chunk] = torch.minimum(hi[:, chunk], -b[:, c:])
     return lo.view(n, *shape), hi.view(n, *shape)
@@ -413,6 +419,7 @@ def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "cr
     `limit` neurons per node, until `deadline`; `alive`: of every ReLU that can be positive)."""
     pre = {n.inputs[0] for n in g.nodes if n.kind == "relu" or n.kind in SMOOTH}
     bounds: list = [(lo.double(), hi.double())]
+    cache: dict = {}  # the relaxations of the ReLUs whose bounds are final
     for k in range(1, len(g.nodes)):
         lb, ub = _ibp(g, k, bounds)
         if known is not None and known[k] is not None:
@@ -423,7 +430,7 @@ def intermediate(g: Graph, lo: torch.Tensor, hi: torch.Tensor, method: str = "cr
         bounds.append((lb, ub))
         exact = g.nodes[k].kind == "affine" and g.nodes[k].inputs == [0]  # an affine map of a box
         if method != "ibp" and k in pre and not exact:
-            bounds[k] = _refine(g, k, bounds, limit, deadline, alive)
+            bounds[k] = _refine(g, k, bounds, limit, deadline, alive, cache)
             if splits and k in splits:  # the split still holds after refinement
                 lb, ub = bounds[k]
                 s = splits[k]
@@ -466,7 +473,8 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
         lb, ub = bounds[out]
         low = (C.clamp_min(0) * lb.unsqueeze(1) + C.clamp_max(0) * ub.unsqueeze(1)).sum(-1)
         return Result(low - shift, None, bounds)
-    best, lam = backward(g, out, C, bounds)
+    cache: dict = {}
+    best, lam = backward(g, out, C, bounds, cache=cache)
     best = best - shift
     if method == "crown" or (best > target).all():
         return Result(best, lam, bounds)
@@ -484,7 +492,7 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
         if deadline is not None and time.perf_counter() > deadline:
             break
         with torch.enable_grad():
-            b, lam_b = backward(g, out, C, bounds, alphas)
+            b, lam_b = backward(g, out, C, bounds, alphas, cache=cache)
             b = b - shift
             better = b.detach() > best
             best = torch.where(better, b.detach(), best)
