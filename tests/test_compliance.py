@@ -225,6 +225,16 @@ def test_report_and_pack_hold_the_matrix_and_verify_recomputes_it(run, tmp_path)
     assert any("compliance.csv and compliance.json" in x for x in v.problems)
 
 
+def test_verify_names_a_malformed_part_of_a_forged_matrix_instead_of_crashing(run):
+    a = assessed(run)
+    doc = C.to_json(C.matrix(a), a)
+    for parts in ([{"claims": [1]}], ["a part"], 7):
+        doc["objectives"][0]["parts"] = parts
+        problems = C.cross_check({"compliance.json": json.dumps(doc).encode(),
+                                  "assessment.json": a.model_dump_json().encode()})
+        assert any(f"{doc['objectives'][0]['id']} cites claims or verdicts" in x for x in problems), (parts, problems)
+
+
 # --- changes between versions -------------------------------------------------------------------------------------
 
 def test_a_lost_objective_is_a_finding_and_a_change(run, tmp_path):

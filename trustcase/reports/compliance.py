@@ -505,7 +505,11 @@ def cross_check(records: dict[str, bytes]) -> list[str]:
         if o.get("status") != r.status:
             problems.append(f"{FILES[0]}: {r.framework} {r.id} is stated {o.get('status')!r}, but the claims of "
                             f"assessment.json give {r.status!r}")
-        cited = sorted((c["claim_id"], c["verdict"], c["ran"]) for p in o.get("parts", []) for c in p.get("claims", []))
+        try:  # the file is the pack's, maybe forged: a malformed part is a contradiction, not a crash
+            cited = sorted((c["claim_id"], c["verdict"], c["ran"])
+                           for p in o.get("parts", []) for c in p.get("claims", []))
+        except (KeyError, TypeError, AttributeError):
+            cited = None
         if cited != sorted((c.claim_id, c.verdict, c.ran) for p in r.parts for c in p.claims):
             problems.append(f"{FILES[0]}: {r.framework} {r.id} cites claims or verdicts that assessment.json does "
                             "not hold")
