@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from trustcase.measurement import proportion
 from trustcase.schemas import (
     CheckOutcome,
     Interval,
@@ -185,6 +186,11 @@ def test_rank_methods_on_intervals():
     assert rows[3]["reasons"] == ["better than random: INCONCLUSIVE (not measured)"]
     rows = rank_methods(["a"], [m(-0.1, -0.2, 0.0, metric="faithfulness:a")], rules)
     assert rows[0]["reasons"] == ["better than random: FAIL (faithfulness -0.1 [-0.2, 0], required > 0)"]
+    # an undefined figure (no value) is INCONCLUSIVE with its reason: it crashed formatting None
+    undefined = proportion("explainability", "faithfulness:a", 0, 0, 0.95, undefined="no item was explained")
+    rows = rank_methods(["a"], [undefined], rules)
+    assert rows[0]["reasons"] == ["better than random: INCONCLUSIVE (faithfulness is undefined: no item was "
+                                  "explained)"]
 
 
 def test_the_pessimistic_measurement_is_chosen_by_its_bound_not_its_value():

@@ -185,6 +185,9 @@ def rank_methods(methods: list[str], measurements: list[Measurement],
             if m is None:  # as for a claim: nothing measured it, so it cannot pass
                 reasons.append(f"{meaning}: INCONCLUSIVE (not measured)")
                 continue
+            if undefined(m):  # no value to print or judge: the reason instead
+                reasons.append(f"{meaning}: INCONCLUSIVE ({family} is undefined: {why_undefined(m)})")
+                continue
             lo, hi = _bounds(m)
             v = verdict(m.value, comparator, threshold, lo, hi, m.kind)
             iv = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
