@@ -240,6 +240,16 @@ def test_default_epsilons_follow_the_value_range():
     assert p.epsilons("l2", (-1, 1)) == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0]
 
 
+def test_censored_distances_count_the_items_not_fooled_at_the_cap():
+    """Exact: items not fooled within the search (inf) stand at the cap and are counted; the quantiles are
+    distances some item has (inverted CDF), the median the same value `quantile_interval` gives."""
+    d = np.array([0.4, np.inf, 0.1, 0.3, np.inf, 0.2, 0.5, 0.6, 0.7, 0.8])
+    capped, stats = adv.censored_distances(d, 1.0)
+    np.testing.assert_array_equal(capped, [0.4, 1.0, 0.1, 0.3, 1.0, 0.2, 0.5, 0.6, 0.7, 0.8])
+    assert stats == {"median": 0.5, "q10": 0.1, "q90": 1.0, "max_distance": 1.0, "censored": 2}
+    assert adv.quantile_interval(capped, adv.DISTANCE_QUANTILES["median"], 0.95)[0] == stats["median"]
+
+
 def test_quantile_interval_is_distribution_free():
     rng = np.random.default_rng(0)
     hits = 0

@@ -13,7 +13,7 @@ from test_properties import needs_acas, random_mlp
 from torch import nn
 
 from trustcase.certification import graph as G
-from trustcase.certification.local_robustness import decide
+from trustcase.certification.local_robustness import decide, decisions
 from trustcase.checks import Unsupported, artefact_name, build
 from trustcase.schemas import CheckSpec, Requirement, UseCase
 from trustcase.verdicts import judge
@@ -136,3 +136,12 @@ def test_the_check_on_the_acasxu_use_case(tmp_path):
     req = Requirement(id="L3", text="t", metric="local_robustness_verified", comparator=">=", threshold=0.01,
                       scope={"perturbation": {"name": "linf_radius", "max_amplitude": 0.001}})
     assert judge([req], [out])[0].verdict.value == "PASS"
+
+
+def test_decisions_count_each_deciding_stage_and_the_median_time():
+    answers = [{"method": "ibp", "seconds": 0.01}, {"method": "alpha-crown", "seconds": 2.0},
+               {"method": "crown", "seconds": 0.5}, {"method": "bab: relu splits (12 boxes)", "seconds": 9.0},
+               {"method": "attack engine (pgd), re-checked by a forward pass", "seconds": 0.2},
+               {"method": "", "seconds": 30.0}]  # unknown: no stage decided it
+    assert decisions(answers) == {"decided_by": {"ibp": 1, "crown": 1, "alpha-crown": 1, "bab": 1, "attack engine": 1,
+                                                 "corner": 0}, "median_seconds": 1.25}

@@ -15,6 +15,7 @@ from trustcase.certification import smoothing as S
 from trustcase.checks import CheckError, Context, build
 from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
+from trustcase.measurement import median_radius
 from trustcase.models.classifier import Classifier, ModelError
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import CheckSpec, ModelSpec, load_use_case
@@ -165,3 +166,11 @@ def test_the_check_on_the_tiny_solar_model(tiny_case, tmp_path):
     assert any("smoothed classifier g" in v for v in out.validity)
     assert out.summary["training_noise_sigma"] == 0.0  # the tiny model was trained without noise
     assert out.curves and out.curves[0].x[0] == 0
+
+
+def test_the_median_certified_radius_counts_a_wrong_or_abstained_item_at_zero():
+    """Exact, for the smoothing and Lipschitz checks alike: the median of the radii with a wrong item at 0."""
+    radius = np.array([0.5, 0.2, 0.9, 0.0, 0.4])
+    assert median_radius(radius, np.array([True, True, True, False, True])) == 0.4
+    assert median_radius(radius, np.array([False, False, True, False, True])) == 0.0
+    assert median_radius(np.zeros(0), np.zeros(0, bool)) is None  # no item: undefined, never 0

@@ -143,6 +143,11 @@ def radius_grid(params_radii: list[float] | None, claimed: list[float], radius: 
     return sorted({0.0, *grid, *claimed})
 
 
+def median_radius(radius: np.ndarray, correct: np.ndarray) -> float | None:
+    """The median certified radius, 0 for an item classified wrong (or abstained); None without items."""
+    return float(np.median(np.where(correct, radius, 0.0))) if len(radius) else None
+
+
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve = P(a positive scores above a negative), ties counting half (Mann-Whitney U
     over both sizes); NaN when either side is empty."""

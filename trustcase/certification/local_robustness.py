@@ -21,6 +21,7 @@ A layer the layer graph (`graph.from_model`) cannot read makes the check "not ru
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import numpy as np
@@ -50,6 +51,14 @@ def change_property(name: str, lower: np.ndarray, upper: np.ndarray, predicted: 
 
 
 STAGES = ("ibp", "crown", "alpha-crown")
+DECIDERS = ("ibp", "crown", "alpha-crown", "bab", "attack engine", "corner")  # how `decide`'s `method` begins
+
+
+def decisions(answers: list[dict]) -> dict:
+    """How the balls of a run were decided: how many `decide` answers each of `DECIDERS` gave (by the start of
+    its `method`), and the median seconds of one answer."""
+    return {"decided_by": {m: sum(1 for a in answers if (a["method"] or "").startswith(m)) for m in DECIDERS},
+            "median_seconds": round(statistics.median(a["seconds"] for a in answers), 3)}
 
 
 def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, predicted: int, timeout: float,

@@ -24,11 +24,13 @@ from trustcase.robustness.attacks import (
     ATTACKS,
     BLACK_BOX,
     DEFAULT_EPS,
+    DISTANCE_QUANTILES,
     Budget,
     Norm,
     _predict,
     apgd_runs,
     attack,
+    censored_distances,
     minimal_distance,
     quantile_interval,
 )
@@ -185,20 +187,13 @@ class Adversarial(Check):
             "success_rate": [m.value for m in ms if m.metric == "attack_success_rate"], "breaking": broken,
         }
         if search and dist:
-            d = np.concatenate(dist)
-            censored = int(np.isinf(d).sum())
-            dc = np.minimum(d, cap)  # not fooled within the search: counted at the limit
-            for q, label in ((0.5, "median"), (0.1, "q10")):
-                v, iv = quantile_interval(dc, q, conf)
+            dc, stats = censored_distances(np.concatenate(dist), cap)  # not fooled within the search: at the cap
+            for label in ("median", "q10"):
+                v, iv = quantile_interval(dc, DISTANCE_QUANTILES[label], conf)
                 ms.append(estimate(check=self.name, metric=f"adversarial_distance_{label}.{name}", value=v,
                                       interval=iv, n=len(dc), scope=Scope(split=p.split), unit=unit,
-                                      details={"censored": censored, "max_distance": cap}))
-            summary["distance"] = {
-                "median": float(np.quantile(dc, 0.5, method="inverted_cdf")),
-                "q10": float(np.quantile(dc, 0.1, method="inverted_cdf")),
-                "q90": float(np.quantile(dc, 0.9, method="inverted_cdf")),
-                "max_distance": cap, "censored": censored, "search_steps": p.search_steps,
-            }
+                                      details={"censored": stats["censored"], "max_distance": cap}))
+            summary["distance"] = {**stats, "search_steps": p.search_steps}
         out.measurements.extend(ms)
         out.curves.append(cv)
         out.units[name] = unit

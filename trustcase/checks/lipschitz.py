@@ -16,7 +16,7 @@ from pydantic import field_validator
 from trustcase import measurement
 from trustcase.certification.lipschitz import LipschitzError, analyse, certified_radii, empirical_lower_bound
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
-from trustcase.measurement import accuracy_curve, estimate, radius_grid, write_items
+from trustcase.measurement import accuracy_curve, estimate, median_radius, radius_grid, write_items
 from trustcase.schemas import CheckOutcome, Scope, Stage
 
 
@@ -92,13 +92,13 @@ class Lipschitz(Check):
         scope = Scope(split=p.split)
         n = len(radius)
         tight = None if lower is None else upper / lower if lower > 0 else float("inf")
-        med = float(np.median(np.where(ok, radius, 0.0))) if n else float("nan")
         ms += [
             measurement.bound(check=self.name, metric="lipschitz_upper_bound", value=upper, scope=scope, unit="L2/L2"),
             measurement.bound(check=self.name, metric="lipschitz_lower_bound", value=lower, scope=scope, unit="L2/L2",
                               n=min(n, p.ascent_points)),
             measurement.bound(check=self.name, metric="lipschitz_tightness", value=tight, scope=scope),
-            estimate(check=self.name, metric="lipschitz_median_radius", value=med, n=n, interval=None, scope=scope),
+            estimate(check=self.name, metric="lipschitz_median_radius", value=median_radius(radius, ok), n=n,
+                     interval=None, scope=scope),
         ]
         (ctx.workdir / "items.csv").parent.mkdir(parents=True, exist_ok=True)
         write_items(ctx.workdir / "items.csv", ids, np.concatenate(labels) if labels else [],

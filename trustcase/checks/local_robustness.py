@@ -12,7 +12,6 @@ Measurements per radius: `local_robustness_verified`, `local_robustness_falsifie
 from __future__ import annotations
 
 import csv
-import statistics
 import time
 from typing import Literal
 
@@ -23,7 +22,7 @@ from pydantic import Field, field_validator
 from trustcase import seeding
 from trustcase.certification import graph as G
 from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN, MAX_SPLIT
-from trustcase.certification.local_robustness import VERDICTS, decide
+from trustcase.certification.local_robustness import VERDICTS, decide, decisions
 from trustcase.certification.properties import single_thread
 from trustcase.checks import Check, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
@@ -153,9 +152,7 @@ class LocalRobustness(Check):
         summary = {"radii": radii, "unit": p.unit, **counts, "certified": certified, "items": n,
                    "timeout": p.timeout, "seconds": round(seconds, 2), "engine": "layer graph"}
         if details:
-            summary["decided_by"] = {m: sum(1 for d in details if (d["method"] or "").startswith(m))
-                                     for m in ("ibp", "crown", "alpha-crown", "bab", "attack engine", "corner")}
-            summary["median_seconds"] = round(statistics.median(d["seconds"] for d in details), 3)
+            summary.update(decisions(details))
         return CheckOutcome(
             check=self.name, measurements=ms,
             caveat="A proof for each sampled input and its ball, not for inputs that were not sampled.",

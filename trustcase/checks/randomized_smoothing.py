@@ -12,7 +12,7 @@ from pydantic import field_validator, model_validator
 
 from trustcase.certification.smoothing import ABSTAIN, PPF_ERROR, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.measurement import accuracy_curve, estimate, proportion, radius_grid, write_items
+from trustcase.measurement import accuracy_curve, estimate, median_radius, proportion, radius_grid, write_items
 from trustcase.schemas import CheckOutcome, Scope, Stage
 
 
@@ -103,7 +103,7 @@ class RandomizedSmoothing(Check):
             proportion(self.name, "smoothing_abstain_rate", abstain, n_items, conf, scope),
             proportion(self.name, "smoothing_accuracy", correct_g, n_items, conf, scope),
             estimate(check=self.name, metric="smoothing_median_radius", n=n_items, interval=None, scope=scope,
-                        value=float(np.median(np.where(ok, radius, 0.0))) if n_items else None),
+                     value=median_radius(radius, ok)),
         ]
         write_items(ctx.workdir / "items.csv", ids, y, pred, radius)
         lo, hi = model.spec.value_range

@@ -289,6 +289,18 @@ def quantile_interval(values: np.ndarray, q: float, confidence: float) -> tuple[
     return value, Interval(lower=lower, upper=upper, confidence=confidence, method="order-statistic")
 
 
+DISTANCE_QUANTILES = {"median": 0.5, "q10": 0.1, "q90": 0.9}
+
+
+def censored_distances(distances: np.ndarray, cap: float) -> tuple[np.ndarray, dict]:
+    """Minimal distances with the items not fooled within `cap` (inf) counted at `cap`, and their summary: the
+    `DISTANCE_QUANTILES` (inverted CDF, as `quantile_interval`: a distance some item has), `max_distance` and
+    how many items were `censored` at it."""
+    capped = np.minimum(distances, cap)
+    quantiles = {k: float(np.quantile(capped, q, method="inverted_cdf")) for k, q in DISTANCE_QUANTILES.items()}
+    return capped, {**quantiles, "max_distance": cap, "censored": int(np.isinf(distances).sum())}
+
+
 # --- the attack engine: APGD (Croce & Hein 2020) on margin / CE / targeted DLR losses --------------------
 
 def margin(logits: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
