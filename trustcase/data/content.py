@@ -22,6 +22,13 @@ class Content:
     items: dict[str, int]  # readable items per split
 
 
+def _label_bytes(label) -> bytes:
+    """A class index as 8 bytes; a detection item's boxes (K, 5) as their count and float64 values."""
+    if isinstance(label, np.ndarray):
+        return len(label).to_bytes(8, "little") + np.ascontiguousarray(label, np.float64).tobytes()
+    return int(label).to_bytes(8, "little", signed=True)
+
+
 def content_hash(data: DataSource) -> Content:
     total, items = hashlib.sha256(), {}
     for role in data.roles:
@@ -30,8 +37,7 @@ def content_hash(data: DataSource) -> Content:
             for i, ident in enumerate(batch.ids):
                 pixels = hashlib.sha256(np.ascontiguousarray(batch.images[i]).tobytes()).digest()
                 meta = "\0".join(f"{k}={batch.meta[k][i]}" for k in sorted(batch.meta))  # subgroups too
-                h.update(ident.encode() + b"\0" + int(batch.labels[i]).to_bytes(8, "little", signed=True) + pixels
-                         + meta.encode() + b"\0")
+                h.update(ident.encode() + b"\0" + _label_bytes(batch.labels[i]) + pixels + meta.encode() + b"\0")
             n += len(batch)
         for u in stream.unreadable:  # what could not be read is content too
             h.update(f"unreadable\0{u.id}\0{u.error}\0".encode())

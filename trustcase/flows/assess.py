@@ -45,7 +45,6 @@ from trustcase.data.streaming import DataSource
 from trustcase.errors import UserError
 from trustcase.flows import confidential, logs, provenance, rerender, tracking
 from trustcase.models.classifier import Classifier, sha256_file
-from trustcase.models.loading import load_classifier
 from trustcase.reports.compliance import own_catalogues
 from trustcase.schemas import (
     Assessment,
@@ -56,6 +55,7 @@ from trustcase.schemas import (
     Verdict,
     parse_use_case,
 )
+from trustcase.tasks import task_named
 from trustcase.verdicts import judge, overall
 
 MARKER = ".trustcase-run.json"  # which use case the folder holds, and the files its last run wrote
@@ -99,10 +99,10 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
 
 
 @lru_cache(maxsize=4)
-def _classifier(spec_json: str, sha: str) -> Classifier:
+def _classifier(spec_json: str, sha: str, task: str = "classification") -> Classifier:
     from trustcase.schemas import ModelSpec
 
-    return load_classifier(ModelSpec.model_validate_json(spec_json))
+    return task_named(task).load_model(ModelSpec.model_validate_json(spec_json))  # probed with the task's contract
 
 
 def cache_root() -> Path:
@@ -129,7 +129,7 @@ def fingerprint(use_case: UseCase, seed: int) -> dict:
     data = DataSource(use_case.data, seed, use_case.model)
     fps = {role: data.stream(role).fingerprint() for role in data.roles}  # imports the loader
     model_sha = provenance.model_sha256(use_case.model)
-    _classifier(use_case.model.model_dump_json(), model_sha)  # imports the model's factory / entry
+    _classifier(use_case.model.model_dump_json(), model_sha, use_case.task)  # imports the model's factory / entry
     try:
         code, uncacheable = [provenance.source_sha256(), *provenance.code_closure(_partner_modules(use_case))], None
     except provenance.Uncacheable as e:
@@ -160,7 +160,8 @@ def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_s
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))
     try:
         data = DataSource(use_case.data, seed, use_case.model)
-        ctx = Context(use_case=use_case, model=_classifier(use_case.model.model_dump_json(), model_sha256),
+        ctx = Context(use_case=use_case, model=_classifier(use_case.model.model_dump_json(), model_sha256,
+                                                           use_case.task),
                       data=data, seed=seed, workdir=scratch / check.name)
         outcome = check(ctx)
         if salt is not None:

@@ -108,7 +108,12 @@ class ClassificationScorer:
                 f"({BOOTSTRAP_REPLICATES} replicates, each item's weights drawn from its id)")
 
 
-def task_of(use_case: UseCase) -> Task:
-    from trustcase.tasks.detection import Detection
+def task_named(name: str) -> Task:
+    """The task of this name (`UseCase.task` allows only these)."""
+    from trustcase.tasks.detection import Detection  # it builds on this module
 
-    return {"classification": Classification, "detection": Detection}[use_case.task]()
+    return {"classification": Classification, "detection": Detection}[name]()
+
+
+def task_of(use_case: UseCase) -> Task:
+    return task_named(use_case.task)
