@@ -121,3 +121,33 @@ def test_a_partner_check_feeds_the_findings_cards_and_figures_like_a_built_in(tm
     assert "Partner evidence: the screening rule of the line" in card   # its caveat
     assert "Partner screening: confusion matrix</figcaption>" in html   # and the figure in the appendix
     assert "Data</th><td>train 20 items, validation 20 items, test 40 items" in html
+
+
+def test_task_labels_come_from_what_tells_a_shard_apart_never_from_a_check_name():
+    """A shard's task name is read from its params generically (where they differ from the whole check's): a
+    sweep by perturbation, an attack check by attack, a partner's check by its own sharded parameter."""
+    from trustcase.checks import Check, Params, build
+    from trustcase.flows.assess import _labels
+    from trustcase.schemas import CheckSpec
+
+    sweep = build(CheckSpec(check="perturbation_sweep", params={"perturbations": {"gaussian_blur": [1.0],
+                                                                                  "gaussian_noise": [0.1]}}))
+    assert _labels(sweep) == ["perturbation_sweep[gaussian_blur]", "perturbation_sweep[gaussian_noise]"]
+    attacks = build(CheckSpec(check="adversarial", params={"attacks": ["fgsm_linf", "pgd_l2"]}))
+    assert _labels(attacks) == ["adversarial[fgsm_linf]", "adversarial[pgd_l2]"]
+    one = build(CheckSpec(check="perturbation_sweep", params={"perturbations": {"gaussian_blur": [1.0]}}))
+    assert _labels(one) == ["perturbation_sweep"] and _labels(build(CheckSpec(check="performance"))) == ["performance"]
+
+    class LotParams(Params):
+        lots: list[str]
+        files: list[str] = []
+
+    class ByLot(Check):
+        name = "by_lot"
+        Params = LotParams
+
+        def shards(self):
+            return [ByLot(self.params.model_copy(update={"lots": [lot], "files": [f"/data/{lot}/index.csv"]}))
+                    for lot in self.params.lots]
+
+    assert _labels(ByLot(LotParams(lots=["a", "b"]))) == ["by_lot[a,index.csv]", "by_lot[b,index.csv]"]

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, Inputs
@@ -264,9 +264,21 @@ def report(assessment: Assessment, out_dir: str, use_case_text: str,
     return reports.render(assessment, out, previous=previous)
 
 
-def _label(check: Check) -> str:
-    extra = ",".join(getattr(check.params, "perturbations", {}) or [])
-    return f"{check.name}[{extra}]" if extra else check.name
+def _labels(check: Check) -> list[str]:
+    """Each shard's task name: the check's name and, for a check in several shards, what tells the shard from the
+    whole, read from its params generically (the parameters whose value differs: a mapping's keys, a list's items,
+    a file by its name), never from a check-specific attribute."""
+    shards = check.shards()
+    if len(shards) == 1:
+        return [check.name]
+    whole = check.params.model_dump(mode="json")
+    out = []
+    for shard in shards:
+        own = [v for k, v in shard.params.model_dump(mode="json").items() if v != whole.get(k)]
+        parts = [PurePath(x).name if isinstance(x, str) else json.dumps(x, sort_keys=True)
+                 for v in own for x in (v if isinstance(v, list | dict) else [v])]
+        out.append(f"{check.name}[{','.join(parts)}]" if parts else check.name)
+    return out
 
 
 # the use cases of the flows running in this process, by the handle their flow run receives instead of a path
@@ -396,13 +408,13 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
                 value = cached.with_options(refresh_cache=True).submit(*args).result(raise_on_failure=False)
         return CheckError(f"{args[-1]}: its artefacts could not be stored and restored")
 
-    def collect(futures, labels, calls):
+    def collect(futures, labels, names, calls):
         nonlocal user_error
-        for f, label, args in zip(futures, labels, calls, strict=True):
+        for f, label, name, args in zip(futures, labels, names, calls, strict=True):
             value = settle(f.result(raise_on_failure=False), args)
             _progress(label, len(outcomes) + len(errors) + 1, total)
             if isinstance(value, Unsupported):  # e.g. gradients of a black box: skipped, with the reason
-                outcomes.append(CheckOutcome(check=label.split("[")[0], skipped=str(value)))
+                outcomes.append(CheckOutcome(check=name, skipped=str(value)))
             elif isinstance(value, BaseException):
                 user_error |= isinstance(value, UserError)
                 errors.append(f"{label}: {confidential.kind(value)}: {value}")
@@ -420,12 +432,13 @@ def _checks_and_report(run: tracking.AssessmentRun, uc: UseCase, uc_text: str, u
     data = data_fingerprint(uc, seed)
     run.tag({"data_sha256": data.sha256})
 
-    calls, labels = [], []
+    calls, labels, names = [], [], []
     for spec, check in zip(uc.plan.checks, specs, strict=True):
-        for i, shard in enumerate(check.shards()):
-            calls.append(call(spec, i, _label(shard)))
-            labels.append(calls[-1][-1])
-    collect([cached.submit(*c) for c in calls], labels, calls)
+        for i, label in enumerate(_labels(check)):
+            calls.append(call(spec, i, label))
+            labels.append(label)
+            names.append(check.name)
+    collect([cached.submit(*c) for c in calls], labels, names, calls)
 
     records = evidence(uc, outcomes)
     complete = not errors
