@@ -85,3 +85,21 @@ def test_a_batch_the_test_cannot_judge_exits_2_with_one_line(tiny_case, tmp_path
     big = write_cells(tmp_path / "big", tiny_case, 12, size=64)
     r = CliRunner().invoke(app, ["drift", str(tiny_case), str(big)])
     assert r.exit_code == 2 and "the model takes 32x32" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_the_check_tests_each_split_and_each_odd_subgroup(tiny_case, tmp_path):
+    from trustcase.checks import Context
+    from trustcase.checks.feature_drift import FeatureDrift
+    from trustcase.data.streaming import DataSource
+    from trustcase.models.loading import load_classifier
+    from trustcase.schemas import Topic, load_use_case
+
+    uc = load_use_case(tiny_case)
+    ctx = Context(uc, load_classifier(uc.model), DataSource(uc.data, model=uc.model), 0, tmp_path / "feature_drift")
+    out = FeatureDrift(FeatureDrift.Params(permutations=49))(ctx)
+    p = {m.scope.label(): m for m in out.measurements if m.metric == "feature_drift_pvalue"}
+    assert set(p) == {f"{s} split{g}" for s in ("validation", "test")
+                      for g in ("", ", cell_type = mono", ", cell_type = poly")}, sorted(p)
+    for m in p.values():  # a permutation p-value is a multiple of 1/50, never 0
+        assert m.kind == "census" and 1 / 50 <= m.value <= 1 and abs(m.value * 50 - round(m.value * 50)) < 1e-9
+    assert [f.topic for f in out.findings] == [Topic.DATA, Topic.DATA]
