@@ -424,3 +424,20 @@ def test_rotation_by_a_small_angle_turns_a_blob_about_the_centre():
     # counterclockwise on screen: up (y decreases) by d sin a; bilinear sampling keeps a smooth blob's centroid
     assert cx == pytest.approx(d * np.cos(np.radians(angle)), abs=0.02)
     assert cy == pytest.approx(-d * np.sin(np.radians(angle)), abs=0.02)
+
+
+def test_shape_checks_accept_exactly_what_fits():
+    """The boundaries of the shape checks (found by mutation testing): every column may die, a shift short of the
+    side leaves something, JPEG takes 3 channels, a fraction of the lines is counted on the images' lines."""
+    P.get("dead_columns", (0, 255)).check_shape((32, 32, 1), [32.0])
+    P.get("dead_rows", (0, 255)).check_shape((16, 32, 3), [16.0])
+    P.get("dead_columns", (0, 255), as_fraction=True).check_shape((8, 8, 1), [0.5, 1.0])
+    P.get("translation", (0, 255)).check_shape((8, 8, 3), [7.0])
+    P.get("jpeg", (0, 255)).check_shape((8, 8, 3), [10.0])
+
+
+def test_gamma_takes_pixels_just_outside_the_range():
+    """A pixel below the range is clipped before the power (a negative base to a fractional power is NaN)."""
+    x = np.array([[[[-10.0], [300.0]]]], np.float32)
+    y = P.get("gamma", (0, 255)).apply(x, 0.5, seeds(1))
+    assert np.array_equal(y, np.array([[[[0.0], [255.0]]]], np.float32))
