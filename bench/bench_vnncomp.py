@@ -6,7 +6,8 @@ For mnistfc, verivital, eran and oval21 (../shared/vnncomp2021, see its README) 
 (../shared/acasxu/instances.csv, the instance list of bench_verification): each instance is read and decided
 by `competition.load / read_property / solve`, the path of `trustcase check-property` and of
 `vnncomp/run_instance.sh`, with the competition's own per-instance timeout from each `*_instances.csv`, capped
-by `--budget`; the time of an instance includes reading the network and the property. Per benchmark: solved
+by `--budget`; the time of an instance includes reading the network and the property (an internal error is
+counted, shown, and the run goes on). Per benchmark: solved
 (holds + violated), unknown, WRONG against `published_results.csv` (a verdict contradicting the verifiers
 that agreed; ACAS Xu has no per-instance list there: its counterexamples are confirmed by onnxruntime like
 every other, its counts compare with nnenum's 47 violated / 139 hold), total and median seconds.
@@ -68,7 +69,7 @@ def published() -> dict[tuple[str, str, str], str]:
 
 def run(name: str, quick: bool, budget: float | None, truth: dict, rows_out: list) -> dict:
     items = instances(name, quick)
-    counts = {"holds": 0, "violated": 0, "unknown": 0, "wrong": 0}
+    counts = {"holds": 0, "violated": 0, "unknown": 0, "error": 0, "wrong": 0}
     times = []
     caps = set()
     print(f"\n{name}: {len(items)} instances", flush=True)
@@ -76,9 +77,13 @@ def run(name: str, quick: bool, budget: float | None, truth: dict, rows_out: lis
         cap = min(limit, budget) if budget else limit
         caps.add(cap)
         t = time.perf_counter()
-        net = load(net_path)
-        prop = read_property(prop_path, net)
-        r = solve(net, prop, max(0.1, cap - (time.perf_counter() - t)), seed=0)
+        try:
+            net = load(net_path)
+            prop = read_property(prop_path, net)
+            r = solve(net, prop, max(0.1, cap - (time.perf_counter() - t)), seed=0)
+        except Exception as e:  # noqa: BLE001 - an internal error is counted and shown, the others still run
+            r = {"verdict": "error", "method": "", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
+            print(f"   ERROR on {net_path.name} {prop_path.name}: {r['reason']}", flush=True)
         seconds = time.perf_counter() - t
         times.append(seconds)
         want = truth.get((name, net_path.name, prop_path.name))
@@ -110,19 +115,19 @@ def main() -> None:
     results = [run(n.strip(), a.quick, budget, truth, rows) for n in a.only.split(",") if n.strip()]
     print(f"\nload after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     head = f"{'benchmark':<11}{'inst.':>6}{'budget s':>10}{'holds':>7}{'viol.':>7}{'solved':>8}{'unknown':>9}" \
-           f"{'WRONG':>7}{'total s':>9}{'median s':>10}   alpha-beta-CROWN 2021 (GPU, context)"
+           f"{'WRONG':>7}{'errors':>8}{'total s':>9}{'median s':>10}   alpha-beta-CROWN 2021 (GPU, context)"
     print(head)
     for r in results:
         caps = "/".join(f"{c:g}" for c in sorted(r["budget"]))
         print(f"{r['name']:<11}{r['n']:>6}{caps:>10}{r['holds']:>7}{r['violated']:>7}"
-              f"{r['holds'] + r['violated']:>8}{r['unknown']:>9}{r['wrong']:>7}{sum(r['times']):>9.0f}"
+              f"{r['holds'] + r['violated']:>8}{r['unknown']:>9}{r['wrong']:>7}{r['error']:>8}{sum(r['times']):>9.0f}"
               f"{statistics.median(r['times']) if r['times'] else 0:>10.2f}   {ABCROWN_2021.get(r['name'], '')}")
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    if any(r["wrong"] for r in results):
+    if any(r["wrong"] or r["error"] for r in results):
         sys.exit(1)
 
 
