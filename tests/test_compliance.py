@@ -172,6 +172,31 @@ def test_a_failed_or_skipped_check_never_counts_as_support(run):
     assert rows(C.matrix(variants["failed"]))["LM-10"].status != "supported"
 
 
+def test_held_out_label_noise_and_the_training_data_screen_support_only_what_they_show(run):
+    """label_issues screens the held-out splits' labels: it is label-quality evidence, never evidence that the
+    training data resists poisoning; the poisoning screen examines training items, not pre-trained components."""
+    from trustcase.measurement import census, proportion
+    from trustcase.schemas import Scope
+
+    base = assessed(run)
+    labels = CheckOutcome(check="label_issues", stage="data", measurements=[
+        proportion("label_issues", "suspected_labels", 1, 500, 0.95, Scope(split="test"))])
+    screen = CheckOutcome(check="poisoning_screen", stage="data", measurements=[
+        census("poisoning_screen", "poisoning_alarms", 0.0, 800, scope=Scope(split="train"))])
+    reqs = [Requirement(id="L1-labels", text="few suspected labels", metric="suspected_labels", comparator="<=",
+                        threshold=0.2, scope={"split": "test"}),
+            Requirement(id="X1-poison", text="no poisoning alarm", metric="poisoning_alarms", comparator="<=",
+                        threshold=0, scope={"split": "train"})]
+    for outcomes, supported in (([labels], set()), ([screen], {"15(5)/data-poisoning"})):
+        records = judge(reqs, outcomes)
+        assert Verdict.PASS in {e.verdict for e in records}
+        a = base.model_copy(update={"requirements": base.requirements + reqs, "outcomes": base.outcomes + outcomes,
+                                    "evidence": base.evidence + records})
+        got = rows(C.matrix(a))
+        poisoning = {k for k in ("15(5)/data-poisoning", "15(5)/model-poisoning") if got[k].status == "supported"}
+        assert poisoning == supported, (outcomes[0].check, poisoning)
+
+
 def test_a_claim_that_fails_contradicts_every_objective_resting_on_it(run):
     a = assessed(run, blur=FAILING)
     got = rows(C.matrix(a))
