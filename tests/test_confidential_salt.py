@@ -41,3 +41,15 @@ def test_an_empty_salt_file_is_refused_not_used(tmp_path, monkeypatch):
     path.write_text("\n")
     with pytest.raises(UserError, match=re.escape(str(path))):
         confidential.salt(tmp_path)
+
+
+def test_a_file_system_without_hard_links_still_gets_a_whole_salt(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRUSTCASE_SALT", raising=False)
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(confidential.os, "link", no_links)
+    s = confidential.salt(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{64}", s) and confidential.salt(tmp_path) == s
+    assert os.listdir(tmp_path / "secrets") == ["site.salt"]

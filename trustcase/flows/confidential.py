@@ -56,8 +56,11 @@ def salt(home: Path) -> str:
             os.link(tmp, path)
         except FileExistsError:  # another process created it first: use theirs
             pass
+        except OSError:  # a file system without hard links: an atomic rename, unless one appeared meanwhile
+            if not path.exists():
+                os.replace(tmp, path)
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     value = path.read_text().strip()
     if not value:
         raise UserError(f"{path}: the site's secret salt is empty; delete the file (a new one is made) or set "
