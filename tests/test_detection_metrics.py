@@ -112,3 +112,18 @@ def test_exact_answers_on_a_hand_made_image():
     assert ms["false_indications_per_image"].value == 1.0  # the 0.8 detection
     assert ms["ap50:other"].value is None and "no true box" in ms["ap50:other"].details["undefined"]
     assert ms["map50"].value == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-12)  # 'other' has no box: left out
+
+
+def test_a_bootstrap_replicate_is_the_ap_of_the_images_drawn():
+    """Weights w per detection (its image drawn w times, 0 included) give the AP of the list with each detection
+    repeated w times: the replicate's AP is an AP, whatever the shortcut through the true positives."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        k = int(rng.integers(1, 40))
+        tp = rng.uniform(size=k) < 0.4
+        w = rng.integers(0, 4, size=k)
+        n_true = int(w[tp].sum()) + int(rng.integers(0, 3))
+        expanded = np.repeat(tp, w)
+        want = average_precision(expanded, n_true) if len(expanded) else (0.0 if n_true else np.nan)
+        got = average_precision(tp, np.array([n_true]), w[:, None].astype(float))[0]
+        assert got == pytest.approx(want, abs=1e-12, nan_ok=True)

@@ -58,24 +58,29 @@ def match(dets: np.ndarray, gts: np.ndarray, thresholds: np.ndarray = IOU_THRESH
     return tp
 
 
-def average_precision(tp: np.ndarray, n_true: float | np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def average_precision(tp: np.ndarray, n_true: float | np.ndarray, weights: np.ndarray | None = None,
+                      seen: np.ndarray | None = None) -> np.ndarray:
     """COCO's 101-point interpolated AP of one class's detections sorted by decreasing score, `tp` (K,) their
     matches; with `weights` (K, R) (each detection counted as often as its image is drawn) one AP per bootstrap
-    replicate, `n_true` (R,) then. NaN where there is no true box."""
-    n_true = np.asarray(n_true, np.float64)
+    replicate, `n_true` (R,) then, and `seen` (K, R) their cumulative sum if already made (shared by the IoU
+    thresholds). NaN where there is no true box.
+
+    Only the true positives matter: precision rises only at one, so the envelope (the best precision at any
+    recall >= r) and the first detection reaching recall r are both found among them."""
+    n_true = np.asarray(n_true, np.float64).reshape(-1)
     w = np.ones((len(tp), 1)) if weights is None else np.asarray(weights, np.float64)
-    hits = tp.astype(np.float64)[:, None] * w
-    tps, fps = np.cumsum(hits, axis=0), np.cumsum(w - hits, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = tps / n_true.reshape(1, -1)
-        precision = tps / (tps + fps + np.spacing(1))
-    # the envelope: the precision at recall r is the best at any recall >= r
-    precision = np.flip(np.maximum.accumulate(np.flip(precision, 0), axis=0), 0)
+    hit = np.flatnonzero(tp)
     out = np.zeros(w.shape[1])
-    if len(tp):
+    if len(hit):
+        tps = np.cumsum(w[hit], axis=0)
+        counted = (np.cumsum(w, axis=0) if seen is None else seen)[hit]  # detections so far, true or false
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = tps / n_true
+            precision = tps / (counted + np.spacing(1))
+        precision = np.flip(np.maximum.accumulate(np.flip(precision, 0), axis=0), 0)
         for j in range(w.shape[1]):  # recall is non-decreasing down each column
             at = np.searchsorted(recall[:, j], RECALL_POINTS, side="left")
-            out[j] = np.where(at < len(tp), precision[np.minimum(at, len(tp) - 1), j], 0.0).mean()
+            out[j] = np.where(at < len(hit), precision[np.minimum(at, len(hit) - 1), j], 0.0).mean()
     out = np.where(np.broadcast_to(n_true, out.shape) > 0, out, np.nan)
     return out if weights is not None else out[0]
 
@@ -129,7 +134,9 @@ class DetectionTally:
             total = float(n_true[:, c].sum())
             boot_true = weights.T @ n_true[:, c]
             per_t = np.array([average_precision(tp[:, t], total) for t in range(len(IOU_THRESHOLDS))])
-            boot = np.array([average_precision(tp[:, t], boot_true, weights[img]) for t in range(len(IOU_THRESHOLDS))])
+            drawn = weights[img]
+            seen = np.cumsum(drawn, axis=0)
+            boot = np.array([average_precision(tp[:, t], boot_true, drawn, seen) for t in range(len(IOU_THRESHOLDS))])
             ap50.append(per_t[0])
             ap.append(per_t.mean())
             ap50_boot.append(boot[0])
