@@ -81,3 +81,29 @@ def test_a_planted_backdoor_on_elpv_ranks_at_the_top():
     assert found >= 0.8 * len(planted_in), (found, len(planted_in))
     hit, flagged, n = P.precision_recall(r.suspects, planted_in)
     assert r.alarm and hit >= 0.8 * n and hit >= 0.8 * flagged, (r, hit, flagged, n)
+
+
+def test_a_class_too_small_to_screen_leaves_the_alarm_count_undefined(tmp_path):
+    """25 'ok' items are screened, 5 'bad' are not: 'poisoning_alarms <= 0' must not PASS on the 'ok' class
+    alone (the poisoned cluster could be in the class never screened)."""
+    import torch
+    from conftest import context_for, folder_use_case, save_png
+
+    from trustcase.checks.poisoning_screen import PoisoningScreen, PoisoningScreenParams
+    from trustcase.schemas import Requirement, UseCase, Verdict
+    from trustcase.verdicts import judge
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("ok", 25), ("bad", 5)):
+        for i in range(n):
+            save_png(tmp_path / f"data/train/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    uc = UseCase.model_validate(folder_use_case(tmp_path / "data"))
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    o = PoisoningScreen(PoisoningScreenParams())(context_for(uc, module, tmp_path / "work"))
+    alarms = next(m for m in o.measurements if m.metric == "poisoning_alarms")
+    assert o.summary.keys() == {"ok"}  # the 'ok' class was screened
+    assert alarms.value is None and "1 of 2 classes" in alarms.details["undefined"]
+    req = Requirement(id="P1", text="no poisoning alarm", metric="poisoning_alarms", comparator="<=",
+                      threshold=0, scope={"split": "train"})
+    (v,) = judge([req], [o])
+    assert v.verdict is Verdict.INCONCLUSIVE and "not screened" in v.rationale

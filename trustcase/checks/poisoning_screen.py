@@ -3,8 +3,9 @@ activation clustering over the training items' penultimate features, one class a
 `data.poisoning`).
 
 Measurements on the screened split: `poisoning_alarms` (a census: classes whose features split into a small, well
-separated cluster, of the classes screened) and `poisoning_suspects` (items in those clusters). The summary ranks
-each class's items by spectral score.
+separated cluster) and `poisoning_suspects` (items in those clusters), both undefined unless every class was
+screened (a class too small to screen could hold the cluster). The summary ranks each class's items by spectral
+score.
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ class PoisoningScreen(Check):
                             "silhouette": r.silhouette, "suspects": [ids[rows[i]] for i in r.suspects][:50],
                             "top_spectral": [ids[rows[i]] for i in ranked]}
         scope = Scope(split=p.split)
-        why = {} if screened else {"undefined": f"no class of the {p.split} split has {P.MIN_ITEMS} items"}
-        m_alarm = census(self.name, "poisoning_alarms", alarms if screened else None, screened, scope=scope,
+        # a class never screened could hold the poisoned cluster: the counts are defined only over every class
+        whole = screened == len(names)
+        why = {} if whole else {"undefined": f"{len(names) - screened} of {len(names)} classes of the {p.split} "
+                                             f"split not screened (fewer than {P.MIN_ITEMS} items): "
+                                             + "; ".join(limitations)}
+        m_alarm = census(self.name, "poisoning_alarms", alarms if whole else None, screened, scope=scope,
                          details=why)
-        m_susp = census(self.name, "poisoning_suspects", suspects if screened else None, len(y), scope=scope,
+        m_susp = census(self.name, "poisoning_suspects", suspects if whole else None, len(y), scope=scope,
                         details=why)
         findings = [Finding(topic=Topic.DATA, cites={"a": m_alarm, "s": m_susp}, text=(
             f"The poisoning screen of the {p.split} split raises {{a}} alarm(s) over {screened} classes, "
