@@ -91,8 +91,10 @@ def test_the_check_tests_each_split_and_each_odd_subgroup(tiny_case, tmp_path):
     from trustcase.checks import Context
     from trustcase.checks.feature_drift import FeatureDrift
     from trustcase.data.streaming import DataSource
+    from trustcase.measurement import clopper_pearson
     from trustcase.models.loading import load_classifier
-    from trustcase.schemas import Topic, load_use_case
+    from trustcase.schemas import Requirement, Topic, Verdict, load_use_case
+    from trustcase.verdicts import judge
 
     uc = load_use_case(tiny_case)
     ctx = Context(uc, load_classifier(uc.model), DataSource(uc.data, model=uc.model), 0, tmp_path / "feature_drift")
@@ -101,5 +103,16 @@ def test_the_check_tests_each_split_and_each_odd_subgroup(tiny_case, tmp_path):
     assert set(p) == {f"{s} split{g}" for s in ("validation", "test")
                       for g in ("", ", cell_type = mono", ", cell_type = poly")}, sorted(p)
     for m in p.values():  # a permutation p-value is a multiple of 1/50, never 0
-        assert m.kind == "census" and 1 / 50 <= m.value <= 1 and abs(m.value * 50 - round(m.value * 50)) < 1e-9
+        assert 1 / 50 <= m.value <= 1 and abs(m.value * 50 - round(m.value * 50)) < 1e-9
+        # a Monte-Carlo estimate over 49 permutations: the exact interval of k of 49 holds (1 + k) / 50
+        k = m.details["exceeding"]
+        assert m.kind == "estimate" and m.value == (1 + k) / 50
+        assert m.interval == clopper_pearson(k, 49, uc.plan.confidence).model_copy(update={"method": m.interval.method})
+        assert m.interval.lower < m.value <= m.interval.upper
+    assert all(m.kind == "estimate" and m.interval is None for m in out.measurements if m.metric == "feature_drift_mmd")
+    # a claim at the point estimate itself cannot PASS: the interval's lower end decides
+    v = p["validation split"]
+    req = Requirement(id="D9", text="no drift", metric="feature_drift_pvalue", comparator=">=", threshold=v.value,
+                      scope={"split": "validation"})
+    assert judge([req], [out])[0].verdict is not Verdict.PASS
     assert [f.topic for f in out.findings] == [Topic.DATA, Topic.DATA]

@@ -3,8 +3,11 @@ feature space? MMD two-sample test on the penultimate features (the logits for a
 cannot be found, e.g. a black box), per split and per subgroup of each categorical ODD descriptor (science in
 `data.drift`).
 
-Measurements per compared split (and subgroup): `feature_drift_pvalue` (the permutation p-value, a census of the
-test on the sample) and `feature_drift_mmd` (the shift's size). Claims read e.g. "feature_drift_pvalue >= 0.01".
+Measurements per compared split (and subgroup): `feature_drift_pvalue` (the permutation p-value, a Monte-Carlo
+estimate over B seeded permutations: (1 + k) / (1 + B) with k of them reaching the observed statistic, and the
+Clopper-Pearson interval of k of B for the exact permutation p-value) and `feature_drift_mmd` (the shift's size on the
+seeded samples: a descriptive estimate without an interval, so no claim passes on it). Claims read e.g.
+"feature_drift_pvalue >= 0.01" (PASS only if the interval's lower end is >= 0.01).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pydantic import Field
 
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data import drift as D
-from trustcase.measurement import census
+from trustcase.measurement import clopper_pearson, estimate
 from trustcase.odd.features import FeatureExtractor
 from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
 
@@ -74,15 +77,22 @@ class FeatureDrift(Check):
                     why = (f"{n_ref} {p.reference} and {n_oth} {role} items: the test needs at least {D.MIN_ITEMS} "
                            "per side")
                     for metric in ("feature_drift_pvalue", "feature_drift_mmd"):
-                        out.append(census(self.name, metric, None, n_oth, scope=scope, details={"undefined": why}))
+                        out.append(estimate(self.name, metric, None, n_oth, None, scope=scope,
+                                            details={"undefined": why}))
                     limitations.append(f"{label}: {why}")
                     continue
                 r = D.compare(ref, oth, p.permutations, ctx.seed, self.name)
                 summary[label] = r
-                pv = census(self.name, "feature_drift_pvalue", r["pvalue"], r["n_other"], scope=scope,
-                            details={"reference": p.reference, **r})
-                out += [pv, census(self.name, "feature_drift_mmd", r["mmd"], r["n_other"], scope=scope,
-                                   details={"reference": p.reference, "bandwidth": r["bandwidth"]})]
+                # the exact permutation p-value is a proportion of all permutations: B seeded ones estimate it
+                iv = clopper_pearson(r["exceeding"], r["permutations"], uc.plan.confidence).model_copy(
+                    update={"method": f"clopper-pearson on {r['exceeding']} of {r['permutations']} permutations "
+                                      "reaching the observed MMD"})
+                pv = estimate(self.name, "feature_drift_pvalue", r["pvalue"], r["n_other"], iv, scope=scope,
+                              details={"reference": p.reference, **r})
+                out += [pv, estimate(self.name, "feature_drift_mmd", r["mmd"], r["n_other"], None, scope=scope,
+                                     details={"reference": p.reference, "bandwidth": r["bandwidth"],
+                                              "no_interval": "MMD of seeded samples, descriptive: no interval "
+                                                             "is computed, so no claim passes on it"})]
                 if k is None:
                     top = ", ".join(f"{m['descriptor']} (KS {m['ks']:.2f})" for m in r["moved"])
                     findings.append(Finding(topic=Topic.DATA, cites={"p": pv}, text=(

@@ -68,6 +68,7 @@ class MMDTest:
     n_reference: int
     n_other: int
     permutations: int
+    exceeding: int = 0  # permuted statistics reaching the observed one: pvalue = (1 + exceeding) / (1 + permutations)
 
 
 def _sq_distances(z: np.ndarray) -> np.ndarray:
@@ -96,8 +97,9 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int, check: 
     null = np.einsum("ib,ib->b", ws, k @ ws)
     # a permuted statistic equal to the observed one up to rounding counts as reaching it (conservative)
     tol = 1e-12 * max(1.0, abs(observed))
-    p = (1 + int((null >= observed - tol).sum())) / (1 + permutations)
-    return MMDTest(float(np.sqrt(max(observed, 0.0))), p, float(np.sqrt(med / 2)), n, m, permutations)
+    exceeding = int((null >= observed - tol).sum())
+    return MMDTest(float(np.sqrt(max(observed, 0.0))), (1 + exceeding) / (1 + permutations), float(np.sqrt(med / 2)),
+                   n, m, permutations, exceeding)
 
 
 def moved(reference: dict[str, np.ndarray], other: dict[str, np.ndarray], top: int = 3) -> list[dict]:
@@ -130,7 +132,7 @@ def compare(reference: Sample, other: Sample, permutations: int, seed: int, chec
     fy, dy = other.arrays()
     t = mmd_test(fx, fy, permutations, seed, check)
     return {"pvalue": t.pvalue, "mmd": t.mmd, "bandwidth": t.bandwidth, "n_reference": t.n_reference,
-            "n_other": t.n_other, "permutations": t.permutations, "moved": moved(dx, dy),
+            "n_other": t.n_other, "permutations": t.permutations, "exceeding": t.exceeding, "moved": moved(dx, dy),
             "seen_reference": reference.seen, "seen_other": other.seen}
 
 
