@@ -96,13 +96,17 @@ _FMAX = {"sigmoid": 0.25, "tanh": 1.0}  # the largest slope of each S-shaped act
 
 
 def _intercepts(kind: str, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """(min, max) over [lo, hi] of f(z) - a z (broadcast), exactly: at an end or where f'(z) = a; widened by
-    1e-10 for float64 rounding. Any slope a gives sound lines a z + min <= f(z) <= a z + max."""
+    """(min, max) over [lo, hi] of f(z) - a z (broadcast), exactly: at an end or where f'(z) = a; widened for
+    rounding by 1e-10 plus 8 units of roundoff of |f(z)| + |a z| at the candidates (f to a few ulps, the product
+    and the difference to one each: a fixed margin alone is too small once |a z| is large, e.g. bounds of 1e8).
+    Any slope a gives sound lines a z + min <= f(z) <= a z + max."""
     z = _stationary(kind, a)
     lo, hi = lo.expand_as(a), hi.expand_as(a)
     pts = torch.stack([lo, hi, torch.minimum(torch.maximum(z, lo), hi), torch.minimum(torch.maximum(-z, lo), hi)])
-    v = SMOOTH[kind](pts) - a * pts
-    return v.min(0).values - 1e-10, v.max(0).values + 1e-10
+    fz, az = SMOOTH[kind](pts), a * pts
+    v = fz - az
+    margin = 1e-10 + 8 * torch.finfo(v.dtype).eps * (fz.abs() + az.abs()).max(0).values
+    return v.min(0).values - margin, v.max(0).values + margin
 
 
 def smooth_relax(kind: str, lo: torch.Tensor, hi: torch.Tensor):
