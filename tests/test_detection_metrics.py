@@ -127,3 +127,26 @@ def test_a_bootstrap_replicate_is_the_ap_of_the_images_drawn():
         want = average_precision(expanded, n_true) if len(expanded) else (0.0 if n_true else np.nan)
         got = average_precision(tp, np.array([n_true]), w[:, None].astype(float))[0]
         assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
+def test_recall_interval_accounts_for_boxes_clustered_in_images():
+    """10 images of 50 boxes: 8 images found whole, 2 missed whole. Clopper-Pearson over the 500 boxes would say
+    about [0.76, 0.83]; the images are the sampling unit, so the interval must be much wider (the bootstrap over
+    images: roughly [0.5, 1]); and it never gets narrower than Clopper-Pearson over boxes."""
+    from trustcase.measurement import clopper_pearson
+    from trustcase.tasks.detection_metrics import DetectionTally
+
+    t = DetectionTally(["defect"], operating_threshold=0.5, check="performance", seed=0)
+    dets, gts, ids = [], [], []
+    for i in range(10):
+        boxes = np.array([[5 * k, 0, 5 * k + 4, 4, 0] for k in range(50)], float)
+        found = boxes[:, :4] if i < 8 else np.zeros((0, 4))
+        dets.append(np.column_stack([found, np.full(len(found), 0.9), np.zeros(len(found))]))
+        gts.append(boxes)
+        ids.append(f"img{i}")
+    t.update(dets, gts, ids)
+    m = next(x for x in t.compute("test", 0.95, 1000) if x.metric == "indication_recall")
+    assert m.value == pytest.approx(0.8)
+    cp = clopper_pearson(400, 500, 0.95)
+    assert m.interval.lower <= cp.lower and m.interval.upper >= cp.upper
+    assert m.interval.lower < 0.6 and m.interval.upper == pytest.approx(1.0)  # two whole images can be missed or not

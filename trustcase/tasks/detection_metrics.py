@@ -7,7 +7,8 @@ image.
 only its class, score, image and whether it is a true positive at each IoU threshold; `compute` sorts them once.
 Intervals: AP and false indications per image by the Poisson bootstrap over images (each image's weights from
 (seed, check, image id, "bootstrap"), `measurement.bootstrap_weights`: the same interval at any batch size, order
-or shard count); recall by Clopper-Pearson (`measurement.proportion`). The AP agrees with pycocotools'
+or shard count); recall by the wider of Clopper-Pearson over boxes and that bootstrap over images (boxes of one
+image are not independent: an image missed whole misses all its boxes; `_recall`). The AP agrees with pycocotools'
 COCOeval on the same detections (tests/test_detection_metrics.py).
 """
 
@@ -18,7 +19,7 @@ import warnings
 import numpy as np
 
 from trustcase.measurement import bootstrap_interval, bootstrap_weights, estimate, proportion
-from trustcase.schemas import Measurement, PerturbationScope, Scope
+from trustcase.schemas import Interval, Measurement, PerturbationScope, Scope
 
 # COCO's thresholds, written as pycocotools writes them (the same floats, so the same matches at a tie)
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -128,6 +129,7 @@ class DetectionTally:
         common = dict(scope=scope, amplitude=amplitude)
         out: list[Measurement] = []
         ap50, ap, ap50_boot, ap_boot = [], [], [], []
+        found_per_image = np.array(self.found_at_threshold).reshape(n_images, len(self.class_names)).astype(float)
         for c, name in enumerate(self.class_names):
             r = rows[rows[:, 1] == c]
             tp, img = r[:, 4:].astype(bool), r[:, 0].astype(int)
@@ -145,9 +147,9 @@ class DetectionTally:
             for metric, value, b in ((f"ap50:{name}", per_t[0], boot[0]), (f"ap:{name}", per_t.mean(), boot.mean(0))):
                 out.append(estimate(self.check, metric, None if total == 0 else float(value), n_images,
                                     None if total == 0 else bootstrap_interval(b, confidence), details=why, **common))
-            found = int(np.array(self.found_at_threshold)[:, c].sum()) if n_images else 0
-            out.append(proportion(self.check, f"recall:{name}", found, int(total), confidence, scope, amplitude,
-                                  undefined=f"no true box of class {name}", threshold=self.threshold, iou=0.5))
+            out.append(_recall(self.check, f"recall:{name}", found_per_image[:, c], n_true[:, c], weights,
+                               confidence, scope, amplitude, undefined=f"no true box of class {name}",
+                               threshold=self.threshold, iou=0.5))
         for metric, values, boot in (("map50", ap50, ap50_boot), ("map", ap, ap_boot)):
             defined = ~np.isnan(values)
             value = float(np.mean(np.array(values)[defined])) if defined.any() else None
@@ -158,10 +160,9 @@ class DetectionTally:
                     iv = bootstrap_interval(np.nanmean(np.array(boot)[defined], axis=0), confidence)
             out.append(estimate(self.check, metric, value, n_images, iv, **common,
                                 details={} if value is not None else {"undefined": "no true box in the split"}))
-        total_true = int(n_true.sum())
-        found = int(np.array(self.found_at_threshold).sum()) if n_images else 0
-        out.append(proportion(self.check, "indication_recall", found, total_true, confidence, scope, amplitude,
-                              undefined="no true box in the split", threshold=self.threshold, iou=0.5))
+        out.append(_recall(self.check, "indication_recall", found_per_image.sum(1), n_true.sum(1).astype(float),
+                           weights, confidence, scope, amplitude, undefined="no true box in the split",
+                           threshold=self.threshold, iou=0.5))
         # false indications: detections above the threshold that match no true box of their class at IoU 0.5
         above = rows[rows[:, 2] >= self.threshold]
         false_per_image = np.bincount(above[~above[:, 4].astype(bool), 0].astype(int), minlength=n_images)
@@ -174,6 +175,26 @@ class DetectionTally:
                             details={"threshold": self.threshold, "iou": 0.5} if n_images else
                             {"undefined": "no image in the split"}, **common))
         return out
+
+
+def _recall(check: str, metric: str, found: np.ndarray, true: np.ndarray, weights: np.ndarray, confidence: float,
+            scope: Scope, amplitude: float | None, undefined: str, **details) -> Measurement:
+    """Recall of true boxes, found / true summed over the images, with an interval that holds whether the boxes
+    behave independently or cluster by image: the union of Clopper-Pearson over boxes and the Poisson bootstrap
+    over images (the ratio of weighted sums per replicate). Either alone understates the uncertainty in one of the
+    two cases (few images, many boxes each: the bootstrap; everything found: Clopper-Pearson's floor)."""
+    m = proportion(check, metric, int(found.sum()), int(true.sum()), confidence, scope, amplitude,
+                   undefined=undefined, **details)
+    if m.interval is None:
+        return m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boot = bootstrap_interval((weights.T @ found) / (weights.T @ true), confidence)
+    if boot is None:
+        return m
+    iv = Interval(lower=min(m.interval.lower, boot.lower), upper=max(m.interval.upper, boot.upper),
+                  confidence=confidence, method=f"wider of {m.interval.method} over boxes and {boot.method} "
+                                                f"over images")
+    return m.model_copy(update={"interval": iv})
 
 
 def detection_metrics(class_names: list[str]) -> list[str]:
