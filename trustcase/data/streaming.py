@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from trustcase.errors import UserError
 from trustcase.registry import resolve
 from trustcase.schemas import DataSpec, ModelSpec
+from trustcase.schemas.loading import BUILTIN_LOADERS
 
 MAX_PIXELS = 50_000_000  # an image file over this is refused from its header, before it is decoded
 MAX_ITEMS = 10**9  # a split longer than this (a broken __len__, 10**11) needs data.max_samples
@@ -270,8 +271,7 @@ class DataSource:
         self.spec, self.seed = spec, seed
         self.expected = expected_shape(model) if model is not None else None
         self.n_classes = len(model.class_names) if model is not None else None
-        loader = BUILTIN_LOADERS.get(spec.loader)
-        self.loader = loader or resolve(spec.loader, spec.path, "loader", DataError)
+        self.loader = resolve(BUILTIN_LOADERS.get(spec.loader, spec.loader), spec.path, "loader", DataError)
         if not callable(self.loader):
             raise DataError(f"data.loader {spec.loader!r} is not callable")
         self._streams: dict[str, SplitStream] = {}
@@ -360,5 +360,3 @@ class ImageFolder:
             h.update(path.read_bytes())
         return h.hexdigest()
 
-
-BUILTIN_LOADERS = {"image_folder": ImageFolder}

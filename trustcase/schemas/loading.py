@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import pkgutil
+import re
+import sys
+import typing
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import yaml
 from pydantic import ValidationError
@@ -61,9 +67,11 @@ def _loc_text(loc: tuple) -> str:
 
 def _resolve_paths(raw: dict, base: Path) -> list[tuple[tuple, str]]:
     """Relative paths in the file are relative to the file, not to where the command runs: model.path,
-    data.path, and every top-level string of data.params that names a file or folder beside the YAML file.
-    A relative string that names something only under the working directory is a problem (it would make the
-    result depend on where the command runs)."""
+    data.path, and each data.params value the loader's signature declares a path (`path_parameters`:
+    annotated Path / os.PathLike, or a str named like root / path / dir / file) that names a file or folder
+    beside the YAML file; every other string is a value, left as written. A relative path that names something
+    only under the working directory is a problem (it would make the result depend on where the command
+    runs). A loader that cannot be imported here resolves nothing: the preflight reports it."""
     if isinstance(raw.get("compliance"), str) and not Path(raw["compliance"]).is_absolute():
         raw["compliance"] = str((base / raw["compliance"]).resolve())
     for section, key in (("model", "path"), ("data", "path")):
@@ -71,7 +79,9 @@ def _resolve_paths(raw: dict, base: Path) -> list[tuple[tuple, str]]:
         if isinstance(part, dict) and isinstance(part.get(key), str) and not Path(part[key]).is_absolute():
             part[key] = str((base / part[key]).resolve())
     problems = []
-    params = raw.get("data", {}).get("params") if isinstance(raw.get("data"), dict) else None
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    params = data.get("params")
+    paths = None  # the loader is imported only if some value could be a relative path
     for k, v in (params.items() if isinstance(params, dict) else ()):
         if not isinstance(v, str) or not v.strip() or "\n" in v or len(v) > 4096 or Path(v).is_absolute():
             continue
@@ -79,6 +89,10 @@ def _resolve_paths(raw: dict, base: Path) -> list[tuple[tuple, str]]:
             here, there = (base / v).exists(), Path(v).exists() and Path.cwd().resolve() != base
         except (OSError, ValueError):  # not a path at all (a NUL byte, a name too long)
             continue
+        if here or there:
+            paths = _path_parameters(data.get("loader"), data.get("path") or base) if paths is None else paths
+            if k not in paths:
+                continue
         if here:
             params[k] = str((base / v).resolve())
         elif there:
@@ -86,6 +100,48 @@ def _resolve_paths(raw: dict, base: Path) -> list[tuple[tuple, str]]:
                                                     f"not beside the use-case file: relative paths are relative to "
                                                     f"the file's folder {base}"))
     return problems
+
+
+# the built-in loaders, by reference (their module is science code: imported only when a path must be resolved)
+BUILTIN_LOADERS = {"image_folder": "trustcase.data.streaming:ImageFolder"}
+_PATH_NAME = re.compile(r"(^|_)(root|path|dir|directory|folder|file|filename)s?$")
+
+
+def path_parameters(fn) -> set[str]:
+    """The parameters of a loader (function or class) that name a file or folder: annotated `pathlib.Path` (or a
+    subclass, `os.PathLike`, or a union holding one), or a `str` (or unannotated) parameter named like root / path
+    / dir / folder / file (`data_dir`, `root`; not `folder_name`). Every other string is a value (`mode: tests`,
+    `split: train`), never a path."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    try:
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve: judged by its name)
+        hints = {}
+
+    def pathlike(h) -> bool:
+        return (isinstance(h, type) and issubclass(h, (os.PathLike, PurePath))) or h is os.PathLike or \
+            any(pathlike(a) for a in typing.get_args(h))
+
+    def text(h) -> bool:
+        return h is None or h is str or str in typing.get_args(h)
+
+    return {name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and (
+        pathlike(hints.get(name)) or (text(hints.get(name)) and _PATH_NAME.search(name.lower())))}
+
+
+def _path_parameters(loader, folder) -> set[str]:
+    """The loader's path parameters; none when it cannot be imported here (the preflight reports why)."""
+    if not isinstance(loader, str):
+        return set()
+    if str(folder) not in sys.path:  # where DataSource (registry.resolve) will import it from
+        sys.path.insert(0, str(folder))
+    try:
+        return path_parameters(pkgutil.resolve_name(BUILTIN_LOADERS.get(loader, loader)))
+    except Exception:  # noqa: BLE001  (a missing or broken loader is the preflight's located error)
+        return set()
 
 
 def _duplicate_keys(root: yaml.Node | None) -> list[Problem]:
