@@ -441,3 +441,31 @@ def test_gamma_takes_pixels_just_outside_the_range():
     x = np.array([[[[-10.0], [300.0]]]], np.float32)
     y = P.get("gamma", (0, 255)).apply(x, 0.5, seeds(1))
     assert np.array_equal(y, np.array([[[[0.0], [255.0]]]], np.float32))
+
+
+def test_occlusion_grows_around_its_drawn_centre_and_fills_each_image_with_its_own_mean():
+    """Survivors of the mutation run: the square sits centred on its drawn centre whatever its side (centres
+    spread over the image, not on its diagonal), a side of one pixel hides one pixel, `mean` is each image's."""
+    size, n = 60, 40
+    x = grey_field(n=n, size=size)
+    pert = P.get("occlusion", (0, 255))
+    centres = []
+    for a in (0.1, 0.4):
+        hidden = pert.apply(x, a, seeds(n))[..., 0] == 0
+        cs = []
+        for h in hidden:
+            ys, xs = np.nonzero(h)
+            inside = ys.min() > 0 and xs.min() > 0 and ys.max() < size - 1 and xs.max() < size - 1
+            cs.append((ys.mean(), xs.mean()) if inside else (np.nan, np.nan))
+        centres.append(np.array(cs))
+    both = ~np.isnan(centres[0][:, 0]) & ~np.isnan(centres[1][:, 0])
+    assert both.sum() >= 3 and np.abs(centres[0][both] - centres[1][both]).max() <= 1.0  # rint of c - side / 2
+    assert (np.abs(centres[0][:, 0] - centres[0][:, 1]) > 2)[~np.isnan(centres[0][:, 0])].any()
+    one = pert.apply(x, 1 / size, seeds(n))
+    assert ((one == 0).sum(axis=(1, 2, 3)) == 1).all()
+    ramp = np.linspace(0, 1, size, dtype=np.float32)[None, :, None, None] * np.float32([[[[1.0]]], [[[0.5]]]])
+    ramp = np.broadcast_to(ramp, (2, size, size, 1)).copy()
+    y = P.get("occlusion", (0, 1), fill="mean").apply(ramp, 0.2, seeds(2))
+    for img, out in zip(ramp, y, strict=True):
+        changed = out != img
+        assert changed.any() and np.allclose(out[changed], img.mean(), atol=4 * U32)
