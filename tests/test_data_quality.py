@@ -115,3 +115,26 @@ def test_perceptual_hash_is_stable_under_small_changes():
     h = perceptual_hash(img)
     assert hamming(h, perceptual_hash(img + 2))[0] <= 2
     assert hamming(h, perceptual_hash(rng.permutation(img.ravel()).reshape(img.shape)))[0] > 10
+
+
+def test_a_count_over_a_capped_split_is_no_census(dataset, tmp_path):
+    """max_samples {train: 10}: the leaked training item is outside the seeded 10 (seed 0), so the leak is not
+    seen; 'leakage <= 0' must not PASS on that sample (issue 28), and the verdict says why."""
+    from trustcase.schemas import Requirement, Verdict
+    from trustcase.verdicts import judge
+
+    uc = dataset.model_copy(update={"data": dataset.data.model_copy(update={"max_samples": {"train": 10}})})
+    sampled = {i for b in DataSource(uc.data, 0, uc.model).stream("train").batches() for i in b.ids}
+    assert len(sampled) == 10 and not any("leaked" in i for i in sampled)
+    o = run(uc, tmp_path)
+    leak = value(o, "leakage", "test")
+    assert leak.value == 0 and leak.kind == "estimate" and leak.interval is None
+    assert "train 10 of 19 items" in leak.details["no_interval"]
+    assert value(o, "duplicates", "train").kind == "estimate"
+    assert value(o, "duplicates", "test").kind == "census"  # the test split is read whole
+    req = Requirement(id="L1", text="no leakage", metric="leakage", comparator="<=", threshold=0,
+                      scope={"split": "test"})
+    (v,) = judge([req], [o])
+    assert v.verdict is Verdict.INCONCLUSIVE and "data.max_samples" in v.rationale, v.rationale
+    whole = value(run(dataset, tmp_path / "whole"), "leakage", "test")  # read whole, the leak is found
+    assert whole.kind == "census" and whole.value >= 1

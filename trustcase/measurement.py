@@ -37,6 +37,14 @@ def bound(check: str, metric: str, value: float | None, n: int | None = None, **
     return Measurement(check=check, metric=metric, kind="bound", value=value, n=n, **fields)
 
 
+def over_sample(m: Measurement, why: str) -> Measurement:
+    """A count read on a split capped by data.max_samples (`why`: DataSource.sampled) is no census: an estimate
+    without an interval, so no claim passes on it, and `why` says so. Unchanged when `why` is empty."""
+    if not why or m.kind != "census":
+        return m
+    return m.model_copy(update={"kind": "estimate", "interval": None, "details": {**m.details, "no_interval": why}})
+
+
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
     """Exact two-sided binomial interval (conservative: coverage >= confidence for every p)."""
     if n <= 0:

@@ -52,6 +52,8 @@ def bare(m: Measurement) -> bool:
 
 
 def why_bare(m: Measurement) -> str:
+    if m.details.get("no_interval"):  # its check says why (e.g. a count over a sample)
+        return str(m.details["no_interval"])
     return "it is a sampling estimate without an interval, and a claim passes only on its interval's pessimistic end"
 
 

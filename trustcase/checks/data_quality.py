@@ -11,7 +11,7 @@ import numpy as np
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.quality import distributions, duplicates, odd_coverage, perceptual_hash
 from trustcase.data.streaming import DataError
-from trustcase.measurement import census, proportion
+from trustcase.measurement import census, over_sample, proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.odd.specification import Limit
 from trustcase.schemas import CheckOutcome, Histograms, Measurement, Scope, Stage
@@ -117,6 +117,11 @@ class DataQuality(Check):
         ms, summary["odd_coverage"] = odd_coverage(self.name, uc.odd.descriptors, ctx.data.roles, props, meta_values,
                                                    uc.plan.confidence)
         out += ms
+        # counts over a capped split are counts over a sample: leakage also misses the unread training items
+        counts = {"unreadable", "non_finite", "constant_images", "out_of_range", "duplicates", "near_duplicates",
+                  "leakage", task.rejected_labels}
+        out = [over_sample(x, ctx.data.sampled(x.scope.split, *(["train"] if x.metric == "leakage" else [])))
+               if x.metric in counts else x for x in out]
         return CheckOutcome(
             check=self.name, measurements=out, summary=summary,
             figures=[Histograms(title="Properties per split", histograms=histograms,

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.leakage import NearestReference
-from trustcase.measurement import census
+from trustcase.measurement import census, over_sample
 from trustcase.odd.features import FeatureExtractor
 from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
 
@@ -54,6 +54,7 @@ class FeatureLeakage(Check):
             m = census(self.name, "feature_leakage", len(pairs) if n else None, n, scope=Scope(split=role),
                        details={"threshold": p.threshold, "reference": p.reference,
                                 **({} if n else {"undefined": f"no item in the {role} split"})})
+            m = over_sample(m, ctx.data.sampled(role, p.reference))
             out.append(m)
             summary[role] = [f"{i} ~ {p.reference} {r} (cosine {s:.4f})" for s, i, r in pairs[:50]]
             if pairs:

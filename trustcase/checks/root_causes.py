@@ -23,7 +23,7 @@ from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsup
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.explain.root_causes import Analysis, analyse
-from trustcase.measurement import census
+from trustcase.measurement import census, over_sample
 from trustcase.odd.descriptors import DESCRIPTORS
 from trustcase.schemas import CheckOutcome, Curve, Scope, Series, Stage
 
@@ -85,8 +85,9 @@ class RootCauses(Check):
             return CheckOutcome(check=self.name, validity=validity, summary={"message": msg, "clusters": [],
                                                                               "errors": 0, "relevance": rel.method},
                                 # an empty split is no evidence (undefined); items without an error are
-                                measurements=[census(check=self.name, metric="errors",
-                                                     value=0 if e.items else None, n=e.items, scope=scope),
+                                measurements=[over_sample(census(check=self.name, metric="errors",
+                                                                 value=0 if e.items else None, n=e.items,
+                                                                 scope=scope), ctx.data.sampled(p.split)),
                                               census(check=self.name, metric="root_cause_clusters",
                                                      value=0 if e.items else None, n=0, scope=scope)],
                                 limitations=[msg])
@@ -100,7 +101,8 @@ class RootCauses(Check):
             limitations.append("confidential use case: no montage or animation of cluster members")
         else:
             artefacts += self._pictures(ctx, p, a)
-        out = [census(check=self.name, metric="errors", value=e.seen, n=e.items, scope=scope),
+        out = [over_sample(census(check=self.name, metric="errors", value=e.seen, n=e.items, scope=scope),
+                           ctx.data.sampled(p.split)),
                census(check=self.name, metric="root_cause_clusters", value=k, n=n_err, scope=scope,
                            details={"layer": best, "sizes": [c["size"] for c in clusters]}),
                census(check=self.name, metric="largest_root_cause_share", value=clusters[0]["share"], n=n_err,

@@ -226,7 +226,7 @@ class SplitStream:
     def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int,
                  expected: tuple[int, ...] | None = None, n_classes: int | None = None):
         self.split, self.role, self.expected, self.n_classes = split, role, expected, n_classes
-        n = len(split)
+        n = self.total = len(split)
         if cap is not None and cap < n:
             # a seeded, sorted subset: deterministic and spread over the whole split (never an arange of n)
             self.positions = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
@@ -284,6 +284,14 @@ class DataSource:
         """The loader call, as the user would write it: errors name it."""
         args = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in self.spec.params.items())])
         return f"loader {self.spec.loader!r}: {self.spec.loader.rpartition(':')[2]}({args})"
+
+    def sampled(self, *roles: str) -> str:
+        """Why a count over these splits is no census: those read as a seeded sample (data.max_samples), in
+        words; '' when every one is read whole."""
+        capped = [f"{r} {len(s)} of {s.total} items" for r in dict.fromkeys(roles) if r in self.spec.splits
+                  and (s := self.stream(r)).total > len(s)]
+        return (f"counted over a seeded sample (data.max_samples: {', '.join(capped)}): the items outside it were "
+                "never read, so the count over the whole split is unknown") if capped else ""
 
     def stream(self, role: str) -> SplitStream:
         if role not in self._streams:
