@@ -21,7 +21,7 @@ BOOTSTRAP_REPLICATES = 1000
 
 def census(check: str, metric: str, value: float | None, n: int | None, **fields) -> Measurement:
     """A figure exact over the whole split (a count, a share of all its items, a test over all of them): a claim
-    is judged on its value."""
+    is judged on its value. Over a split capped by data.max_samples it is not one (`over_sample`)."""
     return Measurement(check=check, metric=metric, kind="census", value=value, n=n, **fields)
 
 
