@@ -252,7 +252,7 @@ class Constant(nn.Module):
 def test_predict_abstains_exactly_where_the_binomial_test_says(n, want):
     """n_A = n votes, n_B = 0: p = 2 * 0.5^n; at alpha = 0.001, 10 votes (p = 0.00195) are not enough,
     11 (p = 0.00098) are."""
-    clf = Classifier(half_plane().spec, module=Constant())
+    clf = Classifier(half_plane().spec, module=Constant().eval())
     x = np.zeros((2, 2), np.float32)
     assert S.predict(clf, x, sigma=0.1, n=n, alpha=0.001).tolist() == [want, want]
     c, r, p_a = S.certify(clf, x, sigma=0.1, n0=4, n=n, alpha=0.001)
@@ -263,11 +263,11 @@ def test_predict_abstains_exactly_where_the_binomial_test_says(n, want):
 def test_noise_step_is_the_normalisation_slope():
     spec = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[3], value_range=(0, 255),
                      class_names=["a", "b"], critical_class="b", normalisation={"mean": [0.5], "std": [0.25]})
-    step = S.noise_step(Classifier(spec, module=nn.Linear(3, 2)))
+    step = S.noise_step(Classifier(spec, module=nn.Linear(3, 2).eval()))
     assert step.shape == (1, 3) and torch.allclose(step, torch.full((1, 3), 1 / (255 * 0.25)))
     img = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[2, 4, 5], value_range=(0, 1),
                     class_names=["a", "b"], critical_class="b", normalisation={"mean": [0.0, 0.0], "std": [1.0, 0.5]})
-    step = S.noise_step(Classifier(img, module=nn.Identity()))
+    step = S.noise_step(Classifier(img, module=nn.Identity().eval()))
     assert step.shape == (1, 2, 4, 5) and torch.allclose(step[0, :, 0, 0], torch.tensor([1.0, 2.0]))
 
 
@@ -284,7 +284,7 @@ def test_smoothing_an_image_model_follows_its_channels_and_range():
     distance |x - 15| / 10 in the unit range; a transposed layout or a wrong range moves it."""
     spec = ModelSpec(format="torchscript", path=Path("unused.pt"), input_shape=[2, 3, 4], value_range=(10, 20),
                      class_names=["a", "b"], critical_class="b")
-    clf = Classifier(spec, module=OnePixel())
+    clf = Classifier(spec, module=OnePixel().eval())
     x = np.full((2, 3, 4, 2), 15.0, np.float32)  # (B, H, W, C) pixel space
     x[0, 2, 3, 1], x[1, 2, 3, 1] = 12.0, 19.0
     x[:, 1, 1, 0] = 0.0  # far from the boundary on pixels the model ignores
