@@ -127,7 +127,9 @@ def test_every_objective_is_classified_and_justified_from_the_evidence(run):
     support_is_sound(m, a)
     got = rows(m)
     assert got["LM-09"].status == "supported" and "P1-accuracy PASS (Performance)" in got["LM-09"].why
-    assert got["DM-06"].status == "supported"  # three splits named, and D1-leakage PASSES on the real data
+    # three splits named, but D1-leakage is INCONCLUSIVE: the tiny use case caps its splits, and a count over a
+    # sample is no census, so the independence of the splits is only partly shown
+    assert got["DM-06"].status == "partly" and "D1-leakage" in got["DM-06"].why
     assert got["LM-13"].status == "partly"  # degraded inputs PASS; no attack or certificate in this plan
     assert "no requirement of the use case is judged on it" in got["LM-13"].why
     assert got["15(5)/confidentiality"].status == "not assessed"
@@ -267,7 +269,9 @@ def test_a_lost_objective_is_a_finding_and_a_change(run, tmp_path):
     m = C.matrix(current)
     changes = C.compare(m, C.previous_matrix(m, previous))
     lost = {c.id for c in changes if c.lost}
-    assert {"12/robustness", "LM-10"} <= lost  # supported before; 15(1)/robustness was only partly
+    # supported before; 15(1)/robustness was only partly (and LM-10, "every mandatory requirement verified", was
+    # never supported: D1-leakage is INCONCLUSIVE on the capped splits)
+    assert "12/robustness" in lost and "LM-10" not in lost
     assert any(c.id == "15(1)/robustness" and c.worse and not c.lost for c in changes)
     assert changes[0].lost  # lost objectives first
     assert all(c.worse for c in changes if c.lost)

@@ -131,7 +131,7 @@ def test_report_renders_everything_generically(tmp_path):
     assert "Certified accuracy 10% (interval 9–11%)." in card
     findings = html[html.index('id="findings"'):html.index('id="changes"')]
     assert "F-cert: certified accuracy 10% (interval 9–11%) on the test split, required at least 50%." in findings
-    assert "Not acceptable as assessed: 1 of 9 mandatory claims are shown not to hold (F-cert)." in html
+    assert "Not acceptable as assessed: 1 of 10 mandatory claims are shown not to hold (F-cert)." in html
     # generic rendering of the new check: curve drawn, image artefact embedded, limitation, summary rows
     assert (tmp_path / "plots" / "curve_adversarial__eps.png").is_file()
     embedded = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', html)

@@ -290,8 +290,8 @@ class DataSource:
         words; '' when every one is read whole."""
         capped = [f"{r} {len(s)} of {s.total} items" for r in dict.fromkeys(roles) if r in self.spec.splits
                   and (s := self.stream(r)).total > len(s)]
-        return (f"counted over a seeded sample (data.max_samples: {', '.join(capped)}): the items outside it were "
-                "never read, so the count over the whole split is unknown") if capped else ""
+        return (f"counted over a seeded sample (the use case's sample sizes: {', '.join(capped)}): the items "
+                "outside it were never read, so the count over the whole split is unknown") if capped else ""
 
     def stream(self, role: str) -> SplitStream:
         if role not in self._streams:
