@@ -396,3 +396,22 @@ def test_certified_training_makes_the_network_verifiable_where_plain_training_do
             verdicts.append(decide(g, clf.module, *box, int(c), timeout=2.0, item_seed=i)["verdict"])
         proved[eps] = verdicts.count("verified")
     assert proved[2.0] >= 10 and proved[2.0] > proved[0.0], proved
+
+
+def test_domains_bounded_apart_join_with_the_betas_each_batch_had():
+    """Two batches of ReLU-split domains may carry beta (and alpha) for different nodes: beta exists only where that
+    batch split something. Joining them fills the missing ones with zeros (sound: any beta >= 0, alpha in [0, 1]);
+    it once raised KeyError on VNN-COMP oval21 cifar_deep_kw."""
+    from trustcase.certification.bab import _Domains
+
+    def part(n, beta_nodes):
+        b = [(torch.zeros(n, 3), torch.ones(n, 3))]
+        return _Domains({1: torch.zeros(n, 3)}, b, {2: torch.ones(n, 1, 3)},
+                        {j: torch.full((n, 1, 3), 0.5) for j in beta_nodes}, torch.zeros(n, 1),
+                        {1: torch.zeros(n, 3)}, torch.zeros(n, 3))
+
+    joined = _Domains.cat([part(2, [1]), part(3, [])])
+    assert len(joined) == 5 and set(joined.betas) == {1}
+    assert torch.equal(joined.betas[1][:2], torch.full((2, 1, 3), 0.5))
+    assert torch.equal(joined.betas[1][2:], torch.zeros(3, 1, 3))
+    assert set(_Domains.cat([part(2, []), part(1, [1])]).betas) == {1}

@@ -227,7 +227,12 @@ class _Domains:
         parts = [p for p in parts if len(p)]
 
         def join(key):
-            return {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
+            # batches bounded apart may hold alpha / beta for different nodes (beta only where that batch has a
+            # split): a part without one gets zeros, which are sound (any alpha in [0, 1], any beta >= 0 bounds)
+            keys = dict.fromkeys(k for p in parts for k in getattr(p, key))
+            like = {k: next(getattr(p, key)[k] for p in parts if k in getattr(p, key)) for k in keys}
+            return {k: torch.cat([getattr(p, key)[k] if k in getattr(p, key) else
+                                  like[k].new_zeros((len(p), *like[k].shape[1:])) for p in parts]) for k in keys}
         return _Domains(join("splits"), [(torch.cat([p.bounds[k][0] for p in parts]),
                                           torch.cat([p.bounds[k][1] for p in parts]))
                                          for k in range(len(parts[0].bounds))],
