@@ -28,13 +28,14 @@ class DataQuality(Check):
     name = "data_quality"
     Params = DataQualityParams
     stage = Stage.DATA
-    tasks = frozenset({"classification", "detection"})  # a detector's classes and sizes are its boxes'
+    tasks = frozenset({"classification", "detection", "segmentation"})  # a detector's classes are its boxes', a
+    # segmenter's its pixels'
 
     @classmethod
     def produces(cls, params, use_case):
         per_split = ["items", "unreadable", "non_finite", "constant_images", "out_of_range", "class_share:*",
                      "imbalance_ratio", "duplicates", "near_duplicates", "leakage", "mean:*", "drift_pvalue:*"]
-        per_split += [m for m in [task_of(use_case).rejected_labels] if m]
+        per_split += [m for m in [task_of(use_case).rejected_labels, *task_of(use_case).label_flags] if m]
         return [Produces(m) for m in per_split] + [Produces(f"odd_coverage:{d.name}") for d in use_case.odd.descriptors]
 
     def run(self, ctx: Context) -> CheckOutcome:
@@ -62,6 +63,7 @@ class DataQuality(Check):
         for role in ctx.data.roles:
             stream = ctx.data.stream(role)
             counts = np.zeros(len(names), np.int64)
+            flags = dict.fromkeys(task.label_flags, 0)
             n = constant = out_of_range = non_finite = 0
             role_props = {k: [] for k in props}
             for batch in stream.batches():
@@ -73,6 +75,8 @@ class DataQuality(Check):
                     raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
                 label_counts, label_props = task.label_stats(batch.labels, len(names))
                 counts += label_counts
+                for k, v in task.count_flags(batch.labels).items():
+                    flags[k] += v
                 n += len(batch)
                 for k, v in label_props.items():
                     role_props[k].append(v)
@@ -102,6 +106,8 @@ class DataQuality(Check):
             if task.rejected_labels:
                 m(task.rejected_labels, sum(u.kind == "label" for u in stream.unreadable), role,
                   n=n + len(stream.unreadable))
+            for k, v in flags.items():
+                m(k, v, role, n=n)
             for c, k in zip(names, counts):
                 out.append(proportion(self.name, f"class_share:{c}", int(k), int(counts.sum()), uc.plan.confidence,
                                       Scope(split=role), count=int(k)))
@@ -119,7 +125,7 @@ class DataQuality(Check):
         out += ms
         # counts over a capped split are counts over a sample: leakage also misses the unread training items
         counts = {"unreadable", "non_finite", "constant_images", "out_of_range", "duplicates", "near_duplicates",
-                  "leakage", task.rejected_labels}
+                  "leakage", task.rejected_labels, *task.label_flags}
         out = [over_sample(x, ctx.data.sampled(x.scope.split, *(["train"] if x.metric == "leakage" else [])))
                if x.metric in counts else x for x in out]
         return CheckOutcome(

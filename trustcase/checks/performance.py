@@ -21,7 +21,7 @@ class Performance(Check):
     name = "performance"
     Params = PerformanceParams
     stage = Stage.LEARNING
-    tasks = frozenset({"classification", "detection"})
+    tasks = frozenset({"classification", "detection", "segmentation"})
 
     @classmethod
     def produces(cls, params, use_case):

@@ -82,7 +82,7 @@ class PerturbationSweep(Check):
     name = "perturbation_sweep"
     Params = SweepParams
     stage = Stage.TESTING
-    tasks = frozenset({"classification", "detection"})  # scored by the task's metrics
+    tasks = frozenset({"classification", "detection", "segmentation"})  # scored by the task's metrics
 
     @classmethod
     def produces(cls, params, use_case):

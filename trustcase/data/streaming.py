@@ -108,6 +108,31 @@ def judge_boxes(label: Any, n_classes: int | None, image_hw: tuple[int, ...] | N
     return boxes
 
 
+@dataclass(frozen=True)
+class Mask:
+    """The label of a segmentation item: its class per pixel, an (H, W) array of class indices the size of its
+    image (the mask file's values are turned into classes by the loader: `data.masks`)."""
+
+    classes: Any  # (H, W) array-like; judged by `judge_mask`
+
+
+def judge_mask(label: Any, n_classes: int | None, image_hw: tuple[int, ...] | None = None) -> np.ndarray:
+    """A segmentation item's mask as an (H, W) uint8/int64 array of class indices, or `Rejected` saying what is
+    wrong (not a `Mask`, its size differs from the image's, a value that is no class index)."""
+    if not isinstance(label, Mask):
+        raise Rejected("label", f"label {label!r} is not the item's mask (data.streaming.Mask)")
+    mask = np.asarray(label.classes)
+    if mask.ndim != 2 or mask.dtype.kind not in "biu":
+        raise Rejected("label", f"mask of shape {mask.shape} and type {mask.dtype}, expected (H, W) class indices")
+    if image_hw is not None and len(image_hw) >= 2 and mask.shape != tuple(image_hw[:2]):
+        raise Rejected("label", f"mask of {mask.shape[1]}x{mask.shape[0]} px, its image is "
+                                f"{image_hw[1]}x{image_hw[0]}")
+    if n_classes is not None and mask.size and (mask.min() < 0 or mask.max() >= n_classes):
+        bad = np.unique(mask[(mask < 0) | (mask >= n_classes)])
+        raise Rejected("label", f"mask value(s) {bad[:5].tolist()} are no class index (0..{n_classes - 1})")
+    return mask
+
+
 def judge_label(label: Any, n_classes: int | None) -> int:
     """The label as a class index, or `Rejected`: an integer (or bool) in 0..n_classes-1. A fractional label is
     refused, never truncated (0.9 is not class 0), a negative or too large one too."""
@@ -131,7 +156,7 @@ def check_pixels(width: int, height: int, where: Any) -> None:
 @dataclass(frozen=True)
 class Item:
     image: np.ndarray  # (H, W) or (H, W, C) in pixel space; (F,) for a tabular input
-    label: int | Boxes
+    label: int | Boxes | Mask
     id: str
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -144,7 +169,7 @@ class Split(Protocol):
 @dataclass
 class Batch:
     images: np.ndarray  # (B, H, W, C), or (B, F) for tabular inputs
-    labels: np.ndarray | list[np.ndarray]  # (B,) int64; detection: one (K, 5) boxes array per item (`Boxes`)
+    labels: np.ndarray | list[np.ndarray]  # (B,) int64; detection: (K, 5) boxes per item; segmentation: (H, W) mask
     ids: list[str]
     meta: dict[str, list[str]]
     index: np.ndarray  # (B,) position in the split (randomness follows `ids`: `trustcase.seeding`)
@@ -183,6 +208,7 @@ class _Guarded(torch.utils.data.Dataset):
             image = judge_item(item.image, self.expected)
             # a label is judged by its form: a detection item's `Boxes` (the preflight ties the form to the task)
             label = (judge_boxes(item.label, self.n_classes, image.shape[:2]) if isinstance(item.label, Boxes)
+                     else judge_mask(item.label, self.n_classes, image.shape[:2]) if isinstance(item.label, Mask)
                      else judge_label(item.label, self.n_classes))
             return (i, str(item.id), image, label, dict(item.meta))
         except Rejected as e:

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "ap50", "ap"}  # metric:<class name>
+CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "ap50", "ap",
+                 "iou", "dice", "pixel_precision", "pixel_recall"}  # metric:<class name>
 # metrics that are proportions (0..1): a claim on one beyond that range can never pass (or never fail)
 PROPORTIONS = CLASS_METRICS | {"accuracy", "balanced_accuracy", "ece", "false_alarm_rate", "alert_rate", "stop_rate",
                                "detection_rate", "detection_rate_alert", "accuracy_accepted", "accuracy_stopped",
                                "odd_share", "properties_holding", "certified_accuracy", "robust_accuracy",
-                               "map50", "map", "indication_recall"}  # detection: mean AP at IoU 0.5 and 0.5:0.95
+                               "map50", "map", "indication_recall",  # detection: mean AP at IoU 0.5 and 0.5:0.95
+                               "mean_iou", "mean_dice", "image_recall", "image_false_alarm_rate"}  # segmentation
 SEEDS = 2**32  # a seed is 0 <= seed < 2**32: what numpy's and torch's generators all take
 MAX_INPUT_VALUES = 50_000_000  # one input of more values than this cannot be batched on a workstation
 
@@ -79,6 +81,8 @@ class ModelSpec(Strict):
     critical_class: str
     score_threshold: Finite = Field(0.5, ge=0, le=1, description="detection: the operating score threshold (a "
                                     "detection scoring at least this is an indication)")
+    defect_pixels: int = Field(1, ge=1, description="segmentation: the operating rule, an image is defective when at "
+                               "least this many of its pixels are predicted a class other than the first (background)")
     allow_pickle: bool = Field(False, description="opt in to unpickling the model file (unsafe)")
     registered_name: str | None = Field(None, description="MLflow registered model name")
 
@@ -264,7 +268,7 @@ class UseCase(Strict):
     criticality: Criticality
     intended_function: str
     confidentiality: Confidentiality = Confidentiality.public
-    task: Literal["classification", "detection"] = Field(
+    task: Literal["classification", "detection", "segmentation"] = Field(
         "classification", description="what the model does: its output contract, labels and metrics (trustcase.tasks)")
     model: ModelSpec
     data: DataSpec

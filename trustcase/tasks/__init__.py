@@ -1,5 +1,5 @@
-"""What differs between tasks (classification, detection), in one place: the model's output contract, what an
-item's label is, how the model is loaded and probed. Checks and the preflight ask the use case's task
+"""What differs between tasks (classification, detection, segmentation), in one place: the model's output contract,
+what an item's label is, how the model is loaded and probed. Checks and the preflight ask the use case's task
 (`task_of(use_case)`) instead of branching on its name."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Task:
     subgroups: ClassVar[bool] = True  # its scorer also measures per categorical ODD value
     label_properties: ClassVar[tuple[str, ...]] = ()  # per-label properties data quality compares between splits
     rejected_labels: ClassVar[str | None] = None  # data quality's count of items refused for their label, if any
+    label_flags: ClassVar[tuple[str, ...]] = ()  # data quality's counts of labels worth flagging (`count_flags`)
 
     def load_model(self, spec: ModelSpec) -> Classifier:
         """The model, probed with one input of its contract (a `ModelError` naming what does not fit)."""
@@ -48,6 +49,10 @@ class Task:
     def label_stats(self, labels, n_classes: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """A batch's labels as counts per class and the values of `label_properties`."""
         raise NotImplementedError
+
+    def count_flags(self, labels) -> dict[str, int]:
+        """A batch's count of labels of each kind in `label_flags` (e.g. empty masks)."""
+        return {}
 
     def scorer(self, use_case: UseCase, check: str, seed: int, calibration_bins: int = 15,
                calibration: bool = True) -> Scorer:
@@ -110,9 +115,10 @@ class ClassificationScorer:
 
 def task_named(name: str) -> Task:
     """The task of this name (`UseCase.task` allows only these)."""
-    from trustcase.tasks.detection import Detection  # it builds on this module
+    from trustcase.tasks.detection import Detection  # they build on this module
+    from trustcase.tasks.segmentation import Segmentation
 
-    return {"classification": Classification, "detection": Detection}[name]()
+    return {"classification": Classification, "detection": Detection, "segmentation": Segmentation}[name]()
 
 
 def task_of(use_case: UseCase) -> Task:

@@ -1,0 +1,121 @@
+"""Semantic segmentation: the model's output contract, the label of an item (its mask) and loading.
+
+Output contract (one for TorchScript, ONNX and black boxes): the model maps a normalised batch (B, C, H, W) to one
+float tensor of per-pixel logits (B, K, H, W), K = len(model.class_names), H and W those of `model.input_shape`;
+a pixel's predicted class is its argmax. Class 0 is the background, every other class a defect: the image-level
+decision is "defective" when at least `model.defect_pixels` pixels are predicted a defect class. An item's label is
+its mask, `data.streaming.Mask`: an (H, W) array of class indices the size of its image (`data.masks` reads mask
+files and brings images and masks of any size to the model's, the mask following the image exactly).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trustcase.data.streaming import judge_mask
+from trustcase.measurement import BOOTSTRAP_REPLICATES
+from trustcase.models.classifier import Classifier, ModelError, NonFiniteOutput
+from trustcase.models.loading import load_classifier
+from trustcase.schemas import ModelSpec
+from trustcase.tasks import Task
+from trustcase.tasks.segmentation_metrics import SegmentationTally, segmentation_metrics
+
+
+class Segmenter(Classifier):
+    """A segmenter seen through the use case's contract: pixel-space images in, per-pixel logits out."""
+
+    def __init__(self, inner: Classifier):
+        super().__init__(inner.spec, module=inner.module, session=inner.session)
+        self._inner = inner  # a black box keeps its own forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._inner.forward(x)
+
+    def check_output(self, out: torch.Tensor, ids: list[str] | None = None) -> None:
+        judge_output(out, self.n_classes, tuple(self.spec.input_shape[1:]), ids)
+
+    def segment(self, images: np.ndarray, ids: list[str] | None = None) -> np.ndarray:
+        """The predicted class of every pixel, (B, H, W) int64."""
+        return self.logits(images, ids).argmax(axis=1)
+
+
+def judge_output(out: torch.Tensor, n_classes: int, image_hw: tuple[int, ...], ids: list[str] | None = None) -> None:
+    """`ModelError` naming what breaks the contract: the structure, the number of classes or the spatial size;
+    `NonFiniteOutput` naming the items with a NaN/inf logit."""
+    expected = f"(batch, {n_classes}, {', '.join(map(str, image_hw))})"
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"segmenter output is {shape}, expected one tensor of per-pixel logits {expected}")
+    if out.shape[1] != n_classes:
+        raise ModelError(f"segmenter output has {out.shape[1]} classes (shape {tuple(out.shape)}), expected "
+                         f"{expected}: one logit per class of model.class_names")
+    if tuple(out.shape[2:]) != tuple(image_hw):
+        raise ModelError(f"segmenter output is {out.shape[3]}x{out.shape[2]} px (shape {tuple(out.shape)}), its input "
+                         f"{image_hw[1]}x{image_hw[0]}: expected {expected}, one logit per class and input pixel")
+    bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+    if bad.any():
+        rows = torch.nonzero(bad).flatten().tolist()
+        where = [ids[i] for i in rows][:5] if ids else rows[:5]
+        raise NonFiniteOutput(f"segmenter produced NaN/inf logits for {len(rows)} input(s), e.g. "
+                              f"{'items' if ids else 'batch positions'} {where}")
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    output = "per-pixel logits (batch, classes, H, W); class 0 the background"
+    label_properties = ("defect_share",)  # per image: the share of its pixels of a defect class
+    rejected_labels = "bad_masks"  # items whose mask differs from the image in size or holds a value that is no class
+    label_flags = ("empty_masks", "full_masks")  # masks without a defect pixel, masks of defect pixels only
+
+    def load_model(self, spec: ModelSpec) -> Segmenter:
+        return load_classifier(spec, wrap=Segmenter)
+
+    def judge_label(self, label, n_classes, image_hw=None):
+        return judge_mask(label, n_classes, image_hw)
+
+    def metrics(self, use_case, calibration=True):
+        return segmentation_metrics(use_case.model.class_names)
+
+    def scorer(self, use_case, check, seed, calibration_bins=15, calibration=True):
+        return SegmentationScorer(use_case, check, seed)
+
+    def label_stats(self, labels, n_classes):
+        """Pixels per class; per image the share of its pixels of a defect class."""
+        counts = sum((np.bincount(m.ravel().astype(np.int64), minlength=n_classes) for m in labels),
+                     np.zeros(n_classes, np.int64))
+        return counts, {"defect_share": np.array([np.count_nonzero(m) / m.size for m in labels], np.float64)}
+
+    def count_flags(self, labels) -> dict[str, int]:
+        """Masks without a defect pixel, and masks of defect pixels only."""
+        share = [np.count_nonzero(m) / m.size for m in labels]
+        return {"empty_masks": sum(s == 0 for s in share), "full_masks": sum(s == 1 for s in share)}
+
+
+class SegmentationScorer:
+    """IoU, Dice, pixel precision and recall per class, and the image-level rates at the operating rule
+    (`segmentation_metrics.SegmentationTally`), per categorical ODD value too."""
+
+    def __init__(self, use_case, check: str, seed: int):
+        self.rule = use_case.model.defect_pixels
+        subgroups = [d.name for d in use_case.odd.descriptors if d.categorical and d.source == "metadata"]
+        self.tally = SegmentationTally(use_case.model.class_names, self.rule, check, seed, subgroups)
+
+    def update(self, model: Segmenter, batch) -> np.ndarray:
+        """Per image its decision: 1 defective (at least `defect_pixels` pixels of a defect class), else 0."""
+        return self.tally.update(model.segment(batch.images, batch.ids), batch.labels, batch.ids, batch.meta)
+
+    def compute(self, split, confidence, perturbation=None, amplitude=None):
+        return self.tally.compute(split, confidence, BOOTSTRAP_REPLICATES, perturbation, amplitude)
+
+    def figures(self, split, measurements):
+        return []
+
+    def validity(self, split, confidence):
+        return (f"measured on the {split} split ({len(self.tally.ids)} images, each brought to the model's input size "
+                "as the use case's loader states, masks by nearest neighbour); IoU, Dice, pixel precision and recall "
+                "over the split's pixels (ratios of sums over images); an image is decided defective when at least "
+                f"{self.rule} pixel(s) are predicted a defect class, and is truly defective when its mask has a defect "
+                f"pixel; {confidence:.0%} intervals: the percentile interval of a Poisson bootstrap over images "
+                f"({BOOTSTRAP_REPLICATES} replicates, each image's weights drawn from its id) for the pixel figures, "
+                "Clopper-Pearson for the image-level rates")
