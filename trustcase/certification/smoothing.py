@@ -22,6 +22,7 @@ Python loop in the hot path. The check `randomized_smoothing` packs these as evi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ NOISE_BLOCK = 64  # noise is drawn per item in blocks of this many samples, what
 
 def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batch_size: int,
                   seeds: np.ndarray) -> np.ndarray:
-    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x.
+    """Votes (B, C) of the base model on `num` noisy copies of each pixel-space input of x; for a segmenter
+    (logits (B, C, H, W)) the votes of every pixel, (B, H, W, C).
 
     Item i's noise comes from its own generator (seeds[i]) in blocks of NOISE_BLOCK samples, so the
     votes of an item do not depend on the batch it arrives in nor on `batch_size`.
@@ -95,16 +97,20 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
             out, pending[i] = pending[i][:k], pending[i][k:]
             return out
 
-        counts = torch.zeros(b * c, dtype=torch.int64)
+        counts, cells = None, ()
         total = b * num
         for start in range(0, total, batch_size):
             owner = torch.arange(start, min(start + batch_size, total)) // num
             items, k = torch.unique_consecutive(owner, return_counts=True)
             e = torch.cat([noise(int(i), int(n)) for i, n in zip(items, k, strict=True)])
             noisy = clean[owner] + e * step
-            pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)
-            counts += torch.bincount(owner * c + pred, minlength=b * c)
-    return counts.view(b, c).numpy()
+            pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)  # (k,) or (k, H, W)
+            if counts is None:  # one vote counter per item, class and output cell (a segmenter's pixel)
+                cells = tuple(pred.shape[1:])
+                counts = torch.zeros(b * math.prod(cells) * c, dtype=torch.int64)
+            cell = owner.view(-1, *[1] * len(cells)) * math.prod(cells) + torch.arange(math.prod(cells)).view(cells)
+            counts += torch.bincount((cell * c + pred).flatten(), minlength=len(counts))
+    return np.zeros((b, c), np.int64) if counts is None else counts.view(b, *cells, c).numpy()
 
 
 def certify(model: Classifier, x: np.ndarray, *, sigma: float, n0: int, n: int, alpha: float,
