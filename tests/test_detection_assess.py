@@ -34,7 +34,7 @@ def test_assess_the_steel_defect_case_on_a_subset(tmp_path, tracking_uri):
     for check in raw["plan"]["checks"]:
         if check["check"] == "perturbation_sweep":
             check["params"]["perturbations"] = {"gaussian_blur": [1.0], "dead_pixels": [0.01]}
-    raw["plan"]["checks"].append({"check": "randomized_smoothing"})  # not taught detection: not applicable
+    raw["plan"]["checks"].append({"check": "lipschitz"})  # not applicable to a detector, with the reason
     raw["requirements"] = [r for r in raw["requirements"] if r["id"] not in ("D9-glare", "D10-darker")]
     (tmp_path / "uc.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     r = assess(str(tmp_path / "uc.yaml"), str(tmp_path / "out"), None, tracking_uri)
@@ -47,4 +47,4 @@ def test_assess_the_steel_defect_case_on_a_subset(tmp_path, tracking_uri):
     assert any(m.metric == "bad_boxes" for m in by_check["data_quality"].measurements)
     assert (tmp_path / "out" / "report.html").is_file()
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "randomized_smoothing" in html and "not taught the detection task" in html
+    assert "lipschitz" in html and "not applicable to a detector" in html

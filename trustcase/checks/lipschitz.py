@@ -43,6 +43,7 @@ class Lipschitz(Check):
     name = "lipschitz"
     Params = LipschitzParams
     stage = Stage.FORMAL
+    tasks = frozenset({"classification", "detection"})  # detection: not applicable, with the reason (in `run`)
 
     @classmethod
     def produces(cls, params, use_case):
@@ -59,6 +60,12 @@ class Lipschitz(Check):
     def run(self, ctx: Context) -> CheckOutcome:
         p: LipschitzParams = self.params
         model = ctx.model
+        if ctx.use_case.task == "detection":
+            raise Unsupported(
+                "lipschitz: not applicable to a detector: its decision (detections decoded from score peaks by "
+                "max-pool suppression, top-k and a score threshold) is not a Lipschitz function of the input, and a "
+                "bound on the raw heads certifies no box; the image-level decision is certified by "
+                "randomized_smoothing")
         if model.module.training:
             raise Unsupported("lipschitz: the model is in training mode")
         t0 = time.perf_counter()

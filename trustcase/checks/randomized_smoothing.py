@@ -1,6 +1,9 @@
 """The `randomized_smoothing` check: certified radii of the smoothed classifier (Cohen et al.; science in
 `certification.smoothing`).
 
+A detector (task detection) is certified on its per-image decision "an indication is present" (a detection scoring
+>= the operating threshold; `certification.detection_smoothing`), the label being "the image has a true box".
+
 Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
 training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import field_validator, model_validator
 
+from trustcase.certification.detection_smoothing import DECISION, IndicationPresent, indication_labels
 from trustcase.certification.smoothing import ABSTAIN, PPF_ERROR, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.measurement import accuracy_curve, estimate, median_radius, proportion, radius_grid, write_items
@@ -56,6 +60,7 @@ class RandomizedSmoothing(Check):
     name = "randomized_smoothing"
     Params = SmoothingParams
     stage = Stage.FORMAL
+    tasks = frozenset({"classification", "detection"})
 
     @classmethod
     def produces(cls, params, use_case):
@@ -69,13 +74,16 @@ class RandomizedSmoothing(Check):
 
     def run(self, ctx: Context) -> CheckOutcome:
         p: SmoothingParams = self.params
-        model = ctx.model
+        detection = ctx.use_case.task == "detection"
+        threshold = ctx.use_case.model.score_threshold
+        model = IndicationPresent(ctx.model, threshold) if detection else ctx.model
         ids, labels, preds, radii, voted = [], [], [], [], []
         for batch in ctx.batches(p.split):
             if p.max_items is not None and len(ids) >= p.max_items:
                 break
             keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
             images, y = batch.images[keep], batch.labels[keep]
+            y = indication_labels(y) if detection else y
             item_ids = batch.ids[keep]  # noise follows (seed, item id): evidence independent of batching
             c, r, _ = certify(model, images, sigma=p.sigma, n0=p.n0, n=p.n, alpha=p.alpha,
                               batch_size=p.batch_size, seed=ctx.seed, ids=item_ids)
@@ -131,6 +139,10 @@ class RandomizedSmoothing(Check):
                 f"radius = sigma * PhiInverse(pA), pA lowered by {PPF_ERROR:g} (relative) for the inverse beta's "
                 f"rounding and the radius by 1e-15; measured on {n_items} items of the {p.split} split",
                 trained_text,
+                *([f"the certified decision is the detector's per image \"indication present\" (some detection scores "
+                   f">= the operating threshold {threshold:g}; classes {DECISION}), judged against \"the image has a "
+                   "true box\"; where the boxes are, how many and of which class are not certified"]
+                  if detection else []),
             ],
             limitations=([f"certified {n_items} items of the {p.split} split (max_items = {p.max_items})"]
                          if p.max_items is not None and n_items >= p.max_items else []),
