@@ -216,17 +216,20 @@ def attack_region(kind: str, forward, x: torch.Tensor, label: torch.Tensor, lo: 
 
 
 def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: Norm,
-           value_range: tuple[float, float], budget: Budget, seeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+           value_range: tuple[float, float], budget: Budget, seeds: np.ndarray, hit: Hit | None = None,
+           loss: Loss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attacks in pixel units of a classifier: `attack_region` on each item's ball of radius eps[i]
     intersected with the value range, through the model's normalisation.
 
-    Every counterexample is re-checked by a plain forward pass under the accuracy's rule (arg max != label)
-    before it is returned; x_adv is the clean input for items not fooled. Items misclassified clean count as
-    fooled, x_adv = x; a zero ball fools nothing else.
+    Every counterexample is re-checked by a plain forward pass under the `hit` rule (default the accuracy's:
+    arg max != label; a segmenter's rules: `robustness.segmentation_attacks`) before it is returned; x_adv is the
+    clean input for items not fooled. Items fooled clean count as fooled, x_adv = x; a zero ball fools nothing else.
     """
     view = (-1,) + (1,) * (x.ndim - 1)
     eps = eps.to(x.dtype)
-    clean_wrong = _predict(clf, x) != y
+    hit = hit or misclassified
+    with torch.inference_mode():
+        clean_wrong = hit(clf.forward(clf.to_input(x)), y)
     adv = x.clone()
     i = torch.nonzero(~clean_wrong & (eps > 0)).flatten()
     if len(i):
@@ -240,9 +243,11 @@ def attack(kind: str, clf: Classifier, x: torch.Tensor, y: torch.Tensor, eps: to
         def forward(p):
             return clf.forward(clf.to_input(p))
 
-        a, f = attack_region(kind, forward, xi, y[i], lo, hi, budget, eps=eps[i], norm=norm, seeds=seeds[i.numpy()])
+        a, f = attack_region(kind, forward, xi, y[i], lo, hi, budget, eps=eps[i], norm=norm, seeds=seeds[i.numpy()],
+                             hit=hit, loss=loss)
         adv[i[f]] = a[f]
-    fooled = _predict(clf, adv) != y  # the re-check: a plain forward pass of what is reported
+    with torch.inference_mode():  # the re-check: a plain forward pass of what is reported
+        fooled = hit(clf.forward(clf.to_input(adv)), y)
     return torch.where(fooled.view(view), adv, x), fooled
 
 
