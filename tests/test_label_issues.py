@@ -3,21 +3,27 @@ on the real ELPV labels (slow): suspected cells enriched among the expert's unce
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from trustcase.checks import Context
 from trustcase.checks.label_issues import LabelIssues
 from trustcase.data import labels as L
 from trustcase.data.streaming import DataSource
+from trustcase.models.classifier import Classifier
 from trustcase.models.loading import load_classifier
-from trustcase.schemas import Confidentiality, Topic, load_use_case
-from trustcase.testing import synthetic_case
+from trustcase.schemas import Confidentiality, Topic, TrainingRequest, TrainingResult, UseCase, load_use_case
+from trustcase.testing import synthetic_case, synthetic_images
 
 SOLAR = Path(__file__).resolve().parent.parent / "use_cases" / "solar_cells"
+FLIPPED = [3, 10, 17, 30, 41, 56, 62, 77, 88, 95]  # train positions whose label the loader flips
+REQUESTS: list[TrainingRequest] = []  # what the training contracts below were asked
 
 
 def confident(labels: np.ndarray, classes: int, p: float = 0.95) -> np.ndarray:
@@ -121,3 +127,100 @@ def test_on_elpv_suspected_cells_are_enriched_among_uncertain_ratings(tmp_path):
     assert v["uncertain"] > 50
     assert v["enrichment_interval"][0] > 1.0, v  # shown enriched, on the interval's lower end
     assert v["recall_interval"][0] > 0.3, v
+
+
+# --- cross-validation through a training contract: a real CNN trained per fold on synthetic images -----------------
+
+def noisy_images(split: str, n: int = 24, side: int = 16):
+    """The synthetic images, with the labels at FLIPPED flipped in the train split (planted label errors)."""
+    items = synthetic_images(split, n, side)
+    for i in FLIPPED if split == "train" else ():
+        if i < n:
+            items[i] = dataclasses.replace(items[i], label=1 - items[i].label)
+    return items
+
+
+def fit(request: TrainingRequest) -> TrainingResult:
+    """A training contract that leaves request.held_out out: a small CNN, full batch, seeded."""
+    REQUESTS.append(request)
+    uc = load_use_case(request.use_case)
+    items = noisy_images("train", **uc.data.params)
+    held = set(request.held_out.get("train", []))
+    keep = [it for i, it in enumerate(items) if i not in held]
+    with torch.random.fork_rng():
+        torch.manual_seed(request.seed)
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1),
+                               nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        x = Classifier(uc.model, module=module).to_input(np.stack([it.image[..., None] for it in keep]))
+        y = torch.tensor([it.label for it in keep])
+        opt = torch.optim.Adam(module.parameters(), lr=0.02)
+        for _ in range(20 * request.epochs):
+            opt.zero_grad()
+            nn.functional.cross_entropy(module(x), y).backward()
+            opt.step()
+    torch.jit.trace(module.eval(), x[:1]).save(str(request.out))
+    return TrainingResult(model=request.out, held_out=len(held))
+
+
+def fit_unaware(request: TrainingRequest) -> TrainingResult:
+    """An older contract: trains on everything and does not say it left anything out."""
+    return fit(request.model_copy(update={"held_out": {}}))
+
+
+def fit_refusing(request: TrainingRequest) -> TrainingResult:
+    raise ValueError("this script trains on the whole train split only")
+
+
+def cross_case(entry: str | None, n: int = 100) -> UseCase:
+    uc, _ = synthetic_case(n=n)
+    raw = uc.model_dump(mode="json")
+    raw["data"].update(loader="test_label_issues:noisy_images", path=str(Path(__file__).parent))
+    if entry:
+        raw["training"] = {"entry": f"test_label_issues:{entry}"}
+    return UseCase.model_validate(raw)
+
+
+def test_train_labels_are_screened_out_of_fold_through_the_training_contract(tmp_path):
+    REQUESTS.clear()
+    uc = cross_case("fit")
+    out = run_check(uc, load_classifier(uc.model), tmp_path, folds=3, epochs=3, thumbnails=0)
+    assert [r.epochs for r in REQUESTS] == [3, 3, 3]
+    held = [set(r.held_out["train"]) for r in REQUESTS]
+    assert sorted(i for h in held for i in h) == list(range(100))  # each item out of exactly one fold
+    train = next(m for m in out.measurements if m.metric == "suspected_labels" and m.scope.split == "train")
+    assert train.n == 100 and train.value is not None
+    assert out.summary["train"]["probabilities"] == "out of fold"
+    found = {int(s.split()[0].split("-")[1]) for s in out.summary["train"]["suspected_items"]}
+    assert len(found & set(FLIPPED)) >= 7, found  # the planted flips, found by models that never saw them
+    assert any("out-of-fold probabilities of 3 models" in v and "3 epochs each" in v for v in out.validity)
+    assert not any("train split" in x for x in out.limitations)
+    assert LabelIssues.produces(LabelIssues.Params(), uc)[0].split == "train"
+
+
+def test_the_folds_and_their_evidence_do_not_depend_on_the_batch_size(tmp_path):
+    uc = cross_case("fit", n=60)
+    a = run_check(uc, load_classifier(uc.model), tmp_path / "a", folds=2, epochs=2, thumbnails=0)
+    small = uc.model_copy(update={"data": uc.data.model_copy(update={"batch_size": 5})})
+    b = run_check(small, load_classifier(uc.model), tmp_path / "b", folds=2, epochs=2, thumbnails=0)
+    assert a.summary == b.summary
+    assert [(m.metric, m.scope.split, m.value) for m in a.measurements] == \
+        [(m.metric, m.scope.split, m.value) for m in b.measurements]
+
+
+@pytest.mark.parametrize("entry, reason", [
+    (None, "offers no training contract"),
+    ("fit_unaware", "TrainingResult.held_out"),
+    ("fit_refusing", "ValueError: this script trains on the whole train split only"),
+])
+def test_without_a_contract_that_leaves_a_fold_out_the_train_split_is_not_screened_and_says_why(tmp_path, entry,
+                                                                                               reason):
+    uc = cross_case(entry, n=40)
+    out = run_check(uc, load_classifier(uc.model), tmp_path, splits=None if entry is None else
+                    ["train", "test"], folds=2, epochs=1, thumbnails=0)
+    assert any(reason in x for x in out.limitations), out.limitations
+    train = [m for m in out.measurements if m.scope.split == "train"]
+    if entry is None:  # nothing to cross-validate through: the train split is not declared either
+        assert not train and "train" not in {p.split for p in LabelIssues.produces(LabelIssues.Params(), uc)}
+    else:  # asked for: no value, the reason in the evidence (a claim on it is INCONCLUSIVE)
+        assert train and all(m.value is None and reason in m.details["undefined"] for m in train)
+    assert any(m.scope.split == "test" and m.value is not None for m in out.measurements)

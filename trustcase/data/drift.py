@@ -49,9 +49,16 @@ class Sample:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def _rows(self) -> list:
+        return sorted(self._heap, key=lambda t: (-t[0], t[1]))
+
+    def ids(self) -> list[str]:
+        """The sampled items' ids, in the order of `arrays`."""
+        return [r[1] for r in self._rows()]
+
     def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(features (n, d), descriptors by name), in seed order."""
-        rows = sorted(self._heap, key=lambda t: (-t[0], t[1]))
+        rows = self._rows()
         if not rows:
             return np.zeros((0, 0)), {}
         feats = np.stack([r[3][0] for r in rows])

@@ -1,7 +1,11 @@
 """Label errors by confident learning (Northcutt et al. 2021, with cleanlab): an item is suspected when the
 out-of-sample probabilities of a model put it, with confidence, in another class than its label. The per-class
 thresholds are the mean self-confidence of each class, so a model's overall over- or under-confidence does not
-decide; the suspected share of a split estimates its noise rate."""
+decide; the suspected share of a split estimates its noise rate.
+
+Out of sample: a held-out split's probabilities from the assessed model, or the training split's out of fold
+(`OutOfFold`: k models, each trained without one fold, the fold of an item fixed by the one seeding rule).
+Memory is bounded: a split is screened on a seeded sample of at most `max_items` items (`drift.Sample`)."""
 
 from __future__ import annotations
 
@@ -14,12 +18,36 @@ import numpy as np
 from scipy import stats
 
 from trustcase.measurement import clopper_pearson
+from trustcase.seeding import item_seed
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = np.exp(z - z.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)
+
+
+def fold_of(seed: int, item: str, folds: int) -> int:
+    """The cross-validation fold of an item (stream "fold" of the one seeding rule): the same fold whatever the batch
+    size, the order or the shards, and about n / folds items in each."""
+    return item_seed(seed, "label_issues", str(item), "fold") % folds
+
+
+class OutOfFold:
+    """Each item's probabilities from the model of its fold, which was trained without that fold."""
+
+    def __init__(self, models: list, seed: int):
+        self.models, self.seed = models, seed
+
+    def __call__(self, images: np.ndarray, ids: list[str]) -> np.ndarray:
+        fold = np.array([fold_of(self.seed, i, len(self.models)) for i in ids])
+        out = None
+        for f in np.unique(fold):
+            rows = np.flatnonzero(fold == f)
+            pr = softmax(self.models[f].logits(images[rows], [ids[j] for j in rows]))
+            out = np.zeros((len(ids), pr.shape[1])) if out is None else out
+            out[rows] = pr
+        return out
 
 
 @dataclass

@@ -11,6 +11,11 @@ other roles, each with the label to learn and a number of copies: HUDD's bootstr
 with the augmentation asked for (`lipschitz`: the script's 1-Lipschitz architecture, from scratch),
 deterministically for `request.seed`, and writes the model to `request.out`. It returns the file and a
 training log (parameters and validation figures, JSON-ready).
+
+Cross-validation (the `label_issues` check's out-of-fold probabilities) asks for a model trained without the
+items at `request.held_out` (positions in a role's split); the function says how many it left out in
+`TrainingResult.held_out`, so a function that does not know the field (0) is not trusted with a fold. A
+function that cannot leave items out raises.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class TrainingRequest(BaseModel):
     l2_radius: float = Field(0.0, ge=0, description="lipschitz: a 1-Lipschitz architecture trained from scratch "
                              "with Lipschitz margins at this L2 radius, pixel units")
     epochs: int | None = Field(None, ge=1, description="None: the script's own default")
+    held_out: dict[str, list[int]] = Field({}, description="role -> positions in its split left out of training "
+                                                           "(a cross-validation fold)")
     params: dict[str, Any] = {}
 
 
@@ -53,3 +60,4 @@ class TrainingResult(BaseModel):
 
     model: Path
     log: dict[str, Any] = {}
+    held_out: int = Field(0, ge=0, description="how many items of request.held_out the training left out")

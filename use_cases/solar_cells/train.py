@@ -49,6 +49,7 @@ USE_CASE = HERE / "use_case.yaml"
 EPOCHS = {"certified": 60, "other": 30}  # default epochs: certified training ramps its radius over half of them
 CRITICAL_WEIGHT = {"certified": 1.25, "other": 1.0}  # default extra weight of the critical (defective) class
 DEFAULT_EPOCHS = EPOCHS["certified"]  # the default recipe's (`trustcase demo` trains it)
+THREADS = 1  # torch threads of the training, fixed whatever the machine: the weights depend on the thread count
 
 
 def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +117,7 @@ def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noi
           lipschitz: bool = False, width: int = 16, log=print, use_case: Path = USE_CASE,
           limit: int | None = None, init: Path | None = None, extra=(), epsilon: float = 0.0,
           lr: float = 3e-3, arch: str = "strided", ibp_eps: float = 1.0, margin_radius: float = 0.0,
-          critical_weight: float | None = None) -> dict:
+          critical_weight: float | None = None, held_out=()) -> dict:
     """Train and export; returns the parameters and validation metrics (for the training log).
 
     `use_case` gives the input contract (size, normalisation); `limit` caps the items per split (tests);
@@ -126,7 +127,8 @@ def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noi
     (input scaled to [0, 1]);
     `arch` the architecture (`cnn.build`); `ibp_eps` the radius of certified training (pixel units, L-inf; 0:
     none; the strided architecture only); `epochs` and `critical_weight` (the defective class's weight beyond
-    balancing) None: the recipe's defaults (`EPOCHS`, `CRITICAL_WEIGHT`).
+    balancing) None: the recipe's defaults (`EPOCHS`, `CRITICAL_WEIGHT`); `held_out` positions in the training
+    split left out (a cross-validation fold).
     """
     uc = load_use_case(use_case)
     spec = uc.model
@@ -140,20 +142,22 @@ def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noi
     # because the order of a multi-threaded sum depends on the core count and so would the weights (measured:
     # 1 and 2 threads give different models; one thread is as fast on these small convolutions, 150 s)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     try:
         return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-                      arch, ibp_eps, margin_radius=margin_radius, critical_weight=critical_weight)
+                      arch, ibp_eps, margin_radius=margin_radius, critical_weight=critical_weight, held_out=held_out)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
 
 
 def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
-           arch, ibp_eps, margin_radius=0.0, critical_weight=1.0) -> dict:
+           arch, ibp_eps, margin_radius=0.0, critical_weight=1.0, held_out=()) -> dict:
     size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
     xtr, ytr = read("train", size, limit)
+    keep = np.setdiff1d(np.arange(len(xtr)), np.asarray(list(held_out), np.int64))
+    xtr, ytr = xtr[keep], ytr[keep]
     xex, yex = read_extra(extra, size, dict(uc.data.splits))
     xtr, ytr = np.concatenate([xtr, xex.astype(xtr.dtype)]), np.concatenate([ytr, yex.astype(ytr.dtype)])
     xva, yva = read("validation", size, limit)
@@ -233,7 +237,7 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
               "arch": "pooled" if lipschitz else arch, "ibp_eps": ibp_eps if certified else 0.0,
               "critical_weight": critical_weight,
               "epsilon": epsilon, "margin_radius": margin_radius if lipschitz else 0.0, "lr": lr,
-              "init": str(init) if init else None, "extra_items": len(yex),
+              "init": str(init) if init else None, "extra_items": len(yex), "held_out": len(set(held_out)),
               "train_items": len(xtr), "validation_items": len(xva), "splits": elpv.splits_id()}
     result = {"params": params, "validation": final, "history": history, "seconds": time.time() - t0,
               "path": str(out)}
@@ -243,8 +247,9 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
 
 def fit(request: TrainingRequest) -> TrainingResult:
     """The use case's training contract (`training.entry`): one request in, one model file and its log out."""
-    if request.roles != ["train"]:
-        raise ValueError(f"this script trains on the 'train' split only, not {request.roles}")
+    if request.roles != ["train"] or set(request.held_out) - {"train"}:
+        raise ValueError(f"this script trains on the 'train' split only, not {request.roles} (held out: "
+                         f"{sorted(request.held_out)})")
     spec = load_use_case(request.use_case).model
     p = dict(request.params)
     fine_tune = request.init is not None
@@ -266,8 +271,9 @@ def fit(request: TrainingRequest) -> TrainingResult:
                    width=width, use_case=request.use_case, log=lambda line: None,
                    limit=p.get("limit"), arch=arch, ibp_eps=ibp_eps, lipschitz=lipschitz,
                    critical_weight=critical_weight,
-                   margin_radius=request.l2_radius / (spec.value_range[1] - spec.value_range[0]))
-    return TrainingResult(model=Path(result["path"]), log=result)
+                   margin_radius=request.l2_radius / (spec.value_range[1] - spec.value_range[0]),
+                   held_out=request.held_out.get("train", ()))
+    return TrainingResult(model=Path(result["path"]), log=result, held_out=result["params"]["held_out"])
 
 
 def _log(path: Path) -> dict:
