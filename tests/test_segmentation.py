@@ -162,3 +162,146 @@ def test_a_mask_value_of_no_class_is_counted_and_excluded_naming_the_file(tmp_pa
     assert batches[0].labels[0].shape == (8, 8)
     assert [(u.id, u.kind) for u in stream.unreadable] == [("a/t2.jpg", "label")]
     assert "t2.png: mask value(s) [5] are no class index" in stream.unreadable[0].error
+
+
+LOADER = '''
+from pathlib import Path
+from trustcase.data.masks import MaskSplit, pair_files
+
+def load(split, root, classes, size=(16, 16), fit="resize"):
+    pairs = pair_files(Path(root) / split / "images", Path(root) / split / "masks")
+    meta = [{"defect": "free" if "free" in i.stem else "spot"} for i, _ in pairs]
+    return MaskSplit(pairs, classes, tuple(size), fit=fit, encoding="index", meta=meta, root=Path(root) / split)
+'''
+
+
+def _picture(folder, stem, size=(16, 16), bright=None, dim=None, defect=None, mask_value=1):
+    """An index-encoded PNG pair: background grey 40, `bright` rectangles at 220, `dim` at 100 (y0, y1, x0, x1);
+    the mask marks `defect` rectangles with `mask_value`."""
+    image = np.full(size, 40, np.uint8)
+    mask = np.zeros(size, np.uint8)
+    for rects, value, target in ((bright, 220, image), (dim, 100, image), (defect, mask_value, mask)):
+        for y0, y1, x0, x1 in rects or []:
+            target[y0:y1, x0:x1] = value
+    for sub, array in (("images", image), ("masks", mask)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / sub / f"{stem}.png")
+
+
+@pytest.fixture
+def segmentation_case(tmp_path):
+    """A segmentation use case on tiny PNG splits, with a TorchScript segmenter marking pixels brighter than grey 127.
+    Test split: t1 a bright 3x4 defect (found whole), t2_free a bright 2x2 spot the mask does not mark (4 false
+    pixels), t3 a dim 2x2 defect (missed), t4 a mask value 3 that is no class (excluded)."""
+    from trustcase.schemas import UseCase
+
+    data = tmp_path / "data"
+    _picture(data / "train", "a", bright=[(2, 5, 2, 6)], defect=[(2, 5, 2, 6)])
+    _picture(data / "train", "b_free")
+    _picture(data / "train", "c", size=(32, 32), bright=[(4, 10, 4, 12)], defect=[(4, 10, 4, 12)])  # resized
+    _picture(data / "test", "t1", bright=[(2, 5, 2, 6)], defect=[(2, 5, 2, 6)])
+    _picture(data / "test", "t2_free", bright=[(8, 10, 8, 10)])
+    _picture(data / "test", "t3", dim=[(10, 12, 3, 5)], defect=[(10, 12, 3, 5)])
+    _picture(data / "test", "t4", bright=[(2, 5, 2, 6)], defect=[(2, 5, 2, 6)], mask_value=3)
+    (tmp_path / "segloader.py").write_text(LOADER)
+    spec = _spec(tmp_path, Bright(), defect_pixels=4)
+    uc = UseCase.model_validate({
+        "id": "seg", "title": "t", "owner": "o", "criticality": "low", "intended_function": "f",
+        "task": "segmentation", "model": spec.model_dump(mode="json"),
+        "data": {"loader": "segloader:load", "path": str(tmp_path),
+                 "params": {"root": str(data), "classes": CLASSES}, "splits": {"train": "train", "test": "test"}},
+        "odd": {"descriptors": [{"name": "defect", "source": "metadata", "values": ["spot", "free"]}]},
+        "requirements": [{"id": "R1", "text": "t", "metric": "iou:defect", "comparator": ">=", "threshold": 0.5}],
+        "plan": {"checks": [{"check": "performance"}]}})
+    return uc, tmp_path
+
+
+def _context(uc, tmp_path, name):
+    from trustcase.checks import Context
+    from trustcase.data.streaming import DataSource
+    from trustcase.tasks import task_of
+
+    return Context(use_case=uc, model=task_of(uc).load_model(uc.model), data=DataSource(uc.data, 0, uc.model),
+                   seed=0, workdir=tmp_path / "checks" / name)
+
+
+def test_performance_measures_a_segmenter_with_its_examples(segmentation_case):
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    out = build(CheckSpec(check="performance"))(_context(uc, tmp_path, "p"))
+    perf = {(m.metric, tuple(m.scope.subgroup.items())): m for m in out.measurements}
+    # defect pixels: t1 12 found; t2_free 4 false; t3 4 missed: IoU 12 / 20, Dice 24 / 32
+    assert perf[("iou:defect", ())].value == pytest.approx(12 / 20, abs=1e-15)
+    assert perf[("dice:defect", ())].value == pytest.approx(24 / 32, abs=1e-15)
+    assert perf[("iou:defect", ())].n == 3  # t4 excluded
+    # at least 4 pixels: t1 set aside (true), t2_free set aside (false alarm), t3 missed
+    assert perf[("image_recall", ())].value == 1 / 2 and perf[("image_false_alarm_rate", ())].value == 1
+    assert perf[("image_false_alarm_rate", (("defect", "free"),))].value == 1
+    assert perf[("image_recall", (("defect", "spot"),))].value == 1 / 2
+    assert [a.kind for a in out.artefacts] == ["image"]  # the overlays of t3 (Dice 0) and t1 (Dice 1)
+    assert (tmp_path / "checks" / out.artefacts[0].path).is_file()
+
+
+def test_no_example_image_for_a_confidential_use_case(segmentation_case):
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec, Confidentiality
+
+    uc, tmp_path = segmentation_case
+    uc = uc.model_copy(update={"confidentiality": Confidentiality.confidential})
+    assert build(CheckSpec(check="performance"))(_context(uc, tmp_path, "c")).artefacts == []
+
+
+def test_data_quality_counts_masks(segmentation_case):
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    dq = build(CheckSpec(check="data_quality"))(_context(uc, tmp_path, "d")).measurements
+    by = {(m.metric, m.scope.split): m for m in dq}
+    assert by[("bad_masks", "test")].value == 1 and by[("items", "test")].value == 3
+    assert by[("empty_masks", "test")].value == 1 and by[("empty_masks", "train")].value == 1
+    assert by[("full_masks", "test")].value == 0
+    # defect pixels of the test split: 12 + 0 + 4 of 3 x 256
+    assert by[("class_share:defect", "test")].value == pytest.approx(16 / 768, abs=1e-15)
+    assert by[("mean:defect_share", "test")].value == pytest.approx((12 / 256 + 4 / 256) / 3, abs=1e-15)
+
+
+def test_a_perturbation_sweep_scores_a_segmenter_by_its_metrics(segmentation_case):
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    brighter = {"perturbation": "brightness", "grid": [0.3], "options": {"direction": "up"}}
+    check = build(CheckSpec(check="perturbation_sweep", params={"perturbations": {"brighter": brighter}}))
+    at = {(m.metric, m.amplitude): m for m in check(_context(uc, tmp_path, "sweep")).measurements
+          if not m.scope.subgroup}
+    # +0.3 of the range: t3's dim defect (100 + 76.5) is found, t2_free's background (40 + 76.5) stays below 127.5
+    assert at[("image_recall", 0.3)].value == 1 and at[("iou:defect", 0.3)].value == pytest.approx(16 / 20, abs=1e-15)
+    assert at[("flip_rate", 0.3)].value == pytest.approx(1 / 3)
+
+
+def test_a_check_not_taught_segmentation_says_so(segmentation_case):
+    from trustcase.checks import build
+    from trustcase.errors import Unsupported
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    with pytest.raises(Unsupported, match="not taught the segmentation task"):
+        build(CheckSpec(check="label_issues"))(_context(uc, tmp_path, "l"))
+
+
+def test_validate_names_a_mask_of_another_size_before_any_work(segmentation_case):
+    import yaml
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+
+    uc, tmp_path = segmentation_case
+    Image.fromarray(np.zeros((16, 12), np.uint8)).save(tmp_path / "data" / "test" / "masks" / "t3.png")
+    raw = uc.model_dump(mode="json", exclude_defaults=True)
+    (tmp_path / "uc.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "uc.yaml")])
+    assert r.exit_code == 2, r.output
+    assert "mask" in r.output and "t3.png is 12x16 px, its image" in " ".join(r.output.split())

@@ -94,16 +94,36 @@ class Segmentation(Task):
 
 class SegmentationScorer:
     """IoU, Dice, pixel precision and recall per class, and the image-level rates at the operating rule
-    (`segmentation_metrics.SegmentationTally`), per categorical ODD value too."""
+    (`segmentation_metrics.SegmentationTally`), per categorical ODD value too; and the few defective images whose
+    defect pixels it marks worst and best (by Dice), for the report's overlays."""
+
+    EXAMPLES = 3  # the worst and the best this many
 
     def __init__(self, use_case, check: str, seed: int):
-        self.rule = use_case.model.defect_pixels
+        self.rule, self.value_range = use_case.model.defect_pixels, use_case.model.value_range
         subgroups = [d.name for d in use_case.odd.descriptors if d.categorical and d.source == "metadata"]
         self.tally = SegmentationTally(use_case.model.class_names, self.rule, check, seed, subgroups)
+        self.examples: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []  # dice, id, image, true, pred
 
     def update(self, model: Segmenter, batch) -> np.ndarray:
         """Per image its decision: 1 defective (at least `defect_pixels` pixels of a defect class), else 0."""
-        return self.tally.update(model.segment(batch.images, batch.ids), batch.labels, batch.ids, batch.meta)
+        pred = model.segment(batch.images, batch.ids)
+        for image, true, p, item in zip(batch.images, batch.labels, pred, batch.ids, strict=True):
+            if true.any():  # a defective image: its Dice of defect pixels (any defect class)
+                dice = 2 * np.count_nonzero((p > 0) & (true > 0)) / (np.count_nonzero(p) + np.count_nonzero(true))
+                self.examples.append((float(dice), str(item), image, true, p.astype(np.uint8)))
+        self.examples.sort(key=lambda e: (e[0], e[1]))  # a bounded list: the worst and the best so far
+        k = self.EXAMPLES
+        self.examples = self.examples if len(self.examples) <= 2 * k else self.examples[:k] + self.examples[-k:]
+        return self.tally.update(pred, batch.labels, batch.ids, batch.meta)
+
+    def example(self) -> np.ndarray | None:
+        """The kept examples side by side (BGR uint8): the worst first, predicted defect pixels tinted red and the
+        true defect outlined in green, each captioned with its Dice. None without a defective image."""
+        if not self.examples:
+            return None
+        return overlays([e[2] for e in self.examples], [e[3] for e in self.examples], [e[4] for e in self.examples],
+                        [f"Dice {e[0]:.2f}" for e in self.examples], self.value_range)
 
     def compute(self, split, confidence, perturbation=None, amplitude=None):
         return self.tally.compute(split, confidence, BOOTSTRAP_REPLICATES, perturbation, amplitude)
@@ -119,3 +139,23 @@ class SegmentationScorer:
                 f"pixel; {confidence:.0%} intervals: the percentile interval of a Poisson bootstrap over images "
                 f"({BOOTSTRAP_REPLICATES} replicates, each image's weights drawn from its id) for the pixel figures, "
                 "Clopper-Pearson for the image-level rates")
+
+
+def overlays(images: list[np.ndarray], true: list[np.ndarray], pred: list[np.ndarray], captions: list[str],
+             value_range: tuple[float, float]) -> np.ndarray:
+    """Images (H, W, C) in a row, each with its predicted defect pixels tinted red and its true defect outlined in
+    green (BGR uint8), captioned underneath."""
+    import cv2
+
+    from trustcase.robustness.sweep import strip_image
+
+    lo, hi = value_range
+    tiles = []
+    for image, t, p in zip(images, true, pred, strict=True):
+        u8 = np.rint(np.clip((image.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+        bgr = cv2.cvtColor(u8, cv2.COLOR_RGB2BGR) if u8.shape[-1] == 3 else np.repeat(u8[..., :1], 3, axis=2)
+        bgr[p > 0] = (0.5 * bgr[p > 0] + 0.5 * np.array([0, 0, 255])).astype(np.uint8)
+        outline, _ = cv2.findContours((t > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(bgr, outline, -1, (0, 255, 0), 1)
+        tiles.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return strip_image(tiles, captions, (0, 255))
