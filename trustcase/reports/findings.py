@@ -53,8 +53,14 @@ METRICS = {
     "sanity_rank_correlation": "rank correlation after weight randomisation",
     "ig_convergence_delta": "integrated-gradients convergence gap",
     "suspected_labels": "share of labels suspected wrong",
+    "iou": "IoU", "dice": "Dice", "pixel_precision": "pixel precision", "pixel_recall": "pixel recall",
+    "mean_iou": "mean IoU over the classes", "mean_dice": "mean Dice over the classes",
+    "image_recall": "share of defective images set aside", "image_false_alarm_rate": "false alarms on defect-free "
+    "images", "bad_masks": "items refused for their mask", "empty_masks": "masks without a defect pixel",
+    "full_masks": "masks of defect pixels only",
 }
-CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "suspected_labels"}
+CLASS_METRICS = {"recall", "precision", "false_negative_rate", "class_share", "suspected_labels", "iou", "dice",
+                 "pixel_precision", "pixel_recall"}
 CHECKS = {"odd_monitor": "ODD monitor", "data_quality": "Data quality", "perturbation_sweep": "Perturbation sweep",
           "randomized_smoothing": "Randomized smoothing", "lipschitz": "Lipschitz certificate",
           "adversarial": "Adversarial attacks", "explainability": "Explanation quality", "root_causes": "Root causes",
