@@ -1,0 +1,157 @@
+"""Explanations of one detected box, and their quality.
+
+- **D-RISE** (Petsiuk et al. 2021, "Black-box explanation of object detectors via saliency maps"): the image under
+  random smooth masks (RISE's, `RiseMethod.masks`: a low-resolution grid of kept cells, upsampled and shifted),
+  each masked image's detections compared with the explained box by the similarity of the paper, max over
+  detections of IoU(box, d) x class similarity x score(d); a detector of this contract returns a class index, not a
+  probability vector, so the class similarity is 1 for the same class and 0 otherwise. The map is the similarity's
+  mean over the masks that keep a pixel (Xplique's normalisation by the masks' sum) minus its mean over all masks:
+  positive where keeping the pixel raises the box's similarity, a flat map where nothing matters. Forward passes
+  only: it explains black boxes. The same masks for every item (seeded by the call's seed), so an item's map does
+  not depend on its batch.
+- **Grad-CAM of a box** (Selvaraju et al. 2017, on a detector's box): the gradient of the box's class score (the best
+  score of the detections of its class overlapping it at IoU >= 0.5) with respect to a convolutional layer's
+  activations, averaged per channel, weighs the channels; ReLU, bilinear upsampling to the input. Default layer: the
+  last convolution (in execution order) the score depends on. Needs hookable layers.
+
+Quality of a map for its box: deletion / insertion of pixels, most relevant first, following the box score (the
+D-RISE similarity; AUC, Petsiuk et al. 2018), against a random ordering; and the energy of the map inside the box
+(the share of its positive mass there, Wang et al. 2020's energy-based pointing game), whose chance level is the
+box's share of the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trustcase.errors import Unsupported
+from trustcase.explain.methods.perturbation import RiseMethod
+from trustcase.explain.network import Network
+from trustcase.explain.quality import _order
+
+IOU = 0.5
+
+
+def box_iou(rows: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """IoU of detection rows (N, D, >= 4) with one box per item (N, 4): (N, D)."""
+    w = (torch.minimum(rows[..., 2], box[:, None, 2]) - torch.maximum(rows[..., 0], box[:, None, 0])).clamp_min(0)
+    h = (torch.minimum(rows[..., 3], box[:, None, 3]) - torch.maximum(rows[..., 1], box[:, None, 1])).clamp_min(0)
+    inter = w * h
+    area = (rows[..., 2] - rows[..., 0]) * (rows[..., 3] - rows[..., 1])
+    union = area + ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))[:, None] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def similarity(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """D-RISE's similarity of each item's detections (N, D, 6) to its explained box (N, 5: x1 y1 x2 y2 class): the max
+    over detections of IoU x [same class] x score (padding rows, score < 0, count 0). (N,)"""
+    same = (rows[..., 5] == target[:, None, 4]).to(rows.dtype)
+    return (box_iou(rows, target[:, :4]) * same * rows[..., 4].clamp_min(0)).amax(dim=1)
+
+
+def class_score(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The box's class score: the best score of the detections of its class overlapping it at IoU >= 0.5 (the
+    selection carries no gradient), 0 when there is none. (N,)"""
+    with torch.no_grad():
+        mine = (rows[..., 5] == target[:, None, 4]) & (box_iou(rows, target[:, :4]) >= IOU) & (rows[..., 4] >= 0)
+    return torch.where(mine, rows[..., 4], torch.zeros_like(rows[..., 4])).amax(dim=1)
+
+
+def d_rise(forward, x: torch.Tensor, targets: torch.Tensor, baseline: float | torch.Tensor = 0.0, masks: int = 1000,
+           cells: int = 16, keep: float = 0.5, seed: int = 0, chunk: int = 32) -> np.ndarray:
+    """D-RISE maps (B, H, W) of each item's box `targets` (B, 5) for normalised inputs x (B, C, H, W); `forward` maps
+    inputs to detections (N, D, 6)."""
+    b, c, h, w = x.shape
+    rise = RiseMethod(None, RiseMethod.Options(masks=masks, cells=cells, keep=keep))
+    gen = torch.Generator().manual_seed(int(seed))
+    kept = torch.zeros(b, h, w, dtype=torch.float64)
+    total = torch.zeros(h, w, dtype=torch.float64)
+    mean = torch.zeros(b, dtype=torch.float64)
+    base = torch.as_tensor(baseline, dtype=x.dtype).expand_as(x)
+    with torch.no_grad():
+        for start in range(0, masks, chunk):
+            m = rise.masks(min(chunk, masks - start), h, w, gen)  # (n, H, W)
+            total += m.sum(0).double()
+            for i in range(b):
+                inputs = x[i][None] * m[:, None] + base[i][None] * (1 - m[:, None])
+                s = similarity(forward(inputs), targets[i][None].expand(len(m), 5)).double()
+                kept[i] += torch.einsum("n,nhw->hw", s, m.double())
+                mean[i] += s.sum()
+    return (kept / total.clamp_min(1e-12) - (mean / masks)[:, None, None]).float().numpy()
+
+
+def box_grad_cam(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None = None) -> tuple[np.ndarray,
+                                                                                                       str]:
+    """Grad-CAM maps (B, H, W) of each item's box class score, and the layer used (named, else the last convolution
+    in execution order whose activations the score depends on)."""
+    if not net.differentiable:
+        raise Unsupported("grad_cam needs the detector's internals; the model is a black box (use d_rise)")
+    layers = net.layers()
+    if not layers:
+        raise Unsupported(f"grad_cam needs hookable layers: {net.note or 'none found'} (d_rise needs none)")
+    names = [net.layer(layer)[0]] if layer is not None else net.conv_layers()
+    if not names:
+        raise Unsupported(f"grad_cam: the detector has no Conv2d layer; name one of {net.describe()}")
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def keep(name):
+        def hook(_module, _inputs, out):
+            out.retain_grad()
+            seen.append((name, out))
+        return hook
+
+    handles = [layers[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        with torch.enable_grad():
+            z = x.detach().clone().requires_grad_(True)
+            score = class_score(net.forward(z), targets)
+            score.sum().backward()
+    finally:
+        for hnd in handles:
+            hnd.remove()
+    live = [(n, a) for n, a in seen if a.grad is not None and bool(a.grad.abs().sum() > 0)]
+    if not live:
+        raise Unsupported(f"grad_cam: the box score depends on none of the layers {names} (no gradient reaches them)")
+    name, act = live[-1]
+    weights = act.grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(dim=1, keepdim=True)).detach()
+    return F.interpolate(cam, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)[:, 0].numpy(), name
+
+
+METHODS = ("d_rise", "grad_cam")
+
+
+def box_masks(targets: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(B, H, W) bool: the pixels whose centre lies in each item's box."""
+    cy, cx = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
+    return np.stack([(cx >= t[0]) & (cx <= t[2]) & (cy >= t[1]) & (cy <= t[3]) for t in targets])
+
+
+def energy_in_box(heat: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per item the share of the map's positive mass inside its box (NaN for a map with none)."""
+    pos = np.clip(heat, 0, None).astype(np.float64)
+    inside = (pos * box_masks(targets, *heat.shape[1:])).sum(axis=(1, 2))
+    total = pos.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
+def box_deletion_insertion(forward, x: torch.Tensor, targets: torch.Tensor, heat: np.ndarray,
+                           baseline: float | torch.Tensor, steps: int = 20, seed: int = 0) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """The box score (D-RISE similarity) as the most relevant pixels are deleted (replaced by the baseline) /
+    inserted (into the baseline): two (B, steps + 1) arrays; ties in the map broken at random, per item."""
+    b, c, h, w = x.shape
+    ranks = torch.from_numpy(_order(heat, seed))
+    counts = torch.round(torch.linspace(0, h * w, steps + 1)).long()
+    base = torch.as_tensor(baseline, dtype=x.dtype).expand_as(x)
+    dele, ins = np.zeros((b, steps + 1)), np.zeros((b, steps + 1))
+    with torch.no_grad():
+        for i in range(b):
+            gone = (ranks[i][None] < counts[:, None]).to(x.dtype).view(steps + 1, 1, h, w)
+            both = torch.cat([x[i] * (1 - gone) + base[i] * gone, base[i] * (1 - gone) + x[i] * gone])
+            s = similarity(forward(both), targets[i][None].expand(len(both), 5)).numpy()
+            dele[i], ins[i] = s[:steps + 1], s[steps + 1:]
+    return dele, ins
