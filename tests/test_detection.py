@@ -229,7 +229,7 @@ def test_a_check_not_taught_detection_says_so(detection_case):
     from trustcase.schemas import CheckSpec
 
     uc, tmp_path = detection_case
-    check = build(CheckSpec(check="randomized_smoothing"))
+    check = build(CheckSpec(check="local_robustness", params={"radii": [0.01]}))
     with pytest.raises(Unsupported, match="not taught the detection task"):
         check(_context(uc, tmp_path, "s"))
 

@@ -4,8 +4,10 @@ recall and false indications from `tasks.detection_metrics`)."""
 
 from __future__ import annotations
 
-from trustcase.checks import Check, Context, Params, Produces
-from trustcase.schemas import CheckOutcome, Stage
+import cv2
+
+from trustcase.checks import Check, Context, Params, Produces, artefact_name
+from trustcase.schemas import CheckOutcome, Curve, Stage
 from trustcase.tasks import task_of
 
 
@@ -34,8 +36,17 @@ class Performance(Check):
         for batch in ctx.batches(p.split):
             scorer.update(ctx.model, batch)
         ms = scorer.compute(p.split, ctx.use_case.plan.confidence)
-        return CheckOutcome(
-            check=self.name, measurements=ms, figures=scorer.figures(p.split, ms),
+        drawn = scorer.figures(p.split, ms)
+        out = CheckOutcome(
+            check=self.name, measurements=ms, figures=[f for f in drawn if not isinstance(f, Curve)],
+            curves=[f for f in drawn if isinstance(f, Curve)],
             caveat="The figures hold for data like the held-out items measured (see the data-quality evidence).",
             validity=[scorer.validity(p.split, ctx.use_case.plan.confidence)],
         )
+        example = None if ctx.use_case.confidential else scorer.example()  # never a confidential case's images
+        if example is not None:
+            path = ctx.workdir / artefact_name(f"examples_{p.split}", ".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), example)
+            out.artefacts.append(ctx.artefact(path, "image"))
+        return out

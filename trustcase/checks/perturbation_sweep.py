@@ -94,7 +94,7 @@ class PerturbationSweep(Check):
         - `flip_rate`: share of items whose decision differs from their clean one (a classifier's predicted
           class; a detector's set of indicated classes at the operating threshold)."""
         task = task_of(use_case)
-        return [Produces(m, params.split, key, subgroups=task.subgroups)
+        return [Produces(m, params.split, key, subgroups=task.subgroups and task.perturbed_subgroups)
                 for key in params.perturbations for m in [*task.metrics(use_case, calibration=False), "flip_rate"]]
 
     def shards(self) -> list[Check]:

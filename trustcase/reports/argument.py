@@ -50,6 +50,29 @@ GOALS = {
                       "and the monitor is validated",
 }
 
+# a task's own words where a classifier's would mislead (a detector's errors are missed and false indications)
+TASK_GOALS = {
+    "detection": {
+        Stage.LEARNING: "The learnt detector finds the true indications its requirements demand (recall at the "
+                        "operating score threshold, IoU 0.5, per class) without more false indications per image "
+                        "than allowed, and ranks them well (mAP), on the data it was built for",
+        Stage.TESTING: "Testing shows the detector still finds the indications and raises no more false indications "
+                       "than allowed under perturbations and attacks",
+    },
+}
+
+
+def model_context(model: dict, task: str | None) -> str:
+    """What the model is, in the argument's words: its classes, or a detector's indications and operating point."""
+    if task == "detection":
+        return (f"detector of indications of {', '.join(model.get('class_names', []))} (boxes with a class and a "
+                f"score; an indication is a detection scoring at least {model.get('score_threshold', '?')}; its "
+                f"errors are missed indications and false indications), safety-critical class "
+                f"{model.get('critical_class', '?')}")
+    return (f"classes {', '.join(model.get('class_names', []))}, safety-critical class "
+            f"{model.get('critical_class', '?')}")
+
+
 # AMLAS data properties; a data claim goes under the first property whose pattern matches its metric
 DATA_PROPERTIES = [
     ("independence", "The test and validation splits are independent of the training data",
@@ -244,8 +267,8 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
     b.add(Node("C-odd", "context", "ODD: " + _short(uc.get("odd", {}).get("description") or "not described")
                + _descriptors(uc), anchor="summary"), context_of=top.id)
     b.add(Node("C-model", "context", f"Model {model.get('format', '?')}, version {p.model_version or 'unregistered'}, "
-               f"SHA-256 {p.model_sha256[:12]}…; classes {', '.join(model.get('class_names', []))}, "
-               f"safety-critical class {model.get('critical_class', '?')}", anchor="provenance"), context_of=top.id)
+               f"SHA-256 {p.model_sha256[:12]}…; {model_context(model, uc.get('task'))}", anchor="provenance"),
+          context_of=top.id)
     b.add(Node("C-criticality", "context", f"Criticality: {uc.get('criticality', '?')}; confidentiality: "
                f"{uc.get('confidentiality', 'public')}", anchor="summary"), context_of=top.id)
     amlas = b.add(Node("S-amlas", "strategy", "Argument over the AMLAS stages: requirements, data, learning, "
@@ -279,7 +302,8 @@ def build(a: Assessment, previous: Assessment | None = None) -> Argument:
                "derive them", stage="requirements"), context_of=s.id)
 
     def stage_goal(stage: Stage, parent: str) -> Node:
-        node = b.add(Node(f"G-{stage}", "goal", GOALS[stage], stage=stage, anchor=f"stage-{stage}"), parent=parent)
+        text = TASK_GOALS.get(uc.get("task"), {}).get(stage, GOALS[stage])
+        node = b.add(Node(f"G-{stage}", "goal", text, stage=stage, anchor=f"stage-{stage}"), parent=parent)
         stage_goals[stage] = node.id
         return node
 

@@ -195,8 +195,9 @@ def record_digest(a: Assessment) -> str:
 def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units, out: Path,
                 failures: list[str]) -> dict[str, Path]:
     """One plot per claim where a curve says more than a number: the claim's sweep (perturbation, attack or
-    certified radius), else a figure its check declared as illustrating the claim's metric (e.g. the reliability
-    diagram for calibration, the monitor's detection against amplitude)."""
+    certified radius), else a figure or curve its check declared as illustrating the claim's metric (e.g. the
+    reliability diagram for calibration, the monitor's detection against amplitude, a detector's recall against the
+    score threshold)."""
     by_check = {}
     for o in a.outcomes:
         by_check.setdefault(o.check, []).append(o)
@@ -221,7 +222,10 @@ def claim_plots(a: Assessment, cards: list[findings.Card], units: findings.Units
             else:  # the first figure of the claim's check that illustrates its metric
                 c.plot = next((plots.figure_key(j, i) for j, o in enumerate(a.outcomes) if o.check == e.check
                                for i, f in enumerate(o.figures)
-                               if r.metric in f.illustrates or r.metric.partition(":")[0] in f.illustrates), None)
+                               if r.metric in f.illustrates or r.metric.partition(":")[0] in f.illustrates), None) \
+                    or next((plots.curve_key(o.check, cv.id) for o in a.outcomes if o.check == e.check
+                             for cv in o.curves
+                             if r.metric in cv.illustrates or r.metric.partition(":")[0] in cv.illustrates), None)
         except Exception as x:  # noqa: BLE001  a malformed record costs one plot, not the report
             plots.plt.close("all")
             failures.append(f"the plot of claim {r.id} could not be drawn ({type(x).__name__}); its appendix "

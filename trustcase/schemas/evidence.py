@@ -205,6 +205,7 @@ class Curve(Record):
     x_marks: dict[str, float] = Field({}, description="vertical markers, e.g. the ODD boundary")
     y_marks: dict[str, float] = Field({}, description="horizontal markers, e.g. a claim threshold")
     log_x: bool = False
+    illustrates: list[str] = Field([], description="metrics (or metric families) whose claim cards show this curve")
 
 
 class Topic(StrEnum):

@@ -22,14 +22,16 @@ class Scorer(Protocol):
     def update(self, model: Classifier, batch) -> np.ndarray: ...  # per item its decision (flip rates compare them)
     def compute(self, split: str, confidence: float, perturbation: str | None = None,
                 amplitude: float | None = None) -> list[Measurement]: ...
-    def figures(self, split: str, measurements: list[Measurement]) -> list: ...
+    def figures(self, split: str, measurements: list[Measurement]) -> list: ...  # `Figure`s and `Curve`s
     def validity(self, split: str, confidence: float) -> str: ...
+    def example(self) -> np.ndarray | None: ...  # an example image (BGR uint8) of the model's output, if any
 
 
 class Task:
     name: ClassVar[str]
     output: ClassVar[str]  # the model's output contract, in words (for messages and the evidence)
     subgroups: ClassVar[bool] = True  # its scorer also measures per categorical ODD value
+    perturbed_subgroups: ClassVar[bool] = True  # ... under a perturbation too
     label_properties: ClassVar[tuple[str, ...]] = ()  # per-label properties data quality compares between splits
     rejected_labels: ClassVar[str | None] = None  # data quality's count of items refused for their label, if any
     label_flags: ClassVar[tuple[str, ...]] = ()  # data quality's counts of labels worth flagging (`count_flags`)
@@ -106,6 +108,9 @@ class ClassificationScorer:
                 title=f"Reliability (ECE = {ece.value:.3f})", edges=t.edges.tolist(),
                 accuracy=(t.bin_correct / np.maximum(t.bin_count, 1)).tolist(), count=t.bin_count.tolist()))
         return out
+
+    def example(self):
+        return None
 
     def validity(self, split, confidence):
         return (f"measured on the {split} split ({int(self.tally.cm.sum())} items), {confidence:.0%} Clopper-Pearson "

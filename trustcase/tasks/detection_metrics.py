@@ -86,6 +86,19 @@ def average_precision(tp: np.ndarray, n_true: float | np.ndarray, weights: np.nd
     return out if weights is not None else out[0]
 
 
+def precision_envelope(tp: np.ndarray, n_true: float) -> np.ndarray:
+    """COCO's interpolated precision at the 101 recall points (0 past the highest recall reached) of one class's
+    detections sorted by decreasing score: the precision-recall curve whose mean is `average_precision`."""
+    hit = np.flatnonzero(tp)
+    if not len(hit) or n_true <= 0:
+        return np.zeros(len(RECALL_POINTS))
+    recall = np.arange(1, len(hit) + 1) / n_true
+    precision = np.arange(1, len(hit) + 1) / (hit + 1 + np.spacing(1))
+    precision = np.flip(np.maximum.accumulate(np.flip(precision)))
+    at = np.searchsorted(recall, RECALL_POINTS, side="left")
+    return np.where(at < len(hit), precision[np.minimum(at, len(hit) - 1)], 0.0)
+
+
 class DetectionTally:
     """Streams a split's detections against its true boxes; `compute` gives the measurements."""
 
@@ -95,13 +108,17 @@ class DetectionTally:
         self.n_true: list[np.ndarray] = []  # per image: true boxes per class
         self.rows: list[np.ndarray] = []  # per detection: image, class, score, rank in its image, tp at each IoU
         self.found_at_threshold: list[np.ndarray] = []  # per image: true boxes found above the threshold, per class
+        self.groups: list[dict[str, str]] = []  # per image: its ODD subgroups
 
-    def update(self, detections: list[np.ndarray], boxes: list[np.ndarray], ids: list[str]) -> None:
-        """One batch: per image its detections (K, 6) and its true boxes (G, 5)."""
+    def update(self, detections: list[np.ndarray], boxes: list[np.ndarray], ids: list[str],
+               groups: list[dict[str, str]] | None = None) -> None:
+        """One batch: per image its detections (K, 6), its true boxes (G, 5) and optionally its ODD subgroups
+        ({descriptor: value}), each measured apart by `compute(subgroups=True)`."""
         n_classes = len(self.class_names)
-        for dets, gts, item in zip(detections, boxes, ids, strict=True):
+        for j, (dets, gts, item) in enumerate(zip(detections, boxes, ids, strict=True)):
             image = len(self.ids)
             self.ids.append(str(item))
+            self.groups.append(groups[j] if groups else {})
             self.n_true.append(np.bincount(gts[:, 4].astype(int), minlength=n_classes))
             found = np.zeros(n_classes, int)
             for c in range(n_classes):
@@ -117,23 +134,89 @@ class DetectionTally:
             self.found_at_threshold.append(found)
 
     def compute(self, split: str, confidence: float, replicates: int, perturbation: str | None = None,
-                amplitude: float | None = None) -> list[Measurement]:
+                amplitude: float | None = None, subgroups: bool = False) -> list[Measurement]:
+        """Every metric over the split, and with `subgroups` the same per ODD subgroup the images were given
+        (per-class figures only for the classes that have a true box in the subgroup)."""
         pscope = None if perturbation is None else PerturbationScope(name=perturbation, max_amplitude=amplitude)
-        scope = Scope(split=split, perturbation=pscope)
+        rows = self._sorted_rows()
+        weights = bootstrap_weights(self.seed, self.check, self.ids, replicates).astype(np.float64)
+        everything = np.ones(len(self.ids), bool)
+        out = self._measure(Scope(split=split, perturbation=pscope), amplitude, confidence, rows, weights, everything)
+        if subgroups:
+            for (name, value) in sorted({kv for g in self.groups for kv in g.items()}):
+                members = np.array([g.get(name) == value for g in self.groups], bool)
+                scope = Scope(split=split, subgroup={name: value}, perturbation=pscope)
+                out += self._measure(scope, amplitude, confidence, rows, weights, members)
+        return out
+
+    def precision_recall(self) -> dict[str, np.ndarray]:
+        """Per class with a true box, its precision at `RECALL_POINTS` at IoU 0.5 (`precision_envelope`)."""
+        rows = self._sorted_rows()
+        n_true = np.array(self.n_true).reshape(-1, len(self.class_names)).sum(0)
+        return {name: precision_envelope(rows[rows[:, 1] == c][:, 4].astype(bool), float(n_true[c]))
+                for c, name in enumerate(self.class_names) if n_true[c]}
+
+    def at_thresholds(self, thresholds: np.ndarray, confidence: float, replicates: int) -> dict[str, np.ndarray]:
+        """Recall of the true boxes and false indications per image if the operating threshold were each of
+        `thresholds`, with their intervals (rows 'recall', 'recall_lower', ..., 'false', 'false_lower', ...), and
+        each class's recall ('recall:<class>', for the classes with a true box).
+        COCO's greedy matching goes by decreasing score, so the detections above a threshold are matched exactly
+        as the full list's prefix: a box counts as found at t when the detection that takes it scores >= t (the
+        operating point's `recall` matches the detections above it alone: the same, up to the 100 detections
+        per image and class kept here)."""
+        rows = self._sorted_rows()
+        n_true = int(np.array(self.n_true).sum())
         n_images = len(self.ids)
-        n_true = np.array(self.n_true).reshape(n_images, len(self.class_names))
+        weights = bootstrap_weights(self.seed, self.check, self.ids, replicates).astype(np.float64)
+        boot_true = weights.T @ np.array(self.n_true).reshape(n_images, -1).sum(1) if n_images else None
+        per_class = np.array(self.n_true).reshape(n_images, -1).sum(0)
+        out: dict[str, list[float]] = {k: [] for k in ("recall", "recall_lower", "recall_upper", "false",
+                                                      "false_lower", "false_upper")}
+        for t in thresholds:
+            above = rows[rows[:, 2] >= t]
+            tp = above[:, 4].astype(bool)
+            hits = np.bincount(above[tp, 1].astype(int), minlength=len(self.class_names))
+            for c, name in enumerate(self.class_names):
+                if per_class[c]:
+                    out.setdefault(f"recall:{name}", []).append(float(hits[c] / per_class[c]))
+            found = np.bincount(above[tp, 0].astype(int), minlength=n_images).astype(float)
+            false = np.bincount(above[~tp, 0].astype(int), minlength=n_images).astype(float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = proportion(self.check, "indication_recall", int(found.sum()), n_true, confidence)
+                rb = bootstrap_interval((weights.T @ found) / boot_true, confidence) if n_images else None
+                fb = bootstrap_interval(weights.T @ false / weights.sum(axis=0), confidence) if n_images else None
+            lo = min(r.interval.lower, rb.lower) if r.interval and rb else np.nan
+            hi = max(r.interval.upper, rb.upper) if r.interval and rb else np.nan
+            for k, v in (("recall", r.value if r.value is not None else np.nan), ("recall_lower", lo),
+                         ("recall_upper", hi), ("false", false.sum() / max(n_images, 1)),
+                         ("false_lower", fb.lower if fb else np.nan), ("false_upper", fb.upper if fb else np.nan)):
+                out[k].append(float(v))
+        return {k: np.array(v) for k, v in out.items()}
+
+    def _sorted_rows(self) -> np.ndarray:
         rows = np.concatenate(self.rows) if self.rows else np.zeros((0, 4 + len(IOU_THRESHOLDS)))
         # one order for every split and batch size: score, then image, then rank in the image (COCO's at a tie)
-        rows = rows[np.lexsort((rows[:, 3], rows[:, 0], -rows[:, 2]))]
-        weights = bootstrap_weights(self.seed, self.check, self.ids, replicates).astype(np.float64)
+        return rows[np.lexsort((rows[:, 3], rows[:, 0], -rows[:, 2]))]
+
+    def _measure(self, scope: Scope, amplitude: float | None, confidence: float, rows: np.ndarray,
+                 weights: np.ndarray, members: np.ndarray) -> list[Measurement]:
+        """The metrics over the images in `members` (the split, or one subgroup)."""
+        n_classes = len(self.class_names)
+        n_images = int(members.sum())
+        rows = rows[members[rows[:, 0].astype(int)]] if len(rows) else rows
+        n_true = np.array(self.n_true).reshape(-1, n_classes) * members[:, None]
+        weights = weights * members[:, None]  # an image outside the subgroup is never drawn
         common = dict(scope=scope, amplitude=amplitude)
+        whole = members.all()
         out: list[Measurement] = []
         ap50, ap, ap50_boot, ap_boot = [], [], [], []
-        found_per_image = np.array(self.found_at_threshold).reshape(n_images, len(self.class_names)).astype(float)
+        found_per_image = np.array(self.found_at_threshold).reshape(-1, n_classes).astype(float) * members[:, None]
         for c, name in enumerate(self.class_names):
             r = rows[rows[:, 1] == c]
             tp, img = r[:, 4:].astype(bool), r[:, 0].astype(int)
             total = float(n_true[:, c].sum())
+            if total == 0 and not whole:  # a subgroup without this class: nothing to say about it
+                continue
             boot_true = weights.T @ n_true[:, c]
             per_t = np.array([average_precision(tp[:, t], total) for t in range(len(IOU_THRESHOLDS))])
             drawn = weights[img]
@@ -165,17 +248,16 @@ class DetectionTally:
                            threshold=self.threshold, iou=0.5))
         # false indications: detections above the threshold that match no true box of their class at IoU 0.5
         above = rows[rows[:, 2] >= self.threshold]
-        false_per_image = np.bincount(above[~above[:, 4].astype(bool), 0].astype(int), minlength=n_images)
+        false_per_image = np.bincount(above[~above[:, 4].astype(bool), 0].astype(int), minlength=len(members))
         iv = None
         if n_images:
             with np.errstate(invalid="ignore", divide="ignore"):
                 iv = bootstrap_interval(weights.T @ false_per_image / weights.sum(axis=0), confidence)
         out.append(estimate(self.check, "false_indications_per_image",
-                            float(false_per_image.mean()) if n_images else None, n_images, iv, unit="per image",
-                            details={"threshold": self.threshold, "iou": 0.5} if n_images else
+                            float(false_per_image.sum() / n_images) if n_images else None, n_images, iv,
+                            unit="per image", details={"threshold": self.threshold, "iou": 0.5} if n_images else
                             {"undefined": "no image in the split"}, **common))
         return out
-
 
 def _recall(check: str, metric: str, found: np.ndarray, true: np.ndarray, weights: np.ndarray, confidence: float,
             scope: Scope, amplitude: float | None, undefined: str, **details) -> Measurement:
