@@ -305,3 +305,35 @@ def test_validate_names_a_mask_of_another_size_before_any_work(segmentation_case
     r = CliRunner().invoke(app, ["validate", str(tmp_path / "uc.yaml")])
     assert r.exit_code == 2, r.output
     assert "mask" in r.output and "t3.png is 12x16 px, its image" in " ".join(r.output.split())
+
+
+BLACK_BOX = '''
+import numpy as np
+
+class Component:
+    """Per-pixel probabilities of a grey-level threshold: a pixel brighter than 127 is a defect."""
+
+    def __init__(self, shape=None):
+        self.shape = shape
+
+    def predict(self, images):
+        p = (images[..., 0] > 127).astype(np.float64)
+        out = np.stack([1 - p, p], axis=1)
+        return out if self.shape is None else out.reshape(self.shape)
+
+def flat():
+    return Component(shape=(-1, 2))
+'''
+
+
+def test_a_black_box_segmenter_answers_per_pixel(tmp_path):
+    (tmp_path / "box").mkdir()
+    (tmp_path / "box" / "component.py").write_text(BLACK_BOX)
+    spec = ModelSpec(format="python", path=tmp_path / "box", entry="component:Component", input_shape=[1, 8, 8],
+                     class_names=CLASSES, critical_class="defect")
+    seg = Segmentation().load_model(spec)
+    x = np.full((2, 8, 8, 1), 40, np.float32)
+    x[1, :2, :3] = 200
+    assert seg.segment(x).sum() == 6 and seg.segment(x)[1, :2, :3].all()
+    with pytest.raises(ModelError, match=r"probabilities have shape \(128, 2\), expected \(2, 2, 8, 8\): per pixel"):
+        Segmentation().load_model(spec.model_copy(update={"entry": "component:flat"}))

@@ -56,19 +56,24 @@ def _where(ids: list[str] | None, rows) -> str:
     return f" (items {[ids[i] for i in rows]})" if ids else f" (rows {rows})"
 
 
-def validate_probabilities(p, batch: int, n_classes: int, ids: list[str] | None = None) -> np.ndarray:
+def validate_probabilities(p, batch: int, n_classes: int, ids: list[str] | None = None,
+                           pixels: tuple[int, int] | None = None) -> np.ndarray:
+    """(B, K) probabilities; a segmenter's (`pixels`: its input H, W) are per pixel, (B, K, H, W)."""
     try:
         arr = np.asarray(p, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ModelError(f"black box: probabilities are not numeric lists: {e}") from None
-    if arr.shape != (batch, n_classes):
-        raise ModelError(f"black box: probabilities have shape {arr.shape}, expected ({batch}, {n_classes}): "
-                         f"one list of {n_classes} probabilities per image")
-    bad = ~np.isfinite(arr).all(axis=1) | (arr < 0).any(axis=1) | (arr > 1).any(axis=1)
+    if arr.shape != (batch, n_classes, *(pixels or ())):
+        raise ModelError(f"black box: probabilities have shape {arr.shape}, expected ({batch}, {n_classes}"
+                         + (f", {pixels[0]}, {pixels[1]}): per pixel" if pixels else "): one list")
+                         + f" of {n_classes} probabilities per image")
+    rows = arr.reshape(batch, n_classes, -1)  # an image's rows: one, or one per pixel
+    bad = ~np.isfinite(rows).all(axis=(1, 2)) | (rows < 0).any(axis=(1, 2)) | (rows > 1).any(axis=(1, 2))
     if bad.any():
         raise ModelError(f"black box: {int(bad.sum())} probability row(s) outside [0, 1] or not finite"
                          + _where(ids, np.flatnonzero(bad)))
-    sums = arr.sum(axis=1)
+    sums = rows.sum(axis=1)  # (B, pixels): each image's row furthest from 1 speaks for it
+    sums = sums[np.arange(batch), np.abs(sums - 1).argmax(axis=1)]
     off = np.abs(sums - 1) > SUM_TOLERANCE
     if off.any():
         raise ModelError(f"black box: probabilities of {int(off.sum())} image(s) do not sum to 1 "
@@ -129,6 +134,7 @@ class BlackBox(Classifier):
         super().__init__(spec)
         self.component = component
         self.kind = spec.format
+        self.pixels: tuple[int, int] | None = None  # a segmenter's input H, W: its answers are per pixel
 
     @property
     def differentiable(self) -> bool:
@@ -162,7 +168,7 @@ class BlackBox(Classifier):
             probs = self.component.predict(pixels)
             if isinstance(probs, torch.Tensor):
                 probs = probs.detach().cpu().numpy()
-            arr = validate_probabilities(probs, b, self.n_classes, ids)
+            arr = validate_probabilities(probs, b, self.n_classes, ids, self.pixels)
             return Outputs(probabilities=arr, decisions=arr.argmax(axis=1))
         listed = [im[..., 0] if c == 1 else im for im in pixels]  # grey images as (H, W), like the challenge
         infos = [dict(m) for m in meta] if meta is not None else [{} for _ in range(b)]

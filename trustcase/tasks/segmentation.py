@@ -27,7 +27,9 @@ class Segmenter(Classifier):
 
     def __init__(self, inner: Classifier):
         super().__init__(inner.spec, module=inner.module, session=inner.session)
-        self._inner = inner  # a black box keeps its own forward
+        self._inner = inner  # a black box keeps its own forward, and answers per pixel
+        if hasattr(inner, "pixels"):
+            inner.pixels = tuple(inner.spec.input_shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._inner.forward(x)
