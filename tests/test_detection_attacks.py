@@ -159,6 +159,7 @@ def steel_context(tmp_path, check: str):
     if not (dataset_root() / "images").is_dir() or not model.is_file():
         pytest.skip("NEU-DET or the trained steel detector is missing (train.py)")
     uc = load_use_case(STEEL / "use_case.yaml")
+    uc = uc.model_copy(update={"data": uc.data.model_copy(update={"max_samples": {"test": 24}})})  # a seeded subset
     return Context(use_case=uc, model=task_of(uc).load_model(uc.model), data=DataSource(uc.data, 0, uc.model), seed=0,
                    workdir=tmp_path / check)
 

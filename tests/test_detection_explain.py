@@ -97,3 +97,25 @@ def test_deletion_of_the_cause_first_kills_the_box_score_and_energy_has_its_clos
     assert np.allclose(d[:, 3:], d[:, -1:])  # once the cause (36 of 256 pixels, 3 of 16 steps) is gone, nothing moves
     assert energy_in_box(flat, np.array([BOX] * 4)) == pytest.approx([36 / 256] * 4)
     assert np.isnan(energy_in_box(-flat, np.array([BOX] * 4))).all()
+
+
+def test_the_explainability_check_explains_the_steel_detector_boxes(tmp_path):
+    from test_detection_attacks import steel_context
+
+    from trustcase.checks.explainability import Explainability
+    from trustcase.schemas import Requirement
+
+    ctx = steel_context(tmp_path, "explainability")
+    check = Explainability(Explainability.Params(items=3, d_rise_masks=16, d_rise_cells=8, steps=4))
+    out = check(ctx)
+    by = {m.metric: m for m in out.measurements}
+    for family in ("deletion_auc", "insertion_auc", "faithfulness", "box_energy"):
+        m = by[f"{family}:d_rise"]
+        assert m.n == 3 and m.interval is not None and m.interval.lower <= m.value <= m.interval.upper
+    produced = Explainability.produces(check.params, ctx.use_case)
+    assert all(any(p.covers(Requirement(id="x", text="x", metric=m.metric, comparator=">=", threshold=0, scope=m.scope))
+                   for p in produced) for m in out.measurements)
+    standing = {s.method: s for s in out.methods}
+    # the bundled TorchScript CenterNet cannot be hooked: Grad-CAM says so and D-RISE, a black-box method, runs
+    assert standing["grad_cam"].status == "not run" and "hookable" in standing["grad_cam"].reasons[0]
+    assert standing["d_rise"].status in ("recommended", "warned")

@@ -9,6 +9,10 @@ sanity_rank_correlation (cascading; the independent-layer variant is a curve), r
 (with a region); ig_convergence_delta; recommended_methods. A method that cannot run on the model is "not run"
 with its reason, and the others go on.
 
+A detector (task detection) is explained box by box (science in `explain.methods.detection`): per sampled image its
+best indication, by D-RISE and Grad-CAM of the box's class score (`box_methods`), measured by deletion_auc,
+insertion_auc and faithfulness on the box score and by box_energy (the map's positive mass inside the box).
+
 Findings: which methods can be trusted and why not the others. Summary: `ranking` (one row per method, best
 first: status "recommended" / "warned" / "not run", reasons, every metric), `recommended`, `warned`, `not_run`,
 `rules`, `random_reference` (a random ordering's deletion / insertion: the chance level), `items`, `target`,
@@ -30,6 +34,8 @@ from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsup
 from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
+from trustcase.explain.methods import detection as D
+from trustcase.explain.network import Network
 from trustcase.explain.quality import (
     Region,
     auc,
@@ -76,6 +82,13 @@ class ExplainabilityParams(Params):
     region: Region | None = None
     gallery: int = Field(4, ge=0, description="items per row kind (correct / missed critical) in the gallery")
     batch_size: int = Field(16, ge=1)
+    box_methods: list[Literal["d_rise", "grad_cam"]] = Field(list(D.METHODS), min_length=1,
+                                                            description="detection: how a box is explained")
+    d_rise_masks: int = Field(500, ge=1, le=100_000, description="detection: D-RISE masks per image")
+    d_rise_cells: int = Field(16, ge=2, description="detection: D-RISE mask grid (cells per side)")
+    d_rise_keep: float = Field(0.5, gt=0, lt=1, description="detection: D-RISE probability that a cell is kept")
+    cam_layer: str | None = Field(None, description="detection: Grad-CAM's layer; default the last convolution "
+                                                    "the box score depends on")
 
     @field_validator("methods")
     @classmethod
@@ -156,9 +169,14 @@ class Explainability(Check):
 
     FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "mu_fidelity", "infidelity", "sensitivity_max",
                 "average_stability", "complexity", "sparseness", "sanity_rank_correlation"]
+    BOX_FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "box_energy"]  # a detector's
+    tasks = frozenset({"classification", "detection"})
 
     @classmethod
     def produces(cls, params, use_case):
+        if use_case.task == "detection":
+            return [Produces("recommended_methods", params.split)] + [
+                Produces(f"{f}:{m}", params.split) for f in cls.BOX_FAMILIES for m in params.box_methods]
         families = cls.FAMILIES + (["relevance_mass", "pointing_game"] if params.region else [])
         return [Produces("recommended_methods", params.split), Produces("ig_convergence_delta", params.split)] + [
             Produces(f"{f}:{m}", params.split) for f in families for m in params.methods]
@@ -166,6 +184,8 @@ class Explainability(Check):
     def run(self, ctx: Context) -> CheckOutcome:
         p: ExplainabilityParams = self.params
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
+        if uc.task == "detection":
+            return self._detection(ctx)
         names = list(uc.model.class_names)
         if p.target != "predicted" and p.target not in names:
             raise CheckError(f"explainability: target {p.target!r} is not a class; classes: {names} or 'predicted'")
@@ -302,6 +322,110 @@ class Explainability(Check):
                 f"{p.sanity_max_correlation}",
                 f"ranking by the claim rules on intervals (verdicts.rank_methods): recommended when every rule "
                 f"PASSES; {conf:.0%} Student-t intervals of means (pointing game: Clopper-Pearson)",
+            ],
+        )
+
+    def _detection(self, ctx: Context) -> CheckOutcome:
+        """Explanations of each sampled image's best indication, measured on the box score and inside the box."""
+        p: ExplainabilityParams = self.params
+        conf, threshold = ctx.use_case.plan.confidence, ctx.use_case.model.score_threshold
+        boxes: dict[int, np.ndarray] = {}
+        for batch in ctx.batches(p.split):  # one pass: each image's explained box, if it indicates anything
+            for i, d, g in zip(batch.index, ctx.model.detect(batch.images, batch.ids), batch.labels, strict=True):
+                t = D.explained_box(d, g, threshold)
+                if t is not None:
+                    boxes[int(i)] = t
+        if not boxes:
+            raise Unsupported(f"no image of the {p.split} split has an indication (score >= {threshold:g}) to explain")
+        pool = np.array(sorted(boxes))
+        sample = set(np.random.default_rng(ctx.seed).choice(pool, size=min(p.items, len(pool)), replace=False).tolist())
+        images, ids, index = [], [], []
+        for batch in ctx.batches(p.split):
+            for j, i in enumerate(batch.index):
+                if int(i) in sample:
+                    images.append(batch.images[j])
+                    ids.append(batch.ids[j])
+                    index.append(int(i))
+        images = np.stack(images)
+        x = ctx.model.to_input(images)
+        targets = torch.tensor(np.stack([boxes[i] for i in index]), dtype=torch.float32)
+        baseline = _baseline(ctx, p.baseline)
+        forward = ctx.model.forward
+        scope = Scope(split=p.split)
+        out: list[Measurement] = []
+
+        def measure(metric: str, values: np.ndarray, **details) -> float | None:
+            v = np.asarray(values, np.float64)
+            v = v[np.isfinite(v)]
+            if not len(v):
+                return None
+            out.append(estimate(check=self.name, metric=metric, value=float(v.mean()), interval=mean_interval(v, conf),
+                                n=len(v), scope=scope, details=details))
+            return float(v.mean())
+
+        rnd = np.stack([np.random.default_rng(s).random(images.shape[1:3]) for s in seeding.item_seeds(
+            ctx.seed, self.name, ids, "chance")]).astype(np.float32)
+        d0, i0 = D.box_deletion_insertion(forward, x, targets, rnd, baseline, p.steps, ctx.seed)
+        reference = {"deletion_auc": float(auc(d0).mean()), "insertion_auc": float(auc(i0).mean())}
+        reference["faithfulness"] = reference["insertion_auc"] - reference["deletion_auc"]
+        chance = float(D.box_masks(targets.numpy(), *images.shape[1:3]).mean())
+        curves = {"deletion": {"random": d0.mean(0)}, "insertion": {"random": i0.mean(0)}}
+        rows, not_run, limitations, layers = {}, [], [], {}
+        for name in p.box_methods:
+            try:
+                if name == "d_rise":
+                    heat = D.d_rise(forward, x, targets, baseline, p.d_rise_masks, p.d_rise_cells, p.d_rise_keep,
+                                    ctx.seed)
+                else:
+                    heat, layers[name] = D.box_grad_cam(Network(ctx.model), x, targets, p.cam_layer)
+            except Unsupported as e:
+                not_run.append({"method": name, "status": "not run", "reasons": [str(e)]})
+                limitations.append(f"{name} not run: {e}")
+                continue
+            dc, ic = D.box_deletion_insertion(forward, x, targets, heat, baseline, p.steps, ctx.seed)
+            curves["deletion"][name], curves["insertion"][name] = dc.mean(0), ic.mean(0)
+            rows[name] = {
+                "deletion_auc": measure(f"deletion_auc:{name}", auc(dc), method=name),
+                "insertion_auc": measure(f"insertion_auc:{name}", auc(ic), method=name),
+                "faithfulness": measure(f"faithfulness:{name}", auc(ic) - auc(dc), method=name),
+                "box_energy": measure(f"box_energy:{name}", D.energy_in_box(heat, targets.numpy()), method=name,
+                                      chance=chance)}
+        rules = [("faithfulness", ">", reference["faithfulness"] + p.faithfulness_margin,
+                  "more faithful to the box score than a random ordering of the pixels (insertion - deletion)"),
+                 ("box_energy", ">", chance, "more of the map inside the box than its share of the image")]
+        ranking = [{**r, **rows[r["method"]]} for r in rank_methods(list(rows), out, rules)] + not_run
+        recommended = [r["method"] for r in ranking if r["status"] == "recommended"]
+        out.append(census(check=self.name, metric="recommended_methods", value=len(recommended), n=len(ranking),
+                          scope=scope, details={"recommended": recommended}))
+        x_frac = np.linspace(0, 1, p.steps + 1).tolist()
+        out_curves = [
+            Curve(id=f"{self.name}_{kind}", title=f"{kind.capitalize()} curves of the explained boxes (mean over "
+                                                  f"{len(x)} images)",
+                  x_label=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}, most relevant first",
+                  y_label="box score (best IoU x score of a detection of its class)", x=x_frac,
+                  series={m: Series(y=np.asarray(v).tolist()) for m, v in curves[kind].items()})
+            for kind in ("deletion", "insertion")]
+        return CheckOutcome(
+            check=self.name, measurements=out, curves=out_curves, limitations=limitations, findings=_trust(ranking),
+            methods=[MethodStanding(method=r["method"], status=r["status"], reasons=r.get("reasons", []))
+                     for r in ranking],
+            caveat=f"Measured on a seeded sample of {p.split} images; each map explains the image's best indication.",
+            summary={"ranking": ranking, "recommended": recommended, "random_reference": reference,
+                     "rules": [{"metric": f, "comparator": c, "threshold": t, "meaning": w} for f, c, t, w in rules],
+                     "items": len(x), "box_share": chance, "layers": layers},
+            validity=[
+                f"{len(x)} images of the {p.split} split with an indication (seeded sample of {len(pool)}, seed "
+                f"{ctx.seed}); per image the box explained is its best-scoring indication (score >= {threshold:g}) "
+                f"overlapping a true box of its class at IoU >= 0.5, else its best-scoring indication",
+                f"D-RISE: {p.d_rise_masks} masks of a {p.d_rise_cells}x{p.d_rise_cells} grid, cells kept with "
+                f"probability {p.d_rise_keep:g}, masked pixels set to the baseline '{p.baseline}'; similarity IoU x "
+                f"[same class] x score (the detector returns a class, not class probabilities); map = mean similarity "
+                f"over the masks keeping a pixel minus the mean over all masks",
+                f"Grad-CAM: gradient of the box's class score (best score of its class at IoU >= 0.5) at "
+                f"{layers.get('grad_cam') or p.cam_layer or 'the last convolution it depends on'}",
+                f"box score for deletion/insertion: the D-RISE similarity; {p.steps} steps, ties broken at random, "
+                f"baseline '{p.baseline}'; box_energy: share of the map's positive mass inside the box (chance: the "
+                f"box's share of the image, {chance:.3f} on average); {conf:.0%} Student-t intervals of means",
             ],
         )
 

@@ -30,6 +30,7 @@ from trustcase.errors import Unsupported
 from trustcase.explain.methods.perturbation import RiseMethod
 from trustcase.explain.network import Network
 from trustcase.explain.quality import _order
+from trustcase.tasks.detection_metrics import iou as iou_np
 
 IOU = 0.5
 
@@ -155,3 +156,17 @@ def box_deletion_insertion(forward, x: torch.Tensor, targets: torch.Tensor, heat
             s = similarity(forward(both), targets[i][None].expand(len(both), 5)).numpy()
             dele[i], ins[i] = s[:steps + 1], s[steps + 1:]
     return dele, ins
+
+
+def explained_box(dets: np.ndarray, gts: np.ndarray, threshold: float) -> np.ndarray | None:
+    """The box an image's explanation is about: its best-scoring indication (score >= threshold) that overlaps a true
+    box of its class at IoU >= 0.5, else its best-scoring indication, else None. (5,): x1 y1 x2 y2 class."""
+    above = dets[dets[:, 4] >= threshold]
+    above = above[np.argsort(-above[:, 4], kind="mergesort")]
+    if not len(above):
+        return None
+    for d in above:
+        same = gts[gts[:, 4] == d[5]]
+        if len(same) and (iou_np(d[None, :4], same[:, :4]) >= IOU).any():
+            return np.r_[d[:4], d[5]]
+    return np.r_[above[0, :4], above[0, 5]]
