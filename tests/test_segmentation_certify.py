@@ -165,3 +165,36 @@ def test_bad_requests_are_refused():
     seg.module.train()
     with pytest.raises(ModelError, match="training mode"):
         SS.sample_votes(seg, x, sigma=0.1, n0=4, n=4)
+
+
+# --- the randomized_smoothing check on a segmentation use case -------------------------------------------------
+
+from test_segmentation import _context, segmentation_case  # noqa: E402, F401  (the tiny PNG use case)
+
+
+def test_the_check_certifies_pixels_and_decisions_of_a_segmenter(segmentation_case):  # noqa: F811
+    """The case's segmenter marks pixels brighter than mid-grey: logits (0.5 - v, v - 0.5), v the pixel in [0, 1], so
+    its smoothed probabilities are Phi(|v - 0.5| / sigma) and a pixel's exact radius is |v - 0.5|: 0.363 for the
+    bright defect of t1 (grey 220), the dim defect of t3 (grey 100) is background to the smoothed segmenter too."""
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    params = {"sigma": 0.25, "n0": 32, "n": 300, "alpha": 0.001, "radii": [0.05, 0.4], "batch_size": 100}
+    out = build(CheckSpec(check="randomized_smoothing", params=params))(_context(uc, tmp_path, "rs"))
+    by = {(m.metric, m.amplitude): m for m in out.measurements}
+    # t1's 12 bright defect pixels certified at 0.05 (p = 0.926 > tau = 0.58), none beyond their exact radius
+    assert by[("smoothing_certified_defect_share", 0.05)].value == 12 / 16
+    assert by[("smoothing_certified_defect_share", 0.4)].value == 0
+    # decisions at >= 4 defect pixels: t1 certified defective, t3 certified good (missed), t2_free certified
+    # defective (its 4 bright background pixels: a certified false alarm)
+    assert by[("smoothing_certified_image_recall", 0.05)].value == 1 / 2
+    assert by[("smoothing_certified_image_accuracy", 0.05)].value == 1 / 3
+    assert by[("smoothing_certified_image_recall", 0.4)].value == 0
+    assert by[("smoothing_pixel_abstain_rate", None)].value < 0.05
+    assert [a.kind for a in out.artefacts] == ["image", "file"]
+    assert any("Holm" in v for v in out.validity) and any("L2 norm" in v for v in out.validity)
+    # the same evidence at another batch size
+    again = build(CheckSpec(check="randomized_smoothing", params={**params, "batch_size": 7}))(
+        _context(uc, tmp_path, "rs7"))
+    assert [m.value for m in again.measurements] == [m.value for m in out.measurements]

@@ -130,3 +130,44 @@ def image_decision(classes: np.ndarray, defect: Sequence[int], min_pixels: int) 
     certain_good = (flat != ABSTAIN) & ~is_defect
     maybe_defect = flat.shape[1] - certain_good.sum(1)
     return np.where(is_defect.sum(1) >= min_pixels, 1, np.where(maybe_defect < min_pixels, 0, ABSTAIN))
+
+
+@dataclass
+class CertifiedImages:
+    """Per image and radius of a grid what the certificates give (the check's figures are ratios of their sums)."""
+
+    defect_pixels: np.ndarray  # (B,) true defect pixels
+    certified_defect: np.ndarray  # (B, R) true defect pixels certified with their true class at each radius
+    decision: np.ndarray  # (B, R) certified image-level decision: 1, 0 or ABSTAIN
+    abstain: np.ndarray  # (B,) pixels abstaining at radius 0 (the smoothed segmenter's own abstention)
+    pixels: int
+
+
+def certify_images(votes: PixelVotes, masks: np.ndarray, radii: Sequence[float], alpha: float, min_pixels: int,
+                   n_classes: int, correction: str = "holm") -> tuple[CertifiedImages, list[np.ndarray]]:
+    """The certificates of a batch of images with true masks (B, H, W) at each radius (each its own family test),
+    and the certified classes (B, H, W) at each radius. Class 0 is the background, every other class a defect."""
+    truth = np.asarray(masks)
+    defect = truth != 0
+    classes = [certify_pixels(votes, r, alpha, correction) for r in radii]
+    flat = (lambda a: a.reshape(len(a), -1))
+    return CertifiedImages(
+        defect_pixels=flat(defect).sum(1),
+        certified_defect=np.stack([flat((c == truth) & defect).sum(1) for c in classes], 1),
+        decision=np.stack([image_decision(c, range(1, n_classes), min_pixels) for c in classes], 1),
+        abstain=flat(certify_pixels(votes, 0.0, alpha, correction) == ABSTAIN).sum(1),
+        pixels=int(np.prod(truth.shape[1:])),
+    ), classes
+
+
+def map_colours(classes: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 certified-pixel maps: certified defect on a true defect pixel red, certified background on
+    a true background pixel dark grey, abstained yellow, certified but wrong blue."""
+    out = np.zeros((*classes.shape, 3), np.uint8)
+    certified, defect = classes != ABSTAIN, np.asarray(masks) != 0
+    right = certified & (classes == masks)
+    out[right & defect] = (220, 30, 30)
+    out[right & ~defect] = (60, 60, 60)
+    out[~certified] = (240, 200, 40)
+    out[certified & ~right] = (40, 90, 230)
+    return out

@@ -6,18 +6,35 @@ A detector (task detection) is certified on its per-image decision "an indicatio
 
 Summary keys: sigma, sigma_pixels, n0, n, alpha, abstain_rate, radii, certified_accuracy, accuracy,
 training_noise_sigma, certified_classifier. Artefact: per-item CSV (id, label, prediction, radius).
+
+A segmenter (task segmentation) is certified pixel by pixel with abstention (SegCertify, science in
+`certification.segmentation_smoothing`): per radius the certified share of true defect pixels and the certified
+image-level decision; artefact `certified_pixels.png` (kind "image", not for a confidential use case).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from pydantic import field_validator, model_validator
+from typing import Literal
 
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from trustcase.certification import segmentation_smoothing as seg
 from trustcase.certification.detection_smoothing import DECISION, IndicationPresent, indication_labels
 from trustcase.certification.smoothing import ABSTAIN, PPF_ERROR, certify, predict, training_noise
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.measurement import accuracy_curve, estimate, median_radius, proportion, radius_grid, write_items
-from trustcase.schemas import CheckOutcome, Scope, Stage
+from trustcase.explain import imaging
+from trustcase.measurement import (
+    accuracy_curve,
+    bootstrap_interval,
+    bootstrap_weights,
+    estimate,
+    median_radius,
+    proportion,
+    radius_grid,
+    write_items,
+)
+from trustcase.schemas import CheckOutcome, Curve, PerturbationScope, Scope, Series, Stage
 
 
 class SmoothingParams(Params):
@@ -29,6 +46,8 @@ class SmoothingParams(Params):
     split: str = "test"
     max_items: int | None = 200  # certification costs n0 + n forward passes per item
     radii: list[float] | None = None  # None: 0 and 20 steps up to the largest radius (claimed radii added)
+    correction: Literal["holm", "bonferroni"] = "holm"  # segmentation: over each image's pixels
+    maps: int = Field(4, ge=0, le=32, description="segmentation: images whose certified-pixel map is drawn")
 
     @field_validator("sigma")
     @classmethod
@@ -56,23 +75,37 @@ class SmoothingParams(Params):
         return self
 
 
+SEGMENTATION_METRICS = ("smoothing_certified_defect_share", "smoothing_certified_image_recall",
+                        "smoothing_certified_image_accuracy")
+
+
 class RandomizedSmoothing(Check):
     name = "randomized_smoothing"
     Params = SmoothingParams
     stage = Stage.FORMAL
-    tasks = frozenset({"classification", "detection"})
+    tasks = frozenset({"classification", "detection", "segmentation"})
 
     @classmethod
     def produces(cls, params, use_case):
         """On the params' split: `smoothing_certified_accuracy` under the perturbation scope l2_radius (amplitude
         r: the share of items the smoothed classifier g certifies correct at radius r, abstaining counted wrong);
         `smoothing_abstain_rate`, `smoothing_accuracy` (g's prediction, abstaining counted wrong) and
-        `smoothing_median_radius` (0 for a wrong or abstained item)."""
+        `smoothing_median_radius` (0 for a wrong or abstained item).
+
+        A segmenter: under l2_radius r, `smoothing_certified_defect_share` (the share of true defect pixels certified
+        with their class at r, the Poisson bootstrap over images), `smoothing_certified_image_recall` (defective
+        images whose decision "defective" is certified at r) and `smoothing_certified_image_accuracy` (images whose
+        true decision is certified at r); `smoothing_pixel_abstain_rate` (pixels abstaining at radius 0)."""
+        if use_case.task == "segmentation":
+            return [Produces("smoothing_pixel_abstain_rate", params.split)] + [
+                Produces(m, params.split, "l2_radius") for m in SEGMENTATION_METRICS]
         clean = ["smoothing_abstain_rate", "smoothing_accuracy", "smoothing_median_radius"]
         return [Produces(m, params.split) for m in clean] + [
             Produces("smoothing_certified_accuracy", params.split, "l2_radius")]
 
     def run(self, ctx: Context) -> CheckOutcome:
+        if ctx.use_case.task == "segmentation":
+            return self._segmentation(ctx)
         p: SmoothingParams = self.params
         detection = ctx.use_case.task == "detection"
         threshold = ctx.use_case.model.score_threshold
@@ -148,3 +181,110 @@ class RandomizedSmoothing(Check):
                          if p.max_items is not None and n_items >= p.max_items else []),
         )
 
+    def _segmentation(self, ctx: Context) -> CheckOutcome:
+        p: SmoothingParams = self.params
+        uc, model, conf = ctx.use_case, ctx.model, ctx.use_case.plan.confidence
+        rule = uc.model.defect_pixels
+        grid = sorted({0.0, *(p.radii or [0.0, 0.05, 0.1, 0.25, 0.5]),
+                       *(r for m in SEGMENTATION_METRICS for r in ctx.claimed(m, "l2_radius"))})
+        ids, parts, drawn = [], [], []
+        for batch in ctx.batches(p.split):
+            if p.max_items is not None and len(ids) >= p.max_items:
+                break
+            keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
+            images, masks, item_ids = batch.images[keep], np.stack(batch.labels[keep]), batch.ids[keep]
+            votes = seg.sample_votes(model, images, sigma=p.sigma, n0=p.n0, n=p.n, batch_size=p.batch_size,
+                                     seed=ctx.seed, ids=item_ids)
+            got, classes = seg.certify_images(votes, masks, grid, p.alpha, rule, model.n_classes, p.correction)
+            parts.append(got)
+            ids += item_ids
+            shown = grid.index(min(grid[1:] or grid))  # the maps at the smallest positive radius
+            for j in range(min(len(item_ids), p.maps - len(drawn))):
+                drawn.append((images[j], masks[j], classes[shown][j], item_ids[j]))
+        n = len(ids)
+        cat = (lambda f: np.concatenate([getattr(g, f) for g in parts]) if parts else np.zeros((0, len(grid))))
+        defect_px, cert_px, decision = cat("defect_pixels"), cat("certified_defect"), cat("decision")
+        abstain, pixels = cat("abstain"), parts[0].pixels if parts else 0
+        truth = (defect_px > 0).astype(np.int64)
+        weights = bootstrap_weights(ctx.seed, self.name, ids).astype(np.float64)
+
+        def share(num: np.ndarray, den: np.ndarray, metric: str, scope: Scope, r: float | None, why: str):
+            if den.sum() == 0:
+                return estimate(self.name, metric, None, n, None, scope=scope, amplitude=r,
+                                details={"undefined": why})
+            with np.errstate(invalid="ignore", divide="ignore"):
+                reps = (weights.T @ num) / (weights.T @ den)
+            return estimate(self.name, metric, float(num.sum() / den.sum()), n, bootstrap_interval(reps, conf),
+                            scope=scope, amplitude=r, details={"pixels": int(den.sum())})
+
+        ms = [share(abstain, np.full(n, pixels, np.float64), "smoothing_pixel_abstain_rate", Scope(split=p.split),
+                    None, f"no readable image in split {p.split!r}")]
+        series = {m: ([], [], []) for m in SEGMENTATION_METRICS}
+        for j, r in enumerate(grid):
+            scope = Scope(split=p.split, perturbation=PerturbationScope(name="l2_radius", max_amplitude=r))
+            row = [share(cert_px[:, j].astype(np.float64), defect_px.astype(np.float64),
+                         "smoothing_certified_defect_share", scope, r, "no true defect pixel"),
+                   proportion(self.name, "smoothing_certified_image_recall",
+                              int(((decision[:, j] == 1) & (truth == 1)).sum()), int(truth.sum()), conf, scope, r,
+                              undefined="no defective image"),
+                   proportion(self.name, "smoothing_certified_image_accuracy", int((decision[:, j] == truth).sum()), n,
+                              conf, scope, r, undefined=f"no readable image in split {p.split!r}")]
+            for m in row:
+                y, lo, hi = series[m.metric]
+                y.append(float("nan") if m.value is None else m.value)
+                lo.append(m.interval.lower if m.interval else float("nan"))
+                hi.append(m.interval.upper if m.interval else float("nan"))
+            ms += row
+        names = {"smoothing_certified_defect_share": "certified defect pixels",
+                 "smoothing_certified_image_recall": "certified image recall",
+                 "smoothing_certified_image_accuracy": "certified image decisions"}
+        curve = Curve(id=f"{self.name}-certified-segmentation", x=grid, y_label="certified share",
+                      title=f"Certified segmentation (sigma = {p.sigma:g}, {p.correction} over each image's pixels)",
+                      x_label="L2 radius (input scaled to [0, 1])", illustrates=list(SEGMENTATION_METRICS),
+                      series={names[m]: Series(y=y, lower=lo, upper=hi) for m, (y, lo, hi) in series.items()})
+        artefacts = []
+        if drawn and not uc.confidential:
+            imgs = np.stack([d[0] for d in drawn])
+            grey = imaging.to_uint8(imgs, model.spec.value_range)
+            true_map = seg.map_colours(np.stack([d[1] for d in drawn]), np.stack([d[1] for d in drawn]))
+            cert_map = seg.map_colours(np.stack([d[2] for d in drawn]), np.stack([d[1] for d in drawn]))
+            path = ctx.workdir / "certified_pixels.png"
+            imaging.save_png(path, imaging.tile([[grey[i], true_map[i], cert_map[i]] for i in range(len(drawn))],
+                                                scale=max(1, 128 // imgs.shape[1])))
+            legend = ctx.workdir / "certified_pixels.txt"
+            legend.write_text(f"rows: images {', '.join(d[3] for d in drawn)}; columns: input, true mask, certified "
+                              f"pixels at L2 radius {grid[shown]:g} (red: defect certified, dark grey: background "
+                              "certified, yellow: abstained, blue: certified but wrong)\n")
+            artefacts = [ctx.artefact(path, "image"), ctx.artefact(legend, "file")]
+        lo_v, hi_v = model.spec.value_range
+        return CheckOutcome(
+            check=self.name, measurements=ms, curves=[curve], artefacts=artefacts,
+            caveat="The guarantee covers the smoothed segmenter (a per-pixel majority vote under noise that abstains "
+                   "where the vote is not clear), not the base model: it holds only if the smoothed segmenter is what "
+                   "is deployed.",
+            summary={"sigma": p.sigma, "sigma_pixels": p.sigma * (hi_v - lo_v), "n0": p.n0, "n": p.n,
+                     "alpha": p.alpha, "correction": p.correction, "radii": grid, "defect_pixels_rule": rule,
+                     "images": n, "certified_classifier": "smoothed segmenter g (per pixel, with abstention)"},
+            validity=[
+                "the guarantee covers the smoothed segmenter g (per pixel, the class of most votes of the model under "
+                "Gaussian noise, abstaining where it is not clear), not the base model: it holds only if g is deployed",
+                f"noise: Gaussian, sigma = {p.sigma:g} of the value range ({p.sigma * (hi_v - lo_v):g} in pixel "
+                "units), added in pixel space before normalisation; radius: L2 norm of the whole input (all pixels "
+                "and channels) scaled to [0, 1]",
+                f"SegCertify (Fischer et al. 2021): per pixel the class of most votes among n0 = {p.n0} samples, then "
+                f"a one-sided binomial test of its probability > Phi(r / sigma) on n = {p.n} further samples; the "
+                f"pixels of each image form one family corrected by {p.correction.capitalize()} at alpha = "
+                f"{p.alpha:g}: with probability >= {1 - p.alpha:g} per image and radius, every certified pixel keeps "
+                "its class under every perturbation of L2 norm below r; the other pixels abstain",
+                f"image-level decision (defective if at least {rule} pixel(s) are a defect class) certified at r when "
+                f"{rule} pixel(s) are certified defect, or fewer than {rule} could still be; abstaining pixels and "
+                "undecided images count as not certified",
+                f"tau = Phi(r / sigma) raised by 1e-15 and p-values by {PPF_ERROR:g} (relative) for the rounding of "
+                "the normal cdf and the binomial tail",
+                f"measured on {n} images of the {p.split} split; {conf:.0%} intervals: the Poisson bootstrap over "
+                "images for the pixel shares, Clopper-Pearson for the image shares (sampling of images, on top of "
+                "each image's certificate level)",
+            ],
+            limitations=([f"certified {n} images of the {p.split} split (max_items = {p.max_items})"]
+                         if p.max_items is not None and n >= p.max_items else []),
+        )
