@@ -260,3 +260,15 @@ def test_a_perturbation_sweep_scores_a_detector_by_its_metrics(detection_case):
     assert at[("flip_rate", 0.0)].value == 0 and at[("flip_rate", 0.3)].value == 1
     assert at[("map50", 0.3)].value == pytest.approx(1, abs=1e-12)  # precision 1 / (1 + eps), as COCO's
     assert at[("false_indications_per_image", 0.3)].value == 0
+
+
+def test_demo_runs_a_bundled_case_or_names_the_problem(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "nothing"])
+    assert r.exit_code == 2 and "no bundled use case 'nothing': one of solar_cells, steel_defects" in r.output
+    monkeypatch.setenv("TRUSTCASE_NEUDET", str(tmp_path / "elsewhere"))
+    r = CliRunner().invoke(app, ["demo", "steel_defects", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert r.exit_code == 2 and f"NEU-DET not found at {tmp_path / 'elsewhere'}" in " ".join(r.output.split())

@@ -20,6 +20,7 @@ out_console = Console(soft_wrap=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "use_cases" / "solar_cells" / "use_case.yaml"
+DEMOS = ("solar_cells", "steel_defects")  # `trustcase demo [CASE]`
 EXIT_PASS, EXIT_INTERNAL, EXIT_INVALID, EXIT_NOT_ALL_PASS = 0, 1, 2, 3
 
 
@@ -139,17 +140,23 @@ def assess(
 
 @app.command()
 def demo(
+    case: str = typer.Argument("solar_cells", help="bundled use case: solar_cells (a classifier, the default) or "
+                               "steel_defects (a detector of indications on NEU-DET)"),
     out: Path = typer.Option(None, "--out", help="output folder"),
     tracking_uri: str = typer.Option(None, "--tracking-uri"),
 ) -> None:
-    """The bundled solar-cell use case: train the model if needed, register it, assess it."""
+    """A bundled use case end to end: train its model if needed, register it, assess it."""
+    from trustcase.errors import UserError
     from trustcase.flows.training import ensure_bundled_model
 
+    if case not in DEMOS:
+        _fail(UserError(f"no bundled use case {case!r}: one of {', '.join(DEMOS)}"))
+    path = ROOT / "use_cases" / case / "use_case.yaml"
     try:
-        ensure_bundled_model(BUNDLED, tracking_uri, console)
+        ensure_bundled_model(path, tracking_uri, console)
     except Exception as e:  # noqa: BLE001
         _fail(e)
-    raise typer.Exit(run_assessment(BUNDLED, out, tracking_uri, None))
+    raise typer.Exit(run_assessment(path, out, tracking_uri, None))
 
 
 @app.command()
@@ -183,23 +190,32 @@ def watch(
     alias: str = typer.Option("qualified", "--alias", help="alias given to versions that pass"),
     runner: str = typer.Option("thread", "--runner", help="where checks run: thread (here) or dask"),
     dask_address: str = typer.Option(None, "--dask-address", help="Dask scheduler (default: a local cluster)"),
+    batches: Path = typer.Option(None, "--batches", help="folder whose sub-folders are batches of production "
+                                 "inputs: each new one gets the feature-drift test against the validation split"),
 ) -> None:
-    """Assess every registered model version never assessed; tag it and qualify it when it passes."""
+    """Assess every registered model version never assessed; tag it and qualify it when it passes. With --batches,
+    judge every new batch for drift: exit 3 when one drifted, 2 when one could not be judged (as `drift`)."""
     from trustcase.flows import watch as w
 
     try:
         if not once:
             out_console.print(f"serving the watch of {_escape(str(path))} on schedule {cron!r} (Ctrl-C stops)")
             w.serve(path, cron, out_root=out, tracking_uri=tracking_uri, alias=alias, runner=runner,
-                    dask_address=dask_address)
+                    dask_address=dask_address, batches=batches)
             return
         with console.status("Looking for model versions never assessed…"):
-            outcomes = w.once(path, out, tracking_uri, alias, runner, dask_address)
+            outcomes = w.once(path, out, tracking_uri, alias, runner, dask_address, batches)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     if not outcomes:
         out_console.print("nothing new to assess")
     for o in outcomes:
+        if "batch" in o:
+            verdict = f"not judged: {_escape(o['error'])}" if o["error"] else (
+                f"{'drift' if o['drift'] else 'no drift'}: p-value {o['pvalue']:.3g} (level {w.DRIFT_LEVEL}), MMD "
+                f"{o['mmd']:.3f}, model {o['model']}  record {o['record']}")
+            out_console.print(f"batch {_escape(o['batch'])}: {verdict}", highlight=False)
+            continue
         if o["error"]:
             console.print(f"version {o['version']}: [red]not assessed[/]: {_escape(o['error'])}", highlight=False)
             continue
@@ -208,7 +224,8 @@ def watch(
             extra += f"; regressions vs version {o['compared_with']}: {', '.join(o['regressions'])}"
         out_console.print(f"version {o['version']}: {o['verdict']}{extra}  run {o['run_id']}  report {o['report']}",
                           highlight=False)
-    raise typer.Exit(EXIT_INVALID if any(o["error"] for o in outcomes) else EXIT_PASS)
+    drifted = any(o.get("drift") for o in outcomes)
+    raise typer.Exit(EXIT_INVALID if any(o["error"] for o in outcomes) else EXIT_NOT_ALL_PASS if drifted else EXIT_PASS)
 
 
 @app.command()

@@ -23,13 +23,16 @@ def _train_module(use_case_path: Path):
 def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=None) -> str:
     """Train the model if its file is missing or stale (the use case's `train.py` may define `stale(path)`, the
     reason its model no longer fits the data); register it in the MLflow registry. Returns the version."""
-    if importlib.util.find_spec("elpv_dataset") is None:
+    module = _train_module(use_case_path)
+    missing = getattr(module, "missing_data", None)  # a use case's own data check, else the solar cells' package
+    if missing is not None and (why := missing()):
+        raise DataError(why)
+    if missing is None and importlib.util.find_spec("elpv_dataset") is None:
         raise DataError("the demo's data package is not installed: pip install 'elpv-dataset' "
                         "(or the project's `demo` extra); `make demo` does it")
     uc = load_use_case(use_case_path)
     path = Path(uc.model.path)
     log_file = path.with_suffix(".json")
-    module = _train_module(use_case_path)
     why = getattr(module, "stale", lambda _: None)(path) if path.is_file() else "no model file yet"
     if why:
         if console is not None:
@@ -37,12 +40,14 @@ def ensure_bundled_model(use_case_path: Path, tracking_uri: str | None, console=
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             epochs = int(getattr(module, "DEFAULT_EPOCHS", 30))  # the training script's default recipe
-            with Progress(TextColumn("Training the solar-cell CNN"), BarColumn(), TextColumn("{task.description}"),
+            title = f"Training the {uc.title}" if missing is not None else "Training the solar-cell CNN"
+            with Progress(TextColumn(title), BarColumn(), TextColumn("{task.description}"),
                           TimeElapsedColumn(), console=console) as bar:
                 job = bar.add_task("", total=epochs)
 
-                def log(line: str) -> None:
-                    bar.update(job, advance=1, description=line.split(" loss")[0] + " ·" + line.split("val")[1])
+                def log(line: str) -> None:  # "epoch 3/30 loss 0.41 val acc ...": the epoch and the validation part
+                    _, val, after = line.partition("val")
+                    bar.update(job, advance=1, description=line.split(" loss")[0] + (f" ·{after}" if val else ""))
 
                 module.train(path, epochs=epochs, log=log)
         else:

@@ -3,7 +3,7 @@ on the NEU-DET train split, from scratch on CPU (no pretrained weights exist off
 (one thread, fixed epochs, seeded flips), exported as TorchScript with the detection contract of
 `trustcase.tasks.detection`: (B, D, 6) rows (x1, y1, x2, y2, score, class), D = 100 peaks.
 
-    python use_cases/steel_defects/train.py            # artefacts/steel_detector.pt, prints time and test mAP@0.5
+    python use_cases/steel_defects/train.py      # artefacts/steel_detector.pt (+ .json log), prints test mAP@0.5
 
 The network sees the 200x200 grey image at half resolution; its heads (class heat maps, box size, centre offset)
 are at stride 4 of the image (50x50). Boxes decode from the peaks of the heat maps (3x3 max-pool suppression).
@@ -12,6 +12,7 @@ are at stride 4 of the image (50x50). Boxes decode from the peaks of the heat ma
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from neu import CLASSES, load_split  # noqa: E402
+from neu import CLASSES, dataset_root, load_split  # noqa: E402
 
+DEFAULT_EPOCHS = 24  # the default recipe's (`trustcase demo steel_defects` trains it)
+DEFAULT_OUT = HERE / "artefacts" / "steel_detector.pt"  # where use_case.yaml expects the model
 STRIDE = 4  # heads at 50x50 for a 200x200 image
 SIZE = 200
 MEAN, STD = 0.5, 0.2  # the use case's normalisation (pixels / 255)
@@ -138,8 +141,22 @@ def augment(x, h, r, m, rng: np.random.Generator):
     return (x + shift).clamp(-MEAN / STD, (1 - MEAN) / STD), h, r, m  # a pixel saturates at 0 and 255
 
 
-def train(seed: int = 0, epochs: int = 24, batch: int = 16, lr: float = 2e-3, split_seed: int = 0,
-          out: Path = HERE / "artefacts" / "steel_detector.pt") -> dict:
+def missing_data() -> str | None:
+    """Why the images cannot be read, if they cannot (`trustcase demo steel_defects` says it before any work)."""
+    root = dataset_root()
+    return None if (root / "images").is_dir() else (f"NEU-DET not found at {root} (set TRUSTCASE_NEUDET to the "
+                                                    "folder holding images/ and annotations/)")
+
+
+def stale(path: Path) -> str | None:
+    """Why the model file must be trained again: without its training log it is not this script's recipe."""
+    return None if Path(path).with_suffix(".json").is_file() else "the model has no training log beside it"
+
+
+def train(out: Path = DEFAULT_OUT, seed: int = 0, epochs: int = DEFAULT_EPOCHS, batch: int = 16, lr: float = 2e-3,
+          split_seed: int = 0, log=print) -> dict:
+    """Train, export to `out` with its training log beside (`out.json`: params, validation figures, loss per
+    epoch), and return the log with the test figures."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -154,6 +171,7 @@ def train(seed: int = 0, epochs: int = 24, batch: int = 16, lr: float = 2e-3, sp
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(images) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    history = []
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(images))
@@ -170,15 +188,21 @@ def train(seed: int = 0, epochs: int = 24, batch: int = 16, lr: float = 2e-3, sp
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s, "
-              f"{time.process_time() - cpu0:.0f} s CPU)",
-              flush=True)
+        history.append({"epoch": epoch, "loss": total / len(images)})
+        log(f"epoch {epoch + 1}/{epochs} loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s, "
+            f"{time.process_time() - cpu0:.0f} s CPU)")
     model.eval()
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(model).save(str(out))
-    return {"train_seconds": train_s, "train_cpu_seconds": train_cpu, "model": str(out),
-            **evaluate(torch.jit.load(str(out)), split_seed)}
+    exported = torch.jit.load(str(out))
+    result = {"params": {"seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "split_seed": split_seed,
+                         "train_items": len(images), "threads": 1},
+              "validation": {k: v for k, v in evaluate(exported, split_seed, "validation").items()
+                             if not isinstance(v, list)},
+              "history": history, "train_seconds": train_s, "train_cpu_seconds": train_cpu, "path": str(out)}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    return {**result, "model": str(out), **evaluate(exported, split_seed)}
 
 
 def evaluate(model, split_seed: int = 0, split: str = "test", threshold: float = 0.3) -> dict:
@@ -202,8 +226,8 @@ def evaluate(model, split_seed: int = 0, split: str = "test", threshold: float =
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=24)
-    ap.add_argument("--out", type=Path, default=HERE / "artefacts" / "steel_detector.pt")
+    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
-    result = train(a.seed, a.epochs, out=a.out)
-    print(result)
+    result = train(a.out, a.seed, a.epochs, log=lambda line: print(line, flush=True))
+    print({k: v for k, v in result.items() if k != "history"})
