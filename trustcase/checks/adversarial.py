@@ -8,10 +8,15 @@ Curves: `adversarial_<attack>`: accuracy and critical recall vs epsilon with ban
 
 A detector (task detection) is attacked box by box, per objective (vanishing, misclassification: science in
 `robustness.detection_attacks`); its figures are the recall under attack, scope `<attack>.<objective>`.
+
+A segmenter (task segmentation) is attacked per goal (pixels: the cross-entropy over the true defect region;
+decision: the image-level rule; `robustness.segmentation_attacks`) and the adversarial images are scored by the
+task's own scorer (IoU, Dice, image recall and false alarms), scope `<attack>.<goal>`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -23,6 +28,7 @@ from trustcase import seeding
 from trustcase.checks import Check, Context, Params, Produces, Unsupported
 from trustcase.measurement import estimate, proportion
 from trustcase.performance import Tally
+from trustcase.robustness import segmentation_attacks as seg
 from trustcase.robustness.attacks import (
     ATTACKS,
     BLACK_BOX,
@@ -57,13 +63,19 @@ class AdversarialParams(Params):
     restarts: int = Field(2, ge=1, le=50, description="PGD / APGD runs: the first from the clean input, then "
                           "random")
     split: str = "test"
-    max_items: int = Field(128, ge=1, description="items attacked (the first of the split's stream)")
+    max_items: int = Field(128, ge=1, description="items attacked (the first of the split's stream; a detector's: "
+                                                  "a seeded sample)")
     distance: bool = Field(True, description="estimate per-item minimal distances (PGD, APGD, auto)")
     search_steps: int = Field(6, ge=1, le=40)
     max_distance: dict[str, float] = Field({}, description="norm -> search limit; default 2 x largest epsilon")
     batch_size: int | None = Field(None, ge=1)
     objectives: list[Literal["vanishing", "misclassification"]] = Field(
         list(OBJECTIVES), min_length=1, description="detection only: hide true boxes, or relabel them")
+    goals: list[Literal["pixels", "decision"]] = Field(
+        list(seg.GOALS), min_length=1, description="segmentation only: mark the wrong pixels (cross-entropy over the "
+        "true defect region), or flip the image-level decision")
+    iou_floor: float = Field(0.5, gt=0, le=1, description="segmentation, goal pixels: an image is fooled when its "
+                             "defect IoU falls below this")
 
     @field_validator("attacks")
     @classmethod
@@ -104,7 +116,7 @@ class Adversarial(Check):
     Params = AdversarialParams
     needs_gradients = False  # square_linf needs forward passes only; the gradient attacks are refused on black boxes
     stage = Stage.TESTING
-    tasks = frozenset({"classification", "detection"})
+    tasks = frozenset({"classification", "detection", "segmentation"})
 
     @classmethod
     def produces(cls, params, use_case):
@@ -117,6 +129,11 @@ class Adversarial(Check):
         items not fooled up to `max_distance` count as at `max_distance`)."""
         from trustcase.performance import rate_metrics
 
+        if use_case.task == "segmentation":  # per goal: the task's metrics under attack and the share fooled
+            from trustcase.tasks import task_of
+
+            return [Produces(m, params.split, f"{a}.{g}", subgroups=True) for a in params.attacks for g in params.goals
+                    for m in [*task_of(use_case).metrics(use_case, calibration=False), "attack_success_rate"]]
         if use_case.task == "detection":  # per objective: the recall under attack and the share of boxes hidden
             return [Produces(m, params.split, f"{a}.{o}") for a in params.attacks for o in params.objectives
                     for m in ("indication_recall", "recall:*", "attack_success_rate")]
@@ -137,7 +154,8 @@ class Adversarial(Check):
         out = CheckOutcome(check=self.name, shard=", ".join(self.params.attacks),
                            caveat="Empirical evidence, not a certificate: a stronger attack may find more errors.")
         for name in self.params.attacks:
-            (self._detection if ctx.use_case.task == "detection" else self._attack)(ctx, name, out)
+            {"detection": self._detection, "segmentation": self._segmentation}.get(ctx.use_case.task, self._attack)(
+                ctx, name, out)
         return out
 
     def _detection(self, ctx: Context, name: str, out: CheckOutcome) -> None:
@@ -152,11 +170,16 @@ class Adversarial(Check):
                                                       for a in ctx.claimed(m, f"{name}.{o}"))}) for o in p.objectives}
         ids, boxes, clean = [], [], []
         found = {(o, e): [] for o in p.objectives for e in grids[o]}
+        # a seeded sample of the split (a split is often ordered by class: its first items would be one class)
+        index = np.concatenate([b.index for b in ctx.batches(p.split, p.batch_size)] or [np.zeros(0, int)])
+        sample = set(np.random.default_rng(ctx.seed).choice(index, min(p.max_items, len(index)), replace=False)
+                     .tolist())
         for batch in ctx.batches(p.split, p.batch_size):
-            if len(ids) >= p.max_items:
-                break
-            take = slice(0, p.max_items - len(ids))
-            images, truth, item_ids = batch.images[take], list(batch.labels[take]), batch.ids[take]
+            take = np.flatnonzero(np.isin(batch.index, list(sample)))
+            if not len(take):
+                continue
+            images, truth = batch.images[take], [batch.labels[t] for t in take]
+            item_ids = [batch.ids[t] for t in take]
             clean += [found_boxes(d, g, threshold) for d, g in zip(ctx.model.detect(images, item_ids), truth,
                                                                     strict=True)]
             for (o, e), kept in found.items():
@@ -198,12 +221,87 @@ class Adversarial(Check):
             f"attacked on its own copy of its image; objectives {', '.join(p.objectives)} (vanishing: minus the "
             f"scores above the threshold of the detections of its class overlapping it; misclassification: the best "
             f"other class's score minus its own class's); radii {sorted({e for g in grids.values() for e in g})} "
-            f"({unit}); {len(ids)} images of the {p.split} split, seed {ctx.seed}; {conf:.0%} intervals: the wider of "
-            f"Clopper-Pearson over boxes and a Poisson bootstrap over images",
+            f"({unit}); {len(ids)} images of the {p.split} split (a sample seeded by {ctx.seed}); {conf:.0%} "
+            f"intervals: the wider of Clopper-Pearson over boxes and a Poisson bootstrap over images",
         ]
         out.limitations.append(f"{name}: minimal distances are not searched for a detector; gradient attacks are "
                                f"blind to gradient masking (the peak suppression and top-k of a detector's decoding "
                                f"pass no gradient to the boxes they drop)")
+
+    def _segmentation(self, ctx: Context, name: str, out: CheckOutcome) -> None:
+        """A segmenter's metrics under attack, per goal and radius (`robustness.segmentation_attacks`)."""
+        from trustcase.tasks import task_of
+
+        p: AdversarialParams = self.params
+        uc, conf, rule = ctx.use_case, ctx.use_case.plan.confidence, ctx.use_case.model.defect_pixels
+        kind, norm = ATTACKS[name]
+        vr = tuple(map(float, uc.model.value_range))
+        budget = Budget(p.steps, p.step_size, p.restarts, p.apgd_steps, p.queries)
+        metrics = [*task_of(uc).metrics(uc, calibration=False), "attack_success_rate"]
+        grids = {g: sorted({*p.epsilons(norm, vr), *(a for m in metrics for a in ctx.claimed(m, f"{name}.{g}"))})
+                 for g in p.goals}
+        scorers = {(g, e): task_of(uc).scorer(uc, self.name, ctx.seed, calibration=False)
+                   for g in p.goals for e in grids[g]}
+        standing = dict.fromkeys(p.goals, 0)  # items the goal's rule does not fool clean
+        fooled_n = {k: 0 for k in scorers}
+        seen = 0
+        for batch in ctx.batches(p.split, p.batch_size):
+            if seen >= p.max_items:
+                break
+            take = slice(0, p.max_items - seen)
+            x = torch.as_tensor(batch.images[take]).float()
+            masks = torch.as_tensor(np.stack(batch.labels[take]))
+            part = dataclasses.replace(batch, labels=list(batch.labels[take]), ids=batch.ids[take],
+                                       index=batch.index[take], meta={k: v[take] for k, v in batch.meta.items()})
+            for g in p.goals:
+                loss, hit = seg.goal(g, rule, p.iou_floor)
+                y = seg.labels(g, masks)
+                seeds = seeding.item_seeds(ctx.seed, self.name, part.ids, f"{name}.{g}")
+                with torch.inference_mode():
+                    clean_ok = ~hit(ctx.model.forward(ctx.model.to_input(x)), y)
+                standing[g] += int(clean_ok.sum())
+                for e in grids[g]:
+                    adv, fooled = attack(kind, ctx.model, x, y, torch.full((len(x),), e), norm, vr, budget, seeds,
+                                         hit=hit, loss=loss)
+                    scorers[(g, e)].update(ctx.model, dataclasses.replace(part, images=adv.numpy()))
+                    fooled_n[(g, e)] += int((fooled & clean_ok).sum())
+            seen += len(x)
+        unit = f"{'L-inf' if norm == 'linf' else 'L2'} radius, pixel units of [{vr[0]:g}, {vr[1]:g}]"
+        fooled_rule = {"pixels": f"its defect IoU below {p.iou_floor:g}",
+                       "decision": f"its image-level decision (defective at >= {rule} defect pixels) wrong"}
+        for g in p.goals:
+            key = f"{name}.{g}"
+            ms: list[Measurement] = []
+            for e in grids[g]:
+                got = scorers[(g, e)].compute(p.split, conf, perturbation=key, amplitude=e)
+                ms += got
+                ms.append(proportion(self.name, "attack_success_rate", fooled_n[(g, e)], standing[g], conf,
+                                     got[0].scope.model_copy(update={"subgroup": {}}), e,
+                                     undefined=f"no image that the rule ({fooled_rule[g]}) does not fool clean"))
+            broken = breaking(uc.requirements, key, ms)
+            cv = curve(key, unit, grids[g], ms, uc, broken)
+            series = {m: _series(sorted((x for x in ms if x.metric == m and not x.scope.subgroup),
+                                        key=lambda x: x.amplitude)) for m in ("mean_iou", "image_recall")}
+            cv = cv.model_copy(update={"id": f"adversarial_{key}", "x_label": unit,
+                                       "title": f"Segmentation under {name} ({g}; empirical)",
+                                       "series": {k: v for k, v in series.items() if v is not None}})
+            out.measurements.extend(ms)
+            out.curves.append(cv)
+            out.units[key] = unit
+            out.summary[key] = {"norm": norm, "goal": g, "epsilons": grids[g], "n": seen, "breaking": broken,
+                                "success_rate": [m.value for m in ms if m.metric == "attack_success_rate"]}
+        out.validity += [
+            f"{name}: EMPIRICAL evidence, not a certificate: IoU, Dice and image recall under attack are upper bounds "
+            f"of the robust ones (a stronger attack may do more); every witness is re-checked by a plain forward pass",
+            f"{name}: goals {', '.join(p.goals)} (pixels: the per-pixel cross-entropy over the true defect region, "
+            f"every pixel of a defect-free image, an image fooled when {fooled_rule['pixels']}; decision: minus the "
+            f"positive defect margins of a defective image, the {rule} largest of a defect-free one, fooled when "
+            f"{fooled_rule['decision']}); an image not fooled keeps its clean pixels; radii "
+            f"{sorted({e for v in grids.values() for e in v})} ({unit}); {seen} images of the {p.split} split, seed "
+            f"{ctx.seed}; the task's intervals (bootstrap over images, Clopper-Pearson)",
+        ]
+        out.limitations.append(f"{name}: minimal distances are not searched for a segmenter; gradient attacks are "
+                               "blind to gradient masking")
 
     def _attack(self, ctx: Context, name: str, out: CheckOutcome) -> None:
         p: AdversarialParams = self.params
