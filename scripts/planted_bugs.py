@@ -13,7 +13,7 @@ from pathlib import Path
 SRC = str(Path(__file__).resolve().parent.parent)
 MUT = os.environ.get("TRUSTCASE_PLANTED_DIR", "/tmp/trustcase-planted")
 BUGS = [
- ("1 max pooling 1-Lipschitz", "trustcase/certification/lipschitz.py",
+ ("1 max pooling 1-Lipschitz", "trustcase/certification/graph.py",
   "        return math.sqrt(pool_coverage(kh, sh, dh) * pool_coverage(kw, sw, dw))", "        return 1.0",
   "tests/test_exact_certification.py::test_max_pooling_constant_is_exact"),
  ("2 infidelity inputs/attributions swapped", "trustcase/explain/quality.py",

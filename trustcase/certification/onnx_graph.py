@@ -30,10 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trustcase.certification.graph import SMOOTH, Conv, Dense, Graph, GraphError, Map, Node, Reshape, Scale, _Builder
+from trustcase.certification.graph import (
+    SMOOTH,
+    Conv,
+    Dense,
+    Graph,
+    GraphError,
+    Node,
+    Pad,
+    Permute,
+    Reshape,
+    Scale,
+    _Builder,
+)
 
 OPERATORS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "AveragePool",
              "MaxPool", "BatchNormalization", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Pad",
@@ -42,48 +53,6 @@ OPERATORS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigm
 
 class OnnxGraphError(GraphError):
     """An ONNX network the engine cannot read exactly: the node, its operator and position, or the deviation."""
-
-
-# --- linear maps the torch front end does not need ------------------------------------------------------
-
-@dataclass
-class Pad(Map):
-    """Zero padding of the trailing dimensions (`pads`: torch order, last dimension first)."""
-
-    pads: tuple[int, ...]
-    in_shape: tuple[int, ...]
-
-    def forward(self, x):
-        return F.pad(x, self.pads)
-
-    def backward(self, lam):
-        index = [slice(None)] * lam.ndim
-        for d in range(len(self.pads) // 2):  # crop what the padding added
-            before, after = self.pads[2 * d], self.pads[2 * d + 1]
-            index[lam.ndim - 1 - d] = slice(before, lam.shape[lam.ndim - 1 - d] - after)
-        return lam[tuple(index)]
-
-    abs = forward
-    abs_backward = backward
-
-
-@dataclass
-class Permute(Map):
-    """A transposition of the non-batch axes (`perm` over them, 0-based)."""
-
-    perm: tuple[int, ...]
-
-    def forward(self, x):
-        return x.permute(0, *(p + 1 for p in self.perm))
-
-    def backward(self, lam):
-        inverse = [0] * len(self.perm)
-        for i, p in enumerate(self.perm):
-            inverse[p] = i
-        return lam.permute(0, *(p + 1 for p in inverse))
-
-    abs = forward
-    abs_backward = backward
 
 
 # --- reading ---------------------------------------------------------------------------------------------
