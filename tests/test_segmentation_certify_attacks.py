@@ -106,3 +106,29 @@ def test_attack_on_a_convolutional_segmenter_lowers_its_iou():
     with torch.no_grad():
         iou = SA.defect_iou(seg.forward(seg.to_input(adv)), masks)
     assert fooled.all() and (iou < 1).all()
+
+
+# --- the adversarial check on a segmentation use case ----------------------------------------------------------
+
+from test_segmentation import _context, segmentation_case  # noqa: E402, F401  (the tiny PNG use case)
+
+
+def test_the_adversarial_check_scores_a_segmenter_under_attack(segmentation_case):  # noqa: F811
+    """The case's segmenter marks pixels brighter than grey 127.5: t1's bright defect (220) flips at an L-inf radius
+    of 92.5 grey levels and not below; t2_free (a false alarm) and t3 (missed) are wrong clean."""
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    params = {"attacks": ["pgd_linf"], "linf": [30.0, 100.0], "steps": 20, "restarts": 1}
+    out = build(CheckSpec(check="adversarial", params=params))(_context(uc, tmp_path, "adv"))
+    by = {(m.metric, m.scope.perturbation.name, m.amplitude): m for m in out.measurements if not m.scope.subgroup}
+    for goal in ("pixels", "decision"):
+        key = f"pgd_linf.{goal}"
+        assert by[("attack_success_rate", key, 30.0)].value == 0 and by[("attack_success_rate", key, 30.0)].n == 1
+        assert by[("attack_success_rate", key, 100.0)].value == 1
+    d = "pgd_linf.decision"
+    assert by[("image_recall", d, 0.0)].value == 1 / 2 and by[("image_recall", d, 30.0)].value == 1 / 2
+    assert by[("image_recall", d, 100.0)].value == 0
+    assert by[("iou:defect", "pgd_linf.pixels", 100.0)].value < by[("iou:defect", "pgd_linf.pixels", 0.0)].value
+    assert {c.id for c in out.curves} == {"adversarial_pgd_linf.pixels", "adversarial_pgd_linf.decision"}
