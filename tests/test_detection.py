@@ -272,3 +272,18 @@ def test_demo_runs_a_bundled_case_or_names_the_problem(tmp_path, monkeypatch):
     monkeypatch.setenv("TRUSTCASE_NEUDET", str(tmp_path / "elsewhere"))
     r = CliRunner().invoke(app, ["demo", "steel_defects", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert r.exit_code == 2 and f"NEU-DET not found at {tmp_path / 'elsewhere'}" in " ".join(r.output.split())
+
+
+def test_the_bootstrap_reads_the_counts_at_the_hits_without_the_dense_array():
+    """`_seen_at_hits` is the cumulative sum of each detection's image weights read at the true positives: equal
+    (integer weights, exact sums) to the dense (detections x replicates) computation it replaces."""
+    from trustcase.tasks.detection_metrics import _seen_at_hits
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        k, n_images = int(rng.integers(1, 60)), int(rng.integers(1, 9))
+        image, hit = rng.integers(0, n_images, k), rng.uniform(size=k) < 0.3
+        weights = rng.poisson(1.0, (n_images, 7)).astype(np.float64)
+        kept, seen = _seen_at_hits(hit, image, weights)
+        assert kept.tolist() == np.flatnonzero(hit).tolist()
+        assert np.array_equal(seen, np.cumsum(weights[image], axis=0)[kept])

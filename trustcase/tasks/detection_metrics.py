@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy import sparse
 
 from trustcase.measurement import bootstrap_interval, bootstrap_weights, estimate, proportion
 from trustcase.schemas import Interval, Measurement, PerturbationScope, Scope
@@ -25,6 +26,9 @@ from trustcase.schemas import Interval, Measurement, PerturbationScope, Scope
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_POINTS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 MAX_DETECTIONS = 100  # per image and class, as COCO's AP
+# what a detection leaves behind (30 bytes): its image, class, score, rank in its image and class, match per IoU
+ROW = np.dtype([("image", np.int32), ("cls", np.int16), ("score", np.float64), ("rank", np.int32),
+                ("tp", np.bool_, (len(IOU_THRESHOLDS),))])
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -106,7 +110,7 @@ class DetectionTally:
         self.class_names, self.threshold, self.check, self.seed = class_names, operating_threshold, check, seed
         self.ids: list[str] = []
         self.n_true: list[np.ndarray] = []  # per image: true boxes per class
-        self.rows: list[np.ndarray] = []  # per detection: image, class, score, rank in its image, tp at each IoU
+        self.rows: list[np.ndarray] = []  # per detection a `ROW`: AP needs every scored detection, compactly
         self.found_at_threshold: list[np.ndarray] = []  # per image: true boxes found above the threshold, per class
         self.groups: list[dict[str, str]] = []  # per image: its ODD subgroups
 
@@ -127,8 +131,9 @@ class DetectionTally:
                 g = gts[gts[:, 4] == c]
                 tp = match(d, g)
                 if len(d):
-                    self.rows.append(np.column_stack([np.full(len(d), image), np.full(len(d), c), d[:, 4],
-                                                      np.arange(len(d)), tp]))
+                    r = np.empty(len(d), ROW)
+                    r["image"], r["cls"], r["score"], r["rank"], r["tp"] = image, c, d[:, 4], np.arange(len(d)), tp
+                    self.rows.append(r)
                 above = d[d[:, 4] >= self.threshold]
                 found[c] = int(match(above, g, IOU_THRESHOLDS[:1])[:, 0].sum())
             self.found_at_threshold.append(found)
@@ -153,7 +158,7 @@ class DetectionTally:
         """Per class with a true box, its precision at `RECALL_POINTS` at IoU 0.5 (`precision_envelope`)."""
         rows = self._sorted_rows()
         n_true = np.array(self.n_true).reshape(-1, len(self.class_names)).sum(0)
-        return {name: precision_envelope(rows[rows[:, 1] == c][:, 4].astype(bool), float(n_true[c]))
+        return {name: precision_envelope(rows["tp"][rows["cls"] == c, 0], float(n_true[c]))
                 for c, name in enumerate(self.class_names) if n_true[c]}
 
     def at_thresholds(self, thresholds: np.ndarray, confidence: float, replicates: int) -> dict[str, np.ndarray]:
@@ -173,14 +178,14 @@ class DetectionTally:
         out: dict[str, list[float]] = {k: [] for k in ("recall", "recall_lower", "recall_upper", "false",
                                                       "false_lower", "false_upper")}
         for t in thresholds:
-            above = rows[rows[:, 2] >= t]
-            tp = above[:, 4].astype(bool)
-            hits = np.bincount(above[tp, 1].astype(int), minlength=len(self.class_names))
+            above = rows[rows["score"] >= t]
+            tp = above["tp"][:, 0]
+            hits = np.bincount(above["cls"][tp], minlength=len(self.class_names))
             for c, name in enumerate(self.class_names):
                 if per_class[c]:
                     out.setdefault(f"recall:{name}", []).append(float(hits[c] / per_class[c]))
-            found = np.bincount(above[tp, 0].astype(int), minlength=n_images).astype(float)
-            false = np.bincount(above[~tp, 0].astype(int), minlength=n_images).astype(float)
+            found = np.bincount(above["image"][tp], minlength=n_images).astype(float)
+            false = np.bincount(above["image"][~tp], minlength=n_images).astype(float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 r = proportion(self.check, "indication_recall", int(found.sum()), n_true, confidence)
                 rb = bootstrap_interval((weights.T @ found) / boot_true, confidence) if n_images else None
@@ -194,16 +199,16 @@ class DetectionTally:
         return {k: np.array(v) for k, v in out.items()}
 
     def _sorted_rows(self) -> np.ndarray:
-        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, 4 + len(IOU_THRESHOLDS)))
+        rows = np.concatenate(self.rows) if self.rows else np.zeros(0, ROW)
         # one order for every split and batch size: score, then image, then rank in the image (COCO's at a tie)
-        return rows[np.lexsort((rows[:, 3], rows[:, 0], -rows[:, 2]))]
+        return rows[np.lexsort((rows["rank"], rows["image"], -rows["score"]))]
 
     def _measure(self, scope: Scope, amplitude: float | None, confidence: float, rows: np.ndarray,
                  weights: np.ndarray, members: np.ndarray) -> list[Measurement]:
         """The metrics over the images in `members` (the split, or one subgroup)."""
         n_classes = len(self.class_names)
         n_images = int(members.sum())
-        rows = rows[members[rows[:, 0].astype(int)]] if len(rows) else rows
+        rows = rows[members[rows["image"]]]
         n_true = np.array(self.n_true).reshape(-1, n_classes) * members[:, None]
         weights = weights * members[:, None]  # an image outside the subgroup is never drawn
         common = dict(scope=scope, amplitude=amplitude)
@@ -212,16 +217,19 @@ class DetectionTally:
         ap50, ap, ap50_boot, ap_boot = [], [], [], []
         found_per_image = np.array(self.found_at_threshold).reshape(-1, n_classes).astype(float) * members[:, None]
         for c, name in enumerate(self.class_names):
-            r = rows[rows[:, 1] == c]
-            tp, img = r[:, 4:].astype(bool), r[:, 0].astype(int)
+            r = rows[rows["cls"] == c]
+            tp = r["tp"]
             total = float(n_true[:, c].sum())
             if total == 0 and not whole:  # a subgroup without this class: nothing to say about it
                 continue
             boot_true = weights.T @ n_true[:, c]
             per_t = np.array([average_precision(tp[:, t], total) for t in range(len(IOU_THRESHOLDS))])
-            drawn = weights[img]
-            seen = np.cumsum(drawn, axis=0)
-            boot = np.array([average_precision(tp[:, t], boot_true, drawn, seen) for t in range(len(IOU_THRESHOLDS))])
+            # the replicates see only the detections that are a true positive at some IoU (`average_precision`
+            # reads no other), each with the weighted count of detections up to it: memory in true positives
+            kept, seen = _seen_at_hits(tp.any(axis=1), r["image"], weights)
+            drawn = weights[r["image"][kept]]
+            boot = np.array([average_precision(tp[kept, t], boot_true, drawn, seen)
+                             for t in range(len(IOU_THRESHOLDS))])
             ap50.append(per_t[0])
             ap.append(per_t.mean())
             ap50_boot.append(boot[0])
@@ -247,8 +255,8 @@ class DetectionTally:
                            weights, confidence, scope, amplitude, undefined="no true box in the split",
                            threshold=self.threshold, iou=0.5))
         # false indications: detections above the threshold that match no true box of their class at IoU 0.5
-        above = rows[rows[:, 2] >= self.threshold]
-        false_per_image = np.bincount(above[~above[:, 4].astype(bool), 0].astype(int), minlength=len(members))
+        above = rows[rows["score"] >= self.threshold]
+        false_per_image = np.bincount(above["image"][~above["tp"][:, 0]], minlength=len(members))
         iv = None
         if n_images:
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -258,6 +266,20 @@ class DetectionTally:
                             unit="per image", details={"threshold": self.threshold, "iou": 0.5} if n_images else
                             {"undefined": "no image in the split"}, **common))
         return out
+
+def _seen_at_hits(hit: np.ndarray, image: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of `hit` in a class's sorted detections and, per bootstrap replicate, the weighted count of
+    detections up to each (their images' weights summed): the cumulative sum of `weights[image]` read at the hits,
+    without the (detections x replicates) array. A sparse matrix gives each detection to the first hit at or after
+    it; the rows after the last hit count for nothing."""
+    kept = np.flatnonzero(hit)
+    if not len(kept):
+        return kept, np.zeros((0, weights.shape[1]))
+    upto = image[:kept[-1] + 1]
+    segment = np.searchsorted(kept, np.arange(len(upto)), side="left")  # the hit each detection counts towards
+    per_segment = sparse.csr_matrix((np.ones(len(upto)), (segment, upto)), shape=(len(kept), len(weights)))
+    return kept, np.cumsum(per_segment @ weights, axis=0)
+
 
 def _recall(check: str, metric: str, found: np.ndarray, true: np.ndarray, weights: np.ndarray, confidence: float,
             scope: Scope, amplitude: float | None, undefined: str, **details) -> Measurement:
