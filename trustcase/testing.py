@@ -80,18 +80,39 @@ def synthetic_images(split: str, n: int = 24, side: int = 16, seed: int = 0) -> 
     return items
 
 
+def synthetic_masks(split: str, n: int = 24, side: int = 16, seed: int = 0) -> list[Item]:
+    """The segmentation case: the images of `synthetic_images`, each labelled by its mask (the bright square is
+    class 1, "defect"; every other pixel class 0)."""
+    from trustcase.data.streaming import Mask
+
+    rng = _rng(split, seed)
+    items = []
+    for i in range(n):
+        img = rng.normal(90, 25, (side, side))
+        mask = np.zeros((side, side), np.uint8)
+        if i % 2:
+            r, c = rng.integers(0, side - side // 3, 2)
+            img[r:r + side // 3, c:c + side // 3] += 110
+            mask[r:r + side // 3, c:c + side // 3] = 1
+        items.append(Item(image=np.clip(img, 0, 255).astype(np.uint8), label=Mask(mask), id=f"{split}-{i:03d}",
+                          meta={"kind": "square" if i % 2 else "plain"}))
+    return items
+
+
 def synthetic_table(split: str, n: int = 24, features: int = 4, seed: int = 0) -> list[Item]:
     """Feature vectors in [0, 1]: class 1 iff x0 + x1 > 1."""
     x = _rng(split, seed).random((n, features)).astype(np.float32)
     return [Item(image=row, label=int(row[0] + row[1] > 1), id=f"{split}-{i:03d}") for i, row in enumerate(x)]
 
 
-def _fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> nn.Module:
+def _fit(module: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60, weight: list[float] | None = None) \
+        -> nn.Module:
     opt = torch.optim.Adam(module.parameters(), lr=0.02)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    w = None if weight is None else torch.tensor(weight)
     for _ in range(steps):
         opt.zero_grad()
-        nn.functional.cross_entropy(module(xt), yt).backward()
+        nn.functional.cross_entropy(module(xt), yt, weight=w).backward()
         opt.step()
     return module.eval()
 
@@ -106,6 +127,15 @@ def _trained(kind: str, size: int) -> tuple[nn.Module, Path]:
 
 
 def _fit_and_save(kind: str, size: int, folder: Path) -> tuple[nn.Module, Path]:
+    if kind == "masks":  # a per-pixel classifier: logits (B, 2, H, W)
+        items = synthetic_masks("train", 64, size)
+        x = np.stack([it.image for it in items])[:, None].astype(np.float32) / 255.0
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        # defect pixels are about 5% of the pixels: weighted, or "never a defect" is the cheapest answer
+        module = _fit(module, x, np.stack([it.label.classes for it in items]).astype(np.int64), 120, [1.0, 10.0])
+        path = folder / f"{kind}.pt"
+        torch.jit.trace(module, torch.from_numpy(x[:1])).save(str(path))
+        return module, path
     if kind == "image":
         items = synthetic_images("train", 64, size)
         x = np.stack([it.image for it in items])[:, None].astype(np.float32) / 255.0
@@ -123,11 +153,14 @@ def _fit_and_save(kind: str, size: int, folder: Path) -> tuple[nn.Module, Path]:
 
 
 def synthetic_case(plan: list[dict] | None = None, *, tabular: bool = False, batch_size: int = 8, n: int = 24,
-                   size: int | None = None) -> tuple[UseCase, Classifier]:
-    """A use case over the synthetic loader and its fitted model (eager module: gradients available)."""
+                   size: int | None = None, task: str = "classification") -> tuple[UseCase, Classifier]:
+    """A use case over the synthetic loader and its fitted model (eager module: gradients available); `task`
+    segmentation: the masks of the same images and a per-pixel model (the use case's task's view of it)."""
     size = size or (4 if tabular else 16)
-    module, path = _trained("table" if tabular else "image", size)
-    loader = "trustcase.testing:synthetic_table" if tabular else "trustcase.testing:synthetic_images"
+    segmentation = task == "segmentation"
+    module, path = _trained("table" if tabular else "masks" if segmentation else "image", size)
+    loader = "trustcase.testing:" + ("synthetic_table" if tabular else "synthetic_masks" if segmentation
+                                     else "synthetic_images")
     params = {"n": n, ("features" if tabular else "side"): size}
     uc = UseCase.model_validate({
         "id": "conformance", "title": "Conformance", "owner": "trustcase", "criticality": "low",
@@ -137,8 +170,14 @@ def synthetic_case(plan: list[dict] | None = None, *, tabular: bool = False, bat
                   "critical_class": "defect"},
         "data": {"loader": loader, "params": params, "batch_size": batch_size,
                  "splits": {"train": "train", "validation": "validation", "test": "test"}},
-        "requirements": [], "plan": {"checks": plan or [{"check": "performance"}]},
+        "requirements": [], "plan": {"checks": plan or [{"check": "performance"}]}, "task": task,
+        "odd": {"descriptors": [{"name": "kind", "source": "metadata", "values": ["square", "plain"]}]}
+        if segmentation else {},
     })
+    if segmentation:
+        from trustcase.tasks.segmentation import Segmenter
+
+        return uc, Segmenter(Classifier(uc.model, module=module))
     return uc, Classifier(uc.model, module=module)
 
 
@@ -272,7 +311,8 @@ def black_box_of(model: Classifier, challenge: bool = False) -> BlackBox:
     the welding-challenge interface."""
     kind = "challenge" if challenge else "python"
     spec = model.spec.model_copy(update={"format": kind, "entry": f"trustcase.testing:{type(model).__name__}"})
-    return BlackBox(spec, (_ChallengeComponent if challenge else _Component)(model))
+    box = BlackBox(spec, (_ChallengeComponent if challenge else _Component)(model))
+    return type(model)(box) if hasattr(model, "_inner") else box  # a task's view (a segmenter) of it, kept
 
 
 # --- the suite -----------------------------------------------------------------------------------
