@@ -141,3 +141,29 @@ def test_deletion_on_the_region_drops_faster_along_the_cause():
     # deleting the 16 cause pixels first (the first 1/16 of the curve) removes the defect's evidence at once
     assert np.allclose(dele[:, 0], ri[:, -1]) and (dele[:, 1] < dele[:, 0]).all()
     assert (auc(dele) < auc(rd)).all() and (auc(ins) > auc(ri)).all()
+
+
+# --- the explainability check on a segmentation use case -------------------------------------------------------
+
+from test_segmentation import _context, segmentation_case  # noqa: E402, F401  (the tiny PNG use case)
+
+
+def test_the_check_explains_predicted_regions_of_a_segmenter(segmentation_case):  # noqa: F811
+    """The case's segmenter marks pixels brighter than mid-grey, each from its own value: a region's score rests on
+    the region's own pixels, so gradients put all relevance there (t1: the predicted region is the true defect)."""
+    from trustcase.checks import build
+    from trustcase.schemas import CheckSpec
+
+    uc, tmp_path = segmentation_case
+    params = {"region_methods": ["saliency", "occlusion"], "options": {"occlusion": {"window": 2, "stride": 1}},
+              "methods": ["saliency", "occlusion"], "items": 4, "steps": 8}
+    out = build(CheckSpec(check="explainability", params=params))(_context(uc, tmp_path, "ex"))
+    by = {m.metric: m for m in out.measurements}
+    # t1 and t2_free have a predicted region; only t1 has a true one, and its region is exactly the true defect
+    assert by["region_energy:saliency"].n == 1 and by["region_energy:saliency"].value == pytest.approx(1.0)
+    assert by["pointing_game:saliency"].value == 1
+    # deleting the region's own pixels first takes its probability down at once: far above a random order
+    assert by["faithfulness:saliency"].value > out.summary["random_reference"]["faithfulness"] + 0.1
+    assert "faithfulness:occlusion" in by
+    assert {m.method for m in out.methods} == {"saliency", "occlusion"}
+    assert by["recommended_methods"].kind == "census"

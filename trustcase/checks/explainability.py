@@ -13,6 +13,11 @@ A detector (task detection) is explained box by box (science in `explain.methods
 best indication, by D-RISE and Grad-CAM of the box's class score (`box_methods`), measured by deletion_auc,
 insertion_auc and faithfulness on the box score and by box_energy (the map's positive mass inside the box).
 
+A segmenter (task segmentation) is explained region by region (science in `explain.methods.region`): per sampled
+image the score of its predicted defect region (the sum of its class's logits there), by `region_methods`, measured
+by deletion_auc, insertion_auc and faithfulness on the region's mean class probability and by region_energy (the
+map's positive mass inside the true defect region) and pointing_game.
+
 Findings: which methods can be trusted and why not the others. Summary: `ranking` (one row per method, best
 first: status "recommended" / "warned" / "not run", reasons, every metric), `recommended`, `warned`, `not_run`,
 `rules`, `random_reference` (a random ordering's deletion / insertion: the chance level), `items`, `target`,
@@ -35,6 +40,7 @@ from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
 from trustcase.explain.methods import detection as D
+from trustcase.explain.methods import region as R
 from trustcase.explain.network import Network
 from trustcase.explain.quality import (
     Region,
@@ -89,6 +95,9 @@ class ExplainabilityParams(Params):
     d_rise_keep: float = Field(0.5, gt=0, lt=1, description="detection: D-RISE probability that a cell is kept")
     cam_layer: str | None = Field(None, description="detection: Grad-CAM's layer; default the last convolution "
                                                     "the box score depends on")
+    region_methods: list[Literal[R.REGION_METHODS]] = Field(  # type: ignore[valid-type]
+        ["saliency", "integrated_gradients", "grad_cam", "occlusion", "rise"], min_length=1,
+        description="segmentation: how a predicted region's score is explained (options from `options`)")
 
     @field_validator("methods")
     @classmethod
@@ -108,6 +117,20 @@ class ExplainabilityParams(Params):
                 raise ValueError(f"options for {name!r}, which is not among methods {self.methods}")
             A.options_for(name, opts)
         return self
+
+
+def _mean_measure(check: str, out: list[Measurement], scope: Scope, conf: float):
+    """measure(metric, values, **details): appends the mean of the finite values with its t interval to `out` and
+    returns the mean (None without a finite value)."""
+    def measure(metric: str, values: np.ndarray, **details) -> float | None:
+        v = np.asarray(values, np.float64)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return None
+        out.append(estimate(check=check, metric=metric, value=float(v.mean()), interval=mean_interval(v, conf),
+                            n=len(v), scope=scope, details=details))
+        return float(v.mean())
+    return measure
 
 
 def _baseline(ctx: Context, kind: str) -> float | torch.Tensor:
@@ -170,13 +193,17 @@ class Explainability(Check):
     FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "mu_fidelity", "infidelity", "sensitivity_max",
                 "average_stability", "complexity", "sparseness", "sanity_rank_correlation"]
     BOX_FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "box_energy"]  # a detector's
-    tasks = frozenset({"classification", "detection"})
+    REGION_FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "region_energy", "pointing_game"]  # segmenter
+    tasks = frozenset({"classification", "detection", "segmentation"})
 
     @classmethod
     def produces(cls, params, use_case):
         if use_case.task == "detection":
             return [Produces("recommended_methods", params.split)] + [
                 Produces(f"{f}:{m}", params.split) for f in cls.BOX_FAMILIES for m in params.box_methods]
+        if use_case.task == "segmentation":
+            return [Produces("recommended_methods", params.split)] + [
+                Produces(f"{f}:{m}", params.split) for f in cls.REGION_FAMILIES for m in params.region_methods]
         families = cls.FAMILIES + (["relevance_mass", "pointing_game"] if params.region else [])
         return [Produces("recommended_methods", params.split), Produces("ig_convergence_delta", params.split)] + [
             Produces(f"{f}:{m}", params.split) for f in families for m in params.methods]
@@ -186,6 +213,8 @@ class Explainability(Check):
         uc, conf = ctx.use_case, ctx.use_case.plan.confidence
         if uc.task == "detection":
             return self._detection(ctx)
+        if uc.task == "segmentation":
+            return self._segmentation(ctx)
         names = list(uc.model.class_names)
         if p.target != "predicted" and p.target not in names:
             raise CheckError(f"explainability: target {p.target!r} is not a class; classes: {names} or 'predicted'")
@@ -354,14 +383,7 @@ class Explainability(Check):
         scope = Scope(split=p.split)
         out: list[Measurement] = []
 
-        def measure(metric: str, values: np.ndarray, **details) -> float | None:
-            v = np.asarray(values, np.float64)
-            v = v[np.isfinite(v)]
-            if not len(v):
-                return None
-            out.append(estimate(check=self.name, metric=metric, value=float(v.mean()), interval=mean_interval(v, conf),
-                                n=len(v), scope=scope, details=details))
-            return float(v.mean())
+        measure = _mean_measure(self.name, out, scope, conf)
 
         rnd = np.stack([np.random.default_rng(s).random(images.shape[1:3]) for s in seeding.item_seeds(
             ctx.seed, self.name, ids, "chance")]).astype(np.float32)
@@ -393,18 +415,9 @@ class Explainability(Check):
         rules = [("faithfulness", ">", reference["faithfulness"] + p.faithfulness_margin,
                   "more faithful to the box score than a random ordering of the pixels (insertion - deletion)"),
                  ("box_energy", ">", chance, "more of the map inside the box than its share of the image")]
-        ranking = [{**r, **rows[r["method"]]} for r in rank_methods(list(rows), out, rules)] + not_run
-        recommended = [r["method"] for r in ranking if r["status"] == "recommended"]
-        out.append(census(check=self.name, metric="recommended_methods", value=len(recommended), n=len(ranking),
-                          scope=scope, details={"recommended": recommended}))
-        x_frac = np.linspace(0, 1, p.steps + 1).tolist()
-        out_curves = [
-            Curve(id=f"{self.name}_{kind}", title=f"{kind.capitalize()} curves of the explained boxes (mean over "
-                                                  f"{len(x)} images)",
-                  x_label=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}, most relevant first",
-                  y_label="box score (best IoU x score of a detection of its class)", x=x_frac,
-                  series={m: Series(y=np.asarray(v).tolist()) for m, v in curves[kind].items()})
-            for kind in ("deletion", "insertion")]
+        ranking, recommended, out_curves = self._ranked(rows, not_run, out, rules, scope, curves, f"boxes (mean over "
+                                                        f"{len(x)} images)", "box score (best IoU x score of a "
+                                                        "detection of its class)")
         return CheckOutcome(
             check=self.name, measurements=out, curves=out_curves, limitations=limitations, findings=_trust(ranking),
             methods=[MethodStanding(method=r["method"], status=r["status"], reasons=r.get("reasons", []))
@@ -428,6 +441,108 @@ class Explainability(Check):
                 f"box's share of the image, {chance:.3f} on average); {conf:.0%} Student-t intervals of means",
             ],
         )
+
+    def _segmentation(self, ctx: Context) -> CheckOutcome:
+        """Explanations of each sampled image's predicted defect region, measured on the region's class probability
+        and inside the true defect region."""
+        p: ExplainabilityParams = self.params
+        conf = ctx.use_case.plan.confidence
+        pool = []
+        for batch in ctx.batches(p.split):  # one pass: the images with a predicted defect region
+            pred = ctx.model.segment(batch.images, batch.ids)
+            pool += [int(i) for i, m in zip(batch.index, pred, strict=True) if m.any()]
+        if not pool:
+            raise Unsupported(f"no image of the {p.split} split has a predicted defect region to explain")
+        sample = set(np.random.default_rng(ctx.seed).choice(pool, size=min(p.items, len(pool)), replace=False).tolist())
+        images, truth, ids = [], [], []
+        for batch in ctx.batches(p.split):
+            for j, i in enumerate(batch.index):
+                if int(i) in sample:
+                    images.append(batch.images[j])
+                    truth.append(batch.labels[j] != 0)
+                    ids.append(batch.ids[j])
+        images, truth = np.stack(images), np.stack(truth)
+        x = ctx.model.to_input(images)
+        net = Network(ctx.model)
+        with torch.inference_mode():
+            regions, classes = R.predicted_regions(net.forward(x).numpy())
+        baseline = _baseline(ctx, p.baseline)
+        scope = Scope(split=p.split)
+        defective = truth.reshape(len(truth), -1).any(1)  # energy and pointing need a true region
+        chance = float(truth[defective].mean()) if defective.any() else None
+        out: list[Measurement] = []
+
+        measure = _mean_measure(self.name, out, scope, conf)
+
+        rnd = np.stack([np.random.default_rng(s).random(images.shape[1:3]) for s in seeding.item_seeds(
+            ctx.seed, self.name, ids, "chance")]).astype(np.float32)
+        d0, i0 = R.deletion_insertion(net, x, regions, classes, rnd, baseline, p.steps, ctx.seed)
+        reference = {"deletion_auc": float(auc(d0).mean()), "insertion_auc": float(auc(i0).mean())}
+        reference["faithfulness"] = reference["insertion_auc"] - reference["deletion_auc"]
+        curves = {"deletion": {"random": d0.mean(0)}, "insertion": {"random": i0.mean(0)}}
+        rows, not_run, limitations = {}, [], []
+        for name in p.region_methods:
+            try:
+                heat = R.explain_regions(net, name, x, regions, classes, baseline, ctx.seed, p.options.get(name))
+            except (Unsupported, UserError) as e:
+                not_run.append({"method": name, "status": "not run", "reasons": [str(e)]})
+                limitations.append(f"{name} not run: {e}")
+                continue
+            dc, ic = R.deletion_insertion(net, x, regions, classes, heat, baseline, p.steps, ctx.seed)
+            curves["deletion"][name], curves["insertion"][name] = dc.mean(0), ic.mean(0)
+            rows[name] = {
+                "deletion_auc": measure(f"deletion_auc:{name}", auc(dc), method=name),
+                "insertion_auc": measure(f"insertion_auc:{name}", auc(ic), method=name),
+                "faithfulness": measure(f"faithfulness:{name}", auc(ic) - auc(dc), method=name),
+                "region_energy": measure(f"region_energy:{name}", R.energy_inside(heat[defective], truth[defective]),
+                                         method=name, chance=chance),
+                "pointing_game": measure(f"pointing_game:{name}", pointing_game(heat[defective], truth[defective]),
+                                         method=name, chance=chance)}
+        rules = [("faithfulness", ">", reference["faithfulness"] + p.faithfulness_margin,
+                  "more faithful to the region's class probability than a random ordering (insertion - deletion)")]
+        if chance is not None:
+            rules.append(("region_energy", ">", chance, "more of the map inside the true defect than its share of "
+                                                        "the image"))
+        ranking, recommended, out_curves = self._ranked(rows, not_run, out, rules, scope, curves, f"regions (mean "
+                                                        f"over {len(x)} images)", "mean probability of the region's "
+                                                        "class over the region")
+        return CheckOutcome(
+            check=self.name, measurements=out, curves=out_curves, limitations=limitations, findings=_trust(ranking),
+            methods=[MethodStanding(method=r["method"], status=r["status"], reasons=r.get("reasons", []))
+                     for r in ranking],
+            caveat=f"Measured on a seeded sample of {p.split} images; each map explains the image's predicted defect "
+                   "region.",
+            summary={"ranking": ranking, "recommended": recommended, "random_reference": reference,
+                     "rules": [{"metric": f, "comparator": c, "threshold": t, "meaning": w} for f, c, t, w in rules],
+                     "items": len(x), "defect_share": chance},
+            validity=[
+                f"{len(x)} images of the {p.split} split with a predicted defect region (seeded sample of {len(pool)}, "
+                f"seed {ctx.seed}); per image the explained output is the region score, the sum of the logits of its "
+                "most frequent predicted defect class over the pixels predicted that class (Seg-Grad-CAM's target)",
+                f"deletion / insertion: the region's mean probability of that class as the most relevant pixels are "
+                f"replaced by (taken from) the baseline '{p.baseline}', {p.steps} steps, ties broken at random; "
+                f"region_energy: the share of the map's positive mass inside the true defect region, pointing_game: "
+                f"the most relevant pixel inside it, both on the {int(defective.sum())} images with a true defect "
+                f"(chance: the region's share of the image, {chance if chance is None else round(chance, 4)}); "
+                f"{conf:.0%} Student-t intervals of means",
+            ],
+        )
+
+    def _ranked(self, rows, not_run, out, rules, scope, curves, explained: str, y_label: str):
+        """(ranking, recommended, curves) of methods explaining one target per image (a box, a region): ranked on
+        their intervals by `rules`, the count of recommended methods appended to `out`, the deletion / insertion
+        curves."""
+        ranking = [{**r, **rows[r["method"]]} for r in rank_methods(list(rows), out, rules)] + not_run
+        recommended = [r["method"] for r in ranking if r["status"] == "recommended"]
+        out.append(census(check=self.name, metric="recommended_methods", value=len(recommended), n=len(ranking),
+                          scope=scope, details={"recommended": recommended}))
+        x_frac = np.linspace(0, 1, self.params.steps + 1).tolist()
+        return ranking, recommended, [
+            Curve(id=f"{self.name}_{kind}", title=f"{kind.capitalize()} curves of the explained {explained}",
+                  x_label=f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}, most relevant first",
+                  y_label=y_label, x=x_frac,
+                  series={m: Series(y=np.asarray(v).tolist()) for m, v in curves[kind].items()})
+            for kind in ("deletion", "insertion")]
 
     def _measure(self, net, method, name, p, x, target, baseline, masks, seed, measure, curves) -> dict:
         """Every metric of one method: the row of the ranking (point values; the intervals are measurements)."""
