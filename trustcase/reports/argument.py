@@ -59,6 +59,13 @@ TASK_GOALS = {
         Stage.TESTING: "Testing shows the detector still finds the indications and raises no more false indications "
                        "than allowed under perturbations and attacks",
     },
+    "segmentation": {
+        Stage.LEARNING: "The learnt segmenter marks the defect pixels its requirements demand (IoU and Dice per "
+                        "class) and, by the operating rule, sets aside the defective images without more false "
+                        "alarms on defect-free ones than allowed, on the data it was built for",
+        Stage.TESTING: "Testing shows the segmenter still marks the defects and sets aside the defective images "
+                       "without more false alarms than allowed under perturbations and attacks",
+    },
 }
 
 
@@ -69,6 +76,12 @@ def model_context(model: dict, task: str | None) -> str:
                 f"score; an indication is a detection scoring at least {model.get('score_threshold', '?')}; its "
                 f"errors are missed indications and false indications), safety-critical class "
                 f"{model.get('critical_class', '?')}")
+    if task == "segmentation":
+        names = model.get("class_names", [])
+        return (f"segmenter of {', '.join(names[1:])} pixels (background: {names[0] if names else '?'}; an image is "
+                f"set aside as defective when at least {model.get('defect_pixels', 1)} of its pixels are marked a "
+                f"defect; its errors are missed and false defect pixels, missed defective images and false alarms), "
+                f"safety-critical class {model.get('critical_class', '?')}")
     return (f"classes {', '.join(model.get('class_names', []))}, safety-critical class "
             f"{model.get('critical_class', '?')}")
 
