@@ -50,6 +50,17 @@ def test_a_segmenter_meeting_the_contract_segments(tmp_path):
     assert pred.shape == (2, 16, 16) and pred[0].sum() == 0 and pred[1].sum() == 18 and pred[1, 2:5, 3:9].all()
 
 
+def test_an_onnx_segmenter_runs_in_onnxruntime(tmp_path):
+    path = tmp_path / "seg.onnx"
+    torch.onnx.export(Bright(), torch.zeros(1, 1, 16, 16), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    spec = _spec(tmp_path, Bright()).model_copy(update={"format": "onnx", "path": path})
+    seg = Segmentation().load_model(spec)
+    x = np.zeros((3, 16, 16, 1), np.float32)
+    x[2, 4:6, 4:9] = 250
+    assert seg.session is not None and seg.segment(x).sum() == 10 and seg.segment(x)[2, 4:6, 4:9].all()
+
+
 @pytest.mark.parametrize("module, words", [
     (Shaped(3, 16, 16), "3 classes"),
     (Shaped(2, 8, 16), "16x8 px"),
