@@ -287,3 +287,61 @@ def test_the_bootstrap_reads_the_counts_at_the_hits_without_the_dense_array():
         kept, seen = _seen_at_hits(hit, image, weights)
         assert kept.tolist() == np.flatnonzero(hit).tolist()
         assert np.array_equal(seen, np.cumsum(weights[image], axis=0)[kept])
+
+
+class _BrightWithFeatures(_Bright):
+    """_Bright whose backbone exports one feature: the image's mean grey level (scaled to [0, 1])."""
+
+    @torch.jit.export
+    def features(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None]
+
+
+def _grey_split(root, split, levels):
+    images, ann = root / split / "images", root / split / "annotations"
+    images.mkdir(parents=True)
+    ann.mkdir()
+    for k, g in enumerate(levels):
+        Image.fromarray(np.full((32, 32), int(g), np.uint8)).save(images / f"crazing_{k}.png")
+        _voc(ann, f"crazing_{k}", [("crazing", 2, 3, 10, 12)])
+
+
+@pytest.mark.parametrize("exports_features", [True, False])
+def test_the_odd_monitor_of_a_detector_learns_its_backbone_features(tmp_path, exports_features):
+    """Fitted on images of grey level about 100 (its one feature): brightened by 30% of the range (about 76 grey
+    levels, many standard deviations) every test image is stopped; the clean ones are not. Without a features(x)
+    method the learned monitor cannot be fitted, and the check says why."""
+    from trustcase.checks import CheckError, build
+    from trustcase.schemas import CheckSpec, UseCase
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("validation", 40), ("test", 12)):
+        _grey_split(tmp_path / "data", split, np.clip(rng.normal(100, 3, n), 90, 110))
+    (tmp_path / "detloader.py").write_text(LOADER)
+    module = _BrightWithFeatures() if exports_features else _Bright()
+    torch.jit.script(module).save(str(tmp_path / "det.pt"))
+    uc = UseCase.model_validate({
+        "id": "det", "title": "t", "owner": "o", "criticality": "low", "intended_function": "f", "task": "detection",
+        "model": {"format": "torchscript", "path": str(tmp_path / "det.pt"), "input_shape": [1, 32, 32],
+                  "class_names": CLASSES, "critical_class": "crazing", "score_threshold": 0.3},
+        "data": {"loader": "detloader:load", "path": str(tmp_path),
+                 "params": {"root": str(tmp_path / "data"), "classes": CLASSES},
+                 "splits": {"train": "train", "validation": "validation", "test": "test"}},
+        "odd": {"descriptors": [{"name": "brightness", "min": 0, "max": 255}]},
+        "requirements": [{"id": "R1", "text": "t", "metric": "false_alarm_rate", "comparator": "<=",
+                          "threshold": 0.5}],
+        "plan": {"checks": [{"check": "odd_monitor"}]}})
+    params = {"perturbations": {"brightness": [0.3]}, "boundary": {"brightness": 0.1}}
+    check = build(CheckSpec(check="odd_monitor", params=params))
+    if not exports_features:
+        with pytest.raises(CheckError, match="exports no features"):
+            check(_context(uc, tmp_path, "odd"))
+        return
+    out = check(_context(uc, tmp_path, "odd"))
+    by = {(m.metric, m.scope.perturbation.name if m.scope.perturbation else None, m.amplitude): m
+          for m in out.measurements}
+    assert not any(m.metric.startswith("accuracy") for m in out.measurements)
+    assert by[("detection_rate", "brightness", 0.3)].value == 1 and by[("detection_rate", "brightness", 0.3)].n == 12
+    assert by[("false_alarm_rate", None, None)].value == 0
+    assert out.summary["feature_mode"] == "backbone" and out.summary["calibration"]["scores"] == ["mahalanobis"]
+    assert any("not applicable to a detector" in x for x in out.limitations)

@@ -1,6 +1,10 @@
 """The `odd_monitor` check: fits the ODD monitor and validates it on clean, perturbed and out-of-domain
 inputs (science in `odd.monitor` and `odd.validation`).
 
+A detector (task detection): the specification's image descriptors as for any model, and the learned monitor on
+the detector's backbone features (`features(x)`, one Gaussian: an image has no one class; no energy score without
+class logits); the accuracy figures, which need one decision per image, are not measured.
+
 Curves: `odd_detection:<perturbation>` (stopped, alerted or stopped, model accuracy, accuracy on accepted
 inputs vs amplitude, the ODD boundary marked) and `odd_roc` (ROC of each learned score).
 Summary keys: `specification`, `feature_mode`, `calibration`, `clean` (state counts, reasons),
@@ -102,7 +106,8 @@ class _Split:
         for b in self.batches:
             sel = (b.index % 2) == self.keep
             if sel.any():
-                yield type(b)(images=b.images[sel], labels=b.labels[sel], ids=_pick(b.ids, sel),
+                labels = _pick(b.labels, sel) if isinstance(b.labels, list) else b.labels[sel]  # a detector's boxes
+                yield type(b)(images=b.images[sel], labels=labels, ids=_pick(b.ids, sel),
                               meta={k: _pick(v, sel) for k, v in b.meta.items()},
                               index=b.index[sel])
 
@@ -111,6 +116,7 @@ class OddMonitor(Check):
     name = "odd_monitor"
     Params = OddParams
     stage = Stage.DEPLOYMENT
+    tasks = frozenset({"classification", "detection"})
 
     @classmethod
     def produces(cls, params, use_case):
@@ -130,6 +136,8 @@ class OddMonitor(Check):
         clean = ["false_alarm_rate", "alert_rate", "odd_share", "accuracy_accepted", "accuracy_stopped",
                  "detection_rate", "detection_rate_alert", "auroc:*", "fpr_at_95tpr:*"]
         perturbed = ["stop_rate", "alert_rate", "accuracy", "accuracy_accepted", "accuracy_stopped", "detection_rate"]
+        if use_case.task == "detection":  # no one decision per image to be right about
+            clean, perturbed = ([m for m in ms if not m.startswith("accuracy")] for ms in (clean, perturbed))
         keys = list(params.perturbations) if params.perturbations is not None else ["*"]
         return [Produces(m, params.split) for m in clean] + [
             Produces(m, params.split, k) for k in keys for m in perturbed]
@@ -159,7 +167,13 @@ class OddMonitor(Check):
                               p.near_rate, p.out_rate, p.shrinkage, p.rank)
         except odd.MonitorError as e:
             raise CheckError(f"{self.name}: {e}") from None
-        if monitor.feature_mode != "penultimate":
+        detection = uc.task == "detection"
+        if detection:
+            dropped = sorted(set(p.scores) - set(monitor.learned.scores))
+            if dropped:
+                limitations.append(f"learned score(s) {dropped} not applicable to a detector (no class logits)")
+            limitations.append("a detector has no one decision per image: the accuracy figures are not measured")
+        elif monitor.feature_mode != "penultimate":
             limitations.append(f"learned scores on the logits only: {monitor.extractor.why}")
         info = monitor.learned.info
         if info.get("out_method") != "conformal":
@@ -173,11 +187,11 @@ class OddMonitor(Check):
         perts = {n: P.get(n, uc.model.value_range) for n in grids}
         for batch in ctx.batches(p.split):
             d = monitor.evaluate(batch.images, batch.meta)
-            clean.add(d, batch.labels)
+            clean.add(d, None if detection else batch.labels)
             inside = d.spec.states.max(axis=1, initial=0) < odd.State.OUT
             if not inside.any():
                 continue
-            imgs, labels = batch.images[inside], batch.labels[inside]
+            imgs, labels = batch.images[inside], None if detection else batch.labels[inside]
             ids = [i for i, k in zip(batch.ids, inside, strict=True) if k]
             meta = {k: _pick(v, inside) for k, v in batch.meta.items()}
             d0 = _subset(d, inside)
@@ -190,8 +204,11 @@ class OddMonitor(Check):
 
     def _outcome(self, ctx, p, monitor, path, grids, perts, clean, base, cells, conf, limitations):
         out: list[Measurement] = []
+        detection = ctx.use_case.task == "detection"
 
         def m(metric, k, n, scope=None, amplitude=None, **details):
+            if detection and metric.startswith("accuracy"):
+                return
             out.append(proportion(self.name, metric, k, n, conf, scope or Scope(split=p.split), amplitude,
                                   **details))
 
@@ -200,7 +217,7 @@ class OddMonitor(Check):
         m("odd_share", base.n, clean.n)
         m("accuracy_accepted", clean.acc_correct, clean.acc_n)
         m("accuracy_stopped", clean.stop_correct, clean.stopped)
-        if clean.stopped == 0:
+        if clean.stopped == 0 and not detection:
             limitations.append(f"no clean {p.split} item was stopped: accuracy_stopped is measured under "
                                "perturbations only")
         summary = {"specification": [lim.to_dict() for lim in monitor.spec.limits],
@@ -241,15 +258,17 @@ class OddMonitor(Check):
                 series={"stopped (OUT)": Series(y=rate("stopped"), lower=[b.lower for b in bands],
                                                 upper=[b.upper for b in bands]),
                         "alerted or stopped (NEAR/OUT)": Series(y=rate("alerted")),
-                        "model accuracy": Series(y=rate("correct")),
-                        "accuracy on accepted inputs": Series(
-                            y=[c.acc_correct / c.acc_n if c.acc_n else float("nan") for c in cs])},
+                        **({} if detection else {
+                            "model accuracy": Series(y=rate("correct")),
+                            "accuracy on accepted inputs": Series(
+                                y=[c.acc_correct / c.acc_n if c.acc_n else float("nan") for c in cs])})},
                 x_marks={"ODD boundary": bound} if bound is not None else {},
             ))
             summary["perturbations"][n] = {
                 "unit": perts[n].unit, "grid": grid, "boundary": bound, "boundary_source": source,
                 "outside_specification": frac_out, "stop_rate": rate("stopped"), "alert_rate": rate("alerted"),
-                "accuracy": rate("correct"), "reasons": [dict(c.reasons.most_common(5)) for c in cs]}
+                "accuracy": None if detection else rate("correct"),
+                "reasons": [dict(c.reasons.most_common(5)) for c in cs]}
         m("detection_rate", det_stop, det_n)
         m("detection_rate_alert", det_alert, det_n)
         roc_series, fgrid = {}, np.linspace(0, 1, 51)
@@ -273,7 +292,8 @@ class OddMonitor(Check):
         info = monitor.learned.info
         validity = [
             f"specification: {', '.join(monitor.spec.names) or 'none'} against the ranges of the use case's ODD",
-            f"learned scores {p.scores} on {monitor.feature_mode} features, fitted on {info.get('n_fit', 0)} "
+            f"learned scores {monitor.learned.scores} on {monitor.feature_mode} features, fitted on "
+            f"{info.get('n_fit', 0)} "
             f"in-specification {p.fit_split} items (shrinkage {info.get('shrinkage', 0):.3g}, rank "
             f"{info.get('rank')}), calibrated on {info['n_calibration']} held-out {p.calibration_split} items "
             f"at false-alarm rates NEAR {p.near_rate:g}, OUT {p.out_rate:g}",

@@ -1,5 +1,5 @@
 """The model's own features for the learned monitor: the input of its last Linear layer when that can be
-found and verified on a probe, else the logits."""
+found and verified on a probe, else the logits; for a detector, the features its backbone exports."""
 
 from __future__ import annotations
 
@@ -17,10 +17,19 @@ class FeatureExtractor:
     when that can be found and verified on a probe (children of a Sequential run in order, else a forward
     pre-hook on an eager module); otherwise the logits themselves (`mode` says which, `why` says why)."""
 
+    # a detector (tasks.detection.Detector, which has `detect`) has no logits and no one class per image: its
+    # backbone exports `features(x) -> (B, F)` (an exported TorchScript method), one Gaussian is fitted to them
+    # (`pooled`) and only the scores on features apply
+    pooled = False
+    scores: tuple[str, ...] = ("mahalanobis", "energy")
+
     def __init__(self, model: Classifier):
         self.model = model
         self.mode, self.why = "logits", "the model is a black box (no torch module)"
         self._run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        if hasattr(model, "detect"):
+            self._backbone(model)
+            return
         if model.module is None:
             return
         probe = torch.randn(2, *model.spec.input_shape, generator=torch.Generator().manual_seed(0))
@@ -38,6 +47,23 @@ class FeatureExtractor:
                     self._run, self.mode, self.why = fn, "penultimate", f"input of the last Linear layer ({name})"
                     return
         self.why = "the model's structure is opaque (no verifiable last Linear layer)"
+
+    def _backbone(self, model: Classifier) -> None:
+        self.pooled, self.scores, self.mode = True, ("mahalanobis",), "none"
+        self.why = "the detector exports no features(x) method (its backbone's features, (batch, F))"
+        features = getattr(model.module, "features", None) if model.module is not None else None
+        if not callable(features):
+            if model.module is None:
+                self.why = "the detector is a black box (no torch module)"
+            return
+        probe = torch.randn(2, *model.spec.input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            f = features(probe)
+        if not isinstance(f, torch.Tensor) or f.ndim != 2 or len(f) != 2 or not torch.isfinite(f).all():
+            self.why = f"the detector's features(x) gave {getattr(f, 'shape', type(f).__name__)}, not (batch, F)"
+            return
+        self._run = lambda x: (features(x), None)
+        self.mode, self.why = "backbone", "the detector's backbone features (its features(x) method)"
 
     @staticmethod
     def _is_linear(m: torch.nn.Module) -> bool:
@@ -85,7 +111,10 @@ class FeatureExtractor:
             return torch.as_tensor(np.asarray(inputs, dtype=np.float32))
         return self.model.to_input(inputs)
 
-    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, logits); a detector's logits are None (its detections are not needed to judge its input)."""
+        if self.pooled and self._run is None:  # a detector without features: nothing to read
+            return None, None
         with torch.inference_mode():
             x = self.prepare(inputs)
             if self._run is None:
@@ -93,5 +122,7 @@ class FeatureExtractor:
                 feats = logits
             else:
                 feats, logits = self._run(x)
+        if logits is None:
+            return feats.double().numpy(), None
         self.model.check_output(logits)
         return feats.numpy(), logits.numpy()

@@ -368,6 +368,9 @@ def fit(model: Classifier, model_sha256: str, spec: SpecificationMonitor, fit_ba
         raise MonitorError(f"false-alarm rates must satisfy 0 < out_rate < near_rate < 1, got {out_rate}, {near_rate}")
     mon = Monitor(spec, None, model_sha256, model.spec, model=model)
     extractor = mon.extractor
+    if extractor.mode == "none" or not set(scores) & set(extractor.scores):
+        raise MonitorError(f"no learned score {list(scores)} applies to this model's features ({extractor.why})")
+    scores = [s for s in scores if s in extractor.scores]  # a detector has no logits: no energy
     info: dict[str, Any] = {"feature_mode": extractor.mode, "features": extractor.why}
     maha = None
     if "mahalanobis" in scores:
@@ -378,8 +381,8 @@ def fit(model: Classifier, model_sha256: str, spec: SpecificationMonitor, fit_ba
             if not inside.any():
                 continue
             feats, _ = extractor(b.images[inside])
-            gauss = gauss or GaussianFit(model.n_classes, feats.shape[1])
-            gauss.update(feats, b.labels[inside])
+            gauss = gauss or GaussianFit(1 if extractor.pooled else model.n_classes, feats.shape[1])
+            gauss.update(feats, np.zeros(len(feats), int) if extractor.pooled else b.labels[inside])
             kept += int(inside.sum())
         if gauss is None:
             raise MonitorError("no fit item is inside the specification: cannot fit the learned monitor")

@@ -32,17 +32,18 @@ class _Cell:
         self.reasons: Counter = Counter()
         self.scores: dict[str, list[np.ndarray]] = {}
 
-    def add(self, d: odd.Decisions, labels: np.ndarray):
-        pred = d.prediction
-        ok = pred == labels
+    def add(self, d: odd.Decisions, labels: np.ndarray | None):
+        """`labels` None: a model without one decision per item to be right or wrong about (a detector)."""
         stop = d.state == odd.State.OUT
-        self.n += len(labels)
+        self.n += len(d)
         self.stopped += int(stop.sum())
         self.alerted += int((d.state >= odd.State.NEAR).sum())
-        self.correct += int(ok.sum())
         self.acc_n += int((~stop).sum())
-        self.acc_correct += int(ok[~stop].sum())
-        self.stop_correct += int(ok[stop].sum())
+        if labels is not None:
+            ok = d.prediction == labels
+            self.correct += int(ok.sum())
+            self.acc_correct += int(ok[~stop].sum())
+            self.stop_correct += int(ok[stop].sum())
         spec_state = d.spec.states.max(axis=1, initial=0)
         self.spec_out += int((spec_state == odd.State.OUT).sum())
         for j, name in enumerate(d.spec_names):

@@ -51,14 +51,25 @@ class CenterNet(nn.Module):
         self.detections = detections
         self.stride = STRIDE
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused map at stride 4 and the deepest map."""
         a = self.stem(x)
         b = self.down(a)
         c = self.deep(b)
         size = a.shape[-2:]
         f = torch.cat([a, F.interpolate(b, size=size, mode="nearest"), F.interpolate(c, size=size, mode="nearest")], 1)
-        f = self.fuse(f)
+        return self.fuse(f), c
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, _ = self.maps(x)
         return self.heat(f), self.box(f)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features for trustcase's ODD monitor (B, 112): the fused and the deepest maps, each
+        averaged over the image."""
+        f, c = self.maps(x)
+        return torch.cat([f.mean(dim=(2, 3)), c.mean(dim=(2, 3))], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heat, box = self.heads(x)
