@@ -202,9 +202,11 @@ class RandomizedSmoothing(Check):
             for j in range(min(len(item_ids), p.maps - len(drawn))):
                 drawn.append((images[j], masks[j], classes[shown][j], item_ids[j]))
         n = len(ids)
-        cat = (lambda f: np.concatenate([getattr(g, f) for g in parts]) if parts else np.zeros((0, len(grid))))
-        defect_px, cert_px, decision = cat("defect_pixels"), cat("certified_defect"), cat("decision")
-        abstain, pixels = cat("abstain"), parts[0].pixels if parts else 0
+        def cat(field: str, *shape: int) -> np.ndarray:
+            return np.concatenate([getattr(g, field) for g in parts]) if parts else np.zeros((0, *shape), np.int64)
+
+        defect_px, abstain, pixels = cat("defect_pixels"), cat("abstain"), parts[0].pixels if parts else 0
+        cert_px, decision = cat("certified_defect", len(grid)), cat("decision", len(grid))
         truth = (defect_px > 0).astype(np.int64)
         weights = bootstrap_weights(ctx.seed, self.name, ids).astype(np.float64)
 
