@@ -54,7 +54,8 @@ class UNet(nn.Module):
             skips.append(x)
             x = F.max_pool2d(x, 2)
         x = self.bottom(x)
-        for dec, skip in zip(self.dec, skips[::-1]):
+        for i, dec in enumerate(self.dec):  # TorchScript: a ModuleList is iterated whole, the skips indexed
+            skip = skips[len(skips) - 1 - i]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(torch.cat([x, skip], 1))
         return self.head(x)
@@ -78,7 +79,7 @@ def loss_of(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, masks) + dice
 
 
-def train(seed: int = 0, epochs: int = 10, batch: int = 16, lr: float = 3e-3, split_seed: int = 0,
+def train(seed: int = 0, epochs: int = 8, batch: int = 16, lr: float = 3e-3, split_seed: int = 0,
           out: Path = HERE / "artefacts" / "tile_segmenter.pt") -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -147,7 +148,7 @@ def evaluate(model, split_seed: int = 0, split: str = "test", defect_pixels: int
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--out", type=Path, default=HERE / "artefacts" / "tile_segmenter.pt")
     a = ap.parse_args()
     result = train(a.seed, a.epochs, out=a.out)
