@@ -19,6 +19,9 @@ the real ELPV labels.
 4. poisoning_screen: the check's time / one forward pass over train; its clusters on the clean ELPV training
    split; a planted backdoor (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's
    cluster and of the spectral ranking's top 1.5 times the planted count.
+5. memory: the peak memory (tracemalloc) of label_issues (one split) and poisoning_screen (the train split) over a
+   lazily generated synthetic split of N and 10 N items, each check's sample capped below N (target: 10 N at most
+   1.2 times N: memory flat in the number of items).
 Without --model, the bundled solar CNN when its file exists, else a pooled CNN trained here for 10 epochs
 (`train.py --arch pooled --ibp-eps 0`), kept in .trustcase/bench/.
 """
@@ -245,6 +248,64 @@ def poisoning_screen(uc, clf) -> dict:
             "planted": {"alarm": r.alarm, "found": hit, "flagged": flagged, "planted": n, "spectral_top": top_hit}}
 
 
+class LazyImages:
+    """A synthetic split whose items are made when read (the loader itself holds nothing): what grows with the number
+    of items is the check's own memory. Item i: `testing.synthetic_images`' recipe from its own seed."""
+
+    def __init__(self, split: str, n: int, side: int = 16):
+        self.split, self.n, self.side = split, n, side
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from trustcase.data.streaming import Item
+
+        rng = np.random.default_rng([i, len(self.split)])
+        img, label, s = rng.normal(90, 25, (self.side, self.side)), i % 2, self.side
+        if label:
+            r, c = rng.integers(0, s - s // 3, 2)
+            img[r:r + s // 3, c:c + s // 3] += 110
+        return Item(image=np.clip(img, 0, 255).astype(np.uint8), label=label, id=f"{self.split}-{i:06d}")
+
+
+def lazy_images(split: str, n: int, side: int = 16) -> LazyImages:
+    return LazyImages(split, n, side)
+
+
+def memory(n: int, cap: int) -> dict:
+    import tracemalloc
+
+    from trustcase.checks.poisoning_screen import PoisoningScreen
+    from trustcase.testing import synthetic_case
+
+    out = {}
+    for name, check, role in (
+            ("label_issues", LabelIssues(LabelIssues.Params(splits=["test"], folds=0, thumbnails=0, max_items=cap)),
+             "test"),
+            ("poisoning_screen", PoisoningScreen(PoisoningScreen.Params(max_items=cap // 2)), "train")):
+        peaks = {}
+        for items in (200, n, 10 * n):  # the first, untraced: imports and caches of the first call
+            uc, clf = synthetic_case(n=8)
+            data = uc.data.model_copy(update={"loader": "bench_data:lazy_images", "path": Path(__file__).parent,
+                                              "params": {"n": items, "side": 16}, "batch_size": 128})
+            uc = uc.model_copy(update={"data": data})
+            with tempfile.TemporaryDirectory() as tmp:
+                ctx = Context(uc, clf, DataSource(uc.data, model=uc.model), seed=0, workdir=Path(tmp) / name)
+                tracemalloc.start() if items != 200 else None
+                t = time.perf_counter()
+                o = check(ctx)
+                peaks[items] = (tracemalloc.get_traced_memory()[1], time.perf_counter() - t)
+                tracemalloc.stop()
+            assert o.measurements, name
+        (a, ta), (b, tb) = peaks[n], peaks[10 * n]
+        out[name] = {"items": [n, 10 * n], "peak_bytes": [a, b], "seconds": [ta, tb], "ratio": b / a}
+        print(f"{name} (sample cap {check.params.max_items}{' per class' if role == 'train' else ''}): peak memory "
+              f"{a / 2**20:.1f} MiB at {n} items, {b / 2**20:.1f} MiB at {10 * n}: ratio {b / a:.2f} (target <= 1.2); "
+              f"{ta:.1f} s and {tb:.1f} s under tracemalloc")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -252,17 +313,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--only", default=None, help="comma-separated sections: label_issues,feature_drift,...")
     args = ap.parse_args()
-    uc = load_use_case(USE_CASE)
-    path = model_path(args.model, uc)
-    uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": path})})
-    clf = load_classifier(uc.model)
-    print(f"model {path}")
-    sections = {"label_issues": lambda: label_issues(uc, clf, [0] if args.quick else [0, 1, 2]),
-                "feature_drift": lambda: feature_drift(uc, clf, 20 if args.quick else 100),
-                "feature_leakage": lambda: feature_leakage(uc, clf),
-                "poisoning_screen": lambda: poisoning_screen(uc, clf)}
+    sections = {"label_issues": lambda uc, clf: label_issues(uc, clf, [0] if args.quick else [0, 1, 2]),
+                "feature_drift": lambda uc, clf: feature_drift(uc, clf, 20 if args.quick else 100),
+                "feature_leakage": feature_leakage,
+                "poisoning_screen": poisoning_screen,
+                "memory": lambda uc, clf: memory(2000 if args.quick else 4000, 1000)}
     wanted = args.only.split(",") if args.only else list(sections)
-    figures = {k: sections[k]() for k in wanted}
+    uc, clf = load_use_case(USE_CASE), None
+    if set(wanted) - {"memory"}:  # the ELPV sections read the solar model
+        path = model_path(args.model, uc)
+        uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": path})})
+        clf = load_classifier(uc.model)
+        print(f"model {path}")
+    figures = {k: sections[k](uc, clf) for k in wanted}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
 

@@ -107,3 +107,36 @@ def test_a_class_too_small_to_screen_leaves_the_alarm_count_undefined(tmp_path):
                       threshold=0, scope={"split": "train"})
     (v,) = judge([req], [o])
     assert v.verdict is Verdict.INCONCLUSIVE and "not screened" in v.rationale
+
+
+def test_a_class_larger_than_the_sample_is_screened_on_a_seeded_sample_and_its_counts_are_estimates(tmp_path):
+    """Memory bound: at most max_items items per class; the same sample at any batch size; the counts over a
+    sample are no census, so 'poisoning_alarms <= 0' cannot PASS on them."""
+    import torch
+    from conftest import context_for, folder_use_case, save_png
+
+    from trustcase.checks.poisoning_screen import PoisoningScreen, PoisoningScreenParams
+    from trustcase.schemas import Requirement, UseCase, Verdict
+    from trustcase.testing import evidence_of
+    from trustcase.verdicts import judge
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("ok", 60), ("bad", 30)):
+        for i in range(n):
+            save_png(tmp_path / f"data/train/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    raw = folder_use_case(tmp_path / "data")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    outs = []
+    for batch_size in (7, 32):
+        uc = UseCase.model_validate({**raw, "data": {**raw["data"], "batch_size": batch_size}})
+        outs.append(PoisoningScreen(PoisoningScreenParams(max_items=25))(context_for(uc, module, tmp_path / "w")))
+    o = outs[0]
+    assert evidence_of(outs[0]) == evidence_of(outs[1])
+    assert {c: (v["items"], v["screened"]) for c, v in o.summary.items()} == {"ok": (60, 25), "bad": (30, 25)}
+    alarms = next(m for m in o.measurements if m.metric == "poisoning_alarms")
+    assert alarms.kind == "estimate" and alarms.interval is None and "ok 25 of 60" in alarms.details["no_interval"]
+    req = Requirement(id="P1", text="no poisoning alarm", metric="poisoning_alarms", comparator="<=",
+                      threshold=0, scope={"split": "train"})
+    (v,) = judge([req], [o])
+    assert v.verdict is Verdict.INCONCLUSIVE

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -140,6 +142,61 @@ def test_watch_once_assesses_tags_qualifies_and_lists_regressions(prefect_harnes
     # nothing new: the next pass returns at once and writes nothing
     assert watch.once(versions, tmp_path / "out", tracking_uri) == []
     assert client.get_model_version(NAME, "2").tags == v2.tags
+
+    # the drift step judges batches with the qualified version's model
+    (judged,) = watch.once(versions, tmp_path / "out", tracking_uri, batches=_batches(versions, tmp_path / "b", 1))
+    assert judged["model"] == "version 1 (qualified)" and judged["error"] is None
+
+
+def _batches(case: Path, folder: Path, kinds: int = 3) -> Path:
+    """Batch folders of real validation cells as PNG files: 'same' (30 cells as they are), 'dark' (the same at half
+    the exposure) and 'few' (3 cells: too few for the test)."""
+    import cv2
+
+    uc = load_use_case(case)
+    cells = np.concatenate([b.images for b in DataSource(uc.data, 0, uc.model).stream("validation").batches()])[:30]
+    for name, images in list({"same": cells, "dark": cells * 0.5, "few": cells[:3]}.items())[:kinds]:
+        (folder / name).mkdir(parents=True)
+        for i, x in enumerate(images):
+            cv2.imwrite(str(folder / name / f"cell{i:02d}.png"), np.clip(x[..., 0], 0, 255).astype(np.uint8))
+    return folder
+
+
+def test_the_drift_step_judges_each_new_batch_once_records_it_and_exits_like_drift(tiny_case, tiny_model, tmp_path,
+                                                                                   tracking_uri, prefect_harness):
+    raw = yaml.safe_load(tiny_case.read_text())
+    _register(raw, tmp_path, tiny_model, tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_model_version_tag(NAME, "1", "trustcase.verdict", "PASS")  # assessed: only batches are new
+    batches = _batches(tiny_case, tmp_path / "batches")
+    out = tmp_path / "out"
+    outcomes = {o["batch"]: o for o in watch.once(tiny_case, out, tracking_uri, batches=batches)}
+    assert set(outcomes) == {"same", "dark", "few"}
+    same, dark, few = outcomes["same"], outcomes["dark"], outcomes["few"]
+    assert same["drift"] is False and same["pvalue"] >= 0.05 and same["model"] == "the use case's model"
+    assert dark["drift"] is True and dark["pvalue"] < 0.05
+    assert few["drift"] is None and "needs at least 10" in few["error"]
+    record = json.loads((out / "solar_cells-batches" / "dark" / "drift.json").read_text())
+    assert record["drift"] is True and record["reference"] == "validation" and record["n_other"] == 30
+    run = client.get_run(dark["run_id"])
+    assert run.data.tags["trustcase.kind"] == "drift" and run.data.tags["trustcase.drift"] == "true"
+    assert run.data.metrics["drift_pvalue"] == dark["pvalue"]
+
+    # judged batches are not judged again; the one that could not be judged is an error again: exit 2
+    result = CliRunner().invoke(app, ["watch", str(tiny_case), "--once", "--tracking-uri", tracking_uri,
+                                      "--out", str(out), "--batches", str(batches)])
+    assert result.exit_code == 2, result.output
+    assert "batch few: not judged" in result.output and "batch dark" not in result.output
+    # a new batch that drifted: exit 3, as `trustcase drift`
+    shutil.rmtree(batches / "few")
+    shutil.copytree(batches / "dark", batches / "dark2")
+    result = CliRunner().invoke(app, ["watch", str(tiny_case), "--once", "--tracking-uri", tracking_uri,
+                                      "--out", str(out), "--batches", str(batches)])
+    assert result.exit_code == 3, result.output
+    assert "batch dark2: drift" in result.output
+    result = CliRunner().invoke(app, ["watch", str(tiny_case), "--once", "--tracking-uri", tracking_uri,
+                                      "--out", str(out), "--batches", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such folder" in result.output
 
 
 def test_a_registered_model_that_does_not_exist_is_a_clear_error(tiny_case, tracking_uri, tmp_path):

@@ -5,7 +5,8 @@ activation clustering over the training items' penultimate features, one class a
 Measurements on the screened split: `poisoning_alarms` (a census: classes whose features split into a small, well
 separated cluster) and `poisoning_suspects` (items in those clusters), both undefined unless every class was
 screened (a class too small to screen could hold the cluster). The summary ranks each class's items by spectral
-score.
+score. Each class is screened on a seeded sample of at most `max_items` items (memory bound: clustering and the
+silhouette are quadratic); over a sample the counts are estimates without an interval (`measurement.over_sample`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pydantic import Field
 
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data import poisoning as P
+from trustcase.data.drift import Sample
 from trustcase.errors import Unsupported
-from trustcase.measurement import census
+from trustcase.measurement import census, over_sample
 from trustcase.odd.features import FeatureExtractor
 from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
 
@@ -26,6 +28,8 @@ class PoisoningScreenParams(Params):
     max_share: float = Field(0.15, gt=0, lt=0.5, description="an alarm's cluster holds at most this share of a class")
     min_silhouette: float = Field(0.15, ge=-1, le=1, description="and is at least this well separated")
     top: int = Field(20, ge=0, le=200, description="items listed per class, by spectral score")
+    max_items: int = Field(2000, ge=P.MIN_ITEMS, le=20000, description="seeded sample screened per class: memory "
+                           "and time bound (the silhouette is quadratic)")
 
 
 class PoisoningScreen(Check):
@@ -43,39 +47,41 @@ class PoisoningScreen(Check):
         extract = FeatureExtractor(ctx.model)
         if extract.mode != "penultimate":
             raise Unsupported(f"the screen reads the model's penultimate features: {extract.why}")
-        feats, labels, ids = [], [], []
+        # per class, the same items in the same order at any batching (the one seeding rule, stream "sample")
+        samples = [Sample(p.max_items, ctx.seed, self.name) for _ in names]
         for b in ctx.batches(p.split):
-            feats.append(extract(b.images)[0])
-            labels.append(b.labels)
-            ids += b.ids
-        f = np.concatenate(feats) if feats else np.zeros((0, 0))
-        y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        order = np.argsort(np.array(ids, dtype=object), kind="stable") if ids else np.zeros(0, np.int64)
-        f, y, ids = f[order], y[order], [ids[i] for i in order]  # the same items in the same order at any batching
+            f = extract(b.images)[0]
+            for c in np.unique(b.labels):
+                rows = np.flatnonzero(b.labels == c)
+                samples[int(c)].update([b.ids[j] for j in rows], f[rows])
         alarms, suspects, screened, summary, limitations = 0, 0, 0, {}, []
-        for c, cls in enumerate(names):
-            rows = np.flatnonzero(y == c)
-            if len(rows) < P.MIN_ITEMS:
-                limitations.append(f"class {cls}: {len(rows)} items, the screen needs at least {P.MIN_ITEMS}")
+        for cls, sample in zip(names, samples, strict=True):
+            if len(sample) < P.MIN_ITEMS:
+                limitations.append(f"class {cls}: {len(sample)} items, the screen needs at least {P.MIN_ITEMS}")
                 continue
-            r = P.screen(f[rows], ctx.seed, p.max_share, p.min_silhouette)
+            (f, _), ids = sample.arrays(), sample.ids()
+            r = P.screen(f, ctx.seed, p.max_share, p.min_silhouette)
             screened += 1
             alarms += r.alarm
             suspects += len(r.suspects)
             ranked = np.argsort(-r.spectral, kind="stable")[:p.top]
-            summary[cls] = {"items": len(rows), "alarm": r.alarm, "cluster_share": r.cluster_share,
-                            "silhouette": r.silhouette, "suspects": [ids[rows[i]] for i in r.suspects][:50],
-                            "top_spectral": [ids[rows[i]] for i in ranked]}
+            summary[cls] = {"items": sample.seen, "screened": len(sample), "alarm": r.alarm,
+                            "cluster_share": r.cluster_share, "silhouette": r.silhouette,
+                            "suspects": [ids[i] for i in r.suspects][:50], "top_spectral": [ids[i] for i in ranked]}
         scope = Scope(split=p.split)
         # a class never screened could hold the poisoned cluster: the counts are defined only over every class
         whole = screened == len(names)
         why = {} if whole else {"undefined": f"{len(names) - screened} of {len(names)} classes of the {p.split} "
                                              f"split not screened (fewer than {P.MIN_ITEMS} items): "
                                              + "; ".join(limitations)}
-        m_alarm = census(self.name, "poisoning_alarms", alarms if whole else None, screened, scope=scope,
-                         details=why)
-        m_susp = census(self.name, "poisoning_suspects", suspects if whole else None, len(y), scope=scope,
-                        details=why)
+        cut = [f"{c} {len(s)} of {s.seen}" for c, s in zip(names, samples, strict=True) if s.seen > len(s)]
+        sampled = "; ".join(filter(None, [ctx.data.sampled(p.split), cut and (
+            f"screened on a seeded sample of at most {p.max_items} items per class ({', '.join(cut)}): the items "
+            "outside it were not screened")]))
+        m_alarm = over_sample(census(self.name, "poisoning_alarms", alarms if whole else None, screened, scope=scope,
+                                     details=why), sampled)
+        m_susp = over_sample(census(self.name, "poisoning_suspects", suspects if whole else None,
+                                    sum(len(s) for s in samples), scope=scope, details=why), sampled)
         findings = [Finding(topic=Topic.DATA, cites={"a": m_alarm, "s": m_susp}, text=(
             f"The poisoning screen of the {p.split} split raises {{a}} alarm(s) over {screened} classes, "
             f"{{s}} suspect items: " + ", ".join(c for c, v in summary.items() if v["alarm"]) + "."))] if alarms \
@@ -87,4 +93,6 @@ class PoisoningScreen(Check):
                    "features is not found.",
             validity=[f"penultimate features ({extract.why}); per class: 2-means on at most 10 principal components "
                       f"(alarm: smaller cluster <= {p.max_share:.0%} of the class, silhouette >= "
-                      f"{p.min_silhouette}), spectral signature scores on the top singular vector"])
+                      f"{p.min_silhouette}), spectral signature scores on the top singular vector",
+                      f"each class a seeded sample of at most {p.max_items} items (the one seeding rule), the whole "
+                      "class when smaller"])

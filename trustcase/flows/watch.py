@@ -20,10 +20,17 @@ qualified version takes the alias unless a newer version holds it; any other ver
 the qualified version keeps it.
 `comparison.json` (claims of the new version beside the qualified one's, regressions first) is
 written to the output folder and logged to the run.
+
+The drift step (`--batches FOLDER`): each sub-folder of FOLDER is a batch of production inputs. A batch not yet
+judged for its content and the model (the qualified version's, else the use case's) gets the feature-drift test
+against the validation split (`data.drift.batch_drift`, as `trustcase drift`); its verdict goes to
+`<out>/<use case>-batches/<batch>/drift.json` and to a run of the use case's experiment (tags trustcase.kind=drift,
+trustcase.batch, trustcase.drift). A batch the test cannot judge is an error of the pass, judged again next time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -50,6 +57,18 @@ ALIAS = "qualified"
 
 class WatchError(UserError):
     """A user error about the registry: no such registered model, an alias that points nowhere."""
+
+
+@dataclass
+class BatchOutcome:
+    batch: str
+    drift: bool | None = None
+    pvalue: float | None = None
+    mmd: float | None = None
+    model: str | None = None
+    record: str | None = None
+    run_id: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -181,10 +200,76 @@ def assess_version(client: MlflowClient, uc: UseCase, mv: ModelVersion, out_root
                           compared_with=str(holder.version) if holder else None, regressions=regressions)
 
 
+DRIFT_LEVEL = 0.05  # the drift step's level, as `trustcase drift`'s default
+
+
+def batch_folders(batches: str | Path) -> list[Path]:
+    """The batches of production inputs: the sub-folders of `batches`, by name."""
+    root = Path(batches)
+    if not root.is_dir():
+        raise WatchError(f"--batches {root}: no such folder (its sub-folders are the batches of production inputs)")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def _content(folder: Path) -> str:
+    from trustcase.odd import input_files
+
+    h = hashlib.sha256()
+    for f in input_files([folder]):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def judge_batches(client: MlflowClient, uc: UseCase, batches: str | Path, out_root: Path,
+                  alias: str = ALIAS) -> list[BatchOutcome]:
+    """The drift step: every batch not judged yet for its content and the model gets the feature-drift test against
+    the validation split; verdict recorded in drift.json and an MLflow run. Bad batches are errors (exit 2)."""
+    from trustcase.data.drift import batch_drift
+    from trustcase.flows.provenance import model_sha256
+    from trustcase.models.loading import load_classifier
+
+    holder, _ = qualified(client, tracking.registered_name(uc), alias)
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix=f"trustcase-{uc.id}-drift-") as tmp:
+        judged = load_use_case(_materialise(client, uc, holder, Path(tmp))) if holder else uc
+        who = f"version {holder.version} ({alias})" if holder else "the use case's model"
+        model, model_sha = None, model_sha256(judged.model)
+        for folder in batch_folders(batches):
+            record = out_root / f"{uc.id}-batches" / folder.name / "drift.json"
+            try:
+                content = _content(folder)
+                before = json.loads(record.read_text()) if record.is_file() else {}
+                if (before.get("batch_sha256"), before.get("model_sha256")) == (content, model_sha):
+                    continue  # judged already: same inputs, same model
+                model = load_classifier(judged.model) if model is None else model
+                r = batch_drift(judged, model, [folder], "validation", seed=uc.plan.seed, check="drift")
+            except UserError as e:  # a batch off the input contract, too small, unreadable
+                outcomes.append(BatchOutcome(folder.name, error=_redact(f"{type(e).__name__}: {e}", uc)))
+                continue
+            drifted = r["pvalue"] < DRIFT_LEVEL
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"batch": folder.name, "batch_sha256": content, "model": who,
+                                          "model_sha256": model_sha, "alpha": DRIFT_LEVEL, "drift": drifted,
+                                          "judged_at": datetime.now(UTC).isoformat(timespec="seconds"), **r},
+                                         indent=1))
+            run = client.create_run(tracking.experiment(uc), run_name=f"drift {folder.name}", tags={
+                TAG + "kind": "drift", TAG + "batch": folder.name, TAG + "drift": str(drifted).lower(),
+                TAG + "model": who})
+            for key in ("pvalue", "mmd"):
+                client.log_metric(run.info.run_id, f"drift_{key}", r[key])
+            client.log_artifact(run.info.run_id, str(record))
+            client.set_terminated(run.info.run_id)
+            outcomes.append(BatchOutcome(folder.name, drifted, r["pvalue"], r["mmd"], who, str(record),
+                                         run.info.run_id))
+    return outcomes
+
+
 @flow(name="trustcase-watch")
 def watch(use_case_path: str, out_root: str = "trustcase-out", tracking_uri: str | None = None,
-          alias: str = ALIAS, runner: str = "thread", dask_address: str | None = None) -> list[dict]:
-    """One pass over the registry: assess every version never assessed, oldest first."""
+          alias: str = ALIAS, runner: str = "thread", dask_address: str | None = None,
+          batches: str | None = None) -> list[dict]:
+    """One pass over the registry: assess every version never assessed, oldest first; then the drift step over
+    the batches of production inputs (outcomes with a 'batch' key)."""
     log = get_run_logger()
     uc = load_use_case(use_case_path)
     client, _ = _client(tracking_uri)
@@ -201,27 +286,35 @@ def watch(use_case_path: str, out_root: str = "trustcase-out", tracking_uri: str
             o = VersionOutcome(version=str(mv.version), error=_redact(f"{type(e).__name__}: {e}", uc))
             log.error("%s v%s not assessed: %s", name, mv.version, o.error)
         outcomes.append(asdict(o))
+    for b in judge_batches(client, uc, batches, Path(out_root).resolve(), alias) if batches else []:
+        log.info("batch %s: %s", b.batch, b.error or f"{'drift' if b.drift else 'no drift'} (p-value {b.pvalue:.3g})")
+        outcomes.append(asdict(b))
     return outcomes
 
 
 def once(use_case_path: str | Path, out_root: str | Path = "trustcase-out", tracking_uri: str | None = None,
-         alias: str = ALIAS, runner: str = "thread", dask_address: str | None = None) -> list[dict]:
-    """One pass; when nothing is pending it returns at once, without starting a Prefect flow."""
+         alias: str = ALIAS, runner: str = "thread", dask_address: str | None = None,
+         batches: str | Path | None = None) -> list[dict]:
+    """One pass; when nothing is pending (no version, no batch folder) it returns at once, without starting a
+    Prefect flow."""
     uc = load_use_case(use_case_path)
     client, uri = _client(tracking_uri)
     qualified(client, tracking.registered_name(uc), alias)  # an alias pointing nowhere fails before any work
-    if not pending(client, tracking.registered_name(uc)):
+    if batches is not None:
+        batch_folders(batches)  # a batches folder that does not exist, too
+    if not pending(client, tracking.registered_name(uc)) and batches is None:
         return []
     runners.task_runner(runner, dask_address)  # a Dask address that does not answer fails before any work
     ensure_local_database()
-    return watch(str(Path(use_case_path).resolve()), str(out_root), uri, alias, runner, dask_address)
+    return watch(str(Path(use_case_path).resolve()), str(out_root), uri, alias, runner, dask_address,
+                 str(Path(batches).resolve()) if batches is not None else None)
 
 
 def deployment_parameters(use_case_path: str | Path, out_root: str | Path, tracking_uri: str | None, alias: str,
-                          runner: str, dask_address: str | None) -> dict:
+                          runner: str, dask_address: str | None, batches: str | Path | None = None) -> dict:
     return {"use_case_path": str(Path(use_case_path).resolve()), "out_root": str(Path(out_root).resolve()),
             "tracking_uri": tracking.configure(tracking_uri), "alias": alias, "runner": runner,
-            "dask_address": dask_address}
+            "dask_address": dask_address, "batches": str(Path(batches).resolve()) if batches is not None else None}
 
 
 def validate_cron(cron: str) -> str:
