@@ -102,14 +102,19 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
         for start in range(0, total, batch_size):
             owner = torch.arange(start, min(start + batch_size, total)) // num
             items, k = torch.unique_consecutive(owner, return_counts=True)
-            e = torch.cat([noise(int(i), int(n)) for i, n in zip(items, k, strict=True)])
-            noisy = clean[owner] + e * step
+            noisy = torch.cat([noise(int(i), int(n)) for i, n in zip(items, k, strict=True)]).mul_(step)
+            at = 0
+            for i, n in zip(items.tolist(), k.tolist(), strict=True):  # in place: clean + e * step, no copies
+                noisy[at:at + n] += clean[i]
+                at += n
             pred = model.forward(noisy.permute(0, 3, 1, 2) if image else noisy).argmax(1)  # (k,) or (k, H, W)
-            if counts is None:  # one vote counter per item, class and output cell (a segmenter's pixel)
+            if counts is None:  # one vote counter per item, output cell (a segmenter's pixel) and class
                 cells = tuple(pred.shape[1:])
                 counts = torch.zeros(b * math.prod(cells) * c, dtype=torch.int64)
-            cell = owner.view(-1, *[1] * len(cells)) * math.prod(cells) + torch.arange(math.prod(cells)).view(cells)
-            counts += torch.bincount((cell * c + pred).flatten(), minlength=len(counts))
+                first = torch.arange(math.prod(cells)).view(cells) * c  # each cell's first counter in an item's
+            where = pred + first
+            where += (owner * (math.prod(cells) * c)).view(-1, *[1] * len(cells))
+            counts += torch.bincount(where.flatten(), minlength=len(counts))
     return np.zeros((b, c), np.int64) if counts is None else counts.view(b, *cells, c).numpy()
 
 
