@@ -7,8 +7,10 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+from test_smoothing import classifier
 
 from trustcase.certification import lipschitz as L
+from trustcase.certification import smoothing as S
 
 
 def _exact(a) -> list[Fraction]:
@@ -48,3 +50,16 @@ def test_a_pairwise_radius_never_exceeds_the_exact_quotient_of_its_float64_input
                 continue
             d2 = sum((a - b) ** 2 for a, b in zip(w[y], w[j], strict=True))
             assert rr * rr * d2 * Fraction(body) ** 2 * Fraction(scale) ** 2 <= (zz[y] - zz[j]) ** 2
+
+
+def test_every_smoothing_vote_draws_its_own_centred_gaussian_noise():
+    """On the decision boundary of a linear classifier a vote goes either way with probability 1/2 exactly, so
+    400 items with one vote each give about 200 of each class (a binomial count; outside [140, 260] with
+    probability below 1e-9). A noise block that starts with anything but fresh N(0, 1) draws (a clean row kept
+    in the first block once did, one of the n draws) moves every single vote to one side."""
+    clf = classifier([1.0], -0.5)  # class 1 iff x > 0.5; value range [0, 1]
+    x = np.full((400, 1), 0.5, np.float32)
+    for num in (1, 3):
+        counts = S.sample_counts(clf, x, num, 0.25, 64, np.arange(400) + 7)
+        assert counts.shape == (400, 2) and (counts.sum(1) == num).all()
+        assert 140 * num <= counts[:, 1].sum() <= 260 * num, counts[:, 1].sum()
