@@ -251,6 +251,9 @@ def test_performance_measures_a_segmenter_with_its_examples(segmentation_case):
     assert perf[("image_recall", ())].value == 1 / 2 and perf[("image_false_alarm_rate", ())].value == 1
     assert perf[("image_false_alarm_rate", (("defect", "free"),))].value == 1
     assert perf[("image_recall", (("defect", "spot"),))].value == 1 / 2
+    pixels, images = out.figures  # confusion matrices, rows true; the test split's 768 pixels and 3 images
+    assert pixels.counts == [[748, 4], [4, 12]] and "iou" in pixels.illustrates
+    assert images.counts == [[0, 1], [1, 1]] and "image_recall" in images.illustrates
     assert [a.kind for a in out.artefacts] == ["image"]  # the overlays of t3 (Dice 0) and t1 (Dice 1)
     assert (tmp_path / "checks" / out.artefacts[0].path).is_file()
 

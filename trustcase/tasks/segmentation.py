@@ -17,7 +17,7 @@ from trustcase.data.streaming import judge_mask
 from trustcase.measurement import BOOTSTRAP_REPLICATES
 from trustcase.models.classifier import Classifier, ModelError, NonFiniteOutput
 from trustcase.models.loading import load_classifier
-from trustcase.schemas import ModelSpec
+from trustcase.schemas import ConfusionMatrix, ModelSpec
 from trustcase.tasks import Task
 from trustcase.tasks.segmentation_metrics import SegmentationTally, segmentation_metrics
 
@@ -131,7 +131,18 @@ class SegmentationScorer:
         return self.tally.compute(split, confidence, BOOTSTRAP_REPLICATES, perturbation, amplitude)
 
     def figures(self, split, measurements):
-        return []
+        """The pixels' confusion matrix (for the IoU, Dice and pixel-rate claims) and the images' at the operating
+        rule (for the image-level claims)."""
+        t = self.tally
+        predicted, defective = np.array(t.predicted, bool), np.array(t.defective, bool)
+        images = [[int((~defective & ~predicted).sum()), int((~defective & predicted).sum())],
+                  [int((defective & ~predicted).sum()), int((defective & predicted).sum())]]
+        pixel_metrics = ["iou", "dice", "pixel_precision", "pixel_recall", "mean_iou", "mean_dice"]
+        return [ConfusionMatrix(title=f"Pixels ({split})", classes=t.class_names, counts=t.pixels.tolist(),
+                                illustrates=pixel_metrics),
+                ConfusionMatrix(title=f"Images at the rule >= {self.rule} defect pixels ({split})",
+                                classes=["defect-free", "defective"], counts=images,
+                                illustrates=["image_recall", "image_false_alarm_rate"])]
 
     def validity(self, split, confidence):
         return (f"measured on the {split} split ({len(self.tally.ids)} images, each brought to the model's input size "

@@ -33,10 +33,14 @@ def segmentation_metrics(class_names: list[str]) -> list[str]:
             *(f"{f}:{c}" for c in class_names for f in PIXEL_METRICS)]
 
 
-def pixel_counts(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
-    """One image's (K, 3) pixel counts per class: true positives, false positives, false negatives."""
+def pixel_counts(pred: np.ndarray, true: np.ndarray, n_classes: int, confusion: np.ndarray | None = None) \
+        -> np.ndarray:
+    """One image's (K, 3) pixel counts per class: true positives, false positives, false negatives (its confusion
+    matrix added to `confusion` when given)."""
     cm = np.bincount(true.astype(np.int64).ravel() * n_classes + pred.astype(np.int64).ravel(),
                      minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    if confusion is not None:
+        confusion += cm
     tp = np.diag(cm)
     return np.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp], axis=1)
 
@@ -66,6 +70,7 @@ class SegmentationTally:
         self.predicted: list[bool] = []  # per image: decided defective by the operating rule
         self.defective: list[bool] = []  # per image: at least one true defect pixel
         self.meta: dict[str, list[str]] = {name: [] for name in self.subgroups}
+        self.pixels = np.zeros((len(class_names), len(class_names)), np.int64)  # rows true, columns predicted
 
     def update(self, pred: np.ndarray, masks, ids: list[str], meta: dict[str, list[str]] | None = None) -> np.ndarray:
         """One batch: predicted classes (B, H, W) and true masks (B of (H, W)); returns each image's decision."""
@@ -73,7 +78,7 @@ class SegmentationTally:
         decisions = np.zeros(len(ids), np.int64)
         for b, (p, t, item) in enumerate(zip(pred, masks, ids, strict=True)):
             self.ids.append(str(item))
-            self.counts.append(pixel_counts(p, t, k))
+            self.counts.append(pixel_counts(p, t, k, self.pixels))
             decisions[b] = int(np.count_nonzero(p) >= self.defect_pixels)
             self.predicted.append(bool(decisions[b]))
             self.defective.append(bool(np.any(t)))
