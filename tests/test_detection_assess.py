@@ -34,7 +34,9 @@ def test_assess_the_steel_defect_case_on_a_subset(tmp_path, tracking_uri):
     for check in raw["plan"]["checks"]:
         if check["check"] == "perturbation_sweep":
             check["params"]["perturbations"] = {"gaussian_blur": [1.0], "dead_pixels": [0.01]}
-    raw["plan"]["checks"].append({"check": "lipschitz"})  # not applicable to a detector, with the reason
+        if check["check"] == "randomized_smoothing":  # the flow, not the certificate: few samples
+            check["params"].update(n=16, max_items=4)
+    assert {"check": "lipschitz"} in raw["plan"]["checks"]  # not applicable to a detector, with the reason
     raw["requirements"] = [r for r in raw["requirements"] if r["id"] not in ("D9-glare", "D10-darker")]
     (tmp_path / "uc.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     r = assess(str(tmp_path / "uc.yaml"), str(tmp_path / "out"), None, tracking_uri)

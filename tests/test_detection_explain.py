@@ -119,3 +119,12 @@ def test_the_explainability_check_explains_the_steel_detector_boxes(tmp_path):
     # the bundled TorchScript CenterNet cannot be hooked: Grad-CAM says so and D-RISE, a black-box method, runs
     assert standing["grad_cam"].status == "not run" and "hookable" in standing["grad_cam"].reasons[0]
     assert standing["d_rise"].status in ("recommended", "warned")
+
+
+def test_the_explainability_check_keeps_the_conformance_promises_on_a_detector(tmp_path):
+    from trustcase.testing import check_conformance, synthetic_case
+
+    params = {"items": 3, "d_rise_masks": 16, "d_rise_cells": 4, "steps": 4}
+    uc, model = synthetic_case([{"check": "explainability", "params": params}], task="detection")
+    report = check_conformance("explainability", params, use_case=uc, model=model, workdir=tmp_path / "runs")
+    assert all(v.startswith(("ok", "skipped")) for v in report.values()), report

@@ -82,6 +82,15 @@ class Context:
     def batches(self, role: str = "test", batch_size: int | None = None):
         return self.data.stream(role).batches(batch_size)
 
+    def sample(self, role: str, k: int | None, batch_size: int | None = None) -> set[int]:
+        """A seeded sample of k item positions of a split (all when k is None or larger), the same at any batch size:
+        a split is often ordered (by class), so its first k items would not represent it."""
+        import numpy as np
+
+        index = [int(i) for b in self.batches(role, batch_size) for i in b.index]
+        return set(index if k is None or k >= len(index) else
+                   np.random.default_rng(self.seed).choice(index, k, replace=False).tolist())
+
     def claimed(self, metric: str, perturbation: str) -> list[float]:
         """Amplitudes (e.g. radii) that requirements on `metric` claim up to: always measured exactly, so no
         claim reads a grid neighbour."""

@@ -170,10 +170,7 @@ class Adversarial(Check):
                                                       for a in ctx.claimed(m, f"{name}.{o}"))}) for o in p.objectives}
         ids, boxes, clean = [], [], []
         found = {(o, e): [] for o in p.objectives for e in grids[o]}
-        # a seeded sample of the split (a split is often ordered by class: its first items would be one class)
-        index = np.concatenate([b.index for b in ctx.batches(p.split, p.batch_size)] or [np.zeros(0, int)])
-        sample = set(np.random.default_rng(ctx.seed).choice(index, min(p.max_items, len(index)), replace=False)
-                     .tolist())
+        sample = ctx.sample(p.split, p.max_items, p.batch_size)
         for batch in ctx.batches(p.split, p.batch_size):
             take = np.flatnonzero(np.isin(batch.index, list(sample)))
             if not len(take):

@@ -111,13 +111,17 @@ class RandomizedSmoothing(Check):
         threshold = ctx.use_case.model.score_threshold
         model = IndicationPresent(ctx.model, threshold) if detection else ctx.model
         ids, labels, preds, radii, voted = [], [], [], [], []
+        sample = ctx.sample(p.split, p.max_items) if detection else None  # a split ordered by class: sampled
         for batch in ctx.batches(p.split):
             if p.max_items is not None and len(ids) >= p.max_items:
                 break
-            keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
-            images, y = batch.images[keep], batch.labels[keep]
-            y = indication_labels(y) if detection else y
-            item_ids = batch.ids[keep]  # noise follows (seed, item id): evidence independent of batching
+            keep = slice(0, None if p.max_items is None else p.max_items - len(ids)) if sample is None else [
+                j for j, i in enumerate(batch.index) if int(i) in sample]
+            if sample is not None and not keep:
+                continue
+            images = batch.images[keep]
+            y = indication_labels([batch.labels[j] for j in keep]) if detection else batch.labels[keep]
+            item_ids = [batch.ids[j] for j in keep] if detection else batch.ids[keep]  # noise follows the item id
             c, r, _ = certify(model, images, sigma=p.sigma, n0=p.n0, n=p.n, alpha=p.alpha,
                               batch_size=p.batch_size, seed=ctx.seed, ids=item_ids)
             voted.append(predict(model, images, sigma=p.sigma, n=p.n, alpha=p.alpha, batch_size=p.batch_size,
