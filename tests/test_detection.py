@@ -345,3 +345,16 @@ def test_the_odd_monitor_of_a_detector_learns_its_backbone_features(tmp_path, ex
     assert by[("false_alarm_rate", None, None)].value == 0
     assert out.summary["feature_mode"] == "backbone" and out.summary["calibration"]["scores"] == ["mahalanobis"]
     assert any("not applicable to a detector" in x for x in out.limitations)
+
+
+def test_root_causes_and_improve_say_why_they_do_not_serve_a_detector_yet(detection_case, tmp_path):
+    from trustcase.checks import build
+    from trustcase.errors import Unsupported
+    from trustcase.flows.improve import ImproveError, training_entry
+    from trustcase.schemas import CheckSpec
+
+    uc, folder = detection_case
+    with pytest.raises(Unsupported, match="not applicable to a detector yet: HUDD clusters"):
+        build(CheckSpec(check="root_causes"))(_context(uc, folder, "rc"))
+    with pytest.raises(ImproveError, match="not applicable to a detection model yet"):
+        training_entry(uc, tmp_path / "use_case.yaml")

@@ -20,7 +20,8 @@ TAUGHT = {
     "odd_monitor": {"perturbations": {"brightness": [0.4]}},
     "adversarial": {"attacks": ["fgsm_linf"], "linf": [8.0], "objectives": ["vanishing"], "max_items": 4,
                     "distance": False},
-    "lipschitz": {},
+    "lipschitz": {},  # not applicable to a detector, with the reason
+    "root_causes": {},  # not applicable to a detector yet, with the reason
     "randomized_smoothing": {"n0": 8, "n": 32, "max_items": 4},
 }
 

@@ -49,6 +49,7 @@ class RootCauses(Check):
     name = "root_causes"
     Params = RootCausesParams
     stage = Stage.TESTING
+    tasks = frozenset({"classification", "detection"})  # detection: not applicable yet, with the reason (in `run`)
 
     @classmethod
     def produces(cls, params, use_case):
@@ -62,6 +63,12 @@ class RootCauses(Check):
     def run(self, ctx: Context) -> CheckOutcome:
         p: RootCausesParams = self.params
         uc = ctx.use_case
+        if uc.task == "detection":
+            raise Unsupported(
+                "root_causes: not applicable to a detector yet: HUDD clusters each error's relevance for its class "
+                "at internal layers; a detector's error is a missed indication, whose relevance is the Grad-CAM of "
+                "that box's class score through the detector's decoding (captum's layer hooks do not reach into a "
+                "TorchScript detector), which is not built")
         net = A.Network(ctx.model)
         layers = p.layers or net.conv_layers()
         if not layers:

@@ -81,6 +81,11 @@ class ImproveError(UserError):
 def training_entry(uc: UseCase, use_case_path: Path):
     """The use case's training function, imported with its folders on the path and checked against the
     contract's signature: one parameter (a TrainingRequest)."""
+    if uc.task != "classification":
+        raise ImproveError(f"trustcase improve: not applicable to a {uc.task} model yet: its methods retrain through "
+                           "a training contract whose extra items are labelled by class index, and the hudd method "
+                           "selects from the root causes of misclassified items (root_causes is not applicable to a "
+                           f"{uc.task} model)")
     if uc.training is None:
         raise ImproveError(f"{use_case_path}: no 'training' section: name the function that trains a version "
                            "(training: {entry: module:function}, see docs/architecture.md, the training contract)")
