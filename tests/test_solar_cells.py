@@ -39,6 +39,20 @@ def test_a_model_trained_under_another_split_rule_is_stale(tmp_path):
     log = {"params": {"splits": "0123456789abcdef"}}
     model.with_suffix(".json").write_text(json.dumps(log))
     assert "another split rule" in train.stale(model)
-    log["params"]["splits"] = elpv.splits_id()
+    log["params"] = {"splits": elpv.splits_id(), "epochs": train.EPOCHS["certified"],
+                     "width": train.WIDTH["certified"], "critical_weight": train.CRITICAL_WEIGHT["certified"],
+                     "threads": train.THREADS}
     model.with_suffix(".json").write_text(json.dumps(log))
     assert train.stale(model) is None
+
+
+def test_a_bundled_model_trained_by_another_default_recipe_is_stale(tmp_path):
+    """The README quotes the default recipe's model: one trained before the recipe changed (width 16, critical
+    weight 1.25, or on another thread count, which sums in another order) is trained again by the demo."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights")
+    recipe = {"splits": elpv.splits_id(), "epochs": 60, "width": train.WIDTH["certified"],
+              "critical_weight": train.CRITICAL_WEIGHT["certified"], "threads": train.THREADS}
+    for key, old in (("width", 16), ("critical_weight", 1.25), ("threads", 2), ("epochs", 24)):
+        model.with_suffix(".json").write_text(json.dumps({"params": {**recipe, key: old}}))
+        assert "another recipe" in train.stale(model) and f"{key} {old} ->" in train.stale(model)
