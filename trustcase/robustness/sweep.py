@@ -88,7 +88,9 @@ def _series(ms: list[Measurement]) -> Series | None:
 
 def curve(key: str, unit: str, grid: list[float], ms: list[Measurement], uc: UseCase,
           broken: dict[str, dict]) -> Curve:
-    metrics = ["accuracy", f"recall:{uc.model.critical_class}", "flip_rate"]
+    claimed = [r.metric for r in uc.requirements if r.scope.perturbation and r.scope.perturbation.name == key]
+    # a classifier's two figures, and what the claims under this perturbation measure (a segmenter's image rates)
+    metrics = list(dict.fromkeys(["accuracy", f"recall:{uc.model.critical_class}", *claimed, "flip_rate"]))
     plain = [m for m in ms if not m.scope.subgroup]
     series = {}
     for metric in metrics:
