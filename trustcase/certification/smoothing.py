@@ -93,7 +93,8 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
             while len(pending[i]) < k:
                 size = min(NOISE_BLOCK, num - drawn[i])
                 drawn[i] += size
-                pending[i] = torch.cat([pending[i], torch.randn((size, *clean.shape[1:]), generator=gens[i])])
+                block = torch.randn((size, *clean.shape[1:]), generator=gens[i])
+                pending[i] = torch.cat([pending[i], block]) if len(pending[i]) else block  # no copy when used up
             out, pending[i] = pending[i][:k], pending[i][k:]
             return out
 
@@ -102,7 +103,9 @@ def sample_counts(model: Classifier, x: np.ndarray, num: int, sigma: float, batc
         for start in range(0, total, batch_size):
             owner = torch.arange(start, min(start + batch_size, total)) // num
             items, k = torch.unique_consecutive(owner, return_counts=True)
-            noisy = torch.cat([noise(int(i), int(n)) for i, n in zip(items, k, strict=True)]).mul_(step)
+            parts = [noise(int(i), int(n)) for i, n in zip(items, k, strict=True)]
+            # scaled in place (the drawn samples are used once): one item's samples are not copied
+            noisy = (parts[0] if len(parts) == 1 else torch.cat(parts)).mul_(step)
             at = 0
             for i, n in zip(items.tolist(), k.tolist(), strict=True):  # in place: clean + e * step, no copies
                 noisy[at:at + n] += clean[i]
