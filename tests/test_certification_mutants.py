@@ -6,6 +6,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import pytest
 import torch
 from test_smoothing import classifier
 
@@ -63,3 +64,50 @@ def test_every_smoothing_vote_draws_its_own_centred_gaussian_noise():
         counts = S.sample_counts(clf, x, num, 0.25, 64, np.arange(400) + 7)
         assert counts.shape == (400, 2) and (counts.sum(1) == num).all()
         assert 140 * num <= counts[:, 1].sum() <= 260 * num, counts[:, 1].sum()
+
+
+def test_predict_answers_when_the_runner_up_has_votes_too():
+    """PREDICT (Cohen et al.) returns the top class when a two-sided binomial test of n_A against n_B in n_A + n_B
+    trials rejects a tie at alpha. At P(class 1) = 0.7 and n = 1000 (n_B about 300, not 0) the test rejects by
+    far (p about 1e-36): every item is predicted."""
+    from scipy import stats
+
+    clf = classifier([1.0], -0.5)
+    sigma = 0.25
+    x = np.full((12, 1), 0.5 + sigma * stats.norm.ppf(0.7), np.float32)  # P(x + e > 0.5) = 0.7
+    pred = S.predict(clf, x, sigma=sigma, n=1000, alpha=0.001, seed=3, ids=[f"i{k}" for k in range(12)])
+    assert (pred == 1).all(), pred  # a test on n_A - n_B = 400 trials (cdf(300; 400) near 1) would abstain
+
+
+def _circular_norm(w: np.ndarray, grid: tuple[int, int], dilation=(1, 1)) -> float:
+    """The exact norm of the stride-1 circular convolution of w on a grid, from its dense matrix (float64 SVD)."""
+    cout, cin, kh, kw = w.shape
+    h, wd = grid
+    m = np.zeros((cout, h, wd, cin, h, wd))
+    for i in range(h):
+        for j in range(wd):
+            for a in range(kh):
+                for b in range(kw):
+                    m[:, i, j, :, (i + a * dilation[0]) % h, (j + b * dilation[1]) % wd] += w[:, :, a, b]
+    return float(np.linalg.norm(m.reshape(cout * h * wd, cin * h * wd), 2))
+
+
+def test_a_convolution_norm_is_the_circular_norm_on_each_axis_own_padded_size():
+    """conv2d_norm bounds a zero-padded convolution by the circular one on the padded grid, H + 2 p_h by W + 2 p_w:
+    with padding (2, 0) and a dilation of (1, 2) it must equal the dense matrix's norm on that 9 x 8 grid, up to its
+    own rounding margin (another grid, e.g. the other axis's padding, gives another norm)."""
+    from trustcase.models.lipschitz_layers import conv2d_norm
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 2, 3, 2))
+    exact = _circular_norm(w, (5 + 4, 8), dilation=(1, 2))
+    bound = conv2d_norm(torch.from_numpy(w), (5, 8), padding=(2, 0), dilation=(1, 2))
+    assert exact <= bound <= exact * (1 + 1e-9)
+
+
+def test_a_kernel_larger_than_the_padded_input_on_one_axis_is_refused():
+    from trustcase.models.lipschitz_layers import conv2d_norm
+
+    for shape, hw in (((1, 1, 5, 1), (3, 8)), ((1, 1, 1, 5), (8, 3))):
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            conv2d_norm(torch.ones(shape), hw)
