@@ -87,7 +87,7 @@ def bench_local(quick: bool) -> None:
 
     from trustcase.certification import graph as G
     from trustcase.certification import propagation as P
-    from trustcase.certification.bab import MARGIN
+    from trustcase.certification.bab import allowance
     from trustcase.certification.local_robustness import decide
     from trustcase.certification.properties import acasxu_root, single_thread
 
@@ -112,7 +112,7 @@ def bench_local(quick: bool) -> None:
 
     def ibp(x, eps, c):
         lo, hi = torch.from_numpy(x - eps)[None], torch.from_numpy(x + eps)[None]
-        return bool((P.lower_bound(g, lo, hi, rows(c), "ibp").lower > MARGIN).all())
+        return bool((P.lower_bound(g, lo, hi, rows(c), "ibp").lower > allowance(g, lo, hi, rows(c))).all())
 
     def ours(x, eps, c):
         t = [torch.from_numpy(v)[None] for v in (x, x - eps, x + eps)]
@@ -164,7 +164,7 @@ def solar_cells(n: int, model: Path | None = None):
 
 def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float = 1.0) -> None:
     from trustcase.certification import propagation as P
-    from trustcase.certification.bab import MARGIN
+    from trustcase.certification.bab import allowance
     from trustcase.certification.local_robustness import decide
     from trustcase.certification.properties import single_thread
 
@@ -182,9 +182,10 @@ def bench_solar(n: int, timeout: float, model: Path | None = None, radius: float
                 C = torch.zeros(1, 2, dtype=torch.float64)
                 C[0, c], C[0, 1 - c] = 1.0, -1.0
                 t = time.perf_counter()
-                r = P.lower_bound(g, lo, hi, C, method, deadline=t + timeout, target=MARGIN)
+                r = P.lower_bound(g, lo, hi, C, method, deadline=t + timeout, target=0.0,
+                                  rhs=allowance(g, lo, hi, C))
                 secs.append(time.perf_counter() - t)
-                verified += bool((r.lower > MARGIN).all())
+                verified += bool((r.lower > 0).all())
             print(f"{method:<14}{verified:>9}{'-':>10}{n - verified:>9}{statistics.median(secs):>10.2f}")
         out, secs = [], []
         for i, (img, c) in enumerate(zip(x, preds, strict=True)):
@@ -242,7 +243,7 @@ def bench_mnistfc(timeout: float) -> None:
     beta-CROWN) against alpha-CROWN alone on the same box, with the published verdicts."""
     from trustcase.certification import graph as G
     from trustcase.certification import propagation as P
-    from trustcase.certification.bab import MARGIN
+    from trustcase.certification.bab import allowance
     from trustcase.certification.nnet import load_network
     from trustcase.certification.properties import check_property, single_thread
     from trustcase.certification.vnnlib import read_vnnlib
@@ -263,7 +264,8 @@ def bench_mnistfc(timeout: float) -> None:
         with single_thread():
             lo, hi = (torch.from_numpy(v).double()[None] for v in (region.lower, region.upper))
             alpha = all(bool((P.lower_bound(g, lo, hi, torch.from_numpy(c.A), "alpha-crown").lower[0]
-                              - torch.from_numpy(c.b) > MARGIN).any()) for c in region.outputs)
+                              - torch.from_numpy(c.b) > allowance(g, lo, hi, torch.from_numpy(c.A))).any())
+                        for c in region.outputs)
         t = time.perf_counter()
         r = check_property(module, prop, timeout)
         print(f"{path.name:<22}{name:<20}{'holds' if alpha else 'open':>12}{r['verdict']:>11}"

@@ -182,3 +182,93 @@ def test_a_second_oracle_agrees(net, i, decided):
     ours = check_property(network(net), prop(i), 60.0)["verdict"]
     assert ours == "violated"
     assert theirs == "violated" if decided else theirs in ("violated", "unknown")
+
+
+# --- floating point: the derived error bounds against measured deviations ---------------------------------
+
+MEASURE = r"""
+import json, sys
+import numpy as np, torch
+from trustcase.certification import bab
+from trustcase.certification import graph as G
+from trustcase.certification.nnet import load_network
+from trustcase.certification.onnx_graph import read_onnx
+from trustcase.certification.rounding import U32, U64
+from trustcase.certification.vnnlib import read_vnnlib
+
+root, out = sys.argv[1], {"f32": 0.0, "ort": 0.0, "f64": 0.0, "bound32": 0.0, "bound64": 0.0}
+torch.set_num_threads(1)
+for name in ("1_1", "3_3", "5_9"):
+    path = f"{root}/onnx/ACASXU_run2a_{name}_batch_2000.onnx"
+    module, ort = load_network(path), read_onnx(path)
+    g = G.from_model(module, (5,))
+    for i in (1, 2, 3, 4):
+        region = read_vnnlib(f"{root}/vnnlib/prop_{i}.vnnlib").regions[0]
+        lo, hi = (torch.from_numpy(np.asarray(v, np.float64))[None] for v in (region.lower, region.upper))
+        e32, e64 = bab.forward_error(g, lo, hi, U32), bab.forward_error(g, lo, hi, U64)
+        gen = torch.Generator().manual_seed(i)
+        x = (lo + (hi - lo) * torch.rand(1000, 5, generator=gen, dtype=torch.float64)).float()  # float32 inputs
+        x = torch.minimum(torch.maximum(x, lo.float()), hi.float())
+        with torch.no_grad():
+            y32, y64 = module(x).double(), g.forward(x.double())
+        # the exact value, near enough: the same layers in 64-bit-mantissa long double
+        v = x.double().numpy().astype(np.longdouble)
+        for node in g.nodes[1:]:
+            v = np.maximum(v, 0) if node.kind == "relu" else v @ node.maps[0].W.numpy().astype(np.longdouble).T \
+                + node.bias.numpy().astype(np.longdouble)
+        exact = torch.from_numpy(v.astype(np.float64))
+        y_ort = torch.from_numpy(ort.run(x[:100].numpy()))
+        ok = e64.max() * 1.001 + 1e-300
+        out["f32"] = max(out["f32"], float(((y32 - exact).abs() / (e32 + ok)).max()))
+        out["ort"] = max(out["ort"], float(((y_ort - exact[:100]).abs() / (e32 + ok)).max()))
+        out["f64"] = max(out["f64"], float(((y64 - exact).abs() / ok).max()))
+        out["bound32"], out["bound64"] = max(out["bound32"], float(e32.max())), max(out["bound64"], float(e64.max()))
+print(json.dumps(out))
+"""
+
+
+@needs_acas
+@pytest.mark.parametrize("capability", ["default", None])
+def test_the_float_error_bounds_cover_the_measured_deviations_on_acas_xu(capability):
+    """bab.forward_error's derived bounds (gamma_n u over one pass of |W| |x|) hold for float32 torch and
+    onnxruntime forward passes and for the float64 graph, against a long-double evaluation of the same layers, on
+    two ACAS Xu networks over the boxes of properties 1-4, with torch's plain kernels and with this CPU's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(ACAS)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["f32"] <= 1 and out["ort"] <= 1 and out["f64"] <= 1, out  # the bounds hold
+    assert out["f32"] > 0 and out["f64"] > 0, out  # the deviations were measured (long double sees them)
+    # the float64 allowance a proof must clear stays far below the outputs (about 0.1-10 here): it blocks no proof;
+    # the float32 bound over a whole property box is worst-case (tens, against 1e-6 measured): a proof covers
+    # the float32 network only where its margin exceeds it (Outcome.covers_float32)
+    assert out["bound64"] < 1e-5 and out["bound32"] > out["bound64"], out
+
+
+def test_the_float64_allowance_is_what_a_bound_must_clear():
+    """A one-neuron network whose output is exactly 0 on a point box: no proof of y > 0, however close the
+    bound comes; the allowance grows with the magnitudes summed (gamma_n u |W| |x|), not with the output."""
+    net = nn.Sequential(nn.Linear(3, 1, bias=False)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 1.0, -2.0]]))
+    g = G.from_model(net, (3,))
+    x = torch.tensor([[1e6, 1e6, 1e6]], dtype=torch.float64)
+    C = torch.ones(1, 1, dtype=torch.float64)
+    need = float(bab.allowance(g, x, x, C))
+    assert 4e6 * 2.0 ** -53 * 7 <= need <= 4e6 * 2.0 ** -53 * 20  # gamma_n of sum |w| |x| = 4e6, n = 3 + 3 + 4
+
+    def decide(b: float) -> bab.Outcome:  # "no x of the box has y <= b"
+        return bab.split_inputs(g, x[0].numpy(), x[0].numpy(), [(np.array([[1.0]]), np.array([b]))], np.inf,
+                                max_boxes=20)
+
+    assert decide(-need / 2).verdict == "unknown"  # y = 0 > b, but within the rounding of the bound
+    out = decide(-2 * need)
+    assert out.verdict == "holds" and out.least > 0

@@ -192,3 +192,38 @@ def test_the_check_on_the_tiny_solar_model(tiny_case, tmp_path):
     assert any("L2" in v for v in out.validity)
     with pytest.raises(Exception, match="radii"):
         build(CheckSpec(check="lipschitz", params={"radii": [-1.0]}))
+
+
+
+def test_concatenation_numbers_and_residual_branches_compose_exactly():
+    class Cat(nn.Module):
+        def forward(self, x):
+            return torch.cat([2.0 * x, x * 3.0], dim=1)
+
+    # two disjoint places: the squares of the branch constants add, sqrt(2^2 + 3^2), exactly the map's norm
+    assert L.upper_bound(Cat().eval(), (4,)) == pytest.approx(math.sqrt(13), rel=gamma(16))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return torch.sub(x, torch.relu(self.lin(x)), alpha=0.5)
+
+    torch.manual_seed(5)
+    res = Residual().eval()
+    norm = torch.linalg.matrix_norm(res.lin.weight.double(), 2).item()
+    assert L.upper_bound(res, (4,)) == pytest.approx(1 + 0.5 * norm, rel=1e-12)  # sum of the branches
+
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.lin(x.permute(0, 2, 1).flatten(1))
+
+    per = Permuted().eval()
+    norm = torch.linalg.matrix_norm(per.lin.weight.double(), 2).item()
+    assert L.upper_bound(per, (3, 4)) == pytest.approx(norm, rel=1e-12)  # a permutation has norm 1

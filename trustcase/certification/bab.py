@@ -4,7 +4,18 @@
 conjunctions A_c y <= b_c, or finds a counterexample, or says why it could not. It splits the input box when
 the input is low-dimensional (`INPUT_SPLIT_MAX` inputs or fewer, e.g. ACAS Xu's 5: `split_inputs`) and the
 unstable ReLUs otherwise (images, MNIST: `split_relus`), both on the bounds of `propagation` (CROWN,
-alpha-CROWN, float64). A box or domain counts as refuted only with a margin of `MARGIN`.
+alpha-CROWN, float64).
+
+Floating point (`forward_error`, the rule of `certification.rounding`: gamma_n for n accumulated roundings of
+unit roundoff u, in any order, with or without fused multiply-add): a box or domain counts as refuted only when
+every bound clears the property by the float64 rounding of the bounds themselves, |A| e64 per row, e64 the
+network's float64 error bound over the input box with every sum counted in both directions (the forward pass
+and CROWN's backward products, whose slopes lie in [0, 1]; beta-CROWN's Lagrangian terms beta z are not
+counted); 3e-9 to 6e-7 on ACAS Xu. The float32 forward error of the deployed network is
+bounded the same way (e32, u = 2^-24) and reported with the outcome: the proof covers the float32 network when
+its smallest margin exceeds |A| e32 (`Outcome.float32`); a worst-case bound, far above the measured deviation
+(0.6 to 127 over the input boxes of ACAS Xu properties against 1e-6 measured), so a proof usually covers
+the network in exact arithmetic, which the validity conditions say (`MARGIN_RULE`).
 """
 
 from __future__ import annotations
@@ -19,8 +30,15 @@ import torch
 from trustcase.certification import graph as G
 from trustcase.certification import propagation as P
 from trustcase.certification.graph import Graph
+from trustcase.certification.rounding import U32, U64, gamma
 
-MARGIN = 1e-7  # float64 rounding is not accounted for formally: a bound must clear the property by this much
+MARGIN_RULE = ("every bound clears the property by the float64 rounding of its own arithmetic (derived per "
+               "instance: gamma_n u |A| over one pass of |W| |x| through the network, which bounds CROWN's products; "
+               "beta-CROWN's Lagrangian terms of ReLU splitting are not counted); the float32 forward error of "
+               "the deployed network is covered only where the outcome says so (its worst-case bound, derived the "
+               "same way, is far above the measured deviation): otherwise the proof is about the network in exact "
+               "arithmetic")
+SIGMOID_ULPS = 8  # float32 sigmoid / tanh kernels are libm-grade (a few ulps): taken within 8 (not proved here)
 MAX_SPLIT = 2000  # unstable ReLUs beyond which an image's ReLU splitting is not attempted (thousands of
 # unstable neurons in a CNN's first layer: no search finishes)
 INPUT_SPLIT_MAX = 16  # inputs; above, the ReLUs are split (the field's rule: boxes halve badly in many dimensions)
@@ -33,6 +51,61 @@ class Outcome:
     boxes: int = 0  # boxes or domains bounded
     reason: str = ""
     method: str = ""
+    least: float = math.inf  # holds: the smallest margin a refuted box or domain had beyond the float64 allowance
+    float32: float = math.nan  # the float32 forward error bound of the rows, |A| e32 (largest row)
+
+    @property
+    def covers_float32(self) -> bool:
+        """The proof also holds for the network evaluated in float32 (its margin exceeds the float32 error)."""
+        return self.verdict == "holds" and self.least > self.float32
+
+
+def _roundings(mp: G.Map, backward: bool) -> int:
+    """Roundings accumulated by one output element of a linear map (products summed; copies are exact); backward:
+    also those of its transpose (CROWN multiplies back through it)."""
+    if isinstance(mp, G.Dense):
+        return mp.W.shape[1] + (mp.W.shape[0] if backward else 0)
+    if isinstance(mp, G.Conv):
+        taps = mp.W.shape[2] * mp.W.shape[3]
+        return mp.W.shape[1] * taps + (mp.W.shape[0] * taps if backward else 0)
+    if isinstance(mp, G.Scale):
+        return 1
+    return 0  # reshapes, permutations, padding, placing, the windows and pairs of a max pooling: exact
+
+
+def forward_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor, u: float = U32, backward: bool = False,
+                  bounds: list | None = None) -> torch.Tensor:
+    """A bound of |f_u(x) - f(x)| per output for every x of the box [lo, hi] (1, *input shape): f the graph in
+    exact arithmetic, f_u the same layers evaluated with unit roundoff u in any summation order.
+
+    Per affine node (Higham 3.1): the error it inherits, through |W|, plus gamma_n u (|W| (|x| + e) + |b|) with n
+    its fan-in, one for the bias, one per extra input and 4 for operations folded into it (a BatchNorm, a
+    constant shift); |x| from the interval bounds of the box (`bounds`, else IBP). A ReLU passes the error on,
+    or none when its input stays below zero even with it (the output is exactly 0); sigmoid / tanh shrink it by
+    their slope and add SIGMOID_ULPS u. backward: the sums of the transposed maps too (the float64 arithmetic of
+    CROWN, whose products Lambda W run back through every layer and stay within the same magnitudes: slopes in
+    [0, 1])."""
+    if bounds is None:
+        bounds = P.intermediate(g, lo, hi, "ibp")
+    err = [torch.zeros_like(bounds[0][0])]
+    for node in g.nodes[1:]:
+        if node.kind == "relu":
+            j = node.inputs[0]
+            err.append(torch.where(bounds[j][1] + err[j] > 0, err[j], torch.zeros_like(err[j])))
+            continue
+        if node.kind in G.SMOOTH:
+            slope = 0.25 if node.kind == "sigmoid" else 1.0
+            err.append(slope * err[node.inputs[0]] + SIGMOID_ULPS * u)
+            continue
+        if node.kind != "affine":
+            raise G.GraphError(f"{node.layer or node.name}: no floating-point error bound for a {node.kind!r} node")
+        pairs = list(zip(node.inputs, node.maps, strict=True))
+        size = sum(mp.abs(torch.maximum(bounds[j][0].abs(), bounds[j][1].abs()) + err[j]) for j, mp in pairs)
+        if node.bias is not None:
+            size = size + node.bias.abs()
+        n = sum(_roundings(mp, backward) for _, mp in pairs) + (node.bias is not None) + len(pairs) - 1 + 4
+        err.append(sum(mp.abs(err[j]) for j, mp in pairs) + gamma(n, u) * size)
+    return err[-1].flatten(1)[0] * (1 + gamma(2 * len(g.nodes), U64))  # this pass's own float64 roundings
 
 
 def split_dims(lam: torch.Tensor, live: torch.Tensor, width: torch.Tensor, rule: str) -> torch.Tensor:
@@ -74,17 +147,25 @@ def mixed(A: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _Specification:
     """The conjunctions as one matrix of rows A y - b, with the conjunction each row belongs to."""
 
-    def __init__(self, conjunctions, mix: bool = True):
+    def __init__(self, conjunctions, mix: bool = True, error: torch.Tensor | None = None):
+        """error: the float64 error bound of the outputs (`forward_error`); each row's b moves up by |A_k| error,
+        so a lower bound of A_k y - b above 0 clears the property by the rounding of its own arithmetic."""
         conj = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in conjunctions]
         conj = [mixed(a, b) for a, b in conj] if mix else conj
         self.A = torch.from_numpy(np.concatenate([c[0] for c in conj])).double()
         self.b = torch.from_numpy(np.concatenate([c[1] for c in conj])).double()
         owner = torch.from_numpy(np.concatenate([[i] * len(c[0]) for i, c in enumerate(conj)]))
         self.of = torch.nn.functional.one_hot(owner, len(conj)).bool()  # (rows, conjunctions)
+        if error is not None:
+            self.b = self.b + self.allowance(error)
+
+    def allowance(self, error: torch.Tensor) -> torch.Tensor:
+        """|A_k| error per row, rounded up (its own sums: gamma of the outputs)."""
+        return self.A.abs() @ error * (1 + gamma(self.A.shape[1] + 2, U64))
 
     def closeness(self, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """margin (N, rows), lower bounds of A y - b: per box its conjunctions' best rows (N, conj), and how
-        close the box is to refutation (its worst conjunction; > MARGIN: refuted)."""
+        close the box is to refutation (its worst conjunction; > 0: refuted)."""
         best = margin[:, :, None].expand(-1, -1, self.of.shape[1]).masked_fill(~self.of, -torch.inf).amax(dim=1)
         return best, best.amin(dim=1)
 
@@ -116,13 +197,33 @@ class _Boxes:
                       torch.cat([p.refuted for p in parts]))
 
 
+def _specification(g: Graph, lo: torch.Tensor, hi: torch.Tensor, conjunctions, mix: bool):
+    """The rows with their float64 allowance over the box, and the float32 forward error of the largest row."""
+    bounds = P.intermediate(g, lo, hi, "ibp")
+    spec = _Specification(conjunctions, mix, forward_error(g, lo, hi, U64, backward=True, bounds=bounds))
+    return spec, float(spec.allowance(forward_error(g, lo, hi, U32, bounds=bounds)).max())
+
+
+def allowance(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The float64 allowance of each row C_k y over the box (1, *input shape): what its bound must clear."""
+    spec = _Specification([(C.numpy(), np.zeros(len(C)))], mix=False)
+    return spec.allowance(forward_error(g, lo, hi, U64, backward=True))
+
+
+def _least(least: float, close: torch.Tensor) -> float:
+    """The smallest margin so far of the refuted boxes or domains (close > 0)."""
+    done = close[close > 0]
+    return min(least, float(done.min())) if len(done) else least
+
+
 def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, deadline: float, candidate=None,
                  search=None, batch: int = 128, max_boxes: int = 50_000_000, split: str = "pair",
                  alpha_steps: int = 10) -> Outcome:
     """Prove that no x in [lower, upper] (flat) has A_c f(x) <= b_c for any conjunction c (a list of (A, b)),
     by halving the input box.
 
-    A box is refuted when, for every conjunction, some row has a lower bound of A_k y - b_k above MARGIN.
+    A box is refuted when, for every conjunction, some row has a lower bound of A_k y - b_k above
+    its float64 allowance (`forward_error`).
     Each box is bounded by CROWN on the graph with every live neuron's intermediate bounds refined (stable
     ones too) and intersected with its parent's, then `alpha_steps` of alpha-CROWN on the output rows
     (N_1,1 property 5 of ACAS Xu in 1,600 boxes instead of 14,000; N_3,3 and N_4,2 property 2 decided at all).
@@ -138,9 +239,11 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
     the open boxes, `search(lo, hi)` now and then on the open boxes; each returns a verified counterexample
     or None.
     """
-    spec = _Specification(conjunctions)
     shape = g.nodes[0].shape
-    done, next_search = 0, time.perf_counter()
+    spec, float32 = _specification(g, torch.from_numpy(np.asarray(lower, np.float64)).view(1, *shape),
+                                   torch.from_numpy(np.asarray(upper, np.float64)).view(1, *shape), conjunctions,
+                                   mix=True)
+    done, next_search, least = 0, time.perf_counter(), math.inf
 
     def bound(lo, hi, known) -> tuple[_Boxes, torch.Tensor]:
         nonlocal done
@@ -148,7 +251,7 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
                           known=known, iterations=alpha_steps, rhs=spec.b, alive=True, crown_lam=True)
         done += len(lo)
         best, close = spec.closeness(r.lower)
-        return _Boxes(lo, hi, r.bounds, r.lam.flatten(2), r.lower, best > MARGIN), close
+        return _Boxes(lo, hi, r.bounds, r.lam.flatten(2), r.lower, best > 0.0), close
 
     def check_corners(bx: _Boxes):
         if candidate is None or not len(bx):
@@ -162,7 +265,7 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
 
     root, q = bound(torch.from_numpy(np.asarray(lower, np.float64)).flatten()[None],
                     torch.from_numpy(np.asarray(upper, np.float64)).flatten()[None], None)
-    queue = root.take(q <= MARGIN)
+    queue, least = root.take(q <= 0.0), _least(least, q)
     found = check_corners(queue)
     if found is not None:
         return Outcome("violated", counterexample=found, boxes=done)
@@ -196,12 +299,13 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
         pick = q.clamp_max(0).sum(dim=1).argmax(dim=1)  # the input whose halves come nearest to refutation
         rows = (torch.arange(n)[:, None] * 2 * k + torch.tensor([0, k])[None] + pick[:, None]).flatten()
         chosen = children.take(rows)
-        chosen = chosen.take(q.flatten()[rows] <= MARGIN)
+        least = _least(least, q.flatten()[rows])
+        chosen = chosen.take(q.flatten()[rows] <= 0.0)
         found = check_corners(chosen)
         if found is not None:
             return Outcome("violated", counterexample=found, boxes=done)
         queue = _Boxes.cat([chosen, queue]) if len(chosen) else queue
-    return Outcome("holds", boxes=done)
+    return Outcome("holds", boxes=done, least=least, float32=float32)
 
 
 class _Domains:
@@ -271,7 +375,7 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
     Returns (lower (N, m), Lambda of the worst row's last bound (N, d), branching scores, alphas, betas)."""
     n, m_all = len(lo), spec.A.shape[0]
     best_all = torch.full((n, m_all), -torch.inf, dtype=torch.float64) if known is None else known.clone()
-    rows = torch.nonzero((spec.live(spec.closeness(best_all)[0] > MARGIN) & (best_all <= MARGIN)).any(0)).flatten()
+    rows = torch.nonzero((spec.live(spec.closeness(best_all)[0] > 0.0) & (best_all <= 0.0)).any(0)).flatten()
     if known is None:
         rows = torch.arange(m_all)
     m = len(rows)
@@ -304,7 +408,7 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
             if fast is None:
                 best_all[:, rows] = torch.maximum(best_all[:, rows], best)
             _, close = spec.closeness(best_all if fast is None else _put(best_all, rows, best))
-            if opt is None or bool((close > MARGIN).all()) or t == iterations - 1 or time.perf_counter() > deadline:
+            if opt is None or bool((close > 0.0).all()) or t == iterations - 1 or time.perf_counter() > deadline:
                 break
             opt.zero_grad()
             (-b.clamp_max(1.0).sum()).backward()
@@ -326,7 +430,7 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
             b, lam = P.backward(g, len(g.nodes) - 1, C, bounds, a64, terms, keep)
             best_all[:, rows] = torch.maximum(best_all[:, rows], b - rhs)
         best = best_all[:, rows]
-        live = (spec.live(spec.closeness(best_all)[0] > MARGIN) & (best_all <= MARGIN))[:, rows].double()
+        live = (spec.live(spec.closeness(best_all)[0] > 0.0) & (best_all <= 0.0))[:, rows].double()
         scores = {}
         for j, r in pre.items():
             a = keep[r].detach()  # coefficients of the ReLU's output, (N, m, *shape)
@@ -431,11 +535,11 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
     decisions is empty. Counterexamples: `candidate(x)` on the corner of the box minimising the worst row's
     linear bound of each open domain.
     """
-    spec = _Specification(conjunctions, mix=False)
     shape = g.nodes[0].shape
     fast = G.astype(g, torch.float32)
     lo = torch.from_numpy(np.asarray(lower, np.float64)).view(1, *shape)
     hi = torch.from_numpy(np.asarray(upper, np.float64)).view(1, *shape)
+    spec, float32 = _specification(g, lo, hi, conjunctions, mix=False)
     pre = sorted({g.nodes[r].inputs[0] for r in g.relus})
     if not pre:  # S-shaped activations only (a sigmoid network): nothing to split, the bounds alone decide
         return Outcome("unknown", reason="no ReLU to split")
@@ -445,7 +549,7 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
     lower_, lam, scores, alphas, betas = _optimise(g, lo, hi, spec, bounds, splits, {}, {}, iterations, deadline)
     done = 1
     root = _Domains(splits, bounds, alphas, betas, lower_, scores, lam)
-    open_ = root.take(spec.closeness(lower_)[1] <= MARGIN)
+    open_, least = root.take(spec.closeness(lower_)[1] <= 0.0), _least(math.inf, spec.closeness(lower_)[1])
     stuck = 0
 
     def corners(d: _Domains):
@@ -496,7 +600,9 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
         done += 2 * n
         splits, bounds, empty = kids.splits, kids.bounds, kids.empty
         children = _Domains(splits, bounds, alphas, betas, lower_, scores, lam)
-        keep = (spec.closeness(lower_)[1] <= MARGIN) & ~empty
+        close = spec.closeness(lower_)[1]
+        least = _least(least, close[~empty])
+        keep = (close <= 0.0) & ~empty
         children = children.take(keep)
         found = corners(children)
         if found is not None:
@@ -504,7 +610,7 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
         open_ = _Domains.cat([children, open_]) if len(children) else open_
     if stuck:
         return Outcome("unknown", boxes=done, reason=f"{stuck} domains with every ReLU decided stay open")
-    return Outcome("holds", boxes=done)
+    return Outcome("holds", boxes=done, least=least, float32=float32)
 
 
 def decide(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, deadline: float, candidate=None,

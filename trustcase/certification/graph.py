@@ -870,7 +870,8 @@ def read(module: nn.Module, input_shape, check: bool = True) -> Graph:
     with torch.no_grad():
         if isinstance(module, torch.jit.ScriptModule):
             g = _chain(module, input_shape)
-        elif not list(module.children()):  # a single layer: tracing would look inside it
+        elif not list(module.children()) and (type(module).__module__.startswith("torch.nn")
+                                              or is_lipschitz_layer(module)):  # one layer: tracing would look inside
             b = _Builder(input_shape)
             try:
                 out = module(torch.zeros(1, *input_shape, dtype=_dtype(module)))

@@ -2,7 +2,8 @@
 an L-infinity ball? Answered per input and radius by `decide` on the model's layer graph, cheapest first:
 
 - `verified`: proved by IBP, CROWN, alpha-CROWN, then branch and bound (`bab.decide`: input splitting for
-  few inputs, beta-CROWN ReLU splitting otherwise), float64 with margin `bab.MARGIN`: no input of the ball
+  few inputs, beta-CROWN ReLU splitting otherwise), float64, each bound clearing its row by the rounding of its
+  own arithmetic (`bab.allowance`, `bab.MARGIN_RULE`): no input of the ball
   gives another class a score >= the predicted one (a tie counts as a change);
 - `falsified`: an input of the ball that changes the prediction, found by the attack engine of the
   adversarial check or at a corner the bounds point to, and re-checked by a plain float32 forward pass;
@@ -30,7 +31,7 @@ import torch
 from trustcase import seeding
 from trustcase.certification import bab
 from trustcase.certification import propagation as P
-from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN, MAX_SPLIT
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MAX_SPLIT
 from trustcase.certification.vnnlib import Conjunction, Property, Region
 from trustcase.robustness.attacks import Budget, _fooled, attack_region
 
@@ -109,6 +110,7 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
     C[:, predicted] = 1.0
     C[torch.arange(n - 1), [j for j in range(n) if j != predicted]] = -1.0
     box_lo, box_hi = lo.double(), hi.double()
+    need = bab.allowance(g, box_lo, box_hi, C)  # bounds of C y - need above 0 clear their own float64 rounding
     best, bounds = -np.inf, None
     for stage in STAGES:
         if stage == "crown":  # what IBP leaves open: a counterexample may exist, and is cheaper to find
@@ -124,11 +126,11 @@ def decide(g, forward, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pred
         if time.perf_counter() > deadline:
             break
         r = P.lower_bound(g, box_lo, box_hi, C, stage, bounds=bounds, limit=limit, deadline=deadline,
-                          target=MARGIN)
+                          target=0.0, rhs=need)
         if stage != "ibp":
             bounds = r.bounds  # alpha-CROWN reuses CROWN's intermediate bounds
-        best = max(best, float(r.lower.min()))
-        if (r.lower > MARGIN).all():
+        best = max(best, float((r.lower + need).min()))
+        if (r.lower > 0).all():
             return {"verdict": "verified", "method": stage, "counterexample": None, "margin": best,
                     "seconds": time.perf_counter() - t0}
         if r.lam is not None:  # the corner minimising the linear bound of the worst row: the likeliest witness

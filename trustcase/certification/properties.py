@@ -7,8 +7,8 @@
   corner or centre of an open box of the branch and bound, or by the same PGD inside the open boxes during
   it, and RE-CHECKED by a plain float32 forward pass of the model before it is reported;
 - `holds`: proved by sound bound propagation on the model's layer graph (`bab.decide`: CROWN, alpha-CROWN,
-  float64, margin `bab.MARGIN`) over the whole input region, splitting the input box (few inputs) or the
-  ReLUs (beta-CROWN, many inputs) until every part is refuted;
+  float64, every bound clearing its own rounding: `bab.MARGIN_RULE`) over the whole input region, splitting the
+  input box (few inputs) or the ReLUs (beta-CROWN, many inputs) until every part is refuted;
 - `unknown`: the budget ran out (or the network cannot be bounded) with neither.
 "holds" is never returned after a counterexample has been seen, since proof and search share one result.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from trustcase.certification import graph as G
-from trustcase.certification.bab import MARGIN, decide
+from trustcase.certification.bab import decide
 from trustcase.certification.vnnlib import Property
 from trustcase.robustness.attacks import Budget, attack_region
 from trustcase.seeding import item_seeds
@@ -198,7 +198,7 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape
         if found is not None:
             return result("violated", found, method="falsification, re-checked by a forward pass")
         return result("unknown", reason=f"cannot bound the network: {e}")
-    boxes, reasons, methods = 0, [], set()
+    boxes, reasons, methods, float32 = 0, [], set(), True
     for region in prop.regions:
         if not region.outputs:
             continue
@@ -211,13 +211,16 @@ def _check(module, prop: Property, timeout: float, seed: int, sign: float, shape
                      candidate=candidate, search=box_search(forward, prop, region, sign))
         boxes += out.boxes
         methods.add(out.method)
+        float32 = float32 and out.covers_float32
         if out.verdict == "violated":
             return result("violated", out.counterexample, boxes, f"{out.method}, re-checked by a forward pass")
         if out.verdict == "unknown":
             reasons.append(out.reason)
             break
     if not reasons:
-        return result("holds", boxes=boxes, method="; ".join(sorted(methods)) + f" (float64, margin {MARGIN:g})")
+        covered = "covered" if float32 else "not covered: holds for the network in exact arithmetic"
+        return result("holds", boxes=boxes, method="; ".join(sorted(methods))
+                      + f" (float64, bounds clearing their own rounding; the float32 forward error {covered})")
     found = falsify(forward, prop, deadline + 0.1 * timeout, seed + 1, sign, steps=200)  # last look, little time
     if found is not None:
         return result("violated", found, boxes, "falsification (sampling + PGD), re-checked by a forward pass")

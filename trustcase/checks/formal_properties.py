@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from pydantic import field_validator
 
-from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN_RULE
 from trustcase.certification.properties import check_property, expand
 from trustcase.certification.vnnlib import read_vnnlib
 from trustcase.checks import Check, Context, Params, Produces
@@ -101,9 +101,7 @@ class FormalProperties(Check):
                 + (" (the model outputs -Y: constraints are applied to its negated outputs)" if sign < 0 else ""),
                 "holds: proved for every input of the region on the model's layer graph by CROWN / alpha-CROWN "
                 f"linear relaxations with branch and bound (input splitting for at most {INPUT_SPLIT_MAX} inputs, "
-                "else ReLU splitting with beta-CROWN), float64 arithmetic, every bound clearing the property by "
-                f"{MARGIN:g} (float64 rounding is not formally accounted for; the margin covers it on "
-                "well-scaled networks)",
+                f"else ReLU splitting with beta-CROWN), float64 arithmetic: {MARGIN_RULE}",
                 "violated: the counterexample was re-checked by a plain float32 forward pass of the model",
                 f"unknown: no proof and no counterexample within {p.timeout:g} s per property",
             ],

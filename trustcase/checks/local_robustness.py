@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from trustcase import seeding
 from trustcase.certification import graph as G
-from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN, MAX_SPLIT
+from trustcase.certification.bab import INPUT_SPLIT_MAX, MARGIN_RULE, MAX_SPLIT
 from trustcase.certification.local_robustness import VERDICTS, decide, decisions
 from trustcase.certification.properties import single_thread
 from trustcase.checks import Check, Context, Params, Produces, Unsupported, artefact_name
@@ -166,9 +166,7 @@ class LocalRobustness(Check):
                 f"value range [{lo_v:g}, {hi_v:g}]",
                 "robust: the predicted class keeps a score strictly above every other class for every input of "
                 "the ball (a tie counts as a change)",
-                f"verified: proved by {how}, in float64 with margin {MARGIN:g} (the float64 rounding of the bounds "
-                "and of the float32 model is not formally accounted for: the margin covers float64 rounding of "
-                "well-scaled networks only)",
+                f"verified: proved by {how}, in float64: {MARGIN_RULE}",
                 "falsified: a counterexample inside the ball re-checked by a plain float32 forward pass",
                 f"unknown (no proof, no counterexample within {p.timeout:g} s) counts as not verified: the verified "
                 "fraction is a lower bound of the robust fraction, the falsified one a lower bound of the fragile one",
