@@ -3,10 +3,12 @@ the real ELPV labels.
 
     .venv/bin/python bench/bench_data.py [--model PATH] [--quick]
 
-1. label_issues: the check's time / one forward pass over the same items (validation and test splits, both
-   reading the images); the enrichment of suspected cells among the cells an expert rated uncertain (defect
-   probability 0.33 or 0.67: the 0.5 threshold made a hard label of a hesitant rating) against the certain ones
-   (risk ratio, 95% Katz interval; target >= 2x); precision and recall on 5% planted flips of certain labels.
+1. label_issues with its defaults (the train split out of fold: 3 folds x 5 epochs through the solar training
+   contract): the check's time / one forward pass over the same items (every split, both reading the images); the
+   enrichment of suspected cells among the cells an expert rated uncertain (defect probability 0.33 or 0.67: the 0.5
+   threshold made a hard label of a hesitant rating) against the certain ones (risk ratio, 95% Katz interval; target
+   >= 2x), on the held-out splits, the train split and every cell, and per rating (0.67 against 1.00, 0.33 against
+   0.00: within a labelled class); precision and recall on 5% planted flips of certain labels.
 2. feature_drift: the check's time (train against test) / one forward pass over the same items; false alarms of
    the MMD test at the 5% level over repetitions of random halves of the held-out cells (target <= 5%); its
    power on real shifts (mono against poly cells; one half blurred, sigma 1.5 px; one half 20% darker); the
@@ -69,41 +71,75 @@ def model_path(given: Path | None, uc) -> Path:
     return out
 
 
-def forward_pass(uc, clf, roles) -> tuple[float, dict]:
-    """One forward pass over the items (reading included), and what the validations need of it."""
+def forward_pass(uc, clf, roles, probabilities=None) -> tuple[float, dict]:
+    """One forward pass over the items (reading included), and what the validations need of it (`probabilities`:
+    another source than the model's softmax, e.g. the out-of-fold models)."""
     t = time.perf_counter()
     y, probs, marks = [], [], []
     for role in roles:
         for b in DataSource(uc.data, model=uc.model).stream(role).batches():
-            probs.append(L.softmax(clf.logits(b.images)))
+            probs.append(probabilities(b.images, b.ids) if probabilities else L.softmax(clf.logits(b.images)))
             y.append(b.labels)
             marks += b.meta["defect_probability"]
     return time.perf_counter() - t, {"labels": np.concatenate(y), "probs": np.concatenate(probs),
-                                     "uncertain": np.array([m in UNCERTAIN for m in marks])}
+                                     "marks": np.array(marks), "uncertain": np.array([m in UNCERTAIN for m in marks])}
+
+
+def by_rating(got: dict) -> dict:
+    """Suspected share per expert rating, and the enrichment within each labelled class: 0.67 against 1.00 (both
+    labelled defective), 0.33 against 0.00 (both functional)."""
+    found, marks = L.find(got["labels"], got["probs"]).suspected, got["marks"]
+    share = {m: [int(found[marks == m].sum()), int((marks == m).sum())] for m in sorted(set(marks))}
+    within = {}
+    for unsure, sure in (("0.67", "1.00"), ("0.33", "0.00")):
+        (a, n1), (c, n0) = share.get(unsure, [0, 0]), share.get(sure, [0, 0])
+        if n1 and n0:
+            within[f"{unsure} vs {sure}"] = L.risk_ratio(a, n1, c, n0, 0.95)
+    return {"suspected_by_rating": share, "enrichment_within_class": within}
+
+
+def report(name: str, v: dict, ratings: dict) -> None:
+    lo, hi = v["enrichment_interval"]
+    print(f"  {name}: suspected {v['suspected']} of {v['items']} cells; among the {v['uncertain']} uncertain ratings "
+          f"{v['suspected_uncertain']}, among the certain {v['suspected_certain']}; enrichment {v['enrichment']:.2f}x "
+          f"(95% interval {lo:.2f}-{hi:.2f}; target >= 2x)")
+    print(f"    suspected by rating {ratings['suspected_by_rating']}; within a class: " + ", ".join(
+        f"{k} {rr:.2f}x ({a:.2f}-{b:.2f})" for k, (rr, a, b) in ratings["enrichment_within_class"].items()))
 
 
 def label_issues(uc, clf, seeds) -> dict:
+    """The check with its defaults: held-out splits by the assessed model, the train split out of fold through the
+    solar training contract (3 folds x 5 epochs of its default recipe)."""
     fwd, got = forward_pass(uc, clf, HELD_OUT)
+    fwd_train, _ = forward_pass(uc, clf, ["train"])
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(uc, clf, DataSource(uc.data, model=uc.model), seed=0, workdir=Path(tmp) / "label_issues")
-        check = LabelIssues(LabelIssues.Params(splits=HELD_OUT))
-        t = time.perf_counter()
+        check = LabelIssues(LabelIssues.Params())
+        t, cpu = time.perf_counter(), time.process_time()
         out = check(ctx)
-        cost = time.perf_counter() - t
-    runs = [L.validate(got["labels"], got["probs"], got["uncertain"], 0.05, s, 0.95) for s in seeds]
-    first = runs[0]
-    print(f"label_issues: {cost:.2f} s, one forward pass {fwd:.2f} s over {first['items']} items: ratio "
-          f"{cost / fwd:.2f}")
-    print(f"  suspected {first['suspected']} of {first['items']} held-out cells; among the {first['uncertain']} "
-          f"uncertain ratings {first['suspected_uncertain']}, among the certain {first['suspected_certain']}")
-    print(f"  enrichment among uncertain ratings: {first['enrichment']:.2f}x "
-          f"(95% interval {first['enrichment_interval'][0]:.2f}-{first['enrichment_interval'][1]:.2f}; target >= 2x)")
-    for s, r in zip(seeds, runs):
-        prec = "n/a" if r["precision"] is None else \
-            f"{r['precision']:.2f} ({r['precision_interval'][0]:.2f}-{r['precision_interval'][1]:.2f})"
-        print(f"  planted flips (seed {s}): {r['planted_found']} of {r['planted']} found, recall {r['recall']:.2f} "
-              f"({r['recall_interval'][0]:.2f}-{r['recall_interval'][1]:.2f}), precision {prec}")
-    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "validation": runs,
+        cost, cpu = time.perf_counter() - t, time.process_time() - cpu
+        folds = [load_classifier(uc.model.model_copy(update={"path": f}))
+                 for f in sorted((Path(tmp) / "label_issues").glob("fold*.pt"))]
+        _, oof = forward_pass(uc, clf, ["train"], L.OutOfFold(folds, 0))
+    p = check.params
+    print(f"label_issues ({p.folds} folds x {p.epochs} epochs on train, the assessed model on {', '.join(HELD_OUT)}): "
+          f"{cost:.1f} s ({cpu:.1f} s of CPU), one forward pass over the same items {fwd + fwd_train:.2f} s: ratio "
+          f"{cost / (fwd + fwd_train):.1f}")
+    every = {k: np.concatenate([oof[k], got[k]]) for k in got}
+    figures = {}
+    for name, g in (("held-out splits, the assessed model", got), ("train split, out of fold", oof),
+                    ("every cell (train out of fold, held-out by the assessed model)", every)):
+        runs = [L.validate(g["labels"], g["probs"], g["uncertain"], 0.05, s, 0.95) for s in seeds]
+        ratings = by_rating(g)
+        report(name, runs[0], ratings)
+        for s, r in zip(seeds, runs):
+            prec = "n/a" if r["precision"] is None else \
+                f"{r['precision']:.2f} ({r['precision_interval'][0]:.2f}-{r['precision_interval'][1]:.2f})"
+            print(f"    planted flips (seed {s}): {r['planted_found']} of {r['planted']} found, recall "
+                  f"{r['recall']:.2f} ({r['recall_interval'][0]:.2f}-{r['recall_interval'][1]:.2f}), precision {prec}")
+        figures[name] = {"validation": runs, **ratings}
+    return {"seconds": cost, "cpu_seconds": cpu, "forward_seconds": fwd + fwd_train,
+            "ratio": cost / (fwd + fwd_train), **figures,
             "suspected_labels": [m.model_dump(include={"metric", "scope", "value", "interval", "n"})
                                  for m in out.measurements if m.metric == "suspected_labels"]}
 
@@ -141,7 +177,7 @@ def rate(hits: int, n: int) -> str:
 
 def timed(uc, clf, check, roles=("train", "test")) -> tuple[float, float, object]:
     """(the check's seconds, one forward pass's over `roles`, its outcome): the same items, both reading the
-    images."""
+    images. Prints the check's CPU seconds (process time: what it costs whatever the machine's load)."""
     t = time.perf_counter()
     for role in roles:
         for b in DataSource(uc.data, model=uc.model).stream(role).batches():
@@ -149,8 +185,9 @@ def timed(uc, clf, check, roles=("train", "test")) -> tuple[float, float, object
     fwd = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(uc, clf, DataSource(uc.data, model=uc.model), seed=0, workdir=Path(tmp) / check.name)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         out = check(ctx)
+        print(f"{check.name}: {time.process_time() - cpu:.1f} s of CPU")
         return time.perf_counter() - t, fwd, out
 
 
