@@ -36,7 +36,9 @@ from scipy import stats
 
 from trustcase.certification.rounding import gamma
 from trustcase.certification.smoothing import ABSTAIN, PPF_ERROR, _validate, certified_radius, sample_counts
+from trustcase.measurement import bootstrap_interval, bootstrap_weights, estimate, proportion
 from trustcase.models.classifier import Classifier
+from trustcase.schemas import Measurement, PerturbationScope, Scope
 from trustcase.seeding import content_id, item_seeds
 
 CORRECTIONS = ("holm", "bonferroni")
@@ -170,4 +172,48 @@ def map_colours(classes: np.ndarray, masks: np.ndarray) -> np.ndarray:
     out[right & ~defect] = (60, 60, 60)
     out[~certified] = (240, 200, 40)
     out[certified & ~right] = (40, 90, 230)
+    return out
+
+
+def join(parts: list[CertifiedImages], radii: int) -> CertifiedImages:
+    """The certificates of several batches as one (no batch: no image)."""
+    def cat(field: str, *shape: int) -> np.ndarray:
+        return np.concatenate([getattr(g, field) for g in parts]) if parts else np.zeros((0, *shape), np.int64)
+
+    return CertifiedImages(defect_pixels=cat("defect_pixels"), certified_defect=cat("certified_defect", radii),
+                           decision=cat("decision", radii), abstain=cat("abstain"),
+                           pixels=parts[0].pixels if parts else 0)
+
+
+FIGURES = ("smoothing_certified_defect_share", "smoothing_certified_image_recall", "smoothing_certified_image_accuracy")
+
+
+def figures(got: CertifiedImages, ids: list[str], radii: Sequence[float], check: str, split: str, seed: int,
+            confidence: float) -> list[Measurement]:
+    """The evidence of a split's certificates: `smoothing_pixel_abstain_rate` (pixels abstaining at radius 0), and per
+    radius r (scope l2_radius, amplitude r) the FIGURES: the share of true defect pixels certified with their class
+    (a ratio of sums over images, the Poisson bootstrap over images: pixels of one image are not independent), the
+    defective images certified defective and the images whose true decision is certified (Clopper-Pearson)."""
+    n = len(ids)
+    weights = bootstrap_weights(seed, check, ids).astype(np.float64)
+    truth = got.defect_pixels > 0
+    empty = f"no readable image in split {split!r}"
+
+    def share(metric: str, num: np.ndarray, den: np.ndarray, scope: Scope, r: float | None, why: str) -> Measurement:
+        num, den = num.astype(np.float64), den.astype(np.float64)
+        if den.sum() == 0:
+            return estimate(check, metric, None, n, None, scope=scope, amplitude=r, details={"undefined": why})
+        with np.errstate(invalid="ignore", divide="ignore"):  # a replicate that drew no such pixel
+            reps = (weights.T @ num) / (weights.T @ den)
+        return estimate(check, metric, float(num.sum() / den.sum()), n, bootstrap_interval(reps, confidence),
+                        scope=scope, amplitude=r, details={"pixels": int(den.sum())})
+
+    out = [share("smoothing_pixel_abstain_rate", got.abstain, np.full(n, got.pixels), Scope(split=split), None, empty)]
+    for j, r in enumerate(radii):
+        scope = Scope(split=split, perturbation=PerturbationScope(name="l2_radius", max_amplitude=r))
+        decided = got.decision[:, j]
+        out += [share(FIGURES[0], got.certified_defect[:, j], got.defect_pixels, scope, r, "no true defect pixel"),
+                proportion(check, FIGURES[1], int(((decided == 1) & truth).sum()), int(truth.sum()), confidence,
+                           scope, r, undefined="no defective image"),
+                proportion(check, FIGURES[2], int((decided == truth).sum()), n, confidence, scope, r, undefined=empty)]
     return out

@@ -26,15 +26,13 @@ from trustcase.checks import Check, Context, Params, Produces
 from trustcase.explain import imaging
 from trustcase.measurement import (
     accuracy_curve,
-    bootstrap_interval,
-    bootstrap_weights,
     estimate,
     median_radius,
     proportion,
     radius_grid,
     write_items,
 )
-from trustcase.schemas import CheckOutcome, Curve, PerturbationScope, Scope, Series, Stage
+from trustcase.schemas import CheckOutcome, Curve, Scope, Series, Stage
 
 
 class SmoothingParams(Params):
@@ -75,8 +73,7 @@ class SmoothingParams(Params):
         return self
 
 
-SEGMENTATION_METRICS = ("smoothing_certified_defect_share", "smoothing_certified_image_recall",
-                        "smoothing_certified_image_accuracy")
+SEGMENTATION_METRICS = seg.FIGURES
 
 
 class RandomizedSmoothing(Check):
@@ -206,41 +203,14 @@ class RandomizedSmoothing(Check):
             for j in range(min(len(item_ids), p.maps - len(drawn))):
                 drawn.append((images[j], masks[j], classes[shown][j], item_ids[j]))
         n = len(ids)
-        def cat(field: str, *shape: int) -> np.ndarray:
-            return np.concatenate([getattr(g, field) for g in parts]) if parts else np.zeros((0, *shape), np.int64)
-
-        defect_px, abstain, pixels = cat("defect_pixels"), cat("abstain"), parts[0].pixels if parts else 0
-        cert_px, decision = cat("certified_defect", len(grid)), cat("decision", len(grid))
-        truth = (defect_px > 0).astype(np.int64)
-        weights = bootstrap_weights(ctx.seed, self.name, ids).astype(np.float64)
-
-        def share(num: np.ndarray, den: np.ndarray, metric: str, scope: Scope, r: float | None, why: str):
-            if den.sum() == 0:
-                return estimate(self.name, metric, None, n, None, scope=scope, amplitude=r,
-                                details={"undefined": why})
-            with np.errstate(invalid="ignore", divide="ignore"):
-                reps = (weights.T @ num) / (weights.T @ den)
-            return estimate(self.name, metric, float(num.sum() / den.sum()), n, bootstrap_interval(reps, conf),
-                            scope=scope, amplitude=r, details={"pixels": int(den.sum())})
-
-        ms = [share(abstain, np.full(n, pixels, np.float64), "smoothing_pixel_abstain_rate", Scope(split=p.split),
-                    None, f"no readable image in split {p.split!r}")]
+        ms = seg.figures(seg.join(parts, len(grid)), ids, grid, self.name, p.split, ctx.seed, conf)
         series = {m: ([], [], []) for m in SEGMENTATION_METRICS}
-        for j, r in enumerate(grid):
-            scope = Scope(split=p.split, perturbation=PerturbationScope(name="l2_radius", max_amplitude=r))
-            row = [share(cert_px[:, j].astype(np.float64), defect_px.astype(np.float64),
-                         "smoothing_certified_defect_share", scope, r, "no true defect pixel"),
-                   proportion(self.name, "smoothing_certified_image_recall",
-                              int(((decision[:, j] == 1) & (truth == 1)).sum()), int(truth.sum()), conf, scope, r,
-                              undefined="no defective image"),
-                   proportion(self.name, "smoothing_certified_image_accuracy", int((decision[:, j] == truth).sum()), n,
-                              conf, scope, r, undefined=f"no readable image in split {p.split!r}")]
-            for m in row:
+        for m in ms:
+            if m.metric in series:
                 y, lo, hi = series[m.metric]
                 y.append(float("nan") if m.value is None else m.value)
                 lo.append(m.interval.lower if m.interval else float("nan"))
                 hi.append(m.interval.upper if m.interval else float("nan"))
-            ms += row
         names = {"smoothing_certified_defect_share": "certified defect pixels",
                  "smoothing_certified_image_recall": "certified image recall",
                  "smoothing_certified_image_accuracy": "certified image decisions"}
