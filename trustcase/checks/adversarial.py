@@ -194,9 +194,18 @@ class Adversarial(Check):
             broken = breaking(uc.requirements, key, ms)
             cv = curve(key, unit, grids[o], ms, uc, broken)
             series = _series([m for m in ms if m.metric == "indication_recall"])
+            marks = [(r, broken[r.id]) for r in uc.requirements if r.id in broken and r.metric == "indication_recall"]
             cv = cv.model_copy(update={
                 "id": f"adversarial_{key}", "title": f"Recall of indications under {name} ({o}; empirical)",
-                "x_label": unit, "series": {**({"indication_recall": series} if series else {}), **cv.series}})
+                "x_label": unit, "series": {**({"indication_recall": series} if series else {}), **cv.series},
+                "y_label": f"recall ({conf:.0%} interval: the wider of Clopper-Pearson over boxes and the bootstrap "
+                           "over images)",
+                "y_marks": {**cv.y_marks, **{f"{r.id}: {r.metric} {r.comparator} {r.threshold:g}": r.threshold
+                                             for r, _ in marks}},
+                "x_marks": {**cv.x_marks, **{f"{r.id} claimed up to": r.scope.perturbation.max_amplitude
+                                             for r, _ in marks},
+                            **{f"{r.id} holds up to": b["holds_up_to"] for r, b in marks
+                               if b.get("holds_up_to") is not None}}})
             out.measurements.extend(ms)
             out.curves.append(cv)
             out.units[key] = unit
