@@ -98,10 +98,36 @@ def hookable(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> tuple[nn.
             layers[name] = layer
             h = out
         seq = nn.Sequential(layers).eval()
-        if not torch.allclose(seq(probe), scripted(probe), rtol=1e-4, atol=1e-4):
+        chained, whole = seq(probe), scripted(probe)
+        if chained.shape != whole.shape or not torch.allclose(chained, whole, rtol=1e-4, atol=1e-4):
             return None, "the TorchScript model's children in order do not reproduce its output"
     note = f"layers kept opaque (no LRP rule): {opaque}" if opaque else ""
     return seq, note
+
+
+def convolution_taps(scripted: torch.jit.ScriptModule):
+    """A TorchScript model's forward that also returns the output of each of its convolutions, in execution order:
+    `run(x) -> (output, [activations])`, differentiable (a script module takes no hooks, and a model that is not a
+    sequential chain has no `hookable` copy). Read from its inlined graph; convolutions inside control flow are not
+    tapped. None when the graph has no convolution."""
+    g = scripted.forward.graph.copy()
+    torch._C._jit_pass_inline(g)
+    taps = [n.output() for n in g.nodes() if n.kind() in ("aten::_convolution", "aten::conv2d")]
+    if not taps:
+        return None
+    values = [next(iter(g.outputs())), *taps]
+    pack = g.create("prim::TupleConstruct", values)
+    pack.output().setType(torch._C.TupleType([v.type() for v in values]))
+    g.appendNode(pack)
+    g.eraseOutput(0)
+    g.registerOutput(pack.output())
+    tapped = torch._C._create_function_from_graph("forward_with_convolutions", g)
+
+    def run(x: torch.Tensor):
+        out = tapped(scripted._c, x)
+        return out[0], list(out[1:])
+
+    return run
 
 
 # --- cutting a model before its head ----------------------------------------------------------------

@@ -12,7 +12,8 @@
 - **Grad-CAM of a box** (Selvaraju et al. 2017, on a detector's box): the gradient of the box's class score (the best
   score of the detections of its class overlapping it at IoU >= 0.5) with respect to a convolutional layer's
   activations, averaged per channel, weighs the channels; ReLU, bilinear upsampling to the input. Default layer: the
-  last convolution (in execution order) the score depends on. Needs hookable layers.
+  last convolution (in execution order) the score depends on whose map is not empty. Layers are hooked on an eager
+  model and tapped from the graph of a TorchScript one.
 
 Quality of a map for its box: deletion / insertion of pixels, most relevant first, following the box score (the
 D-RISE similarity; AUC, Petsiuk et al. 2018), against a random ordering; and the energy of the map inside the box
@@ -27,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from trustcase.errors import Unsupported
+from trustcase.explain import ExplainError
 from trustcase.explain.methods.perturbation import RiseMethod
 from trustcase.explain.network import Network
 from trustcase.explain.quality import _order
+from trustcase.models import anatomy
 from trustcase.tasks.detection_metrics import iou as iou_np
 
 IOU = 0.5
@@ -86,39 +89,56 @@ def d_rise(forward, x: torch.Tensor, targets: torch.Tensor, baseline: float | to
 def box_grad_cam(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None = None) -> tuple[np.ndarray,
                                                                                                        str]:
     """Grad-CAM maps (B, H, W) of each item's box class score, and the layer used (named, else the last convolution
-    in execution order whose activations the score depends on)."""
+    in execution order whose activations the score depends on and whose map is not empty: a CenterNet's heat head
+    gives relu of its logits, negative everywhere below a score of 1/2). Layers are hooked on an eager model; a
+    TorchScript model that cannot be hooked has its convolutions tapped from its graph (`anatomy.convolution_taps`),
+    named conv1, conv2, ... in execution order."""
     if not net.differentiable:
         raise Unsupported("grad_cam needs the detector's internals; the model is a black box (use d_rise)")
+    names, acts, score = _activations(net, x, targets, layer)
+    grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and bool(g.abs().sum() > 0)]
+    if not live:
+        raise Unsupported(f"grad_cam: the box score depends on none of the layers {names} (no gradient reaches them)")
+    for i in live[::-1]:  # the last layer whose map is not empty (a head's logits may be negative everywhere)
+        cam = F.relu((grads[i].mean(dim=(2, 3), keepdim=True) * acts[i]).sum(dim=1, keepdim=True)).detach()
+        if cam.sum() > 0 or i == live[0]:
+            break
+    return F.interpolate(cam, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)[:, 0].numpy(), names[i]
+
+
+def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None):
+    """(layer names, their activations, the box class scores) from one forward pass with gradients."""
+    z = x.detach().clone().requires_grad_(True)
     layers = net.layers()
+    if not layers and isinstance(net.module, torch.jit.ScriptModule):
+        run = anatomy.convolution_taps(net.module)
+        if run is None:
+            raise Unsupported("grad_cam: the TorchScript detector has no convolution to tap")
+        with torch.enable_grad():
+            out, acts = run(z)
+        names = [f"conv{i + 1}" for i in range(len(acts))]
+        if layer is not None:
+            if layer not in names:
+                raise ExplainError(f"layer {layer!r} does not exist; the TorchScript detector's convolutions in "
+                                   f"execution order: {', '.join(names)}")
+            acts, names = [acts[names.index(layer)]], [layer]
+        with torch.enable_grad():
+            return names, acts, class_score(out, targets)
     if not layers:
         raise Unsupported(f"grad_cam needs hookable layers: {net.note or 'none found'} (d_rise needs none)")
     names = [net.layer(layer)[0]] if layer is not None else net.conv_layers()
     if not names:
         raise Unsupported(f"grad_cam: the detector has no Conv2d layer; name one of {net.describe()}")
-    seen: list[tuple[str, torch.Tensor]] = []
-
-    def keep(name):
-        def hook(_module, _inputs, out):
-            out.retain_grad()
-            seen.append((name, out))
-        return hook
-
-    handles = [layers[n].register_forward_hook(keep(n)) for n in names]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [layers[n].register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o)) for n in names]
     try:
         with torch.enable_grad():
-            z = x.detach().clone().requires_grad_(True)
             score = class_score(net.forward(z), targets)
-            score.sum().backward()
     finally:
-        for hnd in handles:
-            hnd.remove()
-    live = [(n, a) for n, a in seen if a.grad is not None and bool(a.grad.abs().sum() > 0)]
-    if not live:
-        raise Unsupported(f"grad_cam: the box score depends on none of the layers {names} (no gradient reaches them)")
-    name, act = live[-1]
-    weights = act.grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(dim=1, keepdim=True)).detach()
-    return F.interpolate(cam, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)[:, 0].numpy(), name
+        for h in handles:
+            h.remove()
+    return list(seen), list(seen.values()), score  # in execution order: hooks fire as the layers run
 
 
 METHODS = ("d_rise", "grad_cam")
