@@ -224,3 +224,30 @@ def test_without_a_contract_that_leaves_a_fold_out_the_train_split_is_not_screen
     else:  # asked for: no value, the reason in the evidence (a claim on it is INCONCLUSIVE)
         assert train and all(m.value is None and reason in m.details["undefined"] for m in train)
     assert any(m.scope.split == "test" and m.value is not None for m in out.measurements)
+
+
+@pytest.mark.slow
+def test_on_elpv_the_train_split_is_screened_out_of_fold_through_the_solar_training_contract(tmp_path):
+    spec = importlib.util.spec_from_file_location("solar_train_folds", SOLAR / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    path = tmp_path / "solar.pt"  # the assessed model: not used on the train split, which the folds' models screen
+    train.train(path, epochs=1, arch="strided", ibp_eps=0.0, log=lambda *_: None)
+    uc = load_use_case(SOLAR / "use_case.yaml")
+    uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": path})})
+    out = run_check(uc, load_classifier(uc.model), tmp_path, splits=["train"], folds=3, epochs=4,
+                    training={"ibp_eps": 0.0}, thumbnails=0)
+    (m,) = [m for m in out.measurements if m.metric == "suspected_labels"]
+    assert m.scope.split == "train" and m.n > 1500 and m.value is not None, m
+    folds = [load_classifier(uc.model.model_copy(update={"path": tmp_path / "label_issues" / f"fold{k}.pt"}))
+             for k in (1, 2, 3)]
+    oof = L.OutOfFold(folds, 0)
+    y, probs, uncertain = [], [], []
+    for b in DataSource(uc.data, model=uc.model).stream("train").batches():
+        y.append(b.labels)
+        probs.append(oof(b.images, b.ids))
+        uncertain += [r in ("0.33", "0.67") for r in b.meta["defect_probability"]]
+    y, probs = np.concatenate(y), np.concatenate(probs)
+    assert int(L.find(y, probs).suspected.sum()) == out.summary["train"]["suspected"]  # the check's own screen
+    v = L.validate(y, probs, np.array(uncertain), 0.05, 0, 0.95)
+    assert v["enrichment_interval"][0] > 1.0, v  # enriched among the uncertain ratings, on the lower end
