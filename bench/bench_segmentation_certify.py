@@ -63,15 +63,26 @@ def main() -> None:
     xin = seg.to_input(np.repeat(x[:1], bs, axis=0))
     reps = k * (n0 + n) // bs
     rates = {"bare": [], "votes": []}
+    inner, in_forward = seg.forward, [0.0]
+
+    def timed(z):  # the votes' own forward passes, timed: the rest of a votes call is its overhead
+        t0 = time.perf_counter()
+        out = inner(z)
+        in_forward[0] += time.perf_counter() - t0
+        return out
+
+    seg.forward = timed
+    votes_time = 0.0
     for _ in range(3 if a.quick else 7):  # each round times both, one after the other: its ratio is paired
         with torch.inference_mode():
             t = time.perf_counter()
             for _ in range(reps):
-                seg.forward(xin).argmax(1)
+                inner(xin).argmax(1)
             rates["bare"].append(reps * bs / (time.perf_counter() - t))
         t = time.perf_counter()
         SS.sample_votes(seg, x, sigma=0.12, n0=n0, n=n, batch_size=bs, seed=0)
         rates["votes"].append(k * (n0 + n) / (time.perf_counter() - t))
+        votes_time += time.perf_counter() - t
     bare, votes = (float(np.median(rates[key])) for key in ("bare", "votes"))
     ratios = np.array(rates["votes"]) / np.array(rates["bare"])
     print(f"torch threads: {torch.get_num_threads()}")
@@ -81,6 +92,8 @@ def main() -> None:
     print(f"   {'segmentation_smoothing votes':<34}{votes:>10.1f} samples/s (median)")
     print(f"   ratio votes / bare, median of the rounds' ratios {np.median(ratios):.3f} (rounds {ratios.min():.3f}-"
           f"{ratios.max():.3f}; target >= 0.9)")
+    print(f"   share of the votes' time in the model's forward pass {in_forward[0] / votes_time:.3f} (the ratio if a "
+          "noisy batch costs the model what a clean one does; less exposed to the load)")
 
 
 if __name__ == "__main__":
