@@ -133,9 +133,9 @@ class LabelIssues(Check):
         if fold_models is not None:
             validity.append(
                 f"train split: out-of-fold probabilities of {p.folds} models trained through the use case's training "
-                f"contract ({uc.training.entry}, {p.epochs} epochs each, params {p.training or 'as training.params'}),"
-                " each without one fold of the items (folds by item, the one seeding rule); they are not the "
-                "assessed model: its suspects are what this recipe contradicts")
+                f"contract ({uc.training.entry}, {p.epochs} epoch{'s' * (p.epochs > 1)} each, params "
+                f"{p.training or 'as training.params'}), each without one fold of the items (folds by item, the one "
+                "seeding rule); they are not the assessed model: its suspects are what this recipe contradicts")
         return CheckOutcome(
             check=self.name, measurements=out, findings=findings, artefacts=artefacts, summary=summary,
             limitations=limitations,
