@@ -24,6 +24,9 @@ the real ELPV labels.
 5. memory: the peak memory (tracemalloc) of label_issues (one split) and poisoning_screen (the train split) over a
    lazily generated synthetic split of N and 10 N items, each check's sample capped below N (target: 10 N at most
    1.2 times N: memory flat in the number of items).
+6. detection_labels: cleanlab's object-detection label scores on NEU-DET (the bundled steel_defects detector, its
+   test split; $TRUSTCASE_NEUDET): images flagged before and after every box of 5% of the images gets another class,
+   and the planted images among the lowest scores. Why label_issues does not score boxes.
 Without --model, the bundled solar CNN when its file exists, else a pooled CNN trained here for 10 epochs
 (`train.py --arch pooled --ibp-eps 0`), kept in .trustcase/bench/.
 """
@@ -343,6 +346,43 @@ def memory(n: int, cap: int) -> dict:
     return out
 
 
+def detection_labels(seed: int = 0) -> dict:
+    import warnings
+
+    from cleanlab.object_detection.filter import find_label_issues
+    from cleanlab.object_detection.rank import get_label_quality_scores
+
+    from trustcase.tasks import task_of
+
+    uc = load_use_case(ROOT / "use_cases" / "steel_defects" / "use_case.yaml")
+    model, classes = task_of(uc).load_model(uc.model), len(uc.model.class_names)
+    labels, preds = [], []
+    for b in DataSource(uc.data, 0, uc.model).stream("test").batches():
+        for boxes, d in zip(b.labels, model.detect(b.images, b.ids), strict=True):
+            boxes = np.asarray(boxes)
+            labels.append({"bboxes": boxes[:, :4].astype(float), "labels": boxes[:, 4].astype(int)})
+            preds.append([d[d[:, 5] == c][:, :5] for c in range(classes)])
+    rng = np.random.default_rng(seed)
+    planted = np.sort(rng.choice(len(labels), len(labels) // 20, replace=False))
+    noisy = list(labels)
+    for i in planted:
+        lab = labels[i]["labels"]
+        noisy[i] = {"bboxes": labels[i]["bboxes"], "labels": (lab + rng.integers(1, classes, len(lab))) % classes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before, after = find_label_issues(labels, preds), find_label_issues(noisy, preds)
+        lowest = np.argsort(get_label_quality_scores(noisy, preds, verbose=False))[:len(planted)]
+    scores = np.concatenate([p[:, 4] for pr in preds for p in pr])
+    out = {"images": len(labels), "flagged_before": int(before.sum()), "planted": len(planted),
+           "found": int(after[planted].sum()), "flagged_after": int(after.sum()),
+           "lowest_hold": len(set(lowest) & set(planted)), "max_detection_score": float(scores.max())}
+    print(f"detection_labels (NEU-DET test, {out['images']} images): flagged {out['flagged_before']} before; every box "
+          f"of {out['planted']} images given another class: {out['found']} of them flagged ({out['flagged_after']} "
+          f"flagged in all), {out['lowest_hold']} among the {out['planted']} lowest scores; the detector's highest "
+          f"score {out['max_detection_score']:.2f} (cleanlab's swap score counts detections above 0.95)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -354,10 +394,11 @@ def main() -> None:
                 "feature_drift": lambda uc, clf: feature_drift(uc, clf, 20 if args.quick else 100),
                 "feature_leakage": feature_leakage,
                 "poisoning_screen": poisoning_screen,
-                "memory": lambda uc, clf: memory(2000 if args.quick else 4000, 1000)}
+                "memory": lambda uc, clf: memory(2000 if args.quick else 4000, 1000),
+                "detection_labels": lambda uc, clf: detection_labels()}
     wanted = args.only.split(",") if args.only else list(sections)
     uc, clf = load_use_case(USE_CASE), None
-    if set(wanted) - {"memory"}:  # the ELPV sections read the solar model
+    if set(wanted) - {"memory", "detection_labels"}:  # the ELPV sections read the solar model
         path = model_path(args.model, uc)
         uc = uc.model_copy(update={"model": uc.model.model_copy(update={"path": path})})
         clf = load_classifier(uc.model)
