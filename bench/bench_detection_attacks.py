@@ -5,7 +5,8 @@ On the first test images where the detector finds a true box (the split is order
 - the attacks of the adversarial check's detection branch (`robustness.detection_attacks.attack_boxes`: PGD on the
   vanishing and misclassification losses, Square as a black box), per image, over one forward pass of the image;
 - D-RISE (`explain.methods.detection.d_rise`) of one box per image, over one forward pass, and over its masks
-  (the ideal ratio is the number of masks: one forward pass per mask).
+  (the ideal ratio is the number of masks: one forward pass per mask); Grad-CAM of the same boxes (one forward and
+  one backward pass, through the convolutions tapped from the TorchScript graph).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_detection_attacks.py [--images 16] [--masks 200] [--eps 2]
 """
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from trustcase.data.streaming import DataSource
-from trustcase.explain.methods.detection import d_rise, explained_box
+from trustcase.explain.methods.detection import box_grad_cam, d_rise, explained_box
+from trustcase.explain.network import Network
 from trustcase.robustness.attacks import Budget
 from trustcase.robustness.detection_attacks import attack_boxes, found_boxes
 from trustcase.schemas.loading import load_use_case
@@ -81,6 +83,9 @@ def main() -> None:
     one = per_image * len(keep)
     print(f"d_rise {a.masks} masks on {len(keep)} boxes: {t:7.2f} s, {t / one:6.1f}x their forward pass "
           f"({t / one / a.masks:.2f}x the ideal of one forward pass per mask)")
+    net = Network(model)
+    t, (_, layer) = timed(lambda: box_grad_cam(net, x, tt), repeat=3)
+    print(f"grad_cam ({layer}) on {len(keep)} boxes: {t:7.2f} s, {t / one:6.1f}x their forward pass")
 
 
 if __name__ == "__main__":
