@@ -43,7 +43,9 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
     "certification": (["trustcase/certification/lipschitz.py", "trustcase/models/lipschitz_layers.py",
                        "trustcase/certification/smoothing.py", "trustcase/certification/rounding.py"],
                       ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_lipschitz_layers.py",
-                       "tests/test_smoothing.py"]),
+                       "tests/test_smoothing.py", "tests/test_certification_mutants.py",
+                       # a segmenter's votes (smoothing.sample_counts per pixel)
+                       "tests/test_segmentation_certify.py"]),
     # the one layer graph and what runs on it: IBP / CROWN / alpha-CROWN, branch and bound (exact tests against
     # scipy's MILP)
     "verification": (["trustcase/certification/graph.py", "trustcase/certification/propagation.py",
