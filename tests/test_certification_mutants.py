@@ -106,8 +106,34 @@ def test_a_convolution_norm_is_the_circular_norm_on_each_axis_own_padded_size():
 
 
 def test_a_kernel_larger_than_the_padded_input_on_one_axis_is_refused():
+    """One tap more than the padded input on either axis is refused; a kernel exactly as large is a convolution
+    with one output (norm: the kernel's L2 norm, here sqrt 3)."""
     from trustcase.models.lipschitz_layers import conv2d_norm
 
-    for shape, hw in (((1, 1, 5, 1), (3, 8)), ((1, 1, 1, 5), (8, 3))):
+    for shape, hw in (((1, 1, 4, 1), (3, 8)), ((1, 1, 1, 4), (8, 3)), ((1, 1, 2, 1), (1, 8))):
         with pytest.raises(ValueError, match="larger than the padded input"):
             conv2d_norm(torch.ones(shape), hw)
+    for shape, hw in (((1, 1, 3, 1), (3, 8)), ((1, 1, 1, 3), (8, 3))):
+        assert conv2d_norm(torch.ones(shape), hw) >= 3 ** 0.5
+
+
+def test_a_lipschitz_convolution_names_the_input_size_it_was_normalised_for():
+    from trustcase.models.lipschitz_layers import LipschitzConv2d
+
+    conv = LipschitzConv2d(1, 2, 3, (8, 8), padding=1)
+    with pytest.raises(ValueError, match=r"normalised for inputs \(8, 8\), got \(6, 6\)"):
+        conv(torch.zeros(1, 1, 6, 6))
+
+
+def test_smoothing_noise_follows_the_check_it_serves():
+    """The one seeding rule (seed, check, item, stream): two checks smoothing the same item draw different noise
+    (identical noise across checks was a defect of issue 23); the same check draws the same."""
+    from scipy import stats
+
+    clf = classifier([1.0], -0.5)
+    x = np.full((1, 1), 0.5 + 0.25 * stats.norm.ppf(0.6), np.float32)
+    run = {c: S.certify(clf, x, sigma=0.25, n0=10, n=2000, alpha=0.001, ids=["cell1"], check=c)[2][0]
+           for c in ("randomized_smoothing", "segmentation_smoothing")}
+    assert run["randomized_smoothing"] != run["segmentation_smoothing"]
+    again = S.certify(clf, x, sigma=0.25, n0=10, n=2000, alpha=0.001, ids=["cell1"], check="randomized_smoothing")
+    assert again[2][0] == run["randomized_smoothing"]
