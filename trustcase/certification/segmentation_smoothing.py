@@ -164,14 +164,16 @@ def certify_images(votes: PixelVotes, masks: np.ndarray, radii: Sequence[float],
 
 def map_colours(classes: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) uint8 certified-pixel maps: certified defect on a true defect pixel red, certified background on
-    a true background pixel dark grey, abstained yellow, certified but wrong blue."""
+    a true background pixel dark grey, abstained yellow, certified background on a true defect (a certified miss)
+    blue, certified defect on true background (a certified false defect) magenta."""
     out = np.zeros((*classes.shape, 3), np.uint8)
     certified, defect = classes != ABSTAIN, np.asarray(masks) != 0
     right = certified & (classes == masks)
     out[right & defect] = (220, 30, 30)
     out[right & ~defect] = (60, 60, 60)
     out[~certified] = (240, 200, 40)
-    out[certified & ~right] = (40, 90, 230)
+    out[certified & ~right & defect] = (40, 90, 230)
+    out[certified & ~right & ~defect] = (230, 60, 230)
     return out
 
 

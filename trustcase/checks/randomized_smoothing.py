@@ -189,11 +189,16 @@ class RandomizedSmoothing(Check):
         grid = sorted({0.0, *(p.radii or [0.0, 0.05, 0.1, 0.25, 0.5]),
                        *(r for m in SEGMENTATION_METRICS for r in ctx.claimed(m, "l2_radius"))})
         ids, parts, drawn = [], [], []
+        # a seeded sample of max_items images (a split ordered by defect type would give its first type only)
+        index = np.concatenate([b.index for b in ctx.batches(p.split)] or [np.zeros(0, np.int64)])
+        if p.max_items is not None and p.max_items < len(index):
+            index = np.random.default_rng(ctx.seed).choice(index, p.max_items, replace=False)
         for batch in ctx.batches(p.split):
-            if p.max_items is not None and len(ids) >= p.max_items:
-                break
-            keep = slice(0, None if p.max_items is None else p.max_items - len(ids))
-            images, masks, item_ids = batch.images[keep], np.stack(batch.labels[keep]), batch.ids[keep]
+            take = np.flatnonzero(np.isin(batch.index, index))
+            if not len(take):
+                continue
+            images, masks = batch.images[take], np.stack([batch.labels[t] for t in take])
+            item_ids = [batch.ids[t] for t in take]
             votes = seg.sample_votes(model, images, sigma=p.sigma, n0=p.n0, n=p.n, batch_size=p.batch_size,
                                      seed=ctx.seed, ids=item_ids)
             got, classes = seg.certify_images(votes, masks, grid, p.alpha, rule, model.n_classes, p.correction)
@@ -230,7 +235,8 @@ class RandomizedSmoothing(Check):
             legend = ctx.workdir / "certified_pixels.txt"
             legend.write_text(f"rows: images {', '.join(d[3] for d in drawn)}; columns: input, true mask, certified "
                               f"pixels at L2 radius {grid[shown]:g} (red: defect certified, dark grey: background "
-                              "certified, yellow: abstained, blue: certified but wrong)\n")
+                              "certified, yellow: abstained, blue: a true defect certified background, magenta: true "
+                              "background certified defect)\n")
             artefacts = [ctx.artefact(path, "image"), ctx.artefact(legend, "file")]
         lo_v, hi_v = model.spec.value_range
         return CheckOutcome(
@@ -261,6 +267,6 @@ class RandomizedSmoothing(Check):
                 "images for the pixel shares, Clopper-Pearson for the image shares (sampling of images, on top of "
                 "each image's certificate level)",
             ],
-            limitations=([f"certified {n} images of the {p.split} split (max_items = {p.max_items})"]
-                         if p.max_items is not None and n >= p.max_items else []),
+            limitations=([f"certified a seeded sample of {n} images of the {p.split} split (max_items = "
+                          f"{p.max_items})"] if p.max_items is not None and n >= p.max_items else []),
         )
