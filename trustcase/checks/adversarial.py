@@ -251,14 +251,19 @@ class Adversarial(Check):
         standing = dict.fromkeys(p.goals, 0)  # items the goal's rule does not fool clean
         fooled_n = {k: 0 for k in scorers}
         seen = 0
+        # a seeded sample of max_items images (a split ordered by defect type would give its first type only)
+        index = np.concatenate([b.index for b in ctx.batches(p.split, p.batch_size)] or [np.zeros(0, np.int64)])
+        if p.max_items < len(index):
+            index = np.random.default_rng(ctx.seed).choice(index, p.max_items, replace=False)
         for batch in ctx.batches(p.split, p.batch_size):
-            if seen >= p.max_items:
-                break
-            take = slice(0, p.max_items - seen)
+            take = np.flatnonzero(np.isin(batch.index, index))
+            if not len(take):
+                continue
             x = torch.as_tensor(batch.images[take]).float()
-            masks = torch.as_tensor(np.stack(batch.labels[take]))
-            part = dataclasses.replace(batch, labels=list(batch.labels[take]), ids=batch.ids[take],
-                                       index=batch.index[take], meta={k: v[take] for k, v in batch.meta.items()})
+            masks = torch.as_tensor(np.stack([batch.labels[t] for t in take]))
+            part = dataclasses.replace(batch, labels=[batch.labels[t] for t in take], ids=[batch.ids[t] for t in take],
+                                       index=batch.index[take], meta={k: [v[t] for t in take]
+                                                                      for k, v in batch.meta.items()})
             for g in p.goals:
                 loss, hit = seg.goal(g, rule, p.iou_floor)
                 y = seg.labels(g, masks)
@@ -303,8 +308,8 @@ class Adversarial(Check):
             f"every pixel of a defect-free image, an image fooled when {fooled_rule['pixels']}; decision: minus the "
             f"positive defect margins of a defective image, the {rule} largest of a defect-free one, fooled when "
             f"{fooled_rule['decision']}); an image not fooled keeps its clean pixels; radii "
-            f"{sorted({e for v in grids.values() for e in v})} ({unit}); {seen} images of the {p.split} split, seed "
-            f"{ctx.seed}; the task's intervals (bootstrap over images, Clopper-Pearson)",
+            f"{sorted({e for v in grids.values() for e in v})} ({unit}); {seen} images of the {p.split} split (a "
+            f"sample seeded by {ctx.seed}); the task's intervals (bootstrap over images, Clopper-Pearson)",
         ]
         out.limitations.append(f"{name}: minimal distances are not searched for a segmenter; gradient attacks are "
                                "blind to gradient masking")
