@@ -28,7 +28,7 @@ from trustcase import seeding
 from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported, artefact_name
 from trustcase.measurement import proportion
 from trustcase.robustness import perturbations as P
-from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, strip_image, undefined
+from trustcase.robustness.sweep import _perturbed, area_under, breaking, curve, steady_heap, strip_image, undefined
 from trustcase.schemas import (
     CheckOutcome,
     Finding,
@@ -119,6 +119,8 @@ class PerturbationSweep(Check):
                            caveat="The perturbations are synthetic, applied to real test images before the model; "
                                   "they imitate, not reproduce, defects of the line.")
         pool = ThreadPoolExecutor(p.workers, thread_name_prefix="perturb") if p.workers >= 2 else None
+        if pool is not None:
+            steady_heap()
         try:
             for key, pert in perts.items():
                 self._sweep(ctx, key, pert, p.grid(key), pool, out)

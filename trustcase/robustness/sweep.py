@@ -14,6 +14,9 @@ an alias: e.g. `darker: {perturbation: brightness, options: {direction: down}}`)
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from concurrent.futures import Executor
 
@@ -127,6 +130,19 @@ def strip_image(images: list[np.ndarray], captions: list[str], value_range: tupl
         cv2.putText(band, text, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         tiles += [np.vstack([big, band]), np.full((h * f + 20, 4, 3), 255, np.uint8)]
     return np.hstack(tiles[:-1])
+
+
+@functools.cache
+def steady_heap() -> None:
+    """Perturbed batches made in the perturbation threads and freed in the main one grow glibc's heap without end:
+    its mmap threshold rises to the largest block freed, so later batches are carved from per-thread arenas that are
+    not given back (measured on 200x200 images: peak RSS 2.7 GB at 2,700 images against 0.67 GB at 270). A fixed
+    threshold of 1 MiB keeps such blocks mapped and returns them on free. Process-wide, glibc only, once."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        pass
 
 
 def _perturbed(pert: P.Perturbation, images: np.ndarray, grid: list[float], seeds: np.ndarray,

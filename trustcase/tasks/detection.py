@@ -174,7 +174,7 @@ class DetectionScorer:
         self.tally.update(dets, batch.labels, batch.ids, subgroups_of(self.uc, batch.images, batch.meta))
         for image, d, truth, item in zip(batch.images, dets, batch.labels, batch.ids, strict=True):
             for c in {int(k) for k in truth[:, 4]} - set(self.examples):
-                self.examples[c] = (image, d, truth, item)
+                self.examples[c] = (image.copy(), d, truth, item)  # a copy: a view would keep its batch
         return np.array([sum(1 << c for c in {int(k) for k in d[d[:, 4] >= self.threshold, 5]}) for d in dets],
                         np.int64)
 
