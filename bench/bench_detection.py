@@ -1,20 +1,35 @@
 """Detection benchmark (issue 26): the bundled detector's test mAP@0.5 with its interval, and trustcase's COCO
-evaluation against pycocotools' COCOeval on the same detections (time ratio, and that the figures agree).
+evaluation against pycocotools' COCOeval on the same detections (time ratio, and that the figures agree); the full
+assessment against the sum of its checks called directly; the perturbation sweep's peak memory at 10x the images.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_detection.py            # evaluation ratio on the test split
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_detection.py --train    # also trains (train.py, ~10 min idle)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_detection.py --assess   # flow / direct (target <= 1.15)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_detection.py --memory   # sweep peak RSS, 10x / 1x (<= 1.2)
 
 Without a trained model (use_cases/steel_defects/artefacts/steel_detector.pt) the evaluation runs on a seeded,
-untrained network's detections, which still compares the two implementations.
+untrained network's detections, which still compares the two implementations; --assess and --memory need it.
+
+--assess: the use case's own plan on each side: the flow (Prefect tasks, persisted results, the MLflow run, the report
+and pack; its Prefect server started by a first flow on two items per split, before the timing) and the same checks
+called one after another, the data fingerprint, the verdicts and the render of the flow's record; each side
+`--repeats` times, alternating, the faster of each (the machine is shared). --max-samples caps every split.
+--memory: one sweep (gaussian_blur over its 3 amplitudes and clean) over the test split and over the test split
+tiled 10 times (each copy its own ids), each in a fresh process; the peak resident memory of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +38,7 @@ import torch
 
 STEEL = Path(__file__).resolve().parents[1] / "use_cases" / "steel_defects"
 sys.path.insert(0, str(STEEL))
-from neu import CLASSES  # noqa: E402
+from neu import CLASSES, load_split  # noqa: E402
 from train import CenterNet, evaluate, normalise, read, train  # noqa: E402
 
 from trustcase.tasks.detection_metrics import DetectionTally  # noqa: E402
@@ -68,13 +83,154 @@ def coco(dets, boxes) -> tuple[float, float, float]:
     return time.perf_counter() - t, ev.stats[1], ev.stats[0]
 
 
+class Tiled:
+    """A split read `times` over, item by item from its files (nothing held), each copy with its own ids."""
+
+    def __init__(self, split: str, times: int):
+        self.base, self.times = load_split(split), times
+
+    def __len__(self) -> int:
+        return len(self.base) * self.times
+
+    def name(self, i: int) -> str:
+        return f"{self.base.name(i % len(self.base))}~{i // len(self.base)}"
+
+    def __getitem__(self, i: int):
+        item = self.base[i % len(self.base)]
+        return dataclasses.replace(item, id=f"{item.id}~{i // len(self.base)}")
+
+
+def tiled(split: str, times: int = 1) -> Tiled:
+    return Tiled(split, times)
+
+
+def use_case_file(folder: Path, max_samples: int | None = None, times: int | None = None) -> Path:
+    """The bundled use case with absolute paths; capped splits, or the loader reading the splits `times` over."""
+    import yaml
+
+    raw = yaml.safe_load((STEEL / "use_case.yaml").read_text())
+    raw["model"]["path"] = str((STEEL / raw["model"]["path"]).resolve())
+    raw["data"]["path"] = str(STEEL)
+    if max_samples:
+        raw["data"]["max_samples"] = {k: max_samples for k in raw["data"]["splits"]}
+    if times:
+        raw["data"].update(loader="bench_detection:tiled", path=str(Path(__file__).resolve().parent),
+                           params={"times": times})
+    path = folder / f"use_case_{max_samples or 'all'}_{times or 1}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def direct(path: Path, out: Path, record: Path) -> float:
+    """The assessment's work without the flow: fingerprint, every check shard, the verdicts, and the render of the
+    report of a record (the flow's: the same outcomes)."""
+    from trustcase import reports
+    from trustcase.checks import Context, Unsupported, build
+    from trustcase.data.content import content_hash
+    from trustcase.data.streaming import DataSource
+    from trustcase.schemas import Assessment, load_use_case
+    from trustcase.tasks import task_of
+    from trustcase.verdicts import judge
+
+    t0 = time.perf_counter()
+    uc = load_use_case(path)
+    model = task_of(uc).load_model(uc.model)
+    content_hash(DataSource(uc.data, uc.plan.seed, uc.model))
+    outcomes = []
+    for spec in uc.plan.checks:
+        for check in build(spec).shards():
+            ctx = Context(use_case=uc, model=model, data=DataSource(uc.data, uc.plan.seed, uc.model),
+                          seed=uc.plan.seed, workdir=out / "checks" / check.name)
+            try:
+                outcomes.append(check(ctx))
+            except Unsupported:  # said "not run" by the flow: no evidence to judge
+                pass
+    judge(uc.requirements, outcomes)
+    reports.render(Assessment.model_validate_json(record.read_text()), out / "report")
+    return time.perf_counter() - t0
+
+
+def assess_ratio(max_samples: int | None, repeats: int) -> None:
+    from trustcase.flows.assess import assess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = use_case_file(tmp, max_samples)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        t0 = time.perf_counter()  # a first flow on two items per split: starts the Prefect server, imports all
+        assess(str(use_case_file(tmp, 2)), str(tmp / "flow0"), None, uri)
+        t_first = time.perf_counter() - t0
+        flows, directs = [], []
+        for k in range(repeats):  # alternating: load drifts on a shared machine
+            t0 = time.perf_counter()
+            assess(str(path), str(tmp / f"flow{k + 1}"), None, uri)
+            flows.append(time.perf_counter() - t0)
+            directs.append(direct(path, tmp / f"direct{k}", tmp / f"flow{k + 1}" / "assessment.json"))
+    split = f"splits capped at {max_samples}" if max_samples else "whole splits"
+    print(f"\nfull assessment ({split}): flow {min(flows):.1f} s (runs {', '.join(f'{t:.1f}' for t in flows)}; "
+          f"a first on two items, starting Prefect: {t_first:.1f}), checks called directly {min(directs):.1f} s (runs "
+          f"{', '.join(f'{t:.1f}' for t in directs)}); ratio {min(flows) / min(directs):.3f} (target <= 1.15)")
+
+
+def sweep_child(times: int) -> None:
+    """One sweep in this fresh process; prints its images, seconds and memory as JSON."""
+    from trustcase.checks import Context, build
+    from trustcase.data.streaming import DataSource
+    from trustcase.schemas import CheckSpec, load_use_case
+    from trustcase.tasks import task_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uc = load_use_case(use_case_file(Path(tmp), times=times))
+        model = task_of(uc).load_model(uc.model)
+        check = build(CheckSpec(check="perturbation_sweep", params={
+            "split": "test", "perturbations": {"gaussian_blur": [0.5, 1.0, 2.0]}, "strip": False}))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        out = check(Context(use_case=uc, model=model, data=DataSource(uc.data, uc.plan.seed, uc.model),
+                            seed=uc.plan.seed, workdir=Path(tmp) / "checks" / check.name))
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"n": out.summary["gaussian_blur"]["n"], "seconds": seconds, "base_mb": base,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory_ratio(times: int = 10) -> None:
+    runs = {}
+    for k in (1, times):
+        p = subprocess.run([sys.executable, __file__, "--sweep-child", str(k)], capture_output=True, text=True,
+                           check=True)
+        runs[k] = json.loads(p.stdout.strip().splitlines()[-1])
+    print("\nperturbation sweep (gaussian_blur, 4 amplitudes), one fresh process each:")
+    for r in runs.values():
+        print(f"  {r['n']:5d} images: {r['seconds']:7.1f} s, peak RSS {r['peak_mb']:7.1f} MB "
+              f"(before the sweep {r['base_mb']:.1f} MB)")
+    ratio = runs[times]["peak_mb"] / runs[1]["peak_mb"]
+    print(f"peak memory ratio {times}x / 1x: {ratio:.3f} (target <= 1.2: {'ok' if ratio <= 1.2 else 'ABOVE'})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", action="store_true", help="train the bundled detector first (train.py defaults)")
+    ap.add_argument("--assess", action="store_true", help="the full assessment against its checks called directly")
+    ap.add_argument("--max-samples", type=int, default=None, help="--assess: cap every split at this many items")
+    ap.add_argument("--repeats", type=int, default=2, help="--assess: flow and direct runs, alternating")
+    ap.add_argument("--memory", action="store_true", help="the sweep's peak memory at 10x the images")
+    ap.add_argument("--model", type=Path, default=STEEL / "artefacts" / "steel_detector.pt",
+                    help="the detector to evaluate (default: the use case's)")
+    ap.add_argument("--sweep-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.sweep_child:
+        return sweep_child(a.sweep_child)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch threads 1")
-    path = STEEL / "artefacts" / "steel_detector.pt"
+    path = a.model
+    if a.assess or a.memory:
+        if not path.is_file():
+            sys.exit("bench: train the bundled detector first (--train, or use_cases/steel_defects/train.py)")
+        if a.assess:
+            assess_ratio(a.max_samples, a.repeats)
+        if a.memory:
+            memory_ratio()
+        return
     if a.train:
         result = train(out=path)
         print(f"training: {result['train_seconds']:.0f} s; test mAP@0.5 {result['map50']:.3f} "
