@@ -137,3 +137,33 @@ def test_smoothing_noise_follows_the_check_it_serves():
     assert run["randomized_smoothing"] != run["segmentation_smoothing"]
     again = S.certify(clf, x, sigma=0.25, n0=10, n=2000, alpha=0.001, ids=["cell1"], check="randomized_smoothing")
     assert again[2][0] == run["randomized_smoothing"]
+
+
+def test_gamma_bounds_n_roundings_from_above_and_widen_never_undershoots():
+    """gamma_n = n u / (1 - n u) >= n u (Higham 3.1), checked in rationals; widen(x_hat, e) is an upper bound of
+    every x with |x_hat - x| <= e x, so it is >= x_hat / (1 - e) computed exactly; e >= 1/2 is refused."""
+    from trustcase.certification.rounding import U64, gamma, widen
+
+    for n in (1, 6, 1000, 10 ** 9):
+        assert Fraction(gamma(n)) >= n * Fraction(U64)
+    rng = np.random.default_rng(4)
+    for v, e in zip(rng.uniform(1e-3, 1e3, 200), rng.uniform(0, 0.49, 200), strict=True):
+        assert Fraction(widen(float(v), float(e))) >= Fraction(float(v)) / (1 - Fraction(float(e)))
+    for e in (0.5, -1e-9):
+        with pytest.raises(ValueError, match="leaves no useful bound"):
+            widen(1.0, e)
+
+
+def test_the_lipschitz_lower_bound_ascends_a_model_that_cannot_be_copied():
+    """A module that refuses deepcopy is run in float32 with its inputs cast: a linear map's lower bound is then its
+    spectral norm (the Jacobian's, exact for a linear map) up to float32 rounding."""
+
+    class Uncopyable(torch.nn.Linear):
+        def __deepcopy__(self, memo):
+            raise TypeError("not copyable")
+
+    torch.manual_seed(0)
+    net = Uncopyable(3, 2)
+    sigma = float(torch.linalg.matrix_norm(net.weight.detach().double(), ord=2))
+    lb = L.empirical_lower_bound(net, torch.zeros(2, 3), steps=3)
+    assert abs(lb - sigma) <= 1e-5 * sigma
