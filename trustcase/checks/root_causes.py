@@ -66,9 +66,9 @@ class RootCauses(Check):
         if uc.task == "detection":
             raise Unsupported(
                 "root_causes: not applicable to a detector yet: HUDD clusters each error's relevance for its class "
-                "at internal layers; a detector's error is a missed indication, whose relevance is the Grad-CAM of "
-                "that box's class score through the detector's decoding (captum's layer hooks do not reach into a "
-                "TorchScript detector), which is not built")
+                "at internal layers; a detector's error is a missed indication, whose relevance would be the "
+                "Grad-CAM of that box's class score (explainability's box scores), which root_causes does not yet "
+                "collect, cluster or select an unsafe set from")
         net = A.Network(ctx.model)
         layers = p.layers or net.conv_layers()
         if not layers:
