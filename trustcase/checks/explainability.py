@@ -120,15 +120,17 @@ class ExplainabilityParams(Params):
 
 
 def _mean_measure(check: str, out: list[Measurement], scope: Scope, conf: float):
-    """measure(metric, values, **details): appends the mean of the finite values with its t interval to `out` and
-    returns the mean (None without a finite value)."""
-    def measure(metric: str, values: np.ndarray, **details) -> float | None:
+    """measure(metric, values, proportion=False, **details): appends the mean of the finite values with its interval
+    (Student-t; Clopper-Pearson for a `proportion` of 0/1 values) to `out` and returns the mean (None without a
+    finite value)."""
+    def measure(metric: str, values: np.ndarray, proportion: bool = False, **details) -> float | None:
         v = np.asarray(values, np.float64)
         v = v[np.isfinite(v)]
         if not len(v):
             return None
-        out.append(estimate(check=check, metric=metric, value=float(v.mean()), interval=mean_interval(v, conf),
-                            n=len(v), scope=scope, details=details))
+        iv = clopper_pearson(int(v.sum()), len(v), conf) if proportion else mean_interval(v, conf)
+        out.append(estimate(check=check, metric=metric, value=float(v.mean()), interval=iv, n=len(v), scope=scope,
+                            details=details))
         return float(v.mean())
     return measure
 
@@ -245,15 +247,7 @@ class Explainability(Check):
         not_run: list[dict] = []
         curves = {"deletion": {}, "insertion": {}, "sanity": {}, "independent": {}}
 
-        def measure(metric: str, values: np.ndarray, proportion: bool = False, **details):
-            v = np.asarray(values, np.float64)
-            v = v[np.isfinite(v)]
-            if not len(v):
-                return None
-            iv = clopper_pearson(int(v.sum()), len(v), conf) if proportion else mean_interval(v, conf)
-            out.append(estimate(check=self.name, metric=metric, value=float(v.mean()), interval=iv, n=len(v),
-                                   scope=scope, details=details))
-            return float(v.mean())
+        measure = _mean_measure(self.name, out, scope, conf)
 
         made: dict[str, A.Method | Unsupported] = {}
         for name in p.methods:  # the user's methods and options, refused before any work
@@ -497,7 +491,7 @@ class Explainability(Check):
                 "region_energy": measure(f"region_energy:{name}", R.energy_inside(heat[defective], truth[defective]),
                                          method=name, chance=chance),
                 "pointing_game": measure(f"pointing_game:{name}", pointing_game(heat[defective], truth[defective]),
-                                         method=name, chance=chance)}
+                                         proportion=True, method=name, chance=chance)}
         rules = [("faithfulness", ">", reference["faithfulness"] + p.faithfulness_margin,
                   "more faithful to the region's class probability than a random ordering (insertion - deletion)")]
         if chance is not None:
