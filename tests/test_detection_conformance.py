@@ -31,6 +31,8 @@ def test_conformance_of_the_checks_taught_detection(name, tmp_path):
     uc, model = synthetic_case([{"check": name, "params": TAUGHT[name]}], task="detection")
     report = check_conformance(name, TAUGHT[name], use_case=uc, model=model, workdir=tmp_path / "runs")
     assert all(v.startswith(("ok", "skipped")) for v in report.values()), report
+    # only these two decline a detector; a taught check that declines would pass the line above
+    assert ("applies" in report) == (name in {"lipschitz", "root_causes"}), report
 
 
 def test_the_synthetic_detector_finds_every_square_and_nothing_else(tmp_path):
