@@ -86,7 +86,7 @@ def judge_boxes(label: Any, n_classes: int | None, image_hw: tuple[int, ...] | N
     """A detection item's true boxes as a (K, 5) float64 array, or `Rejected` naming the first bad box
     (non-finite, degenerate x2 <= x1 or y2 <= y1, outside the image, a class that is not an index)."""
     if not isinstance(label, Boxes):
-        raise Rejected("label", f"label {label!r} is not the item's boxes (data.streaming.Boxes)")
+        raise Rejected("label", f"label {shown(label)} is not the item's boxes (data.streaming.Boxes)")
     try:
         boxes = np.asarray(label.rows, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -116,11 +116,17 @@ class Mask:
     classes: Any  # (H, W) array-like; judged by `judge_mask`
 
 
+def shown(label: Any) -> str:
+    """A label as one line of a message: its repr, or its type when the repr spans lines or runs long (a mask)."""
+    text = repr(label)
+    return text if "\n" not in text and len(text) <= 80 else f"of type {type(label).__name__}"
+
+
 def judge_mask(label: Any, n_classes: int | None, image_hw: tuple[int, ...] | None = None) -> np.ndarray:
     """A segmentation item's mask as an (H, W) uint8/int64 array of class indices, or `Rejected` saying what is
     wrong (not a `Mask`, its size differs from the image's, a value that is no class index)."""
     if not isinstance(label, Mask):
-        raise Rejected("label", f"label {label!r} is not the item's mask (data.streaming.Mask)")
+        raise Rejected("label", f"label {shown(label)} is not the item's mask (data.streaming.Mask)")
     mask = np.asarray(label.classes)
     if mask.ndim != 2 or mask.dtype.kind not in "biu":
         raise Rejected("label", f"mask of shape {mask.shape} and type {mask.dtype}, expected (H, W) class indices")
@@ -141,7 +147,7 @@ def judge_label(label: Any, n_classes: int | None) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, (int, np.integer)):
-        raise Rejected("label", f"label {label!r} is not a class index")
+        raise Rejected("label", f"label {shown(label)} is not a class index")
     if n_classes is not None and not 0 <= value < n_classes:
         raise Rejected("label", f"label {value} is not a class index (0..{n_classes - 1})")
     return int(value)
