@@ -116,6 +116,10 @@ class ModelSpec(Strict):
         lo, hi = self.value_range
         if not lo < hi:
             raise ValueError("value_range must be [min, max] with min < max")
+        if len(self.input_shape) == 3 and self.defect_pixels > self.input_shape[1] * self.input_shape[2]:
+            h, w = self.input_shape[1:]
+            raise ValueError(f"defect_pixels {self.defect_pixels} is more than the {h}x{w} = {h * w} pixels of an "
+                             "input: no image could ever be decided defective")
         c = self.input_shape[0]
         for key in ("mean", "std"):
             n = len(getattr(self.normalisation, key))
