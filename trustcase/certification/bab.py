@@ -80,9 +80,10 @@ def forward_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor, u: float = U32, 
 
     Per affine node (Higham 3.1): the error it inherits, through |W|, plus gamma_n u (|W| (|x| + e) + |b|) with n
     its fan-in, one for the bias, one per extra input and 4 for operations folded into it (a BatchNorm, a
-    constant shift); |x| from the interval bounds of the box (`bounds`, else IBP). A ReLU passes the error on,
-    or none when its input stays below zero even with it (the output is exactly 0); sigmoid / tanh shrink it by
-    their slope and add SIGMOID_ULPS u. backward: the sums of the transposed maps too (the float64 arithmetic of
+    constant shift), plus `Node.rounded` times the same for weights the graph folded (a BatchNorm: their float64
+    rounding against the model's); |x| from the interval bounds of the box (`bounds`, else IBP). A ReLU passes the
+    error on, or none when its input stays below zero even with it (the output is exactly 0); sigmoid / tanh shrink
+    it by their slope and add SIGMOID_ULPS u. backward: the sums of the transposed maps too (the float64 arithmetic of
     CROWN, whose products Lambda W run back through every layer and stay within the same magnitudes: slopes in
     [0, 1])."""
     if bounds is None:
@@ -104,7 +105,7 @@ def forward_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor, u: float = U32, 
         if node.bias is not None:
             size = size + node.bias.abs()
         n = sum(_roundings(mp, backward) for _, mp in pairs) + (node.bias is not None) + len(pairs) - 1 + 4
-        err.append(sum(mp.abs(err[j]) for j, mp in pairs) + gamma(n, u) * size)
+        err.append(sum(mp.abs(err[j]) for j, mp in pairs) + (gamma(n, u) + node.rounded) * size)
     return err[-1].flatten(1)[0] * (1 + gamma(2 * len(g.nodes), U64))  # this pass's own float64 roundings
 
 
