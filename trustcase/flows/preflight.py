@@ -234,7 +234,8 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
             judge_item(item.image, source.expected)
             task_of(uc).judge_label(item.label, len(uc.model.class_names), expected_shape(uc.model)[:2])
         except Rejected as e:
-            add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) does not fit the model's input: {e}")
+            what = "has a label the task cannot use" if e.kind == "label" else "does not fit the model's input"
+            add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) {what}: {e}")
             continue
         except Exception as e:  # noqa: BLE001  (the partner's loader)
             add(loc, f"reading the first item of split {role!r} ({_name(stream.split, i)}) raised "
