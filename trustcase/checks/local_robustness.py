@@ -166,7 +166,8 @@ class LocalRobustness(Check):
                 f"value range [{lo_v:g}, {hi_v:g}]",
                 "robust: the predicted class keeps a score strictly above every other class for every input of "
                 "the ball (a tie counts as a change)",
-                f"verified: proved by {how}, in float64: {MARGIN_RULE}",
+                f"verified: proved by {how}, in float64: {MARGIN_RULE}; here the float32 forward error is not "
+                "bounded per ball: a verified ball is proved for the network in exact arithmetic",
                 "falsified: a counterexample inside the ball re-checked by a plain float32 forward pass",
                 f"unknown (no proof, no counterexample within {p.timeout:g} s) counts as not verified: the verified "
                 "fraction is a lower bound of the robust fraction, the falsified one a lower bound of the fragile one",
