@@ -105,7 +105,8 @@ def plan(uc: UseCase, add: Add) -> list[Declared]:
         except UserError as e:  # a check's own refusal of its parameters
             add((*loc, "params"), str(e))
             continue
-        out.append(Declared(spec.check, params, cls.produces(params, uc)))
+        # a check not taught the use case's task measures nothing for it (it says so at run time)
+        out.append(Declared(spec.check, params, cls.produces(params, uc) if uc.task in cls.tasks else []))
     return out
 
 
