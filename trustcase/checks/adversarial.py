@@ -133,7 +133,7 @@ class Adversarial(Check):
             from trustcase.tasks import task_of
 
             return [Produces(m, params.split, f"{a}.{g}", subgroups=True) for a in params.attacks for g in params.goals
-                    for m in [*task_of(use_case).metrics(use_case, calibration=False), "attack_success_rate"]]
+                    for m in _goal_metrics(g, task_of(use_case).metrics(use_case, calibration=False))]
         if use_case.task == "detection":  # per objective: the recall under attack and the share of boxes hidden
             return [Produces(m, params.split, f"{a}.{o}") for a in params.attacks for o in params.objectives
                     for m in ("indication_recall", "recall:*", "attack_success_rate")]
@@ -285,14 +285,14 @@ class Adversarial(Check):
             ms: list[Measurement] = []
             for e in grids[g]:
                 got = scorers[(g, e)].compute(p.split, conf, perturbation=key, amplitude=e)
-                ms += got
+                ms += [m for m in got if m.metric in _goal_metrics(g, metrics)]
                 ms.append(proportion(self.name, "attack_success_rate", fooled_n[(g, e)], standing[g], conf,
                                      got[0].scope.model_copy(update={"subgroup": {}}), e,
                                      undefined=f"no image that the rule ({fooled_rule[g]}) does not fool clean"))
             broken = breaking(uc.requirements, key, ms)
             cv = curve(key, unit, grids[g], ms, uc, broken)
             series = {m: _series(sorted((x for x in ms if x.metric == m and not x.scope.subgroup),
-                                        key=lambda x: x.amplitude)) for m in ("mean_iou", "image_recall")}
+                                        key=lambda x: x.amplitude)) for m in ("attack_success_rate", "image_recall")}
             cv = cv.model_copy(update={"id": f"adversarial_{key}", "x_label": unit,
                                        "title": f"Segmentation under {name} ({g}; empirical)",
                                        "series": {k: v for k, v in series.items() if v is not None}})
@@ -307,7 +307,9 @@ class Adversarial(Check):
             f"{name}: goals {', '.join(p.goals)} (pixels: the per-pixel cross-entropy over the true defect region, "
             f"every pixel of a defect-free image, an image fooled when {fooled_rule['pixels']}; decision: minus the "
             f"positive defect margins of a defective image, the {rule} largest of a defect-free one, fooled when "
-            f"{fooled_rule['decision']}); an image not fooled keeps its clean pixels; radii "
+            f"{fooled_rule['decision']}); an image not fooled keeps its clean pixels, so only what the goal's rule "
+            f"decides is reported under attack (pixels: the share of images fooled; decision: image recall and false "
+            f"alarms too), never IoU or Dice (an attack stopped at the rule would overstate them); radii "
             f"{sorted({e for v in grids.values() for e in v})} ({unit}); {seen} images of the {p.split} split (a "
             f"sample seeded by {ctx.seed}); the task's intervals (bootstrap over images, Clopper-Pearson)",
         ]
@@ -417,3 +419,11 @@ class Adversarial(Check):
                                f"outputs, non-differentiable pre-processing): a high accuracy under attack "
                                f"is weak evidence of robustness")
 
+
+def _goal_metrics(goal: str, task_metrics: list[str]) -> list[str]:
+    """What a segmentation attack goal honestly measures. The attack stops on an image as soon as the goal's rule
+    fooled it, and an image not fooled keeps its clean input: so IoU and Dice under attack would be measured on
+    images pushed only as far as the rule (or not at all), above the ball's worst. Only the rule's own outcome is
+    reported: the share fooled, and for the decision goal the image-level rates it flips."""
+    own = {"pixels": [], "decision": ["image_recall", "image_false_alarm_rate"]}[goal]
+    return [m for m in task_metrics if m in own] + ["attack_success_rate"]
