@@ -66,6 +66,16 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def seeded_sample(seed: int, positions, k: int | None) -> set[int]:
+    """k of the item positions, drawn with the check's seed (all when k is None or not smaller): the one rule for a
+    check's sample of a split, or of a pool of its items (e.g. those with something to explain)."""
+    import numpy as np
+
+    positions = [int(i) for i in positions]
+    return set(positions if k is None or k >= len(positions) else
+               np.random.default_rng(seed).choice(positions, k, replace=False).tolist())
+
+
 @dataclass
 class Context:
     use_case: UseCase
@@ -85,11 +95,7 @@ class Context:
     def sample(self, role: str, k: int | None, batch_size: int | None = None) -> set[int]:
         """A seeded sample of k item positions of a split (all when k is None or larger), the same at any batch size:
         a split is often ordered (by class), so its first k items would not represent it."""
-        import numpy as np
-
-        index = [int(i) for b in self.batches(role, batch_size) for i in b.index]
-        return set(index if k is None or k >= len(index) else
-                   np.random.default_rng(self.seed).choice(index, k, replace=False).tolist())
+        return seeded_sample(self.seed, [int(i) for b in self.batches(role, batch_size) for i in b.index], k)
 
     def claimed(self, metric: str, perturbation: str) -> list[float]:
         """Amplitudes (e.g. radii) that requirements on `metric` claim up to: always measured exactly, so no

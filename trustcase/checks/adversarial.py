@@ -252,9 +252,7 @@ class Adversarial(Check):
         fooled_n = {k: 0 for k in scorers}
         seen = 0
         # a seeded sample of max_items images (a split ordered by defect type would give its first type only)
-        index = np.concatenate([b.index for b in ctx.batches(p.split, p.batch_size)] or [np.zeros(0, np.int64)])
-        if p.max_items < len(index):
-            index = np.random.default_rng(ctx.seed).choice(index, p.max_items, replace=False)
+        index = np.fromiter(ctx.sample(p.split, p.max_items, p.batch_size), np.int64)
         for batch in ctx.batches(p.split, p.batch_size):
             take = np.flatnonzero(np.isin(batch.index, index))
             if not len(take):

@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from trustcase import seeding
-from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported
+from trustcase.checks import Check, CheckError, Context, Params, Produces, Unsupported, seeded_sample
 from trustcase.errors import UserError
 from trustcase.explain import attribution as A
 from trustcase.explain import imaging
@@ -361,7 +361,7 @@ class Explainability(Check):
         if not boxes:
             raise Unsupported(f"no image of the {p.split} split has an indication (score >= {threshold:g}) to explain")
         pool = np.array(sorted(boxes))
-        sample = set(np.random.default_rng(ctx.seed).choice(pool, size=min(p.items, len(pool)), replace=False).tolist())
+        sample = seeded_sample(ctx.seed, pool, p.items)
         images, ids, index = [], [], []
         for batch in ctx.batches(p.split):
             for j, i in enumerate(batch.index):
@@ -447,7 +447,7 @@ class Explainability(Check):
             pool += [int(i) for i, m in zip(batch.index, pred, strict=True) if m.any()]
         if not pool:
             raise Unsupported(f"no image of the {p.split} split has a predicted defect region to explain")
-        sample = set(np.random.default_rng(ctx.seed).choice(pool, size=min(p.items, len(pool)), replace=False).tolist())
+        sample = seeded_sample(ctx.seed, pool, p.items)
         images, truth, ids = [], [], []
         for batch in ctx.batches(p.split):
             for j, i in enumerate(batch.index):

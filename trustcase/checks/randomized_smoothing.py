@@ -190,9 +190,7 @@ class RandomizedSmoothing(Check):
                        *(r for m in SEGMENTATION_METRICS for r in ctx.claimed(m, "l2_radius"))})
         ids, parts, drawn = [], [], []
         # a seeded sample of max_items images (a split ordered by defect type would give its first type only)
-        index = np.concatenate([b.index for b in ctx.batches(p.split)] or [np.zeros(0, np.int64)])
-        if p.max_items is not None and p.max_items < len(index):
-            index = np.random.default_rng(ctx.seed).choice(index, p.max_items, replace=False)
+        index = np.fromiter(ctx.sample(p.split, p.max_items), np.int64)
         for batch in ctx.batches(p.split):
             take = np.flatnonzero(np.isin(batch.index, index))
             if not len(take):
