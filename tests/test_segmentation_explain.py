@@ -13,6 +13,8 @@ from trustcase.explain.methods import region as R
 from trustcase.explain.network import Network
 from trustcase.models.classifier import Classifier
 from trustcase.schemas import ModelSpec
+from trustcase.tasks.segmentation import Segmenter
+from trustcase.testing import black_box_of
 
 H = W = 16
 CAUSE = np.zeros((H, W), bool)
@@ -50,12 +52,9 @@ def network(black_box: bool = False) -> Network:
     spec = ModelSpec(format="torchscript", path="unused.pt", input_shape=[1, H, W], value_range=(0.0, 1.0),
                      normalisation={"mean": [0.0], "std": [1.0]}, class_names=["background", "defect"],
                      critical_class="defect")
-    module = Planted().eval()
-    if black_box:
-        clf = Classifier(spec, module=None, session=None)
-        clf.forward = lambda x: module(x)  # forward passes only, as an ONNX session gives them
-        return Network(clf)
-    return Network(Classifier(spec, module=module))
+    model = Segmenter(Classifier(spec, module=Planted().eval()))
+    # the real black-box class: forward passes only, no module, no gradients (as an ONNX session gives them)
+    return Network(black_box_of(model) if black_box else model)
 
 
 def inputs(n: int = 3) -> torch.Tensor:
