@@ -4,6 +4,7 @@ on the real ELPV labels (slow): suspected cells enriched among the expert's unce
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from trustcase.checks import Context
+from trustcase.checks import CheckError, Context
 from trustcase.checks.label_issues import LabelIssues
 from trustcase.data import labels as L
 from trustcase.data.streaming import DataSource
+from trustcase.errors import Unsupported
 from trustcase.models.classifier import Classifier
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import Confidentiality, Topic, TrainingRequest, TrainingResult, UseCase, load_use_case
@@ -168,7 +170,15 @@ def fit_unaware(request: TrainingRequest) -> TrainingResult:
 
 
 def fit_refusing(request: TrainingRequest) -> TrainingResult:
-    raise ValueError("this script trains on the whole train split only")
+    raise Unsupported("this script trains on the whole train split only")
+
+
+def fit_buggy(request: TrainingRequest) -> TrainingResult:
+    return {"model": request.out, "held_out": len(request.held_out["train"])}["log"]  # a bug: KeyError
+
+
+def fit_wrong_answer(request: TrainingRequest) -> TrainingResult:
+    return {"path": str(request.out)}
 
 
 def cross_case(entry: str | None, n: int = 100) -> UseCase:
@@ -210,7 +220,7 @@ def test_the_folds_and_their_evidence_do_not_depend_on_the_batch_size(tmp_path):
 @pytest.mark.parametrize("entry, reason", [
     (None, "offers no training contract"),
     ("fit_unaware", "TrainingResult.held_out"),
-    ("fit_refusing", "ValueError: this script trains on the whole train split only"),
+    ("fit_refusing", "cannot leave items out: this script trains on the whole train split only"),
 ])
 def test_without_a_contract_that_leaves_a_fold_out_the_train_split_is_not_screened_and_says_why(tmp_path, entry,
                                                                                                reason):
@@ -251,3 +261,27 @@ def test_on_elpv_the_train_split_is_screened_out_of_fold_through_the_solar_train
     assert int(L.find(y, probs).suspected.sum()) == out.summary["train"]["suspected"]  # the check's own screen
     v = L.validate(y, probs, np.array(uncertain), 0.05, 0, 0.95)
     assert v["enrichment_interval"][0] > 1.0, v  # enriched among the uncertain ratings, on the lower end
+
+
+def test_a_training_contract_that_crashes_is_an_error_not_a_fallback(tmp_path):
+    """Only the contract's own 'cannot leave items out' (Unsupported) becomes "not screened"; a bug in the script
+    is an internal error and a wrong answer the user's error, never a quiet limitation (review R3)."""
+    uc = cross_case("fit_buggy", n=40)
+    with pytest.raises(KeyError, match="log"):
+        run_check(uc, load_classifier(uc.model), tmp_path / "a", splits=["train"], folds=2, epochs=1, thumbnails=0)
+    uc = cross_case("fit_wrong_answer", n=40)
+    with pytest.raises(CheckError, match="fold 1 of 2 returned no TrainingResult: model: Field required"):
+        run_check(uc, load_classifier(uc.model), tmp_path / "b", splits=["train"], folds=2, epochs=1, thumbnails=0)
+
+
+def test_the_training_script_is_in_the_code_hash_that_keys_cached_results():
+    """A cached label_issues result must not outlive a change of the script its folds were trained by."""
+    from trustcase.flows.assess import _partner_modules
+    from trustcase.flows.provenance import code_closure
+    from trustcase.registry import resolve
+
+    uc = load_use_case(SOLAR / "use_case.yaml")
+    resolve(uc.data.loader, uc.data.path)  # as the flow's fingerprint does before hashing: the case's folder
+    hashed = {h.partition(":")[0]: h for h in code_closure(_partner_modules(uc))}
+    assert {"elpv", "cnn", "train"} <= hashed.keys(), hashed
+    assert hashed["train"].endswith(hashlib.sha256((SOLAR / "train.py").read_bytes()).hexdigest())

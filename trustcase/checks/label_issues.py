@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from trustcase.checks import Check, CheckError, Context, Params, Produces
 from trustcase.data import labels as L
 from trustcase.data.drift import Sample
+from trustcase.errors import Unsupported, validation_message
 from trustcase.measurement import proportion
 from trustcase.models.classifier import ModelError
 from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
@@ -150,7 +151,9 @@ class LabelIssues(Check):
 
     def _fold_models(self, ctx: Context) -> tuple[list | None, str]:
         """The folds' models trained through the use case's training contract, or None and why not (the train
-        split is then not screened)."""
+        split is then not screened): no contract, or one that answers `Unsupported` (it cannot leave items out) or
+        does not confirm the fold. Anything else it raises is not a fallback: a `UserError` is the user's to fix,
+        any other exception a bug."""
         from trustcase.models.loading import load_classifier
         from trustcase.registry import resolve
 
@@ -177,10 +180,16 @@ class LabelIssues(Check):
             request = TrainingRequest(out=ctx.workdir / f"fold{f + 1}{suffix}", use_case=case, seed=ctx.seed,
                                       held_out={"train": sorted(positions)}, epochs=p.epochs,
                                       params={**uc.training.params, **p.training})
+            # the contract's one "cannot leave items out" is Unsupported: a fallback, said; a UserError (exit 2) or
+            # any other exception (a bug: an internal error) propagates
             try:
-                result = TrainingResult.model_validate(entry(request), from_attributes=True)
-            except Exception as e:  # noqa: BLE001 - the use case's own code: its failure is a fallback, said
-                return None, f"{where} could not train: {type(e).__name__}: {e}"
+                answer = entry(request)
+            except Unsupported as e:
+                return None, f"{where} cannot leave items out: {e}"
+            try:
+                result = TrainingResult.model_validate(answer, from_attributes=True)
+            except ValidationError as e:
+                raise CheckError(f"{where} returned no TrainingResult: {validation_message(e)}") from None
             if result.held_out != len(positions):
                 return None, (f"{where} says it left {result.held_out} items out, not the fold's {len(positions)} "
                               "(TrainingResult.held_out): its model is not known to be out of sample")

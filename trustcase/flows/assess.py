@@ -111,9 +111,11 @@ def cache_root() -> Path:
 
 
 def _partner_modules(use_case: UseCase) -> list[str]:
-    """The modules of partner code a result depends on: the loader, the model's factory or black box, and every
-    check of the plan that is not trustcase's (registered by a partner's package or named `module:Class`)."""
-    refs = [use_case.data.loader, use_case.model.factory, use_case.model.entry]
+    """The modules of partner code a result depends on: the loader, the model's factory or black box, the
+    training contract's script, and every check of the plan that is not trustcase's (registered by a partner's
+    package or named `module:Class`)."""
+    refs = [use_case.data.loader, use_case.model.factory, use_case.model.entry,
+            use_case.training and use_case.training.entry]  # label_issues trains its folds through it
     mods = [r.partition(":")[0] for r in refs if r and ":" in r]
     mods += [m for m in (check_class(spec.check).__module__ for spec in use_case.plan.checks)
              if m.partition(".")[0] != "trustcase"]

@@ -15,7 +15,8 @@ training log (parameters and validation figures, JSON-ready).
 Cross-validation (the `label_issues` check's out-of-fold probabilities) asks for a model trained without the
 items at `request.held_out` (positions in a role's split); the function says how many it left out in
 `TrainingResult.held_out`, so a function that does not know the field (0) is not trusted with a fold. A
-function that cannot leave items out raises.
+function that cannot leave items out raises `trustcase.errors.Unsupported` (the one fallback: the train split
+is then not screened, and says why); anything else it raises is an error, not a fallback.
 """
 
 from __future__ import annotations
