@@ -13,21 +13,34 @@ every surviving mutant's diff) and a table on stdout (the scores docs/testing.md
 
 `--sample N` tests a seeded random sample of N of the chunk's mutants instead of all of them (a full chunk takes
 most of an hour on a shared machine): the killed share is then an estimate, reported with its exact
-(Clopper-Pearson, 95%) interval over the sampled mutants that a test reaches. Results:
+(Clopper-Pearson, 95%) interval over the sampled mutants that a test reaches, less the equivalent ones. Results:
 build/mutants/<chunk>-sample<N>-seed<S>.json.
+
+`--only-survivors` (with the `--sample` and `--seed` of a stored sample) re-tests only that sample's survivors
+against the tests as they are now (a new test cannot revive a killed mutant). Each survivor is applied to a
+scratch copy (`mutmut apply`) and the tests mutmut maps to its function run in a fresh pytest process: a mutmut
+re-run once reported kills that the patched copy does not show (rounding.fft_error's constants), so a kill is
+only what a patched copy shows. It refuses a sample drawn from other sources (the modules' SHA-256).
+
+Equivalent mutants (the program's behaviour provably unchanged) leave the denominator, as is standard: they are
+the list items of docs/testing.md that start with a mutant's name in backquotes, each with its one-line argument.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import queue
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +57,7 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
                        "trustcase/certification/smoothing.py", "trustcase/certification/rounding.py"],
                       ["tests/test_exact_certification.py", "tests/test_lipschitz.py", "tests/test_lipschitz_layers.py",
                        "tests/test_smoothing.py", "tests/test_certification_mutants.py",
+                       "tests/test_mutants_certification.py",
                        # a segmenter's votes (smoothing.sample_counts per pixel)
                        "tests/test_segmentation_certify.py"]),
     # the one layer graph and what runs on it: IBP / CROWN / alpha-CROWN, branch and bound (exact tests against
@@ -55,6 +69,8 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
     "perturbations": (["trustcase/robustness/perturbations.py"], ["tests/test_perturbations.py"]),
 }
 SKIP = {".venv", ".git", "mutants", "__pycache__", "mlruns", "node_modules", "build"}
+DOCS = ROOT / "docs" / "testing.md"  # the equivalent mutants, each with its argument
+RETEST_SECONDS = 1800  # a patched copy's tests running longer than this count as a timeout (an endless loop)
 
 
 def copy_tree(dst: Path) -> None:
@@ -72,7 +88,11 @@ def copy_tree(dst: Path) -> None:
     tmp.unlink()
 
 
-def run_chunk(name: str, sample: int | None = None, seed: int = 0) -> dict:
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def scratch(name: str) -> Path:
+    """A scratch copy of the repository set up for mutmut on the chunk's modules and tests."""
     modules, tests = CHUNKS[name]
     work = Path(os.environ.get("TRUSTCASE_MUTANTS_DIR", "/tmp/trustcase-mutants")) / name
     copy_tree(work)
@@ -81,43 +101,152 @@ def run_chunk(name: str, sample: int | None = None, seed: int = 0) -> dict:
         + "only_mutate =\n" + "".join(f"    {m}\n" for m in modules)
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests)
         + "pytest_add_cli_args =\n" + "".join(f"    {a}\n" for a in _split(FAST)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return work
+
+
+def generate(work: Path, log) -> list[str]:
+    """Every mutant of the chunk and mutmut's map of the tests reaching each function (a pattern matching no
+    mutant stops mutmut right after), sorted: the population a seeded sample is drawn from."""
+    subprocess.run([str(MUTMUT), "run", "--max-children", "2", "no-mutant-has-this-name"], cwd=work, env=ENV,
+                   stdout=log, stderr=subprocess.STDOUT, check=False)
+    population = sorted(_exit_codes(work))
+    if not population:
+        raise SystemExit(f"mutmut generated no mutants in {work}: see {work / 'mutmut.log'}")
+    return population
+
+
+def sources(modules: list[str]) -> dict[str, str]:
+    return {m: hashlib.sha256((ROOT / m).read_bytes()).hexdigest() for m in modules}
+
+
+def run_chunk(name: str, sample: int | None = None, seed: int = 0) -> dict:
+    modules, tests = CHUNKS[name]
+    work = scratch(name)
     t0 = time.perf_counter()
     mutmut = [str(MUTMUT), "run", "--max-children", "2"]
     with open(work / "mutmut.log", "w") as log:
-        if sample is not None:  # generate every mutant and the test map (a pattern matching no mutant stops
-            # mutmut right after), then test the sample only
-            subprocess.run([*mutmut, "no-mutant-has-this-name"], cwd=work, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, check=False)
-            population = sorted(_exit_codes(work))
-            if not population:
-                raise SystemExit(f"mutmut generated no mutants for {name}: see {work / 'mutmut.log'}")
+        if sample is not None:  # every mutant and the test map, then test the sample only
+            population = generate(work, log)
             chosen = sorted(random.Random(seed).sample(population, min(sample, len(population))))
-            subprocess.run([*mutmut, *chosen], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+            subprocess.run([*mutmut, *chosen], cwd=work, env=ENV, stdout=log, stderr=subprocess.STDOUT, check=False)
         else:
-            subprocess.run(mutmut, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+            subprocess.run(mutmut, cwd=work, env=ENV, stdout=log, stderr=subprocess.STDOUT, check=False)
     codes = _exit_codes(work)
     if sample is not None:
         codes = {m: codes[m] for m in chosen}
     stats = _tally(codes.values())
     stats["total"] = len(population) if sample is not None else len(codes)
     survivors = {m: f"cd {work} && {MUTMUT} show {m}" for m, c in codes.items() if c == 0}
-    tested = stats["killed"] + stats["survived"] + stats["timeout"] + stats["suspicious"]
-    result = {"chunk": name, "modules": modules, "tests": tests, "stats": stats,
-              "score_tested": round(stats["killed"] / tested, 4) if tested else None,
-              "score_all": round(stats["killed"] / stats["total"], 4) if stats["total"] and sample is None else None,
+    result = {"chunk": name, "modules": modules, "sources": sources(modules), "tests": tests, "stats": stats,
               "minutes": round((time.perf_counter() - t0) / 60, 1), "survivors": survivors}
     if sample is not None:
+        result["sample"] = {"seed": seed, "size": len(chosen), "of": len(population), "sampled": chosen}
+    return save(name, sample, seed, score(result))
+
+
+def save(name: str, sample: int | None, seed: int, result: dict) -> dict:
+    OUT.mkdir(parents=True, exist_ok=True)
+    suffix = f"-sample{sample}-seed{seed}" if sample is not None else ""
+    (OUT / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def equivalent_mutants(docs: Path = DOCS) -> dict[str, str]:
+    """The equivalent mutants docs/testing.md lists ("- `name`: why"), with their one-line arguments."""
+    return dict(re.findall(r"^- `([\w.ǁ]+__mutmut_\d+)`:? (.+)$", docs.read_text(), re.M))
+
+
+def score(result: dict) -> dict:
+    """killed / (tested - equivalent): a mutant no test reaches is not tested; an equivalent one is a survivor
+    that no test can kill. A sample's share gets its exact 95% interval."""
+    stats = result["stats"]
+    equivalent = sorted(set(result["survivors"]) & set(equivalent_mutants()))
+    tested = stats["killed"] + stats["survived"] + stats["timeout"] + stats["suspicious"] - len(equivalent)
+    result["equivalent"] = equivalent
+    result["score_tested"] = round(stats["killed"] / tested, 4) if tested else None
+    result["score_all"] = (round(stats["killed"] / (stats["total"] - len(equivalent)), 4)
+                           if stats["total"] and "sample" not in result else None)
+    if "sample" in result and tested:
         sys.path.insert(0, str(ROOT))
         from trustcase.measurement import clopper_pearson
 
         ci = clopper_pearson(stats["killed"], tested, 0.95)
-        result["sample"] = {"seed": seed, "size": len(chosen), "of": len(population),
-                            "killed_share_95": [round(ci.lower, 4), round(ci.upper, 4)]}
-    OUT.mkdir(parents=True, exist_ok=True)
-    suffix = f"-sample{sample}-seed{seed}" if sample is not None else ""
-    (OUT / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1))
+        result["sample"]["killed_share_95"] = [round(ci.lower, 4), round(ci.upper, 4)]
     return result
+
+
+def retest_survivors(name: str, sample: int, seed: int) -> dict:
+    """Re-test a stored sample's survivors against the tests as they are now, each in a patched copy."""
+    path = OUT / f"{name}-sample{sample}-seed{seed}.json"
+    if not path.exists():
+        raise SystemExit(f"no stored sample {path}: run --sample {sample} --seed {seed} {name} first")
+    result = json.loads(path.read_text())
+    modules = result["modules"]
+    if "sources" in result and result["sources"] != sources(modules):
+        changed = [m for m in modules if result["sources"][m] != sources([m])[m]]
+        raise SystemExit(f"{', '.join(changed)} changed since the sample was drawn: its mutants are other "
+                         f"mutants now; draw a new sample (--sample {sample} --seed <new seed> {name})")
+    work = scratch(name)
+    t0 = time.perf_counter()
+    with open(work / "mutmut.log", "w") as log:
+        population = generate(work, log)
+    chosen = sorted(random.Random(seed).sample(population, min(sample, len(population))))
+    if len(population) != result["sample"]["of"] or chosen != result["sample"].get("sampled", chosen) \
+            or not set(result["survivors"]) <= set(chosen):
+        raise SystemExit(f"the sources of {name} changed since the sample was drawn ({len(population)} mutants, "
+                         f"{result['sample']['of']} then): draw a new sample")
+    result["sample"]["sampled"] = chosen
+    result.setdefault("sources", sources(modules))
+    copies: queue.Queue[Path] = queue.Queue()
+    for i in range(2):  # two workers, each with its own copy to patch (mutmut apply reads mutants/ beside it)
+        copy = work.parent / f"{name}-patched{i}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(work, copy, symlinks=True, ignore=shutil.ignore_patterns("mutants"))
+        (copy / "mutants").symlink_to(work / "mutants")
+        copies.put(copy)
+
+    def pytest(copy: Path, tests: list[str]) -> int:
+        return subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-x", *_split(FAST), *tests],
+                              cwd=copy, env=ENV, capture_output=True, timeout=RETEST_SECONDS).returncode
+
+    clean = copies.get()  # a kill means something only if the unpatched copy passes the same tests
+    if pytest(clean, CHUNKS[name][1]) != 0:
+        raise SystemExit(f"the chunk's tests fail without any mutant in {clean}: fix them first")
+    copies.put(clean)
+
+    def retest(mutant: str) -> tuple[str, str]:
+        tests = subprocess.run([str(MUTMUT), "tests-for-mutant", mutant], cwd=work, env=ENV, capture_output=True,
+                               text=True, check=True).stdout.split()
+        if not tests:
+            return mutant, "survived"  # no test reaches it now either
+        copy = copies.get()
+        try:
+            subprocess.run([str(MUTMUT), "apply", mutant], cwd=copy, env=ENV, check=True, capture_output=True)
+            try:
+                rc = pytest(copy, tests)
+            except subprocess.TimeoutExpired:
+                return mutant, "timeout"
+            if rc not in (0, 1, 2, 5):  # 0 passed, 1 failed, 2 a collection error (an import the mutant breaks)
+                raise SystemExit(f"pytest exited {rc} on {mutant} in {copy}: not a verdict")
+            return mutant, "survived" if rc in (0, 5) else "killed"  # 5: no test collected
+        finally:
+            for m in modules:
+                shutil.copy2(work / m, copy / m)
+            copies.put(copy)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcome = dict(pool.map(retest, sorted(result["survivors"])))
+    stats = result["stats"]
+    result.setdefault("first_pass", dict(stats))
+    for status in ("killed", "timeout"):
+        moved = [m for m, s in outcome.items() if s == status]
+        stats[status] += len(moved)
+        stats["survived"] -= len(moved)
+        result.setdefault(f"{status}_by_retest", [])
+        result[f"{status}_by_retest"] = sorted({*result[f"{status}_by_retest"], *moved})
+    result["survivors"] = {m: f"cd {work} && {MUTMUT} show {m}" for m, s in outcome.items() if s == "survived"}
+    result["retest_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    return save(name, sample, seed, score(result))
 
 
 def _exit_codes(work: Path) -> dict[str, int | None]:
@@ -151,16 +280,21 @@ def main(argv: list[str]) -> None:
     ap.add_argument("chunks", nargs="*", metavar="chunk", help=f"default: all ({', '.join(CHUNKS)})")
     ap.add_argument("--sample", type=int, default=None, help="test a seeded random sample of N mutants per chunk")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-survivors", action="store_true",
+                    help="re-test the survivors of the stored sample (--sample N --seed S) against today's tests")
     a = ap.parse_args(argv)
     if unknown := sorted(set(a.chunks) - set(CHUNKS)):
         ap.error(f"unknown chunk {', '.join(unknown)} (one of {', '.join(CHUNKS)})")
-    print(f"{'chunk':<14}{'mutants':>8}{'killed':>8}{'survived':>9}{'no test':>8}{'timeout':>8}"
+    if a.only_survivors and a.sample is None:
+        ap.error("--only-survivors re-tests a stored sample: give its --sample N and --seed S")
+    print(f"{'chunk':<14}{'mutants':>8}{'killed':>8}{'survived':>9}{'equiv.':>7}{'no test':>8}{'timeout':>8}"
           f"{'killed/tested':>14}{'min':>6}")
     for name in a.chunks or list(CHUNKS):
-        r = run_chunk(name, a.sample, a.seed)
+        r = retest_survivors(name, a.sample, a.seed) if a.only_survivors else run_chunk(name, a.sample, a.seed)
         s = r["stats"]
-        line = (f"{name:<14}{s['total']:>8}{s['killed']:>8}{s['survived']:>9}{s['no_tests']:>8}{s['timeout']:>8}"
-                f"{r['score_tested'] or 0:>14.1%}{r['minutes']:>6}")
+        line = (f"{name:<14}{s['total']:>8}{s['killed']:>8}{s['survived']:>9}{len(r['equivalent']):>7}"
+                f"{s['no_tests']:>8}{s['timeout']:>8}{r['score_tested'] or 0:>14.1%}"
+                f"{r.get('retest_minutes', r['minutes']):>6}")
         if "sample" in r:
             lo, hi = r["sample"]["killed_share_95"]
             line += f"  (sample of {r['sample']['size']}, seed {a.seed}: 95% interval [{lo:.1%}, {hi:.1%}])"
