@@ -1,9 +1,11 @@
 """The `odd_monitor` check: fits the ODD monitor and validates it on clean, perturbed and out-of-domain
 inputs (science in `odd.monitor` and `odd.validation`).
 
-A detector (task detection): the specification's image descriptors as for any model, and the learned monitor on
-the detector's backbone features (`features(x)`, one Gaussian: an image has no one class; no energy score without
-class logits); the accuracy figures, which need one decision per image, are not measured.
+A detector or a segmenter (tasks detection, segmentation): the specification's image descriptors as for any model,
+and the learned monitor on the model's backbone features (`features(x)`, one Gaussian: an image has no one class; no
+energy score without class logits; a segmenter without `features`: its per-pixel logits pooled, mean and max per
+class); the accuracy figures are not measured (a detector has no one decision per image; a segmenter's image-level
+decision would need a second forward pass the monitor does not make).
 
 Curves: `odd_detection:<perturbation>` (stopped, alerted or stopped, model accuracy, accuracy on accepted
 inputs vs amplitude, the ODD boundary marked) and `odd_roc` (ROC of each learned score).
@@ -40,6 +42,8 @@ from trustcase.schemas import (
     Stage,
     Topic,
 )
+
+POOLED = {"detection": "detector", "segmentation": "segmenter"}  # tasks whose monitor pools one Gaussian
 
 
 class OddParams(Params):
@@ -116,7 +120,7 @@ class OddMonitor(Check):
     name = "odd_monitor"
     Params = OddParams
     stage = Stage.DEPLOYMENT
-    tasks = frozenset({"classification", "detection"})
+    tasks = frozenset({"classification", "detection", "segmentation"})
 
     @classmethod
     def produces(cls, params, use_case):
@@ -136,7 +140,7 @@ class OddMonitor(Check):
         clean = ["false_alarm_rate", "alert_rate", "odd_share", "accuracy_accepted", "accuracy_stopped",
                  "detection_rate", "detection_rate_alert", "auroc:*", "fpr_at_95tpr:*"]
         perturbed = ["stop_rate", "alert_rate", "accuracy", "accuracy_accepted", "accuracy_stopped", "detection_rate"]
-        if use_case.task == "detection":  # no one decision per image to be right about
+        if use_case.task in POOLED:  # no one class per image to be right about
             clean, perturbed = ([m for m in ms if not m.startswith("accuracy")] for ms in (clean, perturbed))
         keys = list(params.perturbations) if params.perturbations is not None else ["*"]
         return [Produces(m, params.split) for m in clean] + [
@@ -167,12 +171,18 @@ class OddMonitor(Check):
                               p.near_rate, p.out_rate, p.shrinkage, p.rank)
         except odd.MonitorError as e:
             raise CheckError(f"{self.name}: {e}") from None
-        detection = uc.task == "detection"
-        if detection:
+        pooled = uc.task in POOLED  # no one class per image: accuracy figures not measured
+        if pooled:
+            model = POOLED[uc.task]
             dropped = sorted(set(p.scores) - set(monitor.learned.scores))
             if dropped:
-                limitations.append(f"learned score(s) {dropped} not applicable to a detector (no class logits)")
-            limitations.append("a detector has no one decision per image: the accuracy figures are not measured")
+                limitations.append(f"learned score(s) {dropped} not applicable to a {model} (no class logits)")
+            limitations.append({"detector": "a detector has no one decision per image",
+                                "segmenter": "the monitor reads the segmenter's features, not its masks, so its "
+                                             "image-level decision is not judged here"}[model]
+                               + ": the accuracy figures are not measured")
+            if monitor.feature_mode != "backbone":
+                limitations.append(f"learned score on weaker features: {monitor.extractor.why}")
         elif monitor.feature_mode != "penultimate":
             limitations.append(f"learned scores on the logits only: {monitor.extractor.why}")
         info = monitor.learned.info
@@ -187,11 +197,11 @@ class OddMonitor(Check):
         perts = {n: P.get(n, uc.model.value_range) for n in grids}
         for batch in ctx.batches(p.split):
             d = monitor.evaluate(batch.images, batch.meta)
-            clean.add(d, None if detection else batch.labels)
+            clean.add(d, None if pooled else batch.labels)
             inside = d.spec.states.max(axis=1, initial=0) < odd.State.OUT
             if not inside.any():
                 continue
-            imgs, labels = batch.images[inside], None if detection else batch.labels[inside]
+            imgs, labels = batch.images[inside], None if pooled else batch.labels[inside]
             ids = [i for i, k in zip(batch.ids, inside, strict=True) if k]
             meta = {k: _pick(v, inside) for k, v in batch.meta.items()}
             d0 = _subset(d, inside)
@@ -204,10 +214,10 @@ class OddMonitor(Check):
 
     def _outcome(self, ctx, p, monitor, path, grids, perts, clean, base, cells, conf, limitations):
         out: list[Measurement] = []
-        detection = ctx.use_case.task == "detection"
+        pooled = ctx.use_case.task in POOLED
 
         def m(metric, k, n, scope=None, amplitude=None, **details):
-            if detection and metric.startswith("accuracy"):
+            if pooled and metric.startswith("accuracy"):
                 return
             out.append(proportion(self.name, metric, k, n, conf, scope or Scope(split=p.split), amplitude,
                                   **details))
@@ -217,7 +227,7 @@ class OddMonitor(Check):
         m("odd_share", base.n, clean.n)
         m("accuracy_accepted", clean.acc_correct, clean.acc_n)
         m("accuracy_stopped", clean.stop_correct, clean.stopped)
-        if clean.stopped == 0 and not detection:
+        if clean.stopped == 0 and not pooled:
             limitations.append(f"no clean {p.split} item was stopped: accuracy_stopped is measured under "
                                "perturbations only")
         summary = {"specification": [lim.to_dict() for lim in monitor.spec.limits],
@@ -258,7 +268,7 @@ class OddMonitor(Check):
                 series={"stopped (OUT)": Series(y=rate("stopped"), lower=[b.lower for b in bands],
                                                 upper=[b.upper for b in bands]),
                         "alerted or stopped (NEAR/OUT)": Series(y=rate("alerted")),
-                        **({} if detection else {
+                        **({} if pooled else {
                             "model accuracy": Series(y=rate("correct")),
                             "accuracy on accepted inputs": Series(
                                 y=[c.acc_correct / c.acc_n if c.acc_n else float("nan") for c in cs])})},
@@ -267,7 +277,7 @@ class OddMonitor(Check):
             summary["perturbations"][n] = {
                 "unit": perts[n].unit, "grid": grid, "boundary": bound, "boundary_source": source,
                 "outside_specification": frac_out, "stop_rate": rate("stopped"), "alert_rate": rate("alerted"),
-                "accuracy": None if detection else rate("correct"),
+                "accuracy": None if pooled else rate("correct"),
                 "reasons": [dict(c.reasons.most_common(5)) for c in cs]}
         m("detection_rate", det_stop, det_n)
         m("detection_rate_alert", det_alert, det_n)

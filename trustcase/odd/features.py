@@ -1,5 +1,6 @@
 """The model's own features for the learned monitor: the input of its last Linear layer when that can be
-found and verified on a probe, else the logits; for a detector, the features its backbone exports."""
+found and verified on a probe, else the logits; for a detector or a segmenter, the features its backbone exports
+(a segmenter without them: its per-pixel logits pooled per class)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ class FeatureExtractor:
     when that can be found and verified on a probe (children of a Sequential run in order, else a forward
     pre-hook on an eager module); otherwise the logits themselves (`mode` says which, `why` says why)."""
 
-    # a detector (tasks.detection.Detector, which has `detect`) has no logits and no one class per image: its
-    # backbone exports `features(x) -> (B, F)` (an exported TorchScript method), one Gaussian is fitted to them
-    # (`pooled`) and only the scores on features apply
+    # a detector (tasks.detection.Detector, which has `detect`) or a segmenter (tasks.segmentation.Segmenter, which
+    # has `segment`) has no one class per image: its backbone exports `features(x) -> (B, F)` (an exported
+    # TorchScript method), one Gaussian is fitted to them (`pooled`) and only the scores on features apply
     pooled = False
     scores: tuple[str, ...] = ("mahalanobis", "energy")
 
@@ -27,7 +28,7 @@ class FeatureExtractor:
         self.model = model
         self.mode, self.why = "logits", "the model is a black box (no torch module)"
         self._run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-        if hasattr(model, "detect"):
+        if hasattr(model, "detect") or hasattr(model, "segment"):
             self._backbone(model)
             return
         if model.module is None:
@@ -49,12 +50,16 @@ class FeatureExtractor:
         self.why = "the model's structure is opaque (no verifiable last Linear layer)"
 
     def _backbone(self, model: Classifier) -> None:
+        kind = "detector" if hasattr(model, "detect") else "segmenter"
         self.pooled, self.scores, self.mode = True, ("mahalanobis",), "none"
-        self.why = "the detector exports no features(x) method (its backbone's features, (batch, F))"
+        self.why = f"the {kind} exports no features(x) method (its backbone's features, (batch, F))"
         features = getattr(model.module, "features", None) if model.module is not None else None
         if not callable(features):
             if model.module is None:
-                self.why = "the detector is a black box (no torch module)"
+                self.why = f"the {kind} is a black box (no torch module)"
+            if kind == "segmenter":  # its per-pixel logits say something of the input: pooled per class
+                self._run = lambda x: (self._pooled_logits(x), None)
+                self.mode, self.why = "pooled_logits", f"{self.why}: its per-pixel logits, mean and max per class"
             return
         probe = torch.randn(2, *model.spec.input_shape, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
@@ -63,7 +68,13 @@ class FeatureExtractor:
             self.why = f"the detector's features(x) gave {getattr(f, 'shape', type(f).__name__)}, not (batch, F)"
             return
         self._run = lambda x: (features(x), None)
-        self.mode, self.why = "backbone", "the detector's backbone features (its features(x) method)"
+        self.mode, self.why = "backbone", f"the {kind}'s backbone features (its features(x) method)"
+
+    def _pooled_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2K): a segmenter's per-pixel logits (B, K, H, W) checked by its contract, mean and max per class."""
+        out = self.model.forward(x)
+        self.model.check_output(out)
+        return torch.cat([out.mean(dim=(2, 3)), out.amax(dim=(2, 3))], dim=1)
 
     @staticmethod
     def _is_linear(m: torch.nn.Module) -> bool:
@@ -112,7 +123,8 @@ class FeatureExtractor:
         return self.model.to_input(inputs)
 
     def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(features, logits); a detector's logits are None (its detections are not needed to judge its input)."""
+        """(features, logits); a detector's or segmenter's logits are None (its output is not needed to judge its
+        input)."""
         if self.pooled and self._run is None:  # a detector without features: nothing to read
             return None, None
         with torch.inference_mode():

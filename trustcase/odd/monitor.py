@@ -311,10 +311,25 @@ class Monitor:
                 raise MonitorError(f"a {head['model']['format']} model needs its code to be built: load it as the "
                                    "use case says and pass the Classifier")
             try:
-                model = load_classifier(cls._contract(head["model"], file))
+                model = load_classifier(cls._contract(head["model"], file), wrap=_task_view(head.get("info", {})))
             except ModelError as e:
                 raise MonitorError(str(e)) from None
         return mon.attach(model)
+
+
+def _task_view(info: dict):
+    """How the monitor's model is seen: a detector's or segmenter's contract (its features are read through it),
+    else as a classifier (a monitor fitted before the task was recorded)."""
+    task = info.get("task")
+    if task == "detection":
+        from trustcase.tasks.detection import Detector
+
+        return Detector
+    if task == "segmentation":
+        from trustcase.tasks.segmentation import Segmenter
+
+        return Segmenter
+    return None
 
 
 def _finite(x: Any) -> bool:
@@ -371,7 +386,9 @@ def fit(model: Classifier, model_sha256: str, spec: SpecificationMonitor, fit_ba
     if extractor.mode == "none" or not set(scores) & set(extractor.scores):
         raise MonitorError(f"no learned score {list(scores)} applies to this model's features ({extractor.why})")
     scores = [s for s in scores if s in extractor.scores]  # a detector has no logits: no energy
-    info: dict[str, Any] = {"feature_mode": extractor.mode, "features": extractor.why}
+    info: dict[str, Any] = {"feature_mode": extractor.mode, "features": extractor.why,
+                            "task": "detection" if hasattr(model, "detect") else
+                            "segmentation" if hasattr(model, "segment") else "classification"}
     maha = None
     if "mahalanobis" in scores:
         gauss, kept, dropped = None, 0, 0

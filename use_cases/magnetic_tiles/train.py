@@ -1,7 +1,8 @@
 """Train the bundled magnetic-tile defect segmenter: a small U-Net (Ronneberger et al. 2015) on the train split, from
 scratch on CPU (no pretrained weights exist offline), deterministic for its seed (one thread, fixed epochs, seeded
 flips, deterministic kernels), exported as TorchScript with the segmentation contract of `trustcase.tasks.segmentation`:
-per-pixel logits (B, 2, H, W), class 0 the background, class 1 the defect.
+per-pixel logits (B, 2, H, W), class 0 the background, class 1 the defect; and `features(x)`, the bottleneck's maps
+averaged over the image (B, 64), which the ODD monitor's learned part reads.
 
     OMP_NUM_THREADS=1 python use_cases/magnetic_tiles/train.py   # artefacts/tile_segmenter.pt; time and test IoU
 
@@ -47,13 +48,22 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList([block(8 * w + 4 * w, 4 * w), block(4 * w + 2 * w, 2 * w), block(2 * w + w, w)])
         self.head = nn.Conv2d(w, n_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The bottleneck's maps (B, 8w, H / 8, W / 8) and the skips, deepest last."""
+        skips: list[torch.Tensor] = []
         for enc in self.enc:
             x = enc(x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        x = self.bottom(x)
+        return self.bottom(x), skips
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 8w): the bottleneck's maps averaged over the image, what the ODD monitor learns (`odd_monitor`)."""
+        return self.encode(x)[0].mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.encode(x)
         for i, dec in enumerate(self.dec):  # TorchScript: a ModuleList is iterated whole, the skips indexed
             skip = skips[len(skips) - 1 - i]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
