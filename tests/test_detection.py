@@ -347,14 +347,15 @@ def test_the_odd_monitor_of_a_detector_learns_its_backbone_features(tmp_path, ex
     assert any("not applicable to a detector" in x for x in out.limitations)
 
 
-def test_root_causes_and_improve_say_why_they_do_not_serve_a_detector_yet(detection_case, tmp_path):
+def test_root_causes_serve_a_detector_and_improve_says_which_methods_do(detection_case, tmp_path):
+    """HUDD's clusters of images with missed boxes are tested in tests/test_root_causes_detection.py."""
     from trustcase.checks import build
     from trustcase.errors import Unsupported
-    from trustcase.flows.improve import ImproveError, training_entry
+    from trustcase.flows.improve import ImproveError, method_settings
     from trustcase.schemas import CheckSpec
 
     uc, folder = detection_case
-    with pytest.raises(Unsupported, match="not applicable to a detector yet: HUDD clusters"):
-        build(CheckSpec(check="root_causes"))(_context(uc, folder, "rc"))
-    with pytest.raises(ImproveError, match="not applicable to a detection model yet"):
-        training_entry(uc, tmp_path / "use_case.yaml")
+    with pytest.raises(Unsupported, match="the model has no convolution to take relevance from$"):
+        build(CheckSpec(check="root_causes"))(_context(uc, folder, "rc"))  # this one answers a constant box
+    with pytest.raises(ImproveError, match="--method noise is not taught a detection model"):
+        method_settings(uc, "noise")

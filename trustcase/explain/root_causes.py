@@ -1,8 +1,22 @@
 """Root causes of the model's errors, found by clustering internal relevance (HUDD, Fahmy et al. ICSE 2022).
 
-For every misclassified item of a split, the relevance of each neuron of a few internal layers for the
-predicted class is computed (LRP through captum when every layer of the model has an LRP rule,
-otherwise LayerGradCam or Layer Integrated Gradients, per `relevance`). Per layer, the maps are
+For every error of a split, the relevance of each neuron of a few internal layers for what went wrong is
+computed. What an error is and what its relevance explains is the task's (`errors_of`, one class per task):
+
+- a classifier's error is a misclassified item, explained for its predicted class (LRP through captum when every
+  layer of the model has an LRP rule, otherwise LayerGradCam or Layer Integrated Gradients, per `relevance`);
+- a detector's is an image with at least one true box missed at the operating threshold (COCO's greedy matching at
+  IoU 0.5, as the recall counts it), explained by the Grad-CAM of its missed boxes' score: D-RISE's similarity, the
+  best IoU x score among the detections of the box's class (its class score where a detection overlaps it, and the
+  region of the box otherwise: a missed box has no detection at IoU 0.5 above the threshold to explain). Several
+  missed boxes: the sum of their scores (Grad-CAM is linear in the gradient: the sum of their maps). As in HUDD's
+  key-point detection case, the relevance of the output that is wrong;
+- a segmenter's is a defective image whose defect the image-level rule misses (fewer than `defect_pixels` defect
+  pixels predicted), or, with `min_iou`, whose defect IoU is below it; explained by the Grad-CAM of the logits of
+  each true defect pixel's class summed inside the true defect region (Seg-Grad-CAM of the true region).
+
+Detectors and segmenters are hooked when eager and tapped from their graph when TorchScript
+(`anatomy.convolution_taps`: layers conv1, conv2, ... in execution order). Per layer, the maps are
 reduced to at most `max_features` values (spatial average pooling, channels kept while they fit),
 scaled to unit norm (the pattern matters, not the magnitude), and clustered:
 
@@ -12,17 +26,20 @@ scaled to unit norm (the pattern matters, not the magnitude), and clustered:
 - the layer whose clusters are most compact: smallest size-weighted root-mean-square intra-cluster
   distance relative to that of all errors (scale-free, so layers of different size compare).
 
-Each cluster is described by its members, size, true/predicted classes, representative items (closest
-to the cluster centre), and the ODD descriptors of its members against the whole split: image
+Each cluster is described by its members, size, errors (true -> predicted class; missed classes and box sizes;
+missed defect classes and sizes, sizes by COCO's areas), representative items (closest to the cluster centre),
+and the ODD descriptors of its members against the whole split: image
 descriptors (brightness, contrast, sharpness) by a standardised median shift and a Mann-Whitney test,
 categorical metadata by its share and a binomial test; significant ones make the text summary
-("dark, blurred mono cells"). HUDD's retraining step: items of an unlabeled improvement split are
-assigned to the cluster of their nearest error, and the closest ones, balanced across clusters, form
-the "unsafe set" to label and retrain on.
+("dark, blurred mono cells"). HUDD's retraining step: items of an improvement split are assigned to the
+cluster of their nearest error, and the closest ones, balanced across clusters, form the "unsafe set" to label
+and retrain on. A classifier's pool item is explained for its prediction (no label needed); a detector's for its
+true boxes and a segmenter's for its true defect region (the pool is annotated: its boxes or masks are what the
+retraining learns), so an item without a true box or defect belongs to no cluster.
 
     a = analyse(model, net, test_batches, layers, relevance="auto", max_features=2048, max_errors=8000,
                 k_max=20, k=None, seed=0)                # errors, their clusters, the chosen layer, each reach
-    a.clusters(class_names, "cells", representatives=6)  # members, classes, representatives, ODD description
+    a.clusters("cells", representatives=6)               # members, errors, representatives, ODD description
     pool = a.assign(model, pool_batches)                 # every pool item to its nearest error's cluster
     positions, copies = pool.select(a.k, budget=100, seed=0)  # the unsafe set
 
@@ -33,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -49,8 +67,13 @@ from torch import nn
 
 from trustcase.errors import CheckError, Unsupported
 from trustcase.explain import attribution as A
+from trustcase.explain.methods.detection import _activations, similarity
+from trustcase.models import anatomy
 from trustcase.models.classifier import Classifier
 from trustcase.odd.descriptors import DESCRIPTORS, Views
+from trustcase.robustness.detection_attacks import found_boxes
+from trustcase.tasks.detection import Detector
+from trustcase.tasks.segmentation import Segmenter
 
 WORDS = {"brightness": ("dark", "bright"), "contrast": ("low-contrast", "high-contrast"),
          "sharpness": ("blurred", "sharp")}
@@ -67,12 +90,38 @@ def lrp_ready(module: nn.Module | None) -> bool:
     return all(type(m) in ok for m in leaves)
 
 
-class Relevance:
-    """Internal-layer relevance for a batch, reduced to comparable feature vectors (one per layer)."""
+def score_layers(net: A.Network, probe: torch.Tensor) -> list[str]:
+    """The layers a task's score can be explained at: the Conv2d layers of an eager model, the convolutions of a
+    TorchScript one tapped from its graph (conv1, conv2, ... in execution order)."""
+    if net.layers():
+        return net.conv_layers()
+    run = anatomy.convolution_taps(net.module) if isinstance(net.module, torch.jit.ScriptModule) else None
+    if run is None:
+        return []
+    with torch.no_grad():
+        return [f"conv{i + 1}" for i in range(len(run(probe)[1]))]
 
-    def __init__(self, net: A.Network, layers: list[str], method: str, max_features: int, ig_steps: int = 16):
+
+class Relevance:
+    """Internal-layer relevance for a batch, reduced to comparable feature vectors (one per layer). With `score`
+    (a detector's or segmenter's `score(output, target) -> (B,)`), the Grad-CAM of that score at each layer."""
+
+    def __init__(self, net: A.Network, layers: list[str], method: str, max_features: int, ig_steps: int = 16,
+                 score=None, probe: torch.Tensor | None = None):
         if not net.differentiable:
             raise Unsupported("root-cause clustering needs internal relevance; the model is a black box")
+        self.score = score
+        if score is not None:
+            if method not in ("auto", "grad_cam"):
+                raise CheckError(f"root_causes: relevance {method!r} explains a class; the errors of a detector or "
+                                 "a segmenter are explained by grad_cam (of the missed box's or region's score)")
+            known = score_layers(net, probe)
+            for name in layers:
+                if name not in known:
+                    raise CheckError(f"root_causes: layer {name!r} does not exist; layers: {', '.join(known)}")
+            self.layers = dict.fromkeys(layers)
+            self.net, self.method, self.max_features, self.ig_steps = net, "grad_cam", max_features, ig_steps
+            return
         known = net.layers()
         for name in layers:
             if name not in known:
@@ -94,6 +143,8 @@ class Relevance:
         self.net, self.method, self.max_features, self.ig_steps = net, method, max_features, ig_steps
 
     def raw(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.score is not None:
+            return self._score_cam(x, target)
         mods = list(self.layers.values())
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*did not already require gradients")
@@ -110,6 +161,20 @@ class Relevance:
                 out = [LayerGradCam(self.net.forward, m).attribute(x, target=target) for m in mods]
         out = out if isinstance(out, list | tuple) else [out]
         return {n: r.detach() for n, r in zip(self.layers, out, strict=True)}
+
+    def _score_cam(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Grad-CAM of each item's score at each layer, signed as captum's LayerGradCam: (B, 1, h, w) per layer
+        (eval mode: an item's score depends on its input alone, so one backward pass of the sum serves the batch)."""
+        names, acts, score = _activations(self.net, x, target, None, self.score)
+        grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
+        out = {}
+        for n in self.layers:
+            if n not in names:
+                raise CheckError(f"root_causes: layer {n!r} did not run for this input; layers that ran: {names}")
+            a, g = acts[names.index(n)].detach(), grads[names.index(n)]
+            g = torch.zeros_like(a) if g is None else g  # the score does not depend on this layer: no relevance
+            out[n] = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
+        return out
 
     def reduce(self, r: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, F <= max_features): average-pool space, then sum channels if still too big."""
@@ -131,69 +196,194 @@ class Relevance:
         return out
 
 
+# --- what an error is, per task --------------------------------------------------------------------
+
+COCO_AREAS = ((32 ** 2, "small"), (96 ** 2, "medium"))  # COCO's object sizes, in pixels of the model's input
+
+
+def size_word(area: float) -> str:
+    return next((w for limit, w in COCO_AREAS if area < limit), "large")
+
+
+@dataclass
+class Explained:
+    """What a batch holds to explain: the rows (positions in the batch), each row's relevance target and
+    description, and per item of the batch what it got right out of how many (classes, boxes, defects)."""
+
+    rows: np.ndarray
+    target: torch.Tensor  # per row: class index; missed or true boxes (M, 5), class -1 padding; region weights
+    kind: list[str]  # per row, e.g. "inclusion -> patches", "missed inclusion", "missed defect"
+    size: list[str]  # per row: "" or e.g. "small boxes" (COCO's areas)
+    right: np.ndarray
+    total: np.ndarray
+
+
+class ClassErrors:
+    """A classifier's error: a misclassified item, explained for its predicted class (any item: its prediction)."""
+
+    figure, score, labelled_by_class = "accuracy", None, True
+
+    def __init__(self, model: Classifier):
+        self.model, self.names = model, model.spec.class_names
+
+    def layers(self, net: A.Network) -> list[str]:
+        return net.conv_layers()
+
+    def read(self, batch, errors: bool = True) -> Explained:
+        pred = self.model.logits(batch.images, batch.ids).argmax(axis=1)
+        right = pred == batch.labels
+        rows = np.flatnonzero(~right) if errors else np.arange(len(batch))
+        return Explained(rows, torch.as_tensor(pred[rows]),
+                         [f"{self.names[batch.labels[i]]} -> {self.names[pred[i]]}" for i in rows], [""] * len(rows),
+                         right.astype(np.int64), np.ones(len(batch), np.int64))
+
+
+class DetectionErrors:
+    """A detector's error: an image with a true box missed at the operating threshold (`found_boxes`, the recall's
+    matching), explained for its missed boxes; any annotated image: for its true boxes."""
+
+    figure, labelled_by_class = "recall", False
+
+    def __init__(self, model: Detector):
+        self.model, self.names, self.threshold = model, model.spec.class_names, model.spec.score_threshold
+
+    def layers(self, net: A.Network) -> list[str]:
+        return score_layers(net, torch.zeros(1, *self.model.spec.input_shape))
+
+    @staticmethod
+    def score(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The sum over an item's boxes (N, M, 5; class -1 pads) of D-RISE's similarity: (N,)."""
+        return sum((similarity(out, target[:, m]) for m in range(target.shape[1])), out[:, 0, 0] * 0)
+
+    def read(self, batch, errors: bool = True) -> Explained:
+        dets = self.model.detect(batch.images, batch.ids)
+        found = [found_boxes(d, g, self.threshold) for d, g in zip(dets, batch.labels, strict=True)]
+        boxes = [g[~f] if errors else g for g, f in zip(batch.labels, found, strict=True)]
+        rows = np.flatnonzero([len(b) > 0 for b in boxes])
+        target = torch.full((len(rows), max([len(boxes[i]) for i in rows], default=0), 5), -1.0)
+        for j, i in enumerate(rows):
+            target[j, :len(boxes[i])] = torch.as_tensor(boxes[i], dtype=torch.float32)
+        kind = [("missed " if errors else "") + ", ".join(self.names[c] for c in sorted({int(k) for k in
+                                                                                       boxes[i][:, 4]})) for i in rows]
+        size = [", ".join(dict.fromkeys(size_word((b[2] - b[0]) * (b[3] - b[1])) for b in boxes[i])) + " boxes"
+                for i in rows]
+        return Explained(rows, target, kind, size, np.array([f.sum() for f in found], np.int64),
+                         np.array([len(f) for f in found], np.int64))
+
+
+class SegmentationErrors:
+    """A segmenter's error: a defective image whose defect the image-level rule misses (or marked with a defect IoU
+    below `min_iou`), explained for its true defect region; any defective image: for its true defect region."""
+
+    figure, labelled_by_class = "recall", False
+
+    def __init__(self, model: Segmenter, min_iou: float = 0.0):
+        self.model, self.names, self.min_iou = model, model.spec.class_names, min_iou
+        self.rule = model.spec.defect_pixels
+
+    def layers(self, net: A.Network) -> list[str]:
+        return score_layers(net, torch.zeros(1, *self.model.spec.input_shape))
+
+    @staticmethod
+    def score(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The logits of each true defect pixel's class, summed over the true defect region: (N,)."""
+        return (out * target).sum(dim=(1, 2, 3))
+
+    def read(self, batch, errors: bool = True) -> Explained:
+        pred = self.model.segment(batch.images, batch.ids) > 0
+        true = np.stack([np.asarray(m) for m in batch.labels])
+        defect = (true > 0).reshape(len(true), -1)
+        p = pred.reshape(len(pred), -1)
+        union = (p | defect).sum(1)
+        iou = np.where(union > 0, (p & defect).sum(1) / np.maximum(union, 1), 1.0)
+        decided = p.sum(1) >= self.rule
+        defective = defect.any(1)
+        found = decided & (iou >= self.min_iou)
+        rows = np.flatnonzero(defective & ~found if errors else defective)
+        k = len(self.names)
+        target = torch.from_numpy(np.stack([true[rows] == c for c in range(k)], 1).astype(np.float32))
+        target[:, 0] = 0  # the background is no defect
+        main = [int(np.bincount(true[i][true[i] > 0], minlength=k).argmax()) for i in rows]
+        kind = [("" if not errors else "missed " if not decided[i] else "poorly marked ") + self.names[c]
+                for i, c in zip(rows, main, strict=True)]
+        size = [f"{size_word(defect[i].sum())} defects" for i in rows]
+        return Explained(rows, target, kind, size, (defective & found).astype(np.int64), defective.astype(np.int64))
+
+
+def errors_of(model: Classifier, min_iou: float = 0.0):
+    """The task's reading of errors, by the model's contract (`tasks.task_of` loads a detector as a `Detector`)."""
+    if isinstance(model, Detector):
+        return DetectionErrors(model)
+    if isinstance(model, Segmenter):
+        return SegmentationErrors(model, min_iou)
+    return ClassErrors(model)
+
+
 @dataclass
 class Errors:
-    """The misclassified items of a split (a seeded uniform sample beyond `max_errors`, so memory is bounded)
-    with their relevance features per layer, and the ODD descriptor values of every item of the split (a
+    """The errors of a split (a seeded uniform sample beyond `max_errors`, so memory is bounded) with their
+    relevance features per layer and descriptions, and the ODD descriptor values of every item of the split (a
     cluster is described against the whole split)."""
 
     features: dict[str, np.ndarray]
     index: list[int]  # position in the split's source
     position: list[int]  # position in the stream
     ids: list[str]
-    label: list[int]
-    pred: list[int]
+    kind: list[str]
+    size: list[str]
     seen: int  # errors met, before sampling
     items: int
     values: dict[str, np.ndarray]
     categories: dict[str, np.ndarray]
 
 
-def collect_errors(model: Classifier, rel: Relevance, batches: Iterable, image_descriptors: list[str],
+def collect_errors(reader, rel: Relevance, batches: Iterable, image_descriptors: list[str],
                    meta_descriptors: list[str], value_range: tuple[float, float], max_errors: int,
                    seed: int) -> Errors:
-    """Stream a split once: predictions, relevance features of the errors, descriptor values of every item."""
+    """Stream a split once: the task's errors, their relevance features, descriptor values of every item."""
     layers = list(rel.layers)
     values = {d: [] for d in image_descriptors}
     cats = {d: [] for d in meta_descriptors}
     feats = {n: [] for n in layers}
-    err_idx, err_pos, err_ids, err_label, err_pred, keys = [], [], [], [], [], []
+    lists = {k: [] for k in ("index", "position", "ids", "kind", "size", "key")}
     rng_key = np.random.default_rng(seed)
     pos = n_err_seen = 0
+
+    def keep_sample():
+        keep = np.sort(np.argsort(lists["key"])[:max_errors])
+        for n in layers:
+            feats[n] = [np.concatenate(feats[n])[keep]]
+        for k, v in lists.items():
+            lists[k] = [v[i] for i in keep]
+
     for batch in batches:
-        pred = model.logits(batch.images, batch.ids).argmax(axis=1)
         views = Views(batch.images, value_range)
         for d in image_descriptors:
             values[d].append(DESCRIPTORS[d].fn(views))
         for d in meta_descriptors:
             cats[d].append(np.asarray(batch.meta.get(d, [""] * len(batch)), dtype=object))
-        wrong = np.flatnonzero(pred != batch.labels)
+        e = reader.read(batch)
+        wrong = e.rows
         if len(wrong):
-            x = model.to_input(batch.images[wrong])
-            f = rel.features(x, torch.as_tensor(pred[wrong]))
+            f = rel.features(reader.model.to_input(batch.images[wrong]), e.target)
             for n in layers:
                 feats[n].append(f[n])
-            err_idx += batch.index[wrong].tolist()
-            err_pos += (pos + wrong).tolist()
-            err_ids += [batch.ids[i] for i in wrong]
-            err_label += batch.labels[wrong].tolist()
-            err_pred += pred[wrong].tolist()
-            keys += rng_key.random(len(wrong)).tolist()
+            lists["index"] += batch.index[wrong].tolist()
+            lists["position"] += (pos + wrong).tolist()
+            lists["ids"] += [batch.ids[i] for i in wrong]
+            lists["kind"] += e.kind
+            lists["size"] += e.size
+            lists["key"] += rng_key.random(len(wrong)).tolist()
             n_err_seen += len(wrong)
-            if len(err_idx) > 2 * max_errors:  # keep a seeded uniform sample: bounded memory
-                keep = np.sort(np.argsort(keys)[:max_errors])
-                feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
-                err_idx, err_pos, err_ids, err_label, err_pred, keys = (
-                    [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred, keys))
+            if len(lists["ids"]) > 2 * max_errors:  # keep a seeded uniform sample: bounded memory
+                keep_sample()
         pos += len(batch)
-    if len(err_idx) > max_errors:
-        keep = np.sort(np.argsort(keys)[:max_errors])
-        feats = {n: [np.concatenate(feats[n])[keep]] for n in layers}
-        err_idx, err_pos, err_ids, err_label, err_pred = (
-            [v[i] for i in keep] for v in (err_idx, err_pos, err_ids, err_label, err_pred))
+    if len(lists["ids"]) > max_errors:
+        keep_sample()
     return Errors(features={n: np.concatenate(v) if v else np.empty((0, 0), np.float32) for n, v in feats.items()},
-                  index=err_idx, position=err_pos, ids=err_ids, label=err_label, pred=err_pred, seen=n_err_seen,
-                  items=pos, values={d: np.concatenate(v) if v else np.empty(0) for d, v in values.items()},
+                  index=lists["index"], position=lists["position"], ids=lists["ids"], kind=lists["kind"],
+                  size=lists["size"], seen=n_err_seen, items=pos,
+                  values={d: np.concatenate(v) if v else np.empty(0) for d, v in values.items()},
                   categories={d: np.concatenate(v) if v else np.empty(0, object) for d, v in cats.items()})
 
 
@@ -355,11 +545,12 @@ def describe(members: np.ndarray, values: dict[str, np.ndarray], categorical: di
 
 @dataclass
 class Assignment:
-    """The items of a split, each assigned to the cluster of its nearest error (`assign`)."""
+    """The items of a split, each assigned to the cluster of its nearest error (`assign`); an item with nothing to
+    explain (a detector's image without a true box, a segmenter's without a defect) to none (cluster -1)."""
 
     index: np.ndarray  # position in the split's source
     ids: list[str]
-    labels: np.ndarray
+    labels: np.ndarray  # a classifier's class labels; -1 for other tasks (the item's own annotation is its label)
     cluster: np.ndarray
     distance: np.ndarray
     inside: np.ndarray  # within the cluster's reach
@@ -374,6 +565,7 @@ class Analysis:
     """HUDD on one split: its errors, their clusters at every layer, and at the layer whose clusters are the most
     compact, the clusters (labels 0..k-1, biggest first) and each one's reach. No error: `layer` is None, k 0."""
 
+    reader: ClassErrors | DetectionErrors | SegmentationErrors
     relevance: Relevance
     errors: Errors
     per_layer: dict[str, dict]
@@ -392,38 +584,57 @@ class Analysis:
         f = self.members[mem]
         return mem[np.argsort(((f - f.mean(axis=0)) ** 2).sum(axis=1), kind="stable")][:n]
 
-    def clusters(self, class_names: list[str], noun: str, representatives: int) -> list[dict]:
-        """Each cluster: size, share, members (first 200 ids), error pairs, representatives, the ODD descriptors
-        that set it apart and a text summary."""
+    def clusters(self, noun: str, representatives: int) -> list[dict]:
+        """Each cluster: size, share, members (first 200 ids), errors by kind (and size), representatives, the ODD
+        descriptors that set it apart and a text summary."""
         e = self.errors
-        position, truth, pred = np.array(e.position), np.array(e.label), np.array(e.pred)
+        position, kinds, sizes = np.array(e.position), np.array(e.kind, object), np.array(e.size, object)
         out = []
         for c in range(self.k):
             mem = np.flatnonzero(self.labels == c)
             desc = describe(position[mem], e.values, e.categories, noun) if (e.values or e.categories) else {
                 "descriptors": {}, "text": "no ODD descriptor measured"}
-            pairs = {f"{class_names[t]} -> {class_names[q]}": int(((truth[mem] == t) & (pred[mem] == q)).sum())
-                     for t in range(len(class_names)) for q in range(len(class_names)) if t != q}
-            pairs = {k: v for k, v in pairs.items() if v}
-            main = max(pairs, key=pairs.get)
+            errors = dict(Counter(kinds[mem].tolist()).most_common())
+            by_size = dict(Counter(s for s in sizes[mem].tolist() if s).most_common())
+            main = next(iter(errors)) + (f" ({next(iter(by_size))})" if by_size else "")
             out.append({"id": c, "size": int(len(mem)), "share": len(mem) / len(e.ids),
-                        "members": [e.ids[i] for i in mem[:200]], "errors": pairs,
+                        "members": [e.ids[i] for i in mem[:200]], "errors": errors, "sizes": by_size,
                         "representatives": [e.ids[i] for i in self.closest(c, representatives)],
                         "descriptors": desc["descriptors"],
                         "text": f"{len(mem)} errors, mostly {main}: {desc['text']}"})
         return out
 
-    def assign(self, model: Classifier, batches: Iterable) -> Assignment:
-        """Stream a split (labels not needed: each item is explained for its prediction) and assign every item to
-        the cluster of its nearest error, at the chosen layer."""
+    def heatmaps(self, batches: Iterable, wanted: set[int]) -> dict[int, tuple[np.ndarray, torch.Tensor]]:
+        """For the errors at `wanted` (positions in `errors`): (image, relevance at the chosen layer), read again."""
+        e, out = self.errors, {}
+        where = {int(e.index[i]): i for i in wanted}
+        for batch in batches:
+            sel = [j for j, i in enumerate(batch.index.tolist()) if i in where]
+            if not sel:
+                continue
+            ex = self.reader.read(batch)
+            rows = {int(r): j for j, r in enumerate(ex.rows)}
+            sel = [j for j in sel if j in rows]
+            if sel:
+                raw = self.relevance.raw(self.reader.model.to_input(batch.images[sel]),
+                                         ex.target[[rows[j] for j in sel]])[self.layer]
+                for n, j in enumerate(sel):
+                    out[where[int(batch.index[j])]] = (batch.images[j], raw[n])
+        return out
+
+    def assign(self, batches: Iterable) -> Assignment:
+        """Stream a split and assign every item to the cluster of its nearest error, at the chosen layer; each item
+        explained as the task explains a pool item (`read(batch, errors=False)`)."""
         index, ids, labels, best, dist, inside = [], [], [], [], [], []
         for batch in batches:
-            pred = model.logits(batch.images, batch.ids).argmax(axis=1)
-            f = self.relevance.features(model.to_input(batch.images), torch.as_tensor(pred))[self.layer]
-            b, d, i = assign(f, self.members, self.labels, self.k, self.radii)
+            ex = self.reader.read(batch, errors=False)
+            b, d, i = np.full(len(batch), -1, np.int64), np.full(len(batch), np.inf), np.zeros(len(batch), bool)
+            if len(ex.rows):
+                f = self.relevance.features(self.reader.model.to_input(batch.images[ex.rows]), ex.target)[self.layer]
+                b[ex.rows], d[ex.rows], i[ex.rows] = assign(f, self.members, self.labels, self.k, self.radii)
             index += batch.index.tolist()
             ids += batch.ids
-            labels += batch.labels.tolist()
+            labels += batch.labels.tolist() if self.reader.labelled_by_class else [-1] * len(batch)
             best.append(b)
             dist.append(d)
             inside.append(i)
@@ -435,17 +646,26 @@ class Analysis:
                           cat(dist, np.float64), cat(inside, bool))
 
 
-def analyse(model: Classifier, net: A.Network, batches: Iterable, layers: list[str], *, relevance: str = "auto",
-            max_features: int = 2048, max_errors: int = 8000, k_max: int = 20, k: int | None = None, seed: int = 0,
-            image_descriptors: list[str] = (), meta_descriptors: list[str] = ()) -> Analysis:
-    """HUDD's root-cause analysis of a split: relevance of its errors at `layers`, Ward clusters per layer with k
-    at the knee (or `k`), the most compact layer, and each of its clusters' reach."""
-    rel = Relevance(net, layers, relevance, max_features)
-    e = collect_errors(model, rel, batches, list(image_descriptors), list(meta_descriptors), model.spec.value_range,
-                       max_errors, seed)
+def analyse(model: Classifier, net: A.Network, batches: Iterable, layers: list[str] | None = None, *,
+            relevance: str = "auto", max_features: int = 2048, max_errors: int = 8000, k_max: int = 20,
+            k: int | None = None, seed: int = 0, image_descriptors: list[str] = (), meta_descriptors: list[str] = (),
+            min_iou: float = 0.0) -> Analysis:
+    """HUDD's root-cause analysis of a split: relevance of its errors (as the model's task reads them, `errors_of`)
+    at `layers` (default: every convolution), Ward clusters per layer with k at the knee (or `k`), the most compact
+    layer, and each of its clusters' reach."""
+    reader = errors_of(model, min_iou)
+    layers = list(layers or reader.layers(net))
+    if not layers:
+        named = net.describe()
+        raise Unsupported("root_causes: the model has no convolution to take relevance from"
+                          + (f"; name layers among {named}" if named else ""))
+    rel = Relevance(net, layers, relevance, max_features, score=reader.score,
+                    probe=torch.zeros(1, *model.spec.input_shape))
+    e = collect_errors(reader, rel, batches, list(image_descriptors), list(meta_descriptors),
+                       model.spec.value_range, max_errors, seed)
     if not e.ids:
-        return Analysis(rel, e, {}, None, np.empty(0, np.int64), 0, np.empty(0))
+        return Analysis(reader, rel, e, {}, None, np.empty(0, np.int64), 0, np.empty(0))
     per_layer = {n: cluster(e.features[n], k_max, k) for n in layers}
     best = min(layers, key=lambda n: (per_layer[n]["compactness"], layers.index(n)))
     labels, k_ = per_layer[best]["labels"], per_layer[best]["k"]
-    return Analysis(rel, e, per_layer, best, labels, k_, cluster_radii(e.features[best], labels, k_))
+    return Analysis(reader, rel, e, per_layer, best, labels, k_, cluster_radii(e.features[best], labels, k_))

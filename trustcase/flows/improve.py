@@ -6,10 +6,12 @@ One Prefect flow:
 1. the parent: the use case's model file, registered (idempotent by hash) and assessed if it never was;
 2. what to train, by method:
    - `hudd` (Fahmy, Pastore, Briand): the root causes of the parent's errors on the test split (relevance
-     clusters, `explain.root_causes`), then the unsafe set from the pool (`training.pool`, default the
+     clusters, `explain.root_causes`: misclassified items, images with a missed true box, missed defective
+     images, as the task reads them), then the unsafe set from the pool (`training.pool`, default the
      root_causes check's `improvement_split`): items within a cluster's reach, an equal share of the budget
-     per cluster, bootstrap copies to balance, labelled from the pool's own labels. Baseline: the same
-     number of pool items drawn at random (seeded), as in the HUDD paper;
+     per cluster, bootstrap copies to balance, labelled from the pool's own labels (a detector's or segmenter's
+     by its own boxes or mask: `ExtraItem.label` None). Baseline: the same number of pool items drawn at random
+     (seeded), as in the HUDD paper. The only method taught detectors and segmenters;
    - `noise`: Gaussian-noise augmentation at the smoothing sigma of the plan (randomized smoothing's
      training recipe); baseline: the same schedule without noise;
    - `adversarial`: PGD adversarial training at the largest L-inf amplitude an adversarial claim names;
@@ -27,7 +29,8 @@ One Prefect flow:
    the registry: never a registered version without its assessment;
 4. the improvement report (`improvement.json`, `improvement.html`): per claim, parent vs improved vs
    baseline with intervals, regressions first; for `hudd`, the accuracy of each model on the held-out test
-   items that fall within each root-cause cluster's reach (not the selected pool items).
+   items that fall within each root-cause cluster's reach (not the selected pool items): a detector's recall of
+   their true boxes at the operating threshold, a segmenter's share of their defective images found.
 """
 
 from __future__ import annotations
@@ -45,16 +48,15 @@ from prefect import flow, get_run_logger, task
 
 from trustcase.checks import Context, build
 from trustcase.data.streaming import DataSource
-from trustcase.errors import UserError
+from trustcase.errors import Unsupported, UserError
 from trustcase.explain import attribution as A
-from trustcase.explain.root_causes import analyse
+from trustcase.explain.root_causes import analyse, errors_of
 from trustcase.flows import confidential, rerender, tracking, watch
 from trustcase.flows.assess import preflight
 from trustcase.flows.prefect_db import ensure_local_database
 from trustcase.flows.preflight import import_paths
 from trustcase.measurement import proportion
 from trustcase.models.classifier import ModelError, sha256_file
-from trustcase.models.loading import load_classifier
 from trustcase.registry import resolve
 from trustcase.reports import improvement as report
 from trustcase.schemas import (
@@ -67,6 +69,7 @@ from trustcase.schemas import (
     UseCase,
     compare_claims,
 )
+from trustcase.tasks import task_of
 
 METHODS = ("hudd", "noise", "adversarial", "lipschitz")
 ROLE_TAG = "trustcase.improve."
@@ -81,11 +84,6 @@ class ImproveError(UserError):
 def training_entry(uc: UseCase, use_case_path: Path):
     """The use case's training function, imported with its folders on the path and checked against the
     contract's signature: one parameter (a TrainingRequest)."""
-    if uc.task != "classification":
-        raise ImproveError(f"trustcase improve: not applicable to a {uc.task} model yet: its methods retrain through "
-                           "a training contract whose extra items are labelled by class index, and the hudd method "
-                           "selects from the root causes of misclassified items (root_causes is not applicable to a "
-                           f"{uc.task} model)")
     if uc.training is None:
         raise ImproveError(f"{use_case_path}: no 'training' section: name the function that trains a version "
                            "(training: {entry: module:function}, see docs/architecture.md, the training contract)")
@@ -109,6 +107,10 @@ def method_settings(uc: UseCase, method: str) -> dict:
     """What a method needs from the use case, or a clear error before any work."""
     if method not in METHODS:
         raise ImproveError(f"unknown method {method!r}; known: {list(METHODS)}")
+    if uc.task != "classification" and method != "hudd":
+        raise ImproveError(f"--method {method} is not taught a {uc.task} model: the training contract's noise, "
+                           "adversarial and Lipschitz recipes are a classifier's (a detector's or segmenter's script "
+                           "trains on its annotations only); --method hudd is")
     plan = {c.check: c.params for c in uc.plan.checks}
     lo, hi = uc.model.value_range
     if method in ("hudd", "adversarial") and uc.model.format in ("python", "challenge"):
@@ -148,9 +150,13 @@ def method_settings(uc: UseCase, method: str) -> dict:
 
 # --- HUDD's selection ---------------------------------------------------------------------------------------
 
+def _load(uc: UseCase, model_path: Path):
+    """The model at `model_path` as the use case's task sees it (a `Detector`, a `Segmenter`, a classifier)."""
+    return task_of(uc).load_model(uc.model.model_copy(update={"path": model_path}))
+
+
 def _context(uc: UseCase, model_path: Path, seed: int, workdir: Path) -> Context:
-    spec = uc.model.model_copy(update={"path": model_path})
-    return Context(use_case=uc, model=load_classifier(spec), data=DataSource(uc.data, seed, uc.model), seed=seed,
+    return Context(use_case=uc, model=_load(uc, model_path), data=DataSource(uc.data, seed, uc.model), seed=seed,
                    workdir=workdir)
 
 
@@ -163,15 +169,17 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
                                                      if k not in ("improvement_split", "unsafe_budget")})).params
     ctx = _context(uc, parent, seed, workdir)
     net = A.Network(ctx.model)
-    layers = p.layers or net.conv_layers()
-    if not layers:
-        raise ImproveError(f"--method hudd: the model has no Conv2d layer to take relevance from ({net.describe()})")
-    a = analyse(ctx.model, net, ctx.batches("test", p.batch_size), layers, relevance=p.relevance,
-                max_features=p.max_features, max_errors=p.max_errors, k_max=p.k_max, k=p.k, seed=seed)
+    try:
+        a = analyse(ctx.model, net, ctx.batches("test", p.batch_size), p.layers, relevance=p.relevance,
+                    max_features=p.max_features, max_errors=p.max_errors, k_max=p.k_max, k=p.k, seed=seed,
+                    min_iou=p.min_iou)
+    except Unsupported as e:
+        raise ImproveError(f"--method hudd: {e}") from None
     if len(a.errors.ids) < 2:
-        raise ImproveError(f"--method hudd: {len(a.errors.ids)} misclassified test item(s): no root cause to fix")
-    # the pool: assigned by the parent's relevance for its own prediction (the pool is unlabeled in principle)
-    found = a.assign(ctx.model, ctx.batches(pool, p.batch_size))
+        raise ImproveError(f"--method hudd: {len(a.errors.ids)} error(s) in the test split: no root cause to fix")
+    # the pool: a classifier's items explained for their prediction (unlabeled in principle), a detector's and a
+    # segmenter's for their true boxes / defect (their annotations are what the retraining learns)
+    found = a.assign(ctx.batches(pool, p.batch_size))
     if not found.ids:
         raise ImproveError(f"--method hudd: the pool {pool!r} has no readable item")
     chosen, copies = found.select(a.k, budget, seed)
@@ -181,13 +189,17 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
     rng = np.random.default_rng(seed + 1)
     random = rng.choice(len(found.ids), size=min(int(copies.sum()), len(found.ids)), replace=False)
     # held-out: test items (all, not only errors) within a cluster's reach
-    test = a.assign(ctx.model, ctx.batches("test", p.batch_size))
+    test = a.assign(ctx.batches("test", p.batch_size))
+
+    def label(i):  # a detector's or segmenter's item is learnt with its own annotation
+        return int(found.labels[i]) if a.reader.labelled_by_class else None
+
     return {
-        "layer": a.layer, "k": int(a.k), "radii": a.radii.tolist(),
+        "layer": a.layer, "k": int(a.k), "radii": a.radii.tolist(), "figure": a.reader.figure,
         "cluster_sizes": np.bincount(a.labels, minlength=a.k).tolist(),
-        "improved": [ExtraItem(role=pool, index=int(found.index[i]), label=int(found.labels[i]), copies=int(c))
+        "improved": [ExtraItem(role=pool, index=int(found.index[i]), label=label(i), copies=int(c))
                      for i, c in zip(chosen, copies, strict=True)],
-        "baseline": [ExtraItem(role=pool, index=int(found.index[i]), label=int(found.labels[i])) for i in random],
+        "baseline": [ExtraItem(role=pool, index=int(found.index[i]), label=label(i)) for i in random],
         "improved_ids": [found.ids[i] for i in chosen], "baseline_ids": [found.ids[i] for i in random],
         "improved_clusters": found.cluster[chosen].tolist(),
         "heldout": {int(c): test.index[test.inside & (test.cluster == c)].tolist() for c in range(a.k)},
@@ -197,23 +209,24 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
 
 @task(name="cluster accuracy", persist_result=False)
 def cluster_accuracy(uc: UseCase, models: dict[str, Path], heldout: dict[int, list[int]], confidence: float,
-                     seed: int) -> dict[str, list[dict]]:
-    """Accuracy of each model on the held-out test items of each cluster, with Clopper-Pearson intervals."""
+                     seed: int, min_iou: float = 0.0) -> dict[str, list[dict]]:
+    """Each model's figure on the held-out test items of each cluster, with Clopper-Pearson intervals: a
+    classifier's accuracy, a detector's recall of their true boxes at the operating threshold (over boxes), a
+    segmenter's share of their defective images found (the root cause's error rule)."""
     want = {i: c for c, items in heldout.items() for i in items}
     out = {}
     for name, path in models.items():
-        clf = load_classifier(uc.model.model_copy(update={"path": path}))
+        reader = errors_of(_load(uc, path), min_iou)
         right, total = np.zeros(len(heldout), np.int64), np.zeros(len(heldout), np.int64)
         for batch in DataSource(uc.data, seed, uc.model).stream("test").batches():
-            sel = [j for j, i in enumerate(batch.index.tolist()) if i in want]
-            if not sel:
+            if not any(int(i) in want for i in batch.index):
                 continue
-            pred = clf.logits(batch.images[sel], [batch.ids[j] for j in sel]).argmax(axis=1)
-            for j, q in zip(sel, pred, strict=True):
-                c = want[int(batch.index[j])]
-                total[c] += 1
-                right[c] += int(q == batch.labels[j])
-        out[name] = [proportion("improve", f"cluster_accuracy:{c}", int(right[c]), int(total[c]), confidence,
+            ex = reader.read(batch, errors=False)
+            for j, i in enumerate(batch.index.tolist()):
+                if i in want:
+                    right[want[i]] += ex.right[j]
+                    total[want[i]] += ex.total[j]
+        out[name] = [proportion("improve", f"cluster_{reader.figure}:{c}", int(right[c]), int(total[c]), confidence,
                                 Scope(split="test"), undefined="no held-out test item within the cluster's reach"
                                 ).model_dump(mode="json") for c in range(len(heldout))]
     return out
@@ -234,7 +247,7 @@ def train(entry, request: TrainingRequest, role: str, uc: UseCase) -> Path:
     if not path.is_file():
         raise ImproveError(f"training.entry {uc.training.entry!r} returned {path}, which does not exist")
     try:
-        clf = load_classifier(uc.model.model_copy(update={"path": path}))
+        clf = _load(uc, path)
     except ModelError as e:
         raise ImproveError(f"the {role} model does not load or fit the use case: {e}") from None
     module = clf.module
@@ -340,8 +353,9 @@ def improve(use_case_path: str, method: str, budget: int = 100, out_root: str = 
     clusters = None
     if method == "hudd":
         acc = cluster_accuracy(uc, {"parent": parent_path, **models}, selection["heldout"],
-                               uc.plan.confidence, seed)
+                               uc.plan.confidence, seed, settings["root_causes"].get("min_iou", 0.0))
         clusters = {"layer": selection["layer"], "k": selection["k"], "sizes": selection["cluster_sizes"],
+                    "figure": selection["figure"],
                     "heldout": {str(c): len(v) for c, v in selection["heldout"].items()}, "accuracy": acc,
                     "pool_within_reach": selection["pool_within_reach"], "pool_items": selection["pool_items"],
                     "selected": sum(e.copies for e in selection["improved"]),

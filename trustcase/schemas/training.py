@@ -32,7 +32,8 @@ class ExtraItem(BaseModel):
 
     role: str = Field(description="the data role the item is read from, e.g. the pool")
     index: int = Field(ge=0, description="its position in that split")
-    label: int = Field(ge=0, description="the class to learn")
+    label: int | None = Field(None, ge=0, description="the class to learn; None: the item's own annotation in its "
+                              "split (a detector's boxes, a segmenter's mask)")
     copies: int = Field(1, ge=1, description="how many times it counts (bootstrap balance)")
 
 

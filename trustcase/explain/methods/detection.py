@@ -107,8 +107,10 @@ def box_grad_cam(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: st
     return F.interpolate(cam, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)[:, 0].numpy(), names[i]
 
 
-def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None):
-    """(layer names, their activations, the box class scores) from one forward pass with gradients."""
+def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None, score=None):
+    """(layer names, their activations, the scores) from one forward pass with gradients; `score(output, targets)`
+    per item, default the box class score (root causes explain other scores of a detector or a segmenter)."""
+    score = score or class_score
     z = x.detach().clone().requires_grad_(True)
     layers = net.layers()
     if not layers and isinstance(net.module, torch.jit.ScriptModule):
@@ -124,7 +126,7 @@ def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: st
                                    f"execution order: {', '.join(names)}")
             acts, names = [acts[names.index(layer)]], [layer]
         with torch.enable_grad():
-            return names, acts, class_score(out, targets)
+            return names, acts, score(out, targets)
     if not layers:
         raise Unsupported(f"grad_cam needs hookable layers: {net.note or 'none found'} (d_rise needs none)")
     names = [net.layer(layer)[0]] if layer is not None else net.conv_layers()
@@ -134,11 +136,11 @@ def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: st
     handles = [layers[n].register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o)) for n in names]
     try:
         with torch.enable_grad():
-            score = class_score(net.forward(z), targets)
+            scores = score(net.forward(z), targets)
     finally:
         for h in handles:
             h.remove()
-    return list(seen), list(seen.values()), score  # in execution order: hooks fire as the layers run
+    return list(seen), list(seen.values()), scores  # in execution order: hooks fire as the layers run
 
 
 METHODS = ("d_rise", "grad_cam")
