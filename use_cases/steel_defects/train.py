@@ -1,9 +1,14 @@
 """Train the bundled steel-defect detector: a small anchor-free CenterNet (Zhou et al. 2019, "Objects as points")
 on the NEU-DET train split, from scratch on CPU (no pretrained weights exist offline), deterministic for its seed
-(one thread, fixed epochs, seeded flips), exported as TorchScript with the detection contract of
-`trustcase.tasks.detection`: (B, D, 6) rows (x1, y1, x2, y2, score, class), D = 100 peaks.
+(one thread, deterministic algorithms, fixed epochs, seeded order and augmentation), exported as TorchScript with
+the detection contract of `trustcase.tasks.detection`: (B, D, 6) rows (x1, y1, x2, y2, score, class), D = 100
+peaks.
 
     python use_cases/steel_defects/train.py      # artefacts/steel_detector.pt (+ .json log), prints test mAP@0.5
+
+The training log beside the model records its recipe (seed, epochs, batch, learning rate, width, threads, the split
+rule's id and the training items); `stale(path)` names what differs from this script's default recipe, and
+`trustcase demo steel_defects` trains such a model again.
 
 The network sees the 200x200 grey image at half resolution; its heads (class heat maps, box size, centre offset)
 are at stride 4 of the image (50x50). Boxes decode from the peaks of the heat maps (3x3 max-pool suppression).
@@ -12,6 +17,7 @@ are at stride 4 of the image (50x50). Boxes decode from the peaks of the heat ma
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -24,9 +30,12 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from neu import CLASSES, dataset_root, load_split  # noqa: E402
+from neu import CLASSES, SPLITS, dataset_root, load_split, split_stems  # noqa: E402
 
 DEFAULT_EPOCHS = 24  # the default recipe's (`trustcase demo steel_defects` trains it)
+# The default recipe: the bundled model's figures (README, architecture) are this recipe's. One thread: a sum over
+# another number of threads runs in another order, and float32 sums differ in their last bits.
+RECIPE = {"seed": 0, "epochs": DEFAULT_EPOCHS, "batch": 16, "lr": 2e-3, "width": 16, "split_seed": 0, "threads": 1}
 DEFAULT_OUT = HERE / "artefacts" / "steel_detector.pt"  # where use_case.yaml expects the model
 STRIDE = 4  # heads at 50x50 for a 200x200 image
 SIZE = 200
@@ -121,14 +130,17 @@ def focal(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return loss.sum() / pos.sum().clamp(min=1)
 
 
-def read(split: str, seed: int):
+def read(split: str, seed: int, limit: int | None = None):
+    """A split's images, true boxes and file names; `limit`: that many items spread evenly over the split (whose
+    items go class by class), for short trainings."""
     data = load_split(split, seed)
+    chosen = range(len(data)) if limit is None else np.linspace(0, len(data) - 1, limit).round().astype(int).tolist()
     images, boxes = [], []
-    for i in range(len(data)):
+    for i in chosen:
         item = data[i]
         images.append(item.image)
         boxes.append(np.asarray(item.label.rows, np.float64))
-    return np.stack(images), boxes, [data.name(i) for i in range(len(data))]
+    return np.stack(images), boxes, [data.name(i) for i in chosen]
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -159,56 +171,97 @@ def missing_data() -> str | None:
                                                     "folder holding images/ and annotations/)")
 
 
+def splits_id(seed: int) -> str:
+    """The split rule's fingerprint: a hash of every split's image stems (a model trained under another rule, or on
+    another copy of NEU-DET, may have seen the test images)."""
+    stems = {split: split_stems(split, seed) for split in SPLITS}
+    return hashlib.sha256(json.dumps(stems, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe() -> dict:
+    """The default recipe as the training log records it."""
+    seed = RECIPE["split_seed"]
+    return {**RECIPE, "splits": splits_id(seed), "train_items": len(split_stems("train", seed))}
+
+
 def stale(path: Path) -> str | None:
-    """Why the model file must be trained again: without its training log it is not this script's recipe."""
-    return None if Path(path).with_suffix(".json").is_file() else "the model has no training log beside it"
+    """Why the model file must be trained again: no training log beside it (its recipe unknown), or a log whose
+    recipe is not this script's default (another seed, epochs, width, threads, split rule or training items)."""
+    log = Path(path).with_suffix(".json")
+    if not log.is_file():
+        return f"{Path(path).name} has no training log beside it (its recipe is unrecorded)"
+    params = json.loads(log.read_text()).get("params", {})
+    if moved := [f"{k} {params.get(k, 'unrecorded')} -> {v}" for k, v in recipe().items() if params.get(k) != v]:
+        return f"{Path(path).name} was trained by another recipe ({', '.join(moved)})"
+    return None
 
 
-def train(out: Path = DEFAULT_OUT, seed: int = 0, epochs: int = DEFAULT_EPOCHS, batch: int = 16, lr: float = 2e-3,
-          split_seed: int = 0, log=print) -> dict:
-    """Train, export to `out` with its training log beside (`out.json`: params, validation figures, loss per
-    epoch), and return the log with the test figures."""
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def fit(images: np.ndarray, boxes: list[np.ndarray], seed: int = RECIPE["seed"], epochs: int = DEFAULT_EPOCHS,
+        batch: int = RECIPE["batch"], lr: float = RECIPE["lr"], width: int = RECIPE["width"],
+        log=print) -> tuple[CenterNet, list[dict]]:
+    """The training loop: the network trained on `images` with their true `boxes`, and its loss per epoch. Its
+    weights are a function of the arguments alone: the seed fixes the initial weights (torch), the order of the
+    batches and the augmentation (numpy); one thread and deterministic algorithms fix the arithmetic. Torch's
+    thread count and determinism flag are restored after."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(RECIPE["threads"])
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        packed = [targets(b, len(CLASSES)) for b in boxes]
+        heat = torch.from_numpy(np.stack([p[0] for p in packed]))
+        reg = torch.from_numpy(np.stack([p[1] for p in packed]))
+        mask = torch.from_numpy(np.stack([p[2] for p in packed]))
+        x_all = normalise(images)
+        model = CenterNet(width=width)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * ((len(images) + batch - 1) // batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+        history = []
+        for epoch in range(epochs):
+            model.train()
+            order = rng.permutation(len(images))
+            total = 0.0
+            for s in range(0, len(order), batch):
+                idx = torch.from_numpy(order[s:s + batch])
+                x, h, r, m = augment(x_all[idx], heat[idx], reg[idx], mask[idx], rng)
+                pred_heat, pred_box = model.heads(x)
+                n_boxes = m.sum().clamp(min=1)
+                size = (F.l1_loss(pred_box[:, :2], r[:, :2], reduction="none").sum(1) * m).sum() / n_boxes
+                offset = (F.l1_loss(pred_box[:, 2:], r[:, 2:], reduction="none").sum(1) * m).sum() / n_boxes
+                loss = focal(pred_heat, h) + 0.5 * size + offset
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            history.append({"epoch": epoch, "loss": total / len(images)})
+            log(f"epoch {epoch + 1}/{epochs} loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s, "
+                f"{time.process_time() - cpu0:.0f} s CPU)")
+        return model.eval(), history
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
+
+
+def train(out: Path = DEFAULT_OUT, seed: int = RECIPE["seed"], epochs: int = DEFAULT_EPOCHS,
+          batch: int = RECIPE["batch"], lr: float = RECIPE["lr"], split_seed: int = RECIPE["split_seed"],
+          width: int = RECIPE["width"], limit: int | None = None, log=print) -> dict:
+    """Train on the train split (`limit`: that many of its items, for short trainings), export to `out` with its
+    training log beside (`out.json`: the recipe, validation figures, loss per epoch), and return the log with the
+    test figures."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    images, boxes, _ = read("train", split_seed)
-    packed = [targets(b, len(CLASSES)) for b in boxes]
-    heat = torch.from_numpy(np.stack([p[0] for p in packed]))
-    reg = torch.from_numpy(np.stack([p[1] for p in packed]))
-    mask = torch.from_numpy(np.stack([p[2] for p in packed]))
-    x_all = normalise(images)
-    model = CenterNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(images) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        order = rng.permutation(len(images))
-        total = 0.0
-        for s in range(0, len(order), batch):
-            idx = torch.from_numpy(order[s:s + batch])
-            x, h, r, m = augment(x_all[idx], heat[idx], reg[idx], mask[idx], rng)
-            pred_heat, pred_box = model.heads(x)
-            size = (F.l1_loss(pred_box[:, :2], r[:, :2], reduction="none").sum(1) * m).sum() / m.sum().clamp(min=1)
-            offset = (F.l1_loss(pred_box[:, 2:], r[:, 2:], reduction="none").sum(1) * m).sum() / m.sum().clamp(min=1)
-            loss = focal(pred_heat, h) + 0.5 * size + offset
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        history.append({"epoch": epoch, "loss": total / len(images)})
-        log(f"epoch {epoch + 1}/{epochs} loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s, "
-            f"{time.process_time() - cpu0:.0f} s CPU)")
-    model.eval()
+    images, boxes, _ = read("train", split_seed, limit)
+    model, history = fit(images, boxes, seed, epochs, batch, lr, width, log)
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(model).save(str(out))
     exported = torch.jit.load(str(out))
-    result = {"params": {"seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "split_seed": split_seed,
-                         "train_items": len(images), "threads": 1},
+    result = {"params": {"seed": seed, "epochs": epochs, "batch": batch, "lr": lr, "width": width,
+                         "split_seed": split_seed, "splits": splits_id(split_seed), "train_items": len(images),
+                         "threads": RECIPE["threads"]},
               "validation": {k: v for k, v in evaluate(exported, split_seed, "validation").items()
                              if not isinstance(v, list)},
               "history": history, "train_seconds": train_s, "train_cpu_seconds": train_cpu, "path": str(out)}
