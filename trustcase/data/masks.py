@@ -11,12 +11,15 @@ Images of different sizes are brought to the model's (`size`, H x W) by `fit`, t
 - `resize`: the image by bilinear interpolation, the mask by nearest neighbour (a class is never blended);
 - `pad`: at the bottom and right, the image with `pad_value`, the mask with class 0 (background); an image larger
   than `size` is refused;
-- `none`: as they are (the model's input contract then refuses every other size).
+- `none`: as they are (the model's input contract then refuses every other size);
+- `tiles`: as they are, at their own resolution, for a model whose input is a tile of `size` (H x W) run over the
+  image with `overlap` (H, W) pixels of overlap and its logits stitched back (`tasks.segmentation_tiles`); the mask is
+  never cut or resampled: the whole image is scored on its whole mask. An image smaller than a tile is refused.
 
 Found when the split is built, before any work, each an `MaskError` naming its file (read from the file headers,
 nothing decoded): an image without a mask or a mask without an image, a mask whose size differs from its image's, an
-image larger than `size` under `pad`. Found when an item is read (`streaming.Rejected`, counted and excluded by the
-stream, the file named): a mask value that is no class.
+image larger than `size` under `pad`, an image smaller than the tile under `tiles`. Found when an item is read
+(`streaming.Rejected`, counted and excluded by the stream, the file named): a mask value that is no class.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from trustcase.data.streaming import DataError, Item, Mask, Rejected, check_pixe
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 Encoding = Literal["binary", "index", "palette"]
-Fit = Literal["resize", "pad", "none"]
+Fit = Literal["resize", "pad", "none", "tiles"]
 
 
 class MaskError(DataError):
@@ -91,7 +94,7 @@ def fit(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], how: Fit, pa
         -> tuple[np.ndarray, np.ndarray]:
     """The image (H, W[, C]) and its mask (H, W) brought to `size` (H, W): the mask follows the image exactly."""
     h, w = size
-    if how == "none" or image.shape[:2] == (h, w):
+    if how in ("none", "tiles") or image.shape[:2] == (h, w):
         return image, mask
     if how == "resize":
         resized = Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR)
@@ -105,12 +108,13 @@ def fit(image: np.ndarray, mask: np.ndarray, size: tuple[int, int], how: Fit, pa
 
 class MaskSplit:
     """A segmentation split from (image, mask) file pairs; `meta[i]` is item i's metadata (e.g. its defect type).
-    Items are named by their image's path relative to `root` (default: the image's folder)."""
+    Items are named by their image's path relative to `root` (default: the image's folder). Under `fit: tiles`,
+    `tiling` is the model's tiles of `size` overlapping by `overlap` pixels (else None)."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], class_names: Sequence[str], size: tuple[int, int],
                  fit: Fit = "resize", encoding: Encoding = "binary", palette: Sequence[Sequence[int]] | None = None,
                  meta: Sequence[dict[str, str]] | None = None, root: str | Path | None = None, grey: bool = True,
-                 pad_value: float = 0):
+                 pad_value: float = 0, overlap: tuple[int, int] = (0, 0)):
         if encoding == "binary" and len(class_names) != 2:
             raise MaskError(f"binary masks (0 background, 255 defect) hold two classes; the model has "
                             f"{len(class_names)} ({list(class_names)}): use the index or palette encoding")
@@ -121,6 +125,14 @@ class MaskSplit:
         self.palette, self.grey, self.pad_value = palette, grey, pad_value
         self.meta = list(meta) if meta is not None else [{} for _ in self.pairs]
         self.root = Path(root) if root is not None else None
+        self.tiling = None
+        if fit == "tiles":
+            from trustcase.tasks.segmentation_tiles import Tiling
+
+            try:
+                self.tiling = Tiling(tuple(self.size), tuple(overlap))
+            except ValueError as e:
+                raise MaskError(f"fit: tiles: {e}") from None
         for image, mask in self.pairs:  # headers only: sizes are known before any pixel is decoded
             with Image.open(image) as a, Image.open(mask) as b:
                 if a.size != b.size:
@@ -129,6 +141,9 @@ class MaskSplit:
                 if fit == "pad" and (a.size[1] > self.size[0] or a.size[0] > self.size[1]):
                     raise MaskError(f"image {image} is {a.size[0]}x{a.size[1]} px, larger than the {self.size[1]}x"
                                     f"{self.size[0]} it is padded to (fit: pad): use fit: resize")
+                why = self.tiling.fits(a.size[1], a.size[0]) if self.tiling else None
+                if why:
+                    raise MaskError(f"image {image}: {why} (fit: tiles): use fit: pad or resize, or a smaller tile")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -151,7 +166,8 @@ class MaskSplit:
         return Item(image=image, label=Mask(mask), id=self.name(i), meta=dict(self.meta[i]))
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.size}:{self.how}:{self.encoding}:{self.palette}".encode())
+        tiles = f":{self.tiling.overlap}" if self.tiling else ""
+        h = hashlib.sha256(f"{self.size}:{self.how}{tiles}:{self.encoding}:{self.palette}".encode())
         for image, mask in self.pairs:
             for p in (image, mask):
                 h.update(p.name.encode() + b"\0")

@@ -1,0 +1,163 @@
+"""Tiles: a segmenter whose input is a fixed tile (the use case's `model.input_shape`) run over images of any size at
+their own resolution, its per-pixel logits stitched back to the whole image, which is scored on its whole mask.
+
+- **The grid** (`Tiling.windows`): along each axis tiles start every `tile - overlap` pixels from 0, and the last
+  one is moved back to end exactly at the image's edge (so no tile reaches outside the image and no pixel is left
+  out: the last two tiles overlap more than `overlap` when the image is not a whole number of strides). An image
+  smaller than a tile along an axis is refused, named (`data.masks` finds it from the file header, before any work).
+- **Stitching** (`stitch`): each pixel's logits are the mean of the logits of every tile covering it (with no overlap
+  and an image a whole number of tiles, exactly its one tile's). The mask is never cut: the whole image's predicted
+  classes are scored on its whole mask (`segmentation_metrics.SegmentationTally`), and the image-level decision is
+  the whole image's.
+- **Streaming** (`tiled_logits`): tiles of consecutive images are batched together, at most `batch` tiles per forward
+  pass; only the images whose tiles are in flight are held (each with a logit sum and a count per pixel), and each
+  image's stitched logits are yielded as soon as its last tile is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trustcase.models.classifier import Classifier
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of `tile` (H, W) pixels overlapping by `overlap` (H, W) pixels, 0 <= overlap < tile."""
+
+    tile: tuple[int, int]
+    overlap: tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        for t, o, axis in zip(self.tile, self.overlap, ("height", "width"), strict=True):
+            if t < 1 or not 0 <= o < t:
+                raise ValueError(f"tile {axis} {t} with overlap {o}: need a tile of >= 1 pixel and "
+                                 f"0 <= overlap < tile")
+
+    @staticmethod
+    def starts(length: int, tile: int, overlap: int) -> list[int]:
+        """Where the tiles along one axis start: every tile - overlap pixels, the last one ending at the edge."""
+        if length < tile:
+            raise ValueError(f"{length} px is smaller than the {tile} px tile")
+        stride = tile - overlap
+        out = list(range(0, length - tile + 1, stride))
+        if out[-1] != length - tile:
+            out.append(length - tile)
+        return out
+
+    def windows(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (top, left) of every tile of an image, row by row."""
+        (th, tw), (oh, ow) = self.tile, self.overlap
+        return [(y, x) for y in self.starts(height, th, oh) for x in self.starts(width, tw, ow)]
+
+    def fits(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot be tiled, else None."""
+        th, tw = self.tile
+        if height < th or width < tw:
+            return f"{width}x{height} px is smaller than the {tw}x{th} tile"
+        return None
+
+
+def stitch(tiles: np.ndarray, windows: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
+    """(K, H, W) logits of one image from its tiles' (T, K, h, w) logits at `windows`: the mean over the tiles
+    covering each pixel."""
+    k, h, w = tiles.shape[1:]
+    total, count = np.zeros((k, height, width), np.float64), np.zeros((height, width), np.int64)
+    for t, (y, x) in zip(tiles, windows, strict=True):
+        total[:, y:y + h, x:x + w] += t
+        count[y:y + h, x:x + w] += 1
+    return (total / count).astype(np.float32)
+
+
+class _InFlight:
+    """One image whose tiles are being run: the logit sum and count per pixel."""
+
+    def __init__(self, key, height: int, width: int, n_classes: int, tiles: int):
+        self.key, self.left = key, tiles
+        self.total = np.zeros((n_classes, height, width), np.float64)
+        self.count = np.zeros((height, width), np.int64)
+
+
+def tiled_logits(model: Classifier, images: Iterable[tuple[object, np.ndarray]], tiling: Tiling,
+                 batch: int = 32) -> Iterator[tuple[object, np.ndarray]]:
+    """Per image (key, pixel-space (H, W, C) array of any size >= a tile), in order: (key, its stitched (K, H, W)
+    logits). The model's forward pass sees (<= batch, C, h, w) tiles through its normalisation and its output
+    contract (`model.logits`, which names the image keys of a tile with NaN/inf logits)."""
+    if tuple(model.spec.input_shape[1:]) != tuple(tiling.tile):
+        raise ValueError(f"tiles of {tiling.tile} px, but the model takes {tuple(model.spec.input_shape[1:])}")
+    h, w = tiling.tile
+    queue: list[tuple[_InFlight, int, int, np.ndarray]] = []  # (image, top, left, tile pixels)
+    flight: list[_InFlight] = []
+
+    def run(part):
+        logits = model.logits(np.stack([p for _, _, _, p in part]), [str(f.key) for f, _, _, _ in part])
+        for (f, y, x, _), out in zip(part, logits, strict=True):
+            f.total[:, y:y + h, x:x + w] += out
+            f.count[y:y + h, x:x + w] += 1
+            f.left -= 1
+        while flight and flight[0].left == 0:  # images leave in order once their last tile is back
+            f = flight.pop(0)
+            yield f.key, (f.total / f.count).astype(np.float32)
+
+    for key, image in images:
+        height, width = image.shape[:2]
+        why = tiling.fits(height, width)
+        if why:
+            raise ValueError(f"image {key}: {why}")
+        windows = tiling.windows(height, width)
+        f = _InFlight(key, height, width, model.n_classes, len(windows))
+        flight.append(f)
+        for y, x in windows:
+            queue.append((f, y, x, image[y:y + h, x:x + w]))
+            if len(queue) == batch:
+                yield from run(queue)
+                queue = []
+    if queue:
+        yield from run(queue)
+
+
+def tiled_segment(model: Classifier, images: Iterable[tuple[object, np.ndarray]], tiling: Tiling,
+                  batch: int = 32) -> Iterator[tuple[object, np.ndarray]]:
+    """Per image (key, its predicted class per pixel (H, W)), the arg max of the stitched logits (the background,
+    class 0, winning ties as in `Segmenter.segment`)."""
+    for key, logits in tiled_logits(model, images, tiling, batch):
+        yield key, torch.from_numpy(logits).argmax(0).numpy()
+
+
+def evaluate(model: Classifier, split, tiling: Tiling, defect_pixels: int, check: str = "performance",
+             seed: int = 0, batch: int = 32, subgroups: list[str] | None = None):
+    """A split of whole images and masks (`data.masks.MaskSplit` with `fit: tiles`, or any split whose items are
+    whole images with their `Mask`) scored by tiles: a `SegmentationTally` updated image by image (only per-image
+    pixel counts kept). Returns (tally, rejected): items whose image or mask breaks the contract (judged as the
+    stream judges them: a mask value that is no class, NaN pixels, another mask size) are named and left out.
+    A split is read item by item, so at most one whole image waits for the tiles of the batch in flight."""
+    from trustcase.data.streaming import Rejected, judge_item, judge_mask
+    from trustcase.tasks.segmentation_metrics import SegmentationTally
+
+    tally = SegmentationTally(list(model.spec.class_names), defect_pixels, check, seed, subgroups or [])
+    rejected: list[tuple[str, str]] = []
+    items: dict[str, tuple[np.ndarray, dict]] = {}
+
+    def images():
+        for i in range(len(split)):
+            try:
+                item = split[i]
+                image = judge_item(item.image, None)
+                mask = judge_mask(item.label, model.n_classes, image.shape[:2])
+                why = tiling.fits(*image.shape[:2])
+                if why:
+                    raise Rejected("shape", why)
+            except Rejected as e:  # the item named as the stream names it (`name(i)`, else its position)
+                rejected.append((str(split.name(i)) if hasattr(split, "name") else f"#{i}", str(e)))
+                continue
+            items[str(item.id)] = (mask, dict(item.meta))
+            yield str(item.id), image.astype(np.float32)
+
+    for key, pred in tiled_segment(model, images(), tiling, batch):
+        mask, meta = items.pop(key)
+        tally.update(pred[None], [mask], [key], {k: [v] for k, v in meta.items()})
+    return tally, rejected
