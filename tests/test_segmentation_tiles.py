@@ -68,10 +68,11 @@ def test_the_grid_covers_every_pixel_and_stays_inside():
 def test_a_per_pixel_model_stitched_is_the_model_on_the_whole_image(tmp_path):
     rng = np.random.default_rng(0)
     seg = segmenter(tmp_path, Bright())
-    images = [rng.uniform(0, 255, (h, w, 1)).astype(np.float32) for h, w in [(10, 7), (4, 4), (13, 9)]]
+    # 2x9 and 3x3: smaller than a tile, padded for the model and cropped back
+    images = [rng.uniform(0, 255, (h, w, 1)).astype(np.float32) for h, w in [(10, 7), (4, 4), (13, 9), (2, 9), (3, 3)]]
     for overlap in [(0, 0), (1, 2), (3, 3)]:
         got = list(tiled_logits(seg, enumerate(images), Tiling((4, 4), overlap), batch=5))
-        assert [k for k, _ in got] == [0, 1, 2]
+        assert [k for k, _ in got] == [0, 1, 2, 3, 4]
         for (_, logits), image in zip(got, images, strict=True):
             # Bright is per pixel: the same model given the whole image at once is the reference
             spec = seg.spec.model_copy(update={"input_shape": [1, *image.shape[:2]]})
@@ -113,8 +114,6 @@ def test_the_model_must_take_the_tile(tmp_path):
     seg = segmenter(tmp_path, Bright(), tile=4)
     with pytest.raises(ValueError, match=r"tiles of \(8, 8\) px, but the model takes \(4, 4\)"):
         list(tiled_logits(seg, [("a", np.zeros((8, 8, 1), np.float32))], Tiling((8, 8))))
-    with pytest.raises(ValueError, match="image a: 6x3 px is smaller than the 4x4 tile"):
-        list(tiled_logits(seg, [("a", np.zeros((3, 6, 1), np.float32))], Tiling((4, 4))))
 
 
 def _pair(folder, stem, image, mask):
@@ -158,19 +157,35 @@ def test_whole_images_are_scored_on_their_whole_masks(tmp_path):
     assert ours == theirs
 
 
+def test_an_image_smaller_than_a_tile_is_padded_for_the_model_only(tmp_path):
+    """A 5x16 image under 8x8 tiles: the model sees it padded with pad_value 255 (Bright would mark every padded
+    pixel), the stitched logits are cropped back, and only its own 80 pixels are scored."""
+    data = tmp_path / "data"
+    image = np.full((5, 16), 40, np.uint8)
+    image[1:3, 2:5] = 220
+    mask = (image > 127).astype(np.uint8)
+    _pair(data, "small", image, mask)
+    split = MaskSplit(pair_files(data / "images", data / "masks"), CLASSES, (8, 8), fit="tiles", encoding="index",
+                      pad_value=255)
+    seg = Segmentation().load_model(_spec(tmp_path, Bright(), size=8))
+    tally, rejected = evaluate(seg, split, split.tiling, defect_pixels=1)
+    assert rejected == [] and tally.pixels.tolist() == [[74, 0], [0, 6]]  # every pixel right, none of the padding
+
+
 def test_bad_input_under_tiles_is_named(tmp_path):
     data = tmp_path / "data"
     _pair(data, "big", np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8))
-    _pair(data, "small", np.zeros((6, 16), np.uint8), np.zeros((6, 16), np.uint8))
     pairs = pair_files(data / "images", data / "masks")
-    with pytest.raises(MaskError, match=r"small.png: 16x6 px is smaller than the 8x8 tile \(fit: tiles\)"):
-        MaskSplit(pairs, CLASSES, (8, 8), fit="tiles", encoding="index")
     with pytest.raises(MaskError, match="fit: tiles: tile width 8 with overlap 8"):
-        MaskSplit(pairs[:1], CLASSES, (8, 8), fit="tiles", encoding="index", overlap=(0, 8))
+        MaskSplit(pairs, CLASSES, (8, 8), fit="tiles", encoding="index", overlap=(0, 8))
+    _pair(data, "other", np.zeros((16, 16), np.uint8), np.zeros((16, 12), np.uint8))
+    with pytest.raises(MaskError, match=r"other.png is 12x16 px, its image .*other.png is 16x16"):
+        MaskSplit(pair_files(data / "images", data / "masks"), CLASSES, (8, 8), fit="tiles", encoding="index")
+    (data / "images" / "other.png").unlink()
+    (data / "masks" / "other.png").unlink()
     # a mask value that is no class: found when read, the item counted and named, the others scored
     _pair(data, "odd", np.zeros((8, 8), np.uint8), np.full((8, 8), 7, np.uint8))
-    split = MaskSplit([p for p in pair_files(data / "images", data / "masks") if "small" not in p[0].name], CLASSES,
-                      (8, 8), fit="tiles", encoding="index")
+    split = MaskSplit(pair_files(data / "images", data / "masks"), CLASSES, (8, 8), fit="tiles", encoding="index")
     seg = Segmentation().load_model(_spec(tmp_path, Bright(), size=8))
     tally, rejected = evaluate(seg, split, split.tiling, defect_pixels=1)
     assert [r[0] for r in rejected] == ["odd.png"] and "no class" in rejected[0][1]

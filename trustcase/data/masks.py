@@ -14,11 +14,12 @@ Images of different sizes are brought to the model's (`size`, H x W) by `fit`, t
 - `none`: as they are (the model's input contract then refuses every other size);
 - `tiles`: as they are, at their own resolution, for a model whose input is a tile of `size` (H x W) run over the
   image with `overlap` (H, W) pixels of overlap and its logits stitched back (`tasks.segmentation_tiles`); the mask is
-  never cut or resampled: the whole image is scored on its whole mask. An image smaller than a tile is refused.
+  never cut or resampled: the whole image is scored on its whole mask. An image smaller than a tile is padded with
+  `pad_value` for the model only, its padded pixels never scored.
 
 Found when the split is built, before any work, each an `MaskError` naming its file (read from the file headers,
 nothing decoded): an image without a mask or a mask without an image, a mask whose size differs from its image's, an
-image larger than `size` under `pad`, an image smaller than the tile under `tiles`. Found when an item is read
+image larger than `size` under `pad`. Found when an item is read
 (`streaming.Rejected`, counted and excluded by the stream, the file named): a mask value that is no class.
 """
 
@@ -130,7 +131,7 @@ class MaskSplit:
             from trustcase.tasks.segmentation_tiles import Tiling
 
             try:
-                self.tiling = Tiling(tuple(self.size), tuple(overlap))
+                self.tiling = Tiling(tuple(self.size), tuple(overlap), pad_value)
             except ValueError as e:
                 raise MaskError(f"fit: tiles: {e}") from None
         for image, mask in self.pairs:  # headers only: sizes are known before any pixel is decoded
@@ -141,9 +142,6 @@ class MaskSplit:
                 if fit == "pad" and (a.size[1] > self.size[0] or a.size[0] > self.size[1]):
                     raise MaskError(f"image {image} is {a.size[0]}x{a.size[1]} px, larger than the {self.size[1]}x"
                                     f"{self.size[0]} it is padded to (fit: pad): use fit: resize")
-                why = self.tiling.fits(a.size[1], a.size[0]) if self.tiling else None
-                if why:
-                    raise MaskError(f"image {image}: {why} (fit: tiles): use fit: pad or resize, or a smaller tile")
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -4,7 +4,8 @@ their own resolution, its per-pixel logits stitched back to the whole image, whi
 - **The grid** (`Tiling.windows`): along each axis tiles start every `tile - overlap` pixels from 0, and the last
   one is moved back to end exactly at the image's edge (so no tile reaches outside the image and no pixel is left
   out: the last two tiles overlap more than `overlap` when the image is not a whole number of strides). An image
-  smaller than a tile along an axis is refused, named (`data.masks` finds it from the file header, before any work).
+  smaller than a tile along an axis is padded at the bottom and right with `pad_value` to one tile for the model,
+  and its stitched logits are cropped back to the image: padded pixels are never scored.
 - **Stitching** (`stitch`): each pixel's logits are the mean of the logits of every tile covering it (with no overlap
   and an image a whole number of tiles, exactly its one tile's). The mask is never cut: the whole image's predicted
   classes are scored on its whole mask (`segmentation_metrics.SegmentationTally`), and the image-level decision is
@@ -27,10 +28,12 @@ from trustcase.models.classifier import Classifier
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiles of `tile` (H, W) pixels overlapping by `overlap` (H, W) pixels, 0 <= overlap < tile."""
+    """Tiles of `tile` (H, W) pixels overlapping by `overlap` (H, W) pixels, 0 <= overlap < tile; an image smaller
+    than a tile is padded with `pad_value` (pixel space) for the model only."""
 
     tile: tuple[int, int]
     overlap: tuple[int, int] = (0, 0)
+    pad_value: float = 0.0
 
     def __post_init__(self):
         for t, o, axis in zip(self.tile, self.overlap, ("height", "width"), strict=True):
@@ -54,12 +57,15 @@ class Tiling:
         (th, tw), (oh, ow) = self.tile, self.overlap
         return [(y, x) for y in self.starts(height, th, oh) for x in self.starts(width, tw, ow)]
 
-    def fits(self, height: int, width: int) -> str | None:
-        """Why an image of this size cannot be tiled, else None."""
+    def padded(self, image: np.ndarray) -> np.ndarray:
+        """The image (H, W, C) padded at the bottom and right to at least one tile along each axis."""
+        h, w = image.shape[:2]
         th, tw = self.tile
-        if height < th or width < tw:
-            return f"{width}x{height} px is smaller than the {tw}x{th} tile"
-        return None
+        if h >= th and w >= tw:
+            return image
+        out = np.full((max(h, th), max(w, tw), *image.shape[2:]), self.pad_value, image.dtype)
+        out[:h, :w] = image
+        return out
 
 
 def stitch(tiles: np.ndarray, windows: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
@@ -74,19 +80,19 @@ def stitch(tiles: np.ndarray, windows: list[tuple[int, int]], height: int, width
 
 
 class _InFlight:
-    """One image whose tiles are being run: the logit sum and count per pixel."""
+    """One image whose tiles are being run: its size, the logit sum and count per pixel of its padded input."""
 
-    def __init__(self, key, height: int, width: int, n_classes: int, tiles: int):
-        self.key, self.left = key, tiles
-        self.total = np.zeros((n_classes, height, width), np.float64)
-        self.count = np.zeros((height, width), np.int64)
+    def __init__(self, key, size: tuple[int, int], padded: tuple[int, int], n_classes: int, tiles: int):
+        self.key, self.left, (self.height, self.width) = key, tiles, size
+        self.total = np.zeros((n_classes, *padded), np.float64)
+        self.count = np.zeros(padded, np.int64)
 
 
 def tiled_logits(model: Classifier, images: Iterable[tuple[object, np.ndarray]], tiling: Tiling,
                  batch: int = 32) -> Iterator[tuple[object, np.ndarray]]:
-    """Per image (key, pixel-space (H, W, C) array of any size >= a tile), in order: (key, its stitched (K, H, W)
-    logits). The model's forward pass sees (<= batch, C, h, w) tiles through its normalisation and its output
-    contract (`model.logits`, which names the image keys of a tile with NaN/inf logits)."""
+    """Per image (key, pixel-space (H, W, C) array of any size), in order: (key, its stitched (K, H, W) logits). The
+    model's forward pass sees (<= batch, C, h, w) tiles through its normalisation and its output contract
+    (`model.logits`, which names the image keys of a tile with NaN/inf logits)."""
     if tuple(model.spec.input_shape[1:]) != tuple(tiling.tile):
         raise ValueError(f"tiles of {tiling.tile} px, but the model takes {tuple(model.spec.input_shape[1:])}")
     h, w = tiling.tile
@@ -101,15 +107,12 @@ def tiled_logits(model: Classifier, images: Iterable[tuple[object, np.ndarray]],
             f.left -= 1
         while flight and flight[0].left == 0:  # images leave in order once their last tile is back
             f = flight.pop(0)
-            yield f.key, (f.total / f.count).astype(np.float32)
+            yield f.key, (f.total / f.count)[:, :f.height, :f.width].astype(np.float32)  # padding cropped away
 
     for key, image in images:
-        height, width = image.shape[:2]
-        why = tiling.fits(height, width)
-        if why:
-            raise ValueError(f"image {key}: {why}")
-        windows = tiling.windows(height, width)
-        f = _InFlight(key, height, width, model.n_classes, len(windows))
+        size, image = image.shape[:2], tiling.padded(image)
+        windows = tiling.windows(*image.shape[:2])
+        f = _InFlight(key, size, image.shape[:2], model.n_classes, len(windows))
         flight.append(f)
         for y, x in windows:
             queue.append((f, y, x, image[y:y + h, x:x + w]))
@@ -148,9 +151,6 @@ def evaluate(model: Classifier, split, tiling: Tiling, defect_pixels: int, check
                 item = split[i]
                 image = judge_item(item.image, None)
                 mask = judge_mask(item.label, model.n_classes, image.shape[:2])
-                why = tiling.fits(*image.shape[:2])
-                if why:
-                    raise Rejected("shape", why)
             except Rejected as e:  # the item named as the stream names it (`name(i)`, else its position)
                 rejected.append((str(split.name(i)) if hasattr(split, "name") else f"#{i}", str(e)))
                 continue
