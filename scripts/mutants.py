@@ -10,6 +10,11 @@ every surviving mutant's diff) and a table on stdout (the scores docs/testing.md
     .venv/bin/python scripts/mutants.py [chunk ...]     # chunks: statistics, performance, certification,
                                                         #         verification, perturbations
     .venv/bin/python scripts/mutants.py --sample 300 --seed 0 certification
+    .venv/bin/python scripts/mutants.py amplitudes      # each perturbation's amplitude halved, by hand
+
+`amplitudes` is a chunk of planted mutants, not mutmut's: issue 23 found that halving the occlusion patch's side
+passed the whole suite, so each built-in perturbation's amplitude is halved in turn at the top of its `perturb`
+(in a scratch copy) and tests/test_perturbations.py must fail every time.
 
 `--sample N` tests a seeded random sample of N of the chunk's mutants instead of all of them (a full chunk takes
 most of an hour on a shared machine): the killed share is then an estimate, reported with its exact
@@ -20,7 +25,8 @@ build/mutants/<chunk>-sample<N>-seed<S>.json.
 against the tests as they are now (a new test cannot revive a killed mutant). Each survivor is applied to a
 scratch copy (`mutmut apply`) and the tests mutmut maps to its function run in a fresh pytest process: a mutmut
 re-run once reported kills that the patched copy does not show (rounding.fft_error's constants), so a kill is
-only what a patched copy shows. It refuses a sample drawn from other sources (the modules' SHA-256).
+only what a patched copy shows. It refuses a sample drawn from other sources (the modules' SHA-256). It also
+re-runs CONFIRM of the stored kills, drawn by the seed, the same way and records how many a patched copy confirms.
 
 Equivalent mutants (the program's behaviour provably unchanged) leave the denominator, as is standard: they are
 the list items of docs/testing.md that start with a mutant's name in backquotes, each with its one-line argument.
@@ -68,8 +74,10 @@ CHUNKS = {  # name: (modules to mutate, tests that cover them)
     # every perturbation's physical parameter (exact tests on constructed images)
     "perturbations": (["trustcase/robustness/perturbations.py"], ["tests/test_perturbations.py"]),
 }
+PLANTED = {"amplitudes": (["trustcase/robustness/perturbations.py"], ["tests/test_perturbations.py"])}
 SKIP = {".venv", ".git", "mutants", "__pycache__", "mlruns", "node_modules", "build"}
 DOCS = ROOT / "docs" / "testing.md"  # the equivalent mutants, each with its argument
+CONFIRM = 20  # stored kills re-checked in a patched copy by --only-survivors
 RETEST_SECONDS = 1800  # a patched copy's tests running longer than this count as a timeout (an endless loop)
 
 
@@ -216,7 +224,7 @@ def retest_survivors(name: str, sample: int, seed: int) -> dict:
 
     def retest(mutant: str) -> tuple[str, str]:
         tests = subprocess.run([str(MUTMUT), "tests-for-mutant", mutant], cwd=work, env=ENV, capture_output=True,
-                               text=True, check=True).stdout.split()
+                               text=True, check=True).stdout.splitlines()  # ids may hold spaces
         if not tests:
             return mutant, "survived"  # no test reaches it now either
         copy = copies.get()
@@ -234,8 +242,15 @@ def retest_survivors(name: str, sample: int, seed: int) -> dict:
                 shutil.copy2(work / m, copy / m)
             copies.put(copy)
 
+    killed = sorted(set(chosen) - set(result["survivors"]) - set(result.get("killed_by_retest", []))
+                    - {m for m, c in _exit_codes(work).items() if m in chosen and c in (5, 33)})  # reached by no test
+    spot = sorted(random.Random(seed).sample(killed, min(CONFIRM, len(killed))))
     with ThreadPoolExecutor(2) as pool:
         outcome = dict(pool.map(retest, sorted(result["survivors"])))
+        confirmed = dict(pool.map(retest, spot))
+    result["first_pass_kills_rechecked"] = {
+        "checked": len(spot), "confirmed": sum(v == "killed" for v in confirmed.values()),
+        "not_confirmed": sorted(m for m, v in confirmed.items() if v != "killed")}
     stats = result["stats"]
     result.setdefault("first_pass", dict(stats))
     for status in ("killed", "timeout"):
@@ -247,6 +262,44 @@ def retest_survivors(name: str, sample: int, seed: int) -> dict:
     result["survivors"] = {m: f"cd {work} && {MUTMUT} show {m}" for m, s in outcome.items() if s == "survived"}
     result["retest_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     return save(name, sample, seed, score(result))
+
+
+def halved_amplitudes(name: str = "amplitudes") -> dict:
+    """Each built-in perturbation with its amplitude halved (inserted as the first line of the `perturb` it runs,
+    so dead_rows, which inherits dead_columns', gets its own), against the perturbation tests, in a scratch copy."""
+    import inspect
+
+    sys.path.insert(0, str(ROOT))
+    from trustcase.robustness.perturbations import PERTURBATIONS
+
+    (module,), tests = PLANTED[name]
+    work = Path(os.environ.get("TRUSTCASE_MUTANTS_DIR", "/tmp/trustcase-mutants")) / name
+    copy_tree(work)
+    source = (ROOT / module).read_text().splitlines(keepends=True)
+    t0, outcome = time.perf_counter(), {}
+    for pert, cls in sorted(PERTURBATIONS.items()):
+        lines, start = inspect.getsourcelines(cls.perturb)
+        if inspect.getsourcefile(cls.perturb) != str(ROOT / module):
+            continue  # a partner's
+        body = start + next(i for i, line in enumerate(lines) if line.rstrip().endswith(":")) + 1  # after `def`
+        indent = source[body - 1][:len(source[body - 1]) - len(source[body - 1].lstrip())]
+        planted = f"{indent}amplitude = amplitude / 2 if self.name == {pert!r} else amplitude  # planted\n"
+        (work / module).write_text("".join([*source[:body - 1], planted, *source[body - 1:]]))
+        rc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-x", *_split(FAST), *tests],
+                            cwd=work, env=ENV, capture_output=True).returncode
+        outcome[pert] = "killed" if rc in (1, 2) else "survived" if rc == 0 else f"pytest exit {rc}"
+    (work / module).write_text("".join(source))
+    clean = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", *_split(FAST), *tests], cwd=work,
+                           env=ENV, capture_output=True).returncode
+    if clean != 0:
+        raise SystemExit(f"{', '.join(tests)} fail without any planted mutant in {work}")
+    killed = sum(v == "killed" for v in outcome.values())
+    stats = dict.fromkeys(["killed", "survived", "no_tests", "timeout", "not_checked", "skipped", "suspicious"], 0)
+    stats.update(killed=killed, survived=len(outcome) - killed, total=len(outcome))
+    result = {"chunk": name, "modules": [module], "tests": tests, "stats": stats, "planted": outcome,
+              "minutes": round((time.perf_counter() - t0) / 60, 1),
+              "survivors": {m: "its amplitude halved" for m, v in outcome.items() if v != "killed"}}
+    return save(name, None, 0, score(result))
 
 
 def _exit_codes(work: Path) -> dict[str, int | None]:
@@ -283,14 +336,15 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--only-survivors", action="store_true",
                     help="re-test the survivors of the stored sample (--sample N --seed S) against today's tests")
     a = ap.parse_args(argv)
-    if unknown := sorted(set(a.chunks) - set(CHUNKS)):
-        ap.error(f"unknown chunk {', '.join(unknown)} (one of {', '.join(CHUNKS)})")
+    if unknown := sorted(set(a.chunks) - set(CHUNKS) - set(PLANTED)):
+        ap.error(f"unknown chunk {', '.join(unknown)} (one of {', '.join([*CHUNKS, *PLANTED])})")
     if a.only_survivors and a.sample is None:
         ap.error("--only-survivors re-tests a stored sample: give its --sample N and --seed S")
     print(f"{'chunk':<14}{'mutants':>8}{'killed':>8}{'survived':>9}{'equiv.':>7}{'no test':>8}{'timeout':>8}"
           f"{'killed/tested':>14}{'min':>6}")
-    for name in a.chunks or list(CHUNKS):
-        r = retest_survivors(name, a.sample, a.seed) if a.only_survivors else run_chunk(name, a.sample, a.seed)
+    for name in a.chunks or [*CHUNKS, *PLANTED]:
+        r = (halved_amplitudes(name) if name in PLANTED else retest_survivors(name, a.sample, a.seed)
+             if a.only_survivors else run_chunk(name, a.sample, a.seed))
         s = r["stats"]
         line = (f"{name:<14}{s['total']:>8}{s['killed']:>8}{s['survived']:>9}{len(r['equivalent']):>7}"
                 f"{s['no_tests']:>8}{s['timeout']:>8}{r['score_tested'] or 0:>14.1%}"
