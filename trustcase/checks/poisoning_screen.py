@@ -3,8 +3,9 @@ activation clustering over the training items' penultimate features, one class a
 `data.poisoning`).
 
 Measurements on the screened split: `poisoning_alarms` (a census: classes whose features split into a small, well
-separated cluster) and `poisoning_suspects` (items in those clusters), both undefined unless every class was
-screened (a class too small to screen could hold the cluster). The summary ranks each class's items by spectral
+separated cluster that the class's held-out items fill significantly less often: clean data has such clusters of its
+own) and `poisoning_suspects` (items in those clusters), both undefined unless every class was screened (a class too
+small to screen, in either split, could hold the cluster). The summary ranks each class's items by spectral
 score. Each class is screened on a seeded sample of at most `max_items` items (memory bound: clustering and the
 silhouette are quadratic); over a sample the counts are estimates without an interval (`measurement.over_sample`).
 """
@@ -25,6 +26,10 @@ from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
 
 class PoisoningScreenParams(Params):
     split: str = "train"
+    held_out: str = Field("validation", description="a split the model was not trained on, assumed clean: a cluster "
+                          "its items fill as often is the data's own, not a backdoor's")
+    level: float = Field(0.01, gt=0, lt=0.5, description="false-alarm rate of the screen on clean data (one-sided "
+                         "Fisher exact test per class, Bonferroni over the classes)")
     max_share: float = Field(0.15, gt=0, lt=0.5, description="an alarm's cluster holds at most this share of a class")
     min_silhouette: float = Field(0.15, ge=-1, le=1, description="and is at least this well separated")
     top: int = Field(20, ge=0, le=200, description="items listed per class, by spectral score")
@@ -48,40 +53,47 @@ class PoisoningScreen(Check):
         if extract.mode != "penultimate":
             raise Unsupported(f"the screen reads the model's penultimate features: {extract.why}")
         # per class, the same items in the same order at any batching (the one seeding rule, stream "sample")
-        samples = [Sample(p.max_items, ctx.seed, self.name) for _ in names]
-        for b in ctx.batches(p.split):
-            f = extract(b.images)[0]
-            for c in np.unique(b.labels):
-                rows = np.flatnonzero(b.labels == c)
-                samples[int(c)].update([b.ids[j] for j in rows], f[rows])
+        samples = {role: [Sample(p.max_items, ctx.seed, self.name) for _ in names]
+                   for role in (p.split, p.held_out) if role in ctx.data.roles}
+        for role, per_class in samples.items():
+            for b in ctx.batches(role):
+                f = extract(b.images)[0]
+                for c in np.unique(b.labels):
+                    rows = np.flatnonzero(b.labels == c)
+                    per_class[int(c)].update([b.ids[j] for j in rows], f[rows])
         alarms, suspects, screened, summary, limitations = 0, 0, 0, {}, []
-        for cls, sample in zip(names, samples, strict=True):
-            if len(sample) < P.MIN_ITEMS:
-                limitations.append(f"class {cls}: {len(sample)} items, the screen needs at least {P.MIN_ITEMS}")
+        if p.held_out not in ctx.data.roles:
+            limitations.append(f"no {p.held_out} split (held_out) to tell the data's own clusters from a backdoor's")
+        held_out = samples.get(p.held_out, [[] for _ in names])
+        for cls, sample, clean in zip(names, samples.get(p.split, [[] for _ in names]), held_out, strict=True):
+            if min(len(sample), len(clean)) < P.MIN_ITEMS:
+                limitations.append(f"class {cls}: {len(sample)} {p.split} and {len(clean)} {p.held_out} items, the "
+                                   f"screen needs at least {P.MIN_ITEMS} in each")
                 continue
             (f, _), ids = sample.arrays(), sample.ids()
-            r = P.screen(f, ctx.seed, p.max_share, p.min_silhouette)
+            r = P.screen(f, clean.arrays()[0], ctx.seed, p.max_share, p.min_silhouette, p.level / len(names))
             screened += 1
             alarms += r.alarm
             suspects += len(r.suspects)
             ranked = np.argsort(-r.spectral, kind="stable")[:p.top]
             summary[cls] = {"items": sample.seen, "screened": len(sample), "alarm": r.alarm,
-                            "cluster_share": r.cluster_share, "silhouette": r.silhouette,
-                            "suspects": [ids[i] for i in r.suspects][:50], "top_spectral": [ids[i] for i in ranked]}
+                            "cluster_share": r.cluster_share, "silhouette": r.silhouette, "candidate": r.candidate,
+                            f"{p.held_out}_share": r.held_out_share, "pvalue": r.pvalue,
+                            "suspects": [ids[i] for i in r.suspects], "top_spectral": [ids[i] for i in ranked]}
         scope = Scope(split=p.split)
         # a class never screened could hold the poisoned cluster: the counts are defined only over every class
         whole = screened == len(names)
         why = {} if whole else {"undefined": f"{len(names) - screened} of {len(names)} classes of the {p.split} "
-                                             f"split not screened (fewer than {P.MIN_ITEMS} items): "
-                                             + "; ".join(limitations)}
-        cut = [f"{c} {len(s)} of {s.seen}" for c, s in zip(names, samples, strict=True) if s.seen > len(s)]
+                                             f"split not screened: " + "; ".join(limitations)}
+        cut = [f"{c} {len(s)} of {s.seen}" for c, s in zip(names, samples.get(p.split, []), strict=False)
+               if s.seen > len(s)]
         sampled = "; ".join(filter(None, [ctx.data.sampled(p.split), cut and (
             f"screened on a seeded sample of at most {p.max_items} items per class ({', '.join(cut)}): the items "
             "outside it were not screened")]))
         m_alarm = over_sample(census(self.name, "poisoning_alarms", alarms if whole else None, screened, scope=scope,
                                      details=why), sampled)
         m_susp = over_sample(census(self.name, "poisoning_suspects", suspects if whole else None,
-                                    sum(len(s) for s in samples), scope=scope, details=why), sampled)
+                                    sum(len(s) for s in samples.get(p.split, [])), scope=scope, details=why), sampled)
         findings = [Finding(topic=Topic.DATA, cites={"a": m_alarm, "s": m_susp}, text=(
             f"The poisoning screen of the {p.split} split raises {{a}} alarm(s) over {screened} classes, "
             f"{{s}} suspect items: " + ", ".join(c for c, v in summary.items() if v["alarm"]) + "."))] if alarms \
@@ -92,7 +104,12 @@ class PoisoningScreen(Check):
             caveat="A screen, not a proof of clean data: a backdoor whose items the model does not set apart in its "
                    "features is not found.",
             validity=[f"penultimate features ({extract.why}); per class: 2-means on at most 10 principal components "
-                      f"(alarm: smaller cluster <= {p.max_share:.0%} of the class, silhouette >= "
-                      f"{p.min_silhouette}), spectral signature scores on the top singular vector",
+                      f"(a candidate: smaller cluster <= {p.max_share:.0%} of the class, silhouette >= "
+                      f"{p.min_silhouette}; an alarm: a candidate the class's {p.held_out} items fill less often, "
+                      f"one-sided Fisher exact p < {p.level:g} / {len(names)} classes), spectral signature scores on "
+                      "the top singular vector",
+                      f"the {p.held_out} split is assumed clean and not trained on: on clean data the screen raises "
+                      f"an alarm with probability at most {p.level:g} (a backdoor planted in {p.held_out} too would "
+                      "be taken for the data's own cluster)",
                       f"each class a seeded sample of at most {p.max_items} items (the one seeding rule), the whole "
                       "class when smaller"])

@@ -57,8 +57,16 @@ DEFAULT_EPOCHS = EPOCHS["certified"]  # the default recipe's (`trustcase demo` t
 THREADS = 1  # torch threads of the training, fixed whatever the machine: the weights depend on the thread count
 
 
-def read(split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    s = elpv.load_split(split, size=size)
+def load(uc, split: str, size: int):
+    """A split of the data the use case names, through its own loader and parameters (`data.loader`,
+    `data.params`): the data a TrainingRequest's use case names, e.g. a copy of ELPV with planted items."""
+    from trustcase.registry import resolve
+
+    return resolve(uc.data.loader, uc.data.path, "data.loader")(split, **{**uc.data.params, "size": size})
+
+
+def read(split: str, size: int, limit: int | None = None, uc=None) -> tuple[np.ndarray, np.ndarray]:
+    s = load(uc or load_use_case(USE_CASE), split, size)
     items = [s[i] for i in range(min(len(s), limit or len(s)))]
     return np.stack([it.image[..., None] for it in items]), np.array([it.label for it in items])
 
@@ -107,12 +115,12 @@ def interval_margins(model: nn.Sequential, lo: torch.Tensor, hi: torch.Tensor, y
     return torch.einsum("bci,bi->bc", W, mid) + torch.einsum("bci,bi->bc", W.abs(), rad) + b
 
 
-def read_extra(extra, size: int, split_of_role: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def read_extra(extra, size: int, uc) -> tuple[np.ndarray, np.ndarray]:
     """The extra items (e.g. HUDD's unsafe set) with the labels given, each repeated `copies` times."""
     xs, ys = [], []
     splits = {}
     for e in extra:
-        s = splits.setdefault(e.role, elpv.load_split(split_of_role[e.role], size=size))
+        s = splits.setdefault(e.role, load(uc, uc.data.splits[e.role], size))
         xs += [s[e.index].image[..., None]] * e.copies
         ys += [e.label] * e.copies
     return (np.stack(xs), np.array(ys)) if xs else (np.empty((0, size, size, 1)), np.empty(0, np.int64))
@@ -161,12 +169,12 @@ def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limi
            arch, ibp_eps, margin_radius=0.0, critical_weight=1.0, held_out=()) -> dict:
     size = spec.input_shape[-1]
     rng = np.random.default_rng(seed)
-    xtr, ytr = read("train", size, limit)
+    xtr, ytr = read(uc.data.splits["train"], size, limit, uc)
     keep = np.setdiff1d(np.arange(len(xtr)), np.asarray(list(held_out), np.int64))
     xtr, ytr = xtr[keep], ytr[keep]
-    xex, yex = read_extra(extra, size, dict(uc.data.splits))
+    xex, yex = read_extra(extra, size, uc)
     xtr, ytr = np.concatenate([xtr, xex.astype(xtr.dtype)]), np.concatenate([ytr, yex.astype(ytr.dtype)])
-    xva, yva = read("validation", size, limit)
+    xva, yva = read(uc.data.splits["validation"], size, limit, uc)
     model = cnn.build(width=width, lipschitz=lipschitz, size=size, arch=arch)
     certified = ibp_eps > 0 and not lipschitz
     if init is not None:  # fine-tune a parent version: same architecture, its weights
