@@ -6,7 +6,7 @@ encoding of `trustcase.data.masks`). Splits are fixed by a seed: within each typ
 Uneven, and the defect-free Free) the images are shuffled by `numpy.random.default_rng(seed)` and cut 70 / 15 / 15 %,
 so every split holds every type in the same share. Each item carries its type as metadata (the ODD's `defect`
 subgroup). Images (about 100 to 600 pixels a side) are brought to the model's `size` by `fit` (resize: the mask by
-nearest neighbour).
+nearest neighbour; tiles: read whole, for a model run by tiles of `size` overlapping by `overlap` pixels).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def dataset_root() -> Path:
 
 
 def load_split(split: str, seed: int = 0, root: str | None = None, size: tuple[int, int] = (192, 192),
-               fit: Fit = "resize") -> MaskSplit:
+               fit: Fit = "resize", overlap: tuple[int, int] = (0, 0)) -> MaskSplit:
     if split not in SPLITS:
         raise ValueError(f"no split {split!r}: one of {list(SPLITS)}")
     base = Path(root) if root else dataset_root()
@@ -44,4 +44,5 @@ def load_split(split: str, seed: int = 0, root: str | None = None, size: tuple[i
         for i in sorted(order[round(lo * len(mine)):round(hi * len(mine))]):
             pairs.append(mine[i])
             meta.append({"defect": kind})
-    return MaskSplit(pairs, CLASSES, tuple(size), fit=fit, encoding="binary", meta=meta, root=base)
+    return MaskSplit(pairs, CLASSES, tuple(size), fit=fit, encoding="binary", meta=meta, root=base,
+                     overlap=tuple(overlap))
