@@ -41,7 +41,8 @@ Regressions of the improved version against the parent come first.</p>
 {{ s.clusters.pool_within_reach }} of {{ s.clusters.pool_items }} pool items lie within a cluster's reach;
 the unsafe set holds {{ s.clusters.selected }} copies ({{ s.clusters.selected_clusters | join(", ") }} per cluster,
 of {{ s.clusters.distinct_per_cluster | join(", ") }} distinct items: the rest are bootstrap copies).
-Accuracy on the held-out test items within each cluster's reach (never the selected pool items):</p>
+{{ (s.clusters.figure or 'accuracy') | capitalize }} on the held-out test items within each cluster's reach (never the
+selected pool items):</p>
 <table><tr><th>cluster</th><th>errors clustered</th><th>held-out items</th><th>parent</th><th>improved</th>
 <th>baseline</th></tr>
 {% for c in range(s.clusters.k) %}<tr><td>{{ c }}</td><td>{{ s.clusters.sizes[c] }}</td>

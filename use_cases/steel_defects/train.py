@@ -198,11 +198,11 @@ def stale(path: Path) -> str | None:
 
 def fit(images: np.ndarray, boxes: list[np.ndarray], seed: int = RECIPE["seed"], epochs: int = DEFAULT_EPOCHS,
         batch: int = RECIPE["batch"], lr: float = RECIPE["lr"], width: int = RECIPE["width"],
-        log=print) -> tuple[CenterNet, list[dict]]:
+        log=print, init: Path | None = None) -> tuple[CenterNet, list[dict]]:
     """The training loop: the network trained on `images` with their true `boxes`, and its loss per epoch. Its
     weights are a function of the arguments alone: the seed fixes the initial weights (torch), the order of the
     batches and the augmentation (numpy); one thread and deterministic algorithms fix the arithmetic. Torch's
-    thread count and determinism flag are restored after."""
+    thread count and determinism flag are restored after. `init`: fine-tuned from that exported model's weights."""
     threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(RECIPE["threads"])
     torch.use_deterministic_algorithms(True)
@@ -216,6 +216,8 @@ def fit(images: np.ndarray, boxes: list[np.ndarray], seed: int = RECIPE["seed"],
         mask = torch.from_numpy(np.stack([p[2] for p in packed]))
         x_all = normalise(images)
         model = CenterNet(width=width)
+        if init is not None:
+            model.load_state_dict(torch.jit.load(str(init)).state_dict())
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         steps = epochs * ((len(images) + batch - 1) // batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -267,6 +269,45 @@ def train(out: Path = DEFAULT_OUT, seed: int = RECIPE["seed"], epochs: int = DEF
               "history": history, "train_seconds": train_s, "train_cpu_seconds": train_cpu, "path": str(out)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return {**result, "model": str(out), **evaluate(exported, split_seed)}
+
+
+def retrain(request):
+    """The training contract (`training.entry: train:retrain`, `trustcase improve`): the train split plus the
+    request's extra items (each with its own true boxes, `copies` times: HUDD's unsafe set), fine-tuned from
+    `request.init` (the parent's weights and width; `finetune_epochs`, default 4, at `finetune_lr`, default 5e-4)
+    or trained from scratch by the default recipe. Annotations only: no noise, adversarial or Lipschitz recipe."""
+    from trustcase.schemas import TrainingResult, load_use_case
+
+    if request.augment != "none" or request.roles != ["train"] or request.held_out:
+        raise ValueError(f"this script trains on the train split and extra items, without augmentation "
+                         f"{request.augment!r}, other roles {request.roles} or held-out folds")
+    uc, p = load_use_case(request.use_case), dict(request.params)
+    split_seed = int(uc.data.params.get("seed", RECIPE["split_seed"]))
+    images, boxes, _ = read("train", split_seed, p.get("limit"))
+    extra_images, extra_boxes = [], []
+    for e in request.extra:
+        item = load_split(uc.data.splits[e.role], split_seed)[e.index]
+        extra_images += [item.image] * e.copies
+        extra_boxes += [np.asarray(item.label.rows, np.float64)] * e.copies
+    if extra_images:
+        images, boxes = np.concatenate([images, np.stack(extra_images)]), boxes + extra_boxes
+    tuned = request.init is not None
+    width = torch.jit.load(str(request.init)).state_dict()["stem.1.0.weight"].shape[0] if tuned else RECIPE["width"]
+    epochs = request.epochs or (int(p.get("finetune_epochs", 4)) if tuned else DEFAULT_EPOCHS)
+    lr = float(p.get("finetune_lr", 5e-4)) if tuned else RECIPE["lr"]
+    t0 = time.process_time()
+    model, history = fit(images, boxes, request.seed, epochs, RECIPE["batch"], lr, width, lambda line: None,
+                         init=request.init)
+    out = Path(request.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(model).save(str(out))
+    log = {"params": {"seed": request.seed, "epochs": epochs, "lr": lr, "width": width, "split_seed": split_seed,
+                      "init": None if request.init is None else str(request.init), "train_items": len(images),
+                      "extra_items": len(request.extra), "extra_copies": len(extra_images),
+                      "threads": RECIPE["threads"]},
+           "history": history, "train_cpu_seconds": time.process_time() - t0, "path": str(out)}
+    out.with_suffix(".json").write_text(json.dumps(log, indent=1))
+    return TrainingResult(model=out, log=log)
 
 
 def evaluate(model, split_seed: int = 0, split: str = "test", threshold: float = 0.3) -> dict:

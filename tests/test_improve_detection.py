@@ -1,0 +1,91 @@
+"""`trustcase improve --method hudd` for a detector: the unsafe set is the root_causes check's, each extra item is
+learnt with its own boxes, the per-cluster figure is the recall of the cluster's held-out true boxes at the operating
+threshold; and the bundled steel script honours the training contract on real NEU-DET images."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from test_root_causes_detection import SPLITS, PeakDetector, PlantedBoxes, detector, use_case
+
+from trustcase.checks import Context, build
+from trustcase.data.streaming import DataSource
+from trustcase.flows import improve as imp
+from trustcase.schemas import CheckSpec, ExtraItem, TrainingRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {"noun": "images", "improvement_split": "train", "unsafe_budget": 12}
+
+
+def same_selection(tmp_path: Path, uc, model, params: dict) -> dict:
+    """improve's HUDD selection from the model file, checked equal to the unsafe set the root_causes check reports
+    (one pipeline); extra items learnt with their own annotation (label None)."""
+    ctx = Context(use_case=uc, model=model, data=DataSource(uc.data, 0, uc.model), seed=0,
+                  workdir=tmp_path / "root_causes")
+    out = build(CheckSpec(check="root_causes", params=params))(ctx)
+    reported = dict(line.split(",")[0::3] for line in
+                    (tmp_path / "root_causes" / "unsafe_set.csv").read_text().splitlines()[1:])
+    chosen = imp.select_unsafe.fn(uc, Path(uc.model.path), "train", params, params["unsafe_budget"], 0,
+                                  tmp_path / "improve")
+    assert (chosen["layer"], chosen["k"], chosen["figure"]) == (out.summary["layer"], out.summary["k"], "recall")
+    assert dict(zip(chosen["improved_ids"], [str(e.copies) for e in chosen["improved"]], strict=True)) == reported
+    assert all(e.label is None and e.role == "train" for e in chosen["improved"] + chosen["baseline"])
+    return chosen
+
+
+def test_hudd_selects_the_checks_unsafe_set_and_measures_each_cluster(tmp_path):
+    uc = use_case(tmp_path)
+    chosen = same_selection(tmp_path, uc, detector(uc, scripted=True), PARAMS)
+    # held out: each cluster's reach holds its own missed test images; the parent finds none of their boxes, a
+    # detector that reads the image 1.5 times brighter finds every dim square and no marked one (its best window
+    # still slides off the square)
+    names = [it.id for it in PlantedBoxes("test").items]
+    heldout = chosen["heldout"]
+    assert sorted(names[i].split("-")[0] for c in heldout.values() for i in c) == \
+        ["dim"] * SPLITS["test"]["dim"] + ["marker"] * SPLITS["test"]["marker"]
+    bright = PeakDetector()
+    with torch.no_grad():
+        bright.pre.weight.fill_(1.5)
+    torch.jit.script(bright.eval()).save(str(tmp_path / "bright.pt"))
+    got = imp.cluster_accuracy.fn(uc, {"parent": Path(uc.model.path), "bright": tmp_path / "bright.pt"}, heldout,
+                                  0.95, 0)
+    for c, items in heldout.items():
+        parent, other = got["parent"][c], got["bright"][c]
+        assert parent["metric"] == f"cluster_recall:{c}" and parent["n"] == len(items)  # one true box per image
+        cause = {names[i].split("-")[0] for i in items}.pop()
+        assert parent["value"] == 0 and other["value"] == (1 if cause == "dim" else 0)
+
+
+def _bundled_train():
+    spec = importlib.util.spec_from_file_location("steel_defects_train", ROOT / "use_cases/steel_defects/train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _bundled_train()
+PARENT = ROOT / "use_cases/steel_defects/artefacts/steel_detector.pt"
+
+
+@pytest.mark.skipif(train.missing_data() is not None or not PARENT.is_file(),
+                    reason=str(train.missing_data() or "the bundled detector is not trained"))
+def test_the_bundled_script_honours_the_training_contract(tmp_path):
+    """steel_defects/train.py:retrain fine-tunes the parent (its width read from its weights) on a few real images
+    plus the extra ones (their own boxes, copies counted); the result loads as the use case's detector."""
+    from trustcase.schemas import load_use_case
+    from trustcase.tasks import task_of
+
+    yaml_path = ROOT / "use_cases/steel_defects/use_case.yaml"
+    request = TrainingRequest(out=tmp_path / "tuned.pt", use_case=yaml_path, init=PARENT, epochs=1,
+                              extra=[ExtraItem(role="train", index=5, copies=3)], params={"limit": 5})
+    result = train.retrain(request)
+    assert result.log["params"]["train_items"] == 8 and result.log["params"]["extra_copies"] == 3
+    uc = load_use_case(yaml_path)
+    model = task_of(uc).load_model(uc.model.model_copy(update={"path": result.model}))
+    before, after = torch.jit.load(str(PARENT)).state_dict(), model.module.state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="other roles"):
+        train.retrain(request.model_copy(update={"roles": ["train", "validation"]}))
