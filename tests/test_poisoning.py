@@ -105,20 +105,29 @@ def test_a_backdoor_planted_on_elpv_and_trained_through_the_contract_is_the_alar
     assert hit >= 0.8 * len(planted) and hit >= 0.8 * len(flagged), (hit, len(flagged), len(planted))
 
 
+def random_folder(root: Path, counts: dict[tuple[str, str], int]) -> Path:
+    """An image folder of random 16 x 16 pictures: counts[(split, class)] of each."""
+    from conftest import save_png
+
+    rng = np.random.default_rng(0)
+    for (split, cls), n in counts.items():
+        for i in range(n):
+            save_png(root / f"{split}/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    return root
+
+
 def test_a_class_too_small_to_screen_leaves_the_alarm_count_undefined(tmp_path):
     """25 'ok' items are screened, 5 'bad' are not: 'poisoning_alarms <= 0' must not PASS on the 'ok' class
     alone (the poisoned cluster could be in the class never screened)."""
     import torch
-    from conftest import context_for, folder_use_case, save_png
+    from conftest import context_for, folder_use_case
 
     from trustcase.checks.poisoning_screen import PoisoningScreen, PoisoningScreenParams
     from trustcase.schemas import Requirement, UseCase, Verdict
     from trustcase.verdicts import judge
 
-    rng = np.random.default_rng(0)
-    for split, cls, n in (("train", "ok", 25), ("train", "bad", 5), ("test", "ok", 20), ("test", "bad", 20)):
-        for i in range(n):
-            save_png(tmp_path / f"data/{split}/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    random_folder(tmp_path / "data", {("train", "ok"): 25, ("train", "bad"): 5,
+                                      ("test", "ok"): 20, ("test", "bad"): 20})
     uc = UseCase.model_validate(folder_use_case(tmp_path / "data"))
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     o = PoisoningScreen(PoisoningScreenParams(held_out="test"))(context_for(uc, module, tmp_path / "work"))
@@ -135,17 +144,15 @@ def test_a_class_larger_than_the_sample_is_screened_on_a_seeded_sample_and_its_c
     """Memory bound: at most max_items items per class; the same sample at any batch size; the counts over a
     sample are no census, so 'poisoning_alarms <= 0' cannot PASS on them."""
     import torch
-    from conftest import context_for, folder_use_case, save_png
+    from conftest import context_for, folder_use_case
 
     from trustcase.checks.poisoning_screen import PoisoningScreen, PoisoningScreenParams
     from trustcase.schemas import Requirement, UseCase, Verdict
     from trustcase.testing import evidence_of
     from trustcase.verdicts import judge
 
-    rng = np.random.default_rng(0)
-    for split, cls, n in (("train", "ok", 60), ("train", "bad", 30), ("test", "ok", 20), ("test", "bad", 20)):
-        for i in range(n):
-            save_png(tmp_path / f"data/{split}/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    random_folder(tmp_path / "data", {("train", "ok"): 60, ("train", "bad"): 30,
+                                      ("test", "ok"): 20, ("test", "bad"): 20})
     raw = folder_use_case(tmp_path / "data")
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -167,15 +174,13 @@ def test_a_class_larger_than_the_sample_is_screened_on_a_seeded_sample_and_its_c
 
 def test_without_a_held_out_split_nothing_is_screened_and_the_evidence_says_why(tmp_path):
     import torch
-    from conftest import context_for, folder_use_case, save_png
+    from conftest import context_for, folder_use_case
 
     from trustcase.checks.poisoning_screen import PoisoningScreen, PoisoningScreenParams
     from trustcase.schemas import UseCase
 
-    rng = np.random.default_rng(0)
-    for split, cls, n in (("train", "ok", 25), ("train", "bad", 25), ("test", "ok", 5), ("test", "bad", 5)):
-        for i in range(n):
-            save_png(tmp_path / f"data/{split}/{cls}/{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    random_folder(tmp_path / "data", {("train", "ok"): 25, ("train", "bad"): 25,
+                                      ("test", "ok"): 5, ("test", "bad"): 5})
     uc = UseCase.model_validate(folder_use_case(tmp_path / "data"))
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     o = PoisoningScreen(PoisoningScreenParams())(context_for(uc, module, tmp_path / "w"))  # no validation split
