@@ -322,13 +322,13 @@ class Adversarial(Check):
                 f"defect IoU (the lowest; ties: the most wrong pixels) among the points of its ball the attack "
                 f"evaluated, its clean input included ({max(passes.values(), default=0)} forward passes read per "
                 f"image at most), pooled over the images as on clean data; an image is counted fooled when that "
-                f"iterate's {fooled_rule['pixels']}")
+                f"iterate leaves {fooled_rule['pixels']}")
         if "decision" in p.goals:
             out.validity.append(
                 f"{name}, decision: minus the positive defect margins of a defective image, the {rule} largest of a "
-                f"defect-free one; the attack stops on an image once {fooled_rule['decision']} and an image not "
-                f"flipped keeps its clean input, so only the rule's outcome is reported (image recall, false alarms, "
-                f"the share flipped), never IoU or Dice")
+                f"defect-free one; the attack stops on an image as soon as it leaves {fooled_rule['decision']}, "
+                f"and an image not flipped keeps its clean input, so only the rule's outcome is reported (image "
+                f"recall, false alarms, the share flipped), never IoU or Dice")
         out.limitations.append(f"{name}: minimal distances are not searched for a segmenter; gradient attacks are "
                                "blind to gradient masking")
 
