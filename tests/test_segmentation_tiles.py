@@ -16,7 +16,7 @@ from trustcase.data.masks import MaskError, MaskSplit, pair_files
 from trustcase.models.classifier import Classifier
 from trustcase.tasks.segmentation import Segmentation, Segmenter
 from trustcase.tasks.segmentation_metrics import SegmentationTally
-from trustcase.tasks.segmentation_tiles import Tiling, evaluate, stitch, tiled_logits, tiled_segment
+from trustcase.tasks.segmentation_tiles import Tiling, evaluate, tiled_logits, tiled_segment
 
 
 class Local(nn.Module):
@@ -90,9 +90,6 @@ def test_stitching_averages_the_covering_tiles_in_closed_form(tmp_path):
         (_, logits), = tiled_logits(seg, [("a", np.zeros((10, 10, 1), np.float32))], Tiling((4, 4), (overlap,) * 2))
         expected = axis[overlap][:, None] + 100 * axis[overlap][None, :]
         assert np.array_equal(logits[1], expected.astype(np.float32)) and not logits[0].any()
-    # stitch() on its own: two tiles of 1 and 3 over one shared column
-    out = stitch(np.array([np.full((1, 2, 2), 1.0), np.full((1, 2, 2), 3.0)]), [(0, 0), (0, 1)], 2, 3)
-    assert out[0].tolist() == [[1, 2, 3], [1, 2, 3]]
 
 
 def test_tiles_are_streamed_in_batches_and_the_answer_does_not_depend_on_them(tmp_path):

@@ -6,7 +6,7 @@ their own resolution, its per-pixel logits stitched back to the whole image, whi
   out: the last two tiles overlap more than `overlap` when the image is not a whole number of strides). An image
   smaller than a tile along an axis is padded at the bottom and right with `pad_value` to one tile for the model,
   and its stitched logits are cropped back to the image: padded pixels are never scored.
-- **Stitching** (`stitch`): each pixel's logits are the mean of the logits of every tile covering it (with no overlap
+- **Stitching**: each pixel's logits are the mean of the logits of every tile covering it (with no overlap
   and an image a whole number of tiles, exactly its one tile's). The mask is never cut: the whole image's predicted
   classes are scored on its whole mask (`segmentation_metrics.SegmentationTally`), and the image-level decision is
   the whole image's.
@@ -66,17 +66,6 @@ class Tiling:
         out = np.full((max(h, th), max(w, tw), *image.shape[2:]), self.pad_value, image.dtype)
         out[:h, :w] = image
         return out
-
-
-def stitch(tiles: np.ndarray, windows: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
-    """(K, H, W) logits of one image from its tiles' (T, K, h, w) logits at `windows`: the mean over the tiles
-    covering each pixel."""
-    k, h, w = tiles.shape[1:]
-    total, count = np.zeros((k, height, width), np.float64), np.zeros((height, width), np.int64)
-    for t, (y, x) in zip(tiles, windows, strict=True):
-        total[:, y:y + h, x:x + w] += t
-        count[y:y + h, x:x + w] += 1
-    return (total / count).astype(np.float32)
 
 
 class _InFlight:
