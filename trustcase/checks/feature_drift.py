@@ -95,10 +95,12 @@ class FeatureDrift(Check):
                                                              "is computed, so no claim passes on it"})]
                 if k is None:
                     top = ", ".join(f"{m['descriptor']} (KS {m['ks']:.2f})" for m in r["moved"])
+                    # in words at the 5% level, on the p-value's interval (a Monte-Carlo estimate)
+                    said = "drift" if iv.upper < 0.05 else "no drift shown" if iv.lower >= 0.05 else "undecided"
                     findings.append(Finding(topic=Topic.DATA, cites={"p": pv}, text=(
                         f"The {role} split against the {p.reference} split in the model's feature space: MMD "
-                        f"{r['mmd']:.3f}, p-value {{p}} (small: drift)" + (f"; the descriptors that moved most: "
-                                                                            f"{top}." if top else ".")
+                        f"{r['mmd']:.3f}, p-value {{p}}, {said} at the 5% level" + (
+                            f"; the descriptors that moved most: {top}." if top else ".")
                     )))
         return CheckOutcome(
             check=self.name, measurements=out, findings=findings, summary=summary, limitations=limitations,
