@@ -77,7 +77,7 @@ def test_hudd_selects_the_checks_unsafe_set_and_measures_each_cluster(tmp_path):
         assert parent["interval"]["upper"] < other["interval"]["lower"]  # Clopper-Pearson, disjoint
 
 
-@pytest.mark.slow  # three assessments and two trainings of the planted case (Prefect and MLflow): about a minute
+@pytest.mark.slow  # three assessments and two trainings of the planted case (Prefect, MLflow): 531 s at load 20-26
 def test_hudd_improve_of_a_segmenter_end_to_end(tmp_path, tracking_uri, prefect_harness):
     path = planted_yaml(tmp_path)
     result = CliRunner().invoke(app, ["improve", str(path), "--method", "hudd", "--budget", "10", "--epochs", "1",
