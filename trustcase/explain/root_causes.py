@@ -252,8 +252,9 @@ class DetectionErrors:
 
     @staticmethod
     def score(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The sum over an item's boxes (N, M, 5; class -1 pads) of D-RISE's similarity: (N,)."""
-        return sum((similarity(out, target[:, m]) for m in range(target.shape[1])), out[:, 0, 0] * 0)
+        """The sum over an item's boxes (N, M, 5; class -1 pads) of D-RISE's similarity: (N,) (0 without detections)."""
+        zero = out.sum(dim=(1, 2)) * 0  # in the graph, whatever D
+        return zero if out.shape[1] == 0 else sum((similarity(out, target[:, m]) for m in range(target.shape[1])), zero)
 
     def read(self, batch, errors: bool = True) -> Explained:
         dets = self.model.detect(batch.images, batch.ids)
