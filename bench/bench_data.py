@@ -14,13 +14,13 @@ the real ELPV labels.
    power on real shifts (mono against poly cells; one half blurred, sigma 1.5 px; one half 20% darker); the
    permutation test's cost at 1k and 10k items (each side a seeded sample of at most 500) and the sample's peak
    memory at 1k and 10k items (flat).
-3. feature_leakage: the check's time / one forward pass over train and test; the false-positive rate of each
-   cosine threshold on distinct cells (ELPV's splits are group-aware: no test cell is a training cell, so every
-   test cell flagged is a false positive), and the share of test cells found again when a copy with 2 grey levels
-   of noise is added to the reference (recall).
-4. poisoning_screen: the check's time / one forward pass over train; its clusters on the clean ELPV training
-   split; a planted backdoor (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's
-   cluster and of the spectral ranking's top 1.5 times the planted count.
+3. feature_leakage: the check's time / one forward pass over the same items; its threshold calibrated on distinct
+   training cells and the false-positive rate's interval; what it flags on the group-aware held-out splits (no
+   held-out cell is a training cell); the copies of training cells with 0.5, 1, 2 grey levels of noise it finds.
+4. poisoning_screen: the check's time / one forward pass over train and validation; its clusters on the clean ELPV
+   training split; its false alarms over random re-splits of the clean cells (target: at most the stated rate); a
+   backdoor planted in the training split and trained through the solar training contract
+   (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's cluster.
 5. memory: the peak memory (tracemalloc) of label_issues (one split) and poisoning_screen (the train split) over a
    lazily generated synthetic split of N and 10 N items, each check's sample capped below N (target: 10 N at most
    1.2 times N: memory flat in the number of items).
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,6 @@ from trustcase.checks.feature_leakage import FeatureLeakage
 from trustcase.checks.label_issues import LabelIssues
 from trustcase.data import drift as D
 from trustcase.data import labels as L
-from trustcase.data.leakage import NearestReference
 from trustcase.data.streaming import DataSource
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import load_use_case
@@ -239,53 +239,99 @@ def feature_drift(uc, clf, reps: int) -> dict:
 
 
 def feature_leakage(uc, clf) -> dict:
-    from trustcase.odd.features import FeatureExtractor
+    """The check with its defaults (threshold calibrated at 0.5% false positives on distinct training cells): what it
+    flags on ELPV's group-aware held-out splits (no cell is a training cell: a flag is a false positive or a cell
+    of the same module; each pair with its perceptual-hash distance), and its power: copies of training cells
+    with 0.5, 1 and 2 grey levels of Gaussian noise found at the calibrated threshold."""
+    cost, fwd, out = timed(uc, clf, FeatureLeakage(FeatureLeakage.Params()), roles=("train", "validation", "test"))
+    print(f"feature_leakage: {cost:.2f} s, one forward pass over train, validation and test {fwd:.2f} s: ratio "
+          f"{cost / fwd:.2f}")
+    cal = out.summary["calibration"]
+    if "threshold" not in cal:
+        print(f"  no threshold: {out.limitations}")
+        return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "calibration": cal}
+    lo, hi = cal["false_positive_interval"]
+    print(f"  threshold {cal['threshold']:.6f} (whitened cosine, {cal['feature_rank']} directions), calibrated on "
+          f"{cal['calibrated_on']} training cells: false positives on distinct cells {cal['false_positive_rate']:.4f} "
+          f"(95% interval {lo:.4f}-{hi:.4f})")
+    flagged = {}
+    for m in out.measurements:
+        k = round(m.value * m.n) if m.value is not None else None
+        flagged[m.scope.split] = {"flagged": k, "items": m.n, "perceptual_duplicates": m.details.get(
+            "perceptual_duplicates"), "pairs": out.summary.get(m.scope.split, [])}
+        print(f"  {m.scope.split}: {rate(k, m.n) if k is not None else m.details.get('undefined')}; "
+              f"{m.details.get('perceptual_duplicates')} of them perceptual duplicates (<= 2 bits)")
+    power = {}
+    for noise in (0.5, 1.0, 2.0):
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = Context(uc, clf, DataSource(uc.data, model=uc.model), seed=0, workdir=Path(tmp) / "fl")
+            c = FeatureLeakage(FeatureLeakage.Params(splits=[], copies=400, copy_noise=noise))(ctx)
+        got = c.summary["calibration"]
+        power[noise] = [got["copies_found"], got["copies"]]
+        print(f"  copies of training cells with noise of {noise} grey level(s) found: "
+              f"{rate(got['copies_found'], got['copies'])}")
+    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "calibration": cal, "flagged": flagged,
+            "copies_found": power}
 
-    cost, fwd, _ = timed(uc, clf, FeatureLeakage(FeatureLeakage.Params(splits=["test"])))
-    print(f"feature_leakage: {cost:.2f} s, one forward pass over train and test {fwd:.2f} s: ratio {cost / fwd:.2f}")
-    extract = FeatureExtractor(clf)
-    index, test, copies = NearestReference(), [], []
-    rng = np.random.default_rng(0)
-    for b in DataSource(uc.data, model=uc.model).stream("train").batches():
-        index.add(b.ids, extract(b.images)[0])
-    for b in DataSource(uc.data, model=uc.model).stream("test").batches():
-        test.append(extract(b.images)[0])
-        noisy = np.clip(b.images + rng.normal(0, 2.0, b.images.shape), 0, 255).astype(np.float32)
-        copies.append((b.ids, extract(noisy)[0]))
-    sim, _ = index.nearest(np.concatenate(test))
-    for ids, f in copies:  # the noisy copies join the reference: each test cell should find its own
-        index.add([f"copy/{i}" for i in ids], f)
-    again, found = index.nearest(np.concatenate(test))
-    out = {}
-    for tau in (0.99, 0.995, 0.999):
-        fp, hit = int((sim >= tau).sum()), int((again >= tau).sum())
-        out[tau] = {"false_positives": fp, "items": len(sim), "found_copies": hit}
-        print(f"  threshold {tau}: false positives on distinct cells {rate(fp, len(sim))}; noisy copies found "
-              f"{rate(hit, len(sim))}")
-    return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "thresholds": out}
 
-
-def poisoning_screen(uc, clf) -> dict:
+def poisoning_screen(uc, clf, reps: int = 50) -> dict:
+    """The check with its defaults on the clean ELPV training split (against the clean validation split); its false
+    alarms over random re-splits of each class's clean cells (train + validation pooled, split at the real sizes:
+    target at most the stated 1%); a backdoor planted in the training split and trained through the solar training
+    contract (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's cluster and of the
+    spectral ranking's top 1.5 times the planted count."""
     from trustcase.checks.poisoning_screen import PoisoningScreen
     from trustcase.data import poisoning as P
+    from trustcase.odd.features import FeatureExtractor
 
-    cost, fwd, out = timed(uc, clf, PoisoningScreen(PoisoningScreen.Params()), roles=("train",))
-    print(f"poisoning_screen: {cost:.2f} s, one forward pass over train {fwd:.2f} s: ratio {cost / fwd:.2f}")
-    clean = {c: (v["alarm"], round(v["cluster_share"], 3), round(v["silhouette"], 3)) for c, v in out.summary.items()}
-    print(f"  clean ELPV training split, per class (alarm, smaller cluster's share, silhouette): {clean}")
+    check = PoisoningScreen(PoisoningScreen.Params())
+    cost, fwd, out = timed(uc, clf, check, roles=("train", "validation"))
+    print(f"poisoning_screen: {cost:.2f} s, one forward pass over train and validation {fwd:.2f} s: ratio "
+          f"{cost / fwd:.2f}")
+    clean = {c: {k: v[k] for k in ("alarm", "candidate", "cluster_share", "silhouette", "validation_share", "pvalue")}
+             for c, v in out.summary.items()}
+    print(f"  clean ELPV training split, per class: {clean}")
+    extract = FeatureExtractor(clf)
+    feats = {}
+    for role in ("train", "validation"):
+        f, y = [], []
+        for b in DataSource(uc.data, model=uc.model).stream(role).batches():
+            f.append(extract(b.images)[0])
+            y.append(b.labels)
+        feats[role] = (np.concatenate(f), np.concatenate(y))
+    rng, alarms, candidates = np.random.default_rng(0), 0, 0
+    classes = len(uc.model.class_names)
+    for c in range(classes):
+        pool = np.concatenate([feats[r][0][feats[r][1] == c] for r in ("train", "validation")])
+        n_train = int((feats["train"][1] == c).sum())
+        for r in range(reps):
+            perm = rng.permutation(len(pool))
+            got = P.screen(pool[perm[:n_train]], pool[perm[n_train:]], r, level=check.params.level / classes)
+            alarms += got.alarm
+            candidates += got.candidate
+    print(f"  random re-splits of the clean cells ({reps} per class): screens with an alarm "
+          f"{rate(alarms, classes * reps)} (stated: at most {check.params.level / classes:g} per class); with a "
+          f"candidate cluster (the rule without the held-out test) {rate(candidates, classes * reps)}")
     spec = importlib.util.spec_from_file_location("test_poisoning", ROOT / "tests" / "test_poisoning.py")
     helper = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "tests"))  # the poisoned loader the helper's use case names
     spec.loader.exec_module(helper)
-    feats, planted = helper.planted_backdoor()
-    r = P.screen(feats, seed=0)
-    top = np.argsort(-r.spectral)[:int(1.5 * len(planted))]
-    hit, flagged, n = P.precision_recall(r.suspects, planted)
-    top_hit = len(set(top) & set(planted))
-    print(f"  planted backdoor (4x4 patch, 5% of training cells relabelled functional, small CNN 8 epochs): "
-          f"activation clustering alarm {r.alarm}, recall {rate(hit, n)}, precision "
-          f"{rate(hit, flagged) if flagged else 'n/a'}; spectral top 1.5x{n}: recall {rate(top_hit, n)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.process_time()
+        planted_out, planted = helper.planted_backdoor(Path(tmp))
+        print(f"  planted backdoor trained through train:fit (pooled CNN, 8 epochs, 32 px) and screened: "
+              f"{time.process_time() - t:.1f} s of CPU")
+    fun = planted_out.summary["functional"]
+    flagged = set(fun["suspects"])
+    hit = len(flagged & planted)
+    print(f"  planted backdoor (white square, 5% of training cells relabelled functional): alarm {fun['alarm']} "
+          f"(cluster {fun['cluster_share']:.3f} of the class, validation share {fun['validation_share']:.3f}, p "
+          f"{fun['pvalue']:.2g}); recall {rate(hit, len(planted))}, precision "
+          f"{rate(hit, len(flagged)) if flagged else 'n/a'}; defective class alarm "
+          f"{planted_out.summary['defective']['alarm']}")
     return {"seconds": cost, "forward_seconds": fwd, "ratio": cost / fwd, "clean": clean,
-            "planted": {"alarm": r.alarm, "found": hit, "flagged": flagged, "planted": n, "spectral_top": top_hit}}
+            "resplits": {"alarms": alarms, "candidates": candidates, "screens": classes * reps},
+            "planted": {"alarm": fun["alarm"], "found": hit, "flagged": len(flagged), "planted": len(planted)}}
 
 
 class LazyImages:
