@@ -98,6 +98,12 @@ class PoisoningScreen(Check):
             f"The poisoning screen of the {p.split} split raises {{a}} alarm(s) over {screened} classes, "
             f"{{s}} suspect items: " + ", ".join(c for c, v in summary.items() if v["alarm"]) + "."))] if alarms \
             else []
+        if own := [f"{c} ({v['cluster_share']:.0%} of its {p.split} items, {v[f'{p.held_out}_share']:.0%} of its "
+                   f"{p.held_out} items)" for c, v in summary.items() if v["candidate"] and not v["alarm"]]:
+            findings.append(Finding(topic=Topic.DATA, cites={"a": m_alarm}, text=(
+                f"The poisoning screen of the {p.split} split ({{a}} alarms) found small, well separated clusters "
+                f"that the {p.held_out} split holds as often, the data's own sub-populations, not a backdoor's: "
+                + "; ".join(own) + ".")))
         return CheckOutcome(
             check=self.name, measurements=[m_alarm, m_susp], findings=findings, summary=summary,
             limitations=limitations,
