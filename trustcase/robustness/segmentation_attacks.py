@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from trustcase.robustness.attacks import attack_region
+
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GOALS = ("pixels", "decision")
 
@@ -102,8 +104,6 @@ def worst_iou(kind: str, model, x: torch.Tensor, masks: torch.Tensor, eps: torch
     `pixel_loss` with a hit rule that never fires, and each image's adversarial input is the worst iterate for its
     defect IoU it evaluated (`WorstIterate`; an image with eps 0 keeps its input). Returns (x_adv, forward passes
     read per image)."""
-    from trustcase.robustness.attacks import attack_region
-
     adv = x.clone()
     i = torch.nonzero(eps > 0).flatten()
     if not len(i):
