@@ -11,9 +11,11 @@ Without a trained model (use_cases/steel_defects/artefacts/steel_detector.pt) th
 untrained network's detections, which still compares the two implementations; --assess and --memory need it.
 
 --assess: the use case's own plan on each side: the flow (Prefect tasks, persisted results, the MLflow run, the report
-and pack; its Prefect server started by a first flow on two items per split, before the timing) and the same checks
-called one after another, the data fingerprint, the verdicts and the render of the flow's record; each side
-`--repeats` times, alternating, the faster of each (the machine is shared). --max-samples caps every split.
+and pack; its Prefect server started by a first flow on two items per split, before the timing) and the same work
+without it: the model loaded once, the data fingerprint, the same checks called one after another, the verdicts and
+the render of the report and pack of the flow's record. `--repeats` pairs in alternating order, each flow with a fresh
+result store (nothing served from a cache); the ratio of CPU seconds (this process and its children, the Prefect
+server's included), summed over the pairs. --max-samples caps every split.
 --memory: one sweep (gaussian_blur over its 3 amplitudes and clean) over the test split and over the test split
 tiled 10 times (each copy its own ids), each in a fresh process; the peak resident memory of each.
 """
@@ -121,9 +123,40 @@ def use_case_file(folder: Path, max_samples: int | None = None, times: int | Non
     return path
 
 
-def direct(path: Path, out: Path, record: Path) -> float:
-    """The assessment's work without the flow: fingerprint, every check shard, the verdicts, and the render of the
-    report of a record (the flow's: the same outcomes)."""
+def cpu_seconds() -> float:
+    """CPU seconds of this process (every thread), of its children waited for, and of its live children: the
+    ephemeral Prefect server runs in a child process, and its work is the flow's cost too."""
+    import psutil
+
+    me = psutil.Process()
+    own = me.cpu_times()
+    live = 0.0
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            live += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return own.user + own.system + own.children_user + own.children_system + live
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: float
+    cpu: float
+
+
+@contextlib.contextmanager
+def timed(into: list):
+    w, c = time.perf_counter(), cpu_seconds()
+    yield
+    into.append(Timing(time.perf_counter() - w, cpu_seconds() - c))
+
+
+def direct(path: Path, out: Path, record: Path) -> None:
+    """The assessment's work without the flow: the model loaded once, the data fingerprint, every check shard, the
+    verdicts, and the render of the report (with its pack) of the flow's record: the same outcomes, so the same
+    figures, plots and pages."""
     from trustcase import reports
     from trustcase.checks import Context, Unsupported, build
     from trustcase.data.content import content_hash
@@ -132,7 +165,6 @@ def direct(path: Path, out: Path, record: Path) -> float:
     from trustcase.tasks import task_of
     from trustcase.verdicts import judge
 
-    t0 = time.perf_counter()
     uc = load_use_case(path)
     model = task_of(uc).load_model(uc.model)
     content_hash(DataSource(uc.data, uc.plan.seed, uc.model))
@@ -143,33 +175,59 @@ def direct(path: Path, out: Path, record: Path) -> float:
                           seed=uc.plan.seed, workdir=out / "checks" / check.name)
             try:
                 outcomes.append(check(ctx))
-            except Unsupported:  # said "not run" by the flow: no evidence to judge
+            except Unsupported:  # said "not run" by the flow, before any work: no evidence to judge
                 pass
     judge(uc.requirements, outcomes)
     reports.render(Assessment.model_validate_json(record.read_text()), out / "report")
-    return time.perf_counter() - t0
 
 
 def assess_ratio(max_samples: int | None, repeats: int) -> None:
+    """Flow against direct calls, `repeats` pairs in alternating order (flow first, then direct first: whatever
+    the first of a pair warms, the page cache of the images, allocator arenas, is shared out evenly). Every flow
+    run gets a fresh result store (TRUSTCASE_CACHE), so no check is served from a cache. The figure is the ratio
+    of CPU seconds (wall time is printed too, but on a shared machine it measures the neighbours)."""
     from trustcase.flows.assess import assess
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = use_case_file(tmp, max_samples)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        t0 = time.perf_counter()  # a first flow on two items per split: starts the Prefect server, imports all
-        assess(str(use_case_file(tmp, 2)), str(tmp / "flow0"), None, uri)
-        t_first = time.perf_counter() - t0
-        flows, directs = [], []
-        for k in range(repeats):  # alternating: load drifts on a shared machine
-            t0 = time.perf_counter()
-            assess(str(path), str(tmp / f"flow{k + 1}"), None, uri)
-            flows.append(time.perf_counter() - t0)
-            directs.append(direct(path, tmp / f"direct{k}", tmp / f"flow{k + 1}" / "assessment.json"))
+        first: list[Timing] = []
+        os.environ["TRUSTCASE_CACHE"] = str(tmp / "cache0")
+        with timed(first):  # a first flow on two items per split: starts the Prefect server, imports all
+            assess(str(use_case_file(tmp, 2)), str(tmp / "flow0"), None, uri)
+        flows: list[Timing] = []
+        directs: list[Timing] = []
+
+        def flow_run(k: int) -> None:
+            os.environ["TRUSTCASE_CACHE"] = str(tmp / f"cache{k}")
+            with timed(flows):
+                result = assess(str(path), str(tmp / f"flow{k}"), None, uri)
+            if not result.complete:
+                sys.exit(f"bench: the flow did not complete: {result.errors}")
+
+        for k in range(1, repeats + 1):
+            if k % 2:
+                flow_run(k)
+            with timed(directs):
+                direct(path, tmp / f"direct{k}", tmp / f"flow{k - (k % 2 == 0)}" / "assessment.json")
+            if not k % 2:
+                flow_run(k)
     split = f"splits capped at {max_samples}" if max_samples else "whole splits"
-    print(f"\nfull assessment ({split}): flow {min(flows):.1f} s (runs {', '.join(f'{t:.1f}' for t in flows)}; "
-          f"a first on two items, starting Prefect: {t_first:.1f}), checks called directly {min(directs):.1f} s (runs "
-          f"{', '.join(f'{t:.1f}' for t in directs)}); ratio {min(flows) / min(directs):.3f} (target <= 1.15)")
+    load = os.getloadavg()[0]
+
+    def runs(ts: list[Timing], key: str) -> str:
+        return ", ".join(f"{getattr(t, key):.1f}" for t in ts)
+
+    cpu = sum(t.cpu for t in flows) / sum(t.cpu for t in directs)
+    wall = sum(t.wall for t in flows) / sum(t.wall for t in directs)
+    print(f"\nfull assessment ({split}; {repeats} pairs, alternating; load at the end {load:.1f}):\n"
+          f"  flow    CPU s {runs(flows, 'cpu')}; wall s {runs(flows, 'wall')}\n"
+          f"  direct  CPU s {runs(directs, 'cpu')}; wall s {runs(directs, 'wall')}\n"
+          f"  a first flow on two items per split, starting Prefect: CPU {first[0].cpu:.1f} s, wall "
+          f"{first[0].wall:.1f} s (not counted)\n"
+          f"  ratio of CPU seconds {cpu:.3f} (target <= 1.15: {'ok' if cpu <= 1.15 else 'ABOVE'}); of wall seconds "
+          f"{wall:.3f}")
 
 
 def sweep_child(times: int) -> None:
