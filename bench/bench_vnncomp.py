@@ -1,6 +1,7 @@
 """VNN-COMP 2021 benchmarks scored as the competition scores them, on this machine.
 
     .venv/bin/python bench/bench_vnncomp.py [--quick] [--budget S] [--only mnistfc,eran] [--csv out.csv]
+                                            [--match REGEX] [--clock cpu]
 
 For mnistfc, verivital, eran and oval21 (../shared/vnncomp2021, see its README) and ACAS Xu
 (../shared/acasxu/instances.csv, the instance list of bench_verification): each instance is read and decided
@@ -14,6 +15,9 @@ every other, its counts compare with nnenum's 47 violated / 139 hold), total and
 `--quick`: a fixed sample (every benchmark's instances at evenly spaced rows, 4 each; ACAS Xu properties 1-4
 on N_1,1 and N_2,1) at a 30 s cap, a few minutes. The published solved counts of alpha-beta-CROWN (2021, GPU)
 are context, not a measured ratio.
+`--match`: a fixed subset (a regular expression on "network property"), to measure a change before and after;
+`--clock cpu`: budgets and times in CPU seconds of this single-threaded process instead of wall seconds, so that
+a figure measured on a machine shared with other jobs means what a dedicated core would give.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -67,8 +72,8 @@ def published() -> dict[tuple[str, str, str], str]:
     return out
 
 
-def run(name: str, quick: bool, budget: float | None, truth: dict, rows_out: list) -> dict:
-    items = instances(name, quick)
+def run(name: str, quick: bool, budget: float | None, truth: dict, rows_out: list, match: str = "") -> dict:
+    items = [it for it in instances(name, quick) if re.search(match, f"{it[0].name} {it[1].name}")]
     counts = {"holds": 0, "violated": 0, "unknown": 0, "error": 0, "wrong": 0}
     times = []
     caps = set()
@@ -105,14 +110,22 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="cap of the per-instance timeout, seconds")
     ap.add_argument("--only", default=",".join((*BENCHMARKS, "acasxu")), help="benchmarks, comma-separated")
     ap.add_argument("--csv", type=Path, default=None, help="per-instance results to this CSV file")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: budgets and times in CPU seconds of this (single-threaded) process, what a dedicated "
+                         "core would give on a loaded shared machine")
+    ap.add_argument("--match", default="", help="only the instances whose 'network property' file names match "
+                                                "this regular expression (a fixed subset)")
     a = ap.parse_args()
     budget = min(a.budget or QUICK_BUDGET, QUICK_BUDGET) if a.quick else a.budget
+    if a.clock == "cpu":  # every deadline of the engine reads time.perf_counter: it now counts this process's CPU
+        time.perf_counter = time.process_time
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {os.cpu_count()} cores; {load_before}")
-    print(f"per-instance budget: the competition's timeout{f', capped at {budget:g} s' if budget else ''}")
+    print(f"per-instance budget: the competition's timeout{f', capped at {budget:g} s' if budget else ''}"
+          f"{' (CPU seconds of this process)' if a.clock == 'cpu' else ''}")
     truth = published()
     rows: list[dict] = []
-    results = [run(n.strip(), a.quick, budget, truth, rows) for n in a.only.split(",") if n.strip()]
+    results = [run(n.strip(), a.quick, budget, truth, rows, a.match) for n in a.only.split(",") if n.strip()]
     print(f"\nload after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     head = f"{'benchmark':<11}{'inst.':>6}{'budget s':>10}{'holds':>7}{'viol.':>7}{'solved':>8}{'unknown':>9}" \
            f"{'WRONG':>7}{'errors':>8}{'total s':>9}{'median s':>10}   alpha-beta-CROWN 2021 (GPU, context)"

@@ -41,6 +41,8 @@ MARGIN_RULE = ("every bound clears the property by the float64 rounding of its o
 SIGMOID_ULPS = 8  # float32 sigmoid / tanh kernels are libm-grade (a few ulps): taken within 8 (not proved here)
 MAX_SPLIT = 2000  # unstable ReLUs beyond which an image's ReLU splitting is not attempted (thousands of
 # unstable neurons in a CNN's first layer: no search finishes)
+SMOOTH_ITERATIONS = 1280  # the most alpha-CROWN iterations of one round on a network without ReLUs (a bound
+# without a deadline: eran's sigmoid network takes about 0.2 s per iteration on one core)
 INPUT_SPLIT_MAX = 16  # inputs; above, the ReLUs are split (the field's rule: boxes halve badly in many dimensions)
 
 
@@ -370,34 +372,36 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
     the unstable ReLUs and the multipliers beta >= 0 of the split decisions s z >= 0, per domain and row,
     by projected Adam. For beta >= 0, f(x) - sum beta s z(x) <= f(x) wherever the decisions hold, so every
     iterate's bound is a valid bound of the sub-problem; the best per row is kept, and so is the parent's
-    (`known`, valid on the smaller set): only the rows still live in some domain are bounded again.
+    (`known`, valid on the smaller set). Only the live rows of each domain are bounded: every (domain, live row)
+    pair is one problem of one row (a domain of mnistfc's 9-row properties has 3 to 4 rows live on average, and
+    bounding every row live anywhere in the batch cost all 9 in each).
     `fast`: the graph in float32, where alpha and beta are searched (twice as fast); their bound is then
     computed once in float64 (any alpha in [0, 1], beta >= 0 is sound: float32 only steers the search).
     Returns (lower (N, m), Lambda of the worst row's last bound (N, d), branching scores, alphas, betas)."""
     n, m_all = len(lo), spec.A.shape[0]
     best_all = torch.full((n, m_all), -torch.inf, dtype=torch.float64) if known is None else known.clone()
-    rows = torch.nonzero((spec.live(spec.closeness(best_all)[0] > 0.0) & (best_all <= 0.0)).any(0)).flatten()
-    if known is None:
-        rows = torch.arange(m_all)
-    m = len(rows)
-    C, rhs = spec.A[rows].expand(n, m, -1), spec.b[rows]
-    pre = {g.nodes[r].inputs[0]: r for r in g.relus}
-    unstable = {r: (bounds[j][0] < 0) & (bounds[j][1] > 0) for j, r in pre.items()}
-    alphas_all = {r: alphas[r].clone() if r in alphas else (bounds[j][1] > -bounds[j][0]).double().unsqueeze(1)
-                  .expand(n, m_all, *bounds[j][0].shape[1:]).clone() for j, r in pre.items() if unstable[r].any()}
+    open_rows = torch.ones(n, m_all, dtype=torch.bool) if known is None else _live(spec, best_all)
+    d, r = torch.nonzero(open_rows, as_tuple=True)  # the (domain, row) pairs, each bounded as one problem
+    C, rhs = spec.A[r].unsqueeze(1), spec.b[r].unsqueeze(1)  # (P, 1, outputs), (P, 1)
+    pre = {g.nodes[q].inputs[0]: q for q in g.relus}
+    unstable = {q: (bounds[j][0] < 0) & (bounds[j][1] > 0) for j, q in pre.items()}
+    alphas_all = {q: alphas[q].clone() if q in alphas else (bounds[j][1] > -bounds[j][0]).double().unsqueeze(1)
+                  .expand(n, m_all, *bounds[j][0].shape[1:]).clone() for j, q in pre.items() if unstable[q].any()}
     betas_all = {j: betas[j].clone() if j in betas else torch.zeros(n, m_all, *s.shape[1:], dtype=torch.float64)
                  for j, s in splits.items() if s.any()}
+    pair_bounds = [(a[d], b[d]) for a, b in bounds]
+    pair_splits = {j: v[d] for j, v in splits.items()}
     dtype = torch.float64 if fast is None else torch.float32
-    alphas = {r: a[:, rows].to(dtype).requires_grad_(True) for r, a in alphas_all.items()}
-    betas = {j: v[:, rows].to(dtype).requires_grad_(True) for j, v in betas_all.items()}
+    alphas = {q: a[d, r].unsqueeze(1).to(dtype).requires_grad_(True) for q, a in alphas_all.items()}
+    betas = {j: v[d, r].unsqueeze(1).to(dtype).requires_grad_(True) for j, v in betas_all.items()}
     gq, Cq, rq = (g, C, rhs) if fast is None else (fast, C.float(), rhs.float())
-    bq = bounds if fast is None else [(a.float(), b.float()) for a, b in bounds]
-    sq = splits if fast is None else {j: v.float() for j, v in splits.items()}
+    bq = pair_bounds if fast is None else [(a.float(), b.float()) for a, b in pair_bounds]
+    sq = pair_splits if fast is None else {j: v.float() for j, v in pair_splits.items()}
     groups = [{"params": list(alphas.values()), "lr": 0.1}]
     if betas:
         groups.append({"params": list(betas.values()), "lr": 0.05})
     opt = torch.optim.Adam(groups) if alphas or betas else None
-    best = torch.full((n, m), -torch.inf, dtype=torch.float64)
+    best = torch.full((len(d), 1), -torch.inf, dtype=torch.float64)
     lam, keep, cache = None, {}, {}
     for t in range(iterations if opt is not None else 1):
         with torch.enable_grad():
@@ -406,9 +410,10 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
             b, lam = P.backward(gq, len(g.nodes) - 1, Cq, bq, alphas, terms, keep, cache)
             b = b - rq
             best = torch.maximum(best, b.detach().double())
+            now = _raise(best_all, d, r, best[:, 0])
             if fast is None:
-                best_all[:, rows] = torch.maximum(best_all[:, rows], best)
-            _, close = spec.closeness(best_all if fast is None else _put(best_all, rows, best))
+                best_all = now
+            _, close = spec.closeness(now)
             if opt is None or bool((close > 0.0).all()) or t == iterations - 1 or time.perf_counter() > deadline:
                 break
             opt.zero_grad()
@@ -420,36 +425,49 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
             for v in betas.values():
                 v.clamp_(min=0.0)
     with torch.no_grad():
-        for r, a in alphas.items():
-            alphas_all[r][:, rows] = a.detach().double()
+        for q, a in alphas.items():
+            alphas_all[q][d, r] = a.detach()[:, 0].double()
         for j, v in betas.items():
-            betas_all[j][:, rows] = v.detach().double()
+            betas_all[j][d, r] = v.detach()[:, 0].double()
         if fast is not None:  # the sound bound of the parameters found: float64
-            a64 = {r: a[:, rows] for r, a in alphas_all.items()}
-            terms = {j: -v[:, rows] * splits[j].unsqueeze(1) for j, v in betas_all.items()}
+            a64 = {q: a[d, r].unsqueeze(1) for q, a in alphas_all.items()}
+            terms = {j: -v[d, r].unsqueeze(1) * pair_splits[j].unsqueeze(1) for j, v in betas_all.items()}
             keep = {}
-            b, lam = P.backward(g, len(g.nodes) - 1, C, bounds, a64, terms, keep)
-            best_all[:, rows] = torch.maximum(best_all[:, rows], b - rhs)
-        best = best_all[:, rows]
-        live = (spec.live(spec.closeness(best_all)[0] > 0.0) & (best_all <= 0.0))[:, rows].double()
+            b, lam = P.backward(g, len(g.nodes) - 1, C, pair_bounds, a64, terms, keep)
+            best_all = _raise(best_all, d, r, (b - rhs)[:, 0])
+        live = _live(spec, best_all)[d, r].double()  # (P,)
         scores = {}
-        for j, r in pre.items():
-            a = keep[r].detach()  # coefficients of the ReLU's output, (N, m, *shape)
+        for j, q in pre.items():
+            a = keep[q].detach()[:, 0]  # coefficients of the ReLU's output, (P, *shape)
             _, _, icpt = P.relax(*bounds[j])
             # BaBSR (Bunel et al. 2020), intercept part: what the upper line's intercept costs the live rows
-            s = (a.clamp_max(0).neg() * live.view(n, m, *[1] * (a.ndim - 2))).sum(1) * icpt
+            cost = a.clamp_max(0).neg() * live.view(-1, *[1] * (a.ndim - 1))
+            s = torch.zeros_like(icpt).index_add_(0, d, cost) * icpt
             lb, ub = bounds[j]
             area = -lb * ub / (ub - lb).clamp_min(1e-30)
-            scores[j] = torch.where(unstable[r], s + 1e-6 * area, -1.0)
-        worst = best.masked_fill(live == 0, torch.inf).argmin(1)
-        lam = lam.detach()[torch.arange(n), worst].flatten(1)
+            scores[j] = torch.where(unstable[q], s + 1e-6 * area, -1.0)
+        # Lambda of each domain's worst live row (of its first pair when none is live, zeros without a pair: such
+        # a domain is refuted)
+        value = torch.full((n, m_all), torch.inf, dtype=torch.float64)
+        value[d, r] = best_all[d, r].masked_fill(live == 0, torch.inf)
+        at = torch.full((n, m_all), -1, dtype=torch.long)
+        at[d, r] = torch.arange(len(d))
+        first = torch.full((n,), len(d), dtype=torch.long).scatter_reduce(0, d, torch.arange(len(d)), "amin")
+        pick = at[torch.arange(n), value.argmin(1)]
+        lam = lam.detach()[:, 0].flatten(1)
+        lam = torch.cat([lam, lam.new_zeros(1, lam.shape[1])])[torch.where(pick >= 0, pick, first)]
     return best_all, lam, scores, alphas_all, betas_all
 
 
-def _put(a: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of a with its columns `cols` raised to `values` where higher."""
+def _live(spec: _Specification, lower: torch.Tensor) -> torch.Tensor:
+    """(N, rows): the rows not settled yet, of conjunctions not refuted and with a bound not above 0."""
+    return spec.live(spec.closeness(lower)[0] > 0.0) & (lower <= 0.0)
+
+
+def _raise(a: torch.Tensor, d: torch.Tensor, r: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of a with its elements (d, r) (distinct pairs) raised to `values` where higher."""
     a = a.clone()
-    a[:, cols] = torch.maximum(a[:, cols], values)
+    a[d, r] = torch.maximum(a[d, r], values)
     return a
 
 
@@ -498,6 +516,29 @@ def _alpha_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
     return bounds
 
 
+def _smooth_rounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: _Specification, deadline: float,
+                   float32: float, iterations: int = 40) -> Outcome:
+    """A network of S-shaped activations only, where nothing can be split: rounds of alpha-CROWN until the
+    deadline, each with twice the iterations of the one before (up to SMOOTH_ITERATIONS), every layer's slopes
+    optimised again from the intermediate bounds of the round before (`propagation.smooth_intermediate`: they
+    only tighten, and stay valid);
+    the best bound of each row over the rounds is kept. 20 iterations leave most of eran's sigmoid instances open
+    that 60 to 160 prove."""
+    best, bounds, rounds = None, None, 0
+    while time.perf_counter() < deadline and iterations <= SMOOTH_ITERATIONS:
+        r = P.lower_bound(g, lo, hi, spec.A, "alpha-crown", bounds=bounds, iterations=iterations, rhs=spec.b,
+                          deadline=deadline, target=0.0)
+        best = r.lower if best is None else torch.maximum(best, r.lower)
+        bounds, rounds, iterations = r.bounds, rounds + 1, 2 * iterations
+        close = spec.closeness(best)[1]
+        if bool((close > 0).all()):
+            return Outcome("holds", boxes=rounds, least=float(close.min()), float32=float32,
+                           method=f"alpha-CROWN on the S-shaped activations, {rounds} rounds (layer graph)")
+    worst = float(spec.closeness(best)[1].min()) if best is not None else -math.inf
+    return Outcome("unknown", boxes=rounds, reason=f"no ReLU to split; alpha-CROWN after {rounds} rounds leaves a "
+                                                    f"margin of {worst:.4g}")
+
+
 def _branch(g: Graph, pre: list, d: _Domains, at: torch.Tensor) -> _Domains:
     """Both children of each domain for the neuron at flat position `at` (over the pre-activation nodes in
     order): the "on" children first, then the "off" ones; their bounds clamped and tightened, `empty` set
@@ -543,7 +584,7 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
     spec, float32 = _specification(g, lo, hi, conjunctions, mix=False)
     pre = sorted({g.nodes[r].inputs[0] for r in g.relus})
     if not pre:  # S-shaped activations only (a sigmoid network): nothing to split, the bounds alone decide
-        return Outcome("unknown", reason="no ReLU to split")
+        return _smooth_rounds(g, lo, hi, spec, deadline, float32)
     bounds = P.intermediate(g, lo, hi, "crown", deadline=deadline)
     bounds = _alpha_intermediate(g, bounds, iterations, deadline)
     splits = {j: torch.zeros(1, *g.nodes[j].shape, dtype=torch.float64) for j in pre}
