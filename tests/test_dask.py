@@ -4,8 +4,10 @@ single-process run; a Dask address that does not answer is a clear error before 
 from __future__ import annotations
 
 import socket
+import warnings
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from trustcase.cli import app
@@ -55,3 +57,69 @@ def test_sweep_on_a_local_dask_cluster_equals_the_single_process_run(prefect_har
     outcomes, evidence = _outcomes(tmp_path / "thread")
     assert [o["check"] for o in outcomes] == ["data_quality", "performance", "perturbation_sweep"]
     assert _outcomes(tmp_path / "dask") == (outcomes, evidence)
+
+
+def test_local_workers_run_one_torch_thread_and_keep_their_output_off_the_terminal(tmp_path, monkeypatch, capfd):
+    """Two workers on two cores run one torch thread each; a worker's chatter (a third-party warning, C-level
+    output) goes to the workers' log, not to the terminal the user reads."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.chdir(tmp_path)
+    kwargs = {**runners.task_runner("dask", workers=1).cluster_kwargs, "n_workers": 1}
+
+    def chatter() -> int:
+        import os
+        import sys
+        import warnings
+
+        import torch
+
+        warnings.warn("a third-party warning nobody can act on", stacklevel=1)
+        os.write(2, b"C-level chatter\n")
+        print("Python chatter", file=sys.stderr)
+        return torch.get_num_threads()
+
+    with socket.socket() as held, warnings.catch_warnings():
+        try:  # Dask's default dashboard port taken, as by another cluster
+            held.bind(("127.0.0.1", 8787))
+            held.listen()
+        except OSError:
+            pass  # already taken
+        warnings.simplefilter("error")  # no warning in this process either ("Port 8787 is already in use")
+        with LocalCluster(**kwargs) as cluster, Client(cluster, set_as_default=False) as client:
+            assert list(client.run(chatter).values()) == [runners.WORKER_THREADS]
+    log = (tmp_path / runners.WORKER_LOG).read_text()
+    assert all(s in log for s in ("a third-party warning", "C-level chatter", "Python chatter")), log
+    err = capfd.readouterr().err
+    assert "chatter" not in err and "third-party warning" not in err and "distributed." not in err, err
+
+
+@pytest.mark.slow
+def test_checks_with_hooks_and_draws_on_a_local_dask_cluster_equal_the_thread_runner(
+        prefect_harness, tiny_model, tracking_uri, tmp_path):
+    """The demo's kind of checks (attacks, attribution methods that hook the model, smoothing's noise) give the
+    same evidence bit for bit on two worker processes as on the thread runner with the same torch thread count
+    (one: the test process's, conftest), and both records say one thread."""
+    from conftest import tiny_use_case, write_yaml
+
+    case = write_yaml(tmp_path / "use_case.yaml", tiny_use_case(tmp_path, tiny_model))
+    raw = yaml.safe_load(case.read_text())
+    raw["requirements"] = [r for r in raw["requirements"] if r["id"].startswith(("R1-", "R2-", "R5-", "R6-"))]
+    raw["plan"]["checks"] += [
+        {"check": "adversarial", "params": {"attacks": ["fgsm_linf", "auto_linf"], "linf": [1.0, 4.0],
+                                            "max_items": 24}},
+        {"check": "explainability", "params": {"methods": ["saliency", "guided_backprop", "grad_cam"],
+                                               "items": 4, "sensitivity_items": 2, "gallery": 1}},
+        {"check": "randomized_smoothing", "params": {"sigma": 0.12, "n0": 8, "n": 40, "max_items": 12}},
+    ]
+    write_yaml(case, raw)
+    single = runners.run(str(case), str(tmp_path / "thread"), tracking_uri=tracking_uri)
+    spread = runners.run(str(case), str(tmp_path / "dask"), tracking_uri=tracking_uri, runner="dask", workers=2)
+    assert single.complete and spread.complete, (single.errors, spread.errors)
+    outcomes, evidence = _outcomes(tmp_path / "thread")
+    assert {o["check"] for o in outcomes} >= {"adversarial", "explainability", "randomized_smoothing"}
+    assert _outcomes(tmp_path / "dask") == (outcomes, evidence)
+    for folder in ("thread", "dask"):
+        platform = Assessment.model_validate_json((tmp_path / folder / "assessment.json").read_text()
+                                                  ).provenance.platform
+        assert platform["torch_threads"] == "1"

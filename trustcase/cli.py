@@ -145,7 +145,8 @@ def demo(
     out: Path = typer.Option(None, "--out", help="output folder"),
     tracking_uri: str = typer.Option(None, "--tracking-uri"),
 ) -> None:
-    """A bundled use case end to end: train its model if needed, register it, assess it."""
+    """A bundled use case end to end: train its model if needed, register it, assess it, its checks on a
+    local Dask cluster of two worker processes (`--runner dask`: both cores busy, the same evidence)."""
     from trustcase.errors import UserError
     from trustcase.flows.training import ensure_bundled_model
 
@@ -156,7 +157,7 @@ def demo(
         ensure_bundled_model(path, tracking_uri, console)
     except Exception as e:  # noqa: BLE001
         _fail(e)
-    raise typer.Exit(run_assessment(path, out, tracking_uri, None))
+    raise typer.Exit(run_assessment(path, out, tracking_uri, None, runner="dask"))
 
 
 @app.command()
