@@ -3,12 +3,13 @@
 misclassified item, an image with a missed true box (detection), a defective image whose defect the image-level
 rule misses (segmentation; with `min_iou`, also one marked with a lower defect IoU).
 
-Summary: `clusters` (id, size, share, members (ids, first 200), error pairs, representatives, descriptors,
-text), `layer` (the chosen one), `layers` (per layer: k, compactness, within-cluster curve), `relevance`,
-`errors`, `clustered`, `unsafe_set` (per cluster: count, radius, candidates, ids), `message` when there is nothing
-to cluster. Artefacts: cluster_<i>.png (montage: representatives and their relevance) and cluster_<i>.gif (kind
-"image"; not written for a confidential use case), clusters.csv (every clustered error and its cluster),
-unsafe_set.csv.
+Summary: `clusters` (id, size, share, members (ids, first 200), errors by kind (e.g. "inclusion -> patches",
+"missed inclusion"), sizes (COCO's, of missed boxes or defects), representatives, descriptors, text), `layer` (the
+chosen one), `layers` (per layer: k, compactness, within-cluster curve), `relevance`, `task`, `errors`,
+`clustered`, `unsafe_set` (per cluster: count, radius, candidates, ids), `message` when there is nothing to
+cluster. Artefacts: cluster_<i>.png (montage: representatives and their relevance) and cluster_<i>.gif (kind
+"image"; not written for a confidential use case), clusters.csv (every clustered error, its cluster, kind and
+size), unsafe_set.csv.
 """
 
 from __future__ import annotations
