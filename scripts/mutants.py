@@ -244,13 +244,15 @@ def retest_survivors(name: str, sample: int, seed: int) -> dict:
 
     killed = sorted(set(chosen) - set(result["survivors"]) - set(result.get("killed_by_retest", []))
                     - {m for m, c in _exit_codes(work).items() if m in chosen and c in (5, 33)})  # reached by no test
-    spot = sorted(random.Random(seed).sample(killed, min(CONFIRM, len(killed))))
+    spot = ([] if "first_pass_kills_rechecked" in result  # the same seed would draw the same ones again
+            else sorted(random.Random(seed).sample(killed, min(CONFIRM, len(killed)))))
     with ThreadPoolExecutor(2) as pool:
         outcome = dict(pool.map(retest, sorted(result["survivors"])))
         confirmed = dict(pool.map(retest, spot))
-    result["first_pass_kills_rechecked"] = {
-        "checked": len(spot), "confirmed": sum(v == "killed" for v in confirmed.values()),
-        "not_confirmed": sorted(m for m, v in confirmed.items() if v != "killed")}
+    if spot:
+        result["first_pass_kills_rechecked"] = {
+            "checked": len(spot), "confirmed": sum(v == "killed" for v in confirmed.values()),
+            "not_confirmed": sorted(m for m, v in confirmed.items() if v != "killed")}
     stats = result["stats"]
     result.setdefault("first_pass", dict(stats))
     for status in ("killed", "timeout"):
