@@ -27,7 +27,7 @@ from trustcase.schemas import (
 
 # metrics whose values are proportions, shown in percent (as requirement texts state them)
 PROPORTION = re.compile(r"accuracy|recall|precision|(^|_)rate$|share|coverage|pointing_game|relevance_mass"
-                        r"|suspected_labels")
+                        r"|suspected_labels|feature_leakage")
 METRICS = {
     "accuracy": "accuracy", "recall": "recall", "precision": "precision", "false_negative_rate": "false-negative rate",
     "ece": "expected calibration error", "cost": "mean cost", "flip_rate": "share of predictions changed",
@@ -53,6 +53,8 @@ METRICS = {
     "sanity_rank_correlation": "rank correlation after weight randomisation",
     "ig_convergence_delta": "integrated-gradients convergence gap",
     "suspected_labels": "share of labels suspected wrong",
+    "feature_leakage": "share of items the model takes for a training item", "poisoning_alarms": "poisoning alarms",
+    "feature_drift_pvalue": "drift p-value (MMD in the model's feature space)",
     "iou": "IoU", "dice": "Dice", "pixel_precision": "pixel precision", "pixel_recall": "pixel recall",
     "mean_iou": "mean IoU over the classes", "mean_dice": "mean Dice over the classes",
     "image_recall": "share of defective images set aside", "image_false_alarm_rate": "false alarms on defect-free "
