@@ -67,10 +67,11 @@ def poisoned_case(tmp_path: Path, size: int = 32, share: float = 0.05) -> Path:
     return case
 
 
-def planted_backdoor(tmp_path: Path, epochs: int = 8, recipe: dict | None = None):
+def planted_backdoor(tmp_path: Path, epochs: int | None = 8, recipe: dict | None = None, size: int = 32):
     """A model trained through the solar training contract (`train:fit`) on ELPV whose training split carries a
     backdoor (`poisoned_elpv`: a white square on 5% of the cells, all relabelled functional), and the poisoning
-    screen of it. Returns the check's outcome and the planted items' ids (bench/bench_data.py reports the same)."""
+    screen of it (`recipe`: the request's params, default a pooled CNN; epochs None: the script's own). Returns the
+    check's outcome and the planted items' ids (bench/bench_data.py reports the same)."""
     import importlib.util
 
     import poisoned_elpv
@@ -81,7 +82,7 @@ def planted_backdoor(tmp_path: Path, epochs: int = 8, recipe: dict | None = None
     from trustcase.models.loading import load_classifier
     from trustcase.schemas import TrainingRequest, load_use_case
 
-    case = poisoned_case(tmp_path)
+    case = poisoned_case(tmp_path, size=size)
     spec = importlib.util.spec_from_file_location("solar_train_poisoned", SOLAR / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
