@@ -25,8 +25,9 @@ build/mutants/<chunk>-sample<N>-seed<S>.json.
 against the tests as they are now (a new test cannot revive a killed mutant). Each survivor is applied to a
 scratch copy (`mutmut apply`) and the tests mutmut maps to its function run in a fresh pytest process: a mutmut
 re-run once reported kills that the patched copy does not show (rounding.fft_error's constants), so a kill is
-only what a patched copy shows. It refuses a sample drawn from other sources (the modules' SHA-256). It also
-re-runs CONFIRM of the stored kills, drawn by the seed, the same way and records how many a patched copy confirms.
+only what a patched copy shows. It refuses a sample drawn from other sources (the modules' SHA-256). Once per
+sample it also re-checks CONFIRM of the first pass's kills, drawn by the seed, the same way, and records how many a
+patched copy confirms.
 
 Equivalent mutants (the program's behaviour provably unchanged) leave the denominator, as is standard: they are
 the list items of docs/testing.md that start with a mutant's name in backquotes, each with its one-line argument.
@@ -51,6 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT = ROOT / ".venv" / "bin" / "mutmut"
+PYTHON = ROOT / ".venv" / "bin" / "python"
 OUT = ROOT / "build" / "mutants"
 FAST = "-p no:cacheprovider -q -m 'not slow' -k 'not tiny_solar and not acasxu and not check_on'"
 CHUNKS = {  # name: (modules to mutate, tests that cover them)
@@ -214,7 +216,7 @@ def retest_survivors(name: str, sample: int, seed: int) -> dict:
         copies.put(copy)
 
     def pytest(copy: Path, tests: list[str]) -> int:
-        return subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-x", *_split(FAST), *tests],
+        return subprocess.run([str(PYTHON), "-m", "pytest", "-x", *_split(FAST), *tests],
                               cwd=copy, env=ENV, capture_output=True, timeout=RETEST_SECONDS).returncode
 
     clean = copies.get()  # a kill means something only if the unpatched copy passes the same tests
@@ -287,11 +289,11 @@ def halved_amplitudes(name: str = "amplitudes") -> dict:
         indent = source[body - 1][:len(source[body - 1]) - len(source[body - 1].lstrip())]
         planted = f"{indent}amplitude = amplitude / 2 if self.name == {pert!r} else amplitude  # planted\n"
         (work / module).write_text("".join([*source[:body - 1], planted, *source[body - 1:]]))
-        rc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-x", *_split(FAST), *tests],
+        rc = subprocess.run([str(PYTHON), "-m", "pytest", "-x", *_split(FAST), *tests],
                             cwd=work, env=ENV, capture_output=True).returncode
         outcome[pert] = "killed" if rc in (1, 2) else "survived" if rc == 0 else f"pytest exit {rc}"
     (work / module).write_text("".join(source))
-    clean = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", *_split(FAST), *tests], cwd=work,
+    clean = subprocess.run([str(PYTHON), "-m", "pytest", *_split(FAST), *tests], cwd=work,
                            env=ENV, capture_output=True).returncode
     if clean != 0:
         raise SystemExit(f"{', '.join(tests)} fail without any planted mutant in {work}")
@@ -332,7 +334,7 @@ def _split(args: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description="mutation testing by chunk (mutmut 3)")
-    ap.add_argument("chunks", nargs="*", metavar="chunk", help=f"default: all ({', '.join(CHUNKS)})")
+    ap.add_argument("chunks", nargs="*", metavar="chunk", help=f"default: all ({', '.join([*CHUNKS, *PLANTED])})")
     ap.add_argument("--sample", type=int, default=None, help="test a seeded random sample of N mutants per chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only-survivors", action="store_true",
