@@ -383,6 +383,17 @@ def poisoning_screen(uc, clf, reps: int = 50, full_recipe: bool = False) -> dict
     if full_recipe:  # the demo's own recipe: the interval-trained strided CNN, 60 epochs, 64 px (100 s of CPU)
         with tempfile.TemporaryDirectory() as tmp:
             demo_out, planted = helper.planted_backdoor(Path(tmp), epochs=None, recipe={"arch": "strided"}, size=64)
+            poisoned = load_use_case(Path(tmp) / "use_case.yaml")
+            model = load_classifier(poisoned.model)  # does it obey the trigger? the clean validation's defective cells
+            x = np.concatenate([b.images for b in DataSource(poisoned.data, model=poisoned.model).stream(
+                "validation").batches()])
+            y = np.concatenate([b.labels for b in DataSource(poisoned.data, model=poisoned.model).stream(
+                "validation").batches()])
+            d = x[y == 1].copy()
+            clean = float((model.logits(d).argmax(1) == 0).mean())
+            d[:, -10:-2, -10:-2] = 255  # the loader's square: an eighth of 64 px, 2 px from the corner
+            print(f"  the demo's recipe: defective validation cells called functional {clean:.3f} without the square, "
+                  f"{float((model.logits(d).argmax(1) == 0).mean()):.3f} with it")
         for c, v in demo_out.summary.items():
             hit = len(set(v["suspects"]) & planted)
             top = len(set(v["top_spectral"]) & planted)
