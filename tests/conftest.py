@@ -64,9 +64,11 @@ def tiny_use_case(folder: Path, model_path: Path, **overrides) -> dict:
         {"check": "performance"},
         {"check": "perturbation_sweep", "params": {"perturbations": {"gaussian_blur": [1.0, 2.0]}}},
     ]
-    # only the claims this plan measures: a claim no check of the plan measures is a preflight error
+    # only the claims this plan measures: a claim no check of the plan measures is a preflight error (D6-D8 are
+    # feature_drift's, feature_leakage's and poisoning_screen's)
     raw["requirements"] = [r for r in raw["requirements"]
-                           if r["id"].startswith(("R1-", "R2-", "R3-", "R4-", "R5-", "R6-", "D"))]
+                           if r["id"].startswith(("R1-", "R2-", "R3-", "R4-", "R5-", "R6-", "D1-", "D2-", "D3-",
+                                                  "D4-", "D5-"))]
     for k, v in overrides.items():
         raw[k] = v
     return raw
