@@ -4,7 +4,7 @@ answers on tiny grey tiles."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +131,13 @@ def test_a_black_box_segmenter_gets_its_pooled_logits(tmp_path):
 def test_the_bundled_unet_exports_its_bottleneck_features():
     """use_cases/magnetic_tiles/train.py's U-Net, scripted as train.py exports it: features(x) is the bottleneck
     averaged over the image, (B, 64), and the monitor reads it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "use_cases" / "magnetic_tiles"))
-    from train import UNet
+    # loaded under a name of its own: a bare `import train` would leave this case's train.py as sys.modules["train"]
+    # for every later test (the code hash of another case's `train:fit` then reads this file)
+    spec = importlib.util.spec_from_file_location(
+        "magnetic_tiles_train_odd", Path(__file__).resolve().parents[1] / "use_cases" / "magnetic_tiles" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    UNet = module.UNet
 
     torch.manual_seed(0)
     net = torch.jit.script(UNet().eval())
