@@ -47,6 +47,7 @@ def use_case_file(tmp: Path, quick: bool) -> Path:
 
 def assess(path: Path, folder: Path, runner: str) -> dict:
     """One `trustcase assess` from scratch: its wall and CPU seconds (children reaped included) and its record."""
+    (folder / "prefect").mkdir(parents=True)
     env = {**os.environ, "TRUSTCASE_CACHE": str(folder / "cache"), "PREFECT_HOME": str(folder / "prefect")}
     if runner == "thread":
         env["OMP_NUM_THREADS"] = "1"  # the workers' torch thread count: the same evidence bit for bit
