@@ -195,3 +195,26 @@ def test_tiled_segment_gives_the_classes(tmp_path):
     image[1:3, 2:7] = 220
     (key, pred), = tiled_segment(seg, [("x", image)], Tiling((4, 4)))
     assert key == "x" and pred.shape == (6, 9) and np.array_equal(pred, (image[..., 0] > 127.5).astype(np.int64))
+
+
+def test_validate_says_assess_does_not_read_tiles_yet(tmp_path):
+    """`fit: tiles` is evaluated by `tasks.segmentation_tiles` only: validate says so on the loader's line, instead
+    of calling the first whole image one that "does not fit the model's input"."""
+    import yaml
+    from subset_assess import CASES, case_module
+    from typer.testing import CliRunner
+
+    from trustcase.cli import app
+
+    if not (case_module("magnetic_tiles", "tiles").dataset_root() / "MT_Free").is_dir():
+        pytest.skip("no magnetic tiles (set TRUSTCASE_MAGNETIC_TILES)")
+    case = CASES / "magnetic_tiles"
+    raw = yaml.safe_load((case / "use_case.yaml").read_text())
+    raw["data"].update(path=str(case), params={**raw["data"]["params"], "fit": "tiles", "overlap": [32, 32]})
+    raw["model"]["path"] = str(case / raw["model"]["path"])
+    path = tmp_path / "uc.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    assert r.exit_code == 2, r.output
+    assert "data.params: fit: tiles is evaluated by trustcase.tasks.segmentation_tiles" in r.output
+    assert "does not fit the model's input" not in r.output and "Traceback" not in r.output

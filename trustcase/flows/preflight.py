@@ -229,6 +229,11 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
         if len(stream) == 0:
             add(loc, f"split {role!r} ({source.call(name)}) is empty")
             continue
+        if getattr(stream.split, "tiling", None) is not None:  # whole images: the stream feeds model-sized inputs
+            add(("data", "params"), "fit: tiles is evaluated by trustcase.tasks.segmentation_tiles (Python, "
+                                    "bench/bench_segmentation_tiles.py), not yet by assess, whose checks read "
+                                    "model-sized inputs: use fit: resize or pad")
+            return
         i = int(stream.positions[0])
         try:
             item = stream.split[i]
