@@ -89,3 +89,21 @@ def test_the_bundled_script_honours_the_training_contract(tmp_path):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="other roles"):
         train.retrain(request.model_copy(update={"roles": ["train", "validation"]}))
+
+
+def test_a_clusters_recall_over_boxes_clustered_by_image_takes_the_tasks_wider_interval():
+    """review4 R4: boxes of one image are not independent; the per-cluster recall follows the task's recall rule
+    (the wider of Clopper-Pearson over boxes and the bootstrap over images), and an item counting once keeps
+    Clopper-Pearson."""
+    from trustcase.measurement import proportion
+    from trustcase.schemas import Scope
+
+    # 10 images of 6 boxes: 5 images found whole, 5 missed whole (20 images' worth of clustering)
+    rows = [(f"img{i}", 6 if i < 5 else 0, 6) for i in range(10)]
+    m = imp._figure("recall", 0, rows, 0.95, 0)
+    cp = proportion("improve", "cluster_recall:0", 30, 60, 0.95, Scope(split="test"))
+    assert m.value == 0.5 and "over images" in m.interval.method
+    assert m.interval.lower <= cp.interval.lower and m.interval.upper >= cp.interval.upper
+    assert m.interval.upper - m.interval.lower > 1.5 * (cp.interval.upper - cp.interval.lower)  # 10 images, not 60
+    single = imp._figure("recall", 0, [(f"img{i}", int(i < 5), 1) for i in range(10)], 0.95, 0)
+    assert single.interval.method == "clopper-pearson" and single.value == 0.5

@@ -210,26 +210,41 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
 @task(name="cluster accuracy", persist_result=False)
 def cluster_accuracy(uc: UseCase, models: dict[str, Path], heldout: dict[int, list[int]], confidence: float,
                      seed: int, min_iou: float = 0.0) -> dict[str, list[dict]]:
-    """Each model's figure on the held-out test items of each cluster, with Clopper-Pearson intervals: a
+    """Each model's figure on the held-out test items of each cluster, with its interval (`_figure`): a
     classifier's accuracy, a detector's recall of their true boxes at the operating threshold (over boxes), a
     segmenter's share of their defective images found (the root cause's error rule)."""
     want = {i: c for c, items in heldout.items() for i in items}
     out = {}
     for name, path in models.items():
         reader = errors_of(_load(uc, path), min_iou)
-        right, total = np.zeros(len(heldout), np.int64), np.zeros(len(heldout), np.int64)
+        rows: list[list[tuple[str, int, int]]] = [[] for _ in heldout]  # per cluster: (item id, right, total)
         for batch in DataSource(uc.data, seed, uc.model).stream("test").batches():
             if not any(int(i) in want for i in batch.index):
                 continue
             ex = reader.read(batch, errors=False)
             for j, i in enumerate(batch.index.tolist()):
                 if i in want:
-                    right[want[i]] += ex.right[j]
-                    total[want[i]] += ex.total[j]
-        out[name] = [proportion("improve", f"cluster_{reader.figure}:{c}", int(right[c]), int(total[c]), confidence,
-                                Scope(split="test"), undefined="no held-out test item within the cluster's reach"
-                                ).model_dump(mode="json") for c in range(len(heldout))]
+                    rows[want[i]].append((batch.ids[j], int(ex.right[j]), int(ex.total[j])))
+        out[name] = [_figure(reader.figure, c, r, confidence, seed).model_dump(mode="json") for c, r in enumerate(rows)]
     return out
+
+
+def _figure(figure: str, cluster: int, rows: list[tuple[str, int, int]], confidence: float, seed: int):
+    """One cluster's figure. An item counting once (a classifier's image, a segmenter's defective tile): Clopper-
+    Pearson. A detector's image counting each of its boxes: the task's own recall rule, the wider of
+    Clopper-Pearson over boxes and the Poisson bootstrap over images (boxes of one image are not independent)."""
+    from trustcase.measurement import bootstrap_weights
+    from trustcase.tasks.detection_metrics import _recall
+
+    ids = [r[0] for r in rows]
+    right = np.array([r[1] for r in rows], np.float64)
+    total = np.array([r[2] for r in rows], np.float64)
+    metric, undefined = f"cluster_{figure}:{cluster}", "no held-out test item within the cluster's reach"
+    if (total <= 1).all():
+        return proportion("improve", metric, int(right.sum()), int(total.sum()), confidence, Scope(split="test"),
+                          undefined=undefined)
+    weights = bootstrap_weights(seed, "improve", ids).astype(np.float64)
+    return _recall("improve", metric, right, total, weights, confidence, Scope(split="test"), None, undefined)
 
 
 # --- training and registration -----------------------------------------------------------------------------
