@@ -3,13 +3,12 @@ coverage of the splits (science in `data.quality` and `data.images`)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 
 import numpy as np
 
 from trustcase.checks import Check, Context, Params, Produces
-from trustcase.data.quality import distributions, duplicates, odd_coverage, perceptual_hash
+from trustcase.data.quality import distributions, duplicates, exact_hash, odd_coverage, perceptual_hash
 from trustcase.data.streaming import DataError
 from trustcase.measurement import census, over_sample, proportion
 from trustcase.odd.descriptors import DESCRIPTORS, Views
@@ -68,9 +67,7 @@ class DataQuality(Check):
             role_props = {k: [] for k in props}
             for batch in stream.batches():
                 imgs = batch.images
-                for i in range(len(batch)):  # exact duplicates: the same pixels
-                    digest = hashlib.sha256(np.ascontiguousarray(imgs[i]).tobytes()).digest()
-                    xhash.append(int.from_bytes(digest[:8], "little"))
+                xhash.extend(exact_hash(imgs).tolist())  # exact duplicates: the same pixels
                 if isinstance(batch.labels, np.ndarray) and ((batch.labels < 0) | (batch.labels >= len(names))).any():
                     raise DataError(f"split {role!r}: labels outside 0..{len(names) - 1} (classes {names})")
                 label_counts, label_props = task.label_stats(batch.labels, len(names))

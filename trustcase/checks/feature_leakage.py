@@ -15,26 +15,17 @@ listed with the perceptual-hash distance of its two images (0-2 bits: the same p
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 from pydantic import Field
 
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.drift import Sample
 from trustcase.data.leakage import NearestReference, calibrate
-from trustcase.data.quality import perceptual_hash
+from trustcase.data.quality import exact_hash, perceptual_hash
 from trustcase.measurement import clopper_pearson, proportion
 from trustcase.odd.features import FeatureExtractor
 from trustcase.schemas import CheckOutcome, Finding, Scope, Stage, Topic
 from trustcase.seeding import item_seed
-
-
-def exact_hash(items: np.ndarray) -> np.ndarray:
-    """64 bits of the SHA-256 of each item's values: equal only for the same values."""
-    return np.array([int.from_bytes(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest()[:8], "little")
-                     for x in items], np.uint64)
-
 
 COLLAPSED = 1 - 1e-9  # a threshold this close to a cosine of 1: distinct items are one to the model, up to rounding
 

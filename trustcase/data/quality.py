@@ -9,6 +9,7 @@ properties and two hashes) are kept across batches, never the images.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import cv2
@@ -28,6 +29,12 @@ def perceptual_hash(images: np.ndarray) -> np.ndarray:
     low = fft.dctn(thumbs, axes=(1, 2), norm="ortho")[:, :HASH_BITS, :HASH_BITS].reshape(len(g), -1)
     bits = low > np.median(low, axis=1, keepdims=True)
     return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def exact_hash(items: np.ndarray) -> np.ndarray:
+    """64 bits of the SHA-256 of each item's values (B, ...) -> (B,) uint64: equal only for the same values."""
+    return np.array([int.from_bytes(hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest()[:8], "little")
+                     for x in items], np.uint64)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
