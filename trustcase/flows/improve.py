@@ -234,7 +234,7 @@ def _figure(figure: str, cluster: int, rows: list[tuple[str, int, int]], confide
     Pearson. A detector's image counting each of its boxes: the task's own recall rule, the wider of
     Clopper-Pearson over boxes and the Poisson bootstrap over images (boxes of one image are not independent)."""
     from trustcase.measurement import bootstrap_weights
-    from trustcase.tasks.detection_metrics import _recall
+    from trustcase.tasks.detection_metrics import box_recall
 
     ids = [r[0] for r in rows]
     right = np.array([r[1] for r in rows], np.float64)
@@ -244,7 +244,7 @@ def _figure(figure: str, cluster: int, rows: list[tuple[str, int, int]], confide
         return proportion("improve", metric, int(right.sum()), int(total.sum()), confidence, Scope(split="test"),
                           undefined=undefined)
     weights = bootstrap_weights(seed, "improve", ids).astype(np.float64)
-    return _recall("improve", metric, right, total, weights, confidence, Scope(split="test"), None, undefined)
+    return box_recall("improve", metric, right, total, weights, confidence, Scope(split="test"), None, undefined)
 
 
 # --- training and registration -----------------------------------------------------------------------------

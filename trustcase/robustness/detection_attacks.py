@@ -33,7 +33,7 @@ from trustcase.measurement import BOOTSTRAP_REPLICATES, bootstrap_weights
 from trustcase.robustness.attacks import Budget, Norm, attack_region
 from trustcase.schemas import Measurement, PerturbationScope, Scope
 from trustcase.seeding import item_seeds
-from trustcase.tasks.detection_metrics import _recall, iou
+from trustcase.tasks.detection_metrics import box_recall, iou
 
 Objective = Literal["vanishing", "misclassification"]
 OBJECTIVES: tuple[Objective, ...] = ("vanishing", "misclassification")
@@ -171,10 +171,10 @@ def recall_under_attack(check: str, name: str, split: str, ids: list[str], boxes
     true = per_class([np.ones(len(g), bool) for g in boxes])
     kept, before = per_class(found), per_class(clean)
     common = dict(weights=weights, confidence=confidence, scope=scope, amplitude=eps, threshold=threshold, iou=IOU)
-    out = [_recall(check, "indication_recall", kept.sum(1), true.sum(1), undefined="no true box in the split",
+    out = [box_recall(check, "indication_recall", kept.sum(1), true.sum(1), undefined="no true box in the split",
                    **common)]
-    out += [_recall(check, f"recall:{c}", kept[:, k], true[:, k], undefined=f"no true box of class {c}", **common)
+    out += [box_recall(check, f"recall:{c}", kept[:, k], true[:, k], undefined=f"no true box of class {c}", **common)
             for k, c in enumerate(class_names)]
-    out.append(_recall(check, "attack_success_rate", (before - kept).sum(1), before.sum(1),
+    out.append(box_recall(check, "attack_success_rate", (before - kept).sum(1), before.sum(1),
                        undefined="no true box found clean to attack", **common))
     return out

@@ -8,7 +8,7 @@ only its class, score, image and whether it is a true positive at each IoU thres
 Intervals: AP and false indications per image by the Poisson bootstrap over images (each image's weights from
 (seed, check, image id, "bootstrap"), `measurement.bootstrap_weights`: the same interval at any batch size, order
 or shard count); recall by the wider of Clopper-Pearson over boxes and that bootstrap over images (boxes of one
-image are not independent: an image missed whole misses all its boxes; `_recall`). The AP agrees with pycocotools'
+image are not independent: an image missed whole misses all its boxes; `box_recall`). The AP agrees with pycocotools'
 COCOeval on the same detections (tests/test_detection_metrics.py).
 """
 
@@ -238,7 +238,7 @@ class DetectionTally:
             for metric, value, b in ((f"ap50:{name}", per_t[0], boot[0]), (f"ap:{name}", per_t.mean(), boot.mean(0))):
                 out.append(estimate(self.check, metric, None if total == 0 else float(value), n_images,
                                     None if total == 0 else bootstrap_interval(b, confidence), details=why, **common))
-            out.append(_recall(self.check, f"recall:{name}", found_per_image[:, c], n_true[:, c], weights,
+            out.append(box_recall(self.check, f"recall:{name}", found_per_image[:, c], n_true[:, c], weights,
                                confidence, scope, amplitude, undefined=f"no true box of class {name}",
                                threshold=self.threshold, iou=0.5))
         for metric, values, boot in (("map50", ap50, ap50_boot), ("map", ap, ap_boot)):
@@ -251,7 +251,7 @@ class DetectionTally:
                     iv = bootstrap_interval(np.nanmean(np.array(boot)[defined], axis=0), confidence)
             out.append(estimate(self.check, metric, value, n_images, iv, **common,
                                 details={} if value is not None else {"undefined": "no true box in the split"}))
-        out.append(_recall(self.check, "indication_recall", found_per_image.sum(1), n_true.sum(1).astype(float),
+        out.append(box_recall(self.check, "indication_recall", found_per_image.sum(1), n_true.sum(1).astype(float),
                            weights, confidence, scope, amplitude, undefined="no true box in the split",
                            threshold=self.threshold, iou=0.5))
         # false indications: detections above the threshold that match no true box of their class at IoU 0.5
@@ -281,7 +281,7 @@ def _seen_at_hits(hit: np.ndarray, image: np.ndarray, weights: np.ndarray) -> tu
     return kept, np.cumsum(per_segment @ weights, axis=0)
 
 
-def _recall(check: str, metric: str, found: np.ndarray, true: np.ndarray, weights: np.ndarray, confidence: float,
+def box_recall(check: str, metric: str, found: np.ndarray, true: np.ndarray, weights: np.ndarray, confidence: float,
             scope: Scope, amplitude: float | None, undefined: str, **details) -> Measurement:
     """Recall of true boxes, found / true summed over the images, with an interval that holds whether the boxes
     behave independently or cluster by image: the union of Clopper-Pearson over boxes and the Poisson bootstrap
