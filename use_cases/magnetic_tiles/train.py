@@ -92,10 +92,20 @@ def loss_of(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def fit(images: np.ndarray, masks: np.ndarray, seed: int = 0, epochs: int = 8, batch: int = 16, lr: float = 3e-3,
         init: Path | None = None, log=print) -> UNet:
     """The training loop (one thread, deterministic kernels, seeded order and flips): the U-Net trained on `images`
-    with their `masks`, from `init`'s weights (an exported model) when given."""
+    with their `masks`, from `init`'s weights (an exported model) when given. Torch's thread count and determinism
+    flag are restored after (`improve` retrains in the process that then assesses)."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _loop(images, masks, seed, epochs, batch, lr, init, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
+
+
+def _loop(images, masks, seed, epochs, batch, lr, init, log) -> UNet:
+    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0, c0 = time.perf_counter(), time.process_time()
     x_all, y_all = normalise(images), torch.from_numpy(masks.astype(np.int64))
