@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trustcase.checks import CheckError, Context
-from trustcase.checks.label_issues import LabelIssues
+from trustcase.checks.label_issues import LabelIssues, train_folds
 from trustcase.data import labels as L
 from trustcase.data.streaming import DataSource
 from trustcase.errors import Unsupported
@@ -25,7 +25,7 @@ from trustcase.testing import synthetic_case, synthetic_images
 
 SOLAR = Path(__file__).resolve().parent.parent / "use_cases" / "solar_cells"
 FLIPPED = [3, 10, 17, 30, 41, 56, 62, 77, 88, 95]  # train positions whose label the loader flips
-REQUESTS: list[TrainingRequest] = []  # what the training contracts below were asked
+COPIES = [21, 43, 65]  # train positions that `near_copies` makes near-copies of item 0
 
 
 def confident(labels: np.ndarray, classes: int, p: float = 0.95) -> np.ndarray:
@@ -142,11 +142,28 @@ def noisy_images(split: str, n: int = 24, side: int = 16):
     return items
 
 
+def requests(workdir: Path) -> list[TrainingRequest]:
+    """What `fit` was asked, fold by fold (read from files: the registry imports this module under its own name)."""
+    return [TrainingRequest.model_validate_json((workdir / f"fold{k}.request.json").read_text())
+            for k in range(1, len(list(workdir.glob("fold*.request.json"))) + 1)]
+
+
+def near_copies(split: str, n: int = 24, side: int = 16):
+    """`noisy_images`, where the train items at COPIES are item 0 with one pixel one grey level brighter (the same
+    cell imaged twice: a near-duplicate group of 4)."""
+    items = noisy_images(split, n, side)
+    for i in COPIES if split == "train" else ():
+        image = items[0].image.copy()
+        image[0, 0] = min(255, int(image[0, 0]) + 1)
+        items[i] = dataclasses.replace(items[i], image=image, label=items[0].label)
+    return items
+
+
 def fit(request: TrainingRequest) -> TrainingResult:
     """A training contract that leaves request.held_out out: a small CNN, full batch, seeded."""
-    REQUESTS.append(request)
+    request.out.with_suffix(".request.json").write_text(request.model_dump_json())  # what it was asked
     uc = load_use_case(request.use_case)
-    items = noisy_images("train", **uc.data.params)
+    items = globals()[uc.data.loader.split(":")[1]]("train", **uc.data.params)  # the use case's loader
     held = set(request.held_out.get("train", []))
     keep = [it for i, it in enumerate(items) if i not in held]
     with torch.random.fork_rng():
@@ -181,21 +198,21 @@ def fit_wrong_answer(request: TrainingRequest) -> TrainingResult:
     return {"path": str(request.out)}
 
 
-def cross_case(entry: str | None, n: int = 100) -> UseCase:
+def cross_case(entry: str | None, n: int = 100, loader: str = "noisy_images") -> UseCase:
     uc, _ = synthetic_case(n=n)
     raw = uc.model_dump(mode="json")
-    raw["data"].update(loader="test_label_issues:noisy_images", path=str(Path(__file__).parent))
+    raw["data"].update(loader=f"test_label_issues:{loader}", path=str(Path(__file__).parent))
     if entry:
         raw["training"] = {"entry": f"test_label_issues:{entry}"}
     return UseCase.model_validate(raw)
 
 
 def test_train_labels_are_screened_out_of_fold_through_the_training_contract(tmp_path):
-    REQUESTS.clear()
     uc = cross_case("fit")
     out = run_check(uc, load_classifier(uc.model), tmp_path, folds=3, epochs=3, thumbnails=0)
-    assert [r.epochs for r in REQUESTS] == [3, 3, 3]
-    held = [set(r.held_out["train"]) for r in REQUESTS]
+    asked = requests(tmp_path / "label_issues")
+    assert [r.epochs for r in asked] == [3, 3, 3]
+    held = [set(r.held_out["train"]) for r in asked]
     assert sorted(i for h in held for i in h) == list(range(100))  # each item out of exactly one fold
     train = next(m for m in out.measurements if m.metric == "suspected_labels" and m.scope.split == "train")
     assert train.n == 100 and train.value is not None
@@ -205,6 +222,36 @@ def test_train_labels_are_screened_out_of_fold_through_the_training_contract(tmp
     assert any("out-of-fold probabilities of 3 models" in v and "3 epochs each" in v for v in out.validity)
     assert not any("train split" in x for x in out.limitations)
     assert LabelIssues.produces(LabelIssues.Params(), uc)[0].split == "train"
+
+
+def test_near_duplicates_are_one_group_keyed_by_its_least_id_whatever_the_order():
+    ids = ["e", "b", "d", "a", "c", "f"]
+    pairs = np.array([[0, 1], [1, 4], [2, 3]])  # e-b, b-c: one group; d-a another; f alone
+    assert L.fold_groups(ids, pairs) == ["b", "b", "a", "a", "b", "f"]
+    order = [5, 3, 1, 0, 4, 2]  # the same items and pairs in another order
+    where = {j: k for k, j in enumerate(order)}
+    keys = L.fold_groups([ids[j] for j in order], np.array([[where[a], where[b]] for a, b in pairs]))
+    assert keys == [["b", "b", "a", "a", "b", "f"][j] for j in order]
+
+
+def test_a_near_duplicate_group_is_held_out_as_a_whole_and_only_the_groups_change_fold(tmp_path):
+    """ELPV images cells twice: with folds by item a cell's near-copy trains the model that scores it, which repeats
+    its label. The folds keep a group in one fold (the split's own rule); items with no near-copy keep their fold."""
+    uc = cross_case("fit", loader="near_copies")
+    held, out = {}, {}
+    for distance in (2, None):
+        out[distance] = run_check(uc, load_classifier(uc.model), tmp_path / str(distance), folds=3, epochs=1,
+                                  thumbnails=0, splits=["train"], near_duplicate_distance=distance)
+        held[distance] = [set(r.held_out["train"]) for r in requests(tmp_path / str(distance) / "label_issues")]
+        assert sorted(i for h in held[distance] for i in h) == list(range(100))
+    group = {0, *COPIES}
+    assert sum(group <= h for h in held[2]) == 1  # the group, whole, in one fold
+    assert not any(group <= h for h in held[None])  # by item (this seed): its members in several folds
+    fold = {d: {i: f for f, h in enumerate(held[d]) for i in h} for d in held}
+    assert all(fold[2][i] == fold[None][i] for i in range(100) if i not in group)
+    assert out[2].summary["train"]["items_with_near_duplicates"] == 4
+    assert any("4 items have a near-copy in the split" in v for v in out[2].validity)
+    assert any("folds by item" in v for v in out[None].validity)
 
 
 def test_the_folds_and_their_evidence_do_not_depend_on_the_batch_size(tmp_path):
@@ -251,7 +298,8 @@ def test_on_elpv_the_train_split_is_screened_out_of_fold_through_the_solar_train
     assert m.scope.split == "train" and m.n > 1500 and m.value is not None, m
     folds = [load_classifier(uc.model.model_copy(update={"path": tmp_path / "label_issues" / f"fold{k}.pt"}))
              for k in (1, 2, 3)]
-    oof = L.OutOfFold(folds, 0)
+    ctx = Context(uc, None, DataSource(uc.data, model=uc.model), seed=0, workdir=tmp_path)
+    oof = L.OutOfFold(folds, train_folds(ctx, 3, 2)[0])
     y, probs, uncertain = [], [], []
     for b in DataSource(uc.data, model=uc.model).stream("train").batches():
         y.append(b.labels)

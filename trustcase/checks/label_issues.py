@@ -3,7 +3,9 @@ contradict with confidence, by confident learning (science in `data.labels`).
 
 Out of sample: on the held-out splits, the assessed model's probabilities; on the `train` split, out-of-fold
 probabilities by cross-validation through the use case's training contract (`training.entry`: `folds` models, each
-trained for `epochs` epochs without one fold, `TrainingRequest.held_out`). Without a contract that can leave a fold
+trained for `epochs` epochs without one fold, `TrainingRequest.held_out`). Folds are by near-duplicate group (perceptual
+hashes within `near_duplicate_distance` bits, exact duplicates for tabular rows; the split rule of ELPV): a model that
+trained on an item's near-copy repeats its label and hides the issue. Without a contract that can leave a fold
 out, the train split is not screened and the evidence says why. Each split is screened on a seeded sample of at most
 `max_items` items (the whole split when smaller).
 Measurements per split: `suspected_labels` (the suspected share, the estimated noise rate, with its Clopper-Pearson
@@ -14,6 +16,7 @@ and the suggested class; never for a confidential use case (real inputs).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 from trustcase.checks import Check, CheckError, Context, Params, Produces
 from trustcase.data import labels as L
 from trustcase.data.drift import Sample
+from trustcase.data.quality import exact_hash, near_pairs, perceptual_hash
 from trustcase.errors import Unsupported, validation_message
 from trustcase.measurement import proportion
 from trustcase.models.classifier import ModelError
@@ -39,6 +43,9 @@ class LabelIssuesParams(Params):
                         "of the cross-validation, folds x epochs")
     training: dict[str, Any] = Field({}, description="request.params of the folds' models, over training.params "
                                      "(e.g. a cheaper recipe than the assessed model's)")
+    near_duplicate_distance: int | None = Field(
+        2, ge=0, le=32, description="perceptual-hash distance (bits of 64) within which train items are one group, "
+        "kept in one fold (tabular rows: exact duplicates); None: every item its own group")
     max_items: int = Field(10000, ge=10, le=1_000_000, description="seeded sample screened per split: memory bound")
     thumbnails: int = Field(8, ge=0, le=64, description="suspected items shown per split (0: none)")
 
@@ -75,18 +82,18 @@ class LabelIssues(Check):
         shown = p.thumbnails if images and not uc.confidential else 0
         out, findings, summary, limitations, rows = [], [], {}, [], []
         roles = self._splits(p, ctx.data.roles, uc)
-        fold_models, not_cross = self._fold_models(ctx) if "train" in roles else (None, "")
+        oof, grouped, not_cross = self._fold_models(ctx) if "train" in roles else (None, 0, "")
         validity = []
         for role in roles:
             scope = Scope(split=role)
-            if role == "train" and fold_models is None:
+            if role == "train" and oof is None:
                 why = f"the train split's labels are not screened: {not_cross}"
                 limitations.append(why)
                 out.append(proportion(self.name, "suspected_labels", 0, 0, conf, scope, undefined=why))
                 out += [proportion(self.name, f"suspected_labels:{c}", 0, 0, conf, scope, undefined=why)
                         for c in names]
                 continue
-            probabilities = L.OutOfFold(fold_models, ctx.seed) if role == "train" else \
+            probabilities = oof if role == "train" else \
                 (lambda x, ids: L.softmax(ctx.model.logits(x, ids)))
             sample = Sample(p.max_items, ctx.seed, self.name)
             lowest = L.LowestConfidence(shown)
@@ -131,11 +138,16 @@ class LabelIssues(Check):
                 "it was not asked (splits)" if p.splits is not None else
                 "cross-validation was not asked (folds: 0)" if not p.folds else
                 "the use case offers no training contract (training.entry) to cross-validate through"))
-        if fold_models is not None:
+        if oof is not None:
+            summary.setdefault("train", {})["items_with_near_duplicates"] = grouped
+            rule = ("by item" if p.near_duplicate_distance is None else
+                    f"by near-duplicate group ({grouped} items have a near-copy in the split, perceptual hash within "
+                    f"{p.near_duplicate_distance} bits: each group in one fold)" if images else
+                    f"by group of exact duplicates ({grouped} items)")
             validity.append(
                 f"train split: out-of-fold probabilities of {p.folds} models trained through the use case's training "
                 f"contract ({uc.training.entry}, {p.epochs} epoch{'s' * (p.epochs > 1)} each, params "
-                f"{p.training or 'as training.params'}), each without one fold of the items (folds by item, the one "
+                f"{p.training or 'as training.params'}), each without one fold of the items (folds {rule}, the one "
                 "seeding rule); they are not the assessed model: its suspects are what this recipe contradicts")
         return CheckOutcome(
             check=self.name, measurements=out, findings=findings, artefacts=artefacts, summary=summary,
@@ -149,27 +161,27 @@ class LabelIssues(Check):
                       f"of at most {p.max_items} items per split, the one seeding rule); it estimates the noise rate "
                       "the model can see (errors the model repeats are not found)"])
 
-    def _fold_models(self, ctx: Context) -> tuple[list | None, str]:
-        """The folds' models trained through the use case's training contract, or None and why not (the train
-        split is then not screened): no contract, or one that answers `Unsupported` (it cannot leave items out) or
-        does not confirm the fold. Anything else it raises is not a fallback: a `UserError` is the user's to fix,
-        any other exception a bug."""
+    def _fold_models(self, ctx: Context) -> tuple[L.OutOfFold | None, int, str]:
+        """The folds' models trained through the use case's training contract and how many train items share a
+        group with another, or None and why not (the train split is then not screened): no contract, or one that
+        answers `Unsupported` (it cannot leave items out) or does not confirm the fold. Anything else it raises is not
+        a fallback: a `UserError` is the user's to fix, any other exception a bug."""
         from trustcase.models.loading import load_classifier
         from trustcase.registry import resolve
 
         p, uc = self.params, ctx.use_case
         if not p.folds:
-            return None, "cross-validation was not asked (folds: 0)"
+            return None, 0, "cross-validation was not asked (folds: 0)"
         if uc.training is None:
-            return None, "the use case offers no training contract (training.entry) to cross-validate through"
+            return None, 0, "the use case offers no training contract (training.entry) to cross-validate through"
         try:
             entry = resolve(uc.training.entry, uc.data.path, "training.entry", CheckError)
         except CheckError as e:
-            return None, str(e)
+            return None, 0, str(e)
+        fold, position, grouped = train_folds(ctx, p.folds, p.near_duplicate_distance)
         held: list[list[int]] = [[] for _ in range(p.folds)]
-        for b in ctx.batches("train"):
-            for i, pos in zip(b.ids, b.index, strict=True):
-                held[L.fold_of(ctx.seed, i, p.folds)].append(int(pos))
+        for i, pos in position.items():
+            held[fold[i]].append(pos)
         # the contract reads a use-case file: the one assessed (its paths are absolute already)
         case = ctx.workdir / "use_case.yaml"
         case.write_text(yaml.safe_dump(uc.model_dump(mode="json"), sort_keys=False))
@@ -185,19 +197,19 @@ class LabelIssues(Check):
             try:
                 answer = entry(request)
             except Unsupported as e:
-                return None, f"{where} cannot leave items out: {e}"
+                return None, 0, f"{where} cannot leave items out: {e}"
             try:
                 result = TrainingResult.model_validate(answer, from_attributes=True)
             except ValidationError as e:
                 raise CheckError(f"{where} returned no TrainingResult: {validation_message(e)}") from None
             if result.held_out != len(positions):
-                return None, (f"{where} says it left {result.held_out} items out, not the fold's {len(positions)} "
+                return None, 0, (f"{where} says it left {result.held_out} items out, not the fold's {len(positions)} "
                               "(TrainingResult.held_out): its model is not known to be out of sample")
             try:
                 models.append(load_classifier(uc.model.model_copy(update={"path": result.model})))
             except ModelError as e:
-                return None, f"{where}: its model does not load: {e}"
-        return models, ""
+                return None, 0, f"{where}: its model does not load: {e}"
+        return L.OutOfFold(models, fold), grouped, ""
 
     def _thumbnails(self, ctx: Context, rows) -> list:
         from trustcase.explain import imaging
@@ -211,3 +223,22 @@ class LabelIssues(Check):
         (ctx.workdir / "suspected.csv").write_text("split,item,label,suggested\n" + "".join(
             f"{r},{i},{lab},{m}\n" for r, i, _, lab, m in rows))
         return [ctx.artefact(path, "image"), ctx.artefact(ctx.workdir / "suspected.csv")]
+
+
+def train_folds(ctx: Context, folds: int, distance: int | None) -> tuple[dict[str, int], dict[str, int], int]:
+    """Each train item's fold (its group's: `labels.fold_groups`, near-duplicates by perceptual hashes within
+    `distance` bits, exact duplicates for tabular rows, None: every item its own group; `labels.fold_of` of the
+    group's key) and position in the split, and how many items share a group with another: one pass, 8 bytes of hash
+    per item."""
+    ids, positions, hashes = [], [], []
+    images = len(ctx.use_case.model.input_shape) == 3
+    for b in ctx.batches("train"):
+        ids += [str(i) for i in b.ids]
+        positions += [int(x) for x in b.index]
+        if distance is not None:
+            hashes.append(perceptual_hash(np.nan_to_num(b.images)) if images else exact_hash(b.images))
+    pairs = near_pairs(np.concatenate(hashes), distance if images else 0) if hashes else np.empty((0, 2), np.int64)
+    keys = L.fold_groups(ids, pairs)
+    grouped = sum(n for n in Counter(keys).values() if n > 1)
+    return ({i: L.fold_of(ctx.seed, k, folds) for i, k in zip(ids, keys, strict=True)},
+            dict(zip(ids, positions, strict=True)), grouped)

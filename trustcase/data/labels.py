@@ -4,7 +4,8 @@ thresholds are the mean self-confidence of each class, so a model's overall over
 decide; the suspected share of a split estimates its noise rate.
 
 Out of sample: a held-out split's probabilities from the assessed model, or the training split's out of fold
-(`OutOfFold`: k models, each trained without one fold, the fold of an item fixed by the one seeding rule).
+(`OutOfFold`: k models, each trained without one fold, the fold of an item's near-duplicate group fixed by the
+one seeding rule: `fold_groups`).
 Memory is bounded: a split is screened on a seeded sample of at most `max_items` items (`drift.Sample`)."""
 
 from __future__ import annotations
@@ -28,19 +29,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def fold_of(seed: int, item: str, folds: int) -> int:
-    """The cross-validation fold of an item (stream "fold" of the one seeding rule): the same fold whatever the batch
-    size, the order or the shards, and about n / folds items in each."""
+    """The cross-validation fold of an item, or of a group's key (stream "fold" of the one seeding rule): the same
+    fold whatever the batch size, the order or the shards, and about n / folds items in each."""
     return item_seed(seed, "label_issues", str(item), "fold") % folds
 
 
-class OutOfFold:
-    """Each item's probabilities from the model of its fold, which was trained without that fold."""
+def fold_groups(ids: list[str], pairs: np.ndarray) -> list[str]:
+    """Each item's group key: the least id of its connected component under `pairs` (index pairs of near-duplicates).
+    Folds by group keep an item and its near-copies in one fold, so no item is scored by a model trained on its
+    near-copy (which would repeat its label); the key does not depend on the order the items came in."""
+    parent = list(range(len(ids)))
 
-    def __init__(self, models: list, seed: int):
-        self.models, self.seed = models, seed
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = root(int(a)), root(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    least: dict[int, str] = {}
+    for i, name in enumerate(ids):
+        r = root(i)
+        least[r] = min(least.get(r, name), name)
+    return [least[root(i)] for i in range(len(ids))]
+
+
+class OutOfFold:
+    """Each item's probabilities from the model of its fold (`folds`: item id -> fold), trained without that fold."""
+
+    def __init__(self, models: list, folds: dict[str, int]):
+        self.models, self.folds = models, folds
 
     def __call__(self, images: np.ndarray, ids: list[str]) -> np.ndarray:
-        fold = np.array([fold_of(self.seed, i, len(self.models)) for i in ids])
+        fold = np.array([self.folds[i] for i in ids])
         out = None
         for f in np.unique(fold):
             rows = np.flatnonzero(fold == f)
