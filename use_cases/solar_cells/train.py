@@ -116,13 +116,15 @@ def interval_margins(model: nn.Sequential, lo: torch.Tensor, hi: torch.Tensor, y
 
 
 def read_extra(extra, size: int, uc) -> tuple[np.ndarray, np.ndarray]:
-    """The extra items (e.g. HUDD's unsafe set) with the labels given, each repeated `copies` times."""
+    """The extra items (e.g. HUDD's unsafe set) with the labels given (None: the item's own), each repeated `copies`
+    times."""
     xs, ys = [], []
     splits = {}
     for e in extra:
         s = splits.setdefault(e.role, load(uc, uc.data.splits[e.role], size))
-        xs += [s[e.index].image[..., None]] * e.copies
-        ys += [e.label] * e.copies
+        item = s[e.index]
+        xs += [item.image[..., None]] * e.copies
+        ys += [item.label if e.label is None else e.label] * e.copies
     return (np.stack(xs), np.array(ys)) if xs else (np.empty((0, size, size, 1)), np.empty(0, np.int64))
 
 
