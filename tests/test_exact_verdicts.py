@@ -137,6 +137,24 @@ def test_judge_a_sweep_at_its_worst_amplitude():
     assert e.value == 0.01 and e.details["worst_amplitude"] == 0.0
 
 
+def test_tied_pessimistic_bounds_are_broken_by_the_value_then_the_smallest_amplitude():
+    # magnetic tiles S17: IoU under attack, lower bounds clipped at 0 tie at every amplitude; 0 at 2 is the worst
+    sweep = [m(0.009, 0.0, 0.015, "iou", 0.0, "pgd"), m(0.0, 0.0, 0.0, "iou", 2.0, "pgd"),
+             m(0.002, 0.0, 0.005, "iou", 1.0, "pgd"), m(0.0, 0.0, 0.0, "iou", 4.0, "pgd")]  # 4: beyond the claim
+    (e,) = judge([req(">=", 0.3, "iou", "pgd", 2.0)], [outcome(*sweep)])
+    assert e.value == 0.0 and e.verdict is Verdict.FAIL
+    assert e.details == {"worst_amplitude": 2.0, "breaking_amplitude": None, "amplitudes": [0.0, 1.0, 2.0]}
+    assert e.rationale == "iou = 0, lower bound 0 at amplitude 2 (n = 100); claim >= 0.3: FAIL"
+    # bound and value tied: the smallest amplitude, whatever the order measured
+    (e,) = judge([req(">=", 0.3, "iou", "pgd", 4.0)], [outcome(*sweep)])
+    assert e.details["worst_amplitude"] == 2.0
+    # "<=": upper bounds clipped at 1 tie; the larger false-alarm rate is the worse
+    alarms = [m(1.0, 0.8, 1.0, "fa", 0.2, "glare"), m(0.9, 0.7, 1.0, "fa", 0.1, "glare"),
+              m(0.05, 0.01, 0.1, "fa", 0.0, "glare")]
+    (e,) = judge([req("<=", 0.1, "fa", "glare", 0.2)], [outcome(*alarms)])
+    assert e.value == 1.0 and e.details["worst_amplitude"] == 0.2 and e.details["breaking_amplitude"] == 0.0
+
+
 def test_a_hole_in_a_sweep_is_never_a_pass_but_a_failure_shows():
     sweep = [m(0.99, 0.97, 1.0, amplitude=0.0, perturbation="blur"),
              m(None, amplitude=1.0, perturbation="blur", n=0)]

@@ -77,12 +77,13 @@ def _bounds(m: Measurement) -> tuple[float | None, float | None]:
     return (m.interval.lower, m.interval.upper) if m.interval else (None, None)
 
 
-def _pessimism(m: Measurement, comparator: str) -> float:  # defined measurements only
-    """Sort key: the larger, the worse for the claim (an estimate by its interval's pessimistic end)."""
+def _pessimism(m: Measurement, comparator: str) -> tuple[float, float]:  # defined measurements only
+    """Sort key: the larger, the worse for the claim (an estimate by its interval's pessimistic end, ties by the
+    value itself: bounds clipped at a metric's floor tie often, e.g. IoU 0.009 (0-0.015) and 0 (0-0))."""
     lo, hi = _bounds(m) if m.kind == "estimate" else (None, None)
     if comparator in (">=", ">"):
-        return -(lo if lo is not None else m.value)
-    return hi if hi is not None else m.value
+        return -(lo if lo is not None else m.value), -m.value
+    return hi if hi is not None else m.value, m.value
 
 
 def matches(r: Requirement, m: Measurement) -> bool:
@@ -120,6 +121,8 @@ def judge(requirements: list[Requirement], outcomes: list[CheckOutcome]) -> list
         defined = [(o, m) for o, m in found if not undefined(m)]
         hole = next(((o, m) for o, m in found if undefined(m)), None)
         if defined:
+            # full ties: the smallest amplitude (max keeps the first), where the claim is first that bad
+            defined.sort(key=lambda om: om[1].amplitude or 0.0)
             o, worst = max(defined, key=lambda om: _pessimism(om[1], r.comparator))
             lo, hi = _bounds(worst)
             v = verdict(worst.value, r.comparator, r.threshold, lo, hi, worst.kind)
