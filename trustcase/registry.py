@@ -9,14 +9,20 @@ implementers. A plan may also name an unregistered class as 'module:Class'.
 training entry, partner check, region function) becomes an object: `pkgutil.resolve_name` behind one error
 mapping, so that a missing module, a missing attribute and a module whose own code raises while it is
 imported are each one located user error of the caller's kind (`DataError` for a loader, `ModelError` for a
-factory, ...).
+factory, ...). A module that is a file of the use case's folder is loaded from that file under a name of its
+folder (`case_module`): two cases both have a `train.py`, and by its bare name one process (a test session, a
+long-lived Dask worker, the explorer) would run, and hash, whichever was imported first.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import pkgutil
+import re
 import sys
 import traceback
+import types
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -41,6 +47,11 @@ def resolve(ref: str, folder: Path | str | None = None, what: str = "reference",
     if not (colon and module and attr):
         raise error(f"{what}: {ref!r} is not a 'module:attribute' reference")
     try:
+        if (name := case_module(module, folder)) != module:
+            found = importlib.import_module(name)
+            for part in attr.split("."):
+                found = getattr(found, part)
+            return found
         return pkgutil.resolve_name(ref)
     except ModuleNotFoundError as e:
         if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
@@ -52,6 +63,39 @@ def resolve(ref: str, folder: Path | str | None = None, what: str = "reference",
         if not _partners(e) and isinstance(e, ValueError):
             raise error(f"{what}: {ref!r} is not a 'module:attribute' reference") from None
         raise error(f"{what}: importing module {module!r} of {ref!r} raised {_located(e)}") from None
+
+
+CASES = "trustcase_case_"  # the prefix of a use case folder's package: `trustcase_case_<folder name>[_<n>]`
+_case_packages: dict[Path, str] = {}  # folder -> its package's name, in this process
+
+
+def case_module(module: str, folder: Path | str | None) -> str:
+    """The name `module` is imported under: a module (file or package) of the use case's `folder` is a submodule
+    of a package whose path is that folder alone (`trustcase_case_solar_cells.train`), one per folder in this
+    process; any other module (installed, trustcase's, elsewhere on sys.path) keeps its own name. Its bare
+    imports of its siblings (`import cnn`) still go through sys.path."""
+    if folder is None or not Path(folder).is_dir():
+        return module
+    folder = Path(folder).resolve()
+    top = module.partition(".")[0]
+    if not ((folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()):
+        return module
+    if folder not in _case_packages:
+        stem = CASES + (re.sub(r"\W", "_", folder.name) or "root")
+        taken = set(_case_packages.values())
+        name = next(n for n in (stem, *(f"{stem}_{i}" for i in range(2, 10**6))) if n not in taken)
+        package = types.ModuleType(name, f"the modules of the use case folder {folder}")
+        package.__path__ = [str(folder)]  # its submodules are found in this folder only
+        package.__spec__ = importlib.util.spec_from_loader(name, None, is_package=True)
+        package.__spec__.submodule_search_locations = [str(folder)]
+        sys.modules[name] = package
+        _case_packages[folder] = name
+    return f"{_case_packages[folder]}.{module}"
+
+
+def bare_name(module: str) -> str:
+    """A use case module's name as its folder knows it (`train` for `trustcase_case_solar_cells.train`)."""
+    return module.partition(".")[2] if module.startswith(CASES) and "." in module else module
 
 
 def _partners(e: BaseException) -> list[traceback.FrameSummary]:

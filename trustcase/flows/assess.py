@@ -114,9 +114,13 @@ def _partner_modules(use_case: UseCase) -> list[str]:
     """The modules of partner code a result depends on: the loader, the model's factory or black box, the
     training contract's script, and every check of the plan that is not trustcase's (registered by a partner's
     package or named `module:Class`)."""
-    refs = [use_case.data.loader, use_case.model.factory, use_case.model.entry,
-            use_case.training and use_case.training.entry]  # label_issues trains its folds through it
-    mods = [r.partition(":")[0] for r in refs if r and ":" in r]
+    from trustcase.registry import case_module
+
+    path = use_case.model.path
+    model = path if path.is_dir() else path.parent  # a black box's folder (models.blackbox)
+    refs = [(use_case.data.loader, use_case.data.path), (use_case.model.factory, None), (use_case.model.entry, model),
+            (use_case.training and use_case.training.entry, use_case.data.path)]  # label_issues trains through it
+    mods = [case_module(r.partition(":")[0], folder) for r, folder in refs if r and ":" in r]  # as `resolve` names it
     mods += [m for m in (check_class(spec.check).__module__ for spec in use_case.plan.checks)
              if m.partition(".")[0] != "trustcase"]
     return mods

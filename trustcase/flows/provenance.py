@@ -25,6 +25,7 @@ import yaml
 
 import trustcase
 from trustcase.models.classifier import sha256_file
+from trustcase.registry import bare_name
 
 PACKAGES = ("trustcase", "torch", "numpy", "scipy", "pydantic", "prefect", "mlflow", "captum",
             "albumentations", "opencv-python-headless", "onnxruntime", "elpv-dataset", "weasyprint")
@@ -185,12 +186,12 @@ def code_closure(modules: list[str]) -> list[str]:
         if not origin.endswith(".py"):
             raise Uncacheable(f"module {name} ({Path(origin).name}) has no Python source to hash")
         source = Path(origin).read_text(encoding="utf-8", errors="replace")
-        out.append(f"{name}:{hashlib.sha256(source.encode()).hexdigest()}")
+        out.append(f"{bare_name(name)}:{hashlib.sha256(source.encode()).hexdigest()}")  # the file it ran from
         try:
             todo += sorted(_imports(module or ModuleType(name), source))
         except SyntaxError:
             continue
-    return sorted(out)
+    return sorted(set(out))  # a folder's module loaded by its folder's name and imported bare: one file
 
 
 def canonical_sha256(obj) -> str:
