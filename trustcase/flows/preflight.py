@@ -105,8 +105,32 @@ def plan(uc: UseCase, add: Add) -> list[Declared]:
         except UserError as e:  # a check's own refusal of its parameters
             add((*loc, "params"), str(e))
             continue
+        for where, msg in split_names(params, uc):
+            add((*loc, "params", *where), msg)
         # a check not taught the use case's task measures nothing for it (it says so at run time)
         out.append(Declared(spec.check, params, cls.produces(params, uc) if uc.task in cls.tasks else []))
+    return out
+
+
+SPLIT_PARAMETERS = ("split", "splits", "reference", "held_out")  # and any "*_split" / "*_splits"
+
+
+def split_names(params: object, uc: UseCase) -> list[tuple[tuple, str]]:
+    """A check parameter that names splits (SPLIT_PARAMETERS, or named "*_split" / "*_splits"), given in the plan,
+    names roles of data.splits: a typo would be an INCONCLUSIVE claim or a failure after the run. Defaults are the
+    check's own (it says at run time when its default split is missing)."""
+    roles, out = list(uc.data.splits), []
+    for name in sorted(getattr(params, "model_fields_set", ())):
+        if not (name in SPLIT_PARAMETERS or name.endswith(("_split", "_splits"))):
+            continue
+        value = getattr(params, name)
+        named = [((name,), value)] if isinstance(value, str) else \
+            [((name, j), v) for j, v in enumerate(value)] if isinstance(value, list | tuple) else []
+        for where, v in named:
+            if isinstance(v, str) and v not in roles:
+                near = difflib.get_close_matches(v, roles, n=1)
+                out.append((where, f"{name}: {v!r} is not a split of data.splits ({', '.join(roles)})"
+                                   + (f"; did you mean {near[0]!r}?" if near else "")))
     return out
 
 
