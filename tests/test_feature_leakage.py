@@ -10,7 +10,7 @@ import yaml
 
 from trustcase.checks import Context
 from trustcase.checks.feature_leakage import FeatureLeakage
-from trustcase.data.leakage import NearestReference, calibrate
+from trustcase.data.leakage import NearestReference, calibrate, fewest_items
 from trustcase.data.streaming import DataSource
 from trustcase.models.loading import load_classifier
 from trustcase.schemas import Requirement, Verdict, load_use_case
@@ -50,6 +50,34 @@ def test_calibration_is_the_conformal_order_statistic_by_hand():
     lo, hi = t.false_positive_interval(0.95)
     assert lo < 0.05 < hi
     assert calibrate(np.arange(10) / 10, rate=0.05) is None  # 11 / 20 < 1: too few items for 5%
+
+
+@pytest.mark.parametrize("rate", [0.49, 0.2, 0.1, 0.05, 0.01, 0.007, 0.005, 0.0049, 0.001])
+def test_fewest_items_is_exactly_where_calibration_starts(rate):
+    n = fewest_items(rate)
+    assert calibrate(np.arange(n, dtype=float), rate) is not None
+    assert n == 1 or calibrate(np.arange(n - 1, dtype=float), rate) is None
+    assert n + 1 >= 1 / rate - 1e-9
+
+
+def test_too_few_calibration_items_for_the_rate_are_refused_by_validate_with_the_line(tmp_path, tiny_model):
+    """review4 R9: at 0.5% the conformal threshold needs 199 items; 100 ended INCONCLUSIVE after the run."""
+    from conftest import tiny_use_case, write_yaml
+
+    from trustcase.flows.preflight import preflight
+    from trustcase.schemas import UseCaseError
+
+    assert FeatureLeakage.Params(calibration_items=199).calibration_items == 199
+    with pytest.raises(ValueError, match="100 items cannot calibrate a false_positive_rate of 0.005: the conformal "
+                                         "threshold needs at least 199"):
+        FeatureLeakage.Params(calibration_items=100)
+    raw = tiny_use_case(tmp_path, tiny_model)
+    raw["plan"]["checks"].append({"check": "feature_leakage", "params": {"calibration_items": 100}})
+    path = write_yaml(tmp_path / "uc.yaml", raw)
+    with pytest.raises(UseCaseError) as e:
+        preflight(path)
+    (p,) = [p for p in e.value.problems if p.location == "plan.checks[3].params.calibration_items"]
+    assert "needs at least 199" in p.message and "calibration_items: 100" in path.read_text().splitlines()[p.line - 1]
 
 
 def test_the_calibrated_threshold_keeps_its_false_positive_rate_on_new_distinct_items():

@@ -16,11 +16,11 @@ listed with the perceptual-hash distance of its two images (0-2 bits: the same p
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from trustcase.checks import Check, Context, Params, Produces
 from trustcase.data.drift import Sample
-from trustcase.data.leakage import NearestReference, calibrate
+from trustcase.data.leakage import NearestReference, calibrate, fewest_items
 from trustcase.data.quality import exact_hash, perceptual_hash
 from trustcase.measurement import clopper_pearson, proportion
 from trustcase.odd.features import FeatureExtractor
@@ -42,6 +42,15 @@ class FeatureLeakageParams(Params):
     copies: int = Field(100, ge=0, le=2000, description="reference items copied with noise to measure the power")
     copy_noise: float = Field(1.0, ge=0, description="Gaussian noise of the copies, standard deviation in pixel "
                               "units (grey levels)")
+
+    @field_validator("calibration_items")
+    @classmethod
+    def _enough_to_calibrate(cls, n: int, info: ValidationInfo) -> int:
+        rate = info.data.get("false_positive_rate")  # validated before (declared first); absent if it failed
+        if rate is not None and n < (need := fewest_items(rate)):
+            raise ValueError(f"{n} items cannot calibrate a false_positive_rate of {rate:g}: the conformal threshold "
+                             f"needs at least {need} (n + 1 >= 1 / rate)")
+        return n
 
 
 class FeatureLeakage(Check):
@@ -134,8 +143,12 @@ class FeatureLeakage(Check):
                          + (f"perceptual duplicates within {distinct} bits" if images else "exact duplicates")
                          + f" excluded) at which distinct items are flagged at a rate of "
                          f"{threshold.false_positive_rate():.2%} ({conf:.0%} interval {fp_lo:.2%}-{fp_hi:.2%}); "
-                         f"calibrated on items the model was trained on: an unseen distinct item's rate can differ"
-                         + power] if threshold is not None and not why else []),
+                         f"calibrated on items the model was trained on: an unseen distinct item's rate can differ; "
+                         f"the calibration's nearest others include same-source siblings that are not perceptual "
+                         f"duplicates (e.g. neighbouring cells of one module), which a held-out item lacks, so the "
+                         f"threshold sits above a held-out item's chance level: its rate tends to be at most the "
+                         f"stated one, the power correspondingly lower" + power]
+                        if threshold is not None and not why else []),
                       f"{len(index)} {p.reference} items indexed"])
 
     @staticmethod
@@ -147,7 +160,7 @@ class FeatureLeakage(Check):
                     "feature space")
         if threshold is None:
             return (f"{calibrated} distinct {p.reference} items calibrate no threshold at a false-positive rate of "
-                    f"{p.false_positive_rate:g} (it needs at least {int(np.ceil(1 / p.false_positive_rate)) - 1})")
+                    f"{p.false_positive_rate:g} (it needs at least {fewest_items(p.false_positive_rate)})")
         if threshold.value >= COLLAPSED:
             return (f"the model's features do not separate distinct {p.reference} items: at a false-positive rate "
                     f"of {p.false_positive_rate:g} the threshold would be a similarity of {threshold.value:.9f}, "

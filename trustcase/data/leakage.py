@@ -115,13 +115,25 @@ class Threshold:
         return float(dist.ppf(a)), float(dist.ppf(1 - a))
 
 
+def _rank(rate: float, n: int) -> int:
+    return math.ceil((1 - rate) * (n + 1) - 1e-9)  # the conformal order statistic (the tolerance: 1 / 0.005 - 1)
+
+
 def calibrate(similarities: np.ndarray, rate: float) -> Threshold | None:
     """The smallest threshold whose false-positive rate on distinct items is at most `rate` in expectation: the
     ceil((1 - rate)(n + 1))-th smallest similarity (conformal quantile); None when n is too small for that rate
-    (n + 1 < 1 / rate)."""
+    (fewer than `fewest_items(rate)`: n + 1 < 1 / rate)."""
     s = np.sort(np.asarray(similarities, np.float64)[np.isfinite(similarities)])
     n = len(s)
-    k = math.ceil((1 - rate) * (n + 1) - 1e-9)
+    k = _rank(rate, n)
     if n == 0 or k > n:
         return None
     return Threshold(float(s[k - 1]), k, n)
+
+
+def fewest_items(rate: float) -> int:
+    """The fewest distinct items that calibrate a threshold at `rate` (`calibrate` is None below it)."""
+    n = max(1, math.floor(1 / rate) - 2)
+    while _rank(rate, n) > n:
+        n += 1
+    return n
