@@ -197,9 +197,10 @@ def test_tiled_segment_gives_the_classes(tmp_path):
     assert key == "x" and pred.shape == (6, 9) and np.array_equal(pred, (image[..., 0] > 127.5).astype(np.int64))
 
 
-def test_validate_says_assess_does_not_read_tiles_yet(tmp_path):
-    """`fit: tiles` is evaluated by `tasks.segmentation_tiles` only: validate says so on the loader's line, instead
-    of calling the first whole image one that "does not fit the model's input"."""
+def test_validate_accepts_tiles_on_the_magnetic_tiles(tmp_path):
+    """`fit: tiles` is read by the assessment (`segmentation_tiles.TiledSegmenter`; end to end in
+    tests/test_segmentation_tiles_assess.py): validate accepts the bundled case with 192x192 tiles overlapping by 32
+    px on whole images (it used to refuse it: "not yet by assess")."""
     import yaml
     from subset_assess import CASES, case_module
     from typer.testing import CliRunner
@@ -215,6 +216,5 @@ def test_validate_says_assess_does_not_read_tiles_yet(tmp_path):
     path = tmp_path / "uc.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     r = CliRunner().invoke(app, ["validate", str(path)])
-    assert r.exit_code == 2, r.output
-    assert "data.params: fit: tiles is evaluated by trustcase.tasks.segmentation_tiles" in r.output
-    assert "does not fit the model's input" not in r.output and "Traceback" not in r.output
+    assert r.exit_code == 0, r.output
+    assert "valid: magnetic_tiles" in r.output and "Traceback" not in r.output

@@ -64,7 +64,8 @@ def noise_step(model: Classifier) -> torch.Tensor:
     """How one pixel-space unit moves the model input (the normalisation is affine: x * scale + shift)."""
     shape = model.spec.input_shape
     probe = np.zeros((1, *shape[1:], shape[0]) if len(shape) > 1 else (1, shape[0]), np.float32)
-    return model.to_input(probe + 1) - model.to_input(probe)
+    step = model.to_input(probe + 1) - model.to_input(probe)
+    return step[..., :1, :1] if step.ndim == 4 else step  # per channel: fits an image of any size (fit: tiles)
 
 
 NOISE_BLOCK = 64  # noise is drawn per item in blocks of this many samples, whatever the forward batch

@@ -110,6 +110,10 @@ class Check:
     needs_gradients: ClassVar[bool] = False
     stage: ClassVar[Stage] = Stage.TESTING  # the AMLAS stage its evidence supports
     tasks: ClassVar[frozenset[str]] = frozenset({"classification"})  # use-case tasks it is taught (trustcase.tasks)
+    # under `fit: tiles` the model takes whole images of any size through its tiler (`tasks.segmentation_tiles`):
+    # True when this check's evidence is computed on those whole images; else it is not applicable, `not_tiled` why
+    whole_images: ClassVar[bool] = False
+    not_tiled: ClassVar[str] = "it is not taught whole images of any size read through the model's tiles"
 
     def __init__(self, params: Params):
         self.params = params
@@ -136,6 +140,8 @@ class Check:
         if ctx.use_case.task not in self.tasks:
             raise Unsupported(f"{self.name} is not taught the {ctx.use_case.task} task yet (it measures "
                               f"{' and '.join(sorted(self.tasks))} models); not applicable")
+        if getattr(ctx.model, "tiling", None) is not None and not self.whole_images:
+            raise Unsupported(f"{self.name} under fit: tiles: {self.not_tiled}; not applicable")
         if self.needs_gradients and not ctx.model.differentiable:
             raise Unsupported(f"{self.name} needs gradients; the model is a black box")
         ctx.workdir.mkdir(parents=True, exist_ok=True)

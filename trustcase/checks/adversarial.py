@@ -118,6 +118,7 @@ class Adversarial(Check):
     needs_gradients = False  # square_linf needs forward passes only; the gradient attacks are refused on black boxes
     stage = Stage.TESTING
     tasks = frozenset({"classification", "detection", "segmentation"})
+    whole_images = True  # under fit: tiles: the whole image attacked through the stitched (differentiable) logits
 
     @classmethod
     def produces(cls, params, use_case):

@@ -28,6 +28,7 @@ class DataQuality(Check):
     Params = DataQualityParams
     stage = Stage.DATA
     tasks = frozenset({"classification", "detection", "segmentation"})  # a detector's classes are its boxes', a
+    whole_images = True  # under fit: tiles: pixel statistics and masks of the whole images, as read
     # segmenter's its pixels'
 
     @classmethod

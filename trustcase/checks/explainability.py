@@ -197,6 +197,8 @@ class Explainability(Check):
     BOX_FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "box_energy"]  # a detector's
     REGION_FAMILIES = ["deletion_auc", "insertion_auc", "faithfulness", "region_energy", "pointing_game"]  # segmenter
     tasks = frozenset({"classification", "detection", "segmentation"})
+    not_tiled = ("its methods and their quality metrics explain a batch of images of the model's input size, and "
+                 "the layer methods would read tiles, not the image explained")
 
     @classmethod
     def produces(cls, params, use_case):

@@ -121,6 +121,8 @@ class OddMonitor(Check):
     Params = OddParams
     stage = Stage.DEPLOYMENT
     tasks = frozenset({"classification", "detection", "segmentation"})
+    not_tiled = ("the monitor is fitted on, and guards, inputs of the model's input size (one tile); a monitor of "
+                 "whole images of any size is not built")
 
     @classmethod
     def produces(cls, params, use_case):

@@ -24,6 +24,7 @@ class Performance(Check):
     Params = PerformanceParams
     stage = Stage.LEARNING
     tasks = frozenset({"classification", "detection", "segmentation"})
+    whole_images = True  # under fit: tiles: the stitched masks scored on the whole masks
 
     @classmethod
     def produces(cls, params, use_case):

@@ -83,6 +83,7 @@ class PerturbationSweep(Check):
     Params = SweepParams
     stage = Stage.TESTING
     tasks = frozenset({"classification", "detection", "segmentation"})  # scored by the task's metrics
+    whole_images = True  # under fit: tiles: the whole image perturbed, then tiled
 
     @classmethod
     def produces(cls, params, use_case):

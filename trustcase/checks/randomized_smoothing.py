@@ -81,6 +81,7 @@ class RandomizedSmoothing(Check):
     Params = SmoothingParams
     stage = Stage.FORMAL
     tasks = frozenset({"classification", "detection", "segmentation"})
+    whole_images = True  # under fit: tiles: noise on the whole image, each pixel voted on its stitched logits
 
     @classmethod
     def produces(cls, params, use_case):
@@ -204,7 +205,8 @@ class RandomizedSmoothing(Check):
             ids += item_ids
             shown = grid.index(min(grid[1:] or grid))  # the maps at the smallest positive radius
             for j in range(min(len(item_ids), p.maps - len(drawn))):
-                drawn.append((images[j], masks[j], classes[shown][j], item_ids[j]))
+                if not drawn or images[j].shape == drawn[0][0].shape:  # one picture, one size (fit: tiles)
+                    drawn.append((images[j], masks[j], classes[shown][j], item_ids[j]))
         n = len(ids)
         ms = seg.figures(seg.join(parts, len(grid)), ids, grid, self.name, p.split, ctx.seed, conf)
         series = {m: ([], [], []) for m in SEGMENTATION_METRICS}

@@ -73,6 +73,8 @@ class RootCauses(Check):
     Params = RootCausesParams
     stage = Stage.TESTING
     tasks = frozenset({"classification", "detection", "segmentation"})
+    not_tiled = ("HUDD clusters the relevance of the network's inner layers, which under tiles see tiles, not the "
+                 "images whose errors it explains")
 
     @classmethod
     def produces(cls, params, use_case):

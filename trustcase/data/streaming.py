@@ -12,7 +12,9 @@ a loader raises is a user error naming the loader and the call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -63,10 +65,12 @@ def judge_item(image: Any, expected: tuple[int, ...] | None) -> np.ndarray:
     if image.ndim not in (1, 2, 3) or image.size == 0:
         raise Rejected("shape", f"shape {image.shape}")
     image = _as_hwc(image)
-    if expected is not None:
-        fits = image.size == expected[0] if len(expected) == 1 else image.shape == expected
+    if expected is not None:  # a None axis takes any length (whole images under `fit: tiles`)
+        fits = image.size == expected[0] if len(expected) == 1 else (
+            image.ndim == len(expected) and all(e is None or e == n for e, n in zip(expected, image.shape)))
         if not fits:
-            raise Rejected("shape", f"shape {image.shape}, the model takes {expected}"
+            takes = tuple("any" if e is None else e for e in expected)
+            raise Rejected("shape", f"shape {image.shape}, the model takes {takes}"
                                     + (" (H, W, C)" if len(expected) == 3 else " (features)"))
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         bad = ~np.isfinite(image)
@@ -229,19 +233,28 @@ class _Guarded(torch.utils.data.Dataset):
             return f"#{i}"
 
 
-def _collate(rows):
+def _collate(rows, runs: bool = False):
+    """(batches, bad items): one batch of the rows' usual shape; with `runs` (whole images of any size, `fit: tiles`)
+    one batch per run of consecutive items of one size, in order, so two sizes are never stacked."""
     good = [r for r in rows if r[1] is not None]
     bad = [Unreadable(r[0], r[2], r[4], r[3]) for r in rows if r[1] is None]
     if not good:
-        return None, bad
+        return [], bad
+    if runs:
+        cuts = [0, *(j for j in range(1, len(good)) if good[j][2].shape != good[j - 1][2].shape), len(good)]
+        return [_batch(good[a:b]) for a, b in itertools.pairwise(cuts)], bad
     shapes = Counter(r[2].shape for r in good)
     if len(shapes) > 1:  # only without a declared contract: the batch's usual shape, never its first item's
         usual = shapes.most_common(1)[0][0]
         bad += [Unreadable(r[0], r[1], f"shape {r[2].shape} differs from the batch's {usual}", "shape")
                 for r in good if r[2].shape != usual]
         good = [r for r in good if r[2].shape == usual]
+    return [_batch(good)], bad
+
+
+def _batch(good) -> Batch:
     keys = sorted({k for r in good for k in r[4]})
-    batch = Batch(
+    return Batch(
         images=np.stack([r[2] for r in good]),
         labels=[r[3] for r in good] if isinstance(good[0][3], np.ndarray) else np.array([r[3] for r in good],
                                                                                           dtype=np.int64),
@@ -249,7 +262,6 @@ def _collate(rows):
         meta={k: [str(r[4].get(k, "")) for r in good] for k in keys},
         index=np.array([r[0] for r in good], dtype=np.int64),
     )
-    return batch, bad
 
 
 class SplitStream:
@@ -258,6 +270,9 @@ class SplitStream:
     def __init__(self, split: Split, role: str, cap: int | None, seed: int, batch_size: int, workers: int,
                  expected: tuple[int, ...] | None = None, n_classes: int | None = None):
         self.split, self.role, self.expected, self.n_classes = split, role, expected, n_classes
+        self.tiling = getattr(split, "tiling", None)  # `fit: tiles`: whole images of any size, the model a tile
+        if self.tiling is not None and expected is not None:
+            self.expected = (None, None, *expected[2:])
         n = self.total = len(split)
         if cap is not None and cap < n:
             # a seeded, sorted subset: deterministic and spread over the whole split (never an arange of n)
@@ -277,14 +292,13 @@ class SplitStream:
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=functools.partial(_collate, runs=self.tiling is not None),
             persistent_workers=False,
         )
         self.unreadable = []
-        for batch, bad in loader:
+        for batches, bad in loader:
             self.unreadable.extend(bad)
-            if batch is not None:
-                yield batch
+            yield from batches
 
     def fingerprint(self) -> str | None:
         fp = getattr(self.split, "fingerprint", None)
@@ -311,6 +325,11 @@ class DataSource:
     @property
     def roles(self) -> list[str]:
         return list(self.spec.splits)
+
+    def tiling(self):
+        """The splits' tiles (`tasks.segmentation_tiles.Tiling`) under `fit: tiles`, else None (the loader's
+        parameters are the same for every split: the first one's)."""
+        return self.stream(self.roles[0]).tiling if self.roles else None
 
     def call(self, name: str) -> str:
         """The loader call, as the user would write it: errors name it."""

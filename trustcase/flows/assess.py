@@ -56,6 +56,7 @@ from trustcase.schemas import (
     parse_use_case,
 )
 from trustcase.tasks import task_named
+from trustcase.tasks.segmentation_tiles import tiled
 from trustcase.verdicts import judge, overall
 
 MARKER = ".trustcase-run.json"  # which use case the folder holds, and the files its last run wrote
@@ -166,8 +167,8 @@ def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_s
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))
     try:
         data = DataSource(use_case.data, seed, use_case.model)
-        ctx = Context(use_case=use_case, model=_classifier(use_case.model.model_dump_json(), model_sha256,
-                                                           use_case.task),
+        model = _classifier(use_case.model.model_dump_json(), model_sha256, use_case.task)
+        ctx = Context(use_case=use_case, model=tiled(model, data.tiling(), data.spec.batch_size),  # fit: tiles
                       data=data, seed=seed, workdir=scratch / check.name)
         outcome = check(ctx)
         if salt is not None:

@@ -253,16 +253,14 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
         if len(stream) == 0:
             add(loc, f"split {role!r} ({source.call(name)}) is empty")
             continue
-        if getattr(stream.split, "tiling", None) is not None:  # whole images: the stream feeds model-sized inputs
-            add(("data", "params"), "fit: tiles is evaluated by trustcase.tasks.segmentation_tiles (Python, "
-                                    "bench/bench_segmentation_tiles.py), not yet by assess, whose checks read "
-                                    "model-sized inputs: use fit: resize or pad")
+        if stream.tiling is not None and not tiles(uc, stream.tiling, add):
             return
         i = int(stream.positions[0])
         try:
             item = stream.split[i]
-            judge_item(item.image, source.expected)
-            task_of(uc).judge_label(item.label, len(uc.model.class_names), expected_shape(uc.model)[:2])
+            image = judge_item(item.image, stream.expected)  # under fit: tiles a whole image of any size
+            task_of(uc).judge_label(item.label, len(uc.model.class_names),
+                                    image.shape[:2] if stream.tiling else expected_shape(uc.model)[:2])
         except Rejected as e:
             what = "has a label the task cannot use" if e.kind == "label" else "does not fit the model's input"
             add(loc, f"the first item of split {role!r} ({_name(stream.split, i)}) {what}: {e}")
@@ -277,6 +275,20 @@ def data(uc: UseCase, seed: int, add: Add) -> None:
         if d.source == "metadata" and first_meta is not None and d.name not in first_meta:
             add(("odd", "descriptors", j, "name"), f"metadata descriptor {d.name!r} is in no item's metadata: the "
                                                    f"loader gives {sorted(first_meta) or 'none'}")
+
+
+def tiles(uc: UseCase, tiling, add: Add) -> bool:
+    """`fit: tiles`: the model segments (stitching needs per-pixel logits) and its input is one tile (the loader's
+    size). False when it cannot be assessed by tiles."""
+    if uc.task != "segmentation":
+        add(("data", "params"), f"fit: tiles stitches per-pixel logits of a segmenter; this use case's task is "
+                                f"{uc.task}: use fit: resize or pad")
+        return False
+    if tuple(uc.model.input_shape[1:]) != tuple(tiling.tile):
+        add(("model", "input_shape"), f"{list(uc.model.input_shape)} is not one tile: the loader cuts tiles of "
+                                      f"{tiling.tile[1]}x{tiling.tile[0]} px (fit: tiles, size {list(tiling.tile)})")
+        return False
+    return True
 
 
 def _name(split, i: int) -> str:

@@ -106,9 +106,11 @@ class SegmentationScorer:
         subgroups = [d.name for d in use_case.odd.descriptors if d.categorical and d.source == "metadata"]
         self.tally = SegmentationTally(use_case.model.class_names, self.rule, check, seed, subgroups)
         self.examples: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = []  # dice, id, image, true, pred
+        self.tiling = None
 
     def update(self, model: Segmenter, batch) -> np.ndarray:
         """Per image its decision: 1 defective (at least `defect_pixels` pixels of a defect class), else 0."""
+        self.tiling = getattr(model, "tiling", None)  # fit: tiles (`segmentation_tiles.TiledSegmenter`), for the words
         pred = model.segment(batch.images, batch.ids)
         for image, true, p, item in zip(batch.images, batch.labels, pred, batch.ids, strict=True):
             if true.any():  # a defective image: its Dice of defect pixels (any defect class)
@@ -145,13 +147,17 @@ class SegmentationScorer:
                                 illustrates=["image_recall", "image_false_alarm_rate"])]
 
     def validity(self, split, confidence):
-        return (f"measured on the {split} split ({len(self.tally.ids)} images, each brought to the model's input size "
-                "as the use case's loader states, masks by nearest neighbour); IoU, Dice, pixel precision and recall "
-                "over the split's pixels (ratios of sums over images); an image is decided defective when at least "
-                f"{self.rule} pixel(s) are predicted a defect class, and is truly defective when its mask has a defect "
-                f"pixel; {confidence:.0%} intervals: the percentile interval of a Poisson bootstrap over images "
-                f"({BOOTSTRAP_REPLICATES} replicates, each image's weights drawn from its id) for the pixel figures, "
-                "Clopper-Pearson for the image-level rates")
+        t = self.tiling
+        fitted = (f"each at its own size, on its whole mask: the model's tiles of {t.tile[1]}x{t.tile[0]} px "
+                  f"overlapping by {t.overlap[1]}x{t.overlap[0]} px, each pixel the mean logits of the tiles covering "
+                  "it, padding never scored" if t is not None else
+                  "each brought to the model's input size as the use case's loader states, masks by nearest neighbour")
+        return (f"measured on the {split} split ({len(self.tally.ids)} images, {fitted}); IoU, Dice, pixel precision "
+                "and recall over the split's pixels (ratios of sums over images); an image is decided defective when "
+                f"at least {self.rule} pixel(s) are predicted a defect class, and is truly defective when its mask has "
+                f"a defect pixel; {confidence:.0%} intervals: the percentile interval of a Poisson bootstrap over "
+                f"images ({BOOTSTRAP_REPLICATES} replicates, each image's weights drawn from its id) for the pixel "
+                "figures, Clopper-Pearson for the image-level rates")
 
 
 def overlays(images: list[np.ndarray], true: list[np.ndarray], pred: list[np.ndarray], captions: list[str],

@@ -13,6 +13,12 @@ their own resolution, its per-pixel logits stitched back to the whole image, whi
 - **Streaming** (`tiled_logits`): tiles of consecutive images are batched together, at most `batch` tiles per forward
   pass; only the images whose tiles are in flight are held (each with a logit sum and a count per pixel), and each
   image's stitched logits are yielded as soon as its last tile is back.
+- **In the assessment** (`TiledSegmenter`, `tiled`): the model as the checks see it takes whole images of any size
+  (a batch of images of one size: the stream never stacks two sizes) and returns their stitched logits, the same
+  arithmetic as `tiled_logits` in torch (float64 sums in tile order, so the figures equal `evaluate`'s bit for bit)
+  and differentiable, so attacks and smoothing act on the whole image. Its `module` is the tiler around the
+  network: layer hooks would see tiles, not images, so checks that read the network's layers say they are not
+  applicable (`Check.whole_images`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trustcase.models.classifier import Classifier
+from trustcase.models.classifier import Classifier, ModelError
+from trustcase.tasks.segmentation import Segmenter, judge_output
 
 
 @dataclass(frozen=True)
@@ -150,3 +157,88 @@ def evaluate(model: Classifier, split, tiling: Tiling, defect_pixels: int, check
         mask, meta = items.pop(key)
         tally.update(pred[None], [mask], [key], {k: [v] for k, v in meta.items()})
     return tally, rejected
+
+
+def stitch(forward, x: torch.Tensor, tiling: Tiling, batch: int, pad: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, C, H, W) of one size -> their stitched logits (B, K, H, W) float32, differentiable: every
+    image padded (bottom and right, with `pad`, the pad value normalised) to at least a tile, its tiles (`windows`)
+    run through `forward` in passes of at most `batch` tiles (each pass's output judged against the tile:
+    `judge_output`), each pixel the mean of its covering tiles' logits (float64 sums in tile order, as
+    `tiled_logits`), cropped back to the image."""
+    (th, tw), (b, c, h, w) = tiling.tile, x.shape
+    ph, pw = max(h, th), max(w, tw)
+    if (ph, pw) != (h, w):
+        filled = pad.reshape(1, c, 1, 1).expand(b, c, ph, pw).clone()
+        filled[:, :, :h, :w] = x
+        x = filled
+    windows = tiling.windows(ph, pw)
+    where = [(i, y, z) for i in range(b) for y, z in windows]
+    total = count = None
+    for s in range(0, len(where), batch):
+        part = where[s:s + batch]
+        out = forward(torch.stack([x[i, :, y:y + th, z:z + tw] for i, y, z in part]))
+        if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[2:]) != (th, tw):
+            judge_output(out, out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 4 else 0, (th, tw))
+        if total is None:
+            total = torch.zeros((b, out.shape[1], ph, pw), dtype=torch.float64)
+            count = torch.zeros((ph, pw), dtype=torch.float64)
+            for y, z in windows:  # every image of the batch has the same grid
+                count[y:y + th, z:z + tw] += 1
+        for (i, y, z), o in zip(part, out.double(), strict=True):
+            total[i, :, y:y + th, z:z + tw] = total[i, :, y:y + th, z:z + tw] + o
+    return (total / count)[:, :, :h, :w].float()
+
+
+class TiledModule(torch.nn.Module):
+    """A tile's network run over whole normalised images (`stitch`): what `module(x)` means for a tiled segmenter."""
+
+    def __init__(self, inner: torch.nn.Module, tiling: Tiling, batch: int, pad: torch.Tensor):
+        super().__init__()
+        self.inner, self.tiling, self.batch, self.pad = inner, tiling, batch, pad
+        self.training = inner.training  # never switched: the network is shared with other work
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stitch(self.inner, x, self.tiling, self.batch, self.pad)
+
+
+class TiledSegmenter(Segmenter):
+    """A segmenter of tiles seen as a segmenter of whole images: pixel-space images (B, H, W, C) of any size in (one
+    size per batch), their stitched per-pixel logits (B, K, H, W) out."""
+
+    def __init__(self, inner: Segmenter, tiling: Tiling, batch: int = 32):
+        if tuple(inner.spec.input_shape[1:]) != tuple(tiling.tile):
+            raise ModelError(f"tiles of {tiling.tile[1]}x{tiling.tile[0]} px (the loader's size), but "
+                             f"model.input_shape is {list(inner.spec.input_shape)}: the model's input is one tile")
+        super().__init__(inner)
+        self.tiling, self.batch = tiling, batch
+        c = inner.spec.input_shape[0]
+        self._pad = (torch.full((1, c), float(np.float32(tiling.pad_value))) * self._scale.view(1, c)
+                     + self._shift.view(1, c)).view(c)  # the pad pixel normalised as `to_input` normalises a pixel
+        if inner.module is not None:
+            self.module = TiledModule(inner.module, tiling, batch, self._pad)
+
+    def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) pixel space, any H and W -> (B, C, H, W) normalised float32."""
+        if isinstance(images, np.ndarray):
+            x = torch.as_tensor(images if images.flags.writeable else images.copy()).float()
+        else:
+            x = images.float()
+        c = self.spec.input_shape[0]
+        if x.ndim != 4 or x.shape[3] != c:
+            raise ModelError(f"expected a batch (B, H, W, {c}) of whole images, got shape {tuple(x.shape)}")
+        return x.permute(0, 3, 1, 2) * self._scale + self._shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stitch(self._inner.forward, x, self.tiling, self.batch, self._pad)
+
+    def check_output(self, out: torch.Tensor, ids: list[str] | None = None) -> None:
+        judge_output(out, self.n_classes, tuple(out.shape[2:]), ids)  # each tile's size was judged by `stitch`
+
+
+def tiled(model: Classifier, tiling: Tiling | None, batch: int = 32) -> Classifier:
+    """The model as the checks see it: under `fit: tiles` (`tiling`) a `TiledSegmenter`, else the model itself."""
+    if tiling is None:
+        return model
+    if not isinstance(model, Segmenter):
+        raise ModelError("fit: tiles stitches per-pixel logits: it needs task: segmentation")
+    return TiledSegmenter(model, tiling, batch)
