@@ -46,7 +46,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 
-from trustcase.checks import Context, build
+from trustcase.checks import Context, build, check_class
 from trustcase.data.streaming import DataSource
 from trustcase.errors import Unsupported, UserError
 from trustcase.explain import attribution as A
@@ -168,6 +168,8 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
     p = build(CheckSpec(check="root_causes", params={k: v for k, v in rc_params.items()
                                                      if k not in ("improvement_split", "unsafe_budget")})).params
     ctx = _context(uc, parent, seed, workdir)
+    if ctx.data.tiling() is not None:
+        raise ImproveError(f"--method hudd under fit: tiles: {check_class('root_causes').not_tiled}")
     net = A.Network(ctx.model)
     try:
         a = analyse(ctx.model, net, ctx.batches("test", p.batch_size), p.layers, relevance=p.relevance,
