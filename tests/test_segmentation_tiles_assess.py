@@ -194,3 +194,85 @@ def test_assess_reads_whole_images_by_tiles(tmp_path, tracking_uri):
     iou = flow[("iou:defect", ())]
     assert 0 < iou["value"] < 1 and iou["interval"] and iou["n"] == len(SIZES)
     assert "own size, on its whole mask" in " ".join(by["performance"].validity)
+
+
+def test_the_tiled_model_is_the_tiler_bit_for_bit_and_differentiable(tmp_path):
+    """`TiledSegmenter` on whole images (one size per batch, some smaller than the 8x8 tile) gives exactly the logits
+    of `tiled_logits` (the same float64 sums in tile order), and its gradient is the stitching's: for a per-pixel
+    model (logit x - 0.5) every pixel's gradient of the summed defect logits is 1 (1/count from each of its count
+    tiles; float32 of a float64 sum of at most 4 terms)."""
+    from test_segmentation import Bright
+
+    from trustcase.schemas import ModelSpec
+    from trustcase.tasks.segmentation import Segmentation
+    from trustcase.tasks.segmentation_tiles import TiledSegmenter, Tiling, tiled_logits
+
+    rng = np.random.default_rng(0)
+    for module in (Blurred(), Bright()):
+        torch.jit.script(module.eval()).save(str(tmp_path / "m.pt"))
+        spec = ModelSpec(format="torchscript", path=tmp_path / "m.pt", input_shape=[1, 8, 8], class_names=CLASSES,
+                         critical_class="defect", normalisation={"mean": [0.0], "std": [1.0]})
+        inner = Segmentation().load_model(spec)
+        tiling = Tiling((8, 8), (3, 2), pad_value=255.0)
+        for batch in (1, 5, 64):
+            model = TiledSegmenter(inner, tiling, batch)
+            for h, w in SIZES.values():
+                images = rng.integers(0, 256, size=(2, h, w, 1)).astype(np.float32)
+                ours = model.logits(images)
+                theirs = [out for _, out in tiled_logits(inner, [(0, images[0]), (1, images[1])], tiling, batch)]
+                assert ours.shape == (2, 2, h, w) and np.array_equal(ours, np.stack(theirs))
+    x = model.to_input(rng.integers(0, 256, size=(3, 13, 21, 1)).astype(np.float32)).requires_grad_()
+    model.forward(x)[:, 1].sum().backward()  # the last module: Bright
+    assert torch.allclose(x.grad, torch.ones_like(x), rtol=0, atol=4 * 2.0 ** -24)
+
+
+def _checks(tmp_path, batch_size):
+    """The plan's checks that run on whole images, called directly on the tiled model (no Prefect)."""
+    import sys
+
+    from trustcase.checks import Context, build
+    from trustcase.data.streaming import DataSource
+    from trustcase.flows.preflight import preflight
+    from trustcase.schemas import CheckSpec
+    from trustcase.tasks import task_of
+    from trustcase.tasks.segmentation_tiles import tiled
+
+    path = write_case(tmp_path, batch_size=batch_size, plan=PLAN)
+    sys.path.insert(0, str(tmp_path))
+    uc = preflight(path)
+    data = DataSource(uc.data, 0, uc.model)
+    model = tiled(task_of(uc).load_model(uc.model), data.tiling(), uc.data.batch_size)
+    out = {}
+    for spec in PLAN:
+        ctx = Context(use_case=uc, model=model, data=data, seed=0, workdir=tmp_path / f"checks{batch_size}")
+        try:
+            out[spec["check"]] = build(CheckSpec.model_validate(spec))(ctx)
+        except Exception as e:  # noqa: BLE001  (Unsupported: not applicable, its reason kept)
+            out[spec["check"]] = e
+    return uc, out
+
+
+def test_the_checks_read_whole_images_the_same_at_any_batch_size(tmp_path):
+    """Every check of the plan on the tiled case at batch sizes 32 and 3: the same measurements; performance equal
+    to `segmentation_tiles.evaluate` exactly; the checks that cannot read whole images say why."""
+    from trustcase.errors import Unsupported
+    from trustcase.measurement import BOOTSTRAP_REPLICATES
+    from trustcase.tasks.segmentation_tiles import evaluate
+
+    uc, big = _checks(tmp_path, 32)
+    _, small = _checks(tmp_path, 3)
+    for name in ("data_quality", "performance", "perturbation_sweep", "randomized_smoothing", "adversarial"):
+        assert [m.model_dump() for m in big[name].measurements] == [m.model_dump() for m in small[name].measurements]
+        assert big[name].measurements, name
+    for name in ("odd_monitor", "explainability", "root_causes"):
+        assert isinstance(big[name], Unsupported) and "under fit: tiles" in str(big[name]), name
+    from trustcase.data.streaming import DataSource
+    from trustcase.tasks import task_of
+
+    split = DataSource(uc.data, 0, uc.model).stream("test").split
+    tally, _ = evaluate(task_of(uc).load_model(uc.model), split, split.tiling, uc.model.defect_pixels, batch=7,
+                        subgroups=["defect"])
+    direct = tally.compute("test", uc.plan.confidence, BOOTSTRAP_REPLICATES)
+    assert [m.model_dump() for m in big["performance"].measurements] == [m.model_dump() for m in direct]
+    pixels, _ = big["performance"].figures
+    assert sum(map(sum, pixels.counts)) == sum(h * w for h, w in SIZES.values())
