@@ -16,8 +16,9 @@ every other, its counts compare with nnenum's 47 violated / 139 hold), total and
 on N_1,1 and N_2,1) at a 30 s cap, a few minutes. The published solved counts of alpha-beta-CROWN (2021, GPU)
 are context, not a measured ratio.
 `--match`: a fixed subset (a regular expression on "network property"), to measure a change before and after;
-`--clock cpu`: budgets and times in CPU seconds of this single-threaded process instead of wall seconds, so that
-a figure measured on a machine shared with other jobs means what a dedicated core would give.
+`--clock cpu`: budgets and times in CPU seconds of this process (all its threads: run it with OMP_NUM_THREADS=1)
+instead of wall seconds, so that a figure measured on a machine shared with other jobs means what a dedicated core
+would give; only the deadlines' clock changes (`trustcase.clock`), no other timer of the process.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trustcase import clock  # noqa: E402
 from trustcase.certification.competition import load, read_property, solve  # noqa: E402
 from trustcase.certification.properties import acasxu_root  # noqa: E402
 
@@ -81,15 +83,15 @@ def run(name: str, quick: bool, budget: float | None, truth: dict, rows_out: lis
     for net_path, prop_path, limit in items:
         cap = min(limit, budget) if budget else limit
         caps.add(cap)
-        t = time.perf_counter()
+        t = clock.now()
         try:
             net = load(net_path)
             prop = read_property(prop_path, net)
-            r = solve(net, prop, max(0.1, cap - (time.perf_counter() - t)), seed=0)
+            r = solve(net, prop, max(0.1, cap - (clock.now() - t)), seed=0)
         except Exception as e:  # noqa: BLE001 - an internal error is counted and shown, the others still run
             r = {"verdict": "error", "method": "", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
             print(f"   ERROR on {net_path.name} {prop_path.name}: {r['reason']}", flush=True)
-        seconds = time.perf_counter() - t
+        seconds = clock.now() - t
         times.append(seconds)
         want = truth.get((name, net_path.name, prop_path.name))
         wrong = want is not None and r["verdict"] in ("holds", "violated") and r["verdict"] != want
@@ -117,12 +119,12 @@ def main() -> None:
                                                 "this regular expression (a fixed subset)")
     a = ap.parse_args()
     budget = min(a.budget or QUICK_BUDGET, QUICK_BUDGET) if a.quick else a.budget
-    if a.clock == "cpu":  # every deadline of the engine reads time.perf_counter: it now counts this process's CPU
-        time.perf_counter = time.process_time
+    if a.clock == "cpu":  # every deadline of the attacks and the verifiers now counts this process's CPU seconds
+        clock.use(time.process_time)
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"machine: {os.cpu_count()} cores; {load_before}")
     print(f"per-instance budget: the competition's timeout{f', capped at {budget:g} s' if budget else ''}"
-          f"{' (CPU seconds of this process)' if a.clock == 'cpu' else ''}")
+          f"{' (CPU seconds of all threads of this process)' if a.clock == 'cpu' else ''}")
     truth = published()
     rows: list[dict] = []
     results = [run(n.strip(), a.quick, budget, truth, rows, a.match) for n in a.only.split(",") if n.strip()]

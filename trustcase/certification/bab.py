@@ -21,12 +21,12 @@ the network in exact arithmetic, which the validity conditions say (`MARGIN_RULE
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from trustcase import clock
 from trustcase.certification import graph as G
 from trustcase.certification import propagation as P
 from trustcase.certification.graph import Graph
@@ -44,6 +44,10 @@ MAX_SPLIT = 2000  # unstable ReLUs beyond which an image's ReLU splitting is not
 SMOOTH_ITERATIONS = 1280  # the most alpha-CROWN iterations of one round on a network without ReLUs (a bound
 # without a deadline: eran's sigmoid network takes about 0.2 s per iteration on one core)
 INPUT_SPLIT_MAX = 16  # inputs; above, the ReLUs are split (the field's rule: boxes halve badly in many dimensions)
+BABSR_BIAS = False  # the branching score adds BaBSR's bias term to its intercept term (being measured)
+FOREACH = False  # Adam's multi-tensor update in beta-CROWN's optimisation (being measured)
+FILL = False  # a batch of ReLU-split domains holds about `batch` domains' worth of live (domain, row) pairs
+WARM = False  # sigmoid rounds start from the slopes the round before ended with (being measured)
 
 
 @dataclass
@@ -80,10 +84,12 @@ def forward_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor, u: float = U32, 
     """A bound of |f_u(x) - f(x)| per output for every x of the box [lo, hi] (1, *input shape): f the graph in
     exact arithmetic, f_u the same layers evaluated with unit roundoff u in any summation order.
 
-    Per affine node (Higham 3.1): the error it inherits, through |W|, plus gamma_n u (|W| (|x| + e) + |b|) with n
+    Per affine node (Higham 3.1): the error it inherits, through |W|, plus gamma_n u (|W| (|x| + e) + |c|) with n
     its fan-in, one for the bias, one per extra input and 4 for operations folded into it (a BatchNorm, a
-    constant shift), plus `Node.rounded` times the same for weights the graph folded (a BatchNorm: their float64
-    rounding against the model's); |x| from the interval bounds of the box (`bounds`, else IBP). A ReLU passes the
+    constant shift), |c| the magnitude of the constants the model adds (`Node.folded`: a shift and a bias that
+    cancel in the graph's folded bias still round apart in the model), plus `Node.rounded` times the same for
+    weights the graph folded (a BatchNorm: their float64 rounding against the model's) and gamma_n(u64) |c| for
+    the folded bias's own float64 sum; |x| from the interval bounds of the box (`bounds`, else IBP). A ReLU passes the
     error on, or none when its input stays below zero even with it (the output is exactly 0); sigmoid / tanh shrink
     it by their slope and add SIGMOID_ULPS u. backward: the sums of the transposed maps too (the float64 arithmetic of
     CROWN, whose products Lambda W run back through every layer and stay within the same magnitudes: slopes in
@@ -104,10 +110,11 @@ def forward_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor, u: float = U32, 
             raise G.GraphError(f"{node.layer or node.name}: no floating-point error bound for a {node.kind!r} node")
         pairs = list(zip(node.inputs, node.maps, strict=True))
         size = sum(mp.abs(torch.maximum(bounds[j][0].abs(), bounds[j][1].abs()) + err[j]) for j, mp in pairs)
-        if node.bias is not None:
-            size = size + node.bias.abs()
+        size = size + G.magnitude(node)  # the folded constants as the model adds them, apart
         n = sum(_roundings(mp, backward) for _, mp in pairs) + (node.bias is not None) + len(pairs) - 1 + 4
-        err.append(sum(mp.abs(err[j]) for j, mp in pairs) + (gamma(n, u) + node.rounded) * size)
+        # the graph's bias is those constants summed once in float64 (within n roundings): the model's differs by
+        folded = 0.0 if node.folded is None else gamma(n, U64) * node.folded  # up to that, a cancellation included
+        err.append(sum(mp.abs(err[j]) for j, mp in pairs) + (gamma(n, u) + node.rounded) * size + folded)
     return err[-1].flatten(1)[0] * (1 + gamma(2 * len(g.nodes), U64))  # this pass's own float64 roundings
 
 
@@ -246,7 +253,7 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
     spec, float32 = _specification(g, torch.from_numpy(np.asarray(lower, np.float64)).view(1, *shape),
                                    torch.from_numpy(np.asarray(upper, np.float64)).view(1, *shape), conjunctions,
                                    mix=True)
-    done, next_search, least = 0, time.perf_counter(), math.inf
+    done, next_search, least = 0, clock.now(), math.inf
 
     def bound(lo, hi, known) -> tuple[_Boxes, torch.Tensor]:
         nonlocal done
@@ -273,18 +280,18 @@ def split_inputs(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, d
     if found is not None:
         return Outcome("violated", counterexample=found, boxes=done)
     while len(queue):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return Outcome("unknown", boxes=done, reason=f"budget exhausted with {len(queue)} boxes open")
         if done > max_boxes:
             return Outcome("unknown", boxes=done, reason=f"more than {max_boxes} boxes")
         open_, queue = queue.take(slice(0, batch)), queue.take(slice(batch, None))
         n = len(open_)
-        if search is not None and time.perf_counter() >= next_search:
-            t = time.perf_counter()
+        if search is not None and clock.now() >= next_search:
+            t = clock.now()
             found = search(open_.lo.numpy(), open_.hi.numpy())
             if found is not None:
                 return Outcome("violated", counterexample=found, boxes=done)
-            next_search = time.perf_counter() + 4 * (time.perf_counter() - t)  # at most a fifth of the time
+            next_search = clock.now() + 4 * (clock.now() - t)  # at most a fifth of the time
         dims = split_dims(open_.lam, spec.live(open_.refuted), open_.hi - open_.lo, split)  # (n, k)
         k = dims.shape[1]
         at = torch.arange(n)[:, None].expand(-1, k)
@@ -400,7 +407,7 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
     groups = [{"params": list(alphas.values()), "lr": 0.1}]
     if betas:
         groups.append({"params": list(betas.values()), "lr": 0.05})
-    opt = torch.optim.Adam(groups) if alphas or betas else None
+    opt = torch.optim.Adam(groups, foreach=FOREACH) if alphas or betas else None
     best = torch.full((len(d), 1), -torch.inf, dtype=torch.float64)
     lam, keep, cache = None, {}, {}
     for t in range(iterations if opt is not None else 1):
@@ -414,7 +421,7 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
             if fast is None:
                 best_all = now
             _, close = spec.closeness(now)
-            if opt is None or bool((close > 0.0).all()) or t == iterations - 1 or time.perf_counter() > deadline:
+            if opt is None or bool((close > 0.0).all()) or t == iterations - 1 or clock.now() > deadline:
                 break
             opt.zero_grad()
             (-b.clamp_max(1.0).sum()).backward()
@@ -439,10 +446,16 @@ def _optimise(g: Graph, lo, hi, spec: _Specification, bounds: list, splits: dict
         scores = {}
         for j, q in pre.items():
             a = keep[q].detach()[:, 0]  # coefficients of the ReLU's output, (P, *shape)
-            _, _, icpt = P.relax(*bounds[j])
-            # BaBSR (Bunel et al. 2020), intercept part: what the upper line's intercept costs the live rows
-            cost = a.clamp_max(0).neg() * live.view(-1, *[1] * (a.ndim - 1))
+            _, up, icpt = P.relax(*bounds[j])
+            # BaBSR (Bunel et al. 2020): what the upper line's intercept costs the live rows, and (`BABSR_BIAS`)
+            # how the pre-activation's bias moves the bound when the relaxation becomes one of its two lines
+            w = live.view(-1, *[1] * (a.ndim - 1))
+            cost = a.clamp_max(0).neg() * w
             s = torch.zeros_like(icpt).index_add_(0, d, cost) * icpt
+            bias = g.nodes[j].bias
+            if BABSR_BIAS and bias is not None:
+                ab = torch.zeros_like(icpt).index_add_(0, d, a * w) * bias
+                s = (torch.minimum(ab * (up - 1), ab * up) - s).abs()
             lb, ub = bounds[j]
             area = -lb * ub / (ub - lb).clamp_min(1e-30)
             scores[j] = torch.where(unstable[q], s + 1e-6 * area, -1.0)
@@ -481,7 +494,7 @@ def _alpha_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
         idx = torch.nonzero(((lb < 0) & (ub > 0)).flatten(1)[0]).flatten()
         earlier = [r for r in g.relus if r < k]
         widest = max(math.prod(g.nodes[j].shape) for j in range(k + 1))
-        if not len(idx) or not earlier or time.perf_counter() > deadline or 2 * len(idx) * widest > P.ELEMENTS:
+        if not len(idx) or not earlier or clock.now() > deadline or 2 * len(idx) * widest > P.ELEMENTS:
             continue  # (an image layer with thousands of unstable neurons keeps CROWN's bounds: memory)
         c = len(idx)
         C = torch.zeros(1, 2 * c, math.prod(lb.shape[1:]), dtype=torch.float64)
@@ -498,7 +511,7 @@ def _alpha_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
             with torch.enable_grad():
                 b, _ = P.backward(g, k, C, bounds, alphas)
                 best = torch.maximum(best, b.detach())
-                if opt is None or time.perf_counter() > deadline:
+                if opt is None or clock.now() > deadline:
                     break
                 opt.zero_grad()
                 (-b.sum()).backward()
@@ -524,10 +537,10 @@ def _smooth_rounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: _Specific
     only tighten, and stay valid);
     the best bound of each row over the rounds is kept. 20 iterations leave most of eran's sigmoid instances open
     that 60 to 160 prove."""
-    best, bounds, rounds = None, None, 0
-    while time.perf_counter() < deadline and iterations <= SMOOTH_ITERATIONS:
+    best, bounds, rounds, warm = None, None, 0, ({} if WARM else None)
+    while clock.now() < deadline and iterations <= SMOOTH_ITERATIONS:
         r = P.lower_bound(g, lo, hi, spec.A, "alpha-crown", bounds=bounds, iterations=iterations, rhs=spec.b,
-                          deadline=deadline, target=0.0)
+                          deadline=deadline, target=0.0, warm=warm)
         best = r.lower if best is None else torch.maximum(best, r.lower)
         bounds, rounds, iterations = r.bounds, rounds + 1, 2 * iterations
         close = spec.closeness(best)[1]
@@ -605,14 +618,19 @@ def split_relus(g: Graph, lower: np.ndarray, upper: np.ndarray, conjunctions, de
         return Outcome("violated", found, done, method="bound-guided corner")
     # per domain and row, alpha, beta and their gradients: about 48 bytes per ReLU; about 400 MB a batch at most
     per_domain = 48 * spec.A.shape[0] * sum(math.prod(g.nodes[r].shape) for r in g.relus)
-    batch = max(1, min(batch, int(4e8 // max(per_domain, 1))))
+    cap = max(1, int(4e8 // max(per_domain, 1)))
+    batch = min(batch, cap)
     while len(open_):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return Outcome("unknown", boxes=done, reason=f"budget exhausted with {len(open_)} ReLU-split domains "
                                                           "open")
         if done > max_domains:
             return Outcome("unknown", boxes=done, reason=f"more than {max_domains} domains")
-        take, open_ = open_.take(slice(0, batch)), open_.take(slice(batch, None))
+        k = batch
+        if FILL:  # as many domains as give about `batch` domains' worth of (domain, live row) pairs
+            rows = _live(spec, open_.lower[:cap]).sum(1)
+            k = max(1, int((rows.cumsum(0) <= batch * spec.A.shape[0]).sum()))
+        take, open_ = open_.take(slice(0, k)), open_.take(slice(k, None))
         flat = torch.cat([take.scores[j].flatten(1) for j in pre], 1)
         ok = flat.max(1).values >= 0
         stuck += int((~ok).sum())  # every ReLU decided and still open: nothing left to split

@@ -21,13 +21,13 @@ assignment `((X_0 v) ... (Y_0 v))`, `unsat`, `unknown` or `timeout`.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from trustcase import clock
 from trustcase.certification import graph as G
 from trustcase.certification.vnnlib import Property, read_vnnlib
 
@@ -160,13 +160,13 @@ def solve(net: Network, prop: Property, timeout: float, seed: int = 0) -> dict:
 
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    t0 = time.perf_counter()
+    t0 = clock.now()
     deadline = t0 + timeout
 
     def result(verdict, found=None, method="", reason=""):
         cx = None if found is None else {"x": found[0].astype(float).tolist(), "y": found[1].astype(float).tolist()}
         return {"property": prop.name, "verdict": verdict, "counterexample": cx, "method": method,
-                "seconds": round(time.perf_counter() - t0, 4), "reason": reason}
+                "seconds": round(clock.now() - t0, 4), "reason": reason}
 
     with single_thread():
         if net.n_inputs <= LOW_DIM and (module := _chain(net)) is not None:
@@ -176,7 +176,7 @@ def solve(net: Network, prop: Property, timeout: float, seed: int = 0) -> dict:
         reasons = []
         regions = [r for r in prop.regions if r.outputs]
         for i, region in enumerate(regions):
-            share = (deadline - time.perf_counter()) / (len(regions) - i)
+            share = (deadline - clock.now()) / (len(regions) - i)
             if share <= 0:
                 reasons.append("budget exhausted before every input box was looked at")
                 break
@@ -184,7 +184,7 @@ def solve(net: Network, prop: Property, timeout: float, seed: int = 0) -> dict:
             if all(len(c.b) == 1 for c in region.outputs):
                 verdict, found, how = _rows(net, prop, region, lo, hi, share, seed)
             else:
-                verdict, found, how = _conjunctions(net, prop, region, lo, hi, time.perf_counter() + share, seed)
+                verdict, found, how = _conjunctions(net, prop, region, lo, hi, clock.now() + share, seed)
             if verdict == "violated":
                 return result("violated", found, how)
             if verdict == "unknown":
@@ -255,7 +255,7 @@ def _conjunctions(net: Network, prop: Property, region, lo, hi, deadline: float,
     from trustcase.certification import bab
     from trustcase.certification.properties import falsify
 
-    found = falsify(net.forward, prop, min(deadline, time.perf_counter() + 0.2 * (deadline - time.perf_counter())),
+    found = falsify(net.forward, prop, min(deadline, clock.now() + 0.2 * (deadline - clock.now())),
                     seed, samples=256, restarts=32, steps=100)
     if found is not None and (found := _confirmed(net, prop, found[0])) is not None:
         return "violated", found, "falsification (sampling + PGD), confirmed by onnxruntime"

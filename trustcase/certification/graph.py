@@ -242,6 +242,9 @@ class Node:
     fn: Callable | None = None  # "op": the layer itself (float64), which the bound engine does not relax
     lipschitz: tuple[int, float] | None = None  # (j, c): this node is a c-Lipschitz (L2) function of node j
     rounded: float = 0.0  # affine: relative rounding of its weights against the model's (a folded BatchNorm)
+    folded: torch.Tensor | None = None  # affine: per output, the sum of the magnitudes of the constants folded into
+    # its bias (a shift before it, a BatchNorm after it): the model adds them apart, so its rounding scales with
+    # them, not with the bias they cancel to (`bab.forward_error`)
     layer: str = ""  # the type of the layer it comes from, with its position: "layer 1 '1' (Sigmoid)"
 
 
@@ -283,6 +286,19 @@ def astype(g: Graph, dtype: torch.dtype) -> Graph:
         return v
 
     return Graph([dataclasses.replace(n, maps=[conv(m) for m in n.maps], bias=conv(n.bias)) for n in g.nodes])
+
+
+def magnitude(node: Node) -> torch.Tensor | float:
+    """Per output, the magnitude of the constants an affine node adds (`Node.folded`, else |bias|, else 0)."""
+    if node.folded is not None:
+        return node.folded
+    return 0.0 if node.bias is None else node.bias.abs()
+
+
+def batchnorm_magnitude(before, scale: torch.Tensor, mean: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The magnitude of a BatchNorm's constants, (t - mean) scale + beta, folded after constants of magnitude
+    `before` (the layer's bias): |scale| (before + |mean|) + |beta|."""
+    return scale.abs() * (before + mean.abs()) + beta.abs()
 
 
 def affine(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -576,9 +592,11 @@ class _Builder:
             if self.foldable(src) and isinstance(prev.maps[0], Reshape) and prev.bias is not None:
                 # a constant shift just before (an input normalisation, ONNX Add/Sub): W (x + c) + b
                 shift = W @ prev.bias.flatten()
+                folded = W.abs() @ magnitude(prev).flatten() + (0.0 if bias is None else bias.abs())
                 bias = shift if bias is None else bias + shift
                 self.g.nodes[src] = Node("affine", f"{prev.name}+{name}", tuple(out_shape), prev.inputs,
-                                         [Dense(W)], bias.reshape(out_shape), layer=where)
+                                         [Dense(W)], bias.reshape(out_shape), layer=where,
+                                         folded=folded.reshape(out_shape))
                 return src
             return self.g.add(Node("affine", name, out_shape, [src], [Dense(W)], None if bias is None else
                                    bias.reshape(out_shape), layer=where))
@@ -590,7 +608,9 @@ class _Builder:
                                    layer=where))
         if d.kind == "batchnorm":
             scale = _d(d.scale)
-            shift = -_d(m.running_mean) * scale + (_d(m.bias) if getattr(m, "bias", None) is not None else 0.0)
+            mean = _d(m.running_mean)
+            beta = _d(m.bias) if getattr(m, "bias", None) is not None else torch.zeros_like(mean)
+            shift = -mean * scale + beta
             view = (-1,) + (1,) * (len(in_shape) - 1)
             prev = self.g.nodes[src]
             if prev.kind == "affine" and len(prev.inputs) == 1 and isinstance(prev.maps[0], Conv | Dense) \
@@ -600,11 +620,15 @@ class _Builder:
                 prev.maps[0] = Conv(w, mp.in_shape, mp.stride, mp.padding, mp.dilation, mp.groups) \
                     if isinstance(mp, Conv) else Dense(w)
                 b = prev.bias if prev.bias is not None else torch.zeros(prev.shape, dtype=torch.float64)
+                prev.folded = batchnorm_magnitude(magnitude(prev), scale.view(view), mean.view(view),
+                                                  beta.view(view)).expand(prev.shape).clone()
                 prev.bias = b * scale.view(view) + shift.view(view)
                 prev.name, prev.rounded = f"{prev.name}+{name}", FOLDED
                 return src
             return self.g.add(Node("affine", name, out_shape, [src], [Scale(scale.view(view))],
-                                   shift.view(view).expand(out_shape).clone(), rounded=gamma(4), layer=where))
+                                   shift.view(view).expand(out_shape).clone(), rounded=gamma(4), layer=where,
+                                   folded=batchnorm_magnitude(0.0, scale.view(view), mean.view(view),
+                                                              beta.view(view)).expand(out_shape).clone()))
         if d.kind == "avgpool":
             return self.avgpool(where, name, d, src, out_shape)
         if d.kind == "maxpool2d" and not any(d.padding) and not d.ceil:
@@ -629,6 +653,7 @@ class _Builder:
         c = c.double().expand(self.shape(src)).clone()
         if self.foldable(src):
             prev = self.g.nodes[src]
+            prev.folded = magnitude(prev) + c.abs()
             prev.bias = c if prev.bias is None else prev.bias + c
             return src
         shape = self.shape(src)

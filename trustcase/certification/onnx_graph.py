@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from trustcase.certification.graph import (
+    FOLDED,
     SMOOTH,
     Conv,
     Dense,
@@ -44,6 +45,8 @@ from trustcase.certification.graph import (
     Reshape,
     Scale,
     _Builder,
+    batchnorm_magnitude,
+    magnitude,
 )
 
 OPERATORS = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Tanh", "AveragePool",
@@ -137,6 +140,7 @@ class _Reader:
         """x + c, folded into the bias of the affine node before when it feeds nothing else."""
         if self.foldable(src):
             prev = self.b.g.nodes[src]
+            prev.folded = magnitude(prev) + c.abs()  # the model adds them apart (`Node.folded`)
             prev.bias = c.clone() if prev.bias is None else prev.bias + c
             return src
         shape = self.shape(src)
@@ -362,6 +366,7 @@ class _Reader:
         shift = beta - mean * scale
         view = (-1,) + (1,) * (len(shape) - 1)
         s, t = torch.from_numpy(scale).view(view), torch.from_numpy(shift).view(view)
+        constants = batchnorm_magnitude(0.0, s, torch.from_numpy(mean).view(view), torch.from_numpy(beta).view(view))
         prev = self.b.g.nodes[src]
         if self.foldable(src) and isinstance(prev.maps[0], Conv | Dense):  # scaled output channels
             mp = prev.maps[0]
@@ -369,10 +374,14 @@ class _Reader:
             prev.maps[0] = Conv(W, mp.in_shape, mp.stride, mp.padding, mp.dilation, mp.groups) \
                 if isinstance(mp, Conv) else Dense(W)
             b = prev.bias if prev.bias is not None else torch.zeros(prev.shape, dtype=torch.float64)
+            prev.folded = (s.abs() * magnitude(prev) + constants).expand(prev.shape).clone()  # `Node.folded`
             prev.bias = b * s + t
-            prev.name = f"{prev.name}+{name}"
+            prev.name, prev.rounded = f"{prev.name}+{name}", FOLDED  # its weights rounded again (graph.FOLDED)
             return src
-        return self.add("affine", name, shape, [src], [Scale(s)], t.expand(shape).clone())
+        i = self.add("affine", name, shape, [src], [Scale(s)], t.expand(shape).clone())
+        self.b.g.nodes[i].rounded = FOLDED  # scale = gamma / sqrt(var + eps): its float64 roundings
+        self.b.g.nodes[i].folded = constants.expand(shape).clone()
+        return i
 
     def pad(self, node, pos, a, ins, src, shape, name):
         mode = a.get("mode", b"constant")

@@ -29,7 +29,6 @@ The check `adversarial` packs the attacks' results as evidence (its measurements
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from trustcase import clock
 from trustcase.models.classifier import Classifier
 from trustcase.schemas import Interval
 from trustcase.seeding import content_id, item_seeds
@@ -132,7 +132,7 @@ def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: tor
     radius = (hi - lo) / 2 if eps is None else eps.view(view).expand_as(x)
     for r in range(b.restarts):
         idx = torch.nonzero(~fooled).flatten()
-        if not len(idx) or time.perf_counter() > b.deadline:
+        if not len(idx) or clock.now() > b.deadline:
             break
         x0, li, hi_i, ei = x[idx], lo[idx], hi[idx], None if eps is None else eps[idx].view(view)
         a = b.step_size * radius[idx] / b.steps
@@ -147,7 +147,7 @@ def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: tor
                 k = ~h
                 idx, x0, li, hi_i, a, z, g = idx[k], x0[k], li[k], hi_i[k], a[k], z[k], g[k]
                 ei = None if ei is None else ei[k]
-            if not len(idx) or step == b.steps or time.perf_counter() > b.deadline:
+            if not len(idx) or step == b.steps or clock.now() > b.deadline:
                 break
             shrink = 1 - step / b.steps + 0.005 if b.decay else 1.0
             z = project(x0, z + shrink * a * _direction(g, norm), li, hi_i, ei, norm)
@@ -158,7 +158,7 @@ def pgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: tor
 class Budget:
     """How hard each attack tries: PGD `steps` of `step_size` x eps / steps (shrinking linearly with `decay`: `pgd`)
     and `restarts` runs (APGD too), APGD `apgd_steps` per run, Square `queries` forward passes per item; no step
-    starts after `deadline` (a `time.perf_counter()` value)."""
+    starts after `deadline` (a `clock.now()` value)."""
     steps: int = 10
     step_size: float = 2.5
     restarts: int = 2
@@ -201,7 +201,7 @@ def attack_region(kind: str, forward, x: torch.Tensor, label: torch.Tensor, lo: 
             break
         xi, yi, li, hi_i, s = x[i], label[i], lo[i], hi[i], seeds[i.numpy()]
         ei = None if eps is None else eps[i]
-        if time.perf_counter() > b.deadline:
+        if clock.now() > b.deadline:
             break
         if stage == "fgsm":
             a, f = fgsm(forward, xi, yi, li, hi_i, ei, norm, hit, loss)
@@ -376,7 +376,7 @@ def apgd(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: to
     for r in range(b.restarts):
         for t, (name, rank) in enumerate(runs):
             idx = torch.nonzero(~fooled).flatten()
-            if not len(idx) or time.perf_counter() > b.deadline:
+            if not len(idx) or clock.now() > b.deadline:
                 return adv, fooled
             xi, li, hi_i = x[idx], lo[idx], hi[idx]
             ei = None if eps is None else eps[idx].view(-1, *shape)
@@ -445,7 +445,7 @@ def _apgd_run(forward, x0, start, label, target, lo, hi, steps, eps, norm, loss_
         if h.any():  # keep the witness, drop the item
             found[live[h]], ok[live[h]] = s["x"][h], True
             live, s = live[~h], {k: v[~h] for k, v in s.items()}
-        if not len(live) or step == steps or time.perf_counter() > deadline:
+        if not len(live) or step == steps or clock.now() > deadline:
             break
         e = s.get("eps")
         direction = s["g"].sign() if norm == "linf" else s["g"] / s["g"].flatten(1).norm(dim=1).clamp_min(
@@ -505,7 +505,7 @@ def square(forward, x: torch.Tensor, label: torch.Tensor, lo: torch.Tensor, hi: 
     best, done = score(best_x, label)
     for q in range(queries):
         live = torch.nonzero(~done).flatten()
-        if not len(live) or time.perf_counter() > b.deadline:
+        if not len(live) or clock.now() > b.deadline:
             break
         frac = p_init / 2 ** sum(q >= int(t * queries) for t in (0.02, 0.1, 0.2, 0.4, 0.6, 0.8))
         s = max(1, int(round(math.sqrt(frac * h * w))))
