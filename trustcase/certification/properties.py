@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from trustcase.certification import graph as G
 from trustcase.certification.bab import decide
 from trustcase.certification.vnnlib import Property
 from trustcase.robustness.attacks import Budget, attack_region
-from trustcase.seeding import item_seeds
+from trustcase.seeding import item_seeds, torch_threads
 
 ACASXU_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "acasxu"
 
@@ -141,15 +140,9 @@ def box_search(forward, prop: Property, region, sign: float = 1.0, boxes: int = 
     return search
 
 
-@contextmanager
 def single_thread():
     """Small tensors: one thread is many times faster than several fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def check_property(module, prop: Property, timeout: float = 60.0, seed: int = 0, sign: float = 1.0,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from trustcase.errors import UserError
 from trustcase.flows.assess import Result, assess
 from trustcase.flows.prefect_db import ensure_local_database
+from trustcase.seeding import torch_threads
 
 Runner = Literal["thread", "dask"]
 RUNNERS = ("thread", "dask")
@@ -128,29 +128,12 @@ def dask_setup(worker) -> None:
     thread, and its output to the workers' log."""
     import torch
 
-    torch.set_num_threads(WORKER_THREADS)
+    torch.set_num_threads(WORKER_THREADS)  # for the worker's life: nothing to restore
     WORKER_LOG.parent.mkdir(parents=True, exist_ok=True)
     log = open(WORKER_LOG, "a", buffering=1)  # noqa: SIM115  (the worker's stderr for the rest of its life)
     log.write(f"--- worker {worker.name} (pid {os.getpid()})\n")
     os.dup2(log.fileno(), 2)  # C-level output too (torch's warnings are printed from C++)
     sys.stderr = log
-
-
-@contextmanager
-def _threads(count: int | None):
-    """This process's torch threads set to `count` for the run (None: unchanged), so that the provenance records
-    the count the checks ran with."""
-    if count is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
@@ -159,6 +142,7 @@ def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri:
     """The assessment flow on the chosen task runner."""
     ensure_local_database()
     local = runner == "dask" and not dask_address
-    with _threads(WORKER_THREADS if local else None):
+    # this process's torch threads as the workers' for the run, so that the provenance records the count they ran with
+    with torch_threads(WORKER_THREADS if local else None):
         return assess(use_case_path, out_dir, seed, tracking_uri, previous_run_id,
                       task_runner=task_runner(runner, dask_address, workers, local_prefect_api() if local else None))

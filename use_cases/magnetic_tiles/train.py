@@ -94,14 +94,10 @@ def fit(images: np.ndarray, masks: np.ndarray, seed: int = 0, epochs: int = 8, b
     """The training loop (one thread, deterministic kernels, seeded order and flips): the U-Net trained on `images`
     with their `masks`, from `init`'s weights (an exported model) when given. Torch's thread count and determinism
     flag are restored after (`improve` retrains in the process that then assesses)."""
-    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
+    from trustcase.seeding import torch_threads
+
+    with torch_threads(1, deterministic=True):
         return _loop(images, masks, seed, epochs, batch, lr, init, log)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(strict)
 
 
 def _loop(images, masks, seed, epochs, batch, lr, init, log) -> UNet:

@@ -44,6 +44,7 @@ import elpv  # noqa: E402
 
 from trustcase.models.classifier import Classifier  # noqa: E402
 from trustcase.schemas import TrainingRequest, TrainingResult, load_use_case  # noqa: E402
+from trustcase.seeding import torch_threads  # noqa: E402
 
 USE_CASE = HERE / "use_case.yaml"
 EPOCHS = {"certified": 60, "other": 30}  # default epochs: certified training ramps its radius over half of them
@@ -153,18 +154,12 @@ def train(out: Path | None = None, seed: int = 0, epochs: int | None = None, noi
     width = width or WIDTH[recipe]
     critical_weight = CRITICAL_WEIGHT[recipe] if critical_weight is None else critical_weight
     torch.manual_seed(seed)
-    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     # the training only (the caller's process gets its settings back): deterministic kernels, and one thread,
     # because the order of a multi-threaded sum depends on the core count and so would the weights (measured:
     # 1 and 2 threads give different models; one thread is as fast on these small convolutions, 150 s)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS, deterministic=True):
         return _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,
                       arch, ibp_eps, margin_radius=margin_radius, critical_weight=critical_weight, held_out=held_out)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
 
 
 def _train(out, spec, uc, seed, epochs, noise_sigma, lipschitz, width, log, limit, init, extra, epsilon, lr,

@@ -203,10 +203,9 @@ def fit(images: np.ndarray, boxes: list[np.ndarray], seed: int = RECIPE["seed"],
     weights are a function of the arguments alone: the seed fixes the initial weights (torch), the order of the
     batches and the augmentation (numpy); one thread and deterministic algorithms fix the arithmetic. Torch's
     thread count and determinism flag are restored after. `init`: fine-tuned from that exported model's weights."""
-    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(RECIPE["threads"])
-    torch.use_deterministic_algorithms(True)
-    try:
+    from trustcase.seeding import torch_threads
+
+    with torch_threads(RECIPE["threads"], deterministic=True):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -243,9 +242,6 @@ def fit(images: np.ndarray, boxes: list[np.ndarray], seed: int = RECIPE["seed"],
             log(f"epoch {epoch + 1}/{epochs} loss {total / len(images):.3f} ({time.perf_counter() - t0:.0f} s, "
                 f"{time.process_time() - cpu0:.0f} s CPU)")
         return model.eval(), history
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(strict)
 
 
 def train(out: Path = DEFAULT_OUT, seed: int = RECIPE["seed"], epochs: int = DEFAULT_EPOCHS,
