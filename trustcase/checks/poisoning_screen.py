@@ -28,8 +28,9 @@ class PoisoningScreenParams(Params):
     split: str = "train"
     held_out: str = Field("validation", description="a split the model was not trained on, assumed clean: a cluster "
                           "its items fill as often is the data's own, not a backdoor's")
-    level: float = Field(0.01, gt=0, lt=0.5, description="false-alarm rate of the screen on clean data (one-sided "
-                         "Fisher exact test per class, Bonferroni over the classes)")
+    level: float = Field(0.01, gt=0, lt=0.5, description="level of the one-sided Fisher exact test per class "
+                         "(Bonferroni over the classes): the false-alarm rate on clean data if the model treats its "
+                         "training items like held-out ones")
     max_share: float = Field(0.15, gt=0, lt=0.5, description="an alarm's cluster holds at most this share of a class")
     min_silhouette: float = Field(0.15, ge=-1, le=1, description="and is at least this well separated")
     top: int = Field(20, ge=0, le=200, description="items listed per class, by spectral score")
@@ -114,8 +115,12 @@ class PoisoningScreen(Check):
                       f"{p.min_silhouette}; an alarm: a candidate the class's {p.held_out} items fill less often, "
                       f"one-sided Fisher exact p < {p.level:g} / {len(names)} classes), spectral signature scores on "
                       "the top singular vector",
-                      f"the {p.held_out} split is assumed clean and not trained on: on clean data the screen raises "
-                      f"an alarm with probability at most {p.level:g} (a backdoor planted in {p.held_out} too would "
-                      "be taken for the data's own cluster)",
+                      f"the {p.held_out} split is assumed clean and not trained on (a backdoor planted in "
+                      f"{p.held_out} too would be taken for the data's own cluster); the level {p.level:g} is the "
+                      f"screen's false-alarm rate on clean data only if the model's features of its {p.split} items "
+                      f"and of the {p.held_out} items are exchangeable: training can set its own items apart, and the "
+                      f"cluster is chosen on the {p.split} items (their share of it biased upwards), both towards "
+                      "false alarms: an alarm on clean data can be likelier than the level says; a screen without "
+                      "alarm does not rest on it",
                       f"each class a seeded sample of at most {p.max_items} items (the one seeding rule), the whole "
                       "class when smaller"])
