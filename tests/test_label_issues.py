@@ -254,6 +254,24 @@ def test_a_near_duplicate_group_is_held_out_as_a_whole_and_only_the_groups_chang
     assert any("folds by item" in v for v in out[None].validity)
 
 
+def test_on_elpv_the_folds_keep_each_near_duplicate_group_of_the_split_manifest_whole(tmp_path):
+    """The check's groups (perceptual hashes of the cells as the model sees them) are the split's: every group of
+    elpv_groups.csv with cells in train is in one fold, and 169 train cells have a near-copy."""
+    spec = importlib.util.spec_from_file_location("solar_elpv_folds", SOLAR / "elpv.py")
+    elpv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(elpv)
+    uc = load_use_case(SOLAR / "use_case.yaml")
+    ctx = Context(uc, None, DataSource(uc.data, model=uc.model), seed=0, workdir=tmp_path)
+    fold, position, grouped = train_folds(ctx, 3, 2)
+    assert len(fold) == len(position) == 1841 and set(fold.values()) == {0, 1, 2}
+    by_group: dict[str, set[int]] = {}
+    for name, key in elpv.read_groups().items():
+        if Path(name).name in fold:
+            by_group.setdefault(key, set()).add(fold[Path(name).name])
+    assert len(by_group) == 66 and all(len(f) == 1 for f in by_group.values())
+    assert grouped == 169
+
+
 def test_the_folds_and_their_evidence_do_not_depend_on_the_batch_size(tmp_path):
     uc = cross_case("fit", n=60)
     a = run_check(uc, load_classifier(uc.model), tmp_path / "a", folds=2, epochs=2, thumbnails=0)
