@@ -67,13 +67,14 @@ from torch import nn
 
 from trustcase.errors import CheckError, Unsupported
 from trustcase.explain import attribution as A
-from trustcase.explain.methods.detection import _activations, similarity
+from trustcase.explain.methods.detection import activations, similarity
 from trustcase.models import anatomy
 from trustcase.models.classifier import Classifier
 from trustcase.odd.descriptors import DESCRIPTORS, Views
 from trustcase.robustness.detection_attacks import found_boxes
 from trustcase.tasks.detection import Detector
 from trustcase.tasks.segmentation import Segmenter
+from trustcase.tasks.segmentation_metrics import image_decisions
 
 WORDS = {"brightness": ("dark", "bright"), "contrast": ("low-contrast", "high-contrast"),
          "sharpness": ("blurred", "sharp")}
@@ -165,7 +166,7 @@ class Relevance:
     def _score_cam(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Grad-CAM of each item's score at each layer, signed as captum's LayerGradCam: (B, 1, h, w) per layer
         (eval mode: an item's score depends on its input alone, so one backward pass of the sum serves the batch)."""
-        names, acts, score = _activations(self.net, x, target, None, self.score)
+        names, acts, score = activations(self.net, x, target, None, self.score)
         grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
         out = {}
         for n in self.layers:
@@ -291,13 +292,14 @@ class SegmentationErrors:
         return (out * target).sum(dim=(1, 2, 3))
 
     def read(self, batch, errors: bool = True) -> Explained:
-        pred = self.model.segment(batch.images, batch.ids) > 0
+        classes = self.model.segment(batch.images, batch.ids)
+        pred = classes > 0
         true = np.stack([np.asarray(m) for m in batch.labels])
         defect = (true > 0).reshape(len(true), -1)
         p = pred.reshape(len(pred), -1)
         union = (p | defect).sum(1)
         iou = np.where(union > 0, (p & defect).sum(1) / np.maximum(union, 1), 1.0)
-        decided = p.sum(1) >= self.rule
+        decided = image_decisions(classes, self.rule)
         defective = defect.any(1)
         found = decided & (iou >= self.min_iou)
         rows = np.flatnonzero(defective & ~found if errors else defective)

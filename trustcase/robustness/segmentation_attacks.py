@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from trustcase.robustness.attacks import attack_region
+from trustcase.tasks.segmentation_metrics import image_decisions
 
 Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GOALS = ("pixels", "decision")
@@ -131,7 +132,7 @@ def pixel_hit(iou_floor: float) -> Rule:
 
 def decision(logits: torch.Tensor, min_pixels: int) -> torch.Tensor:
     """(B,) int64: 1 when at least `min_pixels` pixels are predicted a defect class (the segmenter's rule)."""
-    return ((logits.argmax(1) != 0).flatten(1).sum(1) >= min_pixels).long()
+    return image_decisions(logits.argmax(1), min_pixels).long()
 
 
 def decision_loss(min_pixels: int) -> Rule:

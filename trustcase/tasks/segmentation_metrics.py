@@ -33,6 +33,13 @@ def segmentation_metrics(class_names: list[str]) -> list[str]:
             *(f"{f}:{c}" for c in class_names for f in PIXEL_METRICS)]
 
 
+def image_decisions(pred, defect_pixels: int):
+    """The segmenter's image-level rule, the one place it is written: (B,) True where at least `defect_pixels` of an
+    image's predicted classes (B, H, W) are a defect class (not 0, the background). A numpy array or a torch tensor
+    alike (the attacks read it from logits)."""
+    return (pred != 0).sum(tuple(range(1, pred.ndim))) >= defect_pixels  # per image: its pixels summed
+
+
 def pixel_counts(pred: np.ndarray, true: np.ndarray, n_classes: int, confusion: np.ndarray | None = None) \
         -> np.ndarray:
     """One image's (K, 3) pixel counts per class: true positives, false positives, false negatives (its confusion
@@ -75,11 +82,10 @@ class SegmentationTally:
     def update(self, pred: np.ndarray, masks, ids: list[str], meta: dict[str, list[str]] | None = None) -> np.ndarray:
         """One batch: predicted classes (B, H, W) and true masks (B of (H, W)); returns each image's decision."""
         k = len(self.class_names)
-        decisions = np.zeros(len(ids), np.int64)
+        decisions = image_decisions(pred, self.defect_pixels).astype(np.int64)
         for b, (p, t, item) in enumerate(zip(pred, masks, ids, strict=True)):
             self.ids.append(str(item))
             self.counts.append(pixel_counts(p, t, k, self.pixels))
-            decisions[b] = int(np.count_nonzero(p) >= self.defect_pixels)
             self.predicted.append(bool(decisions[b]))
             self.defective.append(bool(np.any(t)))
         for name in self.subgroups:

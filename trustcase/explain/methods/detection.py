@@ -95,7 +95,7 @@ def box_grad_cam(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: st
     named conv1, conv2, ... in execution order."""
     if not net.differentiable:
         raise Unsupported("grad_cam needs the detector's internals; the model is a black box (use d_rise)")
-    names, acts, score = _activations(net, x, targets, layer)
+    names, acts, score = activations(net, x, targets, layer)
     grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
     live = [i for i, g in enumerate(grads) if g is not None and bool(g.abs().sum() > 0)]
     if not live:
@@ -107,7 +107,7 @@ def box_grad_cam(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: st
     return F.interpolate(cam, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)[:, 0].numpy(), names[i]
 
 
-def _activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None, score=None):
+def activations(net: Network, x: torch.Tensor, targets: torch.Tensor, layer: str | None, score=None):
     """(layer names, their activations, the scores) from one forward pass with gradients; `score(output, targets)`
     per item, default the box class score (root causes explain other scores of a detector or a segmenter)."""
     score = score or class_score
