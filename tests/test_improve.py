@@ -127,6 +127,7 @@ def test_hudd_improve_end_to_end(tmp_path, tiny_model, tracking_uri, prefect_har
         assert all(r[role]["verdict"] == "PASS" for r in row.values() if r["mandatory"])
 
 
+@pytest.mark.slow  # two registered versions assessed by the watcher: ~2 minutes (review4 R15)
 def test_a_version_that_regresses_never_takes_the_alias(prefect_harness, tmp_path, tiny_model, tracking_uri):
     """The watcher's rule, which improve follows: version 2 passes every mandatory claim (accuracy >= 0) but
     its advisory recall claim goes PASS -> FAIL against the qualified version 1: it stays unqualified."""

@@ -107,3 +107,45 @@ def test_a_clusters_recall_over_boxes_clustered_by_image_takes_the_tasks_wider_i
     assert m.interval.upper - m.interval.lower > 1.5 * (cp.interval.upper - cp.interval.lower)  # 10 images, not 60
     single = imp._figure("recall", 0, [(f"img{i}", int(i < 5), 1) for i in range(10)], 0.95, 0)
     assert single.interval.method == "clopper-pearson" and single.value == 0.5
+
+
+def test_a_clusters_recall_is_exactly_the_tasks_interval_whatever_the_order_and_the_report_says_what_to_compare():
+    """review4 R4, exact: the per-cluster recall is found / true boxes summed over the cluster's images, its interval
+    the union of Clopper-Pearson over the boxes and the Poisson bootstrap over the images (each image's weights from
+    its id, so any order of the rows gives the same); the report names the parent's selection bias and counts a
+    cluster improved only on disjoint intervals against the baseline."""
+    import numpy as np
+
+    from trustcase.measurement import bootstrap_interval, bootstrap_weights, proportion
+    from trustcase.reports import improvement as report
+    from trustcase.schemas import Scope
+
+    boxes = [(3, 3), (0, 4), (2, 2), (1, 5), (0, 1), (4, 4), (2, 3), (0, 2)]  # (found, true) per image: 12 of 24
+    rows = [(f"img{i}", f, t) for i, (f, t) in enumerate(boxes)]
+    m = imp._figure("recall", 1, rows, 0.9, 7)
+    cp = proportion("improve", "cluster_recall:1", 12, 24, 0.9, Scope(split="test")).interval
+    w = bootstrap_weights(7, "improve", [r[0] for r in rows]).astype(np.float64)
+    found, true = (np.array([b[j] for b in boxes], np.float64) for j in (0, 1))
+    with np.errstate(invalid="ignore"):  # a replicate drawing no box: left out, as the task does
+        boot = bootstrap_interval((w.T @ found) / (w.T @ true), 0.9)
+    assert (m.value, m.n, m.metric) == (0.5, 24, "cluster_recall:1")
+    assert (m.interval.lower, m.interval.upper) == (min(cp.lower, boot.lower), max(cp.upper, boot.upper))
+    assert m.interval.lower < cp.lower  # 8 images, not 24 independent boxes: wider than Clopper-Pearson here
+    again = imp._figure("recall", 1, rows[::-1], 0.9, 7)
+    assert (again.interval.lower, again.interval.upper) == (m.interval.lower, m.interval.upper)
+
+    def measured(value, lower, upper):
+        return {"value": value, "n": 24, "interval": {"lower": lower, "upper": upper}}
+
+    summary = {"use_case": "steel", "method": "hudd", "parent": "1", "versions": {"improved": "2", "baseline": "3"},
+               "seed": 0, "qualified": "1", "claims": [], "runs": {"parent": "a", "improved": "b", "baseline": "c"},
+               "clusters": {"k": 2, "layer": "conv3", "sizes": [5, 4], "figure": "recall", "heldout": {"0": 8, "1": 8},
+                            "pool_within_reach": 20, "pool_items": 30, "selected": 12, "selected_clusters": [6, 6],
+                            "distinct_per_cluster": [6, 6], "comparison": imp.SELECTION,
+                            "accuracy": {"parent": [measured(0.1, 0.0, 0.3), measured(0.2, 0.1, 0.4)],
+                                         "improved": [measured(0.8, 0.6, 0.9), measured(0.5, 0.3, 0.7)],
+                                         "baseline": [measured(0.3, 0.2, 0.5), measured(0.4, 0.2, 0.6)]}}}
+    words = report.headline(summary)
+    assert "above the random baseline with disjoint intervals on 1 of 2 cluster(s)" in words
+    assert "its point estimate is higher on 2" in words and "biased low by selection" in words
+    assert "biased low by selection" in report.render(summary) and "against the random baseline" in imp.SELECTION

@@ -49,7 +49,8 @@ selected pool items):</p>
 <td>{{ s.clusters.heldout[c|string] }}</td>
 {% for m in ("parent", "improved", "baseline") %}<td>{{ measure(s.clusters.accuracy[m][c]) | safe }}</td>
 {% endfor %}</tr>{% endfor %}
-</table>{% endif %}
+</table>
+<p class="note">{{ s.clusters.comparison }}</p>{% endif %}
 <p class="note">Runs: parent {{ s.runs.parent }}, improved {{ s.runs.improved }}, baseline {{ s.runs.baseline }}.</p>
 </body></html>
 """, autoescape=True)
@@ -85,10 +86,13 @@ def headline(s: dict) -> str:
     words.append(f"and regresses on {len(reg)}" + (f" ({', '.join(reg)})" if reg else "") + ".")
     if s.get("clusters"):
         acc = s["clusters"]["accuracy"]
-        better = sum(1 for a, b in zip(acc["improved"], acc["baseline"], strict=True)
-                     if a["value"] is not None and b["value"] is not None and a["value"] > b["value"])
-        words.append(f"On the root-cause clusters, the unsafe-set retraining beats the random baseline on {better} "
-                     f"of {s['clusters']['k']} cluster(s) (point estimates; read the intervals).")
+        pairs = list(zip(acc["improved"], acc["baseline"], strict=True))
+        better = sum(1 for a, b in pairs if None not in (a["value"], b["value"]) and a["value"] > b["value"])
+        above = sum(1 for a, b in pairs if a.get("interval") and b.get("interval")
+                    and a["interval"]["lower"] > b["interval"]["upper"])
+        words.append(f"On the root-cause clusters, the unsafe-set retraining is above the random baseline with "
+                     f"disjoint intervals on {above} of {s['clusters']['k']} cluster(s) (its point estimate is higher "
+                     f"on {better}); the parent's figure there is biased low by selection.")
     return " ".join(words)
 
 
