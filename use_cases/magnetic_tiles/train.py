@@ -96,7 +96,7 @@ def read(split: str, uc=None):
         raise ValueError(f"{uc.data.loader} with data.params {uc.data.params} gives images of {len(sizes)} sizes "
                          f"({sizes[0]} to {sizes[-1]}): this script trains on one size (fit: resize or pad)")
     return (np.stack([it.image for it in items]), np.stack([it.label.classes for it in items]),
-            [it.id for it in items], [it.meta["defect"] for it in items])
+            [it.id for it in items], [it.meta.get("defect") for it in items])
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -209,7 +209,7 @@ def retrain(request):
         raise ValueError(f"this script trains on the train split and extra items, without augmentation "
                          f"{request.augment!r}, other roles {request.roles} or held-out folds")
     uc, p = load_use_case(request.use_case), dict(request.params)
-    images, masks, _, _ = read("train", uc)
+    images, masks, _, _ = read(uc.data.splits["train"], uc)  # the split of the role "train"
     if p.get("limit"):
         keep = np.linspace(0, len(images) - 1, int(p["limit"])).round().astype(int)
         images, masks = images[keep], masks[keep]
