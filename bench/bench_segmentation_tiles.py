@@ -1,6 +1,8 @@
 """Tiles (`fit: tiles`, `trustcase.tasks.segmentation_tiles`): what cutting, batching and stitching cost against the
-bare forward passes of the same tiles, and the memory of the tiled evaluation at 1x and 10x the images (streaming:
-the ratio should stay near 1).
+bare forward passes of the same tiles; what the assessment's tiled path costs (the `performance` check on a
+`TiledSegmenter`, as `trustcase assess` runs it, whole images streamed in runs of one size) against the tiler's direct
+calls (`evaluate` and the same figures computed) on the same images, and that both give the same evidence; the memory
+of each at 1x and 10x the images (streaming: the ratios should stay near 1).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_segmentation_tiles.py [--images 24] [--overlap 32] [--batch 16]
 
@@ -42,7 +44,7 @@ class Repeated:
     """The first `n` items of a split, `times` times over (each copy its own id): 10x the images, same pixels."""
 
     def __init__(self, split, n: int, times: int):
-        self.split, self.n, self.times = split, n, times
+        self.split, self.n, self.times, self.tiling = split, n, times, split.tiling
 
     def __len__(self) -> int:
         return self.n * self.times
@@ -63,18 +65,48 @@ def high_water() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def memory_child(images: int, times: int, overlap: int, batch: int) -> None:
+def direct(uc, model, split, batch: int) -> list:
+    """The tiler's direct calls: `evaluate`, then the figures the performance check reports (per defect type too)."""
+    from trustcase.measurement import BOOTSTRAP_REPLICATES
     from trustcase.tasks.segmentation_tiles import evaluate
 
+    tally, _ = evaluate(model, split, split.tiling, uc.model.defect_pixels, seed=uc.plan.seed, batch=batch,
+                        subgroups=["defect"])
+    return tally.compute("test", uc.plan.confidence, BOOTSTRAP_REPLICATES)
+
+
+def assessed(uc, model, split, batch: int, workdir: Path) -> list:
+    """The `performance` check as the assessment runs it under `fit: tiles`: the tiled model (`tiled`, one tile per
+    forward pass), the split streamed in batches of `batch` images (runs of one size)."""
+    from trustcase.checks import Context, build
+    from trustcase.data.streaming import DataSource, SplitStream
+    from trustcase.schemas import CheckSpec
+    from trustcase.tasks.segmentation_tiles import tiled
+
+    o = list(split.tiling.overlap)
+    data_spec = uc.data.model_copy(update={"params": {**uc.data.params, "fit": "tiles", "overlap": o},
+                                           "batch_size": batch})
+    uc = uc.model_copy(update={"data": data_spec})
+    data = DataSource(uc.data, uc.plan.seed, uc.model)
+    data._streams["test"] = SplitStream(split, "test", None, uc.plan.seed, batch, 0, data.expected, data.n_classes)
+    ctx = Context(use_case=uc, model=tiled(model, split.tiling), data=data, seed=uc.plan.seed, workdir=workdir)
+    return build(CheckSpec(check="performance", params={"split": "test"}))(ctx).measurements
+
+
+def memory_child(images: int, times: int, overlap: int, batch: int, how: str) -> None:
+    import tempfile
+
     uc, model, split, n = setup(images, overlap)
-    tally, _ = evaluate(model, Repeated(split, n, times), split.tiling, uc.model.defect_pixels, batch=batch)
-    print(len(tally.ids), high_water())
+    many = Repeated(split, n, times)
+    with tempfile.TemporaryDirectory() as tmp:
+        ms = direct(uc, model, many, batch) if how == "direct" else assessed(uc, model, many, batch, Path(tmp))
+    print(next(m.n for m in ms if m.metric == "iou:defect" and not m.scope.subgroup), high_water())
 
 
-def peak(images: int, times: int, overlap: int, batch: int) -> tuple[int, int]:
+def peak(images: int, times: int, overlap: int, batch: int, how: str = "direct") -> tuple[int, int]:
     r = subprocess.run([sys.executable, __file__, "--memory-child", str(times), "--images", str(images),
-                        "--overlap", str(overlap), "--batch", str(batch)], capture_output=True, text=True, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--overlap", str(overlap), "--batch", str(batch), "--how", how], capture_output=True,
+                       text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     n, kib = r.stdout.split()[-2:]
     return int(n), int(kib)
 
@@ -86,9 +118,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="tiles per forward pass")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--how", default="direct", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
-        memory_child(a.images, a.memory_child, a.overlap, a.batch)
+        memory_child(a.images, a.memory_child, a.overlap, a.batch, a.how)
         return
     import torch
 
@@ -120,9 +153,28 @@ def main() -> None:
         ratios.append(tiled / bare)
         print(f"round {r + 1}: tiled {tiled:.2f} s CPU, bare forward passes {bare:.2f} s CPU, ratio {tiled / bare:.3f}")
     print(f"tiled evaluation / bare forward passes (median of {a.rounds}): {statistics.median(ratios):.3f}")
-    (n1, k1), (n10, k10) = peak(n, 1, a.overlap, a.batch), peak(n, 10, a.overlap, a.batch)
-    print(f"peak memory (VmHWM) of the tiled evaluation: {n1} images {k1 / 1024:.0f} MiB, {n10} images "
-          f"{k10 / 1024:.0f} MiB, ratio {k10 / k1:.2f}")
+    import tempfile
+
+    first = Repeated(split, n, 1)
+    ratios = []
+    for r in range(a.rounds):  # alternating, so a change of load hits both sides
+        c0 = time.process_time()
+        ours = direct(uc, model, first, a.batch)
+        by_tiler = time.process_time() - c0
+        with tempfile.TemporaryDirectory() as tmp:
+            c0 = time.process_time()
+            theirs = assessed(uc, model, first, a.batch, Path(tmp))
+            by_check = time.process_time() - c0
+        same = [m.model_dump() for m in ours] == [m.model_dump() for m in theirs]
+        ratios.append(by_check / by_tiler)
+        print(f"round {r + 1}: the performance check on the tiled model {by_check:.2f} s CPU, the tiler's direct "
+              f"calls {by_tiler:.2f} s CPU, ratio {by_check / by_tiler:.3f}; the same {len(ours)} measurements: {same}")
+    print(f"tiled assessment (performance) / the tiler's direct calls (median of {a.rounds}): "
+          f"{statistics.median(ratios):.3f}")
+    for how, what in (("direct", "the tiled evaluation"), ("check", "the performance check on the tiled model")):
+        (n1, k1), (n10, k10) = peak(n, 1, a.overlap, a.batch, how), peak(n, 10, a.overlap, a.batch, how)
+        print(f"peak memory (VmHWM) of {what}: {n1} images {k1 / 1024:.0f} MiB, {n10} images "
+              f"{k10 / 1024:.0f} MiB, ratio {k10 / k1:.2f}")
     print("load after:", os.getloadavg())
 
 

@@ -123,6 +123,14 @@ def test_validate_names_bad_tiles_on_their_line(tmp_path, edit, line, words):
     assert line in text and words in text and "Traceback" not in text
 
 
+class Convolved(nn.Sequential):
+    """Two seeded 3x3 convolutions: a network whose float32 output may depend on its pass's size."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+
 class Halving(nn.Module):
     """Logits at half the input's resolution: its output is not the tile's size."""
 
@@ -198,9 +206,10 @@ def test_assess_reads_whole_images_by_tiles(tmp_path, tracking_uri):
 
 def test_the_tiled_model_is_the_tiler_bit_for_bit_and_differentiable(tmp_path):
     """`TiledSegmenter` on whole images (one size per batch, some smaller than the 8x8 tile) gives exactly the logits
-    of `tiled_logits` (the same float64 sums in tile order), and its gradient is the stitching's: for a per-pixel
-    model (logit x - 0.5) every pixel's gradient of the summed defect logits is 1 (1/count from each of its count
-    tiles; float32 of a float64 sum of at most 4 terms)."""
+    of `tiled_logits` (the same float64 sums in tile order) at the same tiles per pass, and with one tile per pass
+    (the assessment's) the same logits for an image alone or in a batch; its gradient is the stitching's: for a
+    per-pixel model (logit x - 0.5) every pixel's gradient of the summed defect logits is 1 (1/count from each of its
+    count tiles; float32 of a float64 sum of at most 4 terms)."""
     from test_segmentation import Bright
 
     from trustcase.schemas import ModelSpec
@@ -208,7 +217,7 @@ def test_the_tiled_model_is_the_tiler_bit_for_bit_and_differentiable(tmp_path):
     from trustcase.tasks.segmentation_tiles import TiledSegmenter, Tiling, tiled_logits
 
     rng = np.random.default_rng(0)
-    for module in (Blurred(), Bright()):
+    for module in (Blurred(), Convolved(), Bright()):
         torch.jit.script(module.eval()).save(str(tmp_path / "m.pt"))
         spec = ModelSpec(format="torchscript", path=tmp_path / "m.pt", input_shape=[1, 8, 8], class_names=CLASSES,
                          critical_class="defect", normalisation={"mean": [0.0], "std": [1.0]})
@@ -221,6 +230,11 @@ def test_the_tiled_model_is_the_tiler_bit_for_bit_and_differentiable(tmp_path):
                 ours = model.logits(images)
                 theirs = [out for _, out in tiled_logits(inner, [(0, images[0]), (1, images[1])], tiling, batch)]
                 assert ours.shape == (2, 2, h, w) and np.array_equal(ours, np.stack(theirs))
+        one = TiledSegmenter(inner, tiling)  # the assessment's: one tile per pass, whatever the images per batch
+        images = rng.integers(0, 256, size=(3, 13, 21, 1)).astype(np.float32)
+        alone = np.concatenate([one.logits(images[i:i + 1]) for i in range(3)])
+        assert np.array_equal(one.logits(images), alone)
+        assert np.array_equal(alone, np.stack([o for _, o in tiled_logits(inner, enumerate(images), tiling, 1)]))
     x = model.to_input(rng.integers(0, 256, size=(3, 13, 21, 1)).astype(np.float32)).requires_grad_()
     model.forward(x)[:, 1].sum().backward()  # the last module: Bright
     assert torch.allclose(x.grad, torch.ones_like(x), rtol=0, atol=4 * 2.0 ** -24)
@@ -241,7 +255,7 @@ def _checks(tmp_path, batch_size):
     sys.path.insert(0, str(tmp_path))
     uc = preflight(path)
     data = DataSource(uc.data, 0, uc.model)
-    model = tiled(task_of(uc).load_model(uc.model), data.tiling(), uc.data.batch_size)
+    model = tiled(task_of(uc).load_model(uc.model), data.tiling())
     out = {}
     for spec in PLAN:
         ctx = Context(use_case=uc, model=model, data=data, seed=0, workdir=tmp_path / f"checks{batch_size}")

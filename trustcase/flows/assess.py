@@ -168,7 +168,7 @@ def run_check(use_case: UseCase, spec: CheckSpec, shard: int, seed: int, model_s
     try:
         data = DataSource(use_case.data, seed, use_case.model)
         model = _classifier(use_case.model.model_dump_json(), model_sha256, use_case.task)
-        ctx = Context(use_case=use_case, model=tiled(model, data.tiling(), data.spec.batch_size),  # fit: tiles
+        ctx = Context(use_case=use_case, model=tiled(model, data.tiling()),  # fit: tiles
                       data=data, seed=seed, workdir=scratch / check.name)
         outcome = check(ctx)
         if salt is not None:

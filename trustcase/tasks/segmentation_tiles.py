@@ -16,7 +16,8 @@ their own resolution, its per-pixel logits stitched back to the whole image, whi
 - **In the assessment** (`TiledSegmenter`, `tiled`): the model as the checks see it takes whole images of any size
   (a batch of images of one size: the stream never stacks two sizes) and returns their stitched logits, the same
   arithmetic as `tiled_logits` in torch (float64 sums in tile order, so the figures equal `evaluate`'s bit for bit)
-  and differentiable, so attacks and smoothing act on the whole image. Its `module` is the tiler around the
+  and differentiable, so attacks and smoothing act on the whole image; one tile per forward pass, so the logits do not
+  depend on the data's batch size. Its `module` is the tiler around the
   network: layer hooks would see tiles, not images, so checks that read the network's layers say they are not
   applicable (`Check.whole_images`).
 """
@@ -167,16 +168,17 @@ def stitch(forward, x: torch.Tensor, tiling: Tiling, batch: int, pad: torch.Tens
     `tiled_logits`), cropped back to the image."""
     (th, tw), (b, c, h, w) = tiling.tile, x.shape
     ph, pw = max(h, th), max(w, tw)
+    x = x.permute(0, 2, 3, 1)  # tiles are cut channels-last, the layout `to_input` gives the model (its fast path)
     if (ph, pw) != (h, w):
-        filled = pad.reshape(1, c, 1, 1).expand(b, c, ph, pw).clone()
-        filled[:, :, :h, :w] = x
+        filled = pad.reshape(1, 1, 1, c).expand(b, ph, pw, c).clone()
+        filled[:, :h, :w] = x
         x = filled
     windows = tiling.windows(ph, pw)
     where = [(i, y, z) for i in range(b) for y, z in windows]
     total = count = None
     for s in range(0, len(where), batch):
         part = where[s:s + batch]
-        out = forward(torch.stack([x[i, :, y:y + th, z:z + tw] for i, y, z in part]))
+        out = forward(torch.stack([x[i, y:y + th, z:z + tw] for i, y, z in part]).permute(0, 3, 1, 2))
         if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[2:]) != (th, tw):
             judge_output(out, out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 4 else 0, (th, tw))
         if total is None:
@@ -203,9 +205,12 @@ class TiledModule(torch.nn.Module):
 
 class TiledSegmenter(Segmenter):
     """A segmenter of tiles seen as a segmenter of whole images: pixel-space images (B, H, W, C) of any size in (one
-    size per batch), their stitched per-pixel logits (B, K, H, W) out."""
+    size per batch), their stitched per-pixel logits (B, K, H, W) out. `batch`: tiles per forward pass. A network's
+    float32 output for one input can depend on how many inputs its pass holds (the bundled U-Net's by up to 1e-6
+    between 1 and 16 tiles), so the assessment runs one tile per pass: the same logits whatever the data's batch size,
+    shard or check, bit for bit those of `tiled_logits(..., batch=1)` (on one thread no slower: bench)."""
 
-    def __init__(self, inner: Segmenter, tiling: Tiling, batch: int = 32):
+    def __init__(self, inner: Segmenter, tiling: Tiling, batch: int = 1):
         if tuple(inner.spec.input_shape[1:]) != tuple(tiling.tile):
             raise ModelError(f"tiles of {tiling.tile[1]}x{tiling.tile[0]} px (the loader's size), but "
                              f"model.input_shape is {list(inner.spec.input_shape)}: the model's input is one tile")
@@ -235,7 +240,7 @@ class TiledSegmenter(Segmenter):
         judge_output(out, self.n_classes, tuple(out.shape[2:]), ids)  # each tile's size was judged by `stitch`
 
 
-def tiled(model: Classifier, tiling: Tiling | None, batch: int = 32) -> Classifier:
+def tiled(model: Classifier, tiling: Tiling | None, batch: int = 1) -> Classifier:
     """The model as the checks see it: under `fit: tiles` (`tiling`) a `TiledSegmenter`, else the model itself."""
     if tiling is None:
         return model
