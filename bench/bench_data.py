@@ -10,7 +10,8 @@ the real ELPV labels.
    >= 2x), on the held-out splits, the train split and every cell, and per rating (0.67 against 1.00, 0.33 against
    0.00: within a labelled class); precision and recall on 5% planted flips of certain labels. `--only
    label_variants` (not in the default run: 8 minutes of CPU): the enrichment of every variant tried towards the 2x
-   target (ensembles of cross-validations, test-time flips, the full recipe), each with its interval.
+   target (ensembles of cross-validations, test-time flips, the full recipe), each with its interval. `--only
+   label_folds` (1.5 minutes of CPU): folds by near-duplicate group (the check's rule) against folds by item.
 2. feature_drift: the check's time (train against test) / one forward pass over the same items; false alarms of
    the MMD test at the 5% level over repetitions of random halves of the held-out cells (target <= 5%); its
    power on real shifts (mono against poly cells; one half blurred, sigma 1.5 px; one half 20% darker); the
@@ -24,6 +25,9 @@ the real ELPV labels.
    backdoor planted in the training split and trained through the solar training contract
    (`tests/test_poisoning.py::planted_backdoor`): recall and precision of the alarm's cluster. `--only
    backdoor_demo_recipe`: the same backdoor trained with the demo's own recipe (60 epochs of interval training).
+   `--only poisoning_null` (6 minutes of CPU): the false alarms on clean data where the model has seen its training
+   items and not the held-out ones: models trained through the contract on half of train, screened trained half
+   against unseen half.
 5. memory: the peak memory (tracemalloc) of label_issues (one split) and poisoning_screen (the train split) over a
    lazily generated synthetic split of N and 10 N items, each check's sample capped below N (target: 10 N at most
    1.2 times N: memory flat in the number of items).
