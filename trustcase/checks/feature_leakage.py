@@ -37,8 +37,9 @@ class FeatureLeakageParams(Params):
                                        "threshold may flag")
     distinct_hamming: int = Field(2, ge=0, le=32, description="perceptual-hash distance (bits of 64) up to which two "
                                   "reference items are one image, left out of the calibration (data_quality's)")
-    calibration_items: int = Field(2000, ge=10, le=50000, description="seeded sample of reference items calibrated "
-                                   "on (each against the whole reference): time bound")
+    calibration_items: int = Field(2000, ge=10, le=50000, validate_default=True,  # the default vs a given rate too
+                                   description="seeded sample of reference items calibrated on (each against the "
+                                   "whole reference): time bound")
     copies: int = Field(100, ge=0, le=2000, description="reference items copied with noise to measure the power")
     copy_noise: float = Field(1.0, ge=0, description="Gaussian noise of the copies, standard deviation in pixel "
                               "units (grey levels)")
@@ -143,11 +144,11 @@ class FeatureLeakage(Check):
                          + (f"perceptual duplicates within {distinct} bits" if images else "exact duplicates")
                          + f" excluded) at which distinct items are flagged at a rate of "
                          f"{threshold.false_positive_rate():.2%} ({conf:.0%} interval {fp_lo:.2%}-{fp_hi:.2%}); "
-                         f"calibrated on items the model was trained on: an unseen distinct item's rate can differ; "
-                         f"the calibration's nearest others include same-source siblings that are not perceptual "
-                         f"duplicates (e.g. neighbouring cells of one module), which a held-out item lacks, so the "
-                         f"threshold sits above a held-out item's chance level: its rate tends to be at most the "
-                         f"stated one, the power correspondingly lower" + power]
+                         f"calibrated on items the model was trained on: an unseen distinct item's rate can differ, "
+                         f"in either direction; the calibration's nearest others include same-source look-alikes that "
+                         f"are not perceptual duplicates (e.g. neighbouring cells of one module), and a held-out item "
+                         f"has them in the reference too unless the split keeps each source whole, so such pairs are "
+                         f"flagged beside true copies" + power]
                         if threshold is not None and not why else []),
                       f"{len(index)} {p.reference} items indexed"])
 
