@@ -152,7 +152,7 @@ def _evidence(a):
     return {(o.check, o.shard): [m.model_dump(mode="json") for m in o.measurements] for o in a.outcomes}
 
 
-@pytest.mark.slow  # two assessments of eight checks: 150 s at a load of 15
+@pytest.mark.slow  # two assessments of eight checks: 150-220 s at a load of 15-20
 @pytest.mark.usefixtures("prefect_harness")
 def test_assess_reads_whole_images_by_tiles(tmp_path, tracking_uri):
     """`trustcase assess` of the tiled case at batch sizes 32 and 3: the performance evidence is the tiler's own
