@@ -290,3 +290,17 @@ def test_the_checks_read_whole_images_the_same_at_any_batch_size(tmp_path):
     assert [m.model_dump() for m in big["performance"].measurements] == [m.model_dump() for m in direct]
     pixels, _ = big["performance"].figures
     assert sum(map(sum, pixels.counts)) == sum(h * w for h, w in SIZES.values())
+
+
+def test_overlays_of_images_of_several_sizes_keep_their_shape():
+    """The performance check's examples under tiles are whole images of several sizes: each is drawn at its own
+    scale on a white margin (padded to the largest), never stretched to the first one's size."""
+    from trustcase.tasks.segmentation import overlays
+
+    tall, wide = np.full((6, 3, 1), 0.0), np.full((4, 6, 1), 0.0)
+    strip = overlays([tall, wide], [np.zeros((6, 3), np.uint8), np.zeros((4, 6), np.uint8)],
+                     [np.zeros((6, 3), np.uint8), np.zeros((4, 6), np.uint8)], ["a", "b"], (0.0, 255.0))
+    f = 16  # strip_image's scale: 96 px over the 6 px side of the padded panels
+    assert strip.shape[:2] == (6 * f + 20, 2 * 6 * f + 4)
+    assert (strip[:6 * f, :3 * f] == 0).all() and (strip[:6 * f, 3 * f:6 * f] == 255).all()  # tall: 3 px, then margin
+    assert (strip[:4 * f, 6 * f + 4:] == 0).all() and (strip[4 * f:6 * f, 6 * f + 4:] == 255).all()  # wide: 4 rows

@@ -177,4 +177,6 @@ def overlays(images: list[np.ndarray], true: list[np.ndarray], pred: list[np.nda
         outline, _ = cv2.findContours((t > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(bgr, outline, -1, (0, 255, 0), 1)
         tiles.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return strip_image(tiles, captions, (0, 255))
+    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)  # whole images of several sizes (tiles):
+    tiles = [np.pad(t, ((0, h - t.shape[0]), (0, w - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
+    return strip_image(tiles, captions, (0, 255))  # each drawn at its own scale on a white margin, never stretched
