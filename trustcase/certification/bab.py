@@ -46,7 +46,6 @@ SMOOTH_ITERATIONS = 1280  # the most alpha-CROWN iterations of one round on a ne
 INPUT_SPLIT_MAX = 16  # inputs; above, the ReLUs are split (the field's rule: boxes halve badly in many dimensions)
 ROOT_ITERATIONS = 40  # alpha-CROWN iterations per layer for the root's intermediate bounds of a ReLU split (every
 # domain inherits them: on mnistfc 256x4 prop_9_0.03, 40 instead of 10 leave 348 unstable ReLUs instead of 377)
-WARM = True  # sigmoid rounds start from the slopes the round before ended with
 
 
 @dataclass
@@ -532,14 +531,14 @@ def _smooth_rounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: _Specific
     """A network of S-shaped activations only, where nothing can be split: rounds of alpha-CROWN until the
     deadline, each with twice the iterations of the one before (up to SMOOTH_ITERATIONS), every layer's slopes
     optimised again from the intermediate bounds of the round before (`propagation.smooth_intermediate`: they
-    only tighten, and stay valid), starting from the slopes the round before ended with (`WARM`: any slope is
-    sound);
+    only tighten, and stay valid); starting each round from the slopes the round before ended with was measured
+    and left off (the same bounds on the sigmoid networks of `tests/test_bab_search.py`);
     the best bound of each row over the rounds is kept. 20 iterations leave most of eran's sigmoid instances open
     that 60 to 160 prove."""
-    best, bounds, rounds, warm = None, None, 0, ({} if WARM else None)
+    best, bounds, rounds = None, None, 0
     while clock.now() < deadline and iterations <= SMOOTH_ITERATIONS:
         r = P.lower_bound(g, lo, hi, spec.A, "alpha-crown", bounds=bounds, iterations=iterations, rhs=spec.b,
-                          deadline=deadline, target=0.0, warm=warm)
+                          deadline=deadline, target=0.0)
         best = r.lower if best is None else torch.maximum(best, r.lower)
         bounds, rounds, iterations = r.bounds, rounds + 1, 2 * iterations
         close = spec.closeness(best)[1]

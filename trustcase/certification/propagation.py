@@ -132,12 +132,11 @@ def smooth_slopes(g: Graph, bounds: list, n: int, m: int, before: int) -> dict:
 
 
 def smooth_intermediate(g: Graph, bounds: list, iterations: int, deadline: float | None = None,
-                        lr: float = 0.2, warm: dict | None = None) -> list:
+                        lr: float = 0.2) -> list:
     """The input bounds of every S-shaped activation after the first, tightened layer by layer by alpha-CROWN
     on the slopes of the ones before (shared by the rows of a layer: per row is a little tighter and several
     times slower; every iterate is a valid bound, the best is kept), what follows re-bounded by intervals and
-    intersected. Without S-shaped activations, nothing changes. `warm`: slopes of an earlier call on the same
-    boxes start this one (per layer, {node: slopes}) and receive its last ones (any slope is sound)."""
+    intersected. Without S-shaped activations, nothing changes."""
     bounds = list(bounds)
     for nd in g.nodes:
         j = nd.inputs[0] if nd.kind in SMOOTH else None
@@ -152,8 +151,6 @@ def smooth_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
         eye = torch.eye(size, dtype=torch.float64)
         C = torch.cat([eye, -eye]).expand(n, 2 * size, size).reshape(n, 2 * size, *lb.shape[1:])
         slopes = smooth_slopes(g, bounds, n, 1, j)  # one slope per neuron for all rows: 2 size times cheaper
-        carried = {} if warm is None else warm.setdefault(j, {})
-        slopes.update({q: v.clone().requires_grad_(True) for q, v in carried.items() if q in slopes})
         opt = torch.optim.Adam(list(slopes.values()), lr=lr)
         best = torch.full((n, 2 * size), -torch.inf, dtype=torch.float64)
         for _ in range(iterations):
@@ -168,7 +165,6 @@ def smooth_intermediate(g: Graph, bounds: list, iterations: int, deadline: float
             with torch.no_grad():
                 for s in slopes.values():
                     s.clamp_(0.0, 1.0)
-        carried.update({q: v.detach() for q, v in slopes.items()})
         flo = torch.maximum(lb.flatten(1), best[:, :size]).view_as(lb)
         fhi = torch.minimum(ub.flatten(1), -best[:, size:]).view_as(ub)
         bounds[j] = (flo, fhi)
@@ -450,7 +446,7 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
                 known: list | None = None, splits: dict | None = None, iterations: int = 20, lr: float = 0.2,
                 bounds: list | None = None, target: float | None = None, limit: int | None = None,
                 deadline: float | None = None, rhs: torch.Tensor | None = None, alive: bool = False,
-                crown_lam: bool = False, warm: dict | None = None) -> Result:
+                crown_lam: bool = False) -> Result:
     """Lower bounds of C y - rhs (C (m, out) or (N, m, out), rhs (m,) or none) over the boxes [lo, hi]
     (N, *input shape).
 
@@ -458,9 +454,7 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
     pass) and stops if every row exceeds it, and alpha-CROWN stops once every row's bound exceeds it; without
     one, the tightest bound the method gives. `crown_lam`: Lambda stays CROWN's, not alpha-CROWN's (input
     splitting reads it to pick the input to halve: alpha's steers it worse, 3 times the boxes on N_2,7
-    property 1 of ACAS Xu). `warm`: a dict carried between alpha-CROWN calls on the same boxes and rows: the
-    slopes one call ends with start the next (any slope is sound: rounds of alpha-CROWN go on where the last
-    stopped instead of starting again from CROWN's).
+    property 1 of ACAS Xu).
     """
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r} (one of {', '.join(METHODS)})")
@@ -489,8 +483,7 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
     if method == "crown" or (best > target).all():
         return Result(best, lam, bounds)
     if any(nd.kind in SMOOTH for nd in g.nodes):  # S-shaped activations: their slopes optimised, layer by layer
-        bounds = smooth_intermediate(g, bounds, iterations, deadline,
-                                     warm=None if warm is None else warm.setdefault("layers", {}))
+        bounds = smooth_intermediate(g, bounds, iterations, deadline)
     alphas = smooth_slopes(g, bounds, n, C.shape[1], len(g.nodes))
     for r in g.relus:
         lb, ub = bounds[g.nodes[r].inputs[0]]
@@ -498,9 +491,6 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
             alphas[r] = (ub > -lb).double().unsqueeze(1).expand(n, m, *lb.shape[1:]).clone().requires_grad_(True)
     if not alphas:
         return Result(best, lam, bounds)
-    carried = {} if warm is None else warm.setdefault("out", {})
-    alphas.update({k: v.clone().requires_grad_(True) for k, v in carried.items()
-                   if k in alphas and v.shape == alphas[k].shape})
     opt = torch.optim.Adam(list(alphas.values()), lr=lr)
     for _ in range(iterations):
         if deadline is not None and clock.now() > deadline:
@@ -520,5 +510,4 @@ def lower_bound(g: Graph, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor, m
         with torch.no_grad():
             for a in alphas.values():
                 a.clamp_(0.0, 1.0)
-    carried.update({k: a.detach() for k, a in alphas.items()})
     return Result(best, lam, bounds)
