@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +33,10 @@ Runner = Literal["thread", "dask"]
 RUNNERS = ("thread", "dask")
 WORKER_THREADS = 1  # torch threads of a local worker: workers, not threads, share the cores
 WORKER_LOG = Path(".trustcase") / "dask-workers.log"
+# Dask's defaults for a local worker's environment that we unset (None: not set, so the worker inherits this
+# process's own): distributed puts MALLOC_TRIM_THRESHOLD_=65536 in it, which turns off glibc's dynamic mmap
+# threshold, so every large torch tensor is mmap'd and unmapped again (page faults, system CPU).
+WORKER_ENVIRON: dict[str, None] = {"MALLOC_TRIM_THRESHOLD_": None}
 
 
 class RunnerError(UserError):
@@ -136,6 +141,20 @@ def dask_setup(worker) -> None:
     sys.stderr = log
 
 
+@contextmanager
+def _worker_environ(local: bool):
+    """For a local cluster started by this run: Dask's worker environment without WORKER_ENVIRON's variables (the
+    nannies read it as they spawn their workers, inside the flow)."""
+    if not local:
+        yield
+        return
+    import dask
+    import distributed  # noqa: F401  (its config defaults first: a key set before they load would be dropped whole on exit)
+
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}):
+        yield
+
+
 def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri: str | None = None,
         runner: str = "thread", dask_address: str | None = None, previous_run_id: str | None = None,
         workers: int = 2) -> Result:
@@ -143,6 +162,6 @@ def run(use_case_path: str, out_dir: str, seed: int | None = None, tracking_uri:
     ensure_local_database()
     local = runner == "dask" and not dask_address
     # this process's torch threads as the workers' for the run, so that the provenance records the count they ran with
-    with torch_threads(WORKER_THREADS if local else None):
+    with torch_threads(WORKER_THREADS if local else None), _worker_environ(local):
         return assess(use_case_path, out_dir, seed, tracking_uri, previous_run_id,
                       task_runner=task_runner(runner, dask_address, workers, local_prefect_api() if local else None))
