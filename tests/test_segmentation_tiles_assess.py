@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 CLASSES = ["background", "defect"]
-SIZES = {"a": (13, 21), "b": (16, 16), "c_free": (9, 30), "d": (6, 5), "e": (13, 21), "f_free": (16, 16)}
+# read in name order: equal sizes side by side, so batches of 32 stack runs of two images and batches of 3 cut elsewhere
+SIZES = {"a": (13, 21), "b": (13, 21), "c": (16, 16), "d_free": (16, 16), "e_free": (9, 30), "f": (6, 5)}
 
 LOADER = '''
 from pathlib import Path
