@@ -200,7 +200,8 @@ def test_tiled_segment_gives_the_classes(tmp_path):
 def test_validate_accepts_tiles_on_the_magnetic_tiles(tmp_path):
     """`fit: tiles` is read by the assessment (`segmentation_tiles.TiledSegmenter`; end to end in
     tests/test_segmentation_tiles_assess.py): validate accepts the bundled case with 192x192 tiles overlapping by 32
-    px on whole images (it used to refuse it: "not yet by assess")."""
+    px on whole images (it used to refuse it: "not yet by assess"), once its claims measured only by a check not
+    applicable under tiles (the ODD monitor's) are left out; with them, it names each."""
     import yaml
     from subset_assess import CASES, case_module
     from typer.testing import CliRunner
@@ -214,6 +215,17 @@ def test_validate_accepts_tiles_on_the_magnetic_tiles(tmp_path):
     raw["data"].update(path=str(case), params={**raw["data"]["params"], "fit": "tiles", "overlap": [32, 32]})
     raw["model"]["path"] = str(case / raw["model"]["path"])
     path = tmp_path / "uc.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    r = CliRunner().invoke(app, ["validate", str(path)])
+    # the monitor's claims are measured by odd_monitor alone, which guards model-sized inputs: refused up front
+    # (assess would end them INCONCLUSIVE after the whole run)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    for claim in ("S15", "S16"):
+        assert f"claim {claim}-" in r.output
+    assert r.output.count("is measured only by odd_monitor, not applicable under fit: tiles") == 2, r.output
+    monitor = {"false_alarm_rate", "detection_rate"}
+    raw["requirements"] = [q for q in raw["requirements"] if q["metric"] not in monitor]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 0, r.output

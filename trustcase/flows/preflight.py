@@ -64,7 +64,7 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
         problems.append(at(loc, message))
 
     import_paths(uc, path)
-    produced = plan(uc, add)
+    produced = plan(uc, add, tiled(uc, uc.plan.seed if seed is None else seed))
     claims(uc, produced, add)
     descriptors(uc, add)
     for message in own_catalogue_problems(uc):  # the use case's own objectives, read like the built-in ones
@@ -83,10 +83,13 @@ class Declared:
     name: str
     params: object
     produces: list[Produces] | None
+    # what it would measure but cannot here, and why (a check not taught whole images under fit: tiles)
+    idle: tuple[list[Produces], str] | None = None
 
 
-def plan(uc: UseCase, add: Add) -> list[Declared]:
-    """Each check built from its parameters, with what it declares it measures."""
+def plan(uc: UseCase, add: Add, tiled: bool = False) -> list[Declared]:
+    """Each check built from its parameters, with what it declares it measures (`tiled`: the data are read by
+    tiles, where only the checks taught whole images measure anything)."""
     out = []
     for i, spec in enumerate(uc.plan.checks):
         loc = ("plan", "checks", i)
@@ -108,8 +111,21 @@ def plan(uc: UseCase, add: Add) -> list[Declared]:
         for where, msg in split_names(params, uc):
             add((*loc, "params", *where), msg)
         # a check not taught the use case's task measures nothing for it (it says so at run time)
-        out.append(Declared(spec.check, params, cls.produces(params, uc) if uc.task in cls.tasks else []))
+        produces = cls.produces(params, uc) if uc.task in cls.tasks else []
+        if tiled and not cls.whole_images and produces:  # not applicable at run time (Check.__call__)
+            out.append(Declared(spec.check, params, [], (produces, cls.not_tiled)))
+            continue
+        out.append(Declared(spec.check, params, produces))
     return out
+
+
+def tiled(uc: UseCase, seed: int) -> bool:
+    """Whether the loader reads the splits by tiles (`fit: tiles`); a loader that cannot be called says so in
+    `data` below."""
+    try:
+        return DataSource(uc.data, seed, uc.model).tiling() is not None
+    except Exception:  # noqa: BLE001  (the partner's loader: `data` reports what is wrong with it, at its line)
+        return False
 
 
 SPLIT_PARAMETERS = ("split", "splits", "reference", "held_out")  # and any "*_split" / "*_splits"
@@ -158,7 +174,11 @@ def claims(uc: UseCase, produced: list[Declared], add: Add) -> None:
             continue  # a partner check that declares nothing may measure it there
         pert = r.scope.perturbation
         claim = f"claim {r.id}: "
-        if not same:
+        idle = [d for d in produced if d.idle and any(p.covers(r) for p in d.idle[0])]
+        if idle:
+            add((*loc, "metric"), f"{claim}{r.metric} is measured only by " + "; ".join(
+                f"{d.name}, not applicable under fit: tiles ({d.idle[1]})" for d in idle))
+        elif not same:
             near = difflib.get_close_matches(r.metric, metrics, n=3)
             quiet = (f" ({', '.join(d.name for d in silent)} declares nothing it measures: a metric of its own "
                      "must be declared in its Check.produces)" if silent else "")
