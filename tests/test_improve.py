@@ -200,3 +200,17 @@ def test_lipschitz_improve_trains_and_registers_both_versions(tmp_path, tiny_mod
     parent = MlflowClient().get_run(s["runs"]["parent"]).data.metrics
     upper = "lipschitz/test/lipschitz_upper_bound"
     assert improved[upper] <= 1.0001 / 0.16 < parent[upper]  # 1 in the model input, scaled by 1 / std
+
+
+def test_hudd_under_tiles_is_refused_before_the_parent_is_assessed(tmp_path):
+    """HUDD reads the inner layers, which see tiles: whether the data are tiled is known from the use case, so
+    `method_settings` (called before the parent is registered and assessed) says why not."""
+    from test_segmentation_tiles_assess import write_case
+
+    path = write_case(tmp_path, plan=[{"check": "performance", "params": {"split": "test"}},
+                                      {"check": "root_causes", "params": {"improvement_split": "validation"}}])
+    with pytest.raises(imp.ImproveError, match="--method hudd under fit: tiles: .*inner layers"):
+        imp.method_settings(load_use_case(path), "hudd")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["params"].update(fit="resize", overlap=[0, 0])  # the same case resized: hudd is taught segmentation
+    assert imp.method_settings(load_use_case(write_yaml(tmp_path / "pad.yaml", raw)), "hudd")["pool"] == "validation"

@@ -127,6 +127,8 @@ def method_settings(uc: UseCase, method: str) -> dict:
             raise ImproveError(f"training.pool {pool!r} is not a data role ({list(uc.data.splits)})")
         if "test" not in uc.data.splits:
             raise ImproveError("--method hudd clusters the errors of the test split: data.splits has no 'test'")
+        if DataSource(uc.data, uc.plan.seed, uc.model).tiling() is not None:  # known before the parent's assessment
+            raise ImproveError(f"--method hudd under fit: tiles: {check_class('root_causes').not_tiled}")
         return {"pool": pool, "root_causes": plan.get("root_causes", {})}
     if method == "noise":
         sigma = (uc.training.params.get("noise_sigma") if uc.training else None) or \
@@ -171,8 +173,6 @@ def select_unsafe(uc: UseCase, parent: Path, pool: str, rc_params: dict, budget:
     p = build(CheckSpec(check="root_causes", params={k: v for k, v in rc_params.items()
                                                      if k not in ("improvement_split", "unsafe_budget")})).params
     ctx = _context(uc, parent, seed, workdir)
-    if ctx.data.tiling() is not None:
-        raise ImproveError(f"--method hudd under fit: tiles: {check_class('root_causes').not_tiled}")
     net = A.Network(ctx.model)
     try:
         a = analyse(ctx.model, net, ctx.batches("test", p.batch_size), p.layers, relevance=p.relevance,
