@@ -175,6 +175,12 @@ def test_bad_input_under_tiles_is_named(tmp_path):
     pairs = pair_files(data / "images", data / "masks")
     with pytest.raises(MaskError, match="fit: tiles: tile width 8 with overlap 8"):
         MaskSplit(pairs, CLASSES, (8, 8), fit="tiles", encoding="index", overlap=(0, 8))
+    # a partner's loader may pass the use case's values through untyped: each named with what it may be
+    with pytest.raises(MaskError, match="fit: 'tile' is not one of resize, pad, none, tiles"):
+        MaskSplit(pairs, CLASSES, (8, 8), fit="tile", encoding="index")
+    for overlap in ("ab", [1, 1, 1], [1, -1], [1.5, 0]):
+        with pytest.raises(MaskError, match=r"overlap: .* is not two pixel counts \[H, W\] >= 0"):
+            MaskSplit(pairs, CLASSES, (8, 8), fit="tiles", encoding="index", overlap=overlap)
     _pair(data, "other", np.zeros((16, 16), np.uint8), np.zeros((16, 12), np.uint8))
     with pytest.raises(MaskError, match=r"other.png is 12x16 px, its image .*other.png is 16x16"):
         MaskSplit(pair_files(data / "images", data / "masks"), CLASSES, (8, 8), fit="tiles", encoding="index")

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -116,6 +117,11 @@ class MaskSplit:
                  fit: Fit = "resize", encoding: Encoding = "binary", palette: Sequence[Sequence[int]] | None = None,
                  meta: Sequence[dict[str, str]] | None = None, root: str | Path | None = None, grey: bool = True,
                  pad_value: float = 0, overlap: tuple[int, int] = (0, 0)):
+        if fit not in get_args(Fit):  # a partner's loader may pass the use case's value through untyped
+            raise MaskError(f"fit: {fit!r} is not one of {', '.join(get_args(Fit))}")
+        if not (isinstance(overlap, list | tuple) and len(overlap) == 2
+                and all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 0 for v in overlap)):
+            raise MaskError(f"overlap: {overlap!r} is not two pixel counts [H, W] >= 0")
         if encoding == "binary" and len(class_names) != 2:
             raise MaskError(f"binary masks (0 background, 255 defect) hold two classes; the model has "
                             f"{len(class_names)} ({list(class_names)}): use the index or palette encoding")
