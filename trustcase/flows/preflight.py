@@ -64,13 +64,14 @@ def preflight(use_case_path: str | Path, seed: int | None = None) -> UseCase:
         problems.append(at(loc, message))
 
     import_paths(uc, path)
-    produced = plan(uc, add, tiled(uc, uc.plan.seed if seed is None else seed))
+    source = data_source(uc, uc.plan.seed if seed is None else seed)  # its splits read once, by plan and data
+    produced = plan(uc, add, tiled(source))
     claims(uc, produced, add)
     descriptors(uc, add)
     for message in own_catalogue_problems(uc):  # the use case's own objectives, read like the built-in ones
         add(("compliance",), message)
     model(uc, add)
-    data(uc, uc.plan.seed if seed is None else seed, add)
+    data(uc, source, add)
     if problems:
         raise UseCaseError(path, problems)
     return uc
@@ -119,12 +120,20 @@ def plan(uc: UseCase, add: Add, tiled: bool = False) -> list[Declared]:
     return out
 
 
-def tiled(uc: UseCase, seed: int) -> bool:
+def data_source(uc: UseCase, seed: int) -> DataSource | DataError:
+    """The use case's data as the assessment reads them, or why its loader cannot be found (`data` says it)."""
+    try:
+        return DataSource(uc.data, seed, uc.model)
+    except DataError as e:
+        return e
+
+
+def tiled(source: DataSource | DataError) -> bool:
     """Whether the loader reads the splits by tiles (`fit: tiles`); a loader that cannot be called says so in
     `data` below."""
     try:
-        return DataSource(uc.data, seed, uc.model).tiling() is not None
-    except Exception:  # noqa: BLE001  (the partner's loader: `data` reports what is wrong with it, at its line)
+        return isinstance(source, DataSource) and source.tiling() is not None
+    except DataError:  # the partner's loader raised: `data` reports it at its line
         return False
 
 
@@ -253,12 +262,10 @@ def model(uc: UseCase, add: Add) -> None:
         add(("model", "entry" if spec.entry else "path"), f"loading the model raised {type(e).__name__}: {e}")
 
 
-def data(uc: UseCase, seed: int, add: Add) -> None:
+def data(uc: UseCase, source: DataSource | DataError, add: Add) -> None:
     spec = uc.data
-    try:
-        source = DataSource(spec, seed, uc.model)
-    except DataError as e:
-        add(("data", "loader"), str(e))
+    if isinstance(source, DataError):
+        add(("data", "loader"), str(source))
         return
     if not add_arguments(source.loader, spec.params, 1, ("data", "params"), add):
         return  # calling the loader with parameters it does not take would only repeat the problem
